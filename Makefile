@@ -1,0 +1,30 @@
+.DEFAULT_GOAL := help
+PY ?= python3
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+dev: ## build the extension in place and install the package with its test extras (editable)
+	$(PY) -m pip install -e '.[test]'
+
+format: ## format Rust and Python sources
+	cargo fmt --all
+	$(PY) -m ruff format pyquant tests
+	$(PY) -m ruff check --fix pyquant tests
+
+lint: ## ruff, mypy --strict, stubtest, rustfmt --check, clippy -D warnings
+	$(PY) -m ruff check pyquant tests
+	$(PY) -m ruff format --check pyquant tests
+	$(PY) -m mypy --strict pyquant
+	$(PY) -m mypy.stubtest pyquant._core --allowlist .mypy-stubtest-allowlist
+	cargo fmt --all -- --check
+	cargo clippy --all-targets --all-features -- -D warnings
+
+test: ## Rust tests (cargo test) then the Python suite (pytest)
+	cargo test --workspace
+	$(PY) -m pytest
+
+bench: ## pytest-benchmark suites, each beside its baseline
+	$(PY) -m pytest tests/benchmarks --benchmark-enable --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
+
+.PHONY: help dev format lint test bench

@@ -1,0 +1,35 @@
+"""pyquant: exits and guarded entries for Binance USDⓈ-M futures positions.
+
+The per-tick work (exchange rules, ATR, bars, exit state) runs in the Rust extension
+``pyquant._core``; this package re-exports its public API.
+"""
+
+from __future__ import annotations
+
+from pyquant import _core
+from pyquant.errors import (
+    ConfigError,
+    ExchangeError,
+    MessageError,
+    OrderRejected,
+    OrderStatusUnknown,
+    PolicyError,
+    PyquantError,
+    RetryableError,
+    UnknownSymbolError,
+)
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "ConfigError",
+    "ExchangeError",
+    "MessageError",
+    "OrderRejected",
+    "OrderStatusUnknown",
+    "PolicyError",
+    "PyquantError",
+    "RetryableError",
+    "UnknownSymbolError",
+    "__version__",
+]
