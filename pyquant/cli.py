@@ -1,20 +1,43 @@
-"""The ``pyquant`` command line."""
+"""The ``pyquant`` command line: a thin dispatcher to the module that owns each command.
+
+Each command's module parses its own arguments, so ``pyquant sim`` works without the
+daemon's imports and ``pyquant backtest`` without the network stack.
+"""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
+
+# command -> (module with ``run_command(command, argv) -> int``, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("pyquant.daemon_cli", "run the streaming daemon (default: on the built-in simulator)"),
+    "flatten": ("pyquant.daemon_cli", "kill switch: cancel our orders and close every position"),
+    "sim": ("pyquant.sim.cli", "serve the built-in Binance-compatible futures simulator"),
+    "backtest": ("pyquant.backtest_cli", "replay history through the exit engine"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: pyquant COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    lines.append("\n'pyquant COMMAND --help' describes each command's options.")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the pyquant command line and return its exit status."""
-    parser = argparse.ArgumentParser(prog="pyquant")
-    parser.add_subparsers(dest="command")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())  # noqa: T201
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"pyquant: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)  # noqa: T201
         return 2
-    return 0
+    module = importlib.import_module(COMMANDS[command][0])
+    status: int = module.run_command(command, rest)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Talking to a Binance-compatible USDⓈ-M futures venue: REST client, error codes, streams."""

@@ -1,0 +1,1 @@
+"""Entries and orders: intents, the position guard, sizing and the order router."""
