@@ -29,11 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the pyquant command line and return its exit status."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print(_usage())  # noqa: T201
+        print(_usage())
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"pyquant: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)  # noqa: T201
+        print(f"pyquant: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     status: int = module.run_command(command, rest)

@@ -80,9 +80,7 @@ class Venue(Protocol):
         """Return the account document (``GET /fapi/v3/account``)."""
         ...
 
-    async def mark_price_klines(
-        self, symbol: str, interval: str, limit: int
-    ) -> list[list[Any]]:
+    async def mark_price_klines(self, symbol: str, interval: str, limit: int) -> list[list[Any]]:
         """Return mark-price klines, oldest first (``GET /fapi/v1/markPriceKlines``)."""
         ...
 
