@@ -1,0 +1,229 @@
+"""RedisBus: the intent source, the event publisher and the leases of one daemon, from one URL.
+
+URL (``pyquant run --intents URL``): every parameter of
+:mod:`pyquant.scale.redis_intents`, plus
+
+- ``daemon``: this daemon's id (default: the consumer name), unique among live daemons;
+- ``account``: the account namespace shared by the daemons of one account (default ``default``);
+- ``events``: the events stream (default ``pyquant:events``); ``events_maxlen`` (default 100000);
+- ``lease_ttl_ms``: lease lifetime (default 5000); ``leases=off`` for a single daemon that
+  decides every intent without leases.
+
+Lifecycle: ``run()`` registers the daemon, then runs the publisher, the lease renewal and the
+intent reader in one ``asyncio.TaskGroup`` until ``stop()``. A clean stop is ordered: intake
+stops (the intent being decided is finished and acknowledged), then the daemon stops its exits
+(``before_release``), then the leases are released so peers adopt the symbols at once, then
+the events are flushed and the connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import redis.asyncio as aioredis
+
+from pyquant.errors import ConfigError
+from pyquant.scale._backoff import Backoff
+from pyquant.scale.events import DEFAULT_EVENTS_STREAM, REDIS_DOWN_ERRORS, EventPublisher
+from pyquant.scale.leases import LeaseCallback, LeaseConfig, LeaseManager, validate_name
+from pyquant.scale.redis_intents import (
+    INTENT_URL_PARAMS,
+    Decide,
+    IntentStreamConfig,
+    OnReject,
+    RedisIntentSource,
+    intent_config_from_params,
+    parse_int_param,
+    split_redis_url,
+)
+
+logger = logging.getLogger(__name__)
+
+BUS_URL_PARAMS: Final = INTENT_URL_PARAMS | frozenset(
+    {"daemon", "account", "events", "events_maxlen", "lease_ttl_ms", "leases"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisBusConfig:
+    """Settings of the whole Redis side of one daemon.
+
+    Attributes:
+        intents: the intent stream settings (its ``url`` is the connection URL).
+        daemon_id: this daemon's id.
+        account: the account namespace.
+        events_stream: the events stream key.
+        events_maxlen: approximate cap of the events stream.
+        lease_ttl_ms: lease lifetime; None disables leases (one daemon decides everything).
+        socket_timeout_s: how long one Redis call may take before it counts as an outage.
+    """
+
+    intents: IntentStreamConfig
+    daemon_id: str
+    account: str = "default"
+    events_stream: str = DEFAULT_EVENTS_STREAM
+    events_maxlen: int = 100_000
+    lease_ttl_ms: int | None = 5_000
+    socket_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        validate_name("redis.daemon", self.daemon_id)
+        validate_name("redis.account", self.account)
+        if not self.events_stream or any(c.isspace() for c in self.events_stream):
+            raise ConfigError(
+                f"redis.events was {self.events_stream!r}: must be a key without spaces"
+            )
+        if self.events_maxlen < 1:
+            raise ConfigError(f"redis.events_maxlen was {self.events_maxlen}: must be at least 1")
+        if self.lease_ttl_ms is not None:
+            LeaseConfig(daemon_id=self.daemon_id, account=self.account, ttl_ms=self.lease_ttl_ms)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisBusConfig:
+        """Build the settings from ``redis://host:port/db?stream=..&group=..&...``.
+
+        Raises:
+            ConfigError: the URL or a parameter is invalid; the message names it.
+        """
+        base, params = split_redis_url(url, BUS_URL_PARAMS)
+        intents = intent_config_from_params(base, params)
+        leases = params.get("leases", "on")
+        if leases not in ("on", "off"):
+            raise ConfigError(f"intents URL parameter 'leases' was {leases!r}: must be on or off")
+        ttl: int | None = None
+        if leases == "on":
+            ttl = parse_int_param("lease_ttl_ms", params.get("lease_ttl_ms", "5000"))
+        return cls(
+            intents=intents,
+            daemon_id=params.get("daemon", intents.consumer),
+            account=params.get("account", "default"),
+            events_stream=params.get("events", DEFAULT_EVENTS_STREAM),
+            events_maxlen=parse_int_param("events_maxlen", params.get("events_maxlen", "100000")),
+            lease_ttl_ms=ttl,
+        )
+
+
+class RedisBus:
+    """One daemon's Redis side: intents in, events out, symbol leases.
+
+    Args:
+        config: the settings.
+        decide: awaited per intent this daemon owns; returns after the decision is stored.
+        on_reject: awaited per malformed entry (record it) before it is acknowledged.
+        on_acquire: awaited when a symbol is taken (reconcile and adopt its positions).
+        on_lose: awaited when a symbol was taken by another daemon (stop running it).
+        redis: a client to use; by default one is made from the URL and closed on stop.
+    """
+
+    def __init__(
+        self,
+        config: RedisBusConfig,
+        *,
+        decide: Decide,
+        on_reject: OnReject | None = None,
+        on_acquire: LeaseCallback | None = None,
+        on_lose: LeaseCallback | None = None,
+        redis: aioredis.Redis | None = None,
+    ) -> None:
+        self.config = config
+        self._own_client = redis is None
+        self.redis: aioredis.Redis = redis or aioredis.from_url(
+            config.intents.url,
+            socket_timeout=config.socket_timeout_s + config.intents.block_ms / 1e3,
+            socket_connect_timeout=config.socket_timeout_s,
+        )
+        self.events = EventPublisher(
+            self.redis,
+            daemon_id=config.daemon_id,
+            account=config.account,
+            stream=config.events_stream,
+            maxlen=config.events_maxlen,
+        )
+        self.leases: LeaseManager | None = None
+        if config.lease_ttl_ms is not None:
+            self.leases = LeaseManager(
+                self.redis,
+                LeaseConfig(
+                    daemon_id=config.daemon_id, account=config.account, ttl_ms=config.lease_ttl_ms
+                ),
+                on_acquire=on_acquire,
+                on_lose=on_lose,
+                events=self.events,
+            )
+        self.intents = RedisIntentSource(
+            self.redis,
+            config.intents,
+            decide=decide,
+            on_reject=on_reject,
+            events=self.events,
+            router=self.leases,
+        )
+        self._stop_requested = asyncio.Event()
+        self._intents_done = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    def owned(self) -> frozenset[str]:
+        """Return the symbols whose exits this daemon runs (all of them without leases)."""
+        return self.leases.owned() if self.leases is not None else frozenset()
+
+    async def run(self, before_release: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run until ``stop()``; see the module docstring for the stop order.
+
+        Args:
+            before_release: awaited after intake stopped and before the leases are released
+                (stop the exits here).
+        """
+        await self._register()
+        self.events.publish("daemon", symbol=None, payload={"action": "started"})
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.events.run(), name="redis-events")
+                leases_task = None
+                if self.leases is not None:
+                    leases_task = group.create_task(self.leases.run(), name="redis-leases")
+                intents_task = group.create_task(self._run_intents(), name="redis-intents")
+                self.ready.set()
+                await self._stop_requested.wait()
+                self.intents.stop()
+                await intents_task
+                self.events.publish("daemon", symbol=None, payload={"action": "stopping"})
+                if before_release is not None:
+                    await before_release()
+                if self.leases is not None and leases_task is not None:
+                    await self.leases.stop()
+                    await leases_task
+                self.events.publish("daemon", symbol=None, payload={"action": "stopped"})
+                self.events.stop()
+        finally:
+            if self._own_client:
+                await self.redis.aclose()
+
+    def stop(self) -> None:
+        """Ask ``run`` to stop in order and return."""
+        self._stop_requested.set()
+
+    async def _run_intents(self) -> None:
+        try:
+            await self.intents.run()
+        finally:
+            self._intents_done.set()
+
+    async def _register(self) -> None:
+        if self.leases is None:
+            return
+        backoff = Backoff(base_ms=100, cap_ms=2_000)
+        while True:
+            try:
+                await self.leases.register()
+                return
+            except REDIS_DOWN_ERRORS as exc:
+                if backoff.attempt == 0:
+                    logger.warning("Redis unreachable at start, retrying error=%s", exc)
+                await asyncio.sleep(backoff.next_delay_s())
+
+
+__all__ = ["BUS_URL_PARAMS", "RedisBus", "RedisBusConfig"]
