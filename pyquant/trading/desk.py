@@ -1,0 +1,757 @@
+"""The trading desk: guard, sizing, router, engine and store wired into one trading core.
+
+This is the one object the daemon talks to. It is plain code over data: it owns no socket
+and no timer; the daemon feeds it intents, the exit engine's actions and user-stream events.
+
+Life of an entry: ``submit(intent)`` reads the mark and account (async), then the guard
+decides atomically (sync; decision, reservation and ``opening`` row in one transaction),
+leverage and margin type are set and confirmed, the MARKET entry is sent; when it fills
+(REST ``RESULT`` or the stream, whichever first) the position opens in the engine and the
+store, the reservation is released and the backstop placed.
+
+Life of an exit: ``on_actions(actions)`` schedules one task per action (the market task
+never waits for REST); the router sends it under the position's lock, clipped to the live
+quantity; a fill confirms the action in the engine (``engine.confirm(action,
+filled_quantity)``), a rejection gives it back (``engine.reject``), ``-2022`` (already
+flat) closes the position after a check with the venue.
+
+User stream: ``on_user_event(event)`` takes decoded ORDER_TRADE_UPDATE, ALGO_UPDATE,
+ACCOUNT_UPDATE and TRADE_LITE documents; fills are deduplicated on trade id, order states
+advance, positions changed behind our back are resized, closed or adopted.
+
+Usage (the daemon)::
+
+    desk = TradingDesk(venue, store, rules, engine, DeskConfig())
+    report = await reconcile(desk)                # pyquant.recovery, before anything else
+    decision = await desk.submit(intent)          # from any intent source
+    desk.on_actions(engine.on_mark_message(raw))  # market task, per websocket message
+    await desk.on_user_event(event)               # user-data task, per event
+    desk.on_stream_lost("user stream down")       # entries fail closed until reconcile
+    desk.save_snapshot()                          # on a timer (e.g. every second)
+    steps = await desk.flatten()                  # kill switch
+    await desk.drain(); desk.summary()            # clean stop
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Protocol
+
+from pyquant.errors import ExchangeError
+from pyquant.exchange.venue import Venue
+from pyquant.store import Fill, PositionRow, Store
+from pyquant.trading.guard import GuardConfig, GuardDecision, PositionGuard, position_id_text
+from pyquant.trading.intents import Intent, IntentError
+from pyquant.trading.router import (
+    FINAL_STATES,
+    FlattenStep,
+    OrderOutcome,
+    OrderRouter,
+    OrderState,
+    RouterConfig,
+    RouterError,
+)
+from pyquant.trading.sizing import SizeDecision, SizingConfig, size_entry
+
+logger = logging.getLogger(__name__)
+
+
+class ActionLike(Protocol):
+    """``pyquant.ExitAction`` as the desk reads it."""
+
+    @property
+    def symbol(self) -> str: ...  # noqa: D102
+    @property
+    def position_side(self) -> str: ...  # noqa: D102
+    @property
+    def side(self) -> str: ...  # noqa: D102
+    @property
+    def quantity(self) -> str: ...  # noqa: D102
+    @property
+    def reason(self) -> str: ...  # noqa: D102
+    @property
+    def position_id(self) -> Any: ...  # noqa: D102, ANN401 - str or int, as the engine keeps it
+    @property
+    def sequence(self) -> int: ...  # noqa: D102
+    @property
+    def is_full_close(self) -> bool: ...  # noqa: D102
+
+
+class EngineLike(Protocol):
+    """What the desk needs from ``pyquant.ExitEngine`` (issue 3)."""
+
+    def open_position(  # noqa: D102
+        self,
+        position_id: Any,  # noqa: ANN401
+        symbol: str,
+        position_side: str,
+        quantity: str,
+        entry_price: str,
+        leverage: int = 1,
+        confidence: float | None = None,
+        opened_at_ms: int | None = None,
+    ) -> Any: ...  # noqa: ANN401
+    def adopt_position(  # noqa: D102
+        self,
+        position_id: Any,  # noqa: ANN401
+        symbol: str,
+        position_side: str,
+        quantity: str,
+        entry_price: str,
+        leverage: int = 1,
+        opened_at_ms: int | None = None,
+    ) -> Any: ...  # noqa: ANN401
+    def resize_position(self, position_id: Any, quantity: str) -> Any: ...  # noqa: D102, ANN401
+    def close_position(self, position_id: Any) -> Any: ...  # noqa: D102, ANN401
+    def confirm(self, action: Any, filled_quantity: str | None = None) -> Any: ...  # noqa: D102, ANN401
+    def reject(self, action: Any) -> Any: ...  # noqa: D102, ANN401
+    def positions(self) -> Sequence[Any]: ...  # noqa: D102
+    def plan_entry(  # noqa: D102
+        self, symbol: str, position_side: str, entry_price: str, leverage: int
+    ) -> Any: ...  # noqa: ANN401
+    def snapshot(self) -> bytes: ...  # noqa: D102
+
+
+class DeskRules(Protocol):
+    """What the desk needs from ``pyquant.ExchangeRules``."""
+
+    def quantize_price(self, symbol: str, price: str, rounding: str = "down") -> str: ...  # noqa: D102
+    def quantize_qty(self, symbol: str, qty: str, market: bool = True) -> str: ...  # noqa: D102
+    def check_order(self, symbol: str, **kwargs: Any) -> object: ...  # noqa: D102, ANN401
+    def symbol_info(self, symbol: str) -> object: ...  # noqa: D102
+
+
+@dataclass(frozen=True, slots=True)
+class DeskConfig:
+    """Settings of the trading core."""
+
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    sizing: SizingConfig = field(default_factory=SizingConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    shadow: bool = False  # decide and log, send nothing
+    account_ttl_ms: int = 2_000
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _dec(value: object, default: Decimal = Decimal(0)) -> Decimal:
+    if value is None or value == "":
+        return default
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        return default
+
+
+def _field(obj: object, name: str) -> object:
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+class TradingDesk:
+    """The trading core; see the module docstring."""
+
+    def __init__(
+        self,
+        venue: Venue,
+        store: Store,
+        rules: DeskRules,
+        engine: EngineLike,
+        config: DeskConfig | None = None,
+        *,
+        clock: Callable[[], int] = _now_ms,
+        router: OrderRouter | None = None,
+        mark_price: Callable[[str], Decimal | None] | None = None,
+    ) -> None:
+        self.venue = venue
+        self.store = store
+        self.rules = rules
+        self.engine = engine
+        self.config = config or DeskConfig()
+        self._clock = clock
+        self.guard = PositionGuard(store, rules, self.config.guard, clock=clock)
+        self.router = router or OrderRouter(
+            venue, store, rules, self.config.router, clock=clock, on_rules_stale=None
+        )
+        self._mark_price = mark_price
+        self._account: tuple[int, Decimal, Decimal] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._actions: dict[str, Any] = {}  # client order id -> pending engine action
+        self._entry_leverage: dict[str, int] = {}
+        self._latencies_ms: list[float] = []
+        self.recent: list[dict[str, object]] = []  # latest actions and rejections, newest last
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _note(self, kind: str, **fields: object) -> None:
+        self.recent.append({"kind": kind, "time_ms": self._clock(), **fields})
+        del self.recent[:-200]
+
+    def _position_for(self, symbol: str, leg: str) -> PositionRow | None:
+        for row in self.store.positions(("open",)):
+            if row.symbol == symbol and row.position_side == leg:
+                return row
+        return None
+
+    @property
+    def mode(self) -> str | None:
+        """Return the position mode as last read from the venue."""
+        return self.router.mode
+
+    async def refresh_mode(self) -> str:
+        """Read the position mode and hand it to the guard."""
+        mode = await self.router.refresh_mode()
+        self.guard.set_mode(mode)
+        return mode
+
+    # ---- intents ----------------------------------------------------------------------------
+
+    def reject_malformed(self, source: str, payload: object, error: IntentError | str) -> None:
+        """Record a payload that is not a valid intent (the source keeps running)."""
+        detail = str(error)
+        self.store.record_malformed_intent(source, payload, "invalid", detail)
+        self._note("rejection", reason="invalid", detail=detail, source=source)
+        logger.info("Intent rejected source=%s reason=invalid detail=%s", source, detail)
+
+    async def _account_numbers(self) -> tuple[Decimal, Decimal]:
+        now = self._clock()
+        if self._account is None or now - self._account[0] > self.config.account_ttl_ms:
+            document = await self.venue.account()
+            equity = _dec(document.get("totalMarginBalance") or document.get("totalWalletBalance"))
+            available = _dec(document.get("availableBalance"))
+            self._account = (now, equity, available)
+        return self._account[1], self._account[2]
+
+    async def _mark(self, symbol: str) -> Decimal | None:
+        if self._mark_price is not None:
+            price = self._mark_price(symbol)
+            if price is not None:
+                return price
+        try:
+            rows = await self.venue.premium_index(symbol)
+        except ExchangeError as exc:
+            logger.warning("Mark price lookup failed symbol=%s error=%s", symbol, exc)
+            return None
+        for row in rows:
+            if row.get("symbol") == symbol:
+                return _dec(row.get("markPrice")) or None
+        return None
+
+    async def submit(self, intent: Intent, *, payload: object = None) -> GuardDecision:
+        """Decide one intent and, when accepted, open its position.
+
+        Returns once the decision is recorded and the entry has an outcome (filled, failed,
+        or waiting for the user stream).
+        """
+        mark: Decimal | None = None
+        equity = available = Decimal(0)
+        if self.guard.state_known:
+            try:
+                mark = await self._mark(intent.symbol)
+                equity, available = await self._account_numbers()
+            except ExchangeError as exc:
+                logger.warning(
+                    "Sizing inputs unavailable intent_id=%s error=%s", intent.intent_id, exc
+                )
+
+        def size(candidate: Intent, leverage: int) -> SizeDecision:
+            if mark is None:
+                return SizeDecision(False, reason="invalid", detail="no mark price for the symbol")
+            return size_entry(
+                self.rules,
+                self.engine,
+                self.config.sizing,
+                symbol=candidate.symbol,
+                position_side=candidate.position_side,
+                price=mark,
+                leverage=leverage,
+                equity=equity,
+                available_margin=available,
+                size_usd=candidate.size_usd,
+            )
+
+        decision = self.guard.decide(intent, size=size, payload=payload)
+        if not decision.accepted:
+            self._note(
+                "rejection",
+                intent_id=intent.intent_id,
+                symbol=intent.symbol,
+                reason=decision.reason,
+                detail=decision.detail,
+            )
+            return decision
+        self._note(
+            "accepted",
+            intent_id=intent.intent_id,
+            symbol=intent.symbol,
+            quantity=decision.quantity,
+            position_id=decision.position_id,
+        )
+        assert decision.position_id is not None  # noqa: S101 - accepted decisions carry one
+        if self.config.shadow:
+            self._entry_failed(decision.position_id, "shadow mode: nothing sent")
+            return decision
+        try:
+            await self.router.prepare_symbol(intent.symbol, decision.leverage)
+        except RouterError as exc:
+            self._entry_failed(decision.position_id, f"symbol setup failed: {exc}")
+            return decision
+        self._entry_leverage[decision.position_id] = decision.leverage
+        outcome = await self.router.send_entry(
+            decision.position_id, intent.symbol, intent.position_side, decision.quantity or "0"
+        )
+        await self._entry_outcome(decision.position_id, outcome)
+        return decision
+
+    def _entry_failed(self, position_id: str, detail: str) -> None:
+        self.guard.release(position_id)
+        self.store.update_position(
+            position_id,
+            status="closed",
+            closed_at_ms=self._clock(),
+            close_reason=f"entry_failed: {detail}",
+        )
+        self.store.bump("entries_failed")
+        self._note("entry_failed", position_id=position_id, detail=detail)
+        logger.info("Entry failed position_id=%s detail=%s", position_id, detail)
+
+    async def _entry_outcome(self, position_id: str, outcome: OrderOutcome) -> None:
+        position = self.store.get_position(position_id)
+        if position is None or position.status != "opening":
+            return
+        if outcome.state not in FINAL_STATES:
+            return  # the user stream will finish it
+        if not outcome.filled:
+            code = (
+                "" if outcome.error_code is None else f" {outcome.error_code}: {outcome.error_msg}"
+            )
+            self._entry_failed(position_id, f"entry {outcome.state}{code}")
+            return
+        await self._open_filled(position, outcome.executed_qty, outcome.avg_price)
+
+    async def _open_filled(
+        self, position: PositionRow, quantity: Decimal, avg_price: Decimal | None
+    ) -> None:
+        now = self._clock()
+        price = avg_price if avg_price is not None else await self._mark(position.symbol)
+        entry = str(price if price is not None else Decimal(0))
+        self.engine.open_position(
+            position.position_id,
+            position.symbol,
+            position.position_side,
+            str(quantity),
+            entry,
+            leverage=position.leverage,
+            confidence=position.confidence,
+            opened_at_ms=now,
+        )
+        with self.store.transaction():
+            self.store.update_position(
+                position.position_id,
+                status="open",
+                quantity=str(quantity),
+                entry_price=entry,
+                opened_at_ms=now,
+            )
+            self.store.release_reservation(position.position_id)
+            self.store.bump("entries")
+        self.save_snapshot()
+        self._note(
+            "entry",
+            position_id=position.position_id,
+            symbol=position.symbol,
+            side=position.position_side,
+            quantity=str(quantity),
+            price=entry,
+        )
+        logger.info(
+            "Position opened position_id=%s symbol=%s position_side=%s quantity=%s entry=%s",
+            position.position_id,
+            position.symbol,
+            position.position_side,
+            quantity,
+            entry,
+        )
+        await self._sync_backstop(position.position_id)
+
+    def _engine_stop(self, position_id: str) -> str | None:
+        try:
+            views = self.engine.positions()
+        except Exception:
+            logger.exception("Engine positions() failed")
+            return None
+        for view in views:
+            if str(_field(view, "position_id")) == position_id:
+                stop = _field(view, "stop_price")
+                return None if stop is None else str(stop)
+        return None
+
+    async def _sync_backstop(self, position_id: str, *, force: bool = True) -> None:
+        if self.config.shadow or not self.config.router.backstop_enabled:
+            return
+        position = self.store.get_position(position_id)
+        stop = self._engine_stop(position_id)
+        if position is None or position.status != "open" or stop is None:
+            return
+        try:
+            await self.router.update_backstop(
+                position_id, position.symbol, position.position_side, stop, force=force
+            )
+        except ExchangeError as exc:
+            logger.warning("Backstop update failed position_id=%s error=%s", position_id, exc)
+
+    async def sync_backstops(self) -> None:
+        """Move every backstop toward the engine's current stop (throttled; call on a timer)."""
+        for position in self.store.positions(("open",)):
+            await self._sync_backstop(position.position_id, force=False)
+
+    # ---- exits ------------------------------------------------------------------------------
+
+    def on_actions(self, actions: Sequence[Any], *, received_at_ns: int | None = None) -> None:
+        """Schedule the exit engine's actions (never blocks the market task)."""
+        for action in actions:
+            task = asyncio.get_running_loop().create_task(self._run_exit(action, received_at_ns))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_exit(self, action: Any, received_at_ns: int | None) -> None:  # noqa: ANN401
+        position_id = str(action.position_id)
+        position = self.store.get_position(position_id)
+        if position is None or position.status != "open":
+            logger.warning("Action for unknown position position_id=%s dropped", position_id)
+            self.engine.reject(action)
+            return
+        if self.config.shadow:
+            self._note(
+                "exit_shadow",
+                position_id=position_id,
+                reason=action.reason,
+                quantity=action.quantity,
+            )
+            self.engine.reject(action)
+            return
+        if received_at_ns is not None:
+            self._latencies_ms.append((time.perf_counter_ns() - received_at_ns) / 1e6)
+            del self._latencies_ms[:-10_000]
+        try:
+            outcome = await self.router.send_exit(
+                position_id,
+                position.symbol,
+                position.position_side,
+                action.quantity,
+                sequence=int(action.sequence),
+                reason=str(action.reason),
+                live_quantity=_dec(position.quantity),
+            )
+        except Exception:
+            logger.exception("Exit failed position_id=%s", position_id)
+            self.engine.reject(action)
+            raise
+        if outcome.client_order_id:
+            self._actions[outcome.client_order_id] = action
+        await self._exit_outcome(position_id, action, outcome)
+
+    async def _exit_outcome(self, position_id: str, action: Any, outcome: OrderOutcome) -> None:  # noqa: ANN401
+        if outcome.flat:
+            await self._check_flat(position_id, action)
+            return
+        if outcome.state not in FINAL_STATES:
+            return  # NEW after an unknown outcome: the stream finishes it
+        self._actions.pop(outcome.client_order_id, None)
+        if not outcome.filled:
+            self.engine.reject(action)
+            self._note(
+                "exit_rejected",
+                position_id=position_id,
+                reason=str(action.reason),
+                code=outcome.error_code,
+            )
+            return
+        await self._exit_filled(position_id, action, outcome.executed_qty)
+
+    async def _exit_filled(self, position_id: str, action: Any, filled: Decimal) -> None:  # noqa: ANN401
+        self.engine.confirm(action, filled_quantity=str(filled))
+        position = self.store.get_position(position_id)
+        if position is None:
+            return
+        remaining = max(_dec(position.quantity) - filled, Decimal(0))
+        self.store.bump("exits", str(action.reason))
+        self._note(
+            "exit",
+            position_id=position_id,
+            symbol=position.symbol,
+            reason=str(action.reason),
+            quantity=str(filled),
+        )
+        if remaining == 0:
+            await self._closed(position, str(action.reason))
+        else:
+            self.store.update_position(position_id, quantity=str(remaining))
+            self.save_snapshot()
+            await self._sync_backstop(position_id)
+
+    async def _check_flat(self, position_id: str, action: Any) -> None:  # noqa: ANN401
+        position = self.store.get_position(position_id)
+        if position is None:
+            return
+        live = await self._live_quantity(position.symbol, position.position_side)
+        if live is not None and live == 0:
+            self.engine.close_position(position_id)
+            await self._closed(position, "already_flat")
+        else:
+            self.engine.reject(action)
+            if live is not None:
+                self.store.update_position(position_id, quantity=str(live))
+
+    async def _live_quantity(self, symbol: str, leg: str) -> Decimal | None:
+        try:
+            rows = await self.venue.position_risk()
+        except ExchangeError as exc:
+            logger.warning("positionRisk failed error=%s", exc)
+            return None
+        return legs_from_rows(rows).get((symbol, leg), Decimal(0))
+
+    async def _closed(self, position: PositionRow, reason: str) -> None:
+        with self.store.transaction():
+            self.store.update_position(
+                position.position_id,
+                status="closed",
+                quantity="0",
+                closed_at_ms=self._clock(),
+                close_reason=reason,
+            )
+            self.guard.start_cooldown(position.symbol, position.position_side)
+        self.save_snapshot()
+        logger.info("Position closed position_id=%s reason=%s", position.position_id, reason)
+        if not self.config.shadow:
+            await self.router.cancel_backstops(position.position_id)
+
+    # ---- user stream ------------------------------------------------------------------------
+
+    async def on_user_event(self, event: Mapping[str, Any]) -> None:
+        """Apply one decoded user-data event (unknown kinds are ignored)."""
+        kind = event.get("e")
+        if kind == "ORDER_TRADE_UPDATE":
+            await self._on_order(event.get("o") or {}, int(event.get("E") or 0))
+        elif kind == "ALGO_UPDATE":
+            self.router.on_algo_update(event.get("o") or {}, int(event.get("E") or 0))
+        elif kind == "ACCOUNT_UPDATE":
+            await self._on_account(event.get("a") or {})
+        elif kind == "TRADE_LITE":
+            pass  # ORDER_TRADE_UPDATE carries the same fill; fills dedupe on trade id anyway
+
+    async def _on_order(self, order: Mapping[str, Any], event_time_ms: int) -> None:
+        cid = str(order.get("c", ""))
+        before = self.store.get_order(cid)
+        trade_id = order.get("t")
+        if order.get("x") == "TRADE" and trade_id not in (None, 0, "0"):
+            self.store.add_fill(
+                Fill(
+                    symbol=str(order.get("s")),
+                    trade_id=str(trade_id),
+                    client_order_id=cid or None,
+                    exchange_order_id=None if order.get("i") is None else str(order["i"]),
+                    side=str(order.get("S")),
+                    position_side=str(order.get("ps")),
+                    price=str(order.get("L", "0")),
+                    quantity=str(order.get("l", "0")),
+                    commission=str(order.get("n") or "0"),
+                    commission_asset=None if order.get("N") is None else str(order["N"]),
+                    realized_pnl=str(order.get("rp") or "0"),
+                    time_ms=int(order.get("T") or event_time_ms),
+                )
+            )
+        row = self.router.on_order_update(order, event_time_ms)
+        if row is None or before is None:
+            return
+        became_final = (
+            OrderState(before.status) not in FINAL_STATES and OrderState(row.status) in FINAL_STATES
+        )
+        if not became_final:
+            return
+        outcome = OrderOutcome(
+            row.client_order_id,
+            OrderState(row.status),
+            _dec(row.executed_qty),
+            _dec(row.avg_price) or None,
+        )
+        if row.kind == "entry":
+            await self._entry_outcome(row.position_id, outcome)
+        elif row.kind == "exit":
+            action = self._actions.pop(row.client_order_id, None)
+            if action is not None:
+                await self._exit_outcome(row.position_id, action, outcome)
+
+    async def _on_account(self, account: Mapping[str, Any]) -> None:
+        rows = account.get("P") or []
+        changed: dict[tuple[str, str], tuple[Decimal, Decimal]] = {}
+        for row in rows:
+            symbol = str(row.get("s"))
+            amount = _dec(row.get("pa"))
+            entry = _dec(row.get("ep"))
+            leg = str(row.get("ps", "BOTH"))
+            if leg == "BOTH":
+                changed[(symbol, "LONG")] = (max(amount, Decimal(0)), entry)
+                changed[(symbol, "SHORT")] = (max(-amount, Decimal(0)), entry)
+            else:
+                changed[(symbol, leg)] = (abs(amount), entry)
+        for (symbol, leg), (quantity, entry) in changed.items():
+            await self._reconcile_leg(symbol, leg, quantity, entry)
+
+    def _busy(self, symbol: str, leg: str) -> bool:
+        for row in self.store.positions(("opening", "open")):
+            if row.symbol == symbol and row.position_side == leg:
+                if row.status == "opening":
+                    return True
+                if self.router.position_lock(row.position_id).locked():
+                    return True
+                if any(
+                    o.kind in ("exit", "flatten") for o in self.router.live_orders(row.position_id)
+                ):
+                    return True
+        return False
+
+    async def _reconcile_leg(
+        self, symbol: str, leg: str, quantity: Decimal, entry: Decimal
+    ) -> None:
+        if self._busy(symbol, leg):
+            return  # our own order in flight: its outcome will settle the leg
+        position = self._position_for(symbol, leg)
+        if position is None:
+            if quantity > 0:
+                await self.adopt(symbol, leg, quantity, entry)
+            return
+        if quantity == 0:
+            self.engine.close_position(position.position_id)
+            self.store.bump("exits", "external")
+            self._note("exit", position_id=position.position_id, symbol=symbol, reason="external")
+            await self._closed(position, "external")
+        elif quantity != _dec(position.quantity):
+            self.engine.resize_position(position.position_id, str(quantity))
+            self.store.update_position(position.position_id, quantity=str(quantity))
+            self.save_snapshot()
+
+    async def adopt(
+        self, symbol: str, leg: str, quantity: Decimal, entry: Decimal, leverage: int = 1
+    ) -> str:
+        """Adopt a position opened elsewhere under the exit policy; return its position id."""
+        position_id = position_id_text(self.store.next_position_number())
+        now = self._clock()
+        self.engine.adopt_position(
+            position_id, symbol, leg, str(quantity), str(entry), leverage=leverage, opened_at_ms=now
+        )
+        self.store.upsert_position(
+            PositionRow(
+                position_id,
+                symbol,
+                leg,
+                "open",
+                "adopted",
+                str(quantity),
+                str(entry),
+                leverage,
+                None,
+                None,
+                now,
+                None,
+                None,
+            )
+        )
+        self.store.bump("adopted")
+        self.save_snapshot()
+        self._note(
+            "adopted", position_id=position_id, symbol=symbol, side=leg, quantity=str(quantity)
+        )
+        logger.info(
+            "Position adopted position_id=%s symbol=%s position_side=%s quantity=%s",
+            position_id,
+            symbol,
+            leg,
+            quantity,
+        )
+        await self._sync_backstop(position_id)
+        return position_id
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def on_stream_lost(self, reason: str) -> None:
+        """Refuse entries until the next reconciliation (fail closed)."""
+        self.guard.mark_state_unknown(reason)
+
+    def save_snapshot(self) -> None:
+        """Store the engine's snapshot."""
+        self.store.save_snapshot(self.engine.snapshot())
+
+    async def flatten(self) -> list[FlattenStep]:
+        """Kill switch: cancel our orders and close every position; report each step."""
+        self.guard.mark_state_unknown("flatten in progress")
+        known = {
+            (p.symbol, p.position_side): p.position_id for p in self.store.positions(("open",))
+        }
+        steps = await self.router.flatten(known)
+        for step in steps:
+            logger.info(
+                "Flatten step=%s symbol=%s position_side=%s ok=%s detail=%s",
+                step.step,
+                step.symbol,
+                step.position_side,
+                step.ok,
+                step.detail,
+            )
+        legs = legs_from_rows(await self.venue.position_risk())
+        for position in self.store.positions(("open",)):
+            if legs.get((position.symbol, position.position_side), Decimal(0)) == 0:
+                self.engine.close_position(position.position_id)
+                self.store.bump("exits", "flatten")
+                await self._closed(position, "flatten")
+        return steps
+
+    async def drain(self) -> None:
+        """Wait for every scheduled exit to finish (clean stop: no half-sent order)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self.save_snapshot()
+
+    def summary(self) -> dict[str, object]:
+        """Return the run summary (the keys of issue 5's ``--summary-json``)."""
+        latencies = sorted(self._latencies_ms)
+
+        def pct(p: float) -> float | None:
+            if not latencies:
+                return None
+            return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3)
+
+        return {
+            "intents_accepted": self.store.counter("intents_accepted"),
+            "intents_rejected": self.store.counters("intents_rejected"),
+            "entries": self.store.counter("entries"),
+            "exits": self.store.counters("exits"),
+            "realized_pnl": str(self.store.realized_pnl()),
+            "order_rejections": self.store.counters("order_rejections"),
+            "open_positions": len(self.store.positions(("open",))),
+            "latency_ms": {"p50": pct(0.50), "p99": pct(0.99)},
+            "position_mode": self.router.mode,
+        }
+
+
+def legs_from_rows(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], Decimal]:
+    """Return (symbol, leg) -> absolute quantity from positionRisk rows (both modes)."""
+    legs: dict[tuple[str, str], Decimal] = {}
+    for row in rows:
+        amount = _dec(row.get("positionAmt"))
+        if amount == 0:
+            continue
+        symbol = str(row.get("symbol"))
+        leg = str(row.get("positionSide", "BOTH"))
+        if leg == "BOTH":
+            leg = "LONG" if amount > 0 else "SHORT"
+        legs[(symbol, leg)] = abs(amount)
+    return legs

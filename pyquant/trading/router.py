@@ -1,0 +1,1078 @@
+"""The order router: the one place that builds, records and sends every order.
+
+Rules it keeps (architecture.md, "Rules the whole system keeps"; contract sections 3 and 5):
+
+* Position mode is read from the venue (``venue.is_hedge_mode``) at start and after every
+  ``-4061`` (or ``-1106`` naming reduceOnly); params are then rebuilt and sent once more.
+* Hedge mode: ``positionSide`` LONG/SHORT, never ``reduceOnly``. One-way: ``positionSide``
+  BOTH, and ``reduceOnly="true"`` on every exit. Exits are MARKET orders for the engine's
+  quantity, clipped to the live position, never more.
+* Every request has a deterministic client id ``pq<tag>-<position>-<kind><sequence>-<attempt>``
+  (``client_order_id``), written to the store (status ``SENT``) before the request goes out.
+* Timeout, 5xx, ``-1000``/``-1006``/``-1007`` arrive as ``OrderStatusUnknown``: the order is
+  looked up by client id (bounded retries) before anything else is sent for that action.
+* ``RetryableError`` (429, ``-1003``, ``-1015``): nothing was accepted; back off as told and
+  resend under the next attempt id. ``-2022`` on an exit: the leg is already flat.
+  Filter errors (``-1111``, ``-4164``, ...): the rules are stale (``on_rules_stale``).
+* One close at a time per position (``position_lock``).
+* Exchange-side backstop: a closePosition STOP_MARKET algo order on MARK_PRICE, a configured
+  distance beyond the engine's stop; moved only to tighten, throttled, new before old is
+  cancelled (algo orders cannot be modified); cancelled when the position closes.
+* Order states change in one ``match`` over (state, event) (``next_state``); an order leaves
+  the live set only when both the REST reply and the user stream said it is final.
+
+Usage::
+
+    router = OrderRouter(venue, store, rules, RouterConfig())
+    await router.refresh_mode()
+    await router.prepare_symbol("BTCUSDT", leverage=10, margin_type="CROSSED")
+    outcome = await router.send_entry("1a", "BTCUSDT", "LONG", "0.010")
+    outcome = await router.send_exit("1a", "BTCUSDT", "LONG", "0.003", sequence=1,
+                                     reason="take_profit_1", live_quantity=Decimal("0.010"))
+    await router.update_backstop("1a", "BTCUSDT", "LONG", stop_price="29880.0")
+    router.on_order_update(event["o"], event["E"])   # ORDER_TRADE_UPDATE
+    router.on_algo_update(event["o"], event["E"])    # ALGO_UPDATE
+    steps = await router.flatten()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any, Literal, Protocol
+
+from pyquant.errors import (
+    ExchangeError,
+    OrderRejected,
+    OrderStatusUnknown,
+    PyquantError,
+    RetryableError,
+)
+from pyquant.exchange.venue import JsonObject, Venue
+from pyquant.store import OrderRecord, OrderRow, Store
+
+logger = logging.getLogger(__name__)
+
+PositionMode = Literal["hedge", "one-way"]
+Leg = Literal["LONG", "SHORT"]
+OrderKind = Literal["entry", "exit", "backstop", "flatten"]
+
+CLIENT_ORDER_ID = re.compile(r"^[\.A-Z\:/a-z0-9_-]{1,36}$")
+_KIND_LETTER: dict[str, str] = {"entry": "e", "exit": "x", "backstop": "b", "flatten": "f"}
+
+# Codes that mean our copy of the symbol's filters is wrong (contract section 5.1).
+FILTER_ERROR_CODES = frozenset(
+    {-1013, -1111, -4002, -4003, -4004, -4005, -4007, -4013, -4014, -4016, -4023, -4024, -4164}
+)
+MODE_ERROR_CODES = frozenset({-4061})
+IMMEDIATE_TRIGGER_CODES = frozenset({-2021, -4142})
+
+
+class RulesLike(Protocol):
+    """What the router needs from ``pyquant.ExchangeRules``."""
+
+    def quantize_price(self, symbol: str, price: str, rounding: str = "down") -> str:
+        """Return ``price`` on the symbol's tick grid as a wire string."""
+        ...
+
+    def quantize_qty(self, symbol: str, qty: str, market: bool = True) -> str:
+        """Return ``qty`` floored to the symbol's step as a wire string."""
+        ...
+
+
+class RouterError(PyquantError):
+    """The router cannot proceed safely (mode unknown, symbol setup not confirmed)."""
+
+
+class OrderState(StrEnum):
+    """Life of one order request (see ``next_state``)."""
+
+    SENT = "SENT"  # written ahead and being sent; no answer yet
+    UNKNOWN = "UNKNOWN"  # sent, outcome unknown: must be looked up
+    NEW = "NEW"
+    PARTIALLY_FILLED = "PARTIALLY_FILLED"
+    TRIGGERED = "TRIGGERED"  # algo order handed to the matching engine
+    FILLED = "FILLED"
+    CANCELED = "CANCELED"
+    EXPIRED = "EXPIRED"
+    REJECTED = "REJECTED"  # refused; nothing exists on the venue
+    NOT_FOUND = "NOT_FOUND"  # unknown outcome resolved: the venue never had it
+
+
+FINAL_STATES = frozenset(
+    {
+        OrderState.FILLED,
+        OrderState.CANCELED,
+        OrderState.EXPIRED,
+        OrderState.REJECTED,
+        OrderState.NOT_FOUND,
+    }
+)
+LIVE_STATUSES: tuple[str, ...] = tuple(
+    state.value for state in OrderState if state not in FINAL_STATES
+)
+_RANK = {
+    OrderState.SENT: 0,
+    OrderState.UNKNOWN: 0,
+    OrderState.NEW: 1,
+    OrderState.TRIGGERED: 2,
+    OrderState.PARTIALLY_FILLED: 2,
+}
+
+
+# ---- events of the order state machine ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RestAnswer:
+    """The venue answered the request (or a lookup) with an order document."""
+
+    status: OrderState
+    executed_qty: str
+    avg_price: str | None
+    exchange_order_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RestRejected:
+    """The venue refused the request; nothing was placed."""
+
+    code: int
+    msg: str
+
+
+@dataclass(frozen=True, slots=True)
+class RestUnknown:
+    """The request was sent but its outcome is unknown."""
+
+    code: int
+    msg: str
+
+
+@dataclass(frozen=True, slots=True)
+class LookupMissing:
+    """Bounded lookups after an unknown outcome did not find the order."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamUpdate:
+    """``ORDER_TRADE_UPDATE`` / ``ALGO_UPDATE`` for the order."""
+
+    status: OrderState
+    executed_qty: str | None
+    avg_price: str | None
+    exchange_order_id: str | None
+    time_ms: int
+
+
+OrderEvent = RestAnswer | RestRejected | RestUnknown | LookupMissing | StreamUpdate
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """Column changes for an order row; empty ``changes`` means nothing to write."""
+
+    changes: dict[str, object]
+    note: str = ""
+
+
+def next_state(row: OrderRow, event: OrderEvent) -> Transition:
+    """Return the row changes ``event`` causes for an order in its current state.
+
+    Every (state, event) pair is handled here: stale or out-of-order updates are dropped
+    with a note (a final state never goes back; a stream update older than the last one
+    applied loses by exchange time).
+    """
+    state = OrderState(row.status)
+    final = state in FINAL_STATES
+    match state, event:
+        case _, RestRejected(code=code, msg=msg) if not final or state == OrderState.REJECTED:
+            # A refused request never reaches the user stream: final on both counts.
+            return Transition(
+                {
+                    "status": OrderState.REJECTED,
+                    "error_code": code,
+                    "error_msg": msg[:500],
+                    "rest_final": True,
+                    "stream_final": True,
+                }
+            )
+        case _, RestRejected():
+            return Transition({}, f"rejection after final state {state} dropped")
+        case ((OrderState.SENT | OrderState.UNKNOWN), RestUnknown(code=code, msg=msg)):
+            return Transition(
+                {"status": OrderState.UNKNOWN, "error_code": code, "error_msg": msg[:500]}
+            )
+        case _, RestUnknown():
+            # The stream (or a lookup) already told us more than "unknown".
+            return Transition({}, f"unknown outcome after {state} dropped")
+        case ((OrderState.SENT | OrderState.UNKNOWN), LookupMissing()):
+            return Transition(
+                {"status": OrderState.NOT_FOUND, "rest_final": True, "stream_final": True}
+            )
+        case _, LookupMissing():
+            return Transition({}, f"lookup miss after {state} dropped")
+        case _, RestAnswer(status=status, executed_qty=qty, avg_price=avg, exchange_order_id=oid):
+            changes: dict[str, object] = {"exchange_order_id": oid or row.exchange_order_id}
+            if final:
+                changes["rest_final"] = True
+                return Transition(changes, f"REST answer after final {state}")
+            if _RANK.get(status, 3) >= _RANK.get(state, 3):
+                changes.update(status=status, executed_qty=qty, avg_price=avg or row.avg_price)
+            changes["rest_final"] = status in FINAL_STATES
+            return Transition(changes)
+        case _, StreamUpdate(time_ms=when) if when < row.exchange_time_ms:
+            return Transition({}, f"stale stream update at {when} < {row.exchange_time_ms}")
+        case _, StreamUpdate(status=status, executed_qty=qty, avg_price=avg, exchange_order_id=oid):
+            changes = {
+                "exchange_time_ms": max(event.time_ms, row.exchange_time_ms),
+                "exchange_order_id": oid or row.exchange_order_id,
+            }
+            if final:
+                if status in FINAL_STATES:
+                    changes["stream_final"] = True
+                return Transition(changes, f"stream update after final {state}")
+            if _RANK.get(status, 3) >= _RANK.get(state, 3):
+                changes["status"] = status
+                if qty is not None:
+                    changes["executed_qty"] = qty
+                if avg is not None:
+                    changes["avg_price"] = avg
+            changes["stream_final"] = status in FINAL_STATES
+            # A stream FILLED answers the unknown outcome as well as a lookup would.
+            if status in FINAL_STATES and state in (OrderState.SENT, OrderState.UNKNOWN):
+                changes["rest_final"] = True
+            return Transition(changes)
+    return Transition({}, f"unhandled {state} / {type(event).__name__}")  # pragma: no cover
+
+
+# ---- wire params ----------------------------------------------------------------------------
+
+
+def client_order_id(tag: str, position_id: str, kind: str, sequence: int, attempt: int) -> str:
+    """Return the deterministic client order id of one request attempt.
+
+    Raises:
+        ValueError: the id would not match Binance's client order id pattern (CLIENT_ORDER_ID).
+    """
+    cid = f"pq{tag}-{position_id}-{_KIND_LETTER[kind]}{sequence}-{attempt}"
+    if not CLIENT_ORDER_ID.match(cid):
+        raise ValueError(
+            f"client order id {cid!r} does not match ^[\\.A-Z\\:/a-z0-9_-]{{1,36}}$ "
+            f"(position id {position_id!r}, sequence {sequence}, attempt {attempt})"
+        )
+    return cid
+
+
+def _closing_side(leg: str) -> str:
+    return "SELL" if leg == "LONG" else "BUY"
+
+
+def _opening_side(leg: str) -> str:
+    return "BUY" if leg == "LONG" else "SELL"
+
+
+def entry_params(
+    mode: PositionMode, symbol: str, leg: str, quantity: str, client_id: str
+) -> dict[str, str]:
+    """Return the exact params of a MARKET entry opening ``leg``."""
+    return {
+        "symbol": symbol,
+        "side": _opening_side(leg),
+        "positionSide": leg if mode == "hedge" else "BOTH",
+        "type": "MARKET",
+        "quantity": quantity,
+        "newClientOrderId": client_id,
+        "newOrderRespType": "RESULT",
+    }
+
+
+def exit_params(
+    mode: PositionMode, symbol: str, leg: str, quantity: str, client_id: str
+) -> dict[str, str]:
+    """Return the exact params of a MARKET exit reducing ``leg`` (contract section 3.4)."""
+    params = {
+        "symbol": symbol,
+        "side": _closing_side(leg),
+        "positionSide": leg if mode == "hedge" else "BOTH",
+        "type": "MARKET",
+        "quantity": quantity,
+        "newClientOrderId": client_id,
+        "newOrderRespType": "RESULT",
+    }
+    if mode == "one-way":
+        params["reduceOnly"] = "true"
+    return params
+
+
+def backstop_params(
+    mode: PositionMode, symbol: str, leg: str, trigger_price: str, client_id: str
+) -> dict[str, str]:
+    """Return the exact params of a closePosition STOP_MARKET algo order (contract 2.4, 3.3)."""
+    return {
+        "algoType": "CONDITIONAL",
+        "symbol": symbol,
+        "side": _closing_side(leg),
+        "positionSide": leg if mode == "hedge" else "BOTH",
+        "type": "STOP_MARKET",
+        "triggerPrice": trigger_price,
+        "workingType": "MARK_PRICE",
+        "closePosition": "true",
+        "clientAlgoId": client_id,
+    }
+
+
+# ---- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OrderOutcome:
+    """What became of one order.
+
+    Attributes:
+        client_order_id: the id of the last attempt.
+        state: its state after the REST answer (and lookups).
+        executed_qty: filled quantity so far.
+        avg_price: average fill price, when known.
+        error_code: the Binance code of a rejection.
+        error_msg: its message.
+        flat: the venue said there is nothing to reduce (``-2022``): the leg is flat.
+        skipped: nothing was sent (e.g. the live position was already zero).
+    """
+
+    client_order_id: str
+    state: OrderState
+    executed_qty: Decimal = Decimal(0)
+    avg_price: Decimal | None = None
+    error_code: int | None = None
+    error_msg: str | None = None
+    flat: bool = False
+    skipped: bool = False
+
+    @property
+    def filled(self) -> bool:
+        """Return True when any quantity executed."""
+        return self.executed_qty > 0
+
+    @property
+    def final(self) -> bool:
+        """Return True when the order can no longer change."""
+        return self.state in FINAL_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class FlattenStep:
+    """One reported step of the kill switch."""
+
+    step: str  # "cancel_order", "cancel_backstop", "close"
+    symbol: str
+    position_side: str
+    client_order_id: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Router settings.
+
+    Attributes:
+        backstop_enabled: place the exchange-side closePosition stop.
+        backstop_distance_pct: how far beyond the engine's stop it triggers (0.005 = 0.5 %).
+        backstop_min_interval_ms: move it at most this often per position.
+        lookup_delays_s: pauses between lookups after an unknown outcome.
+        retry_limit: resends after ``RetryableError`` before giving up.
+        default_backoff_s: pause after a retryable error that names no wait.
+        margin_type: ``CROSSED`` or ``ISOLATED``, set per symbol before its first entry.
+    """
+
+    backstop_enabled: bool = True
+    backstop_distance_pct: Decimal = Decimal("0.005")
+    backstop_min_interval_ms: int = 5_000
+    lookup_delays_s: tuple[float, ...] = (0.2, 1.0, 3.0)
+    retry_limit: int = 2
+    default_backoff_s: float = 1.0
+    margin_type: str = "CROSSED"
+
+
+@dataclass(slots=True)
+class _Backstop:
+    client_id: str
+    trigger_price: Decimal
+    placed_at_ms: int
+
+
+@dataclass(slots=True)
+class RouterStats:
+    """Counters the dashboard shows (the store keeps the durable ones)."""
+
+    sent: int = 0
+    unknown: int = 0
+    resolved_by_lookup: int = 0
+    mode_refreshes: int = 0
+    rules_refreshes: int = 0
+    backstops_moved: int = 0
+    last_error: str = ""
+    rejections: dict[int, int] = field(default_factory=dict)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _decimal(value: object, default: Decimal | None = None) -> Decimal | None:
+    if value is None or value == "":
+        return default
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        return default
+
+
+def _order_state(status: object) -> OrderState:
+    text = str(status)
+    if text in ("EXPIRED_IN_MATCH",):
+        return OrderState.EXPIRED
+    try:
+        return OrderState(text)
+    except ValueError:
+        return OrderState.NEW
+
+
+_ALGO_STATES = {
+    "NEW": OrderState.NEW,
+    "TRIGGERING": OrderState.TRIGGERED,
+    "TRIGGERED": OrderState.TRIGGERED,
+    "FINISHED": OrderState.FILLED,
+    "CANCELED": OrderState.CANCELED,
+    "CANCELLED": OrderState.CANCELED,
+    "REJECTED": OrderState.REJECTED,
+    "EXPIRED": OrderState.EXPIRED,
+}
+
+
+class OrderRouter:
+    """Builds, records and sends every order; see the module docstring."""
+
+    def __init__(
+        self,
+        venue: Venue,
+        store: Store,
+        rules: RulesLike,
+        config: RouterConfig | None = None,
+        *,
+        clock: Callable[[], int] = _now_ms,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_rules_stale: Callable[[str, int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.venue = venue
+        self.store = store
+        self.rules = rules
+        self.config = config or RouterConfig()
+        self.mode: PositionMode | None = None
+        self.stats = RouterStats()
+        self._clock = clock
+        self._sleep = sleep
+        self._on_rules_stale = on_rules_stale
+        self._tag = store.instance_tag
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._prepared: dict[str, int] = {}
+        self._backstops: dict[str, _Backstop] = {}
+        self._mode_lock = asyncio.Lock()
+        self._load_backstops()
+
+    # ---- mode and symbol setup --------------------------------------------------------------
+
+    async def refresh_mode(self) -> PositionMode:
+        """Read the position mode from the venue (start, and after ``-4061``)."""
+        async with self._mode_lock:
+            hedge = await self.venue.is_hedge_mode()
+            mode: PositionMode = "hedge" if hedge else "one-way"
+            if self.mode is not None and mode != self.mode:
+                logger.warning("Position mode changed old=%s new=%s", self.mode, mode)
+            self.mode = mode
+            self.stats.mode_refreshes += 1
+            self.store.set_meta("position_mode", mode)
+            return mode
+
+    async def _current_mode(self) -> PositionMode:
+        return self.mode if self.mode is not None else await self.refresh_mode()
+
+    async def prepare_symbol(self, symbol: str, leverage: int) -> None:
+        """Set and confirm the symbol's leverage and margin type before its first entry.
+
+        Raises:
+            RouterError: the venue did not confirm them (the entry must fail closed).
+        """
+        if self._prepared.get(symbol) == leverage:
+            return
+        try:
+            await self.venue.set_margin_type(symbol, self.config.margin_type)
+            answer = await self.venue.set_leverage(symbol, leverage)
+        except ExchangeError as exc:
+            raise RouterError(
+                f"leverage {leverage} / margin type {self.config.margin_type} for {symbol} "
+                f"was not confirmed: {exc}"
+            ) from exc
+        confirmed = answer.get("leverage")
+        if confirmed is None or int(confirmed) != leverage:
+            raise RouterError(
+                f"leverage for {symbol} was confirmed as {confirmed!r}, expected {leverage}"
+            )
+        self._prepared[symbol] = leverage
+
+    def position_lock(self, position_id: str) -> asyncio.Lock:
+        """Return the lock that serializes closes of one position."""
+        lock = self._locks.get(position_id)
+        if lock is None:
+            lock = self._locks[position_id] = asyncio.Lock()
+        return lock
+
+    # ---- state machine application ----------------------------------------------------------
+
+    def _apply(self, client_id: str, event: OrderEvent) -> OrderRow | None:
+        row = self.store.get_order(client_id)
+        if row is None:
+            return None
+        transition = next_state(row, event)
+        if transition.note:
+            logger.debug(
+                "Order update dropped client_order_id=%s note=%s", client_id, transition.note
+            )
+        if transition.changes:
+            self.store.update_order(client_id, **transition.changes)
+            return self.store.get_order(client_id)
+        return row
+
+    def _outcome(self, row: OrderRow, *, flat: bool = False) -> OrderOutcome:
+        return OrderOutcome(
+            client_order_id=row.client_order_id,
+            state=OrderState(row.status),
+            executed_qty=_decimal(row.executed_qty, Decimal(0)) or Decimal(0),
+            avg_price=_decimal(row.avg_price),
+            error_code=row.error_code,
+            error_msg=row.error_msg,
+            flat=flat,
+        )
+
+    def live_orders(self, position_id: str | None = None) -> list[OrderRow]:
+        """Return orders not yet final on both the REST and the stream side."""
+        rows = self.store.orders(position_id=position_id)
+        return [row for row in rows if not (row.rest_final and row.stream_final)]
+
+    # ---- sending ----------------------------------------------------------------------------
+
+    async def send_entry(
+        self, position_id: str, symbol: str, leg: str, quantity: str
+    ) -> OrderOutcome:
+        """Send the MARKET entry of a new position (sequence 0)."""
+        return await self._send(
+            "entry", position_id, symbol, leg, 0, "entry", quantity, entry_params
+        )
+
+    async def send_exit(
+        self,
+        position_id: str,
+        symbol: str,
+        leg: str,
+        quantity: str,
+        *,
+        sequence: int,
+        reason: str,
+        live_quantity: Decimal | None = None,
+        kind: OrderKind = "exit",
+    ) -> OrderOutcome:
+        """Send a MARKET exit for the engine's quantity, never more than ``live_quantity``.
+
+        The caller holds no lock; this takes the position's lock, so two closes of one
+        position are never in flight together.
+        """
+        async with self.position_lock(position_id):
+            wanted = Decimal(quantity)
+            if live_quantity is not None and wanted > live_quantity:
+                clipped = self.rules.quantize_qty(symbol, str(live_quantity), True)
+                logger.warning(
+                    "Exit clipped to live position position_id=%s quantity=%s live=%s sent=%s",
+                    position_id,
+                    quantity,
+                    live_quantity,
+                    clipped,
+                )
+                quantity = clipped
+            if Decimal(quantity) <= 0:
+                return OrderOutcome("", OrderState.REJECTED, flat=True, skipped=True)
+            return await self._send(
+                kind, position_id, symbol, leg, sequence, reason, quantity, exit_params
+            )
+
+    async def _send(
+        self,
+        kind: OrderKind,
+        position_id: str,
+        symbol: str,
+        leg: str,
+        sequence: int,
+        reason: str,
+        quantity: str,
+        build: Callable[[PositionMode, str, str, str, str], dict[str, str]],
+    ) -> OrderOutcome:
+        previous = self.store.max_attempt(position_id, kind, sequence)
+        attempt = 0 if previous is None else previous + 1
+        rebuilt = False
+        retries = 0
+        side = _closing_side(leg) if kind in ("exit", "flatten") else _opening_side(leg)
+        while True:
+            mode = await self._current_mode()
+            cid = client_order_id(self._tag, position_id, kind, sequence, attempt)
+            params = build(mode, symbol, leg, quantity, cid)
+            self.store.insert_order(
+                OrderRecord(
+                    client_order_id=cid,
+                    kind=kind,
+                    position_id=position_id,
+                    symbol=symbol,
+                    position_side=leg,
+                    side=side,
+                    sequence=sequence,
+                    attempt=attempt,
+                    params=params,
+                    status=OrderState.SENT,
+                    reason=reason,
+                )
+            )
+            self.stats.sent += 1
+            logger.info(
+                "Order sent client_order_id=%s symbol=%s position_side=%s side=%s quantity=%s "
+                "reason=%s",
+                cid,
+                symbol,
+                leg,
+                side,
+                quantity,
+                reason,
+            )
+            try:
+                reply = await self.venue.new_order(params)
+            except OrderStatusUnknown as exc:
+                self._apply(cid, RestUnknown(exc.code, exc.msg))
+                return await self.resolve_unknown(cid)
+            except TimeoutError:
+                self._apply(cid, RestUnknown(-1007, "timeout waiting for the venue"))
+                return await self.resolve_unknown(cid)
+            except RetryableError as exc:
+                self._record_rejection(cid, exc)
+                if retries >= self.config.retry_limit:
+                    return self._outcome(self._must(cid))
+                retries += 1
+                attempt += 1
+                await self._sleep(_backoff_s(exc, self.config.default_backoff_s))
+                continue
+            except OrderRejected as exc:
+                self._record_rejection(cid, exc)
+                if _is_mode_error(exc) and not rebuilt:
+                    rebuilt = True
+                    attempt += 1
+                    await self.refresh_mode()
+                    continue
+                if exc.code in FILTER_ERROR_CODES and self._on_rules_stale is not None:
+                    self.stats.rules_refreshes += 1
+                    await self._on_rules_stale(symbol, exc.code)
+                flat = exc.code == -2022 and kind in ("exit", "flatten")
+                return self._outcome(self._must(cid), flat=flat)
+            row = self._apply(cid, _rest_answer(reply))
+            return self._outcome(row or self._must(cid))
+
+    def _must(self, cid: str) -> OrderRow:
+        row = self.store.get_order(cid)
+        if row is None:  # pragma: no cover - written ahead above
+            raise RouterError(f"order {cid} vanished from the store")
+        return row
+
+    def _record_rejection(self, cid: str, exc: ExchangeError) -> None:
+        self._apply(cid, RestRejected(exc.code, exc.msg))
+        self.store.bump("order_rejections", str(exc.code))
+        self.stats.rejections[exc.code] = self.stats.rejections.get(exc.code, 0) + 1
+        self.stats.last_error = f"{exc.code}: {exc.msg}"
+        logger.info("Order rejected client_order_id=%s code=%s msg=%s", cid, exc.code, exc.msg)
+
+    async def resolve_unknown(self, client_id: str) -> OrderOutcome:
+        """Resolve an unknown outcome by looking the order up (never by resending).
+
+        ``-2013`` right after the unknown outcome is not proof of absence: the lookup is
+        repeated with pauses (``lookup_delays_s``) and the user stream may answer meanwhile.
+        """
+        row = self._must(client_id)
+        self.stats.unknown += 1
+        delays = (0.0, *self.config.lookup_delays_s)
+        for delay in delays:
+            if delay:
+                await self._sleep(delay)
+            row = self._must(client_id)
+            if OrderState(row.status) not in (OrderState.SENT, OrderState.UNKNOWN):
+                break  # the user stream answered
+            try:
+                if row.kind == "backstop":
+                    found = await self._find_algo(row.symbol, client_id)
+                else:
+                    found = await self.venue.get_order(row.symbol, client_id)
+            except ExchangeError as exc:
+                logger.warning("Order lookup failed client_order_id=%s error=%s", client_id, exc)
+                continue
+            if found is not None:
+                row = self._apply(client_id, _rest_answer(found)) or row
+                self.stats.resolved_by_lookup += 1
+                break
+        else:
+            row = self._apply(client_id, LookupMissing()) or row
+        logger.info("Unknown outcome resolved client_order_id=%s status=%s", client_id, row.status)
+        return self._outcome(row)
+
+    async def _find_algo(self, symbol: str, client_id: str) -> JsonObject | None:
+        for order in await self.venue.open_algo_orders(symbol):
+            if order.get("clientAlgoId") == client_id:
+                return {"status": order.get("algoStatus", "NEW"), "orderId": order.get("algoId")}
+        return None
+
+    # ---- user stream ------------------------------------------------------------------------
+
+    def on_order_update(self, order: Mapping[str, Any], event_time_ms: int = 0) -> OrderRow | None:
+        """Apply the ``o`` object of an ORDER_TRADE_UPDATE; None when it is not our order."""
+        cid = str(order.get("c", ""))
+        if not cid.startswith(f"pq{self._tag}-"):
+            return None
+        event = StreamUpdate(
+            status=_order_state(order.get("X")),
+            executed_qty=None if order.get("z") is None else str(order["z"]),
+            avg_price=_nonzero(order.get("ap")),
+            exchange_order_id=None if order.get("i") is None else str(order["i"]),
+            time_ms=int(order.get("T") or event_time_ms or 0),
+        )
+        return self._apply(cid, event)
+
+    def on_algo_update(self, order: Mapping[str, Any], event_time_ms: int = 0) -> OrderRow | None:
+        """Apply the ``o`` object of an ALGO_UPDATE; None when it is not our order."""
+        cid = str(order.get("caid", ""))
+        if not cid.startswith(f"pq{self._tag}-"):
+            return None
+        status = _ALGO_STATES.get(str(order.get("X")), OrderState.NEW)
+        row = self._apply(
+            cid,
+            StreamUpdate(
+                status=status,
+                executed_qty=None,
+                avg_price=None,
+                exchange_order_id=None if order.get("aid") is None else str(order["aid"]),
+                time_ms=int(order.get("ut") or event_time_ms or 0),
+            ),
+        )
+        if row is not None and OrderState(row.status) in FINAL_STATES:
+            current = self._backstops.get(row.position_id)
+            if current is not None and current.client_id == cid:
+                del self._backstops[row.position_id]
+        return row
+
+    # ---- backstop ---------------------------------------------------------------------------
+
+    def _load_backstops(self) -> None:
+        for row in self.store.orders(kind="backstop", statuses=LIVE_STATUSES):
+            trigger = _decimal(row.params.get("triggerPrice"))
+            if trigger is None:
+                continue
+            current = self._backstops.get(row.position_id)
+            if current is None or row.sequence > _sequence_of(current.client_id):
+                self._backstops[row.position_id] = _Backstop(
+                    row.client_order_id, trigger, row.created_at_ms
+                )
+
+    def backstop_trigger(self, symbol: str, leg: str, stop_price: str | Decimal) -> str:
+        """Return the backstop trigger for an engine stop: further out, on the tick grid."""
+        stop = Decimal(str(stop_price))
+        distance = self.config.backstop_distance_pct
+        if leg == "LONG":
+            return self.rules.quantize_price(symbol, str(stop * (1 - distance)), "down")
+        return self.rules.quantize_price(symbol, str(stop * (1 + distance)), "up")
+
+    def backstop_of(self, position_id: str) -> tuple[str, Decimal] | None:
+        """Return (client id, trigger price) of a position's live backstop, or None."""
+        current = self._backstops.get(position_id)
+        return None if current is None else (current.client_id, current.trigger_price)
+
+    async def update_backstop(
+        self,
+        position_id: str,
+        symbol: str,
+        leg: str,
+        stop_price: str | Decimal,
+        *,
+        force: bool = False,
+    ) -> str | None:
+        """Place or tighten the position's backstop; return the live client id, if any.
+
+        The new order is placed before the old one is cancelled, so there is never a moment
+        without one. It only moves to tighten, and at most every ``backstop_min_interval_ms``
+        unless ``force``.
+        """
+        if not self.config.backstop_enabled:
+            return None
+        trigger = Decimal(self.backstop_trigger(symbol, leg, stop_price))
+        current = self._backstops.get(position_id)
+        now = self._clock()
+        if current is not None:
+            tighter = (
+                trigger > current.trigger_price
+                if leg == "LONG"
+                else trigger < current.trigger_price
+            )
+            if not tighter:
+                return current.client_id
+            if not force and now - current.placed_at_ms < self.config.backstop_min_interval_ms:
+                return current.client_id
+        mode = await self._current_mode()
+        sequence = (self.store.max_sequence(position_id, "backstop") or 0) + 1
+        cid = client_order_id(self._tag, position_id, "backstop", sequence, 0)
+        params = backstop_params(mode, symbol, leg, str(trigger), cid)
+        self.store.insert_order(
+            OrderRecord(
+                client_order_id=cid,
+                kind="backstop",
+                position_id=position_id,
+                symbol=symbol,
+                position_side=leg,
+                side=_closing_side(leg),
+                sequence=sequence,
+                attempt=0,
+                params=params,
+                status=OrderState.SENT,
+                reason="backstop",
+            )
+        )
+        try:
+            reply = await self.venue.new_algo_order(params)
+        except OrderStatusUnknown as exc:
+            self._apply(cid, RestUnknown(exc.code, exc.msg))
+            outcome = await self.resolve_unknown(cid)
+            if outcome.state != OrderState.NEW:
+                return None if current is None else current.client_id
+        except ExchangeError as exc:
+            self._record_rejection(cid, exc)
+            if _is_mode_error(exc):
+                await self.refresh_mode()
+            return None if current is None else current.client_id
+        else:
+            self._apply(
+                cid,
+                RestAnswer(
+                    _ALGO_STATES.get(str(reply.get("algoStatus", "NEW")), OrderState.NEW),
+                    "0",
+                    None,
+                    None if reply.get("algoId") is None else str(reply["algoId"]),
+                ),
+            )
+        self._backstops[position_id] = _Backstop(cid, trigger, now)
+        self.stats.backstops_moved += 1
+        logger.info(
+            "Backstop placed client_order_id=%s symbol=%s position_side=%s trigger=%s",
+            cid,
+            symbol,
+            leg,
+            trigger,
+        )
+        if current is not None:
+            await self._cancel_algo(symbol, current.client_id)
+        return cid
+
+    async def _cancel_algo(self, symbol: str, client_id: str) -> bool:
+        try:
+            await self.venue.cancel_algo_order(symbol, client_id)
+        except OrderRejected as exc:
+            # Already gone (triggered, cancelled elsewhere): final either way.
+            logger.info("Backstop cancel refused client_order_id=%s error=%s", client_id, exc)
+            self._apply(client_id, RestAnswer(OrderState.CANCELED, "0", None, None))
+            return False
+        except ExchangeError as exc:
+            logger.warning("Backstop cancel failed client_order_id=%s error=%s", client_id, exc)
+            return False
+        self._apply(client_id, RestAnswer(OrderState.CANCELED, "0", None, None))
+        return True
+
+    async def cancel_backstops(self, position_id: str) -> list[str]:
+        """Cancel every live backstop of a position (it closed); return the ids cancelled."""
+        cancelled: list[str] = []
+        self._backstops.pop(position_id, None)
+        for row in self.store.orders(
+            position_id=position_id, kind="backstop", statuses=LIVE_STATUSES
+        ):
+            if await self._cancel_algo(row.symbol, row.client_order_id):
+                cancelled.append(row.client_order_id)
+        return cancelled
+
+    async def cleanup_orphans(self, open_legs: set[tuple[str, str]]) -> list[str]:
+        """Cancel our conditional orders whose (symbol, leg) has no open position.
+
+        ``open_legs`` holds (symbol, leg) pairs with a non-zero position on the venue; in
+        one-way mode the leg of a BOTH order is read from its side (SELL closes a LONG).
+        """
+        cancelled: list[str] = []
+        for order in await self.venue.open_algo_orders():
+            cid = str(order.get("clientAlgoId", ""))
+            if not cid.startswith(f"pq{self._tag}-"):
+                continue
+            symbol = str(order.get("symbol"))
+            leg = str(order.get("positionSide", "BOTH"))
+            if leg == "BOTH":
+                leg = "LONG" if order.get("side") == "SELL" else "SHORT"
+            if (symbol, leg) in open_legs:
+                continue
+            if await self._cancel_algo(symbol, cid):
+                cancelled.append(cid)
+                logger.info("Orphan backstop cancelled client_order_id=%s symbol=%s", cid, symbol)
+            row = self.store.get_order(cid)
+            if row is not None:
+                self._backstops.pop(row.position_id, None)
+        return cancelled
+
+    # ---- kill switch ------------------------------------------------------------------------
+
+    async def flatten(
+        self, position_ids: Mapping[tuple[str, str], str] | None = None
+    ) -> list[FlattenStep]:
+        """Cancel our open orders and close every position on the account; report each step.
+
+        Args:
+            position_ids: (symbol, leg) -> our position id, for positions we know; legs not
+                in it are closed under a position id derived from the symbol.
+        """
+        steps: list[FlattenStep] = []
+        known = dict(position_ids or {})
+        for order in await self.venue.open_orders():
+            cid = str(order.get("clientOrderId", ""))
+            if not cid.startswith(f"pq{self._tag}-"):
+                continue
+            symbol = str(order.get("symbol"))
+            try:
+                await self.venue.cancel_order(symbol, cid)
+                self._apply(
+                    cid,
+                    RestAnswer(OrderState.CANCELED, str(order.get("executedQty", "0")), None, None),
+                )
+                steps.append(
+                    FlattenStep(
+                        "cancel_order",
+                        symbol,
+                        str(order.get("positionSide")),
+                        cid,
+                        True,
+                        "cancelled",
+                    )
+                )
+            except ExchangeError as exc:
+                steps.append(
+                    FlattenStep(
+                        "cancel_order", symbol, str(order.get("positionSide")), cid, False, str(exc)
+                    )
+                )
+        for order in await self.venue.open_algo_orders():
+            cid = str(order.get("clientAlgoId", ""))
+            if not cid.startswith(f"pq{self._tag}-"):
+                continue
+            symbol = str(order.get("symbol"))
+            ok = await self._cancel_algo(symbol, cid)
+            steps.append(
+                FlattenStep(
+                    "cancel_backstop",
+                    symbol,
+                    str(order.get("positionSide")),
+                    cid,
+                    ok,
+                    "cancelled" if ok else "already gone",
+                )
+            )
+        self._backstops.clear()
+        await self.refresh_mode()
+        for row in await self.venue.position_risk():
+            amount = _decimal(row.get("positionAmt"), Decimal(0)) or Decimal(0)
+            if amount == 0:
+                continue
+            symbol = str(row.get("symbol"))
+            leg = str(row.get("positionSide", "BOTH"))
+            if leg == "BOTH":
+                leg = "LONG" if amount > 0 else "SHORT"
+            position_id = known.get((symbol, leg)) or f"k{symbol.lower()[:6]}{leg[0].lower()}"
+            quantity = self.rules.quantize_qty(symbol, str(abs(amount)), True)
+            sequence = (self.store.max_sequence(position_id, "flatten") or 0) + 1
+            outcome = await self.send_exit(
+                position_id,
+                symbol,
+                leg,
+                quantity,
+                sequence=sequence,
+                reason="flatten",
+                live_quantity=abs(amount),
+                kind="flatten",
+            )
+            ok = outcome.flat or outcome.state == OrderState.FILLED
+            detail = (
+                f"{outcome.state} executed {outcome.executed_qty}"
+                if outcome.error_code is None
+                else f"{outcome.state} {outcome.error_code}: {outcome.error_msg}"
+            )
+            steps.append(FlattenStep("close", symbol, leg, outcome.client_order_id, ok, detail))
+        return steps
+
+
+def _rest_answer(reply: Mapping[str, Any]) -> RestAnswer:
+    return RestAnswer(
+        status=_order_state(reply.get("status", "NEW")),
+        executed_qty=str(reply.get("executedQty", "0") or "0"),
+        avg_price=_nonzero(reply.get("avgPrice")),
+        exchange_order_id=None if reply.get("orderId") is None else str(reply["orderId"]),
+    )
+
+
+def _nonzero(value: object) -> str | None:
+    number = _decimal(value)
+    return None if number is None or number == 0 else str(value)
+
+
+def _is_mode_error(exc: ExchangeError) -> bool:
+    return exc.code in MODE_ERROR_CODES or (
+        exc.code == -1106 and "reduceonly" in exc.msg.lower().replace(" ", "")
+    )
+
+
+def _backoff_s(exc: ExchangeError, default: float) -> float:
+    # The client may attach the venue's Retry-After (seconds) to the exception.
+    retry_after = getattr(exc, "retry_after_s", None)
+    if isinstance(retry_after, int | float) and retry_after > 0:
+        return float(min(retry_after, 120.0))
+    return default
+
+
+def _sequence_of(client_id: str) -> int:
+    try:
+        return int(client_id.rsplit("-", 2)[1][1:])
+    except (IndexError, ValueError):
+        return 0
+
+
+__all__: Sequence[str] = (
+    "CLIENT_ORDER_ID",
+    "FINAL_STATES",
+    "FlattenStep",
+    "OrderOutcome",
+    "OrderRouter",
+    "OrderState",
+    "RouterConfig",
+    "RouterError",
+    "backstop_params",
+    "client_order_id",
+    "entry_params",
+    "exit_params",
+    "next_state",
+)
