@@ -648,10 +648,17 @@ class RedisIntentSource:
             return
         try:
             payload = entry_payload(entry_id, fields)
-            intent = parse_intent(payload, source="redis", now_ms=int(payload["created_at_ms"]))
+            intent = parse_intent(payload, source="redis", now_ms=_entry_ms(entry_id))
         except IntentError as exc:
             symbol = _symbol_of(fields)
             await self._reject(stream, entry_id, fields, str(exc), exc.field, symbol)
+            return
+        except Exception as exc:
+            # A payload that trips a parser bug is still just one bad entry: refuse it and go
+            # on rather than stop the intake of every other intent.
+            logger.exception("Intent entry unreadable stream=%s stream_id=%s", stream, entry_id)
+            reason = f"entry could not be read: {type(exc).__name__}: {exc}"
+            await self._reject(stream, entry_id, fields, reason, None, _symbol_of(fields))
             return
 
         if self._router is not None:
