@@ -1,0 +1,1260 @@
+"""Backtest: historical klines through the same Rust exit state machine as the daemon.
+
+polars in, one coarse call into ``pyquant._core`` per chunk of work, polars out. Python
+loads and validates the bars, builds the entries (an intents file or the demo rule
+``momentum24h``) and turns the columnar result into DataFrames, metrics, files and charts;
+every exit decision is taken by ``exit::position`` in the Rust core, the very code the daemon
+runs on live mark prices.
+
+Fill model (what the simulated fills assume; see ``rust_core/src/backtest.rs`` for the code):
+
+* Entries are MARKET orders at the open of the first bar whose ``open_time`` is at or after the
+  entry time (for ``momentum24h``: the bar after the signal bar). The size is the notional
+  (``size_usd`` of the intent, else the configured default) divided by that open, floored to
+  the MARKET_LOT_SIZE step; too small for minQty or MIN_NOTIONAL means the entry is skipped.
+* Each bar is replayed as a mark-price path: open, then the two extremes, then close. Which
+  extreme comes first is the intrabar rule: ``stop_first`` (default, the conservative one:
+  the low first for a long, the high first for a short) or ``target_first``. Finer bars,
+  when given, replace that guess by their own path (still open, extremes, close per fine bar).
+* An exit fills at its trigger price (the stop, or the take-profit level, both already on the
+  tick grid) when the path crossed it continuously; when the mark jumped over it (the bar opens
+  beyond the trigger after the previous close), it fills at that open, the worse price for a
+  stop and the better one for a target. A time stop fills at the mark where it fired. Each
+  action is confirmed at once with its full quantity (no partial fills, no rejections).
+* ATR is Wilder's over closed bars only; the bar being replayed never sees its own range.
+* Fees: entries pay the taker fee (the maker fee with ``entry_liquidity="maker"``, a limit order
+  assumed filled at the open), every exit pays the taker fee (exits are MARKET orders).
+  Fees are rounded to 8 decimals, the precision of Binance's USDT commission.
+* Gaps are never bridged: a step of more than ``max_gap_bars`` missing bars ends a segment;
+  positions still open are closed at the last close before the gap (reason ``data_gap``), ATR
+  restarts after it, and entries falling inside it are skipped. Positions still open at the
+  end of the data close at the last close (reason ``end_of_data``).
+* Liquidation is not modelled: the stop sits inside the liquidation price by construction
+  (``max_margin_loss`` caps the stop distance per leverage).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import polars as pl
+
+from pyquant import _core
+from pyquant.errors import ConfigError
+from pyquant.trading.intents import IntentError, parse_intent
+
+if TYPE_CHECKING:
+    from pyquant._core import ExchangeRules, ExitPolicy
+
+__all__ = [
+    "BacktestConfig",
+    "BacktestResult",
+    "KlinesError",
+    "exit_decisions_for_path",
+    "load_intents",
+    "load_klines",
+    "momentum24h",
+    "parse_grid",
+    "run_backtest",
+    "run_grid",
+    "summarize",
+    "validate_klines",
+]
+
+Intrabar = Literal["stop_first", "target_first"]
+ProgressCallback = Callable[[int, int], None]
+
+KLINE_COLUMNS: tuple[str, ...] = ("open_time", "open", "high", "low", "close", "volume")
+_PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
+_INTERVAL_UNITS_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+_INTERVAL = re.compile(r"^(\d+)([smhdw])$")
+# SYMBOL_INTERVAL[_anything].parquet|csv, as the files in tests/data/market are named.
+_FILE_NAME = re.compile(r"^([A-Z0-9]{2,30})_(\d+[smhdw])(?:_[^.]*)?\.(?:parquet|csv)$", re.I)
+_DAY_MS = 86_400_000
+# Decimal(38, 12) holds every price, quantity, fee (rounded to 8 dp) and PnL exactly.
+EXACT = pl.Decimal(38, 12)
+
+
+class KlinesError(ConfigError):
+    """A klines file or frame cannot be backtested: names the file, column, row and rule."""
+
+
+def interval_ms(interval: str) -> int:
+    """Return the length of a Binance kline interval (``1m``, ``4h``, ``1d`` ...) in ms.
+
+    Raises:
+        KlinesError: the interval is not of the form ``<count><unit>`` with unit s/m/h/d/w.
+    """
+    match = _INTERVAL.match(interval)
+    if match is None or int(match.group(1)) <= 0:
+        raise KlinesError(f"interval {interval!r} is not a kline interval such as 1m, 5m, 1h or 1d")
+    return int(match.group(1)) * _INTERVAL_UNITS_MS[match.group(2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _fmt_time(ms: int) -> str:
+    stamp = np.datetime64(int(ms), "ms").astype("datetime64[s]")
+    return f"{ms} ({str(stamp).replace('T', ' ')} UTC)"
+
+
+def validate_klines(frame: pl.DataFrame, *, source: str = "<frame>") -> pl.DataFrame:
+    """Check one symbol's klines and return them in the canonical schema.
+
+    The canonical schema is ``open_time`` (Int64, ms), ``open``/``high``/``low``/``close``/
+    ``volume`` (Float64), ``symbol`` and ``interval`` (String), one symbol and interval per
+    frame, strictly increasing ``open_time`` with every step a whole number of intervals.
+    Gaps (steps of more than one interval) are kept as they are.
+
+    Args:
+        frame: the klines, with ``symbol`` and ``interval`` columns.
+        source: what to call the data in error messages (usually the file name).
+
+    Returns:
+        The validated frame in the canonical schema and column order.
+
+    Raises:
+        KlinesError: a column is missing or of the wrong type, a value is not a valid price,
+            or ``open_time`` is unsorted, duplicated or off the interval grid.
+    """
+    missing = [name for name in (*KLINE_COLUMNS, "symbol", "interval") if name not in frame.columns]
+    if missing:
+        raise KlinesError(
+            f"{source}: missing column {missing[0]!r} (klines need {', '.join(KLINE_COLUMNS)}; "
+            f"found {', '.join(frame.columns) or 'no columns'})"
+        )
+    if frame.height == 0:
+        raise KlinesError(f"{source}: no rows")
+    time_dtype = frame.schema["open_time"]
+    if time_dtype.is_temporal():
+        frame = frame.with_columns(pl.col("open_time").dt.epoch("ms"))
+    elif not time_dtype.is_integer():
+        raise KlinesError(
+            f"{source}: column 'open_time' is {time_dtype}, expected integer milliseconds "
+            "since the epoch"
+        )
+    for name in (*_PRICE_COLUMNS, "volume"):
+        if not frame.schema[name].is_numeric():
+            raise KlinesError(
+                f"{source}: column {name!r} is {frame.schema[name]}, expected a number"
+            )
+    frame = frame.select(
+        pl.col("open_time").cast(pl.Int64),
+        *(pl.col(name).cast(pl.Float64) for name in (*_PRICE_COLUMNS, "volume")),
+        pl.col("symbol").cast(pl.String),
+        pl.col("interval").cast(pl.String),
+    )
+    for name in ("symbol", "interval"):
+        values = frame[name].unique().to_list()
+        if len(values) != 1 or values[0] is None:
+            raise KlinesError(
+                f"{source}: column {name!r} must hold one value per file, found {sorted(map(str, values))}"
+            )
+    symbol = str(frame["symbol"][0])
+    step_ms = interval_ms(str(frame["interval"][0]))
+
+    for name in ("open_time", *_PRICE_COLUMNS, "volume"):
+        nulls = frame[name].null_count()
+        if nulls:
+            row = int(frame[name].is_null().arg_max() or 0)
+            raise KlinesError(
+                f"{source}: column {name!r} is empty at row {row} ({nulls} empty values)"
+            )
+    times = frame["open_time"].to_numpy()
+    steps = np.diff(times)
+    if steps.size:
+        bad = np.flatnonzero(steps <= 0)
+        if bad.size:
+            row = int(bad[0]) + 1
+            if steps[bad[0]] == 0:
+                raise KlinesError(
+                    f"{source}: duplicated open_time {_fmt_time(int(times[row]))} at rows {row - 1} "
+                    f"and {row} ({symbol})"
+                )
+            raise KlinesError(
+                f"{source}: open_time is not sorted ascending: row {row} has "
+                f"{_fmt_time(int(times[row]))} after {_fmt_time(int(times[row - 1]))} ({symbol}); "
+                "sort the file by open_time"
+            )
+        off_grid = np.flatnonzero(steps % step_ms)
+        if off_grid.size:
+            row = int(off_grid[0]) + 1
+            raise KlinesError(
+                f"{source}: open_time {_fmt_time(int(times[row]))} at row {row} is "
+                f"{int(steps[off_grid[0]])} ms after the previous bar, not a whole number of "
+                f"{frame['interval'][0]} intervals ({step_ms} ms)"
+            )
+    prices = frame.select(_PRICE_COLUMNS).to_numpy()
+    finite = np.isfinite(prices).all(axis=1) & (prices > 0).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise KlinesError(
+            f"{source}: row {row} ({_fmt_time(int(times[row]))}) has a price that is not a "
+            f"positive finite number: {dict(zip(_PRICE_COLUMNS, prices[row].tolist(), strict=True))}"
+        )
+    open_, high, low, close = prices.T
+    inside = (high >= np.maximum(open_, close)) & (low <= np.minimum(open_, close))
+    if not inside.all():
+        row = int(np.flatnonzero(~inside)[0])
+        raise KlinesError(
+            f"{source}: row {row} ({_fmt_time(int(times[row]))}) is not a valid bar: high must be "
+            f">= open and close and low <= open and close, found "
+            f"{dict(zip(_PRICE_COLUMNS, prices[row].tolist(), strict=True))}"
+        )
+    return frame
+
+
+def _read_table(path: Path) -> pl.DataFrame:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pl.read_parquet(path)
+        if suffix == ".csv":
+            return pl.read_csv(path, infer_schema_length=10_000)
+    except FileNotFoundError:
+        raise KlinesError(f"{path}: no such file") from None
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise KlinesError(f"{path}: cannot be read as {suffix[1:]}: {exc}") from exc
+    raise KlinesError(f"{path}: unknown klines format {suffix!r}; use .parquet or .csv")
+
+
+def load_klines(
+    path: str | os.PathLike[str], *, symbol: str | None = None, interval: str | None = None
+) -> list[pl.DataFrame]:
+    """Load and validate a Parquet or CSV klines file, one frame per symbol in it.
+
+    ``symbol`` and ``interval`` come from the file's columns, else from the arguments, else
+    from the file name (``BTCUSDT_1m_last.parquet`` is BTCUSDT at 1m). When both a column and
+    the name say something, they must agree.
+
+    Args:
+        path: a ``.parquet`` or ``.csv`` file with ``open_time`` (ms), ``open``, ``high``, ``low``,
+            ``close`` and ``volume``.
+        symbol: the symbol when the file has no ``symbol`` column.
+        interval: the interval when the file has no ``interval`` column.
+
+    Returns:
+        The validated frames (see ``validate_klines``), sorted by symbol.
+
+    Raises:
+        KlinesError: the file cannot be read, or fails validation.
+    """
+    file = Path(path)
+    frame = _read_table(file)
+    match = _FILE_NAME.match(file.name)
+    named = {
+        "symbol": symbol or (match.group(1).upper() if match else None),
+        "interval": interval or (match.group(2) if match else None),
+    }
+    for name, value in named.items():
+        if name in frame.columns:
+            found = frame[name].unique().drop_nulls().to_list()
+            if (
+                value is not None
+                and len(found) == 1
+                and str(found[0]) != value
+                and name == "interval"
+            ):
+                raise KlinesError(
+                    f"{file}: column 'interval' says {found[0]!r} but the file name or argument "
+                    f"says {value!r}"
+                )
+            continue
+        if value is None:
+            raise KlinesError(
+                f"{file}: no {name!r} column and none in the file name (expected a name such as "
+                f"BTCUSDT_1m_last.parquet)"
+            )
+        frame = frame.with_columns(pl.lit(value).alias(name))
+    if frame.height and frame["symbol"].n_unique() > 1:
+        return [
+            validate_klines(part, source=f"{file} [{key[0]}]")
+            for key, part in sorted(
+                frame.group_by("symbol", maintain_order=True), key=lambda kv: str(kv[0][0])
+            )
+        ]
+    return [validate_klines(frame, source=str(file))]
+
+
+def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
+    """Read entry intents from a JSONL file, one JSON object per line.
+
+    Each line is an intent as ``pyquant.trading.intents.parse_intent`` reads it (``symbol``,
+    ``side`` BUY/SELL or LONG/SHORT, ``confidence``, optional ``size_usd`` and ``leverage``);
+    its time is ``time`` (ms or s), ``created_at_ms`` or ``timestamp``. ``id`` is optional here
+    (``line-N`` when absent). Blank lines and lines starting with ``#`` are skipped.
+
+    Returns:
+        Columns ``intent_id``, ``time_ms``, ``symbol``, ``side`` (BUY/SELL), ``confidence``,
+        ``size_usd`` (String, null for the default) and ``leverage`` (Int64, null for the
+        default), sorted by time.
+
+    Raises:
+        KlinesError: the file cannot be read, a line is not JSON or the intent is invalid
+            (the message names the line, the field and the rule).
+    """
+    file = Path(path)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise KlinesError(f"{file}: cannot read intents: {exc}") from exc
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise KlinesError(f"{file}:{number}: not a JSON object: {exc.msg}") from exc
+        if not isinstance(payload, dict):
+            raise KlinesError(f"{file}:{number}: not a JSON object")
+        payload.setdefault("id", f"line-{number}")
+        if "time" in payload and "created_at_ms" not in payload:
+            payload["created_at_ms"] = payload.pop("time")
+        if payload.get("created_at_ms") is None and payload.get("timestamp") is None:
+            raise KlinesError(f"{file}:{number}: intent field 'time' is required in a backtest")
+        try:
+            intent = parse_intent(payload, source="backtest", now_ms=0)
+        except IntentError as exc:
+            raise KlinesError(f"{file}:{number}: {exc}") from exc
+        rows.append(
+            {
+                "intent_id": intent.intent_id,
+                "time_ms": intent.created_at_ms,
+                "symbol": intent.symbol,
+                "side": intent.side,
+                "confidence": intent.confidence,
+                "size_usd": None if intent.size_usd is None else str(intent.size_usd),
+                "leverage": intent.leverage,
+            }
+        )
+    return pl.DataFrame(rows, schema=_INTENT_SCHEMA).sort("time_ms", maintain_order=True)
+
+
+_INTENT_SCHEMA: dict[str, Any] = {
+    "intent_id": pl.String,
+    "time_ms": pl.Int64,
+    "symbol": pl.String,
+    "side": pl.String,
+    "confidence": pl.Float64,
+    "size_usd": pl.String,
+    "leverage": pl.Int64,
+}
+
+
+def momentum24h(klines: pl.DataFrame, *, threshold: float = 0.01) -> pl.DataFrame:
+    """Return the demo strategy's entries: follow a 24 h move beyond ``threshold``.
+
+    At the close of each bar, the change is ``close / close 24 h earlier - 1`` (only where the
+    bar exactly 24 h earlier exists; gaps give no signal). Beyond ``+threshold`` it buys,
+    beyond ``-threshold`` it sells, with confidence ``0.5 + |change|`` capped at 0.8. The entry
+    time is the bar's close, so the backtest enters at the next bar's open. The backtest holds
+    one position per symbol at a time for this rule, so signals while one is open are dropped.
+
+    Args:
+        klines: one symbol's validated klines.
+        threshold: the absolute 24 h change that triggers an entry (0.01 = 1 %).
+
+    Returns:
+        Intents in the schema of ``load_intents``.
+    """
+    step = interval_ms(str(klines["interval"][0]))
+    base = klines.select("open_time", "close", "symbol")
+    earlier = base.select(
+        (pl.col("open_time") + _DAY_MS).alias("open_time"), pl.col("close").alias("close_24h")
+    )
+    change = (pl.col("close") / pl.col("close_24h") - 1.0).alias("change")
+    signals = (
+        base.join(earlier, on="open_time", how="inner")
+        .with_columns(change)
+        .filter(pl.col("change").abs() > threshold)
+    )
+    return signals.select(
+        pl.format("momentum24h-{}-{}", pl.col("symbol"), pl.col("open_time")).alias("intent_id"),
+        (pl.col("open_time") + step).alias("time_ms"),
+        pl.col("symbol"),
+        pl.when(pl.col("change") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
+        (0.5 + pl.col("change").abs()).clip(upper_bound=0.8).alias("confidence"),
+        pl.lit(None, dtype=pl.String).alias("size_usd"),
+        pl.lit(None, dtype=pl.Int64).alias("leverage"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass(frozen=True, slots=True)
+class BacktestConfig:
+    """How trades are sized, filled and charged (the policy decides the exits).
+
+    Attributes:
+        maker_fee: fee rate of a maker fill (0.0002 = 0.02 %).
+        taker_fee: fee rate of a taker fill; every exit is a MARKET order and pays it.
+        entry_liquidity: ``taker`` (MARKET entry at the open) or ``maker`` (a limit entry at
+            the open, assumed filled).
+        notional_usd: default size of an entry in USDT (an intent's ``size_usd`` overrides it).
+        leverage: default leverage (an intent's ``leverage`` overrides it); it enters the
+            margin-loss cap of the initial stop.
+        intrabar: which extreme of a bar the path visits first when no finer data resolves it.
+        max_gap_bars: missing bars tolerated inside a segment; a longer gap ends the segment.
+        one_position_per_symbol: at most one open position per symbol (else one per symbol
+            and side, like the daemon's guard).
+    """
+
+    maker_fee: Decimal = Decimal("0.0002")
+    taker_fee: Decimal = Decimal("0.0005")
+    entry_liquidity: Literal["taker", "maker"] = "taker"
+    notional_usd: Decimal = Decimal(1000)
+    leverage: int = 10
+    intrabar: Intrabar = "stop_first"
+    max_gap_bars: int = 0
+    one_position_per_symbol: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("maker_fee", "taker_fee"):
+            value = getattr(self, name)
+            if not isinstance(value, Decimal) or not value.is_finite() or not 0 <= value < 1:
+                raise ConfigError(f"backtest {name} was {value!r}: must be a rate in [0, 1)")
+        if self.entry_liquidity not in ("taker", "maker"):
+            raise ConfigError(
+                f"backtest entry_liquidity was {self.entry_liquidity!r}: must be taker or maker"
+            )
+        if not self.notional_usd.is_finite() or self.notional_usd <= 0:
+            raise ConfigError(
+                f"backtest notional_usd was {self.notional_usd}: must be a positive USDT amount"
+            )
+        if not 1 <= self.leverage <= 125:
+            raise ConfigError(f"backtest leverage was {self.leverage}: must be from 1 to 125")
+        if self.intrabar not in ("stop_first", "target_first"):
+            raise ConfigError(
+                f"backtest intrabar was {self.intrabar!r}: must be stop_first or target_first"
+            )
+        if self.max_gap_bars < 0:
+            raise ConfigError(f"backtest max_gap_bars was {self.max_gap_bars}: must be >= 0")
+
+
+@dataclass(slots=True)
+class BacktestResult:
+    """What one backtest run produced.
+
+    Attributes:
+        fills: one row per fill (the entry and each exit) with exact ``price``, ``quantity``,
+            ``fee`` and ``pnl`` (Decimal), its ``reason`` and the move in ``r``.
+        trades: one row per position: side, entry, size, initial risk, net PnL, R multiple,
+            the reason of its last exit.
+        summary: metrics per symbol and a ``TOTAL`` row (see ``summarize``).
+        stops: the stop after each bar while a position was open (for charts).
+        levels: each position's take-profit level prices (for charts).
+        skipped: entries that were not taken, with the reason.
+        evaluations: bar x position evaluations performed by the core.
+        policies: the policies run, in ``policy`` index order.
+    """
+
+    fills: pl.DataFrame
+    trades: pl.DataFrame
+    summary: pl.DataFrame
+    stops: pl.DataFrame
+    levels: pl.DataFrame
+    skipped: pl.DataFrame
+    evaluations: int
+    policies: list[ExitPolicy] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    symbol: str
+    interval_ms: int
+    arrays: dict[str, Any]
+
+
+def _contiguous(series: pl.Series, dtype: Any) -> np.ndarray[Any, Any]:
+    return np.ascontiguousarray(series.to_numpy(), dtype=dtype)
+
+
+def _prepare_series(
+    klines: pl.DataFrame,
+    entries: pl.DataFrame,
+    fine: pl.DataFrame | None,
+) -> _Series:
+    symbol = str(klines["symbol"][0])
+    step = interval_ms(str(klines["interval"][0]))
+    mine = entries.filter(pl.col("symbol") == symbol).sort("time_ms", maintain_order=True)
+    arrays: dict[str, Any] = {
+        "symbol": symbol,
+        "interval_ms": step,
+        "open_time": _contiguous(klines["open_time"], np.int64),
+        "open": _contiguous(klines["open"], np.float64),
+        "high": _contiguous(klines["high"], np.float64),
+        "low": _contiguous(klines["low"], np.float64),
+        "close": _contiguous(klines["close"], np.float64),
+        "entry_time": _contiguous(mine["time_ms"], np.int64),
+        "entry_side": _contiguous(
+            mine.select(pl.when(pl.col("side") == "BUY").then(1).otherwise(-1))[:, 0], np.int8
+        ),
+        "entry_confidence": _contiguous(mine["confidence"].fill_null(float("nan")), np.float64),
+        "entry_notional": [None if v is None else str(v) for v in mine["size_usd"].to_list()],
+        "entry_leverage": _contiguous(mine["leverage"].fill_null(0), np.int64),
+    }
+    if fine is not None:
+        fine_step = interval_ms(str(fine["interval"][0]))
+        if fine_step >= step or step % fine_step:
+            raise KlinesError(
+                f"finer data for {symbol} is {fine['interval'][0]}, which does not divide the "
+                f"{klines['interval'][0]} bars it should resolve"
+            )
+        arrays.update(
+            fine_interval_ms=fine_step,
+            fine_open_time=_contiguous(fine["open_time"], np.int64),
+            fine_open=_contiguous(fine["open"], np.float64),
+            fine_high=_contiguous(fine["high"], np.float64),
+            fine_low=_contiguous(fine["low"], np.float64),
+            fine_close=_contiguous(fine["close"], np.float64),
+        )
+    return _Series(symbol, step, arrays)
+
+
+def _entries_for(
+    klines: Sequence[pl.DataFrame], entries: pl.DataFrame | None, strategy: str | None
+) -> tuple[pl.DataFrame, bool]:
+    if entries is not None and strategy is not None:
+        raise ConfigError("give entries or a strategy, not both")
+    if entries is not None:
+        missing = [
+            n for n in ("time_ms", "symbol", "side", "confidence") if n not in entries.columns
+        ]
+        if missing:
+            raise ConfigError(f"entries are missing column {missing[0]!r}")
+        for name, dtype in _INTENT_SCHEMA.items():
+            if name not in entries.columns:
+                entries = entries.with_columns(pl.lit(None, dtype=dtype).alias(name))
+        return entries.select(pl.col(n).cast(t) for n, t in _INTENT_SCHEMA.items()), False
+    name = strategy or "momentum24h"
+    if name != "momentum24h":
+        raise ConfigError(f"strategy {name!r} is unknown; the built-in one is momentum24h")
+    frames = [momentum24h(k) for k in klines]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=_INTENT_SCHEMA), True
+
+
+def _core_options(config: BacktestConfig, one_per_symbol: bool, detail: bool) -> dict[str, Any]:
+    return {
+        "maker_fee": str(config.maker_fee),
+        "taker_fee": str(config.taker_fee),
+        "entry_liquidity": config.entry_liquidity,
+        "notional": str(config.notional_usd),
+        "leverage": config.leverage,
+        "intrabar": config.intrabar,
+        "max_gap_bars": config.max_gap_bars,
+        "one_position_per_symbol": one_per_symbol or config.one_position_per_symbol,
+        "detail": detail,
+    }
+
+
+def _chunks(n_series: int, n_policies: int, target: int = 24) -> list[tuple[range, range]]:
+    # The core is parallel inside each call; chunks only exist so a progress bar can move,
+    # so each chunk still holds enough jobs to keep every core busy.
+    workers = max(os.cpu_count() or 1, 1)
+    if n_policies > 1:
+        size = max(math.ceil(n_policies / target), math.ceil(2 * workers / max(n_series, 1)), 1)
+        return [
+            (range(n_series), range(i, min(i + size, n_policies)))
+            for i in range(0, n_policies, size)
+        ]
+    size = max(math.ceil(n_series / target), 2 * workers)
+    return [
+        (range(i, min(i + size, n_series)), range(n_policies)) for i in range(0, n_series, size)
+    ]
+
+
+_FILL_COLUMNS = ("series", "policy", "trade", "sequence", "kind", "reason", "time_ms", "side")
+
+
+def _call_core(
+    series: Sequence[_Series],
+    policies: Sequence[ExitPolicy],
+    rules: ExchangeRules,
+    options: Mapping[str, Any],
+    progress: ProgressCallback | None,
+) -> list[dict[str, Any]]:
+    outputs: list[dict[str, Any]] = []
+    chunks = _chunks(len(series), len(policies))
+    done = 0
+    total = len(series) * len(policies)
+    for series_range, policy_range in chunks:
+        raw = _core.backtest_run(
+            [series[i].arrays for i in series_range],
+            [policies[j] for j in policy_range],
+            rules,
+            **options,
+        )
+        outputs.append({"raw": raw, "series0": series_range.start, "policy0": policy_range.start})
+        done += len(series_range) * len(policy_range)
+        if progress is not None:
+            progress(done, total)
+    return outputs
+
+
+def _frame(outputs: list[dict[str, Any]], table: str, symbols: Sequence[str]) -> pl.DataFrame:
+    frames = []
+    for out in outputs:
+        frame = pl.DataFrame(out["raw"][table])
+        if not frame.columns:
+            continue
+        frame = frame.with_columns(
+            (pl.col("series").cast(pl.UInt32) + out["series0"]).alias("series"),
+            (pl.col("policy").cast(pl.UInt32) + out["policy0"]).alias("policy"),
+        )
+        frames.append(frame)
+    if not frames:
+        return pl.DataFrame()
+    frame = pl.concat(frames, how="vertical_relaxed")
+    names = np.asarray(list(symbols), dtype=object)[frame["series"].to_numpy()]
+    return frame.with_columns(pl.Series("symbol", names, dtype=pl.String))
+
+
+def _decode_reasons(frame: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
+    if frame.is_empty() or "reason_code" not in frame.columns:
+        return frame
+    labels = np.asarray(list(names), dtype=object)[frame["reason_code"].to_numpy()]
+    return frame.with_columns(pl.Series("reason", labels, dtype=pl.String)).drop("reason_code")
+
+
+def _tables(
+    outputs: list[dict[str, Any]], symbols: Sequence[str]
+) -> tuple[dict[str, pl.DataFrame], int]:
+    names: list[str] = list(outputs[0]["raw"]["reason_names"]) if outputs else []
+    tables = {}
+    for table in ("fills", "trades", "stops", "levels", "skipped"):
+        tables[table] = _decode_reasons(_frame(outputs, table, symbols), names)
+    evaluations = sum(int(out["raw"]["evaluations"]) for out in outputs)
+    return tables, evaluations
+
+
+def _exact(frame: pl.DataFrame) -> pl.DataFrame:
+    # The core returns exact decimal strings next to the float columns; the files keep the
+    # exact ones (Decimal) under the plain names and drop the float copies.
+    exact = [c for c in frame.columns if c.endswith("_exact")]
+    if not exact:
+        return frame
+    return (
+        frame.drop(
+            [c.removesuffix("_exact") for c in exact if c.removesuffix("_exact") in frame.columns]
+        )
+        .with_columns(pl.col(c).cast(EXACT).alias(c.removesuffix("_exact")) for c in exact)
+        .drop(exact)
+    )
+
+
+def _order_symbols(klines: Sequence[pl.DataFrame]) -> list[str]:
+    symbols = [str(k["symbol"][0]) for k in klines]
+    seen: set[str] = set()
+    for symbol in symbols:
+        if symbol in seen:
+            raise KlinesError(
+                f"{symbol} is given twice; merge its files into one series (sorted, without "
+                "duplicated open_time) before the backtest"
+            )
+        seen.add(symbol)
+    intervals = {str(k["interval"][0]) for k in klines}
+    if len(intervals) > 1:
+        raise KlinesError(
+            f"all series of one run must share an interval, found {sorted(intervals)}"
+        )
+    return symbols
+
+
+def run_backtest(
+    klines: pl.DataFrame | Sequence[pl.DataFrame],
+    policy: ExitPolicy,
+    rules: ExchangeRules,
+    *,
+    entries: pl.DataFrame | None = None,
+    strategy: str | None = None,
+    config: BacktestConfig | None = None,
+    fine: Mapping[str, pl.DataFrame] | None = None,
+    progress: ProgressCallback | None = None,
+) -> BacktestResult:
+    """Replay klines through the Rust exit engine with one policy.
+
+    Args:
+        klines: validated klines (``load_klines``), one frame per symbol.
+        policy: the exit policy every position runs.
+        rules: the exchange rules (tick, steps, min notional) of every symbol.
+        entries: intents (schema of ``load_intents``); None uses ``strategy``.
+        strategy: the built-in entry rule when ``entries`` is None (default ``momentum24h``).
+        config: sizing, fees and the intrabar rule.
+        fine: finer klines by symbol that resolve the order of each bar's high and low.
+        progress: called with (jobs done, jobs total) as chunks finish.
+
+    Returns:
+        Fills, trades, the summary and the chart data.
+
+    Raises:
+        KlinesError: the klines do not fit together (a symbol twice, mixed intervals).
+        ConfigError: the entries or the configuration are invalid.
+        UnknownSymbolError: a symbol is missing from ``rules``.
+    """
+    frames = [klines] if isinstance(klines, pl.DataFrame) else list(klines)
+    config = config or BacktestConfig()
+    symbols = _order_symbols(frames)
+    intents, one_per_symbol = _entries_for(frames, entries, strategy)
+    series = [
+        _prepare_series(k, intents, (fine or {}).get(s))
+        for k, s in zip(frames, symbols, strict=True)
+    ]
+    options = _core_options(config, one_per_symbol, detail=True)
+    outputs = _call_core(series, [policy], rules, options, progress)
+    tables, evaluations = _tables(outputs, symbols)
+    fills = _exact(tables["fills"])
+    trades = _exact(tables["trades"])
+    return BacktestResult(
+        fills=fills,
+        trades=trades,
+        summary=summarize(fills, trades),
+        stops=tables["stops"],
+        levels=tables["levels"],
+        skipped=tables["skipped"],
+        evaluations=evaluations,
+        policies=[policy],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+_METRIC_NAMES = (
+    "trades",
+    "win_rate",
+    "profit_factor",
+    "expectancy_r",
+    "net_pnl",
+    "fees",
+    "max_drawdown",
+)
+
+
+def _drawdown(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    # Realized equity moves at every fill (the entry pays its fee, each exit books its PnL);
+    # the drawdown is the deepest fall of that curve from its running peak (peak starts at 0).
+    equity = (
+        frame.sort([*keys, "time_ms", "trade", "sequence"])
+        .with_columns(pl.col("pnl").cast(pl.Float64).cum_sum().over(keys).alias("equity"))
+        .with_columns(
+            (pl.col("equity").cum_max().over(keys).clip(lower_bound=0.0) - pl.col("equity")).alias(
+                "dd"
+            )
+        )
+    )
+    return equity.group_by(keys).agg(pl.col("dd").max().alias("max_drawdown"))
+
+
+def summarize(
+    fills: pl.DataFrame, trades: pl.DataFrame, *, by: Sequence[str] = ("policy",)
+) -> pl.DataFrame:
+    """Compute the metrics per symbol and in total (``symbol == "TOTAL"``).
+
+    Metrics: ``trades``, ``wins``, ``win_rate``, ``gross_profit``, ``gross_loss``,
+    ``profit_factor`` (null without a losing trade), ``net_pnl`` and ``fees`` in USDT,
+    ``expectancy_r`` (mean net PnL per trade in units of its initial risk), ``max_drawdown``
+    (USDT, of the realized equity curve) and ``exits_<reason>`` counts.
+
+    Args:
+        fills: the fills table of a result.
+        trades: the trades table of a result.
+        by: grouping keys besides the symbol (the policy index by default).
+
+    Returns:
+        One row per (policy, symbol) and one TOTAL row per policy.
+    """
+    keys = list(by)
+    if trades.is_empty():
+        return pl.DataFrame(
+            {"symbol": ["TOTAL"], "trades": [0], "win_rate": [None], "profit_factor": [None]},
+            schema_overrides={"win_rate": pl.Float64, "profit_factor": pl.Float64},
+        )
+    trades = trades.with_columns(pl.col("pnl", "fees").cast(pl.Float64))
+    fills = fills.with_columns(pl.col("pnl").cast(pl.Float64))
+    parts = []
+    for symbol_keys, label in ((["symbol"], None), ([], "TOTAL")):
+        group = [*keys, *symbol_keys]
+        stats = trades.group_by(group).agg(
+            pl.len().alias("trades"),
+            (pl.col("pnl") > 0).sum().alias("wins"),
+            pl.col("pnl").filter(pl.col("pnl") > 0).sum().alias("gross_profit"),
+            (-pl.col("pnl").filter(pl.col("pnl") < 0).sum()).alias("gross_loss"),
+            pl.col("pnl").sum().alias("net_pnl"),
+            pl.col("fees").sum().alias("fees"),
+            pl.col("r_multiple").mean().alias("expectancy_r"),
+        )
+        stats = stats.join(_drawdown(fills, group), on=group, how="left")
+        exits = fills.filter(pl.col("kind") == "exit")
+        if not exits.is_empty():
+            counts = exits.with_columns(pl.format("exits_{}", "reason").alias("reason")).pivot(
+                on="reason",
+                index=group,
+                values="trade",
+                aggregate_function="len",
+                sort_columns=True,
+            )
+            stats = stats.join(counts, on=group, how="left")
+        if label is not None:
+            stats = stats.with_columns(pl.lit(label).alias("symbol"))
+        parts.append(stats)
+    table = pl.concat(parts, how="diagonal_relaxed")
+    exit_columns = sorted(c for c in table.columns if c.startswith("exits_"))
+    table = table.with_columns(
+        (pl.col("wins") / pl.col("trades")).alias("win_rate"),
+        pl.when(pl.col("gross_loss") > 0)
+        .then(pl.col("gross_profit") / pl.col("gross_loss"))
+        .otherwise(None)
+        .alias("profit_factor"),
+        *(pl.col(c).fill_null(0).cast(pl.UInt32) for c in exit_columns),
+    )
+    order = [
+        *keys,
+        "symbol",
+        "trades",
+        "wins",
+        "win_rate",
+        "profit_factor",
+        "expectancy_r",
+        "net_pnl",
+        "gross_profit",
+        "gross_loss",
+        "fees",
+        "max_drawdown",
+        *exit_columns,
+    ]
+    return table.select(order).sort([*keys, pl.col("symbol") == "TOTAL", "symbol"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid
+
+
+def _grid_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null", "off"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
+
+
+def parse_grid(specs: Iterable[str]) -> dict[str, list[Any]]:
+    """Parse ``name=v1,v2,...`` specs into an ordered grid of policy field values.
+
+    Raises:
+        ConfigError: a spec has no ``=``, no values, or names a field twice.
+    """
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"grid spec {spec!r} must look like name=v1,v2,...")
+        if name in grid:
+            raise ConfigError(f"grid field {name!r} is given twice")
+        items = [v for v in values.split(",") if v.strip()]
+        if not items:
+            raise ConfigError(f"grid field {name!r} has no values")
+        grid[name] = [_grid_value(v) for v in items]
+    return grid
+
+
+def grid_policies(
+    base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]
+) -> tuple[list[ExitPolicy], pl.DataFrame]:
+    """Build one ExitPolicy per combination of the grid values over the base fields.
+
+    Returns:
+        The policies and a frame of the grid values, one row per policy (column ``policy``
+        is the index).
+
+    Raises:
+        PolicyError: a field is unknown or a value is out of range (the core validates).
+    """
+    names = list(grid)
+    combos = list(itertools.product(*(grid[n] for n in names))) if names else [()]
+    policies = [
+        _core.ExitPolicy(**{**base, **dict(zip(names, combo, strict=True))}) for combo in combos
+    ]
+    values = pl.DataFrame(
+        {"policy": pl.Series(range(len(combos)), dtype=pl.UInt32)}
+        | {n: [c[i] for c in combos] for i, n in enumerate(names)},
+        strict=False,
+    )
+    return policies, values
+
+
+def run_grid(
+    klines: pl.DataFrame | Sequence[pl.DataFrame],
+    base: Mapping[str, Any],
+    grid: Mapping[str, Sequence[Any]],
+    rules: ExchangeRules,
+    *,
+    entries: pl.DataFrame | None = None,
+    strategy: str | None = None,
+    config: BacktestConfig | None = None,
+    fine: Mapping[str, pl.DataFrame] | None = None,
+    sort_by: str = "expectancy_r",
+    descending: bool | None = None,
+    progress: ProgressCallback | None = None,
+) -> pl.DataFrame:
+    """Run every combination of ``grid`` over every symbol in parallel in the Rust core.
+
+    Args:
+        klines: validated klines, one frame per symbol.
+        base: the ExitPolicy fields every combination starts from.
+        grid: field name -> values to try.
+        rules: exchange rules for every symbol.
+        entries: intents; None uses ``strategy`` (default ``momentum24h``).
+        strategy: the built-in entry rule when ``entries`` is None.
+        config: sizing, fees and the intrabar rule.
+        fine: finer klines by symbol for the intrabar order.
+        sort_by: the metric to sort by (any TOTAL column of ``summarize``).
+        descending: sort order; by default best first (ascending only for ``max_drawdown``).
+        progress: called with (jobs done, jobs total).
+
+    Returns:
+        One row per combination: its grid values, then the TOTAL metrics, best first.
+
+    Raises:
+        ConfigError: ``sort_by`` is not a metric; see ``run_backtest`` for the rest.
+    """
+    frames = [klines] if isinstance(klines, pl.DataFrame) else list(klines)
+    config = config or BacktestConfig()
+    symbols = _order_symbols(frames)
+    policies, values = grid_policies(base, grid)
+    intents, one_per_symbol = _entries_for(frames, entries, strategy)
+    series = [
+        _prepare_series(k, intents, (fine or {}).get(s))
+        for k, s in zip(frames, symbols, strict=True)
+    ]
+    options = _core_options(config, one_per_symbol, detail=False)
+    outputs = _call_core(series, policies, rules, options, progress)
+    tables, evaluations = _tables(outputs, symbols)
+    summary = summarize(tables["fills"], tables["trades"])
+    if "policy" not in summary.columns:
+        summary = summary.with_columns(pl.lit(None, dtype=pl.UInt32).alias("policy"))
+    totals = summary.filter(pl.col("symbol") == "TOTAL").drop("symbol")
+    table = values.join(totals, on="policy", how="left").with_columns(pl.col("trades").fill_null(0))
+    if sort_by not in table.columns or sort_by in values.columns:
+        metrics = [c for c in table.columns if c not in values.columns]
+        raise ConfigError(f"sort metric {sort_by!r} is unknown; choose one of {', '.join(metrics)}")
+    desc = sort_by != "max_drawdown" if descending is None else descending
+    return table.sort(sort_by, descending=desc, nulls_last=True).with_columns(
+        pl.lit(evaluations, dtype=pl.UInt64).alias("evaluations_total")
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency with the daemon
+
+
+def exit_decisions_for_path(
+    rules: ExchangeRules,
+    policy: ExitPolicy,
+    *,
+    symbol: str,
+    side: Literal["LONG", "SHORT"],
+    quantity: str,
+    entry_price: str,
+    marks: Sequence[tuple[int, str]],
+    atr: float | None = None,
+    leverage: int = 1,
+    confidence: float | None = None,
+    opened_at_ms: int = 0,
+) -> list[dict[str, str]]:
+    """Return the exit decisions the backtest driver takes along a mark-price path.
+
+    The same driver the bar replay uses (``exit::position`` state machine, every action
+    confirmed at once with its full quantity), fed one mark at a time instead of bar extremes.
+    The daemon + simulator replay of the same path must give the same reasons and quantities,
+    and prices within one tick.
+
+    Args:
+        rules: exchange rules holding ``symbol``.
+        policy: the exit policy.
+        symbol: the position's symbol.
+        side: ``LONG`` or ``SHORT``.
+        quantity: the position size (exact decimal string).
+        entry_price: the entry price (exact decimal string).
+        marks: (event time ms, mark price string) in order.
+        atr: the symbol's ATR for the whole path (None: not ready, the fallback applies).
+        leverage: the position's leverage.
+        confidence: the intent's confidence, or None.
+        opened_at_ms: the open time, for the time stop.
+
+    Returns:
+        One dict per action: ``time_ms``, ``reason``, ``side`` (the closing order side),
+        ``quantity``, ``trigger_price``, ``mark_price`` and ``sequence``, all strings.
+    """
+    result: list[dict[str, str]] = _core.backtest_replay_marks(
+        rules,
+        policy,
+        symbol,
+        side,
+        quantity,
+        entry_price,
+        [int(t) for t, _ in marks],
+        [str(m) for _, m in marks],
+        atr,
+        leverage,
+        confidence,
+        opened_at_ms,
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib  # noqa: PLC0415 - optional extra, imported only when a chart is drawn
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError as exc:
+        raise ConfigError(
+            "charts need matplotlib, which is not installed; install the extra: "
+            "pip install 'pyquant[plot]'"
+        ) from exc
+    return plt
+
+
+def equity_curve(fills: pl.DataFrame) -> pl.DataFrame:
+    """Return the realized equity (cumulative net PnL in USDT) after every fill, in total.
+
+    Returns:
+        Columns ``time_ms``, ``symbol``, ``pnl`` and ``equity``.
+    """
+    if fills.is_empty():
+        return pl.DataFrame(
+            schema={
+                "time_ms": pl.Int64,
+                "symbol": pl.String,
+                "pnl": pl.Float64,
+                "equity": pl.Float64,
+            }
+        )
+    return (
+        fills.sort("time_ms", "series", "trade", "sequence")
+        .select("time_ms", "symbol", pl.col("pnl").cast(pl.Float64))
+        .with_columns(pl.col("pnl").cum_sum().alias("equity"))
+    )
+
+
+def plot_equity(fills: pl.DataFrame, path: Path) -> Path:
+    """Draw the realized equity curve, in total and per symbol, into a PNG."""
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(11, 5))
+    curve = equity_curve(fills)
+    if not curve.is_empty():
+        when = curve["time_ms"].cast(pl.Datetime("ms")).to_list()
+        ax.plot(when, curve["equity"].to_list(), color="black", linewidth=1.6, label="total")
+        for symbol in sorted(curve["symbol"].unique().to_list()):
+            part = curve.filter(pl.col("symbol") == symbol)
+            ax.plot(
+                part["time_ms"].cast(pl.Datetime("ms")).to_list(),
+                part["pnl"].cum_sum().to_list(),
+                linewidth=0.8,
+                alpha=0.7,
+                label=symbol,
+            )
+        ax.legend(fontsize=7, ncol=4)
+    ax.axhline(0.0, color="grey", linewidth=0.6)
+    ax.set_title("Realized equity (net of fees)")
+    ax.set_ylabel("USDT")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_symbol(
+    klines: pl.DataFrame, result: BacktestResult, path: Path, *, max_bars: int = 20_000
+) -> Path:
+    """Draw one symbol's close price with every position's stop path and take-profit levels.
+
+    Long histories are cut to the last ``max_bars`` bars so the chart stays readable.
+    """
+    plt = _matplotlib()
+    symbol = str(klines["symbol"][0])
+    bars = klines.tail(max_bars)
+    start = int(bars["open_time"][0])
+    fig, ax = plt.subplots(figsize=(13, 6))
+    ax.plot(
+        bars["open_time"].cast(pl.Datetime("ms")).to_list(),
+        bars["close"].to_list(),
+        color="black",
+        linewidth=0.6,
+        label="close",
+    )
+    trades = result.trades.filter((pl.col("symbol") == symbol) & (pl.col("entry_time_ms") >= start))
+    stops = result.stops.filter((pl.col("symbol") == symbol) & (pl.col("time_ms") >= start))
+    levels = result.levels.filter(pl.col("symbol") == symbol)
+    first = True
+    for trade in trades.iter_rows(named=True):
+        tid = trade["trade"]
+        path_ = stops.filter(pl.col("trade") == tid)
+        if not path_.is_empty():
+            ax.step(
+                path_["time_ms"].cast(pl.Datetime("ms")).to_list(),
+                path_["stop"].to_list(),
+                where="post",
+                color="tab:red",
+                linewidth=0.9,
+                label="stop" if first else None,
+            )
+        t0 = np.datetime64(int(trade["entry_time_ms"]), "ms")
+        t1 = np.datetime64(int(trade["exit_time_ms"]), "ms")
+        for level in levels.filter(pl.col("trade") == tid).iter_rows(named=True):
+            ax.hlines(
+                level["price"],
+                t0,
+                t1,
+                colors="tab:green",
+                linewidth=0.7,
+                label="take-profit" if first else None,
+            )
+            first = False
+        marker = "^" if trade["side"] > 0 else "v"
+        ax.plot([t0], [float(trade["entry_price"])], marker=marker, color="tab:blue", markersize=5)
+        first = False
+    ax.set_title(f"{symbol}: price, stop path and take-profit levels")
+    ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(table: pl.DataFrame, x: str, y: str, metric: str, path: Path) -> Path:
+    """Draw a heat map of ``metric`` over two grid parameters (other parameters: their best)."""
+    plt = _matplotlib()
+    best = table.group_by(x, y).agg(pl.col(metric).max())
+    xs = sorted(best[x].unique().to_list(), key=lambda v: (v is None, v))
+    ys = sorted(best[y].unique().to_list(), key=lambda v: (v is None, v))
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for row in best.iter_rows(named=True):
+        value = row[metric]
+        if value is not None:
+            grid[ys.index(row[y]), xs.index(row[x])] = float(value)
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 3, 0.8 * len(ys) + 2.5))
+    image = ax.imshow(grid, cmap="RdYlGn", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+    ax.set_yticks(range(len(ys)), [str(v) for v in ys])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_title(f"{metric} by {x} and {y}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def write_outputs(
+    result: BacktestResult,
+    out_dir: str | os.PathLike[str],
+    *,
+    config: BacktestConfig,
+    inputs: Mapping[str, Any] | None = None,
+    klines: Sequence[pl.DataFrame] = (),
+    plot: bool = False,
+    equity_png: bool = True,
+) -> dict[str, Path]:
+    """Write trades.parquet, summary.json, equity.png and, with ``plot``, a chart per symbol.
+
+    Returns:
+        The written files by name.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    fills = result.fills.drop("series", "policy", strict=False)
+    trades_path = out / "trades.parquet"
+    fills.write_parquet(trades_path)
+    written["trades"] = trades_path
+    positions_path = out / "positions.parquet"
+    result.trades.drop("series", "policy", strict=False).write_parquet(positions_path)
+    written["positions"] = positions_path
+    summary_rows = [
+        {k: _json_ready(v) for k, v in row.items() if k != "policy"}
+        for row in result.summary.iter_rows(named=True)
+    ]
+    skipped: dict[str, int] = {}
+    if not result.skipped.is_empty():
+        for row in (
+            result.skipped.group_by("reason").agg(pl.col("count").sum()).iter_rows(named=True)
+        ):
+            skipped[str(row["reason"])] = int(row["count"])
+    document = {
+        "summary": {str(row["symbol"]): row for row in summary_rows},
+        "skipped_entries": skipped,
+        "evaluations": result.evaluations,
+        "config": {
+            "maker_fee": str(config.maker_fee),
+            "taker_fee": str(config.taker_fee),
+            "entry_liquidity": config.entry_liquidity,
+            "notional_usd": str(config.notional_usd),
+            "leverage": config.leverage,
+            "intrabar": config.intrabar,
+            "max_gap_bars": config.max_gap_bars,
+        },
+        "policy": [_policy_fields(p) for p in result.policies],
+        "inputs": dict(inputs or {}),
+    }
+    summary_path = out / "summary.json"
+    summary_path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    written["summary"] = summary_path
+    if equity_png:
+        written["equity"] = plot_equity(result.fills, out / "equity.png")
+    if plot:
+        for frame in klines:
+            symbol = str(frame["symbol"][0])
+            written[f"chart_{symbol}"] = plot_symbol(frame, result, out / f"{symbol}.png")
+    return written
+
+
+def _policy_fields(policy: ExitPolicy) -> Any:
+    to_dict = getattr(policy, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    return repr(policy)
