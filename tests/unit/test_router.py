@@ -1,0 +1,455 @@
+"""Order router: exact wire params per mode, write-ahead, unknown outcomes, locks, backstop."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+
+from pyquant.errors import OrderRejected
+from pyquant.store import Store
+from pyquant.trading.router import (
+    CLIENT_ORDER_ID,
+    OrderRouter,
+    OrderState,
+    RestAnswer,
+    RouterConfig,
+    RouterError,
+    StreamUpdate,
+    backstop_params,
+    client_order_id,
+    entry_params,
+    exit_params,
+    next_state,
+)
+from fake_venue import FakeRules, FakeVenue, retryable_429
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+def make(hedge: bool, **config: object) -> tuple[FakeVenue, Store, OrderRouter]:
+    venue = FakeVenue(hedge=hedge)
+    store = Store.open(":memory:")
+    router = OrderRouter(
+        venue,
+        store,
+        FakeRules(),
+        RouterConfig(**config),
+        sleep=_no_sleep,  # type: ignore[arg-type]
+    )
+    venue.inspect = store.get_order
+    return venue, store, router
+
+
+# ---- pure params ----------------------------------------------------------------------------
+
+
+def test_hedge_exit_params_exact() -> None:
+    assert exit_params("hedge", "BTCUSDT", "LONG", "0.003", "pqab12-1-x1-0") == {
+        "symbol": "BTCUSDT",
+        "side": "SELL",
+        "positionSide": "LONG",
+        "type": "MARKET",
+        "quantity": "0.003",
+        "newClientOrderId": "pqab12-1-x1-0",
+        "newOrderRespType": "RESULT",
+    }
+    assert exit_params("hedge", "BTCUSDT", "SHORT", "0.003", "c")["side"] == "BUY"
+    assert "reduceOnly" not in exit_params("hedge", "BTCUSDT", "SHORT", "0.003", "c")
+
+
+def test_one_way_exit_params_exact() -> None:
+    assert exit_params("one-way", "BTCUSDT", "SHORT", "0.004", "pqab12-1-x2-0") == {
+        "symbol": "BTCUSDT",
+        "side": "BUY",
+        "positionSide": "BOTH",
+        "type": "MARKET",
+        "quantity": "0.004",
+        "reduceOnly": "true",
+        "newClientOrderId": "pqab12-1-x2-0",
+        "newOrderRespType": "RESULT",
+    }
+
+
+def test_entry_params_per_mode() -> None:
+    assert entry_params("hedge", "ETHUSDT", "SHORT", "0.5", "c") == {
+        "symbol": "ETHUSDT",
+        "side": "SELL",
+        "positionSide": "SHORT",
+        "type": "MARKET",
+        "quantity": "0.5",
+        "newClientOrderId": "c",
+        "newOrderRespType": "RESULT",
+    }
+    one_way = entry_params("one-way", "ETHUSDT", "LONG", "0.5", "c")
+    assert one_way["positionSide"] == "BOTH"
+    assert one_way["side"] == "BUY"
+    assert "reduceOnly" not in one_way
+
+
+def test_backstop_params_per_mode() -> None:
+    assert backstop_params("hedge", "BTCUSDT", "LONG", "29700.0", "pqab12-1-b1-0") == {
+        "algoType": "CONDITIONAL",
+        "symbol": "BTCUSDT",
+        "side": "SELL",
+        "positionSide": "LONG",
+        "type": "STOP_MARKET",
+        "triggerPrice": "29700.0",
+        "workingType": "MARK_PRICE",
+        "closePosition": "true",
+        "clientAlgoId": "pqab12-1-b1-0",
+    }
+    one_way = backstop_params("one-way", "BTCUSDT", "SHORT", "30300.0", "c")
+    assert one_way["positionSide"] == "BOTH"
+    assert one_way["side"] == "BUY"
+    assert "quantity" not in one_way
+    assert "reduceOnly" not in one_way
+
+
+@pytest.mark.parametrize(
+    ("position_id", "kind", "sequence", "attempt"),
+    [("1", "entry", 0, 0), ("zzzzzzzz", "exit", 99_999_999, 99), ("a1", "backstop", 7, 0)],
+)
+def test_client_order_id_is_deterministic_and_valid(
+    position_id: str, kind: str, sequence: int, attempt: int
+) -> None:
+    first = client_order_id("ab12", position_id, kind, sequence, attempt)
+    assert first == client_order_id("ab12", position_id, kind, sequence, attempt)
+    assert CLIENT_ORDER_ID.match(first)
+    assert len(first) <= 36
+
+
+def test_client_order_id_too_long_is_refused() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        client_order_id("ab12", "x" * 30, "exit", 1, 0)
+
+
+# ---- sending --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hedge", [True, False])
+async def test_exit_is_written_ahead_then_sent_with_mode_params(hedge: bool) -> None:
+    venue, store, router = make(hedge)
+    venue.set_position("BTCUSDT", "LONG" if hedge else "BOTH", "0.010", "30000")
+    outcome = await router.send_exit(
+        "1",
+        "BTCUSDT",
+        "LONG",
+        "0.003",
+        sequence=1,
+        reason="take_profit_1",
+        live_quantity=Decimal("0.010"),
+    )
+    assert outcome.state == OrderState.FILLED
+    assert outcome.executed_qty == Decimal("0.003")
+    (sent,) = venue.sent
+    cid = f"pq{store.instance_tag}-1-x1-0"
+    expected = {
+        "symbol": "BTCUSDT",
+        "side": "SELL",
+        "positionSide": "LONG" if hedge else "BOTH",
+        "type": "MARKET",
+        "quantity": "0.003",
+        "newClientOrderId": cid,
+        "newOrderRespType": "RESULT",
+    }
+    if not hedge:
+        expected["reduceOnly"] = "true"
+    assert sent.params == expected
+    # write-ahead: the row existed, as SENT with these params, when the request went out
+    assert sent.store_row is not None
+    assert sent.store_row.status == "SENT"
+    assert sent.store_row.params == expected
+    row = store.get_order(cid)
+    assert row is not None
+    assert row.status == "FILLED"
+    assert row.rest_final
+    assert not row.stream_final
+    assert [r.client_order_id for r in router.live_orders("1")] == [cid]
+    # the stream's FILLED makes it final on both counts: it leaves the live set
+    router.on_order_update(venue.events[0]["o"], venue.events[0]["E"])
+    assert router.live_orders("1") == []
+
+
+async def test_unknown_outcome_executed_is_resolved_by_lookup_without_second_order() -> None:
+    venue, store, router = make(hedge=True)
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+    venue.faults = ["unknown_executed"]
+    venue.lookup_misses = 1  # -2013 right after the unknown outcome is no proof of absence
+    outcome = await router.send_exit(
+        "1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="stop_loss"
+    )
+    assert outcome.state == OrderState.FILLED
+    assert outcome.executed_qty == Decimal("0.003")
+    assert len([s for s in venue.sent if s.path == "/fapi/v1/order"]) == 1
+    assert venue.position_amount("BTCUSDT", "LONG") == Decimal("0.007")
+    assert router.stats.resolved_by_lookup == 1
+
+
+async def test_unknown_outcome_not_executed_ends_not_found_and_nothing_resent() -> None:
+    venue, store, router = make(hedge=False)
+    venue.set_position("BTCUSDT", "BOTH", "0.010", "30000")
+    venue.faults = ["unknown_not_executed"]
+    outcome = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="x")
+    assert outcome.state == OrderState.NOT_FOUND
+    assert not outcome.filled
+    assert len(venue.sent) == 1
+    # the next attempt of the same action gets a new id
+    venue.faults = []
+    again = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="x")
+    assert again.client_order_id.endswith("-x1-1")
+    assert again.state == OrderState.FILLED
+
+
+async def test_stream_answers_unknown_outcome_during_lookup() -> None:
+    venue, store, router = make(hedge=True)
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+    venue.faults = ["unknown_executed"]
+    venue.lookup_misses = 10
+
+    async def stream_then_sleep(_: float) -> None:
+        for event in venue.events:
+            if event["e"] == "ORDER_TRADE_UPDATE":
+                router.on_order_update(event["o"], event["E"])
+
+    router._sleep = stream_then_sleep
+    outcome = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="x")
+    assert outcome.state == OrderState.FILLED
+    assert len(venue.sent) == 1
+
+
+async def test_mode_changed_behind_our_back_rebuilds_once() -> None:
+    venue, store, router = make(hedge=False)
+    await router.refresh_mode()
+    venue.hedge = True  # changed elsewhere
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+    outcome = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="x")
+    assert outcome.state == OrderState.FILLED
+    first, second = venue.sent
+    assert first.params["positionSide"] == "BOTH"
+    assert first.params["reduceOnly"] == "true"
+    assert second.params["positionSide"] == "LONG"
+    assert "reduceOnly" not in second.params
+    assert second.params["newClientOrderId"].endswith("-x1-1")
+    assert router.mode == "hedge"
+    assert store.counters("order_rejections") == {"-4061": 1}
+    rejected = store.get_order(first.params["newClientOrderId"])
+    assert rejected is not None
+    assert rejected.status == "REJECTED"
+    assert rejected.error_code == -4061
+
+
+async def test_reduce_only_in_hedge_mode_minus_1106_rebuilds() -> None:
+    venue, store, router = make(hedge=False)
+    await router.refresh_mode()
+    venue.hedge = True
+    venue.set_position("BTCUSDT", "SHORT", "0.010", "30000")
+    # a mode error from a venue that checks reduceOnly first
+    venue.faults = [OrderRejected(-1106, "Parameter 'reduceonly' sent when not required.")]
+    outcome = await router.send_exit("1", "BTCUSDT", "SHORT", "0.010", sequence=1, reason="x")
+    assert outcome.state == OrderState.FILLED
+    assert venue.sent[-1].params["positionSide"] == "SHORT"
+
+
+async def test_minus_2022_on_exit_reports_flat() -> None:
+    venue, store, router = make(hedge=False)
+    outcome = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="x")
+    assert outcome.flat
+    assert outcome.error_code == -2022
+    assert len(venue.sent) == 1
+
+
+async def test_rate_limited_backs_off_and_resends_under_next_attempt() -> None:
+    venue, store, router = make(hedge=True)
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+    venue.faults = [retryable_429()]
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    router._sleep = record
+    outcome = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=4, reason="x")
+    assert outcome.state == OrderState.FILLED
+    assert [s.params["newClientOrderId"][-5:] for s in venue.sent] == ["-x4-0", "-x4-1"]
+    assert waits == [1.0]  # retry_after_s 0 -> the configured default
+
+
+async def test_filter_error_asks_for_a_rules_refresh() -> None:
+    venue, store, router = make(hedge=True)
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+    refreshed: list[tuple[str, int]] = []
+
+    async def refresh(symbol: str, code: int) -> None:
+        refreshed.append((symbol, code))
+
+    router._on_rules_stale = refresh
+    venue.faults = [OrderRejected(-1111, "Precision is over the maximum defined for this asset.")]
+    outcome = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="x")
+    assert outcome.state == OrderState.REJECTED
+    assert refreshed == [("BTCUSDT", -1111)]
+
+
+async def test_exit_never_exceeds_live_quantity() -> None:
+    venue, store, router = make(hedge=True)
+    venue.set_position("BTCUSDT", "LONG", "0.0025", "30000")
+    outcome = await router.send_exit(
+        "1",
+        "BTCUSDT",
+        "LONG",
+        "0.010",
+        sequence=1,
+        reason="stop_loss",
+        live_quantity=Decimal("0.0025"),
+    )
+    assert venue.sent[0].params["quantity"] == "0.002"
+    assert outcome.executed_qty == Decimal("0.002")
+
+
+async def test_concurrent_closes_of_one_position_are_serialized() -> None:
+    venue, store, router = make(hedge=True)
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+    venue.gate = asyncio.Event()
+    first = asyncio.create_task(
+        router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="take_profit_1")
+    )
+    second = asyncio.create_task(
+        router.send_exit("1", "BTCUSDT", "LONG", "0.007", sequence=2, reason="stop_loss")
+    )
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert venue.in_flight == 1
+    venue.gate.set()
+    results = await asyncio.gather(first, second)
+    assert venue.max_in_flight == 1
+    assert [r.state for r in results] == [OrderState.FILLED, OrderState.FILLED]
+    # another position is not held up by the first one's lock
+    assert not router.position_lock("2").locked()
+
+
+async def test_prepare_symbol_confirms_or_fails_closed() -> None:
+    venue, store, router = make(hedge=True)
+    await router.prepare_symbol("BTCUSDT", 7)
+    assert venue.leverage == {"BTCUSDT": 7}
+    assert venue.margin_types == {"BTCUSDT": "CROSSED"}
+    venue.refuse_leverage.add("ETHUSDT")
+    with pytest.raises(RouterError, match="not confirmed"):
+        await router.prepare_symbol("ETHUSDT", 50)
+
+
+# ---- order state machine --------------------------------------------------------------------
+
+
+async def test_state_machine_drops_stale_and_regressions() -> None:
+    venue, store, router = make(hedge=True)
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+    venue.faults = ["unknown_not_executed"]
+    venue.lookup_misses = 0
+    router.config = RouterConfig(lookup_delays_s=())
+    # build a row in UNKNOWN by hand through the public path, then feed events
+    outcome = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="x")
+    row = store.get_order(outcome.client_order_id)
+    assert row is not None
+    assert row.status == "NOT_FOUND"
+    # a late REST answer after a final state changes nothing but the rest flag
+    transition = next_state(row, RestAnswer(OrderState.NEW, "0", None, "7"))
+    assert "status" not in transition.changes
+    fresh = store.get_order(outcome.client_order_id)
+    assert fresh is not None
+    fresh.status = "PARTIALLY_FILLED"
+    fresh.exchange_time_ms = 100
+    stale = next_state(fresh, StreamUpdate(OrderState.NEW, "0", None, "7", 90))
+    assert stale.changes == {}
+    assert "stale" in stale.note
+    regress = next_state(fresh, StreamUpdate(OrderState.NEW, "0", None, "7", 110))
+    assert "status" not in regress.changes
+    final = next_state(fresh, StreamUpdate(OrderState.FILLED, "0.003", "30000", "7", 120))
+    assert final.changes["status"] == OrderState.FILLED
+    assert final.changes["stream_final"] is True
+
+
+# ---- backstop -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hedge", [True, False])
+async def test_backstop_tightens_new_before_old_and_is_throttled(hedge: bool) -> None:
+    venue, store, router = make(hedge, backstop_min_interval_ms=60_000)
+    clock = [1_000_000]
+    router._clock = lambda: clock[0]
+    first = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
+    assert first is not None
+    params = venue.sent[0].params
+    assert params["triggerPrice"] == "29551.5"  # 29700 * 0.995, rounded down (further out)
+    assert params["positionSide"] == ("LONG" if hedge else "BOTH")
+    assert params["closePosition"] == "true"
+    # looser stop: no move
+    assert await router.update_backstop("1", "BTCUSDT", "LONG", "29600.0") == first
+    # tighter but inside the throttle window: no move
+    assert await router.update_backstop("1", "BTCUSDT", "LONG", "29800.0") == first
+    clock[0] += 60_000
+    second = await router.update_backstop("1", "BTCUSDT", "LONG", "29800.0")
+    assert second != first
+    paths = [s.path for s in venue.sent]
+    assert paths == ["/fapi/v1/algoOrder", "/fapi/v1/algoOrder", "DELETE /fapi/v1/algoOrder"]
+    assert venue.algo_orders[first]["algoStatus"] == "CANCELED"
+    assert venue.algo_orders[second]["algoStatus"] == "NEW"
+    # a restarted router knows the live backstop from the store
+    again = OrderRouter(venue, store, FakeRules(), RouterConfig(), sleep=_no_sleep)
+    assert again.backstop_of("1") == (second, Decimal("29651.0"))
+    # closed position: cancelled
+    assert await router.cancel_backstops("1") == [second]
+    assert await venue.open_algo_orders() == []
+
+
+async def test_short_backstop_rounds_up() -> None:
+    venue, store, router = make(hedge=True)
+    await router.update_backstop("1", "BTCUSDT", "SHORT", "30300.0")
+    assert venue.sent[0].params["triggerPrice"] == "30451.5"
+    assert venue.sent[0].params["side"] == "BUY"
+
+
+async def test_orphan_backstops_are_cancelled() -> None:
+    venue, store, router = make(hedge=True)
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+    keep = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
+    orphan = await router.update_backstop("2", "ETHUSDT", "SHORT", "2100.00")
+    foreign = await venue.new_algo_order(
+        {
+            "symbol": "ETHUSDT",
+            "side": "BUY",
+            "positionSide": "SHORT",
+            "type": "STOP_MARKET",
+            "triggerPrice": "2200",
+            "closePosition": "true",
+            "clientAlgoId": "someone-else",
+        }
+    )
+    cancelled = await router.cleanup_orphans({("BTCUSDT", "LONG")})
+    assert cancelled == [orphan]
+    assert venue.algo_orders[keep]["algoStatus"] == "NEW"
+    assert venue.algo_orders[foreign["clientAlgoId"]]["algoStatus"] == "NEW"
+
+
+@pytest.mark.parametrize("hedge", [True, False])
+async def test_flatten_cancels_and_closes_every_leg(hedge: bool) -> None:
+    venue, store, router = make(hedge)
+    if hedge:
+        venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+        venue.set_position("BTCUSDT", "SHORT", "0.004", "30000")
+    else:
+        venue.set_position("BTCUSDT", "BOTH", "-0.004", "30000")
+    venue.set_position("ETHUSDT", "LONG" if hedge else "BOTH", "0.5", "2000")
+    await router.update_backstop("1", "BTCUSDT", "SHORT", "30300.0")
+    steps = await router.flatten({("BTCUSDT", "SHORT"): "1"})
+    kinds = [(s.step, s.symbol, s.position_side, s.ok) for s in steps]
+    assert ("cancel_backstop", "BTCUSDT", "SHORT" if hedge else "BOTH", True) in kinds
+    closes = [s for s in steps if s.step == "close"]
+    assert all(s.ok for s in closes)
+    assert len(closes) == (3 if hedge else 2)
+    assert await venue.position_risk() == []
+    close_params = [s.params for s in venue.sent if s.path == "/fapi/v1/order"]
+    for params in close_params:
+        assert ("reduceOnly" in params) is (not hedge)
