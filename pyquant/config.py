@@ -184,6 +184,8 @@ class EntriesConfig:
         sizing: ``risk`` (equity x risk_pct / stop distance) or ``notional`` (fixed).
         risk_pct: share of equity risked per position, as a fraction (0.01 = 1 %).
         notional_usdt: fixed notional for ``sizing = "notional"`` and intents without size.
+        max_notional_usdt: cap on one entry's notional; 0 means no cap.
+        margin_use_pct: at most this fraction of the available margin per entry.
         leverage: default leverage when the intent carries none.
         margin_type: ``CROSSED`` or ``ISOLATED``, set per symbol before the first entry.
     """
@@ -195,6 +197,8 @@ class EntriesConfig:
     sizing: Literal["risk", "notional"] = "risk"
     risk_pct: Decimal = Decimal("0.01")
     notional_usdt: Decimal = Decimal("500")
+    max_notional_usdt: Decimal = Decimal("0")
+    margin_use_pct: Decimal = Decimal("0.5")
     leverage: int = 5
     margin_type: Literal["CROSSED", "ISOLATED"] = "CROSSED"
 
@@ -800,6 +804,11 @@ def _cross_checks(config: Config, problems: _Problems, confirm_mainnet: bool) ->
     if e.notional_usdt <= 0:
         problems.add("entries.notional_usdt", e.notional_usdt, "must be positive")
     _check_range(problems, "entries.leverage", e.leverage, 1, 125, "must be from 1 to 125")
+    if e.max_notional_usdt < 0:
+        problems.add("entries.max_notional_usdt", e.max_notional_usdt, "must not be negative")
+    _check_range(
+        problems, "entries.margin_use_pct", e.margin_use_pct, 0.01, 1, "must be from 0.01 to 1"
+    )
     _check_range(
         problems,
         "router.backstop_distance_pct",
