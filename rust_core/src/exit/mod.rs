@@ -1,0 +1,878 @@
+//! `ExitEngine`: every open position's exit, driven by the mark-price stream.
+//!
+//! The engine owns, per symbol of the loaded rules, a bar aggregator and a
+//! Wilder ATR fed by closed bars, the last mark, and at most two positions
+//! keyed by `(symbol, positionSide)`. One websocket message goes through
+//! [`ExitEngine::on_mark_message`]: it is parsed completely first (a malformed
+//! message changes nothing), then every update is applied in message order:
+//! bars and ATR first, then the symbol's positions (see [`position`]).
+//!
+//! Determinism: only event time (`E` of the message) is used, never the wall
+//! clock. An update older than the last one applied for its symbol is
+//! dropped (a reconnect may replay a stale message; a stale mark must not move
+//! a stop). A position opened without `opened_at_ms` gets the latest event
+//! time the engine has seen, or, before any message, the event time of its
+//! first update.
+//!
+//! Unknown symbols (not in the rules) are skipped. Symbols without a position
+//! still feed their bars and ATR.
+
+pub mod action;
+pub mod policy;
+pub mod position;
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::action::{ExitAction, ExitReason, OrderSide, PositionSide};
+pub use self::policy::{ExitPolicy, LadderLevel, LadderUnit, PolicyConfig};
+pub use self::position::{Confirmed, OpenParams, PositionState, StopPlan};
+use crate::atr::WilderAtr;
+use crate::bars::BarAggregator;
+use crate::error::CoreError;
+use crate::feed::parse_mark_message;
+use crate::fixed::Decimal;
+use crate::rules::ExchangeRules;
+
+/// Per-symbol market state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SymbolState {
+    /// Mark-price bars at the policy's ATR interval.
+    pub bars: BarAggregator,
+    /// Wilder ATR over closed bars.
+    pub atr: WilderAtr,
+    /// Last mark price applied.
+    pub last_mark: Option<Decimal>,
+    /// Event time of the last update applied.
+    pub last_event_ms: Option<i64>,
+    /// The LONG position, if any.
+    pub long: Option<PositionState>,
+    /// The SHORT position, if any.
+    pub short: Option<PositionState>,
+}
+
+impl SymbolState {
+    fn new(policy: &ExitPolicy, atr: &WilderAtr) -> Self {
+        Self {
+            bars: BarAggregator::new(policy.interval_ms()),
+            atr: atr.clone(),
+            last_mark: None,
+            last_event_ms: None,
+            long: None,
+            short: None,
+        }
+    }
+
+    fn slot(&mut self, side: PositionSide) -> &mut Option<PositionState> {
+        match side {
+            PositionSide::Long => &mut self.long,
+            PositionSide::Short => &mut self.short,
+        }
+    }
+
+    fn slot_ref(&self, side: PositionSide) -> Option<&PositionState> {
+        match side {
+            PositionSide::Long => self.long.as_ref(),
+            PositionSide::Short => self.short.as_ref(),
+        }
+    }
+
+    /// Feeds one mark into the bars; a closed bar feeds the ATR.
+    fn feed_bars(&mut self, event_time_ms: i64, price: f64) {
+        if let Some(bar) = self.bars.update(event_time_ms, price) {
+            self.atr.update(bar.high, bar.low, bar.close);
+        }
+    }
+}
+
+/// What the daemon needs to size and accept an entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntryPlan {
+    /// Symbol.
+    pub symbol: String,
+    /// LONG or SHORT.
+    pub side: PositionSide,
+    /// Entry price planned.
+    pub entry_price: Decimal,
+    /// Initial stop price on the tick grid.
+    pub stop_price: Decimal,
+    /// R = |entry − stop|: the loss per unit of quantity at the stop.
+    pub stop_distance: Decimal,
+    /// The policy forbids this leverage for its risk budget: refuse the entry.
+    pub over_leveraged: bool,
+    /// The ATR the plan used.
+    pub atr: Option<f64>,
+    /// Take-profit level prices.
+    pub take_profit_prices: Vec<Decimal>,
+}
+
+/// The exit engine. See the module header.
+#[derive(Clone, Debug)]
+pub struct ExitEngine {
+    pub(crate) rules: ExchangeRules,
+    pub(crate) policy: ExitPolicy,
+    pub(crate) symbols: HashMap<String, SymbolState>,
+    /// position id -> (symbol, side)
+    pub(crate) index: HashMap<String, (String, PositionSide)>,
+    pub(crate) last_event_ms: Option<i64>,
+    /// A fresh ATR at the policy's period, cloned for each new symbol.
+    pub(crate) atr_template: WilderAtr,
+}
+
+fn unknown_position(position_id: &str) -> CoreError {
+    CoreError::invalid("position_id", position_id, "is not an open position")
+}
+
+impl ExitEngine {
+    /// Creates an engine with no positions.
+    ///
+    /// # Errors
+    /// `InvalidField` when the policy's ATR period is out of the ATR's range.
+    pub fn new(rules: ExchangeRules, policy: ExitPolicy) -> Result<Self, CoreError> {
+        let atr_template = WilderAtr::new(policy.config().atr_period as usize)?;
+        Ok(Self {
+            rules,
+            policy,
+            symbols: HashMap::new(),
+            index: HashMap::new(),
+            last_event_ms: None,
+            atr_template,
+        })
+    }
+
+    /// Returns the policy.
+    pub fn policy(&self) -> &ExitPolicy {
+        &self.policy
+    }
+
+    /// Returns the exchange rules.
+    pub fn rules(&self) -> &ExchangeRules {
+        &self.rules
+    }
+
+    /// Returns the latest event time applied (ms).
+    pub fn last_event_ms(&self) -> Option<i64> {
+        self.last_event_ms
+    }
+
+    fn symbol_state(&mut self, symbol: &str) -> Result<&mut SymbolState, CoreError> {
+        self.rules.symbol(symbol)?;
+        let (policy, atr) = (&self.policy, &self.atr_template);
+        Ok(self
+            .symbols
+            .entry(symbol.to_owned())
+            .or_insert_with(|| SymbolState::new(policy, atr)))
+    }
+
+    /// Feeds closed historical bars (oldest first) to the symbol's ATR.
+    ///
+    /// # Errors
+    /// `UnknownSymbol`, or `InvalidField` when the arrays differ in length or
+    /// hold a non-finite or inconsistent value (high below low). Nothing is
+    /// applied then.
+    pub fn warm_up(
+        &mut self,
+        symbol: &str,
+        high: &[f64],
+        low: &[f64],
+        close: &[f64],
+    ) -> Result<(), CoreError> {
+        if high.len() != low.len() || high.len() != close.len() {
+            return Err(CoreError::invalid_for(
+                symbol,
+                "close",
+                format!("{} values", close.len()),
+                format!(
+                    "must have as many values as high ({}) and low ({})",
+                    high.len(),
+                    low.len()
+                ),
+            ));
+        }
+        for (i, ((h, l), c)) in high.iter().zip(low).zip(close).enumerate() {
+            if !(h.is_finite() && l.is_finite() && c.is_finite()) || h < l || *l <= 0.0 {
+                return Err(CoreError::invalid_for(
+                    symbol,
+                    format!("bar[{i}]"),
+                    format!("high={h} low={l} close={c}"),
+                    "must be finite and positive with high >= low",
+                ));
+            }
+        }
+        let state = self.symbol_state(symbol)?;
+        for ((h, l), c) in high.iter().zip(low).zip(close) {
+            state.atr.update(*h, *l, *c);
+        }
+        Ok(())
+    }
+
+    /// Returns the symbol's current ATR, `None` until it is ready.
+    pub fn atr(&self, symbol: &str) -> Option<f64> {
+        self.symbols.get(symbol).and_then(|s| s.atr.value())
+    }
+
+    /// Plans the initial stop of a prospective entry with the symbol's current ATR.
+    ///
+    /// # Errors
+    /// `UnknownSymbol` or `InvalidField` for an entry or leverage out of range.
+    pub fn plan_entry(
+        &self,
+        symbol: &str,
+        side: PositionSide,
+        entry_price: Decimal,
+        leverage: u32,
+        confidence: Option<f64>,
+        liquidation_price: Option<Decimal>,
+    ) -> Result<EntryPlan, CoreError> {
+        let rules = self.rules.symbol(symbol)?;
+        let atr = self.atr(symbol);
+        let plan = position::plan_stop(
+            side,
+            entry_price,
+            leverage,
+            atr,
+            liquidation_price,
+            rules,
+            &self.policy,
+        )
+        .map_err(|e| e.with_symbol(symbol))?;
+        let take_profit_prices = position::ladder_prices(
+            side,
+            entry_price,
+            plan.stop_distance,
+            confidence,
+            rules,
+            &self.policy,
+        )?;
+        Ok(EntryPlan {
+            symbol: symbol.to_owned(),
+            side,
+            entry_price,
+            stop_price: plan.stop_price,
+            stop_distance: plan.stop_distance,
+            over_leveraged: plan.over_leveraged,
+            atr,
+            take_profit_prices,
+        })
+    }
+
+    fn check_new(&self, params: &OpenParams) -> Result<(), CoreError> {
+        self.rules.symbol(&params.symbol)?;
+        if let Some((symbol, side)) = self.index.get(&params.position_id) {
+            return Err(CoreError::invalid(
+                "position_id",
+                &params.position_id,
+                format!("is already open ({symbol} {side})"),
+            ));
+        }
+        if let Some(existing) = self
+            .symbols
+            .get(&params.symbol)
+            .and_then(|s| s.slot_ref(params.side))
+        {
+            return Err(CoreError::invalid_for(
+                &params.symbol,
+                "position_side",
+                params.side.as_str(),
+                format!(
+                    "already has an open position {}; resize or close it first",
+                    existing.position_id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, state: PositionState) {
+        self.index.insert(
+            state.position_id.clone(),
+            (state.symbol.clone(), state.side),
+        );
+        let side = state.side;
+        if let Some(symbol_state) = self.symbols.get_mut(&state.symbol) {
+            *symbol_state.slot(side) = Some(state);
+        }
+    }
+
+    /// Starts tracking a freshly opened position. `opened_at_ms` defaults to the
+    /// latest event time seen (see the module header). An over-leveraged
+    /// position is closed on its first update (reason `over_leverage`).
+    ///
+    /// # Errors
+    /// `UnknownSymbol`; `InvalidField` for a duplicate id, an occupied
+    /// `(symbol, side)` or an out-of-range value.
+    pub fn open_position(&mut self, mut params: OpenParams) -> Result<(), CoreError> {
+        self.check_new(&params)?;
+        if params.opened_at_ms.is_none() {
+            params.opened_at_ms = self.last_event_ms;
+        }
+        let symbol = params.symbol.clone();
+        let atr = self.symbol_state(&symbol)?.atr.value();
+        let rules = self.rules.symbol(&symbol)?;
+        let state = PositionState::open(params, atr, rules, &self.policy)
+            .map_err(|e| e.with_symbol(&symbol))?;
+        self.insert(state);
+        Ok(())
+    }
+
+    /// Starts tracking a position found on the exchange mid-life (see
+    /// [`PositionState::adopt`]) and evaluates it at once against `mark_price`
+    /// (or the symbol's last mark) when an event time is known: passed ladder
+    /// levels and over-leverage fire immediately. Returns those actions.
+    ///
+    /// # Errors
+    /// As [`ExitEngine::open_position`].
+    pub fn adopt_position(
+        &mut self,
+        mut params: OpenParams,
+        original_quantity: Option<Decimal>,
+        best_price: Option<Decimal>,
+        mark_price: Option<Decimal>,
+    ) -> Result<Vec<ExitAction>, CoreError> {
+        self.check_new(&params)?;
+        if params.opened_at_ms.is_none() {
+            params.opened_at_ms = self.last_event_ms;
+        }
+        if let Some(mark) = mark_price {
+            if mark <= Decimal::ZERO {
+                return Err(CoreError::invalid_for(
+                    &params.symbol,
+                    "mark_price",
+                    mark.to_string(),
+                    "must be > 0",
+                ));
+            }
+        }
+        let symbol = params.symbol.clone();
+        let symbol_state = self.symbol_state(&symbol)?;
+        let atr = symbol_state.atr.value();
+        let mark = mark_price.or(symbol_state.last_mark);
+        let now = symbol_state.last_event_ms.or(self.last_event_ms);
+        let rules = self.rules.symbol(&symbol)?;
+        let mut state = PositionState::adopt(
+            params,
+            original_quantity,
+            best_price,
+            atr,
+            rules,
+            &self.policy,
+        )
+        .map_err(|e| e.with_symbol(&symbol))?;
+        let mut actions = Vec::new();
+        if let (Some(mark), Some(now)) = (mark, now) {
+            actions.extend(state.on_mark(mark, atr, now, rules, &self.policy));
+        }
+        self.insert(state);
+        Ok(actions)
+    }
+
+    fn locate(&self, position_id: &str) -> Result<(String, PositionSide), CoreError> {
+        self.index
+            .get(position_id)
+            .cloned()
+            .ok_or_else(|| unknown_position(position_id))
+    }
+
+    /// Returns the position with this id.
+    pub fn position(&self, position_id: &str) -> Option<&PositionState> {
+        let (symbol, side) = self.index.get(position_id)?;
+        self.symbols.get(symbol)?.slot_ref(*side)
+    }
+
+    /// Returns every open position, ordered by id.
+    pub fn positions(&self) -> Vec<&PositionState> {
+        let mut all: Vec<&PositionState> = self
+            .symbols
+            .values()
+            .flat_map(|s| s.long.iter().chain(s.short.iter()))
+            .collect();
+        all.sort_by(|a, b| a.position_id.cmp(&b.position_id));
+        all
+    }
+
+    /// Runs `f` on the position and drops it when `f` reports it closed.
+    fn with_position<T>(
+        &mut self,
+        position_id: &str,
+        f: impl FnOnce(
+            &mut PositionState,
+            &crate::rules::SymbolRules,
+            &ExitPolicy,
+        ) -> Result<(T, bool), CoreError>,
+    ) -> Result<T, CoreError> {
+        let (symbol, side) = self.locate(position_id)?;
+        let rules = self.rules.symbol(&symbol)?;
+        let slot = self
+            .symbols
+            .get_mut(&symbol)
+            .map(|s| s.slot(side))
+            .ok_or_else(|| unknown_position(position_id))?;
+        let state = slot.as_mut().ok_or_else(|| unknown_position(position_id))?;
+        let (value, closed) = f(state, rules, &self.policy).map_err(|e| e.with_symbol(&symbol))?;
+        if closed {
+            *slot = None;
+            self.index.remove(position_id);
+        }
+        Ok(value)
+    }
+
+    /// Confirms the pending action `(position_id, sequence)` with the filled
+    /// quantity (default: all of it). Returns true when the position is closed.
+    ///
+    /// # Errors
+    /// `InvalidField` for an unknown position, a sequence that is not pending or
+    /// a filled quantity out of range; nothing changes then.
+    pub fn confirm(
+        &mut self,
+        position_id: &str,
+        sequence: u64,
+        filled: Option<Decimal>,
+    ) -> Result<bool, CoreError> {
+        self.with_position(position_id, |p, rules, policy| {
+            let outcome = p.confirm(sequence, filled, rules, policy)?;
+            Ok((outcome == Confirmed::Closed, outcome == Confirmed::Closed))
+        })
+    }
+
+    /// Rejects the pending action `(position_id, sequence)`: the rule may fire
+    /// again on the next update.
+    ///
+    /// # Errors
+    /// `InvalidField` for an unknown position or a sequence that is not pending.
+    pub fn reject(&mut self, position_id: &str, sequence: u64) -> Result<(), CoreError> {
+        self.with_position(position_id, |p, _, _| {
+            p.reject(sequence).map(|()| ((), false))
+        })
+    }
+
+    /// Sets the live quantity (partial entry fill or external reduce); zero
+    /// closes it. Returns true when the position is closed.
+    ///
+    /// # Errors
+    /// `InvalidField` for an unknown position or a negative quantity.
+    pub fn resize_position(
+        &mut self,
+        position_id: &str,
+        quantity: Decimal,
+    ) -> Result<bool, CoreError> {
+        self.with_position(position_id, |p, rules, policy| {
+            let closed = p.resize(quantity, rules, policy)? == Confirmed::Closed;
+            Ok((closed, closed))
+        })
+    }
+
+    /// Stops tracking a position (closed outside the engine). A pending action
+    /// is dropped with it.
+    ///
+    /// # Errors
+    /// `InvalidField` for an unknown position.
+    pub fn close_position(&mut self, position_id: &str) -> Result<PositionState, CoreError> {
+        self.with_position(position_id, |p, _, _| Ok((p.clone(), true)))
+    }
+
+    /// Records a position's liquidation price; the stop tightens to stay
+    /// inside it with the policy's buffer.
+    ///
+    /// # Errors
+    /// `InvalidField` for an unknown position or a negative price.
+    pub fn set_liquidation_price(
+        &mut self,
+        position_id: &str,
+        price: Decimal,
+    ) -> Result<(), CoreError> {
+        self.with_position(position_id, |p, rules, policy| {
+            p.set_liquidation_price(price, rules, policy)
+                .map(|()| ((), false))
+        })
+    }
+
+    /// Replaces the exchange rules (a refreshed exchangeInfo).
+    ///
+    /// # Errors
+    /// `UnknownSymbol` when an open position's symbol is missing from `rules`;
+    /// the old rules stay then.
+    pub fn update_rules(&mut self, rules: ExchangeRules) -> Result<(), CoreError> {
+        let mut open: Vec<&String> = self.index.values().map(|(symbol, _)| symbol).collect();
+        open.sort();
+        for symbol in open {
+            rules.symbol(symbol)?;
+        }
+        self.symbols.retain(|symbol, _| rules.get(symbol).is_some());
+        self.rules = rules;
+        Ok(())
+    }
+
+    /// Parses one mark-price websocket message (single update, `!markPrice@arr`
+    /// array or combined-stream wrapper) and applies it; returns the actions.
+    ///
+    /// # Errors
+    /// `Message` for a malformed payload; the state is untouched then.
+    pub fn on_mark_message(&mut self, data: &[u8]) -> Result<Vec<ExitAction>, CoreError> {
+        let batch = parse_mark_message(data)?;
+        let mut actions = Vec::new();
+        for update in &batch.updates {
+            self.apply_mark(
+                update.symbol,
+                update.mark_price,
+                update.mark_price_f64,
+                update.event_time_ms,
+                &mut actions,
+            );
+        }
+        Ok(actions)
+    }
+
+    /// Applies one mark update (already validated) and appends the actions it
+    /// triggers. Unknown symbols and stale updates are skipped.
+    pub fn apply_mark(
+        &mut self,
+        symbol: &str,
+        mark: Decimal,
+        mark_f64: f64,
+        event_time_ms: i64,
+        out: &mut Vec<ExitAction>,
+    ) {
+        let state = if let Some(state) = self.symbols.get_mut(symbol) {
+            state
+        } else {
+            if self.rules.get(symbol).is_none() {
+                return;
+            }
+            let (policy, atr) = (&self.policy, &self.atr_template);
+            self.symbols
+                .entry(symbol.to_owned())
+                .or_insert_with(|| SymbolState::new(policy, atr))
+        };
+        if state.last_event_ms.is_some_and(|last| event_time_ms < last) {
+            return;
+        }
+        state.last_event_ms = Some(event_time_ms);
+        state.last_mark = Some(mark);
+        if self.last_event_ms.is_none_or(|last| event_time_ms > last) {
+            self.last_event_ms = Some(event_time_ms);
+        }
+        state.feed_bars(event_time_ms, mark_f64);
+        if state.long.is_none() && state.short.is_none() {
+            return;
+        }
+        let Some(rules) = self.rules.get(symbol) else {
+            return;
+        };
+        let atr = state.atr.value();
+        for position in [state.long.as_mut(), state.short.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(action) = position.on_mark(mark, atr, event_time_ms, rules, &self.policy) {
+                out.push(action);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::str::FromStr;
+    use std::sync::OnceLock;
+
+    use crate::fixed::Decimal;
+    use crate::rules::{ExchangeRules, SymbolRules};
+
+    pub fn d(text: &str) -> Decimal {
+        Decimal::from_str(text).unwrap()
+    }
+
+    /// The real exchangeInfo copied into tests/data (647 symbols).
+    pub fn exchange_rules() -> ExchangeRules {
+        static RULES: OnceLock<ExchangeRules> = OnceLock::new();
+        RULES
+            .get_or_init(|| {
+                let data = include_bytes!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../tests/data/binance/exchangeInfo_fapi_full_2025-11-26.json"
+                ));
+                ExchangeRules::from_json(data).unwrap()
+            })
+            .clone()
+    }
+
+    /// Real BTCUSDT: tick 0.10, MARKET step 0.001, minQty 0.001, `MIN_NOTIONAL` 100.
+    pub fn btc() -> SymbolRules {
+        exchange_rules().symbol("BTCUSDT").unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{d, exchange_rules};
+    use super::*;
+
+    fn example_policy() -> ExitPolicy {
+        ExitPolicy::new(PolicyConfig {
+            stop_atr: Some(2.0),
+            min_stop_pct: 0.003,
+            max_stop_pct: 0.03,
+            max_margin_loss: Some(0.10),
+            ladder: vec![
+                LadderLevel {
+                    at: 1.0,
+                    fraction: 0.3,
+                },
+                LadderLevel {
+                    at: 2.0,
+                    fraction: 0.3,
+                },
+                LadderLevel {
+                    at: 3.0,
+                    fraction: 0.4,
+                },
+            ],
+            breakeven_after_level: Some(1),
+            ratchet_to_previous_level: true,
+            taker_fee: 0.0005,
+            trail_atr: Some(2.0),
+            trail_activate_r: Some(3.0),
+            ..PolicyConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn engine() -> ExitEngine {
+        let mut engine = ExitEngine::new(exchange_rules(), example_policy()).unwrap();
+        engine
+            .warm_up("BTCUSDT", &[30030.0; 20], &[29970.0; 20], &[30000.0; 20])
+            .unwrap();
+        assert_eq!(engine.atr("BTCUSDT"), Some(60.0));
+        engine
+    }
+
+    fn open(engine: &mut ExitEngine, id: &str, side: PositionSide) {
+        engine
+            .open_position(OpenParams {
+                position_id: id.into(),
+                symbol: "BTCUSDT".into(),
+                side,
+                quantity: d("0.010"),
+                entry_price: d("30000.0"),
+                leverage: 10,
+                confidence: None,
+                opened_at_ms: None,
+                liquidation_price: None,
+            })
+            .unwrap();
+    }
+
+    fn msg(price: &str, time: i64) -> Vec<u8> {
+        format!(r#"{{"e":"markPriceUpdate","E":{time},"s":"BTCUSDT","p":"{price}","i":"30000.1","P":"30001.0","r":"0.0001","T":1700000000000}}"#).into_bytes()
+    }
+
+    fn arr(items: &[(&str, &str)], time: i64) -> Vec<u8> {
+        let body: Vec<String> = items
+            .iter()
+            .map(|(s, p)| format!(r#"{{"e":"markPriceUpdate","E":{time},"s":"{s}","p":"{p}","i":"1","P":"1","r":"0","T":0}}"#))
+            .collect();
+        format!("[{}]", body.join(",")).into_bytes()
+    }
+
+    #[test]
+    fn worked_example_through_messages() {
+        let mut engine = engine();
+        open(&mut engine, "p1", PositionSide::Long);
+        let base = 1_700_000_000_000;
+        let actions = engine.on_mark_message(&msg("30125.0", base)).unwrap();
+        assert_eq!(actions.len(), 1);
+        assert_eq!(
+            (actions[0].reason, actions[0].quantity),
+            (ExitReason::TakeProfit(1), d("0.003"))
+        );
+        assert!(
+            engine
+                .on_mark_message(&msg("30125.0", base + 1))
+                .unwrap()
+                .is_empty(),
+            "pending is not re-emitted"
+        );
+        assert!(!engine.confirm("p1", 1, None).unwrap());
+        assert_eq!(engine.position("p1").unwrap().stop_price, d("30030.0"));
+        assert!(engine
+            .on_mark_message(&msg("30130.0", base + 2))
+            .unwrap()
+            .is_empty());
+        let wrapped = format!(
+            r#"{{"stream":"btcusdt@markPrice@1s","data":{}}}"#,
+            String::from_utf8(msg("30370.0", base + 3)).unwrap()
+        );
+        let actions = engine.on_mark_message(wrapped.as_bytes()).unwrap();
+        assert_eq!(
+            (actions[0].reason, actions[0].quantity, actions[0].sequence),
+            (ExitReason::TakeProfit(3), d("0.007"), 2)
+        );
+        assert!(engine.confirm("p1", 2, None).unwrap());
+        assert!(engine.position("p1").is_none());
+        assert!(engine.positions().is_empty());
+    }
+
+    #[test]
+    fn both_sides_and_unknown_symbols_in_one_array() {
+        let mut engine = engine();
+        open(&mut engine, "long", PositionSide::Long);
+        open(&mut engine, "short", PositionSide::Short);
+        let actions = engine
+            .on_mark_message(&arr(
+                &[
+                    ("NOPEUSDT", "1.0"),
+                    ("ETHUSDT", "2000.00"),
+                    ("BTCUSDT", "29870.0"),
+                ],
+                1,
+            ))
+            .unwrap();
+        assert_eq!(actions.len(), 2);
+        assert_eq!(
+            (actions[0].position_id.as_str(), actions[0].reason),
+            ("long", ExitReason::StopLoss)
+        );
+        assert_eq!(
+            (actions[1].position_id.as_str(), actions[1].reason),
+            ("short", ExitReason::TakeProfit(1))
+        );
+        assert!(engine.symbols.contains_key("ETHUSDT"));
+        assert!(!engine.symbols.contains_key("NOPEUSDT"));
+    }
+
+    #[test]
+    fn duplicate_positions_are_refused() {
+        let mut engine = engine();
+        open(&mut engine, "p1", PositionSide::Long);
+        let mut params = OpenParams {
+            position_id: "p1".into(),
+            symbol: "BTCUSDT".into(),
+            side: PositionSide::Short,
+            quantity: d("1"),
+            entry_price: d("30000"),
+            leverage: 1,
+            confidence: None,
+            opened_at_ms: None,
+            liquidation_price: None,
+        };
+        assert!(engine.open_position(params.clone()).is_err(), "same id");
+        params.position_id = "p2".into();
+        params.side = PositionSide::Long;
+        assert!(
+            engine.open_position(params.clone()).is_err(),
+            "same symbol and side"
+        );
+        params.symbol = "NOPEUSDT".into();
+        assert!(matches!(
+            engine.open_position(params),
+            Err(CoreError::UnknownSymbol { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_message_changes_nothing() {
+        let mut engine = engine();
+        open(&mut engine, "p1", PositionSide::Long);
+        let before = engine.snapshot();
+        let bad = br#"[{"e":"markPriceUpdate","E":5,"s":"BTCUSDT","p":"29000.0"},{"e":"markPriceUpdate","E":5,"s":"ETHUSDT","p":"abc"}]"#;
+        assert!(matches!(
+            engine.on_mark_message(bad),
+            Err(CoreError::Message { .. } | CoreError::InvalidField { .. })
+        ));
+        assert_eq!(engine.snapshot(), before);
+    }
+
+    #[test]
+    fn stale_updates_are_dropped() {
+        let mut engine = engine();
+        open(&mut engine, "p1", PositionSide::Long);
+        assert!(engine
+            .on_mark_message(&msg("30000.0", 100))
+            .unwrap()
+            .is_empty());
+        assert!(
+            engine
+                .on_mark_message(&msg("29000.0", 99))
+                .unwrap()
+                .is_empty(),
+            "older than the last update"
+        );
+        assert_eq!(
+            engine.on_mark_message(&msg("29000.0", 101)).unwrap().len(),
+            1
+        );
+    }
+
+    #[test]
+    fn adopt_over_leveraged_closes_at_once() {
+        let mut engine = engine();
+        engine.on_mark_message(&msg("30010.0", 100)).unwrap();
+        let params = OpenParams {
+            position_id: "a1".into(),
+            symbol: "BTCUSDT".into(),
+            side: PositionSide::Long,
+            quantity: d("0.010"),
+            entry_price: d("30000.0"),
+            leverage: 50,
+            confidence: None,
+            opened_at_ms: None,
+            liquidation_price: None,
+        };
+        let actions = engine.adopt_position(params, None, None, None).unwrap();
+        assert_eq!(actions.len(), 1);
+        assert_eq!(
+            (
+                actions[0].reason,
+                actions[0].mark_price,
+                actions[0].event_time_ms
+            ),
+            (ExitReason::OverLeverage, d("30010.0"), 100)
+        );
+    }
+
+    #[test]
+    fn snapshot_restore_continues_identically() {
+        let mut engine = engine();
+        open(&mut engine, "p1", PositionSide::Long);
+        open(&mut engine, "p2", PositionSide::Short);
+        let prices = [
+            "30125.0", "30130.0", "29990.0", "30250.0", "30370.0", "30100.0", "29000.0", "31000.0",
+        ];
+        let mut time = 1_700_000_000_000_i64;
+        let step = |e: &mut ExitEngine, price: &str, time: i64| {
+            let actions = e.on_mark_message(&msg(price, time)).unwrap();
+            for a in &actions {
+                e.confirm(&a.position_id, a.sequence, None).unwrap();
+            }
+            actions
+        };
+        step(&mut engine, prices[0], time);
+        let bytes = engine.snapshot();
+        let mut restored = ExitEngine::restore(&bytes, exchange_rules()).unwrap();
+        assert_eq!(restored.snapshot(), bytes);
+        for price in &prices[1..] {
+            time += 61_000;
+            assert_eq!(
+                step(&mut engine, price, time),
+                step(&mut restored, price, time)
+            );
+        }
+        assert_eq!(engine.snapshot(), restored.snapshot());
+    }
+
+    #[test]
+    fn restore_checks_format_and_version() {
+        let engine = engine();
+        let bytes = engine.snapshot();
+        let text = String::from_utf8(bytes).unwrap();
+        let newer = text.replacen("\"version\":1", "\"version\":2", 1);
+        let err = ExitEngine::restore(newer.as_bytes(), exchange_rules()).unwrap_err();
+        assert!(
+            err.to_string().contains("version 2 is not supported"),
+            "{err}"
+        );
+        assert!(ExitEngine::restore(b"garbage", exchange_rules()).is_err());
+        assert!(ExitEngine::restore(b"{}", exchange_rules()).is_err());
+    }
+}

@@ -1,0 +1,1430 @@
+//! One position's exit state machine: initial stop and R, take-profit ladder,
+//! breakeven and ratchet, trailing stop, time stop, over-leverage, and the
+//! pending action. The exact semantics are `docs/exit-rules.md`; this module is
+//! free of message parsing and of the engine so the backtest drives the very
+//! same code over historical bars.
+//!
+//! Use:
+//! - [`plan_stop`] — the initial stop, R and the over-leverage verdict for a
+//!   prospective entry (pure).
+//! - [`PositionState::open`] / [`PositionState::adopt`] — start tracking.
+//! - [`PositionState::on_mark`]`(mark, atr, now_ms, rules, policy)` — one mark
+//!   update; returns at most one [`ExitAction`], which stays pending.
+//! - [`PositionState::confirm`]`(sequence, filled)` / [`PositionState::reject`]`(sequence)`.
+//! - [`PositionState::resize`], [`PositionState::set_liquidation_price`].
+//!
+//! Per update, in this order (a SHORT mirrors every inequality and rounding):
+//! best mark; trailing activation and candidate; over-leverage close; stop
+//! (`mark <= stop`); ladder (every level crossed → ONE action named after the
+//! highest); time stop. Nothing is evaluated while an action is pending.
+//!
+//! Invariants:
+//! - the stop only tightens, whichever rule moved it; `stop_reason` names the
+//!   rule that moved it last;
+//! - ladder targets are cumulative fractions of the ORIGINAL size floored to the
+//!   `MARKET_LOT_SIZE` step; the level whose cumulative fraction is 1 closes the
+//!   exact remainder;
+//! - a partial that is zero or below minQty, or that would leave a remainder
+//!   below `minQty` or `MIN_NOTIONAL` at the mark, becomes a full close (issue 3
+//!   wins over exit-rules.md's "done with no order" for zero partials: the
+//!   issue says a partial that quantizes to zero is merged into a full close);
+//! - no action closes more than the live quantity;
+//! - at most one action is pending; the ratchet runs when a take-profit fill
+//!   is confirmed; a rejection leaves the state as it was before emission,
+//!   except that the sequence number is never reused.
+//!
+//! Choices where the rules are silent:
+//! - `opened_at_ms` unset (the engine had seen no message yet) is set by the
+//!   first mark update the position sees; only event time is used.
+//! - With `trail_atr` while ATR is not ready, the trail distance is
+//!   `fallback_stop_pct × best` (the same fallback as the initial stop).
+//! - A liquidation price learnt after opening only tightens the stop; R and the
+//!   ladder stay as computed at open.
+//! - A partial take-profit fill marks done only the levels whose target is
+//!   reached; the remaining part of a level fires again on the next update.
+
+use serde::{Deserialize, Serialize};
+
+use super::action::{ExitAction, ExitReason, PositionSide};
+use super::policy::{decimal_of, ExitPolicy, LadderUnit};
+use crate::error::CoreError;
+use crate::fixed::{Decimal, Rounding};
+use crate::rules::SymbolRules;
+
+/// The initial stop for an entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StopPlan {
+    /// Stop price on the tick grid.
+    pub stop_price: Decimal,
+    /// R: |entry − stop|.
+    pub stop_distance: Decimal,
+    /// The allowed stop distance is below the policy minimum.
+    pub over_leveraged: bool,
+}
+
+/// What a new position is made of.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpenParams {
+    /// Caller-chosen id (the router's clientOrderIds derive from it).
+    pub position_id: String,
+    /// Symbol, e.g. `BTCUSDT`.
+    pub symbol: String,
+    /// LONG or SHORT.
+    pub side: PositionSide,
+    /// Live quantity (> 0).
+    pub quantity: Decimal,
+    /// Average entry price (> 0).
+    pub entry_price: Decimal,
+    /// Leverage, 1..=125.
+    pub leverage: u32,
+    /// Signal confidence in [0, 1]; stretches the ladder.
+    pub confidence: Option<f64>,
+    /// Open time in event-time ms; `None`: set by the first mark update.
+    pub opened_at_ms: Option<i64>,
+    /// Liquidation price, when known.
+    pub liquidation_price: Option<Decimal>,
+}
+
+/// Result of confirming an action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confirmed {
+    /// Something is still open.
+    Open,
+    /// The position is fully closed; drop it.
+    Closed,
+}
+
+/// One position's exit state. All fields are public for views and backtests;
+/// change them only through the methods.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PositionState {
+    /// Caller-chosen id.
+    pub position_id: String,
+    /// Symbol.
+    pub symbol: String,
+    /// LONG or SHORT.
+    pub side: PositionSide,
+    /// Live quantity.
+    pub quantity: Decimal,
+    /// Size the ladder fractions apply to.
+    pub original_quantity: Decimal,
+    /// Average entry price.
+    pub entry_price: Decimal,
+    /// Leverage.
+    pub leverage: u32,
+    /// Confidence in [0, 1].
+    pub confidence: Option<f64>,
+    /// Open time (event-time ms).
+    pub opened_at_ms: Option<i64>,
+    /// Liquidation price, when known.
+    pub liquidation_price: Option<Decimal>,
+    /// Current stop price.
+    pub stop_price: Decimal,
+    /// The rule that moved the stop last.
+    pub stop_reason: ExitReason,
+    /// R, the initial stop distance.
+    pub r_distance: Decimal,
+    /// Best mark since open (highest for LONG, lowest for SHORT).
+    pub best_price: Decimal,
+    /// Take-profit level prices.
+    pub ladder_prices: Vec<Decimal>,
+    /// Cumulative quantity closed once each level is done.
+    pub ladder_targets: Vec<Decimal>,
+    /// Quantity closed by confirmed take-profit fills.
+    pub ladder_closed: Decimal,
+    /// Number of ladder levels done (a prefix).
+    pub levels_done: u32,
+    /// Levels that count as crossed whatever the mark (passed before adoption).
+    pub levels_passed_at_adoption: u32,
+    /// Best price at which trailing activates (by R or pct), if any.
+    pub trail_activate_price: Option<Decimal>,
+    /// Trailing stop is active.
+    pub trailing_active: bool,
+    /// Allowed stop distance below the policy minimum: close at once.
+    pub over_leveraged: bool,
+    /// Best price below which (LONG) the time stop may fire, if conditional.
+    pub time_stop_below_price: Option<Decimal>,
+    /// The action awaiting confirm/reject.
+    pub pending: Option<ExitAction>,
+    /// Last sequence number used (0: none yet).
+    pub sequence: u64,
+    /// Last mark seen.
+    pub last_mark_price: Option<Decimal>,
+    /// Trail distance cache: (ATR bits, distance); rebuilt on demand.
+    #[serde(skip)]
+    trail_cache: Option<(u64, Decimal)>,
+    /// (best, ATR bits) of the last trailing candidate: an unchanged basis gives
+    /// the same candidate, so it is skipped. Rebuilt on demand.
+    #[serde(skip)]
+    trail_basis: Option<(Decimal, u64)>,
+}
+
+#[allow(clippy::needless_pass_by_value)] // call sites pass numbers and strings alike
+fn invalid(field: &str, value: impl ToString, rule: &str) -> CoreError {
+    CoreError::invalid(field, value.to_string(), rule)
+}
+
+// Side-aware helpers. "Up" means toward profit for the side.
+fn profit_ge(side: PositionSide, a: Decimal, b: Decimal) -> bool {
+    match side {
+        PositionSide::Long => a >= b,
+        PositionSide::Short => a <= b,
+    }
+}
+
+fn strictly_tighter(side: PositionSide, new: Decimal, old: Decimal) -> bool {
+    match side {
+        PositionSide::Long => new > old,
+        PositionSide::Short => new < old,
+    }
+}
+
+fn toward_profit(side: PositionSide, base: Decimal, distance: Decimal) -> Decimal {
+    match side {
+        PositionSide::Long => base + distance,
+        PositionSide::Short => base - distance,
+    }
+}
+
+fn toward_loss(side: PositionSide, base: Decimal, distance: Decimal) -> Decimal {
+    match side {
+        PositionSide::Long => base - distance,
+        PositionSide::Short => base + distance,
+    }
+}
+
+/// Rounds a stop toward the position's profit side (tightening).
+fn round_stop(side: PositionSide, price: Decimal, rules: &SymbolRules) -> Decimal {
+    let rounding = match side {
+        PositionSide::Long => Rounding::Up,
+        PositionSide::Short => Rounding::Down,
+    };
+    rules.quantize_price(price, rounding)
+}
+
+/// Rounds a take-profit level toward the entry (not harder to reach).
+fn round_level(side: PositionSide, price: Decimal, rules: &SymbolRules) -> Decimal {
+    let rounding = match side {
+        PositionSide::Long => Rounding::Down,
+        PositionSide::Short => Rounding::Up,
+    };
+    rules.quantize_price(price, rounding)
+}
+
+fn atr_decimal(atr: Option<f64>) -> Option<Decimal> {
+    atr.filter(|a| a.is_finite() && *a > 0.0)
+        .and_then(|a| decimal_of("atr", a).ok())
+}
+
+/// Computes the initial stop, R and the over-leverage verdict (exit-rules.md,
+/// "Initial stop").
+///
+/// # Errors
+/// `CoreError::InvalidField` when the entry price or leverage is out of range.
+pub fn plan_stop(
+    side: PositionSide,
+    entry: Decimal,
+    leverage: u32,
+    atr: Option<f64>,
+    liquidation_price: Option<Decimal>,
+    rules: &SymbolRules,
+    policy: &ExitPolicy,
+) -> Result<StopPlan, CoreError> {
+    if entry <= Decimal::ZERO {
+        return Err(invalid("entry_price", entry, "must be > 0"));
+    }
+    if !(1..=125).contains(&leverage) {
+        return Err(invalid("leverage", leverage, "must be in [1, 125]"));
+    }
+    let config = policy.config();
+    let derived = policy.derived();
+    let base = match (config.stop_atr, atr_decimal(atr)) {
+        (Some(k), Some(atr)) => decimal_of("stop_atr", k)? * atr,
+        _ => derived.fallback_stop_pct * entry,
+    };
+    let floor = derived.min_stop_pct * entry;
+    let mut distance = base.clamp(floor, derived.max_stop_pct * entry);
+    let cap = derived
+        .max_margin_loss
+        .map(|m| m * entry / Decimal::from(leverage));
+    if let Some(cap) = cap {
+        distance = distance.min(cap);
+    }
+    let mut stop = round_stop(side, toward_loss(side, entry, distance), rules);
+    if !strictly_tighter(side, entry, stop) {
+        // A distance under one tick rounded onto the entry: give it one tick.
+        stop = toward_loss(side, round_level(side, entry, rules), rules.tick_size());
+    }
+    // The allowed distance: the margin cap, narrowed by the liquidation buffer.
+    let mut allowed = cap;
+    if let Some(liq) = liquidation_price {
+        let limit = toward_profit(side, liq, derived.liq_buffer_pct * entry);
+        let limit_rounded = round_stop(side, limit, rules);
+        if strictly_tighter(side, limit_rounded, stop) {
+            stop = limit_rounded;
+        }
+        let room = (entry - limit) * side.sign();
+        allowed = Some(allowed.map_or(room, |a| a.min(room)));
+    }
+    let stop_distance = (entry - stop) * side.sign();
+    let minimum = derived.min_allowed_stop_pct * entry;
+    let over_leveraged = allowed.is_some_and(|a| a < minimum) || stop_distance <= Decimal::ZERO;
+    Ok(StopPlan {
+        stop_price: stop,
+        stop_distance,
+        over_leveraged,
+    })
+}
+
+/// Returns the take-profit level prices for an entry with R `r_distance`.
+///
+/// # Errors
+/// `CoreError::Policy` when a stretched level does not fit a decimal.
+pub fn ladder_prices(
+    side: PositionSide,
+    entry: Decimal,
+    r_distance: Decimal,
+    confidence: Option<f64>,
+    rules: &SymbolRules,
+    policy: &ExitPolicy,
+) -> Result<Vec<Decimal>, CoreError> {
+    let config = policy.config();
+    let m = policy.ladder_multiplier(confidence);
+    let r = r_distance.max(rules.tick_size());
+    let tick = rules.tick_size();
+    let mut prices = Vec::with_capacity(config.ladder.len());
+    for (i, level) in config.ladder.iter().enumerate() {
+        let at = decimal_of(&format!("ladder[{i}].at"), level.at * m)?;
+        let distance = match config.ladder_unit {
+            LadderUnit::R => at * r,
+            LadderUnit::Pct => at * entry,
+        };
+        let mut price = round_level(side, toward_profit(side, entry, distance), rules);
+        if !strictly_tighter(side, price, entry) {
+            // Never a level at (or behind) the entry: one tick beyond it.
+            price = toward_profit(side, round_stop(side, entry, rules), tick);
+        }
+        if price <= Decimal::ZERO {
+            price = tick;
+        }
+        prices.push(price);
+    }
+    Ok(prices)
+}
+
+impl PositionState {
+    /// Starts tracking a freshly opened position.
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` for a non-positive quantity or entry, a leverage
+    /// outside [1, 125], a confidence outside [0, 1] or a symbol mismatch.
+    #[allow(clippy::too_many_lines)] // one validation or derived field per line
+    pub fn open(
+        params: OpenParams,
+        atr: Option<f64>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Result<Self, CoreError> {
+        if params.position_id.is_empty() {
+            return Err(invalid("position_id", "", "must not be empty"));
+        }
+        if params.quantity <= Decimal::ZERO {
+            return Err(invalid("quantity", params.quantity, "must be > 0"));
+        }
+        if let Some(c) = params.confidence {
+            if !(0.0..=1.0).contains(&c) {
+                return Err(invalid("confidence", c, "must be in [0, 1]"));
+            }
+        }
+        if let Some(liq) = params.liquidation_price {
+            if liq < Decimal::ZERO {
+                return Err(invalid("liquidation_price", liq, "must be >= 0"));
+            }
+        }
+        // Binance reports 0 when no liquidation price applies.
+        let liquidation = params.liquidation_price.filter(|l| !l.is_zero());
+        let side = params.side;
+        let entry = params.entry_price;
+        let plan = plan_stop(
+            side,
+            entry,
+            params.leverage,
+            atr,
+            liquidation,
+            rules,
+            policy,
+        )?;
+        let ladder = ladder_prices(
+            side,
+            entry,
+            plan.stop_distance,
+            params.confidence,
+            rules,
+            policy,
+        )?;
+        let targets = Self::targets(params.quantity, rules, policy);
+        let config = policy.config();
+        let r = plan.stop_distance.max(rules.tick_size());
+        let mut activate: Option<Decimal> = None;
+        let mut consider = |price: Decimal| {
+            activate = Some(match activate {
+                None => price,
+                // The nearer threshold wins: either condition activates.
+                Some(old) => {
+                    if profit_ge(side, old, price) {
+                        price
+                    } else {
+                        old
+                    }
+                }
+            });
+        };
+        if let Some(k) = config.trail_activate_r {
+            consider(toward_profit(
+                side,
+                entry,
+                decimal_of("trail_activate_r", k)? * r,
+            ));
+        }
+        if let Some(pct) = policy.derived().trail_activate_pct {
+            consider(toward_profit(side, entry, pct * entry));
+        }
+        let trailing = config.trail_atr.is_some() || config.trail_pct.is_some();
+        let immediate = trailing
+            && config.trail_activate_r.is_none()
+            && config.trail_activate_pct.is_none()
+            && config.trail_after_level.is_none();
+        let time_stop_below_price = match config.time_stop_unless_r {
+            Some(k) => Some(toward_profit(
+                side,
+                entry,
+                decimal_of("time_stop_unless_r", k)? * r,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            position_id: params.position_id,
+            symbol: params.symbol,
+            side,
+            quantity: params.quantity,
+            original_quantity: params.quantity,
+            entry_price: entry,
+            leverage: params.leverage,
+            confidence: params.confidence,
+            opened_at_ms: params.opened_at_ms,
+            liquidation_price: liquidation,
+            stop_price: plan.stop_price,
+            stop_reason: ExitReason::StopLoss,
+            r_distance: plan.stop_distance,
+            best_price: entry,
+            ladder_prices: ladder,
+            ladder_targets: targets,
+            ladder_closed: Decimal::ZERO,
+            levels_done: 0,
+            levels_passed_at_adoption: 0,
+            trail_activate_price: activate,
+            trailing_active: immediate,
+            over_leveraged: plan.over_leveraged,
+            time_stop_below_price,
+            pending: None,
+            sequence: 0,
+            last_mark_price: None,
+            trail_cache: None,
+            trail_basis: None,
+        })
+    }
+
+    /// Starts tracking a position found on the exchange mid-life.
+    ///
+    /// `original_quantity` (≥ quantity) says how large it was before the ladder
+    /// closed part of it: the difference counts as closed by the ladder and the
+    /// levels it covers are done (their ratchet applies). `best_price` is the
+    /// best mark seen before adoption: levels it passed fire on the first update,
+    /// whatever the mark is then. An over-leveraged position is closed on the
+    /// first update (reason `over_leverage`).
+    ///
+    /// # Errors
+    /// As [`PositionState::open`], and `original_quantity` below `quantity`.
+    pub fn adopt(
+        params: OpenParams,
+        original_quantity: Option<Decimal>,
+        best_price: Option<Decimal>,
+        atr: Option<f64>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Result<Self, CoreError> {
+        let live = params.quantity;
+        let mut state = Self::open(params, atr, rules, policy)?;
+        if let Some(original) = original_quantity {
+            if original < live {
+                return Err(invalid(
+                    "original_quantity",
+                    original,
+                    &format!("must be >= quantity {live}"),
+                ));
+            }
+            state.original_quantity = original;
+            state.ladder_targets = Self::targets(original, rules, policy);
+            state.ladder_closed = original - live;
+            state.levels_done = state
+                .ladder_targets
+                .iter()
+                .take_while(|t| **t <= state.ladder_closed)
+                .count() as u32;
+            state.apply_ladder_ratchet(rules, policy);
+        }
+        if let Some(best) = best_price {
+            if best <= Decimal::ZERO {
+                return Err(invalid("best_price", best, "must be > 0"));
+            }
+            if profit_ge(state.side, best, state.best_price) {
+                state.best_price = best;
+            }
+            state.levels_passed_at_adoption = state
+                .ladder_prices
+                .iter()
+                .take_while(|p| profit_ge(state.side, state.best_price, **p))
+                .count() as u32;
+        }
+        Ok(state)
+    }
+
+    fn targets(original: Decimal, rules: &SymbolRules, policy: &ExitPolicy) -> Vec<Decimal> {
+        policy
+            .derived()
+            .cum_fractions
+            .iter()
+            .map(|f| {
+                if *f == Decimal::ONE {
+                    original
+                } else {
+                    rules.quantize_qty(*f * original, true)
+                }
+            })
+            .collect()
+    }
+
+    /// Moves the stop to `candidate` when that tightens it; returns whether it moved.
+    fn tighten(&mut self, candidate: Decimal, reason: ExitReason) -> bool {
+        if strictly_tighter(self.side, candidate, self.stop_price) {
+            self.stop_price = candidate;
+            self.stop_reason = reason;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn apply_ladder_ratchet(&mut self, rules: &SymbolRules, policy: &ExitPolicy) {
+        let config = policy.config();
+        if let Some(n) = config.breakeven_after_level {
+            if self.levels_done >= n {
+                let target = toward_profit(
+                    self.side,
+                    self.entry_price,
+                    policy.derived().breakeven_pct * self.entry_price,
+                );
+                let rounded = round_stop(self.side, target, rules);
+                self.tighten(rounded, ExitReason::BreakevenStop);
+            }
+        }
+        if config.ratchet_to_previous_level && self.levels_done >= 2 {
+            let previous = self.ladder_prices[self.levels_done as usize - 2];
+            self.tighten(previous, ExitReason::RatchetStop);
+        }
+    }
+
+    fn trail_distance(&mut self, atr: Option<f64>, policy: &ExitPolicy) -> Decimal {
+        let config = policy.config();
+        if let Some(pct) = policy.derived().trail_pct {
+            return pct * self.best_price;
+        }
+        match (config.trail_atr, atr.filter(|a| a.is_finite() && *a > 0.0)) {
+            (Some(k), Some(a)) => {
+                let bits = a.to_bits();
+                if let Some((cached_bits, distance)) = self.trail_cache {
+                    if cached_bits == bits {
+                        return distance;
+                    }
+                }
+                let distance = decimal_of("trail_atr", k * a)
+                    .unwrap_or_else(|_| policy.derived().fallback_stop_pct * self.best_price);
+                self.trail_cache = Some((bits, distance));
+                distance
+            }
+            _ => policy.derived().fallback_stop_pct * self.best_price,
+        }
+    }
+
+    fn emit(
+        &mut self,
+        quantity: Decimal,
+        reason: ExitReason,
+        trigger: Decimal,
+        mark: Decimal,
+        now_ms: i64,
+    ) -> ExitAction {
+        self.sequence += 1;
+        let action = ExitAction {
+            position_id: self.position_id.clone(),
+            symbol: self.symbol.clone(),
+            position_side: self.side,
+            side: self.side.closing_side(),
+            quantity,
+            reason,
+            trigger_price: trigger,
+            mark_price: mark,
+            sequence: self.sequence,
+            is_full_close: quantity >= self.quantity,
+            event_time_ms: now_ms,
+        };
+        self.pending = Some(action.clone());
+        action
+    }
+
+    /// Applies one mark price at event time `now_ms` with the symbol's current
+    /// ATR; returns the exit it triggers, which is then pending.
+    pub fn on_mark(
+        &mut self,
+        mark: Decimal,
+        atr: Option<f64>,
+        now_ms: i64,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Option<ExitAction> {
+        self.last_mark_price = Some(mark);
+        if self.opened_at_ms.is_none() {
+            self.opened_at_ms = Some(now_ms);
+        }
+        if self.pending.is_some() || self.quantity <= Decimal::ZERO || mark <= Decimal::ZERO {
+            return None;
+        }
+        let side = self.side;
+        // 1. best mark
+        let improved = strictly_tighter(side, mark, self.best_price);
+        if improved {
+            self.best_price = mark;
+        }
+        // 2. trailing
+        let config = policy.config();
+        if !self.trailing_active && (config.trail_atr.is_some() || config.trail_pct.is_some()) {
+            let by_price = self
+                .trail_activate_price
+                .is_some_and(|p| profit_ge(side, self.best_price, p));
+            let by_level = config
+                .trail_after_level
+                .is_some_and(|n| self.levels_done >= n);
+            self.trailing_active = by_price || by_level;
+        }
+        if self.trailing_active {
+            let basis = (self.best_price, atr.map_or(0, f64::to_bits));
+            if self.trail_basis != Some(basis) {
+                self.trail_basis = Some(basis);
+                let distance = self.trail_distance(atr, policy);
+                let candidate =
+                    round_stop(side, toward_loss(side, self.best_price, distance), rules);
+                if candidate > Decimal::ZERO {
+                    self.tighten(candidate, ExitReason::TrailingStop);
+                }
+            }
+        }
+        if self.over_leveraged {
+            return Some(self.emit(self.quantity, ExitReason::OverLeverage, mark, mark, now_ms));
+        }
+        // 3. stop
+        if profit_ge(side, self.stop_price, mark) {
+            return Some(self.emit(
+                self.quantity,
+                self.stop_reason,
+                self.stop_price,
+                mark,
+                now_ms,
+            ));
+        }
+        // 4. ladder
+        let done = self.levels_done as usize;
+        if done < self.ladder_prices.len() {
+            let crossed = self.ladder_prices[done..]
+                .iter()
+                .take_while(|p| profit_ge(side, mark, **p))
+                .count()
+                + done;
+            let crossed = crossed.max(self.levels_passed_at_adoption as usize);
+            if crossed > done {
+                let level = crossed; // 1-based index of the highest level crossed
+                let trigger = self.ladder_prices[level - 1];
+                let wanted = self.ladder_targets[level - 1] - self.ladder_closed;
+                let quantity = self.ladder_quantity(wanted, mark, rules);
+                return Some(self.emit(
+                    quantity,
+                    ExitReason::TakeProfit(level as u32),
+                    trigger,
+                    mark,
+                    now_ms,
+                ));
+            }
+        }
+        // 5. time stop
+        if let (Some(max_hold), Some(opened)) = (config.max_hold_ms, self.opened_at_ms) {
+            let expired = now_ms.saturating_sub(opened) >= max_hold;
+            let below = self
+                .time_stop_below_price
+                .is_none_or(|p| !profit_ge(side, self.best_price, p));
+            if expired && below {
+                return Some(self.emit(self.quantity, ExitReason::TimeStop, mark, mark, now_ms));
+            }
+        }
+        None
+    }
+
+    /// Returns the quantity a take-profit closes: `wanted`, or the whole live
+    /// quantity when `wanted` or the remainder it leaves cannot trade on its own.
+    fn ladder_quantity(&self, wanted: Decimal, mark: Decimal, rules: &SymbolRules) -> Decimal {
+        let live = self.quantity;
+        let min_qty = rules.min_qty(true);
+        if wanted <= Decimal::ZERO || wanted >= live || wanted < min_qty {
+            return live;
+        }
+        let remainder = live - wanted;
+        if remainder < min_qty || remainder * mark < rules.min_notional() {
+            return live;
+        }
+        wanted
+    }
+
+    fn pending_with(&self, sequence: u64) -> Result<&ExitAction, CoreError> {
+        match &self.pending {
+            Some(action) if action.sequence == sequence => Ok(action),
+            Some(action) => Err(invalid(
+                "sequence",
+                sequence,
+                &format!(
+                    "position {} has action {} pending, not {sequence}",
+                    self.position_id, action.sequence
+                ),
+            )),
+            None => Err(invalid(
+                "sequence",
+                sequence,
+                &format!("position {} has no pending action", self.position_id),
+            )),
+        }
+    }
+
+    /// Confirms the pending action `sequence` with `filled` (default: all of it).
+    /// A take-profit fill advances the ladder and runs the ratchet.
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` when `sequence` is not the pending action or
+    /// `filled` is negative or above the action's quantity. Nothing changes then.
+    pub fn confirm(
+        &mut self,
+        sequence: u64,
+        filled: Option<Decimal>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Result<Confirmed, CoreError> {
+        let action = self.pending_with(sequence)?;
+        let filled = filled.unwrap_or(action.quantity);
+        if filled < Decimal::ZERO || filled > action.quantity {
+            return Err(invalid(
+                "filled_quantity",
+                filled,
+                &format!("must be in [0, {}]", action.quantity),
+            ));
+        }
+        let reason = action.reason;
+        let complete = filled == action.quantity;
+        self.pending = None;
+        let filled = filled.min(self.quantity);
+        self.quantity -= filled;
+        if let ExitReason::TakeProfit(level) = reason {
+            self.ladder_closed += filled;
+            let by_target = self
+                .ladder_targets
+                .iter()
+                .take_while(|t| **t <= self.ladder_closed)
+                .count() as u32;
+            let reached = if complete {
+                level.max(by_target)
+            } else {
+                by_target
+            };
+            self.levels_done = self.levels_done.max(reached);
+        }
+        if self.quantity <= Decimal::ZERO {
+            self.quantity = Decimal::ZERO;
+            return Ok(Confirmed::Closed);
+        }
+        self.apply_ladder_ratchet(rules, policy);
+        Ok(Confirmed::Open)
+    }
+
+    /// Rejects the pending action `sequence`: the position is as it was and the
+    /// same rule may fire again on the next update (with a new sequence).
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` when `sequence` is not the pending action.
+    pub fn reject(&mut self, sequence: u64) -> Result<(), CoreError> {
+        self.pending_with(sequence)?;
+        self.pending = None;
+        Ok(())
+    }
+
+    /// Sets the live quantity after a partial entry fill (growth: the original
+    /// size grows by the same amount and the ladder targets follow) or an
+    /// external reduce (the original size stays). Returns `Closed` at zero.
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` for a negative quantity.
+    pub fn resize(
+        &mut self,
+        quantity: Decimal,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Result<Confirmed, CoreError> {
+        if quantity < Decimal::ZERO {
+            return Err(invalid("quantity", quantity, "must be >= 0"));
+        }
+        if quantity > self.quantity {
+            self.original_quantity += quantity - self.quantity;
+            self.ladder_targets = Self::targets(self.original_quantity, rules, policy);
+        }
+        self.quantity = quantity;
+        if quantity.is_zero() {
+            return Ok(Confirmed::Closed);
+        }
+        Ok(Confirmed::Open)
+    }
+
+    /// Records the liquidation price; the stop tightens to stay
+    /// `liq_buffer_pct` inside it (reason `stop_loss`). R is unchanged.
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` for a negative price.
+    pub fn set_liquidation_price(
+        &mut self,
+        price: Decimal,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Result<(), CoreError> {
+        if price < Decimal::ZERO {
+            return Err(invalid("liquidation_price", price, "must be >= 0"));
+        }
+        if price.is_zero() {
+            self.liquidation_price = None;
+            return Ok(());
+        }
+        self.liquidation_price = Some(price);
+        let limit = toward_profit(
+            self.side,
+            price,
+            policy.derived().liq_buffer_pct * self.entry_price,
+        );
+        let rounded = round_stop(self.side, limit, rules);
+        self.tighten(rounded, ExitReason::StopLoss);
+        Ok(())
+    }
+
+    /// Returns the price of the next ladder level not yet done.
+    pub fn next_take_profit(&self) -> Option<Decimal> {
+        self.ladder_prices.get(self.levels_done as usize).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::policy::{LadderLevel, PolicyConfig};
+    use crate::exit::test_support::{btc, d};
+
+    /// The worked example of exit-rules.md.
+    fn example_policy() -> ExitPolicy {
+        ExitPolicy::new(PolicyConfig {
+            stop_atr: Some(2.0),
+            min_stop_pct: 0.003,
+            max_stop_pct: 0.03,
+            max_margin_loss: Some(0.10),
+            ladder: vec![
+                LadderLevel {
+                    at: 1.0,
+                    fraction: 0.3,
+                },
+                LadderLevel {
+                    at: 2.0,
+                    fraction: 0.3,
+                },
+                LadderLevel {
+                    at: 3.0,
+                    fraction: 0.4,
+                },
+            ],
+            breakeven_after_level: Some(1),
+            ratchet_to_previous_level: true,
+            taker_fee: 0.0005,
+            trail_atr: Some(2.0),
+            trail_activate_r: Some(3.0),
+            ..PolicyConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn params(side: PositionSide, quantity: &str, entry: &str) -> OpenParams {
+        OpenParams {
+            position_id: "p1".into(),
+            symbol: "BTCUSDT".into(),
+            side,
+            quantity: d(quantity),
+            entry_price: d(entry),
+            leverage: 10,
+            confidence: None,
+            opened_at_ms: Some(0),
+            liquidation_price: None,
+        }
+    }
+
+    fn open(side: PositionSide, policy: &ExitPolicy) -> PositionState {
+        PositionState::open(params(side, "0.010", "30000.0"), Some(60.0), &btc(), policy).unwrap()
+    }
+
+    fn mark(p: &mut PositionState, price: &str, policy: &ExitPolicy) -> Option<ExitAction> {
+        p.on_mark(d(price), Some(60.0), 1_000, &btc(), policy)
+    }
+
+    #[test]
+    fn worked_example_initial_stop_and_ladder() {
+        let policy = example_policy();
+        let p = open(PositionSide::Long, &policy);
+        assert_eq!(p.stop_price, d("29880.0"));
+        assert_eq!(p.r_distance, d("120.0"));
+        assert_eq!(
+            p.ladder_prices,
+            vec![d("30120.0"), d("30240.0"), d("30360.0")]
+        );
+        assert_eq!(p.ladder_targets, vec![d("0.003"), d("0.006"), d("0.010")]);
+        assert!(!p.over_leveraged);
+    }
+
+    #[test]
+    fn worked_example_jump_to_tp3() {
+        let policy = example_policy();
+        let rules = btc();
+        let mut p = open(PositionSide::Long, &policy);
+        let a = mark(&mut p, "30125.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity, a.side.as_str(), a.sequence),
+            (ExitReason::TakeProfit(1), d("0.003"), "SELL", 1)
+        );
+        assert_eq!(a.trigger_price, d("30120.0"));
+        assert!(!a.is_full_close);
+        assert_eq!(
+            mark(&mut p, "30200.0", &policy),
+            None,
+            "pending: nothing else"
+        );
+        assert_eq!(
+            p.confirm(1, None, &rules, &policy).unwrap(),
+            Confirmed::Open
+        );
+        assert_eq!(p.stop_price, d("30030.0"));
+        assert_eq!(p.stop_reason, ExitReason::BreakevenStop);
+        assert_eq!(mark(&mut p, "30130.0", &policy), None);
+        let a = mark(&mut p, "30370.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity, a.sequence),
+            (ExitReason::TakeProfit(3), d("0.007"), 2)
+        );
+        assert!(a.is_full_close);
+        assert_eq!(p.stop_price, d("30250.0"), "trailing active from 3R");
+        assert_eq!(
+            p.confirm(2, None, &rules, &policy).unwrap(),
+            Confirmed::Closed
+        );
+    }
+
+    #[test]
+    fn worked_example_ratchet_stop() {
+        let policy = example_policy();
+        let rules = btc();
+        let mut p = open(PositionSide::Long, &policy);
+        mark(&mut p, "30125.0", &policy).unwrap();
+        p.confirm(1, None, &rules, &policy).unwrap();
+        let a = mark(&mut p, "30250.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity),
+            (ExitReason::TakeProfit(2), d("0.003"))
+        );
+        p.confirm(2, None, &rules, &policy).unwrap();
+        assert_eq!(
+            (p.stop_price, p.stop_reason),
+            (d("30120.0"), ExitReason::RatchetStop)
+        );
+        let a = mark(&mut p, "29990.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity, a.trigger_price),
+            (ExitReason::RatchetStop, d("0.004"), d("30120.0"))
+        );
+        assert!(a.is_full_close);
+    }
+
+    #[test]
+    fn short_mirrors_the_example() {
+        let policy = example_policy();
+        let rules = btc();
+        let mut p = open(PositionSide::Short, &policy);
+        assert_eq!(p.stop_price, d("30120.0"));
+        assert_eq!(
+            p.ladder_prices,
+            vec![d("29880.0"), d("29760.0"), d("29640.0")]
+        );
+        let a = mark(&mut p, "29875.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity, a.side.as_str()),
+            (ExitReason::TakeProfit(1), d("0.003"), "BUY")
+        );
+        p.confirm(1, None, &rules, &policy).unwrap();
+        assert_eq!(p.stop_price, d("29970.0"));
+        let a = mark(&mut p, "29750.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity),
+            (ExitReason::TakeProfit(2), d("0.003"))
+        );
+        p.confirm(2, None, &rules, &policy).unwrap();
+        assert_eq!(
+            (p.stop_price, p.stop_reason),
+            (d("29880.0"), ExitReason::RatchetStop)
+        );
+        let a = mark(&mut p, "30010.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity, a.trigger_price),
+            (ExitReason::RatchetStop, d("0.004"), d("29880.0"))
+        );
+    }
+
+    #[test]
+    fn initial_stop_loss_long_and_short() {
+        let policy = example_policy();
+        let mut p = open(PositionSide::Long, &policy);
+        assert_eq!(mark(&mut p, "29880.1", &policy), None);
+        let a = mark(&mut p, "29880.0", &policy).unwrap();
+        assert_eq!((a.reason, a.quantity), (ExitReason::StopLoss, d("0.010")));
+        let mut s = open(PositionSide::Short, &policy);
+        let a = mark(&mut s, "30125.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.side.as_str(), a.trigger_price),
+            (ExitReason::StopLoss, "BUY", d("30120.0"))
+        );
+    }
+
+    #[test]
+    fn stop_distance_floor_cap_and_margin_cap() {
+        let policy = example_policy();
+        let rules = btc();
+        // ATR 10 → d = 20 < floor 90.
+        let plan = plan_stop(
+            PositionSide::Long,
+            d("30000"),
+            10,
+            Some(10.0),
+            None,
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(plan.stop_price, d("29910.0"));
+        // ATR 1000 → d = 2000, capped by max_stop_pct 900 and the margin cap 300.
+        let plan = plan_stop(
+            PositionSide::Long,
+            d("30000"),
+            10,
+            Some(1000.0),
+            None,
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(plan.stop_price, d("29700.0"));
+        // Without ATR: fallback 1 % = 300, under the cap 300 at 10x.
+        let plan = plan_stop(
+            PositionSide::Short,
+            d("30000"),
+            20,
+            None,
+            None,
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(
+            plan.stop_price,
+            d("30150.0"),
+            "margin cap 0.10 / 20 = 0.5 %"
+        );
+        // Stop rounds UP (tightening) for a LONG, DOWN for a SHORT.
+        let plan = plan_stop(
+            PositionSide::Long,
+            d("30000"),
+            10,
+            Some(60.03),
+            None,
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(plan.stop_price, d("29880.0"));
+        let plan = plan_stop(
+            PositionSide::Short,
+            d("30000"),
+            10,
+            Some(60.03),
+            None,
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(plan.stop_price, d("30120.0"));
+    }
+
+    #[test]
+    fn over_leverage_and_liquidation() {
+        let policy = example_policy();
+        let rules = btc();
+        // 0.10 / 50 = 0.2 % < min 0.3 %.
+        let plan = plan_stop(
+            PositionSide::Long,
+            d("30000"),
+            50,
+            Some(60.0),
+            None,
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert!(plan.over_leveraged);
+        let mut p = PositionState::open(
+            OpenParams {
+                leverage: 50,
+                ..params(PositionSide::Long, "0.010", "30000.0")
+            },
+            Some(60.0),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        let a = mark(&mut p, "30001.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity, a.is_full_close),
+            (ExitReason::OverLeverage, d("0.010"), true)
+        );
+        // Liquidation 29800 + 1 % buffer (300) = 30100 is above entry − min: over-leveraged.
+        let plan = plan_stop(
+            PositionSide::Long,
+            d("30000"),
+            10,
+            Some(60.0),
+            Some(d("29800")),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert!(plan.over_leveraged);
+        // Liquidation 27000 + 300 = 27300: the stop 29880 is already inside.
+        let plan = plan_stop(
+            PositionSide::Long,
+            d("30000"),
+            10,
+            Some(60.0),
+            Some(d("27000")),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(plan.stop_price, d("29880.0"));
+        assert!(!plan.over_leveraged);
+        // Liquidation 29500 + 300 = 29800 is tighter than nothing, looser than 29880: keep 29880.
+        let mut p = open(PositionSide::Long, &policy);
+        p.set_liquidation_price(d("29600"), &rules, &policy)
+            .unwrap();
+        assert_eq!(p.stop_price, d("29900.0"));
+        assert_eq!(p.stop_reason, ExitReason::StopLoss);
+        p.set_liquidation_price(d("29000"), &rules, &policy)
+            .unwrap();
+        assert_eq!(p.stop_price, d("29900.0"), "never loosens");
+    }
+
+    #[test]
+    fn reject_rearms_with_a_new_sequence() {
+        let policy = example_policy();
+        let rules = btc();
+        let mut p = open(PositionSide::Long, &policy);
+        let a = mark(&mut p, "30125.0", &policy).unwrap();
+        assert!(p.confirm(7, None, &rules, &policy).is_err());
+        p.reject(a.sequence).unwrap();
+        assert!(p.reject(a.sequence).is_err(), "nothing pending any more");
+        let b = mark(&mut p, "30126.0", &policy).unwrap();
+        assert_eq!(
+            (b.reason, b.quantity, b.sequence),
+            (ExitReason::TakeProfit(1), d("0.003"), 2)
+        );
+    }
+
+    #[test]
+    fn partial_fill_leaves_the_rest_of_the_level() {
+        let policy = example_policy();
+        let rules = btc();
+        let mut p = open(PositionSide::Long, &policy);
+        mark(&mut p, "30125.0", &policy).unwrap();
+        assert_eq!(
+            p.confirm(1, Some(d("0.001")), &rules, &policy).unwrap(),
+            Confirmed::Open
+        );
+        assert_eq!((p.quantity, p.levels_done), (d("0.009"), 0));
+        assert_eq!(
+            p.stop_reason,
+            ExitReason::StopLoss,
+            "no ratchet before the level is done"
+        );
+        let a = mark(&mut p, "30125.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity),
+            (ExitReason::TakeProfit(1), d("0.002"))
+        );
+        p.confirm(a.sequence, None, &rules, &policy).unwrap();
+        assert_eq!(
+            (p.quantity, p.levels_done, p.stop_reason),
+            (d("0.007"), 1, ExitReason::BreakevenStop)
+        );
+        assert!(p.confirm(a.sequence, None, &rules, &policy).is_err());
+    }
+
+    #[test]
+    fn dust_remainder_becomes_a_full_close() {
+        let policy = example_policy();
+        let rules = btc();
+        // 0.005 at 30000: TP1 = floor(0.0015) = 0.001, remainder 0.004 × 30120 = 120 ≥ 100.
+        let mut p = PositionState::open(
+            params(PositionSide::Long, "0.005", "30000.0"),
+            Some(60.0),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        let a = mark(&mut p, "30120.0", &policy).unwrap();
+        assert_eq!((a.quantity, a.is_full_close), (d("0.001"), false));
+        // 0.004: TP1 0.001 leaves 0.003 × 30120 = 90.4 < MIN_NOTIONAL 100 → full close.
+        let mut p = PositionState::open(
+            params(PositionSide::Long, "0.004", "30000.0"),
+            Some(60.0),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        let a = mark(&mut p, "30120.0", &policy).unwrap();
+        assert_eq!(
+            (a.quantity, a.is_full_close, a.reason),
+            (d("0.004"), true, ExitReason::TakeProfit(1))
+        );
+        // 0.002: TP1 quantizes to zero → full close (issue 3).
+        let mut p = PositionState::open(
+            params(PositionSide::Long, "0.002", "30000.0"),
+            Some(60.0),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        let a = mark(&mut p, "30120.0", &policy).unwrap();
+        assert_eq!((a.quantity, a.is_full_close), (d("0.002"), true));
+    }
+
+    #[test]
+    fn trailing_by_pct_from_activation_pct() {
+        let policy = ExitPolicy::preset("standard").unwrap();
+        let rules = btc();
+        let mut p = PositionState::open(
+            params(PositionSide::Long, "10.000", "100.0"),
+            None,
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        // 10 % of margin at 10x = 1 % of price.
+        assert_eq!(p.stop_price, d("99.0"));
+        assert_eq!(p.ladder_prices, vec![d("101.5"), d("102.5"), d("104.0")]);
+        assert_eq!(p.ladder_targets, vec![d("3.000"), d("6.000"), d("8.000")]);
+        let a = p.on_mark(d("101.5"), None, 1, &rules, &policy).unwrap();
+        assert_eq!(a.reason, ExitReason::TakeProfit(1));
+        p.confirm(1, None, &rules, &policy).unwrap();
+        assert_eq!(p.stop_price, d("100.1"), "breakeven + 2 × 0.0005");
+        let a = p.on_mark(d("104.0"), None, 2, &rules, &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity),
+            (ExitReason::TakeProfit(3), d("5.000"))
+        );
+        p.confirm(a.sequence, None, &rules, &policy).unwrap();
+        assert!(p.trailing_active);
+        assert_eq!(p.stop_price, d("102.5"), "104 − 1.5 % = 102.44, rounded up");
+        assert_eq!(p.on_mark(d("110.0"), None, 3, &rules, &policy), None);
+        assert_eq!(p.stop_price, d("108.4"), "110 − 1.65 = 108.35 → 108.4");
+        assert_eq!(p.on_mark(d("109.0"), None, 4, &rules, &policy), None);
+        assert_eq!(p.stop_price, d("108.4"), "never loosens");
+        let a = p.on_mark(d("108.4"), None, 5, &rules, &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity, a.trigger_price),
+            (ExitReason::TrailingStop, d("2.000"), d("108.4"))
+        );
+    }
+
+    #[test]
+    fn time_stop_unless_profit() {
+        let policy = ExitPolicy::preset("challenge").unwrap();
+        let rules = btc();
+        let mut p = open(PositionSide::Long, &policy);
+        assert_eq!(
+            p.on_mark(d("30010.0"), Some(60.0), 7_199_999, &rules, &policy),
+            None
+        );
+        let a = p
+            .on_mark(d("30010.0"), Some(60.0), 7_200_000, &rules, &policy)
+            .unwrap();
+        assert_eq!(
+            (a.reason, a.quantity, a.event_time_ms),
+            (ExitReason::TimeStop, d("0.010"), 7_200_000)
+        );
+        // Once +1R was reached, the time stop is off.
+        let mut p = open(PositionSide::Short, &policy);
+        let tp = p
+            .on_mark(d("29880.0"), Some(60.0), 1, &rules, &policy)
+            .unwrap();
+        p.reject(tp.sequence).unwrap();
+        assert_eq!(
+            p.on_mark(d("29990.0"), Some(60.0), 8_000_000, &rules, &policy),
+            None
+        );
+    }
+
+    #[test]
+    fn trailing_after_level_with_atr() {
+        let policy = ExitPolicy::preset("challenge").unwrap();
+        let rules = btc();
+        let mut p = open(PositionSide::Short, &policy);
+        let a = p
+            .on_mark(d("29870.0"), Some(60.0), 1, &rules, &policy)
+            .unwrap();
+        assert_eq!(
+            (a.reason, a.quantity),
+            (ExitReason::TakeProfit(1), d("0.003"))
+        );
+        p.confirm(1, None, &rules, &policy).unwrap();
+        assert_eq!(
+            (p.stop_price, p.stop_reason),
+            (d("29970.0"), ExitReason::BreakevenStop)
+        );
+        assert_eq!(
+            p.on_mark(d("29800.0"), Some(60.0), 2, &rules, &policy),
+            None
+        );
+        assert_eq!(
+            (p.stop_price, p.stop_reason),
+            (d("29920.0"), ExitReason::TrailingStop)
+        );
+        let a = p
+            .on_mark(d("29920.0"), Some(60.0), 3, &rules, &policy)
+            .unwrap();
+        assert_eq!(
+            (a.reason, a.quantity, a.side.as_str()),
+            (ExitReason::TrailingStop, d("0.007"), "BUY")
+        );
+    }
+
+    #[test]
+    fn adoption_fires_passed_levels_and_infers_progress() {
+        let policy = example_policy();
+        let rules = btc();
+        let adopted = PositionState::adopt(
+            params(PositionSide::Long, "0.007", "30000.0"),
+            Some(d("0.010")),
+            Some(d("30250.0")),
+            Some(60.0),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(adopted.levels_done, 1);
+        assert_eq!(adopted.stop_reason, ExitReason::BreakevenStop);
+        let mut p = adopted.clone();
+        // The mark fell back under level 2 but the best passed it: it fires at once.
+        let a = p
+            .on_mark(d("30100.0"), Some(60.0), 5, &rules, &policy)
+            .unwrap();
+        assert_eq!(
+            (a.reason, a.quantity),
+            (ExitReason::TakeProfit(2), d("0.003"))
+        );
+        assert!(PositionState::adopt(
+            params(PositionSide::Long, "0.007", "30000.0"),
+            Some(d("0.005")),
+            None,
+            None,
+            &rules,
+            &policy
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn resize_grows_original_and_reduce_keeps_it() {
+        let policy = example_policy();
+        let rules = btc();
+        let mut p = PositionState::open(
+            params(PositionSide::Long, "0.004", "30000.0"),
+            Some(60.0),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        p.resize(d("0.010"), &rules, &policy).unwrap();
+        assert_eq!(
+            (p.original_quantity, p.ladder_targets.clone()),
+            (d("0.010"), vec![d("0.003"), d("0.006"), d("0.010")])
+        );
+        p.resize(d("0.008"), &rules, &policy).unwrap();
+        assert_eq!(p.original_quantity, d("0.010"));
+        let a = mark(&mut p, "30400.0", &policy).unwrap();
+        assert_eq!(
+            (a.quantity, a.is_full_close),
+            (d("0.008"), true),
+            "never more than is open"
+        );
+        assert_eq!(
+            p.resize(d("0"), &rules, &policy).unwrap(),
+            Confirmed::Closed
+        );
+    }
+
+    #[test]
+    fn confidence_stretches_the_ladder() {
+        let policy = ExitPolicy::new(PolicyConfig {
+            ladder: vec![LadderLevel {
+                at: 1.0,
+                fraction: 0.5,
+            }],
+            confidence_scale: 1.0,
+            m_min: 0.5,
+            m_max: 1.5,
+            ..PolicyConfig::default()
+        })
+        .unwrap();
+        let rules = btc();
+        let p = PositionState::open(
+            OpenParams {
+                confidence: Some(1.0),
+                ..params(PositionSide::Long, "0.010", "30000.0")
+            },
+            Some(60.0),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(p.ladder_prices, vec![d("30180.0")], "m = 1.5");
+    }
+}
