@@ -2,5 +2,15 @@
 //! per-position exit state machine. Only `python/` knows about Python; the rest
 //! builds and tests without an interpreter.
 
+pub mod atr;
+pub mod bars;
+pub mod error;
+pub mod feed;
+pub mod fixed;
+pub mod rules;
+
+pub use error::CoreError;
+pub use fixed::{Decimal, Rounding};
+
 #[cfg(feature = "python")]
 mod python;

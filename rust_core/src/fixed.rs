@@ -1,0 +1,358 @@
+//! Exact decimals for money: parsing wire strings, rounding to a step, formatting back.
+//!
+//! The money type is [`rust_decimal::Decimal`] (96-bit integer mantissa and a base-10
+//! scale up to 28): every price, quantity and filter value of Binance fits exactly, and
+//! `+ - * %` on it are exact within that range. Invariants kept here:
+//! - strings are parsed by a strict decimal grammar, never through `f64`;
+//! - rounding to a step uses the exact remainder, never a float division;
+//! - formatting never prints an exponent and prints exactly the step's decimals.
+//!
+//! Floats enter only through [`decimal_from_f64`], which takes the shortest decimal string
+//! that round-trips to the same `f64` (the same digits Python's `repr(float)` prints), so
+//! `0.1` becomes `0.1`, not `0.1000000000000000055511151231257827`.
+
+use std::str::FromStr;
+
+pub use rust_decimal::Decimal;
+use rust_decimal::RoundingStrategy;
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+
+/// How a value that is not on its grid is moved onto it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rounding {
+    /// Toward negative infinity (floor): the grid point at or below the value.
+    Down,
+    /// Toward positive infinity (ceiling): the grid point at or above the value.
+    Up,
+    /// To the nearest grid point; an exact tie goes away from zero (up for positive
+    /// prices), which is what people mean by "round half up" on prices.
+    Nearest,
+}
+
+impl Rounding {
+    /// Parses `"down"`, `"up"` or `"nearest"` (case-insensitive).
+    pub fn parse(text: &str) -> Result<Self, CoreError> {
+        match text.to_ascii_lowercase().as_str() {
+            "down" => Ok(Self::Down),
+            "up" => Ok(Self::Up),
+            "nearest" => Ok(Self::Nearest),
+            _ => Err(CoreError::invalid(
+                "rounding",
+                text,
+                "must be one of \"down\", \"up\" or \"nearest\"",
+            )),
+        }
+    }
+}
+
+/// The rule text every decimal parse error quotes.
+pub const DECIMAL_RULE: &str =
+    "must be a plain decimal number (digits with at most one point, an optional sign, no exponent)";
+
+/// Parses a plain decimal string exactly: `[+-]?digits[.digits]` or `[+-]?.digits`.
+///
+/// Rejects exponents (`1e-5`), `NaN`, infinities, empty strings, spaces, and values that
+/// do not fit 28 significant digits (rather than rounding them silently).
+///
+/// # Errors
+/// `CoreError::InvalidField` naming `field`, the value and the grammar.
+pub fn parse_decimal(field: &str, text: &str) -> Result<Decimal, CoreError> {
+    if !is_plain_decimal(text.as_bytes()) {
+        return Err(CoreError::invalid(field, text, DECIMAL_RULE));
+    }
+    let unsigned = text.strip_prefix('+').unwrap_or(text);
+    Decimal::from_str_exact(unsigned).map_err(|_| {
+        CoreError::invalid(
+            field,
+            text,
+            "must fit in 28 significant digits and 28 decimals",
+        )
+    })
+}
+
+fn is_plain_decimal(bytes: &[u8]) -> bool {
+    let body = match bytes.first() {
+        Some(b'+' | b'-') => &bytes[1..],
+        _ => bytes,
+    };
+    let mut digits = 0usize;
+    let mut points = 0usize;
+    for &b in body {
+        match b {
+            b'0'..=b'9' => digits += 1,
+            b'.' => points += 1,
+            _ => return false,
+        }
+    }
+    digits > 0 && points <= 1
+}
+
+/// Converts a finite `f64` to the `Decimal` of its shortest round-trip decimal string.
+///
+/// Rust's `Display` for `f64` prints the shortest digits that read back as the same
+/// float and never uses an exponent, so `0.1 + 0.2` gives `0.30000000000000004` (that
+/// is the float's value) while `0.3` gives `0.3`. Round the result to a tick or step
+/// afterwards; this function only avoids inventing binary noise digits.
+///
+/// # Errors
+/// `CoreError::InvalidField` for NaN, infinities, and magnitudes outside `Decimal`'s
+/// range (beyond 28 digits, e.g. `1e-30` or `1e30`).
+pub fn decimal_from_f64(field: &str, value: f64) -> Result<Decimal, CoreError> {
+    if !value.is_finite() {
+        return Err(CoreError::invalid(
+            field,
+            value.to_string(),
+            "must be a finite number",
+        ));
+    }
+    let text = value.to_string();
+    Decimal::from_str_exact(&text).or_else(|_| {
+        // Tiny magnitudes print more than 28 decimals: round them (they are far below any
+        // tick) rather than refuse; huge ones cannot be represented at all.
+        if value.abs() < 1.0 {
+            Decimal::from_str(&text).map_err(|_| {
+                CoreError::invalid(field, text.clone(), "is outside the exact decimal range")
+            })
+        } else {
+            Err(CoreError::invalid(
+                field,
+                text.clone(),
+                "is outside the exact decimal range (at most 28 digits)",
+            ))
+        }
+    })
+}
+
+/// Converts a `Decimal` to the nearest `f64` (for ATR and other float arithmetic only).
+pub fn decimal_to_f64(value: Decimal) -> f64 {
+    // Parsing the canonical string is correctly rounded; the digit loop in
+    // `ToPrimitive` is not guaranteed to be for large scales.
+    value.to_string().parse::<f64>().unwrap_or(f64::NAN)
+}
+
+/// Rounds `value` to a multiple of `step` in the given direction, exactly.
+///
+/// A `step` of zero or below means the grid is disabled (Binance's convention for a 0
+/// filter value): the value is returned unchanged.
+pub fn round_to_step(value: Decimal, step: Decimal, rounding: Rounding) -> Decimal {
+    if step <= Decimal::ZERO {
+        return value;
+    }
+    // `%` keeps the dividend's sign: for negative values the remainder is negative.
+    let remainder = value % step;
+    if remainder.is_zero() {
+        return normalize_zero(value);
+    }
+    let floor = if remainder > Decimal::ZERO {
+        value - remainder
+    } else {
+        value - remainder - step
+    };
+    let result = match rounding {
+        Rounding::Down => floor,
+        Rounding::Up => floor + step,
+        Rounding::Nearest => {
+            let above = floor + step;
+            let to_floor = value - floor;
+            let to_above = above - value;
+            match to_floor.cmp(&to_above) {
+                std::cmp::Ordering::Less => floor,
+                std::cmp::Ordering::Greater => above,
+                // Tie: away from zero.
+                std::cmp::Ordering::Equal => {
+                    if value >= Decimal::ZERO {
+                        above
+                    } else {
+                        floor
+                    }
+                }
+            }
+        }
+    };
+    normalize_zero(result)
+}
+
+/// Rounds `value` onto the grid `base + k * step` (Binance's `PRICE_FILTER` grid starts at
+/// `minPrice`: `(price - minPrice) % tickSize == 0`).
+pub fn round_to_grid(value: Decimal, base: Decimal, step: Decimal, rounding: Rounding) -> Decimal {
+    if step <= Decimal::ZERO {
+        return value;
+    }
+    normalize_zero(base + round_to_step(value - base, step, rounding))
+}
+
+/// Returns whether `value` lies on the grid `base + k * step` (always true when the step
+/// is disabled).
+pub fn is_on_grid(value: Decimal, base: Decimal, step: Decimal) -> bool {
+    step <= Decimal::ZERO || ((value - base) % step).is_zero()
+}
+
+/// The number of decimals a step prints with: the scale of the step without trailing
+/// zeros (tick `0.10` gives 1, step `0.001` gives 3, step `1` gives 0).
+pub fn step_decimals(step: Decimal) -> u32 {
+    step.normalize().scale()
+}
+
+/// The number of decimals a value was written with, trailing zeros included
+/// (`"0.0010"` has 4): what Binance's precision check (-1111) counts.
+pub fn written_decimals(value: Decimal) -> u32 {
+    value.scale()
+}
+
+/// Formats `value` with exactly `decimals` decimals, no exponent, no `-0`.
+///
+/// A value with more decimals is rounded half away from zero; callers round to the
+/// step first, so this only pads.
+pub fn format_decimals(value: Decimal, decimals: u32) -> String {
+    let mut v = value.round_dp_with_strategy(decimals, RoundingStrategy::MidpointAwayFromZero);
+    v.rescale(decimals);
+    if v.is_zero() {
+        v.set_sign_positive(true);
+    }
+    v.to_string()
+}
+
+/// Formats `value` with exactly the decimals of `step` (see [`step_decimals`]):
+/// tick `0.10` and 30120 give `"30120.0"`; step `0.001` and 0.003 give `"0.003"`; step
+/// `1` and 5 give `"5"`. Never an exponent.
+pub fn format_on_step(value: Decimal, step: Decimal) -> String {
+    format_decimals(value, step_decimals(step))
+}
+
+fn normalize_zero(mut value: Decimal) -> Decimal {
+    if value.is_zero() {
+        value.set_sign_positive(true);
+    }
+    value
+}
+
+#[cfg(test)]
+#[allow(clippy::float_cmp)] // exact equality is what these tests check
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Decimal {
+        parse_decimal("value", s).unwrap()
+    }
+
+    #[test]
+    fn parses_plain_decimals_exactly() {
+        assert_eq!(d("11794.15000000").to_string(), "11794.15000000");
+        assert_eq!(d("+5").to_string(), "5");
+        assert_eq!(d("-0.5").to_string(), "-0.5");
+        assert_eq!(d(".5").to_string(), "0.5");
+        assert_eq!(d("5.").to_string(), "5");
+    }
+
+    #[test]
+    fn rejects_exponents_nan_and_empty() {
+        for bad in [
+            "", "1e-5", "NaN", "inf", " 1", "1 ", "1.2.3", "+", ".", "0x10", "1_000",
+        ] {
+            let err = parse_decimal("price", bad).unwrap_err();
+            assert!(err.to_string().starts_with("price "), "{err}");
+            assert!(err.to_string().contains("plain decimal"), "{err}");
+        }
+        let err = parse_decimal("price", "1e-5").unwrap_err();
+        assert_eq!(err.to_string(), format!("price 1e-5 {DECIMAL_RULE}"));
+    }
+
+    #[test]
+    fn rejects_too_many_digits_instead_of_rounding() {
+        assert!(parse_decimal("qty", "0.12345678901234567890123456789").is_err());
+    }
+
+    #[test]
+    fn floats_enter_by_shortest_repr() {
+        assert_eq!(decimal_from_f64("p", 0.1).unwrap().to_string(), "0.1");
+        assert_eq!(
+            decimal_from_f64("p", 0.1 + 0.2).unwrap().to_string(),
+            "0.30000000000000004"
+        );
+        assert_eq!(decimal_from_f64("p", 1e-5).unwrap().to_string(), "0.00001");
+        assert_eq!(
+            decimal_from_f64("p", 30120.07).unwrap().to_string(),
+            "30120.07"
+        );
+        assert!(decimal_from_f64("p", f64::NAN).is_err());
+        assert!(decimal_from_f64("p", f64::INFINITY).is_err());
+        assert!(decimal_from_f64("p", 1e40).is_err());
+        assert!(decimal_from_f64("p", 1e-40).unwrap().is_zero());
+    }
+
+    #[test]
+    fn rounds_to_step_in_each_direction() {
+        let tick = d("0.10");
+        assert_eq!(
+            round_to_step(d("30120.07"), tick, Rounding::Down),
+            d("30120.0")
+        );
+        assert_eq!(
+            round_to_step(d("30120.07"), tick, Rounding::Up),
+            d("30120.1")
+        );
+        assert_eq!(
+            round_to_step(d("30120.07"), tick, Rounding::Nearest),
+            d("30120.1")
+        );
+        assert_eq!(
+            round_to_step(d("30120.05"), tick, Rounding::Nearest),
+            d("30120.1")
+        );
+        assert_eq!(
+            round_to_step(d("30120.04"), tick, Rounding::Nearest),
+            d("30120.0")
+        );
+        assert_eq!(
+            round_to_step(d("-1.25"), d("0.1"), Rounding::Down),
+            d("-1.3")
+        );
+        assert_eq!(round_to_step(d("-1.25"), d("0.1"), Rounding::Up), d("-1.2"));
+        assert_eq!(
+            round_to_step(d("-1.25"), d("0.1"), Rounding::Nearest),
+            d("-1.3")
+        );
+        assert_eq!(round_to_step(d("7"), d("0"), Rounding::Down), d("7"));
+        assert_eq!(
+            round_to_step(d("0.00049"), d("0.001"), Rounding::Down),
+            Decimal::ZERO
+        );
+    }
+
+    #[test]
+    fn grid_starts_at_base() {
+        // Tick 0.5 from base 0.2: grid 0.2, 0.7, 1.2 ...
+        assert_eq!(
+            round_to_grid(d("1.0"), d("0.2"), d("0.5"), Rounding::Down),
+            d("0.7")
+        );
+        assert_eq!(
+            round_to_grid(d("1.0"), d("0.2"), d("0.5"), Rounding::Up),
+            d("1.2")
+        );
+        assert!(is_on_grid(d("1.2"), d("0.2"), d("0.5")));
+        assert!(!is_on_grid(d("1.0"), d("0.2"), d("0.5")));
+    }
+
+    #[test]
+    fn formats_with_the_step_decimals() {
+        assert_eq!(format_on_step(d("30120"), d("0.10")), "30120.0");
+        assert_eq!(format_on_step(d("0.003"), d("0.001")), "0.003");
+        assert_eq!(format_on_step(d("5.000"), d("1")), "5");
+        assert_eq!(format_on_step(d("0.00001"), d("0.0000100")), "0.00001");
+        assert_eq!(format_on_step(d("-0"), d("0.01")), "0.00");
+        assert_eq!(
+            format_on_step(d("1000000000"), d("0.001")),
+            "1000000000.000"
+        );
+    }
+
+    #[test]
+    fn decimal_to_f64_is_correctly_rounded() {
+        assert_eq!(decimal_to_f64(d("0.1")), 0.1);
+        assert_eq!(decimal_to_f64(d("11794.15000000")), 11794.15);
+    }
+}
