@@ -48,7 +48,7 @@ from typing import Any, Literal
 from pyquant.errors import PyquantError
 from pyquant.trading.intents import Intent
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry migrates from version i to i + 1 (index 0 creates version 1). Never edit an applied
 # migration: add a new one, and a test that migrates a database of the previous version.
@@ -162,6 +162,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE orders ADD COLUMN exchange_time_ms INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX orders_by_status ON orders(status);
     """,
+    # v3: whether a filled exit was applied to the exit engine (confirm), so a restart can
+    # tell an exit that filled while the daemon was down from one the engine already counted.
+    """
+    ALTER TABLE orders ADD COLUMN engine_applied INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 Decision = Literal["accepted", "rejected"]
@@ -228,6 +233,7 @@ class OrderRow:
     created_at_ms: int
     updated_at_ms: int
     exchange_time_ms: int
+    engine_applied: bool
 
 
 @dataclass(slots=True)
@@ -282,7 +288,7 @@ class Fill:
 _ORDER_COLUMNS = (
     "client_order_id, kind, position_id, symbol, position_side, side, sequence, attempt, params, "
     "status, reason, exchange_order_id, executed_qty, avg_price, error_code, error_msg, "
-    "rest_final, stream_final, created_at_ms, updated_at_ms, exchange_time_ms"
+    "rest_final, stream_final, created_at_ms, updated_at_ms, exchange_time_ms, engine_applied"
 )
 _POSITION_COLUMNS = (
     "position_id, symbol, position_side, status, origin, quantity, entry_price, leverage, "
@@ -300,6 +306,7 @@ _ORDER_UPDATABLE = frozenset(
         "stream_final",
         "exchange_time_ms",
         "reason",
+        "engine_applied",
     }
 )
 _POSITION_UPDATABLE = frozenset(
@@ -884,4 +891,5 @@ def _order_row(row: sqlite3.Row) -> OrderRow:
     data["params"] = json.loads(data["params"])
     data["rest_final"] = bool(data["rest_final"])
     data["stream_final"] = bool(data["stream_final"])
+    data["engine_applied"] = bool(data["engine_applied"])
     return OrderRow(**data)

@@ -438,6 +438,10 @@ class TradingDesk:
             )
             self.engine.reject(action)
             return
+        replayed = self._replayed_fill(position_id, action)
+        if replayed is not None:
+            await self._exit_filled(position_id, action, replayed[1], replayed[0])
+            return
         if received_at_ns is not None:
             self._latencies_ms.append((time.perf_counter_ns() - received_at_ns) / 1e6)
             del self._latencies_ms[:-10_000]
@@ -459,6 +463,21 @@ class TradingDesk:
             self._actions[outcome.client_order_id] = action
         await self._exit_outcome(position_id, action, outcome)
 
+    def _replayed_fill(self, position_id: str, action: Any) -> tuple[str, Decimal] | None:  # noqa: ANN401
+        # After a restart the restored engine may emit again an action whose order filled
+        # while the daemon was down (same position, sequence and reason): confirm that fill
+        # instead of sending a second order.
+        for row in self.store.orders(position_id=position_id, kind="exit"):
+            if (
+                row.sequence == int(action.sequence)
+                and row.reason == str(action.reason)
+                and not row.engine_applied
+                and _dec(row.executed_qty) > 0
+                and OrderState(row.status) in FINAL_STATES
+            ):
+                return row.client_order_id, _dec(row.executed_qty)
+        return None
+
     async def _exit_outcome(self, position_id: str, action: Any, outcome: OrderOutcome) -> None:  # noqa: ANN401
         if outcome.flat:
             await self._check_flat(position_id, action)
@@ -475,15 +494,25 @@ class TradingDesk:
                 code=outcome.error_code,
             )
             return
-        await self._exit_filled(position_id, action, outcome.executed_qty)
+        await self._exit_filled(position_id, action, outcome.executed_qty, outcome.client_order_id)
 
-    async def _exit_filled(self, position_id: str, action: Any, filled: Decimal) -> None:  # noqa: ANN401
+    async def _exit_filled(
+        self,
+        position_id: str,
+        action: Any,  # noqa: ANN401
+        filled: Decimal,
+        client_order_id: str,
+    ) -> None:
         self.engine.confirm(action, filled_quantity=str(filled))
+        self.save_snapshot()
         position = self.store.get_position(position_id)
         if position is None:
             return
         remaining = max(_dec(position.quantity) - filled, Decimal(0))
-        self.store.bump("exits", str(action.reason))
+        with self.store.transaction():
+            self.store.update_order(client_order_id, engine_applied=True)
+            self.store.update_position(position_id, quantity=str(remaining))
+            self.store.bump("exits", str(action.reason))
         self._note(
             "exit",
             position_id=position_id,
@@ -494,8 +523,6 @@ class TradingDesk:
         if remaining == 0:
             await self._closed(position, str(action.reason))
         else:
-            self.store.update_position(position_id, quantity=str(remaining))
-            self.save_snapshot()
             await self._sync_backstop(position_id)
 
     async def _check_flat(self, position_id: str, action: Any) -> None:  # noqa: ANN401

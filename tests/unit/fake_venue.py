@@ -224,6 +224,13 @@ class FakeEngine:
     def snapshot(self) -> bytes:
         return json.dumps({k: vars(v) for k, v in self.views.items()}, sort_keys=True).encode()
 
+    @classmethod
+    def restore(cls, data: bytes) -> FakeEngine:
+        engine = cls()
+        for position_id, view in json.loads(data).items():
+            engine.views[position_id] = FakeView(**view)
+        return engine
+
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]
 

@@ -25,7 +25,9 @@ def intent(intent_id: str, symbol: str = "BTCUSDT", side: str = "BUY", **extra: 
 
 def make_guard(mode: str = "hedge", **config: Any) -> PositionGuard:
     clock = [NOW]
-    guard = PositionGuard(Store.open(":memory:"), FakeRules(), GuardConfig(**config), clock=lambda: clock[0])
+    guard = PositionGuard(
+        Store.open(":memory:"), FakeRules(), GuardConfig(**config), clock=lambda: clock[0]
+    )
     guard.set_mode(mode)  # type: ignore[arg-type]
     guard.mark_state_known()
     guard.clock = clock  # type: ignore[attr-defined]
@@ -38,7 +40,21 @@ def sized(notional: str = "150") -> Any:
 
 def open_position(guard: PositionGuard, position_id: str, symbol: str, leg: str) -> None:
     guard.store.upsert_position(
-        PositionRow(position_id, symbol, leg, "open", "entry", "0.005", "30000", 10, None, None, NOW, None, None)
+        PositionRow(
+            position_id,
+            symbol,
+            leg,
+            "open",
+            "entry",
+            "0.005",
+            "30000",
+            10,
+            None,
+            None,
+            NOW,
+            None,
+            None,
+        )
     )
 
 
@@ -50,7 +66,11 @@ def test_accept_persists_decision_reservation_and_opening_row() -> None:
     assert decision.position_id == "1"
     assert decision.quantity == "0.005"
     (reservation,) = guard.store.reservations()
-    assert (reservation.symbol, reservation.position_side, reservation.intent_id) == ("BTCUSDT", "LONG", "a")
+    assert (reservation.symbol, reservation.position_side, reservation.intent_id) == (
+        "BTCUSDT",
+        "LONG",
+        "a",
+    )
     position = guard.store.get_position("1")
     assert position is not None
     assert position.status == "opening"
@@ -112,7 +132,9 @@ def test_cooldown_expires() -> None:
     assert guard.decide(intent("a"), size=sized()).reason == "cooldown"
     guard.clock[0] += 1_001  # type: ignore[attr-defined]
     later = parse_intent(
-        {"id": "b", "symbol": "BTCUSDT", "side": "BUY", "created_at_ms": NOW + 1_001}, source="t", now_ms=NOW
+        {"id": "b", "symbol": "BTCUSDT", "side": "BUY", "created_at_ms": NOW + 1_001},
+        source="t",
+        now_ms=NOW,
     )
     assert guard.decide(later, size=sized()).accepted
 
@@ -140,7 +162,8 @@ def test_max_exposure_counts_open_and_reserved() -> None:
 def test_sizing_reason_is_the_decision() -> None:
     guard = make_guard()
     decision = guard.decide(
-        intent("a"), size=lambda i, lev: SizeDecision(False, reason="insufficient_margin", detail="needs 50")
+        intent("a"),
+        size=lambda i, lev: SizeDecision(False, reason="insufficient_margin", detail="needs 50"),
     )
     assert (decision.reason, decision.detail) == ("insufficient_margin", "needs 50")
     assert guard.store.reservations() == []

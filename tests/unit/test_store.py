@@ -69,7 +69,8 @@ def test_migration_from_version_1_keeps_data(tmp_path: Path) -> None:
     assert row.exchange_time_ms == 0  # the column added by v2, defaulted
     assert store.reservations() == []
     versions = [r[0] for r in store._db.execute("SELECT version FROM schema_version ORDER BY 1")]
-    assert versions == [1, 2]
+    assert versions == [1, 2, 3]
+    assert row.engine_applied is False
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -85,7 +86,9 @@ def test_order_rows_round_trip_and_update() -> None:
     store = Store.open(":memory:")
     params = {"symbol": "BTCUSDT", "side": "SELL", "quantity": "0.003"}
     store.insert_order(
-        OrderRecord("pqa-1-x1-0", "exit", "1", "BTCUSDT", "LONG", "SELL", 1, 0, params, "SENT", "stop_loss")
+        OrderRecord(
+            "pqa-1-x1-0", "exit", "1", "BTCUSDT", "LONG", "SELL", 1, 0, params, "SENT", "stop_loss"
+        )
     )
     with pytest.raises(sqlite3.IntegrityError):
         store.insert_order(
@@ -95,7 +98,10 @@ def test_order_rows_round_trip_and_update() -> None:
     row = store.get_order("pqa-1-x1-0")
     assert row is not None
     assert (row.status, row.executed_qty, row.rest_final, row.stream_final) == (
-        "FILLED", "0.003", True, False,
+        "FILLED",
+        "0.003",
+        True,
+        False,
     )
     assert row.params == params
     assert store.max_attempt("1", "exit", 1) == 0
@@ -106,12 +112,18 @@ def test_order_rows_round_trip_and_update() -> None:
 
 def test_fills_dedupe_on_trade_id_and_pnl_is_exact() -> None:
     store = Store.open(":memory:")
-    fill = Fill("BTCUSDT", "77", "c", "9", "SELL", "LONG", "30120.0", "0.003", "0.0451", "USDT", "0.36", 5)
+    fill = Fill(
+        "BTCUSDT", "77", "c", "9", "SELL", "LONG", "30120.0", "0.003", "0.0451", "USDT", "0.36", 5
+    )
     assert store.add_fill(fill)
     assert not store.add_fill(fill)  # TRADE_LITE and ORDER_TRADE_UPDATE carry the same trade
-    store.add_fill(Fill("BTCUSDT", "78", "c", "9", "SELL", "LONG", "30120.0", "0.001", "0.1", None, "0.1", 6))
+    store.add_fill(
+        Fill("BTCUSDT", "78", "c", "9", "SELL", "LONG", "30120.0", "0.001", "0.1", None, "0.1", 6)
+    )
     assert len(store.fills()) == 2
-    assert store.realized_pnl() == Decimal("0.36") - Decimal("0.0451") + Decimal("0.1") - Decimal("0.1")
+    assert store.realized_pnl() == Decimal("0.36") - Decimal("0.0451") + Decimal("0.1") - Decimal(
+        "0.1"
+    )
 
 
 def test_intent_decisions_counters_and_malformed() -> None:
@@ -133,7 +145,21 @@ def test_transaction_is_atomic() -> None:
     store.add_reservation(Reservation("BTCUSDT", "LONG", "i", "1", Decimal("100"), 1))
     with pytest.raises(sqlite3.IntegrityError), store.transaction():
         store.upsert_position(
-            PositionRow("2", "ETHUSDT", "LONG", "opening", "entry", "0", None, 1, None, "j", None, None, None)
+            PositionRow(
+                "2",
+                "ETHUSDT",
+                "LONG",
+                "opening",
+                "entry",
+                "0",
+                None,
+                1,
+                None,
+                "j",
+                None,
+                None,
+                None,
+            )
         )
         store.add_reservation(Reservation("BTCUSDT", "LONG", "j", "2", Decimal("100"), 2))
     assert store.get_position("2") is None  # rolled back with the failed reservation

@@ -1,0 +1,223 @@
+"""Restart recovery: reload the journal, reconcile it with the exchange, then resume.
+
+The exchange is the truth for what is open; the journal is the truth for what we sent and
+decided; the engine snapshot is the truth for each position's exit state (stop, best price,
+ladder progress). ``reconcile`` brings the three together, in this order:
+
+1. Fail closed: the guard refuses entries until the end.
+2. Read the position mode (never assumed).
+3. Restore the engine from its snapshot (when a ``restore`` function is given).
+4. Resolve every order the journal left without a final answer (written ahead, unknown
+   outcome, or still open) by looking it up by client id; nothing is resent.
+5. Finish entries whose order filled while we were down; fail those that never executed.
+6. Read the exchange's positions: drop local positions that are gone, resize those whose
+   quantity changed (unless a filled exit is waiting to be replayed into the engine), put
+   back into the engine open positions the snapshot missed, and adopt positions opened
+   elsewhere under the exit policy.
+7. Cancel our conditional orders whose position is gone (orphans); release stale
+   reservations.
+8. Make sure every open position has its backstop at (never looser than) the engine's stop.
+9. Save a fresh snapshot and allow entries again.
+
+Why a kill -9 at any moment leads to no duplicate order: every request is in the journal
+before it is sent and is resolved by lookup here; an exit that filled while we were down is
+confirmed into the engine when the restored engine emits it again (same position, sequence
+and reason, see ``TradingDesk``) instead of being sent twice; and exits are clipped to the
+exchange's quantity. No lost position: every non-zero leg on the exchange ends up open in
+the engine. No loosened stop: the engine resumes from its snapshot (saved after every
+confirmed change and on the daemon's timer), and a backstop is only ever moved to tighten.
+
+Usage::
+
+    desk = TradingDesk(venue, store, rules, engine, config)
+    report = await reconcile(desk, restore=lambda data: ExitEngine.restore(data, rules))
+    logger.info("Recovered %s", report)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from pyquant.errors import ExchangeError
+from pyquant.trading.desk import EngineLike, TradingDesk, legs_from_rows
+from pyquant.trading.router import FINAL_STATES, LIVE_STATUSES, OrderOutcome, OrderState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What reconciliation did, step by step."""
+
+    position_mode: str = ""
+    snapshot_restored: bool = False
+    orders_resolved: dict[str, str] = field(default_factory=dict)
+    entries_completed: list[str] = field(default_factory=list)
+    entries_failed: list[str] = field(default_factory=list)
+    positions_dropped: list[str] = field(default_factory=list)
+    positions_resized: list[str] = field(default_factory=list)
+    positions_reopened: list[str] = field(default_factory=list)
+    positions_adopted: list[str] = field(default_factory=list)
+    orphans_cancelled: list[str] = field(default_factory=list)
+    reservations_released: list[str] = field(default_factory=list)
+    open_positions: int = 0
+
+
+def _view_id(view: object) -> str:
+    if isinstance(view, Mapping):
+        return str(view.get("position_id"))
+    return str(getattr(view, "position_id", None))
+
+
+def _dec(value: object) -> Decimal:
+    try:
+        return Decimal(str(value))
+    except ArithmeticError:
+        return Decimal(0)
+
+
+async def reconcile(
+    desk: TradingDesk,
+    *,
+    restore: Callable[[bytes], EngineLike] | None = None,
+) -> RecoveryReport:
+    """Reconcile the journal, the engine and the exchange; see the module docstring.
+
+    Args:
+        desk: the trading desk (its store, router, guard and engine).
+        restore: builds an engine from a snapshot (``ExitEngine.restore(data, rules)``);
+            None keeps ``desk.engine`` as is.
+
+    Returns:
+        The report of every step.
+
+    Raises:
+        ExchangeError: the exchange could not be read; entries stay refused.
+    """
+    report = RecoveryReport()
+    store, router = desk.store, desk.router
+    desk.guard.mark_state_unknown("reconciling with the exchange")
+
+    report.position_mode = await desk.refresh_mode()
+
+    snapshot = store.load_snapshot()
+    if snapshot is not None and restore is not None:
+        desk.engine = restore(snapshot)
+        report.snapshot_restored = True
+
+    # 4. orders without a final answer
+    for row in store.orders(statuses=LIVE_STATUSES):
+        if row.kind == "backstop":
+            continue  # live backstops are checked against the venue's open algo orders below
+        outcome = await router.resolve_unknown(row.client_order_id)
+        report.orders_resolved[row.client_order_id] = outcome.state.value
+
+    # 5. entries
+    for position in store.positions(("opening",)):
+        entries = store.orders(position_id=position.position_id, kind="entry")
+        if not entries:
+            desk._entry_failed(position.position_id, "no entry order was sent before the restart")
+            report.entries_failed.append(position.position_id)
+            continue
+        last = entries[-1]
+        state = OrderState(last.status)
+        if state in FINAL_STATES:
+            await desk._entry_outcome(
+                position.position_id,
+                OrderOutcome(
+                    last.client_order_id,
+                    state,
+                    _dec(last.executed_qty),
+                    _dec(last.avg_price) if last.avg_price else None,
+                ),
+            )
+            refreshed = store.get_position(position.position_id)
+            if refreshed is not None and refreshed.status == "open":
+                report.entries_completed.append(position.position_id)
+            else:
+                report.entries_failed.append(position.position_id)
+
+    # 6. positions against the exchange
+    rows = await desk.venue.position_risk()
+    legs = legs_from_rows(rows)
+    engine_ids = {_view_id(view) for view in desk.engine.positions()}
+    matched: set[tuple[str, str]] = set()
+    for position in store.positions(("open",)):
+        key = (position.symbol, position.position_side)
+        live = legs.get(key, Decimal(0))
+        if live == 0:
+            if position.position_id in engine_ids:
+                desk.engine.close_position(position.position_id)
+            await desk._closed(position, "gone_on_restart")
+            report.positions_dropped.append(position.position_id)
+            continue
+        matched.add(key)
+        pending_replay = any(
+            not row.engine_applied and _dec(row.executed_qty) > 0
+            for row in store.orders(position_id=position.position_id, kind="exit")
+            if OrderState(row.status) in FINAL_STATES
+        )
+        if position.position_id not in engine_ids:
+            desk.engine.open_position(
+                position.position_id,
+                position.symbol,
+                position.position_side,
+                str(live),
+                position.entry_price or "0",
+                leverage=position.leverage,
+                confidence=position.confidence,
+                opened_at_ms=position.opened_at_ms,
+            )
+            store.update_position(position.position_id, quantity=str(live))
+            report.positions_reopened.append(position.position_id)
+        elif live != _dec(position.quantity) and not pending_replay:
+            desk.engine.resize_position(position.position_id, str(live))
+            store.update_position(position.position_id, quantity=str(live))
+            report.positions_resized.append(position.position_id)
+    entry_prices: dict[tuple[str, str], tuple[Decimal, int]] = {}
+    for risk in rows:
+        amount = _dec(risk.get("positionAmt"))
+        leg = str(risk.get("positionSide", "BOTH"))
+        if leg == "BOTH":
+            leg = "LONG" if amount > 0 else "SHORT"
+        leverage = int(_dec(risk.get("leverage") or 1)) or 1
+        entry_prices[(str(risk.get("symbol")), leg)] = (_dec(risk.get("entryPrice")), leverage)
+    for key, quantity in legs.items():
+        if key in matched:
+            continue
+        entry, leverage = entry_prices.get(key, (Decimal(0), 1))
+        position_id = await desk.adopt(key[0], key[1], quantity, entry, leverage)
+        report.positions_adopted.append(position_id)
+
+    # 7. orphans and stale reservations
+    open_legs = {(p.symbol, p.position_side) for p in store.positions(("open",))}
+    try:
+        report.orphans_cancelled = await router.cleanup_orphans(open_legs)
+    except ExchangeError as exc:
+        logger.warning("Orphan cleanup failed error=%s", exc)
+    opening = {p.position_id for p in store.positions(("opening",))}
+    for reservation in store.reservations():
+        if reservation.position_id not in opening:
+            store.release_reservation(reservation.position_id)
+            report.reservations_released.append(reservation.position_id)
+
+    # 8. backstops at the engine's stop
+    for position in store.positions(("open",)):
+        await desk._sync_backstop(position.position_id, force=True)
+
+    desk.save_snapshot()
+    report.open_positions = len(store.positions(("open",)))
+    desk.guard.mark_state_known()
+    logger.info(
+        "Recovery done mode=%s open=%d adopted=%d dropped=%d resolved=%d orphans=%d",
+        report.position_mode,
+        report.open_positions,
+        len(report.positions_adopted),
+        len(report.positions_dropped),
+        len(report.orders_resolved),
+        len(report.orphans_cancelled),
+    )
+    return report

@@ -1,0 +1,238 @@
+"""Trading desk: entry -> exits -> close through guard, router, engine and store, both modes."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from fake_venue import FakeAction, FakeEngine, FakeRules, FakeVenue
+
+from pyquant.store import Store
+from pyquant.trading.desk import DeskConfig, TradingDesk
+from pyquant.trading.guard import GuardConfig
+from pyquant.trading.intents import parse_intent
+from pyquant.trading.sizing import SizingConfig
+
+NOW = 1_700_000_000_000
+
+
+def make(hedge: bool, **desk: Any) -> tuple[FakeVenue, Store, FakeEngine, TradingDesk]:
+    venue = FakeVenue(hedge=hedge)
+    store = Store.open(":memory:")
+    engine = FakeEngine()
+    config = DeskConfig(
+        guard=GuardConfig(cooldown_ms=60_000),
+        sizing=SizingConfig(method="notional", notional_usd=Decimal("300")),
+        **desk,
+    )
+    return (
+        venue,
+        store,
+        engine,
+        TradingDesk(venue, store, FakeRules(), engine, config, clock=lambda: NOW),
+    )
+
+
+def intent(intent_id: str, side: str = "BUY", symbol: str = "BTCUSDT") -> Any:
+    return parse_intent(
+        {"id": intent_id, "symbol": symbol, "side": side, "created_at_ms": NOW},
+        source="t",
+        now_ms=NOW,
+    )
+
+
+async def ready(desk: TradingDesk) -> None:
+    await desk.refresh_mode()
+    desk.guard.mark_state_known()
+
+
+@pytest.mark.parametrize("hedge", [True, False])
+async def test_entry_partial_exit_and_stop_close(hedge: bool) -> None:
+    venue, store, engine, desk = make(hedge)
+    await ready(desk)
+    decision = await desk.submit(intent("a"))
+    assert decision.accepted
+    pid = decision.position_id
+    assert pid is not None
+    # entry: leverage set first, MARKET BUY 0.010 (300 USDT at 30000), position open in engine
+    assert venue.leverage == {"BTCUSDT": 10}
+    entry = venue.sent[0].params
+    assert entry["side"] == "BUY"
+    assert entry["quantity"] == "0.010"
+    assert entry["positionSide"] == ("LONG" if hedge else "BOTH")
+    assert engine.calls[0] == ("open", (pid, "BTCUSDT", "LONG", "0.010", "30000"))
+    position = store.get_position(pid)
+    assert position is not None
+    assert (position.status, position.quantity) == ("open", "0.010")
+    assert store.reservations() == []
+    # backstop at 1 % stop, 0.5 % further out
+    backstop = venue.sent[1].params
+    assert backstop["triggerPrice"] == "29551.5"
+    # the engine's events from the venue do not disturb anything
+    for event in venue.events:
+        await desk.on_user_event(event)
+    assert store.get_position(pid).status == "open"  # type: ignore[union-attr]
+
+    # take profit 1: 0.003
+    desk.on_actions([engine.action(pid, "0.003", "take_profit_1")])
+    await desk.drain()
+    exit_params = venue.sent[2].params
+    assert exit_params["side"] == "SELL"
+    assert exit_params["quantity"] == "0.003"
+    assert ("reduceOnly" in exit_params) is (not hedge)
+    assert ("confirm", (pid, 1, "0.003")) in engine.calls
+    assert store.get_position(pid).quantity == "0.007"  # type: ignore[union-attr]
+
+    # stop: the rest; position closes, backstop cancelled, cooldown starts
+    desk.on_actions([engine.action(pid, "0.007", "stop_loss")])
+    await desk.drain()
+    assert store.get_position(pid).status == "closed"  # type: ignore[union-attr]
+    assert await venue.open_algo_orders() == []
+    assert venue.position_amount("BTCUSDT", "LONG") == 0
+    assert store.counters("exits") == {"stop_loss": 1, "take_profit_1": 1}
+    again = await desk.submit(intent("b"))
+    assert again.reason == "cooldown"
+    summary = desk.summary()
+    assert summary["entries"] == 1
+    assert summary["intents_accepted"] == 1
+    assert summary["intents_rejected"] == {"cooldown": 1}
+    assert summary["open_positions"] == 0
+    assert summary["position_mode"] == ("hedge" if hedge else "one-way")
+
+
+async def test_exit_on_flat_leg_closes_position_after_check() -> None:
+    venue, store, engine, desk = make(hedge=True)
+    await ready(desk)
+    decision = await desk.submit(intent("a"))
+    pid = decision.position_id or ""
+    venue.set_position("BTCUSDT", "LONG", "0", "0")  # closed elsewhere, no event seen yet
+    desk.on_actions([engine.action(pid, "0.003", "take_profit_1")])
+    await desk.drain()
+    position = store.get_position(pid)
+    assert position is not None
+    assert (position.status, position.close_reason) == ("closed", "already_flat")
+    assert ("close", (pid,)) in engine.calls
+
+
+async def test_rejected_exit_is_given_back_to_the_engine() -> None:
+    venue, store, engine, desk = make(hedge=True)
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    from pyquant.errors import OrderRejected
+
+    venue.faults = [
+        OrderRejected(
+            -4131, "The counterparty's best price does not meet the PERCENT_PRICE filter limit."
+        )
+    ]
+    action = engine.action(pid, "0.003")
+    desk.on_actions([action])
+    await desk.drain()
+    assert ("reject", (pid, action.sequence)) in engine.calls
+    assert store.counters("order_rejections") == {"-4131": 1}
+
+
+async def test_account_update_resizes_closes_and_adopts() -> None:
+    venue, store, engine, desk = make(hedge=True)
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    # reduced elsewhere
+    await desk.on_user_event(
+        {
+            "e": "ACCOUNT_UPDATE",
+            "E": 1,
+            "a": {
+                "m": "ORDER",
+                "P": [{"s": "BTCUSDT", "pa": "0.004", "ep": "30000", "ps": "LONG"}],
+            },
+        }
+    )
+    assert ("resize", (pid, "0.004")) in engine.calls
+    # a position opened elsewhere is adopted, with a backstop
+    await desk.on_user_event(
+        {
+            "e": "ACCOUNT_UPDATE",
+            "E": 2,
+            "a": {"m": "ORDER", "P": [{"s": "ETHUSDT", "pa": "-0.5", "ep": "2000", "ps": "SHORT"}]},
+        }
+    )
+    adopted = [c for c in engine.calls if c[0] == "adopt"]
+    assert adopted == [("adopt", ("2", "ETHUSDT", "SHORT", "0.5", "2000"))]
+    assert any(
+        s.params.get("symbol") == "ETHUSDT" and s.path == "/fapi/v1/algoOrder" for s in venue.sent
+    )
+    # closed elsewhere
+    await desk.on_user_event(
+        {
+            "e": "ACCOUNT_UPDATE",
+            "E": 3,
+            "a": {"m": "ORDER", "P": [{"s": "BTCUSDT", "pa": "0", "ep": "0", "ps": "LONG"}]},
+        }
+    )
+    assert store.get_position(pid).close_reason == "external"  # type: ignore[union-attr]
+    assert store.counters("exits") == {"external": 1}
+
+
+async def test_one_way_flip_is_close_plus_adoption() -> None:
+    venue, store, engine, desk = make(hedge=False)
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    await desk.on_user_event(
+        {
+            "e": "ACCOUNT_UPDATE",
+            "E": 1,
+            "a": {
+                "m": "ORDER",
+                "P": [{"s": "BTCUSDT", "pa": "-0.002", "ep": "30100", "ps": "BOTH"}],
+            },
+        }
+    )
+    assert store.get_position(pid).status == "closed"  # type: ignore[union-attr]
+    assert [c for c in engine.calls if c[0] == "adopt"][0][1][2] == "SHORT"
+
+
+async def test_entry_with_failed_symbol_setup_fails_closed() -> None:
+    venue, store, engine, desk = make(hedge=True)
+    await ready(desk)
+    venue.refuse_leverage.add("BTCUSDT")
+    decision = await desk.submit(intent("a"))
+    assert decision.accepted
+    assert [s for s in venue.sent if s.path == "/fapi/v1/order"] == []
+    position = store.get_position(decision.position_id or "")
+    assert position is not None
+    assert position.status == "closed"
+    assert "symbol setup failed" in (position.close_reason or "")
+    assert store.reservations() == []
+
+
+async def test_shadow_mode_sends_nothing() -> None:
+    venue, store, engine, desk = make(hedge=True, shadow=True)
+    await ready(desk)
+    decision = await desk.submit(intent("a"))
+    assert decision.accepted
+    assert venue.sent == []
+
+
+async def test_flatten_closes_everything_and_the_engine_knows() -> None:
+    venue, store, engine, desk = make(hedge=True)
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    steps = await desk.flatten()
+    assert [s.step for s in steps] == ["cancel_backstop", "close"]
+    assert all(s.ok for s in steps)
+    assert store.get_position(pid).status == "closed"  # type: ignore[union-attr]
+    assert ("close", (pid,)) in engine.calls
+    assert (await desk.submit(intent("b"))).reason == "state_unknown"
+
+
+async def test_malformed_intent_is_recorded() -> None:
+    venue, store, engine, desk = make(hedge=True)
+    desk.reject_malformed("http", {"id": "x", "side": "UP"}, "intent field 'side' was 'UP'")
+    assert store.counters("intents_rejected") == {"invalid": 1}
+    assert desk.recent[-1]["reason"] == "invalid"
+
+
+def test_fake_action_shape() -> None:
+    action = FakeAction("BTCUSDT", "LONG", "SELL", "0.003", "stop_loss", "1", 1)
+    assert action.is_full_close is False
