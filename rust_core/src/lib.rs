@@ -5,9 +5,11 @@
 pub mod atr;
 pub mod bars;
 pub mod error;
+pub mod exit;
 pub mod feed;
 pub mod fixed;
 pub mod rules;
+pub mod snapshot;
 
 pub use error::CoreError;
 pub use fixed::{Decimal, Rounding};

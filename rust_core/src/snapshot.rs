@@ -131,14 +131,15 @@ pub fn restore(data: &[u8], rules: ExchangeRules) -> Result<ExitEngine, CoreErro
         }
         symbols.insert(symbol, state);
     }
-    let atr_template = crate::atr::WilderAtr::new(body.policy.config().atr_period as usize)?;
+    let templates = ExitEngine::templates(&body.policy)?;
     Ok(ExitEngine {
         rules,
         policy: body.policy,
         symbols,
         index,
         last_event_ms: body.last_event_ms,
-        atr_template,
+        templates,
+        bar_events: Vec::new(),
     })
 }
 

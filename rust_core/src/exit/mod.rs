@@ -29,7 +29,7 @@ pub use self::action::{ExitAction, ExitReason, OrderSide, PositionSide};
 pub use self::policy::{ExitPolicy, LadderLevel, LadderUnit, PolicyConfig};
 pub use self::position::{Confirmed, OpenParams, PositionState, StopPlan};
 use crate::atr::WilderAtr;
-use crate::bars::BarAggregator;
+use crate::bars::{BarAggregator, BarEvent};
 use crate::error::CoreError;
 use crate::feed::parse_mark_message;
 use crate::fixed::Decimal;
@@ -50,17 +50,29 @@ pub struct SymbolState {
     pub long: Option<PositionState>,
     /// The SHORT position, if any.
     pub short: Option<PositionState>,
+    /// Bucket of the first live bar when the stream joined it late: that bar
+    /// is partial (its range understated), so it does not feed the ATR.
+    pub partial_bucket: Option<i64>,
+    /// Whole bars without any update (no price is invented for them; the ATR
+    /// continues with the next real bar, whose true range spans the gap).
+    pub gap_bars: u64,
 }
 
+/// A first live update later than this after its bar opened means the stream
+/// joined the bar late (the mark stream pushes every 1 s or 3 s).
+const LATE_JOIN_MS: i64 = 3_000;
+
 impl SymbolState {
-    fn new(policy: &ExitPolicy, atr: &WilderAtr) -> Self {
+    fn new(templates: &(BarAggregator, WilderAtr)) -> Self {
         Self {
-            bars: BarAggregator::new(policy.interval_ms()),
-            atr: atr.clone(),
+            bars: templates.0.clone(),
+            atr: templates.1.clone(),
             last_mark: None,
             last_event_ms: None,
             long: None,
             short: None,
+            partial_bucket: None,
+            gap_bars: 0,
         }
     }
 
@@ -78,10 +90,30 @@ impl SymbolState {
         }
     }
 
-    /// Feeds one mark into the bars; a closed bar feeds the ATR.
-    fn feed_bars(&mut self, event_time_ms: i64, price: f64) {
-        if let Some(bar) = self.bars.update(event_time_ms, price) {
-            self.atr.update(bar.high, bar.low, bar.close);
+    /// Feeds one mark into the bars; a closed, complete bar feeds the ATR.
+    fn feed_bars(&mut self, event_time_ms: i64, price: f64, events: &mut Vec<BarEvent>) {
+        let first = self.last_event_ms.is_none();
+        events.clear();
+        self.bars.update(event_time_ms, price, events);
+        if first {
+            let bucket = self.bars.bucket_of(event_time_ms);
+            if event_time_ms - bucket > LATE_JOIN_MS {
+                self.partial_bucket = Some(bucket);
+            }
+        }
+        for event in events.iter() {
+            match *event {
+                BarEvent::Closed(bar) => {
+                    if self.partial_bucket == Some(bar.open_time_ms) {
+                        self.partial_bucket = None;
+                    } else {
+                        self.atr.update(bar.high, bar.low, bar.close);
+                    }
+                }
+                BarEvent::Gap { missing, .. } => {
+                    self.gap_bars = self.gap_bars.saturating_add(missing);
+                }
+            }
         }
     }
 }
@@ -116,8 +148,11 @@ pub struct ExitEngine {
     /// position id -> (symbol, side)
     pub(crate) index: HashMap<String, (String, PositionSide)>,
     pub(crate) last_event_ms: Option<i64>,
-    /// A fresh ATR at the policy's period, cloned for each new symbol.
-    pub(crate) atr_template: WilderAtr,
+    /// A fresh aggregator and ATR at the policy's interval and period, cloned
+    /// for each new symbol.
+    pub(crate) templates: (BarAggregator, WilderAtr),
+    /// Scratch buffer for bar events (no allocation per update).
+    pub(crate) bar_events: Vec<BarEvent>,
 }
 
 fn unknown_position(position_id: &str) -> CoreError {
@@ -130,15 +165,23 @@ impl ExitEngine {
     /// # Errors
     /// `InvalidField` when the policy's ATR period is out of the ATR's range.
     pub fn new(rules: ExchangeRules, policy: ExitPolicy) -> Result<Self, CoreError> {
-        let atr_template = WilderAtr::new(policy.config().atr_period as usize)?;
+        let templates = Self::templates(&policy)?;
         Ok(Self {
             rules,
             policy,
             symbols: HashMap::new(),
             index: HashMap::new(),
             last_event_ms: None,
-            atr_template,
+            templates,
+            bar_events: Vec::new(),
         })
+    }
+
+    pub(crate) fn templates(policy: &ExitPolicy) -> Result<(BarAggregator, WilderAtr), CoreError> {
+        Ok((
+            BarAggregator::new(policy.interval_ms())?,
+            WilderAtr::new(policy.config().atr_period as usize)?,
+        ))
     }
 
     /// Returns the policy.
@@ -158,14 +201,17 @@ impl ExitEngine {
 
     fn symbol_state(&mut self, symbol: &str) -> Result<&mut SymbolState, CoreError> {
         self.rules.symbol(symbol)?;
-        let (policy, atr) = (&self.policy, &self.atr_template);
+        let templates = &self.templates;
         Ok(self
             .symbols
             .entry(symbol.to_owned())
-            .or_insert_with(|| SymbolState::new(policy, atr)))
+            .or_insert_with(|| SymbolState::new(templates)))
     }
 
-    /// Feeds closed historical bars (oldest first) to the symbol's ATR.
+    /// Feeds closed historical bars (oldest first) to the symbol's ATR. With
+    /// `last_open_time_ms` (the open time of the last bar given), live updates
+    /// of that bar or earlier are ignored and missing bars after it are
+    /// reported as a gap. Call it before streaming the symbol.
     ///
     /// # Errors
     /// `UnknownSymbol`, or `InvalidField` when the arrays differ in length or
@@ -177,6 +223,7 @@ impl ExitEngine {
         high: &[f64],
         low: &[f64],
         close: &[f64],
+        last_open_time_ms: Option<i64>,
     ) -> Result<(), CoreError> {
         if high.len() != low.len() || high.len() != close.len() {
             return Err(CoreError::invalid_for(
@@ -203,6 +250,9 @@ impl ExitEngine {
         let state = self.symbol_state(symbol)?;
         for ((h, l), c) in high.iter().zip(low).zip(close) {
             state.atr.update(*h, *l, *c);
+        }
+        if let Some(open_time) = last_open_time_ms {
+            state.bars.mark_closed_through(open_time);
         }
         Ok(())
     }
@@ -539,20 +589,21 @@ impl ExitEngine {
             if self.rules.get(symbol).is_none() {
                 return;
             }
-            let (policy, atr) = (&self.policy, &self.atr_template);
+            let templates = &self.templates;
             self.symbols
                 .entry(symbol.to_owned())
-                .or_insert_with(|| SymbolState::new(policy, atr))
+                .or_insert_with(|| SymbolState::new(templates))
         };
         if state.last_event_ms.is_some_and(|last| event_time_ms < last) {
             return;
         }
+        // Bars first: `feed_bars` tells the first live update by `last_event_ms`.
+        state.feed_bars(event_time_ms, mark_f64, &mut self.bar_events);
         state.last_event_ms = Some(event_time_ms);
         state.last_mark = Some(mark);
         if self.last_event_ms.is_none_or(|last| event_time_ms > last) {
             self.last_event_ms = Some(event_time_ms);
         }
-        state.feed_bars(event_time_ms, mark_f64);
         if state.long.is_none() && state.short.is_none() {
             return;
         }
@@ -641,7 +692,13 @@ mod tests {
     fn engine() -> ExitEngine {
         let mut engine = ExitEngine::new(exchange_rules(), example_policy()).unwrap();
         engine
-            .warm_up("BTCUSDT", &[30030.0; 20], &[29970.0; 20], &[30000.0; 20])
+            .warm_up(
+                "BTCUSDT",
+                &[30030.0; 20],
+                &[29970.0; 20],
+                &[30000.0; 20],
+                None,
+            )
             .unwrap();
         assert_eq!(engine.atr("BTCUSDT"), Some(60.0));
         engine
@@ -874,5 +931,38 @@ mod tests {
         );
         assert!(ExitEngine::restore(b"garbage", exchange_rules()).is_err());
         assert!(ExitEngine::restore(b"{}", exchange_rules()).is_err());
+    }
+
+    #[test]
+    fn closed_bars_feed_the_atr_like_the_batch_function() {
+        let mut engine = ExitEngine::new(exchange_rules(), example_policy()).unwrap();
+        let minute = 60_000_i64;
+        let start = 1_700_000_040_000_i64 - 1_700_000_040_000_i64 % minute;
+        let (mut highs, mut lows, mut closes) = (Vec::new(), Vec::new(), Vec::new());
+        // A late first update (35 s into its bar): that bar is partial and skipped.
+        engine
+            .on_mark_message(&msg("30000.0", start - minute + 35_000))
+            .unwrap();
+        for i in 0..20_i64 {
+            let base = 30_000.0 + (i % 5) as f64 * 10.0;
+            let path = [base, base + 25.0 + i as f64, base - 15.0, base + 5.0];
+            for (k, price) in path.iter().enumerate() {
+                let time = start + i * minute + k as i64 * 10_000;
+                engine
+                    .on_mark_message(&msg(&format!("{price:.1}"), time))
+                    .unwrap();
+            }
+            highs.push(path.iter().copied().fold(f64::MIN, f64::max));
+            lows.push(path.iter().copied().fold(f64::MAX, f64::min));
+            closes.push(path[3]);
+        }
+        // The 20th bar is still open; 19 closed bars went into the ATR.
+        let batch = crate::atr::atr_batch(&highs[..19], &lows[..19], &closes[..19], 14).unwrap();
+        assert_eq!(engine.atr("BTCUSDT"), Some(batch[18]));
+        // A gap of three silent minutes is counted, not filled with prices.
+        engine
+            .on_mark_message(&msg("30100.0", start + 23 * minute))
+            .unwrap();
+        assert_eq!(engine.symbols["BTCUSDT"].gap_bars, 3);
     }
 }
