@@ -1,0 +1,696 @@
+"""The streaming daemon: one process, one ``asyncio.TaskGroup``, a clean stop.
+
+Wiring (architecture.md, "Data flow")::
+
+    market websocket ──bytes──► engine.on_mark_message ──actions──► desk.on_actions ──► router
+    user websocket ──events──► desk.on_user_event (store, engine, router order states)
+    intent sources ──payload──► parse_intent ──► desk.submit (guard ► sizing ► router)
+    timers: engine snapshot into the store; backstop moves (throttled by the router)
+
+Start-up, in order: open the venue (the in-process simulator by default), load exchangeInfo
+into ``pyquant.ExchangeRules``, open the store, restore the engine from its last snapshot
+(or build it from the exit policy), read the position mode, warm ATR up from
+``markPriceKlines``, connect the user stream, reconcile with the exchange
+(``pyquant.recovery``), then start the market stream and the intent sources.
+
+Stop (SIGINT, SIGTERM, ``--duration`` or ``Daemon.stop()``): intake stops first, then the
+market stream (no new exit actions), then every in-flight entry and exit is awaited to its
+outcome (no half-sent order), the engine snapshot is saved, the user stream and sockets
+close, and ``run()`` returns the summary. SIGUSR1 is the kill switch: stop intake, cancel our
+orders and close every position, reporting each step.
+
+Tick-to-order latency is measured from the moment a mark-price message is handed to the
+callback to the moment the exit order's request headers are written to the socket: the
+receive time travels in a context variable that the desk's exit tasks inherit, and the REST
+client's ``on_request_sent`` hook reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import signal
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pyquant
+from pyquant.config import Config
+from pyquant.dashboard import Dashboard, DashboardData, PositionLine
+from pyquant.demo import DemoProducer
+from pyquant.errors import ExchangeError, MessageError, PyquantError
+from pyquant.exchange.client import BinanceClient
+from pyquant.exchange.streams import (
+    Backoff,
+    FeedHealth,
+    MarkPriceStream,
+    UserDataStream,
+    UserEvent,
+    fetch_closed_bars,
+    interval_ms,
+)
+from pyquant.metrics import FeedStatus, Metrics, Status
+from pyquant.store import Store
+from pyquant.trading.desk import DeskConfig, TradingDesk
+from pyquant.trading.guard import GuardConfig
+from pyquant.trading.intents import IntentError, parse_intent
+from pyquant.trading.router import RouterConfig as DeskRouterConfig
+from pyquant.trading.sizing import SizingConfig
+
+logger = logging.getLogger(__name__)
+
+TICK_RECEIVED_NS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "tick_received_ns", default=None
+)
+
+_ORDER_PATH = "/fapi/v1/order"
+
+
+@dataclass(frozen=True, slots=True)
+class VenueEndpoints:
+    """Where the daemon connects, once the venue is up."""
+
+    rest_url: str
+    market_ws_url: str
+    user_ws_url: str
+    api_key: str
+    api_secret: str
+    label: str
+
+
+class LatencyRecorder:
+    """Tick-to-order latencies in milliseconds (bounded), with percentiles."""
+
+    def __init__(self, keep: int = 100_000) -> None:
+        self.samples: list[float] = []
+        self._keep = keep
+        self.observers: list[Callable[[float], None]] = []
+
+    def on_request_sent(self, method: str, path: str) -> None:
+        """REST client hook: record the latency of an order that a tick caused."""
+        if method != "POST" or path != _ORDER_PATH:
+            return
+        started = TICK_RECEIVED_NS.get()
+        if started is None:
+            return
+        elapsed_ms = (time.perf_counter_ns() - started) / 1e6
+        self.samples.append(elapsed_ms)
+        if len(self.samples) > self._keep:
+            del self.samples[: len(self.samples) - self._keep]
+        for observe in self.observers:
+            observe(elapsed_ms / 1000)
+
+    def percentiles(self) -> dict[str, float | None]:
+        """Return p50 and p99 in milliseconds (None before the first sample)."""
+        if not self.samples:
+            return {"p50": None, "p99": None}
+        ordered = sorted(self.samples)
+
+        def pick(q: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+        return {"p50": pick(0.50), "p99": pick(0.99)}
+
+
+def desk_config(config: Config) -> DeskConfig:
+    """Translate the user's configuration into the trading core's settings."""
+    e = config.entries
+    return DeskConfig(
+        guard=GuardConfig(
+            max_open_positions=e.max_open_positions,
+            max_total_exposure_usd=e.max_exposure_usdt,
+            max_age_ms=int(e.max_intent_age_s * 1000),
+            cooldown_ms=int(e.cooldown_s * 1000),
+            default_leverage=e.leverage,
+        ),
+        sizing=SizingConfig(
+            method=e.sizing,
+            risk_pct=e.risk_pct,
+            notional_usd=e.notional_usdt,
+            max_notional_usd=e.max_notional_usdt or None,
+            margin_use_pct=e.margin_use_pct,
+            default_leverage=e.leverage,
+        ),
+        router=DeskRouterConfig(
+            backstop_enabled=config.router.backstop,
+            backstop_distance_pct=config.router.backstop_distance_pct,
+            backstop_min_interval_ms=int(config.router.backstop_throttle_s * 1000),
+            margin_type=e.margin_type,
+        ),
+        shadow=config.router.shadow,
+    )
+
+
+def _attr(obj: object, *names: str) -> Any:  # noqa: ANN401 - engine views are extension objects
+    for name in names:
+        value = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+class Daemon:
+    """One running ``pyquant run``.
+
+    Args:
+        config: the validated configuration.
+        state_dir: where the SQLite state lives (a fresh temporary directory when None).
+        dashboard: draw the terminal dashboard.
+        metrics_port: serve Prometheus metrics on 127.0.0.1 at this port (None: off).
+        install_signal_handlers: catch SIGINT/SIGTERM/SIGUSR1 (off when embedded in tests).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        state_dir: Path | None = None,
+        dashboard: bool = False,
+        metrics_port: int | None = None,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        self.config = config
+        self._state_dir = state_dir
+        self._dashboard_enabled = dashboard
+        self._metrics_port = metrics_port
+        self._signals = install_signal_handlers
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self.latency = LatencyRecorder()
+        self.ready = asyncio.Event()
+        self.desk: TradingDesk | None = None
+        self.engine: Any = None
+        self.rules: Any = None
+        self.client: BinanceClient | None = None
+        self.endpoints: VenueEndpoints | None = None
+        self.market: MarkPriceStream | None = None
+        self.user: UserDataStream | None = None
+        self.demo: DemoProducer | None = None
+        self.metrics: Metrics | None = None
+        self.state_dir: Path | None = None
+        self.sim: Any = None
+        self._intake_open = False
+        self._intake_tasks: set[asyncio.Task[None]] = set()
+        self._user_connected = asyncio.Event()
+        self._symbols: list[str] = []
+        self.malformed_messages = 0
+        self.summary: dict[str, object] = {}
+        self.flatten_steps: list[Any] = []
+
+    # ------------------------------------------------------------------ control
+
+    def stop(self) -> None:
+        """Ask for a clean stop (safe to call from a signal handler or another task)."""
+        if not self._stop.is_set():
+            logger.info("Stop requested: closing intake, finishing in-flight orders")
+        self._stop.set()
+
+    async def submit(self, payload: Mapping[str, Any] | object, *, source: str = "api") -> None:
+        """Hand one intent payload to the guard (the Python API intake).
+
+        Malformed payloads are recorded as rejections with their reason; the daemon keeps
+        running. Returns once the decision is recorded and the entry has an outcome.
+        """
+        desk = self.desk
+        if desk is None or not self._intake_open:
+            logger.info("Intent refused source=%s reason=intake_closed", source)
+            return
+        now_ms = self.client.now_ms() if self.client is not None else time.time_ns() // 1_000_000
+        try:
+            if not isinstance(payload, Mapping):
+                raise IntentError("<payload>", payload, "must be a JSON object")
+            intent = parse_intent(payload, source=source, now_ms=now_ms)
+        except IntentError as exc:
+            desk.reject_malformed(source, payload, exc)
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._intake_tasks.add(task)
+        try:
+            decision = await desk.submit(intent, payload=dict(payload))
+        finally:
+            if task is not None:
+                self._intake_tasks.discard(task)
+        logger.info(
+            "Intent decided intent_id=%s symbol=%s side=%s accepted=%s reason=%s",
+            intent.intent_id,
+            intent.symbol,
+            intent.side,
+            decision.accepted,
+            decision.reason,
+        )
+
+    def submit_nowait(self, payload: Mapping[str, Any] | object, *, source: str = "api") -> None:
+        """Schedule ``submit`` without waiting for its outcome (sources that must not block)."""
+        task = asyncio.get_running_loop().create_task(self.submit(payload, source=source))
+        self._intake_tasks.add(task)
+        task.add_done_callback(self._intake_tasks.discard)
+
+    # ------------------------------------------------------------------ venue
+
+    async def _open_venue(self, stack: AsyncExitStack) -> VenueEndpoints:
+        config = self.config
+        if config.exchange == "sim":
+            import pyquant.sim as sim_module  # the daemon runs without it on real venues
+
+            sim = config.sim
+            venue = await stack.enter_async_context(
+                sim_module.serve(
+                    speed=sim.speed,
+                    position_mode=sim.position_mode,
+                    balance=sim.balance_usdt,
+                    data=[Path(p) for p in sim.data] or None,
+                    seed=sim.seed,
+                )
+            )
+            self.sim = venue
+            ws = str(venue.ws_url).rstrip("/")
+            return VenueEndpoints(
+                rest_url=str(venue.rest_url),
+                market_ws_url=f"{ws}/market",
+                user_ws_url=f"{ws}/private",
+                api_key=str(venue.api_key),
+                api_secret=str(venue.api_secret),
+                label=f"simulator {venue.rest_url} speed {sim.speed:g}x",
+            )
+        key, secret = config.credentials.api_key, config.credentials.api_secret
+        if key is None or secret is None:
+            raise PyquantError(f"exchange {config.exchange!r} needs an API key and secret")
+        return VenueEndpoints(
+            rest_url=config.rest_url,
+            market_ws_url=config.ws_url,
+            user_ws_url=config.user_ws_url,
+            api_key=key.reveal(),
+            api_secret=secret.reveal(),
+            label=f"{config.exchange} {config.rest_url}",
+        )
+
+    # ------------------------------------------------------------------ engine
+
+    def _build_engine(self, store: Store) -> Any:  # noqa: ANN401 - pyquant.ExitEngine
+        snapshot = store.load_snapshot()
+        if snapshot is not None:
+            engine = pyquant.ExitEngine.restore(snapshot, self.rules)
+            logger.info("Engine restored from snapshot bytes=%d", len(snapshot))
+            return engine
+        return pyquant.ExitEngine(self.rules, self.config.exit_policy())
+
+    def _trading_symbols(self) -> list[str]:
+        if self.config.market.symbols:
+            return list(self.config.market.symbols)
+        symbols = []
+        for symbol in self.rules.symbols():
+            info = self.rules.symbol_info(symbol)
+            status = _attr(info, "status")
+            if status in (None, "TRADING"):
+                symbols.append(symbol)
+        return symbols
+
+    async def _warm_up(self, symbols: list[str]) -> int:
+        if self.config.market.warmup_bars <= 0 or self.client is None:
+            return 0
+        interval = self.config.market.warmup_interval
+        interval_ms(interval)
+        limit = self.config.market.warmup_bars + 1
+        gate = asyncio.Semaphore(8)
+        warmed = 0
+
+        async def one(symbol: str) -> None:
+            nonlocal warmed
+            async with gate:
+                assert self.client is not None  # noqa: S101 - set before warm-up
+                try:
+                    bars = await fetch_closed_bars(self.client, symbol, interval, limit)
+                except (ExchangeError, MessageError) as exc:
+                    logger.warning("Warm-up failed symbol=%s error=%s", symbol, exc)
+                    return
+            if len(bars):
+                self.engine.warm_up(symbol, bars.high, bars.low, bars.close)
+                warmed += 1
+
+        await asyncio.gather(*(one(symbol) for symbol in symbols))
+        logger.info("ATR warmed up symbols=%d of %d interval=%s", warmed, len(symbols), interval)
+        return warmed
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _on_mark(self, data: bytes) -> None:
+        token = TICK_RECEIVED_NS.set(time.perf_counter_ns())
+        try:
+            try:
+                actions = self.engine.on_mark_message(data)
+            except ValueError as exc:
+                self.malformed_messages += 1
+                raise MessageError(str(exc)) from None
+            if actions and self.desk is not None:
+                self.desk.on_actions(actions, received_at_ns=TICK_RECEIVED_NS.get())
+        finally:
+            TICK_RECEIVED_NS.reset(token)
+
+    async def _on_user_event(self, event: UserEvent) -> None:
+        if self.desk is None:
+            return
+        try:
+            await self.desk.on_user_event(event.payload)
+        except (PyquantError, ArithmeticError, KeyError, TypeError, ValueError):
+            logger.exception("User event not applied kind=%s", event.kind)
+
+    async def _on_user_connected(self, reconnect: bool) -> None:
+        self._user_connected.set()
+        if reconnect and self.desk is not None and self.ready.is_set():
+            await self._reconcile("user stream reconnected")
+
+    def _on_user_disconnected(self) -> None:
+        if self.desk is not None:
+            self.desk.on_stream_lost("user-data stream disconnected")
+
+    async def _on_gap(self, gap_s: float) -> None:
+        await self._warm_up(self._symbols)
+
+    async def _reconcile(self, why: str) -> None:
+        from pyquant.recovery import reconcile
+
+        assert self.desk is not None  # noqa: S101 - reconcile runs after the desk exists
+        report = await reconcile(self.desk)
+        logger.info("Reconciled with the exchange why=%s report=%s", why, report)
+
+    # ------------------------------------------------------------------ views
+
+    def feed_statuses(self) -> dict[str, FeedStatus]:
+        """Return the health of both streams."""
+        out: dict[str, FeedStatus] = {}
+        for name, stream in (("market", self.market), ("user", self.user)):
+            health = stream.health if stream is not None else FeedHealth()
+            out[name] = FeedStatus(
+                health.connected, health.stale, health.age_s(), health.reconnects, health.messages
+            )
+        return out
+
+    def current_summary(self) -> dict[str, object]:
+        """Return the summary as it stands (the keys of ``--summary-json``)."""
+        if self.desk is None:
+            return dict(self.summary)
+        summary = self.desk.summary()
+        measured = self.latency.percentiles()
+        if measured["p50"] is not None:
+            summary["latency_ms"] = measured
+        summary["malformed_messages"] = self.malformed_messages
+        return summary
+
+    def position_lines(self) -> list[PositionLine]:
+        """Return the open positions with the engine's view of each."""
+        if self.engine is None:
+            return []
+        lines = []
+        for view in self.engine.positions():
+            trailing = _attr(view, "trailing_active")
+            lines.append(
+                PositionLine(
+                    position_id=str(_attr(view, "position_id")),
+                    symbol=str(_attr(view, "symbol")),
+                    side=str(_attr(view, "position_side")),
+                    size=str(_attr(view, "quantity")),
+                    entry=str(_attr(view, "entry_price")),
+                    mark=_str_or_none(_attr(view, "mark_price", "last_mark")),
+                    stop=_str_or_none(_attr(view, "stop_price")),
+                    next_take_profit=_str_or_none(_attr(view, "next_take_profit", "next_tp_price")),
+                    trailing="active" if trailing else "off",
+                )
+            )
+        return lines
+
+    def dashboard_data(self) -> DashboardData:
+        """Return one dashboard frame's data."""
+        return DashboardData(
+            title=f"pyquant  {self.endpoints.label if self.endpoints else 'starting'}",
+            position_mode=self.desk.mode if self.desk else None,
+            positions=self.position_lines(),
+            recent=list(self.desk.recent) if self.desk else [],
+            feeds=self.feed_statuses(),
+            latency_ms=self.latency.percentiles(),
+            summary=self.current_summary(),
+            shadow=self.config.router.shadow,
+        )
+
+    def _status(self) -> Status:
+        limits = self.client.rate_limits if self.client else None
+        return Status(
+            summary=self.current_summary(),
+            feeds=self.feed_statuses(),
+            used_weight_1m=limits.used_weight_1m if limits else 0,
+            order_count_10s=limits.order_count_10s if limits else 0,
+        )
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self) -> dict[str, object]:
+        """Run until stopped; return the summary."""
+        async with AsyncExitStack() as stack:
+            await self._start(stack)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    self._spawn(group)
+                    await self._stop.wait()
+                    await self._shutdown()
+            finally:
+                self.summary = self.current_summary()
+                await self._close_quietly()
+        return self.summary
+
+    async def flatten_only(self) -> list[Any]:
+        """Start far enough to trade, reconcile, flatten every position, and stop.
+
+        Returns:
+            Each step of the kill switch, as reported by the router.
+        """
+        async with AsyncExitStack() as stack:
+            await self._start(stack, warm_up=False)
+            await self._reconcile("flatten")
+            steps = await self.flatten()
+            if self.desk is not None:
+                await self.desk.drain()
+        return steps
+
+    async def _start(self, stack: AsyncExitStack, *, warm_up: bool = True) -> None:
+        config = self.config
+        if self._signals:
+            self._install_signals()
+        if self._state_dir is None:
+            self.state_dir = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="pyquant-"))
+            )
+        else:
+            self.state_dir = self._state_dir
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.endpoints = await self._open_venue(stack)
+        self.client = BinanceClient(
+            self.endpoints.rest_url,
+            self.endpoints.api_key,
+            self.endpoints.api_secret,
+            recv_window_ms=config.venue.recv_window_ms,
+            timeout_s=config.venue.timeout_s,
+        )
+        stack.push_async_callback(self.client.close)
+        self.client.on_request_sent = self.latency.on_request_sent
+        await self.client.sync_time()
+        raw = await self.client.exchange_info()
+        self.rules = pyquant.ExchangeRules.from_exchange_info(raw)
+        store = Store.open(self.state_dir / "pyquant.sqlite")
+        stack.callback(store.close)
+        self.engine = self._build_engine(store)
+        self.desk = TradingDesk(self.client, store, self.rules, self.engine, desk_config(config))
+        mode = await self.desk.refresh_mode()
+        logger.info(
+            "Daemon starting venue=%s position_mode=%s state=%s",
+            self.endpoints.label,
+            mode,
+            self.state_dir,
+        )
+        self._symbols = self._trading_symbols()
+        if warm_up:
+            await self._warm_up(self._symbols)
+        if self._metrics_port is not None:
+            self.metrics = Metrics(self._status)
+            self.latency.observers.append(self.metrics.tick_to_order.observe)
+            self.metrics.serve(self._metrics_port)
+            stack.callback(self.metrics.close)
+
+    def _spawn(self, group: asyncio.TaskGroup) -> None:
+        config = self.config
+        assert self.client is not None  # noqa: S101 - set by _start
+        assert self.endpoints is not None  # noqa: S101
+        self.user = UserDataStream(
+            self.endpoints.user_ws_url,
+            self.client,
+            self._on_user_event,
+            keepalive_interval_s=config.user_stream.keepalive_interval_s,
+            rotate_after_s=config.market.rotate_after_s,
+            backoff=Backoff(config.market.backoff_initial_s, config.market.backoff_max_s),
+            on_connected=self._on_user_connected,
+            on_disconnected=self._on_user_disconnected,
+        )
+        self.market = MarkPriceStream(
+            self.endpoints.market_ws_url,
+            self.client,
+            self._on_mark,
+            symbols=config.market.symbols,
+            stale_after_s=config.market.stale_after_s,
+            poll_interval_s=config.market.poll_interval_s,
+            rotate_after_s=config.market.rotate_after_s,
+            backoff=Backoff(config.market.backoff_initial_s, config.market.backoff_max_s),
+            on_gap=self._on_gap,
+            gap_threshold_s=interval_ms(config.market.warmup_interval) / 1000,
+        )
+        group.create_task(self.user.run(), name="user-stream")
+        group.create_task(self._after_user_connected(group), name="startup")
+        if config.daemon.duration_s > 0:
+            group.create_task(self._stop_after(config.daemon.duration_s), name="duration")
+        group.create_task(
+            self._every(config.daemon.snapshot_interval_s, self._snapshot), name="snapshot"
+        )
+        group.create_task(self._every(1.0, self._backstops), name="backstops")
+        if self._dashboard_enabled:
+            dashboard = Dashboard(self.dashboard_data)
+            self._dashboard = dashboard
+            group.create_task(dashboard.run(), name="dashboard")
+        else:
+            group.create_task(self._every(30.0, self._heartbeat), name="heartbeat")
+
+    async def _after_user_connected(self, group: asyncio.TaskGroup) -> None:
+        await self._user_connected.wait()
+        if self._stop.is_set():
+            return
+        await self._reconcile("start")
+        assert self.market is not None  # noqa: S101 - created in _spawn
+        group.create_task(self.market.run(), name="market-stream")
+        self._intake_open = True
+        self._start_sources(group)
+        self.ready.set()
+        logger.info("Daemon running: streams connected, intake open")
+
+    def _start_sources(self, group: asyncio.TaskGroup) -> None:
+        config = self.config
+        assert self.client is not None  # noqa: S101
+        if config.sources.demo:
+            self.demo = DemoProducer(
+                self.client,
+                lambda payload: self._demo_submit(payload),
+                interval_s=config.sources.demo_interval_s,
+                threshold_pct=config.sources.demo_threshold_pct,
+                tradable=self._tradable,
+                now_ms=self.client.now_ms,
+            )
+            group.create_task(self.demo.run(), name="demo-producer")
+
+    async def _demo_submit(self, payload: Mapping[str, Any]) -> None:
+        self.submit_nowait(payload, source="demo")
+
+    def _tradable(self, symbol: str) -> bool:
+        if symbol not in self._symbols or self.desk is None:
+            return False
+        return not any(
+            row.symbol == symbol for row in self.desk.store.positions(("opening", "open"))
+        )
+
+    async def _stop_after(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        logger.info("Duration of %.0f s reached", seconds)
+        self.stop()
+
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), seconds)
+            if self._stop.is_set():
+                return
+            try:
+                await job()
+            except (PyquantError, OSError) as exc:
+                logger.warning(
+                    "Periodic job failed job=%s error=%s", getattr(job, "__name__", job), exc
+                )
+
+    async def _snapshot(self) -> None:
+        if self.desk is not None:
+            self.desk.save_snapshot()
+
+    async def _backstops(self) -> None:
+        if self.desk is not None and self.ready.is_set():
+            await self.desk.sync_backstops()
+
+    async def _heartbeat(self) -> None:
+        s = self.current_summary()
+        market = self.market.health if self.market else FeedHealth()
+        logger.info(
+            "Heartbeat open_positions=%s entries=%s exits=%s realized_pnl=%s feed_age_s=%.1f "
+            "stale=%s latency_ms=%s",
+            s.get("open_positions"),
+            s.get("entries"),
+            s.get("exits"),
+            s.get("realized_pnl"),
+            market.age_s(),
+            market.stale,
+            s.get("latency_ms"),
+        )
+
+    async def flatten(self) -> list[Any]:
+        """Kill switch: stop intake, cancel our orders, close every position."""
+        self._intake_open = False
+        if self.demo is not None:
+            self.demo.stop()
+        if self.desk is None:
+            return []
+        logger.warning("Kill switch: flattening every position")
+        self.flatten_steps = await self.desk.flatten()
+        return self.flatten_steps
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self._intake_open = False
+        if self.demo is not None:
+            self.demo.stop()
+        while self._intake_tasks:
+            await asyncio.gather(*list(self._intake_tasks), return_exceptions=True)
+        if self.market is not None:
+            await self.market.close()
+        if self.desk is not None:
+            await self.desk.drain()
+        if getattr(self, "_dashboard", None) is not None:
+            self._dashboard.stop()
+        if self.user is not None:
+            await self.user.close()
+        self._user_connected.set()
+        logger.info("Daemon stopped cleanly")
+
+    async def _close_quietly(self) -> None:
+        if self.desk is not None:
+            with contextlib.suppress(Exception):
+                self.desk.save_snapshot()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        if hasattr(signal, "SIGUSR1"):
+            loop.add_signal_handler(
+                signal.SIGUSR1, lambda: loop.create_task(self.flatten(), name="flatten")
+            )
+
+
+def _str_or_none(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return str(value)
+
+
+__all__ = ["TICK_RECEIVED_NS", "Daemon", "LatencyRecorder", "VenueEndpoints", "desk_config"]
