@@ -24,6 +24,14 @@ class MessageError(PyquantError, ValueError):
     """A stream payload is malformed; the engine's state is untouched."""
 
 
+class InputError(PyquantError, ValueError):
+    """A value handed to pyquant breaks a rule: the message names the field, value and rule.
+
+    Raised for prices, quantities, arrays and exchangeInfo documents (not configuration,
+    which raises ConfigError).
+    """
+
+
 class UnknownSymbolError(PyquantError, KeyError):
     """A symbol is not in the loaded exchange rules."""
 
@@ -57,6 +65,7 @@ class OrderStatusUnknown(ExchangeError):
 __all__ = [
     "ConfigError",
     "ExchangeError",
+    "InputError",
     "MessageError",
     "OrderRejected",
     "OrderStatusUnknown",

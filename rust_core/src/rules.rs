@@ -630,7 +630,8 @@ impl SymbolRules {
 
     /// Validates an order the way Binance would and returns its refusal, or `None`.
     ///
-    /// Checks run in the contract's order (§4.5), first failure wins: order type (-1116),
+    /// Checks run in the contract's order (§4.5), first failure wins: mandatory
+    /// parameters (-1102), order type (-1116),
     /// precision (-1111), `PRICE_FILTER` on price then `stopPrice` (-4001/-4013/-4002/-4014,
     /// -4006/-4013/-4007/-4014), `LOT_SIZE` or `MARKET_LOT_SIZE` (-4003/-4004/-4005/-4023),
     /// `PERCENT_PRICE` (-4016/-4024 for a limit price, -4131 for a MARKET order when the
@@ -639,9 +640,21 @@ impl SymbolRules {
     /// symbol status for opening orders (-4140). The exact order Binance applies is not
     /// documented; tests must not depend on which of two violations wins.
     ///
-    /// Missing mandatory parameters are the caller's to prevent (the bindings raise
-    /// `ValueError`); here a missing price or stop price just skips its checks.
+    /// A missing mandatory `price` or `stopPrice` gives -1102 first, as Binance does.
     pub fn check_order(&self, order: &OrderCheck) -> Option<OrderReject> {
+        let missing = if order.order_type.needs_price() && order.price.is_none() {
+            Some("price")
+        } else if order.order_type.needs_stop_price() && order.stop_price.is_none() {
+            Some("stopPrice")
+        } else {
+            None
+        };
+        if let Some(name) = missing {
+            return Some(OrderReject::new(
+                -1102,
+                format!("Mandatory parameter '{name}' was not sent, was empty/null, or malformed."),
+            ));
+        }
         if !self.order_types.is_empty()
             && !self
                 .order_types
@@ -1138,6 +1151,17 @@ mod tests {
         assert_eq!(code(&stop), Some(-4007));
         stop.stop_price = Some(d("-1"));
         assert_eq!(code(&stop), Some(-4006));
+        stop.stop_price = None;
+        let reject = btc.check_order(&stop).unwrap();
+        assert_eq!(reject.code, -1102);
+        assert_eq!(
+            reject.msg,
+            "Mandatory parameter 'stopPrice' was not sent, was empty/null, or malformed."
+        );
+        assert_eq!(
+            code(&order(Side::Buy, OrderType::Limit, "1", None)),
+            Some(-1102)
+        );
     }
 
     #[test]
