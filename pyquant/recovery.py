@@ -112,6 +112,8 @@ async def reconcile(
     for row in store.orders(statuses=LIVE_STATUSES):
         if row.kind == "backstop":
             continue  # live backstops are checked against the venue's open algo orders below
+        if router.is_in_flight(row.client_order_id):
+            continue  # a reconcile while running (stream reconnect): its sender resolves it
         outcome = await router.resolve_unknown(row.client_order_id)
         report.orders_resolved[row.client_order_id] = outcome.state.value
 
@@ -148,9 +150,12 @@ async def reconcile(
     for position in store.positions(("open",)):
         key = (position.symbol, position.position_side)
         live = legs.get(key, Decimal(0))
+        if desk.is_busy(position.symbol, position.position_side):
+            matched.add(key)
+            continue  # an exit of ours is in flight: its outcome settles the quantity
         if live == 0:
             if position.position_id in engine_ids:
-                desk.engine.close_position(position.position_id)
+                desk.engine_call("close_position", position.position_id)
             await desk._closed(position, "gone_on_restart")
             report.positions_dropped.append(position.position_id)
             continue
@@ -174,7 +179,7 @@ async def reconcile(
             store.update_position(position.position_id, quantity=str(live))
             report.positions_reopened.append(position.position_id)
         elif live != _dec(position.quantity) and not pending_replay:
-            desk.engine.resize_position(position.position_id, str(live))
+            desk.engine_call("resize_position", position.position_id, str(live))
             store.update_position(position.position_id, quantity=str(live))
             report.positions_resized.append(position.position_id)
     entry_prices: dict[tuple[str, str], tuple[Decimal, int]] = {}

@@ -37,12 +37,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
-from pyquant.errors import ExchangeError
+from pyquant.errors import ExchangeError, PyquantError
 from pyquant.exchange.venue import Venue
 from pyquant.store import Fill, PositionRow, Store
 from pyquant.trading.guard import GuardConfig, GuardDecision, PositionGuard, position_id_text
@@ -170,6 +170,7 @@ class TradingDesk:
         clock: Callable[[], int] = _now_ms,
         router: OrderRouter | None = None,
         mark_price: Callable[[str], Decimal | None] | None = None,
+        on_rules_stale: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> None:
         self.venue = venue
         self.store = store
@@ -179,7 +180,7 @@ class TradingDesk:
         self._clock = clock
         self.guard = PositionGuard(store, rules, self.config.guard, clock=clock)
         self.router = router or OrderRouter(
-            venue, store, rules, self.config.router, clock=clock, on_rules_stale=None
+            venue, store, rules, self.config.router, clock=clock, on_rules_stale=on_rules_stale
         )
         self._mark_price = mark_price
         self._account: tuple[int, Decimal, Decimal] | None = None
@@ -200,6 +201,18 @@ class TradingDesk:
             if row.symbol == symbol and row.position_side == leg:
                 return row
         return None
+
+    def engine_call(self, method: str, *args: object, **kwargs: object) -> object:
+        """Call an engine method; an error is logged, never raised (the daemon keeps running).
+
+        Returns:
+            The method's result, or None when it raised.
+        """
+        try:
+            return getattr(self.engine, method)(*args, **kwargs)
+        except (PyquantError, KeyError, ValueError) as exc:
+            logger.warning("Engine call failed method=%s error=%s", method, exc)
+            return None
 
     @property
     def mode(self) -> str | None:
@@ -427,7 +440,7 @@ class TradingDesk:
         position = self.store.get_position(position_id)
         if position is None or position.status != "open":
             logger.warning("Action for unknown position position_id=%s dropped", position_id)
-            self.engine.reject(action)
+            self.engine_call("reject", action)
             return
         if self.config.shadow:
             self._note(
@@ -436,7 +449,7 @@ class TradingDesk:
                 reason=action.reason,
                 quantity=action.quantity,
             )
-            self.engine.reject(action)
+            self.engine_call("reject", action)
             return
         replayed = self._replayed_fill(position_id, action)
         if replayed is not None:
@@ -457,7 +470,7 @@ class TradingDesk:
             )
         except Exception:
             logger.exception("Exit failed position_id=%s", position_id)
-            self.engine.reject(action)
+            self.engine_call("reject", action)
             raise
         if outcome.client_order_id:
             self._actions[outcome.client_order_id] = action
@@ -486,7 +499,7 @@ class TradingDesk:
             return  # NEW after an unknown outcome: the stream finishes it
         self._actions.pop(outcome.client_order_id, None)
         if not outcome.filled:
-            self.engine.reject(action)
+            self.engine_call("reject", action)
             self._note(
                 "exit_rejected",
                 position_id=position_id,
@@ -503,7 +516,7 @@ class TradingDesk:
         filled: Decimal,
         client_order_id: str,
     ) -> None:
-        self.engine.confirm(action, filled_quantity=str(filled))
+        self.engine_call("confirm", action, filled_quantity=str(filled))
         self.save_snapshot()
         position = self.store.get_position(position_id)
         if position is None:
@@ -531,10 +544,10 @@ class TradingDesk:
             return
         live = await self._live_quantity(position.symbol, position.position_side)
         if live is not None and live == 0:
-            self.engine.close_position(position_id)
+            self.engine_call("close_position", position_id)
             await self._closed(position, "already_flat")
         else:
-            self.engine.reject(action)
+            self.engine_call("reject", action)
             if live is not None:
                 self.store.update_position(position_id, quantity=str(live))
 
@@ -633,7 +646,8 @@ class TradingDesk:
         for (symbol, leg), (quantity, entry) in changed.items():
             await self._reconcile_leg(symbol, leg, quantity, entry)
 
-    def _busy(self, symbol: str, leg: str) -> bool:
+    def is_busy(self, symbol: str, leg: str) -> bool:
+        """Return True while an entry or exit of ours on (symbol, leg) awaits its outcome."""
         for row in self.store.positions(("opening", "open")):
             if row.symbol == symbol and row.position_side == leg:
                 if row.status == "opening":
@@ -649,7 +663,7 @@ class TradingDesk:
     async def _reconcile_leg(
         self, symbol: str, leg: str, quantity: Decimal, entry: Decimal
     ) -> None:
-        if self._busy(symbol, leg):
+        if self.is_busy(symbol, leg):
             return  # our own order in flight: its outcome will settle the leg
         position = self._position_for(symbol, leg)
         if position is None:
@@ -657,12 +671,12 @@ class TradingDesk:
                 await self.adopt(symbol, leg, quantity, entry)
             return
         if quantity == 0:
-            self.engine.close_position(position.position_id)
+            self.engine_call("close_position", position.position_id)
             self.store.bump("exits", "external")
             self._note("exit", position_id=position.position_id, symbol=symbol, reason="external")
             await self._closed(position, "external")
         elif quantity != _dec(position.quantity):
-            self.engine.resize_position(position.position_id, str(quantity))
+            self.engine_call("resize_position", position.position_id, str(quantity))
             self.store.update_position(position.position_id, quantity=str(quantity))
             self.save_snapshot()
 
@@ -672,7 +686,7 @@ class TradingDesk:
         """Adopt a position opened elsewhere under the exit policy; return its position id."""
         position_id = position_id_text(self.store.next_position_number())
         now = self._clock()
-        self.engine.adopt_position(
+        actions = self.engine.adopt_position(
             position_id, symbol, leg, str(quantity), str(entry), leverage=leverage, opened_at_ms=now
         )
         self.store.upsert_position(
@@ -705,6 +719,9 @@ class TradingDesk:
             quantity,
         )
         await self._sync_backstop(position_id)
+        if isinstance(actions, list) and actions:
+            # e.g. over-leveraged for the policy, or a ladder level already passed
+            self.on_actions(actions)
         return position_id
 
     # ---- state ------------------------------------------------------------------------------
@@ -736,7 +753,7 @@ class TradingDesk:
         legs = legs_from_rows(await self.venue.position_risk())
         for position in self.store.positions(("open",)):
             if legs.get((position.symbol, position.position_side), Decimal(0)) == 0:
-                self.engine.close_position(position.position_id)
+                self.engine_call("close_position", position.position_id)
                 self.store.bump("exits", "flatten")
                 await self._closed(position, "flatten")
         return steps

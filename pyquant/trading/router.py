@@ -218,6 +218,19 @@ def next_state(row: OrderRow, event: OrderEvent) -> Transition:
             )
         case _, LookupMissing():
             return Transition({}, f"lookup miss after {state} dropped")
+        case OrderState.NOT_FOUND, RestAnswer() | StreamUpdate():
+            # NOT_FOUND was inferred from lookups, not said by the venue: a real answer wins.
+            return Transition(
+                {
+                    "status": event.status,
+                    "executed_qty": event.executed_qty or row.executed_qty,
+                    "avg_price": event.avg_price or row.avg_price,
+                    "exchange_order_id": event.exchange_order_id or row.exchange_order_id,
+                    "rest_final": event.status in FINAL_STATES,
+                    "stream_final": event.status in FINAL_STATES,
+                },
+                "venue answered an order inferred as never placed",
+            )
         case _, RestAnswer(status=status, executed_qty=qty, avg_price=avg, exchange_order_id=oid):
             changes: dict[str, object] = {"exchange_order_id": oid or row.exchange_order_id}
             if final:
@@ -485,6 +498,7 @@ class OrderRouter:
         self._prepared: dict[str, int] = {}
         self._backstops: dict[str, _Backstop] = {}
         self._mode_lock = asyncio.Lock()
+        self._in_flight: set[str] = set()
         self._load_backstops()
 
     # ---- mode and symbol setup --------------------------------------------------------------
@@ -560,6 +574,10 @@ class OrderRouter:
             error_msg=row.error_msg,
             flat=flat,
         )
+
+    def is_in_flight(self, client_id: str) -> bool:
+        """Return True while this process awaits the venue's answer to the request."""
+        return client_id in self._in_flight
 
     def live_orders(self, position_id: str | None = None) -> list[OrderRow]:
         """Return orders not yet final on both the REST and the stream side."""
@@ -657,6 +675,7 @@ class OrderRouter:
                 quantity,
                 reason,
             )
+            self._in_flight.add(cid)
             try:
                 reply = await self.venue.new_order(params)
             except OrderStatusUnknown as exc:
@@ -685,6 +704,8 @@ class OrderRouter:
                     await self._on_rules_stale(symbol, exc.code)
                 flat = exc.code == -2022 and kind in ("exit", "flatten")
                 return self._outcome(self._must(cid), flat=flat)
+            finally:
+                self._in_flight.discard(cid)
             row = self._apply(cid, _rest_answer(reply))
             return self._outcome(row or self._must(cid))
 

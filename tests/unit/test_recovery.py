@@ -206,3 +206,25 @@ async def test_snapshot_missing_a_position_reopens_it(tmp_path: Path) -> None:
     report = await reconcile(second, restore=FakeEngine.restore)
     assert report.positions_reopened == [pid]
     assert [v.position_id for v in second.engine.positions()] == [pid]
+
+
+async def test_reconcile_while_an_exit_is_in_flight_leaves_it_to_its_sender(tmp_path: Path) -> None:
+    import asyncio
+
+    venue = FakeVenue(hedge=True)
+    desk = desk_for(venue, tmp_path / "state.sqlite")
+    await reconcile(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    venue.gate = asyncio.Event()
+    desk.on_actions([desk.engine.action(pid, "0.003")])  # type: ignore[attr-defined]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert venue.in_flight == 1
+    report = await reconcile(desk)  # e.g. the user stream reconnected
+    assert report.orders_resolved == {}
+    assert report.positions_resized == []
+    venue.gate.set()
+    await desk.drain()
+    assert len(orders_sent(venue)) == 2
+    assert desk.store.get_position(pid).quantity == "0.007"  # type: ignore[union-attr]
+    assert ("confirm", (pid, 1, "0.003")) in desk.engine.calls  # type: ignore[attr-defined]

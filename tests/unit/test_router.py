@@ -354,8 +354,15 @@ async def test_state_machine_drops_stale_and_regressions() -> None:
     row = store.get_order(outcome.client_order_id)
     assert row is not None
     assert row.status == "NOT_FOUND"
-    # a late REST answer after a final state changes nothing but the rest flag
-    transition = next_state(row, RestAnswer(OrderState.NEW, "0", None, "7"))
+    # NOT_FOUND is only inferred: a later answer from the venue wins
+    late = next_state(row, RestAnswer(OrderState.FILLED, "0.003", "30000", "7"))
+    assert late.changes["status"] == OrderState.FILLED
+    assert late.changes["executed_qty"] == "0.003"
+    # a final state said by the venue never goes back
+    store.update_order(outcome.client_order_id, status="FILLED", rest_final=True)
+    filled = store.get_order(outcome.client_order_id)
+    assert filled is not None
+    transition = next_state(filled, RestAnswer(OrderState.NEW, "0", None, "7"))
     assert "status" not in transition.changes
     fresh = store.get_order(outcome.client_order_id)
     assert fresh is not None
