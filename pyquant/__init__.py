@@ -7,9 +7,11 @@ The per-tick work (exchange rules, ATR, bars, exit state) runs in the Rust exten
 from __future__ import annotations
 
 from pyquant import _core
+from pyquant._core import ExchangeRules, OrderReject, atr
 from pyquant.errors import (
     ConfigError,
     ExchangeError,
+    InputError,
     MessageError,
     OrderRejected,
     OrderStatusUnknown,
@@ -24,7 +26,10 @@ __version__: str = _core.__version__
 __all__ = [
     "ConfigError",
     "ExchangeError",
+    "ExchangeRules",
+    "InputError",
     "MessageError",
+    "OrderReject",
     "OrderRejected",
     "OrderStatusUnknown",
     "PolicyError",
@@ -32,4 +37,5 @@ __all__ = [
     "RetryableError",
     "UnknownSymbolError",
     "__version__",
+    "atr",
 ]
