@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 import signal
 import tempfile
 import time
@@ -59,10 +60,17 @@ from pyquant.exchange.streams import (
 from pyquant.metrics import FeedStatus, Metrics, Status
 from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
-from pyquant.trading.guard import GuardConfig
-from pyquant.trading.intents import IntentError, parse_intent
+from pyquant.trading.guard import GuardConfig, GuardDecision
+from pyquant.trading.intents import Intent
 from pyquant.trading.router import RouterConfig as DeskRouterConfig
 from pyquant.trading.sizing import SizingConfig
+from pyquant.trading.sources import (
+    HttpSource,
+    SourceResult,
+    deliver,
+    follow_jsonl,
+    read_stdin,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +156,54 @@ def desk_config(config: Config) -> DeskConfig:
     )
 
 
+class Intake:
+    """The sink every intent source delivers to: the desk, while intake is open.
+
+    It refuses intents once the daemon is stopping (nothing new starts during a clean stop)
+    and keeps track of submissions in flight, so the stop can wait for their entry orders
+    to reach an outcome.
+    """
+
+    def __init__(self) -> None:
+        self.desk: TradingDesk | None = None
+        self.open = False
+        self.in_flight: set[asyncio.Task[Any]] = set()
+
+    async def submit(self, intent: Intent, *, payload: object = None) -> GuardDecision:
+        """Decide one intent through the desk (refused while closed)."""
+        if self.desk is None or not self.open:
+            logger.info("Intent refused intent_id=%s reason=intake_closed", intent.intent_id)
+            return GuardDecision(False, "intake_closed", "the daemon is not taking intents now")
+        task = asyncio.current_task()
+        if task is not None:
+            self.in_flight.add(task)
+        try:
+            decision = await self.desk.submit(intent, payload=payload)
+        finally:
+            if task is not None:
+                self.in_flight.discard(task)
+        logger.info(
+            "Intent decided intent_id=%s symbol=%s side=%s accepted=%s reason=%s detail=%s",
+            intent.intent_id,
+            intent.symbol,
+            intent.side,
+            decision.accepted,
+            decision.reason,
+            decision.detail,
+        )
+        return decision
+
+    def reject_malformed(self, source: str, payload: object, error: object) -> None:
+        """Record a payload that is not a valid intent."""
+        if self.desk is not None:
+            self.desk.reject_malformed(source, payload, str(error))
+
+    async def wait_idle(self) -> None:
+        """Wait until no submission is in flight."""
+        while self.in_flight:
+            await asyncio.gather(*list(self.in_flight), return_exceptions=True)
+
+
 def _attr(obj: object, *names: str) -> Any:  # noqa: ANN401 - engine views are extension objects
     for name in names:
         value = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
@@ -196,8 +252,12 @@ class Daemon:
         self.metrics: Metrics | None = None
         self.state_dir: Path | None = None
         self.sim: Any = None
-        self._intake_open = False
-        self._intake_tasks: set[asyncio.Task[None]] = set()
+        self._intake = Intake()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.http: HttpSource | None = None
+        self._source_tasks: list[asyncio.Task[Any]] = []
+        self._dashboard: Dashboard | None = None
+        self._symbol_set: frozenset[str] = frozenset()
         self._user_connected = asyncio.Event()
         self._symbols: list[str] = []
         self.malformed_messages = 0
@@ -212,46 +272,28 @@ class Daemon:
             logger.info("Stop requested: closing intake, finishing in-flight orders")
         self._stop.set()
 
-    async def submit(self, payload: Mapping[str, Any] | object, *, source: str = "api") -> None:
+    async def submit(
+        self, payload: Mapping[str, Any] | object, *, source: str = "api"
+    ) -> SourceResult:
         """Hand one intent payload to the guard (the Python API intake).
 
         Malformed payloads are recorded as rejections with their reason; the daemon keeps
         running. Returns once the decision is recorded and the entry has an outcome.
+
+        Args:
+            payload: the intent in pyquant's (or the original system's) format.
+            source: the source name recorded with the decision.
+
+        Returns:
+            What became of the payload (accepted, or the reason it was refused).
         """
-        desk = self.desk
-        if desk is None or not self._intake_open:
-            logger.info("Intent refused source=%s reason=intake_closed", source)
-            return
-        now_ms = self.client.now_ms() if self.client is not None else time.time_ns() // 1_000_000
-        try:
-            if not isinstance(payload, Mapping):
-                raise IntentError("<payload>", payload, "must be a JSON object")
-            intent = parse_intent(payload, source=source, now_ms=now_ms)
-        except IntentError as exc:
-            desk.reject_malformed(source, payload, exc)
-            return
-        task = asyncio.current_task()
-        if task is not None:
-            self._intake_tasks.add(task)
-        try:
-            decision = await desk.submit(intent, payload=dict(payload))
-        finally:
-            if task is not None:
-                self._intake_tasks.discard(task)
-        logger.info(
-            "Intent decided intent_id=%s symbol=%s side=%s accepted=%s reason=%s",
-            intent.intent_id,
-            intent.symbol,
-            intent.side,
-            decision.accepted,
-            decision.reason,
-        )
+        return await deliver(self._intake, payload, source=source)
 
     def submit_nowait(self, payload: Mapping[str, Any] | object, *, source: str = "api") -> None:
         """Schedule ``submit`` without waiting for its outcome (sources that must not block)."""
         task = asyncio.get_running_loop().create_task(self.submit(payload, source=source))
-        self._intake_tasks.add(task)
-        task.add_done_callback(self._intake_tasks.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ venue
 
@@ -514,6 +556,7 @@ class Daemon:
             self.state_dir,
         )
         self._symbols = self._trading_symbols()
+        self._symbol_set = frozenset(self._symbols)
         if warm_up:
             await self._warm_up(self._symbols)
         if self._metrics_port is not None:
@@ -570,30 +613,54 @@ class Daemon:
         await self._reconcile("start")
         assert self.market is not None  # noqa: S101 - created in _spawn
         group.create_task(self.market.run(), name="market-stream")
-        self._intake_open = True
-        self._start_sources(group)
+        self._intake.desk = self.desk
+        self._intake.open = True
+        await self._start_sources(group)
         self.ready.set()
         logger.info("Daemon running: streams connected, intake open")
 
-    def _start_sources(self, group: asyncio.TaskGroup) -> None:
-        config = self.config
+    async def _start_sources(self, group: asyncio.TaskGroup) -> None:
+        sources = self.config.sources
         assert self.client is not None  # noqa: S101
-        if config.sources.demo:
+        assert self.desk is not None  # noqa: S101
+        if sources.demo:
             self.demo = DemoProducer(
                 self.client,
-                lambda payload: self._demo_submit(payload),
-                interval_s=config.sources.demo_interval_s,
-                threshold_pct=config.sources.demo_threshold_pct,
+                self._demo_submit,
+                interval_s=sources.demo_interval_s,
+                threshold_pct=sources.demo_threshold_pct,
                 tradable=self._tradable,
-                now_ms=self.client.now_ms,
             )
-            group.create_task(self.demo.run(), name="demo-producer")
+            self._source_tasks.append(group.create_task(self.demo.run(), name="demo-producer"))
+        if sources.jsonl == "-":
+            self._source_tasks.append(
+                group.create_task(self._guarded(read_stdin(self._intake)), name="stdin-intents")
+            )
+        elif sources.jsonl:
+            path = Path(os.path.expanduser(sources.jsonl))
+            task = group.create_task(
+                self._guarded(follow_jsonl(self._intake, path, store=self.desk.store)),
+                name="jsonl-intents",
+            )
+            self._source_tasks.append(task)
+        if sources.http_port and sources.http_token is not None:
+            self.http = HttpSource(
+                self._intake, token=sources.http_token.reveal(), port=sources.http_port
+            )
+            await self.http.start()
+
+    async def _guarded(self, source: Awaitable[object]) -> None:
+        # A source that ends (stdin EOF) or fails must not take the daemon down with it.
+        try:
+            await source
+        except (OSError, PyquantError, ValueError) as exc:
+            logger.error("Intent source stopped error=%s", exc)
 
     async def _demo_submit(self, payload: Mapping[str, Any]) -> None:
         self.submit_nowait(payload, source="demo")
 
     def _tradable(self, symbol: str) -> bool:
-        if symbol not in self._symbols or self.desk is None:
+        if symbol not in self._symbol_set or self.desk is None:
             return False
         return not any(
             row.symbol == symbol for row in self.desk.store.positions(("opening", "open"))
@@ -641,11 +708,22 @@ class Daemon:
             s.get("latency_ms"),
         )
 
-    async def flatten(self) -> list[Any]:
-        """Kill switch: stop intake, cancel our orders, close every position."""
-        self._intake_open = False
+    async def _close_intake(self) -> None:
+        self._intake.open = False
         if self.demo is not None:
             self.demo.stop()
+        for task in self._source_tasks:
+            task.cancel()
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        await self._intake.wait_idle()
+
+    async def flatten(self) -> list[Any]:
+        """Kill switch: stop intake, cancel our orders, close every position."""
+        await self._close_intake()
         if self.desk is None:
             return []
         logger.warning("Kill switch: flattening every position")
@@ -654,16 +732,12 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self._stopping = True
-        self._intake_open = False
-        if self.demo is not None:
-            self.demo.stop()
-        while self._intake_tasks:
-            await asyncio.gather(*list(self._intake_tasks), return_exceptions=True)
+        await self._close_intake()
         if self.market is not None:
             await self.market.close()
         if self.desk is not None:
             await self.desk.drain()
-        if getattr(self, "_dashboard", None) is not None:
+        if self._dashboard is not None:
             self._dashboard.stop()
         if self.user is not None:
             await self.user.close()
