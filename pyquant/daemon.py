@@ -637,7 +637,7 @@ class Daemon:
                 group.create_task(self._guarded(read_stdin(self._intake)), name="stdin-intents")
             )
         elif sources.jsonl:
-            path = Path(os.path.expanduser(sources.jsonl))
+            path = _user_path(sources.jsonl)
             task = group.create_task(
                 self._guarded(follow_jsonl(self._intake, path, store=self.desk.store)),
                 name="jsonl-intents",
@@ -757,6 +757,10 @@ class Daemon:
             loop.add_signal_handler(
                 signal.SIGUSR1, lambda: loop.create_task(self.flatten(), name="flatten")
             )
+
+
+def _user_path(text: str) -> Path:
+    return Path(os.path.expanduser(text))
 
 
 def _str_or_none(value: object) -> str | None:
