@@ -681,9 +681,6 @@ class OrderRouter:
             except OrderStatusUnknown as exc:
                 self._apply(cid, RestUnknown(exc.code, exc.msg))
                 return await self.resolve_unknown(cid)
-            except TimeoutError:
-                self._apply(cid, RestUnknown(-1007, "timeout waiting for the venue"))
-                return await self.resolve_unknown(cid)
             except RetryableError as exc:
                 self._record_rejection(cid, exc)
                 if retries >= self.config.retry_limit:
@@ -704,6 +701,15 @@ class OrderRouter:
                     await self._on_rules_stale(symbol, exc.code)
                 flat = exc.code == -2022 and kind in ("exit", "flatten")
                 return self._outcome(self._must(cid), flat=flat)
+            except ExchangeError as exc:
+                # Any other exchange error after sending (-1000, -1006, 5xx) is no proof of
+                # rejection: treat it as an unknown outcome.
+                self._apply(cid, RestUnknown(exc.code, exc.msg))
+                return await self.resolve_unknown(cid)
+            except Exception as exc:
+                # A timeout or a dropped connection after the request left: unknown outcome.
+                self._apply(cid, RestUnknown(-1007, f"{type(exc).__name__}: {exc}"))
+                return await self.resolve_unknown(cid)
             finally:
                 self._in_flight.discard(cid)
             row = self._apply(cid, _rest_answer(reply))

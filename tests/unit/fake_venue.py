@@ -336,6 +336,8 @@ class FakeVenue:
             if fault == "unknown_not_executed":
                 raise OrderStatusUnknown(-1007, "Timeout waiting for response from backend server.")
             result = self._execute(params)
+            if fault == "drop_after_execute":
+                raise ConnectionResetError("connection reset by peer")
             if fault == "unknown_executed":
                 raise OrderStatusUnknown(-1007, "Timeout waiting for response from backend server.")
             return result

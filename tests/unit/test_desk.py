@@ -175,7 +175,7 @@ async def test_account_update_resizes_closes_and_adopts() -> None:
 
 
 async def test_one_way_flip_is_close_plus_adoption() -> None:
-    venue, store, engine, desk = make(hedge=False)
+    _venue, store, engine, desk = make(hedge=False)
     await ready(desk)
     pid = (await desk.submit(intent("a"))).position_id or ""
     await desk.on_user_event(
@@ -189,11 +189,11 @@ async def test_one_way_flip_is_close_plus_adoption() -> None:
         }
     )
     assert store.get_position(pid).status == "closed"  # type: ignore[union-attr]
-    assert [c for c in engine.calls if c[0] == "adopt"][0][1][2] == "SHORT"
+    assert next(c for c in engine.calls if c[0] == "adopt")[1][2] == "SHORT"
 
 
 async def test_entry_with_failed_symbol_setup_fails_closed() -> None:
-    venue, store, engine, desk = make(hedge=True)
+    venue, store, _engine, desk = make(hedge=True)
     await ready(desk)
     venue.refuse_leverage.add("BTCUSDT")
     decision = await desk.submit(intent("a"))
@@ -207,7 +207,7 @@ async def test_entry_with_failed_symbol_setup_fails_closed() -> None:
 
 
 async def test_shadow_mode_sends_nothing() -> None:
-    venue, store, engine, desk = make(hedge=True, shadow=True)
+    venue, _store, _engine, desk = make(hedge=True, shadow=True)
     await ready(desk)
     decision = await desk.submit(intent("a"))
     assert decision.accepted
@@ -215,7 +215,7 @@ async def test_shadow_mode_sends_nothing() -> None:
 
 
 async def test_flatten_closes_everything_and_the_engine_knows() -> None:
-    venue, store, engine, desk = make(hedge=True)
+    _venue, store, engine, desk = make(hedge=True)
     await ready(desk)
     pid = (await desk.submit(intent("a"))).position_id or ""
     steps = await desk.flatten()
@@ -227,7 +227,7 @@ async def test_flatten_closes_everything_and_the_engine_knows() -> None:
 
 
 async def test_malformed_intent_is_recorded() -> None:
-    venue, store, engine, desk = make(hedge=True)
+    _venue, store, _engine, desk = make(hedge=True)
     desk.reject_malformed("http", {"id": "x", "side": "UP"}, "intent field 'side' was 'UP'")
     assert store.counters("intents_rejected") == {"invalid": 1}
     assert desk.recent[-1]["reason"] == "invalid"

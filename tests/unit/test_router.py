@@ -6,6 +6,7 @@ import asyncio
 from decimal import Decimal
 
 import pytest
+from fake_venue import FakeRules, FakeVenue, retryable_429
 
 from pyquant.errors import OrderRejected
 from pyquant.store import Store
@@ -23,7 +24,6 @@ from pyquant.trading.router import (
     exit_params,
     next_state,
 )
-from fake_venue import FakeRules, FakeVenue, retryable_429
 
 
 async def _no_sleep(_: float) -> None:
@@ -175,7 +175,7 @@ async def test_exit_is_written_ahead_then_sent_with_mode_params(hedge: bool) -> 
 
 
 async def test_unknown_outcome_executed_is_resolved_by_lookup_without_second_order() -> None:
-    venue, store, router = make(hedge=True)
+    venue, _store, router = make(hedge=True)
     venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
     venue.faults = ["unknown_executed"]
     venue.lookup_misses = 1  # -2013 right after the unknown outcome is no proof of absence
@@ -189,8 +189,27 @@ async def test_unknown_outcome_executed_is_resolved_by_lookup_without_second_ord
     assert router.stats.resolved_by_lookup == 1
 
 
+@pytest.mark.parametrize("fault", ["drop_after_execute", OrderRejected(-1000, "x")])
+async def test_transport_failure_after_send_is_an_unknown_outcome(fault: object) -> None:
+    venue, _, router = make(hedge=False)
+    venue.set_position("BTCUSDT", "BOTH", "0.010", "30000")
+    if isinstance(fault, OrderRejected):
+        # -1000 arrives as a plain ExchangeError from a client that does not classify it
+        from pyquant.errors import ExchangeError
+
+        venue.faults = [ExchangeError(-1000, "An unknown error occurred while processing.")]
+    else:
+        venue.faults = [fault]  # type: ignore[list-item]
+    outcome = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="x")
+    if isinstance(fault, OrderRejected):
+        assert outcome.state == OrderState.NOT_FOUND  # raised before executing
+    else:
+        assert outcome.state == OrderState.FILLED
+    assert len(venue.sent) == 1
+
+
 async def test_unknown_outcome_not_executed_ends_not_found_and_nothing_resent() -> None:
-    venue, store, router = make(hedge=False)
+    venue, _store, router = make(hedge=False)
     venue.set_position("BTCUSDT", "BOTH", "0.010", "30000")
     venue.faults = ["unknown_not_executed"]
     outcome = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="x")
@@ -205,7 +224,7 @@ async def test_unknown_outcome_not_executed_ends_not_found_and_nothing_resent() 
 
 
 async def test_stream_answers_unknown_outcome_during_lookup() -> None:
-    venue, store, router = make(hedge=True)
+    venue, _store, router = make(hedge=True)
     venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
     venue.faults = ["unknown_executed"]
     venue.lookup_misses = 10
@@ -243,7 +262,7 @@ async def test_mode_changed_behind_our_back_rebuilds_once() -> None:
 
 
 async def test_reduce_only_in_hedge_mode_minus_1106_rebuilds() -> None:
-    venue, store, router = make(hedge=False)
+    venue, _store, router = make(hedge=False)
     await router.refresh_mode()
     venue.hedge = True
     venue.set_position("BTCUSDT", "SHORT", "0.010", "30000")
@@ -255,7 +274,7 @@ async def test_reduce_only_in_hedge_mode_minus_1106_rebuilds() -> None:
 
 
 async def test_minus_2022_on_exit_reports_flat() -> None:
-    venue, store, router = make(hedge=False)
+    venue, _store, router = make(hedge=False)
     outcome = await router.send_exit("1", "BTCUSDT", "LONG", "0.003", sequence=1, reason="x")
     assert outcome.flat
     assert outcome.error_code == -2022
@@ -263,7 +282,7 @@ async def test_minus_2022_on_exit_reports_flat() -> None:
 
 
 async def test_rate_limited_backs_off_and_resends_under_next_attempt() -> None:
-    venue, store, router = make(hedge=True)
+    venue, _store, router = make(hedge=True)
     venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
     venue.faults = [retryable_429()]
     waits: list[float] = []
@@ -279,7 +298,7 @@ async def test_rate_limited_backs_off_and_resends_under_next_attempt() -> None:
 
 
 async def test_filter_error_asks_for_a_rules_refresh() -> None:
-    venue, store, router = make(hedge=True)
+    venue, _store, router = make(hedge=True)
     venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
     refreshed: list[tuple[str, int]] = []
 
@@ -294,7 +313,7 @@ async def test_filter_error_asks_for_a_rules_refresh() -> None:
 
 
 async def test_exit_never_exceeds_live_quantity() -> None:
-    venue, store, router = make(hedge=True)
+    venue, _store, router = make(hedge=True)
     venue.set_position("BTCUSDT", "LONG", "0.0025", "30000")
     outcome = await router.send_exit(
         "1",
@@ -310,7 +329,7 @@ async def test_exit_never_exceeds_live_quantity() -> None:
 
 
 async def test_concurrent_closes_of_one_position_are_serialized() -> None:
-    venue, store, router = make(hedge=True)
+    venue, _store, router = make(hedge=True)
     venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
     venue.gate = asyncio.Event()
     first = asyncio.create_task(
@@ -331,7 +350,7 @@ async def test_concurrent_closes_of_one_position_are_serialized() -> None:
 
 
 async def test_prepare_symbol_confirms_or_fails_closed() -> None:
-    venue, store, router = make(hedge=True)
+    venue, _store, router = make(hedge=True)
     await router.prepare_symbol("BTCUSDT", 7)
     assert venue.leverage == {"BTCUSDT": 7}
     assert venue.margin_types == {"BTCUSDT": "CROSSED"}
@@ -412,14 +431,14 @@ async def test_backstop_tightens_new_before_old_and_is_throttled(hedge: bool) ->
 
 
 async def test_short_backstop_rounds_up() -> None:
-    venue, store, router = make(hedge=True)
+    venue, _store, router = make(hedge=True)
     await router.update_backstop("1", "BTCUSDT", "SHORT", "30300.0")
     assert venue.sent[0].params["triggerPrice"] == "30451.5"
     assert venue.sent[0].params["side"] == "BUY"
 
 
 async def test_orphan_backstops_are_cancelled() -> None:
-    venue, store, router = make(hedge=True)
+    venue, _store, router = make(hedge=True)
     venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
     keep = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
     orphan = await router.update_backstop("2", "ETHUSDT", "SHORT", "2100.00")
@@ -442,7 +461,7 @@ async def test_orphan_backstops_are_cancelled() -> None:
 
 @pytest.mark.parametrize("hedge", [True, False])
 async def test_flatten_cancels_and_closes_every_leg(hedge: bool) -> None:
-    venue, store, router = make(hedge)
+    venue, _store, router = make(hedge)
     if hedge:
         venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
         venue.set_position("BTCUSDT", "SHORT", "0.004", "30000")

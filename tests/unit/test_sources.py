@@ -24,7 +24,7 @@ from pyquant.trading.sources import (
 )
 
 NOW = 1_700_000_000_000
-TOKEN = "t0ken-with-enough-length"
+TOKEN = "t0ken-with-enough-length"  # noqa: S105 - a test token
 
 
 @dataclass

@@ -143,25 +143,30 @@ def test_intent_decisions_counters_and_malformed() -> None:
 def test_transaction_is_atomic() -> None:
     store = Store.open(":memory:")
     store.add_reservation(Reservation("BTCUSDT", "LONG", "i", "1", Decimal("100"), 1))
-    with pytest.raises(sqlite3.IntegrityError), store.transaction():
-        store.upsert_position(
-            PositionRow(
-                "2",
-                "ETHUSDT",
-                "LONG",
-                "opening",
-                "entry",
-                "0",
-                None,
-                1,
-                None,
-                "j",
-                None,
-                None,
-                None,
+
+    def add_both() -> None:
+        with store.transaction():
+            store.upsert_position(
+                PositionRow(
+                    "2",
+                    "ETHUSDT",
+                    "LONG",
+                    "opening",
+                    "entry",
+                    "0",
+                    None,
+                    1,
+                    None,
+                    "j",
+                    None,
+                    None,
+                    None,
+                )
             )
-        )
-        store.add_reservation(Reservation("BTCUSDT", "LONG", "j", "2", Decimal("100"), 2))
+            store.add_reservation(Reservation("BTCUSDT", "LONG", "j", "2", Decimal("100"), 2))
+
+    with pytest.raises(sqlite3.IntegrityError):
+        add_both()
     assert store.get_position("2") is None  # rolled back with the failed reservation
 
 
