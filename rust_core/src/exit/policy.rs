@@ -70,6 +70,9 @@ pub struct LadderLevel {
 
 /// The plain, serializable fields of a policy. Build an [`ExitPolicy`] from it
 /// with [`ExitPolicy::new`], which validates every field.
+///
+/// Every optional field defaults to `None` (off), so a TOML dump, which cannot
+/// write `None`, reads back to the same policy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
@@ -129,7 +132,7 @@ pub struct PolicyConfig {
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
-            stop_atr: Some(2.0),
+            stop_atr: None,
             fallback_stop_pct: 0.01,
             min_stop_pct: 0.003,
             max_stop_pct: 0.05,

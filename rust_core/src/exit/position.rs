@@ -1408,6 +1408,7 @@ mod tests {
                 at: 1.0,
                 fraction: 0.5,
             }],
+            stop_atr: Some(2.0),
             confidence_scale: 1.0,
             m_min: 0.5,
             m_max: 1.5,
