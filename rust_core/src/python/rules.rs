@@ -235,7 +235,11 @@ impl PyExchangeRules {
         // Without a reference price MIN_NOTIONAL cannot be checked; refuse rather than
         // answer "valid" for an order Binance may reject with -4164.
         let exempt = order.reduce_only || rules.min_notional() <= Decimal::ZERO;
-        if !exempt && order.notional_price().is_none() {
+        let measured_at_mark = matches!(
+            order.order_type,
+            OrderType::Market | OrderType::TrailingStopMarket
+        );
+        if !exempt && measured_at_mark && order.mark_price.is_none() {
             return Err(CoreError::invalid_for(
                 symbol,
                 "mark_price",
