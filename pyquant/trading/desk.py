@@ -54,7 +54,6 @@ from pyquant.trading.router import (
     OrderRouter,
     OrderState,
     RouterConfig,
-    RouterError,
 )
 from pyquant.trading.sizing import SizeDecision, SizingConfig, size_entry
 
@@ -171,6 +170,7 @@ class TradingDesk:
         router: OrderRouter | None = None,
         mark_price: Callable[[str], Decimal | None] | None = None,
         on_rules_stale: Callable[[str, int], Awaitable[None]] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.venue = venue
         self.store = store
@@ -187,6 +187,9 @@ class TradingDesk:
         self._tasks: set[asyncio.Task[None]] = set()
         self._actions: dict[str, Any] = {}  # client order id -> pending engine action
         self._entry_leverage: dict[str, int] = {}
+        self._opened: set[str] = set()
+        self._exit_failures: dict[str, int] = {}
+        self._sleep = sleep
         self._latencies_ms: list[float] = []
         self.recent: list[dict[str, object]] = []  # latest actions and rejections, newest last
 
@@ -270,7 +273,7 @@ class TradingDesk:
             try:
                 mark = await self._mark(intent.symbol)
                 equity, available = await self._account_numbers()
-            except ExchangeError as exc:
+            except Exception as exc:  # sizing then refuses the intent, and it is recorded
                 logger.warning(
                     "Sizing inputs unavailable intent_id=%s error=%s", intent.intent_id, exc
                 )
@@ -314,7 +317,7 @@ class TradingDesk:
             return decision
         try:
             await self.router.prepare_symbol(intent.symbol, decision.leverage)
-        except RouterError as exc:
+        except Exception as exc:  # fail closed whatever the cause; the leg must not stay held
             self._entry_failed(decision.position_id, f"symbol setup failed: {exc}")
             return decision
         self._entry_leverage[decision.position_id] = decision.leverage
@@ -353,19 +356,39 @@ class TradingDesk:
     async def _open_filled(
         self, position: PositionRow, quantity: Decimal, avg_price: Decimal | None
     ) -> None:
+        # The REST answer and the user stream may both report the fill: open once.
+        if position.position_id in self._opened:
+            return
+        self._opened.add(position.position_id)
         now = self._clock()
         price = avg_price if avg_price is not None else await self._mark(position.symbol)
         entry = str(price if price is not None else Decimal(0))
-        self.engine.open_position(
-            position.position_id,
-            position.symbol,
-            position.position_side,
-            str(quantity),
-            entry,
-            leverage=position.leverage,
-            confidence=position.confidence,
-            opened_at_ms=now,
-        )
+        try:
+            self.engine.open_position(
+                position.position_id,
+                position.symbol,
+                position.position_side,
+                str(quantity),
+                entry,
+                leverage=position.leverage,
+                confidence=position.confidence,
+                opened_at_ms=now,
+            )
+        except (PyquantError, KeyError, ValueError):
+            # The position exists on the exchange either way: keep it managed as adopted.
+            logger.exception(
+                "Engine refused the open, adopting position_id=%s", position.position_id
+            )
+            self.engine_call(
+                "adopt_position",
+                position.position_id,
+                position.symbol,
+                position.position_side,
+                str(quantity),
+                entry,
+                leverage=position.leverage,
+                opened_at_ms=now,
+            )
         with self.store.transaction():
             self.store.update_position(
                 position.position_id,
@@ -394,6 +417,28 @@ class TradingDesk:
             entry,
         )
         await self._sync_backstop(position.position_id)
+
+    def _engine_has(self, position_id: str) -> bool:
+        try:
+            views = self.engine.positions()
+        except Exception:
+            logger.exception("Engine positions() failed")
+            return True  # unknown: do not touch
+        return any(str(_field(view, "position_id")) == position_id for view in views)
+
+    def _engine_adopt(self, position: PositionRow, quantity: Decimal) -> None:
+        actions = self.engine_call(
+            "adopt_position",
+            position.position_id,
+            position.symbol,
+            position.position_side,
+            str(quantity),
+            position.entry_price or "0",
+            leverage=position.leverage,
+            opened_at_ms=position.opened_at_ms,
+        )
+        if isinstance(actions, list) and actions:
+            self.on_actions(actions)
 
     def _engine_stop(self, position_id: str) -> str | None:
         try:
@@ -455,9 +500,19 @@ class TradingDesk:
         if replayed is not None:
             await self._exit_filled(position_id, action, replayed[1], replayed[0])
             return
-        if received_at_ns is not None:
+        failures = self._exit_failures.get(position_id, 0)
+        if failures:
+            # The engine re-emits a rejected exit on the next tick; pace the retries so a
+            # persistent refusal cannot turn into an order storm.
+            await self._sleep(min(0.25 * 2 ** (failures - 1), 30.0))
+        elif received_at_ns is not None:
             self._latencies_ms.append((time.perf_counter_ns() - received_at_ns) / 1e6)
             del self._latencies_ms[:-10_000]
+
+        def live() -> Decimal:
+            row = self.store.get_position(position_id)
+            return Decimal(0) if row is None else _dec(row.quantity)
+
         try:
             outcome = await self.router.send_exit(
                 position_id,
@@ -466,12 +521,13 @@ class TradingDesk:
                 action.quantity,
                 sequence=int(action.sequence),
                 reason=str(action.reason),
-                live_quantity=_dec(position.quantity),
+                live_quantity=live,
             )
         except Exception:
             logger.exception("Exit failed position_id=%s", position_id)
             self.engine_call("reject", action)
-            raise
+            self._exit_failures[position_id] = failures + 1
+            return
         if outcome.client_order_id:
             self._actions[outcome.client_order_id] = action
         await self._exit_outcome(position_id, action, outcome)
@@ -500,6 +556,7 @@ class TradingDesk:
         self._actions.pop(outcome.client_order_id, None)
         if not outcome.filled:
             self.engine_call("reject", action)
+            self._exit_failures[position_id] = self._exit_failures.get(position_id, 0) + 1
             self._note(
                 "exit_rejected",
                 position_id=position_id,
@@ -516,12 +573,20 @@ class TradingDesk:
         filled: Decimal,
         client_order_id: str,
     ) -> None:
+        self._exit_failures.pop(position_id, None)
         self.engine_call("confirm", action, filled_quantity=str(filled))
         self.save_snapshot()
         position = self.store.get_position(position_id)
         if position is None:
             return
         remaining = max(_dec(position.quantity) - filled, Decimal(0))
+        if remaining > 0 and not self._engine_has(position_id):
+            # The engine took this as the full close but the exchange still holds a rest
+            # (our view of the size was larger): keep that rest managed.
+            live = await self._live_quantity(position.symbol, position.position_side)
+            remaining = remaining if live is None else live
+            if remaining > 0:
+                self._engine_adopt(position, remaining)
         with self.store.transaction():
             self.store.update_order(client_order_id, engine_applied=True)
             self.store.update_position(position_id, quantity=str(remaining))
@@ -676,7 +741,10 @@ class TradingDesk:
             self._note("exit", position_id=position.position_id, symbol=symbol, reason="external")
             await self._closed(position, "external")
         elif quantity != _dec(position.quantity):
-            self.engine_call("resize_position", position.position_id, str(quantity))
+            if self._engine_has(position.position_id):
+                self.engine_call("resize_position", position.position_id, str(quantity))
+            else:
+                self._engine_adopt(position, quantity)
             self.store.update_position(position.position_id, quantity=str(quantity))
             self.save_snapshot()
 

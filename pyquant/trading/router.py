@@ -603,15 +603,20 @@ class OrderRouter:
         *,
         sequence: int,
         reason: str,
-        live_quantity: Decimal | None = None,
+        live_quantity: Decimal | Callable[[], Decimal] | None = None,
         kind: OrderKind = "exit",
     ) -> OrderOutcome:
         """Send a MARKET exit for the engine's quantity, never more than ``live_quantity``.
+
+        ``live_quantity`` may be a callable, read once the position's lock is held.
 
         The caller holds no lock; this takes the position's lock, so two closes of one
         position are never in flight together.
         """
         async with self.position_lock(position_id):
+            # A callable is read under the lock, after any earlier close of this position.
+            if callable(live_quantity):
+                live_quantity = live_quantity()
             wanted = Decimal(quantity)
             if live_quantity is not None and wanted > live_quantity:
                 clipped = self.rules.quantize_qty(symbol, str(live_quantity), True)

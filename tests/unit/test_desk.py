@@ -236,3 +236,46 @@ async def test_malformed_intent_is_recorded() -> None:
 def test_fake_action_shape() -> None:
     action = FakeAction("BTCUSDT", "LONG", "SELL", "0.003", "stop_loss", "1", 1)
     assert action.is_full_close is False
+
+
+async def test_repeated_exit_rejections_are_paced() -> None:
+    from pyquant.errors import OrderRejected
+
+    venue, store, engine, desk = make(hedge=True)
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    desk._sleep = record
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    venue.faults = [OrderRejected(-4131, "x"), OrderRejected(-4131, "x"), OrderRejected(-4131, "x")]
+    for _ in range(3):
+        desk.on_actions([engine.action(pid, "0.003")])
+        await desk.drain()
+    assert waits == [0.25, 0.5]
+    desk.on_actions([engine.action(pid, "0.003")])
+    await desk.drain()
+    assert waits == [0.25, 0.5, 1.0]
+    assert store.get_position(pid).quantity == "0.007"  # type: ignore[union-attr]
+    desk.on_actions([engine.action(pid, "0.003")])
+    await desk.drain()
+    assert waits == [0.25, 0.5, 1.0]  # a fill resets the pacing
+
+
+async def test_engine_full_close_with_exchange_rest_is_adopted() -> None:
+    venue, store, engine, desk = make(hedge=True)
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    venue.set_position("BTCUSDT", "LONG", "0.012", "30000")  # 0.002 more arrived elsewhere
+    store.update_position(pid, quantity="0.012")  # the journal saw it, the engine did not
+    desk.on_actions([engine.action(pid, "0.010", "stop_loss")])
+    await desk.drain()
+    position = store.get_position(pid)
+    assert position is not None
+    assert (position.status, position.quantity) == ("open", "0.002")
+    assert ("adopt", (pid, "BTCUSDT", "LONG", "0.002", "30000")) in engine.calls
+    # and a later ACCOUNT_UPDATE with the rest adopts nothing twice
+    await desk.on_user_event(venue.account_event())
+    assert len([c for c in engine.calls if c[0] == "adopt"]) == 1
