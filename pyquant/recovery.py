@@ -8,7 +8,9 @@ ladder progress). ``reconcile`` brings the three together, in this order:
 2. Read the position mode (never assumed).
 3. Restore the engine from its snapshot (when a ``restore`` function is given).
 4. Resolve every order the journal left without a final answer (written ahead, unknown
-   outcome, or still open) by looking it up by client id; nothing is resent.
+   outcome, or still open) by looking it up by client id; nothing is resent. Then settle
+   the actions the restored engine holds as pending: confirm the filled, give back the
+   never placed (``TradingDesk.settle_pending_actions``).
 5. Finish entries whose order filled while we were down; fail those that never executed.
 6. Read the exchange's positions: drop local positions that are gone, resize those whose
    quantity changed (unless a filled exit is waiting to be replayed into the engine), put
@@ -55,6 +57,7 @@ class RecoveryReport:
     position_mode: str = ""
     snapshot_restored: bool = False
     orders_resolved: dict[str, str] = field(default_factory=dict)
+    actions_settled: dict[str, str] = field(default_factory=dict)
     entries_completed: list[str] = field(default_factory=list)
     entries_failed: list[str] = field(default_factory=list)
     positions_dropped: list[str] = field(default_factory=list)
@@ -116,6 +119,9 @@ async def reconcile(
             continue  # a reconcile while running (stream reconnect): its sender resolves it
         outcome = await router.resolve_unknown(row.client_order_id)
         report.orders_resolved[row.client_order_id] = outcome.state.value
+
+    # 4b. actions the restored engine holds as pending
+    report.actions_settled = await desk.settle_pending_actions()
 
     # 5. entries
     for position in store.positions(("opening",)):

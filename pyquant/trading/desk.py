@@ -792,6 +792,42 @@ class TradingDesk:
             self.on_actions(actions)
         return position_id
 
+    async def settle_pending_actions(self) -> dict[str, str]:
+        """Settle actions a restored engine holds as pending, from the journal (at restart).
+
+        For each: its exit filled -> confirmed with the fill; its order still live -> left
+        to the user stream; never sent, refused or never placed -> given back to the engine,
+        which emits it again if it is still due. Returns ``position:sequence -> what``.
+        """
+        settled: dict[str, str] = {}
+        pending = self.engine_call("pending_actions")
+        for action in pending if isinstance(pending, list) else []:
+            position_id = str(action.position_id)
+            key = f"{position_id}:{action.sequence}"
+            rows = [
+                row
+                for row in self.store.orders(position_id=position_id)
+                if row.kind in ("exit", "flatten") and row.sequence == int(action.sequence)
+            ]
+            last = rows[-1] if rows else None
+            if last is None:
+                self.engine_call("reject", action)
+                settled[key] = "given_back"
+            elif OrderState(last.status) not in FINAL_STATES:
+                self._actions[last.client_order_id] = action
+                settled[key] = "live"
+            elif _dec(last.executed_qty) > 0 and not last.engine_applied:
+                await self._exit_filled(
+                    position_id, action, _dec(last.executed_qty), last.client_order_id
+                )
+                settled[key] = "confirmed"
+            elif last.engine_applied:
+                settled[key] = "applied"
+            else:
+                self.engine_call("reject", action)
+                settled[key] = "given_back"
+        return settled
+
     # ---- state ------------------------------------------------------------------------------
 
     def on_stream_lost(self, reason: str) -> None:

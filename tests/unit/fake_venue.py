@@ -128,6 +128,7 @@ class FakeEngine:
         self.views: dict[str, FakeView] = {}
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.sequences: dict[str, int] = {}
+        self.pending: list[FakeAction] = []
 
     def plan_entry(
         self, symbol: str, position_side: str, entry_price: str, leverage: int
@@ -207,6 +208,10 @@ class FakeEngine:
 
     def reject(self, action):
         self.calls.append(("reject", (action.position_id, action.sequence)))
+        self.pending = [a for a in self.pending if a != action]
+
+    def pending_actions(self) -> list[FakeAction]:
+        return list(self.pending)
 
     def positions(self) -> list[FakeView]:
         return list(self.views.values())

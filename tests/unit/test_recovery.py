@@ -228,3 +228,36 @@ async def test_reconcile_while_an_exit_is_in_flight_leaves_it_to_its_sender(tmp_
     assert len(orders_sent(venue)) == 2
     assert desk.store.get_position(pid).quantity == "0.007"  # type: ignore[union-attr]
     assert ("confirm", (pid, 1, "0.003")) in desk.engine.calls  # type: ignore[attr-defined]
+
+
+async def test_pending_actions_of_a_restored_engine_are_settled(tmp_path: Path) -> None:
+    venue = FakeVenue(hedge=False)
+    path = tmp_path / "state.sqlite"
+    first = desk_for(venue, path)
+    await reconcile(first)
+    pid = (await first.submit(intent("a"))).position_id or ""
+    store = first.store
+    # sequence 1: sent and filled, crash before the answer; sequence 2: never sent
+    cid = f"pq{store.instance_tag}-{pid}-x1-0"
+    params = exit_params("one-way", "BTCUSDT", "LONG", "0.003", cid)
+    store.insert_order(
+        OrderRecord(
+            cid, "exit", pid, "BTCUSDT", "LONG", "SELL", 1, 0, params, "SENT", "take_profit_1"
+        )
+    )
+    await venue.new_order(params)
+    store.close()
+
+    engine = FakeEngine.restore(FakeEngine().snapshot())
+    second = desk_for(venue, path, engine)
+    tp = FakeAction("BTCUSDT", "LONG", "SELL", "0.003", "take_profit_1", pid, 1)
+    engine.pending = [tp]
+    report = await reconcile(second)
+    assert report.orders_resolved == {cid: "FILLED"}
+    assert report.actions_settled == {f"{pid}:1": "confirmed"}
+    assert ("confirm", (pid, 1, "0.003")) in engine.calls
+    assert second.store.get_position(pid).quantity == "0.007"  # type: ignore[union-attr]
+    assert report.positions_resized == []
+    engine.pending = [FakeAction("BTCUSDT", "LONG", "SELL", "0.007", "stop_loss", pid, 2)]
+    assert await second.settle_pending_actions() == {f"{pid}:2": "given_back"}
+    assert ("reject", (pid, 2)) in engine.calls
