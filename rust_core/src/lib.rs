@@ -3,6 +3,7 @@
 //! builds and tests without an interpreter.
 
 pub mod atr;
+pub mod backtest;
 pub mod bars;
 pub mod error;
 pub mod exit;

@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod arrays;
+mod backtest;
 mod engine;
 mod errors;
 mod rules;
@@ -15,5 +16,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rules::register(m)?;
     arrays::register(m)?;
     engine::register(m)?;
+    backtest::register(m)?;
     Ok(())
 }

@@ -1,0 +1,520 @@
+//! Bindings: the backtest, one coarse call with whole numpy arrays per symbol.
+//!
+//! Python hands over every series at once (arrays are copied into Rust vectors while the
+//! GIL is held), the run happens with the GIL released, and the results come back as
+//! columns (numpy arrays, and lists of exact decimal strings when `detail` is set) that
+//! `pyquant.backtest` turns into polars `DataFrame`s.
+
+use numpy::{PyArray1, PyReadonlyArray1};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::backtest::{
+    self, BacktestOptions, Bars, Direction, Entry, Intrabar, JobOutput, SeriesInput, REASONS,
+};
+use crate::error::CoreError;
+use crate::exit::policy::ExitPolicy;
+use crate::fixed::{decimal_to_f64, parse_decimal, Decimal};
+use crate::rules::ExchangeRules;
+
+use super::engine::PyExitPolicy;
+use super::rules::PyExchangeRules;
+
+fn array<'py, T: numpy::Element + Copy>(
+    dict: &Bound<'py, PyDict>,
+    symbol: &str,
+    key: &str,
+) -> PyResult<Vec<T>> {
+    let item = dict
+        .get_item(key)?
+        .ok_or_else(|| PyValueError::new_err(format!("series {symbol}: missing array {key:?}")))?;
+    let array: PyReadonlyArray1<'py, T> = item.extract().map_err(|_| {
+        PyValueError::new_err(format!(
+            "series {symbol}: {key:?} must be a one-dimensional numpy array of {}",
+            std::any::type_name::<T>()
+        ))
+    })?;
+    Ok(array.as_array().iter().copied().collect())
+}
+
+fn bars(dict: &Bound<'_, PyDict>, symbol: &str, prefix: &str) -> PyResult<Bars> {
+    Ok(Bars {
+        open_time: array(dict, symbol, &format!("{prefix}open_time"))?,
+        open: array(dict, symbol, &format!("{prefix}open"))?,
+        high: array(dict, symbol, &format!("{prefix}high"))?,
+        low: array(dict, symbol, &format!("{prefix}low"))?,
+        close: array(dict, symbol, &format!("{prefix}close"))?,
+    })
+}
+
+fn series_input(dict: &Bound<'_, PyDict>) -> PyResult<SeriesInput> {
+    let symbol: String = dict
+        .get_item("symbol")?
+        .ok_or_else(|| PyValueError::new_err("series: missing \"symbol\""))?
+        .extract()?;
+    let interval_ms: i64 = dict
+        .get_item("interval_ms")?
+        .ok_or_else(|| PyValueError::new_err(format!("series {symbol}: missing \"interval_ms\"")))?
+        .extract()?;
+    let fine = match dict.get_item("fine_interval_ms")? {
+        Some(value) if !value.is_none() => {
+            Some((value.extract::<i64>()?, bars(dict, &symbol, "fine_")?))
+        }
+        _ => None,
+    };
+    let times: Vec<i64> = array(dict, &symbol, "entry_time")?;
+    let sides: Vec<i8> = array(dict, &symbol, "entry_side")?;
+    let confidence: Vec<f64> = array(dict, &symbol, "entry_confidence")?;
+    let leverage: Vec<i64> = array(dict, &symbol, "entry_leverage")?;
+    let notional: Vec<Option<String>> = dict
+        .get_item("entry_notional")?
+        .map(|v| v.extract())
+        .transpose()?
+        .unwrap_or_default();
+    let n = times.len();
+    if sides.len() != n || confidence.len() != n || leverage.len() != n || notional.len() != n {
+        return Err(PyValueError::new_err(format!(
+            "series {symbol}: entry arrays must all have {n} values"
+        )));
+    }
+    let mut entries = Vec::with_capacity(n);
+    for k in 0..n {
+        let direction = match sides[k] {
+            1 => Direction::Long,
+            -1 => Direction::Short,
+            other => {
+                return Err(CoreError::invalid_for(
+                    &symbol,
+                    "entry_side",
+                    other.to_string(),
+                    "must be 1 (LONG) or -1 (SHORT)",
+                )
+                .into())
+            }
+        };
+        let notional = match &notional[k] {
+            Some(text) => {
+                Some(parse_decimal("entry_notional", text).map_err(|e| e.with_symbol(&symbol))?)
+            }
+            None => None,
+        };
+        entries.push(Entry {
+            time_ms: times[k],
+            direction,
+            confidence: confidence[k].is_finite().then_some(confidence[k]),
+            notional,
+            leverage: (leverage[k] > 0).then(|| leverage[k] as u32),
+        });
+    }
+    if let Some(k) = entries.windows(2).position(|w| w[1].time_ms < w[0].time_ms) {
+        return Err(CoreError::invalid_for(
+            &symbol,
+            "entry_time",
+            entries[k + 1].time_ms.to_string(),
+            "must be sorted ascending",
+        )
+        .into());
+    }
+    let bars = bars(dict, &symbol, "")?;
+    Ok(SeriesInput {
+        symbol,
+        interval_ms,
+        bars,
+        fine,
+        entries,
+    })
+}
+
+fn exact(value: Decimal) -> String {
+    value.normalize().to_string()
+}
+
+/// Column builder for one output table.
+struct Columns<'py> {
+    py: Python<'py>,
+    dict: Bound<'py, PyDict>,
+}
+
+impl<'py> Columns<'py> {
+    fn new(py: Python<'py>) -> Self {
+        Self {
+            py,
+            dict: PyDict::new(py),
+        }
+    }
+
+    fn num<T: numpy::Element>(&self, name: &str, values: Vec<T>) -> PyResult<()> {
+        self.dict
+            .set_item(name, PyArray1::from_vec(self.py, values))
+    }
+
+    fn text(&self, name: &str, values: Vec<Option<String>>) -> PyResult<()> {
+        self.dict.set_item(name, PyList::new(self.py, values)?)
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+fn outputs<'py>(
+    py: Python<'py>,
+    jobs: &[JobOutput],
+    series: &[SeriesInput],
+    rules: &ExchangeRules,
+    detail: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let result = PyDict::new(py);
+    result.set_item("reason_names", PyList::new(py, REASONS)?)?;
+    result.set_item(
+        "evaluations",
+        jobs.iter().map(|j| j.evaluations).sum::<u64>(),
+    )?;
+    let symbol_rules: Vec<_> = series
+        .iter()
+        .map(|s| rules.symbol(&s.symbol))
+        .collect::<Result<_, _>>()?;
+
+    // fills
+    let rows: usize = jobs.iter().map(|j| j.fills.len()).sum();
+    let (mut ser, mut pol, mut trade, mut seq, mut reason) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let (mut time, mut side, mut price, mut qty, mut fee, mut pnl, mut r_move) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let mut texts: [Vec<Option<String>>; 6] = Default::default();
+    for job in jobs {
+        let sr = symbol_rules[job.series as usize];
+        for f in &job.fills {
+            ser.push(job.series);
+            pol.push(job.policy);
+            trade.push(f.trade);
+            seq.push(f.sequence);
+            reason.push(f.reason);
+            time.push(f.time_ms);
+            side.push(match f.direction {
+                Direction::Long => 1i8,
+                Direction::Short => -1i8,
+            });
+            price.push(decimal_to_f64(f.price));
+            qty.push(decimal_to_f64(f.quantity));
+            fee.push(decimal_to_f64(f.fee));
+            pnl.push(decimal_to_f64(f.pnl));
+            r_move.push(f.r);
+            if detail {
+                texts[0].push(Some(sr.format_price(f.price)));
+                texts[1].push(Some(sr.format_qty(f.quantity, true)));
+                texts[2].push(Some(exact(f.fee)));
+                texts[3].push(Some(exact(f.pnl)));
+                texts[4].push(f.trigger.map(|t| sr.format_price(t)));
+                texts[5].push(Some(sr.format_price(f.mark)));
+            }
+        }
+    }
+    let fills = Columns::new(py);
+    fills.num("series", ser)?;
+    fills.num("policy", pol)?;
+    fills.num("trade", trade)?;
+    fills.num("sequence", seq)?;
+    fills.num("reason_code", reason)?;
+    fills.num("time_ms", time)?;
+    fills.num("side", side)?;
+    fills.num("price", price)?;
+    fills.num("quantity", qty)?;
+    fills.num("fee", fee)?;
+    fills.num("pnl", pnl)?;
+    fills.num("r", r_move)?;
+    if detail {
+        let names = [
+            "price_exact",
+            "quantity_exact",
+            "fee_exact",
+            "pnl_exact",
+            "trigger_price_exact",
+            "mark_price_exact",
+        ];
+        for (name, values) in names.into_iter().zip(texts) {
+            fills.text(name, values)?;
+        }
+    }
+    result.set_item("fills", fills.dict)?;
+
+    // trades
+    let cols = Columns::new(py);
+    let all = || {
+        jobs.iter()
+            .flat_map(|j| j.trades.iter().map(move |t| (j, t)))
+    };
+    cols.num("series", all().map(|(j, _)| j.series).collect())?;
+    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
+    cols.num("trade", all().map(|(_, t)| t.trade).collect())?;
+    cols.num(
+        "side",
+        all()
+            .map(|(_, t)| match t.direction {
+                Direction::Long => 1i8,
+                Direction::Short => -1i8,
+            })
+            .collect(),
+    )?;
+    cols.num(
+        "entry_time_ms",
+        all().map(|(_, t)| t.entry_time_ms).collect(),
+    )?;
+    cols.num("exit_time_ms", all().map(|(_, t)| t.exit_time_ms).collect())?;
+    cols.num(
+        "entry_price",
+        all().map(|(_, t)| decimal_to_f64(t.entry_price)).collect(),
+    )?;
+    cols.num(
+        "quantity",
+        all().map(|(_, t)| decimal_to_f64(t.quantity)).collect(),
+    )?;
+    cols.num(
+        "initial_stop",
+        all().map(|(_, t)| decimal_to_f64(t.initial_stop)).collect(),
+    )?;
+    cols.num(
+        "risk_price",
+        all().map(|(_, t)| decimal_to_f64(t.risk_price)).collect(),
+    )?;
+    cols.num(
+        "risk_usd",
+        all()
+            .map(|(_, t)| decimal_to_f64(t.risk_price * t.quantity))
+            .collect(),
+    )?;
+    cols.num("pnl", all().map(|(_, t)| decimal_to_f64(t.pnl)).collect())?;
+    cols.num("fees", all().map(|(_, t)| decimal_to_f64(t.fees)).collect())?;
+    cols.num(
+        "r_multiple",
+        all()
+            .map(|(_, t)| {
+                let risk = t.risk_price * t.quantity;
+                if risk.is_zero() {
+                    f64::NAN
+                } else {
+                    decimal_to_f64(t.pnl / risk)
+                }
+            })
+            .collect(),
+    )?;
+    cols.num(
+        "confidence",
+        all()
+            .map(|(_, t)| t.confidence.unwrap_or(f64::NAN))
+            .collect(),
+    )?;
+    cols.num("reason_code", all().map(|(_, t)| t.exit_reason).collect())?;
+    cols.num("bars_held", all().map(|(_, t)| t.bars_held).collect())?;
+    if detail {
+        let sr = |j: &JobOutput| symbol_rules[j.series as usize];
+        cols.text(
+            "entry_price_exact",
+            all()
+                .map(|(j, t)| Some(sr(j).format_price(t.entry_price)))
+                .collect(),
+        )?;
+        cols.text(
+            "quantity_exact",
+            all()
+                .map(|(j, t)| Some(sr(j).format_qty(t.quantity, true)))
+                .collect(),
+        )?;
+        cols.text(
+            "initial_stop_exact",
+            all()
+                .map(|(j, t)| Some(sr(j).format_price(t.initial_stop)))
+                .collect(),
+        )?;
+        cols.text(
+            "risk_price_exact",
+            all().map(|(_, t)| Some(exact(t.risk_price))).collect(),
+        )?;
+        cols.text(
+            "pnl_exact",
+            all().map(|(_, t)| Some(exact(t.pnl))).collect(),
+        )?;
+        cols.text(
+            "fees_exact",
+            all().map(|(_, t)| Some(exact(t.fees))).collect(),
+        )?;
+    }
+    result.set_item("trades", cols.dict)?;
+
+    // stops, levels, skipped
+    let cols = Columns::new(py);
+    let all = || {
+        jobs.iter()
+            .flat_map(|j| j.stops.iter().map(move |s| (j, s)))
+    };
+    cols.num("series", all().map(|(j, _)| j.series).collect())?;
+    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
+    cols.num("trade", all().map(|(_, s)| s.0).collect())?;
+    cols.num("time_ms", all().map(|(_, s)| s.1).collect())?;
+    cols.num("stop", all().map(|(_, s)| s.2).collect())?;
+    result.set_item("stops", cols.dict)?;
+    let cols = Columns::new(py);
+    let all = || {
+        jobs.iter()
+            .flat_map(|j| j.levels.iter().map(move |s| (j, s)))
+    };
+    cols.num("series", all().map(|(j, _)| j.series).collect())?;
+    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
+    cols.num("trade", all().map(|(_, s)| s.0).collect())?;
+    cols.num("level", all().map(|(_, s)| s.1).collect())?;
+    cols.num("price", all().map(|(_, s)| s.2).collect())?;
+    result.set_item("levels", cols.dict)?;
+    let cols = Columns::new(py);
+    let all = || {
+        jobs.iter()
+            .flat_map(|j| j.skipped.iter().map(move |s| (j, s)))
+    };
+    cols.num("series", all().map(|(j, _)| j.series).collect())?;
+    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
+    cols.num("time_ms", all().map(|(_, s)| s.0).collect())?;
+    cols.num("reason_code", all().map(|(_, s)| s.1).collect())?;
+    cols.num("count", all().map(|(_, s)| s.2).collect())?;
+    result.set_item("skipped", cols.dict)?;
+    Ok(result)
+}
+
+/// Runs the backtest of every series under every policy; see `pyquant.backtest`.
+#[pyfunction]
+#[pyo3(
+    name = "backtest_run",
+    signature = (series, policies, rules, *, maker_fee, taker_fee, entry_liquidity, notional,
+                 leverage, intrabar, max_gap_bars, one_position_per_symbol, detail)
+)]
+#[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
+fn py_backtest_run<'py>(
+    py: Python<'py>,
+    series: Vec<Bound<'py, PyDict>>,
+    policies: Vec<PyRef<'py, PyExitPolicy>>,
+    rules: PyRef<'py, PyExchangeRules>,
+    maker_fee: &str,
+    taker_fee: &str,
+    entry_liquidity: &str,
+    notional: &str,
+    leverage: u32,
+    intrabar: &str,
+    max_gap_bars: u32,
+    one_position_per_symbol: bool,
+    detail: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let entry_maker = match entry_liquidity {
+        "taker" => false,
+        "maker" => true,
+        other => {
+            return Err(
+                CoreError::invalid("entry_liquidity", other, "must be taker or maker").into(),
+            )
+        }
+    };
+    let options = BacktestOptions {
+        maker_fee: parse_decimal("maker_fee", maker_fee)?,
+        taker_fee: parse_decimal("taker_fee", taker_fee)?,
+        entry_maker,
+        notional: parse_decimal("notional", notional)?,
+        leverage,
+        intrabar: Intrabar::parse(intrabar)?,
+        max_gap_bars,
+        one_position_per_symbol,
+        detail,
+    };
+    let inputs: Vec<SeriesInput> = series.iter().map(series_input).collect::<PyResult<_>>()?;
+    let policies: Vec<ExitPolicy> = policies.iter().map(|p| p.inner.clone()).collect();
+    let shared = rules.shared();
+    drop(rules);
+    let jobs = py.detach(|| backtest::run(&inputs, &policies, &shared, &options))?;
+    outputs(py, &jobs, &inputs, &shared, detail)
+}
+
+/// Replays one position over a mark path with the backtest's driver; see
+/// `pyquant.backtest.exit_decisions_for_path`.
+#[pyfunction]
+#[pyo3(
+    name = "backtest_replay_marks",
+    signature = (rules, policy, symbol, side, quantity, entry_price, times, marks, atr=None,
+                 leverage=1, confidence=None, opened_at_ms=0)
+)]
+#[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
+fn py_backtest_replay_marks<'py>(
+    py: Python<'py>,
+    rules: PyRef<'py, PyExchangeRules>,
+    policy: PyRef<'py, PyExitPolicy>,
+    symbol: &str,
+    side: &str,
+    quantity: &str,
+    entry_price: &str,
+    times: Vec<i64>,
+    marks: Vec<String>,
+    atr: Option<f64>,
+    leverage: u32,
+    confidence: Option<f64>,
+    opened_at_ms: i64,
+) -> PyResult<Bound<'py, PyList>> {
+    let direction = match side {
+        "LONG" => Direction::Long,
+        "SHORT" => Direction::Short,
+        other => return Err(CoreError::invalid("side", other, "must be LONG or SHORT").into()),
+    };
+    if times.len() != marks.len() {
+        return Err(PyValueError::new_err(format!(
+            "times has {} values but marks has {}",
+            times.len(),
+            marks.len()
+        )));
+    }
+    let path: Vec<(i64, Decimal)> = times
+        .iter()
+        .zip(&marks)
+        .map(|(&t, m)| parse_decimal("mark", m).map(|d| (t, d)))
+        .collect::<Result<_, _>>()?;
+    let decisions = backtest::replay_marks(
+        rules.rules(),
+        &policy.inner,
+        symbol,
+        direction,
+        parse_decimal("quantity", quantity)?,
+        parse_decimal("entry_price", entry_price)?,
+        &path,
+        atr,
+        leverage,
+        confidence,
+        opened_at_ms,
+    )?;
+    let sr = rules.rules().symbol(symbol)?;
+    let closing_side = match direction {
+        Direction::Long => "SELL",
+        Direction::Short => "BUY",
+    };
+    let list = PyList::empty(py);
+    for d in decisions {
+        let item = PyDict::new(py);
+        item.set_item("time_ms", d.time_ms.to_string())?;
+        item.set_item("reason", d.reason)?;
+        item.set_item("side", closing_side)?;
+        item.set_item("quantity", sr.format_qty(d.quantity, true))?;
+        item.set_item("trigger_price", d.trigger.map(|t| sr.format_price(t)))?;
+        item.set_item("mark_price", sr.format_price(d.mark))?;
+        item.set_item("sequence", d.sequence.to_string())?;
+        list.append(item)?;
+    }
+    Ok(list)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(py_backtest_run, m)?)?;
+    m.add_function(wrap_pyfunction!(py_backtest_replay_marks, m)?)?;
+    Ok(())
+}
