@@ -639,8 +639,68 @@ def _tables(
     tables = {}
     for table in ("fills", "trades", "stops", "levels", "skipped"):
         tables[table] = _decode_reasons(_frame(outputs, table, symbols), names)
+    fills = tables["fills"]
+    if not fills.is_empty():
+        tables["fills"] = fills.with_columns(
+            pl.when(pl.col("reason") == "entry")
+            .then(pl.lit("entry"))
+            .otherwise(pl.lit("exit"))
+            .alias("kind")
+        )
     evaluations = sum(int(out["raw"]["evaluations"]) for out in outputs)
     return tables, evaluations
+
+
+_FILL_ORDER = (
+    "symbol",
+    "trade",
+    "sequence",
+    "kind",
+    "reason",
+    "time",
+    "side",
+    "price",
+    "quantity",
+    "fee",
+    "pnl",
+    "r",
+    "trigger_price",
+    "mark_price",
+    "time_ms",
+    "series",
+    "policy",
+)
+_TRADE_ORDER = (
+    "symbol",
+    "trade",
+    "side",
+    "entry_time",
+    "exit_time",
+    "entry_price",
+    "quantity",
+    "initial_stop",
+    "risk_price",
+    "risk_usd",
+    "pnl",
+    "fees",
+    "r_multiple",
+    "reason",
+    "bars_held",
+    "confidence",
+    "entry_time_ms",
+    "exit_time_ms",
+    "series",
+    "policy",
+)
+
+
+def _arrange(frame: pl.DataFrame, order: Sequence[str], times: Mapping[str, str]) -> pl.DataFrame:
+    if frame.is_empty():
+        return frame
+    frame = frame.with_columns(
+        pl.col(src).cast(pl.Datetime("ms", "UTC")).alias(dst) for dst, src in times.items()
+    )
+    return frame.select([c for c in order if c in frame.columns])
 
 
 def _exact(frame: pl.DataFrame) -> pl.DataFrame:
@@ -718,8 +778,12 @@ def run_backtest(
     options = _core_options(config, one_per_symbol, detail=True)
     outputs = _call_core(series, [policy], rules, options, progress)
     tables, evaluations = _tables(outputs, symbols)
-    fills = _exact(tables["fills"])
-    trades = _exact(tables["trades"])
+    fills = _arrange(_exact(tables["fills"]), _FILL_ORDER, {"time": "time_ms"})
+    trades = _arrange(
+        _exact(tables["trades"]),
+        _TRADE_ORDER,
+        {"entry_time": "entry_time_ms", "exit_time": "exit_time_ms"},
+    )
     return BacktestResult(
         fills=fills,
         trades=trades,

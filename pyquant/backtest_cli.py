@@ -229,7 +229,11 @@ def run(
 ) -> int:
     """Run the command with parsed arguments; raise PyquantError on bad input."""
     args = _parser(prog).parse_args(list(argv))
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            # Piped output would wrap the tables at 80 columns; a log file has room.
+            console.width = 160
     maker, taker = _fees(args.fees)
     try:
         notional = Decimal(args.notional)
@@ -330,7 +334,9 @@ def run(
     )
     exits = [c for c in result.summary.columns if c.startswith("exits_")]
     if exits:
-        _print_table(console, "exits by reason", result.summary, ["symbol", *exits])
+        by_reason = result.summary.rename({c: c.removeprefix("exits_") for c in exits})
+        reasons = [c.removeprefix("exits_") for c in exits]
+        _print_table(console, "exits by reason", by_reason, ["symbol", *reasons])
     for path in written.values():
         console.print(f"wrote {path}")
     return 0
