@@ -120,6 +120,12 @@ async def reconcile(
         outcome = await router.resolve_unknown(row.client_order_id)
         report.orders_resolved[row.client_order_id] = outcome.state.value
 
+    # An order final by its REST answer whose stream event was lost (a reconnect) would
+    # otherwise stay in the live set forever: the venue's answer stands for both.
+    for row in store.unsettled_orders():
+        if OrderState(row.status) in FINAL_STATES:
+            store.update_order(row.client_order_id, rest_final=True, stream_final=True)
+
     # 4b. actions the restored engine holds as pending
     report.actions_settled = await desk.settle_pending_actions()
 

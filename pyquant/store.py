@@ -642,6 +642,14 @@ class Store:
         ).fetchall()
         return [_order_row(row) for row in rows]
 
+    def unsettled_orders(self) -> list[OrderRow]:
+        """Return orders not yet final on both the REST and the stream side."""
+        rows = self._db.execute(
+            f"SELECT {_ORDER_COLUMNS} FROM orders "  # noqa: S608
+            "WHERE rest_final = 0 OR stream_final = 0 ORDER BY created_at_ms, rowid"
+        ).fetchall()
+        return [_order_row(row) for row in rows]
+
     def max_attempt(self, position_id: str, kind: str, sequence: int) -> int | None:
         """Return the highest attempt recorded for (position, kind, sequence), or None."""
         row = self._db.execute(

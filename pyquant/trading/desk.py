@@ -720,7 +720,8 @@ class TradingDesk:
                 if self.router.position_lock(row.position_id).locked():
                     return True
                 if any(
-                    o.kind in ("exit", "flatten") for o in self.router.live_orders(row.position_id)
+                    o.kind in ("exit", "flatten") and OrderState(o.status) not in FINAL_STATES
+                    for o in self.store.orders(position_id=row.position_id)
                 ):
                     return True
         return False

@@ -261,3 +261,16 @@ async def test_pending_actions_of_a_restored_engine_are_settled(tmp_path: Path) 
     engine.pending = [FakeAction("BTCUSDT", "LONG", "SELL", "0.007", "stop_loss", pid, 2)]
     assert await second.settle_pending_actions() == {f"{pid}:2": "given_back"}
     assert ("reject", (pid, 2)) in engine.calls
+
+
+async def test_reconcile_settles_orders_whose_stream_event_was_lost(tmp_path: Path) -> None:
+    venue = FakeVenue(hedge=True)
+    desk = desk_for(venue, tmp_path / "state.sqlite")
+    await reconcile(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    tag = desk.store.instance_tag
+    unsettled = [r.client_order_id for r in desk.store.unsettled_orders()]
+    # the entry is final by REST but its stream event never came; the backstop is live
+    assert unsettled == [f"pq{tag}-{pid}-e0-0", f"pq{tag}-{pid}-b1-0"]
+    await reconcile(desk)  # the user stream reconnected: its events are gone
+    assert [r.client_order_id for r in desk.store.unsettled_orders()] == [f"pq{tag}-{pid}-b1-0"]
