@@ -27,6 +27,7 @@ Usage (the daemon)::
     desk.on_actions(engine.on_mark_message(raw))  # market task, per websocket message
     await desk.on_user_event(event)               # user-data task, per event
     desk.on_stream_lost("user stream down")       # entries fail closed until reconcile
+    desk.update_rules(new_rules)                  # after an exchangeInfo refresh
     desk.save_snapshot()                          # on a timer (e.g. every second)
     steps = await desk.flatten()                  # kill switch
     await desk.drain(); desk.summary()            # clean stop
@@ -216,6 +217,13 @@ class TradingDesk:
         except (PyquantError, KeyError, ValueError) as exc:
             logger.warning("Engine call failed method=%s error=%s", method, exc)
             return None
+
+    def update_rules(self, rules: DeskRules) -> None:
+        """Use refreshed exchange rules everywhere (guard, sizing, router, engine)."""
+        self.rules = rules
+        self.guard.rules = rules
+        self.router.rules = rules
+        self.engine_call("update_rules", rules)
 
     @property
     def mode(self) -> str | None:

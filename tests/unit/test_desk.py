@@ -279,3 +279,15 @@ async def test_engine_full_close_with_exchange_rest_is_adopted() -> None:
     # and a later ACCOUNT_UPDATE with the rest adopts nothing twice
     await desk.on_user_event(venue.account_event())
     assert len([c for c in engine.calls if c[0] == "adopt"]) == 1
+
+
+async def test_update_rules_reaches_guard_router_and_engine() -> None:
+    venue, store, engine, desk = make(hedge=True)
+    fresh = FakeRules(symbols=("BTCUSDT",))
+    engine.update_rules = lambda rules: engine.calls.append(("update_rules", (rules,)))  # type: ignore[attr-defined]
+    desk.update_rules(fresh)
+    assert desk.guard.rules is fresh
+    assert desk.router.rules is fresh
+    assert engine.calls[-1] == ("update_rules", (fresh,))
+    await ready(desk)
+    assert (await desk.submit(intent("a", symbol="ETHUSDT"))).reason == "unknown_symbol"
