@@ -7,7 +7,16 @@ The per-tick work (exchange rules, ATR, bars, exit state) runs in the Rust exten
 from __future__ import annotations
 
 from pyquant import _core
-from pyquant._core import ExchangeRules, OrderReject, atr
+from pyquant._core import (
+    EntryPlan,
+    ExchangeRules,
+    ExitAction,
+    ExitEngine,
+    ExitPolicy,
+    OrderReject,
+    PositionView,
+    atr,
+)
 from pyquant.errors import (
     ConfigError,
     ExchangeError,
@@ -25,14 +34,19 @@ __version__: str = _core.__version__
 
 __all__ = [
     "ConfigError",
+    "EntryPlan",
     "ExchangeError",
     "ExchangeRules",
+    "ExitAction",
+    "ExitEngine",
+    "ExitPolicy",
     "InputError",
     "MessageError",
     "OrderReject",
     "OrderRejected",
     "OrderStatusUnknown",
     "PolicyError",
+    "PositionView",
     "PyquantError",
     "RetryableError",
     "UnknownSymbolError",

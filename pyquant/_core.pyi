@@ -174,3 +174,348 @@ def atr(
         InputError: Lengths differ, an input is not one-dimensional or numeric, or the
             period is out of range.
     """
+
+# --- exit engine (rust_core/src/python/engine.rs) -------------------------------------
+
+@_final
+class ExitPolicy:
+    """Validated exit parameters with explicit units.
+
+    Units: ``*_pct`` are fractions of the entry price (0.015 = 1.5 %), ``max_margin_loss``
+    is a fraction of margin (pct x leverage), ``*_atr`` are multiples of the symbol's ATR,
+    ``*_r`` are multiples of R (the initial stop distance), ``*_ms`` are event-time
+    milliseconds. Any field read as an attribute (``policy.stop_atr``) returns its value.
+    """
+
+    def __new__(
+        cls,
+        *,
+        stop_atr: float | None = None,
+        fallback_stop_pct: float = 0.01,
+        min_stop_pct: float = 0.003,
+        max_stop_pct: float = 0.05,
+        max_margin_loss: float | None = None,
+        liq_buffer_pct: float = 0.01,
+        min_allowed_stop_pct: float | None = None,
+        ladder: list[tuple[float, float] | dict[str, float]] | None = None,
+        ladder_unit: str = "R",
+        confidence_scale: float = 0.0,
+        m_min: float = 1.0,
+        m_max: float = 1.0,
+        breakeven_after_level: int | None = None,
+        breakeven_extra_pct: float = 0.0,
+        taker_fee: float = 0.0005,
+        ratchet_to_previous_level: bool = False,
+        trail_atr: float | None = None,
+        trail_pct: float | None = None,
+        trail_activate_r: float | None = None,
+        trail_activate_pct: float | None = None,
+        trail_after_level: int | None = None,
+        max_hold_ms: int | None = None,
+        time_stop_unless_r: float | None = None,
+        atr_period: int = 14,
+        atr_interval: str = "1m",
+        **aliases: float | None,
+    ) -> ExitPolicy:
+        """Build and validate a policy (``trail_activate_R``/``time_stop_unless_R`` also work).
+
+        Raises:
+            PolicyError: A field is unknown, of the wrong type or out of range (the message
+                names the field, the value and the rule).
+        """
+    @staticmethod
+    def from_toml(text: str) -> ExitPolicy:
+        """Build a policy from a TOML table of the same fields.
+
+        ``ladder = [{at = 1.0, fraction = 0.3}, ...]`` gives the levels.
+
+        Raises:
+            PolicyError: The TOML is invalid or a field is unknown or out of range.
+        """
+    @staticmethod
+    def preset(name: str) -> ExitPolicy:
+        """Return ``"standard"`` or ``"challenge"`` (see docs/exit-rules.md).
+
+        Raises:
+            PolicyError: The name is not a preset.
+        """
+    def to_dict(self) -> dict[str, _Any]:
+        """Return every field (``None`` for unset options)."""
+    def to_toml(self) -> str:
+        """Return the fields as TOML that ``from_toml`` reads back to an equal policy."""
+    @property
+    def interval_ms(self) -> int:
+        """The ATR bar interval in milliseconds."""
+    def __getattr__(self, name: str) -> _Any: ...  # noqa: ANN401  # field types differ; see to_dict
+    def __eq__(self, other: object, /) -> bool: ...
+    def __reduce__(self) -> tuple[_Any, tuple[str]]: ...
+
+@_final
+class ExitAction:
+    """One exit order: close ``quantity`` of ``(symbol, position_side)`` with ``side``.
+
+    ``(position_id, sequence)`` identifies it (the order router's clientOrderId derives
+    from it). It stays pending in the engine until ``confirm`` or ``reject``.
+    """
+
+    @property
+    def position_id(self) -> str: ...
+    @property
+    def symbol(self) -> str: ...
+    @property
+    def position_side(self) -> str:
+        """``"LONG"`` or ``"SHORT"``."""
+    @property
+    def side(self) -> str:
+        """The closing order side: ``"SELL"`` for LONG, ``"BUY"`` for SHORT."""
+    @property
+    def quantity(self) -> str:
+        """Exact wire quantity on the MARKET_LOT_SIZE step."""
+    @property
+    def reason(self) -> str:
+        """Why it fired.
+
+        ``stop_loss``, ``take_profit_N``, ``breakeven_stop``, ``ratchet_stop``,
+        ``trailing_stop``, ``time_stop`` or ``over_leverage``.
+        """
+    @property
+    def trigger_price(self) -> str:
+        """The level crossed (the mark itself for time stops and over-leverage)."""
+    @property
+    def mark_price(self) -> str:
+        """The mark price that triggered the action."""
+    @property
+    def sequence(self) -> int:
+        """Per-position sequence number, from 1, never reused."""
+    @property
+    def is_full_close(self) -> bool:
+        """True when it closes everything still open."""
+    @property
+    def event_time_ms(self) -> int:
+        """Event time ``E`` of the triggering message."""
+    def to_dict(self) -> dict[str, _Any]:
+        """Return the fields as a dict."""
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@_final
+class PositionView:
+    """A read-only snapshot of one position's exit state (prices and sizes as strings)."""
+
+    @property
+    def position_id(self) -> str: ...
+    @property
+    def symbol(self) -> str: ...
+    @property
+    def position_side(self) -> str: ...
+    @property
+    def quantity(self) -> str: ...
+    @property
+    def original_quantity(self) -> str: ...
+    @property
+    def entry_price(self) -> str: ...
+    @property
+    def leverage(self) -> int: ...
+    @property
+    def confidence(self) -> float | None: ...
+    @property
+    def stop_price(self) -> str: ...
+    @property
+    def stop_reason(self) -> str:
+        """The rule that moved the stop last (the reason a stop-out would carry)."""
+    @property
+    def r_distance(self) -> str: ...
+    @property
+    def best_price(self) -> str: ...
+    @property
+    def next_take_profit(self) -> str | None: ...
+    @property
+    def take_profit_prices(self) -> list[str]: ...
+    @property
+    def ladder_levels_done(self) -> int: ...
+    @property
+    def trailing_active(self) -> bool: ...
+    @property
+    def over_leveraged(self) -> bool: ...
+    @property
+    def pending_action(self) -> bool: ...
+    @property
+    def pending_sequence(self) -> int | None: ...
+    @property
+    def sequence(self) -> int:
+        """Last sequence number used (0: none yet)."""
+    @property
+    def opened_at_ms(self) -> int | None: ...
+    @property
+    def liquidation_price(self) -> str | None: ...
+    @property
+    def last_mark_price(self) -> str | None: ...
+    @property
+    def atr(self) -> float | None: ...
+
+@_final
+class EntryPlan:
+    """The initial stop a prospective entry would get; size by ``stop_distance``."""
+
+    @property
+    def symbol(self) -> str: ...
+    @property
+    def position_side(self) -> str: ...
+    @property
+    def entry_price(self) -> str: ...
+    @property
+    def stop_price(self) -> str: ...
+    @property
+    def stop_distance(self) -> str:
+        """R = |entry - stop|: the loss per unit of quantity at the stop."""
+    @property
+    def over_leveraged(self) -> bool:
+        """The leverage leaves a stop budget below the policy minimum: refuse the entry."""
+    @property
+    def atr(self) -> float | None: ...
+    @property
+    def take_profit_prices(self) -> list[str]: ...
+
+@_final
+class ExitEngine:
+    """Every open position's exit, driven by mark-price websocket messages (event time)."""
+
+    def __new__(cls, rules: ExchangeRules, policy: ExitPolicy) -> ExitEngine: ...
+    @property
+    def policy(self) -> ExitPolicy: ...
+    @property
+    def last_event_ms(self) -> int | None:
+        """The latest event time applied."""
+    def warm_up(
+        self,
+        symbol: str,
+        high: _npt.ArrayLike | _pl.Series,
+        low: _npt.ArrayLike | _pl.Series,
+        close: _npt.ArrayLike | _pl.Series,
+        last_open_time_ms: int | None = None,
+    ) -> None:
+        """Feed closed historical bars (oldest first) to the symbol's ATR.
+
+        Args:
+            symbol: The symbol.
+            high: Highs of closed bars at the policy's ``atr_interval``.
+            low: Lows.
+            close: Closes.
+            last_open_time_ms: Open time of the last bar given: live updates of that bar
+                or earlier are then ignored and missing bars after it count as a gap.
+
+        Raises:
+            UnknownSymbolError: The symbol is not in the rules.
+            InputError: Lengths differ or a bar is not finite or has high < low.
+        """
+    def atr(self, symbol: str) -> float | None:
+        """Return the symbol's current ATR, ``None`` until ready."""
+    def open_position(
+        self,
+        position_id: str,
+        symbol: str,
+        position_side: str,
+        quantity: _Number,
+        entry_price: _Number,
+        leverage: int = 1,
+        confidence: float | None = None,
+        opened_at_ms: int | None = None,
+        liquidation_price: _Number | None = None,
+    ) -> None:
+        """Start tracking a freshly opened position.
+
+        ``opened_at_ms`` defaults to the latest event time seen (or, before any message,
+        to the event time of the position's first update). An over-leveraged position is
+        closed on its first update (reason ``over_leverage``).
+
+        Raises:
+            UnknownSymbolError: The symbol is not in the rules.
+            InputError: Duplicate id, ``(symbol, position_side)`` already open, or a value
+                out of range.
+        """
+    def adopt_position(
+        self,
+        position_id: str,
+        symbol: str,
+        position_side: str,
+        quantity: _Number,
+        entry_price: _Number,
+        leverage: int = 1,
+        confidence: float | None = None,
+        opened_at_ms: int | None = None,
+        liquidation_price: _Number | None = None,
+        original_quantity: _Number | None = None,
+        best_price: _Number | None = None,
+        mark_price: _Number | None = None,
+    ) -> list[ExitAction]:
+        """Start tracking a position found on the exchange mid-life.
+
+        ``original_quantity - quantity`` counts as closed by the ladder; levels passed by
+        ``best_price`` fire at once. With a mark (given, or the symbol's last one) the
+        position is evaluated immediately and the actions are returned (passed levels,
+        over-leverage close).
+        """
+    def on_mark_message(self, data: bytes) -> list[ExitAction]:
+        """Apply one mark-price websocket message; return the actions it triggers.
+
+        Accepts one ``markPriceUpdate``, the ``!markPrice@arr`` array or the combined
+        stream wrapper. Releases the GIL while it works.
+
+        Raises:
+            MessageError: The payload is malformed; the state is untouched.
+        """
+    def confirm(self, action: ExitAction, filled_quantity: _Number | None = None) -> bool:
+        """Confirm a pending action with its fill (default: all). Return True when closed.
+
+        Raises:
+            InputError: The action is not the pending one or the fill is out of range.
+        """
+    def reject(self, action: ExitAction) -> None:
+        """Give a pending action back; the rule may fire again on the next update."""
+    def confirm_sequence(
+        self, position_id: str, sequence: int, filled_quantity: _Number | None = None
+    ) -> bool:
+        """Like ``confirm`` by ``(position_id, sequence)`` (after a restart)."""
+    def reject_sequence(self, position_id: str, sequence: int) -> None:
+        """Like ``reject`` by ``(position_id, sequence)``."""
+    def pending_actions(self) -> list[ExitAction]:
+        """Return every pending action (ordered by position id)."""
+    def resize_position(self, position_id: str, quantity: _Number) -> bool:
+        """Set the live quantity (entry fill grows the original size; a reduce does not).
+
+        Returns True when the quantity is zero and the position was dropped.
+        """
+    def close_position(self, position_id: str) -> None:
+        """Stop tracking a position closed outside the engine (its pending action too)."""
+    def set_liquidation_price(self, position_id: str, price: _Number) -> None:
+        """Record the liquidation price; the stop tightens to stay inside its buffer."""
+    def update_rules(self, rules: ExchangeRules) -> None:
+        """Replace the exchange rules.
+
+        Raises:
+            UnknownSymbolError: An open position's symbol is missing from the new rules.
+        """
+    def positions(self) -> list[PositionView]:
+        """Return every open position, ordered by id."""
+    def position(self, position_id: str) -> PositionView | None:
+        """Return one position, or None."""
+    def plan_entry(
+        self,
+        symbol: str,
+        position_side: str,
+        entry_price: _Number,
+        leverage: int = 1,
+        confidence: float | None = None,
+        liquidation_price: _Number | None = None,
+    ) -> EntryPlan:
+        """Return the initial stop an entry would get with the symbol's current ATR."""
+    def snapshot(self) -> bytes:
+        """Return the versioned engine state (policy, bars, ATR, positions, pending)."""
+    @staticmethod
+    def restore(data: bytes, rules: ExchangeRules) -> ExitEngine:
+        """Rebuild an engine from ``snapshot()`` bytes and the current rules.
+
+        Raises:
+            InputError: Not a snapshot, another version, corrupt, or a position's symbol
+                is missing from ``rules``.
+        """
