@@ -291,3 +291,29 @@ async def test_update_rules_reaches_guard_router_and_engine() -> None:
     assert engine.calls[-1] == ("update_rules", (fresh,))
     await ready(desk)
     assert (await desk.submit(intent("a", symbol="ETHUSDT"))).reason == "unknown_symbol"
+
+
+@pytest.mark.parametrize("hedge", [True, False])
+async def test_stream_events_before_the_rest_answer(hedge: bool) -> None:
+    venue, store, engine, desk = make(hedge)
+    plain_new_order = venue.new_order
+
+    async def stream_first(params: Any) -> dict[str, Any]:
+        seen = len(venue.events)
+        reply = await plain_new_order(params)
+        for event in venue.events[seen:]:
+            await desk.on_user_event(event)  # the user stream wins the race
+        return reply
+
+    venue.new_order = stream_first  # type: ignore[method-assign]
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    assert [c[0] for c in engine.calls].count("open") == 1
+    assert store.get_position(pid).status == "open"  # type: ignore[union-attr]
+    desk.on_actions([engine.action(pid, "0.003")])
+    await desk.drain()
+    assert [c[0] for c in engine.calls].count("confirm") == 1
+    assert store.get_position(pid).quantity == "0.007"  # type: ignore[union-attr]
+    assert [c for c in engine.calls if c[0] in ("resize", "adopt", "close")] == []
+    assert store.unsettled_orders()[-1].kind == "backstop"
+    assert len(store.fills()) == 2
