@@ -282,7 +282,7 @@ async def test_engine_full_close_with_exchange_rest_is_adopted() -> None:
 
 
 async def test_update_rules_reaches_guard_router_and_engine() -> None:
-    venue, store, engine, desk = make(hedge=True)
+    _venue, _store, engine, desk = make(hedge=True)
     fresh = FakeRules(symbols=("BTCUSDT",))
     engine.update_rules = lambda rules: engine.calls.append(("update_rules", (rules,)))  # type: ignore[attr-defined]
     desk.update_rules(fresh)
