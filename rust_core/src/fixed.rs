@@ -73,6 +73,47 @@ pub fn parse_decimal(field: &str, text: &str) -> Result<Decimal, CoreError> {
     })
 }
 
+/// Parses a plain decimal that may carry more than 28 decimals, cutting the excess
+/// digits in a direction that cannot change a later rounding to any step that is a
+/// multiple of `10^-28`: toward zero for [`Rounding::Down`] and [`Rounding::Nearest`]
+/// (grid points and midpoints are multiples of `10^-28`, so order against them is kept
+/// and an exact tie still goes up), away from zero for [`Rounding::Up`]. Intended for
+/// non-negative prices and quantities about to be quantized.
+///
+/// # Errors
+/// As [`parse_decimal`]; more than 28 digits before the point is still an error.
+pub fn parse_decimal_for_rounding(
+    field: &str,
+    text: &str,
+    rounding: Rounding,
+) -> Result<Decimal, CoreError> {
+    match parse_decimal(field, text) {
+        Ok(value) => Ok(value),
+        Err(err) => {
+            let Some((whole, frac)) = text.split_once('.') else {
+                return Err(err);
+            };
+            if frac.len() <= 28 || !is_plain_decimal(text.as_bytes()) {
+                return Err(err);
+            }
+            let (kept, cut) = frac.split_at(28);
+            let truncated = parse_decimal(field, &format!("{whole}.{kept}"))?;
+            let excess = cut.bytes().any(|b| b != b'0');
+            if excess && rounding == Rounding::Up {
+                let ulp = Decimal::new(1, 28);
+                let away = if truncated.is_sign_negative() {
+                    truncated.checked_sub(ulp)
+                } else {
+                    truncated.checked_add(ulp)
+                };
+                away.ok_or(err)
+            } else {
+                Ok(truncated)
+            }
+        }
+    }
+}
+
 fn is_plain_decimal(bytes: &[u8]) -> bool {
     let body = match bytes.first() {
         Some(b'+' | b'-') => &bytes[1..],
@@ -263,6 +304,27 @@ mod tests {
     #[test]
     fn rejects_too_many_digits_instead_of_rounding() {
         assert!(parse_decimal("qty", "0.12345678901234567890123456789").is_err());
+    }
+
+    #[test]
+    fn excess_decimals_are_cut_in_the_rounding_direction() {
+        let text = "0.04472135954999579392818347337";
+        let down = parse_decimal_for_rounding("p", text, Rounding::Down).unwrap();
+        let up = parse_decimal_for_rounding("p", text, Rounding::Up).unwrap();
+        assert_eq!(down.to_string(), "0.0447213595499957939281834733");
+        assert_eq!(up.to_string(), "0.0447213595499957939281834734");
+        // A value a hair above a grid point still rounds up to the next point.
+        let hair = format!("0.1{}1", "0".repeat(28));
+        let v = parse_decimal_for_rounding("p", &hair, Rounding::Up).unwrap();
+        assert_eq!(round_to_step(v, d("0.1"), Rounding::Up), d("0.2"));
+        let v = parse_decimal_for_rounding("p", &hair, Rounding::Down).unwrap();
+        assert_eq!(round_to_step(v, d("0.1"), Rounding::Down), d("0.1"));
+        let v =
+            parse_decimal_for_rounding("p", &format!("0.15{}1", "0".repeat(27)), Rounding::Nearest)
+                .unwrap();
+        assert_eq!(round_to_step(v, d("0.1"), Rounding::Nearest), d("0.2"));
+        assert!(parse_decimal_for_rounding("p", &"9".repeat(30), Rounding::Down).is_err());
+        assert!(parse_decimal_for_rounding("p", "1e-40", Rounding::Down).is_err());
     }
 
     #[test]

@@ -328,3 +328,15 @@ def test_malformed_documents_name_symbol_and_field() -> None:
         pyquant.ExchangeRules.from_exchange_info(b"{not json")
     with pytest.raises(ValueError, match=r"exchangeInfo\.symbols missing must be an array"):
         pyquant.ExchangeRules.from_exchange_info({})
+
+
+def test_decimals_beyond_28_places_round_in_the_asked_direction(
+    rules: pyquant.ExchangeRules,
+) -> None:
+    # Decimal arithmetic easily yields 29+ decimals; the excess cannot flip a rounding.
+    hair_above = Decimal("0.1" + "0" * 29 + "1")  # 31 decimals, kept exactly by Decimal
+    assert rules.quantize_price("XRPUSDT", hair_above, rounding="up") == "0.1001"
+    assert rules.quantize_price("XRPUSDT", hair_above, rounding="down") == "0.1000"
+    assert rules.quantize_qty("BTCUSDT", Decimal("0.003" + "9" * 30)) == "0.003"
+    with pytest.raises(InputError, match="must fit in 28 significant digits"):
+        rules.quantize_price("BTCUSDT", "1" * 30)

@@ -17,7 +17,9 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString, PyType};
 
 use crate::error::CoreError;
-use crate::fixed::{decimal_from_f64, parse_decimal, Decimal, Rounding};
+use crate::fixed::{
+    decimal_from_f64, parse_decimal, parse_decimal_for_rounding, Decimal, Rounding,
+};
 use crate::rules::{ExchangeRules, OrderCheck, OrderReject, OrderType, Side};
 
 use super::errors::run_detached;
@@ -32,12 +34,37 @@ pub fn decimal_arg(
     field: &str,
     symbol: Option<&str>,
 ) -> PyResult<Decimal> {
+    decimal_arg_impl(value, field, symbol, None)
+}
+
+/// Like [`decimal_arg`] for a value about to be rounded in `rounding`'s direction: digits
+/// beyond the 28th decimal (e.g. from `Decimal` arithmetic) are cut so the rounding result
+/// is unchanged (see [`parse_decimal_for_rounding`]).
+pub fn decimal_arg_for_rounding(
+    value: &Bound<'_, PyAny>,
+    field: &str,
+    symbol: Option<&str>,
+    rounding: Rounding,
+) -> PyResult<Decimal> {
+    decimal_arg_impl(value, field, symbol, Some(rounding))
+}
+
+fn decimal_arg_impl(
+    value: &Bound<'_, PyAny>,
+    field: &str,
+    symbol: Option<&str>,
+    rounding: Option<Rounding>,
+) -> PyResult<Decimal> {
+    let parse = |text: &str| match rounding {
+        Some(r) => parse_decimal_for_rounding(field, text, r),
+        None => parse_decimal(field, text),
+    };
     let attach = |e: CoreError| match symbol {
         Some(s) => e.with_symbol(s),
         None => e,
     };
     if let Ok(text) = value.cast::<PyString>() {
-        return Ok(parse_decimal(field, text.to_str()?).map_err(attach)?);
+        return Ok(parse(text.to_str()?).map_err(attach)?);
     }
     if value.is_instance_of::<PyBool>() {
         return Err(type_error(value, field));
@@ -57,7 +84,7 @@ pub fn decimal_arg(
             .getattr("format")?
             .call1((value, "f"))?;
         let text = text.cast::<PyString>()?;
-        return Ok(parse_decimal(field, text.to_str()?).map_err(attach)?);
+        return Ok(parse(text.to_str()?).map_err(attach)?);
     }
     Err(type_error(value, field))
 }
@@ -162,7 +189,7 @@ impl PyExchangeRules {
     ) -> PyResult<String> {
         let rules = self.inner.symbol(symbol)?;
         let rounding = Rounding::parse(rounding)?;
-        let price = decimal_arg(price, "price", Some(symbol))?;
+        let price = decimal_arg_for_rounding(price, "price", Some(symbol), rounding)?;
         if price <= Decimal::ZERO {
             return Err(CoreError::invalid_for(
                 symbol,
@@ -179,7 +206,7 @@ impl PyExchangeRules {
     #[pyo3(signature = (symbol, qty, market = true))]
     fn quantize_qty(&self, symbol: &str, qty: &Bound<'_, PyAny>, market: bool) -> PyResult<String> {
         let rules = self.inner.symbol(symbol)?;
-        let qty = decimal_arg(qty, "quantity", Some(symbol))?;
+        let qty = decimal_arg_for_rounding(qty, "quantity", Some(symbol), Rounding::Down)?;
         if qty < Decimal::ZERO {
             return Err(CoreError::invalid_for(
                 symbol,
