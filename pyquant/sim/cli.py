@@ -1,0 +1,131 @@
+"""``pyquant sim``: serve the simulated Binance USDⓈ-M futures venue until SIGINT/SIGTERM.
+
+The first stdout line is one JSON object scripts can read, flushed at once::
+
+    {"rest": "http://127.0.0.1:N", "ws": "ws://127.0.0.1:N", "api_key": "…", "api_secret": "…"}
+
+Human-readable logs follow on stdout. Exit status 0 on a clean stop, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+__all__ = ["build_parser", "run_command"]
+
+logger = logging.getLogger("pyquant.sim")
+
+
+def _fees(text: str) -> tuple[Decimal, Decimal]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"--fees {text!r}: expected MAKER,TAKER such as 0.0002,0.0005")
+    try:
+        maker, taker = (Decimal(p.strip()) for p in parts)
+    except InvalidOperation as exc:
+        raise argparse.ArgumentTypeError(f"--fees {text!r}: not decimal numbers") from exc
+    if not (0 <= maker < 1 and 0 <= taker < 1):
+        raise argparse.ArgumentTypeError(f"--fees {text!r}: rates must be in [0, 1)")
+    return maker, taker
+
+
+def _balance(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:
+        raise argparse.ArgumentTypeError(f"--balance {text!r}: not a decimal number") from exc
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError(f"--balance {text!r}: must be a finite amount >= 0")
+    return value
+
+
+def build_parser(prog: str = "pyquant sim") -> argparse.ArgumentParser:
+    """Return the argument parser of ``pyquant sim``."""
+    p = argparse.ArgumentParser(prog=prog, description="Serve a Binance USDⓈ-M futures simulator on loopback.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to bind (default: a free one)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="1m klines, Parquet or CSV "
+                   "(open_time, open, high, low, close[, volume, symbol]); default: bundled real data")
+    p.add_argument("--symbols", nargs="+", metavar="SYMBOL", help="also serve these symbols as a seeded random walk")
+    p.add_argument("--speed", type=float, default=1.0, help="exchange-clock seconds per wall second (0 = frozen)")
+    p.add_argument("--position-mode", choices=("one-way", "hedge"), default="one-way")
+    p.add_argument("--balance", type=_balance, default=Decimal(10_000), help="starting USDT wallet")
+    p.add_argument("--api-key", help="API key clients send (default: random)")
+    p.add_argument("--api-secret", help="HMAC secret (default: random)")
+    p.add_argument("--state", type=Path, help="JSON file that keeps the account across restarts")
+    p.add_argument("--seed", type=int, default=0, help="seed of price paths, random walks and faults")
+    p.add_argument("--fees", type=_fees, default=(Decimal("0.0002"), Decimal("0.0005")),
+                   help="maker,taker fee rates (default 0.0002,0.0005)")
+    p.add_argument("--slippage-ticks", type=int, default=0, help="ticks a MARKET fill moves against the taker")
+    p.add_argument("--faults", help="fault switches as a JSON object (see pyquant.sim.faults)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from pyquant.sim import serve
+
+    faults = json.loads(args.faults) if args.faults else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    data: list[str | Path] | None = list(args.data) if args.data else None
+    if data is None and args.symbols:
+        from pyquant.sim.replay import DEFAULT_DATA
+
+        data = [DEFAULT_DATA]
+    async with serve(
+        host=args.host,
+        port=args.port,
+        data=data,
+        symbols=args.symbols,
+        speed=args.speed,
+        position_mode=args.position_mode,
+        balance=args.balance,
+        api_key=args.api_key,
+        api_secret=args.api_secret,
+        seed=args.seed,
+        fees=args.fees,
+        slippage_ticks=args.slippage_ticks,
+        state=args.state,
+        faults=faults,
+    ) as venue:
+        line = {"rest": venue.rest_url, "ws": venue.ws_url, "api_key": venue.api_key, "api_secret": venue.api_secret}
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+        # logging starts only now, so the JSON line is always the first line on stdout
+        logging.basicConfig(stream=sys.stdout, level=args.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logger.info("Serving symbols=%s; stop with Ctrl-C", ",".join(venue.rules))
+        await stop.wait()
+        logger.info("Stopping")
+    return 0
+
+
+def run_command(command: str, argv: list[str]) -> int:
+    """Entry point of ``pyquant sim`` (called by :mod:`pyquant.cli`); returns the exit status."""
+    parser = build_parser(f"pyquant {command}")
+    args = parser.parse_args(argv)
+    if (args.api_key is None) != (args.api_secret is None):
+        parser.error("--api-key and --api-secret go together")
+    if args.faults:
+        try:
+            if not isinstance(json.loads(args.faults), dict):
+                parser.error("--faults must be a JSON object")
+        except json.JSONDecodeError as exc:
+            parser.error(f"--faults is not JSON: {exc}")
+    try:
+        return asyncio.run(_serve(args))
+    except (ValueError, OSError) as exc:
+        print(f"pyquant sim: {exc}", file=sys.stderr)
+        return 2
