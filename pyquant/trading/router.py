@@ -1036,26 +1036,48 @@ class OrderRouter:
             if leg == "BOTH":
                 leg = "LONG" if amount > 0 else "SHORT"
             position_id = known.get((symbol, leg)) or f"k{symbol.lower()[:6]}{leg[0].lower()}"
-            quantity = self.rules.quantize_qty(symbol, str(abs(amount)), True)
-            sequence = (self.store.max_sequence(position_id, "flatten") or 0) + 1
-            outcome = await self.send_exit(
-                position_id,
-                symbol,
-                leg,
-                quantity,
-                sequence=sequence,
-                reason="flatten",
-                live_quantity=abs(amount),
-                kind="flatten",
-            )
-            ok = outcome.flat or outcome.state == OrderState.FILLED
-            detail = (
-                f"{outcome.state} executed {outcome.executed_qty}"
-                if outcome.error_code is None
-                else f"{outcome.state} {outcome.error_code}: {outcome.error_msg}"
-            )
-            steps.append(FlattenStep("close", symbol, leg, outcome.client_order_id, ok, detail))
+            left = abs(amount)
+            max_qty = self._market_max_qty(symbol)
+            # A leg above MARKET_LOT_SIZE maxQty closes in several orders.
+            for _ in range(100):
+                chunk = min(left, max_qty) if max_qty is not None else left
+                quantity = self.rules.quantize_qty(symbol, str(chunk), True)
+                if Decimal(quantity) <= 0:
+                    break
+                sequence = (self.store.max_sequence(position_id, "flatten") or 0) + 1
+                outcome = await self.send_exit(
+                    position_id,
+                    symbol,
+                    leg,
+                    quantity,
+                    sequence=sequence,
+                    reason="flatten",
+                    live_quantity=left,
+                    kind="flatten",
+                )
+                ok = outcome.flat or outcome.state == OrderState.FILLED
+                detail = (
+                    f"{outcome.state} executed {outcome.executed_qty}"
+                    if outcome.error_code is None
+                    else f"{outcome.state} {outcome.error_code}: {outcome.error_msg}"
+                )
+                steps.append(FlattenStep("close", symbol, leg, outcome.client_order_id, ok, detail))
+                left -= outcome.executed_qty
+                if not ok or outcome.flat or left <= 0 or outcome.executed_qty <= 0:
+                    break
         return steps
+
+    def _market_max_qty(self, symbol: str) -> Decimal | None:
+        symbol_info = getattr(self.rules, "symbol_info", None)
+        if not callable(symbol_info):
+            return None
+        try:
+            info = symbol_info(symbol)
+        except KeyError:
+            return None
+        value = info.get("market_max_qty") if isinstance(info, Mapping) else None
+        number = _decimal(value)
+        return number if number is not None and number > 0 else None
 
 
 def _rest_answer(reply: Mapping[str, Any]) -> RestAnswer:

@@ -165,6 +165,12 @@ def size_entry(
         basis = f"risk {config.risk_pct} of equity {equity} over stop distance {distance}"
     if config.max_notional_usd is not None:
         raw = min(raw, config.max_notional_usd / price)
+    # A MARKET order above MARKET_LOT_SIZE maxQty is refused (-4005): cap at it.
+    symbol_info = getattr(rules, "symbol_info", None)
+    if callable(symbol_info):
+        max_qty = _dec(_field(symbol_info(symbol), "market_max_qty"))
+        if max_qty is not None and max_qty > 0:
+            raw = min(raw, max_qty)
     if raw <= 0:
         return SizeDecision(False, reason="invalid", detail=f"{basis} gives no quantity")
     # Exact decimal in, floor to the step in the rules: never more than the budget.

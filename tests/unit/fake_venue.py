@@ -41,7 +41,12 @@ class FakeRules:
     def symbol_info(self, symbol: str) -> dict[str, Any]:
         if symbol not in self._symbols:
             raise KeyError(f"unknown symbol {symbol}")
-        return {"symbol": symbol, "status": self._symbols[symbol]["status"]}
+        market = self._symbols[symbol]["filters"]["MARKET_LOT_SIZE"]
+        return {
+            "symbol": symbol,
+            "status": self._symbols[symbol]["status"],
+            "market_max_qty": market["maxQty"],
+        }
 
     def _filter(self, symbol: str, name: str) -> dict[str, Any]:
         return self._symbols[symbol]["filters"][name]

@@ -479,3 +479,14 @@ async def test_flatten_cancels_and_closes_every_leg(hedge: bool) -> None:
     close_params = [s.params for s in venue.sent if s.path == "/fapi/v1/order"]
     for params in close_params:
         assert ("reduceOnly" in params) is (not hedge)
+
+
+async def test_flatten_splits_a_leg_above_market_max_qty() -> None:
+    venue, _, router = make(hedge=True)
+    venue.marks["BTCUSDT"] = Decimal("30000")
+    venue.set_position("BTCUSDT", "LONG", "2500.5", "30000")
+    steps = await router.flatten()
+    closes = [s for s in steps if s.step == "close"]
+    assert [s.ok for s in closes] == [True, True, True]
+    assert [s.params["quantity"] for s in venue.sent] == ["1000.000", "1000.000", "500.500"]
+    assert await venue.position_risk() == []

@@ -76,3 +76,11 @@ def test_over_leveraged_is_refused() -> None:
 @pytest.mark.parametrize("price", [Decimal(0), Decimal(-1)])
 def test_bad_price_is_invalid(price: Decimal) -> None:
     assert size(price=price).reason == "invalid"
+
+
+def test_quantity_is_capped_at_market_max_qty() -> None:
+    decision = size(
+        size_usd=Decimal("60000000"), equity=Decimal("1e9"), available_margin=Decimal("1e9")
+    )
+    assert decision.ok
+    assert decision.quantity == "1000.000"  # BTCUSDT MARKET_LOT_SIZE maxQty
