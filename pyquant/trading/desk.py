@@ -170,7 +170,7 @@ class TradingDesk:
         clock: Callable[[], int] = _now_ms,
         router: OrderRouter | None = None,
         mark_price: Callable[[str], Decimal | None] | None = None,
-        on_rules_stale: Callable[[str, int], Awaitable[None]] | None = None,
+        on_rules_stale: Callable[[str, int], Awaitable[object]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.venue = venue
@@ -181,8 +181,14 @@ class TradingDesk:
         self._clock = clock
         self.guard = PositionGuard(store, rules, self.config.guard, clock=clock)
         self.router = router or OrderRouter(
-            venue, store, rules, self.config.router, clock=clock, on_rules_stale=on_rules_stale
+            venue,
+            store,
+            rules,
+            self.config.router,
+            clock=clock,
+            on_rules_stale=on_rules_stale or self.refresh_rules,
         )
+        self._rules_refreshed_ms: int | None = None
         self._mark_price = mark_price
         self._account: tuple[int, Decimal, Decimal] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -217,6 +223,30 @@ class TradingDesk:
         except (PyquantError, KeyError, ValueError) as exc:
             logger.warning("Engine call failed method=%s error=%s", method, exc)
             return None
+
+    async def refresh_rules(self, symbol: str = "", code: int = 0) -> bool:
+        """Reload exchangeInfo after a filter error (at most once a minute); True if reloaded.
+
+        The new rules are built with the same class as the current ones
+        (``from_exchange_info``) and handed to every part (``update_rules``).
+        """
+        now = self._clock()
+        if self._rules_refreshed_ms is not None and now - self._rules_refreshed_ms < 60_000:
+            return False
+        self._rules_refreshed_ms = now
+        build = getattr(type(self.rules), "from_exchange_info", None)
+        if build is None:
+            return False
+        try:
+            rules = build(await self.venue.exchange_info())
+        except Exception as exc:  # keep trading on the old rules
+            logger.warning(
+                "Exchange rules refresh failed symbol=%s code=%s error=%s", symbol, code, exc
+            )
+            return False
+        self.update_rules(rules)
+        logger.info("Exchange rules refreshed after symbol=%s code=%s", symbol, code)
+        return True
 
     def update_rules(self, rules: DeskRules) -> None:
         """Use refreshed exchange rules everywhere (guard, sizing, router, engine)."""

@@ -482,7 +482,7 @@ class OrderRouter:
         *,
         clock: Callable[[], int] = _now_ms,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        on_rules_stale: Callable[[str, int], Awaitable[None]] | None = None,
+        on_rules_stale: Callable[[str, int], Awaitable[object]] | None = None,
     ) -> None:
         self.venue = venue
         self.store = store

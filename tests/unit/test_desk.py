@@ -317,3 +317,29 @@ async def test_stream_events_before_the_rest_answer(hedge: bool) -> None:
     assert [c for c in engine.calls if c[0] in ("resize", "adopt", "close")] == []
     assert store.unsettled_orders()[-1].kind == "backstop"
     assert len(store.fills()) == 2
+
+
+async def test_filter_error_reloads_the_rules_once_a_minute() -> None:
+    from pyquant.errors import OrderRejected
+
+    class LoadableRules(FakeRules):
+        loads = 0
+
+        @classmethod
+        def from_exchange_info(cls, raw: bytes) -> LoadableRules:
+            assert raw.startswith(b"{")
+            cls.loads += 1
+            return cls()
+
+    venue, _store, engine, desk = make(hedge=True)
+    engine.update_rules = lambda rules: None  # type: ignore[attr-defined]
+    desk.update_rules(LoadableRules())
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    venue.faults = [OrderRejected(-1111, "Precision is over the maximum defined for this asset.")]
+    desk.on_actions([engine.action(pid, "0.003")])
+    await desk.drain()
+    assert LoadableRules.loads == 1
+    assert desk.router.rules is desk.rules
+    assert isinstance(desk.rules, LoadableRules)
+    assert not await desk.refresh_rules("BTCUSDT", -1111)  # throttled
