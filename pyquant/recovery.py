@@ -16,8 +16,9 @@ ladder progress). ``reconcile`` brings the three together, in this order:
    quantity changed (unless a filled exit is waiting to be replayed into the engine), put
    back into the engine open positions the snapshot missed, and adopt positions opened
    elsewhere under the exit policy.
-7. Cancel our conditional orders whose position is gone (orphans); release stale
-   reservations.
+7. Check the backstops the journal holds as live against the venue's open algo orders
+   (one that is not there is not trusted), cancel our conditional orders whose position is
+   gone (orphans), and release stale reservations.
 8. Make sure every open position has its backstop at (never looser than) the engine's stop.
 9. Save a fresh snapshot and allow entries again.
 
@@ -65,6 +66,7 @@ class RecoveryReport:
     positions_reopened: list[str] = field(default_factory=list)
     positions_adopted: list[str] = field(default_factory=list)
     orphans_cancelled: list[str] = field(default_factory=list)
+    backstops_checked: dict[str, str] = field(default_factory=dict)
     reservations_released: list[str] = field(default_factory=list)
     open_positions: int = 0
 
@@ -209,9 +211,10 @@ async def reconcile(
         position_id = await desk.adopt(key[0], key[1], quantity, entry, leverage)
         report.positions_adopted.append(position_id)
 
-    # 7. orphans and stale reservations
+    # 7. backstops the journal believes live, orphans and stale reservations
     open_legs = {(p.symbol, p.position_side) for p in store.positions(("open",))}
     try:
+        report.backstops_checked = await router.reconcile_backstops()
         report.orphans_cancelled = await router.cleanup_orphans(open_legs)
     except ExchangeError as exc:
         logger.warning("Orphan cleanup failed error=%s", exc)

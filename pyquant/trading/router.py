@@ -944,6 +944,37 @@ class OrderRouter:
                 cancelled.append(row.client_order_id)
         return cancelled
 
+    async def reconcile_backstops(self) -> dict[str, str]:
+        """Check every backstop the journal holds as live against the venue's open algo orders.
+
+        One that the venue does not list (never placed before a crash, triggered, or cancelled
+        elsewhere) becomes final, so the next ``update_backstop`` places a fresh one instead of
+        trusting a stop that is not there. Returns client id -> resulting state.
+        """
+        listed = {str(o.get("clientAlgoId")): o for o in await self.venue.open_algo_orders()}
+        result: dict[str, str] = {}
+        for row in self.store.orders(kind="backstop", statuses=LIVE_STATUSES):
+            cid = row.client_order_id
+            if cid in self._in_flight:
+                continue
+            order = listed.get(cid)
+            if order is not None:
+                algo_id = order.get("algoId")
+                answer = RestAnswer(
+                    OrderState.NEW, "0", None, None if algo_id is None else str(algo_id)
+                )
+                self._apply(cid, answer)
+            elif OrderState(row.status) in (OrderState.SENT, OrderState.UNKNOWN):
+                self._apply(cid, LookupMissing())
+            else:
+                self._apply(cid, RestAnswer(OrderState.EXPIRED, "0", None, None))
+                self.store.update_order(cid, stream_final=True)
+            updated = self.store.get_order(cid)
+            result[cid] = "" if updated is None else updated.status
+        self._backstops.clear()
+        self._load_backstops()
+        return result
+
     async def cleanup_orphans(self, open_legs: set[tuple[str, str]]) -> list[str]:
         """Cancel our conditional orders whose (symbol, leg) has no open position.
 

@@ -274,3 +274,22 @@ async def test_reconcile_settles_orders_whose_stream_event_was_lost(tmp_path: Pa
     assert unsettled == [f"pq{tag}-{pid}-e0-0", f"pq{tag}-{pid}-b1-0"]
     await reconcile(desk)  # the user stream reconnected: its events are gone
     assert [r.client_order_id for r in desk.store.unsettled_orders()] == [f"pq{tag}-{pid}-b1-0"]
+
+
+async def test_backstop_that_never_reached_the_venue_is_replaced(tmp_path: Path) -> None:
+    venue = FakeVenue(hedge=True)
+    path = tmp_path / "state.sqlite"
+    first = desk_for(venue, path)
+    await reconcile(first)
+    pid = (await first.submit(intent("a"))).position_id or ""
+    (placed,) = list(venue.algo_orders)
+    # the venue lost it (cancelled by hand while we were down)
+    await venue.cancel_algo_order("BTCUSDT", placed)
+    first.store.close()
+
+    second = desk_for(venue, path)
+    report = await reconcile(second, restore=FakeEngine.restore)
+    assert report.backstops_checked == {placed: "EXPIRED"}
+    live = [o for o in venue.algo_orders.values() if o["algoStatus"] == "NEW"]
+    assert [(o["triggerPrice"], o["positionSide"]) for o in live] == [("29551.5", "LONG")]
+    assert second.router.backstop_of(pid) == (live[0]["clientAlgoId"], Decimal("29551.5"))
