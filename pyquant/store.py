@@ -485,9 +485,14 @@ class Store:
     # ---- intents ----------------------------------------------------------------------------
 
     def intent_seen(self, intent_id: str) -> bool:
-        """Return True when an intent with this id was recorded before (any decision)."""
+        """Return True when an intent with this id was decided before (accepted or rejected).
+
+        A malformed payload that only carried the id does not count: its corrected resend
+        is decided normally.
+        """
         row = self._db.execute(
-            "SELECT 1 FROM intents WHERE intent_id = ? LIMIT 1", (intent_id,)
+            "SELECT 1 FROM intents WHERE intent_id = ? AND symbol IS NOT NULL LIMIT 1",
+            (intent_id,),
         ).fetchone()
         return row is not None
 

@@ -45,8 +45,8 @@ def test_migration_from_version_1_keeps_data(tmp_path: Path) -> None:
     old = Store.open(path, target_version=1)
     assert old.schema_version == 1
     old._db.execute(
-        "INSERT INTO intents(intent_id, source, decision, reason, decided_at_ms) "
-        "VALUES ('i-1', 'test', 'accepted', 'accepted', 1)"
+        "INSERT INTO intents(intent_id, symbol, source, decision, reason, decided_at_ms) "
+        "VALUES ('i-1', 'BTCUSDT', 'test', 'accepted', 'accepted', 1)"
     )
     old._db.execute(
         "INSERT INTO orders(client_order_id, kind, position_id, symbol, position_side, side, "
@@ -135,6 +135,7 @@ def test_intent_decisions_counters_and_malformed() -> None:
     assert store.counters("intents_rejected") == {"duplicate_intent": 1, "invalid": 1}
     decisions = store.intent_decisions("a")
     assert [d["reason"] for d in decisions] == ["accepted", "duplicate_intent"]
+    assert not store.intent_seen("b")  # a corrected resend of a malformed payload is decided
     malformed = store.intent_decisions("b")[0]
     assert malformed["decision"] == "rejected"
     assert "UP" in malformed["payload"]
