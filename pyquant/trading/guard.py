@@ -332,7 +332,10 @@ class PositionGuard:
         leverage = intent.leverage or config.default_leverage
         decision = SizeDecision(True, quantity="0", notional=intent.size_usd or Decimal(0))
         if size is not None:
-            decision = size(intent, leverage)
+            try:
+                decision = size(intent, leverage)
+            except Exception as exc:  # the decision is still recorded, with the reason
+                return GuardDecision(False, "invalid", f"sizing failed: {exc}")
             if not decision.ok:
                 return GuardDecision(False, decision.reason, decision.detail)
         if config.max_total_exposure_usd is not None:

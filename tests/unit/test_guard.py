@@ -201,3 +201,15 @@ async def test_concurrent_intents_for_one_symbol_exactly_one_accepted(hedge: boo
         assert len(accepted) == 1
     assert {d.reason for d in decisions if not d.accepted} == {"entry_in_flight"}
     assert len([s for s in venue.sent if s.path == "/fapi/v1/order"]) == len(accepted)
+
+
+def test_sizing_error_is_recorded_as_invalid() -> None:
+    guard = make_guard()
+
+    def broken(i: Intent, leverage: int) -> SizeDecision:
+        raise ValueError("leverage 200 is above the symbol's maximum 125")
+
+    decision = guard.decide(intent("a"), size=broken)
+    assert (decision.accepted, decision.reason) == (False, "invalid")
+    assert "leverage 200" in decision.detail
+    assert guard.store.intent_decisions("a")[0]["reason"] == "invalid"
