@@ -21,6 +21,7 @@ Past the end of the data, and for symbols without data, prices continue as a see
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -114,8 +115,20 @@ def load_klines(paths: Sequence[str | Path]) -> dict[str, list[Bar]]:
     """Read 1m klines from Parquet or CSV files, grouped by symbol and sorted by open time.
 
     Raises:
-        ValueError: A file lacks a required column, holds no rows, or is not 1m contiguous data.
+        ValueError: A file lacks a required column, holds no rows, or has a bar whose high/low
+            do not enclose its open/close or whose open time is not on a minute.
     """
+    if list(paths) == [DEFAULT_DATA]:
+        return dict(_default_klines())
+    return _read_klines(paths)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_klines() -> dict[str, list[Bar]]:
+    return _read_klines([DEFAULT_DATA])
+
+
+def _read_klines(paths: Sequence[str | Path]) -> dict[str, list[Bar]]:
     import polars as pl
 
     out: dict[str, dict[int, Bar]] = {}
@@ -162,6 +175,7 @@ class _Series:
     last: int
     volatility: float
     walk_rng: random.Random
+    raw: dict[int, Bar] = field(default_factory=dict)  # served time -> bar as loaded
     paths: dict[int, list[Decimal]] = field(default_factory=dict)
 
 
@@ -211,9 +225,8 @@ class Replay:
                     if a > 0 and b > 0
                 ]
                 vol = (sum(r * r for r in rets) / len(rets)) ** 0.5 if rets else 0.0008
-                series_bars = {
-                    b.open_time + self.shift: self._round_bar(b, symbol_rules, self.shift) for b in bars
-                }
+                # rounded to the tick lazily (see _get): most bars are never asked for
+                series_bars = {b.open_time + self.shift: b for b in bars}
             else:
                 start_price = (walk_start or {}).get(symbol) or self._default_start(symbol_rules)
                 vol = 0.0008
@@ -223,7 +236,7 @@ class Replay:
                 }
             times = sorted(series_bars)
             self.series[symbol] = _Series(
-                symbol, symbol_rules, series_bars, times[0], times[-1], max(vol, 1e-5), rng
+                symbol, symbol_rules, {}, times[0], times[-1], max(vol, 1e-5), rng, series_bars
             )
 
     @staticmethod
@@ -233,8 +246,17 @@ class Replay:
             price = max(price, rules.min_price * 100)
         return price
 
+    def _get(self, s: _Series, t: int) -> Bar | None:
+        found = s.bars.get(t)
+        if found is None:
+            raw = s.raw.get(t)
+            if raw is None:
+                return None
+            found = s.bars[t] = self._round_bar(raw, s.rules, t)
+        return found
+
     @staticmethod
-    def _round_bar(bar: Bar, rules: SymbolRules, shift: int) -> Bar:
+    def _round_bar(bar: Bar, rules: SymbolRules, open_time: int) -> Bar:
         def r(v: Decimal) -> Decimal:
             if rules.tick_size <= 0:
                 return v
@@ -242,7 +264,7 @@ class Replay:
 
         o, c = r(bar.open), r(bar.close)
         high, low = max(r(bar.high), o, c), min(r(bar.low), o, c)
-        return Bar(bar.open_time + shift, o, high, low, c, bar.volume)
+        return Bar(open_time, o, high, low, c, bar.volume)
 
     @property
     def symbols(self) -> list[str]:
@@ -255,7 +277,8 @@ class Replay:
         """Extend a series with seeded random-walk bars up to ``open_time`` (served time)."""
         tick = s.rules.tick_size if s.rules.tick_size > 0 else Decimal("0.00000001")
         while s.last < open_time:
-            prev = s.bars[s.last]
+            prev = self._get(s, s.last)
+            assert prev is not None
             t = s.last + MINUTE_MS
             ret = s.walk_rng.gauss(0.0, s.volatility)
             open_ = prev.close
@@ -276,11 +299,13 @@ class Replay:
             return None
         if open_time > s.last:
             self._walk_to(s, open_time)
-        found = s.bars.get(open_time)
+        found = self._get(s, open_time)
         if found is None:  # a gap in the data: hold the previous close flat
-            prev_t = max(t for t in s.bars if t < open_time)
-            c = s.bars[prev_t].close
-            found = Bar(open_time, c, c, c, c, Decimal(0))
+            prev_t = max(t for t in (*s.raw, *s.bars) if t < open_time)
+            prev = self._get(s, prev_t)
+            assert prev is not None
+            c = prev.close
+            found = s.bars[open_time] = Bar(open_time, c, c, c, c, Decimal(0))
         return found
 
     def path(self, symbol: str, open_time: int) -> list[Decimal]:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import functools
 import gzip
 import hashlib
 import hmac
@@ -61,7 +63,12 @@ Handler = Callable[[dict[str, str]], Awaitable[Any]]
 
 def load_exchange_info(path: str | Path | None = None) -> dict[str, Any]:
     """Load an exchangeInfo snapshot (``.json`` or ``.json.gz``); default: the bundled one."""
-    source = Path(path) if path else EXCHANGE_INFO
+    return copy.deepcopy(_load_exchange_info(str(path) if path else str(EXCHANGE_INFO)))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_exchange_info(path: str) -> dict[str, Any]:
+    source = Path(path)
     raw = gzip.decompress(source.read_bytes()) if source.suffix == ".gz" else source.read_bytes()
     info: dict[str, Any] = json.loads(raw)
     return info
@@ -126,7 +133,11 @@ class Venue:
         self.port = port
         self.api_key = api_key or secrets.token_hex(32)
         self.api_secret = api_secret or secrets.token_hex(32)
-        info = exchange_info if isinstance(exchange_info, dict) else load_exchange_info(exchange_info)
+        info = (
+            exchange_info
+            if isinstance(exchange_info, dict)
+            else _load_exchange_info(str(exchange_info or EXCHANGE_INFO))
+        )
         klines = load_klines(data if data is not None else ([DEFAULT_DATA] if not symbols else []))
         wanted = list(klines) + [s for s in (symbols or []) if s not in klines]
         by_name = {s["symbol"]: s for s in info["symbols"]}

@@ -90,8 +90,7 @@ MSG: dict[int, str] = {
     -4164: "Order's notional must be no smaller than {notional} (unless you choose reduce only).",
     -5021: "Due to the order could not be filled immediately, the FOK order has been rejected. "
     "The order will not be recorded in the order history",
-    -5022: "Due to the order could not be executed as maker, the Post Only order will be "
-    "rejected. The order will not be recorded in the order history",
+    -5022: "Due to the order could not be executed as maker, the Post Only order will be rejected.",
     -5040: "goodTillDate timestamp must be greater than the current time plus 600 seconds "
     "and smaller than 253402300799000",
 }
