@@ -355,11 +355,15 @@ class Daemon:
                 symbols.append(symbol)
         return symbols
 
+    def _atr_interval(self) -> str:
+        # The engine's bars (and so its ATR) run on the policy's interval; warm up on the same.
+        policy = self.engine.policy
+        return str(policy.to_dict().get("atr_interval", self.config.market.warmup_interval))
+
     async def _warm_up(self, symbols: list[str]) -> int:
         if self.config.market.warmup_bars <= 0 or self.client is None:
             return 0
-        interval = self.config.market.warmup_interval
-        interval_ms(interval)
+        interval = self._atr_interval()
         limit = self.config.market.warmup_bars + 1
         gate = asyncio.Semaphore(8)
         warmed = 0
@@ -374,7 +378,17 @@ class Daemon:
                     logger.warning("Warm-up failed symbol=%s error=%s", symbol, exc)
                     return
             if len(bars):
-                self.engine.warm_up(symbol, bars.high, bars.low, bars.close)
+                try:
+                    self.engine.warm_up(
+                        symbol,
+                        bars.high,
+                        bars.low,
+                        bars.close,
+                        last_open_time_ms=int(bars.open_time_ms[-1]),
+                    )
+                except (PyquantError, ValueError, KeyError) as exc:
+                    logger.warning("Warm-up refused symbol=%s error=%s", symbol, exc)
+                    return
                 warmed += 1
 
         await asyncio.gather(*(one(symbol) for symbol in symbols))
@@ -460,9 +474,9 @@ class Daemon:
                     side=str(_attr(view, "position_side")),
                     size=str(_attr(view, "quantity")),
                     entry=str(_attr(view, "entry_price")),
-                    mark=_str_or_none(_attr(view, "mark_price", "last_mark")),
+                    mark=_str_or_none(_attr(view, "last_mark_price", "mark_price")),
                     stop=_str_or_none(_attr(view, "stop_price")),
-                    next_take_profit=_str_or_none(_attr(view, "next_take_profit", "next_tp_price")),
+                    next_take_profit=_str_or_none(_attr(view, "next_take_profit")),
                     trailing="active" if trailing else "off",
                 )
             )
@@ -589,7 +603,7 @@ class Daemon:
             rotate_after_s=config.market.rotate_after_s,
             backoff=Backoff(config.market.backoff_initial_s, config.market.backoff_max_s),
             on_gap=self._on_gap,
-            gap_threshold_s=interval_ms(config.market.warmup_interval) / 1000,
+            gap_threshold_s=interval_ms(self._atr_interval()) / 1000,
         )
         group.create_task(self.user.run(), name="user-stream")
         group.create_task(self._after_user_connected(group), name="startup")

@@ -49,7 +49,16 @@ def exchange_info(
 ) -> tuple[dict[str, Any], dict[str, Decimal], dict[str, Decimal]]:
     """Return the real exchangeInfo cut to ``symbol_count`` TRADING symbols, price and qty each."""
     doc = json.loads((DATA / "exchangeInfo_fapi_full_2025-11-26.json").read_text())
-    symbols = [s for s in doc["symbols"] if s["quoteAsset"] == "USDT"][:symbol_count]
+    usable = [
+        s
+        for s in doc["symbols"]
+        if all(
+            Decimal(f.get("tickSize", "1")) > 0 and Decimal(f.get("stepSize", "1")) > 0
+            for f in s["filters"]
+        )
+    ]
+    symbols = usable[:symbol_count]
+    assert len(symbols) == symbol_count
     prices: dict[str, Decimal] = {}
     quantities: dict[str, Decimal] = {}
     for s in symbols:
@@ -62,8 +71,8 @@ def exchange_info(
         min_qty = max(Decimal(filters["MARKET_LOT_SIZE"]["minQty"]), step)
         notional = Decimal(filters.get("MIN_NOTIONAL", {}).get("notional", "5"))
         qty = max(min_qty * 10, ((notional * 20 / price) / step).to_integral_value() * step)
-        prices[s["symbol"]] = price
-        quantities[s["symbol"]] = qty
+        prices[s["symbol"]] = Decimal(format(price, "f"))
+        quantities[s["symbol"]] = Decimal(format(qty, "f"))
     out = copy.copy(doc)
     out["symbols"] = symbols
     return out, prices, quantities
@@ -306,8 +315,13 @@ def test_daemon_tick_to_order(benchmark: Any, loop_thread: LoopThread, tmp_path:
     running: dict[str, asyncio.Task[dict[str, object]]] = {}
 
     async def start() -> None:
-        running["task"] = asyncio.get_running_loop().create_task(daemon.run())
-        await asyncio.wait_for(daemon.ready.wait(), 120)
+        task = asyncio.get_running_loop().create_task(daemon.run())
+        running["task"] = task
+        ready = asyncio.ensure_future(daemon.ready.wait())
+        await asyncio.wait({task, ready}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises what stopped the daemon
+        assert daemon.ready.is_set(), "daemon did not become ready"
         await asyncio.wait_for(venue.market_connected.wait(), 30)
 
     loop_thread.run(start())
@@ -413,9 +427,10 @@ def test_floor_tick_to_order(benchmark: Any, loop_thread: LoopThread) -> None:
 
     task = loop_thread.run(start())
     message = venue.message({})
-    state = {"orders": venue.order_count}
+    state = {"orders": venue.order_count, "rounds": 0}
 
     async def one_round() -> None:
+        state["rounds"] += 1
         await venue.push(message)
         await wait_orders(venue, state["orders"] + 5)
         state["orders"] = venue.order_count
@@ -438,4 +453,4 @@ def test_floor_tick_to_order(benchmark: Any, loop_thread: LoopThread) -> None:
             "p99_ms": percentiles["p99"],
         }
     )
-    assert len(recorder.samples) == 5 * rounds
+    assert len(recorder.samples) == 5 * state["rounds"]
