@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
+import yarl
 
 import pyquant.sim as sim
 
@@ -40,7 +41,9 @@ class Rest:
         hdrs = {"X-MBX-APIKEY": self.key, **(headers or {})}
         if body:
             hdrs["Content-Type"] = "application/x-www-form-urlencoded"
-        async with self.session.request(method, url, data=body or None, headers=hdrs) as resp:
+        # encoded=True: send the query bytes exactly as signed (no requoting by the client)
+        async with self.session.request(method, yarl.URL(url, encoded=True), data=body or None,
+                                        headers=hdrs) as resp:
             text = await resp.text()
             return resp.status, dict(resp.headers), json.loads(text) if text else None
 
