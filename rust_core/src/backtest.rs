@@ -296,11 +296,36 @@ struct Prepared<'a> {
 }
 
 fn to_ticks(rules: &SymbolRules, field: &str, values: &[f64]) -> Result<Vec<Decimal>, CoreError> {
-    // Kline prices are exchange prices on the tick grid stored as f64: the nearest tick
-    // recovers them exactly.
+    // Kline prices are exchange prices on the tick grid stored as f64: the nearest grid
+    // point recovers them exactly. Fast path: the grid index from f64 arithmetic, taken only
+    // when the value sits within 1e-6 tick of a grid point (far inside f64 precision for any
+    // Binance price), so it is the same point the exact decimal rounding finds; anything
+    // else goes through the exact conversion.
+    let tick = rules.tick_size();
+    let base = rules.price_filter.min_price;
+    let tick_f = decimal_to_f64(tick);
+    let base_f = decimal_to_f64(base);
+    // base + k * tick as one mantissa at the common scale: no decimal arithmetic per bar.
+    let scale = base.scale().max(tick.scale());
+    let mut base_r = base;
+    base_r.rescale(scale);
+    let mut tick_r = tick;
+    tick_r.rescale(scale);
+    let grid = (tick > Decimal::ZERO && base_r.scale() == scale && tick_r.scale() == scale)
+        .then(|| (base_r.mantissa(), tick_r.mantissa()));
     values
         .iter()
         .map(|&v| {
+            if let (Some((base_m, tick_m)), true) = (grid, v.is_finite()) {
+                let x = (v - base_f) / tick_f;
+                let k = x.round();
+                if (x - k).abs() < 1e-6 && k.abs() < 1e15 {
+                    let mantissa = base_m + i128::from(k as i64) * tick_m;
+                    if let Ok(price) = Decimal::try_from_i128_with_scale(mantissa, scale) {
+                        return Ok(price);
+                    }
+                }
+            }
             decimal_from_f64(field, v)
                 .map(|d| rules.quantize_price(d, Rounding::Nearest))
                 .map_err(|e| e.with_symbol(&rules.symbol))
@@ -412,7 +437,7 @@ fn atr_before_each_bar(
     if atr_interval < input.interval_ms || atr_interval % input.interval_ms != 0 {
         return Err(CoreError::Policy {
             field: "atr_interval".to_owned(),
-            value: format!("{atr_interval} ms"),
+            value: format!("{atr_interval}ms"),
             rule: format!(
                 "must be a multiple of the backtest data interval ({} ms for {}); give data at \
                  the ATR interval or finer",
@@ -524,6 +549,23 @@ fn bar_path(
     }
 }
 
+/// The nearest `f64` of a decimal, for the float columns of the results. Exact decimals
+/// with a mantissa below 2^53 and at most 22 decimals convert with one correctly rounded
+/// division (both operands are exact doubles); the rest go through the string.
+pub fn to_f64(value: Decimal) -> f64 {
+    const POW10: [f64; 23] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+        1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+    ];
+    let mantissa = value.mantissa();
+    let scale = value.scale() as usize;
+    if mantissa.unsigned_abs() < (1u128 << 53) && scale < POW10.len() {
+        mantissa as f64 / POW10[scale]
+    } else {
+        decimal_to_f64(value)
+    }
+}
+
 fn fee(rate: Decimal, price: Decimal, quantity: Decimal) -> Decimal {
     (rate * price * quantity)
         .round_dp_with_strategy(8, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
@@ -623,9 +665,7 @@ impl Job<'_> {
         let initial_stop = position.stop_price;
         if self.options.detail {
             for (k, &level) in position.ladder_prices.iter().enumerate() {
-                self.out
-                    .levels
-                    .push((trade, k as u32 + 1, decimal_to_f64(level)));
+                self.out.levels.push((trade, k as u32 + 1, to_f64(level)));
             }
         }
         self.out.fills.push(Fill {
@@ -680,7 +720,7 @@ impl Job<'_> {
         let r = if open.risk_price.is_zero() {
             0.0
         } else {
-            decimal_to_f64((price - open.entry_price) * open.direction.sign() / open.risk_price)
+            to_f64((price - open.entry_price) * open.direction.sign() / open.risk_price)
         };
         open.remaining -= quantity;
         open.pnl += pnl;
@@ -788,10 +828,12 @@ impl Job<'_> {
                             });
                         }
                     }
-                    if prev.price <= point.price {
-                        marks.sort_by_key(|m| m.price);
-                    } else {
-                        marks.sort_by_key(|m| std::cmp::Reverse(m.price));
+                    if marks.len() > 1 {
+                        if prev.price <= point.price {
+                            marks.sort_by_key(|m| m.price);
+                        } else {
+                            marks.sort_by_key(|m| std::cmp::Reverse(m.price));
+                        }
                     }
                     for &mark in &marks {
                         if self.feed(k, mark, atr) {
@@ -818,7 +860,7 @@ impl Job<'_> {
                 self.out.stops.push((
                     open.trade,
                     self.p.input.bars.open_time[i],
-                    decimal_to_f64(open.position.stop_price),
+                    to_f64(open.position.stop_price),
                 ));
             }
             k += 1;
@@ -1187,7 +1229,7 @@ mod tests {
         let input = series(
             MINUTE,
             &[
-                (30000.0, 30125.0, 29990.0, 30130.0),
+                (30000.0, 30130.0, 29990.0, 30130.0),
                 (30370.0, 30380.0, 30360.0, 30370.0),
             ],
         );
@@ -1220,7 +1262,7 @@ mod tests {
         let input = series(
             MINUTE,
             &[
-                (30000.0, 30125.0, 29990.0, 30130.0),
+                (30000.0, 30130.0, 29990.0, 30130.0),
                 (30130.0, 30250.0, 30130.0, 30250.0),
                 (30250.0, 30250.0, 29990.0, 29990.0),
             ],

@@ -79,7 +79,7 @@ def test_duplicated_timestamps_are_refused(tmp_path):
     frame = pl.concat([frame[:3], frame[2:]])
     path = tmp_path / "BTCUSDT_1m.parquet"
     frame.write_parquet(path)
-    with pytest.raises(bt.KlinesError, match="duplicated open_time 1700000160000 .* rows 2 and 3"):
+    with pytest.raises(bt.KlinesError, match=r"duplicated open_time 1700000160000 .* rows 2 and 3"):
         bt.load_klines(path)
 
 
@@ -109,7 +109,7 @@ def test_invalid_bar_is_refused(tmp_path):
     frame = _bars().with_columns(pl.lit(50.0).alias("high"))
     path = tmp_path / "BTCUSDT_1m.parquet"
     frame.write_parquet(path)
-    with pytest.raises(bt.KlinesError, match="row 0 .* is not a valid bar"):
+    with pytest.raises(bt.KlinesError, match=r"row 0 .* is not a valid bar"):
         bt.load_klines(path)
 
 
@@ -132,16 +132,35 @@ def test_intents_jsonl(tmp_path):
     path = tmp_path / "intents.jsonl"
     lines = [
         {"time": 1_700_000_100_000, "symbol": "btcusdt", "side": "LONG", "confidence": 0.7},
-        {"time": 1_700_000_000, "symbol": "ETHUSDT", "side": "SELL", "confidence": 0.6,
-         "size_usd": 250},
+        {
+            "time": 1_700_000_000,
+            "symbol": "ETHUSDT",
+            "side": "SELL",
+            "confidence": 0.6,
+            "size_usd": 250,
+        },
     ]
     path.write_text("# comment\n" + "\n".join(json.dumps(x) for x in lines) + "\n\n")
     frame = bt.load_intents(path)
     assert frame.to_dicts() == [
-        {"intent_id": "line-3", "time_ms": 1_700_000_000_000, "symbol": "ETHUSDT", "side": "SELL",
-         "confidence": 0.6, "size_usd": "250", "leverage": None},
-        {"intent_id": "line-2", "time_ms": 1_700_000_100_000, "symbol": "BTCUSDT", "side": "BUY",
-         "confidence": 0.7, "size_usd": None, "leverage": None},
+        {
+            "intent_id": "line-3",
+            "time_ms": 1_700_000_000_000,
+            "symbol": "ETHUSDT",
+            "side": "SELL",
+            "confidence": 0.6,
+            "size_usd": "250",
+            "leverage": None,
+        },
+        {
+            "intent_id": "line-2",
+            "time_ms": 1_700_000_100_000,
+            "symbol": "BTCUSDT",
+            "side": "BUY",
+            "confidence": 0.7,
+            "size_usd": None,
+            "leverage": None,
+        },
     ]
 
 
@@ -174,7 +193,11 @@ def test_momentum24h_signals_follow_the_rule():
     signals = bt.momentum24h(bt.validate_klines(frame))
     assert signals["side"].to_list() == ["BUY", "SELL", "BUY"]
     # entry at the next bar's open: the signal bar's open time + 1 interval
-    assert signals["time_ms"].to_list() == [(day + 2) * MINUTE, (day + 3) * MINUTE, (day + 4) * MINUTE]
+    assert signals["time_ms"].to_list() == [
+        (day + 2) * MINUTE,
+        (day + 3) * MINUTE,
+        (day + 4) * MINUTE,
+    ]
     assert signals["confidence"].to_list() == pytest.approx([0.515, 0.52, 0.8])
 
 

@@ -11,11 +11,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::backtest::{
-    self, BacktestOptions, Bars, Direction, Entry, Intrabar, JobOutput, SeriesInput, REASONS,
+    self, to_f64, BacktestOptions, Bars, Direction, Entry, Intrabar, JobOutput, SeriesInput,
+    REASONS,
 };
 use crate::error::CoreError;
 use crate::exit::policy::ExitPolicy;
-use crate::fixed::{decimal_to_f64, parse_decimal, Decimal};
+use crate::fixed::{parse_decimal, Decimal};
 use crate::rules::ExchangeRules;
 
 use super::engine::PyExitPolicy;
@@ -205,10 +206,10 @@ fn outputs<'py>(
                 Direction::Long => 1i8,
                 Direction::Short => -1i8,
             });
-            price.push(decimal_to_f64(f.price));
-            qty.push(decimal_to_f64(f.quantity));
-            fee.push(decimal_to_f64(f.fee));
-            pnl.push(decimal_to_f64(f.pnl));
+            price.push(to_f64(f.price));
+            qty.push(to_f64(f.quantity));
+            fee.push(to_f64(f.fee));
+            pnl.push(to_f64(f.pnl));
             r_move.push(f.r);
             if detail {
                 texts[0].push(Some(sr.format_price(f.price)));
@@ -273,28 +274,25 @@ fn outputs<'py>(
     cols.num("exit_time_ms", all().map(|(_, t)| t.exit_time_ms).collect())?;
     cols.num(
         "entry_price",
-        all().map(|(_, t)| decimal_to_f64(t.entry_price)).collect(),
+        all().map(|(_, t)| to_f64(t.entry_price)).collect(),
     )?;
-    cols.num(
-        "quantity",
-        all().map(|(_, t)| decimal_to_f64(t.quantity)).collect(),
-    )?;
+    cols.num("quantity", all().map(|(_, t)| to_f64(t.quantity)).collect())?;
     cols.num(
         "initial_stop",
-        all().map(|(_, t)| decimal_to_f64(t.initial_stop)).collect(),
+        all().map(|(_, t)| to_f64(t.initial_stop)).collect(),
     )?;
     cols.num(
         "risk_price",
-        all().map(|(_, t)| decimal_to_f64(t.risk_price)).collect(),
+        all().map(|(_, t)| to_f64(t.risk_price)).collect(),
     )?;
     cols.num(
         "risk_usd",
         all()
-            .map(|(_, t)| decimal_to_f64(t.risk_price * t.quantity))
+            .map(|(_, t)| to_f64(t.risk_price * t.quantity))
             .collect(),
     )?;
-    cols.num("pnl", all().map(|(_, t)| decimal_to_f64(t.pnl)).collect())?;
-    cols.num("fees", all().map(|(_, t)| decimal_to_f64(t.fees)).collect())?;
+    cols.num("pnl", all().map(|(_, t)| to_f64(t.pnl)).collect())?;
+    cols.num("fees", all().map(|(_, t)| to_f64(t.fees)).collect())?;
     cols.num(
         "r_multiple",
         all()
@@ -303,7 +301,7 @@ fn outputs<'py>(
                 if risk.is_zero() {
                     f64::NAN
                 } else {
-                    decimal_to_f64(t.pnl / risk)
+                    to_f64(t.pnl / risk)
                 }
             })
             .collect(),

@@ -1,0 +1,148 @@
+"""`pyquant backtest` end to end on a real 1m file: files written, table printed, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from backtest_helpers import INFO
+
+from pyquant.backtest_cli import run_command
+from pyquant.cli import main
+
+MARKET = Path(__file__).parents[1] / "data" / "market"
+BCH = MARKET / "BCHUSDT_1m_last.parquet"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_backtest_writes_every_output(tmp_path, capsys):
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        "[exit]\nstop_atr = 2.0\nmax_margin_loss = 0.1\nbreakeven_after_level = 1\n"
+        "trail_atr = 2.0\ntrail_activate_r = 2.0\nmax_hold_ms = 14400000\n"
+        "ladder = [{at = 1.0, fraction = 0.5}, {at = 2.0, fraction = 0.5}]\n"
+    )
+    out = tmp_path / "run"
+    status = main(
+        [
+            "backtest",
+            "--data",
+            str(BCH),
+            "--exchange-info",
+            str(INFO),
+            "--policy",
+            str(policy),
+            "--fees",
+            "0.0002,0.0004",
+            "--out",
+            str(out),
+            "--plot",
+        ]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "BCHUSDT" in printed
+    assert "TOTAL" in printed
+    assert "exits by reason" in printed
+
+    fills = pl.read_parquet(out / "trades.parquet")
+    for name in ("reason", "price", "quantity", "fee", "pnl", "r", "time"):
+        assert name in fills.columns
+    assert fills.schema["price"] == pl.Decimal(38, 12)
+    assert set(fills["kind"]) == {"entry", "exit"}
+    exits = fills.filter(pl.col("kind") == "exit")
+    assert set(exits["reason"]) <= {
+        "stop_loss",
+        "breakeven_stop",
+        "trailing_stop",
+        "time_stop",
+        "take_profit_1",
+        "take_profit_2",
+        "end_of_data",
+    }
+    # every position closes exactly what it opened
+    opened = fills.filter(pl.col("kind") == "entry").group_by("trade").agg(pl.col("quantity").sum())
+    closed = exits.group_by("trade").agg(pl.col("quantity").sum())
+    assert opened.sort("trade").equals(closed.sort("trade"))
+    # taker 0.0004 on every exit, exact to 8 decimals
+    row = exits.row(0, named=True)
+    assert row["fee"] == (row["price"] * row["quantity"] * 4 / 10_000).quantize(
+        type(row["fee"])("0.00000001")
+    )
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["summary"]) == {"BCHUSDT", "TOTAL"}
+    total = summary["summary"]["TOTAL"]
+    assert total["trades"] == pl.read_parquet(out / "positions.parquet").height > 0
+    assert summary["config"]["taker_fee"] == "0.0004"
+    assert summary["skipped_entries"]["position_open"] > 0
+    for png in ("equity.png", "BCHUSDT.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+
+def test_grid_writes_a_sorted_table_and_a_heat_map(tmp_path, capsys):
+    out = tmp_path / "grid"
+    status = run_command(
+        "backtest",
+        [
+            "--data",
+            str(BCH),
+            "--exchange-info",
+            str(INFO),
+            "--preset",
+            "challenge",
+            "--grid",
+            "stop_atr=1.5,2.5",
+            "--grid",
+            "trail_atr=1,2,3",
+            "--sort-by",
+            "profit_factor",
+            "--out",
+            str(out),
+        ],
+    )
+    assert status == 0
+    table = pl.read_parquet(out / "grid.parquet")
+    assert table.height == 6
+    factors = table["profit_factor"].drop_nulls().to_list()
+    assert factors == sorted(factors, reverse=True)
+    assert (out / "heatmap.png").read_bytes()[:8] == PNG
+    assert "6 combinations x 1 symbols" in capsys.readouterr().out
+
+
+def test_bad_input_exits_2_with_the_reason(tmp_path, capsys):
+    broken = tmp_path / "BTCUSDT_1m.parquet"
+    pl.read_parquet(BCH).head(100).drop("close").write_parquet(broken)
+    status = run_command(
+        "backtest", ["--data", str(broken), "--exchange-info", str(INFO), "--out", str(tmp_path)]
+    )
+    assert status == 2
+    assert "missing column 'close'" in capsys.readouterr().err
+
+    status = run_command(
+        "backtest",
+        [
+            "--data",
+            str(BCH),
+            "--exchange-info",
+            str(INFO),
+            "--grid",
+            "stop_atx=1,2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert status == 2
+    assert "stop_atx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--fees", "0.1"], ["--notional", "lots"]])
+def test_bad_options(tmp_path, capsys, argv):
+    status = run_command(
+        "backtest",
+        ["--data", str(BCH), "--exchange-info", str(INFO), "--out", str(tmp_path), *argv],
+    )
+    assert status == 2
+    assert argv[0] in capsys.readouterr().err

@@ -1,0 +1,169 @@
+"""Backtest speed: bar x position evaluations per second, Rust core vs a plain Python loop.
+
+Both run the same logic (``backtest_baseline.py`` is a port of the driver and of the exit
+state machine) on the real 1m klines of tests/data/market with the ``momentum24h`` entries;
+their fills must agree exactly, and that is checked before anything is timed. A second
+benchmark times a 100-combination parameter grid over every 1m symbol.
+
+With ``--benchmark-disable`` (the default suite) each case runs once on a few thousand bars;
+``make bench`` enables the full sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pyquant import _core
+from pyquant import backtest as bt
+
+sys.path.insert(0, str(Path(__file__).parent))
+import backtest_baseline as baseline  # noqa: E402
+
+DATA = Path(__file__).parents[1] / "data"
+MARKET = DATA / "market"
+INFO = DATA / "binance" / "exchangeInfo_fapi_full_2025-11-26.json"
+
+# The worked example of exit-rules.md plus a time stop and a confidence-stretched ladder:
+# every rule of the state machine is exercised.
+POLICY = {
+    "stop_atr": 2.0,
+    "min_stop_pct": 0.003,
+    "max_stop_pct": 0.03,
+    "max_margin_loss": 0.10,
+    "ladder": [
+        {"at": 1.0, "fraction": 0.3},
+        {"at": 2.0, "fraction": 0.3},
+        {"at": 3.0, "fraction": 0.4},
+    ],
+    "breakeven_after_level": 1,
+    "ratchet_to_previous_level": True,
+    "trail_atr": 2.0,
+    "trail_activate_r": 3.0,
+    "max_hold_ms": 4 * 3_600_000,
+    "confidence_scale": 1.0,
+    "m_min": 0.5,
+    "m_max": 1.5,
+}
+CONFIG = bt.BacktestConfig(notional_usd=Decimal(1000), taker_fee=Decimal("0.0005"), leverage=10)
+
+
+@pytest.fixture(scope="module")
+def info() -> bytes:
+    return INFO.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def rules(info):
+    return _core.ExchangeRules.from_exchange_info(info)
+
+
+def _klines(symbol: str, rows: int | None) -> pl.DataFrame:
+    [frame] = bt.load_klines(MARKET / f"{symbol}_1m_last.parquet")
+    return frame if rows is None else frame.head(rows)
+
+
+def _python_run(frame: pl.DataFrame, info: dict, policy) -> tuple[list, int]:
+    symbol = str(frame["symbol"][0])
+    entries = [
+        (t, 1 if side == "BUY" else -1, conf)
+        for t, side, conf in bt.momentum24h(frame)
+        .select("time_ms", "side", "confidence")
+        .iter_rows()
+    ]
+    bars = {c: frame[c].to_list() for c in ("open_time", "open", "high", "low", "close")}
+    return baseline.run_series(
+        bars,
+        60_000,
+        entries,
+        baseline.Rules.from_exchange_info(info, symbol),
+        baseline.Policy(policy.to_dict()),
+        notional=CONFIG.notional_usd,
+        taker_fee=CONFIG.taker_fee,
+        leverage=CONFIG.leverage,
+    )
+
+
+def _decisions(result: bt.BacktestResult) -> list[tuple]:
+    return sorted(
+        (
+            int(r["trade"]),
+            r["reason"],
+            int(r["time_ms"]),
+            Decimal(r["price"]).normalize(),
+            Decimal(r["quantity"]).normalize(),
+        )
+        for r in result.fills.select(
+            "trade", "reason", "time_ms", pl.col("price", "quantity").cast(pl.String)
+        ).iter_rows(named=True)
+    )
+
+
+@pytest.mark.parametrize("impl", ["rust", "python"])
+def test_bench_bar_position_evaluations(benchmark, impl, rules, info):
+    # Full size: 20k bars of ETHUSDT (the Python loop takes seconds there); smoke: 3k bars.
+    rows = 3_000 if benchmark.disabled else 20_000
+    frame = _klines("ETHUSDT", rows)
+    policy = _core.ExitPolicy(**POLICY)
+    document = json.loads(info)
+    rust = bt.run_backtest(frame, policy, rules, config=CONFIG)
+    fills, evaluations = _python_run(frame, document, policy)
+    expected = sorted((a, b, c, d.normalize(), e.normalize()) for a, b, c, d, e in fills)
+    assert _decisions(rust) == expected
+    assert rust.evaluations == evaluations > 0
+
+    benchmark.group = "backtest: bar x position evaluations (ETHUSDT 1m, momentum24h)"
+    benchmark.extra_info.update(
+        bars=frame.height, evaluations=evaluations, fills=len(fills), outputs_agree=True
+    )
+    if impl == "rust":
+        benchmark.pedantic(
+            lambda: bt.run_backtest(frame, policy, rules, config=CONFIG),
+            rounds=5 if not benchmark.disabled else 1,
+            iterations=1,
+        )
+    else:
+        benchmark.pedantic(
+            lambda: _python_run(frame, document, policy),
+            rounds=2 if not benchmark.disabled else 1,
+            iterations=1,
+        )
+    if benchmark.stats is not None:
+        benchmark.extra_info["evaluations_per_s"] = evaluations / benchmark.stats.stats.mean
+
+
+def test_bench_grid_100_combinations_all_1m_symbols(benchmark, rules):
+    files = sorted(MARKET.glob("*_1m_*.parquet"))
+    if benchmark.disabled:
+        klines = [_klines(f.name.split("_")[0], 3_000) for f in files[:2]]
+        grid = {"stop_atr": [1.5, 3.0], "trail_atr": [1.0, 2.0]}
+    else:
+        klines = [frame for f in files for frame in bt.load_klines(f)]
+        grid = {
+            "stop_atr": [1.0, 1.5, 2.0, 2.5, 3.0],
+            "trail_atr": [1.0, 1.5, 2.0, 3.0],
+            "trail_activate_r": [1.0, 1.5, 2.0, 3.0, 4.0],
+        }
+    base = {k: v for k, v in POLICY.items() if k not in grid}
+    combos = 1
+    for values in grid.values():
+        combos *= len(values)
+
+    def run():
+        return bt.run_grid(klines, base, grid, rules, config=CONFIG, sort_by="expectancy_r")
+
+    table = benchmark.pedantic(run, rounds=1 if benchmark.disabled else 3, iterations=1)
+    assert table.height == combos
+    assert set(grid) <= set(table.columns)
+    benchmark.group = "backtest: parameter grid"
+    benchmark.extra_info.update(
+        combinations=combos,
+        symbols=len(klines),
+        bars=sum(k.height for k in klines),
+        evaluations=int(table["evaluations_total"][0]),
+    )
