@@ -119,7 +119,7 @@ async def reconcile(
             continue  # live backstops are checked against the venue's open algo orders below
         if router.is_in_flight(row.client_order_id):
             continue  # a reconcile while running (stream reconnect): its sender resolves it
-        outcome = await router.resolve_unknown(row.client_order_id)
+        outcome = await router.resolve_unknown(row.client_order_id, refresh=True)
         report.orders_resolved[row.client_order_id] = outcome.state.value
 
     # An order final by its REST answer whose stream event was lost (a reconnect) would

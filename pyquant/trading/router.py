@@ -733,11 +733,13 @@ class OrderRouter:
         self.stats.last_error = f"{exc.code}: {exc.msg}"
         logger.info("Order rejected client_order_id=%s code=%s msg=%s", cid, exc.code, exc.msg)
 
-    async def resolve_unknown(self, client_id: str) -> OrderOutcome:
+    async def resolve_unknown(self, client_id: str, *, refresh: bool = False) -> OrderOutcome:
         """Resolve an unknown outcome by looking the order up (never by resending).
 
         ``-2013`` right after the unknown outcome is not proof of absence: the lookup is
         repeated with pauses (``lookup_delays_s``) and the user stream may answer meanwhile.
+        With ``refresh`` an order in a known, non-final state (NEW, PARTIALLY_FILLED) is
+        looked up too (restart: its stream events may have been missed).
         """
         row = self._must(client_id)
         self.stats.unknown += 1
@@ -746,7 +748,10 @@ class OrderRouter:
             if delay:
                 await self._sleep(delay)
             row = self._must(client_id)
-            if OrderState(row.status) not in (OrderState.SENT, OrderState.UNKNOWN):
+            state = OrderState(row.status)
+            if state in FINAL_STATES or (
+                not refresh and state not in (OrderState.SENT, OrderState.UNKNOWN)
+            ):
                 break  # the user stream answered
             try:
                 if row.kind == "backstop":

@@ -293,3 +293,33 @@ async def test_backstop_that_never_reached_the_venue_is_replaced(tmp_path: Path)
     live = [o for o in venue.algo_orders.values() if o["algoStatus"] == "NEW"]
     assert [(o["triggerPrice"], o["positionSide"]) for o in live] == [("29551.5", "LONG")]
     assert second.router.backstop_of(pid) == (live[0]["clientAlgoId"], Decimal("29551.5"))
+
+
+async def test_entry_left_new_is_looked_up_and_completed(tmp_path: Path) -> None:
+    venue = FakeVenue(hedge=True)
+    path = tmp_path / "state.sqlite"
+    first = desk_for(venue, path)
+    await reconcile(first)
+    decision = first.guard.decide(intent("a"))
+    pid = decision.position_id or ""
+    cid = f"pq{first.store.instance_tag}-{pid}-e0-0"
+    params = {
+        "symbol": "BTCUSDT",
+        "side": "BUY",
+        "positionSide": "LONG",
+        "type": "MARKET",
+        "quantity": "0.010",
+        "newClientOrderId": cid,
+        "newOrderRespType": "ACK",
+    }
+    first.store.insert_order(
+        OrderRecord(cid, "entry", pid, "BTCUSDT", "LONG", "BUY", 0, 0, params, "SENT", "entry")
+    )
+    await venue.new_order(params)
+    first.store.update_order(cid, status="NEW", rest_final=False)  # ACK; the fill event was lost
+    # the stream reconnects (same process): the entry is looked up and finished
+    report = await reconcile(first)
+    assert report.orders_resolved == {cid: "FILLED"}
+    assert report.entries_completed == [pid]
+    assert first.store.get_position(pid).status == "open"  # type: ignore[union-attr]
+    assert first.store.reservations() == []
