@@ -775,10 +775,16 @@ class TradingDesk:
                 await self.adopt(symbol, leg, quantity, entry)
             return
         if quantity == 0:
+            # Our exchange-side backstop (ALGO_UPDATE TRIGGERED/FINISHED) or someone else.
+            triggered = any(
+                row.status in (OrderState.TRIGGERED, OrderState.FILLED)
+                for row in self.store.orders(position_id=position.position_id, kind="backstop")
+            )
+            reason = "backstop" if triggered else "external"
             self.engine_call("close_position", position.position_id)
-            self.store.bump("exits", "external")
-            self._note("exit", position_id=position.position_id, symbol=symbol, reason="external")
-            await self._closed(position, "external")
+            self.store.bump("exits", reason)
+            self._note("exit", position_id=position.position_id, symbol=symbol, reason=reason)
+            await self._closed(position, reason)
         elif quantity != _dec(position.quantity):
             if self._engine_has(position.position_id):
                 self.engine_call("resize_position", position.position_id, str(quantity))

@@ -343,3 +343,22 @@ async def test_filter_error_reloads_the_rules_once_a_minute() -> None:
     assert desk.router.rules is desk.rules
     assert isinstance(desk.rules, LoadableRules)
     assert not await desk.refresh_rules("BTCUSDT", -1111)  # throttled
+
+
+async def test_backstop_close_is_labelled() -> None:
+    venue, store, _engine, desk = make(hedge=True)
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    (cid,) = list(venue.algo_orders)
+    await desk.on_user_event(
+        {"e": "ALGO_UPDATE", "E": 5, "o": {"caid": cid, "aid": 1, "X": "TRIGGERED", "s": "BTCUSDT"}}
+    )
+    await desk.on_user_event(
+        {
+            "e": "ACCOUNT_UPDATE",
+            "E": 6,
+            "a": {"m": "ORDER", "P": [{"s": "BTCUSDT", "pa": "0", "ep": "0", "ps": "LONG"}]},
+        }
+    )
+    assert store.get_position(pid).close_reason == "backstop"  # type: ignore[union-attr]
+    assert store.counters("exits") == {"backstop": 1}
