@@ -53,3 +53,8 @@ __all__ = [
     "__version__",
     "atr",
 ]
+
+# Backtest: polars in, the same exit state machine, polars out.
+from pyquant.backtest import BacktestConfig, BacktestResult, run_backtest, run_grid
+
+__all__ += ["BacktestConfig", "BacktestResult", "run_backtest", "run_grid"]

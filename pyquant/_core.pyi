@@ -519,3 +519,46 @@ class ExitEngine:
             InputError: Not a snapshot, another version, corrupt, or a position's symbol
                 is missing from ``rules``.
         """
+
+# --- backtest (rust_core/src/python/backtest.rs) -------------------------------------------
+
+def backtest_run(
+    series: list[dict[str, _Any]],
+    policies: list[ExitPolicy],
+    rules: ExchangeRules,
+    *,
+    maker_fee: str,
+    taker_fee: str,
+    entry_liquidity: str,
+    notional: str,
+    leverage: int,
+    intrabar: str,
+    max_gap_bars: int,
+    one_position_per_symbol: bool,
+    detail: bool,
+) -> dict[str, _Any]:
+    """Run every series under every policy through the exit state machine (GIL released).
+
+    Each series is a dict of numpy arrays (``open_time`` int64 ms, ``open``/``high``/``low``/
+    ``close`` float64, ``entry_time``/``entry_side``/``entry_confidence``/``entry_leverage``,
+    ``entry_notional`` strings or None, optional ``fine_*`` bars and ``fine_interval_ms``)
+    plus ``symbol`` and ``interval_ms``. Returns columns: ``fills``, ``trades``, ``stops``,
+    ``levels``, ``skipped`` (dicts of numpy arrays, exact strings under ``*_exact`` when
+    ``detail``), ``reason_names`` and ``evaluations``. Use ``pyquant.backtest`` instead.
+    """
+
+def backtest_replay_marks(
+    rules: ExchangeRules,
+    policy: ExitPolicy,
+    symbol: str,
+    side: str,
+    quantity: str,
+    entry_price: str,
+    times: list[int],
+    marks: list[str],
+    atr: float | None = None,
+    leverage: int = 1,
+    confidence: float | None = None,
+    opened_at_ms: int = 0,
+) -> list[dict[str, str | None]]:
+    """Feed one position a mark path with the backtest's driver; return its decisions."""

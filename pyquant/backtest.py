@@ -160,7 +160,8 @@ def validate_klines(frame: pl.DataFrame, *, source: str = "<frame>") -> pl.DataF
         values = frame[name].unique().to_list()
         if len(values) != 1 or values[0] is None:
             raise KlinesError(
-                f"{source}: column {name!r} must hold one value per file, found {sorted(map(str, values))}"
+                f"{source}: column {name!r} must hold one value per file, "
+                f"found {sorted(map(str, values))}"
             )
     symbol = str(frame["symbol"][0])
     step_ms = interval_ms(str(frame["interval"][0]))
@@ -180,8 +181,8 @@ def validate_klines(frame: pl.DataFrame, *, source: str = "<frame>") -> pl.DataF
             row = int(bad[0]) + 1
             if steps[bad[0]] == 0:
                 raise KlinesError(
-                    f"{source}: duplicated open_time {_fmt_time(int(times[row]))} at rows {row - 1} "
-                    f"and {row} ({symbol})"
+                    f"{source}: duplicated open_time {_fmt_time(int(times[row]))} at rows "
+                    f"{row - 1} and {row} ({symbol})"
                 )
             raise KlinesError(
                 f"{source}: open_time is not sorted ascending: row {row} has "
@@ -202,7 +203,8 @@ def validate_klines(frame: pl.DataFrame, *, source: str = "<frame>") -> pl.DataF
         row = int(np.flatnonzero(~finite)[0])
         raise KlinesError(
             f"{source}: row {row} ({_fmt_time(int(times[row]))}) has a price that is not a "
-            f"positive finite number: {dict(zip(_PRICE_COLUMNS, prices[row].tolist(), strict=True))}"
+            "positive finite number: "
+            f"{dict(zip(_PRICE_COLUMNS, prices[row].tolist(), strict=True))}"
         )
     open_, high, low, close = prices.T
     inside = (high >= np.maximum(open_, close)) & (low <= np.minimum(open_, close))
@@ -481,7 +483,7 @@ class _Series:
     arrays: dict[str, Any]
 
 
-def _contiguous(series: pl.Series, dtype: Any) -> np.ndarray[Any, Any]:
+def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, Any]:
     return np.ascontiguousarray(series.to_numpy(), dtype=dtype)
 
 
@@ -909,7 +911,7 @@ def summarize(
 # Grid
 
 
-def _grid_value(text: str) -> Any:
+def _grid_value(text: str) -> object:
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -1049,7 +1051,7 @@ def exit_decisions_for_path(
     leverage: int = 1,
     confidence: float | None = None,
     opened_at_ms: int = 0,
-) -> list[dict[str, str]]:
+) -> list[dict[str, str | None]]:
     """Return the exit decisions the backtest driver takes along a mark-price path.
 
     The same driver the bar replay uses (``exit::position`` state machine, every action
@@ -1074,7 +1076,7 @@ def exit_decisions_for_path(
         One dict per action: ``time_ms``, ``reason``, ``side`` (the closing order side),
         ``quantity``, ``trigger_price``, ``mark_price`` and ``sequence``, all strings.
     """
-    result: list[dict[str, str]] = _core.backtest_replay_marks(
+    result: list[dict[str, str | None]] = _core.backtest_replay_marks(
         rules,
         policy,
         symbol,
@@ -1095,12 +1097,12 @@ def exit_decisions_for_path(
 # Outputs
 
 
-def _matplotlib() -> Any:
+def _matplotlib() -> Any:  # noqa: ANN401 - pyplot, imported only when a chart is drawn
     try:
-        import matplotlib  # noqa: PLC0415 - optional extra, imported only when a chart is drawn
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ConfigError(
             "charts need matplotlib, which is not installed; install the extra: "
@@ -1246,7 +1248,7 @@ def plot_heatmap(table: pl.DataFrame, x: str, y: str, metric: str, path: Path) -
     return path
 
 
-def _json_ready(value: Any) -> Any:
+def _json_ready(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Decimal):
@@ -1317,7 +1319,7 @@ def write_outputs(
     return written
 
 
-def _policy_fields(policy: ExitPolicy) -> Any:
+def _policy_fields(policy: ExitPolicy) -> object:
     to_dict = getattr(policy, "to_dict", None)
     if callable(to_dict):
         return to_dict()

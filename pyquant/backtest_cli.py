@@ -1,4 +1,4 @@
-"""``pyquant backtest``: replay klines through the exit engine, one policy or a grid of them.
+r"""``pyquant backtest``: replay klines through the exit engine, one policy or a grid of them.
 
 Examples::
 
@@ -27,7 +27,7 @@ from rich.table import Table
 
 from pyquant import _core
 from pyquant import backtest as bt
-from pyquant.errors import PyquantError
+from pyquant.errors import ConfigError, PyquantError
 
 _SUMMARY_COLUMNS = (
     "symbol",
@@ -148,7 +148,7 @@ def _fees(text: str) -> tuple[Decimal, Decimal]:
             raise InvalidOperation
         maker, taker = (Decimal(p.strip()) for p in parts)
     except InvalidOperation:
-        raise bt.ConfigError(
+        raise ConfigError(
             f"--fees was {text!r}: must be MAKER,TAKER rates such as 0.0002,0.0005"
         ) from None
     return maker, taker
@@ -160,13 +160,13 @@ def _policy_fields(path: str | None) -> dict[str, Any]:
     try:
         document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
-        raise bt.ConfigError(f"--policy {path}: cannot be read: {exc}") from exc
+        raise ConfigError(f"--policy {path}: cannot be read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise bt.ConfigError(f"--policy {path}: not valid TOML: {exc}") from exc
+        raise ConfigError(f"--policy {path}: not valid TOML: {exc}") from exc
     # A daemon config keeps the policy under [exit]; a policy file may be the table itself.
     table = document.get("exit", document)
     if not isinstance(table, dict):
-        raise bt.ConfigError(f"--policy {path}: [exit] must be a table of ExitPolicy fields")
+        raise ConfigError(f"--policy {path}: [exit] must be a table of ExitPolicy fields")
     return table
 
 
@@ -197,7 +197,7 @@ def _progress(console: Console, label: str) -> Iterator[bt.ProgressCallback]:
         yield update
 
 
-def _cell(value: Any) -> str:
+def _cell(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -238,7 +238,7 @@ def run(
     try:
         notional = Decimal(args.notional)
     except InvalidOperation:
-        raise bt.ConfigError(f"--notional was {args.notional!r}: must be a USDT amount") from None
+        raise ConfigError(f"--notional was {args.notional!r}: must be a USDT amount") from None
     config = bt.BacktestConfig(
         maker_fee=maker,
         taker_fee=taker,
@@ -251,9 +251,7 @@ def run(
     try:
         info = Path(args.exchange_info).read_bytes()
     except OSError as exc:
-        raise bt.ConfigError(
-            f"--exchange-info {args.exchange_info}: cannot be read: {exc}"
-        ) from exc
+        raise ConfigError(f"--exchange-info {args.exchange_info}: cannot be read: {exc}") from exc
     rules = _core.ExchangeRules.from_exchange_info(info)
     klines = _load(args.data, console)
     fine = {str(f["symbol"][0]): f for path in args.fine for f in bt.load_klines(path)}
@@ -294,9 +292,7 @@ def run(
         if args.heatmap:
             names = [n.strip() for n in args.heatmap.split(",")]
             if len(names) != 2 or any(n not in grid for n in names):
-                raise bt.ConfigError(
-                    f"--heatmap was {args.heatmap!r}: name two --grid fields as X,Y"
-                )
+                raise ConfigError(f"--heatmap was {args.heatmap!r}: name two --grid fields as X,Y")
         if len(names) >= 2:
             bt.plot_heatmap(table, names[0], names[1], args.sort_by, out / "heatmap.png")
         _print_table(

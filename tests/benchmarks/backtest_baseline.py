@@ -261,15 +261,13 @@ def on_mark(pos: Position, rules: Rules, p: Policy, mark: Decimal, atr: float | 
         if crossed > done:
             wanted = pos.targets[crossed - 1] - pos.closed_by_ladder
             live = pos.quantity
-            qty = wanted
-            if wanted <= 0 or wanted >= live or wanted < rules.min_qty:
-                qty = live
-            elif live - wanted < rules.min_qty or (live - wanted) * mark < rules.min_notional:
-                qty = live
+            dust = wanted <= 0 or wanted >= live or wanted < rules.min_qty
+            dust = dust or live - wanted < rules.min_qty
+            qty = live if dust or (live - wanted) * mark < rules.min_notional else wanted
             return emit(pos, qty, f"take_profit_{crossed}", pos.levels[crossed - 1], level=crossed)
-    if p.max_hold_ms is not None and now - pos.opened >= p.max_hold_ms:
-        if pos.time_below is None or not pos.ge(pos.best, pos.time_below):
-            return emit(pos, pos.quantity, "time_stop", mark)
+    expired = p.max_hold_ms is not None and now - pos.opened >= p.max_hold_ms
+    if expired and (pos.time_below is None or not pos.ge(pos.best, pos.time_below)):
+        return emit(pos, pos.quantity, "time_stop", mark)
     return None
 
 

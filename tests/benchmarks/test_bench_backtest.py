@@ -23,7 +23,7 @@ from pyquant import _core
 from pyquant import backtest as bt
 
 sys.path.insert(0, str(Path(__file__).parent))
-import backtest_baseline as baseline  # noqa: E402
+import backtest_baseline as baseline
 
 DATA = Path(__file__).parents[1] / "data"
 MARKET = DATA / "market"
