@@ -77,6 +77,12 @@ def _view_id(view: object) -> str:
     return str(getattr(view, "position_id", None))
 
 
+def _view_field(view: object, name: str) -> object:
+    if isinstance(view, Mapping):
+        return view.get(name)
+    return getattr(view, name, None)
+
+
 def _dec(value: object) -> Decimal:
     try:
         return Decimal(str(value))
@@ -159,7 +165,9 @@ async def reconcile(
     # 6. positions against the exchange
     rows = await desk.venue.position_risk()
     legs = legs_from_rows(rows)
-    engine_ids = {_view_id(view) for view in desk.engine.positions()}
+    views = desk.engine.positions()
+    engine_ids = {_view_id(view) for view in views}
+    engine_quantities = {_view_id(view): _dec(_view_field(view, "quantity")) for view in views}
     matched: set[tuple[str, str]] = set()
     for position in store.positions(("open",)):
         key = (position.symbol, position.position_side)
@@ -174,13 +182,26 @@ async def reconcile(
             report.positions_dropped.append(position.position_id)
             continue
         matched.add(key)
-        pending_replay = any(
-            not row.engine_applied and _dec(row.executed_qty) > 0
+        unapplied = [
+            row
             for row in store.orders(position_id=position.position_id, kind="exit")
             if OrderState(row.status) in FINAL_STATES
-        )
+            and not row.engine_applied
+            and _dec(row.executed_qty) > 0
+        ]
+        stored = _dec(position.quantity)
+        if unapplied and engine_quantities.get(position.position_id) == live:
+            # Crash between the engine's confirm (snapshot saved) and the journal's write:
+            # the engine already counted these fills.
+            with store.transaction():
+                for row in unapplied:
+                    store.update_order(row.client_order_id, engine_applied=True)
+                store.update_position(position.position_id, quantity=str(live))
+            unapplied, stored = [], live
+        pending_replay = bool(unapplied)
         if position.position_id not in engine_ids:
-            desk.engine.open_position(
+            desk.engine_call(
+                "open_position",
                 position.position_id,
                 position.symbol,
                 position.position_side,
@@ -192,7 +213,7 @@ async def reconcile(
             )
             store.update_position(position.position_id, quantity=str(live))
             report.positions_reopened.append(position.position_id)
-        elif live != _dec(position.quantity) and not pending_replay:
+        elif live != stored and not pending_replay:
             desk.engine_call("resize_position", position.position_id, str(live))
             store.update_position(position.position_id, quantity=str(live))
             report.positions_resized.append(position.position_id)

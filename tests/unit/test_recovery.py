@@ -323,3 +323,26 @@ async def test_entry_left_new_is_looked_up_and_completed(tmp_path: Path) -> None
     assert report.entries_completed == [pid]
     assert first.store.get_position(pid).status == "open"  # type: ignore[union-attr]
     assert first.store.reservations() == []
+
+
+async def test_crash_between_engine_confirm_and_journal_write(tmp_path: Path) -> None:
+    venue = FakeVenue(hedge=True)
+    path = tmp_path / "state.sqlite"
+    first = desk_for(venue, path)
+    await reconcile(first)
+    pid = (await first.submit(intent("a"))).position_id or ""
+    first.on_actions([first.engine.action(pid, "0.003")])  # type: ignore[attr-defined]
+    await first.drain()
+    # undo the journal's part only: the snapshot (saved right after confirm) has it
+    cid = f"pq{first.store.instance_tag}-{pid}-x1-0"
+    first.store.update_order(cid, engine_applied=False)
+    first.store.update_position(pid, quantity="0.010")
+    first.store.close()
+
+    second = desk_for(venue, path)
+    report = await reconcile(second, restore=FakeEngine.restore)
+    assert report.positions_resized == []
+    assert second.store.get_order(cid).engine_applied  # type: ignore[union-attr]
+    assert second.store.get_position(pid).quantity == "0.007"  # type: ignore[union-attr]
+    assert second.engine.positions()[0].quantity == "0.007"
+    assert len(orders_sent(venue)) == 2
