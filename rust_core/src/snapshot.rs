@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
-use crate::exit::{ExitEngine, ExitPolicy, SymbolState};
+use crate::exit::{ExitEngine, ExitPolicy, SymbolMap, SymbolState};
 use crate::rules::ExchangeRules;
 
 /// Identifies the payload.
@@ -55,7 +55,8 @@ fn snapshot_err(detail: impl Into<String>) -> CoreError {
 
 /// Serializes the whole engine state (policy included, rules excluded).
 pub fn snapshot(engine: &ExitEngine) -> Vec<u8> {
-    let mut symbols: Vec<(&String, &SymbolState)> = engine.symbols.iter().collect();
+    let mut symbols: Vec<(&String, &SymbolState)> =
+        engine.symbols.iter().map(|(k, v)| (k, &**v)).collect();
     symbols.sort_by(|a, b| a.0.cmp(b.0));
     let out = SnapshotOut {
         format: FORMAT,
@@ -97,7 +98,7 @@ pub fn restore(data: &[u8], rules: ExchangeRules) -> Result<ExitEngine, CoreErro
     }
     let body: SnapshotIn = serde_json::from_slice(data)
         .map_err(|e| snapshot_err(format!("version {VERSION} body is invalid: {e}")))?;
-    let mut symbols = HashMap::with_capacity(body.symbols.len());
+    let mut symbols = SymbolMap::default();
     let mut index = HashMap::new();
     for (symbol, state) in body.symbols {
         let has_positions = state.long.is_some() || state.short.is_some();
@@ -129,7 +130,9 @@ pub fn restore(data: &[u8], rules: ExchangeRules) -> Result<ExitEngine, CoreErro
                 )));
             }
         }
-        symbols.insert(symbol, state);
+        let mut state = state;
+        state.rules = rules.get(&symbol).cloned();
+        symbols.insert(symbol, Box::new(state));
     }
     let templates = ExitEngine::templates(&body.policy)?;
     Ok(ExitEngine {

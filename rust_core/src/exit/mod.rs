@@ -22,6 +22,7 @@ pub mod policy;
 pub mod position;
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +34,7 @@ use crate::bars::{BarAggregator, BarEvent};
 use crate::error::CoreError;
 use crate::feed::parse_mark_message;
 use crate::fixed::Decimal;
-use crate::rules::ExchangeRules;
+use crate::rules::{ExchangeRules, SymbolRules};
 
 /// Per-symbol market state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -56,15 +57,47 @@ pub struct SymbolState {
     /// Whole bars without any update (no price is invented for them; the ATR
     /// continues with the next real bar, whose true range spans the gap).
     pub gap_bars: u64,
+    /// The symbol's rules, cached so the per-update path needs no second lookup
+    /// (refilled on restore and on `update_rules`).
+    #[serde(skip)]
+    pub(crate) rules: Option<SymbolRules>,
 }
+
+/// FNV-1a: symbol names are short and come from the exchange, so a fast
+/// non-keyed hash is enough (`SipHash` was a visible share of a 600-symbol message).
+#[derive(Default)]
+pub(crate) struct SymbolHasher(u64);
+
+impl Hasher for SymbolHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
+}
+
+/// Map keyed by symbol name.
+pub(crate) type SymbolMap<V> = HashMap<String, V, BuildHasherDefault<SymbolHasher>>;
 
 /// A first live update later than this after its bar opened means the stream
 /// joined the bar late (the mark stream pushes every 1 s or 3 s).
 const LATE_JOIN_MS: i64 = 3_000;
 
 impl SymbolState {
-    fn new(templates: &(BarAggregator, WilderAtr)) -> Self {
+    fn new(templates: &(BarAggregator, WilderAtr), rules: Option<&SymbolRules>) -> Self {
         Self {
+            rules: rules.cloned(),
             bars: templates.0.clone(),
             atr: templates.1.clone(),
             last_mark: None,
@@ -144,7 +177,8 @@ pub struct EntryPlan {
 pub struct ExitEngine {
     pub(crate) rules: ExchangeRules,
     pub(crate) policy: ExitPolicy,
-    pub(crate) symbols: HashMap<String, SymbolState>,
+    /// Boxed so the table's buckets stay small (fast probes over 600 symbols).
+    pub(crate) symbols: SymbolMap<Box<SymbolState>>,
     /// position id -> (symbol, side)
     pub(crate) index: HashMap<String, (String, PositionSide)>,
     pub(crate) last_event_ms: Option<i64>,
@@ -169,7 +203,7 @@ impl ExitEngine {
         Ok(Self {
             rules,
             policy,
-            symbols: HashMap::new(),
+            symbols: SymbolMap::default(),
             index: HashMap::new(),
             last_event_ms: None,
             templates,
@@ -200,12 +234,12 @@ impl ExitEngine {
     }
 
     fn symbol_state(&mut self, symbol: &str) -> Result<&mut SymbolState, CoreError> {
-        self.rules.symbol(symbol)?;
+        let rules = self.rules.symbol(symbol)?;
         let templates = &self.templates;
         Ok(self
             .symbols
             .entry(symbol.to_owned())
-            .or_insert_with(|| SymbolState::new(templates)))
+            .or_insert_with(|| Box::new(SymbolState::new(templates, Some(rules)))))
     }
 
     /// Feeds closed historical bars (oldest first) to the symbol's ATR. With
@@ -548,7 +582,14 @@ impl ExitEngine {
         for symbol in open {
             rules.symbol(symbol)?;
         }
-        self.symbols.retain(|symbol, _| rules.get(symbol).is_some());
+        self.symbols
+            .retain(|symbol, state| match rules.get(symbol) {
+                Some(fresh) => {
+                    state.rules = Some(fresh.clone());
+                    true
+                }
+                None => false,
+            });
         self.rules = rules;
         Ok(())
     }
@@ -586,13 +627,13 @@ impl ExitEngine {
         let state = if let Some(state) = self.symbols.get_mut(symbol) {
             state
         } else {
-            if self.rules.get(symbol).is_none() {
+            let Some(rules) = self.rules.get(symbol) else {
                 return;
-            }
+            };
             let templates = &self.templates;
             self.symbols
                 .entry(symbol.to_owned())
-                .or_insert_with(|| SymbolState::new(templates))
+                .or_insert_with(|| Box::new(SymbolState::new(templates, Some(rules))))
         };
         if state.last_event_ms.is_some_and(|last| event_time_ms < last) {
             return;
@@ -607,14 +648,18 @@ impl ExitEngine {
         if state.long.is_none() && state.short.is_none() {
             return;
         }
-        let Some(rules) = self.rules.get(symbol) else {
+        let SymbolState {
+            rules: cached,
+            atr,
+            long,
+            short,
+            ..
+        } = &mut **state;
+        let Some(rules) = cached.as_ref().or_else(|| self.rules.get(symbol)) else {
             return;
         };
-        let atr = state.atr.value();
-        for position in [state.long.as_mut(), state.short.as_mut()]
-            .into_iter()
-            .flatten()
-        {
+        let atr = atr.value();
+        for position in [long.as_mut(), short.as_mut()].into_iter().flatten() {
             if let Some(action) = position.on_mark(mark, atr, event_time_ms, rules, &self.policy) {
                 out.push(action);
             }
