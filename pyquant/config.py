@@ -103,14 +103,16 @@ class SimConfig:
     """The built-in simulator, used when ``exchange = "sim"``.
 
     Attributes:
-        speed: replay speed factor (market seconds per wall-clock second).
+        speed: replay speed factor (market seconds per wall-clock second). The default 600
+            replays ten market minutes a second, so the demo shows entries, ladder exits,
+            trailing and breakeven stops within a minute or two.
         position_mode: the paper account's position mode.
         balance_usdt: the paper account's starting wallet.
         data: kline files to replay; empty means the bundled real data set.
         seed: seed of the intrabar mark-price path.
     """
 
-    speed: float = 60.0
+    speed: float = 600.0
     position_mode: PositionModeName = "one-way"
     balance_usdt: Decimal = Decimal("10000")
     data: tuple[str, ...] = ()

@@ -305,10 +305,10 @@ class Daemon:
             sim = config.sim
             venue = await stack.enter_async_context(
                 sim_module.serve(
+                    data=list(sim.data) or None,
                     speed=sim.speed,
                     position_mode=sim.position_mode,
                     balance=sim.balance_usdt,
-                    data=[Path(p) for p in sim.data] or None,
                     seed=sim.seed,
                 )
             )
@@ -587,7 +587,7 @@ class Daemon:
             self.endpoints.user_ws_url,
             self.client,
             self._on_user_event,
-            keepalive_interval_s=config.user_stream.keepalive_interval_s,
+            keepalive_interval_s=self._keepalive_interval_s(),
             rotate_after_s=config.market.rotate_after_s,
             backoff=Backoff(config.market.backoff_initial_s, config.market.backoff_max_s),
             on_connected=self._on_user_connected,
@@ -619,6 +619,14 @@ class Daemon:
             group.create_task(dashboard.run(), name="dashboard")
         else:
             group.create_task(self._every(30.0, self._heartbeat), name="heartbeat")
+
+    def _keepalive_interval_s(self) -> float:
+        interval = self.config.user_stream.keepalive_interval_s
+        if self.config.exchange == "sim" and self.config.sim.speed > 0:
+            # The simulator expires listenKeys on its own clock, which runs ``speed`` times
+            # faster than ours: keep the key alive at the same share of its 60 minutes.
+            interval = min(interval, interval / self.config.sim.speed)
+        return max(interval, 0.5)
 
     async def _after_user_connected(self, group: asyncio.TaskGroup) -> None:
         await self._user_connected.wait()
@@ -674,11 +682,15 @@ class Daemon:
         self.submit_nowait(payload, source="demo")
 
     def _tradable(self, symbol: str) -> bool:
+        # The demo asks only where the guard could say yes: no position, no entry in flight,
+        # no cooldown on the symbol. Other sources send what they like; the guard decides.
         if symbol not in self._symbol_set or self.desk is None:
             return False
-        return not any(
-            row.symbol == symbol for row in self.desk.store.positions(("opening", "open"))
-        )
+        store = self.desk.store
+        if any(row.symbol == symbol for row in store.positions(("opening", "open"))):
+            return False
+        cooling = store.cooldowns(time.time_ns() // 1_000_000)
+        return not any(key[0] == symbol for key in cooling)
 
     async def _stop_after(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

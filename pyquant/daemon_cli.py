@@ -51,7 +51,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "flatten":
         parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
         return parser
-    parser.add_argument("--speed", type=float, help="simulator replay speed (default 60)")
+    parser.add_argument("--speed", type=float, help="simulator replay speed (default 600)")
     parser.add_argument(
         "--position-mode", choices=("one-way", "hedge"), help="simulator account position mode"
     )
