@@ -1,0 +1,119 @@
+"""Daemon + simulator on 127.0.0.1: fixtures shared by the end-to-end tests.
+
+The simulator runs with a manual clock (``speed=0``): prices move only when a test pins a
+mark (``venue.set_mark``) and time only when it steps (``venue.step``), so every scenario is
+exact. The daemon runs in-process against it as a ``custom`` venue (its URLs and keys), with
+the demo producer off and an explicit exit policy whose levels the tests compute by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyquant.sim
+from pyquant.config import Config, load_config
+from pyquant.daemon import Daemon
+from pyquant.sim.server import Venue
+
+# Prices and sizes below are exact on ETHUSDT's grid (tick 0.01, step 0.001).
+EXIT_POLICY: dict[str, Any] = {
+    "fallback_stop_pct": 0.02,
+    "min_stop_pct": 0.001,
+    "max_stop_pct": 0.05,
+    "ladder": [{"at": 0.01, "fraction": 0.3}, {"at": 0.02, "fraction": 0.3}],
+    "ladder_unit": "pct",
+    "breakeven_after_level": 1,
+    "trail_pct": 0.01,
+    "trail_after_level": 2,
+}
+
+
+async def until(predicate: Callable[[], bool], limit_s: float = 10.0, what: str = "") -> None:
+    """Wait until the condition holds; it is changed by other tasks (daemon, simulator)."""
+    try:
+        async with asyncio.timeout(limit_s):
+            while not predicate():  # noqa: ASYNC110 - the state lives in the code under test
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what or predicate}") from None
+
+
+def daemon_config(venue: Venue, **sections: dict[str, Any]) -> Config:
+    """The daemon's config for an in-test simulator (custom venue, no demo, exact policy)."""
+    overrides: dict[str, Any] = {
+        "exchange": "custom",
+        "venue": {
+            "rest_url": venue.rest_url,
+            "ws_url": f"{venue.ws_url}/market",
+            "user_ws_url": f"{venue.ws_url}/private",
+        },
+        "market": {
+            "warmup_bars": 30,
+            "stale_after_s": 600.0,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.2,
+        },
+        "sources": {"demo": False},
+        "entries": {
+            "sizing": "notional",
+            "notional_usdt": "500",
+            "leverage": 5,
+            "cooldown_s": 0.0,
+            "max_intent_age_s": 60.0,
+        },
+        "router": {"backstop_throttle_s": 0.0},
+        "daemon": {"dashboard": False, "snapshot_interval_s": 0.5},
+        "exit": dict(EXIT_POLICY),
+    }
+    for name, values in sections.items():
+        overrides[name] = (
+            {**overrides.get(name, {}), **values} if isinstance(values, dict) else values
+        )
+    env = {"PYQUANT_API_KEY": venue.api_key, "PYQUANT_API_SECRET": venue.api_secret}
+    return load_config(None, environ=env, overrides=overrides)
+
+
+@dataclass
+class Running:
+    """A daemon running against a simulator."""
+
+    venue: Venue
+    daemon: Daemon
+    task: asyncio.Task[dict[str, object]]
+
+    async def stop(self) -> dict[str, object]:
+        self.daemon.stop()
+        return await asyncio.wait_for(self.task, 20)
+
+
+@contextlib.asynccontextmanager
+async def run_daemon(
+    venue: Venue, state_dir: Path, **sections: dict[str, Any]
+) -> AsyncIterator[Running]:
+    """Start a daemon against ``venue`` and wait until it takes intents."""
+    daemon = Daemon(
+        daemon_config(venue, **sections), state_dir=state_dir, install_signal_handlers=False
+    )
+    task = asyncio.get_running_loop().create_task(daemon.run())
+    ready = asyncio.ensure_future(daemon.ready.wait())
+    await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    assert daemon.ready.is_set(), "daemon did not become ready"
+    running = Running(venue, daemon, task)
+    try:
+        yield running
+    finally:
+        if not task.done():
+            await running.stop()
+
+
+@contextlib.asynccontextmanager
+async def simulator(position_mode: str = "one-way", **kwargs: Any) -> AsyncIterator[Venue]:
+    async with pyquant.sim.serve(speed=0, position_mode=position_mode, **kwargs) as venue:
+        yield venue
