@@ -6,15 +6,16 @@
 //! - the combined-stream wrapper `{"stream": ..., "data": <object or array>}`.
 //!
 //! Only `e`, `E`, `s` and `p` are read; other keys (`i`, `P`, `r`, `T`, `st`, future
-//! ones) are skipped without being materialized. Symbols are borrowed from the input.
+//! ones) are skipped without being materialized. Symbols are borrowed from the input;
+//! a symbol written with JSON escapes (Binance sends raw UTF-8, but re-encoders such as
+//! Python's `json.dumps` escape non-ASCII names like the real `测试测试USDT`) cannot be
+//! borrowed and lands, unescaped, in [`MarkBatch::escaped`] instead of failing the message.
 //! The mark price is kept both as an exact [`Decimal`] (for wire strings and
 //! comparisons with quantized levels) and as the correctly rounded `f64` of the same
 //! text (for bars and ATR). A malformed message is an `Err` and yields no updates at
 //! all, so a caller that applies the batch only on `Ok` never applies half a message.
 
-use std::fmt;
-
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use std::borrow::Cow;
 
 use crate::error::CoreError;
 use crate::fixed::{parse_decimal, Decimal};
@@ -32,21 +33,54 @@ pub struct MarkUpdate<'a> {
     pub event_time_ms: i64,
 }
 
+/// An update whose symbol had JSON escapes, so it owns the unescaped symbol.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnedMarkUpdate {
+    pub symbol: String,
+    pub mark_price: Decimal,
+    pub mark_price_f64: f64,
+    pub event_time_ms: i64,
+}
+
+impl OwnedMarkUpdate {
+    /// A borrowed view with the same fields as [`MarkUpdate`].
+    pub fn as_update(&self) -> MarkUpdate<'_> {
+        MarkUpdate {
+            symbol: &self.symbol,
+            mark_price: self.mark_price,
+            mark_price_f64: self.mark_price_f64,
+            event_time_ms: self.event_time_ms,
+        }
+    }
+}
+
 /// The updates of one websocket message, in message order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MarkBatch<'a> {
+    /// Updates whose symbol is borrowed from the message (all of them, in practice).
     pub updates: Vec<MarkUpdate<'a>>,
+    /// Updates whose symbol was written with JSON escapes (see the module docs).
+    pub escaped: Vec<OwnedMarkUpdate>,
 }
 
 impl<'a> MarkBatch<'a> {
-    /// Number of updates.
+    /// Number of updates, borrowed and escaped.
     pub fn len(&self) -> usize {
-        self.updates.len()
+        self.updates.len() + self.escaped.len()
     }
 
     /// Whether the message carried no update.
     pub fn is_empty(&self) -> bool {
-        self.updates.is_empty()
+        self.updates.is_empty() && self.escaped.is_empty()
+    }
+
+    /// Every update, borrowed ones first, then escaped ones. Per symbol the message
+    /// order is kept (a symbol is either always escaped or never within one message).
+    pub fn iter_all(&self) -> impl Iterator<Item = MarkUpdate<'_>> + '_ {
+        self.updates
+            .iter()
+            .copied()
+            .chain(self.escaped.iter().map(OwnedMarkUpdate::as_update))
     }
 
     /// Iterates over the updates.
@@ -82,201 +116,648 @@ impl<'a> IntoIterator for MarkBatch<'a> {
 pub fn parse_mark_message(data: &[u8]) -> Result<MarkBatch<'_>, CoreError> {
     let mut raw = Vec::new();
     parse_raw(data, &mut raw)?;
-    let mut updates = Vec::with_capacity(raw.len());
-    for (index, r) in raw.iter().enumerate() {
-        updates.push(convert(r, index)?);
-    }
-    Ok(MarkBatch { updates })
-}
-
-/// Parses into a reusable buffer (cleared first); on error the buffer is left empty.
-///
-/// # Errors
-/// As [`parse_mark_message`].
-pub fn parse_mark_message_into<'a>(
-    data: &'a [u8],
-    out: &mut Vec<MarkUpdate<'a>>,
-) -> Result<(), CoreError> {
-    out.clear();
-    let mut raw = Vec::new();
-    parse_raw(data, &mut raw)?;
-    out.reserve(raw.len());
-    for (index, r) in raw.iter().enumerate() {
-        match convert(r, index) {
-            Ok(u) => out.push(u),
-            Err(e) => {
-                out.clear();
-                return Err(e);
-            }
+    let mut batch = MarkBatch {
+        updates: Vec::with_capacity(raw.len()),
+        escaped: Vec::new(),
+    };
+    for (index, r) in raw.into_iter().enumerate() {
+        let (mark_price, mark_price_f64) = convert_price(&r, index)?;
+        match r.symbol {
+            Cow::Borrowed(symbol) => batch.updates.push(MarkUpdate {
+                symbol,
+                mark_price,
+                mark_price_f64,
+                event_time_ms: r.event_time_ms,
+            }),
+            Cow::Owned(symbol) => batch.escaped.push(OwnedMarkUpdate {
+                symbol,
+                mark_price,
+                mark_price_f64,
+                event_time_ms: r.event_time_ms,
+            }),
         }
     }
-    Ok(())
+    Ok(batch)
 }
 
-fn parse_raw<'a>(data: &'a [u8], raw: &mut Vec<RawUpdate<'a>>) -> Result<(), CoreError> {
-    let mut de = serde_json::Deserializer::from_slice(data);
-    MessageSeed { out: raw, depth: 0 }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| CoreError::message(e.to_string()))
+/// Exact powers of ten representable in `f64` (10^0 ..= 10^22).
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// The fast path for the usual mark price (`"11794.15000000"`: at most 19 digits, one
+/// optional point, no sign): one pass builds the integer mantissa and scale, giving the
+/// exact `Decimal` directly and the `f64` by one correctly rounded division when both
+/// operands are exact (mantissa below 2^53, scale at most 22; Clinger's fast path).
+/// Returns `None` when the text needs the general route (which also reports errors).
+#[inline]
+fn fast_price(bytes: &[u8]) -> Option<(Decimal, f64)> {
+    if bytes.is_empty() || bytes.len() > 20 {
+        return None;
+    }
+    let mut mantissa: u64 = 0;
+    let mut digits = 0u32;
+    let mut scale: Option<u32> = None;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'0'..=b'9' => {
+                mantissa = mantissa * 10 + u64::from(b - b'0');
+                digits += 1;
+            }
+            b'.' if scale.is_none() => scale = Some((bytes.len() - i - 1) as u32),
+            _ => return None,
+        }
+    }
+    let scale = scale.unwrap_or(0);
+    if digits == 0 || digits > 19 || mantissa == 0 {
+        return None;
+    }
+    let decimal = Decimal::from_i128_with_scale(i128::from(mantissa), scale);
+    let float = if mantissa < (1u64 << 53) && (scale as usize) < POW10.len() {
+        mantissa as f64 / POW10[scale as usize]
+    } else {
+        std::str::from_utf8(bytes).ok()?.parse::<f64>().ok()?
+    };
+    Some((decimal, float))
 }
 
-fn convert<'a>(raw: &RawUpdate<'a>, index: usize) -> Result<MarkUpdate<'a>, CoreError> {
+fn convert_price(raw: &RawUpdate<'_>, index: usize) -> Result<(Decimal, f64), CoreError> {
+    if let Some(parsed) = fast_price(&raw.price) {
+        return Ok(parsed);
+    }
+    let text = String::from_utf8_lossy(&raw.price);
     let bad = |rule: &str| {
         CoreError::message(format!(
-            "update {index} ({}): mark price p {:?} {rule}",
-            raw.symbol, raw.price
+            "update {index} ({}): mark price p {text:?} {rule}",
+            raw.symbol
         ))
     };
-    let mark_price = parse_decimal("p", raw.price).map_err(|_| bad("is not a plain decimal"))?;
+    let mark_price = parse_decimal("p", &text).map_err(|_| bad("is not a plain decimal"))?;
     if mark_price <= Decimal::ZERO {
         return Err(bad("must be positive"));
     }
     // The grammar check above guarantees `parse` succeeds; it rounds correctly.
-    let mark_price_f64 = raw
-        .price
-        .parse::<f64>()
-        .map_err(|_| bad("is not a number"))?;
-    Ok(MarkUpdate {
-        symbol: raw.symbol,
-        mark_price,
-        mark_price_f64,
-        event_time_ms: raw.event_time_ms,
-    })
+    let mark_price_f64 = text.parse::<f64>().map_err(|_| bad("is not a number"))?;
+    Ok((mark_price, mark_price_f64))
 }
 
-#[derive(Debug, Clone, Copy)]
+fn parse_raw<'a>(data: &'a [u8], raw: &mut Vec<RawUpdate<'a>>) -> Result<(), CoreError> {
+    let mut scan = Scanner {
+        bytes: data,
+        pos: 0,
+    };
+    scan.message(raw)
+        .map_err(|e| CoreError::message(e.describe(data)))
+}
+
+#[derive(Debug, Clone)]
 struct RawUpdate<'a> {
-    symbol: &'a str,
-    price: &'a str,
+    symbol: Cow<'a, str>,
+    /// The price string's bytes (validated UTF-8).
+    price: Cow<'a, [u8]>,
     event_time_ms: i64,
 }
 
-/// Visits a message (object, array or wrapper) and appends raw updates to `out`.
-struct MessageSeed<'b, 'a> {
-    out: &'b mut Vec<RawUpdate<'a>>,
-    /// 0 at the top; 1 inside a wrapper's `data` (wrappers do not nest).
-    depth: u8,
+/// A string's contents: raw bytes without escapes, or unescaped text.
+enum RawStr<'a> {
+    Plain(&'a [u8]),
+    Escaped(String),
 }
 
-impl<'de> DeserializeSeed<'de> for MessageSeed<'_, 'de> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for MessageSeed<'_, 'de> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(
-            "a markPriceUpdate object, an array of them, or a {\"stream\", \"data\"} wrapper",
-        )
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        if let Some(hint) = seq.size_hint() {
-            self.out.reserve(hint);
+impl RawStr<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Plain(raw) => raw,
+            Self::Escaped(text) => text.as_bytes(),
         }
-        while let Some(update) = seq.next_element_seed(UpdateSeed)? {
-            self.out.push(update);
+    }
+}
+
+/// Bytes that end the fast scan of a string: quote, backslash, control characters, and
+/// non-ASCII (handled by a UTF-8 check).
+static STRING_STOP: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = i == b'"' as usize || i == b'\\' as usize || i < 0x20 || i >= 0x80;
+        i += 1;
+    }
+    table
+};
+
+/// Nesting limit for skipped values (`serde_json` uses 128 too).
+const MAX_DEPTH: usize = 128;
+
+/// Why and where a message failed.
+/// Boxed so the happy path's `Result`s stay small.
+#[derive(Debug)]
+struct ScanError(Box<ScanErrorInner>);
+
+#[derive(Debug)]
+struct ScanErrorInner {
+    detail: String,
+    pos: usize,
+}
+
+impl ScanError {
+    fn describe(&self, data: &[u8]) -> String {
+        let ScanErrorInner { detail, pos } = &*self.0;
+        if *pos >= data.len() {
+            format!("{detail} at end of input (EOF, {} bytes)", data.len())
+        } else {
+            format!("{detail} at byte {pos}")
+        }
+    }
+}
+
+/// A strict single-pass JSON reader specialised for mark-price messages.
+///
+/// Written by hand because generic deserializers spend most of their time on the keys
+/// and values we skip (`i`, `P`, `r`, `T`): this reader validates them (JSON grammar,
+/// escapes, UTF-8, nesting) without materializing anything, and borrows the three
+/// strings it keeps. The property test in this module checks it never accepts what
+/// `serde_json` rejects and extracts the same fields when it accepts.
+struct Scanner<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Scanner<'a> {
+    #[cold]
+    fn fail<T>(&self, detail: impl Into<String>) -> Result<T, ScanError> {
+        Err(ScanError(Box::new(ScanErrorInner {
+            detail: detail.into(),
+            pos: self.pos,
+        })))
+    }
+
+    #[inline]
+    fn ws(&mut self) {
+        while let Some(&b) = self.bytes.get(self.pos) {
+            if matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+                self.pos += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    #[inline]
+    fn expect(&mut self, byte: u8) -> Result<(), ScanError> {
+        if self.peek() == Some(byte) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            self.fail(format!("expected '{}'", byte as char))
+        }
+    }
+
+    fn message(&mut self, out: &mut Vec<RawUpdate<'a>>) -> Result<(), ScanError> {
+        self.ws();
+        match self.peek() {
+            Some(b'[') => self.update_array(out)?,
+            Some(b'{') => self.top_object(out)?,
+            Some(_) => return self.fail("invalid type: expected a markPriceUpdate object, an array of them, or a {\"stream\", \"data\"} wrapper"),
+            None => return self.fail("empty message"),
+        }
+        self.ws();
+        if self.pos != self.bytes.len() {
+            return self.fail("trailing characters");
         }
         Ok(())
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn update_array(&mut self, out: &mut Vec<RawUpdate<'a>>) -> Result<(), ScanError> {
+        self.expect(b'[')?;
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            if self.peek() != Some(b'{') {
+                return self.fail("invalid type: expected a markPriceUpdate object in the array");
+            }
+            self.expect(b'{')?;
+            let mut fields = UpdateFields::default();
+            self.object_body(|scan, key| fields.accept(scan, key))?;
+            out.push(fields.finish(self)?);
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b']') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return self.fail("expected ',' or ']'"),
+            }
+        }
+    }
+
+    /// The top-level object: a single update, or a `{"stream", "data"}` wrapper.
+    fn top_object(&mut self, out: &mut Vec<RawUpdate<'a>>) -> Result<(), ScanError> {
+        self.expect(b'{')?;
+        let start = self.pos;
         let mut fields = UpdateFields::default();
         let mut saw_data = false;
         let mut saw_stream = false;
-        while let Some(key) = map.next_key::<&'de str>()? {
-            match key {
-                "data" if self.depth == 0 => {
-                    if saw_data {
-                        return Err(de::Error::duplicate_field("data"));
+        self.object_body(|scan, key| match key {
+            b"data" => {
+                if saw_data {
+                    return scan.fail("duplicate field `data`");
+                }
+                saw_data = true;
+                match scan.peek() {
+                    Some(b'[') => scan.update_array(out),
+                    Some(b'{') => {
+                        scan.expect(b'{')?;
+                        let mut inner = UpdateFields::default();
+                        scan.object_body(|s, k| inner.accept(s, k))?;
+                        out.push(inner.finish(scan)?);
+                        Ok(())
                     }
-                    saw_data = true;
-                    map.next_value_seed(MessageSeed {
-                        out: &mut *self.out,
-                        depth: 1,
-                    })?;
+                    _ => scan.fail(
+                        "invalid type: data must be a markPriceUpdate object or an array of them",
+                    ),
                 }
-                "stream" if self.depth == 0 => {
-                    saw_stream = true;
-                    map.next_value::<IgnoredAny>()?;
-                }
-                _ => fields.accept(key, &mut map)?,
             }
-        }
+            b"stream" => {
+                saw_stream = true;
+                scan.skip_value(1)
+            }
+            _ => fields.accept(scan, key),
+        })?;
         if saw_data {
             if fields.any() {
-                return Err(de::Error::custom(
-                    "a combined-stream wrapper must not carry update fields beside data",
-                ));
+                self.pos = start;
+                return self
+                    .fail("a combined-stream wrapper must not carry update fields beside data");
             }
             return Ok(());
         }
         if saw_stream {
-            return Err(de::Error::missing_field("data"));
+            self.pos = start;
+            return self.fail("missing field `data`");
         }
-        self.out.push(fields.finish()?);
+        out.push(fields.finish(self)?);
         Ok(())
     }
-}
 
-struct UpdateSeed;
-
-impl<'de> DeserializeSeed<'de> for UpdateSeed {
-    type Value = RawUpdate<'de>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for UpdateSeed {
-    type Value = RawUpdate<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a markPriceUpdate object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut fields = UpdateFields::default();
-        while let Some(key) = map.next_key::<&'de str>()? {
-            fields.accept(key, &mut map)?;
+    /// Reads `"key": value` pairs up to the closing brace (the `{` is consumed already);
+    /// `on_field` must consume the value.
+    fn object_body(
+        &mut self,
+        mut on_field: impl FnMut(&mut Self, &[u8]) -> Result<(), ScanError>,
+    ) -> Result<(), ScanError> {
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            return Ok(());
         }
-        fields.finish()
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return self.fail("expected a '\"' starting an object key");
+            }
+            // Fast path for the one-letter keys of markPriceUpdate (`"p":`).
+            let bytes = self.bytes;
+            let p = self.pos;
+            if p + 3 < bytes.len()
+                && bytes[p + 2] == b'"'
+                && bytes[p + 3] == b':'
+                && !STRING_STOP[usize::from(bytes[p + 1])]
+            {
+                self.pos = p + 4;
+                self.ws();
+                on_field(self, &bytes[p + 1..p + 2])?;
+            } else {
+                let key = self.raw_string()?;
+                self.ws();
+                self.expect(b':')?;
+                self.ws();
+                on_field(self, key.bytes())?;
+            }
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return self.fail("expected ',' or '}'"),
+            }
+        }
+    }
+
+    /// Reads a string at `"` and returns its raw bytes when it has no escapes (UTF-8
+    /// validated when not pure ASCII), or its unescaped text. Control characters and bad
+    /// escapes are errors.
+    #[inline]
+    fn raw_string(&mut self) -> Result<RawStr<'a>, ScanError> {
+        self.expect(b'"')?;
+        let start = self.pos;
+        let bytes = self.bytes;
+        let mut end = start;
+        while end < bytes.len() && !STRING_STOP[usize::from(bytes[end])] {
+            end += 1;
+        }
+        let mut plain_end = end;
+        // Non-ASCII bytes are fine inside strings; walk past them and validate once.
+        let mut non_ascii = false;
+        while plain_end < bytes.len() && bytes[plain_end] >= 0x80 {
+            non_ascii = true;
+            plain_end += 1;
+            while plain_end < bytes.len() && !STRING_STOP[usize::from(bytes[plain_end])] {
+                plain_end += 1;
+            }
+        }
+        end = plain_end;
+        self.pos = end;
+        match bytes.get(end) {
+            Some(b'"') => {
+                let raw = &bytes[start..end];
+                if non_ascii && std::str::from_utf8(raw).is_err() {
+                    self.pos = start;
+                    return self.fail("invalid UTF-8 in string");
+                }
+                self.pos += 1;
+                Ok(RawStr::Plain(raw))
+            }
+            Some(b'\\') => self.escaped_string(start).map(RawStr::Escaped),
+            Some(_) => self.fail("control character in string"),
+            None => self.fail("unterminated string"),
+        }
+    }
+
+    /// Reads a string at `"` as text, borrowed when it has no escapes.
+    fn string(&mut self) -> Result<Cow<'a, str>, ScanError> {
+        match self.raw_string()? {
+            // Validated by `raw_string` (ASCII, or checked UTF-8).
+            RawStr::Plain(raw) => std::str::from_utf8(raw)
+                .map(Cow::Borrowed)
+                .or_else(|_| self.fail("invalid UTF-8 in string")),
+            RawStr::Escaped(text) => Ok(Cow::Owned(text)),
+        }
+    }
+
+    /// Slow path: the string at `start` has escapes; returns it unescaped.
+    fn escaped_string(&mut self, start: usize) -> Result<String, ScanError> {
+        let mut buf: Vec<u8> = self.bytes[start..self.pos].to_vec();
+        loop {
+            let Some(b) = self.peek() else {
+                return self.fail("unterminated string");
+            };
+            self.pos += 1;
+            match b {
+                b'"' => {
+                    return String::from_utf8(buf)
+                        .or_else(|_| self.fail("invalid UTF-8 in string"));
+                }
+                b'\\' => {
+                    let Some(e) = self.peek() else {
+                        return self.fail("unterminated escape");
+                    };
+                    self.pos += 1;
+                    match e {
+                        b'"' => buf.push(b'"'),
+                        b'\\' => buf.push(b'\\'),
+                        b'/' => buf.push(b'/'),
+                        b'b' => buf.push(0x08),
+                        b'f' => buf.push(0x0c),
+                        b'n' => buf.push(b'\n'),
+                        b'r' => buf.push(b'\r'),
+                        b't' => buf.push(b'\t'),
+                        b'u' => {
+                            let c = self.unicode_escape()?;
+                            let mut tmp = [0u8; 4];
+                            buf.extend_from_slice(c.encode_utf8(&mut tmp).as_bytes());
+                        }
+                        _ => return self.fail("invalid escape"),
+                    }
+                }
+                0..=0x1f => return self.fail("control character in string"),
+                _ => buf.push(b),
+            }
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u32, ScanError> {
+        let Some(digits) = self.bytes.get(self.pos..self.pos + 4) else {
+            return self.fail("unterminated \\u escape");
+        };
+        let mut value = 0u32;
+        for &d in digits {
+            let nibble = match d {
+                b'0'..=b'9' => d - b'0',
+                b'a'..=b'f' => d - b'a' + 10,
+                b'A'..=b'F' => d - b'A' + 10,
+                _ => return self.fail("invalid \\u escape"),
+            };
+            value = value * 16 + u32::from(nibble);
+        }
+        self.pos += 4;
+        Ok(value)
+    }
+
+    fn unicode_escape(&mut self) -> Result<char, ScanError> {
+        let first = self.hex4()?;
+        let code = if (0xD800..0xDC00).contains(&first) {
+            if self.bytes.get(self.pos..self.pos + 2) != Some(b"\\u") {
+                return self.fail("lone leading surrogate in \\u escape");
+            }
+            self.pos += 2;
+            let second = self.hex4()?;
+            if !(0xDC00..0xE000).contains(&second) {
+                return self.fail("invalid trailing surrogate in \\u escape");
+            }
+            0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00)
+        } else if (0xDC00..0xE000).contains(&first) {
+            return self.fail("lone trailing surrogate in \\u escape");
+        } else {
+            first
+        };
+        char::from_u32(code).map_or_else(|| self.fail("invalid \\u escape"), Ok)
+    }
+
+    /// A JSON integer that fits `i64` (no fraction, no exponent).
+    fn integer(&mut self) -> Result<i64, ScanError> {
+        let start = self.pos;
+        self.skip_number()?;
+        let text = &self.bytes[start..self.pos];
+        if text.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+            self.pos = start;
+            return self.fail("invalid type: event time must be an integer");
+        }
+        // ASCII digits with an optional sign: always UTF-8.
+        std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| t.parse::<i64>().ok())
+            .map_or_else(
+                || {
+                    self.pos = start;
+                    self.fail("event time does not fit a 64-bit integer")
+                },
+                Ok,
+            )
+    }
+
+    /// JSON number grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`; like
+    /// `serde_json`, a number beyond the `f64` range (`1e400`) is refused.
+    fn skip_number(&mut self) -> Result<(), ScanError> {
+        let start = self.pos;
+        let exponent = self.skip_number_grammar()?;
+        // Only an exponent or hundreds of digits can leave the f64 range.
+        if exponent || self.pos - start > 300 {
+            let text = std::str::from_utf8(&self.bytes[start..self.pos]).unwrap_or("");
+            if !text.parse::<f64>().is_ok_and(f64::is_finite) {
+                self.pos = start;
+                return self.fail("number out of range");
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns whether the number had an exponent.
+    fn skip_number_grammar(&mut self) -> Result<bool, ScanError> {
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => self.skip_digits(),
+            _ => return self.fail("invalid number"),
+        }
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return self.fail("invalid number");
+            }
+            self.skip_digits();
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.pos += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return self.fail("invalid number");
+            }
+            self.skip_digits();
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    #[inline]
+    fn skip_digits(&mut self) {
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.pos += 1;
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), ScanError> {
+        if self.bytes.get(self.pos..self.pos + word.len()) == Some(word) {
+            self.pos += word.len();
+            Ok(())
+        } else {
+            self.fail("invalid literal")
+        }
+    }
+
+    /// Validates and skips any JSON value.
+    fn skip_value(&mut self, depth: usize) -> Result<(), ScanError> {
+        if depth > MAX_DEPTH {
+            return self.fail("recursion limit exceeded");
+        }
+        match self.peek() {
+            Some(b'"') => self.raw_string().map(|_| ()),
+            Some(b'{') => {
+                self.pos += 1;
+                self.object_body(|scan, _| scan.skip_value(depth + 1))
+            }
+            Some(b'[') => {
+                self.pos += 1;
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    self.skip_value(depth + 1)?;
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => self.pos += 1,
+                        Some(b']') => {
+                            self.pos += 1;
+                            return Ok(());
+                        }
+                        _ => return self.fail("expected ',' or ']'"),
+                    }
+                }
+            }
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.skip_number(),
+            Some(_) | None => self.fail("expected a JSON value"),
+        }
     }
 }
 
 #[derive(Default)]
 struct UpdateFields<'a> {
-    event_type: Option<&'a str>,
+    event_type: Option<RawStr<'a>>,
     event_time_ms: Option<i64>,
-    symbol: Option<&'a str>,
-    price: Option<&'a str>,
+    symbol: Option<Cow<'a, str>>,
+    price: Option<RawStr<'a>>,
 }
 
 impl<'a> UpdateFields<'a> {
-    fn accept<A: MapAccess<'a>>(&mut self, key: &'a str, map: &mut A) -> Result<(), A::Error> {
-        fn set<T, E: de::Error>(
-            slot: &mut Option<T>,
-            value: T,
-            name: &'static str,
-        ) -> Result<(), E> {
-            if slot.replace(value).is_some() {
-                return Err(E::duplicate_field(name));
+    fn accept(&mut self, scan: &mut Scanner<'a>, key: &[u8]) -> Result<(), ScanError> {
+        fn check_string(scan: &Scanner<'_>, present: bool, name: &str) -> Result<(), ScanError> {
+            if present {
+                return scan.fail(format!("duplicate field `{name}`"));
+            }
+            if scan.peek() != Some(b'"') {
+                return scan.fail(format!("invalid type: `{name}` must be a string"));
             }
             Ok(())
         }
         match key {
-            "e" => set(&mut self.event_type, map.next_value::<&'a str>()?, "e"),
-            "E" => set(&mut self.event_time_ms, map.next_value::<i64>()?, "E"),
-            "s" => set(&mut self.symbol, map.next_value::<&'a str>()?, "s"),
-            "p" => set(&mut self.price, map.next_value::<&'a str>()?, "p"),
-            _ => map.next_value::<IgnoredAny>().map(|_| ()),
+            b"e" => {
+                check_string(scan, self.event_type.is_some(), "e")?;
+                self.event_type = Some(scan.raw_string()?);
+                Ok(())
+            }
+            b"s" => {
+                check_string(scan, self.symbol.is_some(), "s")?;
+                self.symbol = Some(scan.string()?);
+                Ok(())
+            }
+            b"p" => {
+                check_string(scan, self.price.is_some(), "p")?;
+                self.price = Some(scan.raw_string()?);
+                Ok(())
+            }
+            b"E" => {
+                if self.event_time_ms.is_some() {
+                    return scan.fail("duplicate field `E`");
+                }
+                if !matches!(scan.peek(), Some(b'-' | b'0'..=b'9')) {
+                    return scan.fail("invalid type: `E` must be an integer");
+                }
+                self.event_time_ms = Some(scan.integer()?);
+                Ok(())
+            }
+            _ => scan.skip_value(1),
         }
     }
 
@@ -287,22 +768,32 @@ impl<'a> UpdateFields<'a> {
             || self.price.is_some()
     }
 
-    fn finish<E: de::Error>(self) -> Result<RawUpdate<'a>, E> {
-        if let Some(kind) = self.event_type {
-            if kind != "markPriceUpdate" {
-                return Err(E::custom(format_args!(
-                    "event type e {kind:?} is not markPriceUpdate"
-                )));
+    fn finish(self, scan: &Scanner<'a>) -> Result<RawUpdate<'a>, ScanError> {
+        if let Some(kind) = &self.event_type {
+            if kind.bytes() != b"markPriceUpdate" {
+                let shown = String::from_utf8_lossy(kind.bytes());
+                return scan.fail(format!("event type e {shown:?} is not markPriceUpdate"));
             }
         }
-        let symbol = self.symbol.ok_or_else(|| E::missing_field("s"))?;
+        let Some(symbol) = self.symbol else {
+            return scan.fail("missing field `s`");
+        };
         if symbol.is_empty() {
-            return Err(E::custom("symbol s is empty"));
+            return scan.fail("symbol s is empty");
         }
+        let Some(price) = self.price else {
+            return scan.fail("missing field `p`");
+        };
+        let Some(event_time_ms) = self.event_time_ms else {
+            return scan.fail("missing field `E`");
+        };
         Ok(RawUpdate {
             symbol,
-            price: self.price.ok_or_else(|| E::missing_field("p"))?,
-            event_time_ms: self.event_time_ms.ok_or_else(|| E::missing_field("E"))?,
+            price: match price {
+                RawStr::Plain(raw) => Cow::Borrowed(raw),
+                RawStr::Escaped(text) => Cow::Owned(text.into_bytes()),
+            },
+            event_time_ms,
         })
     }
 }
@@ -338,6 +829,71 @@ mod tests {
         let wrapped = format!(r#"{{"data":{SINGLE},"stream":"btcusdt@markPrice"}}"#);
         assert_eq!(parse_mark_message(wrapped.as_bytes()).unwrap().len(), 1);
         assert!(parse_mark_message(b"[]").unwrap().is_empty());
+    }
+
+    #[test]
+    fn fast_price_path_is_exact_and_correctly_rounded() {
+        for text in [
+            "11794.15000000",
+            "0.00000001",
+            "1",
+            "1.",
+            ".5",
+            "0.1",
+            "123456789.12345678",
+            "9999999999999999999",
+            "0.30000000000000004",
+            "4503599627370497.5",
+        ] {
+            let (dec, float) = fast_price(text.as_bytes()).unwrap_or_else(|| {
+                let d = parse_decimal("p", text).unwrap();
+                (d, text.parse().unwrap())
+            });
+            assert_eq!(dec, parse_decimal("p", text).unwrap(), "{text}");
+            assert_eq!(
+                dec.scale(),
+                parse_decimal("p", text).unwrap().scale(),
+                "{text}"
+            );
+            assert_eq!(
+                float.to_bits(),
+                text.parse::<f64>().unwrap().to_bits(),
+                "{text}"
+            );
+        }
+        for text in [
+            "",
+            ".",
+            "1.2.3",
+            "-1",
+            "+1",
+            "0",
+            "0.000",
+            "1e5",
+            "12345678901234567890",
+        ] {
+            assert!(fast_price(text.as_bytes()).is_none(), "{text}");
+        }
+    }
+
+    #[test]
+    fn escaped_symbols_are_unescaped_not_rejected() {
+        let msg = r#"[{"E":1,"s":"BTCUSDT","p":"1.5"},{"E":2,"s":"\u6d4b\u8bd5USDT","p":"2.5"},{"e":"mark\u0050riceUpdate","E":3,"s":"ETHUSDT","p":"3"}]"#;
+        let batch = parse_mark_message(msg.as_bytes()).unwrap();
+        assert_eq!(batch.len(), 3);
+        assert_eq!(batch.updates.len(), 2);
+        assert_eq!(batch.escaped[0].symbol, "测试USDT");
+        assert_eq!(batch.escaped[0].mark_price.to_string(), "2.5");
+        let all: Vec<_> = batch
+            .iter_all()
+            .map(|u| (u.symbol, u.event_time_ms))
+            .collect();
+        assert_eq!(all, [("BTCUSDT", 1), ("ETHUSDT", 3), ("测试USDT", 2)]);
+        let raw = r#"{"E":1,"s":"测试USDT","p":"1"}"#;
+        assert_eq!(
+            parse_mark_message(raw.as_bytes()).unwrap().updates[0].symbol,
+            "测试USDT"
+        );
     }
 
     #[test]
@@ -387,9 +943,151 @@ mod tests {
             assert!(err.to_string().contains("update 1 (BTCUSDT)"), "{err}");
             assert!(err.to_string().contains(rule), "{err}");
         }
-        let mut buf = Vec::new();
-        let msg = br#"[{"E":1,"s":"A","p":"1"},{"E":1,"s":"B","p":"x"}]"#;
-        assert!(parse_mark_message_into(msg, &mut buf).is_err());
-        assert!(buf.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod property_tests {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::*;
+
+    const SAMPLE: &str = r#"{"stream":"!markPrice@arr@1s","data":[{"e":"markPriceUpdate","E":1562305380000,"s":"BTCUSDT","p":"11794.15000000","i":"11784.62659091","P":"11784.25641265","r":"0.00038167","T":1562306400000,"st":1},{"e":"markPriceUpdate","E":1562305380001,"s":"测试USDT","p":"0.5","x":[1,{"y":null}],"z":true}]}"#;
+
+    /// What a generic parser extracts: (symbol, price text, E) per update, or None when
+    /// the message does not have the accepted shape.
+    fn reference(data: &[u8]) -> Option<Vec<(String, String, i64)>> {
+        let value: Value = serde_json::from_slice(data).ok()?;
+        let payload = match &value {
+            Value::Object(map) if map.contains_key("data") => map.get("data")?,
+            other => other,
+        };
+        let objects: Vec<&Value> = match payload {
+            Value::Array(items) => items.iter().collect(),
+            Value::Object(_) => vec![payload],
+            _ => return None,
+        };
+        objects
+            .into_iter()
+            .map(|o| {
+                let o = o.as_object()?;
+                Some((
+                    o.get("s")?.as_str()?.to_owned(),
+                    o.get("p")?.as_str()?.to_owned(),
+                    o.get("E")?.as_i64()?,
+                ))
+            })
+            .collect()
+    }
+
+    fn ours(data: &[u8]) -> Option<Vec<(String, String, i64)>> {
+        let batch = parse_mark_message(data).ok()?;
+        Some(
+            batch
+                .iter_all()
+                .map(|u| {
+                    (
+                        u.symbol.to_owned(),
+                        u.mark_price.to_string(),
+                        u.event_time_ms,
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn mutate(base: &[u8], edits: &[(usize, u8, u8)]) -> Vec<u8> {
+        const ALPHABET: &[u8] = b"{}[]\",:\\ 0123456789.-eEpsu\x01\xff\xc3\xa9nulltrue";
+        let mut out = base.to_vec();
+        for &(pos, kind, byte) in edits {
+            if out.is_empty() {
+                break;
+            }
+            let at = pos % out.len();
+            let b = ALPHABET[usize::from(byte) % ALPHABET.len()];
+            match kind % 3 {
+                0 => {
+                    out.remove(at);
+                }
+                1 => out.insert(at, b),
+                _ => out[at] = b,
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Never accepts a message serde_json rejects; when both accept, the same fields.
+        #[test]
+        fn prop_agrees_with_serde_json_on_mutations(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..4)
+        ) {
+            let data = mutate(SAMPLE.as_bytes(), &edits);
+            if let Some(got) = ours(&data) {
+                let expected = reference(&data);
+                prop_assert!(expected.is_some(), "accepted what serde_json rejects: {:?}", String::from_utf8_lossy(&data));
+                let expected = expected.unwrap_or_default();
+                // Prices compare as decimals (ours keep the written scale).
+                prop_assert_eq!(got.len(), expected.len());
+                for (g, e) in got.iter().zip(&expected) {
+                    prop_assert_eq!(&g.0, &e.0);
+                    let reference_price = parse_decimal("p", &e.1);
+                    prop_assert!(reference_price.is_ok(), "accepted price {:?}", e.1);
+                    prop_assert_eq!(g.1.parse::<Decimal>().ok(), reference_price.ok());
+                    prop_assert_eq!(g.2, e.2);
+                }
+            }
+        }
+
+        /// Valid messages with arbitrary extra fields, whitespace and escaped symbols parse
+        /// to what serde_json sees.
+        #[test]
+        fn prop_parses_generated_messages(
+            updates in proptest::collection::vec(
+                ("[A-Z0-9]{2,12}|测试[A-Z]{2}", 1u64..100_000_000u64, 0u32..9, 0i64..4_000_000_000_000i64, any::<bool>()),
+                0..20,
+            ),
+            wrapped in any::<bool>(),
+            pretty in any::<bool>(),
+        ) {
+            let items: Vec<Value> = updates
+                .iter()
+                .map(|(symbol, mantissa, scale, time, extra)| {
+                    let price = Decimal::new(i64::try_from(*mantissa).unwrap_or(1), *scale);
+                    let mut obj = serde_json::json!({
+                        "e": "markPriceUpdate", "E": time, "s": symbol, "p": price.to_string(),
+                        "i": "1.0", "P": "2.0", "r": "-0.0001", "T": time + 1,
+                    });
+                    if *extra {
+                        obj["st"] = serde_json::json!([1, {"nested": [null, true, -1.5e-3]}, "\u{00e9}\"\\"]);
+                    }
+                    obj
+                })
+                .collect();
+            let payload = if wrapped {
+                serde_json::json!({"stream": "!markPrice@arr", "data": items})
+            } else {
+                Value::Array(items)
+            };
+            let text = if pretty {
+                serde_json::to_string_pretty(&payload).unwrap_or_default()
+            } else {
+                serde_json::to_string(&payload).unwrap_or_default()
+            };
+            // serde_json writes non-ASCII raw; also try the escaped spelling.
+            let escaped = text.replace("测试", "\\u6d4b\\u8bd5");
+            for data in [text.as_bytes(), escaped.as_bytes()] {
+                let got = ours(data);
+                prop_assert!(got.is_some(), "rejected a valid message: {}", String::from_utf8_lossy(data));
+                let mut got = got.unwrap_or_default();
+                let mut expected = reference(data).unwrap_or_default();
+                got.sort();
+                expected.sort();
+                prop_assert_eq!(got, expected);
+            }
+        }
     }
 }
