@@ -455,7 +455,7 @@ class ExitEngine:
         position is evaluated immediately and the actions are returned (passed levels,
         over-leverage close).
         """
-    def on_mark_message(self, data: bytes) -> list[ExitAction]:
+    def on_mark_message(self, data: bytes | str) -> list[ExitAction]:
         """Apply one mark-price websocket message; return the actions it triggers.
 
         Accepts one ``markPriceUpdate``, the ``!markPrice@arr`` array or the combined

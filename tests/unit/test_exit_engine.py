@@ -377,3 +377,50 @@ def test_action_repr_and_dict(engine: ExitEngine) -> None:
     assert "take_profit_1" in repr(action)
     assert action.to_dict()["quantity"] == "0.003"
     assert hash(action) == hash(engine.pending_actions()[0])
+
+
+def test_warm_up_takes_numpy_polars_and_lists(exchange_rules: pyquant.ExchangeRules) -> None:
+    import numpy as np
+    import polars as pl
+
+    high = np.full(20, 30030.0)
+    low = np.full(20, 29970.0)
+    close = np.full(20, 30000.0)
+    for h, lo, c in [
+        (high, low, close),
+        (pl.Series(high), pl.Series(low), pl.Series(close)),
+        (high.tolist(), low.tolist(), close.tolist()),
+    ]:
+        engine = ExitEngine(exchange_rules, example_policy())
+        engine.warm_up("BTCUSDT", h, lo, c)
+        assert engine.atr("BTCUSDT") == 60.0
+    engine = ExitEngine(exchange_rules, example_policy())
+    with pytest.raises(pyquant.InputError, match="as many values"):
+        engine.warm_up("BTCUSDT", high, low, close[:5])
+    with pytest.raises(pyquant.InputError, match="high >= low"):
+        engine.warm_up("BTCUSDT", low, high, close)
+    with pytest.raises(pyquant.UnknownSymbolError):
+        engine.warm_up("NOTREALUSDT", high, low, close)
+
+
+def test_warm_up_close_mark_ignores_replayed_bars(exchange_rules: pyquant.ExchangeRules) -> None:
+    engine = ExitEngine(exchange_rules, example_policy())
+    last_open = T0 - 60_000
+    engine.warm_up(
+        "BTCUSDT", [30030.0] * 20, [29970.0] * 20, [30000.0] * 20, last_open_time_ms=last_open
+    )
+    # Updates of the last warm-up bar are already accounted for: they change no bar.
+    engine.on_mark_message(single("BTCUSDT", "35000.0", last_open + 30_000))
+    engine.on_mark_message(single("BTCUSDT", "30000.0", T0 + 500))
+    engine.on_mark_message(single("BTCUSDT", "30000.0", T0 + 60_500))
+    atr = engine.atr("BTCUSDT")
+    assert atr is not None
+    assert atr < 60.0  # one quiet bar (range 0) was averaged in, not the 35000 spike
+
+
+def test_text_frames_are_accepted(engine: ExitEngine) -> None:
+    open_long(engine)
+    action = only(engine.on_mark_message(single("BTCUSDT", "30125.0", T0).decode()))
+    assert action.reason == "take_profit_1"
+    with pytest.raises(TypeError, match="bytes or str"):
+        engine.on_mark_message(123)  # type: ignore[arg-type]

@@ -1428,4 +1428,58 @@ mod tests {
         .unwrap();
         assert_eq!(p.ladder_prices, vec![d("30180.0")], "m = 1.5");
     }
+
+    #[test]
+    fn short_over_leverage_and_liquidation_buffer() {
+        let policy = example_policy();
+        let rules = btc();
+        let plan = plan_stop(
+            PositionSide::Short,
+            d("30000"),
+            50,
+            Some(60.0),
+            None,
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert!(plan.over_leveraged);
+        // Liquidation 30400 − 1 % buffer (300) = 30100 is tighter than the ATR stop 30120.
+        let plan = plan_stop(
+            PositionSide::Short,
+            d("30000"),
+            10,
+            Some(60.0),
+            Some(d("30400")),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(
+            (plan.stop_price, plan.stop_distance, plan.over_leveraged),
+            (d("30100.0"), d("100.0"), false)
+        );
+        let mut p = open(PositionSide::Short, &policy);
+        p.set_liquidation_price(d("30350"), &rules, &policy)
+            .unwrap();
+        assert_eq!(
+            (p.stop_price, p.stop_reason),
+            (d("30050.0"), ExitReason::StopLoss)
+        );
+        let mut p = PositionState::open(
+            OpenParams {
+                leverage: 50,
+                ..params(PositionSide::Short, "0.010", "30000.0")
+            },
+            Some(60.0),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        let a = mark(&mut p, "29990.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.side.as_str(), a.quantity),
+            (ExitReason::OverLeverage, "BUY", d("0.010"))
+        );
+    }
 }

@@ -785,9 +785,25 @@ impl PyExitEngine {
     }
 
     #[pyo3(name = "on_mark_message")]
-    fn py_on_mark_message(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<Vec<PyExitAction>> {
+    fn py_on_mark_message(
+        &mut self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<PyExitAction>> {
+        // bytes as they come off the socket, or the str a text frame decodes to
+        // (its UTF-8 buffer is borrowed, not copied).
+        let bytes: &[u8] = if let Ok(b) = data.cast::<PyBytes>() {
+            b.as_bytes()
+        } else if let Ok(s) = data.cast::<PyString>() {
+            s.to_str()?.as_bytes()
+        } else {
+            let found = data.get_type().name()?.to_string();
+            return Err(PyTypeError::new_err(format!(
+                "data must be the websocket message as bytes or str, found {found}"
+            )));
+        };
         let engine = &mut self.inner;
-        let actions = run_detached(py, || engine.on_mark_message(data))?;
+        let actions = run_detached(py, || engine.on_mark_message(bytes))?;
         Ok(self.actions(&actions))
     }
 
