@@ -24,14 +24,17 @@
 //! - ladder targets are cumulative fractions of the ORIGINAL size floored to the
 //!   `MARKET_LOT_SIZE` step; the level whose cumulative fraction is 1 closes the
 //!   exact remainder;
-//! - a partial that is zero or below minQty, or that would leave a remainder
+//! - a partial that is zero or below `minQty`, or that would leave a remainder
 //!   below `minQty` or `MIN_NOTIONAL` at the mark, becomes a full close (issue 3
 //!   wins over exit-rules.md's "done with no order" for zero partials: the
 //!   issue says a partial that quantizes to zero is merged into a full close);
+//!   a level whose cumulative target is already covered by confirmed fills is
+//!   done without an order (its ratchet applies);
 //! - no action closes more than the live quantity;
 //! - at most one action is pending; the ratchet runs when a take-profit fill
-//!   is confirmed; a rejection leaves the state as it was before emission,
-//!   except that the sequence number is never reused.
+//!   is confirmed; a rejection only clears the pending action (what the update
+//!   observed, best mark and trailing stop, stays) and the sequence number is
+//!   never reused.
 //!
 //! Choices where the rules are silent:
 //! - `opened_at_ms` unset (the engine had seen no message yet) is set by the
