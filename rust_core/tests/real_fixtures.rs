@@ -1,6 +1,8 @@
 //! The core on the real fixtures in `tests/data/binance`: every exchangeInfo symbol, and
 //! the documented mark-price payloads.
 
+#![allow(clippy::unwrap_used, clippy::float_cmp)] // test code: a panic is a failure; exact floats are the point
+
 use std::path::PathBuf;
 
 use pyquant_core::feed::parse_mark_message;
