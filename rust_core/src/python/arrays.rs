@@ -51,7 +51,11 @@ fn float_array<'py>(
         })?;
     let ndim: usize = converted.getattr("ndim")?.extract()?;
     if ndim != 1 {
-        let shape = converted.getattr("shape")?.str()?.to_string().replace(' ', "");
+        let shape = converted
+            .getattr("shape")?
+            .str()?
+            .to_string()
+            .replace(' ', "");
         return Err(CoreError::invalid(
             format!("shape of {field}"),
             shape,
