@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,9 @@ async def until(predicate: Callable[[], bool], limit_s: float = 10.0, what: str 
         raise AssertionError(f"timed out waiting for {what or predicate}") from None
 
 
-def daemon_config(venue: Venue, **sections: dict[str, Any]) -> Config:
+def daemon_config(
+    venue: Venue, env: dict[str, str] | None = None, **sections: dict[str, Any]
+) -> Config:
     """The daemon's config for an in-test simulator (custom venue, no demo, exact policy)."""
     overrides: dict[str, Any] = {
         "exchange": "custom",
@@ -74,8 +77,8 @@ def daemon_config(venue: Venue, **sections: dict[str, Any]) -> Config:
         overrides[name] = (
             {**overrides.get(name, {}), **values} if isinstance(values, dict) else values
         )
-    env = {"PYQUANT_API_KEY": venue.api_key, "PYQUANT_API_SECRET": venue.api_secret}
-    return load_config(None, environ=env, overrides=overrides)
+    environ = {"PYQUANT_API_KEY": venue.api_key, "PYQUANT_API_SECRET": venue.api_secret}
+    return load_config(None, environ={**environ, **(env or {})}, overrides=overrides)
 
 
 @dataclass
@@ -93,24 +96,31 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def run_daemon(
-    venue: Venue, state_dir: Path, **sections: dict[str, Any]
+    venue: Venue, state_dir: Path, env: dict[str, str] | None = None, **sections: dict[str, Any]
 ) -> AsyncIterator[Running]:
     """Start a daemon against ``venue`` and wait until it takes intents."""
-    daemon = Daemon(
-        daemon_config(venue, **sections), state_dir=state_dir, install_signal_handlers=False
-    )
+    config = daemon_config(venue, env, **sections)
+    daemon = Daemon(config, state_dir=state_dir, install_signal_handlers=False)
     task = asyncio.get_running_loop().create_task(daemon.run())
     ready = asyncio.ensure_future(daemon.ready.wait())
     await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         task.result()
     assert daemon.ready.is_set(), "daemon did not become ready"
+    await until(lambda: daemon.market is not None and daemon.market.health.connected, 10, "market")
     running = Running(venue, daemon, task)
     try:
         yield running
     finally:
         if not task.done():
             await running.stop()
+
+
+def free_port() -> int:
+    """Return a port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
