@@ -516,28 +516,15 @@ class RedisIntentSource:
                 await self._handle(stream, entry_id, fields)
 
     async def _read(self, streams: dict[str, str], block_ms: int | None) -> object:
-        read = asyncio.ensure_future(
-            self._redis.xreadgroup(
-                self.config.group,
-                self.config.consumer,
-                streams,  # type: ignore[arg-type]  # redis-py types the id map invariantly
-                count=self.config.batch_size,
-                block=block_ms,
-            )
+        # Not raced against stop() and cancelled: redis-py can swallow a cancellation that
+        # lands mid-command (redis/redis-py#2028, #2551), so a stop waits out one block_ms.
+        return await self._redis.xreadgroup(
+            self.config.group,
+            self.config.consumer,
+            streams,  # type: ignore[arg-type]  # redis-py types the id map invariantly
+            count=self.config.batch_size,
+            block=block_ms,
         )
-        stop = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if not read.done():
-            # Entries Redis delivered into a cancelled read are pending for this consumer and
-            # are processed first at the next start.
-            read.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *REDIS_DOWN_ERRORS):
-                await read
-            return None
-        return read.result()
 
     async def _create_groups(self) -> None:
         targets = [(self.config.stream, self.config.start_id)]

@@ -275,9 +275,7 @@ async def test_decide_errors_are_retried_then_rejected(redis_client, wait_until)
     assert attempts["i0"] == 4
     assert attempts["i1"] == 3
     [rejection] = journal.rejections
-    assert rejection.reason == (
-        "decide failed 4 times, last error: RuntimeError: store is locked"
-    )
+    assert rejection.reason == ("decide failed 4 times, last error: RuntimeError: store is locked")
     assert await pending_count(redis_client) == 0
 
 

@@ -1,0 +1,30 @@
+"""A daemon stand-in for kill -9 tests: takes leases on symbols, renews them, prints READY.
+
+Usage: python lease_holder.py URL DAEMON_ID TTL_MS SYMBOL...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import redis.asyncio as aioredis
+
+from pyquant.scale.leases import LeaseConfig, LeaseManager
+
+
+async def main(url: str, daemon_id: str, ttl_ms: int, symbols: list[str]) -> None:
+    client = aioredis.from_url(url, socket_timeout=5)
+    leases = LeaseManager(client, LeaseConfig(daemon_id=daemon_id, account="main", ttl_ms=ttl_ms))
+    await leases.register()
+    task = asyncio.create_task(leases.run())
+    for symbol in symbols:
+        if not await leases.want(symbol):
+            print(f"NOT OWNER {symbol}", flush=True)
+            sys.exit(2)
+    print("READY", flush=True)
+    await task
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]))
