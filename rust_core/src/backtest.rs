@@ -164,6 +164,7 @@ pub struct SeriesInput {
 
 /// Sizing, fees and replay rules shared by every job of a run.
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent switches, each named at the call site
 pub struct BacktestOptions {
     pub maker_fee: Decimal,
     pub taker_fee: Decimal,
@@ -177,6 +178,9 @@ pub struct BacktestOptions {
     pub one_position_per_symbol: bool,
     /// Keep the chart data (stop after every bar, level prices) and exact strings.
     pub detail: bool,
+    /// Feed every mark of the path, even those that provably change nothing (see `Quiet`);
+    /// slower, for checking that skipping them changes no decision.
+    pub exhaustive: bool,
 }
 
 /// Every reason a fill or a skipped entry can carry, by code.
@@ -282,55 +286,157 @@ pub struct JobOutput {
 struct Prepared<'a> {
     input: &'a SeriesInput,
     rules: &'a SymbolRules,
-    open: Vec<Decimal>,
-    high: Vec<Decimal>,
-    low: Vec<Decimal>,
-    close: Vec<Decimal>,
+    prices: Ohlc,
     /// Half-open bar index ranges without a gap longer than `max_gap_bars`.
     segments: Vec<(usize, usize)>,
     /// For each bar, the range of fine bars that cover it completely, if any.
     fine: Vec<Option<(usize, usize)>>,
-    fine_prices: [Vec<Decimal>; 4],
+    fine_prices: Option<Ohlc>,
+    grid: Option<GridIndex>,
     /// ATR before each bar (closed bars of its segment only), per (period, ATR interval).
     atr: HashMap<(usize, i64), Vec<Option<f64>>>,
 }
 
-fn to_ticks(rules: &SymbolRules, field: &str, values: &[f64]) -> Result<Vec<Decimal>, CoreError> {
-    // Kline prices are exchange prices on the tick grid stored as f64: the nearest grid
-    // point recovers them exactly. Fast path: the grid index from f64 arithmetic, taken only
-    // when the value sits within 1e-6 tick of a grid point (far inside f64 precision for any
-    // Binance price), so it is the same point the exact decimal rounding finds; anything
-    // else goes through the exact conversion.
-    let tick = rules.tick_size();
-    let base = rules.price_filter.min_price;
-    let tick_f = decimal_to_f64(tick);
-    let base_f = decimal_to_f64(base);
-    // base + k * tick as one mantissa at the common scale: no decimal arithmetic per bar.
-    let scale = base.scale().max(tick.scale());
-    let mut base_r = base;
-    base_r.rescale(scale);
-    let mut tick_r = tick;
-    tick_r.rescale(scale);
-    let grid = (tick > Decimal::ZERO && base_r.scale() == scale && tick_r.scale() == scale)
-        .then(|| (base_r.mantissa(), tick_r.mantissa()));
-    values
-        .iter()
-        .map(|&v| {
-            if let (Some((base_m, tick_m)), true) = (grid, v.is_finite()) {
+/// One price column on the tick grid. Kline prices are exchange prices stored as f64, so
+/// the nearest grid point `minPrice + k * tickSize` recovers each exactly; the column keeps
+/// `k` and builds the decimal when a bar is evaluated (one integer multiply), which is
+/// cheaper than holding a decimal per bar. A column with any value off the grid keeps exact
+/// decimals instead.
+enum PriceColumn {
+    Grid {
+        base: i128,
+        tick: i128,
+        scale: u32,
+        index: Vec<i64>,
+    },
+    Exact(Vec<Decimal>),
+}
+
+impl PriceColumn {
+    fn new(rules: &SymbolRules, field: &str, values: &[f64]) -> Result<Self, CoreError> {
+        let tick = rules.tick_size();
+        let base = rules.price_filter.min_price;
+        let scale = base.scale().max(tick.scale());
+        let (mut base_r, mut tick_r) = (base, tick);
+        base_r.rescale(scale);
+        tick_r.rescale(scale);
+        if tick > Decimal::ZERO && base_r.scale() == scale && tick_r.scale() == scale {
+            let (tick_f, base_f) = (decimal_to_f64(tick), decimal_to_f64(base));
+            // Indices stay below 2^50, so base + k * tick stays far inside the 96-bit mantissa.
+            let limit = (1i64 << 50) as f64;
+            let mut index = Vec::with_capacity(values.len());
+            for &v in values {
                 let x = (v - base_f) / tick_f;
-                let k = x.round();
-                if (x - k).abs() < 1e-6 && k.abs() < 1e15 {
-                    let mantissa = base_m + i128::from(k as i64) * tick_m;
-                    if let Ok(price) = Decimal::try_from_i128_with_scale(mantissa, scale) {
-                        return Ok(price);
-                    }
+                // Taken only within 1e-6 tick of a grid point: far inside f64 precision for any
+                // Binance price, so it is the point exact decimal rounding would find.
+                let k = if x >= 0.0 {
+                    (x + 0.5) as i64
+                } else {
+                    -((0.5 - x) as i64)
+                };
+                if !(x.is_finite() && x.abs() < limit && (x - k as f64).abs() < 1e-6) {
+                    break;
                 }
+                index.push(k);
             }
-            decimal_from_f64(field, v)
-                .map(|d| rules.quantize_price(d, Rounding::Nearest))
-                .map_err(|e| e.with_symbol(&rules.symbol))
+            if index.len() == values.len() && tick_r.mantissa().unsigned_abs() < (1u128 << 40) {
+                return Ok(Self::Grid {
+                    base: base_r.mantissa(),
+                    tick: tick_r.mantissa(),
+                    scale,
+                    index,
+                });
+            }
+        }
+        let mut exact = Vec::with_capacity(values.len());
+        for &v in values {
+            let d = decimal_from_f64(field, v).map_err(|e| e.with_symbol(&rules.symbol))?;
+            exact.push(rules.quantize_price(d, Rounding::Nearest));
+        }
+        Ok(Self::Exact(exact))
+    }
+
+    fn get(&self, i: usize) -> Decimal {
+        match self {
+            Self::Grid {
+                base,
+                tick,
+                scale,
+                index,
+            } => Decimal::from_i128_with_scale(base + i128::from(index[i]) * tick, *scale),
+            Self::Exact(values) => values[i],
+        }
+    }
+
+    fn index(&self, i: usize) -> Option<i64> {
+        match self {
+            Self::Grid { index, .. } => Some(index[i]),
+            Self::Exact(_) => None,
+        }
+    }
+}
+
+/// Open, high, low and close columns.
+struct Ohlc([PriceColumn; 4]);
+
+impl Ohlc {
+    fn new(rules: &SymbolRules, prefix: &str, bars: &Bars) -> Result<Self, CoreError> {
+        Ok(Self([
+            PriceColumn::new(rules, &format!("{prefix}open"), &bars.open)?,
+            PriceColumn::new(rules, &format!("{prefix}high"), &bars.high)?,
+            PriceColumn::new(rules, &format!("{prefix}low"), &bars.low)?,
+            PriceColumn::new(rules, &format!("{prefix}close"), &bars.close)?,
+        ]))
+    }
+
+    fn open(&self, i: usize) -> Decimal {
+        self.0[0].get(i)
+    }
+
+    fn close(&self, i: usize) -> Decimal {
+        self.0[3].get(i)
+    }
+
+    fn bar(&self, i: usize) -> [Decimal; 4] {
+        [
+            self.0[0].get(i),
+            self.0[1].get(i),
+            self.0[2].get(i),
+            self.0[3].get(i),
+        ]
+    }
+
+    fn indices(&self, i: usize) -> Option<[i64; 4]> {
+        Some([
+            self.0[0].index(i)?,
+            self.0[1].index(i)?,
+            self.0[2].index(i)?,
+            self.0[3].index(i)?,
+        ])
+    }
+}
+
+/// The tick grid as floats, to find the grid index of a decimal known to be on it.
+#[derive(Clone, Copy)]
+struct GridIndex {
+    base: f64,
+    tick: f64,
+}
+
+impl GridIndex {
+    fn new(rules: &SymbolRules) -> Option<Self> {
+        let tick = rules.tick_size();
+        (tick > Decimal::ZERO).then(|| Self {
+            base: decimal_to_f64(rules.price_filter.min_price),
+            tick: decimal_to_f64(tick),
         })
-        .collect()
+    }
+
+    fn of(self, price: Decimal) -> Option<i64> {
+        let x = (to_f64(price) - self.base) / self.tick;
+        let k = x.round();
+        (x.is_finite() && (x - k).abs() < 1e-6 && k.abs() < (1i64 << 50) as f64).then_some(k as i64)
+    }
 }
 
 fn prepare<'a>(
@@ -363,7 +469,7 @@ fn prepare<'a>(
         segments.push((start, bars.len()));
     }
     let mut fine = vec![None; bars.len()];
-    let mut fine_prices: [Vec<Decimal>; 4] = Default::default();
+    let mut fine_prices = None;
     if let Some((fine_interval, fine_bars)) = &input.fine {
         fine_bars.check(&input.symbol, "fine")?;
         if *fine_interval <= 0
@@ -394,12 +500,7 @@ fn prepare<'a>(
                 *slot = Some((first, j));
             }
         }
-        fine_prices = [
-            to_ticks(symbol_rules, "fine.open", &fine_bars.open)?,
-            to_ticks(symbol_rules, "fine.high", &fine_bars.high)?,
-            to_ticks(symbol_rules, "fine.low", &fine_bars.low)?,
-            to_ticks(symbol_rules, "fine.close", &fine_bars.close)?,
-        ];
+        fine_prices = Some(Ohlc::new(symbol_rules, "fine.", fine_bars)?);
     }
     let mut atr = HashMap::new();
     for &(period, atr_interval) in periods {
@@ -411,10 +512,8 @@ fn prepare<'a>(
     Ok(Prepared {
         input,
         rules: symbol_rules,
-        open: to_ticks(symbol_rules, "open", &bars.open)?,
-        high: to_ticks(symbol_rules, "high", &bars.high)?,
-        low: to_ticks(symbol_rules, "low", &bars.low)?,
-        close: to_ticks(symbol_rules, "close", &bars.close)?,
+        prices: Ohlc::new(symbol_rules, "", bars)?,
+        grid: GridIndex::new(symbol_rules),
         segments,
         fine,
         fine_prices,
@@ -480,6 +579,8 @@ struct Point {
     price: Decimal,
     /// Reached by a jump (an open) rather than a continuous move from the previous point.
     jump: bool,
+    /// Grid index of `price`, when the bars are on the grid.
+    idx: Option<i64>,
 }
 
 fn push_bar_path(
@@ -487,33 +588,39 @@ fn push_bar_path(
     t0: i64,
     span: i64,
     ohlc: [Decimal; 4],
+    idx: Option<[i64; 4]>,
     adverse_low_first: bool,
 ) {
     let [open, high, low, close] = ohlc;
-    let (first, second) = if adverse_low_first {
-        (low, high)
+    let at = |k: usize| idx.map(|x| x[k]);
+    let ((first, first_idx), (second, second_idx)) = if adverse_low_first {
+        ((low, at(2)), (high, at(1)))
     } else {
-        (high, low)
+        ((high, at(1)), (low, at(2)))
     };
     out.push(Point {
         time_ms: t0,
         price: open,
         jump: true,
+        idx: at(0),
     });
     out.push(Point {
         time_ms: t0 + span / 3,
         price: first,
         jump: false,
+        idx: first_idx,
     });
     out.push(Point {
         time_ms: t0 + 2 * span / 3,
         price: second,
         jump: false,
+        idx: second_idx,
     });
     out.push(Point {
         time_ms: t0 + span - 1,
         price: close,
         jump: false,
+        idx: at(3),
     });
 }
 
@@ -527,23 +634,25 @@ fn bar_path(
     out.clear();
     // A LONG's adverse extreme is the low.
     let low_first = (direction == Direction::Long) == (intrabar == Intrabar::StopFirst);
-    match (p.fine[i], &p.input.fine) {
-        (Some((a, b)), Some((fine_interval, fine_bars))) => {
+    match (p.fine[i], &p.input.fine, &p.fine_prices) {
+        (Some((a, b)), Some((fine_interval, fine_bars)), Some(prices)) => {
             for j in a..b {
-                let ohlc = [
-                    p.fine_prices[0][j],
-                    p.fine_prices[1][j],
-                    p.fine_prices[2][j],
-                    p.fine_prices[3][j],
-                ];
-                push_bar_path(out, fine_bars.open_time[j], *fine_interval, ohlc, low_first);
+                push_bar_path(
+                    out,
+                    fine_bars.open_time[j],
+                    *fine_interval,
+                    prices.bar(j),
+                    prices.indices(j),
+                    low_first,
+                );
             }
         }
         _ => push_bar_path(
             out,
             p.input.bars.open_time[i],
             p.input.interval_ms,
-            [p.open[i], p.high[i], p.low[i], p.close[i]],
+            p.prices.bar(i),
+            p.prices.indices(i),
             low_first,
         ),
     }
@@ -551,7 +660,7 @@ fn bar_path(
 
 /// The nearest `f64` of a decimal, for the float columns of the results. Exact decimals
 /// with a mantissa below 2^53 and at most 22 decimals convert with one correctly rounded
-/// division (both operands are exact doubles); the rest go through the string.
+/// division (both operands are exact doubles); longer ones within an ulp.
 pub fn to_f64(value: Decimal) -> f64 {
     const POW10: [f64; 23] = [
         1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
@@ -562,7 +671,8 @@ pub fn to_f64(value: Decimal) -> f64 {
     if mantissa.unsigned_abs() < (1u128 << 53) && scale < POW10.len() {
         mantissa as f64 / POW10[scale]
     } else {
-        decimal_to_f64(value)
+        // Long quotients (28 digits): rust_decimal's own conversion, within an ulp.
+        rust_decimal::prelude::ToPrimitive::to_f64(&value).unwrap_or_else(|| decimal_to_f64(value))
     }
 }
 
@@ -586,6 +696,90 @@ struct Open {
     confidence: Option<f64>,
     bars_held: u32,
     sequence: u32,
+    /// Grid indices of the state's triggers, for skipping marks that change nothing.
+    quiet: Option<Quiet>,
+}
+
+/// What a mark must reach to matter to a position, as grid indices: a mark strictly between
+/// the stop and the next take-profit level, no better than the best mark so far, before the
+/// time stop is due and after the bar's first mark (which carries the bar's new ATR to the
+/// trailing stop) leaves `PositionState` exactly as it was, apart from `last_mark_price`:
+/// `on_mark` would move nothing and emit nothing. Such marks are not fed; everything else is.
+/// `BacktestOptions::exhaustive` feeds every mark, and the tests check both agree.
+struct Quiet {
+    stop_key: Decimal,
+    stop: i64,
+    best: i64,
+    levels: Vec<i64>,
+    expires_at: Option<i64>,
+}
+
+impl Quiet {
+    fn new(position: &PositionState, grid: GridIndex, expires_at: Option<i64>) -> Option<Self> {
+        Some(Self {
+            stop_key: position.stop_price,
+            stop: grid.of(position.stop_price)?,
+            best: grid.of(position.best_price)?,
+            levels: position
+                .ladder_prices
+                .iter()
+                .map(|&l| grid.of(l))
+                .collect::<Option<Vec<_>>>()?,
+            expires_at,
+        })
+    }
+
+    /// Re-reads the stop and the best mark after `on_mark` or a confirmation.
+    fn refresh(&mut self, position: &PositionState, grid: GridIndex) -> bool {
+        if position.stop_price.serialize() != self.stop_key.serialize() {
+            let Some(stop) = grid.of(position.stop_price) else {
+                return false;
+            };
+            self.stop = stop;
+            self.stop_key = position.stop_price;
+        }
+        match grid.of(position.best_price) {
+            Some(best) => {
+                self.best = best;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn next_level(&self, position: &PositionState) -> Option<i64> {
+        self.levels.get(position.levels_done as usize).copied()
+    }
+
+    /// Whether `on_mark(point)` provably changes nothing.
+    fn is_quiet(
+        &self,
+        position: &PositionState,
+        direction: Direction,
+        idx: i64,
+        time_ms: i64,
+    ) -> bool {
+        if self.expires_at.is_some_and(|at| time_ms >= at) {
+            return false;
+        }
+        let next = self.next_level(position);
+        match direction {
+            Direction::Long => idx > self.stop && idx <= self.best && next.is_none_or(|n| idx < n),
+            Direction::Short => idx < self.stop && idx >= self.best && next.is_none_or(|n| idx > n),
+        }
+    }
+
+    /// Whether a continuous move between `a` and `b` may cross the stop or a level.
+    fn may_cross(&self, position: &PositionState, direction: Direction, a: i64, b: i64) -> bool {
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        let inside = |x: i64| x > lo && x < hi;
+        let beyond = match (direction, self.next_level(position)) {
+            (_, None) => true,
+            (Direction::Long, Some(n)) => n >= hi,
+            (Direction::Short, Some(n)) => n <= lo,
+        };
+        inside(self.stop) || !beyond
+    }
 }
 
 struct Job<'a> {
@@ -622,7 +816,7 @@ impl Job<'_> {
             self.skip(entry.time_ms, POSITION_OPEN);
             return;
         }
-        let price = p.open[i];
+        let price = p.prices.open(i);
         let notional = entry.notional.unwrap_or(self.options.notional);
         let quantity = self.rules.quantize_qty(notional / price, true);
         if quantity <= Decimal::ZERO || quantity < self.rules.min_qty(true) {
@@ -663,6 +857,17 @@ impl Job<'_> {
         };
         let entry_fee = fee(rate, price, quantity);
         let initial_stop = position.stop_price;
+        let quiet = match (self.p.grid, self.options.exhaustive) {
+            (Some(grid), false) => {
+                let expires = self
+                    .policy
+                    .config()
+                    .max_hold_ms
+                    .map(|h| time_ms.saturating_add(h));
+                Quiet::new(&position, grid, expires)
+            }
+            _ => None,
+        };
         if self.options.detail {
             for (k, &level) in position.ladder_prices.iter().enumerate() {
                 self.out.levels.push((trade, k as u32 + 1, to_f64(level)));
@@ -697,6 +902,7 @@ impl Job<'_> {
             confidence: entry.confidence,
             bars_held: 0,
             sequence: 0,
+            quiet,
         });
     }
 
@@ -720,7 +926,9 @@ impl Job<'_> {
         let r = if open.risk_price.is_zero() {
             0.0
         } else {
-            to_f64((price - open.entry_price) * open.direction.sign() / open.risk_price)
+            // A float column for analysis: the exact move is price - entry in the fills.
+            (to_f64(price) - to_f64(open.entry_price)) * to_f64(open.direction.sign())
+                / to_f64(open.risk_price)
         };
         open.remaining -= quantity;
         open.pnl += pnl;
@@ -760,16 +968,25 @@ impl Job<'_> {
         false
     }
 
+    fn refresh(open: &mut Open, grid: Option<GridIndex>) {
+        if let (Some(quiet), Some(grid)) = (&mut open.quiet, grid) {
+            if !quiet.refresh(&open.position, grid) {
+                open.quiet = None;
+            }
+        }
+    }
+
     /// Feeds one mark; confirms every action at once. Returns true when the position closed.
     fn feed(&mut self, k: usize, point: Point, atr: Option<f64>) -> bool {
         // An action's confirmation can move the stop (breakeven, ratchet) so that the same
         // mark triggers again; the loop is bounded by the ladder length plus the stop.
         for _ in 0..64 {
             let open = &mut self.open[k];
-            let Some(action) =
+            let action =
                 open.position
-                    .on_mark(point.price, atr, point.time_ms, self.rules, self.policy)
-            else {
+                    .on_mark(point.price, atr, point.time_ms, self.rules, self.policy);
+            Self::refresh(open, self.p.grid);
+            let Some(action) = action else {
                 return false;
             };
             let sequence = action.sequence as u32;
@@ -780,6 +997,7 @@ impl Job<'_> {
                     .confirm(action.sequence, Some(quantity), self.rules, self.policy),
                 Ok(Confirmed::Closed)
             );
+            Self::refresh(open, self.p.grid);
             let reason = reason_of(action.reason);
             let trigger = Some(action.trigger_price);
             if Self::book(
@@ -810,7 +1028,16 @@ impl Job<'_> {
             let mut closed = false;
             let mut previous: Option<Point> = None;
             for &point in &path {
-                if let (false, Some(prev)) = (point.jump, previous) {
+                let open = &self.open[k];
+                let quiet = open.quiet.as_ref();
+                let crossing_possible =
+                    match (quiet, previous.and_then(|before| before.idx), point.idx) {
+                        (Some(state), Some(from), Some(to)) => {
+                            state.may_cross(&open.position, direction, from, to)
+                        }
+                        _ => true,
+                    };
+                if let (false, Some(prev), true) = (point.jump, previous, crossing_possible) {
                     // Continuous move: visit every trigger strictly between prev and point.
                     let mut marks = std::mem::take(&mut self.marks);
                     marks.clear();
@@ -819,12 +1046,26 @@ impl Job<'_> {
                     } else {
                         (point.price, prev.price)
                     };
-                    for level in triggers_of(&self.open[k].position) {
+                    let position = &self.open[k].position;
+                    let inside = |x: Decimal| x > lo && x < hi;
+                    // Usually neither the stop nor the next level lies inside the move; the
+                    // levels beyond the next one are farther away still.
+                    let next = position
+                        .ladder_prices
+                        .get(position.levels_done as usize)
+                        .copied();
+                    let beyond = match direction {
+                        Direction::Long => next.is_none_or(|n| n >= hi),
+                        Direction::Short => next.is_none_or(|n| n <= lo),
+                    };
+                    let maybe = inside(position.stop_price) || !beyond;
+                    for level in triggers_of(position).filter(|_| maybe) {
                         if level > lo && level < hi {
                             marks.push(Point {
                                 time_ms: prev.time_ms,
                                 price: level,
                                 jump: false,
+                                idx: None,
                             });
                         }
                     }
@@ -843,7 +1084,18 @@ impl Job<'_> {
                     }
                     self.marks = marks;
                 }
-                if closed || self.feed(k, point, atr) {
+                if closed {
+                    break;
+                }
+                let open = &self.open[k];
+                let skip = !point.jump
+                    && match (&open.quiet, point.idx) {
+                        (Some(state), Some(idx)) => {
+                            state.is_quiet(&open.position, direction, idx, point.time_ms)
+                        }
+                        _ => false,
+                    };
+                if !skip && self.feed(k, point, atr) {
                     closed = true;
                     break;
                 }
@@ -870,8 +1122,9 @@ impl Job<'_> {
     fn close_all(&mut self, i: usize, reason: u8) {
         let point = Point {
             time_ms: self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1,
-            price: self.p.close[i],
+            price: self.p.prices.close(i),
             jump: false,
+            idx: None,
         };
         for mut open in std::mem::take(&mut self.open) {
             let quantity = open.remaining;
@@ -1155,6 +1408,7 @@ mod tests {
             max_gap_bars: 0,
             one_position_per_symbol: false,
             detail: true,
+            exhaustive: false,
         }
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -13,6 +14,7 @@ from pyquant import backtest as bt
 from pyquant.errors import ConfigError, PolicyError
 
 ENTRY_BAR = T0 + 20 * MINUTE
+MARKET = Path(__file__).parents[1] / "data" / "market"
 
 
 def _fills(result: bt.BacktestResult) -> list[tuple[str, str, str]]:
@@ -252,3 +254,24 @@ def test_summarize_metrics_by_hand():
     assert total["expectancy_r"] == pytest.approx(1 / 3)
     assert total["max_drawdown"] == 30.0  # peak 30 at t=2, trough 0 at t=6
     assert (total["exits_stop_loss"], total["exits_take_profit_1"]) == (2, 1)
+
+
+@pytest.mark.parametrize("preset", ["standard", "challenge", None])
+def test_skipping_quiet_marks_changes_no_decision(rules, preset):
+    # The driver skips marks that provably change nothing in the state machine; feeding every
+    # mark (exhaustive) must give the very same fills on real data.
+    [frame] = bt.load_klines(MARKET / "ETHUSDT_1m_last.parquet")
+    frame = frame.head(20_000)
+    policy = (
+        _core.ExitPolicy.preset(preset)
+        if preset
+        else _core.ExitPolicy(**{**EXAMPLE_POLICY, "max_hold_ms": 3_600_000})
+    )
+    intents, one = bt._entries_for([frame], None, None)
+    series = bt._prepare_series(frame, intents, None)
+    options = bt._core_options(bt.BacktestConfig(), one, detail=True)
+    fast = _core.backtest_run([series.arrays], [policy], rules, **options)
+    slow = _core.backtest_run([series.arrays], [policy], rules, **options, exhaustive=True)
+    assert fast["evaluations"] == slow["evaluations"] > 1000
+    for column in ("reason_code", "time_ms", "price_exact", "quantity_exact", "pnl_exact"):
+        assert list(fast["fills"][column]) == list(slow["fills"][column])

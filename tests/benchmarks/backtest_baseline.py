@@ -314,10 +314,29 @@ def run_series(
 ) -> tuple[list[tuple[int, str, int, Decimal, Decimal]], int]:
     """Return the fills (trade, reason, time, price, quantity) and the evaluation count."""
     times, highs, lows, closes = bars["open_time"], bars["high"], bars["low"], bars["close"]
-    ticks = {
-        name: [rules.price_nearest(dec(v)) for v in bars[name]]
-        for name in ("open", "high", "low", "close")
-    }
+    # As the core does: the grid index of every price when all sit on the grid (within 1e-6
+    # tick), the exact decimal when a bar is evaluated; else exact nearest-tick decimals.
+    base_f, tick_f = float(rules.min_price), float(rules.tick)
+    columns: dict[str, list[Any]] = {}
+    for name in ("open", "high", "low", "close"):
+        index = []
+        for v in bars[name]:
+            x = (v - base_f) / tick_f
+            k = math.floor(x + 0.5)
+            if abs(x - k) >= 1e-6:
+                break
+            index.append(k)
+        if len(index) == len(bars[name]):
+            columns[name] = index
+        else:
+            columns[name] = [rules.price_nearest(dec(v)) for v in bars[name]]
+
+    def bar_price(name: str, i: int) -> Decimal:
+        value = columns[name][i]
+        if isinstance(value, Decimal):
+            return value
+        return rules.min_price + value * rules.tick
+
     n = len(times)
     segments, start = [], 0
     for i in range(1, n):
@@ -366,7 +385,7 @@ def run_series(
                     continue
                 if any(one_per_symbol or pos.sign == sign for _, pos in open_):
                     continue
-                price = ticks["open"][i]
+                price = bar_price("open", i)
                 qty = rules.qty(notional / price)
                 if qty <= 0 or qty < rules.min_qty or qty * price < rules.min_notional:
                     continue
@@ -386,7 +405,7 @@ def run_series(
                 evaluations += 1
                 trade, pos = open_[k]
                 low_first = (pos.sign > 0) == stop_first
-                o, h, lo, c = ticks["open"][i], ticks["high"][i], ticks["low"][i], ticks["close"][i]
+                o, h, lo, c = (bar_price(x, i) for x in ("open", "high", "low", "close"))
                 first, second = (lo, h) if low_first else (h, lo)
                 path = [
                     (t, o, True),
@@ -423,7 +442,7 @@ def run_series(
                 pos,
                 reason,
                 times[last] + interval_ms - 1,
-                ticks["close"][last],
+                bar_price("close", last),
                 pos.quantity,
             )
         open_ = []

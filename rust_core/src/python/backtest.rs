@@ -391,7 +391,8 @@ fn outputs<'py>(
 #[pyo3(
     name = "backtest_run",
     signature = (series, policies, rules, *, maker_fee, taker_fee, entry_liquidity, notional,
-                 leverage, intrabar, max_gap_bars, one_position_per_symbol, detail)
+                 leverage, intrabar, max_gap_bars, one_position_per_symbol, detail,
+                 exhaustive=false)
 )]
 #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
 fn py_backtest_run<'py>(
@@ -408,6 +409,7 @@ fn py_backtest_run<'py>(
     max_gap_bars: u32,
     one_position_per_symbol: bool,
     detail: bool,
+    exhaustive: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let entry_maker = match entry_liquidity {
         "taker" => false,
@@ -428,6 +430,7 @@ fn py_backtest_run<'py>(
         max_gap_bars,
         one_position_per_symbol,
         detail,
+        exhaustive,
     };
     let inputs: Vec<SeriesInput> = series.iter().map(series_input).collect::<PyResult<_>>()?;
     let policies: Vec<ExitPolicy> = policies.iter().map(|p| p.inner.clone()).collect();
