@@ -424,3 +424,13 @@ def test_text_frames_are_accepted(engine: ExitEngine) -> None:
     assert action.reason == "take_profit_1"
     with pytest.raises(TypeError, match="bytes or str"):
         engine.on_mark_message(123)  # type: ignore[arg-type]
+
+
+def test_view_prices_use_the_tick_decimals(engine: ExitEngine) -> None:
+    engine.open_position("v1", "BTCUSDT", "LONG", "0.010", 30000, leverage=10)
+    view = engine.position("v1")
+    assert view is not None
+    assert (view.entry_price, view.best_price, view.stop_price) == ("30000.0", "30000.0", "29880.0")
+    assert "v1 BTCUSDT LONG" in repr(view)
+    plan = engine.plan_entry("BTCUSDT", "LONG", "30000.05", leverage=10)
+    assert plan.entry_price == "30000.05"  # off the tick grid: shown exactly, not rounded

@@ -531,7 +531,7 @@ impl PyPositionView {
             position_side: p.side.as_str(),
             quantity: qty_text(rules, &p.symbol, p.quantity),
             original_quantity: qty_text(rules, &p.symbol, p.original_quantity),
-            entry_price: p.entry_price.normalize().to_string(),
+            entry_price: price(p.entry_price),
             leverage: p.leverage,
             confidence: p.confidence,
             stop_price: price(p.stop_price),
@@ -599,7 +599,7 @@ impl PyEntryPlan {
         Self {
             symbol: plan.symbol.clone(),
             position_side: plan.side.as_str(),
-            entry_price: plan.entry_price.normalize().to_string(),
+            entry_price: price(plan.entry_price),
             stop_price: price(plan.stop_price),
             stop_distance: plan.stop_distance.normalize().to_string(),
             over_leveraged: plan.over_leveraged,
