@@ -160,6 +160,8 @@ class IntentStreamConfig:
         claim_interval_ms: how often dead consumers' entries are looked for.
         retry_ms: how long a deferred or failed entry waits before it is tried again.
         max_deliveries: failed ``decide`` calls before an entry is rejected.
+        retry_reasons: decision reasons that mean "not decided, try later" (the daemon's intake
+            is closing): such an entry is left pending, not acknowledged.
     """
 
     url: str = "redis://127.0.0.1:6379/0"
@@ -173,6 +175,7 @@ class IntentStreamConfig:
     claim_interval_ms: int = 5_000
     retry_ms: int = 500
     max_deliveries: int = 5
+    retry_reasons: frozenset[str] = frozenset({"intake_closed"})
 
     def __post_init__(self) -> None:
         if not self.stream or len(self.stream) > 200 or any(c.isspace() for c in self.stream):
@@ -680,10 +683,15 @@ class RedisIntentSource:
                 self._schedule_rescan()
             return
         self._failures.pop((stream, entry_id), None)
+        accepted, note = _verdict(decision)
+        if not accepted and note in self.config.retry_reasons:
+            # Refused without a decision (the daemon is stopping): leave it pending so this
+            # daemon after its restart, or a peer after the claim idle time, decides it.
+            self._defer(stream, entry_id, intent, Route("wait"))
+            return
         await self._ack(stream, entry_id)
         self.stats.decided += 1
         if self._events is not None:
-            accepted, note = _verdict(decision)
             self._events.decision(intent, accepted=accepted, reason=note, stream_id=entry_id)
 
     async def _forward(

@@ -329,3 +329,57 @@ def test_url_is_parsed_with_clear_errors():
         parse_intent_url("redis://127.0.0.1/0?group=a&group=b")
     with pytest.raises(ConfigError, match=r"redis://:\*\*\*@127.0.0.1/x.*must be a number"):
         parse_intent_url("redis://:hunter2@127.0.0.1/x")
+
+
+async def test_intake_closed_refusal_is_left_pending(redis_client, wait_until):
+    journal = Journal()
+    closed = True
+
+    async def intake(intent: Intent) -> Decision:
+        if closed:
+            return Decision(False, "intake_closed")
+        return await journal.decide(intent)
+
+    source = RedisIntentSource(redis_client, config(), decide=intake)
+    async with running(source):
+        await redis_client.xadd(STREAM, intent_fields(1))
+        await wait_until(lambda: source.stats.deferred >= 1)
+        assert await pending_count(redis_client) == 1
+        closed = False
+        await wait_until(lambda: source.stats.decided == 1)
+    assert list(journal.decided) == ["i1"]
+    assert await pending_count(redis_client) == 0
+
+
+async def test_intents_wait_while_the_symbols_lease_is_unconfirmed(redis_client, wait_until):
+    from pyquant.scale.leases import LeaseConfig, LeaseManager
+
+    now = [1000.0]
+    leases = LeaseManager(
+        redis_client, LeaseConfig(daemon_id="daemon-a", account="main"), clock=lambda: now[0]
+    )
+    await leases.register()
+    assert await leases.want("BTCUSDT")
+    journal = Journal()
+    source = RedisIntentSource(redis_client, config(), decide=journal.decide, router=leases)
+    dispatcher = asyncio.create_task(leases._dispatch_callbacks())  # adoption callbacks only
+    try:
+        async with running(source):
+            await redis_client.xadd(STREAM, intent_fields(1))
+            await wait_until(lambda: source.stats.decided == 1)
+            # No renewal for longer than the lease validity (Redis unreachable meanwhile):
+            # the symbol stays owned, but intents for it wait.
+            now[0] += 60
+            assert leases.owned() == {"BTCUSDT"}
+            await redis_client.xadd(STREAM, intent_fields(2))
+            await wait_until(lambda: source.stats.deferred >= 2)
+            assert list(journal.decided) == ["i1"]
+            assert await pending_count(redis_client) == 1
+            assert await leases.want("BTCUSDT")  # renewed: confirmed again
+            await wait_until(lambda: source.stats.decided == 2)
+    finally:
+        dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dispatcher
+    assert list(journal.decided) == ["i1", "i2"]
+    assert await pending_count(redis_client) == 0
