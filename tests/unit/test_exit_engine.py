@@ -377,6 +377,7 @@ def test_action_repr_and_dict(engine: ExitEngine) -> None:
     assert "take_profit_1" in repr(action)
     assert action.to_dict()["quantity"] == "0.003"
     assert hash(action) == hash(engine.pending_actions()[0])
+    assert repr(engine) == f"ExitEngine(positions=1, last_event_ms={T0})"
 
 
 def test_warm_up_takes_numpy_polars_and_lists(exchange_rules: pyquant.ExchangeRules) -> None:

@@ -940,9 +940,11 @@ impl PyExitEngine {
 
     fn __repr__(&self) -> String {
         format!(
-            "ExitEngine(positions={}, last_event_ms={:?})",
+            "ExitEngine(positions={}, last_event_ms={})",
             self.inner.positions().len(),
-            self.inner.last_event_ms()
+            self.inner
+                .last_event_ms()
+                .map_or_else(|| "None".to_owned(), |t| t.to_string())
         )
     }
 }
