@@ -89,51 +89,66 @@ def _python_run(frame: pl.DataFrame, info: dict, policy) -> tuple[list, int]:
     )
 
 
-def _decisions(result: bt.BacktestResult) -> list[tuple]:
-    return sorted(
+def _core_inputs(frames: list[pl.DataFrame]) -> tuple[list[dict], dict]:
+    intents, one_per_symbol = bt._entries_for(frames, None, None)
+    series = [bt._prepare_series(f, intents, None).arrays for f in frames]
+    return series, bt._core_options(CONFIG, one_per_symbol, detail=False)
+
+
+SYMBOLS = ("ETHUSDT", "BTCUSDT", "SOLUSDT", "XRPUSDT")
+
+
+@pytest.mark.parametrize("impl", ["rust", "python"])
+def test_bench_bar_position_evaluations(benchmark, impl, rules, info):
+    # Same work for both: momentum24h entries and the same policy over the same bars.
+    # Full size: 40k bars of each of 4 symbols; smoke run: 3k bars of 2.
+    rows, symbols = (3_000, SYMBOLS[:2]) if benchmark.disabled else (40_000, SYMBOLS)
+    frames = [_klines(s, rows) for s in symbols]
+    policy = _core.ExitPolicy(**POLICY)
+    document = json.loads(info)
+    series, options = _core_inputs(frames)
+
+    # The outputs must agree before anything is timed: same fills, same evaluations.
+    python = [_python_run(f, document, policy) for f in frames]
+    rust = bt.run_backtest(frames, policy, rules, config=CONFIG)
+    expected = sorted(
+        (sym, a, b, c, d.normalize(), e.normalize())
+        for sym, (fills, _) in zip(symbols, python, strict=True)
+        for a, b, c, d, e in fills
+    )
+    got = sorted(
         (
+            r["symbol"],
             int(r["trade"]),
             r["reason"],
             int(r["time_ms"]),
             Decimal(r["price"]).normalize(),
             Decimal(r["quantity"]).normalize(),
         )
-        for r in result.fills.select(
-            "trade", "reason", "time_ms", pl.col("price", "quantity").cast(pl.String)
+        for r in rust.fills.select(
+            "symbol", "trade", "reason", "time_ms", pl.col("price", "quantity").cast(pl.String)
         ).iter_rows(named=True)
     )
-
-
-@pytest.mark.parametrize("impl", ["rust", "python"])
-def test_bench_bar_position_evaluations(benchmark, impl, rules, info):
-    # Full size: 20k bars of ETHUSDT (the Python loop takes seconds there); smoke: 3k bars.
-    rows = 3_000 if benchmark.disabled else 20_000
-    frame = _klines("ETHUSDT", rows)
-    policy = _core.ExitPolicy(**POLICY)
-    document = json.loads(info)
-    rust = bt.run_backtest(frame, policy, rules, config=CONFIG)
-    fills, evaluations = _python_run(frame, document, policy)
-    expected = sorted((a, b, c, d.normalize(), e.normalize()) for a, b, c, d, e in fills)
-    assert _decisions(rust) == expected
+    assert got == expected
+    evaluations = sum(n for _, n in python)
     assert rust.evaluations == evaluations > 0
 
-    benchmark.group = "backtest: bar x position evaluations (ETHUSDT 1m, momentum24h)"
+    benchmark.group = "backtest: bar x position evaluations (1m, momentum24h)"
     benchmark.extra_info.update(
-        bars=frame.height, evaluations=evaluations, fills=len(fills), outputs_agree=True
+        symbols=list(symbols),
+        bars=sum(f.height for f in frames),
+        evaluations=evaluations,
+        fills=len(expected),
+        outputs_agree=True,
     )
     if impl == "rust":
-        benchmark.pedantic(
-            lambda: bt.run_backtest(frame, policy, rules, config=CONFIG),
-            rounds=5 if not benchmark.disabled else 1,
-            iterations=1,
-        )
+        run = lambda: _core.backtest_run(series, [policy], rules, **options)  # noqa: E731
     else:
-        benchmark.pedantic(
-            lambda: _python_run(frame, document, policy),
-            rounds=2 if not benchmark.disabled else 1,
-            iterations=1,
-        )
-    if benchmark.stats is not None:
+        run = lambda: [_python_run(f, document, policy) for f in frames]  # noqa: E731
+    benchmark.pedantic(
+        run, rounds=1 if benchmark.disabled else (7 if impl == "rust" else 2), iterations=1
+    )
+    if not benchmark.disabled:
         benchmark.extra_info["evaluations_per_s"] = evaluations / benchmark.stats.stats.mean
 
 
