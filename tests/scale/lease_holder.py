@@ -1,11 +1,14 @@
 """A daemon stand-in for kill -9 tests: takes leases on symbols, renews them, prints READY.
 
+kill -9 leaves the leases to lapse; SIGTERM releases them.
+
 Usage: python lease_holder.py URL DAEMON_ID TTL_MS SYMBOL...
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
 import redis.asyncio as aioredis
@@ -22,6 +25,9 @@ async def main(url: str, daemon_id: str, ttl_ms: int, symbols: list[str]) -> Non
         if not await leases.want(symbol):
             print(f"NOT OWNER {symbol}", flush=True)
             sys.exit(2)
+    loop = asyncio.get_running_loop()
+    # SIGTERM is a clean stop: leases released, peers take over at once.
+    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(leases.stop()))
     print("READY", flush=True)
     await task
 
