@@ -1,0 +1,208 @@
+"""kill -9 mid-position, restart with the same --state: no duplicate order, the same stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+from pq_harness import EXIT_POLICY, simulator, until
+
+from pyquant.store import Store
+
+SYMBOL = "ETHUSDT"
+
+
+def write_config(path: Path, venue: object, intents: Path) -> None:
+    ladder = ", ".join(
+        f"{{ at = {lvl['at']}, fraction = {lvl['fraction']} }}" for lvl in EXIT_POLICY["ladder"]
+    )
+    scalars = "\n".join(f"{k} = {json.dumps(v)}" for k, v in EXIT_POLICY.items() if k != "ladder")
+    path.write_text(
+        f"""
+exchange = "custom"
+[venue]
+rest_url = "{venue.rest_url}"
+ws_url = "{venue.ws_url}/market"
+user_ws_url = "{venue.ws_url}/private"
+[market]
+warmup_bars = 30
+stale_after_s = 600.0
+backoff_initial_s = 0.05
+backoff_max_s = 0.2
+[sources]
+demo = false
+jsonl = "{intents}"
+[entries]
+sizing = "notional"
+notional_usdt = "500"
+leverage = 5
+cooldown_s = 0.0
+[router]
+backstop_throttle_s = 0.0
+[daemon]
+snapshot_interval_s = 0.2
+[exit]
+ladder = [{ladder}]
+{scalars}
+"""
+    )
+
+
+class DaemonProcess:
+    """``pyquant run`` as a subprocess, its log lines collected as they come."""
+
+    def __init__(self, config: Path, state: Path, env: dict[str, str], summary: Path) -> None:
+        self.args = [
+            sys.executable,
+            "-m",
+            "pyquant",
+            "run",
+            "--config",
+            str(config),
+            "--state",
+            str(state),
+            "--no-tui",
+            "--log-format",
+            "json",
+            "--summary-json",
+            str(summary),
+        ]
+        self.env = env
+        self.lines: list[dict[str, object]] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            try:
+                self.lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                self.lines.append({"msg": raw.decode(errors="replace")})
+
+    def logged(self, text: str) -> bool:
+        return any(text in str(line.get("msg", "")) for line in self.lines)
+
+    async def wait_logged(self, text: str, limit_s: float = 30) -> None:
+        await until(
+            lambda: (
+                self.logged(text) or (self.proc is not None and self.proc.returncode is not None)
+            ),
+            limit_s,
+            text,
+        )
+        assert self.logged(text), "\n".join(str(line.get("msg")) for line in self.lines[-30:])
+
+    async def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+
+    async def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), 30)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+
+def append_intent(path: Path, payload: dict[str, object]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(payload) + "\n")
+
+
+async def test_kill_9_mid_position_then_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    intents = tmp_path / "intents.jsonl"
+    intents.touch()
+    config = tmp_path / "pyquant.toml"
+    async with simulator("hedge") as venue:
+        await venue.set_mark(SYMBOL, "2500.00")
+        write_config(config, venue, intents)
+        env = {
+            **os.environ,
+            "PYQUANT_API_KEY": venue.api_key,
+            "PYQUANT_API_SECRET": venue.api_secret,
+        }
+        first = DaemonProcess(config, state, env, tmp_path / "first.json")
+        await first.start()
+        await first.wait_logged("Daemon running")
+        await first.wait_logged("Mark-price stream connected")
+        append_intent(
+            intents, {"id": "crash-1", "symbol": SYMBOL, "side": "BUY", "size_usd": "500"}
+        )
+        await until(
+            lambda: venue.exchange.position(SYMBOL, "LONG").amount == Decimal("0.200"), 20, "entry"
+        )
+        await until(lambda: len(venue.exchange.open_algo_orders(SYMBOL)) == 1, 20, "backstop")
+        initial_trigger = venue.exchange.open_algo_orders(SYMBOL)[0].trigger_price
+
+        await venue.step(1000)
+        await venue.set_mark(SYMBOL, "2526.00")  # take_profit_1, then breakeven
+        await until(
+            lambda: venue.exchange.position(SYMBOL, "LONG").amount == Decimal("0.140"), 20, "TP1"
+        )
+        await until(
+            lambda: (
+                [a.trigger_price for a in venue.exchange.open_algo_orders(SYMBOL)]
+                != [initial_trigger]
+                and len(venue.exchange.open_algo_orders(SYMBOL)) == 1
+            ),
+            20,
+            "backstop moved to breakeven",
+        )
+        breakeven_trigger = venue.exchange.open_algo_orders(SYMBOL)[0].trigger_price
+        assert breakeven_trigger > initial_trigger
+        await first.wait_logged("Position opened")
+        # kill -9 right after the ratchet: no graceful path, no timer tick to help
+        await first.kill9()
+        orders_before = [e["clientOrderId"] for e in venue.order_log.orders]
+
+        second = DaemonProcess(config, state, env, tmp_path / "second.json")
+        await second.start()
+        await second.wait_logged("Daemon running")
+        await second.wait_logged("Mark-price stream connected")
+        # nothing was resent, the position is the same, and the stop did not loosen
+        assert [e["clientOrderId"] for e in venue.order_log.orders] == orders_before
+        assert venue.exchange.position(SYMBOL, "LONG").amount == Decimal("0.140")
+        assert [a.trigger_price for a in venue.exchange.open_algo_orders(SYMBOL)] == [
+            breakeven_trigger
+        ]
+
+        await venue.step(1000)
+        await venue.set_mark(SYMBOL, "2501.00")  # through the breakeven stop (2502.50)
+        await until(
+            lambda: venue.exchange.position(SYMBOL, "LONG").amount == 0, 20, "breakeven stop"
+        )
+        await until(lambda: not venue.exchange.open_algo_orders(SYMBOL), 20, "backstop cancelled")
+        assert await second.terminate() == 0
+
+    sent = [e["clientOrderId"] for e in venue.order_log.orders]
+    assert len(sent) == len(set(sent)) == 3  # entry, take_profit_1, breakeven_stop
+    summary = json.loads((tmp_path / "second.json").read_text())
+    assert summary["exits"] == {"breakeven_stop": 1, "take_profit_1": 1}
+    assert summary["open_positions"] == 0
+    store = Store.open(state / "pyquant.sqlite")
+    try:
+        exits = store.orders(kind="exit")
+        assert [o.reason for o in exits] == ["take_profit_1", "breakeven_stop"]
+        assert len(store.orders(kind="entry")) == 1
+        snapshot = store.load_snapshot()
+    finally:
+        store.close()
+    assert snapshot is not None
