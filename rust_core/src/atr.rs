@@ -4,14 +4,20 @@
 //!   `|close[t-1] - low|` (bar 0 has no previous close, so no true range).
 //! - The first ATR, at index `period`, is the simple mean of the true ranges of bars
 //!   `1..=period`, summed left to right from `0.0` and divided by `period`.
-//! - Afterwards `atr = (atr * (period - 1) + tr) / period`, in that operation order.
+//! - Afterwards Wilder's smoothing `atr = (atr * (period - 1) + tr) / period`, evaluated
+//!   as one fused multiply-add `fma(atr, (period - 1) / period, tr * (1 / period))`: the
+//!   same quantity with one rounding fewer, and no division on the serial dependency
+//!   chain, which is what bounds the speed of an ATR (TA-Lib 0.8 itself does not use the
+//!   division form: neither form is bit-identical to it; both agree to ~1e-15 relative).
 //! - Indices below `period` are NaN. Like the `talib` Python wrapper, leading bars where
 //!   any of high/low/close is NaN are skipped first and shift the prefix; a NaN after the
 //!   first complete bar propagates, as in TA-Lib.
 //! - `period == 1` gives the true range itself (TA-Lib returns `TRANGE`).
 //!
 //! [`WilderAtr`] (incremental, one closed bar at a time) and [`atr_batch`] perform the
-//! same floating-point operations in the same order, so they agree bit for bit.
+//! same floating-point operations in the same order, so they agree bit for bit. A fused
+//! multiply-add is exactly specified (IEEE 754 `fusedMultiplyAdd`), so the hardware FMA
+//! the batch uses when the CPU has it and the software one give the same bits.
 
 use serde::{Deserialize, Serialize};
 
@@ -68,7 +74,7 @@ impl WilderAtr {
         let tr = true_range(high, low, prev_close);
         self.prev_close = Some(close);
         let next = if let Some(atr) = self.value {
-            smooth(atr, tr, self.period)
+            smooth(atr, tr, Weights::new(self.period))
         } else {
             self.seed_sum += tr;
             self.seeded += 1;
@@ -112,11 +118,27 @@ fn true_range(high: f64, low: f64, prev_close: f64) -> f64 {
     greatest
 }
 
-#[inline]
-fn smooth(atr: f64, tr: f64, period: usize) -> f64 {
-    let mut next = atr * (period - 1) as f64;
-    next += tr;
-    next / period as f64
+/// Wilder's weights for a period: the share kept and the share of the new true range.
+#[derive(Clone, Copy)]
+struct Weights {
+    keep: f64,
+    add: f64,
+}
+
+impl Weights {
+    fn new(period: usize) -> Self {
+        Self {
+            keep: (period - 1) as f64 / period as f64,
+            add: 1.0 / period as f64,
+        }
+    }
+}
+
+// Inlined into the FMA-enabled loop, where `mul_add` becomes one instruction.
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn smooth(atr: f64, tr: f64, w: Weights) -> f64 {
+    atr.mul_add(w.keep, tr * w.add)
 }
 
 fn check_period(period: usize) -> Result<(), CoreError> {
@@ -142,29 +164,9 @@ pub fn atr_batch(
     close: &[f64],
     period: usize,
 ) -> Result<Vec<f64>, CoreError> {
-    let mut out = vec![f64::NAN; high.len()];
-    atr_into(high, low, close, period, &mut out)?;
-    Ok(out)
-}
-
-/// Like [`atr_batch`], writing into `out` (same length as the inputs).
-///
-/// # Errors
-/// As [`atr_batch`], plus `out` of the wrong length.
-pub fn atr_into(
-    high: &[f64],
-    low: &[f64],
-    close: &[f64],
-    period: usize,
-    out: &mut [f64],
-) -> Result<(), CoreError> {
     check_period(period)?;
     let n = high.len();
-    for (name, len) in [
-        ("low", low.len()),
-        ("close", close.len()),
-        ("output", out.len()),
-    ] {
+    for (name, len) in [("low", low.len()), ("close", close.len())] {
         if len != n {
             return Err(CoreError::invalid(
                 format!("length of {name}"),
@@ -173,34 +175,85 @@ pub fn atr_into(
             ));
         }
     }
-    out.fill(f64::NAN);
-    let Some(begin) = (0..n).find(|&i| !(high[i].is_nan() || low[i].is_nan() || close[i].is_nan()))
-    else {
-        return Ok(());
+    let begin = (0..n).find(|&i| !(high[i].is_nan() || low[i].is_nan() || close[i].is_nan()));
+    let Some(begin) = begin.filter(|&b| n - b > period) else {
+        return Ok(vec![f64::NAN; n]);
     };
-    if n - begin <= period {
-        return Ok(());
-    }
+    // Built by appending, so each slot is written once and no zeroing pass runs first
+    // (an 8 MB zeroed buffer costs as much as a tenth of the whole computation).
+    let mut out = Vec::with_capacity(n);
+    out.resize(begin + period, f64::NAN);
     let (high, low, close) = (&high[begin..], &low[begin..], &close[begin..]);
-    let out = &mut out[begin..];
-
     let mut sum = 0.0;
     for t in 1..=period {
         sum += true_range(high[t], low[t], close[t - 1]);
     }
-    let mut atr = sum / period as f64;
-    out[period] = atr;
-    // Zipped slices let the compiler drop bounds checks on the hot loop.
-    let rest = out[period + 1..]
-        .iter_mut()
-        .zip(&high[period + 1..])
-        .zip(&low[period + 1..])
-        .zip(&close[period..]);
-    for (((slot, &h), &l), &prev_close) in rest {
-        atr = smooth(atr, true_range(h, l, prev_close), period);
-        *slot = atr;
+    let atr = sum / period as f64;
+    out.push(atr);
+    smooth_rest(
+        &high[period + 1..],
+        &low[period + 1..],
+        &close[period..],
+        &mut out,
+        atr,
+        Weights::new(period),
+    );
+    debug_assert_eq!(out.len(), n);
+    Ok(out)
+}
+
+/// Appends the smoothed values after the seed: `close` starts one bar earlier than the
+/// others.
+fn smooth_rest(high: &[f64], low: &[f64], close: &[f64], out: &mut Vec<f64>, atr: f64, w: Weights) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: `smooth_rest_fma` only requires the FMA extension, detected just above.
+        #[allow(unsafe_code)] // the one way to call a `target_feature` function after detection
+        unsafe {
+            smooth_rest_fma(high, low, close, out, atr, w);
+        }
+        return;
     }
-    Ok(())
+    smooth_loop(high, low, close, out, atr, w);
+}
+
+/// The same loop compiled with FMA enabled, so `mul_add` is one instruction instead of a
+/// call to the C library's `fma` (same result either way).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn smooth_rest_fma(
+    high: &[f64],
+    low: &[f64],
+    close: &[f64],
+    out: &mut Vec<f64>,
+    atr: f64,
+    w: Weights,
+) {
+    smooth_loop(high, low, close, out, atr, w);
+}
+
+// Must be inlined into `smooth_rest_fma` to be compiled with FMA enabled.
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn smooth_loop(
+    high: &[f64],
+    low: &[f64],
+    close: &[f64],
+    out: &mut Vec<f64>,
+    mut atr: f64,
+    w: Weights,
+) {
+    // A zipped slice iterator has an exact length: `extend` reserves once and the loop
+    // runs without bounds or capacity checks.
+    out.extend(
+        high.iter()
+            .zip(low)
+            .zip(close)
+            .map(|((&h, &l), &prev_close)| {
+                atr = smooth(atr, true_range(h, l, prev_close), w);
+                atr
+            }),
+    );
 }
 
 #[cfg(test)]
@@ -219,9 +272,12 @@ mod tests {
         assert!(out[..3].iter().all(|v| v.is_nan()));
         // TR[1..=3] = 1.5, 1.5, 1.5 -> seed 1.5; TR[4] = max(2, 2, 0) = 2; TR[5] = max(1.5, .5, 2) = 2
         assert_eq!(out[3], (0.0 + 1.5 + 1.5 + 1.5) / 3.0);
-        let a4 = (out[3] * 2.0 + 2.0) / 3.0;
+        let (keep, add) = (2.0 / 3.0, 1.0 / 3.0);
+        let a4 = f64::mul_add(out[3], keep, 2.0 * add);
         assert_eq!(out[4], a4);
-        assert_eq!(out[5], (a4 * 2.0 + 2.0) / 3.0);
+        assert_eq!(out[5], f64::mul_add(a4, keep, 2.0 * add));
+        // The same quantity as Wilder's division form, to the last bits.
+        assert!((out[5] - ((out[4] * 2.0 + 2.0) / 3.0)).abs() < 1e-15);
     }
 
     #[test]

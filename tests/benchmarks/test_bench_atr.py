@@ -26,7 +26,9 @@ PERIOD = 14
 
 @pytest.fixture(scope="module")
 def bars(request: pytest.FixtureRequest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    smoke = bool(request.config.getoption("benchmark_disable"))
+    # --benchmark-disable is in addopts; `make bench` adds --benchmark-enable on top.
+    options = request.config.option
+    smoke = bool(options.benchmark_disable) and not bool(options.benchmark_enable)
     n = SMOKE_BARS if smoke else FULL_BARS
     frame = pl.concat(
         [
