@@ -156,10 +156,14 @@ pub struct PositionState {
     /// Trail distance cache: (ATR bits, distance); rebuilt on demand.
     #[serde(skip)]
     trail_cache: Option<(u64, Decimal)>,
-    /// (best, ATR bits) of the last trailing candidate: an unchanged basis gives
-    /// the same candidate, so it is skipped. Rebuilt on demand.
+    /// ATR bits of the last trailing candidate: with the same ATR and no new
+    /// best the candidate is the same, so it is skipped. Rebuilt on demand.
     #[serde(skip)]
-    trail_basis: Option<(Decimal, u64)>,
+    trail_basis: Option<u64>,
+    /// The price activation has been checked against the current best; only a
+    /// new best can change it afterwards. Rebuilt on demand.
+    #[serde(skip)]
+    activation_checked: bool,
 }
 
 #[allow(clippy::needless_pass_by_value)] // call sites pass numbers and strings alike
@@ -173,6 +177,10 @@ fn profit_ge(side: PositionSide, a: Decimal, b: Decimal) -> bool {
         PositionSide::Long => a >= b,
         PositionSide::Short => a <= b,
     }
+}
+
+fn not_positive(value: Decimal) -> bool {
+    value.is_zero() || value.is_sign_negative()
 }
 
 fn strictly_tighter(side: PositionSide, new: Decimal, old: Decimal) -> bool {
@@ -434,6 +442,7 @@ impl PositionState {
             last_mark_price: None,
             trail_cache: None,
             trail_basis: None,
+            activation_checked: false,
         })
     }
 
@@ -599,7 +608,7 @@ impl PositionState {
         if self.opened_at_ms.is_none() {
             self.opened_at_ms = Some(now_ms);
         }
-        if self.pending.is_some() || self.quantity <= Decimal::ZERO || mark <= Decimal::ZERO {
+        if self.pending.is_some() || not_positive(self.quantity) || not_positive(mark) {
             return None;
         }
         let side = self.side;
@@ -611,17 +620,21 @@ impl PositionState {
         // 2. trailing
         let config = policy.config();
         if !self.trailing_active && (config.trail_atr.is_some() || config.trail_pct.is_some()) {
-            let by_price = self
-                .trail_activate_price
-                .is_some_and(|p| profit_ge(side, self.best_price, p));
+            // Activation by price depends on the best mark alone, so it is
+            // rechecked only when the best moved (or never was checked).
+            let by_price = (improved || !self.activation_checked)
+                && self
+                    .trail_activate_price
+                    .is_some_and(|p| profit_ge(side, self.best_price, p));
+            self.activation_checked = true;
             let by_level = config
                 .trail_after_level
                 .is_some_and(|n| self.levels_done >= n);
             self.trailing_active = by_price || by_level;
         }
         if self.trailing_active {
-            let basis = (self.best_price, atr.map_or(0, f64::to_bits));
-            if self.trail_basis != Some(basis) {
+            let basis = atr.map_or(0, f64::to_bits);
+            if improved || self.trail_basis != Some(basis) {
                 self.trail_basis = Some(basis);
                 let distance = self.trail_distance(atr, policy);
                 let candidate =
