@@ -90,6 +90,11 @@ def _overrides(args: argparse.Namespace, command: str) -> dict[str, Any]:
     return {k: v for k, v in over.items() if v}
 
 
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 def format_summary(summary: dict[str, object]) -> str:
     """Render the summary for the terminal."""
     lines = ["", "pyquant run summary", "-------------------"]
@@ -143,6 +148,16 @@ def run_command(command: str, argv: list[str]) -> int:
     except PyquantError as exc:
         print(f"pyquant {command}: {exc}", file=sys.stderr)
         return 1
+    except ExceptionGroup as group:
+        # A task of the daemon's TaskGroup failed; name the first cause plainly.
+        first = _first_leaf(group)
+        if isinstance(first, PolicyError | ConfigError):
+            print(f"pyquant {command}: invalid configuration: {first}", file=sys.stderr)
+            return 2
+        if isinstance(first, PyquantError | OSError):
+            print(f"pyquant {command}: stopped: {type(first).__name__}: {first}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         return 130
 

@@ -103,8 +103,11 @@ def render(data: DashboardData) -> Group:
         "next TP",
         "trail",
     ):
+        # Prices must never be cut to an ellipsis: on a narrow terminal they wrap instead.
         positions.add_column(
-            name, justify="right" if name not in ("symbol", "side", "trail") else "left"
+            name,
+            justify="right" if name not in ("symbol", "side", "trail") else "left",
+            overflow="fold",
         )
     for line in sorted(data.positions, key=lambda p: (p.symbol, p.side)):
         pnl = line.pnl
