@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -127,3 +128,40 @@ def free_port() -> int:
 async def simulator(position_mode: str = "one-way", **kwargs: Any) -> AsyncIterator[Venue]:
     async with pyquant.sim.serve(speed=0, position_mode=position_mode, **kwargs) as venue:
         yield venue
+
+
+def write_config(path: Path, venue: Venue, intents: Path) -> None:
+    """Write a TOML config for a ``pyquant`` subprocess against an in-test simulator."""
+    ladder = ", ".join(
+        f"{{ at = {lvl['at']}, fraction = {lvl['fraction']} }}" for lvl in EXIT_POLICY["ladder"]
+    )
+    scalars = "\n".join(f"{k} = {json.dumps(v)}" for k, v in EXIT_POLICY.items() if k != "ladder")
+    path.write_text(
+        f"""
+exchange = "custom"
+[venue]
+rest_url = "{venue.rest_url}"
+ws_url = "{venue.ws_url}/market"
+user_ws_url = "{venue.ws_url}/private"
+[market]
+warmup_bars = 30
+stale_after_s = 600.0
+backoff_initial_s = 0.05
+backoff_max_s = 0.2
+[sources]
+demo = false
+jsonl = "{intents}"
+[entries]
+sizing = "notional"
+notional_usdt = "500"
+leverage = 5
+cooldown_s = 0.0
+[router]
+backstop_throttle_s = 0.0
+[daemon]
+snapshot_interval_s = 0.2
+[exit]
+ladder = [{ladder}]
+{scalars}
+"""
+    )

@@ -10,47 +10,11 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
-from pq_harness import EXIT_POLICY, simulator, until
+from pq_harness import simulator, until, write_config
 
 from pyquant.store import Store
 
 SYMBOL = "ETHUSDT"
-
-
-def write_config(path: Path, venue: object, intents: Path) -> None:
-    ladder = ", ".join(
-        f"{{ at = {lvl['at']}, fraction = {lvl['fraction']} }}" for lvl in EXIT_POLICY["ladder"]
-    )
-    scalars = "\n".join(f"{k} = {json.dumps(v)}" for k, v in EXIT_POLICY.items() if k != "ladder")
-    path.write_text(
-        f"""
-exchange = "custom"
-[venue]
-rest_url = "{venue.rest_url}"
-ws_url = "{venue.ws_url}/market"
-user_ws_url = "{venue.ws_url}/private"
-[market]
-warmup_bars = 30
-stale_after_s = 600.0
-backoff_initial_s = 0.05
-backoff_max_s = 0.2
-[sources]
-demo = false
-jsonl = "{intents}"
-[entries]
-sizing = "notional"
-notional_usdt = "500"
-leverage = 5
-cooldown_s = 0.0
-[router]
-backstop_throttle_s = 0.0
-[daemon]
-snapshot_interval_s = 0.2
-[exit]
-ladder = [{ladder}]
-{scalars}
-"""
-    )
 
 
 class DaemonProcess:
