@@ -282,6 +282,9 @@ class LeaseManager:
         self._release_script = redis.register_script(_RELEASE)
         self._unregister_script = redis.register_script(_UNREGISTER)
         self._stopping = asyncio.Event()
+        self._released = asyncio.Event()
+        self._loop_exited = asyncio.Event()
+        self._loop_running = False
         self._connected = True
         self._registered = False
         self.stats = LeaseStats()
@@ -356,9 +359,15 @@ class LeaseManager:
         if not self._registered:
             await self.register()
         dispatcher = asyncio.create_task(self._dispatch_callbacks(), name="lease-callbacks")
+        self._loop_running = True
         try:
-            await self._renew_loop()
-            # Let queued callbacks finish before the dispatcher ends.
+            try:
+                await self._renew_loop()
+            finally:
+                self._loop_exited.set()
+            # stop() is releasing the leases: return once it is done, and after the queued
+            # callbacks ran.
+            await self._released.wait()
             await self._callbacks.join()
         finally:
             dispatcher.cancel()
@@ -368,17 +377,27 @@ class LeaseManager:
     async def stop(self) -> None:
         """Release every lease (peers take the symbols over at once) and end ``run``.
 
-        Symbols stay in the account's set so a peer adopts their positions. Redis errors are
-        logged: the leases then lapse after the TTL.
+        Symbols stay in the account's set so a peer adopts their positions. The heartbeat goes
+        first, so peers count one daemon less and take every released symbol in one scan.
+        ``run`` returns only after the releases are done. Redis errors are logged: the leases
+        then lapse after the TTL.
         """
         self._stopping.set()
-        for symbol in sorted(self._held):
+        if self._loop_running:
+            # A renewal in flight would write the heartbeat and leases back after we delete them.
+            await self._loop_exited.wait()
+        try:
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
-                await self.release(symbol, reason="stop")
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await self._unregister_script(
-                keys=[self.keys.member(self.daemon_id)], args=[self._token]
-            )
+                await self._unregister_script(
+                    keys=[self.keys.member(self.daemon_id)], args=[self._token]
+                )
+            for symbol in sorted(self._held):
+                try:
+                    await self.release(symbol, reason="stop")
+                except REDIS_DOWN_ERRORS as exc:
+                    logger.warning("Lease not released, it lapses symbol=%s error=%s", symbol, exc)
+        finally:
+            self._released.set()
 
     # ------------------------------------------------------------------ acquire / release
 
