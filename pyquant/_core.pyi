@@ -120,7 +120,9 @@ class ExchangeRules:
             price: The limit price.
             stop_price: The trigger price.
             mark_price: The current mark price (PERCENT_PRICE reference, MARKET notional).
-            reduce_only: The order only reduces a position (exempt from MIN_NOTIONAL).
+            reduce_only: The order only reduces a position, exempt from MIN_NOTIONAL and
+                from the TRADING status check: ``reduceOnly=true`` in one-way mode, or a
+                close of a leg in hedge mode (contract §4.3 treats both as exempt).
             best_price: For MARKET orders, the best opposite book price (enables -4131).
 
         Returns:
@@ -394,7 +396,10 @@ class ExitEngine:
         close: _npt.ArrayLike | _pl.Series,
         last_open_time_ms: int | None = None,
     ) -> None:
-        """Feed closed historical bars (oldest first) to the symbol's ATR.
+        """Rebuild the symbol's ATR from closed historical bars (oldest first).
+
+        The ATR is replaced, not extended: warming up again after a stream gap with the
+        same window gives the ATR of a cold start on those bars.
 
         Args:
             symbol: The symbol.
