@@ -161,7 +161,8 @@ class PythonExitEngine:
         return state
 
     def warm_up(self, symbol: str, high: list[float], low: list[float], close: list[float]) -> None:
-        atr = self._state(symbol).atr
+        state = self._state(symbol)
+        atr = state.atr = Atr(self.p["atr_period"])  # replaced, as in the Rust engine
         for h, lo, c in zip(high, low, close, strict=True):
             atr.update(h, lo, c)
 

@@ -242,10 +242,12 @@ impl ExitEngine {
             .or_insert_with(|| Box::new(SymbolState::new(templates, Some(rules)))))
     }
 
-    /// Feeds closed historical bars (oldest first) to the symbol's ATR. With
-    /// `last_open_time_ms` (the open time of the last bar given), live updates
-    /// of that bar or earlier are ignored and missing bars after it are
-    /// reported as a gap. Call it before streaming the symbol.
+    /// Rebuilds the symbol's ATR from closed historical bars (oldest first):
+    /// the ATR is replaced, not extended, so a re-warm after a stream gap (the
+    /// daemon fetches the same window again) gives exactly the ATR of a cold
+    /// start on those bars. With `last_open_time_ms` (the open time of the
+    /// last bar given), live updates of that bar or earlier are ignored and
+    /// missing bars after it are reported as a gap.
     ///
     /// # Errors
     /// `UnknownSymbol`, or `InvalidField` when the arrays differ in length or
@@ -281,7 +283,9 @@ impl ExitEngine {
                 ));
             }
         }
+        let fresh = self.templates.1.clone();
         let state = self.symbol_state(symbol)?;
+        state.atr = fresh;
         for ((h, l), c) in high.iter().zip(low).zip(close) {
             state.atr.update(*h, *l, *c);
         }
@@ -1009,5 +1013,27 @@ mod tests {
             .on_mark_message(&msg("30100.0", start + 23 * minute))
             .unwrap();
         assert_eq!(engine.symbols["BTCUSDT"].gap_bars, 3);
+    }
+
+    #[test]
+    fn warm_up_replaces_the_atr() {
+        let mut engine = engine();
+        let highs: Vec<f64> = (0..20).map(|i| 30_000.0 + f64::from(i) * 3.0).collect();
+        let lows: Vec<f64> = highs.iter().map(|h| h - 40.0).collect();
+        let closes: Vec<f64> = highs.iter().map(|h| h - 20.0).collect();
+        engine
+            .warm_up("BTCUSDT", &highs, &lows, &closes, None)
+            .unwrap();
+        let once = engine.atr("BTCUSDT");
+        engine
+            .warm_up("BTCUSDT", &highs, &lows, &closes, None)
+            .unwrap();
+        assert_eq!(
+            engine.atr("BTCUSDT"),
+            once,
+            "a re-warm on the same window is a no-op"
+        );
+        let batch = crate::atr::atr_batch(&highs, &lows, &closes, 14).unwrap();
+        assert_eq!(once, Some(batch[19]));
     }
 }
