@@ -13,7 +13,19 @@ Lifecycle: ``run()`` registers the daemon, then runs the publisher, the lease re
 intent reader in one ``asyncio.TaskGroup`` until ``stop()``. A clean stop is ordered: intake
 stops (the intent being decided is finished and acknowledged), then the daemon stops its exits
 (``before_release``), then the leases are released so peers adopt the symbols at once, then
-the events are flushed and the connection closed.
+the events are flushed and the connection closed. Stop it with ``stop()``, not by cancelling
+its task: redis-py can swallow a cancellation that lands mid-command (redis/redis-py#2028).
+
+Two daemons on one Redis (each with its own state directory and id)::
+
+    pyquant run --state ./a --intents 'redis://127.0.0.1:6379/0?group=pyquant&daemon=host-a'
+    pyquant run --state ./b --intents 'redis://127.0.0.1:6379/0?group=pyquant&daemon=host-b'
+    redis-cli XADD quantum:stream:trade.intent '*' symbol BTCUSDT side BUY confidence 0.8
+    redis-cli XREAD COUNT 10 STREAMS pyquant:events 0      # follow decisions and leases
+
+The first daemon to read an intent for a free symbol takes its lease and decides it; intents
+for that symbol read by the other daemon are moved to the owner's inbox. Kill one and the other
+owns its symbols after ``lease_ttl_ms`` plus one renewal interval.
 """
 
 from __future__ import annotations
