@@ -565,9 +565,10 @@ def _core_options(config: BacktestConfig, one_per_symbol: bool, detail: bool) ->
     }
 
 
-def _chunks(n_series: int, n_policies: int, target: int = 24) -> list[tuple[range, range]]:
+def _chunks(n_series: int, n_policies: int, target: int = 10) -> list[tuple[range, range]]:
     # The core is parallel inside each call; chunks only exist so a progress bar can move,
-    # so each chunk still holds enough jobs to keep every core busy.
+    # so each chunk still holds enough jobs to keep every core busy, and there are few of
+    # them: every call converts its series' bars again.
     workers = max(os.cpu_count() or 1, 1)
     if n_policies > 1:
         size = max(math.ceil(n_policies / target), math.ceil(2 * workers / max(n_series, 1)), 1)
