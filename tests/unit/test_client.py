@@ -414,3 +414,21 @@ async def test_exchange_info_sets_the_weight_budget(
     raw = await client.exchange_info()
     assert orjson.loads(raw) == doc
     assert client.rate_limits.weight_limit_1m == 6000
+
+
+def test_client_satisfies_the_venue_protocol_exactly() -> None:
+    import inspect
+
+    from pyquant.exchange.venue import Venue
+
+    names = [n for n, v in vars(Venue).items() if inspect.iscoroutinefunction(v)]
+    assert len(names) >= 20
+    for name in names:
+        ours = getattr(BinanceClient, name)
+        assert inspect.iscoroutinefunction(ours), name
+        expected = inspect.signature(getattr(Venue, name))
+        assert inspect.signature(ours).parameters.keys() == expected.parameters.keys(), name
+        for pname, param in expected.parameters.items():
+            assert inspect.signature(ours).parameters[pname].default == param.default, (name, pname)
+    venue: Venue = BinanceClient("http://127.0.0.1:1", KEY, SECRET)  # mypy checks the shape
+    assert venue is not None
