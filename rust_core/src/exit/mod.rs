@@ -1036,4 +1036,29 @@ mod tests {
         let batch = crate::atr::atr_batch(&highs, &lows, &closes, 14).unwrap();
         assert_eq!(once, Some(batch[19]));
     }
+
+    #[test]
+    fn restore_needs_the_rules_of_open_positions() {
+        let mut engine = engine();
+        open(&mut engine, "p1", PositionSide::Long);
+        let pending = engine.on_mark_message(&msg("30125.0", 1)).unwrap();
+        let bytes = engine.snapshot();
+        let others: Vec<_> = exchange_rules()
+            .iter()
+            .filter(|r| r.symbol != "BTCUSDT")
+            .cloned()
+            .collect();
+        let without_btc = ExchangeRules::from_symbols(others).unwrap();
+        let err = ExitEngine::restore(&bytes, without_btc).unwrap_err();
+        assert!(
+            err.to_string().contains("BTCUSDT has an open position"),
+            "{err}"
+        );
+        let mut restored = ExitEngine::restore(&bytes, exchange_rules()).unwrap();
+        assert_eq!(
+            restored.position("p1").unwrap().pending.as_ref(),
+            pending.first()
+        );
+        assert!(!restored.confirm("p1", pending[0].sequence, None).unwrap());
+    }
 }
