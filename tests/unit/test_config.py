@@ -181,3 +181,20 @@ def test_config_is_frozen() -> None:
 def test_missing_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_exit_policy_from_preset_with_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, '[exit]\npreset = "standard"\ntrail_pct = 0.02\n')
+    policy = load_config(path, environ={}).exit_policy()
+    fields = policy.to_dict()
+    assert fields["trail_pct"] == 0.02
+    assert fields["ladder_unit"] == "pct"  # the rest comes from the preset
+
+
+def test_exit_policy_errors_come_from_the_core(tmp_path: Path) -> None:
+    from pyquant.errors import PolicyError
+
+    path = write(tmp_path, '[exit]\npreset = "standard"\ntrail_pct = -1\n')
+    config = load_config(path, environ={})  # Python does not keep a second copy of the rules
+    with pytest.raises(PolicyError, match="trail_pct"):
+        config.exit_policy()
