@@ -120,6 +120,11 @@ def run_command(command: str, argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"pyquant {command}: {exc}", file=sys.stderr)
         return 2
+    try:
+        config.exit_policy()  # validated by the core now, before any venue is touched
+    except (PolicyError, ConfigError) as exc:
+        print(f"pyquant {command}: invalid exit policy: {exc}", file=sys.stderr)
+        return 2
     if command == "run" and args.show_config:
         print(json.dumps(config.redacted(), indent=2, default=str))
         return 0
