@@ -246,6 +246,35 @@ static STRING_STOP: [bool; 256] = {
     table
 };
 
+/// Index of the first byte at or after `from` that ends a fast string scan (see
+/// [`STRING_STOP`]), or `bytes.len()`. Eight bytes at a time with the classic SWAR tests
+/// (a borrow can only mark bytes above the first true hit, so the lowest mark is exact).
+#[inline]
+fn find_stop(bytes: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut word_bytes = [0u8; 8];
+        word_bytes.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word_bytes);
+        let quote = word ^ (ONES * u64::from(b'"'));
+        let backslash = word ^ (ONES * u64::from(b'\\'));
+        let has_quote = quote.wrapping_sub(ONES) & !quote;
+        let has_backslash = backslash.wrapping_sub(ONES) & !backslash;
+        let has_control = word.wrapping_sub(ONES * 0x20) & !word;
+        let mask = (has_quote | has_backslash | has_control | word) & HIGHS;
+        if mask != 0 {
+            return i + (mask.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < bytes.len() && !STRING_STOP[usize::from(bytes[i])] {
+        i += 1;
+    }
+    i
+}
+
 /// Nesting limit for skipped values (`serde_json` uses 128 too).
 const MAX_DEPTH: usize = 128;
 
@@ -464,21 +493,13 @@ impl<'a> Scanner<'a> {
         self.expect(b'"')?;
         let start = self.pos;
         let bytes = self.bytes;
-        let mut end = start;
-        while end < bytes.len() && !STRING_STOP[usize::from(bytes[end])] {
-            end += 1;
-        }
-        let mut plain_end = end;
+        let mut end = find_stop(bytes, start);
         // Non-ASCII bytes are fine inside strings; walk past them and validate once.
         let mut non_ascii = false;
-        while plain_end < bytes.len() && bytes[plain_end] >= 0x80 {
+        while end < bytes.len() && bytes[end] >= 0x80 {
             non_ascii = true;
-            plain_end += 1;
-            while plain_end < bytes.len() && !STRING_STOP[usize::from(bytes[plain_end])] {
-                plain_end += 1;
-            }
+            end = find_stop(bytes, end + 1);
         }
-        end = plain_end;
         self.pos = end;
         match bytes.get(end) {
             Some(b'"') => {
@@ -873,6 +894,37 @@ mod tests {
             "12345678901234567890",
         ] {
             assert!(fast_price(text.as_bytes()).is_none(), "{text}");
+        }
+    }
+
+    #[test]
+    fn find_stop_matches_the_table_everywhere() {
+        let alphabet: Vec<u8> = (0u8..=255).collect();
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..20_000 {
+            let len = (state % 40) as usize;
+            let mut text = Vec::with_capacity(len);
+            for _ in 0..len {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Mostly plain ASCII, sometimes a stop byte.
+                let b = if state % 7 == 0 {
+                    alphabet[(state >> 8) as usize % 256]
+                } else {
+                    b'a' + (state % 26) as u8
+                };
+                text.push(b);
+            }
+            let from = if len == 0 {
+                0
+            } else {
+                (state as usize >> 3) % len
+            };
+            let expected = (from..len)
+                .find(|&i| STRING_STOP[usize::from(text[i])])
+                .unwrap_or(len);
+            assert_eq!(find_stop(&text, from), expected, "{text:?} from {from}");
         }
     }
 
