@@ -147,7 +147,9 @@ class LeaseConfig:
         ttl_ms: lease lifetime; a dead owner's symbols are taken over after about this long.
         renew_interval_ms: renewal and takeover-scan period; None means ``ttl_ms // 3``.
         key_prefix: first part of every key.
-        max_symbols: the most symbols this process will own; None means no limit.
+        max_symbols: the most symbols this process takes over from dead peers; None means no
+            limit. Symbols taken for an intent or a position (``route``, ``want``) are not
+            limited: an intent must never wait for a symbol nobody owns.
     """
 
     daemon_id: str
@@ -217,8 +219,7 @@ class Route:
 
     Attributes:
         kind: ``mine`` (decide it here), ``forward`` (``owner`` holds the lease) or ``wait``
-            (ownership cannot be confirmed now: Redis unreachable, adoption pending or the
-            symbol limit reached).
+            (ownership cannot be confirmed now: Redis unreachable or adoption pending).
         owner: the owning daemon id for ``mine`` and ``forward``.
     """
 
@@ -401,7 +402,7 @@ class LeaseManager:
 
     # ------------------------------------------------------------------ acquire / release
 
-    async def acquire(self, symbol: str, *, reason: str = "want") -> str | None:
+    async def acquire(self, symbol: str, *, reason: str = "want") -> str:
         """Take the lease of ``symbol`` if it is free (or already ours).
 
         Args:
@@ -409,14 +410,11 @@ class LeaseManager:
             reason: passed to ``on_acquire`` when the lease is new to this process.
 
         Returns:
-            The owner after the call (this daemon's id when it holds it), or None if this
-            process is at ``max_symbols``.
+            The owner after the call (this daemon's id when it holds it).
 
         Raises:
             redis.exceptions.ConnectionError: Redis is unreachable.
         """
-        if symbol not in self._held and self._at_capacity():
-            return await self.owner_of(symbol)
         started = self._clock()
         result = await self._acquire_script(
             keys=[self.keys.lease(symbol), self.keys.symbols],
@@ -488,8 +486,6 @@ class LeaseManager:
             try:
                 owner = await self.acquire(symbol, reason="intent")
             except REDIS_DOWN_ERRORS:
-                return Route("wait")
-            if owner is None:
                 return Route("wait")
             if owner != self.daemon_id:
                 return Route("forward", owner)

@@ -162,6 +162,8 @@ class IntentStreamConfig:
         max_deliveries: failed ``decide`` calls before an entry is rejected.
         retry_reasons: decision reasons that mean "not decided, try later" (the daemon's intake
             is closing): such an entry is left pending, not acknowledged.
+        failure_reasons: decision reasons that mean deciding failed (``Daemon.submit`` turns an
+            exception into ``error``): counted like a raised exception, then rejected.
     """
 
     url: str = "redis://127.0.0.1:6379/0"
@@ -176,6 +178,7 @@ class IntentStreamConfig:
     retry_ms: int = 500
     max_deliveries: int = 5
     retry_reasons: frozenset[str] = frozenset({"intake_closed"})
+    failure_reasons: frozenset[str] = frozenset({"error"})
 
     def __post_init__(self) -> None:
         if not self.stream or len(self.stream) > 200 or any(c.isspace() for c in self.stream):
@@ -664,26 +667,35 @@ class RedisIntentSource:
 
         try:
             decision = await self._decide(intent)
+            accepted, note = _verdict(decision)
+            if not accepted and note in self.config.failure_reasons:
+                detail = getattr(decision, "detail", "") or note
+                raise _DecideFailed(str(detail))
         except Exception as exc:
             key = (stream, entry_id)
             count = self._failures.get(key, 0) + 1
             self._failures[key] = count
             self.stats.decide_failures += 1
-            logger.exception(
-                "Decide failed intent_id=%s symbol=%s attempt=%d",
+            logger.warning(
+                "Decide failed intent_id=%s symbol=%s attempt=%d error=%s: %s",
                 intent.intent_id,
                 intent.symbol,
                 count,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, _DecideFailed),
             )
             if count >= self.config.max_deliveries:
                 self._failures.pop(key, None)
-                reason = f"decide failed {count} times, last error: {type(exc).__name__}: {exc}"
+                what = (
+                    str(exc) if isinstance(exc, _DecideFailed) else f"{type(exc).__name__}: {exc}"
+                )
+                reason = f"decide failed {count} times, last error: {what}"
                 await self._reject(stream, entry_id, fields, reason, None, intent.symbol)
             else:
                 self._schedule_rescan()
             return
         self._failures.pop((stream, entry_id), None)
-        accepted, note = _verdict(decision)
         if not accepted and note in self.config.retry_reasons:
             # Refused without a decision (the daemon is stopping): leave it pending so this
             # daemon after its restart, or a peer after the claim idle time, decides it.
@@ -779,6 +791,10 @@ class RedisIntentSource:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
+
+
+class _DecideFailed(Exception):
+    """``decide`` answered with a failure reason instead of raising."""
 
 
 def _verdict(decision: object) -> tuple[bool, str | None]:

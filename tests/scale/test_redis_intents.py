@@ -31,6 +31,7 @@ GROUP = "pyquant"
 class Decision:
     accepted: bool
     reason: str | None
+    detail: str = ""
 
 
 @dataclass
@@ -382,4 +383,26 @@ async def test_intents_wait_while_the_symbols_lease_is_unconfirmed(redis_client,
         with contextlib.suppress(asyncio.CancelledError):
             await dispatcher
     assert list(journal.decided) == ["i1", "i2"]
+    assert await pending_count(redis_client) == 0
+
+
+async def test_an_error_decision_counts_as_a_failed_decide(redis_client, wait_until):
+    journal = Journal()
+    calls = [0]
+
+    async def submit(intent: Intent) -> Decision:
+        calls[0] += 1
+        return Decision(False, "error", "OperationalError: database is locked")
+
+    source = RedisIntentSource(
+        redis_client, config(max_deliveries=2), decide=submit, on_reject=journal.reject
+    )
+    async with running(source):
+        await redis_client.xadd(STREAM, intent_fields(1))
+        await wait_until(lambda: source.stats.rejected == 1)
+    assert calls[0] == 2
+    [rejection] = journal.rejections
+    assert rejection.reason == (
+        "decide failed 2 times, last error: OperationalError: database is locked"
+    )
     assert await pending_count(redis_client) == 0
