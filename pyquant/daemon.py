@@ -46,7 +46,7 @@ import pyquant
 from pyquant.config import Config
 from pyquant.dashboard import Dashboard, DashboardData, PositionLine
 from pyquant.demo import DemoProducer
-from pyquant.errors import ExchangeError, MessageError, PyquantError
+from pyquant.errors import ExchangeError, MessageError, PyquantError, RetryableError
 from pyquant.exchange.client import BinanceClient
 from pyquant.exchange.streams import (
     Backoff,
@@ -310,6 +310,9 @@ class Daemon:
                     position_mode=sim.position_mode,
                     balance=sim.balance_usdt,
                     seed=sim.seed,
+                    # With --state the paper account lives beside the daemon's journal, so
+                    # a restart finds the positions it left; without it each run is fresh.
+                    state=self._sim_state_path(),
                 )
             )
             self.sim = venue
@@ -333,6 +336,12 @@ class Daemon:
             api_secret=secret.reveal(),
             label=f"{config.exchange} {config.rest_url}",
         )
+
+    def _sim_state_path(self) -> Path | None:
+        if self._state_dir is None:
+            return None
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        return self._state_dir / "sim-account.json"
 
     # ------------------------------------------------------------------ engine
 
@@ -436,6 +445,26 @@ class Daemon:
         assert self.desk is not None  # noqa: S101 - reconcile runs after the desk exists
         report = await reconcile(self.desk)
         logger.info("Reconciled with the exchange why=%s report=%s", why, report)
+
+    async def _reconcile_at_start(self) -> None:
+        # Entries stay refused until this succeeds; a venue that is briefly unreachable is
+        # retried with backoff rather than ending the daemon at once.
+        backoff = Backoff(self.config.market.backoff_initial_s, self.config.market.backoff_max_s)
+        for attempt in range(1, 7):
+            try:
+                await self._reconcile("start")
+                return
+            except RetryableError as exc:
+                if attempt == 6 or self._stop.is_set():
+                    raise
+                delay = backoff.next_delay()
+                logger.warning(
+                    "Start-up reconciliation failed attempt=%d error=%s retry_in_s=%.1f",
+                    attempt,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
 
     # ------------------------------------------------------------------ views
 
@@ -632,7 +661,7 @@ class Daemon:
         await self._user_connected.wait()
         if self._stop.is_set():
             return
-        await self._reconcile("start")
+        await self._reconcile_at_start()
         assert self.market is not None  # noqa: S101 - created in _spawn
         group.create_task(self.market.run(), name="market-stream")
         self._intake.desk = self.desk
