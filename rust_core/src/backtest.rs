@@ -286,12 +286,12 @@ pub struct JobOutput {
 struct Prepared<'a> {
     input: &'a SeriesInput,
     rules: &'a SymbolRules,
-    prices: Ohlc,
+    prices: Ohlc<'a>,
     /// Half-open bar index ranges without a gap longer than `max_gap_bars`.
     segments: Vec<(usize, usize)>,
     /// For each bar, the range of fine bars that cover it completely, if any.
     fine: Vec<Option<(usize, usize)>>,
-    fine_prices: Option<Ohlc>,
+    fine_prices: Option<Ohlc<'a>>,
     grid: Option<GridIndex>,
     /// ATR before each bar (closed bars of its segment only), per (period, ATR interval).
     atr: HashMap<(usize, i64), Vec<Option<f64>>>,
@@ -302,49 +302,61 @@ struct Prepared<'a> {
 /// `k` and builds the decimal when a bar is evaluated (one integer multiply), which is
 /// cheaper than holding a decimal per bar. A column with any value off the grid keeps exact
 /// decimals instead.
-enum PriceColumn {
+enum PriceColumn<'a> {
     Grid {
         base: i128,
         tick: i128,
         scale: u32,
-        index: Vec<i64>,
+        base_f: f64,
+        tick_f: f64,
+        values: &'a [f64],
     },
     Exact(Vec<Decimal>),
 }
 
-impl PriceColumn {
-    fn new(rules: &SymbolRules, field: &str, values: &[f64]) -> Result<Self, CoreError> {
+/// The grid index of `v` when it lies within 1e-6 tick of a grid point: far inside f64
+/// precision for any Binance price, so it is the point exact decimal rounding would find.
+/// Indices stay below 2^50, so `base + k * tick` stays far inside the 96-bit mantissa.
+fn grid_point(v: f64, base_f: f64, tick_f: f64) -> Option<i64> {
+    let x = (v - base_f) / tick_f;
+    if !(x.is_finite() && x.abs() < (1i64 << 50) as f64) {
+        return None;
+    }
+    let k = if x >= 0.0 {
+        (x + 0.5) as i64
+    } else {
+        -((0.5 - x) as i64)
+    };
+    ((x - k as f64).abs() < 1e-6).then_some(k)
+}
+
+impl<'a> PriceColumn<'a> {
+    fn new(rules: &SymbolRules, field: &str, values: &'a [f64]) -> Result<Self, CoreError> {
         let tick = rules.tick_size();
         let base = rules.price_filter.min_price;
         let scale = base.scale().max(tick.scale());
         let (mut base_r, mut tick_r) = (base, tick);
         base_r.rescale(scale);
         tick_r.rescale(scale);
-        if tick > Decimal::ZERO && base_r.scale() == scale && tick_r.scale() == scale {
+        if tick > Decimal::ZERO
+            && base_r.scale() == scale
+            && tick_r.scale() == scale
+            && tick_r.mantissa().unsigned_abs() < (1u128 << 40)
+        {
             let (tick_f, base_f) = (decimal_to_f64(tick), decimal_to_f64(base));
-            // Indices stay below 2^50, so base + k * tick stays far inside the 96-bit mantissa.
-            let limit = (1i64 << 50) as f64;
-            let mut index = Vec::with_capacity(values.len());
-            for &v in values {
-                let x = (v - base_f) / tick_f;
-                // Taken only within 1e-6 tick of a grid point: far inside f64 precision for any
-                // Binance price, so it is the point exact decimal rounding would find.
-                let k = if x >= 0.0 {
-                    (x + 0.5) as i64
-                } else {
-                    -((0.5 - x) as i64)
-                };
-                if !(x.is_finite() && x.abs() < limit && (x - k as f64).abs() < 1e-6) {
-                    break;
-                }
-                index.push(k);
-            }
-            if index.len() == values.len() && tick_r.mantissa().unsigned_abs() < (1u128 << 40) {
+            // Checked once here; the index itself is recomputed when a bar is evaluated,
+            // which costs less than storing one per bar.
+            if values
+                .iter()
+                .all(|&v| grid_point(v, base_f, tick_f).is_some())
+            {
                 return Ok(Self::Grid {
                     base: base_r.mantissa(),
                     tick: tick_r.mantissa(),
                     scale,
-                    index,
+                    base_f,
+                    tick_f,
+                    values,
                 });
             }
         }
@@ -359,28 +371,34 @@ impl PriceColumn {
     fn get(&self, i: usize) -> Decimal {
         match self {
             Self::Grid {
-                base,
-                tick,
-                scale,
-                index,
-            } => Decimal::from_i128_with_scale(base + i128::from(index[i]) * tick, *scale),
+                base, tick, scale, ..
+            } => {
+                let k = self.index(i).unwrap_or_default();
+                Decimal::from_i128_with_scale(base + i128::from(k) * tick, *scale)
+            }
             Self::Exact(values) => values[i],
         }
     }
 
     fn index(&self, i: usize) -> Option<i64> {
         match self {
-            Self::Grid { index, .. } => Some(index[i]),
+            // On the grid: checked for every value when the column was built.
+            Self::Grid {
+                base_f,
+                tick_f,
+                values,
+                ..
+            } => grid_point(values[i], *base_f, *tick_f),
             Self::Exact(_) => None,
         }
     }
 }
 
 /// Open, high, low and close columns.
-struct Ohlc([PriceColumn; 4]);
+struct Ohlc<'a>([PriceColumn<'a>; 4]);
 
-impl Ohlc {
-    fn new(rules: &SymbolRules, prefix: &str, bars: &Bars) -> Result<Self, CoreError> {
+impl<'a> Ohlc<'a> {
+    fn new(rules: &SymbolRules, prefix: &str, bars: &'a Bars) -> Result<Self, CoreError> {
         Ok(Self([
             PriceColumn::new(rules, &format!("{prefix}open"), &bars.open)?,
             PriceColumn::new(rules, &format!("{prefix}high"), &bars.high)?,

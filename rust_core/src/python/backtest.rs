@@ -36,7 +36,11 @@ fn array<'py, T: numpy::Element + Copy>(
             std::any::type_name::<T>()
         ))
     })?;
-    Ok(array.as_array().iter().copied().collect())
+    // One memcpy for the usual contiguous array; a strided view is gathered element-wise.
+    Ok(match array.as_slice() {
+        Ok(slice) => slice.to_vec(),
+        Err(_) => array.as_array().iter().copied().collect(),
+    })
 }
 
 fn bars(dict: &Bound<'_, PyDict>, symbol: &str, prefix: &str) -> PyResult<Bars> {
