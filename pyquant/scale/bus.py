@@ -34,7 +34,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import redis.asyncio as aioredis
 
@@ -48,10 +48,12 @@ from pyquant.scale.redis_intents import (
     IntentStreamConfig,
     OnReject,
     RedisIntentSource,
+    Rejection,
     intent_config_from_params,
     parse_int_param,
     split_redis_url,
 )
+from pyquant.trading.intents import Intent
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,18 @@ class RedisBusConfig:
         )
 
 
+class IntentSinkLike(Protocol):
+    """The daemon's intake, as ``pyquant.trading.sources.IntentSink`` describes it."""
+
+    async def submit(self, intent: Intent, *, payload: object = None) -> object:
+        """Decide one intent and store the decision."""
+        ...
+
+    def reject_malformed(self, source: str, payload: object, error: str) -> None:
+        """Record a payload that is not a valid intent."""
+        ...
+
+
 class RedisBus:
     """One daemon's Redis side: intents in, events out, symbol leases.
 
@@ -177,6 +191,50 @@ class RedisBus:
         self._stop_requested = asyncio.Event()
         self._intents_done = asyncio.Event()
         self.ready = asyncio.Event()
+
+    @classmethod
+    def for_sink(
+        cls,
+        config: RedisBusConfig,
+        sink: IntentSinkLike,
+        *,
+        on_acquire: LeaseCallback | None = None,
+        on_lose: LeaseCallback | None = None,
+        redis: aioredis.Redis | None = None,
+    ) -> RedisBus:
+        """Build a bus that delivers to an intent sink (the daemon's ``Intake``).
+
+        ``sink.submit(intent)`` decides (and stores) each intent; ``sink.reject_malformed``
+        records each refused entry with its reason. An ``intake_closed`` answer leaves the
+        entry pending; an ``error`` answer counts as a failed decision.
+
+        Args:
+            config: the settings.
+            sink: any object with ``submit(intent, *, payload)`` and
+                ``reject_malformed(source, payload, error)`` (``pyquant.trading.sources``'s
+                ``IntentSink``).
+            on_acquire: see ``RedisBus``.
+            on_lose: see ``RedisBus``.
+            redis: see ``RedisBus``.
+
+        Returns:
+            The bus; run it with ``run()``.
+        """
+
+        async def decide(intent: Intent) -> object:
+            return await sink.submit(intent, payload=None)
+
+        async def on_reject(rejection: Rejection) -> None:
+            sink.reject_malformed("redis", dict(rejection.fields), rejection.reason)
+
+        return cls(
+            config,
+            decide=decide,
+            on_reject=on_reject,
+            on_acquire=on_acquire,
+            on_lose=on_lose,
+            redis=redis,
+        )
 
     def owned(self) -> frozenset[str]:
         """Return the symbols whose exits this daemon runs (all of them without leases)."""
@@ -238,4 +296,4 @@ class RedisBus:
                 await asyncio.sleep(backoff.next_delay_s())
 
 
-__all__ = ["BUS_URL_PARAMS", "RedisBus", "RedisBusConfig"]
+__all__ = ["BUS_URL_PARAMS", "IntentSinkLike", "RedisBus", "RedisBusConfig"]

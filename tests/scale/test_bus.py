@@ -180,3 +180,43 @@ def test_bus_url_parameters():
         RedisBusConfig.from_url("redis://127.0.0.1/0?lease_ttl_ms=10&consumer=x")
     with pytest.raises(ConfigError, match=r"'leases' was 'maybe': must be on or off"):
         RedisBusConfig.from_url("redis://127.0.0.1/0?leases=maybe&consumer=x")
+
+
+async def test_bus_delivers_to_the_daemons_intake(redis_server, wait_until):
+    from pyquant.daemon import Intake
+    from pyquant.scale.bus import RedisBus
+    from pyquant.trading.guard import GuardDecision
+
+    class Desk:
+        def __init__(self) -> None:
+            self.decided: list[str] = []
+            self.malformed: list[tuple[str, str]] = []
+
+        async def submit(self, intent, *, payload=None):
+            self.decided.append(intent.intent_id)
+            return GuardDecision(True, "accepted")
+
+        def reject_malformed(self, source, payload, error):
+            self.malformed.append((source, error))
+
+    intake, desk = Intake(), Desk()
+    intake.desk = desk  # type: ignore[assignment]
+    config = RedisBusConfig.from_url(
+        f"{redis_server.url}?daemon=host-a&account=main&start=0&block_ms=50&lease_ttl_ms=1000"
+    )
+    bus = RedisBus.for_sink(config, intake)
+    task = asyncio.create_task(bus.run())
+    try:
+        await asyncio.wait_for(bus.intents.ready.wait(), 10)
+        await bus.redis.xadd(STREAM, intent(1, "BTCUSDT"))
+        await bus.redis.xadd(STREAM, {"data": b"{}"})
+        # Intake closed (the daemon is stopping): the intent stays pending.
+        await wait_until(lambda: bus.intents.stats.deferred >= 1 and desk.malformed)
+        assert desk.decided == []
+        assert desk.malformed == [("redis", "intent field 'symbol' was None: is required")]
+        intake.open = True
+        await wait_until(lambda: desk.decided == ["i1"])
+        await wait_until(lambda: bus.owned() == {"BTCUSDT"})
+    finally:
+        bus.stop()
+        await asyncio.wait_for(task, 10)
