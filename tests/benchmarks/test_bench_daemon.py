@@ -7,9 +7,10 @@ daemon's callback to the moment the exit order's request headers are written to 
 (store write-ahead, router), signed REST client.
 
 Scale: 600 symbols in every message, 1,000 open positions (500 symbols, both hedge legs,
-adopted at start from the venue's positionRisk). Each round moves the mark of 5 symbols
-through their long stops (the other 595 are unchanged), so each message carries 600 updates
-and triggers 5 stop exits (plus the take-profits the same move gives the 5 short legs).
+adopted at start from the venue's positionRisk). Each round moves the mark of 1 (typical) or
+5 (a burst) symbols through their long stops (the others unchanged), so each message carries
+600 updates and triggers 1 or 5 stop exits, plus the take-profits the same move gives those
+symbols' short legs: 2 or 10 exit orders per message, all measured.
 
 The venue is a lean loopback Binance stand-in (aiohttp REST + websocket on one port): it
 answers every MARKET order FILLED at once, so the figures are the daemon's own path, not a
@@ -288,7 +289,10 @@ def scale(benchmark: Any) -> tuple[int, int, int]:
 
 
 @pytest.mark.benchmark(group="tick-to-order")
-def test_daemon_tick_to_order(benchmark: Any, loop_thread: LoopThread, tmp_path: Path) -> None:
+@pytest.mark.parametrize("movers_per_message", [1, 5])
+def test_daemon_tick_to_order(
+    benchmark: Any, loop_thread: LoopThread, tmp_path: Path, movers_per_message: int
+) -> None:
     symbol_count, position_symbols, rounds = scale(benchmark)
     venue = LoopbackVenue(symbol_count, position_symbols)
     loop_thread.run(venue.start())
@@ -331,13 +335,13 @@ def test_daemon_tick_to_order(benchmark: Any, loop_thread: LoopThread, tmp_path:
     state = {"orders": venue.order_count}
 
     async def one_round() -> None:
-        chosen = [next(movers) for _ in range(5)]
+        chosen = [next(movers) for _ in range(movers_per_message)]
         moved = {s: venue.prices[s] * Decimal("0.85") for s in chosen}
         moved = {
             s: Decimal(daemon.rules.quantize_price(s, str(p), "down")) for s, p in moved.items()
         }
         await venue.push(venue.message(moved))
-        await wait_orders(venue, state["orders"] + 5)
+        await wait_orders(venue, state["orders"] + movers_per_message)
         assert daemon.desk is not None
         await daemon.desk.drain()  # the short legs' take-profits of the same move land too
         for s, p in moved.items():
@@ -360,6 +364,7 @@ def test_daemon_tick_to_order(benchmark: Any, loop_thread: LoopThread, tmp_path:
         {
             "symbols": symbol_count,
             "open_positions": 2 * position_symbols,
+            "stops_per_message": movers_per_message,
             "orders_measured": len(samples),
             "p50_ms": percentiles["p50"],
             "p99_ms": percentiles["p99"],
