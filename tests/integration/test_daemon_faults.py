@@ -233,3 +233,25 @@ async def test_malformed_intents_and_messages_are_rejected_while_running(tmp_pat
             await until(lambda: store.get_position(position_id).status == "closed", what="stop")
             summary = daemon.current_summary()
             assert summary["intents_rejected"] == {"invalid": 3, "unknown_symbol": 1}
+
+
+async def test_silent_stream_falls_back_to_premium_index_polling(tmp_path: Path) -> None:
+    async with simulator("one-way") as venue:
+        await venue.set_mark(SYMBOL, "2500.00")
+        async with run_daemon(
+            venue, tmp_path, market={"stale_after_s": 1.0, "poll_interval_s": 0.2}
+        ) as running:
+            daemon = running.daemon
+            position_id = await open_long(running)
+            # the venue's mark moves but nothing is published on the websocket
+            await venue.step(1000)
+            venue.exchange.set_price(SYMBOL, Decimal("2440.00"))
+            store = daemon.desk.store
+            await until(lambda: daemon.market.health.stale, 5, "stale feed detected")
+            await until(lambda: store.get_position(position_id).status == "closed", 10, "stop")
+            assert daemon.market.health.polled >= 1
+            assert [o.reason for o in store.orders(kind="exit")] == ["stop_loss"]
+            # the stream speaks again: polling stops
+            await venue.step(1000)
+            await venue.set_mark(SYMBOL, "2441.00")
+            await until(lambda: not daemon.market.health.stale, 5, "feed back")
