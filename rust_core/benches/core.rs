@@ -1,0 +1,116 @@
+//! Criterion benches of the per-message and per-array work, each beside a baseline:
+//! - `mark_message_600`: `parse_mark_message` on a real-shaped `!markPrice@arr` message of
+//!   600 real exchangeInfo symbols, beside `serde_json` into a `Value` (a generic parse) and
+//!   into `IgnoredAny` (validation only, the floor for any serde-based reader);
+//! - `atr_1m_bars`: `atr_batch` on 1,000,000 bars of a seeded random walk (the TA-Lib
+//!   comparison is the pytest benchmark `tests/benchmarks/test_bench_atr.py`);
+//! - `quantize`: one price and one quantity to wire strings for BTCUSDT.
+//!
+//! Run with `cargo bench -p pyquant_core`.
+
+#![allow(clippy::unwrap_used)] // bench setup: a panic is a broken fixture
+
+use std::hint::black_box;
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use pyquant_core::atr::atr_batch;
+use pyquant_core::feed::parse_mark_message;
+use pyquant_core::fixed::{parse_decimal, Rounding};
+use pyquant_core::rules::ExchangeRules;
+
+fn exchange_info() -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/binance/exchangeInfo_fapi_full_2025-11-26.json");
+    std::fs::read(path).unwrap()
+}
+
+/// Deterministic xorshift so every run measures the same bytes.
+struct Walk(u64);
+
+impl Walk {
+    fn next_unit(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % 1_000_000) as f64 / 1_000_000.0
+    }
+}
+
+fn mark_message(rules: &ExchangeRules) -> Vec<u8> {
+    let mut walk = Walk(0x2545_f491_4f6c_dd1d);
+    let items: Vec<String> = rules
+        .symbols()
+        .take(600)
+        .enumerate()
+        .map(|(i, symbol)| {
+            let p = 0.001 + walk.next_unit() * 50_000.0;
+            format!(
+                r#"{{"e":"markPriceUpdate","E":{},"s":"{symbol}","p":"{p:.8}","i":"{:.8}","P":"{:.8}","r":"0.00010000","T":1764144000000}}"#,
+                1_764_115_200_000_i64 + i as i64,
+                p * 1.0001,
+                p * 0.9999
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(",")).into_bytes()
+}
+
+fn bench_mark_message(c: &mut Criterion) {
+    let rules = ExchangeRules::from_json(&exchange_info()).unwrap();
+    let data = mark_message(&rules);
+    assert_eq!(parse_mark_message(&data).unwrap().len(), 600);
+    let mut group = c.benchmark_group("mark_message_600");
+    group.throughput(Throughput::Bytes(data.len() as u64));
+    group.bench_function("parse_mark_message", |b| {
+        b.iter(|| parse_mark_message(black_box(&data)).unwrap().len());
+    });
+    group.bench_function("serde_json_value", |b| {
+        b.iter(|| serde_json::from_slice::<serde_json::Value>(black_box(&data)).unwrap());
+    });
+    group.bench_function("serde_json_ignored_any", |b| {
+        b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&data)).unwrap());
+    });
+    group.finish();
+}
+
+fn bench_atr(c: &mut Criterion) {
+    let n = 1_000_000;
+    let mut walk = Walk(0x9e37_79b9_7f4a_7c15);
+    let mut close = Vec::with_capacity(n);
+    let mut high = Vec::with_capacity(n);
+    let mut low = Vec::with_capacity(n);
+    let mut price = 30_000.0;
+    for _ in 0..n {
+        price *= 1.0 + (walk.next_unit() - 0.5) * 0.002;
+        high.push(price * (1.0 + walk.next_unit() * 0.001));
+        low.push(price * (1.0 - walk.next_unit() * 0.001));
+        close.push(price);
+    }
+    let mut group = c.benchmark_group("atr_1m_bars");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(n as u64));
+    group.bench_function("atr_batch", |b| {
+        b.iter(|| atr_batch(black_box(&high), black_box(&low), black_box(&close), 14).unwrap());
+    });
+    group.finish();
+}
+
+fn bench_quantize(c: &mut Criterion) {
+    let rules = ExchangeRules::from_json(&exchange_info()).unwrap();
+    let btc = rules.symbol("BTCUSDT").unwrap().clone();
+    let price = parse_decimal("price", "30120.07").unwrap();
+    let qty = parse_decimal("qty", "0.0039").unwrap();
+    let mut group = c.benchmark_group("quantize");
+    group.bench_function("price_and_qty_to_wire", |b| {
+        b.iter(|| {
+            let p = btc.format_price(btc.quantize_price(black_box(price), Rounding::Down));
+            let q = btc.format_qty(btc.quantize_qty(black_box(qty), true), true);
+            (p, q)
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_mark_message, bench_atr, bench_quantize);
+criterion_main!(benches);
