@@ -255,3 +255,23 @@ async def test_silent_stream_falls_back_to_premium_index_polling(tmp_path: Path)
             await venue.step(1000)
             await venue.set_mark(SYMBOL, "2441.00")
             await until(lambda: not daemon.market.health.stale, 5, "feed back")
+
+
+async def test_rate_limited_exit_backs_off_and_executes_once(tmp_path: Path) -> None:
+    async with simulator("hedge") as venue:
+        await venue.set_mark(SYMBOL, "2500.00")
+        async with run_daemon(venue, tmp_path) as running:
+            daemon = running.daemon
+            position_id = await open_long(running)
+            venue.set_faults(reject_429_rate=1.0)
+            await venue.step(1000)
+            await venue.set_mark(SYMBOL, "2440.00")
+            client = daemon.client
+            await until(lambda: client.rate_limits.backoff_until > 0, 5, "429 seen")
+            venue.set_faults()
+            store = daemon.desk.store
+            await venue.step(1000)
+            await venue.set_mark(SYMBOL, "2439.00")
+            await until(lambda: store.get_position(position_id).status == "closed", 15, "stop")
+            assert len(our_orders(venue, "exit")) == 1
+            assert venue.exchange.position(SYMBOL, "LONG").amount == 0
