@@ -8,6 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 import talib
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pyquant
 from pyquant.errors import InputError
@@ -106,3 +108,31 @@ def test_two_dimensional_and_non_numeric_inputs_are_refused() -> None:
         pyquant.atr(np.ones((2, 2)), np.ones(2), np.ones(2))
     with pytest.raises(InputError, match=r"low .* must be a 1-D float64 array"):
         pyquant.atr(np.ones(3), ["a", "b", "c"], np.ones(3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bars=st.lists(
+        st.tuples(
+            st.floats(min_value=1e-6, max_value=1e6),
+            st.floats(min_value=0.0, max_value=0.2),
+            st.floats(min_value=0.0, max_value=1.0),
+        ),
+        min_size=0,
+        max_size=300,
+    ),
+    period=st.integers(min_value=1, max_value=40),
+    nan_prefix=st.integers(min_value=0, max_value=5),
+)
+def test_random_series_equal_talib(
+    bars: list[tuple[float, float, float]], period: int, nan_prefix: int
+) -> None:
+    # Each bar: a mid price, a relative range, and where the close sits in the range.
+    mid = np.array([b[0] for b in bars], dtype=np.float64)
+    spread = np.array([b[1] for b in bars], dtype=np.float64) * mid
+    high, low = mid + spread / 2, mid - spread / 2
+    close = low + np.array([b[2] for b in bars], dtype=np.float64) * (high - low)
+    high[: min(nan_prefix, len(bars))] = np.nan
+    ours = pyquant.atr(high, low, close, period=period)
+    ref = talib.ATR(high, low, close, timeperiod=period)
+    _assert_same_as_talib(ours, ref)
