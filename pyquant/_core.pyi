@@ -541,6 +541,7 @@ def backtest_run(
     max_gap_bars: int,
     one_position_per_symbol: bool,
     detail: bool,
+    exhaustive: bool = False,
 ) -> dict[str, _Any]:
     """Run every series under every policy through the exit state machine (GIL released).
 
@@ -549,7 +550,9 @@ def backtest_run(
     ``entry_notional`` strings or None, optional ``fine_*`` bars and ``fine_interval_ms``)
     plus ``symbol`` and ``interval_ms``. Returns columns: ``fills``, ``trades``, ``stops``,
     ``levels``, ``skipped`` (dicts of numpy arrays, exact strings under ``*_exact`` when
-    ``detail``), ``reason_names`` and ``evaluations``. Use ``pyquant.backtest`` instead.
+    ``detail``), ``reason_names`` and ``evaluations``. ``exhaustive`` feeds the state
+    machine every mark of the bar path, even those that provably change nothing (slower; for
+    checking). Use ``pyquant.backtest`` instead.
     """
 
 def backtest_replay_marks(
