@@ -239,6 +239,7 @@ class Daemon:
         self._signals = install_signal_handlers
         self._stop = asyncio.Event()
         self._stopping = False
+        self._run_task: asyncio.Task[Any] | None = None
         self.latency = LatencyRecorder()
         self.ready = asyncio.Event()
         self.desk: TradingDesk | None = None
@@ -271,6 +272,16 @@ class Daemon:
         if not self._stop.is_set():
             logger.info("Stop requested: closing intake, finishing in-flight orders")
         self._stop.set()
+
+    def _on_signal(self) -> None:
+        if not self._stop.is_set():
+            self.stop()
+            return
+        # A second Ctrl-C while the clean stop waits on the venue: give up waiting. Orders
+        # already sent stay in the journal and are resolved by lookup at the next start.
+        logger.warning("Second stop signal: abandoning the clean stop")
+        if self._run_task is not None:
+            self._run_task.cancel()
 
     async def submit(
         self, payload: Mapping[str, Any] | object, *, source: str = "api"
@@ -537,6 +548,7 @@ class Daemon:
 
     async def run(self) -> dict[str, object]:
         """Run until stopped; return the summary."""
+        self._run_task = asyncio.current_task()
         async with AsyncExitStack() as stack:
             await self._start(stack)
             try:
@@ -807,7 +819,7 @@ class Daemon:
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, self._on_signal)
         if hasattr(signal, "SIGUSR1"):
             loop.add_signal_handler(
                 signal.SIGUSR1, lambda: loop.create_task(self.flatten(), name="flatten")

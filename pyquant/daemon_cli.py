@@ -163,7 +163,8 @@ def run_command(command: str, argv: list[str]) -> int:
             print(f"pyquant {command}: stopped: {type(first).__name__}: {first}", file=sys.stderr)
             return 1
         raise
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"pyquant {command}: stopped without a clean stop", file=sys.stderr)
         return 130
 
 
