@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import secrets
@@ -102,6 +103,18 @@ end
 return out
 """
 
+# Take a free lease on behalf of a live peer (balanced placement). KEYS: lease, symbols set,
+# the peer's member key. ARGV: peer id, ttl_ms, symbol. Returns the owner after the call, or
+# false when the lease is free and the peer is not alive.
+_ACQUIRE_FOR: Final = """
+local current = redis.call('GET', KEYS[1])
+if current then return current end
+if redis.call('EXISTS', KEYS[3]) == 0 then return false end
+redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return ARGV[1]
+"""
+
 # Compare-and-delete: only the owner releases. ARGV: owner.
 _RELEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -150,6 +163,9 @@ class LeaseConfig:
         max_symbols: the most symbols this process takes over from dead peers; None means no
             limit. Symbols taken for an intent or a position (``route``, ``want``) are not
             limited: an intent must never wait for a symbol nobody owns.
+        balance: give a free symbol to its preferred live daemon (rendezvous hashing of the
+            symbol over the live daemon ids) rather than to whichever daemon read its first
+            intent, so symbols spread evenly over the daemons.
     """
 
     daemon_id: str
@@ -158,6 +174,7 @@ class LeaseConfig:
     renew_interval_ms: int | None = None
     key_prefix: str = "pyquant"
     max_symbols: int | None = None
+    balance: bool = True
 
     def __post_init__(self) -> None:
         validate_name("lease.daemon_id", self.daemon_id)
@@ -279,6 +296,7 @@ class LeaseManager:
         self._orphan_scans: dict[str, int] = {}
         self._callbacks: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
         self._acquire_script = redis.register_script(_ACQUIRE)
+        self._acquire_for_script = redis.register_script(_ACQUIRE_FOR)
         self._renew_script = redis.register_script(_RENEW)
         self._release_script = redis.register_script(_RELEASE)
         self._unregister_script = redis.register_script(_UNREGISTER)
@@ -484,7 +502,7 @@ class LeaseManager:
         held = self._held.get(symbol)
         if held is None:
             try:
-                owner = await self.acquire(symbol, reason="intent")
+                owner = await self._place(symbol)
             except REDIS_DOWN_ERRORS:
                 return Route("wait")
             if owner != self.daemon_id:
@@ -498,6 +516,30 @@ class LeaseManager:
             except TimeoutError:
                 return Route("wait")
         return Route("mine", self.daemon_id) if self.confirmed(symbol) else Route("wait")
+
+    async def preferred_owner(self, symbol: str) -> str:
+        """Return the live daemon a free ``symbol`` goes to (rendezvous hashing)."""
+        daemons = sorted({_text(d) for d in await self._redis.smembers(self.keys.daemons)})
+        alive = await self._redis.mget([self.keys.member(d) for d in daemons]) if daemons else []
+        live = [d for d, a in zip(daemons, alive, strict=True) if a is not None]
+        if self.daemon_id not in live:
+            live.append(self.daemon_id)
+        return max(live, key=lambda d: hashlib.blake2b(f"{d}|{symbol}".encode()).digest())
+
+    async def _place(self, symbol: str) -> str:
+        # A free symbol goes to its preferred live daemon; the intent is then forwarded there
+        # and that daemon adopts the lease when it reads it. Falls back to this daemon when
+        # the preferred one is gone.
+        if self.config.balance:
+            preferred = await self.preferred_owner(symbol)
+            if preferred != self.daemon_id:
+                owner = await self._acquire_for_script(
+                    keys=[self.keys.lease(symbol), self.keys.symbols, self.keys.member(preferred)],
+                    args=[preferred, self.config.ttl_ms, symbol],
+                )
+                if owner is not None and _text(owner) != self.daemon_id:
+                    return _text(owner)
+        return await self.acquire(symbol, reason="intent")
 
     # ------------------------------------------------------------------ internals
 

@@ -176,7 +176,9 @@ async def test_route_forwards_to_the_owner_and_waits_for_adoption(redis_client):
         await finish.wait()
 
     a = LeaseManager(
-        redis_client, LeaseConfig(daemon_id="host-a", account="main"), on_acquire=slow_adopt
+        redis_client,
+        LeaseConfig(daemon_id="host-a", account="main", balance=False),
+        on_acquire=slow_adopt,
     )
     b = manager(redis_client, "host-b")
     async with running(a, b):
@@ -187,6 +189,27 @@ async def test_route_forwards_to_the_owner_and_waits_for_adoption(redis_client):
         assert (await route).kind == "mine"
         forward = await b.route("BTCUSDT")
         assert (forward.kind, forward.owner) == ("forward", "host-a")
+
+
+async def test_free_symbols_spread_over_live_daemons(redis_client):
+    rec_a, rec_b = Recorder(), Recorder()
+    a, b = manager(redis_client, "host-a", rec_a), manager(redis_client, "host-b", rec_b)
+    symbols = [f"SYM{i}USDT" for i in range(40)]
+    async with running(a, b):
+        routes = {s: await a.route(s) for s in symbols}
+        mine = {s for s, r in routes.items() if r.kind == "mine"}
+        forwarded = {s for s, r in routes.items() if r.kind == "forward"}
+        assert mine | forwarded == set(symbols)
+        assert {routes[s].owner for s in forwarded} <= {"host-b"}
+        # Rendezvous hashing: each daemon gets a fair part, and the same part every time.
+        assert 10 <= len(mine) <= 30
+        assert mine == {s for s in symbols if await a.preferred_owner(s) == "host-a"}
+        # host-b adopts the leases placed for it when it reads the forwarded intents.
+        for s in sorted(forwarded):
+            assert (await b.route(s)).kind == "mine"
+        assert b.owned() == forwarded
+        assert a.owned() == mine
+    assert sorted(s for s, _ in rec_b.acquired) == sorted(forwarded)
 
 
 async def test_a_live_daemon_id_cannot_be_used_twice(redis_client):
