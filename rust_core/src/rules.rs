@@ -417,6 +417,13 @@ impl SymbolRules {
             max_price: non_negative(sym, "PRICE_FILTER.maxPrice", price)?,
             tick_size: non_negative(sym, "PRICE_FILTER.tickSize", price)?,
         };
+        check_range(
+            sym,
+            "PRICE_FILTER.maxPrice",
+            price_filter.min_price,
+            price_filter.max_price,
+            "minPrice",
+        )?;
         let lot_size = parse_lot(sym, "LOT_SIZE", filters.get("LOT_SIZE").copied())?
             .ok_or_else(|| missing(sym, "LOT_SIZE"))?;
         let market_lot_size = parse_lot(
@@ -839,11 +846,39 @@ fn parse_lot(
     filter: Option<&Map<String, Value>>,
 ) -> Result<Option<LotSize>, CoreError> {
     let Some(f) = filter else { return Ok(None) };
-    Ok(Some(LotSize {
+    let lot = LotSize {
         min_qty: non_negative(sym, &format!("{name}.minQty"), f)?,
         max_qty: non_negative(sym, &format!("{name}.maxQty"), f)?,
         step_size: non_negative(sym, &format!("{name}.stepSize"), f)?,
-    }))
+    };
+    check_range(
+        sym,
+        &format!("{name}.maxQty"),
+        lot.min_qty,
+        lot.max_qty,
+        "minQty",
+    )?;
+    Ok(Some(lot))
+}
+
+/// A maximum below its minimum makes every value invalid: a malformed document. A zero
+/// maximum means "no maximum" (Binance's convention), so it passes.
+fn check_range(
+    sym: &str,
+    max_field: &str,
+    min: Decimal,
+    max: Decimal,
+    min_name: &str,
+) -> Result<(), CoreError> {
+    if max > Decimal::ZERO && max < min {
+        return Err(CoreError::invalid_for(
+            sym,
+            max_field,
+            max.to_string(),
+            format!("is below {min_name} {min}"),
+        ));
+    }
+    Ok(())
 }
 
 fn missing(sym: &str, field: &str) -> CoreError {
@@ -1072,6 +1107,18 @@ mod tests {
             "exchangeInfo.symbols 3 must be an array of symbol objects"
         );
         assert!(ExchangeRules::from_json(b"not json").is_err());
+        let bad = DOC.replace(r#""maxQty":"120""#, r#""maxQty":"0.0001""#);
+        let err = ExchangeRules::from_json(bad.as_bytes()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "MARKET_LOT_SIZE.maxQty 0.0001 for BTCUSDT is below minQty 0.001"
+        );
+        let bad = DOC.replace(r#""maxPrice":"809484""#, r#""maxPrice":"100""#);
+        let err = ExchangeRules::from_json(bad.as_bytes()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "PRICE_FILTER.maxPrice 100 for BTCUSDT is below minPrice 261.10"
+        );
         let dup = DOC.replace("OPENUSDT", "BTCUSDT");
         let err = ExchangeRules::from_json(dup.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("appears twice"), "{err}");
