@@ -182,15 +182,7 @@ class Intake:
         finally:
             if task is not None:
                 self.in_flight.discard(task)
-        logger.info(
-            "Intent decided intent_id=%s symbol=%s side=%s accepted=%s reason=%s detail=%s",
-            intent.intent_id,
-            intent.symbol,
-            intent.side,
-            decision.accepted,
-            decision.reason,
-            decision.detail,
-        )
+        # The guard logs each decision with its reason; nothing to add here.
         return decision
 
     def reject_malformed(self, source: str, payload: object, error: object) -> None:
