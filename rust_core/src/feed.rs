@@ -9,7 +9,8 @@
 //! ones) are skipped without being materialized. Symbols are borrowed from the input;
 //! a symbol written with JSON escapes (Binance sends raw UTF-8, but re-encoders such as
 //! Python's `json.dumps` escape non-ASCII names like the real `测试测试USDT`) cannot be
-//! borrowed and lands, unescaped, in [`MarkBatch::escaped`] instead of failing the message.
+//! borrowed and lands, unescaped, in [`MarkBatch::escaped`] instead of failing the message;
+//! [`MarkBatch::iter_all`] walks both lists.
 //! The mark price is kept both as an exact [`Decimal`] (for wire strings and
 //! comparisons with quantized levels) and as the correctly rounded `f64` of the same
 //! text (for bars and ATR). A malformed message is an `Err` and yields no updates at
@@ -83,7 +84,7 @@ impl<'a> MarkBatch<'a> {
             .chain(self.escaped.iter().map(OwnedMarkUpdate::as_update))
     }
 
-    /// Iterates over the updates.
+    /// Iterates over the borrowed updates (see [`MarkBatch::iter_all`] for all of them).
     pub fn iter(&self) -> std::slice::Iter<'_, MarkUpdate<'a>> {
         self.updates.iter()
     }
