@@ -256,6 +256,7 @@ class Daemon:
         self.malformed_messages = 0
         self.summary: dict[str, object] = {}
         self.flatten_steps: list[Any] = []
+        self._status_cache = Status({}, {}, 0, 0)
 
     # ------------------------------------------------------------------ control
 
@@ -527,6 +528,14 @@ class Daemon:
             shadow=self.config.router.shadow,
         )
 
+    def _cached_status(self) -> Status:
+        # Called on the metrics server's thread: it only reads the value the event loop
+        # last stored (the store's SQLite connection belongs to the loop's thread).
+        return self._status_cache
+
+    async def _refresh_status(self) -> None:
+        self._status_cache = self._status()
+
     def _status(self) -> Status:
         limits = self.client.rate_limits if self.client else None
         return Status(
@@ -607,7 +616,8 @@ class Daemon:
         if warm_up:
             await self._warm_up(self._symbols)
         if self._metrics_port is not None:
-            self.metrics = Metrics(self._status)
+            self._status_cache = self._status()
+            self.metrics = Metrics(self._cached_status)
             self.latency.observers.append(self.metrics.tick_to_order.observe)
             self.metrics.serve(self._metrics_port)
             stack.callback(self.metrics.close)
@@ -646,6 +656,8 @@ class Daemon:
             self._every(config.daemon.snapshot_interval_s, self._snapshot), name="snapshot"
         )
         group.create_task(self._every(1.0, self._backstops), name="backstops")
+        if self.metrics is not None:
+            group.create_task(self._every(1.0, self._refresh_status), name="metrics-status")
         if self._dashboard_enabled:
             dashboard = Dashboard(self.dashboard_data)
             self._dashboard = dashboard

@@ -97,11 +97,17 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def run_daemon(
-    venue: Venue, state_dir: Path, env: dict[str, str] | None = None, **sections: dict[str, Any]
+    venue: Venue,
+    state_dir: Path,
+    env: dict[str, str] | None = None,
+    metrics_port: int | None = None,
+    **sections: dict[str, Any],
 ) -> AsyncIterator[Running]:
     """Start a daemon against ``venue`` and wait until it takes intents."""
     config = daemon_config(venue, env, **sections)
-    daemon = Daemon(config, state_dir=state_dir, install_signal_handlers=False)
+    daemon = Daemon(
+        config, state_dir=state_dir, install_signal_handlers=False, metrics_port=metrics_port
+    )
     task = asyncio.get_running_loop().create_task(daemon.run())
     ready = asyncio.ensure_future(daemon.ready.wait())
     await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from pathlib import Path
 
@@ -129,3 +130,52 @@ async def test_entry_ladder_breakeven_trailing_stop(tmp_path: Path, mode: str, s
     assert summary["open_positions"] == 0
     assert summary["position_mode"] == mode
     assert Decimal(str(summary["realized_pnl"])) > 0
+
+
+async def test_metrics_and_dashboard_reflect_the_running_daemon(tmp_path: Path) -> None:
+    import io
+    import urllib.request
+
+    from rich.console import Console
+
+    from pyquant.dashboard import render
+
+    async with simulator("hedge") as venue:
+        await venue.set_mark(SYMBOL, "2500.00")
+        async with run_daemon(venue, tmp_path, metrics_port=0) as running:
+            daemon = running.daemon
+            result = await daemon.submit(
+                {"id": "m-1", "symbol": SYMBOL, "side": "BUY", "size_usd": "500"}
+            )
+            assert result.accepted
+            await until(lambda: daemon.current_summary()["open_positions"] == 1, what="open")
+            await venue.step(1000)
+            await venue.set_mark(SYMBOL, "2510.00")
+            await until(lambda: daemon.position_lines()[0].mark == "2510.00", what="mark seen")
+            port = daemon.metrics.port
+            await daemon._refresh_status()  # the 1 s timer would do the same
+            body = await asyncio.to_thread(
+                lambda: (
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+                    .read()
+                    .decode()
+                )
+            )
+            assert "pyquant_open_positions 1.0" in body
+            assert "pyquant_entries_total 1.0" in body
+            assert 'pyquant_feed_connected{stream="market"} 1.0' in body
+            out = io.StringIO()
+            Console(file=out, width=200, color_system=None).print(render(daemon.dashboard_data()))
+            text = out.getvalue()
+            for expected in (
+                "ETHUSDT",
+                "LONG",
+                "2500.00",
+                "2510.00",
+                "+2.00",
+                "2450.00",
+                "2525.00",
+                "mode hedge",
+                "live",
+            ):
+                assert expected in text, expected
