@@ -158,7 +158,11 @@ def test_bench_grid_100_combinations_all_1m_symbols(benchmark, rules):
         klines = [_klines(f.name.split("_")[0], 3_000) for f in files[:2]]
         grid = {"stop_atr": [1.5, 3.0], "trail_atr": [1.0, 2.0]}
     else:
-        klines = [frame for f in files for frame in bt.load_klines(f)]
+        # MATICUSDT is delisted: the 2025 exchangeInfo has no rules for it, so it is left out.
+        known = set(rules.symbols())
+        klines = [
+            frame for f in files for frame in bt.load_klines(f) if frame["symbol"][0] in known
+        ]
         grid = {
             "stop_atr": [1.0, 1.5, 2.0, 2.5, 3.0],
             "trail_atr": [1.0, 1.5, 2.0, 3.0],
