@@ -437,7 +437,7 @@ class Daemon:
             await self._reconcile("user stream reconnected")
 
     def _on_user_disconnected(self) -> None:
-        if self.desk is not None:
+        if self.desk is not None and not self._stopping:
             self.desk.on_stream_lost("user-data stream disconnected")
 
     async def _on_gap(self, gap_s: float) -> None:
