@@ -371,31 +371,32 @@ class MarkPriceStream:
 
     async def _read(self, ws: ClientConnection) -> bool:
         got = False
-        deadline = self.health.connected_since + self._rotate_after_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return got
-            try:
-                data = await asyncio.wait_for(ws.recv(decode=False), remaining)
-            except TimeoutError:
-                return got
-            if isinstance(data, str):
-                data = data.encode()
-            got = True
-            now = time.monotonic()
-            if self._stale_since is not None:
-                self._stale_since = None
-                self.health.stale = False
-                logger.info("Mark-price stream back after %.1f s", now - self._last_ws_at)
-            if self._last_ws_at and now - self._last_ws_at >= self._gap_threshold_s:
-                task = asyncio.get_running_loop().create_task(
-                    self._report_gap(now - self._last_ws_at)
-                )
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            self._last_ws_at = now
-            self._deliver(data, polled=False)
+        loop = asyncio.get_running_loop()
+        # One timeout for the connection's whole life rather than one per message: the only
+        # await in the loop is recv (delivery is synchronous), so nothing else is cut short.
+        deadline = (
+            loop.time() + self._rotate_after_s - (time.monotonic() - self.health.connected_since)
+        )
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    data = await ws.recv(decode=False)
+                    if isinstance(data, str):
+                        data = data.encode()
+                    got = True
+                    now = time.monotonic()
+                    if self._stale_since is not None:
+                        self._stale_since = None
+                        self.health.stale = False
+                        logger.info("Mark-price stream back after %.1f s", now - self._last_ws_at)
+                    if self._last_ws_at and now - self._last_ws_at >= self._gap_threshold_s:
+                        task = loop.create_task(self._report_gap(now - self._last_ws_at))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                    self._last_ws_at = now
+                    self._deliver(data, polled=False)
+        except TimeoutError:
+            return got
 
     async def _report_gap(self, gap_s: float) -> None:
         if self._on_gap is None:
