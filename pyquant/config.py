@@ -304,8 +304,9 @@ class Config:
         entries: guard and sizing.
         router: order routing.
         sources: intent sources.
-        exit: the exit policy table, handed to ``pyquant.ExitPolicy`` (``preset`` names a
-            preset; other keys override its fields).
+        exit: the exit policy table, handed to ``pyquant.ExitPolicy``: ``preset`` names the
+            base (``standard`` when absent, ``none`` for the bare field defaults) and every
+            other key overrides one of its fields.
         log: logging.
         metrics: Prometheus.
         daemon: process settings.
@@ -369,10 +370,13 @@ class Config:
         if policy_type is None:
             raise ConfigError("exit: pyquant.ExitPolicy is not available in this build")
         table = dict(self.exit)
-        preset = table.pop("preset", None)
-        if preset is None:
+        preset = str(table.pop("preset", "standard"))
+        if preset == "none":
             return policy_type(**table)
-        base = policy_type.preset(str(preset))
+        try:
+            base = policy_type.preset(preset)
+        except ValueError as exc:
+            raise ConfigError(f"exit.preset: {preset!r} found: {exc}") from None
         if not table:
             return base
         merged = _policy_fields(base)

@@ -24,6 +24,7 @@ from pyquant.sim.server import Venue
 
 # Prices and sizes below are exact on ETHUSDT's grid (tick 0.01, step 0.001).
 EXIT_POLICY: dict[str, Any] = {
+    "preset": "none",
     "fallback_stop_pct": 0.02,
     "min_stop_pct": 0.001,
     "max_stop_pct": 0.05,

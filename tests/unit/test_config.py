@@ -198,3 +198,16 @@ def test_exit_policy_errors_come_from_the_core(tmp_path: Path) -> None:
     config = load_config(path, environ={})  # Python does not keep a second copy of the rules
     with pytest.raises(PolicyError, match="trail_pct"):
         config.exit_policy()
+
+
+def test_exit_overrides_from_the_environment_keep_the_preset() -> None:
+    config = load_config(None, environ={"PYQUANT__EXIT__TRAIL_PCT": "0.02"})
+    fields = config.exit_policy().to_dict()
+    assert fields["trail_pct"] == 0.02
+    assert fields["max_margin_loss"] == 0.1  # from the standard preset
+
+
+def test_unknown_preset_names_the_setting(tmp_path: Path) -> None:
+    path = write(tmp_path, '[exit]\npreset = "yolo"\n')
+    with pytest.raises(ConfigError, match=r"exit\.preset: 'yolo' found"):
+        load_config(path, environ={}).exit_policy()
