@@ -14,6 +14,42 @@ only from environment variables (names configurable) or from a secrets file read
 its owner alone. They are held in ``Secret``, whose repr is redacted; ``Config.redacted()``
 is what ``--show-config`` prints.
 
+An example (every key is optional; ``pyquant run --show-config`` prints them all)::
+
+    exchange = "testnet"              # "sim" (default) | "testnet" | "mainnet" | "custom"
+
+    [venue]                           # explicit URLs for "custom" (or to override the default)
+    # rest_url = "http://127.0.0.1:8080"
+    # ws_url = "ws://127.0.0.1:8080/market"
+    # user_ws_url = "ws://127.0.0.1:8080/private"
+
+    [credentials]                     # keys come from these variables (or an owner-only file)
+    api_key_env = "PYQUANT_API_KEY"
+    api_secret_env = "PYQUANT_API_SECRET"
+    # file = "~/.config/pyquant/keys.toml"   # chmod 600: api_key = "...", api_secret = "..."
+
+    [market]
+    symbols = ["BTCUSDT", "ETHUSDT"]  # empty: the all-market !markPrice@arr@1s stream
+
+    [entries]
+    max_open_positions = 5
+    sizing = "risk"                   # or "notional" with notional_usdt
+    risk_pct = "0.005"
+    leverage = 5
+
+    [sources]
+    demo = false
+    jsonl = "~/intents.jsonl"         # "-" reads stdin
+    http_port = 8089                  # bearer token in $PYQUANT_HTTP_TOKEN
+
+    [exit]
+    preset = "standard"               # or "challenge", or "none"; other keys override fields
+    trail_pct = 0.02
+
+    [metrics]
+    enabled = true
+    port = 9108
+
 Validation reports every problem at once, each as ``path: value found: rule``, then the
 cross-field checks (mainnet needs an explicit confirmation, the HTTP intake needs a token,
 a non-simulator venue needs keys). The exit policy is validated by the Rust

@@ -211,3 +211,20 @@ def test_unknown_preset_names_the_setting(tmp_path: Path) -> None:
     path = write(tmp_path, '[exit]\npreset = "yolo"\n')
     with pytest.raises(ConfigError, match=r"exit\.preset: 'yolo' found"):
         load_config(path, environ={}).exit_policy()
+
+
+def test_the_documented_example_config_loads(tmp_path: Path) -> None:
+    import pyquant.config
+
+    doc = pyquant.config.__doc__ or ""
+    block = doc.split("An example")[1].split("::\n\n", 1)[1].split("\nValidation")[0]
+    path = write(tmp_path, "\n".join(line[4:] for line in block.splitlines()))
+    env = {
+        "PYQUANT_API_KEY": "k" * 8,
+        "PYQUANT_API_SECRET": "s" * 8,
+        "PYQUANT_HTTP_TOKEN": "t" * 20,
+    }
+    config = load_config(path, environ=env)
+    assert config.exchange == "testnet"
+    assert config.rest_url == "https://demo-fapi.binance.com"
+    assert config.exit_policy().to_dict()["trail_pct"] == 0.02
