@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,3 +174,76 @@ ladder = [{ladder}]
 {scalars}
 """
     )
+
+
+class DaemonProcess:
+    """``pyquant run`` as a subprocess, its log lines collected as they come."""
+
+    def __init__(self, config: Path, state: Path, env: dict[str, str], summary: Path) -> None:
+        self.args = [
+            sys.executable,
+            "-m",
+            "pyquant",
+            "run",
+            "--config",
+            str(config),
+            "--state",
+            str(state),
+            "--no-tui",
+            "--log-format",
+            "json",
+            "--summary-json",
+            str(summary),
+        ]
+        self.env = env
+        self.lines: list[dict[str, object]] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            try:
+                self.lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                self.lines.append({"msg": raw.decode(errors="replace")})
+
+    def logged(self, text: str) -> bool:
+        return any(text in str(line.get("msg", "")) for line in self.lines)
+
+    async def wait_logged(self, text: str, limit_s: float = 30) -> None:
+        await until(
+            lambda: (
+                self.logged(text) or (self.proc is not None and self.proc.returncode is not None)
+            ),
+            limit_s,
+            text,
+        )
+        assert self.logged(text), "\n".join(str(line.get("msg")) for line in self.lines[-30:])
+
+    async def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+
+    async def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), 30)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+
+def append_intent(path: Path, payload: dict[str, object]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(payload) + "\n")

@@ -8,7 +8,7 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
-from pq_harness import run_daemon, simulator, until, write_config
+from pq_harness import DaemonProcess, append_intent, run_daemon, simulator, until, write_config
 
 SYMBOL = "ETHUSDT"
 
@@ -94,3 +94,35 @@ async def test_pyquant_flatten_command(tmp_path: Path) -> None:
         assert venue.exchange.position(SYMBOL, "LONG").amount == 0
         assert venue.exchange.position(SYMBOL, "SHORT").amount == 0
         assert not venue.exchange.open_algo_orders(SYMBOL)
+
+
+async def test_sigusr1_flattens_a_running_pyquant_run(tmp_path: Path) -> None:
+    import signal
+
+    intents = tmp_path / "intents.jsonl"
+    intents.touch()
+    config = tmp_path / "pyquant.toml"
+    async with simulator("hedge") as venue:
+        await venue.set_mark(SYMBOL, "2500.00")
+        write_config(config, venue, intents)
+        env = {
+            **os.environ,
+            "PYQUANT_API_KEY": venue.api_key,
+            "PYQUANT_API_SECRET": venue.api_secret,
+        }
+        daemon = DaemonProcess(config, tmp_path / "state", env, tmp_path / "summary.json")
+        await daemon.start()
+        await daemon.wait_logged("Daemon running")
+        append_intent(intents, {"id": "usr1", "symbol": SYMBOL, "side": "SELL", "size_usd": "500"})
+        await until(
+            lambda: venue.exchange.position(SYMBOL, "SHORT").amount == Decimal("-0.200"),
+            20,
+            "entry",
+        )
+        await until(lambda: len(venue.exchange.open_algo_orders(SYMBOL)) == 1, 20, "backstop")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGUSR1)
+        await until(lambda: venue.exchange.position(SYMBOL, "SHORT").amount == 0, 20, "flattened")
+        await until(lambda: not venue.exchange.open_algo_orders(SYMBOL), 20, "backstop cancelled")
+        await daemon.wait_logged("Flatten step=close")
+        assert await daemon.terminate() == 0
