@@ -94,3 +94,66 @@ async def test_kill_9_mid_position_then_restart(tmp_path: Path) -> None:
     finally:
         store.close()
     assert snapshot is not None
+
+
+async def test_kill_9_while_an_exit_is_unanswered_then_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    intents = tmp_path / "intents.jsonl"
+    intents.touch()
+    config = tmp_path / "pyquant.toml"
+    async with simulator("one-way") as venue:
+        await venue.set_mark(SYMBOL, "2500.00")
+        write_config(config, venue, intents)
+        env = {
+            **os.environ,
+            "PYQUANT_API_KEY": venue.api_key,
+            "PYQUANT_API_SECRET": venue.api_secret,
+        }
+        first = DaemonProcess(config, state, env, tmp_path / "first.json")
+        await first.start()
+        await first.wait_logged("Daemon running")
+        await first.wait_logged("Mark-price stream connected")
+        append_intent(
+            intents, {"id": "inflight-1", "symbol": SYMBOL, "side": "BUY", "size_usd": "500"}
+        )
+        await until(
+            lambda: venue.exchange.position(SYMBOL, "BOTH").amount == Decimal("0.200"), 20, "entry"
+        )
+        await until(lambda: len(venue.exchange.open_algo_orders(SYMBOL)) == 1, 20, "backstop")
+        # the venue executes the take-profit, drops the connection without an answer and does
+        # not show the order to queries for a while: the daemon is left not knowing
+        venue.set_faults(
+            order_error_rate=1.0, order_error="drop", execute_share=1.0, visibility_delay_ms=2500
+        )
+        await venue.step(1000)
+        await venue.set_mark(SYMBOL, "2526.00")
+        await until(
+            lambda: venue.exchange.position(SYMBOL, "BOTH").amount == Decimal("0.140"),
+            20,
+            "TP1 executed",
+        )
+        await first.kill9()
+        assert first.logged("reason=take_profit_1")  # sent, and no answer was ever read
+        venue.set_faults()
+        exits_before = [e for e in venue.order_log.orders if "-x" in str(e["clientOrderId"])]
+        assert len(exits_before) == 1
+
+        second = DaemonProcess(config, state, env, tmp_path / "second.json")
+        await second.start()
+        await second.wait_logged("Daemon running")
+        await second.wait_logged("Mark-price stream connected")
+        await venue.step(1000)
+        await venue.set_mark(SYMBOL, "2527.00")  # the engine would emit take_profit_1 again
+        await venue.step(1000)
+        await venue.set_mark(SYMBOL, "2501.00")  # through the breakeven stop
+        await until(
+            lambda: venue.exchange.position(SYMBOL, "BOTH").amount == 0, 20, "breakeven stop"
+        )
+        assert await second.terminate() == 0
+
+    exits = [e for e in venue.order_log.orders if "-x" in str(e["clientOrderId"])]
+    assert [Decimal(e["quantity"]) for e in exits] == [Decimal("0.060"), Decimal("0.140")]
+    sent = [e["clientOrderId"] for e in venue.order_log.orders]
+    assert len(sent) == len(set(sent))
+    summary = json.loads((tmp_path / "second.json").read_text())
+    assert summary["exits"] == {"breakeven_stop": 1, "take_profit_1": 1}
