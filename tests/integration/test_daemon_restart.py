@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from decimal import Decimal
@@ -144,11 +145,13 @@ async def test_kill_9_while_an_exit_is_unanswered_then_restart(tmp_path: Path) -
         await second.wait_logged("Mark-price stream connected")
         await venue.step(1000)
         await venue.set_mark(SYMBOL, "2527.00")  # the engine would emit take_profit_1 again
-        await venue.step(1000)
-        await venue.set_mark(SYMBOL, "2501.00")  # through the breakeven stop
-        await until(
-            lambda: venue.exchange.position(SYMBOL, "BOTH").amount == 0, 20, "breakeven stop"
-        )
+        # then the market falls through the breakeven stop; like a live feed, the mark keeps
+        # arriving every (simulated) second until the daemon has acted on it
+        async with asyncio.timeout(20):
+            while venue.exchange.position(SYMBOL, "BOTH").amount != 0:
+                await venue.step(1000)
+                await venue.set_mark(SYMBOL, "2501.00")
+                await asyncio.sleep(0.05)
         assert await second.terminate() == 0
 
     exits = [e for e in venue.order_log.orders if "-x" in str(e["clientOrderId"])]
