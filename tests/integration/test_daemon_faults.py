@@ -275,3 +275,19 @@ async def test_rate_limited_exit_backs_off_and_executes_once(tmp_path: Path) -> 
             await until(lambda: store.get_position(position_id).status == "closed", 15, "stop")
             assert len(our_orders(venue, "exit")) == 1
             assert venue.exchange.position(SYMBOL, "LONG").amount == 0
+
+
+async def test_per_symbol_combined_streams_drive_exits(tmp_path: Path) -> None:
+    async with simulator("one-way") as venue:
+        await venue.set_mark(SYMBOL, "2500.00")
+        async with run_daemon(venue, tmp_path, market={"symbols": [SYMBOL, "BTCUSDT"]}) as running:
+            daemon = running.daemon
+            assert daemon.market.url.endswith(
+                "/stream?streams=ethusdt@markPrice@1s/btcusdt@markPrice@1s"
+            )
+            position_id = await open_long(running)
+            await venue.step(1000)
+            await venue.set_mark(SYMBOL, "2440.00")
+            store = daemon.desk.store
+            await until(lambda: store.get_position(position_id).status == "closed", what="stop")
+            assert [o.reason for o in store.orders(kind="exit")] == ["stop_loss"]
