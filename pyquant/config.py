@@ -182,7 +182,8 @@ class MarketConfig:
         symbols: per-symbol ``<s>@markPrice@1s`` streams; empty means ``!markPrice@arr@1s``.
         stale_after_s: no update for this long marks the feed stale (REST polling starts).
         poll_interval_s: premiumIndex polling interval while stale.
-        warmup_bars: markPriceKlines fetched per symbol at start and after a gap.
+        warmup_bars: closed markPriceKlines per symbol at start and after a gap (98 keeps the
+            request, which asks for one more, under limit 100: weight 1 instead of 2).
         warmup_interval: the kline interval the engine's ATR runs on.
         rotate_after_s: reconnect proactively before Binance's 24 h limit.
         backoff_initial_s: first reconnect delay.
@@ -192,7 +193,7 @@ class MarketConfig:
     symbols: tuple[str, ...] = ()
     stale_after_s: float = 10.0
     poll_interval_s: float = 2.0
-    warmup_bars: int = 100
+    warmup_bars: int = 98
     warmup_interval: str = "1m"
     rotate_after_s: float = 23.5 * 3600
     backoff_initial_s: float = 0.5
