@@ -184,7 +184,7 @@ class MarketConfig:
         poll_interval_s: premiumIndex polling interval while stale.
         warmup_bars: closed markPriceKlines per symbol at start and after a gap (98 keeps the
             request, which asks for one more, under limit 100: weight 1 instead of 2).
-        warmup_interval: the kline interval the engine's ATR runs on.
+        warmup_interval: kline interval used when the exit policy names no atr_interval.
         rotate_after_s: reconnect proactively before Binance's 24 h limit.
         backoff_initial_s: first reconnect delay.
         backoff_max_s: reconnect delay cap.
