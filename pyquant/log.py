@@ -92,6 +92,25 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in stubs
+    """Writes to whatever ``sys.stderr`` is at emit time.
+
+    The dashboard (rich Live) swaps ``sys.stderr`` for a proxy that prints above the live
+    display; a handler holding the original stream would scribble through the dashboard.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 _installed: list[logging.Handler] = []
 
 
@@ -128,7 +147,9 @@ def configure_logging(
         root.removeHandler(handler)
         handler.close()
     _installed.clear()
-    handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
+    handlers: list[logging.Handler] = [
+        logging.StreamHandler(stream) if stream is not None else _StderrHandler()
+    ]
     if file:
         handlers.append(logging.FileHandler(file, encoding="utf-8"))
     for handler in handlers:

@@ -87,3 +87,11 @@ def test_exception_text_is_redacted() -> None:
         logging.getLogger("pyquant.x").exception("Boom")
     assert "HUSH-SECRET" not in out.getvalue()
     assert "failed with" in out.getvalue()
+
+
+def test_default_handler_follows_sys_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    configure_logging(fmt="text", level="INFO")
+    swapped = io.StringIO()
+    monkeypatch.setattr("sys.stderr", swapped)  # what the dashboard's Live display does
+    logging.getLogger("pyquant.test").info("Shown above the dashboard")
+    assert "Shown above the dashboard" in swapped.getvalue()
