@@ -137,16 +137,20 @@ def run_command(command: str, argv: list[str]) -> int:
         )
         if s is not None
     ]
-    configure_logging(
-        fmt=config.log.format, level=config.log.level, secrets=secrets, file=config.log.file
-    )
+    level: str = config.log.level
+    tui = command == "run" and config.daemon.dashboard and sys.stdout.isatty()
+    if tui and args.log_level is None and not config.log.file and level == "INFO":
+        # The dashboard shows every action and rejection; on the terminal below it only
+        # warnings and errors (pass --log-level INFO, or set log.file, for the full log).
+        level = "WARNING"
+    configure_logging(fmt=config.log.format, level=level, secrets=secrets, file=config.log.file)
     state = Path(config.daemon.state_dir).expanduser() if config.daemon.state_dir else None
     try:
         if command == "flatten":
             if not _flatten_allowed(config, state, args):
                 return 2
             return asyncio.run(_flatten(config, state))
-        return asyncio.run(_run(config, args, state))
+        return asyncio.run(_run(config, args, state, tui=tui))
     except (PolicyError, ConfigError) as exc:
         print(f"pyquant {command}: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -168,13 +172,13 @@ def run_command(command: str, argv: list[str]) -> int:
         return 130
 
 
-async def _run(config: Config, args: argparse.Namespace, state: Path | None) -> int:
+async def _run(config: Config, args: argparse.Namespace, state: Path | None, *, tui: bool) -> int:
     from pyquant.daemon import Daemon
 
     daemon = Daemon(
         config,
         state_dir=state,
-        dashboard=config.daemon.dashboard and sys.stdout.isatty(),
+        dashboard=tui,
         metrics_port=args.metrics_port
         if args.metrics_port is not None
         else (config.metrics.port if config.metrics.enabled else None),
