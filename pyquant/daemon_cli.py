@@ -36,13 +36,22 @@ def _parser(command: str) -> argparse.ArgumentParser:
                 "Run the streaming daemon. Without --config it trades the built-in simulator "
                 "on bundled real data with a paper account and the demo intent producer."
             ),
+            epilog=(
+                "Ctrl-C or SIGTERM: clean stop (intake closed, in-flight orders finished), then "
+                "the summary; a second one abandons the wait. SIGUSR1: kill switch (cancel our "
+                "orders, close every position)."
+            ),
         )
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument("--state", type=Path, metavar="DIR", help="state directory (SQLite)")
     parser.add_argument(
         "--log-format", choices=("text", "json"), help="log line format (default: text)"
     )
-    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level (default INFO; WARNING on the terminal under the dashboard)",
+    )
     parser.add_argument(
         "--i-understand-mainnet",
         action="store_true",
