@@ -27,7 +27,9 @@ logger = logging.getLogger("pyquant.sim")
 def _fees(text: str) -> tuple[Decimal, Decimal]:
     parts = text.split(",")
     if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"--fees {text!r}: expected MAKER,TAKER such as 0.0002,0.0005")
+        raise argparse.ArgumentTypeError(
+            f"--fees {text!r}: expected MAKER,TAKER such as 0.0002,0.0005"
+        )
     try:
         maker, taker = (Decimal(p.strip()) for p in parts)
     except InvalidOperation as exc:
@@ -49,22 +51,47 @@ def _balance(text: str) -> Decimal:
 
 def build_parser(prog: str = "pyquant sim") -> argparse.ArgumentParser:
     """Return the argument parser of ``pyquant sim``."""
-    p = argparse.ArgumentParser(prog=prog, description="Serve a Binance USDⓈ-M futures simulator on loopback.")
+    p = argparse.ArgumentParser(
+        prog=prog, description="Serve a Binance USDⓈ-M futures simulator on loopback."
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to bind (default: a free one)")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="1m klines, Parquet or CSV "
-                   "(open_time, open, high, low, close[, volume, symbol]); default: bundled real data")
-    p.add_argument("--symbols", nargs="+", metavar="SYMBOL", help="also serve these symbols as a seeded random walk")
-    p.add_argument("--speed", type=float, default=1.0, help="exchange-clock seconds per wall second (0 = frozen)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="1m klines, Parquet or CSV "
+        "(open_time, open, high, low, close[, volume, symbol]); default: bundled real data",
+    )
+    p.add_argument(
+        "--symbols",
+        nargs="+",
+        metavar="SYMBOL",
+        help="also serve these symbols as a seeded random walk",
+    )
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="exchange-clock seconds per wall second (0 = frozen)",
+    )
     p.add_argument("--position-mode", choices=("one-way", "hedge"), default="one-way")
     p.add_argument("--balance", type=_balance, default=Decimal(10_000), help="starting USDT wallet")
     p.add_argument("--api-key", help="API key clients send (default: random)")
     p.add_argument("--api-secret", help="HMAC secret (default: random)")
     p.add_argument("--state", type=Path, help="JSON file that keeps the account across restarts")
-    p.add_argument("--seed", type=int, default=0, help="seed of price paths, random walks and faults")
-    p.add_argument("--fees", type=_fees, default=(Decimal("0.0002"), Decimal("0.0005")),
-                   help="maker,taker fee rates (default 0.0002,0.0005)")
-    p.add_argument("--slippage-ticks", type=int, default=0, help="ticks a MARKET fill moves against the taker")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of price paths, random walks and faults"
+    )
+    p.add_argument(
+        "--fees",
+        type=_fees,
+        default=(Decimal("0.0002"), Decimal("0.0005")),
+        help="maker,taker fee rates (default 0.0002,0.0005)",
+    )
+    p.add_argument(
+        "--slippage-ticks", type=int, default=0, help="ticks a MARKET fill moves against the taker"
+    )
     p.add_argument("--faults", help="fault switches as a JSON object (see pyquant.sim.faults)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
@@ -100,12 +127,20 @@ async def _serve(args: argparse.Namespace) -> int:
         state=args.state,
         faults=faults,
     ) as venue:
-        line = {"rest": venue.rest_url, "ws": venue.ws_url, "api_key": venue.api_key, "api_secret": venue.api_secret}
+        line = {
+            "rest": venue.rest_url,
+            "ws": venue.ws_url,
+            "api_key": venue.api_key,
+            "api_secret": venue.api_secret,
+        }
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         # logging starts only now, so the JSON line is always the first line on stdout
-        logging.basicConfig(stream=sys.stdout, level=args.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logging.basicConfig(
+            stream=sys.stdout,
+            level=args.log_level,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
         logger.info("Serving symbols=%s; stop with Ctrl-C", ",".join(venue.rules))
         await stop.wait()
         logger.info("Stopping")

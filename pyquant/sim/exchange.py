@@ -49,7 +49,7 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -60,6 +60,7 @@ from pyquant.sim.validation import (
     fmt_decimal,
     parse_bool,
     parse_decimal,
+    parse_required,
     plain,
 )
 
@@ -380,7 +381,7 @@ class Exchange:
     def _emit(self, event: dict[str, Any]) -> None:
         self._events.append(event)
 
-    def _record(self, kind: str, **data: Any) -> None:
+    def _record(self, kind: str, **data: object) -> None:
         self.log.append({"kind": kind, "time": self.now_ms(), **data})
 
     def rule(self, symbol: str | None) -> SymbolRules:
@@ -680,13 +681,11 @@ class Exchange:
         else:
             tif = "GTC"
         raw_qty = p.get("quantity") or ""
-        quantity = parse_decimal("quantity", raw_qty)
-        assert quantity is not None
+        quantity = parse_required("quantity", raw_qty)
         raw_price = p.get("price") or ""
         price = ZERO
         if order_type == "LIMIT":
-            parsed = parse_decimal("price", raw_price)
-            assert parsed is not None
+            parsed = parse_required("price", raw_price)
             price = parsed
         elif raw_price and parse_decimal("price", raw_price) != 0:
             raise BinanceError(-1106, name="price")
@@ -1094,15 +1093,13 @@ class Exchange:
             ):
                 raise BinanceError(-4061)
         else:
-            parsed = parse_decimal("quantity", raw_qty)
-            assert parsed is not None
+            parsed = parse_required("quantity", raw_qty)
             quantity = parsed
             rules.check_quantity(raw_qty, quantity, market=order_type.endswith("MARKET"))
         price = ZERO
         if order_type in ("STOP", "TAKE_PROFIT"):
             raw_price = p.get("price") or ""
-            parsed = parse_decimal("price", raw_price)
-            assert parsed is not None
+            parsed = parse_required("price", raw_price)
             price = parsed
             rules.check_price("price", raw_price, price)
         mark = self.mark(symbol)
@@ -1111,16 +1108,14 @@ class Exchange:
         trigger = ZERO
         if order_type == "TRAILING_STOP_MARKET":
             raw_rate = p.get("callbackRate") or ""
-            parsed = parse_decimal("callbackRate", raw_rate)
-            assert parsed is not None
+            parsed = parse_required("callbackRate", raw_rate)
             rate = parsed
             if not Decimal("0.1") <= rate <= Decimal(10):
                 raise BinanceError(-4136)
             raw_act = p.get("activatePrice") or p.get("activationPrice") or ""
             current = mark if working_type == "MARK_PRICE" else self.last(symbol)
             if raw_act:
-                parsed = parse_decimal("activatePrice", raw_act)
-                assert parsed is not None
+                parsed = parse_required("activatePrice", raw_act)
                 activate = parsed
                 rules.check_price("activatePrice", raw_act, activate, stop=True)
                 if (side == "BUY" and activate >= current) or (
@@ -1133,8 +1128,7 @@ class Exchange:
             raw_trigger = p.get("triggerPrice") or p.get("stopPrice") or ""
             if not raw_trigger:
                 raise BinanceError(-1102, name="triggerPrice")
-            parsed = parse_decimal("triggerPrice", raw_trigger)
-            assert parsed is not None
+            parsed = parse_required("triggerPrice", raw_trigger)
             trigger = parsed
             rules.check_price("triggerPrice", raw_trigger, trigger, stop=True)
         if not close_position and not reduce_only and order_type != "TRAILING_STOP_MARKET":
@@ -1420,7 +1414,7 @@ class Exchange:
         return [self.position(s, side) for s in symbols for side in self.legs()]
 
 
-class _TestOnly(Exception):  # noqa: N818 - control flow for /fapi/v1/order/test
+class _TestOnly(Exception):
     """Raised by :meth:`Exchange.new_order` with ``test=True`` once every check passed."""
 
 

@@ -52,7 +52,8 @@ class FaultConfig:
                 raise ValueError(f"faults.{name} {value!r} found: must be between 0 and 1")
         if self.order_error not in ORDER_ERRORS:
             raise ValueError(
-                f"faults.order_error {self.order_error!r} found: must be one of {', '.join(ORDER_ERRORS)}"
+                f"faults.order_error {self.order_error!r} found: "
+                f"must be one of {', '.join(ORDER_ERRORS)}"
             )
         for name in ("delay_ms", "stall_ms", "visibility_delay_ms"):
             if int(getattr(self, name)) < 0:
@@ -87,7 +88,7 @@ class Faults:
 
     def __init__(self, config: FaultConfig | None = None, seed: int = 0) -> None:
         self.config = config or FaultConfig()
-        self._rng = random.Random(f"faults:{seed}")
+        self._rng = random.Random(f"faults:{seed}")  # noqa: S311 - seeded simulation, not security
         self.injected: list[dict[str, Any]] = []
 
     def order_fault(self) -> OrderFault | None:

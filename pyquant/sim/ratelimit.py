@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyquant.sim.validation import BinanceError
+from pyquant.sim.validation import MSG, BinanceError
 
 __all__ = ["Limiter", "RateLimits"]
 
@@ -146,8 +146,8 @@ class RateLimits:
 class _Limited(BinanceError):
     """A 429 with the usage headers to send along."""
 
-    def __init__(self, code: int, headers: dict[str, str], **fmt: Any) -> None:
-        super().__init__(code, http_status=429, **fmt)
+    def __init__(self, code: int, headers: dict[str, str], **fmt: object) -> None:
+        super().__init__(code, MSG[code].format(**fmt), http_status=429)
         self.headers = headers
 
 

@@ -12,14 +12,17 @@ import itertools
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, fields
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyquant.sim.exchange import AlgoOrder, Exchange, Order, Position, Trade
 
 __all__ = ["OrderLog", "load_state", "save_state"]
+
+_T = TypeVar("_T")
 
 STATE_VERSION = 1
 _KEEP_ORDERS = 5000
@@ -63,18 +66,18 @@ class OrderLog:
     def __len__(self) -> int:
         return len(self._exchange.log)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(list(self._exchange.log))
 
 
-def _plain(obj: Any) -> dict[str, Any]:
+def _plain(obj: Order | AlgoOrder | Position | Trade) -> dict[str, Any]:
     out = asdict(obj)
     return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in out.items()}
 
 
-def _build(cls: Any, data: dict[str, Any]) -> Any:
+def _build(cls: type[_T], data: dict[str, Any]) -> _T:
     kwargs: dict[str, Any] = {}
-    for f in fields(cls):
+    for f in fields(cls):  # type: ignore[arg-type]  # only called with dataclasses
         if f.name not in data:
             continue
         value = data[f.name]

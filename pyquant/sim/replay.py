@@ -105,7 +105,7 @@ class SimClock:
         return self._anchor_sim
 
 
-def _to_decimal(value: Any) -> Decimal:
+def _to_decimal(value: object) -> Decimal:
     if isinstance(value, float):
         return Decimal(repr(value))
     return Decimal(str(value))
@@ -216,14 +216,10 @@ class Replay:
         self.start_ms = start_minute
         for symbol, symbol_rules in rules.items():
             bars = klines.get(symbol) or []
-            rng = random.Random(f"walk:{seed}:{symbol}")
+            rng = random.Random(f"walk:{seed}:{symbol}")  # noqa: S311 - seeded simulation, not security
             if bars:
                 closes = [float(b.close) for b in bars]
-                rets = [
-                    math.log(b / a)
-                    for a, b in zip(closes, closes[1:], strict=False)
-                    if a > 0 and b > 0
-                ]
+                rets = [math.log(b / a) for a, b in itertools.pairwise(closes) if a > 0 and b > 0]
                 vol = (sum(r * r for r in rets) / len(rets)) ** 0.5 if rets else 0.0008
                 # rounded to the tick lazily (see _get): most bars are never asked for
                 series_bars = {b.open_time + self.shift: b for b in bars}
@@ -278,7 +274,8 @@ class Replay:
         tick = s.rules.tick_size if s.rules.tick_size > 0 else Decimal("0.00000001")
         while s.last < open_time:
             prev = self._get(s, s.last)
-            assert prev is not None
+            if prev is None:  # pragma: no cover - s.last always has a bar
+                raise KeyError(f"{s.symbol}: no bar at {s.last}")
             t = s.last + MINUTE_MS
             ret = s.walk_rng.gauss(0.0, s.volatility)
             open_ = prev.close
@@ -303,7 +300,8 @@ class Replay:
         if found is None:  # a gap in the data: hold the previous close flat
             prev_t = max(t for t in (*s.raw, *s.bars) if t < open_time)
             prev = self._get(s, prev_t)
-            assert prev is not None
+            if prev is None:  # pragma: no cover - prev_t was taken from the known bars
+                raise KeyError(f"{s.symbol}: no bar at {prev_t}")
             c = prev.close
             found = s.bars[open_time] = Bar(open_time, c, c, c, c, Decimal(0))
         return found
@@ -317,7 +315,7 @@ class Replay:
         bar = self.bar(symbol, open_time)
         if bar is None:
             raise KeyError(f"{symbol}: no data at {open_time}")
-        rng = random.Random(f"path:{self.seed}:{symbol}:{open_time - self.shift}")
+        rng = random.Random(f"path:{self.seed}:{symbol}:{open_time - self.shift}")  # noqa: S311 - seeded simulation, not security
         up = bar.close >= bar.open
         low_first = rng.random() < (0.7 if up else 0.3)
         first, second = (bar.low, bar.high) if low_first else (bar.high, bar.low)
@@ -326,7 +324,7 @@ class Replay:
         tick = s.rules.tick_size if s.rules.tick_size > 0 else Decimal("0.00000001")
         span = float(bar.high - bar.low)
         out: list[Decimal] = []
-        for (ta, pa), (tb, pb) in zip(knots, knots[1:], strict=False):
+        for (ta, pa), (tb, pb) in itertools.pairwise(knots):
             for t in range(ta, tb):
                 if t == ta:
                     out.append(pa)

@@ -43,7 +43,7 @@ from aiohttp import web
 
 from pyquant.sim import streams
 from pyquant.sim.exchange import ZERO, Exchange, TestOnly, max_notional_for
-from pyquant.sim.faults import FaultConfig, Faults
+from pyquant.sim.faults import FaultConfig, Faults, OrderFault
 from pyquant.sim.ratelimit import Limited, RateLimits
 from pyquant.sim.records import OrderLog, load_state, save_state
 from pyquant.sim.replay import DEFAULT_DATA, INTERVAL_MS, Replay, SimClock, load_klines
@@ -58,7 +58,7 @@ _API_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _FUNDING_MS = 8 * 3_600_000
 
-Handler = Callable[[dict[str, str]], Awaitable[Any]]
+Handler = Callable[[dict[str, str]], Awaitable[object]]
 
 
 def load_exchange_info(path: str | Path | None = None) -> dict[str, Any]:
@@ -207,12 +207,18 @@ class Venue:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        sockets = getattr(server, "sockets", None)
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
         if not self.clock.manual:
             self._ticker = asyncio.create_task(self._tick_loop())
-        logger.info("Simulator serving rest=%s symbols=%s speed=%s mode=%s", self.rest_url,
-                    ",".join(self.rules), self.clock.speed, "hedge" if self.exchange.dual else "one-way")
+        logger.info(
+            "Simulator serving rest=%s symbols=%s speed=%s mode=%s",
+            self.rest_url,
+            ",".join(self.rules),
+            self.clock.speed,
+            "hedge" if self.exchange.dual else "one-way",
+        )
 
     async def stop(self) -> None:
         """Stop the ticker, close websockets and the port; persist the state."""
@@ -231,7 +237,9 @@ class Venue:
 
     # --- admin hooks (tests drive the venue through these) ------------------------------------
 
-    async def set_mark(self, symbol: str, mark: Decimal | str | float, last: Decimal | str | None = None) -> None:
+    async def set_mark(
+        self, symbol: str, mark: Decimal | str | float, last: Decimal | str | None = None
+    ) -> None:
         """Pin ``symbol``'s mark (and optionally last) price until :meth:`release_mark`.
 
         The update is applied at once: crossed LIMIT orders fill, algo orders trigger, the
@@ -257,7 +265,7 @@ class Venue:
         self._advance_to(now)
         return now
 
-    def set_faults(self, **switches: Any) -> FaultConfig:
+    def set_faults(self, **switches: object) -> FaultConfig:
         """Replace the fault switches (fields of :class:`FaultConfig`); returns the config."""
         config = FaultConfig.from_dict(switches)
         self.faults.config = config
@@ -328,8 +336,9 @@ class Venue:
                 self._book_ids += 1
                 self.hub.publish(
                     f"{low}@bookticker",
-                    streams.book_ticker_payload(self.rules[symbol], self.exchange.mark(symbol),
-                                                self._book_ids, t_ms),
+                    streams.book_ticker_payload(
+                        self.rules[symbol], self.exchange.mark(symbol), self._book_ids, t_ms
+                    ),
                 )
             for interval in INTERVAL_MS:
                 name = f"{low}@kline_{interval}"
@@ -337,7 +346,9 @@ class Venue:
                     rows = self.replay.klines(symbol, interval, t_ms, limit=1)
                     if rows:
                         closed = t_ms + 1000 >= rows[-1][6]
-                        self.hub.publish(name, streams.kline_payload(symbol, interval, rows[-1], t_ms, closed))
+                        self.hub.publish(
+                            name, streams.kline_payload(symbol, interval, rows[-1], t_ms, closed)
+                        )
         every_symbol = list(payloads.values())
         self.hub.publish("!markprice@arr@1s", every_symbol)
         if third:
@@ -390,20 +401,29 @@ class Venue:
             known = any(path == key[1] for _, path in self._routes)
             status = 405 if known else 404
             return web.Response(
-                body=orjson.dumps({"code": -5000, "msg": f"Path {request.path}, Method {request.method} is invalid"}),
+                body=orjson.dumps(
+                    {
+                        "code": -5000,
+                        "msg": f"Path {request.path}, Method {request.method} is invalid",
+                    }
+                ),
                 status=status,
                 content_type="application/json",
             )
         handler, security, weight, order_counts = route
         ip = request.remote or "?"
         if self.faults.reject_429():
-            return self._error(BinanceError(-1003, http_status=429, limit=self._weight_limit()),
-                               self.limits.weight_headers(ip))
+            return self._error(
+                BinanceError(-1003, http_status=429, limit=self._weight_limit()),
+                self.limits.weight_headers(ip),
+            )
         wait = self.faults.stall_ms()
         if wait:
             await asyncio.sleep(wait / 1000)
         raw_query = request.rel_url.raw_query_string
-        raw_body = (await request.read()).decode("utf-8", "replace") if request.can_read_body else ""
+        raw_body = (
+            (await request.read()).decode("utf-8", "replace") if request.can_read_body else ""
+        )
         params = self._params(raw_query, raw_body)
         try:
             headers = self.limits.charge_weight(ip, weight(params) if callable(weight) else weight)
@@ -423,18 +443,31 @@ class Venue:
             return self._error(exc, {**headers, **exc.headers})
         except BinanceError as exc:
             if order_counts:
-                self.exchange._record("reject", code=exc.code, msg=exc.msg, path=request.path,
-                                      symbol=params.get("symbol"),
-                                      clientOrderId=params.get("newClientOrderId") or params.get("clientAlgoId"))
+                self.exchange._record(
+                    "reject",
+                    code=exc.code,
+                    msg=exc.msg,
+                    path=request.path,
+                    symbol=params.get("symbol"),
+                    clientOrderId=params.get("newClientOrderId") or params.get("clientAlgoId"),
+                )
             self._flush()
             return self._error(exc, headers)
         self._flush()
         if request.method != "GET":
             self._persist()
-        return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers)
+        return web.Response(
+            body=orjson.dumps(body), content_type="application/json", headers=headers
+        )
 
-    async def _faulted(self, request: web.Request, fault: Any, handler: Handler,
-                       params: dict[str, str], headers: dict[str, str]) -> web.StreamResponse:
+    async def _faulted(
+        self,
+        request: web.Request,
+        fault: OrderFault,
+        handler: Handler,
+        params: dict[str, str],
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
         if fault.execute:
             with contextlib.suppress(BinanceError):
                 await handler(params)
@@ -448,9 +481,17 @@ class Venue:
         if fault.kind == "-1007":
             return self._error(BinanceError(-1007, http_status=408), headers)
         if fault.kind == "503-unavailable":
-            return self._error(BinanceError(-1001, "Service Unavailable.", http_status=503), headers)
-        return self._error(BinanceError(-1000, "Unknown error, please check your request or try again later.",
-                                        http_status=503), headers)
+            return self._error(
+                BinanceError(-1001, "Service Unavailable.", http_status=503), headers
+            )
+        return self._error(
+            BinanceError(
+                -1000,
+                "Unknown error, please check your request or try again later.",
+                http_status=503,
+            ),
+            headers,
+        )
 
     def _weight_limit(self) -> int:
         return next((lim.limit for lim in self.limits.weight if lim.kind == "REQUEST_WEIGHT"), 0)
@@ -467,8 +508,14 @@ class Venue:
                 merged[name] = value
         return merged
 
-    def _authenticate(self, request: web.Request, security: str, params: dict[str, str],
-                      raw_query: str, raw_body: str) -> None:
+    def _authenticate(
+        self,
+        request: web.Request,
+        security: str,
+        params: dict[str, str],
+        raw_query: str,
+        raw_body: str,
+    ) -> None:
         if security == "NONE":
             return
         key = request.headers.get("X-MBX-APIKEY")
@@ -500,7 +547,9 @@ class Venue:
         server = int(time.time() * 1000) + self.time_skew_ms
         ts = int(raw_ts)
         if ts >= server + 1000:
-            raise BinanceError(-1021, "Timestamp for this request was 1000ms ahead of the server's time.")
+            raise BinanceError(
+                -1021, "Timestamp for this request was 1000ms ahead of the server's time."
+            )
         if server - ts > int(recv):
             raise BinanceError(-1021)
 
@@ -512,7 +561,7 @@ class Venue:
         for prefix in ("/public", "/market", "/private"):
             if path == prefix or path.startswith(prefix + "/"):
                 route = prefix[1:]
-                path = path[len(prefix):]
+                path = path[len(prefix) :]
                 break
         names: list[str] = []
         combined = False
@@ -520,7 +569,7 @@ class Venue:
             combined = True
             names = [n for n in request.query.get("streams", "").split("/") if n]
         elif path.startswith("/ws"):
-            names = [n for n in path[len("/ws"):].split("/") if n]
+            names = [n for n in path[len("/ws") :].split("/") if n]
         else:
             raise BinanceError(-5000, f"Path {request.path} is invalid", http_status=404)
         listen_key = request.query.get("listenKey")
@@ -535,7 +584,9 @@ class Venue:
             market.append((kind, name))
         if listen_key is not None:
             if route not in ("root", "private") or market:
-                raise BinanceError(-1100, "Invalid request: user data is served on /private (or the root) only")
+                raise BinanceError(
+                    -1100, "Invalid request: user data is served on /private (or the root) only"
+                )
             if not self.exchange.listen_key_valid(listen_key):
                 raise BinanceError(-1125)
         elif route == "private":
@@ -546,13 +597,17 @@ class Venue:
         conn = streams.Connection(ws=ws, route=route, combined=combined, listen_key=listen_key)
         for kind, name in market:
             if not conn.allows(kind):
-                raise BinanceError(-1100, f"Invalid request: stream '{name}' is not served on /{route}")
+                raise BinanceError(
+                    -1100, f"Invalid request: stream '{name}' is not served on /{route}"
+                )
             conn.subs[kind.canonical] = name
         await ws.prepare(request)
         self.hub.connections.add(conn)
         writer = asyncio.create_task(streams.writer(conn))
         self._tasks.add(writer)
-        lifetime = asyncio.get_running_loop().call_later(self.max_connection_s, conn.queue.put_nowait, None)
+        lifetime = asyncio.get_running_loop().call_later(
+            self.max_connection_s, conn.queue.put_nowait, None
+        )
         try:
             await streams.reader(self.hub, conn, time.time)
         finally:
@@ -578,16 +633,21 @@ class Venue:
             if not isinstance(loaded, dict):
                 return web.json_response({"error": "body must be a JSON object"}, status=400)
             body = loaded
-        action = request.path[len("/admin/"):]
+        action = request.path[len("/admin/") :]
         try:
             if action == "faults" and request.method == "GET":
                 return web.json_response(self.faults.config.to_dict())
             if action == "faults":
                 return web.json_response(self.set_faults(**body).to_dict())
             if action == "mark":
-                await self.set_mark(str(body["symbol"]), str(body["price"]),
-                                    str(body["last"]) if body.get("last") else None)
-                return web.json_response({"symbol": body["symbol"], "markPrice": str(body["price"])})
+                await self.set_mark(
+                    str(body["symbol"]),
+                    str(body["price"]),
+                    str(body["last"]) if body.get("last") else None,
+                )
+                return web.json_response(
+                    {"symbol": body["symbol"], "markPrice": str(body["price"])}
+                )
             if action == "release":
                 self.release_mark(str(body["symbol"]))
                 return web.json_response({"symbol": body["symbol"]})
@@ -609,7 +669,9 @@ class Venue:
 
     # --- REST endpoints -----------------------------------------------------------------------
 
-    def _route_table(self) -> dict[tuple[str, str], tuple[Handler, str, Any, dict[str, int] | None]]:
+    def _route_table(
+        self,
+    ) -> dict[tuple[str, str], tuple[Handler, str, Any, dict[str, int] | None]]:
         one = {"10S": 1, "1M": 1}
         v1 = "/fapi/v1/"
         table: dict[tuple[str, str], tuple[Handler, str, Any, dict[str, int] | None]] = {
@@ -669,13 +731,13 @@ class Venue:
         self.exchange.rule(symbol)
         return symbol
 
-    async def _ping(self, p: dict[str, str]) -> Any:
+    async def _ping(self, p: dict[str, str]) -> object:
         return {}
 
-    async def _time(self, p: dict[str, str]) -> Any:
+    async def _time(self, p: dict[str, str]) -> object:
         return {"serverTime": int(time.time() * 1000) + self.time_skew_ms}
 
-    async def _exchange_info(self, p: dict[str, str]) -> Any:
+    async def _exchange_info(self, p: dict[str, str]) -> object:
         return {**self.info, "serverTime": int(time.time() * 1000) + self.time_skew_ms}
 
     def _kline_args(self, p: dict[str, str]) -> tuple[str, str, int, int | None, int | None]:
@@ -699,14 +761,16 @@ class Venue:
                 times.append(int(raw))
         return symbol, interval, int(raw_limit), times[0], times[1]
 
-    async def _klines(self, p: dict[str, str], mark: bool = False) -> Any:
+    async def _klines(self, p: dict[str, str], mark: bool = False) -> object:
         symbol, interval, limit, start, end = self._kline_args(p)
-        return self.replay.klines(symbol, interval, self._now(), start=start, end=end, limit=limit, mark=mark)
+        return self.replay.klines(
+            symbol, interval, self._now(), start=start, end=end, limit=limit, mark=mark
+        )
 
-    async def _mark_klines(self, p: dict[str, str]) -> Any:
+    async def _mark_klines(self, p: dict[str, str]) -> object:
         return await self._klines(p, mark=True)
 
-    async def _index_klines(self, p: dict[str, str]) -> Any:
+    async def _index_klines(self, p: dict[str, str]) -> object:
         if "pair" in p and "symbol" not in p:
             p = {**p, "symbol": p["pair"]}
         return await self._klines(p, mark=True)
@@ -725,52 +789,64 @@ class Venue:
             "time": now,
         }
 
-    async def _premium_index(self, p: dict[str, str]) -> Any:
+    async def _premium_index(self, p: dict[str, str]) -> object:
         if p.get("symbol"):
             return self._premium(self._symbol(p))
         return [self._premium(s) for s in self.rules]
 
-    async def _ticker_24h(self, p: dict[str, str]) -> Any:
+    async def _ticker_24h(self, p: dict[str, str]) -> object:
         now = self._now()
         if p.get("symbol"):
             return self.replay.ticker_24h(self._symbol(p), now)
         return [self.replay.ticker_24h(s, now) for s in self.rules]
 
-    async def _ticker_price(self, p: dict[str, str]) -> Any:
+    async def _ticker_price(self, p: dict[str, str]) -> object:
         def one(s: str) -> dict[str, Any]:
-            return {"symbol": s, "price": self.rules[s].fmt_price(self.exchange.last(s)), "time": self._now()}
+            return {
+                "symbol": s,
+                "price": self.rules[s].fmt_price(self.exchange.last(s)),
+                "time": self._now(),
+            }
 
         return one(self._symbol(p)) if p.get("symbol") else [one(s) for s in self.rules]
 
-    async def _book_ticker(self, p: dict[str, str]) -> Any:
+    async def _book_ticker(self, p: dict[str, str]) -> object:
         def one(s: str) -> dict[str, Any]:
-            raw = streams.book_ticker_payload(self.rules[s], self.exchange.mark(s), self._book_ids, self._now())
-            return {"symbol": s, "bidPrice": raw["b"], "bidQty": raw["B"], "askPrice": raw["a"],
-                    "askQty": raw["A"], "time": raw["T"]}
+            raw = streams.book_ticker_payload(
+                self.rules[s], self.exchange.mark(s), self._book_ids, self._now()
+            )
+            return {
+                "symbol": s,
+                "bidPrice": raw["b"],
+                "bidQty": raw["B"],
+                "askPrice": raw["a"],
+                "askQty": raw["A"],
+                "time": raw["T"],
+            }
 
         return one(self._symbol(p)) if p.get("symbol") else [one(s) for s in self.rules]
 
-    async def _get_dual(self, p: dict[str, str]) -> Any:
+    async def _get_dual(self, p: dict[str, str]) -> object:
         return {"dualSidePosition": self.exchange.dual}
 
-    async def _set_dual(self, p: dict[str, str]) -> Any:
+    async def _set_dual(self, p: dict[str, str]) -> object:
         raw = (p.get("dualSidePosition") or "").lower()
         if raw not in ("true", "false"):
             raise BinanceError(-1102, name="dualSidePosition")
         self.exchange.set_position_mode(raw == "true")
         return {"code": 200, "msg": "success"}
 
-    async def _multi_assets(self, p: dict[str, str]) -> Any:
+    async def _multi_assets(self, p: dict[str, str]) -> object:
         return {"multiAssetsMargin": False}
 
-    async def _leverage(self, p: dict[str, str]) -> Any:
+    async def _leverage(self, p: dict[str, str]) -> object:
         return self.exchange.set_leverage(p.get("symbol") or "", p.get("leverage"))
 
-    async def _margin_type(self, p: dict[str, str]) -> Any:
+    async def _margin_type(self, p: dict[str, str]) -> object:
         self.exchange.set_margin_type(p.get("symbol") or "", p.get("marginType"))
         return {"code": 200, "msg": "success"}
 
-    async def _leverage_bracket(self, p: dict[str, str]) -> Any:
+    async def _leverage_bracket(self, p: dict[str, str]) -> object:
         from pyquant.sim.exchange import BRACKETS
 
         def one(s: str) -> dict[str, Any]:
@@ -778,8 +854,14 @@ class Venue:
                 "symbol": s,
                 "notionalCoef": 1.0,
                 "brackets": [
-                    {"bracket": i + 1, "initialLeverage": lev, "notionalCap": cap, "notionalFloor": floor,
-                     "maintMarginRatio": float(mmr), "cum": float(cum)}
+                    {
+                        "bracket": i + 1,
+                        "initialLeverage": lev,
+                        "notionalCap": cap,
+                        "notionalFloor": floor,
+                        "maintMarginRatio": float(mmr),
+                        "cum": float(cum),
+                    }
                     for i, (floor, cap, lev, mmr, cum) in enumerate(BRACKETS)
                 ],
             }
@@ -788,10 +870,14 @@ class Venue:
             return one(self._symbol(p))
         return [one(s) for s in self.rules]
 
-    async def _commission_rate(self, p: dict[str, str]) -> Any:
+    async def _commission_rate(self, p: dict[str, str]) -> object:
         symbol = self._symbol(p)
-        return {"symbol": symbol, "makerCommissionRate": str(self.exchange.maker_fee),
-                "takerCommissionRate": str(self.exchange.taker_fee), "rpiCommissionRate": "0"}
+        return {
+            "symbol": symbol,
+            "makerCommissionRate": str(self.exchange.maker_fee),
+            "takerCommissionRate": str(self.exchange.taker_fee),
+            "rpiCommissionRate": "0",
+        }
 
     # account views
 
@@ -863,35 +949,40 @@ class Venue:
     def _active_symbols(self) -> list[str]:
         ex = self.exchange
         return [
-            s for s in self.rules
+            s
+            for s in self.rules
             if any(ex.position(s, side).amount for side in ex.legs()) or ex.open_orders(s)
         ]
 
-    async def _account_v2(self, p: dict[str, str]) -> Any:
+    async def _account_v2(self, p: dict[str, str]) -> object:
         ex = self.exchange
         positions = []
         for symbol in self.rules:
             for side in ex.legs():
                 f = self._leg_figures(symbol, side)
                 pos = f["pos"]
-                positions.append({
-                    "symbol": symbol,
-                    "initialMargin": self._b8(f["initial"] + f["order_margin"]),
-                    "maintMargin": self._b8(f["maint"]),
-                    "unrealizedProfit": self._b8(f["unrealized"]),
-                    "positionInitialMargin": self._b8(f["initial"]),
-                    "openOrderInitialMargin": self._b8(f["order_margin"]),
-                    "leverage": str(ex.lev(symbol)),
-                    "isolated": ex.margin_type.get(symbol) == "ISOLATED",
-                    "entryPrice": f["rules"].fmt_price(pos.entry_price) if pos.amount else "0.0",
-                    "breakEvenPrice": fmt_decimal(pos.break_even(), 8) if pos.amount else "0.0",
-                    "maxNotional": str(max_notional_for(ex.lev(symbol))),
-                    "bidNotional": self._b8(f["bid"]),
-                    "askNotional": self._b8(f["ask"]),
-                    "positionSide": side,
-                    "positionAmt": f["rules"].fmt_qty(pos.amount),
-                    "updateTime": pos.update_time,
-                })
+                positions.append(
+                    {
+                        "symbol": symbol,
+                        "initialMargin": self._b8(f["initial"] + f["order_margin"]),
+                        "maintMargin": self._b8(f["maint"]),
+                        "unrealizedProfit": self._b8(f["unrealized"]),
+                        "positionInitialMargin": self._b8(f["initial"]),
+                        "openOrderInitialMargin": self._b8(f["order_margin"]),
+                        "leverage": str(ex.lev(symbol)),
+                        "isolated": ex.margin_type.get(symbol) == "ISOLATED",
+                        "entryPrice": f["rules"].fmt_price(pos.entry_price)
+                        if pos.amount
+                        else "0.0",
+                        "breakEvenPrice": fmt_decimal(pos.break_even(), 8) if pos.amount else "0.0",
+                        "maxNotional": str(max_notional_for(ex.lev(symbol))),
+                        "bidNotional": self._b8(f["bid"]),
+                        "askNotional": self._b8(f["ask"]),
+                        "positionSide": side,
+                        "positionAmt": f["rules"].fmt_qty(pos.amount),
+                        "updateTime": pos.update_time,
+                    }
+                )
         return {
             "feeTier": 0,
             "canTrade": True,
@@ -905,41 +996,45 @@ class Venue:
             "positions": positions,
         }
 
-    async def _account_v3(self, p: dict[str, str]) -> Any:
+    async def _account_v3(self, p: dict[str, str]) -> object:
         ex = self.exchange
         positions = []
         for symbol in self._active_symbols():
             for side in ex.legs():
                 f = self._leg_figures(symbol, side)
-                positions.append({
-                    "symbol": symbol,
-                    "positionSide": side,
-                    "positionAmt": f["rules"].fmt_qty(f["pos"].amount),
-                    "unrealizedProfit": self._b8(f["unrealized"]),
-                    "isolatedMargin": "0",
-                    "notional": self._b8(f["notional"]),
-                    "isolatedWallet": "0",
-                    "initialMargin": self._b8(f["initial"] + f["order_margin"]),
-                    "maintMargin": self._b8(f["maint"]),
-                    "updateTime": f["pos"].update_time,
-                })
+                positions.append(
+                    {
+                        "symbol": symbol,
+                        "positionSide": side,
+                        "positionAmt": f["rules"].fmt_qty(f["pos"].amount),
+                        "unrealizedProfit": self._b8(f["unrealized"]),
+                        "isolatedMargin": "0",
+                        "notional": self._b8(f["notional"]),
+                        "isolatedWallet": "0",
+                        "initialMargin": self._b8(f["initial"] + f["order_margin"]),
+                        "maintMargin": self._b8(f["maint"]),
+                        "updateTime": f["pos"].update_time,
+                    }
+                )
         return {**self._totals(), "assets": [self._asset(v3=True)], "positions": positions}
 
-    async def _balance(self, p: dict[str, str]) -> Any:
+    async def _balance(self, p: dict[str, str]) -> object:
         t = self.exchange.totals()
-        return [{
-            "accountAlias": "SgsR",
-            "asset": "USDT",
-            "balance": self._b8(t["wallet"]),
-            "crossWalletBalance": self._b8(t["wallet"]),
-            "crossUnPnl": self._b8(t["unrealized"]),
-            "availableBalance": self._b8(t["available"]),
-            "maxWithdrawAmount": self._b8(t["max_withdraw"]),
-            "marginAvailable": True,
-            "updateTime": self.exchange.balance_update_time,
-        }]
+        return [
+            {
+                "accountAlias": "SgsR",
+                "asset": "USDT",
+                "balance": self._b8(t["wallet"]),
+                "crossWalletBalance": self._b8(t["wallet"]),
+                "crossUnPnl": self._b8(t["unrealized"]),
+                "availableBalance": self._b8(t["available"]),
+                "maxWithdrawAmount": self._b8(t["max_withdraw"]),
+                "marginAvailable": True,
+                "updateTime": self.exchange.balance_update_time,
+            }
+        ]
 
-    async def _position_risk_v2(self, p: dict[str, str]) -> Any:
+    async def _position_risk_v2(self, p: dict[str, str]) -> object:
         ex = self.exchange
         symbols = [self._symbol(p)] if p.get("symbol") else list(self.rules)
         out = []
@@ -947,27 +1042,31 @@ class Venue:
             for side in ex.legs():
                 f = self._leg_figures(symbol, side)
                 pos, rules = f["pos"], f["rules"]
-                out.append({
-                    "symbol": symbol,
-                    "positionAmt": rules.fmt_qty(pos.amount),
-                    "entryPrice": fmt_decimal(pos.entry_price, 8) if pos.amount else "0.0",
-                    "breakEvenPrice": fmt_decimal(pos.break_even(), 8) if pos.amount else "0.0",
-                    "markPrice": fmt_decimal(f["mark"], 8),
-                    "unRealizedProfit": self._b8(f["unrealized"]),
-                    "liquidationPrice": "0",
-                    "leverage": str(ex.lev(symbol)),
-                    "maxNotionalValue": str(max_notional_for(ex.lev(symbol))),
-                    "marginType": "isolated" if ex.margin_type.get(symbol) == "ISOLATED" else "cross",
-                    "isolatedMargin": "0.00000000",
-                    "isAutoAddMargin": "false",
-                    "positionSide": side,
-                    "notional": self._b8(f["notional"]),
-                    "isolatedWallet": "0",
-                    "updateTime": pos.update_time,
-                })
+                out.append(
+                    {
+                        "symbol": symbol,
+                        "positionAmt": rules.fmt_qty(pos.amount),
+                        "entryPrice": fmt_decimal(pos.entry_price, 8) if pos.amount else "0.0",
+                        "breakEvenPrice": fmt_decimal(pos.break_even(), 8) if pos.amount else "0.0",
+                        "markPrice": fmt_decimal(f["mark"], 8),
+                        "unRealizedProfit": self._b8(f["unrealized"]),
+                        "liquidationPrice": "0",
+                        "leverage": str(ex.lev(symbol)),
+                        "maxNotionalValue": str(max_notional_for(ex.lev(symbol))),
+                        "marginType": "isolated"
+                        if ex.margin_type.get(symbol) == "ISOLATED"
+                        else "cross",
+                        "isolatedMargin": "0.00000000",
+                        "isAutoAddMargin": "false",
+                        "positionSide": side,
+                        "notional": self._b8(f["notional"]),
+                        "isolatedWallet": "0",
+                        "updateTime": pos.update_time,
+                    }
+                )
         return out
 
-    async def _position_risk_v3(self, p: dict[str, str]) -> Any:
+    async def _position_risk_v3(self, p: dict[str, str]) -> object:
         ex = self.exchange
         symbols = self._active_symbols()
         if p.get("symbol"):
@@ -978,33 +1077,35 @@ class Venue:
             for side in ex.legs():
                 f = self._leg_figures(symbol, side)
                 pos = f["pos"]
-                out.append({
-                    "symbol": symbol,
-                    "positionSide": side,
-                    "positionAmt": f["rules"].fmt_qty(pos.amount),
-                    "entryPrice": fmt_decimal(pos.entry_price, 8) if pos.amount else "0.0",
-                    "breakEvenPrice": fmt_decimal(pos.break_even(), 8) if pos.amount else "0.0",
-                    "markPrice": fmt_decimal(f["mark"], 8),
-                    "unRealizedProfit": self._b8(f["unrealized"]),
-                    "liquidationPrice": "0",
-                    "isolatedMargin": "0",
-                    "notional": self._b8(f["notional"]),
-                    "marginAsset": "USDT",
-                    "isolatedWallet": "0",
-                    "initialMargin": self._b8(f["initial"] + f["order_margin"]),
-                    "maintMargin": self._b8(f["maint"]),
-                    "positionInitialMargin": self._b8(f["initial"]),
-                    "openOrderInitialMargin": self._b8(f["order_margin"]),
-                    "adl": 0,
-                    "bidNotional": self._b8(f["bid"]),
-                    "askNotional": self._b8(f["ask"]),
-                    "updateTime": pos.update_time,
-                })
+                out.append(
+                    {
+                        "symbol": symbol,
+                        "positionSide": side,
+                        "positionAmt": f["rules"].fmt_qty(pos.amount),
+                        "entryPrice": fmt_decimal(pos.entry_price, 8) if pos.amount else "0.0",
+                        "breakEvenPrice": fmt_decimal(pos.break_even(), 8) if pos.amount else "0.0",
+                        "markPrice": fmt_decimal(f["mark"], 8),
+                        "unRealizedProfit": self._b8(f["unrealized"]),
+                        "liquidationPrice": "0",
+                        "isolatedMargin": "0",
+                        "notional": self._b8(f["notional"]),
+                        "marginAsset": "USDT",
+                        "isolatedWallet": "0",
+                        "initialMargin": self._b8(f["initial"] + f["order_margin"]),
+                        "maintMargin": self._b8(f["maint"]),
+                        "positionInitialMargin": self._b8(f["initial"]),
+                        "openOrderInitialMargin": self._b8(f["order_margin"]),
+                        "adl": 0,
+                        "bidNotional": self._b8(f["bid"]),
+                        "askNotional": self._b8(f["ask"]),
+                        "updateTime": pos.update_time,
+                    }
+                )
         return out
 
     # orders
 
-    async def _new_order(self, p: dict[str, str]) -> Any:
+    async def _new_order(self, p: dict[str, str]) -> object:
         order, body, _ack = self.exchange.new_order(p)
         delay = self.faults.config.visibility_delay_ms
         if delay:
@@ -1015,14 +1116,14 @@ class Venue:
     def _now_wall() -> int:
         return int(time.time() * 1000)
 
-    async def _test_order(self, p: dict[str, str]) -> Any:
+    async def _test_order(self, p: dict[str, str]) -> object:
         try:
             self.exchange.new_order(p, test=True)
         except TestOnly:
             return {}
         return {}  # pragma: no cover - new_order(test=True) always raises
 
-    async def _modify_order(self, p: dict[str, str]) -> Any:
+    async def _modify_order(self, p: dict[str, str]) -> object:
         raise BinanceError(-1020)
 
     def _visible(self, order_id: int) -> bool:
@@ -1034,28 +1135,37 @@ class Venue:
             return True
         return False
 
-    async def _get_order(self, p: dict[str, str]) -> Any:
-        order = self.exchange.find_order(self._symbol(p), p.get("orderId"), p.get("origClientOrderId"))
+    async def _get_order(self, p: dict[str, str]) -> object:
+        order = self.exchange.find_order(
+            self._symbol(p), p.get("orderId"), p.get("origClientOrderId")
+        )
         if not self._visible(order.order_id):
             raise BinanceError(-2013)
         return order.wire(self.rules[order.symbol], with_cum_qty=False, with_time=True)
 
-    async def _open_order(self, p: dict[str, str]) -> Any:
-        order = self.exchange.find_order(self._symbol(p), p.get("orderId"), p.get("origClientOrderId"))
+    async def _open_order(self, p: dict[str, str]) -> object:
+        order = self.exchange.find_order(
+            self._symbol(p), p.get("orderId"), p.get("origClientOrderId")
+        )
         if not order.is_open or not self._visible(order.order_id):
             raise BinanceError(-2013)
         return order.wire(self.rules[order.symbol], with_cum_qty=False, with_time=True)
 
-    async def _cancel_order(self, p: dict[str, str]) -> Any:
-        order = self.exchange.cancel_order(self._symbol(p), p.get("orderId"), p.get("origClientOrderId"))
+    async def _cancel_order(self, p: dict[str, str]) -> object:
+        order = self.exchange.cancel_order(
+            self._symbol(p), p.get("orderId"), p.get("origClientOrderId")
+        )
         return order.wire(self.rules[order.symbol])
 
-    async def _open_orders(self, p: dict[str, str]) -> Any:
+    async def _open_orders(self, p: dict[str, str]) -> object:
         symbol = self._symbol(p) if p.get("symbol") else None
-        return [o.wire(self.rules[o.symbol], with_cum_qty=False, with_time=True)
-                for o in self.exchange.open_orders(symbol) if self._visible(o.order_id)]
+        return [
+            o.wire(self.rules[o.symbol], with_cum_qty=False, with_time=True)
+            for o in self.exchange.open_orders(symbol)
+            if self._visible(o.order_id)
+        ]
 
-    async def _all_orders(self, p: dict[str, str]) -> Any:
+    async def _all_orders(self, p: dict[str, str]) -> object:
         symbol = self._symbol(p)
         raw_limit = p.get("limit") or "500"
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
@@ -1063,13 +1173,15 @@ class Venue:
         orders = [o for o in self.exchange.orders.values() if o.symbol == symbol]
         if p.get("orderId", "").isdigit():
             orders = [o for o in orders if o.order_id >= int(p["orderId"])]
-        return [o.wire(self.rules[symbol], with_cum_qty=False, with_time=True) for o in orders][-int(raw_limit):]
+        return [o.wire(self.rules[symbol], with_cum_qty=False, with_time=True) for o in orders][
+            -int(raw_limit) :
+        ]
 
-    async def _cancel_all(self, p: dict[str, str]) -> Any:
+    async def _cancel_all(self, p: dict[str, str]) -> object:
         self.exchange.cancel_all(self._symbol(p))
         return {"code": 200, "msg": "The operation of cancel all open order is done."}
 
-    async def _batch_orders(self, p: dict[str, str]) -> Any:
+    async def _batch_orders(self, p: dict[str, str]) -> object:
         raw = p.get("batchOrders")
         if not raw:
             raise BinanceError(-1102, name="batchOrders")
@@ -1086,17 +1198,26 @@ class Venue:
             if not isinstance(item, dict):
                 out.append(BinanceError(-1102, name="batchOrders").body())
                 continue
-            params = {str(k): ("true" if v is True else "false" if v is False else str(v)) for k, v in item.items()}
+            params = {
+                str(k): ("true" if v is True else "false" if v is False else str(v))
+                for k, v in item.items()
+            }
             try:
                 _order, body, _ack = self.exchange.new_order(params)
                 out.append(body)
             except BinanceError as exc:
-                self.exchange._record("reject", code=exc.code, msg=exc.msg, path="/fapi/v1/batchOrders",
-                                      symbol=params.get("symbol"), clientOrderId=params.get("newClientOrderId"))
+                self.exchange._record(
+                    "reject",
+                    code=exc.code,
+                    msg=exc.msg,
+                    path="/fapi/v1/batchOrders",
+                    symbol=params.get("symbol"),
+                    clientOrderId=params.get("newClientOrderId"),
+                )
                 out.append(exc.body())
         return out
 
-    async def _cancel_batch(self, p: dict[str, str]) -> Any:
+    async def _cancel_batch(self, p: dict[str, str]) -> object:
         symbol = self._symbol(p)
         ids: list[tuple[str | None, str | None]] = []
         for name, by_id in (("orderIdList", True), ("origClientOrderIdList", False)):
@@ -1120,7 +1241,7 @@ class Venue:
                 out.append(exc.body())
         return out
 
-    async def _user_trades(self, p: dict[str, str]) -> Any:
+    async def _user_trades(self, p: dict[str, str]) -> object:
         symbol = self._symbol(p)
         raw_limit = p.get("limit") or "500"
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
@@ -1134,63 +1255,77 @@ class Venue:
                 raise BinanceError(-1102, name=name)
             return int(raw)
 
-        trades = self.exchange.user_trades(symbol, int(raw_limit), opt("fromId"), opt("startTime"), opt("endTime"))
+        trades = self.exchange.user_trades(
+            symbol, int(raw_limit), opt("fromId"), opt("startTime"), opt("endTime")
+        )
         order_id = opt("orderId")
         if order_id is not None:
             trades = [t for t in trades if t.order_id == order_id]
         rules = self.rules[symbol]
-        return [{
-            "symbol": t.symbol,
-            "id": t.trade_id,
-            "orderId": t.order_id,
-            "side": t.side,
-            "price": rules.fmt_price(t.price),
-            "qty": rules.fmt_qty(t.qty),
-            "realizedPnl": fmt_decimal(t.realized_pnl, 8),
-            "marginAsset": "USDT",
-            "quoteQty": fmt_decimal(t.price * t.qty, rules.quote_places),
-            "commission": fmt_decimal(t.commission, 8),
-            "commissionAsset": "USDT",
-            "time": t.time,
-            "positionSide": t.position_side,
-            "maker": t.maker,
-            "buyer": t.side == "BUY",
-        } for t in trades]
+        return [
+            {
+                "symbol": t.symbol,
+                "id": t.trade_id,
+                "orderId": t.order_id,
+                "side": t.side,
+                "price": rules.fmt_price(t.price),
+                "qty": rules.fmt_qty(t.qty),
+                "realizedPnl": fmt_decimal(t.realized_pnl, 8),
+                "marginAsset": "USDT",
+                "quoteQty": fmt_decimal(t.price * t.qty, rules.quote_places),
+                "commission": fmt_decimal(t.commission, 8),
+                "commissionAsset": "USDT",
+                "time": t.time,
+                "positionSide": t.position_side,
+                "maker": t.maker,
+                "buyer": t.side == "BUY",
+            }
+            for t in trades
+        ]
 
-    async def _new_algo(self, p: dict[str, str]) -> Any:
+    async def _new_algo(self, p: dict[str, str]) -> object:
         algo = self.exchange.new_algo_order(p)
         return algo.wire(self.rules[algo.symbol])
 
-    async def _cancel_algo(self, p: dict[str, str]) -> Any:
+    async def _cancel_algo(self, p: dict[str, str]) -> object:
         algo = self.exchange.cancel_algo(p.get("algoId") or p.get("algoid"), p.get("clientAlgoId"))
-        return {"algoId": algo.algo_id, "clientAlgoId": algo.client_algo_id, "code": "200", "msg": "success"}
+        return {
+            "algoId": algo.algo_id,
+            "clientAlgoId": algo.client_algo_id,
+            "code": "200",
+            "msg": "success",
+        }
 
-    async def _get_algo(self, p: dict[str, str]) -> Any:
+    async def _get_algo(self, p: dict[str, str]) -> object:
         algo = self.exchange.find_algo(p.get("algoId") or p.get("algoid"), p.get("clientAlgoId"))
         return algo.wire(self.rules[algo.symbol])
 
-    async def _open_algo(self, p: dict[str, str]) -> Any:
+    async def _open_algo(self, p: dict[str, str]) -> object:
         symbol = self._symbol(p) if p.get("symbol") else None
         algos = self.exchange.open_algo_orders(symbol)
         if p.get("algoId"):
             algos = [a for a in algos if str(a.algo_id) == p["algoId"]]
         return [a.wire(self.rules[a.symbol]) for a in algos]
 
-    async def _all_algo(self, p: dict[str, str]) -> Any:
+    async def _all_algo(self, p: dict[str, str]) -> object:
         symbol = self._symbol(p)
-        return [a.wire(self.rules[symbol]) for a in self.exchange.algo_orders.values() if a.symbol == symbol]
+        return [
+            a.wire(self.rules[symbol])
+            for a in self.exchange.algo_orders.values()
+            if a.symbol == symbol
+        ]
 
-    async def _cancel_all_algo(self, p: dict[str, str]) -> Any:
+    async def _cancel_all_algo(self, p: dict[str, str]) -> object:
         self.exchange.cancel_all_algo(self._symbol(p))
         return {"code": 200, "msg": "The operation of cancel all open order is done."}
 
-    async def _listen_key_new(self, p: dict[str, str]) -> Any:
+    async def _listen_key_new(self, p: dict[str, str]) -> object:
         return {"listenKey": self.exchange.create_listen_key()}
 
-    async def _listen_key_keep(self, p: dict[str, str]) -> Any:
+    async def _listen_key_keep(self, p: dict[str, str]) -> object:
         return {"listenKey": self.exchange.keepalive_listen_key(p.get("listenKey"))}
 
-    async def _listen_key_delete(self, p: dict[str, str]) -> Any:
+    async def _listen_key_delete(self, p: dict[str, str]) -> object:
         self.exchange.delete_listen_key()
         return {}
 
@@ -1199,4 +1334,3 @@ def _without_signature(raw: str) -> str:
     if "signature=" not in raw:
         return raw
     return "&".join(part for part in raw.split("&") if not part.startswith("signature="))
-

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -121,7 +122,7 @@ class StreamHub:
             out.update(conn.subs)
         return out
 
-    def publish(self, canonical: str, payload: Any) -> None:
+    def publish(self, canonical: str, payload: object) -> None:
         """Send a market payload to every connection subscribed to ``canonical``."""
         raw: bytes | None = None
         for conn in self.connections:
@@ -326,7 +327,7 @@ async def writer(conn: Connection) -> None:
             return
 
 
-async def reader(hub: StreamHub, conn: Connection, clock_s: Any) -> None:
+async def reader(hub: StreamHub, conn: Connection, clock_s: Callable[[], float]) -> None:
     """Read client messages until the socket closes; enforces the incoming rate limit."""
     async for msg in conn.ws:
         if msg.type == WSMsgType.TEXT:

@@ -26,6 +26,7 @@ __all__ = [
     "fmt_decimal",
     "parse_bool",
     "parse_decimal",
+    "parse_required",
 ]
 
 # Binance's texts for the codes the simulator produces (docs /error-code, real captures in
@@ -112,7 +113,9 @@ class BinanceError(Exception):
         **fmt: Values substituted into the code's message template.
     """
 
-    def __init__(self, code: int, msg: str | None = None, http_status: int = 400, **fmt: Any):
+    def __init__(
+        self, code: int, msg: str | None = None, http_status: int = 400, **fmt: object
+    ) -> None:
         text = msg if msg is not None else MSG.get(code, "Unknown error.").format(**fmt)
         super().__init__(f"{code}: {text}")
         self.code = code
@@ -136,6 +139,14 @@ def parse_decimal(name: str, value: str | None, *, required: bool = True) -> Dec
         return Decimal(value)
     except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid literals
         raise BinanceError(-1102, name=name) from exc
+
+
+def parse_required(name: str, value: str | None) -> Decimal:
+    """Parse a mandatory decimal parameter (``-1102`` when missing or malformed)."""
+    parsed = parse_decimal(name, value)
+    if parsed is None:  # pragma: no cover - parse_decimal raises for a required value
+        raise BinanceError(-1102, name=name)
+    return parsed
 
 
 def parse_bool(name: str, value: str | None, default: bool = False) -> bool:

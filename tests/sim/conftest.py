@@ -35,15 +35,22 @@ class Rest:
         self.key = venue.api_key
         self.secret = venue.api_secret
 
-    async def raw(self, method: str, path: str, query: str = "", body: str = "",
-                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+    async def raw(
+        self,
+        method: str,
+        path: str,
+        query: str = "",
+        body: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], Any]:
         url = self.venue.rest_url + path + ("?" + query if query else "")
         hdrs = {"X-MBX-APIKEY": self.key, **(headers or {})}
         if body:
             hdrs["Content-Type"] = "application/x-www-form-urlencoded"
         # encoded=True: send the query bytes exactly as signed (no requoting by the client)
-        async with self.session.request(method, yarl.URL(url, encoded=True), data=body or None,
-                                        headers=hdrs) as resp:
+        async with self.session.request(
+            method, yarl.URL(url, encoded=True), data=body or None, headers=hdrs
+        ) as resp:
             text = await resp.text()
             return resp.status, dict(resp.headers), json.loads(text) if text else None
 
@@ -53,7 +60,9 @@ class Rest:
         sig = hmac.new(self.secret.encode(), query.encode(), hashlib.sha256).hexdigest()
         return f"{query}&signature={sig}"
 
-    async def signed(self, method: str, path: str, **params: Any) -> tuple[int, dict[str, str], Any]:
+    async def signed(
+        self, method: str, path: str, **params: Any
+    ) -> tuple[int, dict[str, str], Any]:
         return await self.raw(method, path, self.sign(params))
 
     async def public(self, path: str, **params: Any) -> tuple[int, dict[str, str], Any]:
@@ -77,7 +86,9 @@ class UserStream:
         self.ws = ws
         self.events: list[dict[str, Any]] = []
 
-    async def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
+    async def wait_for(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+    ) -> dict[str, Any]:
         for event in self.events:
             if pred(event):
                 self.events.remove(event)

@@ -21,16 +21,25 @@ async def test_python_binance_futures_methods() -> None:
         client.FUTURES_URL = venue.rest_url + "/fapi"
         try:
             assert await client.futures_get_position_mode() == {"dualSidePosition": True}
-            order = await client.futures_create_order(symbol="ETHUSDT", side="BUY", positionSide="LONG",
-                                                      type="MARKET", quantity="0.01")
+            order = await client.futures_create_order(
+                symbol="ETHUSDT", side="BUY", positionSide="LONG", type="MARKET", quantity="0.01"
+            )
             assert order["positionSide"] == "LONG"
             rows = await client.futures_position_information(symbol="ETHUSDT")
             assert {r["positionSide"]: r["positionAmt"] for r in rows}["LONG"] == "0.010"
             with pytest.raises(Exception, match="-4061"):
-                await client.futures_create_order(symbol="ETHUSDT", side="SELL", type="MARKET", quantity="0.01")
+                await client.futures_create_order(
+                    symbol="ETHUSDT", side="SELL", type="MARKET", quantity="0.01"
+                )
             with pytest.raises(Exception, match="-1106"):
-                await client.futures_create_order(symbol="ETHUSDT", side="SELL", positionSide="LONG", type="MARKET",
-                                                  quantity="0.01", reduceOnly="true")
+                await client.futures_create_order(
+                    symbol="ETHUSDT",
+                    side="SELL",
+                    positionSide="LONG",
+                    type="MARKET",
+                    quantity="0.01",
+                    reduceOnly="true",
+                )
             balance = await client.futures_account_balance()
             assert balance[0]["asset"] == "USDT"
             klines = await client.futures_klines(symbol="ETHUSDT", interval="1m", limit=5)
@@ -42,8 +51,13 @@ async def test_python_binance_futures_methods() -> None:
 async def test_ccxt_binanceusdm() -> None:
     async with sim.serve(speed=0) as venue:
         # fetchCurrencies is a spot (sapi) call; the futures venue has no spot wallet
-        ex = ccxt.binanceusdm({"apiKey": venue.api_key, "secret": venue.api_secret,
-                               "options": {"fetchCurrencies": False}})
+        ex = ccxt.binanceusdm(
+            {
+                "apiKey": venue.api_key,
+                "secret": venue.api_secret,
+                "options": {"fetchCurrencies": False},
+            }
+        )
         for name, url in list(ex.urls["api"].items()):
             if name.startswith("fapi"):
                 ex.urls["api"][name] = url.replace("https://fapi.binance.com", venue.rest_url)
@@ -56,7 +70,9 @@ async def test_ccxt_binanceusdm() -> None:
             assert order["status"] == "closed"
             positions = await ex.fetch_positions(["DOGE/USDT:USDT"])
             assert positions[0]["contracts"] == 100
-            closed = await ex.create_order("DOGE/USDT:USDT", "market", "sell", 100, params={"reduceOnly": True})
+            closed = await ex.create_order(
+                "DOGE/USDT:USDT", "market", "sell", 100, params={"reduceOnly": True}
+            )
             assert closed["reduceOnly"] is True
             balance = await ex.fetch_balance()
             assert balance["USDT"]["total"] > 9000
@@ -67,9 +83,25 @@ async def test_ccxt_binanceusdm() -> None:
 def test_pyquant_sim_command_first_line_and_clean_exit(tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyquant", "sim", "--speed", "0", "--balance", "1234.5", "--state", str(state),
-         "--api-key", "k" * 64, "--api-secret", "s" * 64],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pyquant",
+            "sim",
+            "--speed",
+            "0",
+            "--balance",
+            "1234.5",
+            "--state",
+            str(state),
+            "--api-key",
+            "k" * 64,
+            "--api-secret",
+            "s" * 64,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -93,8 +125,16 @@ async def test_state_file_keeps_the_account_across_restarts(tmp_path: Path) -> N
     async with aiohttp.ClientSession() as session:
         async with sim.serve(speed=0, state=state, position_mode="hedge") as venue:
             rest = Rest(session, venue)
-            await rest.ok("POST", "/fapi/v1/order", symbol="DOGEUSDT", side="BUY", positionSide="LONG",
-                          type="MARKET", quantity="100", newClientOrderId="keep-1")
+            await rest.ok(
+                "POST",
+                "/fapi/v1/order",
+                symbol="DOGEUSDT",
+                side="BUY",
+                positionSide="LONG",
+                type="MARKET",
+                quantity="100",
+                newClientOrderId="keep-1",
+            )
             await rest.ok("POST", "/fapi/v1/leverage", symbol="DOGEUSDT", leverage="5")
             wallet = venue.exchange.wallet
         async with sim.serve(speed=0, state=state) as venue:
@@ -104,8 +144,18 @@ async def test_state_file_keeps_the_account_across_restarts(tmp_path: Path) -> N
             rows = await rest.ok("GET", "/fapi/v2/positionRisk", symbol="DOGEUSDT")
             long = next(r for r in rows if r["positionSide"] == "LONG")
             assert (long["positionAmt"], long["leverage"]) == ("100", "5")
-            found = await rest.ok("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="keep-1")
+            found = await rest.ok(
+                "GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="keep-1"
+            )
             assert found["status"] == "FILLED"
-            again = await rest.ok("POST", "/fapi/v1/order", symbol="DOGEUSDT", side="SELL", positionSide="LONG",
-                                  type="MARKET", quantity="100", newOrderRespType="RESULT")
+            again = await rest.ok(
+                "POST",
+                "/fapi/v1/order",
+                symbol="DOGEUSDT",
+                side="SELL",
+                positionSide="LONG",
+                type="MARKET",
+                quantity="100",
+                newOrderRespType="RESULT",
+            )
             assert again["orderId"] > found["orderId"]

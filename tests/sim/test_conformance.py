@@ -19,7 +19,13 @@ from tests.sim.conftest import Rest, UserStream, open_user_stream, sample
 SAMPLE_ONLY = {"st", "ps"}
 
 
-def shape(ours: Any, real: Any, where: str = "$", subset: bool = False, ignore: frozenset[str] = frozenset()) -> None:
+def shape(
+    ours: Any,
+    real: Any,
+    where: str = "$",
+    subset: bool = False,
+    ignore: frozenset[str] = frozenset(),
+) -> None:
     """Assert ``ours`` has the keys and value types of ``real`` (recursively)."""
     if isinstance(real, dict):
         assert isinstance(ours, dict), f"{where}: expected an object, found {ours!r}"
@@ -28,7 +34,9 @@ def shape(ours: Any, real: Any, where: str = "$", subset: bool = False, ignore: 
         if subset:
             assert want <= have, f"{where}: missing keys {sorted(want - have)}"
         else:
-            assert want == have, f"{where}: missing {sorted(want - have)}, extra {sorted(have - want)}"
+            assert want == have, (
+                f"{where}: missing {sorted(want - have)}, extra {sorted(have - want)}"
+            )
         for key in want:
             shape(ours[key], real[key], f"{where}.{key}", subset, ignore)
     elif isinstance(real, list):
@@ -37,12 +45,19 @@ def shape(ours: Any, real: Any, where: str = "$", subset: bool = False, ignore: 
             shape(ours[0], real[0], f"{where}[0]", subset, ignore)
     elif isinstance(real, bool):
         assert isinstance(ours, bool), f"{where}: expected a boolean, found {ours!r}"
-    elif isinstance(real, str) and real.lstrip("-").isdigit() and isinstance(ours, int) and not isinstance(ours, bool):
+    elif (
+        isinstance(real, str)
+        and real.lstrip("-").isdigit()
+        and isinstance(ours, int)
+        and not isinstance(ours, bool)
+    ):
         pass  # id or time rendered as a string in that capture
     elif real is None:
         pass  # a null in a capture says nothing about the type
     elif isinstance(real, (int, float)) and not isinstance(real, bool):
-        assert isinstance(ours, (int, float)) and not isinstance(ours, bool), f"{where}: expected a number, found {ours!r}"
+        assert isinstance(ours, (int, float)) and not isinstance(ours, bool), (
+            f"{where}: expected a number, found {ours!r}"
+        )
         if isinstance(real, int):
             assert isinstance(ours, int), f"{where}: expected an integer, found {ours!r}"
     else:
@@ -61,13 +76,22 @@ async def test_market_data_endpoints(rest: Rest) -> None:
     _, _, body = await rest.public("/fapi/v1/klines", symbol="ETHUSDT", interval="1m", limit=3)
     shape(body, sample("klines_docs.json"))
     assert all(len(row) == 12 for row in body)
-    _, _, body = await rest.public("/fapi/v1/markPriceKlines", symbol="ETHUSDT", interval="1h", limit=30)
+    _, _, body = await rest.public(
+        "/fapi/v1/markPriceKlines", symbol="ETHUSDT", interval="1h", limit=30
+    )
     shape(body, sample("markPriceKlines_docs.json"))
     assert len(body) == 25  # 24 h of history plus the open hour
     _, _, info = await rest.public("/fapi/v1/exchangeInfo")
     real = sample("exchangeInfo_fapi_full_2025-11-26.json")
     assert set(info) == set(real)
-    assert [s["symbol"] for s in info["symbols"]] == ["BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "BNBUSDT"]
+    assert [s["symbol"] for s in info["symbols"]] == [
+        "BTCUSDT",
+        "ETHUSDT",
+        "SOLUSDT",
+        "XRPUSDT",
+        "DOGEUSDT",
+        "BNBUSDT",
+    ]
     assert info["symbols"][0] == next(s for s in real["symbols"] if s["symbol"] == "BTCUSDT")
     assert info["rateLimits"] == real["rateLimits"]
     _, _, body = await rest.public("/fapi/v1/time")
@@ -76,10 +100,15 @@ async def test_market_data_endpoints(rest: Rest) -> None:
 
 async def test_account_endpoints(rest: Rest) -> None:
     shape(await rest.ok("GET", "/fapi/v1/positionSide/dual"), sample("positionSide_dual_GET.json"))
-    await rest.ok("POST", "/fapi/v1/order", symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.002")
+    await rest.ok(
+        "POST", "/fapi/v1/order", symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.002"
+    )
     account = await rest.ok("GET", "/fapi/v2/account")
     real = sample("account_v2_real.json")
-    shape({k: v for k, v in account.items() if k != "positions"}, {k: v for k, v in real.items() if k != "positions"})
+    shape(
+        {k: v for k, v in account.items() if k != "positions"},
+        {k: v for k, v in real.items() if k != "positions"},
+    )
     assert len(account["positions"]) == 6
     account = await rest.ok("GET", "/fapi/v3/account")
     shape(account, sample("account_v3_real.json"))
@@ -106,50 +135,106 @@ async def test_hedge_position_risk_lists_both_legs(hrest: Rest) -> None:
 
 
 async def test_order_endpoints(rest: Rest) -> None:
-    limit = await rest.ok("POST", "/fapi/v1/order", symbol="BTCUSDT", side="SELL", type="LIMIT", timeInForce="GTC",
-                          quantity="0.200", price="110001.00", newClientOrderId="x-xcKtGhcu04075babaeb34c55af79ba")
+    limit = await rest.ok(
+        "POST",
+        "/fapi/v1/order",
+        symbol="BTCUSDT",
+        side="SELL",
+        type="LIMIT",
+        timeInForce="GTC",
+        quantity="0.200",
+        price="110001.00",
+        newClientOrderId="x-xcKtGhcu04075babaeb34c55af79ba",
+    )
     real = sample("batchOrders_new_limit_real.json")[0]
     shape(limit, real)
-    assert {k: limit[k] for k in ("price", "origQty", "executedQty", "cumQuote", "avgPrice", "stopPrice")} == {
-        k: real[k] for k in ("price", "origQty", "executedQty", "cumQuote", "avgPrice", "stopPrice")}
+    assert {
+        k: limit[k]
+        for k in ("price", "origQty", "executedQty", "cumQuote", "avgPrice", "stopPrice")
+    } == {
+        k: real[k] for k in ("price", "origQty", "executedQty", "cumQuote", "avgPrice", "stopPrice")
+    }
     query = await rest.ok("GET", "/fapi/v1/openOrder", symbol="BTCUSDT", orderId=limit["orderId"])
     shape(query, sample("openOrder_limit_gtx_real.json"))
-    shape(await rest.ok("GET", "/fapi/v1/order", symbol="BTCUSDT", orderId=limit["orderId"]),
-          sample("openOrder_limit_gtx_real.json"))
-    shape(await rest.ok("GET", "/fapi/v1/openOrders", symbol="BTCUSDT"), [sample("openOrder_limit_gtx_real.json")])
-    shape(await rest.ok("DELETE", "/fapi/v1/order", symbol="BTCUSDT", orderId=limit["orderId"]), real)
+    shape(
+        await rest.ok("GET", "/fapi/v1/order", symbol="BTCUSDT", orderId=limit["orderId"]),
+        sample("openOrder_limit_gtx_real.json"),
+    )
+    shape(
+        await rest.ok("GET", "/fapi/v1/openOrders", symbol="BTCUSDT"),
+        [sample("openOrder_limit_gtx_real.json")],
+    )
+    shape(
+        await rest.ok("DELETE", "/fapi/v1/order", symbol="BTCUSDT", orderId=limit["orderId"]), real
+    )
     done = await rest.ok("DELETE", "/fapi/v1/allOpenOrders", symbol="BTCUSDT")
     assert done == {"code": 200, "msg": "The operation of cancel all open order is done."}
 
 
 async def test_batch_orders_mixed_result(hrest: Rest) -> None:
-    await hrest.ok("POST", "/fapi/v1/order", symbol="DOGEUSDT", side="BUY", positionSide="LONG", type="MARKET",
-                   quantity="100")
+    await hrest.ok(
+        "POST",
+        "/fapi/v1/order",
+        symbol="DOGEUSDT",
+        side="BUY",
+        positionSide="LONG",
+        type="MARKET",
+        quantity="100",
+    )
     mark = hrest.venue.exchange.mark("DOGEUSDT")
     rules = hrest.venue.rules["DOGEUSDT"]
     batch = [
-        {"symbol": "DOGEUSDT", "side": "BUY", "positionSide": "LONG", "type": "LIMIT", "timeInForce": "GTC",
-         "quantity": "10", "price": str(mark - hrest.venue.rules["DOGEUSDT"].tick_size * 100)},
-        {"symbol": "DOGEUSDT", "side": "SELL", "positionSide": "LONG", "type": "LIMIT", "timeInForce": "GTX",
-         "quantity": "30", "price": rules.fmt_price(rules.round_price(mark * 102 / 100, up=True)), "newClientOrderId": "clock_close_long_72518_83"},
+        {
+            "symbol": "DOGEUSDT",
+            "side": "BUY",
+            "positionSide": "LONG",
+            "type": "LIMIT",
+            "timeInForce": "GTC",
+            "quantity": "10",
+            "price": str(mark - hrest.venue.rules["DOGEUSDT"].tick_size * 100),
+        },
+        {
+            "symbol": "DOGEUSDT",
+            "side": "SELL",
+            "positionSide": "LONG",
+            "type": "LIMIT",
+            "timeInForce": "GTX",
+            "quantity": "30",
+            "price": rules.fmt_price(rules.round_price(mark * 102 / 100, up=True)),
+            "newClientOrderId": "clock_close_long_72518_83",
+        },
     ]
     body = await hrest.ok("POST", "/fapi/v1/batchOrders", batchOrders=json.dumps(batch))
     real = sample("batchOrders_mixed_result_real.json")
-    assert body[0] == {"code": -4164, "msg": "Order's notional must be no smaller than 5 (unless you choose reduce only)."}
+    assert body[0] == {
+        "code": -4164,
+        "msg": "Order's notional must be no smaller than 5 (unless you choose reduce only).",
+    }
     shape(body[1], real[1], subset=True)
     assert body[1]["reduceOnly"] is True  # a hedge SELL/LONG is reported reduce-only
     too_many = await hrest.error("POST", "/fapi/v1/batchOrders", batchOrders=json.dumps(batch * 3))
     assert too_many["code"] == -1130
-    cancelled = await hrest.ok("DELETE", "/fapi/v1/batchOrders", symbol="DOGEUSDT",
-                               origClientOrderIdList=json.dumps(["clock_close_long_72518_83", "nope"]))
+    cancelled = await hrest.ok(
+        "DELETE",
+        "/fapi/v1/batchOrders",
+        symbol="DOGEUSDT",
+        origClientOrderIdList=json.dumps(["clock_close_long_72518_83", "nope"]),
+    )
     assert cancelled[0]["status"] == "CANCELED"
     assert cancelled[1] == {"code": -2011, "msg": "Unknown order sent."}
 
 
 async def test_algo_endpoints(rest: Rest) -> None:
-    params = {"algoType": "CONDITIONAL", "symbol": "BTCUSDT", "side": "BUY", "type": "STOP_MARKET",
-              "quantity": "0.001", "triggerPrice": "200000.00", "workingType": "MARK_PRICE",
-              "clientAlgoId": "test-algo-order-1"}
+    params = {
+        "algoType": "CONDITIONAL",
+        "symbol": "BTCUSDT",
+        "side": "BUY",
+        "type": "STOP_MARKET",
+        "quantity": "0.001",
+        "triggerPrice": "200000.00",
+        "workingType": "MARK_PRICE",
+        "clientAlgoId": "test-algo-order-1",
+    }
     algo = await rest.ok("POST", "/fapi/v1/algoOrder", **params)
     fixture = sample("openAlgoOrders_fixture.json")
     listed = await rest.ok("GET", "/fapi/v1/openAlgoOrders", symbol="BTCUSDT")
@@ -160,7 +245,12 @@ async def test_algo_endpoints(rest: Rest) -> None:
     got = await rest.ok("GET", "/fapi/v1/algoOrder", clientAlgoId="test-algo-order-1")
     assert got["algoId"] == algo["algoId"]
     cancel = await rest.ok("DELETE", "/fapi/v1/algoOrder", symbol="BTCUSDT", algoId=algo["algoId"])
-    assert cancel == {"algoId": algo["algoId"], "clientAlgoId": "test-algo-order-1", "code": "200", "msg": "success"}
+    assert cancel == {
+        "algoId": algo["algoId"],
+        "clientAlgoId": "test-algo-order-1",
+        "code": "200",
+        "msg": "success",
+    }
     await rest.ok("POST", "/fapi/v1/algoOrder", **{**params, "clientAlgoId": "again"})
     await rest.ok("DELETE", "/fapi/v1/algoOpenOrders", symbol="BTCUSDT")
     assert await rest.ok("GET", "/fapi/v1/openAlgoOrders") == []
@@ -178,7 +268,9 @@ async def test_market_stream_payloads(rest: Rest) -> None:
     await venue.step(1000)
     shape(await next_json(ws), sample("ws_markPrice_docs.json"), ignore=frozenset(SAMPLE_ONLY))
     await ws.close()
-    ws = await rest.session.ws_connect(venue.ws_url + "/market/stream?streams=!markPrice@arr@1s/btcusdt@kline_1m")
+    ws = await rest.session.ws_connect(
+        venue.ws_url + "/market/stream?streams=!markPrice@arr@1s/btcusdt@kline_1m"
+    )
     await venue.step(1000)
     seen = {}
     for _ in range(2):
@@ -186,12 +278,20 @@ async def test_market_stream_payloads(rest: Rest) -> None:
         seen[msg["stream"]] = msg
     shape(seen["!markPrice@arr@1s"]["data"], sample("ws_markPrice_arr_docs.json"))
     assert len(seen["!markPrice@arr@1s"]["data"]) == 6
-    shape(seen["btcusdt@kline_1m"], sample("ws_combined_wrapper_docs.json"), ignore=frozenset({"data"}))
+    shape(
+        seen["btcusdt@kline_1m"],
+        sample("ws_combined_wrapper_docs.json"),
+        ignore=frozenset({"data"}),
+    )
     shape(seen["btcusdt@kline_1m"]["data"], sample("ws_kline_open_docs.json"))
     await ws.close()
     ws = await rest.session.ws_connect(venue.ws_url + "/public/ws/ethusdt@bookTicker")
     await venue.step(1000)
-    shape(await next_json(ws), sample("ws_bookTicker_docs_derived.json"), ignore=frozenset(SAMPLE_ONLY))
+    shape(
+        await next_json(ws),
+        sample("ws_bookTicker_docs_derived.json"),
+        ignore=frozenset(SAMPLE_ONLY),
+    )
     await ws.close()
 
 
@@ -205,17 +305,35 @@ async def collect_user(stream: UserStream, kind: str, status: str | None = None)
 async def test_user_stream_payloads(rest: Rest) -> None:
     stream = await open_user_stream(rest)
     venue = rest.venue
-    await rest.ok("POST", "/fapi/v1/order", symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    shape(await collect_user(stream, "ORDER_TRADE_UPDATE", "FILLED"),
-          sample("ws_ORDER_TRADE_UPDATE_trade_docs_derived.json"), subset=True)
+    await rest.ok(
+        "POST", "/fapi/v1/order", symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100"
+    )
+    shape(
+        await collect_user(stream, "ORDER_TRADE_UPDATE", "FILLED"),
+        sample("ws_ORDER_TRADE_UPDATE_trade_docs_derived.json"),
+        subset=True,
+    )
     shape(await collect_user(stream, "TRADE_LITE"), sample("ws_TRADE_LITE_real.json"))
     shape(await collect_user(stream, "ACCOUNT_UPDATE"), sample("ws_ACCOUNT_UPDATE_docs.json"))
     mark = venue.exchange.mark("DOGEUSDT")
     tick = venue.rules["DOGEUSDT"].tick_size
-    await rest.ok("POST", "/fapi/v1/algoOrder", algoType="CONDITIONAL", symbol="DOGEUSDT", side="SELL",
-                  type="STOP_MARKET", closePosition="true", triggerPrice=str(mark - 10 * tick), workingType="MARK_PRICE")
+    await rest.ok(
+        "POST",
+        "/fapi/v1/algoOrder",
+        algoType="CONDITIONAL",
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="STOP_MARKET",
+        closePosition="true",
+        triggerPrice=str(mark - 10 * tick),
+        workingType="MARK_PRICE",
+    )
     await venue.set_mark("DOGEUSDT", mark - 20 * tick)
-    for status, name in (("TRIGGERING", "triggering"), ("TRIGGERED", "triggered"), ("FINISHED", "finished")):
+    for status, name in (
+        ("TRIGGERING", "triggering"),
+        ("TRIGGERED", "triggered"),
+        ("FINISHED", "finished"),
+    ):
         event = await collect_user(stream, "ALGO_UPDATE", status)
         shape(event, sample(f"ws_ALGO_UPDATE_{name}_real.json")["data"])
     key = venue.expire_listen_key()

@@ -74,10 +74,18 @@ def test_one_way_opposite_order_without_reduce_only_flips_at_fill_price() -> Non
 
 def test_reduce_only_never_flips_and_is_rejected_when_flat_or_same_side() -> None:
     ex = make()
-    assert code(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="100", reduceOnly="true") == -2022
+    assert (
+        code(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="100", reduceOnly="true")
+        == -2022
+    )
     order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    assert code(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="10", reduceOnly="true") == -2022
-    body = order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="250", reduceOnly="true")
+    assert (
+        code(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="10", reduceOnly="true")
+        == -2022
+    )
+    body = order(
+        ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="250", reduceOnly="true"
+    )
     assert body["executedQty"] == "100"
     assert body["status"] == "EXPIRED"
     assert ex.position("DOGEUSDT", "BOTH").amount == 0
@@ -88,7 +96,9 @@ def test_min_notional_exempts_reduce_only() -> None:
     order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
     # 10 DOGE at 0.2 = 2 USDT < 5
     assert code(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="10") == -4164
-    body = order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="10", reduceOnly="true")
+    body = order(
+        ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="10", reduceOnly="true"
+    )
     assert body["status"] == "FILLED"
 
 
@@ -98,30 +108,66 @@ def test_hedge_legs_are_independent_and_closes_clip_to_the_leg() -> None:
     order(ex, symbol="DOGEUSDT", side="SELL", positionSide="SHORT", type="MARKET", quantity="50")
     assert ex.position("DOGEUSDT", "LONG").amount == 100
     assert ex.position("DOGEUSDT", "SHORT").amount == -50
-    body = order(ex, symbol="DOGEUSDT", side="SELL", positionSide="LONG", type="MARKET", quantity="300")
+    body = order(
+        ex, symbol="DOGEUSDT", side="SELL", positionSide="LONG", type="MARKET", quantity="300"
+    )
     assert body["reduceOnly"] is True
     assert body["executedQty"] == "100"
     assert ex.position("DOGEUSDT", "LONG").amount == 0
     assert ex.position("DOGEUSDT", "SHORT").amount == -50
     # closing an empty leg is refused, it never opens the other side
-    assert code(ex, symbol="DOGEUSDT", side="SELL", positionSide="LONG", type="MARKET", quantity="10") == -2022
+    assert (
+        code(ex, symbol="DOGEUSDT", side="SELL", positionSide="LONG", type="MARKET", quantity="10")
+        == -2022
+    )
 
 
 def test_hedge_mode_rules_4061_and_1106() -> None:
     ex = make("hedge")
     assert code(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100") == -4061
-    assert code(ex, symbol="DOGEUSDT", side="BUY", positionSide="BOTH", type="MARKET", quantity="100") == -4061
-    err = pytest.raises(BinanceError, ex.new_order, {"symbol": "DOGEUSDT", "side": "SELL", "positionSide": "LONG",
-                                                      "type": "MARKET", "quantity": "100", "reduceOnly": "true"})
+    assert (
+        code(ex, symbol="DOGEUSDT", side="BUY", positionSide="BOTH", type="MARKET", quantity="100")
+        == -4061
+    )
+    err = pytest.raises(
+        BinanceError,
+        ex.new_order,
+        {
+            "symbol": "DOGEUSDT",
+            "side": "SELL",
+            "positionSide": "LONG",
+            "type": "MARKET",
+            "quantity": "100",
+            "reduceOnly": "true",
+        },
+    )
     assert err.value.code == -1106
     assert err.value.msg == "Parameter 'reduceonly' sent when not required."
     one_way = make()
-    assert code(one_way, symbol="DOGEUSDT", side="BUY", positionSide="LONG", type="MARKET", quantity="100") == -4061
+    assert (
+        code(
+            one_way,
+            symbol="DOGEUSDT",
+            side="BUY",
+            positionSide="LONG",
+            type="MARKET",
+            quantity="100",
+        )
+        == -4061
+    )
 
 
 def test_limit_rests_then_fills_as_maker_when_mark_crosses() -> None:
     ex = make()
-    body = order(ex, symbol="DOGEUSDT", side="BUY", type="LIMIT", timeInForce="GTC", quantity="100", price="0.19500")
+    body = order(
+        ex,
+        symbol="DOGEUSDT",
+        side="BUY",
+        type="LIMIT",
+        timeInForce="GTC",
+        quantity="100",
+        price="0.19500",
+    )
     assert body["status"] == "NEW"
     ex.set_price("DOGEUSDT", D("0.19600"))
     assert ex.position("DOGEUSDT", "BOTH").amount == 0
@@ -133,15 +179,49 @@ def test_limit_rests_then_fills_as_maker_when_mark_crosses() -> None:
 
 def test_time_in_force_gtx_ioc_fok() -> None:
     ex = make()
-    assert code(ex, symbol="DOGEUSDT", side="BUY", type="LIMIT", timeInForce="GTX", quantity="100",
-                price="0.20100") == -5022
-    assert code(ex, symbol="DOGEUSDT", side="BUY", type="LIMIT", timeInForce="FOK", quantity="100",
-                price="0.19900") == -5021
-    body = order(ex, symbol="DOGEUSDT", side="BUY", type="LIMIT", timeInForce="IOC", quantity="100",
-                 price="0.19900")
+    assert (
+        code(
+            ex,
+            symbol="DOGEUSDT",
+            side="BUY",
+            type="LIMIT",
+            timeInForce="GTX",
+            quantity="100",
+            price="0.20100",
+        )
+        == -5022
+    )
+    assert (
+        code(
+            ex,
+            symbol="DOGEUSDT",
+            side="BUY",
+            type="LIMIT",
+            timeInForce="FOK",
+            quantity="100",
+            price="0.19900",
+        )
+        == -5021
+    )
+    body = order(
+        ex,
+        symbol="DOGEUSDT",
+        side="BUY",
+        type="LIMIT",
+        timeInForce="IOC",
+        quantity="100",
+        price="0.19900",
+    )
     assert body["status"] == "EXPIRED"
-    body = order(ex, symbol="DOGEUSDT", side="BUY", type="LIMIT", timeInForce="IOC", quantity="100",
-                 price="0.20100")
+    body = order(
+        ex,
+        symbol="DOGEUSDT",
+        side="BUY",
+        type="LIMIT",
+        timeInForce="IOC",
+        quantity="100",
+        price="0.20100",
+    )
     assert body["status"] == "FILLED"
     assert body["avgPrice"] == "0.200000"  # better of limit and reference
 
@@ -150,25 +230,46 @@ def test_margin_check_2019() -> None:
     ex = make(balance=D(100))
     # 1 BTC at 60000 with 20x needs 3000 USDT
     assert code(ex, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="1") == -2019
-    assert order(ex, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.002")["status"] == "FILLED"
+    assert (
+        order(ex, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.002")["status"]
+        == "FILLED"
+    )
 
 
 def test_market_slippage_moves_against_the_taker() -> None:
     ex = make(slippage_ticks=3)
-    assert order(ex, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.002")["avgPrice"] == "60000.30"
-    assert order(ex, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.002")["avgPrice"] == "59999.70"
+    assert (
+        order(ex, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.002")["avgPrice"]
+        == "60000.30"
+    )
+    assert (
+        order(ex, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.002")["avgPrice"]
+        == "59999.70"
+    )
 
 
-def algo(ex: Exchange, **p: str):  # noqa: ANN201
+def algo(ex: Exchange, **p: str):
     return ex.new_algo_order({"algoType": "CONDITIONAL", **p})
 
 
 def test_conditional_types_go_to_algo_endpoint_and_trigger_on_mark() -> None:
     ex = make()
-    assert code(ex, symbol="DOGEUSDT", side="SELL", type="STOP_MARKET", quantity="100", stopPrice="0.19") == -4120
+    assert (
+        code(
+            ex, symbol="DOGEUSDT", side="SELL", type="STOP_MARKET", quantity="100", stopPrice="0.19"
+        )
+        == -4120
+    )
     order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    a = algo(ex, symbol="DOGEUSDT", side="SELL", type="STOP_MARKET", triggerPrice="0.19000",
-             closePosition="true", workingType="MARK_PRICE")
+    a = algo(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="STOP_MARKET",
+        triggerPrice="0.19000",
+        closePosition="true",
+        workingType="MARK_PRICE",
+    )
     assert a.status == "NEW"
     ex.drain_events()
     ex.set_price("DOGEUSDT", D("0.19100"))
@@ -183,18 +284,35 @@ def test_conditional_types_go_to_algo_endpoint_and_trigger_on_mark() -> None:
 def test_stop_that_would_trigger_at_once_is_2021() -> None:
     ex = make()
     with pytest.raises(BinanceError) as info:
-        algo(ex, symbol="DOGEUSDT", side="SELL", type="STOP_MARKET", triggerPrice="0.20500", quantity="100",
-             workingType="MARK_PRICE")
+        algo(
+            ex,
+            symbol="DOGEUSDT",
+            side="SELL",
+            type="STOP_MARKET",
+            triggerPrice="0.20500",
+            quantity="100",
+            workingType="MARK_PRICE",
+        )
     assert info.value.code == -2021
 
 
 def test_close_position_on_flat_leg_expires_without_opening() -> None:
     ex = make("hedge")
     order(ex, symbol="DOGEUSDT", side="BUY", positionSide="LONG", type="MARKET", quantity="100")
-    a = algo(ex, symbol="DOGEUSDT", side="SELL", positionSide="LONG", type="STOP_MARKET", triggerPrice="0.19000",
-             closePosition="true", workingType="MARK_PRICE")
+    a = algo(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        positionSide="LONG",
+        type="STOP_MARKET",
+        triggerPrice="0.19000",
+        closePosition="true",
+        workingType="MARK_PRICE",
+    )
     order(ex, symbol="DOGEUSDT", side="SELL", positionSide="LONG", type="MARKET", quantity="100")
-    assert a.status == "NEW"  # closePosition orders stay open after the position is closed otherwise
+    assert (
+        a.status == "NEW"
+    )  # closePosition orders stay open after the position is closed otherwise
     ex.set_price("DOGEUSDT", D("0.18000"))
     assert a.status == "EXPIRED"
     assert ex.position("DOGEUSDT", "SHORT").amount == 0
@@ -204,8 +322,15 @@ def test_close_position_on_flat_leg_expires_without_opening() -> None:
 def test_gte_gtc_algo_orders_expire_when_the_position_closes() -> None:
     ex = make()
     order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    a = algo(ex, symbol="DOGEUSDT", side="SELL", type="STOP_MARKET", triggerPrice="0.19000", closePosition="true",
-             timeInForce="GTE_GTC")
+    a = algo(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="STOP_MARKET",
+        triggerPrice="0.19000",
+        closePosition="true",
+        timeInForce="GTE_GTC",
+    )
     order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="100", reduceOnly="true")
     assert a.status == "EXPIRED"
 
@@ -213,8 +338,16 @@ def test_gte_gtc_algo_orders_expire_when_the_position_closes() -> None:
 def test_trailing_stop_follows_the_peak() -> None:
     ex = make()
     order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    a = algo(ex, symbol="DOGEUSDT", side="SELL", type="TRAILING_STOP_MARKET", quantity="100", callbackRate="1",
-             activatePrice="0.20200", workingType="MARK_PRICE")
+    a = algo(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="TRAILING_STOP_MARKET",
+        quantity="100",
+        callbackRate="1",
+        activatePrice="0.20200",
+        workingType="MARK_PRICE",
+    )
     for price in ("0.20100", "0.20300", "0.21000", "0.20900"):
         ex.set_price("DOGEUSDT", D(price))
         assert a.status == "NEW"
@@ -228,7 +361,15 @@ def test_position_mode_and_margin_type_change_rules() -> None:
     with pytest.raises(BinanceError) as info:
         ex.set_position_mode(False)
     assert info.value.code == -4059
-    order(ex, symbol="DOGEUSDT", side="BUY", type="LIMIT", timeInForce="GTC", quantity="100", price="0.19000")
+    order(
+        ex,
+        symbol="DOGEUSDT",
+        side="BUY",
+        type="LIMIT",
+        timeInForce="GTC",
+        quantity="100",
+        price="0.19000",
+    )
     with pytest.raises(BinanceError) as info:
         ex.set_position_mode(True)
     assert info.value.code == -4067
@@ -250,20 +391,55 @@ def test_position_mode_and_margin_type_change_rules() -> None:
 
 def test_duplicate_client_id_among_open_orders_only() -> None:
     ex = make()
-    order(ex, symbol="DOGEUSDT", side="BUY", type="LIMIT", timeInForce="GTC", quantity="100", price="0.19000",
-          newClientOrderId="abc")
-    assert code(ex, symbol="DOGEUSDT", side="BUY", type="LIMIT", timeInForce="GTC", quantity="100",
-                price="0.19000", newClientOrderId="abc") == -4116
+    order(
+        ex,
+        symbol="DOGEUSDT",
+        side="BUY",
+        type="LIMIT",
+        timeInForce="GTC",
+        quantity="100",
+        price="0.19000",
+        newClientOrderId="abc",
+    )
+    assert (
+        code(
+            ex,
+            symbol="DOGEUSDT",
+            side="BUY",
+            type="LIMIT",
+            timeInForce="GTC",
+            quantity="100",
+            price="0.19000",
+            newClientOrderId="abc",
+        )
+        == -4116
+    )
     ex.cancel_order("DOGEUSDT", None, "abc")
-    order(ex, symbol="DOGEUSDT", side="BUY", type="LIMIT", timeInForce="GTC", quantity="100", price="0.19000",
-          newClientOrderId="abc")
+    order(
+        ex,
+        symbol="DOGEUSDT",
+        side="BUY",
+        type="LIMIT",
+        timeInForce="GTC",
+        quantity="100",
+        price="0.19000",
+        newClientOrderId="abc",
+    )
 
 
 def test_resting_reduce_only_limit_expires_when_position_shrinks() -> None:
     ex = make()
     order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    body = order(ex, symbol="DOGEUSDT", side="SELL", type="LIMIT", timeInForce="GTC", quantity="100",
-                 price="0.21000", reduceOnly="true")
+    body = order(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="LIMIT",
+        timeInForce="GTC",
+        quantity="100",
+        price="0.21000",
+        reduceOnly="true",
+    )
     order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="50", reduceOnly="true")
     resting = ex.orders[int(str(body["orderId"]))]
     assert resting.status == "EXPIRED"

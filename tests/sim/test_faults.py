@@ -12,29 +12,43 @@ import pytest
 import pyquant.sim as sim
 from tests.sim.conftest import Rest, open_user_stream
 
-BUY = {"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "100", "newOrderRespType": "RESULT"}
+BUY = {
+    "symbol": "DOGEUSDT",
+    "side": "BUY",
+    "type": "MARKET",
+    "quantity": "100",
+    "newOrderRespType": "RESULT",
+}
 
 
 async def test_503_unknown_outcome_executes_a_share_of_orders(rest: Rest) -> None:
     rest.venue.set_faults(order_error_rate=1.0, order_error="503", execute_share=1.0)
-    status, _, body = await rest.signed("POST", "/fapi/v1/order", **BUY, newClientOrderId="unknown-1")
+    status, _, body = await rest.signed(
+        "POST", "/fapi/v1/order", **BUY, newClientOrderId="unknown-1"
+    )
     assert status == 503
     assert body["msg"] == "Unknown error, please check your request or try again later."
     rest.venue.set_faults()
     found = await rest.ok("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="unknown-1")
     assert found["status"] == "FILLED"  # it did execute: the client must look before resending
     rest.venue.set_faults(order_error_rate=1.0, order_error="-1007", execute_share=0.0)
-    status, _, body = await rest.signed("POST", "/fapi/v1/order", **BUY, newClientOrderId="unknown-2")
+    status, _, body = await rest.signed(
+        "POST", "/fapi/v1/order", **BUY, newClientOrderId="unknown-2"
+    )
     assert (status, body["code"]) == (408, -1007)
     rest.venue.set_faults()
-    missing = await rest.error("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="unknown-2")
+    missing = await rest.error(
+        "GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="unknown-2"
+    )
     assert missing["code"] == -2013
 
 
 async def test_share_of_faulted_orders_is_seeded(session: aiohttp.ClientSession) -> None:
     outcomes = []
     for _ in range(2):
-        async with sim.serve(speed=0, seed=11, faults={"order_error_rate": 0.5, "execute_share": 0.5}) as venue:
+        async with sim.serve(
+            speed=0, seed=11, faults={"order_error_rate": 0.5, "execute_share": 0.5}
+        ) as venue:
             rest = Rest(session, venue)
             statuses = [(await rest.signed("POST", "/fapi/v1/order", **BUY))[0] for _ in range(12)]
             outcomes.append((statuses, len(venue.order_log.fills)))
@@ -53,8 +67,12 @@ async def test_dropped_reply_and_service_unavailable(rest: Rest) -> None:
     status, _, body = await rest.signed("POST", "/fapi/v1/order", **BUY, newClientOrderId="never")
     assert (status, body["msg"]) == (503, "Service Unavailable.")
     rest.venue.set_faults()
-    assert (await rest.ok("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="dropped"))["status"] == "FILLED"
-    assert (await rest.error("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="never"))["code"] == -2013
+    assert (await rest.ok("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="dropped"))[
+        "status"
+    ] == "FILLED"
+    assert (
+        await rest.error("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="never")
+    )["code"] == -2013
 
 
 async def test_stalled_reply_times_out_the_client(rest: Rest) -> None:
@@ -82,7 +100,9 @@ async def limited(session: aiohttp.ClientSession) -> AsyncIterator[Rest]:
     ]
     async with sim.serve(speed=0, rate_limits=limits) as venue:
         now = int(time.time() * 1000)
-        venue.limits.now_ms = lambda: now - now % 60_000 + 1  # one fixed window: no boundary in the test
+        venue.limits.now_ms = lambda: (
+            now - now % 60_000 + 1
+        )  # one fixed window: no boundary in the test
         yield Rest(session, venue)
 
 
@@ -131,7 +151,9 @@ async def test_websocket_drop_and_listen_key_expiry_through_admin(rest: Rest) ->
 
 async def test_admin_faults_endpoint_and_time_skew(rest: Rest) -> None:
     venue = rest.venue
-    async with rest.session.post(venue.rest_url + "/admin/faults", json={"order_error_rate": 2}) as resp:
+    async with rest.session.post(
+        venue.rest_url + "/admin/faults", json={"order_error_rate": 2}
+    ) as resp:
         assert resp.status == 400
         assert "order_error_rate" in (await resp.json())["error"]
     async with rest.session.post(venue.rest_url + "/admin/faults", json={"bogus": 1}) as resp:
@@ -141,7 +163,9 @@ async def test_admin_faults_endpoint_and_time_skew(rest: Rest) -> None:
     async with rest.session.post(venue.rest_url + "/admin/time_skew", json={"ms": 10_000}) as resp:
         assert resp.status == 200
     assert (await rest.error("GET", "/fapi/v2/balance"))["code"] == -1021
-    async with rest.session.post(venue.rest_url + "/admin/mark", json={"symbol": "BTCUSDT", "price": "70000"}) as resp:
+    async with rest.session.post(
+        venue.rest_url + "/admin/mark", json={"symbol": "BTCUSDT", "price": "70000"}
+    ) as resp:
         assert resp.status == 200
     assert venue.exchange.mark("BTCUSDT") == 70000
 
@@ -152,6 +176,10 @@ async def test_new_order_invisible_to_queries_for_a_while(rest: Rest) -> None:
     clock = [int(time.time() * 1000)]
     venue._now_wall = lambda: clock[0]  # type: ignore[method-assign]
     await rest.ok("POST", "/fapi/v1/order", **BUY, newClientOrderId="late")
-    assert (await rest.error("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="late"))["code"] == -2013
+    assert (await rest.error("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="late"))[
+        "code"
+    ] == -2013
     clock[0] += 5000
-    assert (await rest.ok("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="late"))["status"] == "FILLED"
+    assert (await rest.ok("GET", "/fapi/v1/order", symbol="DOGEUSDT", origClientOrderId="late"))[
+        "status"
+    ] == "FILLED"

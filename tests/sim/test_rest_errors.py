@@ -18,19 +18,28 @@ REAL = {e["body"]["code"]: e["body"]["msg"] for e in sample("errors.json")["erro
 
 async def test_signature_timestamp_and_key_errors(rest: Rest) -> None:
     query = rest.sign({"symbol": "BTCUSDT"})
-    status, _, body = await rest.raw("GET", "/fapi/v2/positionRisk", query[:-1] + ("0" if query[-1] != "0" else "1"))
+    status, _, body = await rest.raw(
+        "GET", "/fapi/v2/positionRisk", query[:-1] + ("0" if query[-1] != "0" else "1")
+    )
     assert (status, body) == (400, {"code": -1022, "msg": REAL[-1022]})
     old = rest.sign({"symbol": "BTCUSDT"}, ts=int(time.time() * 1000) - 60_000)
     status, _, body = await rest.raw("GET", "/fapi/v2/positionRisk", old)
     assert body == {"code": -1021, "msg": REAL[-1021]}
     ahead = rest.sign({}, ts=int(time.time() * 1000) + 5_000)
     assert (await rest.raw("GET", "/fapi/v2/balance", ahead))[2]["code"] == -1021
-    status, _, body = await rest.raw("GET", "/fapi/v2/balance", rest.sign({}), headers={"X-MBX-APIKEY": "x" * 64})
+    status, _, body = await rest.raw(
+        "GET", "/fapi/v2/balance", rest.sign({}), headers={"X-MBX-APIKEY": "x" * 64}
+    )
     assert (status, body["code"]) == (401, -2015)
-    status, _, body = await rest.raw("GET", "/fapi/v2/balance", rest.sign({}), headers={"X-MBX-APIKEY": "bad key!"})
+    status, _, body = await rest.raw(
+        "GET", "/fapi/v2/balance", rest.sign({}), headers={"X-MBX-APIKEY": "bad key!"}
+    )
     assert body["code"] == -2014
     status, _, body = await rest.raw("GET", "/fapi/v2/balance", "recvWindow=5000")
-    assert body == {"code": -1102, "msg": "Mandatory parameter 'timestamp' was not sent, was empty/null, or malformed."}
+    assert body == {
+        "code": -1102,
+        "msg": "Mandatory parameter 'timestamp' was not sent, was empty/null, or malformed.",
+    }
 
 
 async def test_signature_over_query_plus_body_as_received(rest: Rest) -> None:
@@ -41,17 +50,39 @@ async def test_signature_over_query_plus_body_as_received(rest: Rest) -> None:
     status, _, reply = await rest.raw("POST", ORDER, query, body + "&signature=" + sig.upper())
     assert status == 200, reply
     # the same parameters re-ordered in the body no longer match the signature
-    status, _, reply = await rest.raw("POST", ORDER, query, "recvWindow=5000&" + body.replace("&recvWindow=5000", "")
-                                      + "&signature=" + sig)
+    status, _, reply = await rest.raw(
+        "POST",
+        ORDER,
+        query,
+        "recvWindow=5000&" + body.replace("&recvWindow=5000", "") + "&signature=" + sig,
+    )
     assert reply["code"] == -1022
 
 
 async def test_original_failures_in_hedge_mode(hrest: Rest) -> None:
-    body = await hrest.error("POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    body = await hrest.error(
+        "POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100"
+    )
     assert body == {"code": -4061, "msg": REAL[-4061]}
-    await hrest.ok("POST", ORDER, symbol="DOGEUSDT", side="BUY", positionSide="LONG", type="MARKET", quantity="100")
-    body = await hrest.error("POST", ORDER, symbol="DOGEUSDT", side="SELL", positionSide="LONG", type="MARKET",
-                             quantity="100", reduceOnly="true")
+    await hrest.ok(
+        "POST",
+        ORDER,
+        symbol="DOGEUSDT",
+        side="BUY",
+        positionSide="LONG",
+        type="MARKET",
+        quantity="100",
+    )
+    body = await hrest.error(
+        "POST",
+        ORDER,
+        symbol="DOGEUSDT",
+        side="SELL",
+        positionSide="LONG",
+        type="MARKET",
+        quantity="100",
+        reduceOnly="true",
+    )
     assert body == {"code": -1106, "msg": "Parameter 'reduceonly' sent when not required."}
 
 
@@ -61,11 +92,37 @@ async def test_original_failures_in_hedge_mode(hrest: Rest) -> None:
         ({"symbol": "NOPEUSDT", "side": "BUY", "type": "MARKET", "quantity": "1"}, -1121),
         ({"symbol": "DOGEUSDT", "side": "UP", "type": "MARKET", "quantity": "100"}, -1117),
         ({"symbol": "DOGEUSDT", "side": "BUY", "type": "ICEBERG", "quantity": "100"}, -1116),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "STOP_MARKET", "quantity": "100", "stopPrice": "0.3"}, -4120),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "TAKE_PROFIT", "quantity": "100", "price": "0.1",
-          "stopPrice": "0.1"}, -4120),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "TRAILING_STOP_MARKET", "quantity": "100",
-          "callbackRate": "1"}, -4120),
+        (
+            {
+                "symbol": "DOGEUSDT",
+                "side": "BUY",
+                "type": "STOP_MARKET",
+                "quantity": "100",
+                "stopPrice": "0.3",
+            },
+            -4120,
+        ),
+        (
+            {
+                "symbol": "DOGEUSDT",
+                "side": "BUY",
+                "type": "TAKE_PROFIT",
+                "quantity": "100",
+                "price": "0.1",
+                "stopPrice": "0.1",
+            },
+            -4120,
+        ),
+        (
+            {
+                "symbol": "DOGEUSDT",
+                "side": "BUY",
+                "type": "TRAILING_STOP_MARKET",
+                "quantity": "100",
+                "callbackRate": "1",
+            },
+            -4120,
+        ),
         ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET"}, -1102),
         ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "1e-05"}, -1102),
         ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "nan"}, -1102),
@@ -74,28 +131,144 @@ async def test_original_failures_in_hedge_mode(hrest: Rest) -> None:
         ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "0"}, -4003),
         ({"symbol": "BTCUSDT", "side": "BUY", "type": "MARKET", "quantity": "5000"}, -4005),
         ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "10"}, -4164),
-        ({"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.001",
-          "price": "50000.155"}, -1111),
-        ({"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.002",
-          "price": "50000.15"}, -4014),
-        ({"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.01",
-          "price": "900000"}, -4002),
-        ({"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.01",
-          "price": "200000"}, -4016),
-        ({"symbol": "BTCUSDT", "side": "SELL", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.01",
-          "price": "50000"}, -4024),
-        ({"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "quantity": "0.01", "price": "100000"}, -1102),
-        ({"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "XYZ", "quantity": "0.01",
-          "price": "100000"}, -1115),
-        ({"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTX", "quantity": "0.01",
-          "price": "110000"}, -5022),
+        (
+            {
+                "symbol": "BTCUSDT",
+                "side": "BUY",
+                "type": "LIMIT",
+                "timeInForce": "GTC",
+                "quantity": "0.001",
+                "price": "50000.155",
+            },
+            -1111,
+        ),
+        (
+            {
+                "symbol": "BTCUSDT",
+                "side": "BUY",
+                "type": "LIMIT",
+                "timeInForce": "GTC",
+                "quantity": "0.002",
+                "price": "50000.15",
+            },
+            -4014,
+        ),
+        (
+            {
+                "symbol": "BTCUSDT",
+                "side": "BUY",
+                "type": "LIMIT",
+                "timeInForce": "GTC",
+                "quantity": "0.01",
+                "price": "900000",
+            },
+            -4002,
+        ),
+        (
+            {
+                "symbol": "BTCUSDT",
+                "side": "BUY",
+                "type": "LIMIT",
+                "timeInForce": "GTC",
+                "quantity": "0.01",
+                "price": "200000",
+            },
+            -4016,
+        ),
+        (
+            {
+                "symbol": "BTCUSDT",
+                "side": "SELL",
+                "type": "LIMIT",
+                "timeInForce": "GTC",
+                "quantity": "0.01",
+                "price": "50000",
+            },
+            -4024,
+        ),
+        (
+            {
+                "symbol": "BTCUSDT",
+                "side": "BUY",
+                "type": "LIMIT",
+                "quantity": "0.01",
+                "price": "100000",
+            },
+            -1102,
+        ),
+        (
+            {
+                "symbol": "BTCUSDT",
+                "side": "BUY",
+                "type": "LIMIT",
+                "timeInForce": "XYZ",
+                "quantity": "0.01",
+                "price": "100000",
+            },
+            -1115,
+        ),
+        (
+            {
+                "symbol": "BTCUSDT",
+                "side": "BUY",
+                "type": "LIMIT",
+                "timeInForce": "GTX",
+                "quantity": "0.01",
+                "price": "110000",
+            },
+            -5022,
+        ),
         ({"symbol": "BTCUSDT", "side": "BUY", "type": "MARKET", "quantity": "100"}, -2019),
-        ({"symbol": "DOGEUSDT", "side": "SELL", "type": "MARKET", "quantity": "100", "reduceOnly": "true"}, -2022),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "100", "newClientOrderId": "a b"}, -1100),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "100", "newClientOrderId": "x" * 37},
-         -4015),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "100", "positionSide": "LONG"}, -4061),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "100", "closePosition": "true"}, -1106),
+        (
+            {
+                "symbol": "DOGEUSDT",
+                "side": "SELL",
+                "type": "MARKET",
+                "quantity": "100",
+                "reduceOnly": "true",
+            },
+            -2022,
+        ),
+        (
+            {
+                "symbol": "DOGEUSDT",
+                "side": "BUY",
+                "type": "MARKET",
+                "quantity": "100",
+                "newClientOrderId": "a b",
+            },
+            -1100,
+        ),
+        (
+            {
+                "symbol": "DOGEUSDT",
+                "side": "BUY",
+                "type": "MARKET",
+                "quantity": "100",
+                "newClientOrderId": "x" * 37,
+            },
+            -4015,
+        ),
+        (
+            {
+                "symbol": "DOGEUSDT",
+                "side": "BUY",
+                "type": "MARKET",
+                "quantity": "100",
+                "positionSide": "LONG",
+            },
+            -4061,
+        ),
+        (
+            {
+                "symbol": "DOGEUSDT",
+                "side": "BUY",
+                "type": "MARKET",
+                "quantity": "100",
+                "closePosition": "true",
+            },
+            -1106,
+        ),
     ],
 )
 async def test_order_rejections(rest: Rest, params: dict[str, str], code: int) -> None:
@@ -106,14 +279,25 @@ async def test_order_rejections(rest: Rest, params: dict[str, str], code: int) -
 
 
 async def test_unknown_params_are_ignored_and_server_keeps_serving(rest: Rest) -> None:
-    body = await rest.ok("POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100",
-                         fooBar="1", recvWindow="10000", newOrderRespType="RESULT")
+    body = await rest.ok(
+        "POST",
+        ORDER,
+        symbol="DOGEUSDT",
+        side="BUY",
+        type="MARKET",
+        quantity="100",
+        fooBar="1",
+        recvWindow="10000",
+        newOrderRespType="RESULT",
+    )
     assert body["status"] == "FILLED"
     status, _, body = await rest.raw("GET", "/fapi/v1/nothing")
     assert status == 404
     status, _, body = await rest.public("/fapi/v1/klines", symbol="BTCUSDT", interval="7m")
     assert body["code"] == -1120
-    status, _, body = await rest.public("/fapi/v1/klines", symbol="BTCUSDT", interval="1m", limit="99999999999")
+    status, _, body = await rest.public(
+        "/fapi/v1/klines", symbol="BTCUSDT", interval="1m", limit="99999999999"
+    )
     assert body["code"] == -1130
     assert (await rest.public("/fapi/v1/ping"))[2] == {}
 
@@ -123,32 +307,70 @@ async def test_unknown_order_duplicate_id_and_cancel(rest: Rest) -> None:
     assert body == {"code": -2013, "msg": "Order does not exist."}
     body = await rest.error("DELETE", ORDER, symbol="DOGEUSDT", origClientOrderId="never")
     assert body == {"code": -2011, "msg": REAL[-2011]}
-    limit = {"symbol": "DOGEUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "quantity": "100",
-             "price": "0.15000", "newClientOrderId": "dup-1"}
+    limit = {
+        "symbol": "DOGEUSDT",
+        "side": "BUY",
+        "type": "LIMIT",
+        "timeInForce": "GTC",
+        "quantity": "100",
+        "price": "0.15000",
+        "newClientOrderId": "dup-1",
+    }
     await rest.ok("POST", ORDER, **limit)
     body = await rest.error("POST", ORDER, **limit)
     assert body == {"code": -4116, "msg": "ClientOrderId is duplicated."}
     cancelled = await rest.ok("DELETE", ORDER, symbol="DOGEUSDT", origClientOrderId="dup-1")
     assert cancelled["status"] == "CANCELED"
-    assert (await rest.error("DELETE", ORDER, symbol="DOGEUSDT", origClientOrderId="dup-1"))["code"] == -2011
+    assert (await rest.error("DELETE", ORDER, symbol="DOGEUSDT", origClientOrderId="dup-1"))[
+        "code"
+    ] == -2011
     found = await rest.ok("GET", ORDER, symbol="DOGEUSDT", origClientOrderId="dup-1")
     assert found["status"] == "CANCELED"
 
 
 async def test_algo_order_rejections(rest: Rest) -> None:
     mark = rest.venue.exchange.mark("DOGEUSDT")
-    base = {"algoType": "CONDITIONAL", "symbol": "DOGEUSDT", "type": "STOP_MARKET", "workingType": "MARK_PRICE"}
-    body = await rest.error("POST", ALGO, **base, side="SELL", quantity="100", triggerPrice=str(mark + 1000 * rest.venue.rules["DOGEUSDT"].tick_size))
+    base = {
+        "algoType": "CONDITIONAL",
+        "symbol": "DOGEUSDT",
+        "type": "STOP_MARKET",
+        "workingType": "MARK_PRICE",
+    }
+    body = await rest.error(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        quantity="100",
+        triggerPrice=str(mark + 1000 * rest.venue.rules["DOGEUSDT"].tick_size),
+    )
     assert body == {"code": -2021, "msg": REAL[-2021]}
-    body = await rest.error("POST", ALGO, **base, side="SELL", closePosition="true", quantity="100",
-                            triggerPrice="0.10000")
+    body = await rest.error(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        closePosition="true",
+        quantity="100",
+        triggerPrice="0.10000",
+    )
     assert body["code"] == -4137
-    body = await rest.error("POST", ALGO, **{**base, "algoType": ""}, side="SELL", quantity="100",
-                            triggerPrice="0.10000")
+    body = await rest.error(
+        "POST",
+        ALGO,
+        **{**base, "algoType": ""},
+        side="SELL",
+        quantity="100",
+        triggerPrice="0.10000",
+    )
     assert body["code"] == -1102
     for _ in range(10):
-        await rest.ok("POST", ALGO, **base, side="SELL", closePosition="true", triggerPrice="0.10000")
-    body = await rest.error("POST", ALGO, **base, side="SELL", closePosition="true", triggerPrice="0.10000")
+        await rest.ok(
+            "POST", ALGO, **base, side="SELL", closePosition="true", triggerPrice="0.10000"
+        )
+    body = await rest.error(
+        "POST", ALGO, **base, side="SELL", closePosition="true", triggerPrice="0.10000"
+    )
     assert body == {"code": -4045, "msg": "Reach max stop order limit."}
     assert (await rest.error("DELETE", ALGO, algoId="1"))["code"] == -2011
     assert (await rest.error("GET", ALGO, clientAlgoId="nope"))["code"] == -2013
@@ -156,21 +378,53 @@ async def test_algo_order_rejections(rest: Rest) -> None:
 
 async def test_mode_and_margin_type_changes(rest: Rest) -> None:
     dual = "/fapi/v1/positionSide/dual"
-    assert (await rest.error("POST", dual, dualSidePosition="false")) == {"code": -4059, "msg": REAL[-4059]}
-    await rest.ok("POST", ORDER, symbol="DOGEUSDT", side="BUY", type="LIMIT", timeInForce="GTC", quantity="100",
-                  price="0.15000")
-    assert (await rest.error("POST", dual, dualSidePosition="true")) == {"code": -4067, "msg": REAL[-4067]}
-    assert (await rest.error("POST", "/fapi/v1/marginType", symbol="DOGEUSDT", marginType="ISOLATED"))["code"] == -4047
+    assert (await rest.error("POST", dual, dualSidePosition="false")) == {
+        "code": -4059,
+        "msg": REAL[-4059],
+    }
+    await rest.ok(
+        "POST",
+        ORDER,
+        symbol="DOGEUSDT",
+        side="BUY",
+        type="LIMIT",
+        timeInForce="GTC",
+        quantity="100",
+        price="0.15000",
+    )
+    assert (await rest.error("POST", dual, dualSidePosition="true")) == {
+        "code": -4067,
+        "msg": REAL[-4067],
+    }
+    assert (
+        await rest.error("POST", "/fapi/v1/marginType", symbol="DOGEUSDT", marginType="ISOLATED")
+    )["code"] == -4047
     await rest.ok("DELETE", "/fapi/v1/allOpenOrders", symbol="DOGEUSDT")
     await rest.ok("POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    assert (await rest.error("POST", dual, dualSidePosition="true")) == {"code": -4068, "msg": REAL[-4068]}
-    assert (await rest.error("POST", "/fapi/v1/marginType", symbol="DOGEUSDT", marginType="ISOLATED"))["code"] == -4048
+    assert (await rest.error("POST", dual, dualSidePosition="true")) == {
+        "code": -4068,
+        "msg": REAL[-4068],
+    }
+    assert (
+        await rest.error("POST", "/fapi/v1/marginType", symbol="DOGEUSDT", marginType="ISOLATED")
+    )["code"] == -4048
     body = await rest.error("POST", "/fapi/v1/marginType", symbol="BTCUSDT", marginType="CROSSED")
     assert body == {"code": -4046, "msg": REAL[-4046]}
-    assert await rest.ok("POST", "/fapi/v1/marginType", symbol="BTCUSDT", marginType="ISOLATED") == {
-        "code": 200, "msg": "success"}
-    assert (await rest.error("POST", "/fapi/v1/leverage", symbol="BTCUSDT", leverage="500"))["code"] == -4028
-    await rest.ok("POST", ORDER, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="100", reduceOnly="true")
+    assert await rest.ok(
+        "POST", "/fapi/v1/marginType", symbol="BTCUSDT", marginType="ISOLATED"
+    ) == {"code": 200, "msg": "success"}
+    assert (await rest.error("POST", "/fapi/v1/leverage", symbol="BTCUSDT", leverage="500"))[
+        "code"
+    ] == -4028
+    await rest.ok(
+        "POST",
+        ORDER,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="MARKET",
+        quantity="100",
+        reduceOnly="true",
+    )
     assert await rest.ok("POST", dual, dualSidePosition="true") == {"code": 200, "msg": "success"}
     assert await rest.ok("GET", dual) == {"dualSidePosition": True}
 
@@ -183,6 +437,10 @@ async def test_listen_key_lifecycle_1125(rest: Rest) -> None:
     assert first == again
     assert (await rest.raw("PUT", "/fapi/v1/listenKey"))[2] == {"listenKey": first}
     assert (await rest.raw("DELETE", "/fapi/v1/listenKey"))[2] == {}
-    assert (await rest.raw("PUT", "/fapi/v1/listenKey", urlencode({"listenKey": first})))[2]["code"] == -1125
-    status, _, body = await rest.raw("POST", "/fapi/v1/listenKey", headers={"X-MBX-APIKEY": "y" * 64})
+    assert (await rest.raw("PUT", "/fapi/v1/listenKey", urlencode({"listenKey": first})))[2][
+        "code"
+    ] == -1125
+    status, _, body = await rest.raw(
+        "POST", "/fapi/v1/listenKey", headers={"X-MBX-APIKEY": "y" * 64}
+    )
     assert body["code"] == -2015

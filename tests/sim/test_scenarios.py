@@ -16,7 +16,9 @@ SYMBOL = "DOGEUSDT"
 
 
 @pytest.fixture(params=["one-way", "hedge"])
-async def mode_rest(request: pytest.FixtureRequest, session: aiohttp.ClientSession) -> AsyncIterator[Rest]:
+async def mode_rest(
+    request: pytest.FixtureRequest, session: aiohttp.ClientSession
+) -> AsyncIterator[Rest]:
     async with sim.serve(speed=0, seed=3, position_mode=request.param) as venue:
         yield Rest(session, venue)
 
@@ -26,7 +28,13 @@ def hedge_of(rest: Rest) -> bool:
 
 
 def open_params(rest: Rest, side: str, qty: str) -> dict[str, str]:
-    p = {"symbol": SYMBOL, "side": side, "type": "MARKET", "quantity": qty, "newOrderRespType": "RESULT"}
+    p = {
+        "symbol": SYMBOL,
+        "side": side,
+        "type": "MARKET",
+        "quantity": qty,
+        "newOrderRespType": "RESULT",
+    }
     if hedge_of(rest):
         p["positionSide"] = "LONG" if side == "BUY" else "SHORT"
     return p
@@ -34,8 +42,13 @@ def open_params(rest: Rest, side: str, qty: str) -> dict[str, str]:
 
 def close_params(rest: Rest, long: bool, qty: str) -> dict[str, str]:
     """How pyquant closes (contract 3.4): one-way reduceOnly+BOTH, hedge opposite side on the leg."""
-    p = {"symbol": SYMBOL, "side": "SELL" if long else "BUY", "type": "MARKET", "quantity": qty,
-         "newOrderRespType": "RESULT"}
+    p = {
+        "symbol": SYMBOL,
+        "side": "SELL" if long else "BUY",
+        "type": "MARKET",
+        "quantity": qty,
+        "newOrderRespType": "RESULT",
+    }
     if hedge_of(rest):
         p["positionSide"] = "LONG" if long else "SHORT"
     else:
@@ -61,12 +74,19 @@ async def test_open_partial_close_full_close(mode_rest: Rest) -> None:
     partial = await rest.ok("POST", "/fapi/v1/order", **close_params(rest, True, "100"))
     assert partial["reduceOnly"] is True
     assert await position_amount(rest) == 200
-    fill = await stream.wait_for(lambda e: e["e"] == "ORDER_TRADE_UPDATE" and e["o"]["i"] == partial["orderId"]
-                                 and e["o"]["x"] == "TRADE")
+    fill = await stream.wait_for(
+        lambda e: (
+            e["e"] == "ORDER_TRADE_UPDATE"
+            and e["o"]["i"] == partial["orderId"]
+            and e["o"]["x"] == "TRADE"
+        )
+    )
     assert D(fill["o"]["rp"]) == D("1.00000000")  # 100 x 0.01
     await rest.ok("POST", "/fapi/v1/order", **close_params(rest, True, "200"))
     assert await position_amount(rest) == 0
-    closed = await stream.wait_for(lambda e: e["e"] == "ACCOUNT_UPDATE" and e["a"]["P"][0]["pa"] == "0")
+    closed = await stream.wait_for(
+        lambda e: e["e"] == "ACCOUNT_UPDATE" and e["a"]["P"][0]["pa"] == "0"
+    )
     assert closed["a"]["m"] == "ORDER"
     trades = await rest.ok("GET", "/fapi/v1/userTrades", symbol=SYMBOL)
     assert [t["qty"] for t in trades] == ["300", "100", "200"]
@@ -83,37 +103,70 @@ async def test_flip_attempt_never_flips_a_closing_order(mode_rest: Rest) -> None
     if hedge_of(rest):
         assert await position_amount(rest, long=False) == 0
     # nothing left to close: the same close is now rejected
-    assert (await rest.error("POST", "/fapi/v1/order", **close_params(rest, True, "100")))["code"] == -2022
+    assert (await rest.error("POST", "/fapi/v1/order", **close_params(rest, True, "100")))[
+        "code"
+    ] == -2022
 
 
 async def test_one_way_opposite_order_without_reduce_only_flips(rest: Rest) -> None:
-    await rest.ok("POST", "/fapi/v1/order", symbol=SYMBOL, side="BUY", type="MARKET", quantity="100")
-    await rest.ok("POST", "/fapi/v1/order", symbol=SYMBOL, side="SELL", type="MARKET", quantity="250")
+    await rest.ok(
+        "POST", "/fapi/v1/order", symbol=SYMBOL, side="BUY", type="MARKET", quantity="100"
+    )
+    await rest.ok(
+        "POST", "/fapi/v1/order", symbol=SYMBOL, side="SELL", type="MARKET", quantity="250"
+    )
     rows = await rest.ok("GET", "/fapi/v3/positionRisk", symbol=SYMBOL)
     assert rows[0]["positionAmt"] == "-150"
 
 
-async def test_conditional_orders_trigger_on_mark_and_close_position_cleanup(mode_rest: Rest) -> None:
+async def test_conditional_orders_trigger_on_mark_and_close_position_cleanup(
+    mode_rest: Rest,
+) -> None:
     rest = mode_rest
     venue = rest.venue
     stream = await open_user_stream(rest)
     opened = await rest.ok("POST", "/fapi/v1/order", **open_params(rest, "BUY", "200"))
     entry = D(opened["avgPrice"])
     tick = venue.rules[SYMBOL].tick_size
-    common: dict[str, Any] = {"algoType": "CONDITIONAL", "symbol": SYMBOL, "side": "SELL", "workingType": "MARK_PRICE"}
+    common: dict[str, Any] = {
+        "algoType": "CONDITIONAL",
+        "symbol": SYMBOL,
+        "side": "SELL",
+        "workingType": "MARK_PRICE",
+    }
     if hedge_of(rest):
         common["positionSide"] = "LONG"
-    stop = await rest.ok("POST", "/fapi/v1/algoOrder", **common, type="STOP_MARKET", closePosition="true",
-                         triggerPrice=str(entry - 50 * tick), clientAlgoId="backstop-1")
-    take = await rest.ok("POST", "/fapi/v1/algoOrder", **common, type="TAKE_PROFIT_MARKET",
-                         quantity="50", triggerPrice=str(entry + 50 * tick))
+    stop = await rest.ok(
+        "POST",
+        "/fapi/v1/algoOrder",
+        **common,
+        type="STOP_MARKET",
+        closePosition="true",
+        triggerPrice=str(entry - 50 * tick),
+        clientAlgoId="backstop-1",
+    )
+    take = await rest.ok(
+        "POST",
+        "/fapi/v1/algoOrder",
+        **common,
+        type="TAKE_PROFIT_MARKET",
+        quantity="50",
+        triggerPrice=str(entry + 50 * tick),
+    )
     # the take-profit triggers on the mark, closes 50
     await venue.set_mark(SYMBOL, entry + 60 * tick)
-    finished = await stream.wait_for(lambda e: e["e"] == "ALGO_UPDATE" and e["o"]["X"] == "FINISHED")
+    finished = await stream.wait_for(
+        lambda e: e["e"] == "ALGO_UPDATE" and e["o"]["X"] == "FINISHED"
+    )
     assert finished["o"]["aid"] == take["algoId"]
     assert finished["o"]["aq"] == "50"
-    child = await stream.wait_for(lambda e: e["e"] == "ORDER_TRADE_UPDATE" and e["o"]["X"] == "FILLED"
-                                  and e["o"]["ot"] == "TAKE_PROFIT_MARKET")
+    child = await stream.wait_for(
+        lambda e: (
+            e["e"] == "ORDER_TRADE_UPDATE"
+            and e["o"]["X"] == "FILLED"
+            and e["o"]["ot"] == "TAKE_PROFIT_MARKET"
+        )
+    )
     assert child["o"]["i"] == int(finished["o"]["ai"])
     assert await position_amount(rest) == 150
     # the closePosition stop closes whatever the leg holds when the mark falls through it
@@ -128,16 +181,26 @@ async def test_conditional_orders_trigger_on_mark_and_close_position_cleanup(mod
 async def test_backstop_left_after_manual_close_is_cancelled_by_the_client(mode_rest: Rest) -> None:
     rest = mode_rest
     opened = await rest.ok("POST", "/fapi/v1/order", **open_params(rest, "BUY", "200"))
-    common: dict[str, Any] = {"algoType": "CONDITIONAL", "symbol": SYMBOL, "side": "SELL", "workingType": "MARK_PRICE",
-                              "type": "STOP_MARKET", "closePosition": "true",
-                              "triggerPrice": str(D(opened["avgPrice"]) * D("0.9"))[:7]}
+    common: dict[str, Any] = {
+        "algoType": "CONDITIONAL",
+        "symbol": SYMBOL,
+        "side": "SELL",
+        "workingType": "MARK_PRICE",
+        "type": "STOP_MARKET",
+        "closePosition": "true",
+        "triggerPrice": str(D(opened["avgPrice"]) * D("0.9"))[:7],
+    }
     if hedge_of(rest):
         common["positionSide"] = "LONG"
     await rest.ok("POST", "/fapi/v1/algoOrder", **common, clientAlgoId="bs-1")
-    await rest.ok("POST", "/fapi/v1/algoOrder", **common, timeInForce="GTE_GTC", clientAlgoId="bs-gte")
+    await rest.ok(
+        "POST", "/fapi/v1/algoOrder", **common, timeInForce="GTE_GTC", clientAlgoId="bs-gte"
+    )
     await rest.ok("POST", "/fapi/v1/order", **close_params(rest, True, "200"))
     left = await rest.ok("GET", "/fapi/v1/openAlgoOrders", symbol=SYMBOL)
-    assert [a["clientAlgoId"] for a in left] == ["bs-1"]  # GTE_GTC expired with the position, the other stays
+    assert [a["clientAlgoId"] for a in left] == [
+        "bs-1"
+    ]  # GTE_GTC expired with the position, the other stays
     gte = await rest.ok("GET", "/fapi/v1/algoOrder", clientAlgoId="bs-gte")
     assert gte["algoStatus"] == "EXPIRED"
     await rest.ok("DELETE", "/fapi/v1/algoOrder", clientAlgoId="bs-1")
@@ -148,11 +211,21 @@ async def test_limit_order_rests_and_fills_when_the_replay_crosses(rest: Rest) -
     venue = rest.venue
     mark = venue.exchange.mark("BTCUSDT")
     stream = await open_user_stream(rest)
-    body = await rest.ok("POST", "/fapi/v1/order", symbol="BTCUSDT", side="BUY", type="LIMIT", timeInForce="GTC",
-                         quantity="0.002", price=str(mark - 5))
+    body = await rest.ok(
+        "POST",
+        "/fapi/v1/order",
+        symbol="BTCUSDT",
+        side="BUY",
+        type="LIMIT",
+        timeInForce="GTC",
+        quantity="0.002",
+        price=str(mark - 5),
+    )
     assert body["status"] == "NEW"
     await venue.set_mark("BTCUSDT", mark - 10)
-    fill = await stream.wait_for(lambda e: e["e"] == "ORDER_TRADE_UPDATE" and e["o"]["x"] == "TRADE")
+    fill = await stream.wait_for(
+        lambda e: e["e"] == "ORDER_TRADE_UPDATE" and e["o"]["x"] == "TRADE"
+    )
     assert fill["o"]["m"] is True
     assert D(fill["o"]["L"]) == mark - 5
     venue.release_mark("BTCUSDT")

@@ -93,7 +93,9 @@ async def test_route_mixing_rule(rest: Rest) -> None:
     assert await recv(ws) == {"result": None, "id": 2}
     await ws.close()
     # the root (legacy host) carries both kinds on one connection
-    ws = await rest.session.ws_connect(venue.ws_url + "/stream?streams=btcusdt@markPrice@1s/btcusdt@bookTicker")
+    ws = await rest.session.ws_connect(
+        venue.ws_url + "/stream?streams=btcusdt@markPrice@1s/btcusdt@bookTicker"
+    )
     await venue.step(1000)
     streams = {(await recv(ws))["stream"] for _ in range(2)}
     assert streams == {"btcusdt@markPrice@1s", "btcusdt@bookTicker"}
@@ -109,7 +111,11 @@ async def test_too_many_messages_per_second_disconnects(rest: Rest) -> None:
         while True:
             msg = await ws.receive()
             kinds.append(msg.type)
-            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            if msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+            ):
                 break
     assert kinds.count(aiohttp.WSMsgType.TEXT) == 10
 

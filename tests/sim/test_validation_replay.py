@@ -18,15 +18,19 @@ BY_NAME = {s["symbol"]: s for s in INFO["symbols"]}
 BTC = SymbolRules.from_exchange_info(BY_NAME["BTCUSDT"])
 
 
-def err(fn, *args) -> int:  # noqa: ANN001
+def err(fn, *args) -> int:
     with pytest.raises(BinanceError) as info:
         fn(*args)
     return info.value.code
 
 
 def test_bundled_snapshot_is_the_real_one() -> None:
-    real = json.loads((Path(__file__).parents[1] / "data/binance/exchangeInfo_fapi_full_2025-11-26.json").read_text())
-    assert INFO == real
+    real = json.loads(
+        (
+            Path(__file__).parents[1] / "data/binance/exchangeInfo_fapi_full_2025-11-26.json"
+        ).read_text()
+    )
+    assert real == INFO
     assert len(INFO["symbols"]) == 647
 
 
@@ -42,8 +46,10 @@ def test_precision_is_checked_before_tick() -> None:
 
 def test_quantity_bounds_use_market_lot_size_for_market_orders() -> None:
     rules = next(
-        r for s in INFO["symbols"]
-        if (r := SymbolRules.from_exchange_info(s)).market_max_qty < r.max_qty and r.market_max_qty > r.min_qty
+        r
+        for s in INFO["symbols"]
+        if (r := SymbolRules.from_exchange_info(s)).market_max_qty < r.max_qty
+        and r.market_max_qty > r.min_qty
     )
     big = rules.market_max_qty + rules.step_size
     rules.check_quantity(str(big), big, market=False)
@@ -63,7 +69,10 @@ def test_percent_price_and_min_notional_messages() -> None:
     assert err(doge.check_percent_price, "SELL", D("0.10000"), D("0.20000")) == -4024
     with pytest.raises(BinanceError) as info:
         BTC.check_min_notional(D("60000"), D("0.001"))
-    assert info.value.msg == "Order's notional must be no smaller than 100 (unless you choose reduce only)."
+    assert (
+        info.value.msg
+        == "Order's notional must be no smaller than 100 (unless you choose reduce only)."
+    )
 
 
 def replay(seed: int = 1) -> Replay:
@@ -119,7 +128,9 @@ def test_csv_input_symbol_from_file_name_and_random_walk(tmp_path: Path) -> None
     far = r.start_ms + 3 * 86_400_000
     assert r.price_at("XRPUSDT", far) > 0  # past the data: random walk
     assert r.price_at("LTCUSDT", far) > 0  # no data at all: random walk
-    assert Replay(klines, rules, 1_800_000_000_000, seed=3).price_at("LTCUSDT", far) == r.price_at("LTCUSDT", far)
+    assert Replay(klines, rules, 1_800_000_000_000, seed=3).price_at("LTCUSDT", far) == r.price_at(
+        "LTCUSDT", far
+    )
 
 
 def test_bad_kline_file_is_a_clear_error(tmp_path: Path) -> None:
