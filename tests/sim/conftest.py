@@ -27,7 +27,7 @@ def sample(name: str) -> Any:
 
 
 class Rest:
-    """Minimal signed client: sends exactly what Binance expects, returns (status, headers, body)."""
+    """Minimal signed client; returns (status, headers, body)."""
 
     def __init__(self, session: aiohttp.ClientSession, venue: sim.Venue) -> None:
         self.session = session
@@ -87,13 +87,13 @@ class UserStream:
         self.events: list[dict[str, Any]] = []
 
     async def wait_for(
-        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+        self, pred: Callable[[dict[str, Any]], bool], wait_s: float = 5.0
     ) -> dict[str, Any]:
         for event in self.events:
             if pred(event):
                 self.events.remove(event)
                 return event
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait_s):
             while True:
                 msg = await self.ws.receive()
                 assert msg.type == aiohttp.WSMsgType.TEXT, msg

@@ -55,9 +55,8 @@ def shape(
     elif real is None:
         pass  # a null in a capture says nothing about the type
     elif isinstance(real, (int, float)) and not isinstance(real, bool):
-        assert isinstance(ours, (int, float)) and not isinstance(ours, bool), (
-            f"{where}: expected a number, found {ours!r}"
-        )
+        assert isinstance(ours, (int, float)), f"{where}: expected a number, found {ours!r}"
+        assert not isinstance(ours, bool), f"{where}: expected a number, found {ours!r}"
         if isinstance(real, int):
             assert isinstance(ours, int), f"{where}: expected an integer, found {ours!r}"
     else:

@@ -129,18 +129,16 @@ def test_hedge_mode_rules_4061_and_1106() -> None:
         code(ex, symbol="DOGEUSDT", side="BUY", positionSide="BOTH", type="MARKET", quantity="100")
         == -4061
     )
-    err = pytest.raises(
-        BinanceError,
-        ex.new_order,
-        {
-            "symbol": "DOGEUSDT",
-            "side": "SELL",
-            "positionSide": "LONG",
-            "type": "MARKET",
-            "quantity": "100",
-            "reduceOnly": "true",
-        },
-    )
+    params = {
+        "symbol": "DOGEUSDT",
+        "side": "SELL",
+        "positionSide": "LONG",
+        "type": "MARKET",
+        "quantity": "100",
+        "reduceOnly": "true",
+    }
+    with pytest.raises(BinanceError) as err:
+        ex.new_order(params)
     assert err.value.code == -1106
     assert err.value.msg == "Parameter 'reduceonly' sent when not required."
     one_way = make()

@@ -1,4 +1,4 @@
-"""Every rejection the simulator gives, produced over HTTP by the request that produces it on Binance."""
+"""Every rejection the simulator gives, produced over HTTP by the request that produces it."""
 
 from __future__ import annotations
 
@@ -430,7 +430,7 @@ async def test_mode_and_margin_type_changes(rest: Rest) -> None:
 
 
 async def test_listen_key_lifecycle_1125(rest: Rest) -> None:
-    status, _, body = await rest.raw("PUT", "/fapi/v1/listenKey")
+    _, _, body = await rest.raw("PUT", "/fapi/v1/listenKey")
     assert body == {"code": -1125, "msg": REAL[-1125]}
     first = (await rest.raw("POST", "/fapi/v1/listenKey"))[2]["listenKey"]
     again = (await rest.raw("POST", "/fapi/v1/listenKey"))[2]["listenKey"]
@@ -440,7 +440,5 @@ async def test_listen_key_lifecycle_1125(rest: Rest) -> None:
     assert (await rest.raw("PUT", "/fapi/v1/listenKey", urlencode({"listenKey": first})))[2][
         "code"
     ] == -1125
-    status, _, body = await rest.raw(
-        "POST", "/fapi/v1/listenKey", headers={"X-MBX-APIKEY": "y" * 64}
-    )
+    _, _, body = await rest.raw("POST", "/fapi/v1/listenKey", headers={"X-MBX-APIKEY": "y" * 64})
     assert body["code"] == -2015

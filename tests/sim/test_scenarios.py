@@ -41,7 +41,7 @@ def open_params(rest: Rest, side: str, qty: str) -> dict[str, str]:
 
 
 def close_params(rest: Rest, long: bool, qty: str) -> dict[str, str]:
-    """How pyquant closes (contract 3.4): one-way reduceOnly+BOTH, hedge opposite side on the leg."""
+    """Close as contract 3.4 says: one-way reduceOnly+BOTH, hedge opposite side on the leg."""
     p = {
         "symbol": SYMBOL,
         "side": "SELL" if long else "BUY",

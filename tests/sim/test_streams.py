@@ -12,8 +12,8 @@ import pytest
 from tests.sim.conftest import Rest, open_user_stream, sample
 
 
-async def recv(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5) -> Any:
-    async with asyncio.timeout(timeout):
+async def recv(ws: aiohttp.ClientWebSocketResponse, wait_s: float = 5) -> Any:
+    async with asyncio.timeout(wait_s):
         msg = await ws.receive()
     assert msg.type == aiohttp.WSMsgType.TEXT, msg
     return json.loads(msg.data)
@@ -122,7 +122,7 @@ async def test_too_many_messages_per_second_disconnects(rest: Rest) -> None:
 
 @pytest.mark.parametrize("path", ["/ws/{key}", "/private/ws/{key}", "/private/ws?listenKey={key}"])
 async def test_user_data_routes(rest: Rest, path: str) -> None:
-    status, _, body = await rest.raw("POST", "/fapi/v1/listenKey")
+    _, _, body = await rest.raw("POST", "/fapi/v1/listenKey")
     ws = await rest.session.ws_connect(rest.venue.ws_url + path.format(key=body["listenKey"]))
     await rest.ok("POST", "/fapi/v1/leverage", symbol="BTCUSDT", leverage="7")
     event = await recv(ws)
@@ -134,7 +134,7 @@ async def test_user_data_routes(rest: Rest, path: str) -> None:
 async def test_unknown_listen_key_and_user_data_on_market_route_are_refused(rest: Rest) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError):
         await rest.session.ws_connect(rest.venue.ws_url + "/private/ws/nosuchkey")
-    status, _, body = await rest.raw("POST", "/fapi/v1/listenKey")
+    _, _, body = await rest.raw("POST", "/fapi/v1/listenKey")
     with pytest.raises(aiohttp.WSServerHandshakeError):
         await rest.session.ws_connect(rest.venue.ws_url + "/market/ws/" + body["listenKey"])
 
@@ -148,7 +148,7 @@ async def test_listen_key_expires_after_an_hour_without_keepalive(rest: Rest) ->
     await rest.venue.step(2 * 60_000)
     event = await stream.wait_for(lambda e: e["e"] == "listenKeyExpired")
     assert isinstance(event["E"], str)
-    status, _, body = await rest.raw("PUT", "/fapi/v1/listenKey")
+    _, _, body = await rest.raw("PUT", "/fapi/v1/listenKey")
     assert body["code"] == -1125
     await stream.ws.close()
 

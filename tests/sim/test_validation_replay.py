@@ -1,4 +1,4 @@
-"""Filters re-implemented with Decimal (pyquant.sim.validation) and the replay (pyquant.sim.replay)."""
+"""Filters with Decimal (pyquant.sim.validation) and the replay (pyquant.sim.replay)."""
 
 from __future__ import annotations
 
