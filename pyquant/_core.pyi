@@ -147,7 +147,7 @@ class ExchangeRules:
         """
 
 @_overload
-def atr(  # type: ignore[overload-overlap]  # a Series is also array-like; it returns a Series
+def atr(  # a Series is also array-like: the Series overload comes first
     high: _pl.Series,
     low: _pl.Series | _npt.ArrayLike,
     close: _pl.Series | _npt.ArrayLike,
