@@ -697,33 +697,23 @@ pub(crate) mod test_support {
             .clone()
     }
 
-    /// Real BTCUSDT: tick 0.10, MARKET step 0.001, minQty 0.001, `MIN_NOTIONAL` 100.
-    pub fn btc() -> SymbolRules {
-        exchange_rules().symbol("BTCUSDT").unwrap().clone()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::test_support::{d, exchange_rules};
-    use super::*;
-
-    fn example_policy() -> ExitPolicy {
-        ExitPolicy::new(PolicyConfig {
+    /// The policy of the worked example in exit-rules.md.
+    pub fn example_policy() -> crate::exit::ExitPolicy {
+        crate::exit::ExitPolicy::new(crate::exit::policy::PolicyConfig {
             stop_atr: Some(2.0),
             min_stop_pct: 0.003,
             max_stop_pct: 0.03,
             max_margin_loss: Some(0.10),
             ladder: vec![
-                LadderLevel {
+                crate::exit::policy::LadderLevel {
                     at: 1.0,
                     fraction: 0.3,
                 },
-                LadderLevel {
+                crate::exit::policy::LadderLevel {
                     at: 2.0,
                     fraction: 0.3,
                 },
-                LadderLevel {
+                crate::exit::policy::LadderLevel {
                     at: 3.0,
                     fraction: 0.4,
                 },
@@ -733,10 +723,21 @@ mod tests {
             taker_fee: 0.0005,
             trail_atr: Some(2.0),
             trail_activate_r: Some(3.0),
-            ..PolicyConfig::default()
+            ..crate::exit::policy::PolicyConfig::default()
         })
         .unwrap()
     }
+
+    /// Real BTCUSDT: tick 0.10, MARKET step 0.001, minQty 0.001, `MIN_NOTIONAL` 100.
+    pub fn btc() -> SymbolRules {
+        exchange_rules().symbol("BTCUSDT").unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{d, example_policy, exchange_rules};
+    use super::*;
 
     fn engine() -> ExitEngine {
         let mut engine = ExitEngine::new(exchange_rules(), example_policy()).unwrap();

@@ -852,38 +852,7 @@ impl PositionState {
 mod tests {
     use super::*;
     use crate::exit::policy::{LadderLevel, PolicyConfig};
-    use crate::exit::test_support::{btc, d};
-
-    /// The worked example of exit-rules.md.
-    fn example_policy() -> ExitPolicy {
-        ExitPolicy::new(PolicyConfig {
-            stop_atr: Some(2.0),
-            min_stop_pct: 0.003,
-            max_stop_pct: 0.03,
-            max_margin_loss: Some(0.10),
-            ladder: vec![
-                LadderLevel {
-                    at: 1.0,
-                    fraction: 0.3,
-                },
-                LadderLevel {
-                    at: 2.0,
-                    fraction: 0.3,
-                },
-                LadderLevel {
-                    at: 3.0,
-                    fraction: 0.4,
-                },
-            ],
-            breakeven_after_level: Some(1),
-            ratchet_to_previous_level: true,
-            taker_fee: 0.0005,
-            trail_atr: Some(2.0),
-            trail_activate_r: Some(3.0),
-            ..PolicyConfig::default()
-        })
-        .unwrap()
-    }
+    use crate::exit::test_support::{btc, d, example_policy};
 
     fn params(side: PositionSide, quantity: &str, entry: &str) -> OpenParams {
         OpenParams {
