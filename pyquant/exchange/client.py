@@ -515,18 +515,9 @@ class BinanceClient:
 
     async def get_order(self, symbol: str, client_order_id: str) -> JsonObject | None:
         """Look an order up by client id; None when the venue does not know it (-2013)."""
-        try:
-            body: JsonObject = await self.request(
-                "GET",
-                "/fapi/v1/order",
-                {"symbol": symbol, "origClientOrderId": client_order_id},
-                signed=True,
-            )
-        except OrderRejected as exc:
-            if exc.code == -2013:
-                return None
-            raise
-        return body
+        return await self._lookup(
+            "/fapi/v1/order", {"symbol": symbol, "origClientOrderId": client_order_id}
+        )
 
     async def cancel_order(self, symbol: str, client_order_id: str) -> JsonObject:
         """Cancel an open order by client id (``DELETE /fapi/v1/order``)."""
@@ -552,13 +543,15 @@ class BinanceClient:
 
     async def get_algo_order(self, symbol: str, client_algo_id: str) -> JsonObject | None:
         """Look a conditional order up by client algo id; None when unknown (-2013)."""
+        return await self._lookup(
+            "/fapi/v1/algoOrder", {"symbol": symbol, "clientAlgoId": client_algo_id}
+        )
+
+    async def _lookup(self, path: str, params: Mapping[str, str]) -> JsonObject | None:
+        # -2013 "Order does not exist" is an answer here, not a failure: the caller
+        # resolving an unknown outcome needs "not there" apart from every error.
         try:
-            body: JsonObject = await self.request(
-                "GET",
-                "/fapi/v1/algoOrder",
-                {"symbol": symbol, "clientAlgoId": client_algo_id},
-                signed=True,
-            )
+            body: JsonObject = await self.request("GET", path, params, signed=True)
         except OrderRejected as exc:
             if exc.code == -2013:
                 return None
