@@ -155,6 +155,10 @@ async def test_redis_outage_keeps_owned_symbols_unconfirmed(redis_factory, wait_
             assert not a.connected
             assert (await a.route("BTCUSDT")).kind == "wait"
             assert (await a.route("ETHUSDT")).kind == "wait"
+            # The scenario is an outage longer than the TTL. The AOF keeps the key with its
+            # expiry, so a quick restart would find it alive and merely extend it: keep the
+            # server down until the key has certainly lapsed.
+            await asyncio.sleep(a.config.ttl_ms / 1000 + 0.2)
             server.start()
             await wait_until(lambda: a.confirmed("BTCUSDT"), timeout_s=10)
             assert (await a.route("BTCUSDT")).kind == "mine"
