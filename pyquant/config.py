@@ -271,6 +271,9 @@ class SourcesConfig:
         http_port: local HTTP intake port on 127.0.0.1; 0 disables it.
         http_token_env: environment variable holding the intake's bearer token.
         http_token: the resolved token (filled in at load time).
+        redis_url: read intents from a Redis stream and share the account with other
+            daemons (``redis://host:port/db?stream=..&group=..&daemon=..``, see
+            ``pyquant.scale.bus``); empty: no Redis. A password in it is never shown.
     """
 
     demo: bool = True
@@ -280,6 +283,7 @@ class SourcesConfig:
     http_port: int = 0
     http_token_env: str = "PYQUANT_HTTP_TOKEN"  # noqa: S105 - a variable name
     http_token: Secret | None = None
+    redis_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +393,8 @@ class Config:
     def redacted(self) -> dict[str, Any]:
         """Return the configuration as plain data with every secret masked."""
         plain: dict[str, Any] = _plain(self)
+        if self.sources.redis_url:
+            plain["sources"]["redis_url"] = redact_url(self.sources.redis_url)
         return plain
 
     def exit_policy(self) -> Any:  # noqa: ANN401 - pyquant.ExitPolicy lives in the extension
@@ -433,6 +439,16 @@ def _policy_fields(policy: Any) -> dict[str, Any]:  # noqa: ANN401 - extension o
         if not callable(value):
             out[name] = value
     return out
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with the password (if any) masked, for logs and ``--show-config``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    credentials, _, host = rest.partition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:********@{host}"
 
 
 def _plain(value: object) -> Any:  # noqa: ANN401 - plain data of any shape
@@ -894,6 +910,13 @@ def _cross_checks(config: Config, problems: _Problems, confirm_mainnet: bool) ->
             c.sources.http_port,
             f"the HTTP intake needs a bearer token in ${c.sources.http_token_env}",
         )
+    if c.sources.redis_url:
+        from pyquant.scale.bus import RedisBusConfig  # needs redis-py only when used
+
+        try:
+            RedisBusConfig.from_url(c.sources.redis_url)
+        except ConfigError as exc:
+            problems.add("sources.redis_url", redact_url(c.sources.redis_url), str(exc))
     _check_range(problems, "metrics.port", c.metrics.port, 0, 65535, "must be a port number")
     _check_range(
         problems,

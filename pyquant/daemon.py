@@ -19,6 +19,14 @@ outcome (no half-sent order), the engine snapshot is saved, the user stream and 
 close, and ``run()`` returns the summary. SIGUSR1 is the kill switch: stop intake, cancel our
 orders and close every position, reporting each step.
 
+With ``sources.redis_url`` (``--intents redis://...``) intents come from a Redis stream and
+the daemon may share the account with others (``pyquant.scale.membership``): before the
+start-up reconciliation it claims the leases of the symbols its journal holds positions on,
+reconciles only what it owns, takes symbols over from dead peers while running, and hands
+lost ones over. The stop order then is: Redis intake, other sources, the market stream, the
+in-flight orders, and only then the leases are released, so peers adopt positions whose
+exits have stopped here.
+
 Tick-to-order latency is measured from the moment a mark-price message is handed to the
 callback to the moment the exit order's request headers are written to the socket: the
 receive time travels in a context variable that the desk's exit tasks inherit, and the REST
@@ -58,6 +66,7 @@ from pyquant.exchange.streams import (
     interval_ms,
 )
 from pyquant.metrics import FeedStatus, Metrics, Status
+from pyquant.scale.membership import UNRECONCILED, Membership
 from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig, GuardDecision
@@ -179,12 +188,32 @@ class Intake:
         self.desk: TradingDesk | None = None
         self.open = False
         self.in_flight: set[asyncio.Task[Any]] = set()
+        self.membership: Membership | None = None
 
     async def submit(self, intent: Intent, *, payload: object = None) -> GuardDecision:
         """Decide one intent through the desk (refused while closed)."""
         if self.desk is None or not self.open:
             logger.info("Intent refused intent_id=%s reason=intake_closed", intent.intent_id)
             return GuardDecision(False, "intake_closed", "the daemon is not taking intents now")
+        member = self.membership
+        if member is not None and member.shared:
+            if intent.symbol not in member.owned():
+                logger.info(
+                    "Intent refused intent_id=%s symbol=%s reason=not_owner",
+                    intent.intent_id,
+                    intent.symbol,
+                )
+                return GuardDecision(
+                    False,
+                    "not_owner",
+                    f"symbol {intent.symbol} is run by another daemon of this account",
+                )
+            if member.pending(intent.symbol):
+                return GuardDecision(
+                    False,
+                    UNRECONCILED,
+                    f"symbol {intent.symbol} was taken over and is not reconciled yet",
+                )
         task = asyncio.current_task()
         if task is not None:
             self.in_flight.add(task)
@@ -268,6 +297,9 @@ class Daemon:
         self.summary: dict[str, object] = {}
         self.flatten_steps: list[Any] = []
         self._status_cache = Status({}, {}, 0, 0)
+        self.membership: Membership | None = None
+        self._membership_task: asyncio.Task[None] | None = None
+        self._exits_stopped = asyncio.Event()
 
     # ------------------------------------------------------------------ control
 
@@ -458,7 +490,9 @@ class Daemon:
         from pyquant.recovery import reconcile
 
         assert self.desk is not None  # noqa: S101 - reconcile runs after the desk exists
-        report = await reconcile(self.desk)
+        member = self.membership
+        scope = member.owned() if member is not None and member.shared else None
+        report = await reconcile(self.desk, symbols=scope)
         logger.info("Reconciled with the exchange why=%s report=%s", why, report)
 
     async def _reconcile_at_start(self) -> None:
@@ -615,6 +649,10 @@ class Daemon:
         stack.callback(store.close)
         self.engine = self._build_engine(store)
         self.desk = TradingDesk(self.client, store, self.rules, self.engine, desk_config(config))
+        if config.sources.redis_url:
+            self.membership = self._join_redis(config.sources.redis_url)
+            self.membership.attach(self.desk)
+            self._intake.membership = self.membership
         mode = await self.desk.refresh_mode()
         logger.info(
             "Daemon starting venue=%s position_mode=%s state=%s",
@@ -632,6 +670,20 @@ class Daemon:
             self.latency.observers.append(self.metrics.tick_to_order.observe)
             self.metrics.serve(self._metrics_port)
             stack.callback(self.metrics.close)
+
+    def _join_redis(self, url: str) -> Membership:
+        from dataclasses import replace
+
+        from pyquant.scale.bus import RedisBusConfig
+
+        bus_config = RedisBusConfig.from_url(url)
+        # An intent for a symbol whose takeover is still reconciling is not decided: it
+        # stays pending in the stream and comes back.
+        intents = replace(
+            bus_config.intents,
+            retry_reasons=bus_config.intents.retry_reasons | {UNRECONCILED},
+        )
+        return Membership(replace(bus_config, intents=intents), self._intake)
 
     def _spawn(self, group: asyncio.TaskGroup) -> None:
         config = self.config
@@ -667,6 +719,13 @@ class Daemon:
             self._every(config.daemon.snapshot_interval_s, self._snapshot), name="snapshot"
         )
         group.create_task(self._every(1.0, self._backstops), name="backstops")
+        if self.membership is not None and self.membership.shared:
+            group.create_task(
+                self._every(1.0, self.membership.publish_exit_state), name="exit-state"
+            )
+            group.create_task(
+                self._every(2.0, self.membership.retry_unreconciled), name="takeover-retry"
+            )
         if self.metrics is not None:
             group.create_task(self._every(1.0, self._refresh_status), name="metrics-status")
         if self._dashboard_enabled:
@@ -688,12 +747,22 @@ class Daemon:
         await self._user_connected.wait()
         if self._stop.is_set():
             return
+        if self.membership is not None:
+            # Know what this daemon owns before reconciling: a symbol a peer took while we
+            # were down is handed over, never reconciled (or closed) here.
+            await self.membership.claim()
         await self._reconcile_at_start()
         assert self.market is not None  # noqa: S101 - created in _spawn
         group.create_task(self.market.run(), name="market-stream")
         self._intake.desk = self.desk
         self._intake.open = True
         await self._start_sources(group)
+        if self.membership is not None:
+            # Not cancelled at the stop (redis-py can swallow a cancellation): stopped in order.
+            self._membership_task = group.create_task(
+                self.membership.bus.run(before_release=self._wait_exits_stopped),
+                name="redis-bus",
+            )
         self.ready.set()
         logger.info("Daemon running: streams connected, intake open")
 
@@ -790,7 +859,12 @@ class Daemon:
             s.get("latency_ms"),
         )
 
+    async def _wait_exits_stopped(self) -> None:
+        await self._exits_stopped.wait()
+
     async def _close_intake(self) -> None:
+        if self.membership is not None:
+            self.membership.bus.stop()
         self._intake.open = False
         if self.demo is not None:
             self.demo.stop()
@@ -819,6 +893,10 @@ class Daemon:
             await self.market.close()
         if self.desk is not None:
             await self.desk.drain()
+        self._exits_stopped.set()
+        if self._membership_task is not None:
+            # Leases go only now: a peer adopts positions whose exits stopped here.
+            await self._membership_task
         if self._dashboard is not None:
             self._dashboard.stop()
         if self.user is not None:

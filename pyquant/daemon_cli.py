@@ -69,6 +69,14 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--no-tui", action="store_true", help="no dashboard; log lines instead")
     parser.add_argument("--shadow", action="store_true", help="decide and log, send nothing")
     parser.add_argument(
+        "--intents",
+        metavar="URL",
+        help=(
+            "read intents from a Redis stream and share the account with other daemons: "
+            "redis://HOST:PORT/DB?stream=NAME&group=NAME&daemon=ID (turns the demo producer off)"
+        ),
+    )
+    parser.add_argument(
         "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1"
     )
     parser.add_argument(
@@ -78,7 +86,13 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    over: dict[str, dict[str, Any]] = {"sim": {}, "daemon": {}, "router": {}, "log": {}}
+    over: dict[str, dict[str, Any]] = {
+        "sim": {},
+        "daemon": {},
+        "router": {},
+        "log": {},
+        "sources": {},
+    }
     if args.log_format:
         over["log"]["format"] = args.log_format
     if args.log_level:
@@ -96,6 +110,9 @@ def _overrides(args: argparse.Namespace, command: str) -> dict[str, Any]:
             over["daemon"]["dashboard"] = False
         if args.shadow:
             over["router"]["shadow"] = True
+        if args.intents:
+            over["sources"]["redis_url"] = args.intents
+            over["sources"]["demo"] = False
     return {k: v for k, v in over.items() if v}
 
 

@@ -30,11 +30,17 @@ exchange's quantity. No lost position: every non-zero leg on the exchange ends u
 the engine. No loosened stop: the engine resumes from its snapshot (saved after every
 confirmed change and on the daemon's timer), and a backstop is only ever moved to tighten.
 
+Several daemons on one account (``pyquant.scale``): ``symbols`` limits steps 6 to 8 to the
+symbols this daemon owns, so it never adopts a peer's position, and orphan cleanup then also
+takes the backstops a previous owner left on them. Called with one symbol when a lease is
+taken over, it leaves the guard's state alone (the other symbols trade on).
+
 Usage::
 
     desk = TradingDesk(venue, store, rules, engine, config)
     report = await reconcile(desk, restore=lambda data: ExitEngine.restore(data, rules))
     logger.info("Recovered %s", report)
+    report = await reconcile(desk, symbols=frozenset({"BTCUSDT"}))   # after a takeover
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class RecoveryReport:
     positions_adopted: list[str] = field(default_factory=list)
     orphans_cancelled: list[str] = field(default_factory=list)
     backstops_checked: dict[str, str] = field(default_factory=dict)
+    peer_backstops_retired: list[str] = field(default_factory=list)
     reservations_released: list[str] = field(default_factory=list)
     open_positions: int = 0
 
@@ -94,6 +101,8 @@ async def reconcile(
     desk: TradingDesk,
     *,
     restore: Callable[[bytes], EngineLike] | None = None,
+    symbols: frozenset[str] | None = None,
+    takeover: bool = False,
 ) -> RecoveryReport:
     """Reconcile the journal, the engine and the exchange; see the module docstring.
 
@@ -101,6 +110,10 @@ async def reconcile(
         desk: the trading desk (its store, router, guard and engine).
         restore: builds an engine from a snapshot (``ExitEngine.restore(data, rules)``);
             None keeps ``desk.engine`` as is.
+        symbols: reconcile positions of these symbols only (the ones this daemon owns);
+            None: every symbol on the account.
+        takeover: the daemon is running and took ``symbols`` over: entries on its other
+            symbols go on (the guard is not closed meanwhile).
 
     Returns:
         The report of every step.
@@ -110,7 +123,13 @@ async def reconcile(
     """
     report = RecoveryReport()
     store, router = desk.store, desk.router
-    desk.guard.mark_state_unknown("reconciling with the exchange")
+    # A takeover of some symbols does not stop entries on the others.
+    whole_account = not takeover
+    if whole_account:
+        desk.guard.mark_state_unknown("reconciling with the exchange")
+
+    def in_scope(symbol: str) -> bool:
+        return symbols is None or symbol in symbols
 
     report.position_mode = await desk.refresh_mode()
 
@@ -163,13 +182,15 @@ async def reconcile(
                 report.entries_failed.append(position.position_id)
 
     # 6. positions against the exchange
-    rows = await desk.venue.position_risk()
+    rows = [row for row in await desk.venue.position_risk() if in_scope(str(row.get("symbol")))]
     legs = legs_from_rows(rows)
     views = desk.engine.positions()
     engine_ids = {_view_id(view) for view in views}
     engine_quantities = {_view_id(view): _dec(_view_field(view, "quantity")) for view in views}
     matched: set[tuple[str, str]] = set()
     for position in store.positions(("open",)):
+        if not in_scope(position.symbol):
+            continue
         key = (position.symbol, position.position_side)
         live = legs.get(key, Decimal(0))
         if desk.is_busy(position.symbol, position.position_side):
@@ -236,7 +257,9 @@ async def reconcile(
     open_legs = {(p.symbol, p.position_side) for p in store.positions(("open",))}
     try:
         report.backstops_checked = await router.reconcile_backstops()
-        report.orphans_cancelled = await router.cleanup_orphans(open_legs)
+        report.orphans_cancelled = await router.cleanup_orphans(
+            open_legs, symbols=symbols, peers=symbols is not None
+        )
     except ExchangeError as exc:
         logger.warning("Orphan cleanup failed error=%s", exc)
     opening = {p.position_id for p in store.positions(("opening",))}
@@ -245,13 +268,24 @@ async def reconcile(
             store.release_reservation(reservation.position_id)
             report.reservations_released.append(reservation.position_id)
 
-    # 8. backstops at the engine's stop
+    # 8. backstops at the engine's stop; then a peer's backstop on a leg we run now goes,
+    # unless it is tighter than ours.
     for position in store.positions(("open",)):
+        if not in_scope(position.symbol):
+            continue
         await desk._sync_backstop(position.position_id, force=True)
+        if symbols is not None and not desk.config.shadow:
+            try:
+                report.peer_backstops_retired += await router.retire_peer_backstops(
+                    position.position_id, position.symbol, position.position_side
+                )
+            except ExchangeError as exc:
+                logger.warning("Peer backstops not checked error=%s", exc)
 
     desk.save_snapshot()
     report.open_positions = len(store.positions(("open",)))
-    desk.guard.mark_state_known()
+    if whole_account:
+        desk.guard.mark_state_known()
     logger.info(
         "Recovery done mode=%s open=%d adopted=%d dropped=%d resolved=%d orphans=%d",
         report.position_mode,

@@ -190,6 +190,7 @@ class RedisBus:
         )
         self._stop_requested = asyncio.Event()
         self._intents_done = asyncio.Event()
+        self._registered = False
         self.ready = asyncio.Event()
 
     @classmethod
@@ -247,7 +248,7 @@ class RedisBus:
             before_release: awaited after intake stopped and before the leases are released
                 (stop the exits here).
         """
-        await self._register()
+        await self.register()
         self.events.publish("daemon", symbol=None, payload={"action": "started"})
         try:
             async with asyncio.TaskGroup() as group:
@@ -282,13 +283,21 @@ class RedisBus:
         finally:
             self._intents_done.set()
 
-    async def _register(self) -> None:
-        if self.leases is None:
+    async def register(self) -> None:
+        """Register this daemon as a live member (once), waiting while Redis is unreachable.
+
+        ``run`` calls it; a daemon calls it earlier to claim its symbols before reconciling.
+
+        Raises:
+            ConfigError: another live process holds this daemon id.
+        """
+        if self.leases is None or self._registered:
             return
         backoff = Backoff(base_ms=100, cap_ms=2_000)
         while True:
             try:
                 await self.leases.register()
+                self._registered = True
                 return
             except REDIS_DOWN_ERRORS as exc:
                 if backoff.attempt == 0:

@@ -8,7 +8,8 @@ and ``event`` holds one JSON document of this schema (version 1; the machine-rea
 
     {
       "version": 1,                    # bumped on any incompatible change
-      "type": "decision" | "order" | "fill" | "exit" | "rejection" | "lease" | "daemon",
+      "type": "decision" | "order" | "fill" | "exit" | "position" | "rejection" | "lease"
+              | "daemon",
       "ts_ms": 1764201600123,          # when the daemon published it, ms since the epoch
       "daemon_id": "host-a",           # the publishing daemon
       "account": "main",               # the account namespace the daemon serves
@@ -30,6 +31,9 @@ quantities and USDT amounts are decimal strings, never floats:
   ``commission, realized_pnl, trade_id``.
 - ``exit``: ``position_side, reason, quantity``; optionally ``position_id, trigger_price,
   mark_price``.
+- ``position``: ``action (opened|adopted|handed_over|closed), position_id, position_side,
+  quantity``; optionally ``entry_price, reason, owner`` (``handed_over``: the symbol's new
+  owner runs it now; ``adopted``: this daemon took it over, from a peer or the exchange).
 - ``lease``: ``action (acquired|lost|released|unconfirmed|confirmed), owner``; optionally
   ``reason, ttl_ms``.
 - ``daemon``: ``action (started|stopping|stopped|dropped_events)``; optionally ``dropped``.
@@ -66,9 +70,9 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 1
 DEFAULT_EVENTS_STREAM: Final = "pyquant:events"
 
-EventType = Literal["decision", "order", "fill", "exit", "rejection", "lease", "daemon"]
+EventType = Literal["decision", "order", "fill", "exit", "position", "rejection", "lease", "daemon"]
 EVENT_TYPES: Final[frozenset[str]] = frozenset(
-    {"decision", "order", "fill", "exit", "rejection", "lease", "daemon"}
+    {"decision", "order", "fill", "exit", "position", "rejection", "lease", "daemon"}
 )
 
 # Errors that mean "Redis is not reachable right now": retried, never raised to the caller.

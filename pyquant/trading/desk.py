@@ -19,6 +19,12 @@ User stream: ``on_user_event(event)`` takes decoded ORDER_TRADE_UPDATE, ALGO_UPD
 ACCOUNT_UPDATE and TRADE_LITE documents; fills are deduplicated on trade id, order states
 advance, positions changed behind our back are resized, closed or adopted.
 
+Several daemons on one account (``pyquant.scale``): ``ownership`` returns the symbols this
+desk runs; account changes, fills and flattens on other symbols are left to their owners,
+``hand_over(symbol)`` stops running a symbol another daemon took (nothing is closed), and
+``adoption_hint`` lends ``adopt`` the exit state the previous owner published, so a takeover
+resumes the ladder and trailing stop where they were instead of starting over.
+
 Usage (the daemon)::
 
     desk = TradingDesk(venue, store, rules, engine, DeskConfig())
@@ -199,12 +205,26 @@ class TradingDesk:
         self._sleep = sleep
         self._latencies_ms: list[float] = []
         self.recent: list[dict[str, object]] = []  # latest actions and rejections, newest last
+        # Observers and ownership, set by the daemon when several share the account.
+        self.on_note: Callable[[dict[str, object]], None] | None = None
+        self.ownership: Callable[[], frozenset[str]] | None = None
+        self.adoption_hint: Callable[[str, str], Mapping[str, str] | None] | None = None
 
     # ---- helpers ----------------------------------------------------------------------------
 
     def _note(self, kind: str, **fields: object) -> None:
-        self.recent.append({"kind": kind, "time_ms": self._clock(), **fields})
+        note = {"kind": kind, "time_ms": self._clock(), **fields}
+        self.recent.append(note)
         del self.recent[:-200]
+        if self.on_note is not None:
+            try:
+                self.on_note(note)
+            except Exception:  # publishing is a side channel: it never breaks trading
+                logger.exception("Note observer failed kind=%s", kind)
+
+    def owns(self, symbol: str) -> bool:
+        """Return whether this desk runs ``symbol`` (always, unless several daemons share)."""
+        return self.ownership is None or symbol in self.ownership()
 
     def _position_for(self, symbol: str, leg: str) -> PositionRow | None:
         for row in self.store.positions(("open",)):
@@ -340,6 +360,7 @@ class TradingDesk:
                 symbol=intent.symbol,
                 reason=decision.reason,
                 detail=decision.detail,
+                intent=intent,
             )
             return decision
         self._note(
@@ -348,6 +369,7 @@ class TradingDesk:
             symbol=intent.symbol,
             quantity=decision.quantity,
             position_id=decision.position_id,
+            intent=intent,
         )
         assert decision.position_id is not None  # noqa: S101 - accepted decisions carry one
         if self.config.shadow:
@@ -633,6 +655,7 @@ class TradingDesk:
             "exit",
             position_id=position_id,
             symbol=position.symbol,
+            position_side=position.position_side,
             reason=str(action.reason),
             quantity=str(filled),
         )
@@ -673,6 +696,13 @@ class TradingDesk:
             )
             self.guard.start_cooldown(position.symbol, position.position_side)
         self.save_snapshot()
+        self._note(
+            "closed",
+            position_id=position.position_id,
+            symbol=position.symbol,
+            position_side=position.position_side,
+            reason=reason,
+        )
         logger.info("Position closed position_id=%s reason=%s", position.position_id, reason)
         if not self.config.shadow:
             await self.router.cancel_backstops(position.position_id)
@@ -694,24 +724,37 @@ class TradingDesk:
     async def _on_order(self, order: Mapping[str, Any], event_time_ms: int) -> None:
         cid = str(order.get("c", ""))
         before = self.store.get_order(cid)
+        if before is None and not self.owns(str(order.get("s"))):
+            return  # another daemon's symbol: its owner records it
         trade_id = order.get("t")
         if order.get("x") == "TRADE" and trade_id not in (None, 0, "0"):
-            self.store.add_fill(
-                Fill(
-                    symbol=str(order.get("s")),
-                    trade_id=str(trade_id),
-                    client_order_id=cid or None,
-                    exchange_order_id=None if order.get("i") is None else str(order["i"]),
-                    side=str(order.get("S")),
-                    position_side=str(order.get("ps")),
-                    price=str(order.get("L", "0")),
-                    quantity=str(order.get("l", "0")),
-                    commission=str(order.get("n") or "0"),
-                    commission_asset=None if order.get("N") is None else str(order["N"]),
-                    realized_pnl=str(order.get("rp") or "0"),
-                    time_ms=int(order.get("T") or event_time_ms),
-                )
+            fill = Fill(
+                symbol=str(order.get("s")),
+                trade_id=str(trade_id),
+                client_order_id=cid or None,
+                exchange_order_id=None if order.get("i") is None else str(order["i"]),
+                side=str(order.get("S")),
+                position_side=str(order.get("ps")),
+                price=str(order.get("L", "0")),
+                quantity=str(order.get("l", "0")),
+                commission=str(order.get("n") or "0"),
+                commission_asset=None if order.get("N") is None else str(order["N"]),
+                realized_pnl=str(order.get("rp") or "0"),
+                time_ms=int(order.get("T") or event_time_ms),
             )
+            if self.store.add_fill(fill):
+                self._note(
+                    "fill",
+                    symbol=fill.symbol,
+                    client_order_id=fill.client_order_id,
+                    side=fill.side,
+                    position_side=fill.position_side,
+                    price=fill.price,
+                    quantity=fill.quantity,
+                    commission=fill.commission,
+                    realized_pnl=fill.realized_pnl,
+                    trade_id=fill.trade_id,
+                )
         row = self.router.on_order_update(order, event_time_ms)
         if row is None or before is None:
             return
@@ -747,7 +790,8 @@ class TradingDesk:
             else:
                 changed[(symbol, leg)] = (abs(amount), entry)
         for (symbol, leg), (quantity, entry) in changed.items():
-            await self._reconcile_leg(symbol, leg, quantity, entry)
+            if self.owns(symbol):
+                await self._reconcile_leg(symbol, leg, quantity, entry)
 
     def is_busy(self, symbol: str, leg: str) -> bool:
         """Return True while an entry or exit of ours on (symbol, leg) awaits its outcome."""
@@ -783,7 +827,14 @@ class TradingDesk:
             reason = "backstop" if triggered else "external"
             self.engine_call("close_position", position.position_id)
             self.store.bump("exits", reason)
-            self._note("exit", position_id=position.position_id, symbol=symbol, reason=reason)
+            self._note(
+                "exit",
+                position_id=position.position_id,
+                symbol=symbol,
+                position_side=leg,
+                reason=reason,
+                quantity=position.quantity,
+            )
             await self._closed(position, reason)
         elif quantity != _dec(position.quantity):
             if self._engine_has(position.position_id):
@@ -796,12 +847,40 @@ class TradingDesk:
     async def adopt(
         self, symbol: str, leg: str, quantity: Decimal, entry: Decimal, leverage: int = 1
     ) -> str:
-        """Adopt a position opened elsewhere under the exit policy; return its position id."""
+        """Adopt a position opened elsewhere under the exit policy; return its position id.
+
+        When ``adoption_hint`` knows the leg (a peer daemon ran it and published its exit
+        state), the ladder progress, best price and open time carry over, so the stop resumes
+        where it was: a takeover never loosens it.
+        """
         position_id = position_id_text(self.store.next_position_number())
         now = self._clock()
-        actions = self.engine.adopt_position(
-            position_id, symbol, leg, str(quantity), str(entry), leverage=leverage, opened_at_ms=now
-        )
+        extra = self._adoption_extra(symbol, leg, quantity, entry)
+        opened_at = int(extra.pop("opened_at_ms", now))
+        try:
+            actions = self.engine.adopt_position(
+                position_id,
+                symbol,
+                leg,
+                str(quantity),
+                str(entry),
+                leverage=leverage,
+                opened_at_ms=opened_at,
+                **extra,
+            )
+        except (PyquantError, KeyError, ValueError) as exc:
+            if not extra:
+                raise
+            logger.warning("Adoption hint refused symbol=%s leg=%s error=%s", symbol, leg, exc)
+            actions = self.engine.adopt_position(
+                position_id,
+                symbol,
+                leg,
+                str(quantity),
+                str(entry),
+                leverage=leverage,
+                opened_at_ms=now,
+            )
         self.store.upsert_position(
             PositionRow(
                 position_id,
@@ -836,6 +915,71 @@ class TradingDesk:
             # e.g. over-leveraged for the policy, or a ladder level already passed
             self.on_actions(actions)
         return position_id
+
+    def _adoption_extra(
+        self, symbol: str, leg: str, quantity: Decimal, entry: Decimal
+    ) -> dict[str, Any]:
+        hint = self.adoption_hint(symbol, leg) if self.adoption_hint is not None else None
+        if not hint:
+            return {}
+        try:
+            hinted_entry = Decimal(str(hint["entry_price"]))
+            original = Decimal(str(hint["original_quantity"]))
+            best = Decimal(str(hint["best_price"]))
+            opened_at = int(str(hint["opened_at_ms"]))
+        except (KeyError, ArithmeticError, ValueError) as exc:
+            logger.warning("Adoption hint unreadable symbol=%s leg=%s error=%s", symbol, leg, exc)
+            return {}
+        if hinted_entry != entry or best <= 0:
+            # Another position than the one the hint describes (closed and reopened since).
+            logger.info("Adoption hint stale symbol=%s leg=%s", symbol, leg)
+            return {}
+        return {
+            "original_quantity": str(max(original, quantity)),
+            "best_price": str(best),
+            "opened_at_ms": opened_at,
+        }
+
+    async def hand_over(self, symbol: str, owner: str = "") -> list[str]:
+        """Stop running ``symbol``: another daemon owns it now and adopts its positions.
+
+        Nothing is sent: the positions stay open on the exchange with their backstops (the
+        new owner retires those once its own are in place). An exit in flight finishes first.
+
+        Returns:
+            The position ids handed over.
+        """
+        handed: list[str] = []
+        for position in self.store.positions(("open",)):
+            if position.symbol != symbol:
+                continue
+            async with self.router.position_lock(position.position_id):
+                self.engine_call("close_position", position.position_id)
+                self.store.update_position(
+                    position.position_id,
+                    status="closed",
+                    closed_at_ms=self._clock(),
+                    close_reason=f"handed_over{':' + owner if owner else ''}",
+                )
+            self.router.forget_backstop(position.position_id)
+            handed.append(position.position_id)
+            self._note(
+                "handed_over",
+                position_id=position.position_id,
+                symbol=symbol,
+                position_side=position.position_side,
+                quantity=position.quantity,
+                owner=owner,
+            )
+            logger.info(
+                "Position handed over position_id=%s symbol=%s new_owner=%s",
+                position.position_id,
+                symbol,
+                owner or "?",
+            )
+        if handed:
+            self.save_snapshot()
+        return handed
 
     async def settle_pending_actions(self) -> dict[str, str]:
         """Settle actions a restored engine holds as pending, from the journal (at restart).
@@ -889,7 +1033,8 @@ class TradingDesk:
         known = {
             (p.symbol, p.position_side): p.position_id for p in self.store.positions(("open",))
         }
-        steps = await self.router.flatten(known)
+        scope = self.ownership() if self.ownership is not None else None
+        steps = await self.router.flatten(known, symbols=scope)
         for step in steps:
             logger.info(
                 "Flatten step=%s symbol=%s position_side=%s ok=%s detail=%s",

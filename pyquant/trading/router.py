@@ -499,6 +499,8 @@ class OrderRouter:
         self._backstops: dict[str, _Backstop] = {}
         self._mode_lock = asyncio.Lock()
         self._in_flight: set[str] = set()
+        # Told every stored order change (status, fills): the daemon publishes them as events.
+        self.on_order_change: Callable[[OrderRow], None] | None = None
         self._load_backstops()
 
     # ---- mode and symbol setup --------------------------------------------------------------
@@ -561,7 +563,13 @@ class OrderRouter:
             )
         if transition.changes:
             self.store.update_order(client_id, **transition.changes)
-            return self.store.get_order(client_id)
+            updated = self.store.get_order(client_id)
+            if updated is not None and self.on_order_change is not None:
+                try:
+                    self.on_order_change(updated)
+                except Exception:  # an observer's bug must not break the order's bookkeeping
+                    logger.exception("Order change observer failed client_order_id=%s", client_id)
+            return updated
         return row
 
     def _outcome(self, row: OrderRow, *, flat: bool = False) -> OrderOutcome:
@@ -835,6 +843,10 @@ class OrderRouter:
             return self.rules.quantize_price(symbol, str(stop * (1 - distance)), "down")
         return self.rules.quantize_price(symbol, str(stop * (1 + distance)), "up")
 
+    def forget_backstop(self, position_id: str) -> None:
+        """Stop tracking a position's backstop without cancelling it (handed to a peer)."""
+        self._backstops.pop(position_id, None)
+
     def backstop_of(self, position_id: str) -> tuple[str, Decimal] | None:
         """Return (client id, trigger price) of a position's live backstop, or None."""
         current = self._backstops.get(position_id)
@@ -980,21 +992,33 @@ class OrderRouter:
         self._load_backstops()
         return result
 
-    async def cleanup_orphans(self, open_legs: set[tuple[str, str]]) -> list[str]:
+    async def cleanup_orphans(
+        self,
+        open_legs: set[tuple[str, str]],
+        *,
+        symbols: frozenset[str] | None = None,
+        peers: bool = False,
+    ) -> list[str]:
         """Cancel our conditional orders whose (symbol, leg) has no open position.
 
         ``open_legs`` holds (symbol, leg) pairs with a non-zero position on the venue; in
         one-way mode the leg of a BOTH order is read from its side (SELL closes a LONG).
+
+        Args:
+            open_legs: the legs with a position.
+            symbols: only look at these symbols (the ones this daemon owns); None: all.
+            peers: also cancel the backstops other pyquant daemons of the account left on
+                these symbols (their owner handed the symbol over, so nobody else will).
         """
         cancelled: list[str] = []
         for order in await self.venue.open_algo_orders():
             cid = str(order.get("clientAlgoId", ""))
-            if not cid.startswith(f"pq{self._tag}-"):
+            if not _is_ours(cid, self._tag, peers=peers):
                 continue
             symbol = str(order.get("symbol"))
-            leg = str(order.get("positionSide", "BOTH"))
-            if leg == "BOTH":
-                leg = "LONG" if order.get("side") == "SELL" else "SHORT"
+            if symbols is not None and symbol not in symbols:
+                continue
+            leg = _order_leg(order)
             if (symbol, leg) in open_legs:
                 continue
             if await self._cancel_algo(symbol, cid):
@@ -1005,16 +1029,64 @@ class OrderRouter:
                 self._backstops.pop(row.position_id, None)
         return cancelled
 
+    async def retire_peer_backstops(self, position_id: str, symbol: str, leg: str) -> list[str]:
+        """Cancel other pyquant daemons' backstops on a leg this daemon adopted from them.
+
+        A peer's backstop is cancelled only when our own live backstop on the leg is at least
+        as tight as it: the exchange-side stop is handed over, never loosened. A tighter one
+        stays until the position closes (then it is an orphan, cancelled as such).
+
+        Returns:
+            The client ids cancelled.
+        """
+        own = self._backstops.get(position_id)
+        if own is None:
+            return []
+        cancelled: list[str] = []
+        for order in await self.venue.open_algo_orders():
+            cid = str(order.get("clientAlgoId", ""))
+            if not _is_ours(cid, self._tag, peers=True) or cid.startswith(f"pq{self._tag}-"):
+                continue
+            if str(order.get("symbol")) != symbol or _order_leg(order) != leg:
+                continue
+            trigger = _decimal(order.get("triggerPrice") or order.get("stopPrice"))
+            if trigger is None:
+                continue
+            looser_or_same = (
+                trigger <= own.trigger_price if leg == "LONG" else trigger >= own.trigger_price
+            )
+            if not looser_or_same:
+                logger.info(
+                    "Peer backstop kept, tighter than ours client_order_id=%s trigger=%s ours=%s",
+                    cid,
+                    trigger,
+                    own.trigger_price,
+                )
+                continue
+            if await self._cancel_algo(symbol, cid):
+                cancelled.append(cid)
+                logger.info(
+                    "Peer backstop retired client_order_id=%s symbol=%s position_side=%s",
+                    cid,
+                    symbol,
+                    leg,
+                )
+        return cancelled
+
     # ---- kill switch ------------------------------------------------------------------------
 
     async def flatten(
-        self, position_ids: Mapping[tuple[str, str], str] | None = None
+        self,
+        position_ids: Mapping[tuple[str, str], str] | None = None,
+        *,
+        symbols: frozenset[str] | None = None,
     ) -> list[FlattenStep]:
         """Cancel our open orders and close every position on the account; report each step.
 
         Args:
             position_ids: (symbol, leg) -> our position id, for positions we know; legs not
                 in it are closed under a position id derived from the symbol.
+            symbols: only these symbols (the ones this daemon owns among several); None: all.
         """
         steps: list[FlattenStep] = []
         known = dict(position_ids or {})
@@ -1023,6 +1095,8 @@ class OrderRouter:
             if not cid.startswith(f"pq{self._tag}-"):
                 continue
             symbol = str(order.get("symbol"))
+            if symbols is not None and symbol not in symbols:
+                continue
             try:
                 await self.venue.cancel_order(symbol, cid)
                 self._apply(
@@ -1047,9 +1121,14 @@ class OrderRouter:
                 )
         for order in await self.venue.open_algo_orders():
             cid = str(order.get("clientAlgoId", ""))
-            if not cid.startswith(f"pq{self._tag}-"):
-                continue
             symbol = str(order.get("symbol"))
+            if symbols is not None:
+                # Among several daemons a flatten of our symbols also takes the backstops a
+                # peer left on them.
+                if symbol not in symbols or not _is_ours(cid, self._tag, peers=True):
+                    continue
+            elif not cid.startswith(f"pq{self._tag}-"):
+                continue
             ok = await self._cancel_algo(symbol, cid)
             steps.append(
                 FlattenStep(
@@ -1061,13 +1140,21 @@ class OrderRouter:
                     "cancelled" if ok else "already gone",
                 )
             )
-        self._backstops.clear()
+        if symbols is None:
+            self._backstops.clear()
+        else:
+            for position_id, backstop in list(self._backstops.items()):
+                stored = self.store.get_order(backstop.client_id)
+                if stored is None or stored.symbol in symbols:
+                    del self._backstops[position_id]
         await self.refresh_mode()
         for row in await self.venue.position_risk():
             amount = _decimal(row.get("positionAmt"), Decimal(0)) or Decimal(0)
             if amount == 0:
                 continue
             symbol = str(row.get("symbol"))
+            if symbols is not None and symbol not in symbols:
+                continue
             leg = str(row.get("positionSide", "BOTH"))
             if leg == "BOTH":
                 leg = "LONG" if amount > 0 else "SHORT"
@@ -1114,6 +1201,20 @@ class OrderRouter:
         value = info.get("market_max_qty") if isinstance(info, Mapping) else None
         number = _decimal(value)
         return number if number is not None and number > 0 else None
+
+
+def _is_ours(client_id: str, tag: str, *, peers: bool) -> bool:
+    # pyquant ids are pq<tag>-...; with peers, any pyquant daemon's order on the account.
+    if peers:
+        return client_id.startswith("pq") and "-" in client_id
+    return client_id.startswith(f"pq{tag}-")
+
+
+def _order_leg(order: Mapping[str, Any]) -> str:
+    leg = str(order.get("positionSide", "BOTH"))
+    if leg == "BOTH":
+        return "LONG" if order.get("side") == "SELL" else "SHORT"
+    return leg
 
 
 def _rest_answer(reply: Mapping[str, Any]) -> RestAnswer:

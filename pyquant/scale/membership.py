@@ -1,0 +1,380 @@
+"""One daemon's membership of a group sharing an account through Redis.
+
+``pyquant run --intents redis://...`` builds one ``Membership``. It joins the daemon's trading
+desk to the Redis side (``pyquant.scale.bus.RedisBus``):
+
+- Ownership: the desk runs only the symbols whose lease this daemon holds
+  (``TradingDesk.ownership``); account changes on other symbols are left to their owners.
+- Start: before reconciling, the daemon asks for the lease of every symbol its journal holds
+  a position on (``claim``): a symbol a peer took while this daemon was down is handed over
+  (dropped here, nothing closed), the others are reconciled as usual.
+- Takeover (``on_acquire``): the symbol is reconciled alone (``reconcile(symbols={s},
+  takeover=True)``): the positions found on the exchange are adopted with the exit state the
+  previous owner last published (best price, ladder progress, open time), the new backstop
+  goes in, and the previous owner's backstop is cancelled only if ours is at least as tight.
+  Until the reconciliation succeeds, intents for the symbol wait (``pending`` answers
+  ``symbol_unreconciled``, a retry reason, so the stream entry stays pending).
+- Loss (``on_lose``): another daemon holds the lease now; the desk hands the symbol over.
+- Exit state: every second the owner writes each open position's exit state to the hash
+  ``{prefix}:{account}:exitstate`` (field ``SYMBOL|LEG``), the input of a peer's adoption.
+- Events: the desk's notes and the router's order changes are published to the events stream
+  (``pyquant.scale.events``), so other services follow the daemon without its SQLite.
+
+Redis outages: the positions this daemon owns keep their exits (``owned()`` keeps them while
+renewals fail); the exit-state writes and events wait in their retry and buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any, Final
+
+import orjson
+
+from pyquant.errors import ExchangeError, PyquantError
+from pyquant.scale.bus import IntentSinkLike, RedisBus, RedisBusConfig
+from pyquant.scale.events import REDIS_DOWN_ERRORS, EventPublisher
+from pyquant.store import OrderRow
+from pyquant.trading.desk import TradingDesk
+from pyquant.trading.intents import Intent
+
+logger = logging.getLogger(__name__)
+
+UNRECONCILED: Final = "symbol_unreconciled"
+
+_EXIT_STATE_FIELDS: Final = (
+    "quantity",
+    "original_quantity",
+    "entry_price",
+    "best_price",
+    "stop_price",
+    "ladder_levels_done",
+    "trailing_active",
+)
+
+
+def _field(view: object, name: str) -> Any:  # noqa: ANN401 - engine views are extension objects
+    if isinstance(view, Mapping):
+        return view.get(name)
+    return getattr(view, name, None)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return str(value)
+
+
+class Membership:
+    """Join one daemon's desk to the Redis group; see the module docstring.
+
+    Args:
+        config: the Redis side's settings (``RedisBusConfig.from_url``).
+        intake: the daemon's intent sink (its ``Intake``).
+    """
+
+    def __init__(self, config: RedisBusConfig, intake: IntentSinkLike) -> None:
+        self.config = config
+        self.bus = RedisBus.for_sink(
+            config, intake, on_acquire=self._on_acquire, on_lose=self._on_lose
+        )
+        self.desk: TradingDesk | None = None
+        self._claimed_at_start: set[str] = set()
+        self._unreconciled: set[str] = set()
+        self._hints: dict[tuple[str, str], dict[str, str]] = {}
+        self._published_legs: set[str] = set()
+        prefix = self.bus.leases.keys.prefix if self.bus.leases is not None else None
+        self._exit_state_key = f"{prefix}:exitstate" if prefix else ""
+
+    # ------------------------------------------------------------------ wiring
+
+    @property
+    def events(self) -> EventPublisher:
+        """Return the events publisher."""
+        return self.bus.events
+
+    @property
+    def shared(self) -> bool:
+        """Return whether symbols are leased (several daemons may share the account)."""
+        return self.bus.leases is not None
+
+    def owned(self) -> frozenset[str]:
+        """Return the symbols this daemon runs."""
+        return self.bus.owned()
+
+    def attach(self, desk: TradingDesk) -> None:
+        """Join the desk: ownership, adoption hints and events."""
+        self.desk = desk
+        desk.on_note = self._publish_note
+        desk.router.on_order_change = self._publish_order
+        if self.shared:
+            desk.ownership = self.owned
+            desk.adoption_hint = self._hint
+
+    def pending(self, symbol: str) -> bool:
+        """Return whether ``symbol`` was taken over but is not reconciled yet."""
+        return symbol in self._unreconciled
+
+    # ------------------------------------------------------------------ start
+
+    async def claim(self) -> frozenset[str]:
+        """Register, then take the leases of the symbols the journal holds positions on.
+
+        Symbols held by a live peer are handed over (their positions dropped here, nothing
+        sent). Waits for Redis when it is unreachable: the daemon cannot know what it owns.
+
+        Returns:
+            The symbols this daemon owns now.
+        """
+        desk = self._desk()
+        await self.bus.register()
+        leases = self.bus.leases
+        if leases is None:
+            return frozenset()
+        symbols = sorted({p.symbol for p in desk.store.positions(("opening", "open"))})
+        for symbol in symbols:
+            while True:
+                try:
+                    owner = await leases.acquire(symbol, reason="want")
+                    break
+                except REDIS_DOWN_ERRORS as exc:
+                    logger.warning(
+                        "Redis unreachable while claiming symbol=%s error=%s", symbol, exc
+                    )
+                    await asyncio.sleep(0.5)
+            if owner == self.config.daemon_id:
+                self._claimed_at_start.add(symbol)
+            else:
+                await desk.hand_over(symbol, owner)
+        owned = self.owned()
+        logger.info(
+            "Symbols claimed at start owned=%s handed_over=%s",
+            sorted(owned),
+            sorted(set(symbols) - owned),
+        )
+        return owned
+
+    # ------------------------------------------------------------------ lease callbacks
+
+    async def _on_acquire(self, symbol: str, reason: str) -> None:
+        if symbol in self._claimed_at_start and reason == "want":
+            # Reconciled with everything else at start.
+            self._claimed_at_start.discard(symbol)
+            return
+        self._claimed_at_start.discard(symbol)
+        await self.reconcile_symbol(symbol, reason)
+
+    async def reconcile_symbol(self, symbol: str, reason: str = "retry") -> bool:
+        """Reconcile one symbol just taken; intents for it wait until this succeeds.
+
+        Returns:
+            Whether it succeeded (a failure is retried by ``retry_unreconciled``).
+        """
+        from pyquant.recovery import reconcile
+
+        desk = self._desk()
+        self._unreconciled.add(symbol)
+        try:
+            await self._load_hints(symbol)
+            report = await reconcile(desk, symbols=frozenset({symbol}), takeover=True)
+        except (ExchangeError, PyquantError, OSError) as exc:
+            logger.warning(
+                "Takeover reconcile failed symbol=%s reason=%s error=%s", symbol, reason, exc
+            )
+            return False
+        finally:
+            for leg in ("LONG", "SHORT"):
+                self._hints.pop((symbol, leg), None)
+        self._unreconciled.discard(symbol)
+        logger.info(
+            "Symbol taken over symbol=%s reason=%s adopted=%s dropped=%s retired_backstops=%s",
+            symbol,
+            reason,
+            report.positions_adopted,
+            report.positions_dropped,
+            report.peer_backstops_retired,
+        )
+        return True
+
+    async def retry_unreconciled(self) -> None:
+        """Reconcile again the symbols whose takeover reconciliation failed (on a timer)."""
+        for symbol in sorted(self._unreconciled & self.owned()):
+            await self.reconcile_symbol(symbol)
+        self._unreconciled &= self.owned()
+
+    async def _on_lose(self, symbol: str, reason: str) -> None:
+        self._unreconciled.discard(symbol)
+        owner = ""
+        if self.bus.leases is not None:
+            try:
+                owner = await self.bus.leases.owner_of(symbol) or ""
+            except REDIS_DOWN_ERRORS:
+                owner = ""
+        await self._desk().hand_over(symbol, owner)
+
+    # ------------------------------------------------------------------ exit state
+
+    async def _load_hints(self, symbol: str) -> None:
+        if not self._exit_state_key:
+            return
+        try:
+            values = await self.bus.redis.hmget(
+                self._exit_state_key, [f"{symbol}|LONG", f"{symbol}|SHORT"]
+            )
+        except REDIS_DOWN_ERRORS as exc:
+            logger.warning(
+                "Exit state of the previous owner unreadable symbol=%s error=%s", symbol, exc
+            )
+            return
+        for leg, raw in zip(("LONG", "SHORT"), values, strict=True):
+            if raw is None:
+                continue
+            try:
+                loaded = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(loaded, dict):
+                self._hints[(symbol, leg)] = {k: _text(v) for k, v in loaded.items()}
+
+    def _hint(self, symbol: str, leg: str) -> Mapping[str, str] | None:
+        return self._hints.get((symbol, leg))
+
+    async def publish_exit_state(self) -> None:
+        """Write the exit state of every owned open position for a peer's takeover."""
+        if not self._exit_state_key or self.desk is None:
+            return
+        owned = self.owned()
+        store_rows = {p.position_id: p for p in self.desk.store.positions(("open",))}
+        fields: dict[str, bytes] = {}
+        for view in self.desk.engine.positions():
+            symbol = str(_field(view, "symbol"))
+            if symbol not in owned:
+                continue
+            leg = str(_field(view, "position_side"))
+            row = store_rows.get(str(_field(view, "position_id")))
+            state = {name: _text(_field(view, name)) for name in _EXIT_STATE_FIELDS}
+            state["opened_at_ms"] = str(row.opened_at_ms if row and row.opened_at_ms else 0)
+            state["daemon_id"] = self.config.daemon_id
+            fields[f"{symbol}|{leg}"] = orjson.dumps(state)
+        gone = self._published_legs - set(fields)
+        pipe = self.bus.redis.pipeline(transaction=False)
+        if fields:
+            pipe.hset(self._exit_state_key, mapping=fields)  # type: ignore[arg-type]
+        if gone:
+            pipe.hdel(self._exit_state_key, *sorted(gone))
+        if not fields and not gone:
+            return
+        try:
+            await pipe.execute()
+        except REDIS_DOWN_ERRORS as exc:
+            logger.debug("Exit state not written error=%s", exc)
+            return
+        self._published_legs = set(fields)
+
+    # ------------------------------------------------------------------ events
+
+    def _publish_order(self, row: OrderRow) -> None:
+        params = row.params
+        payload: dict[str, object] = {
+            "client_order_id": row.client_order_id,
+            "side": row.side,
+            "position_side": params.get("positionSide", row.position_side),
+            "order_type": params.get("type", ""),
+            "quantity": params.get("quantity", "0"),
+            "status": row.status,
+            "reason": row.reason,
+            "kind": row.kind,
+            "executed_qty": row.executed_qty,
+        }
+        if params.get("price"):
+            payload["price"] = params["price"]
+        trigger = params.get("triggerPrice") or params.get("stopPrice")
+        if trigger:
+            payload["stop_price"] = trigger
+        if params.get("closePosition") == "true":
+            payload["close_position"] = True
+        if row.error_code is not None:
+            payload["error_code"] = row.error_code
+            payload["error_msg"] = row.error_msg
+        self.events.publish("order", symbol=row.symbol, payload=payload)
+
+    def _publish_note(self, note: dict[str, object]) -> None:
+        kind = note.get("kind")
+        symbol = note.get("symbol")
+        sym = str(symbol) if isinstance(symbol, str) else None
+        intent = note.get("intent")
+        if kind in ("accepted", "rejection") and isinstance(intent, Intent):
+            if intent.source == "redis":
+                return  # the stream source publishes it, with the entry's id
+            self.events.decision(
+                intent,
+                accepted=kind == "accepted",
+                reason=None if kind == "accepted" else _str_or_none(note.get("reason")),
+            )
+        elif kind == "rejection":
+            source = str(note.get("source", ""))
+            if source == "redis":
+                return  # published by the stream source with the entry's id
+            self.events.publish(
+                "rejection",
+                symbol=None,
+                payload={
+                    "stream": source,
+                    "stream_id": "",
+                    "reason": str(note.get("detail") or note.get("reason") or "invalid"),
+                    "field": None,
+                },
+            )
+        elif kind == "fill" and sym:
+            self.events.publish("fill", symbol=sym, payload=_pick(note, _FILL_KEYS))
+        elif kind == "exit" and sym:
+            payload = _pick(note, ("position_id", "position_side", "reason", "quantity"))
+            payload.setdefault("quantity", "0")
+            self.events.publish("exit", symbol=sym, payload=payload)
+        elif kind in ("entry", "adopted", "handed_over", "closed") and sym:
+            action = {"entry": "opened"}.get(str(kind), str(kind))
+            payload = {
+                "action": action,
+                "position_id": note.get("position_id"),
+                "position_side": note.get("position_side") or note.get("side"),
+                "quantity": note.get("quantity") or "0",
+            }
+            for key in ("reason", "owner"):
+                if note.get(key):
+                    payload[key] = note[key]
+            if note.get("price"):
+                payload["entry_price"] = note["price"]
+            self.events.publish("position", symbol=sym, payload=payload)
+
+    def _desk(self) -> TradingDesk:
+        if self.desk is None:
+            raise RuntimeError("Membership.attach(desk) must be called first")
+        return self.desk
+
+
+_FILL_KEYS: Final = (
+    "client_order_id",
+    "side",
+    "position_side",
+    "price",
+    "quantity",
+    "commission",
+    "realized_pnl",
+    "trade_id",
+)
+
+
+def _pick(note: Mapping[str, object], keys: tuple[str, ...]) -> dict[str, object]:
+    return {k: note[k] for k in keys if note.get(k) is not None}
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+__all__ = ["UNRECONCILED", "Membership"]
