@@ -80,8 +80,12 @@ class Membership:
 
     def __init__(self, config: RedisBusConfig, intake: IntentSinkLike) -> None:
         self.config = config
+        self._from_stream: set[str] = set()
         self.bus = RedisBus.for_sink(
-            config, intake, on_acquire=self._on_acquire, on_lose=self._on_lose
+            config,
+            _StreamSink(intake, self._from_stream),
+            on_acquire=self._on_acquire,
+            on_lose=self._on_lose,
         )
         self.desk: TradingDesk | None = None
         self._claimed_at_start: set[str] = set()
@@ -192,7 +196,7 @@ class Membership:
                 self._hints.pop((symbol, leg), None)
         self._unreconciled.discard(symbol)
         logger.info(
-            "Symbol taken over symbol=%s reason=%s adopted=%s dropped=%s retired_backstops=%s",
+            "Symbol reconciled symbol=%s reason=%s adopted=%s dropped=%s retired_backstops=%s",
             symbol,
             reason,
             report.positions_adopted,
@@ -309,7 +313,7 @@ class Membership:
         sym = str(symbol) if isinstance(symbol, str) else None
         intent = note.get("intent")
         if kind in ("accepted", "rejection") and isinstance(intent, Intent):
-            if intent.source == "redis":
+            if intent.intent_id in self._from_stream:
                 return  # the stream source publishes it, with the entry's id
             self.events.decision(
                 intent,
@@ -355,6 +359,24 @@ class Membership:
         if self.desk is None:
             raise RuntimeError("Membership.attach(desk) must be called first")
         return self.desk
+
+
+class _StreamSink:
+    """The daemon's intake as the stream source sees it: notes which intents came that way."""
+
+    def __init__(self, intake: IntentSinkLike, from_stream: set[str]) -> None:
+        self._intake = intake
+        self._from_stream = from_stream
+
+    async def submit(self, intent: Intent, *, payload: object = None) -> object:
+        self._from_stream.add(intent.intent_id)
+        try:
+            return await self._intake.submit(intent, payload=payload)
+        finally:
+            self._from_stream.discard(intent.intent_id)
+
+    def reject_malformed(self, source: str, payload: object, error: str) -> None:
+        self._intake.reject_malformed(source, payload, error)
 
 
 _FILL_KEYS: Final = (
