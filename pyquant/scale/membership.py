@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
 
@@ -83,7 +84,7 @@ class Membership:
         self._from_stream: set[str] = set()
         self.bus = RedisBus.for_sink(
             config,
-            _StreamSink(intake, self._from_stream),
+            _StreamSink(intake, self._from_stream, self._prior_decision),
             on_acquire=self._on_acquire,
             on_lose=self._on_lose,
         )
@@ -245,6 +246,17 @@ class Membership:
             if isinstance(loaded, dict):
                 self._hints[(symbol, leg)] = {k: _text(v) for k, v in loaded.items()}
 
+    def _prior_decision(self, intent_id: str) -> PriorDecision | None:
+        if self.desk is None:
+            return None
+        rows = self.desk.store.intent_decisions(intent_id)
+        if not rows:
+            return None
+        first = rows[0]
+        accepted = first.get("decision") == "accepted"
+        reason = first.get("reason")
+        return PriorDecision(accepted, None if accepted or reason is None else str(reason))
+
     def _hint(self, symbol: str, leg: str) -> Mapping[str, str] | None:
         return self._hints.get((symbol, leg))
 
@@ -361,14 +373,41 @@ class Membership:
         return self.desk
 
 
-class _StreamSink:
-    """The daemon's intake as the stream source sees it: notes which intents came that way."""
+@dataclass(frozen=True, slots=True)
+class PriorDecision:
+    """The decision stored for an intent delivered again (its acknowledgement was lost)."""
 
-    def __init__(self, intake: IntentSinkLike, from_stream: set[str]) -> None:
+    accepted: bool
+    reason: str | None
+
+
+class _StreamSink:
+    """The daemon's intake as the stream source sees it.
+
+    It notes which intents came from the stream (their decision events are the source's),
+    and answers a redelivered entry (decided and stored, but Redis lost the XACK: killed,
+    restarted) with the decision already stored instead of deciding it a second time.
+    """
+
+    def __init__(
+        self,
+        intake: IntentSinkLike,
+        from_stream: set[str],
+        prior: Callable[[str], PriorDecision | None],
+    ) -> None:
         self._intake = intake
         self._from_stream = from_stream
+        self._prior = prior
 
     async def submit(self, intent: Intent, *, payload: object = None) -> object:
+        prior = self._prior(intent.intent_id)
+        if prior is not None:
+            logger.info(
+                "Intent redelivered, already decided intent_id=%s accepted=%s",
+                intent.intent_id,
+                prior.accepted,
+            )
+            return prior
         self._from_stream.add(intent.intent_id)
         try:
             return await self._intake.submit(intent, payload=payload)
@@ -399,4 +438,4 @@ def _str_or_none(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-__all__ = ["UNRECONCILED", "Membership"]
+__all__ = ["UNRECONCILED", "Membership", "PriorDecision"]

@@ -6,6 +6,7 @@ The daemon runs in-process against the simulator (manual clock), with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -196,3 +197,64 @@ async def test_malformed_flood_is_rejected_entry_by_entry_and_the_daemon_goes_on
     decision = next(e for e in events if e["type"] == "decision")
     assert decision["payload"]["stream_id"] == good
     assert decision["payload"]["accepted"] is True
+
+
+async def test_redis_killed_and_restarted_with_aof_loses_no_intent_and_exits_go_on(
+    tmp_path: Path, redis_factory: Any
+) -> None:
+    server: RedisServer = redis_factory(aof=True)
+    redis = redis_asyncio.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
+
+    async def add(index: int) -> None:
+        fields = original_payload(id=f"i{index}")
+        while True:  # the producer retries while Redis is restarting, as any producer would
+            try:
+                await redis.xadd(STREAM, fields)
+                return
+            except (OSError, redis_asyncio.ConnectionError, redis_asyncio.TimeoutError):
+                await asyncio.sleep(0.02)
+
+    try:
+        async with simulator("hedge") as venue:
+            await venue.set_mark(SYMBOL, "2500.00")
+            async with run_daemon(
+                venue, tmp_path, sources={"redis_url": bus_url(server)}
+            ) as running:
+                daemon = running.daemon
+                assert daemon.membership is not None
+                store = daemon.desk.store
+                await until(lambda: daemon.membership.bus.ready.is_set(), 10, "bus ready")
+                await add(0)
+                await wait_open(running, 1)
+                for i in range(1, 20):
+                    await add(i)
+                await until(lambda: len(store.intent_decisions()) >= 5, 10, "some decided")
+                server.stop(kill=True)
+
+                # Redis is down: the position this daemon owns keeps its exits
+                await venue.step(1000)
+                await venue.set_mark(SYMBOL, "2525.25")
+                await until(
+                    lambda: any(o.status == "FILLED" for o in store.orders(kind="exit")),
+                    10,
+                    "take-profit while Redis is down",
+                )
+                assert daemon.membership.owned() == frozenset({SYMBOL})
+
+                server.start()
+                for i in range(20, 40):
+                    await add(i)
+                await until(lambda: len(store.intent_decisions()) >= 40, 30, "all decided")
+                await until(
+                    lambda: daemon.membership.bus.intents.stats.decided >= 40, 10, "acknowledged"
+                )
+                assert (await redis.xpending(STREAM, "pyquant"))["pending"] == 0
+                decisions = store.intent_decisions()
+                assert sorted(d["intent_id"] for d in decisions) == sorted(
+                    f"i{i}" for i in range(40)
+                )
+                accepted = [d["intent_id"] for d in decisions if d["decision"] == "accepted"]
+                assert accepted == ["i0"]  # the others found the leg already open
+                assert len(store.positions(("open",))) == 1
+    finally:
+        await redis.aclose()
