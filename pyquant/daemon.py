@@ -536,6 +536,8 @@ class Daemon:
         if measured["p50"] is not None:
             summary["latency_ms"] = measured
         summary["malformed_messages"] = self.malformed_messages
+        if self.membership is not None and self.membership.shared:
+            summary["owned_symbols"] = sorted(self.membership.owned())
         return summary
 
     def position_lines(self) -> list[PositionLine]:
@@ -610,18 +612,23 @@ class Daemon:
     async def flatten_only(self) -> list[Any]:
         """Start far enough to trade, reconcile, flatten every position, and stop.
 
+        ``pyquant flatten`` is the account's kill switch: it does not join a Redis group, so
+        it closes every position on the account, whichever daemon ran it.
+
         Returns:
             Each step of the kill switch, as reported by the router.
         """
         async with AsyncExitStack() as stack:
-            await self._start(stack, warm_up=False)
+            await self._start(stack, warm_up=False, join_redis=False)
             await self._reconcile("flatten")
             steps = await self.flatten()
             if self.desk is not None:
                 await self.desk.drain()
         return steps
 
-    async def _start(self, stack: AsyncExitStack, *, warm_up: bool = True) -> None:
+    async def _start(
+        self, stack: AsyncExitStack, *, warm_up: bool = True, join_redis: bool = True
+    ) -> None:
         config = self.config
         if self._signals:
             self._install_signals()
@@ -649,7 +656,7 @@ class Daemon:
         stack.callback(store.close)
         self.engine = self._build_engine(store)
         self.desk = TradingDesk(self.client, store, self.rules, self.engine, desk_config(config))
-        if config.sources.redis_url:
+        if config.sources.redis_url and join_redis:
             self.membership = self._join_redis(config.sources.redis_url)
             self.membership.attach(self.desk)
             self._intake.membership = self.membership
@@ -749,8 +756,18 @@ class Daemon:
             return
         if self.membership is not None:
             # Know what this daemon owns before reconciling: a symbol a peer took while we
-            # were down is handed over, never reconciled (or closed) here.
-            await self.membership.claim()
+            # were down is handed over, never reconciled (or closed) here. Redis may be down:
+            # the claim waits for it, unless the daemon is asked to stop meanwhile.
+            claim = asyncio.ensure_future(self.membership.claim())
+            stopping = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({claim, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not claim.done():
+                claim.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await claim
+                return
+            claim.result()
         await self._reconcile_at_start()
         assert self.market is not None  # noqa: S101 - created in _spawn
         group.create_task(self.market.run(), name="market-stream")

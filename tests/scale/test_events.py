@@ -81,6 +81,17 @@ def publish_one_of_each(events: EventPublisher) -> None:
             "mark_price": "90210.5",
         },
     )
+    events.publish(
+        "position",
+        symbol="BTCUSDT",
+        payload={
+            "action": "handed_over",
+            "position_id": "7f3a",
+            "position_side": "LONG",
+            "quantity": "0.002",
+            "owner": "host-b",
+        },
+    )
     events.lease("BTCUSDT", action="acquired", owner="host-a", reason="intent")
     events.publish("daemon", symbol=None, payload={"action": "started"})
 
@@ -110,6 +121,7 @@ async def test_every_event_type_matches_the_json_schema(redis_client):
         "order",
         "fill",
         "exit",
+        "position",
         "lease",
         "daemon",
     ]

@@ -188,3 +188,26 @@ def test_summary_format_lists_every_key() -> None:
     assert "entries            2" in text
     assert "stop_loss: 1" in text
     assert "intents_rejected   none" in text
+
+
+def test_cli_refuses_a_bad_intents_url_naming_the_parameter(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run_command("run", ["--intents", "redis://127.0.0.1:6379/0?strem=x"]) == 2
+    err = capsys.readouterr().err
+    assert "sources.redis_url" in err
+    assert "parameter 'strem' is unknown" in err
+    assert run_command("run", ["--intents", "redis://127.0.0.1/0?lease_ttl_ms=50"]) == 2
+    assert "lease.ttl_ms was 50: must be from 100 to 600000" in capsys.readouterr().err
+
+
+def test_cli_intents_url_password_is_never_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    url = "redis://pyq:hunter2@127.0.0.1:6379/0?stream=s&group=g&daemon=host-a"
+    assert run_command("run", ["--show-config", "--intents", url]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out
+    shown = json.loads(out)
+    assert shown["sources"]["redis_url"].startswith("redis://pyq:********@127.0.0.1:6379/0?")
+    assert shown["sources"]["demo"] is False  # intents come from the stream
+    assert run_command("run", ["--intents", "redis://:hunter2@127.0.0.1/0?strem=1"]) == 2
+    assert "hunter2" not in capsys.readouterr().err
