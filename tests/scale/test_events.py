@@ -127,7 +127,7 @@ async def test_every_event_type_matches_the_json_schema(redis_client):
     ]
     for event in published:
         VALIDATOR.validate(event)
-    assert [e["seq"] for e in published] == list(range(1, 9))
+    assert [e["seq"] for e in published] == list(range(1, 10))
     order = published[3]["payload"]
     # Money is exact text on the wire, never a float.
     assert (order["quantity"], order["stop_price"]) == ("0.003", "86950.1")
