@@ -30,8 +30,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -245,3 +247,118 @@ def test_bench_takeover_after_stop(benchmark, server, how):
     benchmark.extra_info["takeover_s"] = [round(t, 3) for t in times]
     # Within the TTL plus one renewal interval, plus process scheduling slack.
     assert max(times) < 1.0 + 1.0 / 3 + 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The same measurement through real daemons: Daemon (desk, guard, sizing, SQLite journal,
+# events) against the simulator, intents from Redis. The daemons and the simulator run in one
+# background event loop for the whole benchmark, so each round times only XADD -> the last
+# stored decision. Most intents are refused by the guard (their symbol's leg is open already),
+# each after the mark and account reads sizing needs: the per-intent cost of a real decision.
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+from pq_harness import run_daemon, simulator  # noqa: E402
+
+DAEMON_SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT", "DOGEUSDT"]
+MARKS = {
+    "BTCUSDT": "100000.0",
+    "ETHUSDT": "2500.00",
+    "SOLUSDT": "150.000",
+    "BNBUSDT": "600.000",
+    "XRPUSDT": "2.2000",
+    "DOGEUSDT": "0.200000",
+}
+
+
+class DaemonGroup:
+    """A simulator and ``n`` daemons on one Redis, in a background event loop."""
+
+    def __init__(self, url: str, n: int, state: Path) -> None:
+        self.url, self.n, self.state = url, n, state
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.stack = contextlib.AsyncExitStack()
+        self.daemons: list[Any] = []
+        self.client: Any = None
+
+    def call(self, coro: Any, timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _start(self) -> None:
+        venue = await self.stack.enter_async_context(simulator("hedge"))
+        for symbol, price in MARKS.items():
+            await venue.set_mark(symbol, price)
+        for i in range(self.n):
+            url = f"{self.url}?stream=bench&group=g&daemon=d{i}&lease_ttl_ms=5000&block_ms=50"
+            running = await self.stack.enter_async_context(
+                run_daemon(
+                    venue,
+                    self.state / f"d{i}",
+                    sources={"redis_url": url},
+                    entries={"max_intent_age_s": 3600.0},
+                )
+            )
+            self.daemons.append(running.daemon)
+        for daemon in self.daemons:
+            await daemon.membership.bus.ready.wait()
+        self.client = redis_asyncio.from_url(self.url)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.call(self._start())
+
+    async def decided_ids(self) -> list[str]:
+        # SQLite connections belong to the loop's thread: read them there.
+        return [d["intent_id"] for x in self.daemons for d in x.desk.store.intent_decisions()]
+
+    def decided(self) -> int:
+        return sum(len(d.desk.store.intent_decisions()) for d in self.daemons)
+
+    async def _round(self, count: int, run: int) -> None:
+        target = self.decided() + count
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(count):
+            symbol = DAEMON_SYMBOLS[i % len(DAEMON_SYMBOLS)]
+            pipe.xadd("bench", {"id": f"r{run}-{i}", "symbol": symbol, "side": "BUY"})
+        await pipe.execute()
+        while self.decided() < target:  # noqa: ASYNC110 - the decisions land in SQLite
+            await asyncio.sleep(0.001)
+
+    def round(self, count: int, run: int) -> None:
+        self.call(self._round(count, run))
+
+    async def _stop(self) -> None:
+        await self.client.aclose()
+        await self.stack.aclose()
+
+    def stop(self) -> None:
+        self.call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("daemons", [1, 2])
+def test_bench_daemon_intents_per_second(benchmark, server, tmp_path, daemons):
+    benchmark.group = "redis intents through real daemons: XADD -> stored decision"
+    count = 60 if benchmark.disabled else 600
+    group = DaemonGroup(server.url, daemons, tmp_path)
+    group.start()
+    runs = iter(range(1000))
+    try:
+        benchmark.pedantic(
+            lambda: group.round(count, next(runs)),
+            rounds=1 if benchmark.disabled else 3,
+            iterations=1,
+        )
+        rounds = 1 if benchmark.disabled else 3
+        ids = group.call(group.decided_ids())
+        assert len(ids) == count * rounds
+        assert len(set(ids)) == len(ids)  # each decided once, by one daemon
+        if daemons == 2:
+            owners = [frozenset(d.membership.owned()) for d in group.daemons]
+            assert not owners[0] & owners[1]
+    finally:
+        group.stop()
+    if benchmark.stats is not None:
+        benchmark.extra_info["intents"] = count
+        benchmark.extra_info["intents_per_s"] = round(count / benchmark.stats.stats.median)
