@@ -120,6 +120,7 @@ class Membership:
         if self.shared:
             desk.ownership = self.owned
             desk.adoption_hint = self._hint
+            desk.on_unowned_leg = self.adopt_if_unowned
 
     def pending(self, symbol: str) -> bool:
         """Return whether ``symbol`` was taken over but is not reconciled yet."""
@@ -142,6 +143,15 @@ class Membership:
         if leases is None:
             return frozenset()
         symbols = sorted({p.symbol for p in desk.store.positions(("opening", "open"))})
+        # Positions on the account that no daemon runs (opened by hand, or whose daemons all
+        # died and forgot them): the preferred live daemon of each symbol takes it.
+        for row in await desk.venue.position_risk():
+            symbol = str(row.get("symbol"))
+            if Decimal(str(row.get("positionAmt") or 0)) == 0 or symbol in symbols:
+                continue
+            free = await leases.owner_of(symbol) is None
+            if free and await leases.preferred_owner(symbol) == self.config.daemon_id:
+                symbols.append(symbol)
         for symbol in symbols:
             while True:
                 try:
@@ -205,6 +215,24 @@ class Membership:
             report.peer_backstops_retired,
         )
         return True
+
+    async def adopt_if_unowned(self, symbol: str) -> None:
+        """Take ``symbol`` if no daemon owns it and this one is its preferred owner.
+
+        Called when the account shows a position on a symbol this daemon does not run (a
+        position opened by hand, say): someone must run its exits.
+        """
+        leases = self.bus.leases
+        if leases is None or symbol in self.owned():
+            return
+        try:
+            if await leases.owner_of(symbol) is not None:
+                return
+            if await leases.preferred_owner(symbol) != self.config.daemon_id:
+                return
+            await leases.acquire(symbol, reason="unowned_position")
+        except REDIS_DOWN_ERRORS as exc:
+            logger.warning("Unowned position not claimed symbol=%s error=%s", symbol, exc)
 
     async def retry_unreconciled(self) -> None:
         """Reconcile again the symbols whose takeover reconciliation failed (on a timer)."""

@@ -209,6 +209,8 @@ class TradingDesk:
         self.on_note: Callable[[dict[str, object]], None] | None = None
         self.ownership: Callable[[], frozenset[str]] | None = None
         self.adoption_hint: Callable[[str, str], Mapping[str, str] | None] | None = None
+        # Told of a non-zero leg on a symbol this desk does not own (someone may have to).
+        self.on_unowned_leg: Callable[[str], Awaitable[None]] | None = None
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -477,6 +479,10 @@ class TradingDesk:
             entry,
         )
         await self._sync_backstop(position.position_id)
+        if not self.owns(position.symbol):
+            # The symbol's lease went to another daemon while the entry was in flight: the
+            # new owner adopts the position; running it here too would double its exits.
+            await self.hand_over(position.symbol)
 
     def _engine_has(self, position_id: str) -> bool:
         try:
@@ -792,6 +798,8 @@ class TradingDesk:
         for (symbol, leg), (quantity, entry) in changed.items():
             if self.owns(symbol):
                 await self._reconcile_leg(symbol, leg, quantity, entry)
+            elif quantity > 0 and self.on_unowned_leg is not None:
+                await self.on_unowned_leg(symbol)
 
     def is_busy(self, symbol: str, leg: str) -> bool:
         """Return True while an entry or exit of ours on (symbol, leg) awaits its outcome."""

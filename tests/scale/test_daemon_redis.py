@@ -258,3 +258,46 @@ async def test_redis_killed_and_restarted_with_aof_loses_no_intent_and_exits_go_
                 assert len(store.positions(("open",))) == 1
     finally:
         await redis.aclose()
+
+
+async def test_a_position_opened_by_hand_is_claimed_and_adopted(
+    tmp_path: Path, redis_server: RedisServer, client: Any
+) -> None:
+    from pyquant.exchange.client import BinanceClient
+
+    async with simulator("hedge") as venue:
+        await venue.set_mark("SOLUSDT", "150.000")
+        async with run_daemon(
+            venue, tmp_path, sources={"redis_url": bus_url(redis_server)}
+        ) as running:
+            daemon = running.daemon
+            assert daemon.membership is not None
+            assert daemon.membership.owned() == frozenset()
+            async with BinanceClient(venue.rest_url, venue.api_key, venue.api_secret) as hand:
+                await hand.new_order(
+                    {
+                        "symbol": "SOLUSDT",
+                        "side": "SELL",
+                        "positionSide": "SHORT",
+                        "type": "MARKET",
+                        "quantity": "4",
+                        "newClientOrderId": "by-hand-1",
+                    }
+                )
+            # the account update shows a leg nobody runs: this daemon (the only live one)
+            # takes the symbol's lease, reconciles it and adopts the position with a backstop
+            await until(lambda: "SOLUSDT" in daemon.membership.owned(), 10, "lease")
+            store = daemon.desk.store
+            await until(lambda: len(store.positions(("open",))) == 1, 10, "adopted")
+            position = store.positions(("open",))[0]
+            assert (position.symbol, position.position_side, position.origin) == (
+                "SOLUSDT",
+                "SHORT",
+                "adopted",
+            )
+            assert Decimal(position.quantity) == Decimal("4")
+            await until(lambda: len(venue.exchange.open_algo_orders("SOLUSDT")) == 1, 10, "stop")
+            backstop = venue.exchange.open_algo_orders("SOLUSDT")[0]
+            assert backstop.position_side == "SHORT"
+            assert backstop.trigger_price > Decimal("150")
+            assert await client.get("pyquant:default:lease:SOLUSDT") == b"solo"
