@@ -878,6 +878,9 @@ class Daemon:
 
     async def _wait_exits_stopped(self) -> None:
         await self._exits_stopped.wait()
+        if self.membership is not None and self.membership.shared:
+            # The last word on each position's exit state, for the peer that adopts it.
+            await self.membership.publish_exit_state()
 
     async def _close_intake(self) -> None:
         if self.membership is not None:

@@ -199,8 +199,55 @@ async def test_kill_9_of_an_owner_hands_its_symbol_to_the_other_daemon(
             exits = [o for o in exits if o["side"] == "SELL" and o["type"] == "MARKET"]
             assert [Decimal(o["quantity"]) for o in exits] == [Decimal("0.060"), Decimal("0.060")]
             assert len({o["clientOrderId"] for o in exits}) == 2
-            assert await alpha.terminate() == 0
             print(f"takeover after kill -9: {takeover_s:.2f} s (TTL {TTL_MS} ms)")
+
+            # beta comes back with its old journal: ETHUSDT is alpha's now, so beta hands its
+            # stale position over (sends nothing) instead of reconciling or closing it
+            orders_before = [e["clientOrderId"] for e in venue.order_log.orders]
+            beta = daemon(tmp_path, "beta", config, env, bus_url(redis_server, "beta"))
+            await beta.start()
+            await beta.wait_logged("Daemon running")
+            assert any(
+                "Position handed over" in m and "symbol=ETHUSDT new_owner=alpha" in m
+                for m in messages(beta)
+            )
+            assert await client.get("pyquant:default:lease:ETHUSDT") == b"alpha"
+
+            # a clean stop of alpha hands both symbols to beta at once, exit state included
+            assert await alpha.terminate() == 0
+            await until(
+                lambda: all(
+                    any(
+                        "Symbol reconciled" in m and f"symbol={s} reason=takeover" in m
+                        for m in messages(beta)
+                    )
+                    for s in ("BTCUSDT", "ETHUSDT")
+                ),
+                10,
+                "beta takes both symbols",
+            )
+            assert [e["clientOrderId"] for e in venue.order_log.orders] == orders_before
+            assert exchange.position("ETHUSDT", "LONG").amount == Decimal("0.080")
+            assert exchange.position("BTCUSDT", "LONG").amount == Decimal("0.005")
+            await until(lambda: len(exchange.open_algo_orders("ETHUSDT")) == 1, 10, "one stop")
+            await until(lambda: len(exchange.open_algo_orders("BTCUSDT")) == 1, 10, "one stop")
+            beta_tag = next(
+                str(o["clientOrderId"]).split("-")[0] for o in entries if o["symbol"] == "ETHUSDT"
+            )
+            assert exchange.open_algo_orders("ETHUSDT")[0].client_algo_id.startswith(beta_tag)
+
+            # beta runs the trailing stop alpha started (best 2551.00, trail 1 %: 2525.49)
+            await venue.step(1000)
+            await venue.set_mark("ETHUSDT", "2524.00")
+            await until(lambda: exchange.position("ETHUSDT", "LONG").amount == 0, 20, "trail")
+            last = venue.order_log.orders[-1]
+            assert (last["symbol"], last["side"], Decimal(last["quantity"])) == (
+                "ETHUSDT",
+                "SELL",
+                Decimal("0.080"),
+            )
+            assert str(last["clientOrderId"]).startswith(beta_tag)
+            assert await beta.terminate() == 0
         finally:
             for process in (alpha, beta):
                 if process.proc is not None and process.proc.returncode is None:
