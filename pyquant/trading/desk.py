@@ -863,32 +863,27 @@ class TradingDesk:
         """
         position_id = position_id_text(self.store.next_position_number())
         now = self._clock()
-        extra = self._adoption_extra(symbol, leg, quantity, entry)
-        opened_at = int(extra.pop("opened_at_ms", now))
-        try:
-            actions = self.engine.adopt_position(
+        hinted_open, extra = self._adoption_extra(symbol, leg, quantity, entry)
+
+        def adopt_in_engine(opened_at_ms: int, **hint: str) -> object:
+            return self.engine.adopt_position(
                 position_id,
                 symbol,
                 leg,
                 str(quantity),
                 str(entry),
                 leverage=leverage,
-                opened_at_ms=opened_at,
-                **extra,
+                opened_at_ms=opened_at_ms,
+                **hint,
             )
+
+        try:
+            actions = adopt_in_engine(hinted_open or now, **extra)
         except (PyquantError, KeyError, ValueError) as exc:
             if not extra:
                 raise
             logger.warning("Adoption hint refused symbol=%s leg=%s error=%s", symbol, leg, exc)
-            actions = self.engine.adopt_position(
-                position_id,
-                symbol,
-                leg,
-                str(quantity),
-                str(entry),
-                leverage=leverage,
-                opened_at_ms=now,
-            )
+            actions = adopt_in_engine(now)
         self.store.upsert_position(
             PositionRow(
                 position_id,
@@ -926,10 +921,10 @@ class TradingDesk:
 
     def _adoption_extra(
         self, symbol: str, leg: str, quantity: Decimal, entry: Decimal
-    ) -> dict[str, Any]:
+    ) -> tuple[int | None, dict[str, str]]:
         hint = self.adoption_hint(symbol, leg) if self.adoption_hint is not None else None
         if not hint:
-            return {}
+            return None, {}
         try:
             hinted_entry = Decimal(str(hint["entry_price"]))
             original = Decimal(str(hint["original_quantity"]))
@@ -937,15 +932,14 @@ class TradingDesk:
             opened_at = int(str(hint["opened_at_ms"]))
         except (KeyError, ArithmeticError, ValueError) as exc:
             logger.warning("Adoption hint unreadable symbol=%s leg=%s error=%s", symbol, leg, exc)
-            return {}
+            return None, {}
         if hinted_entry != entry or best <= 0:
             # Another position than the one the hint describes (closed and reopened since).
             logger.info("Adoption hint stale symbol=%s leg=%s", symbol, leg)
-            return {}
-        return {
+            return None, {}
+        return opened_at, {
             "original_quantity": str(max(original, quantity)),
             "best_price": str(best),
-            "opened_at_ms": opened_at,
         }
 
     async def hand_over(self, symbol: str, owner: str = "") -> list[str]:

@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from pq_harness import EXIT_POLICY
 
 import pyquant
 from pyquant.exchange.client import BinanceClient
@@ -26,17 +27,6 @@ from pyquant.trading.router import RouterConfig
 from pyquant.trading.sizing import SizingConfig
 
 sim = pytest.importorskip("pyquant.sim")
-
-POLICY = {
-    "fallback_stop_pct": 0.02,
-    "min_stop_pct": 0.001,
-    "max_stop_pct": 0.05,
-    "ladder": [{"at": 0.01, "fraction": 0.3}, {"at": 0.02, "fraction": 0.3}],
-    "ladder_unit": "pct",
-    "breakeven_after_level": 1,
-    "trail_pct": 0.01,
-    "trail_after_level": 2,
-}
 
 
 def mark(symbol: str, price: str, at_ms: int) -> bytes:
@@ -51,7 +41,9 @@ def new_desk(client: BinanceClient, path: Path, rules: object, owned: set[str]) 
         sizing=SizingConfig(method="notional", notional_usd=Decimal("500")),
         router=RouterConfig(backstop_min_interval_ms=0),
     )
-    engine = pyquant.ExitEngine(rules, pyquant.ExitPolicy(**POLICY))  # type: ignore[arg-type]
+    engine = pyquant.ExitEngine(
+        rules, pyquant.ExitPolicy(**{k: v for k, v in EXIT_POLICY.items() if k != "preset"})
+    )  # type: ignore[arg-type]
     desk = TradingDesk(client, Store.open(path), rules, engine, config)  # type: ignore[arg-type]
     desk.ownership = lambda: frozenset(owned)
     return desk

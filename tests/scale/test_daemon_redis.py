@@ -7,6 +7,7 @@ The daemon runs in-process against the simulator (manual clock), with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -61,6 +62,21 @@ async def client(redis_server: RedisServer) -> AsyncIterator[Any]:
     await redis.aclose()
 
 
+@contextlib.asynccontextmanager
+async def redis_daemon(
+    tmp_path: Path, url: str, mode: str, marks: dict[str, str]
+) -> AsyncIterator[Running]:
+    """A daemon reading intents from ``url`` against a fresh simulator with these marks."""
+    async with simulator(mode) as venue:
+        for symbol, price in marks.items():
+            await venue.set_mark(symbol, price)
+        async with run_daemon(venue, tmp_path, sources={"redis_url": url}) as running:
+            membership = running.daemon.membership
+            assert membership is not None
+            await until(membership.bus.ready.is_set, 10, "bus ready")
+            yield running
+
+
 async def wait_open(running: Running, count: int) -> None:
     store = running.daemon.desk.store  # type: ignore[union-attr]
     await until(lambda: len(store.positions(("open",))) >= count, 15, f"{count} open positions")
@@ -69,45 +85,37 @@ async def wait_open(running: Running, count: int) -> None:
 async def test_redis_intent_opens_position_and_every_step_is_published(
     tmp_path: Path, redis_server: RedisServer, client: Any
 ) -> None:
-    async with simulator("hedge") as venue:
-        await venue.set_mark(SYMBOL, "2500.00")
-        async with run_daemon(
-            venue, tmp_path, sources={"redis_url": bus_url(redis_server)}
-        ) as running:
-            daemon = running.daemon
-            assert daemon.membership is not None
-            await until(lambda: daemon.membership.bus.ready.is_set(), 10, "bus ready")
-            entry_id = (await client.xadd(STREAM, original_payload())).decode()
-            await wait_open(running, 1)
-            position = daemon.desk.store.positions(("open",))[0]
-            assert (position.symbol, position.position_side) == (SYMBOL, "LONG")
-            assert Decimal(position.quantity) == Decimal("0.2")  # 500 USDT at 2500.00
-            assert daemon.membership.owned() == frozenset({SYMBOL})
-            assert await client.get(f"pyquant:default:lease:{SYMBOL}") == b"solo"
-            # acknowledged only after the decision: nothing pending for the group
-            await until(lambda: daemon.membership.bus.intents.stats.decided == 1, 5, "ack")
-            pending = await client.xpending(STREAM, "pyquant")
-            assert pending["pending"] == 0
+    async with redis_daemon(
+        tmp_path, bus_url(redis_server), "hedge", {SYMBOL: "2500.00"}
+    ) as running:
+        venue, daemon = running.venue, running.daemon
+        entry_id = (await client.xadd(STREAM, original_payload())).decode()
+        await wait_open(running, 1)
+        position = daemon.desk.store.positions(("open",))[0]
+        assert (position.symbol, position.position_side) == (SYMBOL, "LONG")
+        assert Decimal(position.quantity) == Decimal("0.2")  # 500 USDT at 2500.00
+        assert daemon.membership.owned() == frozenset({SYMBOL})
+        assert await client.get(f"pyquant:default:lease:{SYMBOL}") == b"solo"
+        # acknowledged only after the decision: nothing pending for the group
+        await until(lambda: daemon.membership.bus.intents.stats.decided == 1, 5, "ack")
+        pending = await client.xpending(STREAM, "pyquant")
+        assert pending["pending"] == 0
 
-            await venue.step(1000)
-            await venue.set_mark(SYMBOL, "2525.25")  # +1.01 %: take_profit_1 (30 %)
-            store = daemon.desk.store
-            await until(
-                lambda: any(o.status == "FILLED" for o in store.orders(kind="exit")), 10, "tp1"
-            )
-            await until(lambda: daemon.membership.events.stats.published >= 8, 10, "events flushed")
-            # the exit state a peer would adopt from
-            await daemon.membership.publish_exit_state()
-            state = orjson.loads(await client.hget("pyquant:default:exitstate", f"{SYMBOL}|LONG"))
-            assert state["entry_price"] == "2500.00" or Decimal(state["entry_price"]) == Decimal(
-                "2500"
-            )
-            assert Decimal(state["original_quantity"]) == Decimal("0.2")
-            assert Decimal(state["quantity"]) == Decimal("0.14")
-            assert state["ladder_levels_done"] == "1"
-            assert state["daemon_id"] == "solo"
+        await venue.step(1000)
+        await venue.set_mark(SYMBOL, "2525.25")  # +1.01 %: take_profit_1 (30 %)
+        store = daemon.desk.store
+        await until(lambda: any(o.status == "FILLED" for o in store.orders(kind="exit")), 10, "tp1")
+        await until(lambda: daemon.membership.events.stats.published >= 8, 10, "events flushed")
+        # the exit state a peer would adopt from
+        await daemon.membership.publish_exit_state()
+        state = orjson.loads(await client.hget("pyquant:default:exitstate", f"{SYMBOL}|LONG"))
+        assert state["entry_price"] == "2500.00" or Decimal(state["entry_price"]) == Decimal("2500")
+        assert Decimal(state["original_quantity"]) == Decimal("0.2")
+        assert Decimal(state["quantity"]) == Decimal("0.14")
+        assert state["ladder_levels_done"] == "1"
+        assert state["daemon_id"] == "solo"
 
-        events = await events_of(client)
+    events = await events_of(client)
     for event in events:
         VALIDATOR.validate(event)
     kinds = [(e["type"], e["payload"].get("action") or e["payload"].get("status")) for e in events]
@@ -155,36 +163,30 @@ async def test_malformed_flood_is_rejected_entry_by_entry_and_the_daemon_goes_on
         {"symbol": SYMBOL, "side": "BUY", "leverage": "500"},
         {"symbol": SYMBOL, "side": "BUY", "position_size_usd": "-5"},
     ]
-    async with simulator("one-way") as venue:
-        await venue.set_mark(SYMBOL, "2500.00")
-        async with run_daemon(
-            venue, tmp_path, sources={"redis_url": bus_url(redis_server)}
-        ) as running:
-            daemon = running.daemon
-            assert daemon.membership is not None
-            await until(lambda: daemon.membership.bus.ready.is_set(), 10, "bus ready")
-            pipe = client.pipeline(transaction=False)
-            for _ in range(25):
-                for entry in bad_entries:
-                    pipe.xadd(STREAM, entry)
-                # not UTF-8: refused alone, the rest of the batch is still read
-                pipe.xadd(STREAM, {"symbol": b"\xff\xfe", "side": "BUY"})
-            await pipe.execute()
-            good = (await client.xadd(STREAM, original_payload(id="good-1"))).decode()
-            await wait_open(running, 1)
-            stats = daemon.membership.bus.intents.stats
-            await until(lambda: stats.rejected == 25 * (len(bad_entries) + 1), 15, "rejections")
-            await until(lambda: stats.decided == 1, 5, "the good intent acknowledged")
-            assert (await client.xpending(STREAM, "pyquant"))["pending"] == 0
-            # every rejection is recorded in the journal with its reason
-            store = daemon.desk.store
-            recorded = [d for d in store.intent_decisions() if d["source"] == "redis"]
-            assert len(recorded) == 25 * (len(bad_entries) + 1)
-            assert all(d["decision"] == "rejected" and d["detail"] for d in recorded)
-            await until(
-                lambda: daemon.membership.events.stats.published >= 25 * len(bad_entries), 10
-            )
-        events = await events_of(client)
+    async with redis_daemon(
+        tmp_path, bus_url(redis_server), "one-way", {SYMBOL: "2500.00"}
+    ) as running:
+        daemon = running.daemon
+        pipe = client.pipeline(transaction=False)
+        for _ in range(25):
+            for entry in bad_entries:
+                pipe.xadd(STREAM, entry)
+            # not UTF-8: refused alone, the rest of the batch is still read
+            pipe.xadd(STREAM, {"symbol": b"\xff\xfe", "side": "BUY"})
+        await pipe.execute()
+        good = (await client.xadd(STREAM, original_payload(id="good-1"))).decode()
+        await wait_open(running, 1)
+        stats = daemon.membership.bus.intents.stats
+        await until(lambda: stats.rejected == 25 * (len(bad_entries) + 1), 15, "rejections")
+        await until(lambda: stats.decided == 1, 5, "the good intent acknowledged")
+        assert (await client.xpending(STREAM, "pyquant"))["pending"] == 0
+        # every rejection is recorded in the journal with its reason
+        store = daemon.desk.store
+        recorded = [d for d in store.intent_decisions() if d["source"] == "redis"]
+        assert len(recorded) == 25 * (len(bad_entries) + 1)
+        assert all(d["decision"] == "rejected" and d["detail"] for d in recorded)
+        await until(lambda: daemon.membership.events.stats.published >= 25 * len(bad_entries), 10)
+    events = await events_of(client)
     rejections = [e["payload"] for e in events if e["type"] == "rejection"]
     assert len(rejections) == 25 * (len(bad_entries) + 1)
     for event in events:
@@ -215,47 +217,39 @@ async def test_redis_killed_and_restarted_with_aof_loses_no_intent_and_exits_go_
                 await asyncio.sleep(0.02)
 
     try:
-        async with simulator("hedge") as venue:
-            await venue.set_mark(SYMBOL, "2500.00")
-            async with run_daemon(
-                venue, tmp_path, sources={"redis_url": bus_url(server)}
-            ) as running:
-                daemon = running.daemon
-                assert daemon.membership is not None
-                store = daemon.desk.store
-                await until(lambda: daemon.membership.bus.ready.is_set(), 10, "bus ready")
-                await add(0)
-                await wait_open(running, 1)
-                for i in range(1, 20):
-                    await add(i)
-                await until(lambda: len(store.intent_decisions()) >= 5, 10, "some decided")
-                server.stop(kill=True)
+        async with redis_daemon(tmp_path, bus_url(server), "hedge", {SYMBOL: "2500.00"}) as running:
+            venue, daemon = running.venue, running.daemon
+            store = daemon.desk.store
+            await add(0)
+            await wait_open(running, 1)
+            for i in range(1, 20):
+                await add(i)
+            await until(lambda: len(store.intent_decisions()) >= 5, 10, "some decided")
+            server.stop(kill=True)
 
-                # Redis is down: the position this daemon owns keeps its exits
-                await venue.step(1000)
-                await venue.set_mark(SYMBOL, "2525.25")
-                await until(
-                    lambda: any(o.status == "FILLED" for o in store.orders(kind="exit")),
-                    10,
-                    "take-profit while Redis is down",
-                )
-                assert daemon.membership.owned() == frozenset({SYMBOL})
+            # Redis is down: the position this daemon owns keeps its exits
+            await venue.step(1000)
+            await venue.set_mark(SYMBOL, "2525.25")
+            await until(
+                lambda: any(o.status == "FILLED" for o in store.orders(kind="exit")),
+                10,
+                "take-profit while Redis is down",
+            )
+            assert daemon.membership.owned() == frozenset({SYMBOL})
 
-                server.start()
-                for i in range(20, 40):
-                    await add(i)
-                await until(lambda: len(store.intent_decisions()) >= 40, 30, "all decided")
-                await until(
-                    lambda: daemon.membership.bus.intents.stats.decided >= 40, 10, "acknowledged"
-                )
-                assert (await redis.xpending(STREAM, "pyquant"))["pending"] == 0
-                decisions = store.intent_decisions()
-                assert sorted(d["intent_id"] for d in decisions) == sorted(
-                    f"i{i}" for i in range(40)
-                )
-                accepted = [d["intent_id"] for d in decisions if d["decision"] == "accepted"]
-                assert accepted == ["i0"]  # the others found the leg already open
-                assert len(store.positions(("open",))) == 1
+            server.start()
+            for i in range(20, 40):
+                await add(i)
+            await until(lambda: len(store.intent_decisions()) >= 40, 30, "all decided")
+            await until(
+                lambda: daemon.membership.bus.intents.stats.decided >= 40, 10, "acknowledged"
+            )
+            assert (await redis.xpending(STREAM, "pyquant"))["pending"] == 0
+            decisions = store.intent_decisions()
+            assert sorted(d["intent_id"] for d in decisions) == sorted(f"i{i}" for i in range(40))
+            accepted = [d["intent_id"] for d in decisions if d["decision"] == "accepted"]
+            assert accepted == ["i0"]  # the others found the leg already open
+            assert len(store.positions(("open",))) == 1
     finally:
         await redis.aclose()
 
@@ -265,39 +259,36 @@ async def test_a_position_opened_by_hand_is_claimed_and_adopted(
 ) -> None:
     from pyquant.exchange.client import BinanceClient
 
-    async with simulator("hedge") as venue:
-        await venue.set_mark("SOLUSDT", "150.000")
-        async with run_daemon(
-            venue, tmp_path, sources={"redis_url": bus_url(redis_server)}
-        ) as running:
-            daemon = running.daemon
-            assert daemon.membership is not None
-            assert daemon.membership.owned() == frozenset()
-            async with BinanceClient(venue.rest_url, venue.api_key, venue.api_secret) as hand:
-                await hand.new_order(
-                    {
-                        "symbol": "SOLUSDT",
-                        "side": "SELL",
-                        "positionSide": "SHORT",
-                        "type": "MARKET",
-                        "quantity": "4",
-                        "newClientOrderId": "by-hand-1",
-                    }
-                )
-            # the account update shows a leg nobody runs: this daemon (the only live one)
-            # takes the symbol's lease, reconciles it and adopts the position with a backstop
-            await until(lambda: "SOLUSDT" in daemon.membership.owned(), 10, "lease")
-            store = daemon.desk.store
-            await until(lambda: len(store.positions(("open",))) == 1, 10, "adopted")
-            position = store.positions(("open",))[0]
-            assert (position.symbol, position.position_side, position.origin) == (
-                "SOLUSDT",
-                "SHORT",
-                "adopted",
+    async with redis_daemon(
+        tmp_path, bus_url(redis_server), "hedge", {"SOLUSDT": "150.000"}
+    ) as running:
+        venue, daemon = running.venue, running.daemon
+        assert daemon.membership.owned() == frozenset()
+        async with BinanceClient(venue.rest_url, venue.api_key, venue.api_secret) as hand:
+            await hand.new_order(
+                {
+                    "symbol": "SOLUSDT",
+                    "side": "SELL",
+                    "positionSide": "SHORT",
+                    "type": "MARKET",
+                    "quantity": "4",
+                    "newClientOrderId": "by-hand-1",
+                }
             )
-            assert Decimal(position.quantity) == Decimal("4")
-            await until(lambda: len(venue.exchange.open_algo_orders("SOLUSDT")) == 1, 10, "stop")
-            backstop = venue.exchange.open_algo_orders("SOLUSDT")[0]
-            assert backstop.position_side == "SHORT"
-            assert backstop.trigger_price > Decimal("150")
-            assert await client.get("pyquant:default:lease:SOLUSDT") == b"solo"
+        # the account update shows a leg nobody runs: this daemon (the only live one)
+        # takes the symbol's lease, reconciles it and adopts the position with a backstop
+        await until(lambda: "SOLUSDT" in daemon.membership.owned(), 10, "lease")
+        store = daemon.desk.store
+        await until(lambda: len(store.positions(("open",))) == 1, 10, "adopted")
+        position = store.positions(("open",))[0]
+        assert (position.symbol, position.position_side, position.origin) == (
+            "SOLUSDT",
+            "SHORT",
+            "adopted",
+        )
+        assert Decimal(position.quantity) == Decimal("4")
+        await until(lambda: len(venue.exchange.open_algo_orders("SOLUSDT")) == 1, 10, "stop")
+        backstop = venue.exchange.open_algo_orders("SOLUSDT")[0]
+        assert backstop.position_side == "SHORT"
+        assert backstop.trigger_price > Decimal("150")
+        assert await client.get("pyquant:default:lease:SOLUSDT") == b"solo"
