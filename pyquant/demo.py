@@ -30,7 +30,7 @@ def demo_intents(
     tickers: Iterable[Mapping[str, Any]],
     *,
     threshold_pct: Decimal,
-    round_id: int,
+    round_id: int | str,
     now_ms: int,
     tradable: Callable[[str], bool] = lambda _s: True,
 ) -> list[dict[str, Any]]:
@@ -86,6 +86,8 @@ class DemoProducer:
         threshold_pct: the rule's threshold in percent.
         tradable: filter for symbols that may get an intent now.
         now_ms: clock for ``created_at_ms`` (the venue's clock in the daemon).
+        run_tag: part of every intent id, unique per run (default: the start time in base
+            36), so a restart with the same journal does not reuse ids the guard has seen.
     """
 
     def __init__(
@@ -97,8 +99,10 @@ class DemoProducer:
         threshold_pct: Decimal = Decimal("1"),
         tradable: Callable[[str], bool] = lambda _s: True,
         now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        run_tag: str | None = None,
     ) -> None:
         self._venue = venue
+        self._run_tag = run_tag or _base36(time.time_ns() // 1_000_000)
         self._submit = submit
         self._interval_s = interval_s
         self._threshold = threshold_pct
@@ -123,7 +127,7 @@ class DemoProducer:
         payloads = demo_intents(
             tickers,
             threshold_pct=self._threshold,
-            round_id=self.rounds,
+            round_id=f"{self._run_tag}-{self.rounds}",
             now_ms=self._now_ms(),
             tradable=self._tradable,
         )
@@ -143,3 +147,13 @@ class DemoProducer:
 
 
 __all__ = ["DemoProducer", "demo_intents"]
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        number, rest = divmod(number, 36)
+        out = digits[rest] + out
+        if number == 0:
+            return out

@@ -65,10 +65,19 @@ async def test_demo_producer_submits_each_round() -> None:
             producer.stop()
             done.set()
 
-    producer = DemoProducer(Venue(), submit, interval_s=0.01)  # type: ignore[arg-type]
+    producer = DemoProducer(Venue(), submit, interval_s=0.01, run_tag="r7")  # type: ignore[arg-type]
     await asyncio.wait_for(producer.run(), 5)
-    assert [p["id"] for p in got] == ["demo-SOLUSDT-SELL-1", "demo-SOLUSDT-SELL-2"]
+    assert [p["id"] for p in got] == ["demo-SOLUSDT-SELL-r7-1", "demo-SOLUSDT-SELL-r7-2"]
     assert got[0]["confidence"] == pytest.approx(0.532)
+
+
+def test_demo_ids_differ_between_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A restart on the same journal must not reuse ids the guard has already seen.
+    tags = []
+    for now_ns in (1_764_201_600_123_000_000, 1_764_201_600_124_000_000):
+        monkeypatch.setattr("pyquant.demo.time.time_ns", lambda now_ns=now_ns: now_ns)
+        tags.append(DemoProducer(object(), lambda _p: asyncio.sleep(0))._run_tag)  # type: ignore[arg-type]
+    assert tags == ["migo2yrf", "migo2yrg"]
 
 
 def test_latency_hook_reads_the_tick_context() -> None:
