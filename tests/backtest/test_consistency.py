@@ -1,0 +1,407 @@
+"""Issue 6, "Consistency": the daemon on the simulator and the backtest take the same exits.
+
+Real 1m bars (tests/data/market) become mark-price paths: each bar's open, its two extremes
+and its close, a quarter of a simulated second apart. One simulator serves every symbol of a
+run with the real history before its path, a real ``pyquant`` Daemon opens one position per
+leg through its intake, and the test then pins the simulator's mark one step at a time,
+waiting after each message until the daemon's engine has processed it and every exit it
+emitted has been filled and confirmed. What the daemon sent (the simulator's order log, the
+reasons from the daemon's store, the engine actions handed to the desk) is compared with
+``pyquant.backtest.exit_decisions_for_path`` fed the very messages the daemon received, the
+same entry price, quantity, leverage, open time and ATR: same reasons in the same order,
+exactly the same quantities and sides, trigger and mark prices within one tick.
+
+ATR: the policy runs on 1h bars, and the simulator's history is laid out so that the daemon's
+warm-up (``markPriceKlines``, the last 20 closed hours) is twenty whole real hours; the test
+computes that ATR from the files and checks the daemon has it before and after the path (a
+path lasts under a minute of simulated time, so no 1h bar closes during it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from replay_paths import MINUTE_MS, History, bar_marks, history, real_bars
+
+import pyquant.sim
+from pyquant import _core
+from pyquant.backtest import exit_decisions_for_path
+from pyquant.config import load_config
+from pyquant.daemon import Daemon
+from pyquant.sim.server import Venue, load_exchange_info
+
+# One policy for every leg: ATR stop, a two-level ladder in R, breakeven after level 1,
+# ratchet to the previous level, an ATR trail after level 2, and a time stop for positions
+# that have not gone half an R their way within 20 s.
+POLICY: dict[str, Any] = {
+    "stop_atr": 0.5,
+    "fallback_stop_pct": 0.01,
+    "min_stop_pct": 0.001,
+    "max_stop_pct": 0.05,
+    "ladder": [{"at": 1.0, "fraction": 0.3}, {"at": 2.0, "fraction": 0.3}],
+    "ladder_unit": "R",
+    "breakeven_after_level": 1,
+    "ratchet_to_previous_level": True,
+    "taker_fee": 0.0005,
+    "trail_atr": 0.5,
+    "trail_after_level": 2,
+    "max_hold_ms": 20_000,
+    "time_stop_unless_r": 0.5,
+    "atr_period": 14,
+    "atr_interval": "1h",
+}
+WARMUP_HOURS = 20
+PATH_BARS = 50
+STEP_MS = 250  # one mark every quarter second of exchange time: a 1m bar in one second
+NOTIONAL = "1000"
+LEVERAGE = 5
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One position: a real path (symbol, first bar) and the side taken on it."""
+
+    symbol: str
+    start: int
+    side: str
+    reasons: tuple[str, ...]  # what this path gives (the coverage the leg is here for)
+    mirror: tuple[str, ...]  # what the opposite side gives on the same path (hedge run)
+
+
+TP12 = ("take_profit_1", "take_profit_2")
+LEGS = (
+    Leg("BTCUSDT", 11006, "LONG", (*TP12, "trailing_stop"), ("stop_loss",)),
+    Leg("XRPUSDT", 7029, "LONG", (*TP12, "ratchet_stop"), ("stop_loss",)),
+    # both levels crossed by one mark: one take_profit_2 action for 60 %
+    Leg("DOGEUSDT", 20415, "SHORT", ("take_profit_2", "ratchet_stop"), ("stop_loss",)),
+    Leg("ETHUSDT", 2344, "LONG", ("take_profit_1", "breakeven_stop"), ("stop_loss",)),
+    Leg("LTCUSDT", 2766, "SHORT", ("take_profit_1", "breakeven_stop"), ("stop_loss",)),
+    Leg("DOTUSDT", 3399, "SHORT", (*TP12, "trailing_stop"), ("stop_loss",)),
+    Leg("TRXUSDT", 4454, "LONG", ("time_stop",), ("time_stop",)),
+    Leg("ADAUSDT", 1922, "SHORT", ("time_stop",), ("stop_loss",)),
+    Leg("XLMUSDT", 1500, "LONG", ("stop_loss",), ("take_profit_1", "breakeven_stop")),
+    Leg("ETCUSDT", 2133, "SHORT", ("stop_loss",), ("take_profit_1", "breakeven_stop")),
+)
+
+
+@functools.cache
+def _bars(symbol: str) -> pl.DataFrame:
+    return real_bars(symbol)
+
+
+@functools.cache
+def _rules() -> _core.ExchangeRules:
+    return _core.ExchangeRules.from_exchange_info(load_exchange_info())
+
+
+def _tick(symbol: str) -> Decimal:
+    return Decimal(_rules().symbol_info(symbol)["tick_size"])
+
+
+@dataclass
+class Position:
+    """One leg as the daemon opened it, and what happened to it."""
+
+    leg: Leg
+    side: str
+    position_id: str
+    quantity: str
+    entry_price: str
+    leverage: int
+    opened_at_ms: int
+    actions: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """A finished replay: the daemon's positions and the marks each symbol's feed carried."""
+
+    positions: list[Position]
+    fed: dict[str, list[tuple[int, str]]]
+    atr: dict[str, float]
+    exits: list[dict[str, Any]]  # sim order log + daemon store, per exit order
+
+
+def _config(venue: Venue, symbols: Sequence[str]) -> Any:
+    overrides: dict[str, Any] = {
+        "exchange": "custom",
+        "venue": {
+            "rest_url": venue.rest_url,
+            "ws_url": f"{venue.ws_url}/market",
+            "user_ws_url": f"{venue.ws_url}/private",
+        },
+        "market": {
+            "symbols": list(symbols),
+            "warmup_bars": WARMUP_HOURS,
+            "stale_after_s": 600.0,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.2,
+        },
+        "sources": {"demo": False},
+        "entries": {
+            "sizing": "notional",
+            "notional_usdt": NOTIONAL,
+            "leverage": LEVERAGE,
+            "cooldown_s": 0.0,
+            "max_intent_age_s": 60.0,
+            "max_open_positions": 50,
+        },
+        # The exchange-side backstop is not an exit decision; off, no order can race ours.
+        "router": {"backstop": False},
+        "daemon": {"dashboard": False, "snapshot_interval_s": 60.0},
+        "exit": {"preset": "none", **POLICY},
+    }
+    environ = {"PYQUANT_API_KEY": venue.api_key, "PYQUANT_API_SECRET": venue.api_secret}
+    return load_config(None, environ=environ, overrides=overrides)
+
+
+async def _until(predicate: Callable[[], bool], what: str, limit_s: float = 10.0) -> None:
+    try:
+        async with asyncio.timeout(limit_s):
+            while not predicate():  # noqa: ASYNC110 - the state lives in the daemon's tasks
+                await asyncio.sleep(0.0005)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@contextlib.asynccontextmanager
+async def _daemon(venue: Venue, symbols: Sequence[str], state: Path) -> AsyncIterator[Daemon]:
+    daemon = Daemon(_config(venue, symbols), state_dir=state, install_signal_handlers=False)
+    task = asyncio.get_running_loop().create_task(daemon.run())
+    ready = asyncio.ensure_future(daemon.ready.wait())
+    await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    assert daemon.ready.is_set(), "daemon did not become ready"
+    await _until(lambda: daemon.market is not None and daemon.market.health.connected, "market")
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 20)
+
+
+async def replay(mode: str, legs: Sequence[tuple[Leg, str]], tmp_path: Path) -> Run:
+    """Open every leg in a daemon on the simulator and step all paths mark by mark."""
+    symbols = sorted({leg.symbol for leg, _ in legs})
+    start_ms = int(time.time()) * 1000
+    start_minute = start_ms - start_ms % MINUTE_MS
+    paths: dict[str, list[Decimal]] = {}
+    histories: dict[str, History] = {}
+    files = []
+    for leg, _ in legs:
+        if leg.symbol in paths:
+            continue
+        bars, tick = _bars(leg.symbol), _tick(leg.symbol)
+        histories[leg.symbol] = history(
+            leg.symbol, bars, leg.start, start_minute, tick, warmup_hours=WARMUP_HOURS
+        )
+        paths[leg.symbol] = bar_marks(bars.slice(leg.start, PATH_BARS), tick)
+        file = tmp_path / f"{leg.symbol}_1m.parquet"
+        histories[leg.symbol].frame.write_parquet(file)
+        files.append(file)
+
+    async with pyquant.sim.serve(
+        data=files, speed=0, position_mode=mode, start_ms=start_ms, balance=100_000
+    ) as venue:
+        for symbol in symbols:
+            await venue.set_mark(symbol, paths[symbol][0])
+        async with _daemon(venue, symbols, tmp_path / "state") as daemon:
+            assert daemon.engine.policy == _core.ExitPolicy(**POLICY)
+            atr = {s: daemon.engine.atr(s) for s in symbols}
+            for symbol in symbols:
+                # the ATR the daemon warmed up is the one computed from the files
+                assert atr[symbol] == pytest.approx(histories[symbol].atr, rel=1e-12), symbol
+
+            store = daemon.desk.store
+            positions: list[Position] = []
+            for leg, side in legs:
+                decision = await daemon.submit(
+                    {
+                        "id": f"{leg.symbol}-{side}",
+                        "symbol": leg.symbol,
+                        "side": "BUY" if side == "LONG" else "SELL",
+                    }
+                )
+                assert decision.accepted, decision
+                pid = str(decision.position_id)
+                await _until(lambda p=pid: store.get_position(p).status == "open", "entry")
+                view = daemon.engine.position(pid)
+                assert view.entry_price == str(paths[leg.symbol][0])
+                positions.append(
+                    Position(
+                        leg,
+                        side,
+                        pid,
+                        view.quantity,
+                        view.entry_price,
+                        view.leverage,
+                        int(view.opened_at_ms),
+                    )
+                )
+            by_id = {p.position_id: p for p in positions}
+            desk = daemon.desk
+            handed_over = desk.on_actions
+
+            def on_actions(actions: Sequence[Any], **kwargs: Any) -> None:
+                for action in actions:
+                    by_id[action.position_id].actions.append(action)
+                handed_over(actions, **kwargs)
+
+            desk.on_actions = on_actions  # type: ignore[method-assign]
+            health = daemon.market.health
+            engine = daemon.engine
+
+            async def settle(messages: int) -> None:
+                # every message processed, then every exit it caused filled and confirmed
+                await _until(lambda: health.messages >= messages, f"message {messages}")
+                assert health.messages == messages, "the feed carried an unexpected message"
+                await _until(lambda: not engine.pending_actions(), "exits confirmed")
+
+            fed: dict[str, list[tuple[int, str]]] = {s: [] for s in symbols}
+            current = {s: paths[s][0] for s in symbols}
+            expected = health.messages
+            longest = max(len(p) for p in paths.values())
+            for index in range(1, longest):
+                if not engine.positions():
+                    break
+                before = venue.clock.now_ms()
+                now = await venue.step(STEP_MS)
+                # each new exchange second re-publishes every pinned mark at that second
+                for second in range(before // 1000 + 1, now // 1000 + 1):
+                    for symbol in symbols:
+                        fed[symbol].append((second * 1000, str(current[symbol])))
+                        expected += 1
+                await settle(expected)
+                for symbol in symbols:
+                    if index < len(paths[symbol]):
+                        current[symbol] = paths[symbol][index]
+                        await venue.set_mark(symbol, current[symbol])
+                        fed[symbol].append((now, str(current[symbol])))
+                        expected += 1
+                await settle(expected)
+            assert not engine.positions(), "a position outlived its path"
+            for symbol in symbols:  # no 1h bar closed on the way: the ATR never moved
+                assert engine.atr(symbol) == atr[symbol]
+            await _until(
+                lambda: all(
+                    store.get_position(p.position_id).status == "closed" for p in positions
+                ),
+                "positions closed in the store",
+            )
+            exits = []
+            fills = {f["clientOrderId"]: f for f in venue.order_log.fills}
+            for order in venue.order_log.orders:
+                row = store.get_order(order["clientOrderId"])
+                assert row is not None, order  # every order on the venue is the daemon's
+                if row.kind == "entry":
+                    continue
+                exits.append(
+                    {
+                        "position_id": row.position_id,
+                        "kind": row.kind,
+                        "reason": row.reason,
+                        "sequence": row.sequence,
+                        "params": row.params,
+                        "order": order,
+                        "fill": fills[order["clientOrderId"]],
+                    }
+                )
+    return Run(positions, fed, atr, exits)
+
+
+def _check(run: Run, mode: str) -> dict[str, list[str]]:
+    """Compare every position's exits with the backtest's; return the reasons by leg."""
+    rules = _rules()
+    policy = _core.ExitPolicy(**POLICY)
+    seen: dict[str, list[str]] = {}
+    for position in run.positions:
+        symbol = position.leg.symbol
+        tick = _tick(symbol)
+        expected = exit_decisions_for_path(
+            rules,
+            policy,
+            symbol=symbol,
+            side=position.side,  # type: ignore[arg-type]
+            quantity=position.quantity,
+            entry_price=position.entry_price,
+            marks=run.fed[symbol],
+            atr=run.atr[symbol],
+            leverage=position.leverage,
+            opened_at_ms=position.opened_at_ms,
+        )
+        label = f"{mode} {symbol} {position.side}"
+        sent = sorted(
+            (e for e in run.exits if e["position_id"] == position.position_id),
+            key=lambda e: e["sequence"],
+        )
+        actions = position.actions
+        assert [e["reason"] for e in sent] == [d["reason"] for d in expected], label
+        assert [a.reason for a in actions] == [d["reason"] for d in expected], label
+        close_side = "SELL" if position.side == "LONG" else "BUY"
+        for exit_, action, decision in zip(sent, actions, expected, strict=True):
+            order, fill = exit_["order"], exit_["fill"]
+            assert exit_["kind"] == "exit", label
+            # exact quantities and sides: the order on the venue, the engine's action, the fill
+            assert Decimal(order["quantity"]) == Decimal(str(decision["quantity"])), label
+            assert action.quantity == decision["quantity"], label
+            assert Decimal(fill["qty"]) == Decimal(str(decision["quantity"])), label
+            assert order["side"] == action.side == decision["side"] == close_side, label
+            assert order["type"] == "MARKET", label
+            params = exit_["params"]  # as the daemon put them on the wire
+            if mode == "hedge":
+                assert order["positionSide"] == params["positionSide"] == position.side, label
+                assert "reduceOnly" not in params, label
+            else:
+                assert order["positionSide"] == params["positionSide"] == "BOTH", label
+                assert params["reduceOnly"] == "true", label
+            assert int(action.sequence) == int(str(decision["sequence"])), label
+            # the same message triggered it on both sides
+            assert int(action.event_time_ms) == int(str(decision["time_ms"])), label
+            # prices: within one tick (they agree exactly; the bound is the requirement's)
+            trigger = Decimal(str(decision["trigger_price"]))
+            mark = Decimal(str(decision["mark_price"]))
+            assert abs(Decimal(action.trigger_price) - trigger) <= tick, label
+            assert abs(Decimal(action.mark_price) - mark) <= tick, label
+            # the venue filled the MARKET exit at the mark that triggered it (no slippage)
+            assert abs(Decimal(fill["price"]) - mark) <= tick, label
+        assert sum(Decimal(e["order"]["quantity"]) for e in sent) == Decimal(position.quantity)
+        seen[label] = [d["reason"] for d in expected]  # type: ignore[misc]
+    return seen
+
+
+async def test_one_way_mode_daemon_and_backtest_agree(tmp_path: Path) -> None:
+    run = await replay("one-way", [(leg, leg.side) for leg in LEGS], tmp_path)
+    seen = _check(run, "one-way")
+    for leg in LEGS:
+        assert tuple(seen[f"one-way {leg.symbol} {leg.side}"]) == leg.reasons, leg
+
+
+async def test_hedge_mode_daemon_and_backtest_agree_on_both_legs(tmp_path: Path) -> None:
+    opposite = {"LONG": "SHORT", "SHORT": "LONG"}
+    legs = [(leg, leg.side) for leg in LEGS] + [(leg, opposite[leg.side]) for leg in LEGS]
+    run = await replay("hedge", legs, tmp_path)
+    seen = _check(run, "hedge")
+    for leg in LEGS:
+        assert tuple(seen[f"hedge {leg.symbol} {leg.side}"]) == leg.reasons, leg
+        assert tuple(seen[f"hedge {leg.symbol} {opposite[leg.side]}"]) == leg.mirror, leg
+
+
+def test_the_legs_cover_every_exit_rule_on_both_sides() -> None:
+    # one-way runs LEGS as they are: every rule on each side; hedge adds the mirrored legs
+    rules = {"stop_loss", "take_profit_1", "take_profit_2", "breakeven_stop"}
+    rules |= {"ratchet_stop", "trailing_stop", "time_stop"}
+    for side in ("LONG", "SHORT"):
+        covered = {r for leg in LEGS if leg.side == side for r in leg.reasons}
+        assert covered == rules, side
+    assert len({leg.symbol for leg in LEGS}) == len(LEGS)  # one-way: one position per symbol
