@@ -822,17 +822,36 @@ class TradingDesk:
         if self.is_busy(symbol, leg):
             return  # our own order in flight: its outcome will settle the leg
         position = self._position_for(symbol, leg)
+        known = Decimal(0) if position is None else _dec(position.quantity)
+        if quantity == known:
+            return
+        # The stream can run behind REST (events queued while our own orders settled): a
+        # stale update must not adopt a leg we already closed, nor drop one we hold. The
+        # venue's answer decides; the event's only when the venue cannot be asked.
+        live = await self._live_quantity(symbol, leg)
+        if live is not None:
+            if self.is_busy(symbol, leg):
+                return
+            quantity = live
+            position = self._position_for(symbol, leg)
+            known = Decimal(0) if position is None else _dec(position.quantity)
+            if quantity == known:
+                return
         if position is None:
             if quantity > 0:
                 await self.adopt(symbol, leg, quantity, entry)
             return
         if quantity == 0:
             # Our exchange-side backstop (ALGO_UPDATE TRIGGERED/FINISHED) or someone else.
+            orders = self.store.orders(position_id=position.position_id)
+            flattened = any(o.kind == "flatten" and o.status == OrderState.FILLED for o in orders)
             triggered = any(
-                row.status in (OrderState.TRIGGERED, OrderState.FILLED)
-                for row in self.store.orders(position_id=position.position_id, kind="backstop")
+                o.kind == "backstop" and o.status in (OrderState.TRIGGERED, OrderState.FILLED)
+                for o in orders
             )
-            reason = "backstop" if triggered else "external"
+            # Our kill switch's close, seen on the stream before the flatten itself settled
+            # the position: count it once, as what it was.
+            reason = "flatten" if flattened else "backstop" if triggered else "external"
             self.engine_call("close_position", position.position_id)
             self.store.bump("exits", reason)
             self._note(

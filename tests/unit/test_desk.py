@@ -138,6 +138,7 @@ async def test_account_update_resizes_closes_and_adopts() -> None:
     await ready(desk)
     pid = (await desk.submit(intent("a"))).position_id or ""
     # reduced elsewhere
+    venue.set_position("BTCUSDT", "LONG", "0.004", "30000")
     await desk.on_user_event(
         {
             "e": "ACCOUNT_UPDATE",
@@ -150,6 +151,7 @@ async def test_account_update_resizes_closes_and_adopts() -> None:
     )
     assert ("resize", (pid, "0.004")) in engine.calls
     # a position opened elsewhere is adopted, with a backstop
+    venue.set_position("ETHUSDT", "SHORT", "0.5", "2000")
     await desk.on_user_event(
         {
             "e": "ACCOUNT_UPDATE",
@@ -163,6 +165,7 @@ async def test_account_update_resizes_closes_and_adopts() -> None:
         s.params.get("symbol") == "ETHUSDT" and s.path == "/fapi/v1/algoOrder" for s in venue.sent
     )
     # closed elsewhere
+    venue.set_position("BTCUSDT", "LONG", "0")
     await desk.on_user_event(
         {
             "e": "ACCOUNT_UPDATE",
@@ -174,10 +177,32 @@ async def test_account_update_resizes_closes_and_adopts() -> None:
     assert store.counters("exits") == {"external": 1}
 
 
-async def test_one_way_flip_is_close_plus_adoption() -> None:
-    _venue, store, engine, desk = make(hedge=False)
+async def test_a_stale_account_update_neither_adopts_nor_drops() -> None:
+    # The user stream runs behind REST: an update queued before our own orders settled must
+    # not bring back a leg we closed, nor close one the venue still holds.
+    _venue, store, engine, desk = make(hedge=True)
     await ready(desk)
     pid = (await desk.submit(intent("a"))).position_id or ""
+    held = store.get_position(pid).quantity  # type: ignore[union-attr]
+
+    def update(symbol: str, amount: str, leg: str) -> dict[str, object]:
+        position = {"s": symbol, "pa": amount, "ep": "30000", "ps": leg}
+        return {"e": "ACCOUNT_UPDATE", "E": 9, "a": {"m": "ORDER", "P": [position]}}
+
+    await desk.on_user_event(update("BTCUSDT", "0", "LONG"))  # stale: the venue holds it
+    assert store.get_position(pid).status == "open"  # type: ignore[union-attr]
+    assert store.get_position(pid).quantity == held  # type: ignore[union-attr]
+    await desk.on_user_event(update("ETHUSDT", "-0.5", "SHORT"))  # stale: already flat
+    assert [c for c in engine.calls if c[0] == "adopt"] == []
+    assert [p.symbol for p in store.positions(("open",))] == ["BTCUSDT"]
+    assert store.counters("exits") == {}
+
+
+async def test_one_way_flip_is_close_plus_adoption() -> None:
+    venue, store, engine, desk = make(hedge=False)
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    venue.set_position("BTCUSDT", "BOTH", "-0.002", "30100")
     await desk.on_user_event(
         {
             "e": "ACCOUNT_UPDATE",
@@ -353,6 +378,7 @@ async def test_backstop_close_is_labelled() -> None:
     await desk.on_user_event(
         {"e": "ALGO_UPDATE", "E": 5, "o": {"caid": cid, "aid": 1, "X": "TRIGGERED", "s": "BTCUSDT"}}
     )
+    venue.set_position("BTCUSDT", "LONG", "0")
     await desk.on_user_event(
         {
             "e": "ACCOUNT_UPDATE",
