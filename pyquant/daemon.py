@@ -518,13 +518,19 @@ class Daemon:
     # ------------------------------------------------------------------ views
 
     def feed_statuses(self) -> dict[str, FeedStatus]:
-        """Return the health of both streams."""
+        """Return the health of both streams (and of Redis, when intents come from it)."""
         out: dict[str, FeedStatus] = {}
         for name, stream in (("market", self.market), ("user", self.user)):
             health = stream.health if stream is not None else FeedHealth()
             out[name] = FeedStatus(
                 health.connected, health.stale, health.age_s(), health.reconnects, health.messages
             )
+        if self.membership is not None:
+            bus = self.membership.bus
+            connected = bus.leases.connected if bus.leases is not None else True
+            stats = bus.intents.stats
+            # age: not tracked per message; "reconnects" counts failed Redis calls
+            out["redis"] = FeedStatus(connected, False, 0.0, stats.redis_errors, stats.read)
         return out
 
     def current_summary(self) -> dict[str, object]:

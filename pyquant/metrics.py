@@ -9,7 +9,9 @@ Metrics (all prefixed ``pyquant_``): ``intents_accepted_total``,
 ``order_rejections_total{code}``, ``open_positions``, ``realized_pnl_usdt``,
 ``feed_connected{stream}``, ``feed_stale{stream}``, ``feed_age_seconds{stream}``,
 ``feed_reconnects_total{stream}``, ``feed_messages_total{stream}``,
-``rest_used_weight_1m``, ``rest_order_count_10s``, ``tick_to_order_seconds`` (histogram).
+``rest_used_weight_1m``, ``rest_order_count_10s``, ``tick_to_order_seconds`` (histogram);
+with ``--intents redis://...`` also ``owned_symbols`` and the ``redis`` stream of the
+``feed_*`` families (connected: lease renewals succeed; messages: stream entries read).
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ class DaemonCollector(Collector):
         open_positions = GaugeMetricFamily("pyquant_open_positions", "Open positions")
         open_positions.add_metric([], float(s.get("open_positions") or 0))
         yield open_positions
+        owned = s.get("owned_symbols")
+        if isinstance(owned, list | tuple):
+            gauge = GaugeMetricFamily(
+                "pyquant_owned_symbols", "Symbols whose lease this daemon holds (Redis)"
+            )
+            gauge.add_metric([], float(len(owned)))
+            yield gauge
         pnl = GaugeMetricFamily("pyquant_realized_pnl_usdt", "Realized PnL net of fees (USDT)")
         try:
             pnl.add_metric([], float(str(s.get("realized_pnl") or "0")))

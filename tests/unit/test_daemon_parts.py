@@ -115,8 +115,12 @@ def status() -> Status:
             "order_rejections": {"-2019": 1},
             "open_positions": 2,
             "realized_pnl": "12.5",
+            "owned_symbols": ["BTCUSDT", "ETHUSDT", "SOLUSDT"],
         },
-        feeds={"market": FeedStatus(True, False, 0.4, 1, 100)},
+        feeds={
+            "market": FeedStatus(True, False, 0.4, 1, 100),
+            "redis": FeedStatus(False, False, 0.0, 4, 250),
+        },
         used_weight_1m=42,
         order_count_10s=3,
     )
@@ -138,6 +142,9 @@ def test_metrics_are_served_on_loopback() -> None:
     assert 'pyquant_feed_connected{stream="market"} 1.0' in body
     assert "pyquant_rest_used_weight_1m 42.0" in body
     assert "pyquant_tick_to_order_seconds_count 1.0" in body
+    assert "pyquant_owned_symbols 3.0" in body
+    assert 'pyquant_feed_connected{stream="redis"} 0.0' in body
+    assert 'pyquant_feed_messages_total{stream="redis"} 250.0' in body
 
 
 def test_dashboard_renders_positions_and_rejections() -> None:
