@@ -3,7 +3,8 @@
 URL (``pyquant run --intents URL``): every parameter of
 :mod:`pyquant.scale.redis_intents`, plus
 
-- ``daemon``: this daemon's id (default: the consumer name), unique among live daemons;
+- ``daemon``: this daemon's id (default: the consumer name), unique among live daemons; it
+  is also the consumer name when ``consumer`` is not given;
 - ``account``: the account namespace shared by the daemons of one account (default ``default``);
 - ``events``: the events stream (default ``pyquant:events``); ``events_maxlen`` (default 100000);
 - ``lease_ttl_ms``: lease lifetime (default 5000); ``leases=off`` for a single daemon that
@@ -104,6 +105,10 @@ class RedisBusConfig:
             ConfigError: the URL or a parameter is invalid; the message names it.
         """
         base, params = split_redis_url(url, BUS_URL_PARAMS)
+        if "daemon" in params and "consumer" not in params:
+            # Two daemons on one host must not share the host-named consumer: each one's
+            # pending entries are its own to decide first after a restart.
+            params = {**params, "consumer": params["daemon"]}
         intents = intent_config_from_params(base, params)
         leases = params.get("leases", "on")
         if leases not in ("on", "off"):

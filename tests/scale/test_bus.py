@@ -179,6 +179,12 @@ def test_bus_url_parameters():
     assert (config.daemon_id, config.account, config.lease_ttl_ms) == ("c1", "acct", 3000)
     assert (config.events_stream, config.events_maxlen) == ("acct:events", 5000)
     assert RedisBusConfig.from_url("redis://127.0.0.1/0?leases=off&consumer=x").lease_ttl_ms is None
+    # two daemons on one host: each its own consumer, named after the daemon
+    a = RedisBusConfig.from_url("redis://127.0.0.1/0?daemon=host-a")
+    b = RedisBusConfig.from_url("redis://127.0.0.1/0?daemon=host-b")
+    assert (a.intents.consumer, b.intents.consumer) == ("host-a", "host-b")
+    explicit = RedisBusConfig.from_url("redis://127.0.0.1/0?daemon=host-a&consumer=worker-1")
+    assert (explicit.daemon_id, explicit.intents.consumer) == ("host-a", "worker-1")
     with pytest.raises(ConfigError, match=r"lease.ttl_ms was 10: must be from 100"):
         RedisBusConfig.from_url("redis://127.0.0.1/0?lease_ttl_ms=10&consumer=x")
     with pytest.raises(ConfigError, match=r"'leases' was 'maybe': must be on or off"):
