@@ -35,6 +35,8 @@ Fill model (what the simulated fills assume; see ``rust_core/src/backtest.rs`` f
 
 from __future__ import annotations
 
+import functools
+import gzip
 import itertools
 import json
 import math
@@ -50,17 +52,20 @@ import numpy as np
 import polars as pl
 
 from pyquant import _core
-from pyquant.errors import ConfigError
+from pyquant.errors import ConfigError, UnknownSymbolError
 from pyquant.trading.intents import IntentError, parse_intent
 
 if TYPE_CHECKING:
     from pyquant._core import ExchangeRules, ExitPolicy
 
 __all__ = [
+    "BUNDLED_EXCHANGE_INFO",
     "BacktestConfig",
     "BacktestResult",
     "KlinesError",
+    "check_symbols",
     "exit_decisions_for_path",
+    "load_exchange_rules",
     "load_intents",
     "load_klines",
     "momentum24h",
@@ -81,6 +86,11 @@ _INTERVAL = re.compile(r"^(\d+)([smhdw])$")
 # SYMBOL_INTERVAL[_anything].parquet|csv, as the files in tests/data/market are named.
 _FILE_NAME = re.compile(r"^([A-Z0-9]{2,30})_(\d+[smhdw])(?:_[^.]*)?\.(?:parquet|csv)$", re.I)
 _DAY_MS = 86_400_000
+# The real exchangeInfo snapshot the simulator ships with (its SOURCES.md says where it is
+# from): the default filters of a backtest, so no network and no extra file are needed.
+BUNDLED_EXCHANGE_INFO = (
+    Path(__file__).with_name("sim") / "data" / "exchangeInfo_fapi_2025-11-26.json.gz"
+)
 # Decimal(38, 12) holds every price, quantity, fee (rounded to 8 dp) and PnL exactly.
 EXACT = pl.Decimal(38, 12)
 
@@ -103,6 +113,72 @@ def interval_ms(interval: str) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
+
+
+def load_exchange_rules(
+    path: str | os.PathLike[str] | None = None,
+) -> tuple[ExchangeRules, str]:
+    """Load the exchange rules (ticks, steps, min notional) a backtest quantizes with.
+
+    Args:
+        path: a futures exchangeInfo JSON document, plain or gzipped (``.json.gz``); None
+            loads the snapshot bundled with the simulator (``BUNDLED_EXCHANGE_INFO``).
+
+    Returns:
+        The rules and a label for messages (the file, or the bundled snapshot's name).
+
+    Raises:
+        ConfigError: the file cannot be read or decompressed.
+        InputError: the document is not a valid exchangeInfo (the core names the field).
+    """
+    if path is None:
+        return _bundled_rules(), f"the bundled {BUNDLED_EXCHANGE_INFO.name}"
+    file = Path(path)
+    label = str(file)
+    try:
+        raw = file.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise ConfigError(f"exchange info {label}: cannot be read: {exc}") from exc
+    return _core.ExchangeRules.from_exchange_info(raw), label
+
+
+@functools.cache
+def _bundled_rules() -> ExchangeRules:
+    # Read once per process: a grid or a notebook calls the backtest many times.
+    return _core.ExchangeRules.from_exchange_info(
+        gzip.decompress(BUNDLED_EXCHANGE_INFO.read_bytes())
+    )
+
+
+def _rules_for(rules: ExchangeRules | None, symbols: Sequence[str]) -> ExchangeRules:
+    if rules is None:
+        rules, label = load_exchange_rules()
+    else:
+        label = "the rules given"
+    check_symbols(rules, symbols, source=label)
+    return rules
+
+
+def check_symbols(rules: ExchangeRules, symbols: Iterable[str], *, source: str) -> None:
+    """Fail early, naming every symbol of the data that ``rules`` does not list.
+
+    Args:
+        rules: the exchange rules.
+        symbols: the symbols the backtest needs.
+        source: where the rules come from, for the message.
+
+    Raises:
+        UnknownSymbolError: one or more symbols are not in the rules.
+    """
+    missing = sorted({s for s in symbols if s not in rules})
+    if missing:
+        raise UnknownSymbolError(
+            f"{'symbols' if len(missing) > 1 else 'symbol'} {', '.join(missing)} not in the "
+            f"exchange info ({source}, {len(rules)} symbols): give exchange info that lists "
+            f"{'them' if len(missing) > 1 else 'it'} (pyquant backtest --exchange-info FILE)"
+        )
 
 
 def _fmt_time(ms: int) -> str:
@@ -742,7 +818,7 @@ def _order_symbols(klines: Sequence[pl.DataFrame]) -> list[str]:
 def run_backtest(
     klines: pl.DataFrame | Sequence[pl.DataFrame],
     policy: ExitPolicy,
-    rules: ExchangeRules,
+    rules: ExchangeRules | None = None,
     *,
     entries: pl.DataFrame | None = None,
     strategy: str | None = None,
@@ -755,7 +831,8 @@ def run_backtest(
     Args:
         klines: validated klines (``load_klines``), one frame per symbol.
         policy: the exit policy every position runs.
-        rules: the exchange rules (tick, steps, min notional) of every symbol.
+        rules: the exchange rules (tick, steps, min notional) of every symbol; None uses the
+            snapshot bundled with the simulator (``load_exchange_rules``).
         entries: intents (schema of ``load_intents``); None uses ``strategy``.
         strategy: the built-in entry rule when ``entries`` is None (default ``momentum24h``).
         config: sizing, fees and the intrabar rule.
@@ -773,6 +850,7 @@ def run_backtest(
     frames = [klines] if isinstance(klines, pl.DataFrame) else list(klines)
     config = config or BacktestConfig()
     symbols = _order_symbols(frames)
+    rules = _rules_for(rules, symbols)
     intents, one_per_symbol = _entries_for(frames, entries, strategy)
     series = [
         _prepare_series(k, intents, (fine or {}).get(s))
@@ -978,7 +1056,7 @@ def run_grid(
     klines: pl.DataFrame | Sequence[pl.DataFrame],
     base: Mapping[str, Any],
     grid: Mapping[str, Sequence[Any]],
-    rules: ExchangeRules,
+    rules: ExchangeRules | None = None,
     *,
     entries: pl.DataFrame | None = None,
     strategy: str | None = None,
@@ -994,7 +1072,7 @@ def run_grid(
         klines: validated klines, one frame per symbol.
         base: the ExitPolicy fields every combination starts from.
         grid: field name -> values to try.
-        rules: exchange rules for every symbol.
+        rules: exchange rules for every symbol; None uses the bundled snapshot.
         entries: intents; None uses ``strategy`` (default ``momentum24h``).
         strategy: the built-in entry rule when ``entries`` is None.
         config: sizing, fees and the intrabar rule.
@@ -1012,6 +1090,7 @@ def run_grid(
     frames = [klines] if isinstance(klines, pl.DataFrame) else list(klines)
     config = config or BacktestConfig()
     symbols = _order_symbols(frames)
+    rules = _rules_for(rules, symbols)
     policies, values = grid_policies(base, grid)
     intents, one_per_symbol = _entries_for(frames, entries, strategy)
     series = [

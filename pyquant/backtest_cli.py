@@ -2,10 +2,12 @@ r"""``pyquant backtest``: replay klines through the exit engine, one policy or a
 
 Examples::
 
-    pyquant backtest --data BTCUSDT_1m_last.parquet ETHUSDT_1m_last.parquet \\
-        --exchange-info exchangeInfo.json --out runs/a --plot
+    pyquant backtest --data BTCUSDT_1m_last.parquet ETHUSDT_1m_last.parquet --out runs/a --plot
     pyquant backtest --data data/*_1m_last.parquet --exchange-info exchangeInfo.json \\
         --grid stop_atr=1.5,2,3 --grid trail_atr=1,2 --sort-by profit_factor --out runs/grid
+
+Without ``--exchange-info`` the filters come from the exchangeInfo snapshot bundled with the
+simulator (647 USDⓈ-M symbols, see ``pyquant/sim/data/SOURCES.md``).
 """
 
 from __future__ import annotations
@@ -65,9 +67,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--exchange-info",
-        required=True,
         metavar="FILE",
-        help="a futures exchangeInfo JSON document (ticks, steps, min notional)",
+        help=(
+            "a futures exchangeInfo JSON document, plain or .gz (ticks, steps, min notional); "
+            "default: the snapshot bundled with the simulator"
+        ),
     )
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument("--policy", metavar="FILE", help="exit policy TOML (ExitPolicy fields)")
@@ -248,13 +252,10 @@ def run(
         intrabar=args.intrabar,
         max_gap_bars=args.max_gap_bars,
     )
-    try:
-        info = Path(args.exchange_info).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"--exchange-info {args.exchange_info}: cannot be read: {exc}") from exc
-    rules = _core.ExchangeRules.from_exchange_info(info)
+    rules, rules_source = bt.load_exchange_rules(args.exchange_info)
     klines = _load(args.data, console)
     fine = {str(f["symbol"][0]): f for path in args.fine for f in bt.load_klines(path)}
+    bt.check_symbols(rules, [str(f["symbol"][0]) for f in klines] + list(fine), source=rules_source)
     entries = bt.load_intents(args.entries) if args.entries else None
     strategy = None if entries is not None else (args.strategy or "momentum24h")
     base = _base_fields(args)
@@ -266,6 +267,7 @@ def run(
         "strategy": strategy,
         "policy_file": args.policy,
         "preset": None if args.policy else args.preset,
+        "exchange_info": rules_source,
     }
     started = time.perf_counter()
 

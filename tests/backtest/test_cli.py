@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import polars as pl
 import pytest
 from backtest_helpers import INFO
 
+from pyquant.backtest import load_klines, run_backtest
 from pyquant.backtest_cli import run_command
 from pyquant.cli import main
+from pyquant.errors import UnknownSymbolError
 
 MARKET = Path(__file__).parents[1] / "data" / "market"
 BCH = MARKET / "BCHUSDT_1m_last.parquet"
@@ -146,3 +149,73 @@ def test_bad_options(tmp_path, capsys, argv):
     )
     assert status == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def _bch_head(tmp_path: Path, symbol: str = "BCHUSDT", rows: int = 3000) -> Path:
+    path = tmp_path / f"{symbol}_1m_head.parquet"
+    frame = pl.read_parquet(BCH).head(rows).with_columns(pl.lit(symbol).alias("symbol"))
+    frame.write_parquet(path)
+    return path
+
+
+def test_exchange_info_defaults_to_the_snapshot_bundled_with_the_simulator(tmp_path, capsys):
+    out = tmp_path / "run"
+    data = _bch_head(tmp_path)
+    assert run_command("backtest", ["--data", str(data), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"]["exchange_info"] == "the bundled exchangeInfo_fapi_2025-11-26.json.gz"
+    assert summary["summary"]["TOTAL"]["trades"] > 0
+    # the same run with the full snapshot from tests/data gives the same trades
+    again = tmp_path / "again"
+    argv = ["--data", str(data), "--exchange-info", str(INFO), "--out", str(again)]
+    assert run_command("backtest", argv) == 0
+    assert pl.read_parquet(out / "trades.parquet").equals(pl.read_parquet(again / "trades.parquet"))
+    assert json.loads((again / "summary.json").read_text())["inputs"]["exchange_info"] == str(INFO)
+
+
+def test_a_symbol_missing_from_the_exchange_info_is_named(tmp_path, capsys):
+    data = _bch_head(tmp_path, "FOOUSDT")
+    status = run_command("backtest", ["--data", str(data), "--out", str(tmp_path / "out")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert (
+        "symbol FOOUSDT not in the exchange info (the bundled "
+        "exchangeInfo_fapi_2025-11-26.json.gz, 647 symbols)"
+    ) in err
+    assert "--exchange-info FILE" in err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_exchange_info_override_plain_or_gzipped(tmp_path, capsys):
+    document = json.loads(INFO.read_bytes())
+    # a document without BCHUSDT: the override is really what the run uses
+    document["symbols"] = [s for s in document["symbols"] if s["symbol"] != "BCHUSDT"]
+    plain = tmp_path / "info.json"
+    plain.write_text(json.dumps(document))
+    data = _bch_head(tmp_path)
+    argv = ["--data", str(data), "--exchange-info", str(plain), "--out", str(tmp_path / "o")]
+    assert run_command("backtest", argv) == 2
+    assert f"symbol BCHUSDT not in the exchange info ({plain}, 646 symbols)" in (
+        capsys.readouterr().err
+    )
+
+    packed = tmp_path / "info.json.gz"
+    packed.write_bytes(gzip.compress(INFO.read_bytes()))
+    argv = ["--data", str(data), "--exchange-info", str(packed), "--out", str(tmp_path / "o")]
+    assert run_command("backtest", argv) == 0
+
+    missing = tmp_path / "nope.json"
+    argv = ["--data", str(data), "--exchange-info", str(missing), "--out", str(tmp_path / "o")]
+    assert run_command("backtest", argv) == 2
+    assert f"exchange info {missing}: cannot be read" in capsys.readouterr().err
+
+
+def test_python_api_uses_the_bundled_rules_when_none_are_given(rules, example_policy):
+    klines = load_klines(BCH)[0].head(3000)
+    default = run_backtest(klines, example_policy)
+    explicit = run_backtest(klines, example_policy, rules)
+    assert default.fills.height > 0
+    assert default.fills.equals(explicit.fills)
+    unknown = klines.with_columns(pl.lit("FOOUSDT").alias("symbol"))
+    with pytest.raises(UnknownSymbolError, match="symbol FOOUSDT not in the exchange info"):
+        run_backtest(unknown, example_policy)
