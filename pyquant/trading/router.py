@@ -636,6 +636,18 @@ class OrderRouter:
                     clipped,
                 )
                 quantity = clipped
+            max_qty = self._market_max_qty(symbol)
+            if kind == "exit" and max_qty is not None and Decimal(quantity) > max_qty:
+                # One MARKET order may not exceed MARKET_LOT_SIZE maxQty (-4005). The engine
+                # takes the fill as partial and emits the rest on the next update.
+                capped = self.rules.quantize_qty(symbol, str(max_qty), True)
+                logger.warning(
+                    "Exit above MARKET_LOT_SIZE maxQty position_id=%s quantity=%s sent=%s",
+                    position_id,
+                    quantity,
+                    capped,
+                )
+                quantity = capped
             if Decimal(quantity) <= 0:
                 return OrderOutcome("", OrderState.REJECTED, flat=True, skipped=True)
             return await self._send(

@@ -490,3 +490,24 @@ async def test_flatten_splits_a_leg_above_market_max_qty() -> None:
     assert [s.ok for s in closes] == [True, True, True]
     assert [s.params["quantity"] for s in venue.sent] == ["1000.000", "1000.000", "500.500"]
     assert await venue.position_risk() == []
+
+
+async def test_an_exit_above_market_max_qty_sends_max_qty_now() -> None:
+    # -4005 otherwise; the engine confirms the partial fill and emits the rest next update.
+    venue, _, router = make(hedge=True)
+    venue.marks["BTCUSDT"] = Decimal("30000")
+    venue.set_position("BTCUSDT", "LONG", "2500.5", "30000")
+    await router.refresh_mode()
+    outcome = await router.send_exit(
+        "1",
+        "BTCUSDT",
+        "LONG",
+        "2500.500",
+        sequence=4,
+        reason="stop_loss",
+        live_quantity=Decimal("2500.5"),
+    )
+    assert outcome.state == OrderState.FILLED
+    assert outcome.executed_qty == Decimal("1000.000")
+    assert [s.params["quantity"] for s in venue.sent] == ["1000.000"]
+    assert venue.position_amount("BTCUSDT", "LONG") == Decimal("1500.5")
