@@ -503,9 +503,22 @@ class BacktestConfig:
     one_position_per_symbol: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("maker_fee", "taker_fee", "notional_usd"):
+            # Accept what a caller naturally types (1000, "0.0004", 0.0004: a float by its
+            # shortest repr, as the core reads floats) and keep it as an exact Decimal.
+            value = getattr(self, name)
+            if isinstance(value, int | float | str) and not isinstance(value, bool):
+                try:
+                    object.__setattr__(self, name, Decimal(str(value).strip()))
+                except ArithmeticError:
+                    raise ConfigError(
+                        f"backtest {name} was {value!r}: must be a decimal number"
+                    ) from None
+            elif not isinstance(value, Decimal):
+                raise ConfigError(f"backtest {name} was {value!r}: must be a decimal number")
         for name in ("maker_fee", "taker_fee"):
             value = getattr(self, name)
-            if not isinstance(value, Decimal) or not value.is_finite() or not 0 <= value < 1:
+            if not value.is_finite() or not 0 <= value < 1:
                 raise ConfigError(f"backtest {name} was {value!r}: must be a rate in [0, 1)")
         if self.entry_liquidity not in ("taker", "maker"):
             raise ConfigError(

@@ -259,10 +259,15 @@ class Venue:
         """Let ``symbol`` follow the replay again."""
         self.overrides.pop(symbol, None)
 
-    async def step(self, ms: int = 1000) -> int:
-        """Advance the exchange clock by ``ms`` and process every second on the way."""
+    async def step(self, ms: int = 1000, *, publish: bool = True) -> int:
+        """Advance the exchange clock by ``ms`` and process every second on the way.
+
+        With ``publish=False`` the seconds passed still move prices, fill and trigger, but
+        their mark-price stream messages are not sent: a test that pins marks and publishes
+        each one itself (``set_mark``) then feeds clients exactly its own path.
+        """
         now = self.clock.advance(ms)
-        self._advance_to(now)
+        self._advance_to(now, publish=publish)
         return now
 
     def set_faults(self, **switches: object) -> FaultConfig:
@@ -296,26 +301,27 @@ class Venue:
             except Exception:
                 logger.exception("Simulator tick failed")
 
-    def _advance_to(self, now_ms: int) -> None:
+    def _advance_to(self, now_ms: int, *, publish: bool = True) -> None:
         target = now_ms // 1000
         if target - self._last_second > 3600:  # a long pause: skip ahead, keep the last hour
             self._last_second = target - 3600
         while self._last_second < target:
             self._last_second += 1
-            self._process_second(self._last_second * 1000)
+            self._process_second(self._last_second * 1000, publish=publish)
         key = self.exchange.expire_listen_key()
         if key is not None:
             self.hub.expire_user(key, now_ms)
         self._persist()
 
-    def _process_second(self, t_ms: int) -> None:
+    def _process_second(self, t_ms: int, *, publish: bool = True) -> None:
         for symbol in self.rules:
             if symbol in self.overrides:
                 mark, last = self.overrides[symbol]
             else:
                 mark, last = self.replay.price_at(symbol, t_ms), None
             self.exchange.set_price(symbol, mark, last)
-        self._publish_marks(t_ms, list(self.rules), every=False)
+        if publish:
+            self._publish_marks(t_ms, list(self.rules), every=False)
         self._flush()
 
     def _publish_marks(self, t_ms: int, symbols: list[str], every: bool) -> None:
@@ -652,7 +658,9 @@ class Venue:
                 self.release_mark(str(body["symbol"]))
                 return web.json_response({"symbol": body["symbol"]})
             if action == "step":
-                now = await self.step(int(body.get("ms", 1000)))
+                now = await self.step(
+                    int(body.get("ms", 1000)), publish=bool(body.get("publish", True))
+                )
                 return web.json_response({"time": now})
             if action == "drop_websockets":
                 return web.json_response({"dropped": await self.drop_websockets()})

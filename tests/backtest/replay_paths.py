@@ -104,3 +104,26 @@ def history(
         closes.append(float(on_tick(chunk["close"][-1], tick)))
     atr = float(_core.atr(np.array(highs), np.array(lows), np.array(closes), atr_period)[-1])
     return History(frame, atr)
+
+
+def minute_history(
+    symbol: str, bars: pl.DataFrame, start: int, start_minute_ms: int
+) -> pl.DataFrame:
+    """The simulator's data for a path starting at bar ``start``: a day either side, contiguous.
+
+    Bar ``start`` lands on ``start_minute_ms``, the simulator's start minute (its replay start
+    is the bar one day after the first), so the daemon's 1m warm-up is the real bars before
+    the path.
+    """
+    day = DAY_MS // MINUTE_MS
+    frame = bars.slice(start - day, 2 * day + 1)
+    return frame.with_columns(
+        (start_minute_ms + (pl.int_range(pl.len()) - day) * MINUTE_MS).alias("open_time"),
+        pl.lit(symbol).alias("symbol"),
+    )
+
+
+def rounded_atr(bars: pl.DataFrame, tick: Decimal, period: int) -> float:
+    """Wilder's ATR of the last bar, on tick-rounded prices (what the venue serves)."""
+    cols = [[float(on_tick(v, tick)) for v in bars[c]] for c in ("high", "low", "close")]
+    return float(_core.atr(*(np.array(c) for c in cols), period)[-1])

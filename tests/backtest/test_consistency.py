@@ -31,11 +31,25 @@ from typing import Any
 
 import polars as pl
 import pytest
-from replay_paths import MINUTE_MS, History, bar_marks, history, real_bars
+from replay_paths import (
+    MINUTE_MS,
+    History,
+    bar_marks,
+    history,
+    minute_history,
+    on_tick,
+    real_bars,
+    rounded_atr,
+)
 
 import pyquant.sim
 from pyquant import _core
-from pyquant.backtest import exit_decisions_for_path
+from pyquant.backtest import (
+    BacktestConfig,
+    exit_decisions_for_path,
+    run_backtest,
+    validate_klines,
+)
 from pyquant.config import load_config
 from pyquant.daemon import Daemon
 from pyquant.sim.server import Venue, load_exchange_info
@@ -132,7 +146,12 @@ class Run:
     exits: list[dict[str, Any]]  # sim order log + daemon store, per exit order
 
 
-def _config(venue: Venue, symbols: Sequence[str]) -> Any:
+def _config(
+    venue: Venue,
+    symbols: Sequence[str],
+    policy: dict[str, Any] = POLICY,
+    warmup_bars: int = WARMUP_HOURS,
+) -> Any:
     overrides: dict[str, Any] = {
         "exchange": "custom",
         "venue": {
@@ -142,7 +161,7 @@ def _config(venue: Venue, symbols: Sequence[str]) -> Any:
         },
         "market": {
             "symbols": list(symbols),
-            "warmup_bars": WARMUP_HOURS,
+            "warmup_bars": warmup_bars,
             "stale_after_s": 600.0,
             "backoff_initial_s": 0.05,
             "backoff_max_s": 0.2,
@@ -159,7 +178,7 @@ def _config(venue: Venue, symbols: Sequence[str]) -> Any:
         # The exchange-side backstop is not an exit decision; off, no order can race ours.
         "router": {"backstop": False},
         "daemon": {"dashboard": False, "snapshot_interval_s": 60.0},
-        "exit": {"preset": "none", **POLICY},
+        "exit": {"preset": "none", **policy},
     }
     environ = {"PYQUANT_API_KEY": venue.api_key, "PYQUANT_API_SECRET": venue.api_secret}
     return load_config(None, environ=environ, overrides=overrides)
@@ -175,8 +194,12 @@ async def _until(predicate: Callable[[], bool], what: str, limit_s: float = 10.0
 
 
 @contextlib.asynccontextmanager
-async def _daemon(venue: Venue, symbols: Sequence[str], state: Path) -> AsyncIterator[Daemon]:
-    daemon = Daemon(_config(venue, symbols), state_dir=state, install_signal_handlers=False)
+async def _daemon(
+    venue: Venue, symbols: Sequence[str], state: Path, **config: Any
+) -> AsyncIterator[Daemon]:
+    daemon = Daemon(
+        _config(venue, symbols, **config), state_dir=state, install_signal_handlers=False
+    )
     task = asyncio.get_running_loop().create_task(daemon.run())
     ready = asyncio.ensure_future(daemon.ready.wait())
     await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
@@ -405,3 +428,270 @@ def test_the_legs_cover_every_exit_rule_on_both_sides() -> None:
         covered = {r for leg in LEGS if leg.side == side for r in leg.reasons}
         assert covered == rules, side
     assert len({leg.symbol for leg in LEGS}) == len(LEGS)  # one-way: one position per symbol
+
+
+# ---------------------------------------------------------------------------------------------
+# The bar backtest itself: run_backtest on the bars, the daemon on the same bars' mark path
+
+# 1m ATR: it moves with every bar, in the daemon (bars built from the marks) and in the
+# backtest (closed bars of the data) alike.
+BAR_POLICY: dict[str, Any] = {
+    "stop_atr": 3.0,
+    "min_stop_pct": 0.001,
+    "max_stop_pct": 0.05,
+    "ladder": [{"at": 1.0, "fraction": 0.3}, {"at": 2.0, "fraction": 0.3}],
+    "breakeven_after_level": 1,
+    "ratchet_to_previous_level": True,
+    "taker_fee": 0.0005,
+    "trail_atr": 2.0,
+    "trail_after_level": 2,
+    "atr_period": 14,
+    "atr_interval": "1m",
+}
+WARMUP_BARS = 20
+BAR_PATH = 30
+BAR_LEGS = (
+    Leg("BTCUSDT", 2538, "LONG", (*TP12, "trailing_stop"), ()),
+    Leg("LTCUSDT", 2365, "SHORT", (*TP12, "trailing_stop"), ()),
+    Leg("ETHUSDT", 144571, "SHORT", (*TP12, "ratchet_stop"), ()),
+    Leg("XRPUSDT", 1500, "LONG", ("take_profit_1", "breakeven_stop"), ()),
+)
+
+
+@dataclass
+class BarRun:
+    """The daemon's positions after a bar-path replay, and the backtest of the same bars."""
+
+    positions: list[Position]
+    initial_stops: dict[str, str]
+    exits: list[dict[str, Any]]
+    backtest: Any  # BacktestResult
+
+
+def _bar_points(bar: tuple[Any, ...], side: str, tick: Decimal) -> list[tuple[int, Decimal]]:
+    # The backtest's path of one bar (stop_first): open, the adverse extreme, the other,
+    # close, at 0, 1/3, 2/3 of the bar and its last millisecond.
+    o, h, lo, c = (on_tick(v, tick) for v in bar)
+    first, second = (lo, h) if side == "LONG" else (h, lo)
+    return [(0, o), (MINUTE_MS // 3, first), (2 * MINUTE_MS // 3, second), (MINUTE_MS - 1, c)]
+
+
+async def replay_bars(legs: Sequence[Leg], tmp_path: Path) -> BarRun:
+    """Run the legs' bars through the daemon on the simulator and through run_backtest."""
+    wall = time.time_ns() // 1_000_000
+    m0 = wall - wall % MINUTE_MS
+    files, frames, points = [], [], {}
+    for leg in legs:
+        bars, tick = _bars(leg.symbol), _tick(leg.symbol)
+        file = tmp_path / f"{leg.symbol}_1m.parquet"
+        minute_history(leg.symbol, bars, leg.start, m0).write_parquet(file)
+        files.append(file)
+        window = bars.slice(leg.start - WARMUP_BARS, WARMUP_BARS + BAR_PATH)
+        frames.append(
+            validate_klines(
+                window.with_columns(
+                    (m0 + (pl.int_range(pl.len()) - WARMUP_BARS) * MINUTE_MS).alias("open_time"),
+                    pl.lit(1.0).alias("volume"),
+                    pl.lit(leg.symbol).alias("symbol"),
+                    pl.lit("1m").alias("interval"),
+                ),
+                source=leg.symbol,
+            )
+        )
+        path = window.slice(WARMUP_BARS).select("open", "high", "low", "close").rows()
+        points[leg.symbol] = [_bar_points(bar, leg.side, tick) for bar in path]
+
+    # The backtest: the same bars (warm-up, then the path), an entry at the first path bar.
+    entries = pl.DataFrame(
+        {
+            "intent_id": [f"{leg.symbol}-{leg.side}" for leg in legs],
+            "time_ms": [m0] * len(legs),
+            "symbol": [leg.symbol for leg in legs],
+            "side": ["BUY" if leg.side == "LONG" else "SELL" for leg in legs],
+            "confidence": [0.5] * len(legs),
+            "size_usd": [None] * len(legs),
+            "leverage": [LEVERAGE] * len(legs),
+        },
+        schema_overrides={"size_usd": pl.String, "leverage": pl.Int64},
+    )
+    backtest = run_backtest(
+        frames,
+        _core.ExitPolicy(**BAR_POLICY),
+        _rules(),
+        entries=entries,
+        config=BacktestConfig(notional_usd=Decimal(NOTIONAL), leverage=LEVERAGE),
+    )
+
+    # The venue's /time follows its own clock (frozen at m0 until stepped), so the daemon's
+    # warm-up sees the bars before m0 as closed and the m0 bar as open, at any wall time.
+    async with pyquant.sim.serve(
+        data=files, speed=0, start_ms=m0, time_skew_ms=m0 - wall, balance=100_000
+    ) as venue:
+        for leg in legs:
+            await venue.set_mark(leg.symbol, points[leg.symbol][0][0][1])
+        symbols = [leg.symbol for leg in legs]
+        async with _daemon(
+            venue, symbols, tmp_path / "state", policy=BAR_POLICY, warmup_bars=WARMUP_BARS
+        ) as daemon:
+            engine, store, desk = daemon.engine, daemon.desk.store, daemon.desk
+            for leg, frame in zip(legs, frames, strict=True):
+                warmup = frame.head(WARMUP_BARS)
+                expected_atr = rounded_atr(warmup, _tick(leg.symbol), BAR_POLICY["atr_period"])
+                assert engine.atr(leg.symbol) == pytest.approx(expected_atr, rel=1e-12)
+            positions, initial_stops = [], {}
+            for leg in legs:
+                decision = await daemon.submit(
+                    {
+                        "id": f"{leg.symbol}-{leg.side}",
+                        "symbol": leg.symbol,
+                        "side": "BUY" if leg.side == "LONG" else "SELL",
+                    }
+                )
+                assert decision.accepted, decision
+                pid = str(decision.position_id)
+                await _until(lambda p=pid: store.get_position(p).status == "open", "entry")
+                view = engine.position(pid)
+                initial_stops[pid] = view.stop_price
+                positions.append(
+                    Position(
+                        leg,
+                        leg.side,
+                        pid,
+                        view.quantity,
+                        view.entry_price,
+                        view.leverage,
+                        int(view.opened_at_ms),
+                    )
+                )
+            by_id = {p.position_id: p for p in positions}
+            handed_over = desk.on_actions
+
+            def on_actions(actions: Sequence[Any], **kwargs: Any) -> None:
+                for action in actions:
+                    by_id[action.position_id].actions.append(action)
+                handed_over(actions, **kwargs)
+
+            desk.on_actions = on_actions  # type: ignore[method-assign]
+            health = daemon.market.health
+            last: dict[str, Decimal] = {}
+
+            async def publish(symbol: str, price: Decimal) -> None:
+                # one message; then, as the backtest confirms at once and looks at the same
+                # mark again, the same mark again after each confirmed exit
+                while True:
+                    count = sum(len(p.actions) for p in positions)
+                    expected = health.messages + 1
+                    await venue.set_mark(symbol, price)
+                    await _until(lambda n=expected: health.messages >= n, "message")
+                    assert health.messages == expected, "the feed carried an unexpected message"
+                    await _until(lambda: not engine.pending_actions(), "exits confirmed")
+                    last[symbol] = price
+                    if sum(len(p.actions) for p in positions) == count:
+                        return
+
+            def next_trigger(symbol: str, target: Decimal) -> Decimal | None:
+                # a continuous move visits every trigger on the way, nearest first
+                here = last[symbol]
+                low, high = min(here, target), max(here, target)
+                between = []
+                for view in engine.positions():
+                    if view.symbol != symbol or view.pending_action:
+                        continue
+                    levels = view.take_profit_prices[view.ladder_levels_done :]
+                    for price in (view.stop_price, *levels):
+                        if low < Decimal(price) < high:
+                            between.append(Decimal(price))
+                if not between:
+                    return None
+                return min(between) if target > here else max(between)
+
+            # the first bar opens at m0 where the entries filled: the feed starts there
+            for symbol in symbols:
+                await publish(symbol, points[symbol][0][0][1])
+            for bar in range(BAR_PATH):
+                if not engine.positions():
+                    break
+                for step, (offset, _) in enumerate(points[symbols[0]][bar]):
+                    if bar == 0 and step == 0:
+                        continue
+                    if step > 0:  # within a bar the price moves (an open jumps): the
+                        # triggers on the way, at the time the move starts, as the backtest
+                        for symbol in symbols:
+                            target = points[symbol][bar][step][1]
+                            while (trigger := next_trigger(symbol, target)) is not None:
+                                await publish(symbol, trigger)
+                    at = m0 + bar * MINUTE_MS + offset
+                    await venue.step(at - venue.clock.now_ms(), publish=False)
+                    for symbol in symbols:
+                        await publish(symbol, points[symbol][bar][step][1])
+            assert not engine.positions(), "a position outlived its path"
+            await _until(
+                lambda: all(
+                    store.get_position(p.position_id).status == "closed" for p in positions
+                ),
+                "positions closed in the store",
+            )
+            exits = _exits(venue, store)
+    return BarRun(positions, initial_stops, exits, backtest)
+
+
+def _exits(venue: Venue, store: Any) -> list[dict[str, Any]]:
+    exits = []
+    fills = {f["clientOrderId"]: f for f in venue.order_log.fills}
+    for order in venue.order_log.orders:
+        row = store.get_order(order["clientOrderId"])
+        assert row is not None, order  # every order on the venue is the daemon's
+        if row.kind == "entry":
+            continue
+        exits.append(
+            {
+                "position_id": row.position_id,
+                "kind": row.kind,
+                "reason": row.reason,
+                "sequence": row.sequence,
+                "params": row.params,
+                "order": order,
+                "fill": fills[order["clientOrderId"]],
+            }
+        )
+    return exits
+
+
+async def test_bar_backtest_and_daemon_agree_on_the_same_bars(tmp_path: Path) -> None:
+    run = await replay_bars(BAR_LEGS, tmp_path)
+    fills = run.backtest.fills
+    trades = run.backtest.trades
+    for position in run.positions:
+        symbol = position.leg.symbol
+        label = f"bars {symbol} {position.side}"
+        tick = _tick(symbol)
+        entry = fills.filter((pl.col("symbol") == symbol) & (pl.col("kind") == "entry")).row(
+            0, named=True
+        )
+        # same entry: price (the first bar's open), size from the same notional
+        assert entry["price"] == Decimal(position.entry_price), label
+        assert entry["quantity"] == Decimal(position.quantity), label
+        trade = trades.filter(pl.col("symbol") == symbol).row(0, named=True)
+        # same ATR at the entry: the same initial stop
+        assert trade["initial_stop"] == Decimal(run.initial_stops[position.position_id]), label
+        expected = (
+            fills.filter((pl.col("symbol") == symbol) & (pl.col("kind") == "exit"))
+            .sort("sequence")
+            .rows(named=True)
+        )
+        sent = sorted(
+            (e for e in run.exits if e["position_id"] == position.position_id),
+            key=lambda e: e["sequence"],
+        )
+        reasons = [row["reason"] for row in expected]
+        assert [a.reason for a in position.actions] == reasons, label
+        assert [e["reason"] for e in sent] == reasons, label
+        assert tuple(reasons) == position.leg.reasons, label
+        for exit_, action, row in zip(sent, position.actions, expected, strict=True):
+            assert Decimal(exit_["order"]["quantity"]) == row["quantity"], label
+            assert Decimal(action.quantity) == row["quantity"], label
+            assert int(action.event_time_ms) == row["time_ms"], label
+            assert abs(Decimal(action.trigger_price) - row["trigger_price"]) <= tick, label
+            assert abs(Decimal(action.mark_price) - row["mark_price"]) <= tick, label
+            # the backtest's fill price is the daemon's fill on the venue
+            assert abs(Decimal(exit_["fill"]["price"]) - row["price"]) <= tick, label
