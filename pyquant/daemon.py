@@ -570,8 +570,12 @@ class Daemon:
 
     def dashboard_data(self) -> DashboardData:
         """Return one dashboard frame's data."""
+        title = f"pyquant  {self.endpoints.label if self.endpoints else 'starting'}"
+        if self.membership is not None and self.membership.shared:
+            owned = len(self.membership.owned())
+            title += f"  daemon {self.membership.config.daemon_id} owns {owned} symbols"
         return DashboardData(
-            title=f"pyquant  {self.endpoints.label if self.endpoints else 'starting'}",
+            title=title,
             position_mode=self.desk.mode if self.desk else None,
             positions=self.position_lines(),
             recent=list(self.desk.recent) if self.desk else [],
