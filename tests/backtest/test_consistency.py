@@ -285,19 +285,36 @@ async def replay(mode: str, legs: Sequence[tuple[Leg, str]], tmp_path: Path) -> 
             health = daemon.market.health
             engine = daemon.engine
 
-            async def settle(messages: int) -> None:
-                # every message processed, then every exit it caused filled and confirmed
-                await _until(lambda: health.messages >= messages, f"message {messages}")
-                assert health.messages == messages, "the feed carried an unexpected message"
-                await _until(lambda: not engine.pending_actions(), "exits confirmed")
-
             fed: dict[str, list[tuple[int, str]]] = {s: [] for s in symbols}
             current = {s: paths[s][0] for s in symbols}
             expected = health.messages
+
+            def exits_of(symbol: str) -> int:
+                return sum(len(p.actions) for p in positions if p.leg.symbol == symbol)
+
+            async def settle(before: dict[str, int]) -> None:
+                # every message processed, then every exit it caused filled and confirmed;
+                # a symbol that just had one gets its mark again (the backtest, confirming at
+                # once, looks at the same mark again), until nothing more fires
+                nonlocal expected
+                while True:
+                    await _until(lambda n=expected: health.messages >= n, "messages")
+                    assert health.messages == expected, "the feed carried an unexpected message"
+                    await _until(lambda: not engine.pending_actions(), "exits confirmed")
+                    again = [s for s in symbols if exits_of(s) != before[s]]
+                    if not again:
+                        return
+                    before = {s: exits_of(s) for s in symbols}
+                    for symbol in again:
+                        await venue.set_mark(symbol, current[symbol])
+                        fed[symbol].append((venue.clock.now_ms(), str(current[symbol])))
+                        expected += 1
+
             longest = max(len(p) for p in paths.values())
             for index in range(1, longest):
                 if not engine.positions():
                     break
+                counts = {s: exits_of(s) for s in symbols}
                 before = venue.clock.now_ms()
                 now = await venue.step(STEP_MS)
                 # each new exchange second re-publishes every pinned mark at that second
@@ -305,14 +322,15 @@ async def replay(mode: str, legs: Sequence[tuple[Leg, str]], tmp_path: Path) -> 
                     for symbol in symbols:
                         fed[symbol].append((second * 1000, str(current[symbol])))
                         expected += 1
-                await settle(expected)
+                await settle(counts)
+                counts = {s: exits_of(s) for s in symbols}
                 for symbol in symbols:
                     if index < len(paths[symbol]):
                         current[symbol] = paths[symbol][index]
                         await venue.set_mark(symbol, current[symbol])
                         fed[symbol].append((now, str(current[symbol])))
                         expected += 1
-                await settle(expected)
+                await settle(counts)
             assert not engine.positions(), "a position outlived its path"
             for symbol in symbols:  # no 1h bar closed on the way: the ATR never moved
                 assert engine.atr(symbol) == atr[symbol]
@@ -322,25 +340,22 @@ async def replay(mode: str, legs: Sequence[tuple[Leg, str]], tmp_path: Path) -> 
                 ),
                 "positions closed in the store",
             )
-            exits = []
-            fills = {f["clientOrderId"]: f for f in venue.order_log.fills}
-            for order in venue.order_log.orders:
-                row = store.get_order(order["clientOrderId"])
-                assert row is not None, order  # every order on the venue is the daemon's
-                if row.kind == "entry":
-                    continue
-                exits.append(
-                    {
-                        "position_id": row.position_id,
-                        "kind": row.kind,
-                        "reason": row.reason,
-                        "sequence": row.sequence,
-                        "params": row.params,
-                        "order": order,
-                        "fill": fills[order["clientOrderId"]],
-                    }
-                )
+            exits = _exits(venue, store)
     return Run(positions, fed, atr, exits)
+
+
+def _check_order(exit_: dict[str, Any], side: str, mode: str, label: str) -> None:
+    """A MARKET exit of the right leg, as the mode wants it on the wire and on the venue."""
+    order, params = exit_["order"], exit_["params"]  # the venue's record, the daemon's wire
+    assert exit_["kind"] == "exit", label
+    assert order["type"] == params["type"] == "MARKET", label
+    assert order["side"] == params["side"] == ("SELL" if side == "LONG" else "BUY"), label
+    if mode == "hedge":
+        assert order["positionSide"] == params["positionSide"] == side, label
+        assert "reduceOnly" not in params, label
+    else:
+        assert order["positionSide"] == params["positionSide"] == "BOTH", label
+        assert params["reduceOnly"] == "true", label
 
 
 def _check(run: Run, mode: str) -> dict[str, list[str]]:
@@ -380,14 +395,7 @@ def _check(run: Run, mode: str) -> dict[str, list[str]]:
             assert action.quantity == decision["quantity"], label
             assert Decimal(fill["qty"]) == Decimal(str(decision["quantity"])), label
             assert order["side"] == action.side == decision["side"] == close_side, label
-            assert order["type"] == "MARKET", label
-            params = exit_["params"]  # as the daemon put them on the wire
-            if mode == "hedge":
-                assert order["positionSide"] == params["positionSide"] == position.side, label
-                assert "reduceOnly" not in params, label
-            else:
-                assert order["positionSide"] == params["positionSide"] == "BOTH", label
-                assert params["reduceOnly"] == "true", label
+            _check_order(exit_, position.side, mode, label)
             assert int(action.sequence) == int(str(decision["sequence"])), label
             # the same message triggered it on both sides
             assert int(action.event_time_ms) == int(str(decision["time_ms"])), label
@@ -455,6 +463,11 @@ BAR_LEGS = (
     Leg("LTCUSDT", 2365, "SHORT", (*TP12, "trailing_stop"), ()),
     Leg("ETHUSDT", 144571, "SHORT", (*TP12, "ratchet_stop"), ()),
     Leg("XRPUSDT", 1500, "LONG", ("take_profit_1", "breakeven_stop"), ()),
+    Leg("BNBUSDT", 1500, "SHORT", ("take_profit_1", "breakeven_stop"), ()),
+    Leg("TRXUSDT", 1673, "LONG", ("take_profit_1", "breakeven_stop"), ()),
+    Leg("BCHUSDT", 4268, "SHORT", (*TP12, "trailing_stop"), ()),
+    Leg("ADAUSDT", 1500, "LONG", ("stop_loss",), ()),
+    Leg("XLMUSDT", 1673, "SHORT", ("stop_loss",), ()),
 )
 
 
@@ -476,7 +489,7 @@ def _bar_points(bar: tuple[Any, ...], side: str, tick: Decimal) -> list[tuple[in
     return [(0, o), (MINUTE_MS // 3, first), (2 * MINUTE_MS // 3, second), (MINUTE_MS - 1, c)]
 
 
-async def replay_bars(legs: Sequence[Leg], tmp_path: Path) -> BarRun:
+async def replay_bars(legs: Sequence[Leg], tmp_path: Path, mode: str = "one-way") -> BarRun:
     """Run the legs' bars through the daemon on the simulator and through run_backtest."""
     wall = time.time_ns() // 1_000_000
     m0 = wall - wall % MINUTE_MS
@@ -525,7 +538,12 @@ async def replay_bars(legs: Sequence[Leg], tmp_path: Path) -> BarRun:
     # The venue's /time follows its own clock (frozen at m0 until stepped), so the daemon's
     # warm-up sees the bars before m0 as closed and the m0 bar as open, at any wall time.
     async with pyquant.sim.serve(
-        data=files, speed=0, start_ms=m0, time_skew_ms=m0 - wall, balance=100_000
+        data=files,
+        speed=0,
+        position_mode=mode,
+        start_ms=m0,
+        time_skew_ms=m0 - wall,
+        balance=100_000,
     ) as venue:
         for leg in legs:
             await venue.set_mark(leg.symbol, points[leg.symbol][0][0][1])
@@ -575,19 +593,22 @@ async def replay_bars(legs: Sequence[Leg], tmp_path: Path) -> BarRun:
             health = daemon.market.health
             last: dict[str, Decimal] = {}
 
-            async def publish(symbol: str, price: Decimal) -> None:
-                # one message; then, as the backtest confirms at once and looks at the same
-                # mark again, the same mark again after each confirmed exit
-                while True:
-                    count = sum(len(p.actions) for p in positions)
-                    expected = health.messages + 1
-                    await venue.set_mark(symbol, price)
-                    await _until(lambda n=expected: health.messages >= n, "message")
+            def exits_of(symbol: str) -> int:
+                return sum(len(p.actions) for p in positions if p.leg.symbol == symbol)
+
+            async def publish(prices: dict[str, Decimal]) -> None:
+                # one message per symbol; then, as the backtest confirms at once and looks at
+                # the same mark again, that mark again for each symbol that just had an exit
+                while prices:
+                    counts = {symbol: exits_of(symbol) for symbol in prices}
+                    expected = health.messages + len(prices)
+                    for symbol, price in prices.items():
+                        await venue.set_mark(symbol, price)
+                    await _until(lambda n=expected: health.messages >= n, "messages")
                     assert health.messages == expected, "the feed carried an unexpected message"
                     await _until(lambda: not engine.pending_actions(), "exits confirmed")
-                    last[symbol] = price
-                    if sum(len(p.actions) for p in positions) == count:
-                        return
+                    last.update(prices)
+                    prices = {s: p for s, p in prices.items() if exits_of(s) != counts[s]}
 
             def next_trigger(symbol: str, target: Decimal) -> Decimal | None:
                 # a continuous move visits every trigger on the way, nearest first
@@ -595,7 +616,7 @@ async def replay_bars(legs: Sequence[Leg], tmp_path: Path) -> BarRun:
                 low, high = min(here, target), max(here, target)
                 between = []
                 for view in engine.positions():
-                    if view.symbol != symbol or view.pending_action:
+                    if view.symbol != symbol:
                         continue
                     levels = view.take_profit_prices[view.ladder_levels_done :]
                     for price in (view.stop_price, *levels):
@@ -605,25 +626,27 @@ async def replay_bars(legs: Sequence[Leg], tmp_path: Path) -> BarRun:
                     return None
                 return min(between) if target > here else max(between)
 
+            def live() -> list[str]:
+                return sorted({view.symbol for view in engine.positions()})
+
             # the first bar opens at m0 where the entries filled: the feed starts there
-            for symbol in symbols:
-                await publish(symbol, points[symbol][0][0][1])
+            await publish({symbol: points[symbol][0][0][1] for symbol in symbols})
             for bar in range(BAR_PATH):
-                if not engine.positions():
-                    break
                 for step, (offset, _) in enumerate(points[symbols[0]][bar]):
                     if bar == 0 and step == 0:
                         continue
-                    if step > 0:  # within a bar the price moves (an open jumps): the
-                        # triggers on the way, at the time the move starts, as the backtest
-                        for symbol in symbols:
-                            target = points[symbol][bar][step][1]
-                            while (trigger := next_trigger(symbol, target)) is not None:
-                                await publish(symbol, trigger)
+                    # within a bar the price moves (an open jumps): first the triggers on
+                    # the way, at the time the move starts, as the backtest stamps them
+                    while step > 0:
+                        targets = {s: points[s][bar][step][1] for s in live()}
+                        triggers = {s: next_trigger(s, t) for s, t in targets.items()}
+                        found = {s: t for s, t in triggers.items() if t is not None}
+                        if not found:
+                            break
+                        await publish(found)
                     at = m0 + bar * MINUTE_MS + offset
                     await venue.step(at - venue.clock.now_ms(), publish=False)
-                    for symbol in symbols:
-                        await publish(symbol, points[symbol][bar][step][1])
+                    await publish({s: points[s][bar][step][1] for s in live()})
             assert not engine.positions(), "a position outlived its path"
             await _until(
                 lambda: all(
@@ -657,13 +680,14 @@ def _exits(venue: Venue, store: Any) -> list[dict[str, Any]]:
     return exits
 
 
-async def test_bar_backtest_and_daemon_agree_on_the_same_bars(tmp_path: Path) -> None:
-    run = await replay_bars(BAR_LEGS, tmp_path)
+@pytest.mark.parametrize("mode", ["one-way", "hedge"])
+async def test_bar_backtest_and_daemon_agree_on_the_same_bars(tmp_path: Path, mode: str) -> None:
+    run = await replay_bars(BAR_LEGS, tmp_path, mode)
     fills = run.backtest.fills
     trades = run.backtest.trades
     for position in run.positions:
         symbol = position.leg.symbol
-        label = f"bars {symbol} {position.side}"
+        label = f"bars {mode} {symbol} {position.side}"
         tick = _tick(symbol)
         entry = fills.filter((pl.col("symbol") == symbol) & (pl.col("kind") == "entry")).row(
             0, named=True
@@ -688,6 +712,7 @@ async def test_bar_backtest_and_daemon_agree_on_the_same_bars(tmp_path: Path) ->
         assert [e["reason"] for e in sent] == reasons, label
         assert tuple(reasons) == position.leg.reasons, label
         for exit_, action, row in zip(sent, position.actions, expected, strict=True):
+            _check_order(exit_, position.side, mode, label)
             assert Decimal(exit_["order"]["quantity"]) == row["quantity"], label
             assert Decimal(action.quantity) == row["quantity"], label
             assert int(action.event_time_ms) == row["time_ms"], label
