@@ -19,8 +19,13 @@ Fill model (what the simulated fills assume; see ``rust_core/src/backtest.rs`` f
 * An exit fills at its trigger price (the stop, or the take-profit level, both already on the
   tick grid) when the path crossed it continuously; when the mark jumped over it (the bar opens
   beyond the trigger after the previous close), it fills at that open, the worse price for a
-  stop and the better one for a target. A time stop fills at the mark where it fired. Each
-  action is confirmed at once with its full quantity (no partial fills, no rejections).
+  stop and the better one for a target. A crossing carries the time of the path point the
+  move started from. A time stop fills at the mark where it fired. Each action is confirmed
+  at once with its full quantity (no partial fills, no rejections), and the same mark is
+  looked at again, as the daemon's next update at that price would (a confirmed take-profit
+  can move the stop past it).
+* The daemon on the simulator takes the same decisions on the same marks (reasons, exact
+  quantities, prices): ``tests/backtest/test_consistency.py`` replays real bars both ways.
 * ATR is Wilder's over closed bars only; the bar being replayed never sees its own range.
 * Fees: entries pay the taker fee (the maker fee with ``entry_liquidity="maker"``, a limit order
   assumed filled at the open), every exit pays the taker fee (exits are MARKET orders).

@@ -275,3 +275,22 @@ def test_skipping_quiet_marks_changes_no_decision(rules, preset):
     assert fast["evaluations"] == slow["evaluations"] > 1000
     for column in ("reason_code", "time_ms", "price_exact", "quantity_exact", "pnl_exact"):
         assert list(fast["fills"][column]) == list(slow["fills"][column])
+
+
+def test_config_takes_plain_numbers_and_keeps_them_exact():
+    config = bt.BacktestConfig(notional_usd=1000, taker_fee=0.0004, maker_fee="0.0001")
+    assert config.notional_usd == Decimal(1000)
+    assert config.taker_fee == Decimal("0.0004")  # a float by its shortest repr
+    assert config.maker_fee == Decimal("0.0001")
+    for field, value, rule in [
+        ("notional_usd", "lots", "must be a decimal number"),
+        ("taker_fee", True, "must be a decimal number"),
+        ("notional_usd", -5, "must be a positive USDT amount"),
+        ("taker_fee", "1.5", "must be a rate in [0, 1)"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            bt.BacktestConfig(**{field: value})
+        message = str(caught.value)
+        assert message.startswith(f"backtest {field} was ")
+        assert message.endswith(rule)
+        assert str(value) in message
