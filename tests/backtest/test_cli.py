@@ -28,11 +28,14 @@ def test_backtest_writes_every_output(tmp_path, capsys):
         "ladder = [{at = 1.0, fraction = 0.5}, {at = 2.0, fraction = 0.5}]\n"
     )
     out = tmp_path / "run"
+    # a week of real 1m bars: enough for every output, small enough for a quick chart
+    data = tmp_path / "BCHUSDT_1m_week.parquet"
+    pl.read_parquet(BCH).head(7 * 1440).write_parquet(data)
     status = main(
         [
             "backtest",
             "--data",
-            str(BCH),
+            str(data),
             "--exchange-info",
             str(INFO),
             "--policy",
