@@ -191,6 +191,22 @@ async def reconcile(
     for position in store.positions(("open",)):
         if not in_scope(position.symbol):
             continue
+        if desk.is_paper(position):
+            # Shadow mode: the exchange does not hold it; it only has to be in the engine.
+            if position.position_id not in engine_ids:
+                desk.engine_call(
+                    "open_position",
+                    position.position_id,
+                    position.symbol,
+                    position.position_side,
+                    position.quantity,
+                    position.entry_price or "0",
+                    leverage=position.leverage,
+                    confidence=position.confidence,
+                    opened_at_ms=position.opened_at_ms,
+                )
+                report.positions_reopened.append(position.position_id)
+            continue
         key = (position.symbol, position.position_side)
         live = legs.get(key, Decimal(0))
         if desk.is_busy(position.symbol, position.position_side):

@@ -230,9 +230,36 @@ class TradingDesk:
 
     def _position_for(self, symbol: str, leg: str) -> PositionRow | None:
         for row in self.store.positions(("open",)):
-            if row.symbol == symbol and row.position_side == leg:
+            if row.symbol == symbol and row.position_side == leg and not self.is_paper(row):
                 return row
         return None
+
+    def is_paper(self, position: PositionRow) -> bool:
+        """Return whether a position exists only on paper (opened by this desk in shadow mode).
+
+        Paper positions are never reconciled against the exchange: it does not hold them.
+        """
+        return self.config.shadow and position.origin == "entry"
+
+    async def _paper_exit(self, position: PositionRow, action: Any) -> None:  # noqa: ANN401
+        filled = Decimal(str(action.quantity))
+        self.engine_call("confirm", action, filled_quantity=str(filled))
+        remaining = max(_dec(position.quantity) - filled, Decimal(0))
+        with self.store.transaction():
+            self.store.update_position(position.position_id, quantity=str(remaining))
+            self.store.bump("exits", str(action.reason))
+        self.save_snapshot()
+        self._note(
+            "exit",
+            position_id=position.position_id,
+            symbol=position.symbol,
+            position_side=position.position_side,
+            reason=str(action.reason),
+            quantity=str(filled),
+            paper=True,
+        )
+        if remaining == 0:
+            await self._closed(position, str(action.reason))
 
     def engine_call(self, method: str, *args: object, **kwargs: object) -> object:
         """Call an engine method; an error is logged, never raised (the daemon keeps running).
@@ -375,7 +402,13 @@ class TradingDesk:
         )
         assert decision.position_id is not None  # noqa: S101 - accepted decisions carry one
         if self.config.shadow:
-            self._entry_failed(decision.position_id, "shadow mode: nothing sent")
+            # On paper: the position opens at the mark the sizing used and its exits run
+            # (logged, confirmed in the engine), but nothing is sent.
+            position = self.store.get_position(decision.position_id)
+            if position is None or mark is None or not decision.quantity:
+                self._entry_failed(decision.position_id, "shadow mode: no mark to open at")
+            else:
+                await self._open_filled(position, Decimal(decision.quantity), mark)
             return decision
         try:
             await self.router.prepare_symbol(intent.symbol, decision.leverage)
@@ -560,7 +593,11 @@ class TradingDesk:
                 reason=action.reason,
                 quantity=action.quantity,
             )
-            self.engine_call("reject", action)
+            if self.is_paper(position):
+                await self._paper_exit(position, action)
+            else:
+                # A real position (adopted) in shadow mode: nothing is sent, it stays open.
+                self.engine_call("reject", action)
             return
         replayed = self._replayed_fill(position_id, action)
         if replayed is not None:
@@ -1049,8 +1086,25 @@ class TradingDesk:
         self.store.save_snapshot(self.engine.snapshot())
 
     async def flatten(self) -> list[FlattenStep]:
-        """Kill switch: cancel our orders and close every position; report each step."""
+        """Kill switch: cancel our orders and close every position; report each step.
+
+        In shadow mode nothing is sent: the paper positions are closed on paper.
+        """
         self.guard.mark_state_unknown("flatten in progress")
+        if self.config.shadow:
+            steps = []
+            for position in self.store.positions(("open",)):
+                if not self.is_paper(position):
+                    continue
+                self.engine_call("close_position", position.position_id)
+                self.store.bump("exits", "flatten")
+                await self._closed(position, "flatten")
+                steps.append(
+                    FlattenStep(
+                        "close", position.symbol, position.position_side, "", True, "on paper"
+                    )
+                )
+            return steps
         known = {
             (p.symbol, p.position_side): p.position_id for p in self.store.positions(("open",))
         }
