@@ -145,7 +145,13 @@ class Membership:
         symbols = sorted({p.symbol for p in desk.store.positions(("opening", "open"))})
         # Positions on the account that no daemon runs (opened by hand, or whose daemons all
         # died and forgot them): the preferred live daemon of each symbol takes it.
-        for row in await desk.venue.position_risk():
+        try:
+            rows = await desk.venue.position_risk()
+        except (ExchangeError, OSError) as exc:
+            # Not fatal: such positions are claimed on their next account update.
+            logger.warning("Unowned positions not scanned at start error=%s", exc)
+            rows = []
+        for row in rows:
             symbol = str(row.get("symbol"))
             if Decimal(str(row.get("positionAmt") or 0)) == 0 or symbol in symbols:
                 continue
