@@ -1,20 +1,27 @@
 """Issue 6, "Consistency": the daemon on the simulator and the backtest take the same exits.
 
-Real 1m bars (tests/data/market) become mark-price paths: each bar's open, its two extremes
-and its close, a quarter of a simulated second apart. One simulator serves every symbol of a
-run with the real history before its path, a real ``pyquant`` Daemon opens one position per
-leg through its intake, and the test then pins the simulator's mark one step at a time,
-waiting after each message until the daemon's engine has processed it and every exit it
-emitted has been filled and confirmed. What the daemon sent (the simulator's order log, the
-reasons from the daemon's store, the engine actions handed to the desk) is compared with
-``pyquant.backtest.exit_decisions_for_path`` fed the very messages the daemon received, the
-same entry price, quantity, leverage, open time and ATR: same reasons in the same order,
-exactly the same quantities and sides, trigger and mark prices within one tick.
+Real 1m bars (tests/data/market) become mark-price paths. One simulator serves every symbol
+of a run with the real history before its path, a real ``pyquant`` Daemon opens one position
+per leg through its intake, and the test then pins the simulator's mark one message at a
+time, waiting after each until the daemon's engine has processed it and every exit it
+emitted has been filled and confirmed. What the daemon did (the simulator's order log, the
+reasons in the daemon's store, the engine actions handed to the desk) is compared with the
+backtest: same reasons in the same order, exactly the same quantities and sides, trigger and
+mark prices within one tick (they agree exactly), the same triggering message.
 
-ATR: the policy runs on 1h bars, and the simulator's history is laid out so that the daemon's
-warm-up (``markPriceKlines``, the last 20 closed hours) is twenty whole real hours; the test
-computes that ATR from the files and checks the daemon has it before and after the path (a
-path lasts under a minute of simulated time, so no 1h bar closes during it).
+Two backtest entry points are checked, in both position modes, on both sides:
+
+* ``exit_decisions_for_path``: fed the very messages the daemon received (each bar's open,
+  extremes and close a quarter second apart, plus the venue's once-a-second repeats), the
+  same entry, quantity, leverage, open time and ATR. The policy's ATR runs on 1h bars and the
+  history is laid out so that the daemon's warm-up is twenty whole real hours; the test
+  computes that ATR from the files and checks the daemon holds it before and after the path
+  (no 1h bar closes during a path). Covers the ATR stop, the ladder (one level, two levels
+  in one mark), breakeven, ratchet, the ATR trail and the time stop.
+* ``run_backtest`` on the bars themselves (1m ATR, moving bar by bar on both sides): the
+  daemon gets the backtest's own bar path (open, adverse extreme, other extreme, close at
+  0, 20, 40 and 59.999 s) and, inside a bar, a mark at each trigger the continuous move
+  crosses, as the backtest assumes. Same entry price and size, same initial stop, same exits.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 import polars as pl
 import pytest
 from replay_paths import (
+    HOUR_MS,
     MINUTE_MS,
     History,
     bar_marks,
@@ -217,6 +225,11 @@ async def _daemon(
 async def replay(mode: str, legs: Sequence[tuple[Leg, str]], tmp_path: Path) -> Run:
     """Open every leg in a daemon on the simulator and step all paths mark by mark."""
     symbols = sorted({leg.symbol for leg, _ in legs})
+    # The daemon's 1h warm-up must find the venue's current hour still open: an hour that
+    # ends during the start-up would count as closed (a wall-clock guard, rarely taken).
+    to_next_hour = HOUR_MS - time.time_ns() // 1_000_000 % HOUR_MS
+    if to_next_hour < 5_000:
+        await asyncio.sleep(to_next_hour / 1000 + 0.05)
     start_ms = int(time.time()) * 1000
     start_minute = start_ms - start_ms % MINUTE_MS
     paths: dict[str, list[Decimal]] = {}
@@ -310,19 +323,30 @@ async def replay(mode: str, legs: Sequence[tuple[Leg, str]], tmp_path: Path) -> 
                         fed[symbol].append((venue.clock.now_ms(), str(current[symbol])))
                         expected += 1
 
-            longest = max(len(p) for p in paths.values())
-            for index in range(1, longest):
-                if not engine.positions():
-                    break
+            async def advance(ms: int) -> int:
+                nonlocal expected
                 counts = {s: exits_of(s) for s in symbols}
                 before = venue.clock.now_ms()
-                now = await venue.step(STEP_MS)
+                now = await venue.step(ms)
                 # each new exchange second re-publishes every pinned mark at that second
                 for second in range(before // 1000 + 1, now // 1000 + 1):
                     for symbol in symbols:
                         fed[symbol].append((second * 1000, str(current[symbol])))
                         expected += 1
                 await settle(counts)
+                return now
+
+            # The desk stamps a position's open with the wall clock, the time stop counts in
+            # exchange time: let the frozen exchange clock catch up with the opens first, so
+            # the time stop falls 20 s into the path however long the start-up took.
+            behind = max(p.opened_at_ms for p in positions) - venue.clock.now_ms()
+            if behind > 0:
+                await advance(-(-behind // STEP_MS) * STEP_MS)
+            longest = max(len(p) for p in paths.values())
+            for index in range(1, longest):
+                if not engine.positions():
+                    break
+                now = await advance(STEP_MS)
                 counts = {s: exits_of(s) for s in symbols}
                 for symbol in symbols:
                     if index < len(paths[symbol]):
