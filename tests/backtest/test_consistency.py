@@ -492,6 +492,8 @@ BAR_LEGS = (
     Leg("BCHUSDT", 4268, "SHORT", (*TP12, "trailing_stop"), ()),
     Leg("ADAUSDT", 1500, "LONG", ("stop_loss",), ()),
     Leg("XLMUSDT", 1673, "SHORT", ("stop_loss",), ()),
+    # the bar after the take-profit opens a tick beyond the breakeven stop: filled at the open
+    Leg("DOGEUSDT", 20166, "LONG", ("take_profit_1", "breakeven_stop"), ()),
 )
 
 
@@ -709,6 +711,9 @@ async def test_bar_backtest_and_daemon_agree_on_the_same_bars(tmp_path: Path, mo
     run = await replay_bars(BAR_LEGS, tmp_path, mode)
     fills = run.backtest.fills
     trades = run.backtest.trades
+    exits = fills.filter(pl.col("kind") == "exit")
+    # the case of a mark jumping past the trigger (bar opens beyond it) is in the data
+    assert (exits["price"] != exits["trigger_price"]).any()
     for position in run.positions:
         symbol = position.leg.symbol
         label = f"bars {mode} {symbol} {position.side}"
