@@ -34,8 +34,10 @@ Fill model (what the simulated fills assume; see ``rust_core/src/backtest.rs`` f
   positions still open are closed at the last close before the gap (reason ``data_gap``), ATR
   restarts after it, and entries falling inside it are skipped. Positions still open at the
   end of the data close at the last close (reason ``end_of_data``).
-* Liquidation is not modelled: the stop sits inside the liquidation price by construction
-  (``max_margin_loss`` caps the stop distance per leverage).
+* Liquidation is not modelled. With ``max_margin_loss`` the stop sits inside the liquidation
+  price by construction (it caps the stop distance per leverage); without it a wide stop at a
+  high leverage may lie past it, and the result says so in ``warnings`` (the command prints
+  them) rather than trusting fills the exchange would never give.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ __all__ = [
     "KlinesError",
     "check_symbols",
     "exit_decisions_for_path",
+    "liquidation_warnings",
     "load_exchange_rules",
     "load_intents",
     "load_klines",
@@ -558,6 +561,7 @@ class BacktestResult:
         skipped: entries that were not taken, with the reason.
         evaluations: bar x position evaluations performed by the core.
         policies: the policies run, in ``policy`` index order.
+        warnings: what makes the result less trustworthy (see ``liquidation_warnings``).
     """
 
     fills: pl.DataFrame
@@ -568,6 +572,7 @@ class BacktestResult:
     skipped: pl.DataFrame
     evaluations: int
     policies: list[ExitPolicy] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -892,7 +897,55 @@ def run_backtest(
         skipped=tables["skipped"],
         evaluations=evaluations,
         policies=[policy],
+        warnings=liquidation_warnings(policy, _leverages(intents, config)),
     )
+
+
+# The lowest maintenance margin rate of Binance's USDⓈ-M brackets (first bracket of the most
+# liquid contracts): an isolated position is liquidated about 1/leverage minus this from its
+# entry, and never later.
+_MIN_MAINTENANCE_RATE = 0.004
+
+
+def _leverages(intents: pl.DataFrame, config: BacktestConfig) -> list[int]:
+    given = intents["leverage"]
+    found = {int(v) for v in given.drop_nulls().unique().to_list()}
+    if given.null_count() or intents.is_empty():
+        found.add(config.leverage)
+    return sorted(found)
+
+
+def liquidation_warnings(policy: ExitPolicy, leverages: Iterable[int]) -> list[str]:
+    """Say where an initial stop may lie past the liquidation price (not modelled).
+
+    The widest initial stop is ``max_stop_pct`` of the entry, capped by
+    ``max_margin_loss / leverage``; liquidation comes about ``1 / leverage`` minus the
+    maintenance margin rate (0.4 % at best) from the entry. A stop beyond that would never
+    fill on the exchange: the position would be liquidated first, at a worse price.
+
+    Args:
+        policy: the exit policy.
+        leverages: the leverages the entries use.
+
+    Returns:
+        One message per leverage at risk, naming the numbers and the fix.
+    """
+    fields = policy.to_dict()
+    widest = float(fields["max_stop_pct"])
+    cap = fields.get("max_margin_loss")
+    out = []
+    for leverage in sorted(set(leverages)):
+        stop = widest if cap is None else min(widest, float(cap) / leverage)
+        liquidation = 1.0 / leverage - _MIN_MAINTENANCE_RATE
+        if stop >= liquidation:
+            out.append(
+                f"at leverage {leverage} an initial stop may lie {stop:.2%} from the entry, "
+                f"past the liquidation price (about {liquidation:.2%} away): the exchange "
+                "liquidates such a position first (its margin and a liquidation fee), which "
+                "the backtest does not model; set max_margin_loss (e.g. 0.5) or lower the "
+                "leverage"
+            )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1393,6 +1446,7 @@ def write_outputs(
         "summary": {str(row["symbol"]): row for row in summary_rows},
         "skipped_entries": skipped,
         "evaluations": result.evaluations,
+        "warnings": list(result.warnings),
         "config": {
             "maker_fee": str(config.maker_fee),
             "taker_fee": str(config.taker_fee),

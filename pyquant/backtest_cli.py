@@ -335,6 +335,8 @@ def run(
         by_reason = result.summary.rename({c: c.removeprefix("exits_") for c in exits})
         reasons = [c.removeprefix("exits_") for c in exits]
         _print_table(console, "exits by reason", by_reason, ["symbol", *reasons])
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", style="bold yellow", markup=False)
     for path in written.values():
         console.print(f"wrote {path}")
     return 0

@@ -294,3 +294,34 @@ def test_config_takes_plain_numbers_and_keeps_them_exact():
         assert message.startswith(f"backtest {field} was ")
         assert message.endswith(rule)
         assert str(value) in message
+
+
+def test_a_stop_past_the_liquidation_price_is_flagged(rules):
+    klines = synthetic_klines([(30000.0, 30030.0, 29970.0, 30000.0)] * 3)
+    wide = _core.ExitPolicy(max_stop_pct=0.15, fallback_stop_pct=0.15)
+    entry = long_entry(ENTRY_BAR).with_columns(pl.lit(20, dtype=pl.Int64).alias("leverage"))
+    result = bt.run_backtest(klines, wide, rules, entries=entry)
+    assert result.warnings == [
+        "at leverage 20 an initial stop may lie 15.00% from the entry, past the liquidation "
+        "price (about 4.60% away): the exchange liquidates such a position first (its margin "
+        "and a liquidation fee), which the backtest does not model; set max_margin_loss "
+        "(e.g. 0.5) or lower the leverage"
+    ]
+    # the margin-loss cap keeps every stop inside: nothing to say
+    capped = _core.ExitPolicy(max_stop_pct=0.15, fallback_stop_pct=0.15, max_margin_loss=0.5)
+    assert bt.run_backtest(klines, capped, rules, entries=entry).warnings == []
+    # entries without a leverage use the configured one
+    low = bt.BacktestConfig(leverage=3)
+    assert bt.liquidation_warnings(wide, [3]) == []
+    assert (
+        bt.run_backtest(
+            klines,
+            wide,
+            rules,
+            entries=long_entry(ENTRY_BAR).with_columns(
+                pl.lit(None, dtype=pl.Int64).alias("leverage")
+            ),
+            config=low,
+        ).warnings
+        == []
+    )
