@@ -91,13 +91,16 @@ LEVERAGE = 5
 
 @dataclass(frozen=True)
 class Leg:
-    """One position: a real path (symbol, first bar) and the side taken on it."""
+    """One position: a real path and the side taken on it.
+
+    ``start`` is the row of the path's first bar in tests/data/market/<symbol>_1m_last.parquet.
+    """
 
     symbol: str
     start: int
     side: str
     reasons: tuple[str, ...]  # what this path gives (the coverage the leg is here for)
-    mirror: tuple[str, ...]  # what the opposite side gives on the same path (hedge run)
+    mirror: tuple[str, ...] = ()  # what the opposite side gives on the same path (hedge)
 
 
 TP12 = ("take_profit_1", "take_profit_2")
@@ -483,17 +486,17 @@ BAR_POLICY: dict[str, Any] = {
 WARMUP_BARS = 20
 BAR_PATH = 30
 BAR_LEGS = (
-    Leg("BTCUSDT", 2538, "LONG", (*TP12, "trailing_stop"), ()),
-    Leg("LTCUSDT", 2365, "SHORT", (*TP12, "trailing_stop"), ()),
-    Leg("ETHUSDT", 144571, "SHORT", (*TP12, "ratchet_stop"), ()),
-    Leg("XRPUSDT", 1500, "LONG", ("take_profit_1", "breakeven_stop"), ()),
-    Leg("BNBUSDT", 1500, "SHORT", ("take_profit_1", "breakeven_stop"), ()),
-    Leg("TRXUSDT", 1673, "LONG", ("take_profit_1", "breakeven_stop"), ()),
-    Leg("BCHUSDT", 4268, "SHORT", (*TP12, "trailing_stop"), ()),
-    Leg("ADAUSDT", 1500, "LONG", ("stop_loss",), ()),
-    Leg("XLMUSDT", 1673, "SHORT", ("stop_loss",), ()),
+    Leg("BTCUSDT", 2538, "LONG", (*TP12, "trailing_stop")),
+    Leg("LTCUSDT", 2365, "SHORT", (*TP12, "trailing_stop")),
+    Leg("ETHUSDT", 144571, "SHORT", (*TP12, "ratchet_stop")),
+    Leg("XRPUSDT", 1500, "LONG", ("take_profit_1", "breakeven_stop")),
+    Leg("BNBUSDT", 1500, "SHORT", ("take_profit_1", "breakeven_stop")),
+    Leg("TRXUSDT", 1673, "LONG", ("take_profit_1", "breakeven_stop")),
+    Leg("BCHUSDT", 4268, "SHORT", (*TP12, "trailing_stop")),
+    Leg("ADAUSDT", 1500, "LONG", ("stop_loss",)),
+    Leg("XLMUSDT", 1673, "SHORT", ("stop_loss",)),
     # the bar after the take-profit opens a tick beyond the breakeven stop: filled at the open
-    Leg("DOGEUSDT", 20166, "LONG", ("take_profit_1", "breakeven_stop"), ()),
+    Leg("DOGEUSDT", 20166, "LONG", ("take_profit_1", "breakeven_stop")),
 )
 
 
