@@ -676,22 +676,10 @@ fn bar_path(
     }
 }
 
-/// The nearest `f64` of a decimal, for the float columns of the results. Exact decimals
-/// with a mantissa below 2^53 and at most 22 decimals convert with one correctly rounded
-/// division (both operands are exact doubles); longer ones within an ulp.
+/// The nearest `f64` of a decimal, for the float columns of the results (see
+/// [`crate::fixed::decimal_to_f64_fast`]).
 pub fn to_f64(value: Decimal) -> f64 {
-    const POW10: [f64; 23] = [
-        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
-        1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
-    ];
-    let mantissa = value.mantissa();
-    let scale = value.scale() as usize;
-    if mantissa.unsigned_abs() < (1u128 << 53) && scale < POW10.len() {
-        mantissa as f64 / POW10[scale]
-    } else {
-        // Long quotients (28 digits): rust_decimal's own conversion, within an ulp.
-        rust_decimal::prelude::ToPrimitive::to_f64(&value).unwrap_or_else(|| decimal_to_f64(value))
-    }
+    crate::fixed::decimal_to_f64_fast(value)
 }
 
 fn fee(rate: Decimal, price: Decimal, quantity: Decimal) -> Decimal {

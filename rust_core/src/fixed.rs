@@ -149,6 +149,14 @@ pub fn decimal_from_f64(field: &str, value: f64) -> Result<Decimal, CoreError> {
             "must be a finite number",
         ));
     }
+    // The same digits as `value.to_string()`, written to the stack and read back without
+    // a second grammar pass: this runs once per ATR change in the trailing stop.
+    let mut buf = StackText::<STACK_TEXT>::new();
+    if std::fmt::Write::write_fmt(&mut buf, format_args!("{value}")).is_ok() {
+        if let Some(decimal) = plain_digits_to_decimal(buf.as_bytes()) {
+            return Ok(decimal);
+        }
+    }
     let text = value.to_string();
     Decimal::from_str_exact(&text).or_else(|_| {
         // Tiny magnitudes print more than 28 decimals: round them (they are far below any
@@ -167,6 +175,75 @@ pub fn decimal_from_f64(field: &str, value: f64) -> Result<Decimal, CoreError> {
     })
 }
 
+/// Room for every `f64` whose shortest text fits a `Decimal` (28 digits, a point, a sign).
+const STACK_TEXT: usize = 40;
+
+/// A fixed buffer for `write!`; writing past its end fails instead of allocating.
+struct StackText<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackText<N> {
+    fn new() -> Self {
+        Self {
+            bytes: [0; N],
+            len: 0,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl<const N: usize> std::fmt::Write for StackText<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > N {
+            return Err(std::fmt::Error);
+        }
+        self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Reads `-?digits(.digits)?` exactly, as `Decimal::from_str_exact` would; `None` for
+/// anything else or more than 28 decimals or 96 bits (the caller then takes the long way).
+fn plain_digits_to_decimal(text: &[u8]) -> Option<Decimal> {
+    let (negative, body) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    let mut mantissa: u128 = 0;
+    let mut scale: u32 = 0;
+    let mut seen_point = false;
+    let mut digits = 0usize;
+    for &b in body {
+        match b {
+            b'0'..=b'9' => {
+                mantissa = mantissa * 10 + u128::from(b - b'0');
+                digits += 1;
+                if seen_point {
+                    scale += 1;
+                }
+                if digits > 38 || mantissa >= 1 << 96 {
+                    return None;
+                }
+            }
+            b'.' if !seen_point => seen_point = true,
+            _ => return None,
+        }
+    }
+    if digits == 0 || scale > 28 {
+        return None;
+    }
+    let mut value = Decimal::try_from_i128_with_scale(mantissa as i128, scale).ok()?;
+    value.set_sign_negative(negative);
+    Some(value)
+}
+
 /// Converts a `Decimal` to the nearest `f64` (for ATR and other float arithmetic only).
 pub fn decimal_to_f64(value: Decimal) -> f64 {
     // Parsing the canonical string is correctly rounded; the digit loop in
@@ -174,14 +251,41 @@ pub fn decimal_to_f64(value: Decimal) -> f64 {
     value.to_string().parse::<f64>().unwrap_or(f64::NAN)
 }
 
+/// The nearest `f64` of a decimal without text: a mantissa below 2^53 with at most 22
+/// decimals converts with one correctly rounded division (both operands are exact
+/// doubles); longer values go through `rust_decimal`'s conversion, within an ulp.
+pub fn decimal_to_f64_fast(value: Decimal) -> f64 {
+    const POW10: [f64; 23] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+        1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+    ];
+    let mantissa = value.mantissa();
+    let scale = value.scale() as usize;
+    if mantissa.unsigned_abs() < (1u128 << 53) && scale < POW10.len() {
+        mantissa as i64 as f64 / POW10[scale]
+    } else {
+        rust_decimal::prelude::ToPrimitive::to_f64(&value).unwrap_or_else(|| decimal_to_f64(value))
+    }
+}
+
 /// Rounds `value` to a multiple of `step` in the given direction, exactly.
 ///
 /// A `step` of zero or below means the grid is disabled (Binance's convention for a 0
-/// filter value): the value is returned unchanged.
+/// filter value): the value is returned unchanged. The result is written with the
+/// step's decimals (`30120.07` to step `0.10` gives `30120.10`), so later comparisons
+/// between rounded prices need no rescaling.
 pub fn round_to_step(value: Decimal, step: Decimal, rounding: Rounding) -> Decimal {
     if step <= Decimal::ZERO {
         return value;
     }
+    if let Some(result) = round_on_grid_fast(value, Decimal::ZERO, step, rounding) {
+        return result;
+    }
+    round_to_step_slow(value, step, rounding)
+}
+
+/// The general path of [`round_to_step`] for values too long for `i128` arithmetic.
+fn round_to_step_slow(value: Decimal, step: Decimal, rounding: Rounding) -> Decimal {
     // `%` keeps the dividend's sign: for negative values the remainder is negative.
     let remainder = value % step;
     if remainder.is_zero() {
@@ -216,13 +320,69 @@ pub fn round_to_step(value: Decimal, step: Decimal, rounding: Rounding) -> Decim
     normalize_zero(result)
 }
 
+/// `10^k` for every scale difference two decimals can have.
+const POW10_I128: [i128; 29] = {
+    let mut table = [1i128; 29];
+    let mut k = 1;
+    while k < 29 {
+        table[k] = table[k - 1] * 10;
+        k += 1;
+    }
+    table
+};
+
+/// The mantissa of `value` written with `scale` decimals (`scale >= value.scale()`), when
+/// it stays below 2^120 (room for the sums and products below).
+fn mantissa_at(value: Decimal, scale: u32) -> Option<i128> {
+    let factor = *POW10_I128.get(scale.checked_sub(value.scale())? as usize)?;
+    value
+        .mantissa()
+        .checked_mul(factor)
+        .filter(|m| m.unsigned_abs() < 1 << 120)
+}
+
+/// [`round_to_grid`] in integer arithmetic: all three numbers brought to one scale, the
+/// floor index and remainder by Euclidean division, the result `base + k * step` written
+/// with the grid's decimals. `None` when a number is too long for `i128` (the caller then
+/// takes the decimal path, which gives the same value).
+fn round_on_grid_fast(
+    value: Decimal,
+    base: Decimal,
+    step: Decimal,
+    rounding: Rounding,
+) -> Option<Decimal> {
+    let grid_scale = base.scale().max(step.scale());
+    let scale = value.scale().max(grid_scale);
+    let offset = mantissa_at(value, scale)? - mantissa_at(base, scale)?;
+    let step_wide = mantissa_at(step, scale)?;
+    let floor = offset.div_euclid(step_wide);
+    let remainder = offset.rem_euclid(step_wide);
+    let k = match rounding {
+        Rounding::Down => floor,
+        Rounding::Up => floor + i128::from(remainder != 0),
+        Rounding::Nearest => match (2 * remainder).cmp(&step_wide) {
+            std::cmp::Ordering::Less => floor,
+            std::cmp::Ordering::Greater => floor + 1,
+            // Tie: away from zero (of the offset from the base).
+            std::cmp::Ordering::Equal => floor + i128::from(offset >= 0),
+        },
+    };
+    let mantissa = mantissa_at(base, grid_scale)?
+        .checked_add(k.checked_mul(mantissa_at(step, grid_scale)?)?)?;
+    Decimal::try_from_i128_with_scale(mantissa, grid_scale).ok()
+}
+
 /// Rounds `value` onto the grid `base + k * step` (Binance's `PRICE_FILTER` grid starts at
-/// `minPrice`: `(price - minPrice) % tickSize == 0`).
+/// `minPrice`: `(price - minPrice) % tickSize == 0`). The result is written with the
+/// decimals of the base or the step, whichever has more.
 pub fn round_to_grid(value: Decimal, base: Decimal, step: Decimal, rounding: Rounding) -> Decimal {
     if step <= Decimal::ZERO {
         return value;
     }
-    normalize_zero(base + round_to_step(value - base, step, rounding))
+    if let Some(result) = round_on_grid_fast(value, base, step, rounding) {
+        return result;
+    }
+    normalize_zero(base + round_to_step_slow(value - base, step, rounding))
 }
 
 /// Returns whether `value` lies on the grid `base + k * step` (always true when the step
@@ -409,6 +569,90 @@ mod tests {
         assert_eq!(
             format_on_step(d("1000000000"), d("0.001")),
             "1000000000.000"
+        );
+    }
+
+    /// The decimal path both fast paths replace, as it was written before them.
+    fn round_to_grid_reference(
+        value: Decimal,
+        base: Decimal,
+        step: Decimal,
+        rounding: Rounding,
+    ) -> Decimal {
+        normalize_zero(base + round_to_step_slow(value - base, step, rounding))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn integer_rounding_matches_the_decimal_path(
+            value in -10_000_000_000i64..10_000_000_000,
+            value_scale in 0u32..12,
+            base in 0i64..1_000_000,
+            base_scale in 0u32..8,
+            step in 1i64..5_000,
+            step_scale in 0u32..8,
+        ) {
+            let value = Decimal::new(value, value_scale);
+            let base = Decimal::new(base, base_scale);
+            let step = Decimal::new(step, step_scale);
+            for rounding in [Rounding::Down, Rounding::Up, Rounding::Nearest] {
+                let fast = round_to_grid(value, base, step, rounding);
+                proptest::prop_assert_eq!(fast, round_to_grid_reference(value, base, step, rounding));
+                proptest::prop_assert_eq!(fast.scale(), base.scale().max(step.scale()));
+                let fast = round_to_step(value, step, rounding);
+                proptest::prop_assert_eq!(fast, round_to_step_slow(value, step, rounding));
+                proptest::prop_assert_eq!(fast.scale(), step.scale());
+            }
+        }
+
+        #[test]
+        fn stack_conversion_matches_the_string_path(bits in proptest::num::u64::ANY) {
+            let value = f64::from_bits(bits);
+            let reference = if value.is_finite() {
+                Decimal::from_str_exact(&value.to_string()).ok()
+            } else {
+                None
+            };
+            if let Some(reference) = reference {
+                let fast = decimal_from_f64("x", value).unwrap();
+                proptest::prop_assert_eq!(fast.serialize(), reference.serialize());
+            }
+        }
+
+        #[test]
+        fn stack_conversion_matches_for_prices(mantissa in 0u64..1 << 53, scale in 0i32..20) {
+            let value = mantissa as f64 / 10f64.powi(scale);
+            let reference = Decimal::from_str_exact(&value.to_string()).unwrap();
+            let fast = decimal_from_f64("x", value).unwrap();
+            proptest::prop_assert_eq!(fast.serialize(), reference.serialize());
+            let fast = decimal_from_f64("x", -value).unwrap();
+            let reference = Decimal::from_str_exact(&(-value).to_string()).unwrap();
+            proptest::prop_assert_eq!(fast.serialize(), reference.serialize());
+        }
+    }
+
+    #[test]
+    fn rounding_writes_the_grid_decimals_and_falls_back_for_long_values() {
+        let tick = d("0.10");
+        assert_eq!(
+            round_to_grid(d("30120.07000000000001"), d("261.10"), tick, Rounding::Up).to_string(),
+            "30120.10"
+        );
+        assert_eq!(
+            round_to_step(d("5"), d("0.001"), Rounding::Down).to_string(),
+            "5.000"
+        );
+        // 28 significant digits at scale 28 overflow the integer path: the decimal path
+        // gives the value.
+        let long = d("0.1234567890123456789012345678");
+        assert_eq!(round_to_step(long, d("0.0001"), Rounding::Up), d("0.1235"));
+        let huge = d("79228162514264337593543950335");
+        assert_eq!(round_to_step(huge, d("0.5"), Rounding::Down), huge);
+        assert_eq!(decimal_from_f64("p", -0.0).unwrap(), Decimal::ZERO);
+        assert_eq!(decimal_from_f64("p", 1e-40).unwrap(), Decimal::ZERO);
+        assert_eq!(
+            decimal_from_f64("p", 1e27).unwrap().to_string(),
+            "1000000000000000000000000000"
         );
     }
 

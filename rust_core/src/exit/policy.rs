@@ -175,6 +175,12 @@ pub(crate) struct Derived {
     pub trail_pct: Option<Decimal>,
     pub trail_activate_pct: Option<Decimal>,
     pub interval_ms: i64,
+    // The float multipliers as decimals, converted once here rather than at every open.
+    pub stop_atr: Option<Decimal>,
+    pub trail_activate_r: Option<Decimal>,
+    pub time_stop_unless_r: Option<Decimal>,
+    /// `ladder[i].at` (the level distance without a confidence stretch).
+    pub ladder_at: Vec<Decimal>,
 }
 
 /// A validated exit policy. See the module header for units and invariants.
@@ -487,6 +493,21 @@ impl ExitPolicy {
                 .map(|v| decimal_of("trail_activate_pct", v))
                 .transpose()?,
             interval_ms,
+            stop_atr: c.stop_atr.map(|v| decimal_of("stop_atr", v)).transpose()?,
+            trail_activate_r: c
+                .trail_activate_r
+                .map(|v| decimal_of("trail_activate_r", v))
+                .transpose()?,
+            time_stop_unless_r: c
+                .time_stop_unless_r
+                .map(|v| decimal_of("time_stop_unless_r", v))
+                .transpose()?,
+            ladder_at: c
+                .ladder
+                .iter()
+                .enumerate()
+                .map(|(i, level)| decimal_of(&format!("ladder[{i}].at"), level.at))
+                .collect::<Result<_, _>>()?,
         };
         Ok(Self { config, derived })
     }

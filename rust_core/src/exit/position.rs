@@ -247,11 +247,10 @@ pub fn plan_stop(
     if !(1..=125).contains(&leverage) {
         return Err(invalid("leverage", leverage, "must be in [1, 125]"));
     }
-    let config = policy.config();
     let derived = policy.derived();
-    let base = match (config.stop_atr, atr_decimal(atr)) {
-        (Some(k), Some(atr)) => decimal_of("stop_atr", k)? * atr,
-        _ => derived.fallback_stop_pct * entry,
+    let base = match derived.stop_atr.zip(atr_decimal(atr)) {
+        Some((k, atr)) => k * atr,
+        None => derived.fallback_stop_pct * entry,
     };
     let floor = derived.min_stop_pct * entry;
     let mut distance = base.clamp(floor, derived.max_stop_pct * entry);
@@ -305,7 +304,13 @@ pub fn ladder_prices(
     let tick = rules.tick_size();
     let mut prices = Vec::with_capacity(config.ladder.len());
     for (i, level) in config.ladder.iter().enumerate() {
-        let at = decimal_of(&format!("ladder[{i}].at"), level.at * m)?;
+        // Without a stretch the product is `at` itself, converted once by the policy.
+        #[allow(clippy::float_cmp)] // exactly 1 is the only factor that changes nothing
+        let at = if m == 1.0 {
+            policy.derived().ladder_at[i]
+        } else {
+            decimal_of(&format!("ladder[{i}].at"), level.at * m)?
+        };
         let distance = match config.ladder_unit {
             LadderUnit::R => at * r,
             LadderUnit::Pct => at * entry,
@@ -390,12 +395,8 @@ impl PositionState {
                 }
             });
         };
-        if let Some(k) = config.trail_activate_r {
-            consider(toward_profit(
-                side,
-                entry,
-                decimal_of("trail_activate_r", k)? * r,
-            ));
+        if let Some(k) = policy.derived().trail_activate_r {
+            consider(toward_profit(side, entry, k * r));
         }
         if let Some(pct) = policy.derived().trail_activate_pct {
             consider(toward_profit(side, entry, pct * entry));
@@ -405,14 +406,10 @@ impl PositionState {
             && config.trail_activate_r.is_none()
             && config.trail_activate_pct.is_none()
             && config.trail_after_level.is_none();
-        let time_stop_below_price = match config.time_stop_unless_r {
-            Some(k) => Some(toward_profit(
-                side,
-                entry,
-                decimal_of("time_stop_unless_r", k)? * r,
-            )),
-            None => None,
-        };
+        let time_stop_below_price = policy
+            .derived()
+            .time_stop_unless_r
+            .map(|k| toward_profit(side, entry, k * r));
         Ok(Self {
             position_id: params.position_id,
             symbol: params.symbol,
@@ -568,6 +565,48 @@ impl PositionState {
         }
     }
 
+    /// Whether the ATR trailing candidate provably does not tighten the stop, decided in
+    /// floats without building the decimal distance (one shortest-digits conversion per
+    /// ATR value, the cost of a trailing update otherwise).
+    ///
+    /// For a LONG the candidate `ceil(best − d)` is above the stop exactly when
+    /// `d < best − floor(stop)` (grid roundings; the SHORT mirror likewise), so a float
+    /// `k × ATR` above that gap by a relative margin far wider than the conversion errors
+    /// (half an ulp each) settles it. Only the ATR branch is decided here; the percent and
+    /// fallback distances are cheap already.
+    fn trail_cannot_tighten(
+        &self,
+        atr: Option<f64>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> bool {
+        #[cfg(test)]
+        if tests::NO_TRAIL_SHORTCUT.with(std::cell::Cell::get) {
+            return false;
+        }
+        if policy.derived().trail_pct.is_some() {
+            return false;
+        }
+        let (Some(k), Some(a)) = (
+            policy.config().trail_atr,
+            atr.filter(|a| a.is_finite() && *a > 0.0),
+        ) else {
+            return false;
+        };
+        let x = k * a;
+        // Far inside the range `decimal_of` converts, so the distance is `x`'s decimal.
+        if !(x.is_finite() && x < 1e15) {
+            return false;
+        }
+        let gap =
+            (self.best_price - round_level(self.side, self.stop_price, rules)) * self.side.sign();
+        if not_positive(gap) {
+            // d >= 0 >= gap: the candidate is at or behind the stop.
+            return true;
+        }
+        x > crate::fixed::decimal_to_f64_fast(gap) * (1.0 + 1e-9)
+    }
+
     fn emit(
         &mut self,
         quantity: Decimal,
@@ -636,11 +675,13 @@ impl PositionState {
             let basis = atr.map_or(0, f64::to_bits);
             if improved || self.trail_basis != Some(basis) {
                 self.trail_basis = Some(basis);
-                let distance = self.trail_distance(atr, policy);
-                let candidate =
-                    round_stop(side, toward_loss(side, self.best_price, distance), rules);
-                if candidate > Decimal::ZERO {
-                    self.tighten(candidate, ExitReason::TrailingStop);
+                if !self.trail_cannot_tighten(atr, rules, policy) {
+                    let distance = self.trail_distance(atr, policy);
+                    let candidate =
+                        round_stop(side, toward_loss(side, self.best_price, distance), rules);
+                    if candidate > Decimal::ZERO {
+                        self.tighten(candidate, ExitReason::TrailingStop);
+                    }
                 }
             }
         }
@@ -852,7 +893,104 @@ impl PositionState {
 mod tests {
     use super::*;
     use crate::exit::policy::{LadderLevel, PolicyConfig};
-    use crate::exit::test_support::{btc, d, example_policy};
+    use crate::exit::test_support::{btc, d, example_policy, exchange_rules};
+
+    thread_local! {
+        /// Turns off the float shortcut of the trailing update, to compare with it on.
+        pub(super) static NO_TRAIL_SHORTCUT: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
+    }
+
+    /// Runs `marks` (tick offsets from the entry, ATR) through a fresh position, every
+    /// action confirmed in full; returns every action and the stop after every mark.
+    fn trail_run(
+        symbol: &str,
+        side: PositionSide,
+        marks: &[(i64, f64)],
+        shortcut: bool,
+    ) -> Vec<(Option<ExitAction>, Decimal, ExitReason)> {
+        NO_TRAIL_SHORTCUT.with(|c| c.set(!shortcut));
+        let rules = exchange_rules().symbol(symbol).unwrap().clone();
+        let policy = ExitPolicy::new(PolicyConfig {
+            stop_atr: Some(2.0),
+            trail_atr: Some(1.5),
+            trail_activate_r: Some(0.5),
+            ladder: vec![LadderLevel {
+                at: 6.0,
+                fraction: 0.5,
+            }],
+            ..PolicyConfig::default()
+        })
+        .unwrap();
+        let tick = rules.tick_size();
+        let tick_f = crate::fixed::decimal_to_f64(tick);
+        let mut p = PositionState::open(
+            OpenParams {
+                symbol: symbol.into(),
+                entry_price: rules.quantize_price(d("2000.37"), Rounding::Nearest),
+                ..params(side, "1.000", "1")
+            },
+            Some(marks[0].1 * tick_f),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        for (t, &(offset, atr)) in marks.iter().enumerate() {
+            let mark = p.entry_price + tick * Decimal::from(offset);
+            let action = p.on_mark(mark, Some(atr * tick_f), t as i64, &rules, &policy);
+            out.push((action.clone(), p.stop_price, p.stop_reason));
+            if let Some(a) = action {
+                if p.confirm(a.sequence, None, &rules, &policy).unwrap() == Confirmed::Closed {
+                    break;
+                }
+            }
+        }
+        NO_TRAIL_SHORTCUT.with(|c| c.set(false));
+        out
+    }
+
+    #[test]
+    fn trailing_shortcut_keeps_a_trailing_exit() {
+        for side in [PositionSide::Long, PositionSide::Short] {
+            let sign = if side == PositionSide::Long { 1 } else { -1 };
+            // Up 300 ticks with a wobbling ATR, then back down.
+            let marks: Vec<(i64, f64)> = (0..300)
+                .map(|i| (sign * i, 10.0 + f64::from(i32::try_from(i % 7).unwrap())))
+                .chain((0..300).map(|i| (sign * (300 - i), 12.0)))
+                .collect();
+            let with = trail_run("BTCUSDT", side, &marks, true);
+            assert_eq!(with, trail_run("BTCUSDT", side, &marks, false));
+            let last = with.iter().find_map(|(a, _, _)| a.clone()).unwrap();
+            assert_eq!(last.reason, ExitReason::TrailingStop);
+        }
+    }
+
+    proptest::proptest! {
+        /// The float shortcut of the trailing update never changes a stop or a decision:
+        /// random walks with a moving ATR, both sides, a coarse and a fine tick.
+        #[test]
+        fn trailing_shortcut_changes_nothing(
+            steps in proptest::collection::vec((-40i64..=40, 0.5f64..80.0), 2..120),
+            short in proptest::bool::ANY,
+            fine in proptest::bool::ANY,
+        ) {
+            let side = if short { PositionSide::Short } else { PositionSide::Long };
+            let symbol = if fine { "ETHUSDT" } else { "BTCUSDT" };
+            let mut offset = 0;
+            let marks: Vec<(i64, f64)> = steps
+                .iter()
+                .map(|&(step, atr)| {
+                    offset += step;
+                    (offset, atr)
+                })
+                .collect();
+            proptest::prop_assert_eq!(
+                trail_run(symbol, side, &marks, true),
+                trail_run(symbol, side, &marks, false)
+            );
+        }
+    }
 
     fn params(side: PositionSide, quantity: &str, entry: &str) -> OpenParams {
         OpenParams {
