@@ -736,6 +736,7 @@ class Daemon:
             self._every(config.daemon.snapshot_interval_s, self._snapshot), name="snapshot"
         )
         group.create_task(self._every(1.0, self._backstops), name="backstops")
+        group.create_task(self._every(30.0, self._liquidation_prices), name="liquidation-prices")
         if self.membership is not None and self.membership.shared:
             group.create_task(
                 self._every(1.0, self.membership.publish_exit_state), name="exit-state"
@@ -870,6 +871,11 @@ class Daemon:
     async def _backstops(self) -> None:
         if self.desk is not None and self.ready.is_set():
             await self.desk.sync_backstops()
+
+    async def _liquidation_prices(self) -> None:
+        # They move with the account's margin (cross margin): refreshed on a slow timer.
+        if self.desk is not None and self.ready.is_set():
+            await self.desk.refresh_liquidation_prices()
 
     async def _heartbeat(self) -> None:
         s = self.current_summary()

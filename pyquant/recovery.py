@@ -269,6 +269,8 @@ async def reconcile(
         position_id = await desk.adopt(key[0], key[1], quantity, entry, leverage)
         report.positions_adopted.append(position_id)
 
+    await desk.refresh_liquidation_prices(rows)
+
     # 7. backstops the journal believes live, orphans and stale reservations
     open_legs = {(p.symbol, p.position_side) for p in store.positions(("open",))}
     try:

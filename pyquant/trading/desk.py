@@ -467,7 +467,9 @@ class TradingDesk:
                 entry,
                 leverage=position.leverage,
                 confidence=position.confidence,
-                opened_at_ms=now,
+                # The engine's clock is the exchange's event time (the time stop counts in
+                # it): it stamps the open with the latest mark it saw.
+                opened_at_ms=None,
             )
         except (PyquantError, KeyError, ValueError):
             # The position exists on the exchange either way: keep it managed as adopted.
@@ -482,7 +484,7 @@ class TradingDesk:
                 str(quantity),
                 entry,
                 leverage=position.leverage,
-                opened_at_ms=now,
+                opened_at_ms=None,
             )
         with self.store.transaction():
             self.store.update_position(
@@ -490,7 +492,7 @@ class TradingDesk:
                 status="open",
                 quantity=str(quantity),
                 entry_price=entry,
-                opened_at_ms=now,
+                opened_at_ms=self._engine_opened_at(position.position_id) or now,
             )
             self.store.release_reservation(position.position_id)
             self.store.bump("entries")
@@ -512,6 +514,10 @@ class TradingDesk:
             entry,
         )
         await self._sync_backstop(position.position_id)
+        # Off the entry's path: the liquidation price only exists once the position does.
+        task = asyncio.get_running_loop().create_task(self._refresh_liquidation_quietly())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         if not self.owns(position.symbol):
             # The symbol's lease went to another daemon while the entry was in flight: the
             # new owner adopts the position; running it here too would double its exits.
@@ -524,6 +530,62 @@ class TradingDesk:
             logger.exception("Engine positions() failed")
             return True  # unknown: do not touch
         return any(str(_field(view, "position_id")) == position_id for view in views)
+
+    async def refresh_liquidation_prices(
+        self, rows: Sequence[Mapping[str, Any]] | None = None
+    ) -> int:
+        """Hand the exchange's liquidation prices to the engine (the stop keeps its buffer).
+
+        Args:
+            rows: positionRisk rows already read; None reads them.
+
+        Returns:
+            How many positions got a price.
+        """
+        if rows is None:
+            try:
+                rows = await self.venue.position_risk()
+            except ExchangeError as exc:
+                logger.warning("Liquidation prices not refreshed error=%s", exc)
+                return 0
+        prices: dict[tuple[str, str], Decimal] = {}
+        for row in rows:
+            amount = _dec(row.get("positionAmt"))
+            price = _dec(row.get("liquidationPrice"))
+            if amount == 0 or price <= 0:
+                continue  # cross margin with enough balance reports 0: no liquidation price
+            leg = str(row.get("positionSide", "BOTH"))
+            if leg == "BOTH":
+                leg = "LONG" if amount > 0 else "SHORT"
+            prices[(str(row.get("symbol")), leg)] = price
+        applied = 0
+        for position in self.store.positions(("open",)):
+            liquidation = prices.get((position.symbol, position.position_side))
+            if liquidation is None or self.is_paper(position) or not self.owns(position.symbol):
+                continue
+            try:
+                self.engine.set_liquidation_price(position.position_id, str(liquidation))  # type: ignore[attr-defined]
+            except (PyquantError, KeyError, ValueError) as exc:
+                logger.warning(
+                    "Liquidation price refused position_id=%s price=%s error=%s",
+                    position.position_id,
+                    liquidation,
+                    exc,
+                )
+                continue
+            applied += 1
+        return applied
+
+    async def _refresh_liquidation_quietly(self) -> None:
+        await self.refresh_liquidation_prices()
+
+    def _engine_opened_at(self, position_id: str) -> int | None:
+        try:
+            view = self.engine.position(position_id)  # type: ignore[attr-defined]
+        except Exception:  # an engine without views (tests' doubles): keep the desk's clock
+            return None
+        opened = None if view is None else _field(view, "opened_at_ms")
+        return opened if isinstance(opened, int) else None
 
     def _engine_adopt(self, position: PositionRow, quantity: Decimal) -> None:
         actions = self.engine_call(
@@ -921,7 +983,7 @@ class TradingDesk:
         now = self._clock()
         hinted_open, extra = self._adoption_extra(symbol, leg, quantity, entry)
 
-        def adopt_in_engine(opened_at_ms: int, **hint: str) -> object:
+        def adopt_in_engine(opened_at_ms: int | None, **hint: str) -> object:
             return self.engine.adopt_position(
                 position_id,
                 symbol,
@@ -934,12 +996,12 @@ class TradingDesk:
             )
 
         try:
-            actions = adopt_in_engine(hinted_open or now, **extra)
+            actions = adopt_in_engine(hinted_open, **extra)
         except (PyquantError, KeyError, ValueError) as exc:
             if not extra:
                 raise
             logger.warning("Adoption hint refused symbol=%s leg=%s error=%s", symbol, leg, exc)
-            actions = adopt_in_engine(now)
+            actions = adopt_in_engine(None)
         self.store.upsert_position(
             PositionRow(
                 position_id,
@@ -952,7 +1014,7 @@ class TradingDesk:
                 leverage,
                 None,
                 None,
-                now,
+                self._engine_opened_at(position_id) or now,
                 None,
                 None,
             )

@@ -197,6 +197,9 @@ class FakeEngine:
         if position_id in self.views:
             self.views[position_id].quantity = quantity
 
+    def set_liquidation_price(self, position_id, price):
+        self.calls.append(("liquidation", (position_id, str(price))))
+
     def close_position(self, position_id):
         self.calls.append(("close", (position_id,)))
         self.views.pop(position_id, None)
@@ -275,6 +278,7 @@ class FakeVenue:
     lookup_misses: int = 0
     mode_reads: int = 0
     leverage: dict[str, int] = field(default_factory=dict)
+    liquidation: dict[tuple[str, str], str] = field(default_factory=dict)
     margin_types: dict[str, str] = field(default_factory=dict)
     refuse_leverage: set[str] = field(default_factory=set)
     gate: asyncio.Event | None = None
@@ -563,6 +567,7 @@ class FakeVenue:
                     "entryPrice": str(entry),
                     "markPrice": str(self.marks.get(symbol, Decimal(0))),
                     "leverage": str(self.leverage.get(symbol, 20)),
+                    "liquidationPrice": str(self.liquidation.get((symbol, leg), "0")),
                 }
             )
         return rows

@@ -388,3 +388,17 @@ async def test_backstop_close_is_labelled() -> None:
     )
     assert store.get_position(pid).close_reason == "backstop"  # type: ignore[union-attr]
     assert store.counters("exits") == {"backstop": 1}
+
+
+async def test_liquidation_price_reaches_the_engine_after_the_entry() -> None:
+    venue, _store, engine, desk = make(hedge=True)
+    await ready(desk)
+    venue.liquidation[("BTCUSDT", "LONG")] = "27012.3"
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    await desk.drain()  # the refresh runs off the entry's path
+    assert ("liquidation", (pid, "27012.3")) in engine.calls
+    # cross margin with room to spare reports 0: nothing to set
+    venue.liquidation[("BTCUSDT", "LONG")] = "0"
+    engine.calls.clear()
+    assert await desk.refresh_liquidation_prices() == 0
+    assert [c for c in engine.calls if c[0] == "liquidation"] == []
