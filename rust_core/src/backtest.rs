@@ -47,7 +47,7 @@ use crate::error::CoreError;
 use crate::exit::action::{ExitReason, PositionSide};
 use crate::exit::policy::ExitPolicy;
 use crate::exit::position::{Confirmed, OpenParams, PositionState};
-use crate::fixed::{decimal_from_f64, decimal_to_f64, Decimal, Rounding};
+use crate::fixed::{decimal_from_f64, decimal_to_f64, mantissa_at, Decimal, Rounding};
 use crate::rules::{ExchangeRules, SymbolRules};
 
 /// Which extreme of a bar the path visits first when nothing finer says.
@@ -286,174 +286,137 @@ pub struct JobOutput {
 struct Prepared<'a> {
     input: &'a SeriesInput,
     rules: &'a SymbolRules,
-    prices: Ohlc<'a>,
+    grid: Grid,
+    /// Open, high, low and close of every bar, as grid ticks.
+    bars: Vec<[i64; 4]>,
     /// Half-open bar index ranges without a gap longer than `max_gap_bars`.
     segments: Vec<(usize, usize)>,
     /// For each bar, the range of fine bars that cover it completely, if any.
     fine: Vec<Option<(usize, usize)>>,
-    fine_prices: Option<Ohlc<'a>>,
-    grid: Option<GridIndex>,
+    /// The fine bars as grid ticks (empty without fine data).
+    fine_bars: Vec<[i64; 4]>,
     /// ATR before each bar (closed bars of its segment only), per (period, ATR interval).
     atr: HashMap<(usize, i64), Vec<Option<f64>>>,
 }
 
-/// One price column on the tick grid. Kline prices are exchange prices stored as f64, so
-/// the nearest grid point `minPrice + k * tickSize` recovers each exactly; the column keeps
-/// `k` and builds the decimal when a bar is evaluated (one integer multiply), which is
-/// cheaper than holding a decimal per bar. A column with any value off the grid keeps exact
-/// decimals instead.
-enum PriceColumn<'a> {
-    Grid {
-        base: i128,
-        tick: i128,
-        scale: u32,
-        base_f: f64,
-        tick_f: f64,
-        values: &'a [f64],
-    },
-    Exact(Vec<Decimal>),
+/// A symbol's price grid, `minPrice + k * tickSize` (`k * 10^-pricePrecision` when the
+/// tick is disabled): the grid `SymbolRules::quantize_price` rounds onto. Every price of
+/// a run is an integer `k` on it, so the replay compares integers; a price becomes a
+/// decimal (`base + k * step` mantissas at the grid's scale, exact) only where it is fed
+/// to the exit state machine or booked.
+#[derive(Clone, Copy, Debug)]
+struct Grid {
+    base: i128,
+    step: i128,
+    scale: u32,
+    base_f: f64,
+    step_f: f64,
 }
 
-/// The grid index of `v` when it lies within 1e-6 tick of a grid point: far inside f64
-/// precision for any Binance price, so it is the point exact decimal rounding would find.
-/// Indices stay below 2^50, so `base + k * tick` stays far inside the 96-bit mantissa.
-fn grid_point(v: f64, base_f: f64, tick_f: f64) -> Option<i64> {
-    let x = (v - base_f) / tick_f;
-    if !(x.is_finite() && x.abs() < (1i64 << 50) as f64) {
-        return None;
-    }
-    let k = if x >= 0.0 {
-        (x + 0.5) as i64
-    } else {
-        -((0.5 - x) as i64)
-    };
-    ((x - k as f64).abs() < 1e-6).then_some(k)
-}
+/// Above this many ticks from zero a float tick index is no longer certain to within
+/// 1e-6 tick; such prices take the exact decimal path.
+const MAX_FLOAT_TICKS: f64 = (1u64 << 30) as f64;
 
-impl<'a> PriceColumn<'a> {
-    fn new(rules: &SymbolRules, field: &str, values: &'a [f64]) -> Result<Self, CoreError> {
-        let tick = rules.tick_size();
-        let base = rules.price_filter.min_price;
-        let scale = base.scale().max(tick.scale());
-        let (mut base_r, mut tick_r) = (base, tick);
-        base_r.rescale(scale);
-        tick_r.rescale(scale);
-        if tick > Decimal::ZERO
-            && base_r.scale() == scale
-            && tick_r.scale() == scale
-            && tick_r.mantissa().unsigned_abs() < (1u128 << 40)
-        {
-            let (tick_f, base_f) = (decimal_to_f64(tick), decimal_to_f64(base));
-            // Checked once here; the index itself is recomputed when a bar is evaluated,
-            // which costs less than storing one per bar.
-            if values
-                .iter()
-                .all(|&v| grid_point(v, base_f, tick_f).is_some())
-            {
-                return Ok(Self::Grid {
-                    base: base_r.mantissa(),
-                    tick: tick_r.mantissa(),
-                    scale,
-                    base_f,
-                    tick_f,
-                    values,
-                });
-            }
-        }
-        let mut exact = Vec::with_capacity(values.len());
-        for &v in values {
-            let d = decimal_from_f64(field, v).map_err(|e| e.with_symbol(&rules.symbol))?;
-            exact.push(rules.quantize_price(d, Rounding::Nearest));
-        }
-        Ok(Self::Exact(exact))
-    }
-
-    fn get(&self, i: usize) -> Decimal {
-        match self {
-            Self::Grid {
-                base, tick, scale, ..
-            } => {
-                let k = self.index(i).unwrap_or_default();
-                Decimal::from_i128_with_scale(base + i128::from(k) * tick, *scale)
-            }
-            Self::Exact(values) => values[i],
+impl Grid {
+    fn new(rules: &SymbolRules) -> Result<Self, CoreError> {
+        let step = rules.price_step();
+        let base = if rules.tick_size() > Decimal::ZERO {
+            rules.price_filter.min_price
+        } else {
+            Decimal::ZERO
+        };
+        let scale = base.scale().max(step.scale());
+        match (mantissa_at(base, scale), mantissa_at(step, scale)) {
+            (Some(b), Some(s)) if s > 0 && s < 1 << 60 && b.unsigned_abs() < 1 << 90 => Ok(Self {
+                base: b,
+                step: s,
+                scale,
+                base_f: decimal_to_f64(base),
+                step_f: decimal_to_f64(step),
+            }),
+            _ => Err(CoreError::invalid_for(
+                &rules.symbol,
+                "tickSize",
+                step.to_string(),
+                "must be a positive price step the backtest can index (at most 18 digits)",
+            )),
         }
     }
 
-    fn index(&self, i: usize) -> Option<i64> {
-        match self {
-            // On the grid: checked for every value when the column was built.
-            Self::Grid {
-                base_f,
-                tick_f,
-                values,
-                ..
-            } => grid_point(values[i], *base_f, *tick_f),
-            Self::Exact(_) => None,
+    /// The decimal of tick `k`, written with the grid's decimals.
+    fn price(self, k: i64) -> Decimal {
+        // |k| < 2^40 for bar prices and any tick read from a decimal fits by construction.
+        Decimal::from_i128_with_scale(self.base + i128::from(k) * self.step, self.scale)
+    }
+
+    /// The tick of a decimal on the grid; `None` off the grid or out of range.
+    fn ticks(self, price: Decimal) -> Option<i64> {
+        let mantissa = match mantissa_at(price, self.scale) {
+            Some(m) => m,
+            None => mantissa_at(price.normalize(), self.scale)?,
+        };
+        let offset = mantissa - self.base;
+        if offset % self.step != 0 {
+            return None;
         }
-    }
-}
-
-/// Open, high, low and close columns.
-struct Ohlc<'a>([PriceColumn<'a>; 4]);
-
-impl<'a> Ohlc<'a> {
-    fn new(rules: &SymbolRules, prefix: &str, bars: &'a Bars) -> Result<Self, CoreError> {
-        Ok(Self([
-            PriceColumn::new(rules, &format!("{prefix}open"), &bars.open)?,
-            PriceColumn::new(rules, &format!("{prefix}high"), &bars.high)?,
-            PriceColumn::new(rules, &format!("{prefix}low"), &bars.low)?,
-            PriceColumn::new(rules, &format!("{prefix}close"), &bars.close)?,
-        ]))
+        i64::try_from(offset / self.step)
+            .ok()
+            .filter(|k| k.unsigned_abs() < 1 << 40)
     }
 
-    fn open(&self, i: usize) -> Decimal {
-        self.0[0].get(i)
-    }
-
-    fn close(&self, i: usize) -> Decimal {
-        self.0[3].get(i)
-    }
-
-    fn bar(&self, i: usize) -> [Decimal; 4] {
-        [
-            self.0[0].get(i),
-            self.0[1].get(i),
-            self.0[2].get(i),
-            self.0[3].get(i),
-        ]
-    }
-
-    fn indices(&self, i: usize) -> Option<[i64; 4]> {
-        Some([
-            self.0[0].index(i)?,
-            self.0[1].index(i)?,
-            self.0[2].index(i)?,
-            self.0[3].index(i)?,
-        ])
-    }
-}
-
-/// The tick grid as floats, to find the grid index of a decimal known to be on it.
-#[derive(Clone, Copy)]
-struct GridIndex {
-    base: f64,
-    tick: f64,
-}
-
-impl GridIndex {
-    fn new(rules: &SymbolRules) -> Option<Self> {
-        let tick = rules.tick_size();
-        (tick > Decimal::ZERO).then(|| Self {
-            base: decimal_to_f64(rules.price_filter.min_price),
-            tick: decimal_to_f64(tick),
+    /// The tick of `quantize_price(decimal_from_f64(v), Nearest)`, the long way.
+    fn nearest_exact(self, rules: &SymbolRules, field: &str, v: f64) -> Result<i64, CoreError> {
+        let exact = decimal_from_f64(field, v).map_err(|e| e.with_symbol(&rules.symbol))?;
+        let rounded = rules.quantize_price(exact, Rounding::Nearest);
+        self.ticks(rounded).ok_or_else(|| {
+            CoreError::invalid_for(
+                &rules.symbol,
+                field,
+                v.to_string(),
+                "must be a price within 2^40 ticks of the symbol's minPrice",
+            )
         })
     }
 
-    fn of(self, price: Decimal) -> Option<i64> {
-        let x = (to_f64(price) - self.base) / self.tick;
-        let k = x.round();
-        (x.is_finite() && (x - k).abs() < 1e-6 && k.abs() < (1i64 << 50) as f64).then_some(k as i64)
+    /// Every bar as ticks (open, high, low, close).
+    fn bars(
+        self,
+        rules: &SymbolRules,
+        prefix: &str,
+        bars: &Bars,
+    ) -> Result<Vec<[i64; 4]>, CoreError> {
+        let mut out = Vec::with_capacity(bars.len());
+        for i in 0..bars.len() {
+            let mut bar = [0; 4];
+            for (slot, (name, column)) in bar.iter_mut().zip([
+                ("open", &bars.open),
+                ("high", &bars.high),
+                ("low", &bars.low),
+                ("close", &bars.close),
+            ]) {
+                *slot = match self.nearest_fast(column[i]) {
+                    Some(k) => k,
+                    None => self.nearest_exact(rules, &format!("{prefix}{name}"), column[i])?,
+                };
+            }
+            out.push(bar);
+        }
+        Ok(out)
+    }
+
+    /// The tick of `quantize_price(decimal_from_f64(v), Nearest)` from floats alone, when
+    /// floats settle it. Kline prices are exchange prices stored as f64: the float quotient
+    /// `(v - base) / step` is within 5e-7 tick of the exact one below 2^30 ticks (each
+    /// operand and operation within half an ulp), so away from a midpoint its nearest
+    /// integer is the exact rounding. Near a midpoint, or far out, `None`: the decimal
+    /// path decides.
+    #[inline]
+    fn nearest_fast(self, v: f64) -> Option<i64> {
+        let x = (v - self.base_f) / self.step_f;
+        let fraction = x - x.floor();
+        ((v.abs() + self.base_f.abs()) / self.step_f < MAX_FLOAT_TICKS
+            && (fraction - 0.5).abs() > 1e-6)
+            .then(|| x.round() as i64)
     }
 }
 
@@ -473,6 +436,7 @@ fn prepare<'a>(
             "must be positive",
         ));
     }
+    let grid = Grid::new(symbol_rules)?;
     let bars = &input.bars;
     let max_step = input.interval_ms * (i64::from(options.max_gap_bars) + 1);
     let mut segments = Vec::new();
@@ -487,7 +451,7 @@ fn prepare<'a>(
         segments.push((start, bars.len()));
     }
     let mut fine = vec![None; bars.len()];
-    let mut fine_prices = None;
+    let mut fine_ticks = Vec::new();
     if let Some((fine_interval, fine_bars)) = &input.fine {
         fine_bars.check(&input.symbol, "fine")?;
         if *fine_interval <= 0
@@ -518,7 +482,7 @@ fn prepare<'a>(
                 *slot = Some((first, j));
             }
         }
-        fine_prices = Some(Ohlc::new(symbol_rules, "fine.", fine_bars)?);
+        fine_ticks = grid.bars(symbol_rules, "fine.", fine_bars)?;
     }
     let mut atr = HashMap::new();
     for &(period, atr_interval) in periods {
@@ -530,11 +494,11 @@ fn prepare<'a>(
     Ok(Prepared {
         input,
         rules: symbol_rules,
-        prices: Ohlc::new(symbol_rules, "", bars)?,
-        grid: GridIndex::new(symbol_rules),
+        bars: grid.bars(symbol_rules, "", bars)?,
+        grid,
         segments,
         fine,
-        fine_prices,
+        fine_bars: fine_ticks,
         atr,
     })
 }
@@ -594,52 +558,47 @@ fn atr_before_each_bar(
 #[derive(Debug, Clone, Copy)]
 struct Point {
     time_ms: i64,
-    price: Decimal,
+    /// Grid tick of the price.
+    tick: i64,
     /// Reached by a jump (an open) rather than a continuous move from the previous point.
     jump: bool,
-    /// Grid index of `price`, when the bars are on the grid.
-    idx: Option<i64>,
 }
 
 fn push_bar_path(
     out: &mut Vec<Point>,
     t0: i64,
     span: i64,
-    ohlc: [Decimal; 4],
-    idx: Option<[i64; 4]>,
+    ohlc: [i64; 4],
     adverse_low_first: bool,
 ) {
     let [open, high, low, close] = ohlc;
-    let at = |k: usize| idx.map(|x| x[k]);
-    let ((first, first_idx), (second, second_idx)) = if adverse_low_first {
-        ((low, at(2)), (high, at(1)))
+    let (first, second) = if adverse_low_first {
+        (low, high)
     } else {
-        ((high, at(1)), (low, at(2)))
+        (high, low)
     };
-    out.push(Point {
-        time_ms: t0,
-        price: open,
-        jump: true,
-        idx: at(0),
-    });
-    out.push(Point {
-        time_ms: t0 + span / 3,
-        price: first,
-        jump: false,
-        idx: first_idx,
-    });
-    out.push(Point {
-        time_ms: t0 + 2 * span / 3,
-        price: second,
-        jump: false,
-        idx: second_idx,
-    });
-    out.push(Point {
-        time_ms: t0 + span - 1,
-        price: close,
-        jump: false,
-        idx: at(3),
-    });
+    out.extend([
+        Point {
+            time_ms: t0,
+            tick: open,
+            jump: true,
+        },
+        Point {
+            time_ms: t0 + span / 3,
+            tick: first,
+            jump: false,
+        },
+        Point {
+            time_ms: t0 + 2 * span / 3,
+            tick: second,
+            jump: false,
+        },
+        Point {
+            time_ms: t0 + span - 1,
+            tick: close,
+            jump: false,
+        },
+    ]);
 }
 
 fn bar_path(
@@ -652,15 +611,14 @@ fn bar_path(
     out.clear();
     // A LONG's adverse extreme is the low.
     let low_first = (direction == Direction::Long) == (intrabar == Intrabar::StopFirst);
-    match (p.fine[i], &p.input.fine, &p.fine_prices) {
-        (Some((a, b)), Some((fine_interval, fine_bars)), Some(prices)) => {
+    match (p.fine[i], &p.input.fine) {
+        (Some((a, b)), Some((fine_interval, fine_bars))) => {
             for j in a..b {
                 push_bar_path(
                     out,
                     fine_bars.open_time[j],
                     *fine_interval,
-                    prices.bar(j),
-                    prices.indices(j),
+                    p.fine_bars[j],
                     low_first,
                 );
             }
@@ -669,8 +627,7 @@ fn bar_path(
             out,
             p.input.bars.open_time[i],
             p.input.interval_ms,
-            p.prices.bar(i),
-            p.prices.indices(i),
+            p.bars[i],
             low_first,
         ),
     }
@@ -702,90 +659,180 @@ struct Open {
     confidence: Option<f64>,
     bars_held: u32,
     sequence: u32,
-    /// Grid indices of the state's triggers, for skipping marks that change nothing.
-    quiet: Option<Quiet>,
+    /// The state's triggers as grid ticks, for skipping marks that change nothing; `None`
+    /// (every mark fed) with `exhaustive` or a trigger off the grid.
+    triggers: Option<Triggers>,
 }
 
-/// What a mark must reach to matter to a position, as grid indices: a mark strictly between
-/// the stop and the next take-profit level, no better than the best mark so far, before the
-/// time stop is due and after the bar's first mark (which carries the bar's new ATR to the
-/// trailing stop) leaves `PositionState` exactly as it was, apart from `last_mark_price`:
-/// `on_mark` would move nothing and emit nothing. Such marks are not fed; everything else is.
-/// `BacktestOptions::exhaustive` feeds every mark, and the tests check both agree.
-struct Quiet {
-    stop_key: Decimal,
+/// What a mark must reach to matter to a position, as grid ticks. `on_mark` moves nothing
+/// and emits nothing (it only records `last_mark_price`) for a mark that
+/// - is strictly between the stop and the next take-profit level and no better than the
+///   best mark so far (so no best, stop, level or trailing activation by price changes);
+/// - comes before the time stop is due, or after the best mark passed the time stop's
+///   profit threshold (then it never fires);
+/// - leaves the trailing stop as it is: trailing inactive and not about to activate by
+///   level, or active with the same ATR as the last mark fed (its candidate depends on the
+///   best mark and the ATR alone);
+/// - follows at least one mark that got past `on_mark`'s guards (activation is checked
+///   once against the entry; the open time is set).
+///
+/// Such marks are not fed; everything else is. `BacktestOptions::exhaustive` feeds every
+/// mark, and the tests check both give the same fills.
+struct Triggers {
+    /// The stop `stop` was read from (its bytes, to notice any change cheaply).
+    stop_key: [u8; 16],
     stop: i64,
     best: i64,
     levels: Vec<i64>,
+    /// Open time plus the policy's `max_hold_ms`.
     expires_at: Option<i64>,
+    /// The best mark passed `time_stop_below_price`: the time stop can no longer fire.
+    time_stop_off: bool,
+    /// ATR basis (bits, 0 for none) of the last mark that got past `on_mark`'s guards.
+    fed_basis: Option<u64>,
 }
 
-impl Quiet {
-    fn new(position: &PositionState, grid: GridIndex, expires_at: Option<i64>) -> Option<Self> {
+impl Triggers {
+    fn new(position: &PositionState, grid: Grid, expires_at: Option<i64>) -> Option<Self> {
         Some(Self {
-            stop_key: position.stop_price,
-            stop: grid.of(position.stop_price)?,
-            best: grid.of(position.best_price)?,
+            stop_key: position.stop_price.serialize(),
+            stop: grid.ticks(position.stop_price)?,
+            best: grid.ticks(position.best_price)?,
             levels: position
                 .ladder_prices
                 .iter()
-                .map(|&l| grid.of(l))
+                .map(|&l| grid.ticks(l))
                 .collect::<Option<Vec<_>>>()?,
             expires_at,
+            time_stop_off: time_stop_passed(position),
+            fed_basis: None,
         })
     }
 
-    /// Re-reads the stop and the best mark after `on_mark` or a confirmation.
-    fn refresh(&mut self, position: &PositionState, grid: GridIndex) -> bool {
-        if position.stop_price.serialize() != self.stop_key.serialize() {
-            let Some(stop) = grid.of(position.stop_price) else {
+    /// Re-reads the stop after `on_mark` or a confirmation; false when it left the grid.
+    fn refresh_stop(&mut self, position: &PositionState, grid: Grid) -> bool {
+        let key = position.stop_price.serialize();
+        if key != self.stop_key {
+            let Some(stop) = grid.ticks(position.stop_price) else {
                 return false;
             };
             self.stop = stop;
-            self.stop_key = position.stop_price;
+            self.stop_key = key;
         }
-        match grid.of(position.best_price) {
-            Some(best) => {
-                self.best = best;
-                true
-            }
-            None => false,
-        }
+        true
     }
 
-    fn next_level(&self, position: &PositionState) -> Option<i64> {
-        self.levels.get(position.levels_done as usize).copied()
+    /// Records a mark `on_mark` took in (past its guards): its ATR and, when it beat the
+    /// best mark, the new best.
+    fn took(&mut self, position: &PositionState, tick: i64, basis: u64, grid: Grid) {
+        self.fed_basis = Some(basis);
+        let better = match position.side {
+            PositionSide::Long => tick > self.best,
+            PositionSide::Short => tick < self.best,
+        };
+        if better {
+            self.best = tick;
+            self.time_stop_off = time_stop_passed(position);
+        }
+        debug_assert_eq!(grid.ticks(position.best_price), Some(self.best));
     }
 
-    /// Whether `on_mark(point)` provably changes nothing.
+    /// Whether `on_mark` at `tick` and `time_ms` with ATR `basis` provably changes nothing.
     fn is_quiet(
         &self,
         position: &PositionState,
-        direction: Direction,
-        idx: i64,
+        trail: TrailRule,
+        tick: i64,
         time_ms: i64,
+        basis: u64,
     ) -> bool {
-        if self.expires_at.is_some_and(|at| time_ms >= at) {
+        let Some(fed) = self.fed_basis else {
+            return false;
+        };
+        if self.expires_at.is_some_and(|at| time_ms >= at) && !self.time_stop_off {
             return false;
         }
-        let next = self.next_level(position);
-        match direction {
-            Direction::Long => idx > self.stop && idx <= self.best && next.is_none_or(|n| idx < n),
-            Direction::Short => idx < self.stop && idx >= self.best && next.is_none_or(|n| idx > n),
+        let trailing_unchanged = if position.trailing_active {
+            fed == basis
+        } else {
+            !trail.activates_by_level(position.levels_done)
+        };
+        if !trailing_unchanged
+            || position.over_leveraged
+            || position.levels_passed_at_adoption > position.levels_done
+        {
+            return false;
+        }
+        let next = self.levels.get(position.levels_done as usize).copied();
+        match position.side {
+            PositionSide::Long => {
+                tick > self.stop && tick <= self.best && next.is_none_or(|n| tick < n)
+            }
+            PositionSide::Short => {
+                tick < self.stop && tick >= self.best && next.is_none_or(|n| tick > n)
+            }
         }
     }
 
-    /// Whether a continuous move between `a` and `b` may cross the stop or a level.
-    fn may_cross(&self, position: &PositionState, direction: Direction, a: i64, b: i64) -> bool {
+    /// The triggers (the stop, the levels not done) strictly between `a` and `b`, in the
+    /// order a continuous move from `a` to `b` reaches them.
+    fn crossings(&self, position: &PositionState, a: i64, b: i64, out: &mut Vec<i64>) {
+        out.clear();
         let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        if hi - lo < 2 {
+            return;
+        }
         let inside = |x: i64| x > lo && x < hi;
-        let beyond = match (direction, self.next_level(position)) {
-            (_, None) => true,
-            (Direction::Long, Some(n)) => n >= hi,
-            (Direction::Short, Some(n)) => n <= lo,
-        };
-        inside(self.stop) || !beyond
+        if inside(self.stop) {
+            out.push(self.stop);
+        }
+        let done = (position.levels_done as usize).min(self.levels.len());
+        out.extend(self.levels[done..].iter().copied().filter(|&l| inside(l)));
+        if out.len() > 1 {
+            if a <= b {
+                out.sort_unstable();
+            } else {
+                out.sort_unstable_by(|x, y| y.cmp(x));
+            }
+        }
     }
+}
+
+/// The policy's trailing activation by level, read once per job.
+#[derive(Clone, Copy)]
+struct TrailRule {
+    configured: bool,
+    after_level: Option<u32>,
+}
+
+impl TrailRule {
+    fn of(policy: &ExitPolicy) -> Self {
+        let config = policy.config();
+        Self {
+            configured: config.trail_atr.is_some() || config.trail_pct.is_some(),
+            after_level: config.trail_after_level,
+        }
+    }
+
+    /// Whether an inactive trailing stop activates on the next mark `on_mark` takes in.
+    fn activates_by_level(self, levels_done: u32) -> bool {
+        self.configured && self.after_level.is_some_and(|n| levels_done >= n)
+    }
+}
+
+/// The best mark reached the time stop's profit threshold, so the time stop never fires.
+fn time_stop_passed(position: &PositionState) -> bool {
+    position
+        .time_stop_below_price
+        .is_some_and(|p| match position.side {
+            PositionSide::Long => position.best_price >= p,
+            PositionSide::Short => position.best_price <= p,
+        })
+}
+
+/// The ATR as `on_mark` keys its trailing candidate on it.
+fn atr_basis(atr: Option<f64>) -> u64 {
+    atr.map_or(0, f64::to_bits)
 }
 
 struct Job<'a> {
@@ -794,11 +841,13 @@ struct Job<'a> {
     rules: &'a SymbolRules,
     options: &'a BacktestOptions,
     atr: &'a [Option<f64>],
+    trail: TrailRule,
     out: JobOutput,
     open: Vec<Open>,
     next_trade: u32,
     path: Vec<Point>,
-    marks: Vec<Point>,
+    crossing_ticks: Vec<i64>,
+    crossing_prices: Vec<Decimal>,
     position_open_skips: u32,
 }
 
@@ -822,7 +871,7 @@ impl Job<'_> {
             self.skip(entry.time_ms, POSITION_OPEN);
             return;
         }
-        let price = p.prices.open(i);
+        let price = p.grid.price(p.bars[i][0]);
         let notional = entry.notional.unwrap_or(self.options.notional);
         let quantity = self.rules.quantize_qty(notional / price, true);
         if quantity <= Decimal::ZERO || quantity < self.rules.min_qty(true) {
@@ -863,16 +912,15 @@ impl Job<'_> {
         };
         let entry_fee = fee(rate, price, quantity);
         let initial_stop = position.stop_price;
-        let quiet = match (self.p.grid, self.options.exhaustive) {
-            (Some(grid), false) => {
-                let expires = self
-                    .policy
-                    .config()
-                    .max_hold_ms
-                    .map(|h| time_ms.saturating_add(h));
-                Quiet::new(&position, grid, expires)
-            }
-            _ => None,
+        let triggers = if self.options.exhaustive {
+            None
+        } else {
+            let expires = self
+                .policy
+                .config()
+                .max_hold_ms
+                .map(|h| time_ms.saturating_add(h));
+            Triggers::new(&position, p.grid, expires)
         };
         if self.options.detail {
             for (k, &level) in position.ladder_prices.iter().enumerate() {
@@ -908,7 +956,7 @@ impl Job<'_> {
             confidence: entry.confidence,
             bars_held: 0,
             sequence: 0,
-            quiet,
+            triggers,
         });
     }
 
@@ -919,13 +967,13 @@ impl Job<'_> {
         out: &mut JobOutput,
         open: &mut Open,
         reason: u8,
-        point: Point,
+        time_ms: i64,
+        price: Decimal,
         quantity: Decimal,
         trigger: Option<Decimal>,
         sequence: u32,
     ) -> bool {
         let quantity = quantity.min(open.remaining);
-        let price = point.price;
         let exit_fee = fee(options.taker_fee, price, quantity);
         let gross = (price - open.entry_price) * quantity * open.direction.sign();
         let pnl = gross - exit_fee;
@@ -943,7 +991,7 @@ impl Job<'_> {
             trade: open.trade,
             sequence,
             reason,
-            time_ms: point.time_ms,
+            time_ms,
             direction: open.direction,
             price,
             quantity,
@@ -958,7 +1006,7 @@ impl Job<'_> {
                 trade: open.trade,
                 direction: open.direction,
                 entry_time_ms: open.entry_time_ms,
-                exit_time_ms: point.time_ms,
+                exit_time_ms: time_ms,
                 entry_price: open.entry_price,
                 quantity: open.quantity,
                 initial_stop: open.initial_stop,
@@ -974,24 +1022,39 @@ impl Job<'_> {
         false
     }
 
-    fn refresh(open: &mut Open, grid: Option<GridIndex>) {
-        if let (Some(quiet), Some(grid)) = (&mut open.quiet, grid) {
-            if !quiet.refresh(&open.position, grid) {
-                open.quiet = None;
-            }
-        }
-    }
-
-    /// Feeds one mark; confirms every action at once. Returns true when the position closed.
-    fn feed(&mut self, k: usize, point: Point, atr: Option<f64>) -> bool {
+    /// Feeds the mark `price` (at grid tick `tick`, when on the grid) to position `k`;
+    /// confirms every action at once. Returns true when the position closed.
+    fn feed(
+        &mut self,
+        k: usize,
+        time_ms: i64,
+        price: Decimal,
+        tick: Option<i64>,
+        atr: Option<f64>,
+    ) -> bool {
+        let grid = self.p.grid;
+        let basis = atr_basis(atr);
         // An action's confirmation can move the stop (breakeven, ratchet) so that the same
         // mark triggers again; the loop is bounded by the ladder length plus the stop.
         for _ in 0..64 {
             let open = &mut self.open[k];
-            let action =
-                open.position
-                    .on_mark(point.price, atr, point.time_ms, self.rules, self.policy);
-            Self::refresh(open, self.p.grid);
+            let action = open
+                .position
+                .on_mark(price, atr, time_ms, self.rules, self.policy);
+            if let Some(triggers) = &mut open.triggers {
+                // In the backtest nothing is pending here and the position is open, so
+                // `on_mark` took the mark in unless the price is not positive.
+                let still_valid = match tick {
+                    Some(tick) if price > Decimal::ZERO => {
+                        triggers.took(&open.position, tick, basis, grid);
+                        true
+                    }
+                    _ => price <= Decimal::ZERO,
+                };
+                if !still_valid || !triggers.refresh_stop(&open.position, grid) {
+                    open.triggers = None;
+                }
+            }
             let Some(action) = action else {
                 return false;
             };
@@ -1003,17 +1066,20 @@ impl Job<'_> {
                     .confirm(action.sequence, Some(quantity), self.rules, self.policy),
                 Ok(Confirmed::Closed)
             );
-            Self::refresh(open, self.p.grid);
-            let reason = reason_of(action.reason);
-            let trigger = Some(action.trigger_price);
+            if let Some(triggers) = &mut open.triggers {
+                if !triggers.refresh_stop(&open.position, grid) {
+                    open.triggers = None;
+                }
+            }
             if Self::book(
                 self.options,
                 &mut self.out,
                 open,
-                reason,
-                point,
+                reason_of(action.reason),
+                time_ms,
+                price,
                 quantity,
-                trigger,
+                Some(action.trigger_price),
                 sequence,
             ) || closed
             {
@@ -1023,8 +1089,50 @@ impl Job<'_> {
         false
     }
 
+    /// Feeds every trigger a continuous move from `from` to `to` crosses, in order, each
+    /// at the time of `from`. Returns true when the position closed.
+    fn feed_crossings(&mut self, k: usize, from: Point, to: Point, atr: Option<f64>) -> bool {
+        let grid = self.p.grid;
+        let open = &self.open[k];
+        let mut closed = false;
+        if let Some(triggers) = &open.triggers {
+            let mut ticks = std::mem::take(&mut self.crossing_ticks);
+            triggers.crossings(&open.position, from.tick, to.tick, &mut ticks);
+            for &tick in &ticks {
+                if self.feed(k, from.time_ms, grid.price(tick), Some(tick), atr) {
+                    closed = true;
+                    break;
+                }
+            }
+            self.crossing_ticks = ticks;
+        } else {
+            // Some trigger is off the grid: compare decimals, feed each trigger's own price.
+            let mut prices = std::mem::take(&mut self.crossing_prices);
+            prices.clear();
+            let (lo, hi) = (
+                grid.price(from.tick.min(to.tick)),
+                grid.price(from.tick.max(to.tick)),
+            );
+            prices.extend(triggers_of(&open.position).filter(|&x| x > lo && x < hi));
+            if from.tick <= to.tick {
+                prices.sort_unstable();
+            } else {
+                prices.sort_unstable_by(|x, y| y.cmp(x));
+            }
+            for &price in &prices {
+                if self.feed(k, from.time_ms, price, None, atr) {
+                    closed = true;
+                    break;
+                }
+            }
+            self.crossing_prices = prices;
+        }
+        closed
+    }
+
     fn run_bar(&mut self, i: usize) {
         let atr = self.atr[i];
+        let basis = atr_basis(atr);
         let mut k = 0;
         while k < self.open.len() {
             self.out.evaluations += 1;
@@ -1034,74 +1142,25 @@ impl Job<'_> {
             let mut closed = false;
             let mut previous: Option<Point> = None;
             for &point in &path {
-                let open = &self.open[k];
-                let quiet = open.quiet.as_ref();
-                let crossing_possible =
-                    match (quiet, previous.and_then(|before| before.idx), point.idx) {
-                        (Some(state), Some(from), Some(to)) => {
-                            state.may_cross(&open.position, direction, from, to)
-                        }
-                        _ => true,
-                    };
-                if let (false, Some(prev), true) = (point.jump, previous, crossing_possible) {
-                    // Continuous move: visit every trigger strictly between prev and point.
-                    let mut marks = std::mem::take(&mut self.marks);
-                    marks.clear();
-                    let (lo, hi) = if prev.price <= point.price {
-                        (prev.price, point.price)
-                    } else {
-                        (point.price, prev.price)
-                    };
-                    let position = &self.open[k].position;
-                    let inside = |x: Decimal| x > lo && x < hi;
-                    // Usually neither the stop nor the next level lies inside the move; the
-                    // levels beyond the next one are farther away still.
-                    let next = position
-                        .ladder_prices
-                        .get(position.levels_done as usize)
-                        .copied();
-                    let beyond = match direction {
-                        Direction::Long => next.is_none_or(|n| n >= hi),
-                        Direction::Short => next.is_none_or(|n| n <= lo),
-                    };
-                    let maybe = inside(position.stop_price) || !beyond;
-                    for level in triggers_of(position).filter(|_| maybe) {
-                        if level > lo && level < hi {
-                            marks.push(Point {
-                                time_ms: prev.time_ms,
-                                price: level,
-                                jump: false,
-                                idx: None,
-                            });
-                        }
+                if let (false, Some(before)) = (point.jump, previous) {
+                    if self.feed_crossings(k, before, point, atr) {
+                        closed = true;
+                        break;
                     }
-                    if marks.len() > 1 {
-                        if prev.price <= point.price {
-                            marks.sort_by_key(|m| m.price);
-                        } else {
-                            marks.sort_by_key(|m| std::cmp::Reverse(m.price));
-                        }
-                    }
-                    for &mark in &marks {
-                        if self.feed(k, mark, atr) {
-                            closed = true;
-                            break;
-                        }
-                    }
-                    self.marks = marks;
-                }
-                if closed {
-                    break;
                 }
                 let open = &self.open[k];
-                let skip = !point.jump
-                    && match (&open.quiet, point.idx) {
-                        (Some(state), Some(idx)) => {
-                            state.is_quiet(&open.position, direction, idx, point.time_ms)
-                        }
-                        _ => false,
-                    };
-                if !skip && self.feed(k, point, atr) {
+                let quiet = open.triggers.as_ref().is_some_and(|t| {
+                    t.is_quiet(&open.position, self.trail, point.tick, point.time_ms, basis)
+                });
+                if !quiet
+                    && self.feed(
+                        k,
+                        point.time_ms,
+                        self.p.grid.price(point.tick),
+                        Some(point.tick),
+                        atr,
+                    )
+                {
                     closed = true;
                     break;
                 }
@@ -1126,12 +1185,8 @@ impl Job<'_> {
     }
 
     fn close_all(&mut self, i: usize, reason: u8) {
-        let point = Point {
-            time_ms: self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1,
-            price: self.p.prices.close(i),
-            jump: false,
-            idx: None,
-        };
+        let time_ms = self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1;
+        let price = self.p.grid.price(self.p.bars[i][3]);
         for mut open in std::mem::take(&mut self.open) {
             let quantity = open.remaining;
             let sequence = open.sequence + 1;
@@ -1140,7 +1195,8 @@ impl Job<'_> {
                 &mut self.out,
                 &mut open,
                 reason,
-                point,
+                time_ms,
+                price,
                 quantity,
                 None,
                 sequence,
@@ -1221,10 +1277,12 @@ pub fn run(
                     policy: j as u32,
                     ..JobOutput::default()
                 },
+                trail: TrailRule::of(policy),
                 open: Vec::new(),
                 next_trade: 0,
                 path: Vec::with_capacity(8),
-                marks: Vec::with_capacity(8),
+                crossing_ticks: Vec::with_capacity(8),
+                crossing_prices: Vec::new(),
                 position_open_skips: 0,
             };
             job.run()
@@ -1664,6 +1722,175 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("atr_interval"), "{err}");
+    }
+
+    /// Policies that reach every branch the mark skipping reasons about: trailing from the
+    /// start, by R, by level, by percent; breakeven and ratchet; a time stop with and
+    /// without its profit threshold.
+    fn skipping_policies() -> Vec<ExitPolicy> {
+        let ladder = vec![
+            LadderLevel {
+                at: 1.0,
+                fraction: 0.3,
+            },
+            LadderLevel {
+                at: 2.0,
+                fraction: 0.3,
+            },
+            LadderLevel {
+                at: 3.5,
+                fraction: 0.2,
+            },
+        ];
+        let base = PolicyConfig {
+            stop_atr: Some(2.0),
+            min_stop_pct: 0.002,
+            max_stop_pct: 0.03,
+            ladder,
+            breakeven_after_level: Some(1),
+            ratchet_to_previous_level: true,
+            atr_period: 5,
+            atr_interval: "2m".to_owned(),
+            ..PolicyConfig::default()
+        };
+        [
+            PolicyConfig {
+                trail_atr: Some(1.0),
+                ..base.clone()
+            },
+            PolicyConfig {
+                trail_atr: Some(1.5),
+                trail_activate_r: Some(1.0),
+                max_hold_ms: Some(45 * MINUTE),
+                time_stop_unless_r: Some(0.5),
+                ..base.clone()
+            },
+            PolicyConfig {
+                trail_atr: Some(0.7),
+                trail_after_level: Some(2),
+                max_hold_ms: Some(30 * MINUTE),
+                ..base.clone()
+            },
+            PolicyConfig {
+                trail_pct: Some(0.004),
+                trail_activate_pct: Some(0.003),
+                ..base.clone()
+            },
+            PolicyConfig {
+                breakeven_after_level: None,
+                ratchet_to_previous_level: false,
+                ..base
+            },
+        ]
+        .into_iter()
+        .map(|c| ExitPolicy::new(c).unwrap())
+        .collect()
+    }
+
+    /// (trade, sequence, reason, time, price, quantity, trigger) of every fill.
+    type FillView = (u32, u32, u8, i64, Decimal, Decimal, Option<Decimal>);
+
+    fn fill_view(job: &JobOutput) -> Vec<FillView> {
+        job.fills
+            .iter()
+            .map(|f| {
+                (
+                    f.trade, f.sequence, f.reason, f.time_ms, f.price, f.quantity, f.trigger,
+                )
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Skipping the marks that provably change nothing gives the very fills of feeding
+        /// every mark: random walks (ETHUSDT ticks), entries on both sides, both intrabar
+        /// rules, with and without finer bars.
+        #[test]
+        fn skipping_quiet_marks_changes_no_fill(
+            seed in 1u64..u64::MAX,
+            target_first in proptest::bool::ANY,
+            with_fine in proptest::bool::ANY,
+        ) {
+            let mut state = seed;
+            let mut next = move |n: u64| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state % n
+            };
+            let (coarse, n) = (2 * MINUTE, 400);
+            let mut fine = Bars::default();
+            let mut bars = Bars::default();
+            let mut price = 200_000i64; // 2000.00 in ETHUSDT ticks of 0.01
+            for i in 0..n {
+                let t = T0 + i * coarse;
+                let mut ticks = Vec::new();
+                for half in 0..2 {
+                    let open = price;
+                    let close = open + next(121) as i64 - 60;
+                    let high = open.max(close) + next(40) as i64;
+                    let low = open.min(close) - next(40) as i64;
+                    for (column, value) in [
+                        (&mut fine.open, open),
+                        (&mut fine.high, high),
+                        (&mut fine.low, low),
+                        (&mut fine.close, close),
+                    ] {
+                        column.push(value as f64 / 100.0);
+                    }
+                    fine.open_time.push(t + half * MINUTE);
+                    ticks.push((open, high, low, close));
+                    price = close;
+                }
+                bars.open_time.push(t);
+                bars.open.push(ticks[0].0 as f64 / 100.0);
+                bars.high.push(ticks[0].1.max(ticks[1].1) as f64 / 100.0);
+                bars.low.push(ticks[0].2.min(ticks[1].2) as f64 / 100.0);
+                bars.close.push(ticks[1].3 as f64 / 100.0);
+            }
+            let mut entries = Vec::new();
+            for i in 0..n {
+                if next(6) == 0 {
+                    entries.push(Entry {
+                        time_ms: T0 + i * coarse,
+                        direction: if next(2) == 0 { Direction::Long } else { Direction::Short },
+                        confidence: Some(next(101) as f64 / 100.0),
+                        notional: None,
+                        leverage: None,
+                    });
+                }
+            }
+            let input = SeriesInput {
+                symbol: "ETHUSDT".into(),
+                interval_ms: coarse,
+                bars,
+                fine: with_fine.then_some((MINUTE, fine)),
+                entries,
+            };
+            let skipping = BacktestOptions {
+                intrabar: if target_first { Intrabar::TargetFirst } else { Intrabar::StopFirst },
+                notional: d("5000"),
+                ..options()
+            };
+            let exhaustive = BacktestOptions {
+                exhaustive: true,
+                ..skipping.clone()
+            };
+            let policies = skipping_policies();
+            let rules = exchange_rules();
+            let fast = run(std::slice::from_ref(&input), &policies, &rules, &skipping).unwrap();
+            let slow = run(std::slice::from_ref(&input), &policies, &rules, &exhaustive).unwrap();
+            let mut reasons = std::collections::BTreeSet::new();
+            for (a, b) in fast.iter().zip(&slow) {
+                proptest::prop_assert_eq!(fill_view(a), fill_view(b));
+                proptest::prop_assert_eq!(&a.stops, &b.stops);
+                proptest::prop_assert_eq!(a.evaluations, b.evaluations);
+                reasons.extend(a.fills.iter().map(|f| f.reason));
+            }
+            proptest::prop_assert!(reasons.len() >= 4, "too few exit kinds: {reasons:?}");
+        }
     }
 
     #[test]

@@ -333,7 +333,7 @@ const POW10_I128: [i128; 29] = {
 
 /// The mantissa of `value` written with `scale` decimals (`scale >= value.scale()`), when
 /// it stays below 2^120 (room for the sums and products below).
-fn mantissa_at(value: Decimal, scale: u32) -> Option<i128> {
+pub(crate) fn mantissa_at(value: Decimal, scale: u32) -> Option<i128> {
     let factor = *POW10_I128.get(scale.checked_sub(value.scale())? as usize)?;
     value
         .mantissa()
