@@ -47,7 +47,9 @@ use crate::error::CoreError;
 use crate::exit::action::{ExitReason, PositionSide};
 use crate::exit::policy::ExitPolicy;
 use crate::exit::position::{Confirmed, OpenParams, PositionState};
-use crate::fixed::{decimal_from_f64, decimal_to_f64, mantissa_at, Decimal, Rounding};
+use crate::fixed::{
+    decimal_from_f64, decimal_to_f64, mantissa_at, short_decimal_from_f64, Decimal, Rounding,
+};
 use crate::rules::{ExchangeRules, SymbolRules};
 
 /// Which extreme of a bar the path visits first when nothing finer says.
@@ -291,12 +293,14 @@ struct Prepared<'a> {
     bars: Vec<[i64; 4]>,
     /// Half-open bar index ranges without a gap longer than `max_gap_bars`.
     segments: Vec<(usize, usize)>,
-    /// For each bar, the range of fine bars that cover it completely, if any.
+    /// For each bar, the range of fine bars that cover it completely, if any (empty
+    /// without fine data).
     fine: Vec<Option<(usize, usize)>>,
     /// The fine bars as grid ticks (empty without fine data).
     fine_bars: Vec<[i64; 4]>,
-    /// ATR before each bar (closed bars of its segment only), per (period, ATR interval).
-    atr: HashMap<(usize, i64), Vec<Option<f64>>>,
+    /// ATR before each bar (closed bars of its segment only; NaN: not ready yet), per
+    /// (period, ATR interval). Prices are finite (they are on the grid), so NaN is free.
+    atr: HashMap<(usize, i64), Vec<f64>>,
 }
 
 /// A symbol's price grid, `minPrice + k * tickSize` (`k * 10^-pricePrecision` when the
@@ -311,6 +315,8 @@ struct Grid {
     scale: u32,
     base_f: f64,
     step_f: f64,
+    /// `MAX_FLOAT_TICKS` steps: prices farther from zero take the exact path.
+    float_limit: f64,
 }
 
 /// Above this many ticks from zero a float tick index is no longer certain to within
@@ -333,6 +339,7 @@ impl Grid {
                 scale,
                 base_f: decimal_to_f64(base),
                 step_f: decimal_to_f64(step),
+                float_limit: MAX_FLOAT_TICKS * decimal_to_f64(step),
             }),
             _ => Err(CoreError::invalid_for(
                 &rules.symbol,
@@ -365,13 +372,24 @@ impl Grid {
     }
 
     /// The tick of `quantize_price(decimal_from_f64(v), Nearest)`, the long way.
-    fn nearest_exact(self, rules: &SymbolRules, field: &str, v: f64) -> Result<i64, CoreError> {
-        let exact = decimal_from_f64(field, v).map_err(|e| e.with_symbol(&rules.symbol))?;
+    fn nearest_exact(
+        self,
+        rules: &SymbolRules,
+        prefix: &str,
+        name: &str,
+        v: f64,
+    ) -> Result<i64, CoreError> {
+        let field = || format!("{prefix}{name}");
+        // Kline prices have a few decimals: the short conversion settles them without text.
+        let exact = match short_decimal_from_f64(v, 12) {
+            Some(exact) => exact,
+            None => decimal_from_f64(&field(), v).map_err(|e| e.with_symbol(&rules.symbol))?,
+        };
         let rounded = rules.quantize_price(exact, Rounding::Nearest);
         self.ticks(rounded).ok_or_else(|| {
             CoreError::invalid_for(
                 &rules.symbol,
-                field,
+                field(),
                 v.to_string(),
                 "must be a price within 2^40 ticks of the symbol's minPrice",
             )
@@ -386,17 +404,23 @@ impl Grid {
         bars: &Bars,
     ) -> Result<Vec<[i64; 4]>, CoreError> {
         let mut out = Vec::with_capacity(bars.len());
-        for i in 0..bars.len() {
+        let rows = bars
+            .open
+            .iter()
+            .zip(&bars.high)
+            .zip(&bars.low)
+            .zip(&bars.close);
+        for (((&open, &high), &low), &close) in rows {
             let mut bar = [0; 4];
-            for (slot, (name, column)) in bar.iter_mut().zip([
-                ("open", &bars.open),
-                ("high", &bars.high),
-                ("low", &bars.low),
-                ("close", &bars.close),
+            for (slot, (name, v)) in bar.iter_mut().zip([
+                ("open", open),
+                ("high", high),
+                ("low", low),
+                ("close", close),
             ]) {
-                *slot = match self.nearest_fast(column[i]) {
+                *slot = match self.nearest_fast(v) {
                     Some(k) => k,
-                    None => self.nearest_exact(rules, &format!("{prefix}{name}"), column[i])?,
+                    None => self.nearest_exact(rules, prefix, name, v)?,
                 };
             }
             out.push(bar);
@@ -412,11 +436,19 @@ impl Grid {
     /// path decides.
     #[inline]
     fn nearest_fast(self, v: f64) -> Option<i64> {
+        // Also false for NaN, which the exact path then refuses.
+        let near = v.abs() + self.base_f.abs() < self.float_limit;
+        if !near {
+            return None;
+        }
         let x = (v - self.base_f) / self.step_f;
-        let fraction = x - x.floor();
-        ((v.abs() + self.base_f.abs()) / self.step_f < MAX_FLOAT_TICKS
-            && (fraction - 0.5).abs() > 1e-6)
-            .then(|| x.round() as i64)
+        // Truncation and a compare instead of `floor`/`round`, which are library calls on
+        // the baseline x86-64 target; exact below 2^30.
+        let whole = x as i64;
+        let fraction = x - whole as f64;
+        let distance_to_half = (fraction.abs() - 0.5).abs();
+        (distance_to_half > 1e-6)
+            .then_some(whole + i64::from(fraction > 0.5) - i64::from(fraction < -0.5))
     }
 }
 
@@ -450,7 +482,7 @@ fn prepare<'a>(
     if bars.len() > 0 {
         segments.push((start, bars.len()));
     }
-    let mut fine = vec![None; bars.len()];
+    let mut fine = Vec::new();
     let mut fine_ticks = Vec::new();
     if let Some((fine_interval, fine_bars)) = &input.fine {
         fine_bars.check(&input.symbol, "fine")?;
@@ -466,6 +498,7 @@ fn prepare<'a>(
             ));
         }
         let per_bar = (input.interval_ms / fine_interval) as usize;
+        fine = vec![None; bars.len()];
         let mut j = 0;
         for (i, slot) in fine.iter_mut().enumerate() {
             let (t0, t1) = (bars.open_time[i], bars.open_time[i] + input.interval_ms);
@@ -491,10 +524,11 @@ fn prepare<'a>(
             atr_before_each_bar(input, &segments, period, atr_interval)?,
         );
     }
+    let bars = grid.bars(symbol_rules, "", bars)?;
     Ok(Prepared {
         input,
         rules: symbol_rules,
-        bars: grid.bars(symbol_rules, "", bars)?,
+        bars,
         grid,
         segments,
         fine,
@@ -513,7 +547,7 @@ fn atr_before_each_bar(
     segments: &[(usize, usize)],
     period: usize,
     atr_interval: i64,
-) -> Result<Vec<Option<f64>>, CoreError> {
+) -> Result<Vec<f64>, CoreError> {
     let bars = &input.bars;
     if atr_interval < input.interval_ms || atr_interval % input.interval_ms != 0 {
         return Err(CoreError::Policy {
@@ -526,28 +560,42 @@ fn atr_before_each_bar(
             ),
         });
     }
-    let mut values = vec![None; bars.len()];
+    let mut values = vec![f64::NAN; bars.len()];
     for &(start, end) in segments {
         let mut state = WilderAtr::new(period)?;
-        let mut bucket: Option<(i64, f64, f64, f64)> = None;
+        // (bucket key, its end time, high, low, close) of the bucket being filled.
+        let mut bucket: Option<(i64, i64, f64, f64, f64)> = None;
         for i in start..end {
-            let key = bars.open_time[i].div_euclid(atr_interval);
+            let t = bars.open_time[i];
+            // Times increase, so the key moves forward; a division only after a jump.
+            let key = match bucket {
+                Some((k, bucket_end, ..)) if t < bucket_end => k,
+                Some((k, bucket_end, ..)) if t < bucket_end + atr_interval => k + 1,
+                _ => t.div_euclid(atr_interval),
+            };
             match bucket {
-                Some((k, high, low, close)) if k != key => {
+                Some((k, _, high, low, close)) if k != key => {
                     state.update(high, low, close);
                     bucket = None;
                 }
                 _ => {}
             }
-            values[i] = state.value();
+            values[i] = state.value().unwrap_or(f64::NAN);
             bucket = Some(match bucket {
-                Some((k, high, low, _)) => (
+                Some((k, bucket_end, high, low, _)) => (
                     k,
+                    bucket_end,
                     high.max(bars.high[i]),
                     low.min(bars.low[i]),
                     bars.close[i],
                 ),
-                None => (key, bars.high[i], bars.low[i], bars.close[i]),
+                None => (
+                    key,
+                    (key + 1) * atr_interval,
+                    bars.high[i],
+                    bars.low[i],
+                    bars.close[i],
+                ),
             });
         }
     }
@@ -611,7 +659,7 @@ fn bar_path(
     out.clear();
     // A LONG's adverse extreme is the low.
     let low_first = (direction == Direction::Long) == (intrabar == Intrabar::StopFirst);
-    match (p.fine[i], &p.input.fine) {
+    match (p.fine.get(i).copied().flatten(), &p.input.fine) {
         (Some((a, b)), Some((fine_interval, fine_bars))) => {
             for j in a..b {
                 push_bar_path(
@@ -830,6 +878,11 @@ fn time_stop_passed(position: &PositionState) -> bool {
         })
 }
 
+/// The ATR before bar `i`, `None` while not ready.
+fn atr_at(atr: &[f64], i: usize) -> Option<f64> {
+    Some(atr[i]).filter(|a| !a.is_nan())
+}
+
 /// The ATR as `on_mark` keys its trailing candidate on it.
 fn atr_basis(atr: Option<f64>) -> u64 {
     atr.map_or(0, f64::to_bits)
@@ -840,7 +893,8 @@ struct Job<'a> {
     policy: &'a ExitPolicy,
     rules: &'a SymbolRules,
     options: &'a BacktestOptions,
-    atr: &'a [Option<f64>],
+    /// ATR before each bar, NaN while not ready (see [`atr_at`]).
+    atr: &'a [f64],
     trail: TrailRule,
     out: JobOutput,
     open: Vec<Open>,
@@ -895,7 +949,7 @@ impl Job<'_> {
             leverage,
             entry.confidence,
             time_ms,
-            self.atr[i],
+            atr_at(self.atr, i),
         ) {
             // The daemon refuses an entry whose allowed stop is below the policy minimum.
             Ok(position) if !position.over_leveraged => position,
@@ -1131,7 +1185,7 @@ impl Job<'_> {
     }
 
     fn run_bar(&mut self, i: usize) {
-        let atr = self.atr[i];
+        let atr = atr_at(self.atr, i);
         let basis = atr_basis(atr);
         let mut k = 0;
         while k < self.open.len() {
@@ -1223,7 +1277,9 @@ impl Job<'_> {
                         self.try_enter(entry, i);
                     }
                 }
-                self.run_bar(i);
+                if !self.open.is_empty() {
+                    self.run_bar(i);
+                }
             }
             let last = s + 1 == p.segments.len();
             self.close_all(end - 1, if last { END_OF_DATA } else { DATA_GAP });
@@ -1799,6 +1855,25 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    proptest::proptest! {
+        /// The float tick of a kline price is the tick of its exact decimal rounded to the
+        /// nearest grid point, or undecided (near a midpoint): SOLUSDT's grid (base 0.4200,
+        /// tick 0.0100) fed 2 to 4 decimal prices, below and above the base.
+        #[test]
+        fn float_ticks_match_exact_rounding(mantissa in 0u64..100_000_000, decimals in 2u32..5) {
+            let rules = exchange_rules();
+            let sol = rules.symbol("SOLUSDT").unwrap();
+            let grid = Grid::new(sol).unwrap();
+            let v = mantissa as f64 / 10f64.powi(decimals as i32);
+            let exact = grid.nearest_exact(sol, "", "open", v).unwrap();
+            if let Some(fast) = grid.nearest_fast(v) {
+                proptest::prop_assert_eq!(fast, exact);
+            }
+            let rounded = sol.quantize_price(decimal_from_f64("v", v).unwrap(), Rounding::Nearest);
+            proptest::prop_assert_eq!(grid.price(exact), rounded);
+        }
     }
 
     proptest::proptest! {

@@ -175,6 +175,41 @@ pub fn decimal_from_f64(field: &str, value: f64) -> Result<Decimal, CoreError> {
     })
 }
 
+/// [`decimal_from_f64`] for values with at most `max_decimals` decimals and 15 digits,
+/// as exchange prices are, without formatting: `None` for anything else.
+///
+/// With `m = round(v * 10^d)` below 2^53, `m / 10^d` (both exact doubles, one correctly
+/// rounded division) reads back as `v` exactly when the decimal `m * 10^-d` does; the
+/// first `d` that does is the fewest decimals, hence the shortest digits, and at so few
+/// digits no other decimal of that length lies within half an ulp of `v`. So the result
+/// is the very decimal the shortest round-trip text gives.
+pub fn short_decimal_from_f64(value: f64, max_decimals: u32) -> Option<Decimal> {
+    const POW10: [f64; 16] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+    ];
+    if !value.is_finite() {
+        return None;
+    }
+    let magnitude = value.abs();
+    for (d, &p) in POW10.iter().enumerate().take(max_decimals as usize + 1) {
+        let scaled = magnitude * p;
+        if scaled >= 1e15 {
+            return None;
+        }
+        // Truncation and a compare rather than `round`, a library call on baseline x86-64.
+        let whole = scaled as i64;
+        let m = whole + i64::from(scaled - whole as f64 >= 0.5);
+        #[allow(clippy::float_cmp)] // reading back exactly the same double is the test
+        let reads_back = m as f64 / p == magnitude;
+        if reads_back {
+            let mut out = Decimal::new(m, d as u32);
+            out.set_sign_negative(value.is_sign_negative());
+            return Some(out);
+        }
+    }
+    None
+}
+
 /// Room for every `f64` whose shortest text fits a `Decimal` (28 digits, a point, a sign).
 const STACK_TEXT: usize = 40;
 
@@ -629,6 +664,44 @@ mod tests {
             let reference = Decimal::from_str_exact(&(-value).to_string()).unwrap();
             proptest::prop_assert_eq!(fast.serialize(), reference.serialize());
         }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn short_conversion_matches_the_shortest_text(
+            mantissa in 0i64..1_000_000_000_000_000,
+            decimals in 0i32..16,
+            max in 0u32..16,
+        ) {
+            for value in [mantissa as f64 / 10f64.powi(decimals), -(mantissa as f64) / 10f64.powi(decimals)] {
+                if let Some(short) = short_decimal_from_f64(value, max) {
+                    let text = Decimal::from_str_exact(&value.to_string()).unwrap();
+                    proptest::prop_assert_eq!(short.serialize(), text.serialize(), "{}", value);
+                    proptest::prop_assert!(short.scale() <= max);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_conversion_takes_prices_and_leaves_long_floats() {
+        assert_eq!(
+            short_decimal_from_f64(24.975, 8).unwrap().to_string(),
+            "24.975"
+        );
+        assert_eq!(short_decimal_from_f64(0.1, 8).unwrap().to_string(), "0.1");
+        assert_eq!(
+            short_decimal_from_f64(30120.0, 8).unwrap().to_string(),
+            "30120"
+        );
+        assert_eq!(
+            short_decimal_from_f64(-0.0001, 8).unwrap().to_string(),
+            "-0.0001"
+        );
+        assert_eq!(short_decimal_from_f64(24.975, 2), None);
+        assert_eq!(short_decimal_from_f64(0.1 + 0.2, 15), None);
+        assert_eq!(short_decimal_from_f64(f64::NAN, 8), None);
+        assert_eq!(short_decimal_from_f64(1e300, 8), None);
     }
 
     #[test]

@@ -53,6 +53,34 @@ fn bars(dict: &Bound<'_, PyDict>, symbol: &str, prefix: &str) -> PyResult<Bars> 
     })
 }
 
+/// The per-entry notionals: decimal strings or `None` (the run's default). A list is read
+/// item by item (most items are `None`, which costs a pointer compare); any other
+/// sequence goes through the generic extraction.
+fn entry_notionals(dict: &Bound<'_, PyDict>, symbol: &str) -> PyResult<Vec<Option<Decimal>>> {
+    let parse = |text: &str| -> PyResult<Decimal> {
+        Ok(parse_decimal("entry_notional", text).map_err(|e| e.with_symbol(symbol))?)
+    };
+    let Some(value) = dict.get_item("entry_notional")? else {
+        return Ok(Vec::new());
+    };
+    if let Ok(list) = value.cast::<PyList>() {
+        let mut out = Vec::with_capacity(list.len());
+        for item in list.iter() {
+            out.push(if item.is_none() {
+                None
+            } else {
+                Some(parse(&item.extract::<String>()?)?)
+            });
+        }
+        return Ok(out);
+    }
+    let texts: Vec<Option<String>> = value.extract()?;
+    texts
+        .iter()
+        .map(|t| t.as_deref().map(parse).transpose())
+        .collect()
+}
+
 fn series_input(dict: &Bound<'_, PyDict>) -> PyResult<SeriesInput> {
     let symbol: String = dict
         .get_item("symbol")?
@@ -72,11 +100,7 @@ fn series_input(dict: &Bound<'_, PyDict>) -> PyResult<SeriesInput> {
     let sides: Vec<i8> = array(dict, &symbol, "entry_side")?;
     let confidence: Vec<f64> = array(dict, &symbol, "entry_confidence")?;
     let leverage: Vec<i64> = array(dict, &symbol, "entry_leverage")?;
-    let notional: Vec<Option<String>> = dict
-        .get_item("entry_notional")?
-        .map(|v| v.extract())
-        .transpose()?
-        .unwrap_or_default();
+    let notional = entry_notionals(dict, &symbol)?;
     let n = times.len();
     if sides.len() != n || confidence.len() != n || leverage.len() != n || notional.len() != n {
         return Err(PyValueError::new_err(format!(
@@ -98,12 +122,7 @@ fn series_input(dict: &Bound<'_, PyDict>) -> PyResult<SeriesInput> {
                 .into())
             }
         };
-        let notional = match &notional[k] {
-            Some(text) => {
-                Some(parse_decimal("entry_notional", text).map_err(|e| e.with_symbol(&symbol))?)
-            }
-            None => None,
-        };
+        let notional = notional[k];
         entries.push(Entry {
             time_ms: times[k],
             direction,
