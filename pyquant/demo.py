@@ -20,6 +20,7 @@ from typing import Any
 
 from pyquant.errors import ExchangeError
 from pyquant.exchange.venue import Venue
+from pyquant.trading.guard import position_id_text  # base 36, the same compact ids
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class DemoProducer:
         run_tag: str | None = None,
     ) -> None:
         self._venue = venue
-        self._run_tag = run_tag or _base36(time.time_ns() // 1_000_000)
+        self._run_tag = run_tag or position_id_text(time.time_ns() // 1_000_000)
         self._submit = submit
         self._interval_s = interval_s
         self._threshold = threshold_pct
@@ -147,13 +148,3 @@ class DemoProducer:
 
 
 __all__ = ["DemoProducer", "demo_intents"]
-
-
-def _base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        number, rest = divmod(number, 36)
-        out = digits[rest] + out
-        if number == 0:
-            return out

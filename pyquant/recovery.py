@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from pyquant.errors import ExchangeError
+from pyquant.store import PositionRow
 from pyquant.trading.desk import EngineLike, TradingDesk, legs_from_rows
 from pyquant.trading.router import FINAL_STATES, LIVE_STATUSES, OrderOutcome, OrderState
 
@@ -95,6 +96,21 @@ def _dec(value: object) -> Decimal:
         return Decimal(str(value))
     except ArithmeticError:
         return Decimal(0)
+
+
+def _reopen(desk: TradingDesk, position: PositionRow, quantity: Decimal) -> None:
+    # Back into the engine as the journal knows it (the snapshot missed it).
+    desk.engine_call(
+        "open_position",
+        position.position_id,
+        position.symbol,
+        position.position_side,
+        str(quantity),
+        position.entry_price or "0",
+        leverage=position.leverage,
+        confidence=position.confidence,
+        opened_at_ms=position.opened_at_ms,
+    )
 
 
 async def reconcile(
@@ -194,17 +210,7 @@ async def reconcile(
         if desk.is_paper(position):
             # Shadow mode: the exchange does not hold it; it only has to be in the engine.
             if position.position_id not in engine_ids:
-                desk.engine_call(
-                    "open_position",
-                    position.position_id,
-                    position.symbol,
-                    position.position_side,
-                    position.quantity,
-                    position.entry_price or "0",
-                    leverage=position.leverage,
-                    confidence=position.confidence,
-                    opened_at_ms=position.opened_at_ms,
-                )
+                _reopen(desk, position, Decimal(position.quantity))
                 report.positions_reopened.append(position.position_id)
             continue
         key = (position.symbol, position.position_side)
@@ -237,17 +243,7 @@ async def reconcile(
             unapplied, stored = [], live
         pending_replay = bool(unapplied)
         if position.position_id not in engine_ids:
-            desk.engine_call(
-                "open_position",
-                position.position_id,
-                position.symbol,
-                position.position_side,
-                str(live),
-                position.entry_price or "0",
-                leverage=position.leverage,
-                confidence=position.confidence,
-                opened_at_ms=position.opened_at_ms,
-            )
+            _reopen(desk, position, live)
             store.update_position(position.position_id, quantity=str(live))
             report.positions_reopened.append(position.position_id)
         elif live != stored and not pending_replay:
