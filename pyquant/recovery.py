@@ -189,6 +189,7 @@ async def reconcile(
                     state,
                     _dec(last.executed_qty),
                     _dec(last.avg_price) if last.avg_price else None,
+                    time_ms=last.exchange_time_ms,
                 ),
             )
             refreshed = store.get_position(position.position_id)

@@ -446,10 +446,17 @@ class TradingDesk:
             )
             self._entry_failed(position_id, f"entry {outcome.state}{code}")
             return
-        await self._open_filled(position, outcome.executed_qty, outcome.avg_price)
+        await self._open_filled(
+            position, outcome.executed_qty, outcome.avg_price, opened_at_ms=outcome.time_ms
+        )
 
     async def _open_filled(
-        self, position: PositionRow, quantity: Decimal, avg_price: Decimal | None
+        self,
+        position: PositionRow,
+        quantity: Decimal,
+        avg_price: Decimal | None,
+        *,
+        opened_at_ms: int = 0,
     ) -> None:
         # The REST answer and the user stream may both report the fill: open once.
         if position.position_id in self._opened:
@@ -467,9 +474,9 @@ class TradingDesk:
                 entry,
                 leverage=position.leverage,
                 confidence=position.confidence,
-                # The engine's clock is the exchange's event time (the time stop counts in
-                # it): it stamps the open with the latest mark it saw.
-                opened_at_ms=None,
+                # The time stop counts in the exchange's event time: the fill's own time,
+                # else the engine stamps the open with the latest mark it saw.
+                opened_at_ms=opened_at_ms or None,
             )
         except (PyquantError, KeyError, ValueError):
             # The position exists on the exchange either way: keep it managed as adopted.
@@ -484,7 +491,7 @@ class TradingDesk:
                 str(quantity),
                 entry,
                 leverage=position.leverage,
-                opened_at_ms=None,
+                opened_at_ms=opened_at_ms or None,
             )
         with self.store.transaction():
             self.store.update_position(
@@ -873,6 +880,7 @@ class TradingDesk:
             OrderState(row.status),
             _dec(row.executed_qty),
             _dec(row.avg_price) or None,
+            time_ms=row.exchange_time_ms,
         )
         if row.kind == "entry":
             await self._entry_outcome(row.position_id, outcome)

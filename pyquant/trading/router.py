@@ -137,6 +137,7 @@ class RestAnswer:
     executed_qty: str
     avg_price: str | None
     exchange_order_id: str | None
+    time_ms: int = 0  # the order's updateTime (exchange clock), when the answer has one
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +234,8 @@ def next_state(row: OrderRow, event: OrderEvent) -> Transition:
             )
         case _, RestAnswer(status=status, executed_qty=qty, avg_price=avg, exchange_order_id=oid):
             changes: dict[str, object] = {"exchange_order_id": oid or row.exchange_order_id}
+            if event.time_ms > row.exchange_time_ms:
+                changes["exchange_time_ms"] = event.time_ms
             if final:
                 changes["rest_final"] = True
                 return Transition(changes, f"REST answer after final {state}")
@@ -357,6 +360,7 @@ class OrderOutcome:
         error_msg: its message.
         flat: the venue said there is nothing to reduce (``-2022``): the leg is flat.
         skipped: nothing was sent (e.g. the live position was already zero).
+        time_ms: the exchange's time of the last update (0 when not known).
     """
 
     client_order_id: str
@@ -367,6 +371,7 @@ class OrderOutcome:
     error_msg: str | None = None
     flat: bool = False
     skipped: bool = False
+    time_ms: int = 0
 
     @property
     def filled(self) -> bool:
@@ -581,6 +586,7 @@ class OrderRouter:
             error_code=row.error_code,
             error_msg=row.error_msg,
             flat=flat,
+            time_ms=row.exchange_time_ms,
         )
 
     def is_in_flight(self, client_id: str) -> bool:
@@ -1235,6 +1241,7 @@ def _rest_answer(reply: Mapping[str, Any]) -> RestAnswer:
         executed_qty=str(reply.get("executedQty", "0") or "0"),
         avg_price=_nonzero(reply.get("avgPrice")),
         exchange_order_id=None if reply.get("orderId") is None else str(reply["orderId"]),
+        time_ms=int(reply.get("updateTime") or 0),
     )
 
 

@@ -339,12 +339,9 @@ async def replay(mode: str, legs: Sequence[tuple[Leg, str]], tmp_path: Path) -> 
                 await settle(counts)
                 return now
 
-            # The desk stamps a position's open with the wall clock, the time stop counts in
-            # exchange time: let the frozen exchange clock catch up with the opens first, so
-            # the time stop falls 20 s into the path however long the start-up took.
-            behind = max(p.opened_at_ms for p in positions) - venue.clock.now_ms()
-            if behind > 0:
-                await advance(-(-behind // STEP_MS) * STEP_MS)
+            # The desk stamps a position's open with its fill's exchange time, the clock the
+            # time stop counts in: the frozen simulator clock has not moved since.
+            assert max(p.opened_at_ms for p in positions) <= venue.clock.now_ms()
             longest = max(len(p) for p in paths.values())
             for index in range(1, longest):
                 if not engine.positions():
