@@ -499,7 +499,7 @@ class TradingDesk:
                 status="open",
                 quantity=str(quantity),
                 entry_price=entry,
-                opened_at_ms=self._engine_opened_at(position.position_id) or now,
+                opened_at_ms=opened_at_ms or self._engine_opened_at(position.position_id) or now,
             )
             self.store.release_reservation(position.position_id)
             self.store.bump("entries")

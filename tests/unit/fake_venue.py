@@ -132,6 +132,7 @@ class FakeEngine:
         self.over_leveraged = over_leveraged
         self.views: dict[str, FakeView] = {}
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.opened_at: dict[str, int | None] = {}
         self.sequences: dict[str, int] = {}
         self.pending: list[FakeAction] = []
 
@@ -163,6 +164,7 @@ class FakeEngine:
         opened_at_ms=None,
     ):
         self.calls.append(("open", (position_id, symbol, position_side, quantity, entry_price)))
+        self.opened_at[position_id] = opened_at_ms
         self.views[position_id] = FakeView(
             position_id,
             symbol,

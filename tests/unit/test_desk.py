@@ -402,3 +402,14 @@ async def test_liquidation_price_reaches_the_engine_after_the_entry() -> None:
     engine.calls.clear()
     assert await desk.refresh_liquidation_prices() == 0
     assert [c for c in engine.calls if c[0] == "liquidation"] == []
+
+
+async def test_the_open_time_is_the_fills_exchange_time() -> None:
+    # The time stop counts in exchange time; the desk's own clock is far off here.
+    _venue, store, engine, desk = make(hedge=True)
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    fill_time = next(o for o in store.orders(position_id=pid) if o.kind == "entry")
+    assert fill_time.exchange_time_ms > 1_700_000_000_000  # the venue's updateTime
+    assert engine.opened_at[pid] == fill_time.exchange_time_ms
+    assert store.get_position(pid).opened_at_ms == fill_time.exchange_time_ms  # type: ignore[union-attr]
