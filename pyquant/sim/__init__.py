@@ -51,6 +51,9 @@ async def serve(
     ping_interval_s: float = 180.0,
     max_connection_s: float = 86_400.0,
     start_ms: int | None = None,
+    liquidation: bool = False,
+    funding: bool = False,
+    funding_rate: Decimal | str = "0.0001",
 ) -> AsyncIterator[Venue]:
     """Run a simulated venue for the duration of the ``async with`` block.
 
@@ -76,6 +79,10 @@ async def serve(
         ping_interval_s: Websocket ping-frame interval (Binance: 180 s).
         max_connection_s: Websocket connection lifetime (Binance: 24 h).
         start_ms: Exchange clock at start (default: now).
+        liquidation: Liquidate legs whose mark reaches their liquidation price (an
+            ``autoclose-`` order; see :mod:`pyquant.sim.exchange`). Off by default.
+        funding: Charge funding every 8 h of exchange time (00/08/16 UTC). Off by default.
+        funding_rate: Funding rate of every symbol (served as ``lastFundingRate``).
 
     Yields:
         The running :class:`Venue`.
@@ -101,6 +108,9 @@ async def serve(
         ping_interval_s=ping_interval_s,
         max_connection_s=max_connection_s,
         start_ms=start_ms,
+        liquidation=liquidation,
+        funding=funding,
+        funding_rate=funding_rate,
     )
     await venue.start()
     try:

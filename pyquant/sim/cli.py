@@ -49,6 +49,18 @@ def _balance(text: str) -> Decimal:
     return value
 
 
+def _funding_rate(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:
+        raise argparse.ArgumentTypeError(f"--funding-rate {text!r}: not a decimal number") from exc
+    if not value.is_finite() or abs(value) >= 1:
+        raise argparse.ArgumentTypeError(
+            f"--funding-rate {text!r}: must be a finite rate between -1 and 1"
+        )
+    return value
+
+
 def build_parser(prog: str = "pyquant sim") -> argparse.ArgumentParser:
     """Return the argument parser of ``pyquant sim``."""
     p = argparse.ArgumentParser(
@@ -93,6 +105,18 @@ def build_parser(prog: str = "pyquant sim") -> argparse.ArgumentParser:
         "--slippage-ticks", type=int, default=0, help="ticks a MARKET fill moves against the taker"
     )
     p.add_argument("--faults", help="fault switches as a JSON object (see pyquant.sim.faults)")
+    p.add_argument(
+        "--liquidation",
+        action="store_true",
+        help="liquidate positions whose mark reaches their liquidation price",
+    )
+    p.add_argument("--funding", action="store_true", help="charge funding every 8 h (00/08/16 UTC)")
+    p.add_argument(
+        "--funding-rate",
+        type=_funding_rate,
+        default=Decimal("0.0001"),
+        help="funding rate of every symbol (default 0.0001)",
+    )
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -126,6 +150,9 @@ async def _serve(args: argparse.Namespace) -> int:
         slippage_ticks=args.slippage_ticks,
         state=args.state,
         faults=faults,
+        liquidation=args.liquidation,
+        funding=args.funding,
+        funding_rate=args.funding_rate,
     ) as venue:
         line = {
             "rest": venue.rest_url,

@@ -36,12 +36,44 @@ Fill rules (contract section 9):
   position goes flat; other ``closePosition`` orders stay open (as on Binance).
 * **Margin.** Initial margin = notional / leverage, checked (``-2019``) for the opening part of a
   new order against ``wallet + unrealized PnL - position margin - open-order margin``; no margin
-  check for algo orders until they trigger.
+  check for algo orders until they trigger. An ``ISOLATED`` leg's isolated wallet is the initial
+  margin of its opening fills (``price x qty / leverage``), released pro rata by reducing fills
+  and moved by its funding fees; it is what its liquidation price is computed from.
+* **Liquidation price** (Binance FAQ "How to Calculate Liquidation Price of USDⓈ-M Futures
+  Contracts"), per symbol::
 
-Simplifications: one account; cross-margin arithmetic for both margin types (``ISOLATED`` is
-stored and reported, not separately funded); no liquidation, no funding, no ADL; one generic
-leverage bracket table for every symbol; resting LIMIT orders fill completely (no partial fills);
-no self-trade prevention (the mode is echoed); ``priceMatch`` is echoed, not applied.
+      LP = (WB - TMM1 + UPNL1 + cumB + cumL + cumS
+            - Side1BOTH x Position1BOTH x EP1BOTH - Position1LONG x EP1LONG
+            + Position1SHORT x EP1SHORT)
+         / (Position1BOTH x MMRB + Position1LONG x MMRL + Position1SHORT x MMRS
+            - Side1BOTH x Position1BOTH - Position1LONG + Position1SHORT)
+
+  Cross: ``WB`` is the cross wallet (wallet minus every isolated wallet), ``TMM1``/``UPNL1`` the
+  maintenance margin and unrealized PnL of the other symbols' cross legs, and both hedge legs of
+  the symbol enter together (they share one price). Isolated: ``WB`` is the leg's isolated
+  wallet, ``TMM1 = UPNL1 = 0`` and only that leg enters. ``MMR``/``cum`` come from the bracket of
+  the leg's notional at the liquidation price (the FAQ's note: recompute when the bracket at the
+  liquidation price differs from the current one). A result <= 0 means no liquidation price
+  (reported ``"0"``, as Binance does for a well-funded cross long).
+* **Liquidation** (``liquidation=True``; off by default): after each price update, a leg whose
+  mark reached its liquidation price (long: mark <= LP, short: mark >= LP) is closed: the
+  symbol's open normal orders expire (``er`` = 5), an ``autoclose-…`` MARKET order (``ot``
+  ``LIQUIDATION``) fills the whole leg at the mark (rounded a tick against the position) with
+  the symbol's exchangeInfo ``liquidationFee`` rate as commission (the clearance fee); events
+  ``ORDER_TRADE_UPDATE`` ``x=NEW``, then ``x=CALCULATED`` ``X=FILLED`` with the fill, then
+  ``ACCOUNT_UPDATE`` ``m=ORDER`` (no ``TRADE_LITE``). Cross hedge legs of the symbol go together.
+* **Funding** (``funding=True``; off by default): at each funding time (every 8 h, aligned to
+  00/08/16 UTC, on the first price update at or after it) every open leg is charged
+  ``positionAmt x mark x fundingRate`` (longs pay a positive rate); one ``ACCOUNT_UPDATE``
+  ``m=FUNDING_FEE`` per leg, ``T`` = the funding time, ``B`` only for cross, ``B`` plus the leg
+  for isolated (whose isolated wallet pays), and a ``funding`` order-log entry.
+
+Simplifications: one account; the cross wallet reported (``cw``, ``crossWalletBalance``) is the
+whole wallet and available balance does not set isolated margin apart; no partial liquidation,
+no insurance fund (a liquidation past bankruptcy leaves the wallet short), no ADL; one generic
+leverage bracket table for every symbol (:data:`BRACKETS`); one funding rate for every symbol
+unless set per symbol; resting LIMIT orders fill completely (no partial fills); no self-trade
+prevention (the mode is echoed); ``priceMatch`` is echoed, not applied.
 """
 
 from __future__ import annotations
@@ -74,10 +106,15 @@ ORDER_TYPES = frozenset({"LIMIT", "MARKET"}) | CONDITIONAL_TYPES
 TIME_IN_FORCE = frozenset({"GTC", "IOC", "FOK", "GTX", "GTD"})
 FINAL_STATUSES = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", "EXPIRED_IN_MATCH"})
 LISTEN_KEY_TTL_MS = 60 * 60 * 1000
+FUNDING_INTERVAL_MS = 8 * 3_600_000
+DEFAULT_FUNDING_RATE = Decimal("0.0001")
 MAX_LEVERAGE = 125
 DEFAULT_LEVERAGE = 20
 
-# One generic bracket table (BTCUSDT-like) for every symbol: (floor, cap, max leverage, mmr, cum).
+# One generic bracket table for every symbol: (floor, cap, max leverage, mmr, cum). The rows are
+# Binance's published BTCUSDT leverage-and-margin tiers (first row = the docs' leverageBracket
+# example; each cum = previous cum + floor x (mmr - previous mmr)); see pyquant/sim/SOURCES.md.
+# We have no per-symbol tables, so every symbol uses these (documented simplification).
 BRACKETS: tuple[tuple[int, int, int, Decimal, Decimal], ...] = (
     (0, 50_000, 125, Decimal("0.004"), Decimal(0)),
     (50_000, 600_000, 100, Decimal("0.005"), Decimal(50)),
@@ -103,12 +140,18 @@ def max_notional_for(leverage: int) -> int:
     return cap
 
 
-def maint_margin(notional: Decimal) -> Decimal:
-    """Return the maintenance margin of a position of absolute ``notional``."""
+def bracket_of(notional: Decimal) -> tuple[Decimal, Decimal]:
+    """Return ``(maintMarginRatio, cum)`` of the bracket holding absolute ``notional``."""
     for floor, cap, _lev, mmr, cum in BRACKETS:
         if floor <= notional < cap:
-            return notional * mmr - cum
-    return notional * BRACKETS[-1][3] - BRACKETS[-1][4]
+            return mmr, cum
+    return BRACKETS[-1][3], BRACKETS[-1][4]
+
+
+def maint_margin(notional: Decimal) -> Decimal:
+    """Return the maintenance margin of a position of absolute ``notional``."""
+    mmr, cum = bracket_of(notional)
+    return notional * mmr - cum
 
 
 @dataclass
@@ -282,6 +325,7 @@ class Position:
     realized: Decimal = ZERO  # accumulated realized PnL (ACCOUNT_UPDATE 'cr')
     fees: Decimal = ZERO  # fees paid while open (break-even price)
     update_time: int = 0
+    isolated_wallet: Decimal = ZERO  # ISOLATED legs only: margin set aside for the leg
 
     def break_even(self) -> Decimal:
         """Entry price moved by the fees paid on the open quantity."""
@@ -333,6 +377,10 @@ class Exchange:
         maker_fee: Maker fee rate (0.0002 = 0.02 %).
         taker_fee: Taker fee rate.
         slippage_ticks: Ticks a MARKET fill moves away from the mark, against the taker.
+        liquidation: Close legs whose mark reaches their liquidation price.
+        funding: Charge funding fees every 8 h of exchange time.
+        funding_rate: The funding rate of every symbol (``lastFundingRate``); per-symbol rates
+            can be set with :meth:`set_funding_rate`.
     """
 
     def __init__(
@@ -345,6 +393,9 @@ class Exchange:
         maker_fee: Decimal = Decimal("0.0002"),
         taker_fee: Decimal = Decimal("0.0005"),
         slippage_ticks: int = 0,
+        liquidation: bool = False,
+        funding: bool = False,
+        funding_rate: Decimal = DEFAULT_FUNDING_RATE,
     ) -> None:
         if position_mode not in ("one-way", "hedge"):
             raise ValueError(f"position_mode {position_mode!r} found: must be one-way or hedge")
@@ -370,6 +421,12 @@ class Exchange:
         self._events: list[dict[str, Any]] = []
         self.log: list[dict[str, Any]] = []
         self.balance_update_time = 0
+        self.liquidation = liquidation
+        self.funding = funding
+        self.funding_rate = funding_rate
+        self.funding_rates: dict[str, Decimal] = {}
+        self._next_funding = _next_funding_after(now_ms())
+        self._autoclose_ids = itertools.count(1)
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -423,6 +480,10 @@ class Exchange:
             a for a in self.algo_orders.values() if a.status == "NEW" and symbol in (None, a.symbol)
         ]
 
+    def isolated(self, symbol: str) -> bool:
+        """True when ``symbol`` trades with ISOLATED margin."""
+        return self.margin_type.get(symbol) == "ISOLATED"
+
     def legs(self) -> tuple[str, ...]:
         """The position sides that exist in the current mode."""
         return ("LONG", "SHORT") if self.dual else ("BOTH",)
@@ -473,6 +534,73 @@ class Exchange:
             "available": available,
             "max_withdraw": max(ZERO, min(self.wallet, available)),
         }
+
+    def liquidation_price(self, symbol: str, side: str) -> Decimal:
+        """Liquidation price of the leg ``(symbol, side)``; 0 when flat or never liquidated.
+
+        Binance's formula (module docstring): cross legs of the symbol share one price, computed
+        from the cross wallet and the other symbols' cross legs; an isolated leg's price comes
+        from its isolated wallet alone. The bracket is the one of each leg's notional at the
+        liquidation price, found by recomputing until it no longer changes.
+        """
+        return self._liquidation(symbol, side)[0]
+
+    def _liquidation(self, symbol: str, side: str) -> tuple[Decimal, int]:
+        """Return the liquidation price and the way the mark reaches it (-1 down, +1 up)."""
+        pos = self.positions.get((symbol, side))
+        if pos is None or not pos.amount:
+            return ZERO, 0
+        if self.isolated(symbol):
+            legs = [pos]
+            base = pos.isolated_wallet
+        else:
+            legs = [
+                leg
+                for s in self.legs()
+                if (leg := self.positions.get((symbol, s))) is not None and leg.amount
+            ]
+            base = self.wallet - sum((p.isolated_wallet for p in self.positions.values()), ZERO)
+            for other in self.positions.values():
+                if other.amount and other.symbol != symbol and not self.isolated(other.symbol):
+                    mark = self.marks.get(other.symbol, other.entry_price)
+                    base += self.unrealized(other) - maint_margin(abs(other.amount) * mark)
+        price = self.marks.get(symbol, pos.entry_price)
+        result, direction = ZERO, 0
+        for _ in range(len(BRACKETS) + 1):
+            # margin balance at price P is numerator - P x denominator; liquidation where it is 0
+            numerator, denominator = base, ZERO
+            for leg in legs:
+                mmr, cum = bracket_of(abs(leg.amount) * price)
+                numerator += cum - leg.amount * leg.entry_price
+                denominator += abs(leg.amount) * mmr - leg.amount
+            if denominator == 0:
+                return ZERO, 0
+            result = numerator / denominator
+            direction = -1 if denominator < 0 else 1
+            if result <= 0:
+                return ZERO, 0
+            if all(
+                bracket_of(abs(leg.amount) * result) == bracket_of(abs(leg.amount) * price)
+                for leg in legs
+            ):
+                break
+            price = result
+        return result, direction
+
+    def funding_rate_of(self, symbol: str) -> Decimal:
+        """The funding rate charged (and served as ``lastFundingRate``) for ``symbol``."""
+        return self.funding_rates.get(symbol, self.funding_rate)
+
+    def set_funding_rate(self, symbol: str, rate: Decimal) -> None:
+        """Set ``symbol``'s funding rate (positive: longs pay shorts)."""
+        self.rule(symbol)
+        self.funding_rates[symbol] = rate
+
+    def next_funding_time(self) -> int:
+        """``nextFundingTime``: the next funding settlement (00/08/16 UTC), in ms."""
+        if self.funding:
+            return self._next_funding  # a passed time stays until the next price update settles it
+        return _next_funding_after(self.now_ms())
 
     # --- configuration endpoints -------------------------------------------------------
 
@@ -870,11 +998,14 @@ class Exchange:
         pos = self.position(order.symbol, order.position_side)
         realized = ZERO
         old = pos.amount
+        isolated = self.isolated(order.symbol)
         if old == 0 or (old > 0) == (signed > 0):
             new_amount = old + signed
             pos.entry_price = (pos.entry_price * abs(old) + price * qty) / abs(new_amount)
             pos.amount = new_amount
             pos.fees += fee
+            if isolated:
+                pos.isolated_wallet += price * qty / self.lev(order.symbol)
         else:
             closed = min(abs(old), qty)
             direction = Decimal(1) if old > 0 else Decimal(-1)
@@ -882,13 +1013,17 @@ class Exchange:
             remainder = qty - closed
             share = closed / abs(old)
             pos.fees -= pos.fees * share
+            pos.isolated_wallet -= pos.isolated_wallet * share
             pos.amount = old + signed
             if pos.amount == 0:
                 pos.entry_price = ZERO
                 pos.fees = ZERO
+                pos.isolated_wallet = ZERO
             elif remainder > 0:
                 pos.entry_price = price  # flipped: the remainder opens at the fill price
                 pos.fees = fee * remainder / qty
+                if isolated:
+                    pos.isolated_wallet = price * remainder / self.lev(order.symbol)
         pos.realized += realized
         pos.update_time = now
         self.wallet += realized - fee
@@ -1002,7 +1137,7 @@ class Exchange:
                     "cr": fmt_decimal(pos.realized, 8),
                     "up": fmt_decimal(self.unrealized(pos), 8),
                     "mt": "isolated" if self.margin_type.get(symbol) == "ISOLATED" else "cross",
-                    "iw": "0",
+                    "iw": fmt_decimal(pos.isolated_wallet, 8) if pos.isolated_wallet else "0",
                     "ps": side,
                 }
             )
@@ -1363,9 +1498,13 @@ class Exchange:
     # --- price updates ----------------------------------------------------------------------
 
     def set_price(self, symbol: str, mark: Decimal, last: Decimal | None = None) -> None:
-        """Apply a price update: fill crossed LIMIT orders, trigger algo orders, expire GTD."""
+        """Apply a price update: funding, LIMIT fills, algo triggers, GTD expiry, liquidation.
+
+        Due funding is settled first (when enabled), liquidation is checked last (when enabled).
+        """
         self.marks[symbol] = mark
         self.lasts[symbol] = last if last is not None else mark
+        self._settle_funding()
         now = self.now_ms()
         for order in self.open_orders(symbol):
             if order.good_till_date and now >= order.good_till_date:
@@ -1387,6 +1526,175 @@ class Exchange:
                     continue
             if self._condition(algo, price):
                 self._trigger(algo)
+        if self.liquidation:
+            self._liquidate_crossed()
+
+    # --- funding and liquidation ---------------------------------------------------------------
+
+    def _settle_funding(self) -> None:
+        """Charge every funding time that has passed (only the first update after it)."""
+        now = self.now_ms()
+        while now >= self._next_funding:
+            at = self._next_funding
+            self._next_funding += FUNDING_INTERVAL_MS
+            if not self.funding:
+                continue
+            for pos in list(self.positions.values()):
+                if not pos.amount or pos.symbol not in self.marks:
+                    continue
+                self._charge_funding(pos, at, now)
+
+    def _charge_funding(self, pos: Position, at: int, now: int) -> None:
+        mark = self.marks[pos.symbol]
+        rate = self.funding_rate_of(pos.symbol)
+        income = -(pos.amount * mark * rate)  # longs pay a positive rate, shorts receive it
+        self.wallet += income
+        self.balance_update_time = now
+        isolated = self.isolated(pos.symbol)
+        if isolated:
+            pos.isolated_wallet += income
+        self._record(
+            "funding",
+            symbol=pos.symbol,
+            positionSide=pos.side,
+            fundingTime=at,
+            positionAmt=plain(pos.amount),
+            markPrice=plain(mark),
+            fundingRate=plain(rate),
+            income=plain(income),
+        )
+        wallet = fmt_decimal(self.wallet, 8)
+        legs: list[dict[str, Any]] = []
+        if isolated:
+            legs.append(
+                {
+                    "s": pos.symbol,
+                    "pa": plain(pos.amount),
+                    "ep": plain(pos.entry_price),
+                    "bep": plain(pos.break_even()),
+                    "cr": fmt_decimal(pos.realized, 8),
+                    "up": fmt_decimal(self.unrealized(pos), 8),
+                    "mt": "isolated",
+                    "iw": fmt_decimal(pos.isolated_wallet, 8),
+                    "ps": pos.side,
+                }
+            )
+        self._emit(
+            {
+                "e": "ACCOUNT_UPDATE",
+                "E": now,
+                "T": at,
+                "a": {
+                    "m": "FUNDING_FEE",
+                    "B": [{"a": "USDT", "wb": wallet, "cw": wallet, "bc": fmt_decimal(income, 8)}],
+                    "P": legs,
+                },
+            }
+        )
+
+    def _liquidate_crossed(self) -> None:
+        """Close every leg whose mark reached its liquidation price (cross legs move others)."""
+        for _ in range(len(self.positions) + 1):
+            crossed = None
+            for (symbol, side), pos in self.positions.items():
+                if not pos.amount or symbol not in self.marks:
+                    continue
+                price, direction = self._liquidation(symbol, side)
+                mark = self.marks[symbol]
+                if price > 0 and (mark <= price if direction < 0 else mark >= price):
+                    crossed = (symbol, side, price)
+                    break
+            if crossed is None:
+                return
+            symbol, side, price = crossed
+            sides = (side,) if self.isolated(symbol) else self.legs()
+            for order in self.open_orders(symbol):
+                self._finish(order, "EXPIRED", "EXPIRED", reason=5)
+            for leg_side in sides:
+                leg = self.positions.get((symbol, leg_side))
+                if leg is not None and leg.amount:
+                    self._liquidate(leg, price)
+
+    def _liquidate(self, pos: Position, liquidation_price: Decimal) -> None:
+        """Fill an ``autoclose-`` MARKET order closing ``pos`` at the mark (events and log)."""
+        rules = self.rules[pos.symbol]
+        now = self.now_ms()
+        mark = self.marks[pos.symbol]
+        side = "SELL" if pos.amount > 0 else "BUY"
+        qty = abs(pos.amount)
+        price = self._taker_price(rules, side, mark)
+        order = Order(
+            order_id=next(self._order_ids),
+            symbol=pos.symbol,
+            client_order_id=f"autoclose-{now}{next(self._autoclose_ids):04d}",
+            side=side,
+            position_side=pos.side,
+            type="MARKET",
+            orig_type="LIQUIDATION",
+            time_in_force="GTC",
+            price=ZERO,
+            orig_qty=qty,
+            reduce_only=False,  # as Binance's liquidation events show (sample R=false)
+            close_position=False,
+            time=now,
+            update_time=now,
+        )
+        self.orders[order.order_id] = order
+        self._record("order", **_order_log(order))
+        self._record(
+            "liquidation",
+            orderId=order.order_id,
+            clientOrderId=order.client_order_id,
+            symbol=pos.symbol,
+            positionSide=pos.side,
+            liquidationPrice=plain(liquidation_price),
+            markPrice=plain(mark),
+            qty=plain(qty),
+        )
+        self._order_event(order, "NEW")
+        fee = price * qty * (rules.liquidation_fee or self.taker_fee)
+        realized = self._apply_fill(order, price, qty, fee, now)
+        order.executed_qty = qty
+        order.cum_quote = price * qty
+        order.status = "FILLED"
+        trade = Trade(
+            trade_id=next(self._trade_ids),
+            order_id=order.order_id,
+            symbol=order.symbol,
+            side=side,
+            position_side=order.position_side,
+            price=price,
+            qty=qty,
+            realized_pnl=realized,
+            commission=fee,
+            time=now,
+            maker=False,
+        )
+        self.trades.append(trade)
+        self._record(
+            "fill",
+            orderId=order.order_id,
+            clientOrderId=order.client_order_id,
+            symbol=order.symbol,
+            side=side,
+            positionSide=order.position_side,
+            price=plain(price),
+            qty=plain(qty),
+            realizedPnl=plain(realized),
+            commission=plain(fee),
+            maker=False,
+            tradeId=trade.trade_id,
+        )
+        self._order_event(
+            order,
+            "CALCULATED",
+            fill=_Fill(price, qty, False),
+            fee=fee,
+            realized=realized,
+            trade_id=trade.trade_id,
+        )
+        self._account_event(order.symbol, "ORDER", balance_change=ZERO)
+        self._after_position_change(order.symbol)
 
     # --- reports ---------------------------------------------------------------------------
 
@@ -1419,6 +1727,11 @@ class _TestOnly(Exception):
 
 
 TestOnly = _TestOnly
+
+
+def _next_funding_after(now_ms: int) -> int:
+    """The first funding time (00/08/16 UTC) strictly after ``now_ms``."""
+    return now_ms - now_ms % FUNDING_INTERVAL_MS + FUNDING_INTERVAL_MS
 
 
 def _order_log(order: Order) -> dict[str, Any]:

@@ -56,7 +56,6 @@ logger = logging.getLogger(__name__)
 EXCHANGE_INFO = Path(__file__).with_name("data") / "exchangeInfo_fapi_2025-11-26.json.gz"
 _API_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
-_FUNDING_MS = 8 * 3_600_000
 
 Handler = Callable[[dict[str, str]], Awaitable[object]]
 
@@ -124,6 +123,9 @@ class Venue:
         max_connection_s: float = 86_400.0,
         start_ms: int | None = None,
         walk_start: dict[str, Decimal] | None = None,
+        liquidation: bool = False,
+        funding: bool = False,
+        funding_rate: Decimal | str = "0.0001",
     ) -> None:
         if (api_key is None) != (api_secret is None):
             raise ValueError("api_key and api_secret must be given together (or neither)")
@@ -161,6 +163,9 @@ class Venue:
             maker_fee=maker,
             taker_fee=taker,
             slippage_ticks=slippage_ticks,
+            liquidation=liquidation,
+            funding=funding,
+            funding_rate=Decimal(str(funding_rate)),
         )
         self.state_path = Path(state) if state else None
         if self.state_path is not None and load_state(self.exchange, self.state_path):
@@ -329,9 +334,12 @@ class Venue:
         if not wanted:
             return
         third = every or (t_ms // 1000) % 3 == 0
-        funding = t_ms - t_ms % _FUNDING_MS + _FUNDING_MS
+        funding = self.exchange.next_funding_time()
         payloads = {
-            s: streams.mark_price_payload(s, self.exchange.mark(s), t_ms, funding) for s in symbols
+            s: streams.mark_price_payload(
+                s, self.exchange.mark(s), t_ms, funding, self.exchange.funding_rate_of(s)
+            )
+            for s in symbols
         }
         for symbol, payload in payloads.items():
             low = symbol.lower()
@@ -791,9 +799,9 @@ class Venue:
             "markPrice": price,
             "indexPrice": price,
             "estimatedSettlePrice": price,
-            "lastFundingRate": "0.00010000",
+            "lastFundingRate": fmt_decimal(self.exchange.funding_rate_of(symbol), 8),
             "interestRate": "0.00010000",
-            "nextFundingTime": now - now % _FUNDING_MS + _FUNDING_MS,
+            "nextFundingTime": self.exchange.next_funding_time(),
             "time": now,
         }
 
@@ -1042,6 +1050,10 @@ class Venue:
             }
         ]
 
+    def _liquidation_price(self, symbol: str, side: str) -> str:
+        price = self.exchange.liquidation_price(symbol, side)
+        return fmt_decimal(price, 8) if price > 0 else "0"
+
     async def _position_risk_v2(self, p: dict[str, str]) -> object:
         ex = self.exchange
         symbols = [self._symbol(p)] if p.get("symbol") else list(self.rules)
@@ -1058,17 +1070,21 @@ class Venue:
                         "breakEvenPrice": fmt_decimal(pos.break_even(), 8) if pos.amount else "0.0",
                         "markPrice": fmt_decimal(f["mark"], 8),
                         "unRealizedProfit": self._b8(f["unrealized"]),
-                        "liquidationPrice": "0",
+                        "liquidationPrice": self._liquidation_price(symbol, side),
                         "leverage": str(ex.lev(symbol)),
                         "maxNotionalValue": str(max_notional_for(ex.lev(symbol))),
                         "marginType": "isolated"
                         if ex.margin_type.get(symbol) == "ISOLATED"
                         else "cross",
-                        "isolatedMargin": "0.00000000",
+                        "isolatedMargin": self._b8(
+                            pos.isolated_wallet + f["unrealized"] if pos.isolated_wallet else ZERO
+                        ),
                         "isAutoAddMargin": "false",
                         "positionSide": side,
                         "notional": self._b8(f["notional"]),
-                        "isolatedWallet": "0",
+                        "isolatedWallet": self._b8(pos.isolated_wallet)
+                        if pos.isolated_wallet
+                        else "0",
                         "updateTime": pos.update_time,
                     }
                 )
@@ -1094,11 +1110,15 @@ class Venue:
                         "breakEvenPrice": fmt_decimal(pos.break_even(), 8) if pos.amount else "0.0",
                         "markPrice": fmt_decimal(f["mark"], 8),
                         "unRealizedProfit": self._b8(f["unrealized"]),
-                        "liquidationPrice": "0",
-                        "isolatedMargin": "0",
+                        "liquidationPrice": self._liquidation_price(symbol, side),
+                        "isolatedMargin": self._b8(pos.isolated_wallet + f["unrealized"])
+                        if pos.isolated_wallet
+                        else "0",
                         "notional": self._b8(f["notional"]),
                         "marginAsset": "USDT",
-                        "isolatedWallet": "0",
+                        "isolatedWallet": self._b8(pos.isolated_wallet)
+                        if pos.isolated_wallet
+                        else "0",
                         "initialMargin": self._b8(f["initial"] + f["order_margin"]),
                         "maintMargin": self._b8(f["maint"]),
                         "positionInitialMargin": self._b8(f["initial"]),

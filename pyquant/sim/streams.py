@@ -248,7 +248,11 @@ class StreamHub:
 
 
 def mark_price_payload(
-    symbol: str, mark: Decimal, event_time: int, funding_time: int
+    symbol: str,
+    mark: Decimal,
+    event_time: int,
+    funding_time: int,
+    funding_rate: Decimal = Decimal("0.0001"),
 ) -> dict[str, Any]:
     """``markPriceUpdate`` (docs Mark-Price-Stream; sample ws_markPrice_docs.json)."""
     price = fmt_decimal(mark, 8)
@@ -259,7 +263,7 @@ def mark_price_payload(
         "p": price,
         "i": price,
         "P": price,
-        "r": "0.00010000",
+        "r": fmt_decimal(funding_rate, 8),
         "T": funding_time,
     }
 

@@ -215,6 +215,7 @@ class SymbolRules:
     trigger_protect: Decimal
     order_types: tuple[str, ...] = field(default=())
     time_in_force: tuple[str, ...] = field(default=())
+    liquidation_fee: Decimal = Decimal(0)  # exchangeInfo liquidationFee (clearance fee rate)
 
     @classmethod
     def from_exchange_info(cls, entry: dict[str, Any]) -> SymbolRules:
@@ -249,6 +250,7 @@ class SymbolRules:
             trigger_protect=Decimal(str(entry.get("triggerProtect", "0"))),
             order_types=tuple(entry.get("orderTypes", ())),
             time_in_force=tuple(entry.get("timeInForce", ())),
+            liquidation_fee=Decimal(str(entry.get("liquidationFee", "0"))),
         )
 
     # --- formatting -------------------------------------------------------------------------
