@@ -1024,9 +1024,9 @@ class Venue:
                         "positionSide": side,
                         "positionAmt": f["rules"].fmt_qty(f["pos"].amount),
                         "unrealizedProfit": self._b8(f["unrealized"]),
-                        "isolatedMargin": "0",
+                        "isolatedMargin": self._isolated(f)[0],
                         "notional": self._b8(f["notional"]),
-                        "isolatedWallet": "0",
+                        "isolatedWallet": self._isolated(f)[1],
                         "initialMargin": self._b8(f["initial"] + f["order_margin"]),
                         "maintMargin": self._b8(f["maint"]),
                         "updateTime": f["pos"].update_time,
@@ -1049,6 +1049,13 @@ class Venue:
                 "updateTime": self.exchange.balance_update_time,
             }
         ]
+
+    def _isolated(self, figures: dict[str, Any], zero: str = "0") -> tuple[str, str]:
+        """``(isolatedMargin, isolatedWallet)`` of a leg: wallet plus unrealized PnL, wallet."""
+        wallet = figures["pos"].isolated_wallet
+        if not wallet:
+            return zero, "0"
+        return self._b8(wallet + figures["unrealized"]), self._b8(wallet)
 
     def _liquidation_price(self, symbol: str, side: str) -> str:
         price = self.exchange.liquidation_price(symbol, side)
@@ -1076,15 +1083,11 @@ class Venue:
                         "marginType": "isolated"
                         if ex.margin_type.get(symbol) == "ISOLATED"
                         else "cross",
-                        "isolatedMargin": self._b8(
-                            pos.isolated_wallet + f["unrealized"] if pos.isolated_wallet else ZERO
-                        ),
+                        "isolatedMargin": self._isolated(f, zero="0.00000000")[0],
                         "isAutoAddMargin": "false",
                         "positionSide": side,
                         "notional": self._b8(f["notional"]),
-                        "isolatedWallet": self._b8(pos.isolated_wallet)
-                        if pos.isolated_wallet
-                        else "0",
+                        "isolatedWallet": self._isolated(f)[1],
                         "updateTime": pos.update_time,
                     }
                 )
@@ -1111,14 +1114,10 @@ class Venue:
                         "markPrice": fmt_decimal(f["mark"], 8),
                         "unRealizedProfit": self._b8(f["unrealized"]),
                         "liquidationPrice": self._liquidation_price(symbol, side),
-                        "isolatedMargin": self._b8(pos.isolated_wallet + f["unrealized"])
-                        if pos.isolated_wallet
-                        else "0",
+                        "isolatedMargin": self._isolated(f)[0],
                         "notional": self._b8(f["notional"]),
                         "marginAsset": "USDT",
-                        "isolatedWallet": self._b8(pos.isolated_wallet)
-                        if pos.isolated_wallet
-                        else "0",
+                        "isolatedWallet": self._isolated(f)[1],
                         "initialMargin": self._b8(f["initial"] + f["order_margin"]),
                         "maintMargin": self._b8(f["maint"]),
                         "positionInitialMargin": self._b8(f["initial"]),

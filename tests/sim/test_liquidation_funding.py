@@ -337,3 +337,44 @@ async def test_position_risk_premium_index_and_a_liquidation_over_the_wire(lrest
         "liquidation",
         "fill",
     ]
+
+
+async def test_isolated_wallet_is_served_and_survives_a_restart(rest: Rest, tmp_path: Any) -> None:
+    from pyquant.sim.records import load_state, save_state
+
+    venue = rest.venue
+    await venue.set_mark("ETHUSDT", "2500.00")
+    await rest.ok("POST", "/fapi/v1/marginType", symbol="ETHUSDT", marginType="ISOLATED")
+    await rest.ok("POST", "/fapi/v1/leverage", symbol="ETHUSDT", leverage="10")
+    await rest.ok(
+        "POST", "/fapi/v1/order", symbol="ETHUSDT", side="SELL", type="MARKET", quantity="2"
+    )
+    await venue.set_mark("ETHUSDT", "2510.00")
+    # isolated wallet 5000 / 10 = 500; isolatedMargin adds the unrealized -20
+    v2 = (await rest.ok("GET", "/fapi/v2/positionRisk", symbol="ETHUSDT"))[0]
+    assert (v2["isolatedWallet"], v2["isolatedMargin"]) == ("500.00000000", "480.00000000")
+    v3 = (await rest.ok("GET", "/fapi/v3/positionRisk", symbol="ETHUSDT"))[0]
+    assert (v3["isolatedWallet"], v3["isolatedMargin"]) == ("500.00000000", "480.00000000")
+    # (500 + 2 x 2500) / (2 x 0.004 + 2)
+    assert v3["liquidationPrice"] == "2739.04382470" == v2["liquidationPrice"]
+    path = tmp_path / "state.json"
+    save_state(venue.exchange, path)
+    fresh = make()
+    assert load_state(fresh, path)
+    assert fresh.position("ETHUSDT", "BOTH").isolated_wallet == D(500)
+    assert fresh.liquidation_price("ETHUSDT", "BOTH") == D(5500) / D("2.008")
+
+
+def test_cli_options() -> None:
+    from pyquant.sim.cli import build_parser
+
+    args = build_parser().parse_args(["--liquidation", "--funding", "--funding-rate", "-0.0003"])
+    assert (args.liquidation, args.funding, args.funding_rate) == (True, True, D("-0.0003"))
+    defaults = build_parser().parse_args([])
+    assert (defaults.liquidation, defaults.funding, defaults.funding_rate) == (
+        False,
+        False,
+        D("0.0001"),
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--funding-rate", "x"])
