@@ -96,7 +96,7 @@ from pyquant.sim.validation import (
     plain,
 )
 
-__all__ = ["AlgoOrder", "Exchange", "Order", "Position"]
+__all__ = ["AlgoOrder", "Exchange", "Income", "Order", "Position"]
 
 ZERO = Decimal(0)
 CONDITIONAL_TYPES = frozenset(
@@ -352,6 +352,18 @@ class Trade:
 
 
 @dataclass
+class Income:
+    """One account flow, as ``GET /fapi/v1/income`` reports it."""
+
+    tran_id: int
+    symbol: str
+    income_type: str  # REALIZED_PNL, COMMISSION or FUNDING_FEE
+    income: Decimal
+    time: int
+    trade_id: int | None = None
+
+
+@dataclass
 class ListenKey:
     """An active user-data listenKey and when it lapses."""
 
@@ -427,6 +439,8 @@ class Exchange:
         self.funding_rates: dict[str, Decimal] = {}
         self._next_funding = _next_funding_after(now_ms())
         self._autoclose_ids = itertools.count(1)
+        self.income: list[Income] = []
+        self._tran_ids = itertools.count(9_000_000_000)
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -948,6 +962,7 @@ class Exchange:
         self.trades.append(trade)
         if len(self.trades) > 10_000:
             del self.trades[: len(self.trades) - 10_000]
+        self._trade_income(trade)
         self._record(
             "fill",
             orderId=order.order_id,
@@ -1544,6 +1559,40 @@ class Exchange:
                     continue
                 self._charge_funding(pos, at, now)
 
+    def _add_income(
+        self, symbol: str, kind: str, amount: Decimal, time: int, trade_id: int | None = None
+    ) -> None:
+        self.income.append(Income(next(self._tran_ids), symbol, kind, amount, time, trade_id))
+        if len(self.income) > 10_000:
+            del self.income[: len(self.income) - 10_000]
+
+    def _trade_income(self, trade: Trade) -> None:
+        if trade.realized_pnl:
+            self._add_income(
+                trade.symbol, "REALIZED_PNL", trade.realized_pnl, trade.time, trade.trade_id
+            )
+        if trade.commission:
+            self._add_income(
+                trade.symbol, "COMMISSION", -trade.commission, trade.time, trade.trade_id
+            )
+
+    def income_history(
+        self,
+        symbol: str | None = None,
+        income_type: str | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> list[Income]:
+        """Account flows, oldest first, filtered as ``GET /fapi/v1/income``."""
+        return [
+            i
+            for i in self.income
+            if symbol in (None, i.symbol)
+            and income_type in (None, i.income_type)
+            and (start is None or i.time >= start)
+            and (end is None or i.time <= end)
+        ]
+
     def _charge_funding(self, pos: Position, at: int, now: int) -> None:
         mark = self.marks[pos.symbol]
         rate = self.funding_rate_of(pos.symbol)
@@ -1553,6 +1602,7 @@ class Exchange:
         isolated = self.isolated(pos.symbol)
         if isolated:
             pos.isolated_wallet += income
+        self._add_income(pos.symbol, "FUNDING_FEE", income, at)
         self._record(
             "funding",
             symbol=pos.symbol,
@@ -1671,6 +1721,7 @@ class Exchange:
             maker=False,
         )
         self.trades.append(trade)
+        self._trade_income(trade)
         self._record(
             "fill",
             orderId=order.order_id,

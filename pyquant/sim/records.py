@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyquant.sim.exchange import AlgoOrder, Exchange, Order, Position, Trade
+from pyquant.sim.exchange import AlgoOrder, Exchange, Income, Order, Position, Trade
 
 __all__ = ["OrderLog", "load_state", "save_state"]
 
@@ -70,7 +70,7 @@ class OrderLog:
         return iter(list(self._exchange.log))
 
 
-def _plain(obj: Order | AlgoOrder | Position | Trade) -> dict[str, Any]:
+def _plain(obj: Order | AlgoOrder | Position | Trade | Income) -> dict[str, Any]:
     out = asdict(obj)
     return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in out.items()}
 
@@ -103,6 +103,7 @@ def save_state(exchange: Exchange, path: str | Path) -> None:
         "orders": [_plain(o) for o in kept],
         "algo_orders": [_plain(a) for a in list(exchange.algo_orders.values())[-_KEEP_ORDERS:]],
         "trades": [_plain(t) for t in exchange.trades[-_KEEP_ORDERS:]],
+        "income": [_plain(i) for i in exchange.income[-_KEEP_ORDERS:]],
         "next_order_id": max([o.order_id for o in orders], default=0) + 1,
         "next_algo_id": max(exchange.algo_orders, default=0) + 1,
         "next_trade_id": max([t.trade_id for t in exchange.trades], default=0) + 1,
@@ -154,6 +155,9 @@ def load_state(exchange: Exchange, path: str | Path) -> bool:
         algo: AlgoOrder = _build(AlgoOrder, raw)
         exchange.algo_orders[algo.algo_id] = algo
     exchange.trades = [_build(Trade, raw) for raw in state["trades"]]
+    exchange.income = [_build(Income, raw) for raw in state.get("income", [])]
+    if exchange.income:
+        exchange._tran_ids = itertools.count(exchange.income[-1].tran_id + 1)
     exchange._order_ids = itertools.count(max(state["next_order_id"], next(exchange._order_ids)))
     exchange._algo_ids = itertools.count(max(state["next_algo_id"], next(exchange._algo_ids)))
     exchange._trade_ids = itertools.count(max(state["next_trade_id"], next(exchange._trade_ids)))

@@ -54,6 +54,32 @@ __all__ = ["EXCHANGE_INFO", "Venue", "load_exchange_info"]
 logger = logging.getLogger(__name__)
 
 EXCHANGE_INFO = Path(__file__).with_name("data") / "exchangeInfo_fapi_2025-11-26.json.gz"
+_INCOME_TYPES = frozenset(
+    {
+        "TRANSFER",
+        "WELCOME_BONUS",
+        "REALIZED_PNL",
+        "FUNDING_FEE",
+        "COMMISSION",
+        "INSURANCE_CLEAR",
+        "REFERRAL_KICKBACK",
+        "COMMISSION_REBATE",
+        "API_REBATE",
+        "CONTEST_REWARD",
+        "CROSS_COLLATERAL_TRANSFER",
+        "OPTIONS_PREMIUM_FEE",
+        "OPTIONS_SETTLE_PROFIT",
+        "INTERNAL_TRANSFER",
+        "AUTO_EXCHANGE",
+        "DELIVERED_SETTELMENT",
+        "COIN_SWAP_DEPOSIT",
+        "COIN_SWAP_WITHDRAW",
+        "POSITION_LIMIT_INCREASE_FEE",
+        "STRATEGY_UMFUTURES_TRANSFER",
+        "FEE_RETURN",
+        "BFUSD_REWARD",
+    }
+)
 _API_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -727,6 +753,7 @@ class Venue:
             ("POST", v1 + "batchOrders"): (self._batch_orders, "SIGNED", 5, {"10S": 5, "1M": 1}),
             ("DELETE", v1 + "batchOrders"): (self._cancel_batch, "SIGNED", 1, None),
             ("GET", v1 + "userTrades"): (self._user_trades, "SIGNED", 5, None),
+            ("GET", v1 + "income"): (self._income, "SIGNED", 30, None),
             ("POST", v1 + "algoOrder"): (self._new_algo, "SIGNED", 0, one),
             ("DELETE", v1 + "algoOrder"): (self._cancel_algo, "SIGNED", 1, None),
             ("GET", v1 + "algoOrder"): (self._get_algo, "SIGNED", 1, None),
@@ -1267,6 +1294,43 @@ class Venue:
             except BinanceError as exc:
                 out.append(exc.body())
         return out
+
+    async def _income(self, p: dict[str, str]) -> object:
+        """``GET /fapi/v1/income``: realized PnL, commissions, funding (default: last 7 days)."""
+        symbol = self._symbol(p) if p.get("symbol") else None
+        kind = p.get("incomeType") or None
+        if kind is not None and kind not in _INCOME_TYPES:
+            raise BinanceError(-1130, "Data sent for parameter 'incomeType' is not valid.")
+        raw_limit = p.get("limit") or "100"
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+            raise BinanceError(-1130, "Data sent for parameter 'limit' is not valid.")
+        raw_page = p.get("page") or "1"
+        if not raw_page.isdigit() or int(raw_page) < 1:
+            raise BinanceError(-1130, "Data sent for parameter 'page' is not valid.")
+        bounds: dict[str, int | None] = {}
+        for name in ("startTime", "endTime"):
+            raw = p.get(name)
+            if raw is not None and raw != "" and not raw.isdigit():
+                raise BinanceError(-1102, name=name)
+            bounds[name] = int(raw) if raw else None
+        start, end = bounds["startTime"], bounds["endTime"]
+        if start is None and end is None:
+            start = self.exchange.now_ms() - 7 * 86_400_000
+        flows = self.exchange.income_history(symbol, kind, start, end)
+        limit, page = int(raw_limit), int(raw_page)
+        return [
+            {
+                "symbol": i.symbol,
+                "incomeType": i.income_type,
+                "income": fmt_decimal(i.income, 8),
+                "asset": "USDT",
+                "info": i.income_type,
+                "time": i.time,
+                "tranId": i.tran_id,
+                "tradeId": str(i.trade_id) if i.trade_id is not None else "",
+            }
+            for i in flows[(page - 1) * limit : page * limit]
+        ]
 
     async def _user_trades(self, p: dict[str, str]) -> object:
         symbol = self._symbol(p)

@@ -378,3 +378,38 @@ def test_cli_options() -> None:
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--funding-rate", "x"])
+
+
+async def test_income_history_lists_fills_and_funding(rest: Rest) -> None:
+    venue = rest.venue
+    await venue.set_mark("ETHUSDT", "2500.00")
+    await rest.ok(
+        "POST", "/fapi/v1/order", symbol="ETHUSDT", side="BUY", type="MARKET", quantity="2"
+    )
+    await venue.set_mark("ETHUSDT", "2510.00")
+    await rest.ok(
+        "POST", "/fapi/v1/order", symbol="ETHUSDT", side="SELL", type="MARKET", quantity="2"
+    )
+    ex = venue.exchange
+    ex.funding = True  # one settlement, charged on a position opened for it
+    await rest.ok(
+        "POST", "/fapi/v1/order", symbol="ETHUSDT", side="SELL", type="MARKET", quantity="1"
+    )
+    ex._next_funding = ex.now_ms()
+    await venue.set_mark("ETHUSDT", "2510.00")
+    flows = await rest.ok("GET", "/fapi/v1/income", symbol="ETHUSDT")
+    trades = await rest.ok("GET", "/fapi/v1/userTrades", symbol="ETHUSDT")
+    assert [(f["incomeType"], f["income"], f["tradeId"]) for f in flows] == [
+        ("COMMISSION", "-2.50000000", str(trades[0]["id"])),  # 5000 x 0.0005
+        ("REALIZED_PNL", "20.00000000", str(trades[1]["id"])),
+        ("COMMISSION", "-2.51000000", str(trades[1]["id"])),
+        ("COMMISSION", "-1.25500000", str(trades[2]["id"])),
+        ("FUNDING_FEE", "0.25100000", ""),  # the short receives 1 x 2510 x 0.0001
+    ]
+    assert all(f["asset"] == "USDT" and f["symbol"] == "ETHUSDT" for f in flows)
+    assert len({f["tranId"] for f in flows}) == 5
+    only = await rest.ok("GET", "/fapi/v1/income", incomeType="FUNDING_FEE", limit="1", page="1")
+    assert [f["income"] for f in only] == ["0.25100000"]
+    assert await rest.ok("GET", "/fapi/v1/income", limit="2", page="3") == flows[4:]
+    bad = await rest.error("GET", "/fapi/v1/income", incomeType="NOPE")
+    assert bad["code"] == -1130
