@@ -736,6 +736,10 @@ impl PositionState {
 
     /// Returns the quantity a take-profit closes: `wanted`, or the whole live
     /// quantity when `wanted` or the remainder it leaves cannot trade on its own.
+    ///
+    /// A level whose quantity floors to zero becomes a full close, as issue 3 states ("a
+    /// partial that quantizes to zero ... is merged into a full close"); exit-rules.md says
+    /// such a level is done with no order instead. The issue, the accepted requirement, wins.
     fn ladder_quantity(&self, wanted: Decimal, mark: Decimal, rules: &SymbolRules) -> Decimal {
         let live = self.quantity;
         let min_qty = rules.min_qty(true);
