@@ -12,6 +12,10 @@ or from the shell with ``pyquant sim`` (see :mod:`pyquant.sim.cli`). Parts: ``ex
 (accounts, positions, matching, algo orders), ``validation`` (filters and mode rules to Binance
 codes), ``replay`` (klines to a seeded per-second mark path), ``streams``, ``ratelimit``,
 ``faults``, ``records`` and ``server`` (the aiohttp app).
+
+Positions report Binance's liquidation price (``positionRisk``) in both margin types and
+modes; liquidation (``liquidation=True``, ``--liquidation``) and 8-hourly funding
+(``funding=True``, ``--funding``) are off by default (rules in :mod:`pyquant.sim.exchange`).
 """
 
 from __future__ import annotations

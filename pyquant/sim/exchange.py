@@ -57,7 +57,7 @@ Fill rules (contract section 9):
   (reported ``"0"``, as Binance does for a well-funded cross long).
 * **Liquidation** (``liquidation=True``; off by default): after each price update, a leg whose
   mark reached its liquidation price (long: mark <= LP, short: mark >= LP) is closed: the
-  symbol's open normal orders expire (``er`` = 5), an ``autoclose-…`` MARKET order (``ot``
+  open normal orders of the liquidated legs expire (``er`` = 5), an ``autoclose-…`` MARKET order (``ot``
   ``LIQUIDATION``) fills the whole leg at the mark (rounded a tick against the position) with
   the symbol's exchangeInfo ``liquidationFee`` rate as commission (the clearance fee); events
   ``ORDER_TRADE_UPDATE`` ``x=NEW``, then ``x=CALCULATED`` ``X=FILLED`` with the fill, then
@@ -1659,7 +1659,8 @@ class Exchange:
             symbol, side, price = crossed
             sides = (side,) if self.isolated(symbol) else self.legs()
             for order in self.open_orders(symbol):
-                self._finish(order, "EXPIRED", "EXPIRED", reason=5)
+                if order.position_side in sides:  # an isolated hedge leg keeps the other's
+                    self._finish(order, "EXPIRED", "EXPIRED", reason=5)
             for leg_side in sides:
                 leg = self.positions.get((symbol, leg_side))
                 if leg is not None and leg.amount:
