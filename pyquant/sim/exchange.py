@@ -56,9 +56,9 @@ Fill rules (contract section 9):
   liquidation price differs from the current one). A result <= 0 means no liquidation price
   (reported ``"0"``, as Binance does for a well-funded cross long).
 * **Liquidation** (``liquidation=True``; off by default): after each price update, a leg whose
-  mark reached its liquidation price (long: mark <= LP, short: mark >= LP) is closed: the
-  open normal orders of the liquidated legs expire (``er`` = 5), an ``autoclose-…`` MARKET order (``ot``
-  ``LIQUIDATION``) fills the whole leg at the mark (rounded a tick against the position) with
+  mark reached its liquidation price (long: mark <= LP, short: mark >= LP) is closed: the open
+  normal orders of the liquidated legs expire (``er`` = 5), an ``autoclose-…`` MARKET order
+  (``ot`` ``LIQUIDATION``) fills the whole leg at the mark (rounded a tick against it) with
   the symbol's exchangeInfo ``liquidationFee`` rate as commission (the clearance fee); events
   ``ORDER_TRADE_UPDATE`` ``x=NEW``, then ``x=CALCULATED`` ``X=FILLED`` with the fill, then
   ``ACCOUNT_UPDATE`` ``m=ORDER`` (no ``TRADE_LITE``). Cross hedge legs of the symbol go together.
