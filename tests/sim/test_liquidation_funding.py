@@ -192,6 +192,26 @@ def test_cross_hedge_legs_are_liquidated_together() -> None:
     assert ex.position("BTCUSDT", "LONG").amount == ex.position("BTCUSDT", "SHORT").amount == 0
 
 
+def test_isolated_hedge_liquidation_leaves_the_other_leg_and_its_orders() -> None:
+    ex = make("hedge", taker_fee=D(0), liquidation=True)
+    ex.set_margin_type("BTCUSDT", "ISOLATED")
+    ex.set_leverage("BTCUSDT", "10")
+    buy(ex, "BTCUSDT", "0.5", positionSide="LONG")
+    buy(ex, "BTCUSDT", "0.2", side="SELL", positionSide="SHORT")
+    limit = {"symbol": "BTCUSDT", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.1"}
+    _, long_order, _ = ex.new_order(
+        {**limit, "side": "BUY", "positionSide": "LONG", "price": "40000"}
+    )
+    _, short_order, _ = ex.new_order(
+        {**limit, "side": "SELL", "positionSide": "SHORT", "price": "80000"}
+    )
+    ex.set_price("BTCUSDT", D("54216.8"))  # the LONG's 54216.87; the SHORT's is 65737.05
+    assert ex.position("BTCUSDT", "LONG").amount == 0
+    assert ex.position("BTCUSDT", "SHORT").amount == D("-0.2")
+    assert [o.order_id for o in ex.open_orders("BTCUSDT")] == [short_order["orderId"]]
+    assert ex.orders[long_order["orderId"]].expire_reason == 5
+
+
 def test_short_is_liquidated_upward_only() -> None:
     ex = make(taker_fee=D(0), liquidation=True, balance=D(500))
     buy(ex, "ETHUSDT", "2", side="SELL")  # (500 + 6000) / (2 x 0.004 + 2)
@@ -413,3 +433,26 @@ async def test_income_history_lists_fills_and_funding(rest: Rest) -> None:
     assert await rest.ok("GET", "/fapi/v1/income", limit="2", page="3") == flows[4:]
     bad = await rest.error("GET", "/fapi/v1/income", incomeType="NOPE")
     assert bad["code"] == -1130
+
+
+async def test_funding_over_the_wire_at_the_funding_time(session: Any) -> None:
+    import pyquant.sim as sim
+
+    async with sim.serve(speed=0, seed=7, funding=True, start_ms=FUNDING_AT - 2_000) as venue:
+        rest = Rest(session, venue)
+        await venue.set_mark("ETHUSDT", "2500.00")
+        stream = await open_user_stream(rest)
+        await rest.ok(
+            "POST", "/fapi/v1/order", symbol="ETHUSDT", side="BUY", type="MARKET", quantity="1"
+        )
+        _, _, before = await rest.public("/fapi/v1/premiumIndex", symbol="ETHUSDT")
+        assert before["nextFundingTime"] == FUNDING_AT
+        await venue.step(3_000)  # the pinned mark stays 2500.00
+        event = await stream.wait_for(lambda e: e.get("a", {}).get("m") == "FUNDING_FEE")
+        assert event["T"] == FUNDING_AT
+        assert event["a"]["P"] == []
+        assert event["a"]["B"][0]["bc"] == "-0.25000000"  # 1 x 2500 x 0.0001
+        _, _, after = await rest.public("/fapi/v1/premiumIndex", symbol="ETHUSDT")
+        assert after["nextFundingTime"] == FUNDING_AT + FUNDING_INTERVAL_MS
+        flows = await rest.ok("GET", "/fapi/v1/income", incomeType="FUNDING_FEE")
+        assert [(f["income"], f["time"]) for f in flows] == [("-0.25000000", FUNDING_AT)]
