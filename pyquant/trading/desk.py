@@ -564,6 +564,12 @@ class TradingDesk:
             leg = str(row.get("positionSide", "BOTH"))
             if leg == "BOTH":
                 leg = "LONG" if amount > 0 else "SHORT"
+            mark = _dec(row.get("markPrice"))
+            if mark > 0 and (price >= mark if leg == "LONG" else price <= mark):
+                # On the leg's profit side: the account (hedged legs sharing one price under
+                # cross margin) is liquidated by a move this leg gains from; its stop has
+                # nothing to keep clear of.
+                continue
             prices[(str(row.get("symbol")), leg)] = price
         applied = 0
         for position in self.store.positions(("open",)):

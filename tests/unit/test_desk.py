@@ -413,3 +413,14 @@ async def test_the_open_time_is_the_fills_exchange_time() -> None:
     assert fill_time.exchange_time_ms > 1_700_000_000_000  # the venue's updateTime
     assert engine.opened_at[pid] == fill_time.exchange_time_ms
     assert store.get_position(pid).opened_at_ms == fill_time.exchange_time_ms  # type: ignore[union-attr]
+
+
+async def test_a_liquidation_price_on_the_legs_profit_side_is_not_a_stop_limit() -> None:
+    # Hedged legs under cross margin share one liquidation price, far above the mark when the
+    # legs net to nothing: the LONG leg's stop must not be pulled up to it.
+    venue, _store, engine, desk = make(hedge=True)
+    await ready(desk)
+    venue.liquidation[("BTCUSDT", "LONG")] = "912345.6"
+    await desk.submit(intent("a"))
+    await desk.drain()
+    assert [c for c in engine.calls if c[0] == "liquidation"] == []
