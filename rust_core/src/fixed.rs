@@ -149,11 +149,21 @@ pub fn decimal_from_f64(field: &str, value: f64) -> Result<Decimal, CoreError> {
             "must be a finite number",
         ));
     }
-    // The same digits as `value.to_string()`, written to the stack and read back without
-    // a second grammar pass: this runs once per ATR change in the trailing stop.
+    // The same shortest round-trip digits as `value.to_string()` (both print the shortest
+    // digits that read back as `value`, the nearest such when several are that short), from
+    // a Schubfach formatter several times quicker than `Display`'s Grisu: this runs a few
+    // times per opened position in the backtest. Read back on the stack, exponent and all.
+    // The two differ only where two shortest decimals lie exactly as near (`Display`
+    // takes the larger magnitude, the formatter the even digit): that case takes `Display`.
+    let mut buf = zmij::Buffer::new();
+    if let Some(decimal) = shortest_text_to_decimal(buf.format_finite(value).as_bytes()) {
+        if !may_be_a_tie(value, decimal) {
+            return Ok(decimal);
+        }
+    }
     let mut buf = StackText::<STACK_TEXT>::new();
     if std::fmt::Write::write_fmt(&mut buf, format_args!("{value}")).is_ok() {
-        if let Some(decimal) = plain_digits_to_decimal(buf.as_bytes()) {
+        if let Some(decimal) = shortest_text_to_decimal(buf.as_bytes()) {
             return Ok(decimal);
         }
     }
@@ -210,6 +220,150 @@ pub fn short_decimal_from_f64(value: f64, max_decimals: u32) -> Option<Decimal> 
     None
 }
 
+/// Whether finite `value` lies exactly halfway between `shortest` and a neighbour one unit
+/// of its last digit away (`true` also when that cannot be decided cheaply).
+///
+/// With `value = odd * 2^two_exp`, a non-integer `value` has exactly `-two_exp` decimals
+/// and the midpoint `(10 digits ± 5) * 10^(ten_exp - 1)` exactly `1 - ten_exp`, so they can
+/// only be equal when those agree, and then exactly when `odd * 5^-two_exp = 10 digits ± 5`.
+fn may_be_a_tie(value: f64, shortest: Decimal) -> bool {
+    let bits = value.to_bits();
+    let biased = ((bits >> 52) & 0x7ff) as i32;
+    let fraction = bits & ((1 << 52) - 1);
+    let (mut odd, mut two_exp) = if biased == 0 {
+        (fraction, -1074)
+    } else {
+        (fraction | 1 << 52, biased - 1075)
+    };
+    if odd == 0 {
+        return false;
+    }
+    let zeros = odd.trailing_zeros();
+    odd >>= zeros;
+    two_exp += zeros as i32;
+    // shortest = digits * 10^ten_exp with digits free of trailing zeros
+    let mut digits = shortest.mantissa().unsigned_abs();
+    let mut ten_exp = -(shortest.scale() as i32);
+    while digits != 0 && digits % 10 == 0 {
+        digits /= 10;
+        ten_exp += 1;
+    }
+    let Some(ten_digits) = digits.checked_mul(10) else {
+        return true;
+    };
+    if two_exp < 0 {
+        if -two_exp != 1 - ten_exp {
+            return false;
+        }
+        let Some(scaled) = 5u128
+            .checked_pow(two_exp.unsigned_abs())
+            .and_then(|power| power.checked_mul(u128::from(odd)))
+        else {
+            return false; // more than 38 digits: no shortest significand is that long
+        };
+        scaled.abs_diff(ten_digits) == 5
+    } else {
+        if ten_exp < 1 {
+            return false; // an integer is no midpoint with a 5 among its decimals
+        }
+        let Some(exact) = u128::from(odd)
+            .checked_shl(two_exp.unsigned_abs())
+            .filter(|exact| exact >> two_exp == u128::from(odd))
+        else {
+            return true;
+        };
+        let Some(unit) = 10u128.checked_pow((ten_exp - 1).unsigned_abs()) else {
+            return true;
+        };
+        [ten_digits + 5, ten_digits.saturating_sub(5)]
+            .iter()
+            .any(|mid| mid.checked_mul(unit) == Some(exact))
+    }
+}
+
+/// Reads the shortest text of a float, `-?d+(.d+)?(e[+-]?d+)?`, as the `Decimal` that
+/// `Display`'s exponent-free text of the same digits gives: the significand's trailing
+/// zeros dropped (`1.0` is `1`), then as many decimals as the digits need and no fewer
+/// than none. `None` for anything beyond 28 decimals or 96 bits (the long way decides).
+fn shortest_text_to_decimal(text: &[u8]) -> Option<Decimal> {
+    let (negative, body) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    let mut significand: u64 = 0;
+    let mut digits = 0u32;
+    let mut fraction_digits: i32 = 0;
+    let mut seen_point = false;
+    let mut rest = body;
+    while let Some((&b, tail)) = rest.split_first() {
+        match b {
+            b'0'..=b'9' => {
+                // A shortest f64 has at most 17 significant digits, far inside a u64.
+                if digits >= 19 {
+                    return None;
+                }
+                significand = significand * 10 + u64::from(b - b'0');
+                if significand != 0 {
+                    digits += 1;
+                }
+                if seen_point {
+                    fraction_digits += 1;
+                }
+            }
+            b'.' if !seen_point => seen_point = true,
+            b'e' | b'E' => break,
+            _ => return None,
+        }
+        rest = tail;
+    }
+    if rest.len() == body.len() || body.first() == Some(&b'.') {
+        return None; // no digit before the point or exponent
+    }
+    let mut exponent: i32 = 0;
+    if let Some((_, tail)) = rest.split_first() {
+        let (sign, magnitude) = match tail.split_first() {
+            Some((b'-', m)) => (-1, m),
+            Some((b'+', m)) => (1, m),
+            _ => (1, tail),
+        };
+        if magnitude.is_empty() || magnitude.len() > 4 {
+            return None;
+        }
+        for &b in magnitude {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            exponent = exponent * 10 + i32::from(b - b'0');
+        }
+        exponent *= sign;
+    }
+    // value = significand * 10^(exponent - fraction_digits)
+    let mut power = exponent - fraction_digits;
+    if significand == 0 {
+        power = 0;
+    } else {
+        while significand % 10 == 0 {
+            significand /= 10;
+            power += 1;
+        }
+    }
+    let mut out = if power >= 0 {
+        let scaled = u128::from(significand).checked_mul(10u128.checked_pow(power as u32)?)?;
+        if scaled >= 1 << 96 {
+            return None;
+        }
+        Decimal::from_i128_with_scale(scaled as i128, 0)
+    } else {
+        let scale = power.unsigned_abs();
+        if scale > 28 {
+            return None;
+        }
+        Decimal::try_from_i128_with_scale(i128::from(significand), scale).ok()?
+    };
+    out.set_sign_negative(negative);
+    Some(out)
+}
+
 /// Room for every `f64` whose shortest text fits a `Decimal` (28 digits, a point, a sign).
 const STACK_TEXT: usize = 40;
 
@@ -242,41 +396,6 @@ impl<const N: usize> std::fmt::Write for StackText<N> {
         self.len = end;
         Ok(())
     }
-}
-
-/// Reads `-?digits(.digits)?` exactly, as `Decimal::from_str_exact` would; `None` for
-/// anything else or more than 28 decimals or 96 bits (the caller then takes the long way).
-fn plain_digits_to_decimal(text: &[u8]) -> Option<Decimal> {
-    let (negative, body) = match text.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, text),
-    };
-    let mut mantissa: u128 = 0;
-    let mut scale: u32 = 0;
-    let mut seen_point = false;
-    let mut digits = 0usize;
-    for &b in body {
-        match b {
-            b'0'..=b'9' => {
-                mantissa = mantissa * 10 + u128::from(b - b'0');
-                digits += 1;
-                if seen_point {
-                    scale += 1;
-                }
-                if digits > 38 || mantissa >= 1 << 96 {
-                    return None;
-                }
-            }
-            b'.' if !seen_point => seen_point = true,
-            _ => return None,
-        }
-    }
-    if digits == 0 || scale > 28 {
-        return None;
-    }
-    let mut value = Decimal::try_from_i128_with_scale(mantissa as i128, scale).ok()?;
-    value.set_sign_negative(negative);
-    Some(value)
 }
 
 /// Converts a `Decimal` to the nearest `f64` (for ATR and other float arithmetic only).
@@ -655,6 +774,35 @@ mod tests {
         }
 
         #[test]
+        fn shortest_conversion_matches_for_products_and_wide_magnitudes(
+            a in 1e-9f64..1e9,
+            b in 1e-3f64..1e3,
+            shift in -12i32..12,
+        ) {
+            // Full-precision floats as ATRs and stretched ladder levels are, across the
+            // fixed and exponent forms of the formatter's text.
+            for value in [a * b, a / b, (a * b) * 10f64.powi(shift), -(a * b)] {
+                let text = value.to_string();
+                if let Ok(reference) = Decimal::from_str_exact(&text) {
+                    let fast = decimal_from_f64("x", value).unwrap();
+                    proptest::prop_assert_eq!(fast.serialize(), reference.serialize(), "{}", text);
+                }
+            }
+        }
+
+        #[test]
+        fn shortest_conversion_matches_where_ties_lie(m in (1u64 << 52)..(1 << 53), e in -12i32..6) {
+            // 16- and 17-digit floats with few binary decimals: where two shortest
+            // decimals can lie equally near.
+            let value = m as f64 * 2f64.powi(e);
+            let text = value.to_string();
+            if let Ok(reference) = Decimal::from_str_exact(&text) {
+                let fast = decimal_from_f64("x", value).unwrap();
+                proptest::prop_assert_eq!(fast.serialize(), reference.serialize(), "{}", text);
+            }
+        }
+
+        #[test]
         fn stack_conversion_matches_for_prices(mantissa in 0u64..1 << 53, scale in 0i32..20) {
             let value = mantissa as f64 / 10f64.powi(scale);
             let reference = Decimal::from_str_exact(&value.to_string()).unwrap();
@@ -681,6 +829,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn shortest_text_reads_every_form_of_the_formatter() {
+        for (text, expected) in [
+            ("1.0", "1"),
+            ("0.0", "0"),
+            ("1e+16", "10000000000000000"),
+            ("1.5e+20", "150000000000000000000"),
+            ("1.2345e-7", "0.00000012345"),
+            ("0.001234", "0.001234"),
+            ("12340000000.0", "12340000000"),
+            ("5e-28", "0.0000000000000000000000000005"),
+        ] {
+            let got = shortest_text_to_decimal(text.as_bytes()).unwrap();
+            let want = Decimal::from_str_exact(expected).unwrap();
+            assert_eq!(got.serialize(), want.serialize(), "{text}");
+        }
+        for text in ["5e-29", "1e+29", "", ".5", "e5", "1.2.3", "1e", "x"] {
+            assert_eq!(shortest_text_to_decimal(text.as_bytes()), None, "{text}");
+        }
+        let negative_zero = decimal_from_f64("x", -0.0).unwrap();
+        assert!(negative_zero.is_zero() && negative_zero.is_sign_negative());
+        // Halfway between two shortest decimals `Display`'s choice stands (not the even one).
+        let tie = 1_404_485_852_954_408.0_f64 + 0.25;
+        assert_eq!(
+            decimal_from_f64("x", tie).unwrap().to_string(),
+            tie.to_string()
+        );
+        // Beyond the fast reader the long way still rounds tiny values and refuses huge ones.
+        assert_eq!(decimal_from_f64("x", 1e-30).unwrap(), Decimal::ZERO);
+        assert!(decimal_from_f64("x", 1e30).is_err());
     }
 
     #[test]
