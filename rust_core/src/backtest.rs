@@ -418,7 +418,7 @@ impl Grid {
                 ("low", low),
                 ("close", close),
             ]) {
-                *slot = match self.nearest_fast(v) {
+                *slot = match self.nearest_fast(v).or_else(|| self.nearest_midpoint(v)) {
                     Some(k) => k,
                     None => self.nearest_exact(rules, prefix, name, v)?,
                 };
@@ -449,6 +449,41 @@ impl Grid {
         let distance_to_half = (fraction.abs() - 0.5).abs();
         (distance_to_half > 1e-6)
             .then_some(whole + i64::from(fraction > 0.5) - i64::from(fraction < -0.5))
+    }
+}
+
+impl Grid {
+    /// The tick of `quantize_price(decimal_from_f64(v), Nearest)` for a price whose decimal
+    /// is exactly halfway between two ticks (prices quoted with one more decimal than the
+    /// tick, as SOLUSDT's often are), without text; `None` for anything else.
+    ///
+    /// A midpoint `base + (k + 1/2) step` of at most 15 digits that reads back as `v` is
+    /// `v`'s shortest decimal: two decimals of at most 15 digits lie further apart than a
+    /// double's rounding interval, so no other one reads back as `v`. The tie goes away
+    /// from the base, as the grid rounding's does.
+    fn nearest_midpoint(self, v: f64) -> Option<i64> {
+        const POW10: [f64; 23] = [
+            1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+            1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+        ];
+        // Also false for NaN.
+        let near = v.abs() + self.base_f.abs() < self.float_limit;
+        if !near {
+            return None;
+        }
+        // Within 1e-6 tick of `k + 1/2` (else `nearest_fast` settled it): `t` is near `k`.
+        let t = (v - self.base_f) / self.step_f - 0.5;
+        let k = (t + if t >= 0.0 { 0.5 } else { -0.5 }) as i64;
+        // The midpoint's mantissa with one more decimal than the grid.
+        let mantissa = (2 * self.base + (2 * i128::from(k) + 1) * self.step) * 5;
+        let power = *POW10.get(self.scale as usize + 1)?;
+        if mantissa.unsigned_abs() >= 1_000_000_000_000_000 {
+            return None;
+        }
+        // Both operands are exact doubles: one correctly rounded division.
+        #[allow(clippy::float_cmp)] // reading back exactly the same double is the test
+        let reads_back = mantissa as f64 / power == v;
+        reads_back.then_some(if k >= 0 { k + 1 } else { k })
     }
 }
 
@@ -1873,6 +1908,33 @@ mod tests {
             }
             let rounded = sol.quantize_price(decimal_from_f64("v", v).unwrap(), Rounding::Nearest);
             proptest::prop_assert_eq!(grid.price(exact), rounded);
+        }
+
+        /// Prices halfway between ticks (and their float neighbours, which are not) take
+        /// the midpoint path or none, and it agrees with exact rounding: SOLUSDT (base
+        /// 0.4200, below and above it) and BTCUSDT's tick 0.10 grid.
+        #[test]
+        fn midpoint_ticks_match_exact_rounding(
+            ticks in 0i64..20_000_000,
+            symbol in proptest::sample::select(vec!["SOLUSDT", "BTCUSDT", "XRPUSDT"]),
+            nudge in -1i64..2,
+        ) {
+            let rules = exchange_rules();
+            let sym = rules.symbol(symbol).unwrap();
+            let grid = Grid::new(sym).unwrap();
+            let mid = grid.price(0) - Decimal::from(100) * sym.tick_size()
+                + (Decimal::from(ticks) + Decimal::new(5, 1)) * sym.tick_size();
+            let v = f64::from_bits(
+                (to_f64(mid).to_bits() as i64 + nudge) as u64,
+            );
+            let exact = grid.nearest_exact(sym, "", "open", v).unwrap();
+            let fast = grid.nearest_fast(v).or_else(|| grid.nearest_midpoint(v));
+            if nudge == 0 && mid.abs() < Decimal::from(1_000_000) {
+                proptest::prop_assert!(fast.is_some(), "{} unsettled", mid);
+            }
+            if let Some(fast) = fast {
+                proptest::prop_assert_eq!(fast, exact, "{}", v);
+            }
         }
     }
 
