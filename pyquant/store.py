@@ -864,7 +864,7 @@ class Store:
     def counters(self, name: str) -> dict[str, int]:
         """Return the counters of one name: key -> count."""
         rows = self._db.execute(
-            "SELECT key, count FROM counters WHERE name = ? ORDER BY key", (name,)
+            "SELECT key, count FROM counters WHERE name = ? AND count != 0 ORDER BY key", (name,)
         ).fetchall()
         return {str(row[0]): int(row[1]) for row in rows}
 

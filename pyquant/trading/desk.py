@@ -202,6 +202,8 @@ class TradingDesk:
         self._entry_leverage: dict[str, int] = {}
         self._opened: set[str] = set()
         self._exit_failures: dict[str, int] = {}
+        # (symbol, leg) -> "liquidation" / "adl": the exchange closed it itself
+        self._forced_closes: dict[tuple[str, str], str] = {}
         self._sleep = sleep
         self._latencies_ms: list[float] = []
         self.recent: list[dict[str, object]] = []  # latest actions and rejections, newest last
@@ -782,6 +784,31 @@ class TradingDesk:
         else:
             await self._sync_backstop(position_id)
 
+    def _note_forced_close(self, symbol: str, leg: str, reason: str) -> None:
+        # The stream runs behind REST: our exit may already have found the leg flat (-2022)
+        # and closed the position under a vaguer reason. Name it now; else when it closes.
+        recent = self._clock() - 120_000
+        for position in reversed(self.store.positions(("closed",))):
+            if (position.symbol, position.position_side) != (symbol, leg):
+                continue
+            if (
+                position.close_reason in ("already_flat", "external")
+                and (position.closed_at_ms or 0) >= recent
+            ):
+                with self.store.transaction():
+                    self.store.update_position(position.position_id, close_reason=reason)
+                    if position.close_reason == "external":
+                        self.store.bump("exits", "external", -1)
+                    self.store.bump("exits", reason)
+                logger.warning(
+                    "Position closed by the exchange position_id=%s reason=%s",
+                    position.position_id,
+                    reason,
+                )
+                return
+            break
+        self._forced_closes[(symbol, leg)] = reason
+
     async def _check_flat(self, position_id: str, action: Any) -> None:  # noqa: ANN401
         position = self.store.get_position(position_id)
         if position is None:
@@ -789,7 +816,10 @@ class TradingDesk:
         live = await self._live_quantity(position.symbol, position.position_side)
         if live is not None and live == 0:
             self.engine_call("close_position", position_id)
-            await self._closed(position, "already_flat")
+            forced = self._forced_closes.pop((position.symbol, position.position_side), None)
+            if forced is not None:
+                self.store.bump("exits", forced)
+            await self._closed(position, forced or "already_flat")
         else:
             self.engine_call("reject", action)
             if live is not None:
@@ -845,7 +875,14 @@ class TradingDesk:
         if before is None and not self.owns(str(order.get("s"))):
             return  # another daemon's symbol: its owner records it
         trade_id = order.get("t")
-        if order.get("x") == "TRADE" and trade_id not in (None, 0, "0"):
+        forced = _forced_close_reason(cid)
+        if forced is not None and order.get("X") == "FILLED":
+            leg = str(order.get("ps", "BOTH"))
+            if leg == "BOTH":
+                leg = "LONG" if order.get("S") == "SELL" else "SHORT"
+            self._note_forced_close(str(order.get("s")), leg, forced)
+        # A liquidation's fill comes as x=CALCULATED, not TRADE: it is a fill all the same.
+        if order.get("x") in ("TRADE", "CALCULATED") and trade_id not in (None, 0, "0"):
             fill = Fill(
                 symbol=str(order.get("s")),
                 trade_id=str(trade_id),
@@ -965,6 +1002,7 @@ class TradingDesk:
             # Our kill switch's close, seen on the stream before the flatten itself settled
             # the position: count it once, as what it was.
             reason = "flatten" if flattened else "backstop" if triggered else "external"
+            reason = self._forced_closes.pop((symbol, leg), reason)
             self.engine_call("close_position", position.position_id)
             self.store.bump("exits", reason)
             self._note(
@@ -1229,6 +1267,15 @@ class TradingDesk:
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99)},
             "position_mode": self.router.mode,
         }
+
+
+def _forced_close_reason(client_order_id: str) -> str | None:
+    # Binance names the orders it sends itself (contract, ORDER_TRADE_UPDATE ``c``).
+    if client_order_id.startswith("autoclose-"):
+        return "liquidation"
+    if client_order_id.startswith("adl_autoclose"):
+        return "adl"
+    return None
 
 
 def legs_from_rows(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], Decimal]:
