@@ -38,6 +38,7 @@
 //! `std::thread`s would balance badly. Jobs share the prepared bars read-only; nothing is
 //! locked. The binding runs [`run`] with the GIL released.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use rayon::prelude::*;
@@ -92,17 +93,18 @@ impl Direction {
     }
 }
 
-/// OHLC bars, oldest first, `open_time` in ms.
+/// OHLC bars, oldest first, `open_time` in ms: owned, or borrowed from the caller's
+/// arrays (the Python binding reads numpy arrays in place instead of copying them).
 #[derive(Debug, Clone, Default)]
-pub struct Bars {
-    pub open_time: Vec<i64>,
-    pub open: Vec<f64>,
-    pub high: Vec<f64>,
-    pub low: Vec<f64>,
-    pub close: Vec<f64>,
+pub struct Bars<'a> {
+    pub open_time: Cow<'a, [i64]>,
+    pub open: Cow<'a, [f64]>,
+    pub high: Cow<'a, [f64]>,
+    pub low: Cow<'a, [f64]>,
+    pub close: Cow<'a, [f64]>,
 }
 
-impl Bars {
+impl Bars<'_> {
     fn len(&self) -> usize {
         self.open_time.len()
     }
@@ -154,12 +156,12 @@ pub struct Entry {
 
 /// One symbol's history and entries.
 #[derive(Debug, Clone)]
-pub struct SeriesInput {
+pub struct SeriesInput<'a> {
     pub symbol: String,
     pub interval_ms: i64,
-    pub bars: Bars,
+    pub bars: Bars<'a>,
     /// Finer bars (`interval_ms` dividing the series') that resolve the intrabar order.
-    pub fine: Option<(i64, Bars)>,
+    pub fine: Option<(i64, Bars<'a>)>,
     /// Sorted by time.
     pub entries: Vec<Entry>,
 }
@@ -286,7 +288,7 @@ pub struct JobOutput {
 
 /// A series with its prices on the tick grid and its segments, shared by every policy.
 struct Prepared<'a> {
-    input: &'a SeriesInput,
+    input: &'a SeriesInput<'a>,
     rules: &'a SymbolRules,
     grid: Grid,
     /// Open, high, low and close of every bar, as grid ticks.
@@ -401,15 +403,15 @@ impl Grid {
         self,
         rules: &SymbolRules,
         prefix: &str,
-        bars: &Bars,
+        bars: &Bars<'_>,
     ) -> Result<Vec<[i64; 4]>, CoreError> {
         let mut out = Vec::with_capacity(bars.len());
         let rows = bars
             .open
             .iter()
-            .zip(&bars.high)
-            .zip(&bars.low)
-            .zip(&bars.close);
+            .zip(bars.high.iter())
+            .zip(bars.low.iter())
+            .zip(bars.close.iter());
         for (((&open, &high), &low), &close) in rows {
             let mut bar = [0; 4];
             for (slot, (name, v)) in bar.iter_mut().zip([
@@ -488,7 +490,7 @@ impl Grid {
 }
 
 fn prepare<'a>(
-    input: &'a SeriesInput,
+    input: &'a SeriesInput<'a>,
     rules: &'a ExchangeRules,
     periods: &[(usize, i64)],
     options: &BacktestOptions,
@@ -578,7 +580,7 @@ fn prepare<'a>(
 /// close) and a bucket counts once the first bar of the next one starts.
 #[allow(clippy::needless_range_loop)] // `i` addresses several parallel bar arrays
 fn atr_before_each_bar(
-    input: &SeriesInput,
+    input: &SeriesInput<'_>,
     segments: &[(usize, usize)],
     period: usize,
     atr_interval: i64,
@@ -1337,7 +1339,7 @@ impl Job<'_> {
 /// An unknown symbol, mismatched array lengths, unsorted times, a price that cannot be a
 /// decimal, or an invalid ATR period.
 pub fn run(
-    series: &[SeriesInput],
+    series: &[SeriesInput<'_>],
     policies: &[ExitPolicy],
     rules: &ExchangeRules,
     options: &BacktestOptions,
@@ -1568,15 +1570,15 @@ mod tests {
     }
 
     /// 20 bars of true range 60 around 30000 (ATR 60.0 exactly), then `tail`.
-    fn bars(interval: i64, tail: &[(f64, f64, f64, f64)]) -> Bars {
+    fn bars(interval: i64, tail: &[(f64, f64, f64, f64)]) -> Bars<'static> {
         let mut b = Bars::default();
         let warm = std::iter::repeat_n((30000.0, 30030.0, 29970.0, 30000.0), 20);
         for (i, (o, h, l, c)) in warm.chain(tail.iter().copied()).enumerate() {
-            b.open_time.push(T0 + i as i64 * interval);
-            b.open.push(o);
-            b.high.push(h);
-            b.low.push(l);
-            b.close.push(c);
+            b.open_time.to_mut().push(T0 + i as i64 * interval);
+            b.open.to_mut().push(o);
+            b.high.to_mut().push(h);
+            b.low.to_mut().push(l);
+            b.close.to_mut().push(c);
         }
         b
     }
@@ -1591,7 +1593,7 @@ mod tests {
         }
     }
 
-    fn series(interval: i64, tail: &[(f64, f64, f64, f64)]) -> SeriesInput {
+    fn series(interval: i64, tail: &[(f64, f64, f64, f64)]) -> SeriesInput<'static> {
         SeriesInput {
             symbol: "BTCUSDT".into(),
             interval_ms: interval,
@@ -1615,7 +1617,7 @@ mod tests {
             .collect()
     }
 
-    fn one(input: SeriesInput, policy: &ExitPolicy, options: &BacktestOptions) -> JobOutput {
+    fn one(input: SeriesInput<'_>, policy: &ExitPolicy, options: &BacktestOptions) -> JobOutput {
         let mut out = run(
             &[input],
             std::slice::from_ref(policy),
@@ -1719,11 +1721,11 @@ mod tests {
         input.fine = Some((
             MINUTE,
             Bars {
-                open_time: vec![t, t + MINUTE],
-                open: vec![30000.0, 30150.0],
-                high: vec![30200.0, 30150.0],
-                low: vec![30000.0, 29800.0],
-                close: vec![30150.0, 30000.0],
+                open_time: vec![t, t + MINUTE].into(),
+                open: vec![30000.0, 30150.0].into(),
+                high: vec![30200.0, 30150.0].into(),
+                low: vec![30000.0, 29800.0].into(),
+                close: vec![30150.0, 30000.0].into(),
             },
         ));
         let job = one(input, &example_policy("2m"), &options());
@@ -1742,11 +1744,15 @@ mod tests {
         // 10 more bars after a 1 h gap; an entry inside the gap has no bar to enter on.
         let last = *input.bars.open_time.last().unwrap();
         for i in 0..10 {
-            input.bars.open_time.push(last + 3_600_000 + i * MINUTE);
-            input.bars.open.push(30000.0);
-            input.bars.high.push(30010.0);
-            input.bars.low.push(29990.0);
-            input.bars.close.push(30000.0);
+            input
+                .bars
+                .open_time
+                .to_mut()
+                .push(last + 3_600_000 + i * MINUTE);
+            input.bars.open.to_mut().push(30000.0);
+            input.bars.high.to_mut().push(30010.0);
+            input.bars.low.to_mut().push(29990.0);
+            input.bars.close.to_mut().push(30000.0);
         }
         input.entries.push(long_at(last + 1_800_000));
         let job = one(input, &example_policy("1m"), &options());
@@ -1975,17 +1981,17 @@ mod tests {
                         (&mut fine.low, low),
                         (&mut fine.close, close),
                     ] {
-                        column.push(value as f64 / 100.0);
+                        column.to_mut().push(value as f64 / 100.0);
                     }
-                    fine.open_time.push(t + half * MINUTE);
+                    fine.open_time.to_mut().push(t + half * MINUTE);
                     ticks.push((open, high, low, close));
                     price = close;
                 }
-                bars.open_time.push(t);
-                bars.open.push(ticks[0].0 as f64 / 100.0);
-                bars.high.push(ticks[0].1.max(ticks[1].1) as f64 / 100.0);
-                bars.low.push(ticks[0].2.min(ticks[1].2) as f64 / 100.0);
-                bars.close.push(ticks[1].3 as f64 / 100.0);
+                bars.open_time.to_mut().push(t);
+                bars.open.to_mut().push(ticks[0].0 as f64 / 100.0);
+                bars.high.to_mut().push(ticks[0].1.max(ticks[1].1) as f64 / 100.0);
+                bars.low.to_mut().push(ticks[0].2.min(ticks[1].2) as f64 / 100.0);
+                bars.close.to_mut().push(ticks[1].3 as f64 / 100.0);
             }
             let mut entries = Vec::new();
             for i in 0..n {

@@ -1,9 +1,12 @@
 //! Bindings: the backtest, one coarse call with whole numpy arrays per symbol.
 //!
-//! Python hands over every series at once (arrays are copied into Rust vectors while the
-//! GIL is held), the run happens with the GIL released, and the results come back as
+//! Python hands over every series at once (bar arrays are read in place, borrowed
+//! read-only for the call; the small entry arrays are copied), the run happens with the
+//! GIL released, and the results come back as
 //! columns (numpy arrays, and lists of exact decimal strings when `detail` is set) that
 //! `pyquant.backtest` turns into polars `DataFrame`s.
+
+use std::borrow::Cow;
 
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
@@ -22,35 +25,91 @@ use crate::rules::ExchangeRules;
 use super::engine::PyExitPolicy;
 use super::rules::PyExchangeRules;
 
-fn array<'py, T: numpy::Element + Copy>(
+fn readonly<'py, T: numpy::Element>(
     dict: &Bound<'py, PyDict>,
     symbol: &str,
     key: &str,
-) -> PyResult<Vec<T>> {
+) -> PyResult<PyReadonlyArray1<'py, T>> {
     let item = dict
         .get_item(key)?
         .ok_or_else(|| PyValueError::new_err(format!("series {symbol}: missing array {key:?}")))?;
-    let array: PyReadonlyArray1<'py, T> = item.extract().map_err(|_| {
+    item.extract().map_err(|_| {
         PyValueError::new_err(format!(
             "series {symbol}: {key:?} must be a one-dimensional numpy array of {}",
             std::any::type_name::<T>()
         ))
-    })?;
-    // One memcpy for the usual contiguous array; a strided view is gathered element-wise.
-    Ok(match array.as_slice() {
-        Ok(slice) => slice.to_vec(),
-        Err(_) => array.as_array().iter().copied().collect(),
     })
 }
 
-fn bars(dict: &Bound<'_, PyDict>, symbol: &str, prefix: &str) -> PyResult<Bars> {
-    Ok(Bars {
-        open_time: array(dict, symbol, &format!("{prefix}open_time"))?,
-        open: array(dict, symbol, &format!("{prefix}open"))?,
-        high: array(dict, symbol, &format!("{prefix}high"))?,
-        low: array(dict, symbol, &format!("{prefix}low"))?,
-        close: array(dict, symbol, &format!("{prefix}close"))?,
-    })
+/// The array's values in place when it is contiguous (the usual case: no copy, no fresh
+/// pages to fault in); a strided view is gathered element-wise.
+fn column<'a, T: numpy::Element + Copy>(array: &'a PyReadonlyArray1<'_, T>) -> Cow<'a, [T]> {
+    match array.as_slice() {
+        Ok(slice) => Cow::Borrowed(slice),
+        Err(_) => Cow::Owned(array.as_array().iter().copied().collect()),
+    }
+}
+
+fn array<T: numpy::Element + Copy>(
+    dict: &Bound<'_, PyDict>,
+    symbol: &str,
+    key: &str,
+) -> PyResult<Vec<T>> {
+    Ok(column(&readonly::<T>(dict, symbol, key)?).into_owned())
+}
+
+/// One series' bar columns, borrowed read-only (rust-numpy's borrow flag keeps Rust
+/// writers out) for as long as the run reads them.
+struct BarArrays<'py> {
+    open_time: PyReadonlyArray1<'py, i64>,
+    open: PyReadonlyArray1<'py, f64>,
+    high: PyReadonlyArray1<'py, f64>,
+    low: PyReadonlyArray1<'py, f64>,
+    close: PyReadonlyArray1<'py, f64>,
+}
+
+impl<'py> BarArrays<'py> {
+    fn read(dict: &Bound<'py, PyDict>, symbol: &str, prefix: &str) -> PyResult<Self> {
+        Ok(Self {
+            open_time: readonly(dict, symbol, &format!("{prefix}open_time"))?,
+            open: readonly(dict, symbol, &format!("{prefix}open"))?,
+            high: readonly(dict, symbol, &format!("{prefix}high"))?,
+            low: readonly(dict, symbol, &format!("{prefix}low"))?,
+            close: readonly(dict, symbol, &format!("{prefix}close"))?,
+        })
+    }
+
+    fn bars(&self) -> Bars<'_> {
+        Bars {
+            open_time: column(&self.open_time),
+            open: column(&self.open),
+            high: column(&self.high),
+            low: column(&self.low),
+            close: column(&self.close),
+        }
+    }
+}
+
+/// Everything of one series read from its dict: the entries converted, the bars still
+/// numpy arrays ([`SeriesArrays::input`] lends them to the run).
+struct SeriesArrays<'py> {
+    symbol: String,
+    interval_ms: i64,
+    bars: BarArrays<'py>,
+    fine: Option<(i64, BarArrays<'py>)>,
+    entries: Vec<Entry>,
+}
+
+impl SeriesArrays<'_> {
+    fn input(&self) -> SeriesInput<'_> {
+        SeriesInput {
+            symbol: self.symbol.clone(),
+            interval_ms: self.interval_ms,
+            bars: self.bars.bars(),
+            fine: self.fine.as_ref().map(|(i, b)| (*i, b.bars())),
+            entries: self.entries.clone(),
+        }
+    }
 }
 
 /// The per-entry notionals: decimal strings or `None` (the run's default). A list is read
@@ -81,7 +140,7 @@ fn entry_notionals(dict: &Bound<'_, PyDict>, symbol: &str) -> PyResult<Vec<Optio
         .collect()
 }
 
-fn series_input(dict: &Bound<'_, PyDict>) -> PyResult<SeriesInput> {
+fn series_arrays<'py>(dict: &Bound<'py, PyDict>) -> PyResult<SeriesArrays<'py>> {
     let symbol: String = dict
         .get_item("symbol")?
         .ok_or_else(|| PyValueError::new_err("series: missing \"symbol\""))?
@@ -91,9 +150,10 @@ fn series_input(dict: &Bound<'_, PyDict>) -> PyResult<SeriesInput> {
         .ok_or_else(|| PyValueError::new_err(format!("series {symbol}: missing \"interval_ms\"")))?
         .extract()?;
     let fine = match dict.get_item("fine_interval_ms")? {
-        Some(value) if !value.is_none() => {
-            Some((value.extract::<i64>()?, bars(dict, &symbol, "fine_")?))
-        }
+        Some(value) if !value.is_none() => Some((
+            value.extract::<i64>()?,
+            BarArrays::read(dict, &symbol, "fine_")?,
+        )),
         _ => None,
     };
     let times: Vec<i64> = array(dict, &symbol, "entry_time")?;
@@ -140,8 +200,8 @@ fn series_input(dict: &Bound<'_, PyDict>) -> PyResult<SeriesInput> {
         )
         .into());
     }
-    let bars = bars(dict, &symbol, "")?;
-    Ok(SeriesInput {
+    let bars = BarArrays::read(dict, &symbol, "")?;
+    Ok(SeriesArrays {
         symbol,
         interval_ms,
         bars,
@@ -182,7 +242,7 @@ impl<'py> Columns<'py> {
 fn outputs<'py>(
     py: Python<'py>,
     jobs: &[JobOutput],
-    series: &[SeriesInput],
+    series: &[SeriesInput<'_>],
     rules: &ExchangeRules,
     detail: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
@@ -455,7 +515,9 @@ fn py_backtest_run<'py>(
         detail,
         exhaustive,
     };
-    let inputs: Vec<SeriesInput> = series.iter().map(series_input).collect::<PyResult<_>>()?;
+    let arrays: Vec<SeriesArrays<'_>> =
+        series.iter().map(series_arrays).collect::<PyResult<_>>()?;
+    let inputs: Vec<SeriesInput<'_>> = arrays.iter().map(SeriesArrays::input).collect();
     let policies: Vec<ExitPolicy> = policies.iter().map(|p| p.inner.clone()).collect();
     let shared = rules.shared();
     drop(rules);
