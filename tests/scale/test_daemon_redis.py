@@ -98,6 +98,9 @@ async def test_redis_intent_opens_position_and_every_step_is_published(
         assert await client.get(f"pyquant:default:lease:{SYMBOL}") == b"solo"
         # acknowledged only after the decision: nothing pending for the group
         await until(lambda: daemon.membership.bus.intents.stats.decided == 1, 5, "ack")
+        # an intent from another source (the Python API) is published by the daemon itself
+        api = await daemon.submit({"id": "api-1", "symbol": SYMBOL, "side": "BUY"})
+        assert (api.accepted, api.reason) == (False, "position_open")
         pending = await client.xpending(STREAM, "pyquant")
         assert pending["pending"] == 0
 
@@ -120,10 +123,16 @@ async def test_redis_intent_opens_position_and_every_step_is_published(
         VALIDATOR.validate(event)
     kinds = [(e["type"], e["payload"].get("action") or e["payload"].get("status")) for e in events]
     decisions = [e for e in events if e["type"] == "decision"]
-    assert len(decisions) == 1
+    assert len(decisions) == 2
     assert decisions[0]["payload"]["accepted"] is True
     assert decisions[0]["payload"]["stream_id"] == entry_id
     assert decisions[0]["payload"]["source"] == "quantum"
+    assert {k: decisions[1]["payload"][k] for k in ("intent_id", "accepted", "reason")} == {
+        "intent_id": "api-1",
+        "accepted": False,
+        "reason": "position_open",
+    }
+    assert "stream_id" not in decisions[1]["payload"]
     orders = [e["payload"] for e in events if e["type"] == "order"]
     assert {"kind": "entry", "status": "FILLED"}.items() <= next(
         o for o in orders if o["kind"] == "entry" and o["status"] == "FILLED"
