@@ -863,6 +863,9 @@ class Daemon:
                 logger.warning(
                     "Periodic job failed job=%s error=%s", getattr(job, "__name__", job), exc
                 )
+            except Exception:
+                # A timer's bug must not end the daemon and the exits it runs: log, go on.
+                logger.exception("Periodic job crashed job=%s", getattr(job, "__name__", job))
 
     async def _snapshot(self) -> None:
         if self.desk is not None:

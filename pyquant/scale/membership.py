@@ -95,6 +95,7 @@ class Membership:
         self._published_legs: set[str] = set()
         prefix = self.bus.leases.keys.prefix if self.bus.leases is not None else None
         self._exit_state_key = f"{prefix}:exitstate" if prefix else ""
+        self._drop_own_state = self.bus.redis.register_script(_DROP_OWN_STATE)
 
     # ------------------------------------------------------------------ wiring
 
@@ -312,14 +313,18 @@ class Membership:
             state["daemon_id"] = self.config.daemon_id
             fields[f"{symbol}|{leg}"] = orjson.dumps(state)
         gone = self._published_legs - set(fields)
-        pipe = self.bus.redis.pipeline(transaction=False)
-        if fields:
-            pipe.hset(self._exit_state_key, mapping=fields)  # type: ignore[arg-type]
-        if gone:
-            pipe.hdel(self._exit_state_key, *sorted(gone))
         if not fields and not gone:
             return
         try:
+            pipe = self.bus.redis.pipeline(transaction=False)
+            if fields:
+                pipe.hset(self._exit_state_key, mapping=fields)  # type: ignore[arg-type]
+            if gone:
+                # Only our own entries: the leg's new owner may have written its state already.
+                mine = orjson.dumps({"daemon_id": self.config.daemon_id})[1:-1]
+                await self._drop_own_state(
+                    keys=[self._exit_state_key], args=[mine, *sorted(gone)], client=pipe
+                )
             await pipe.execute()
         except REDIS_DOWN_ERRORS as exc:
             logger.debug("Exit state not written error=%s", exc)
@@ -451,6 +456,18 @@ class _StreamSink:
     def reject_malformed(self, source: str, payload: object, error: str) -> None:
         self._intake.reject_malformed(source, payload, error)
 
+
+# KEYS[1] the exit-state hash; ARGV[1] the '"daemon_id":"<id>"' text of our entries, ARGV[2..]
+# fields to drop if they are still ours.
+_DROP_OWN_STATE: Final = """
+for i = 2, #ARGV do
+  local value = redis.call('HGET', KEYS[1], ARGV[i])
+  if value and string.find(value, ARGV[1], 1, true) then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return 0
+"""
 
 _FILL_KEYS: Final = (
     "client_order_id",

@@ -304,3 +304,27 @@ async def test_a_position_opened_by_hand_is_claimed_and_adopted(
         assert backstop.position_side == "SHORT"
         assert backstop.trigger_price > Decimal("150")
         assert await client.get("pyquant:default:lease:SOLUSDT") == b"solo"
+
+
+async def test_exit_state_entries_are_dropped_only_by_their_writer(
+    tmp_path: Path, redis_server: RedisServer, client: Any
+) -> None:
+    key = "pyquant:default:exitstate"
+    async with redis_daemon(
+        tmp_path, bus_url(redis_server), "hedge", {SYMBOL: "2500.00"}
+    ) as running:
+        daemon = running.daemon
+        membership = daemon.membership
+        for side in ("BUY", "SELL"):
+            await client.xadd(STREAM, original_payload(id=f"leg-{side}", side=side))
+        await wait_open(running, 2)
+        await membership.publish_exit_state()
+        for leg in ("LONG", "SHORT"):
+            assert orjson.loads(await client.hget(key, f"{SYMBOL}|{leg}"))["daemon_id"] == "solo"
+        # a peer took the LONG leg over and wrote its state; then we hand the symbol over
+        theirs = orjson.dumps({"daemon_id": "other", "entry_price": "2500.00"})
+        await client.hset(key, f"{SYMBOL}|LONG", theirs)
+        assert len(await daemon.desk.hand_over(SYMBOL, "other")) == 2
+        await membership.publish_exit_state()
+        assert await client.hget(key, f"{SYMBOL}|LONG") == theirs  # the peer's stays
+        assert await client.hget(key, f"{SYMBOL}|SHORT") is None  # ours is gone
