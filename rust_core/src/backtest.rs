@@ -413,21 +413,57 @@ impl Grid {
             .zip(bars.low.iter())
             .zip(bars.close.iter());
         for (((&open, &high), &low), &close) in rows {
-            let mut bar = [0; 4];
-            for (slot, (name, v)) in bar.iter_mut().zip([
-                ("open", open),
-                ("high", high),
-                ("low", low),
-                ("close", close),
-            ]) {
-                *slot = match self.nearest_fast(v).or_else(|| self.nearest_midpoint(v)) {
-                    Some(k) => k,
-                    None => self.nearest_exact(rules, prefix, name, v)?,
-                };
-            }
-            out.push(bar);
+            let prices = [open, high, low, close];
+            // All four settled by floats (the usual case) without a branch per price.
+            let fast = prices.map(|v| self.nearest_float(v));
+            out.push(if fast.iter().all(|&(_, settled)| settled) {
+                fast.map(|(k, _)| k)
+            } else {
+                self.bar_the_long_way(rules, prefix, prices)?
+            });
         }
         Ok(out)
+    }
+
+    /// One bar's ticks, each by floats, at a midpoint, or exactly.
+    #[cold]
+    #[inline(never)]
+    fn bar_the_long_way(
+        self,
+        rules: &SymbolRules,
+        prefix: &str,
+        prices: [f64; 4],
+    ) -> Result<[i64; 4], CoreError> {
+        let mut bar = [0; 4];
+        for ((slot, name), v) in bar
+            .iter_mut()
+            .zip(["open", "high", "low", "close"])
+            .zip(prices)
+        {
+            *slot = match self.nearest_fast(v).or_else(|| self.nearest_midpoint(v)) {
+                Some(k) => k,
+                None => self.nearest_exact(rules, prefix, name, v)?,
+            };
+        }
+        Ok(bar)
+    }
+
+    /// [`Grid::nearest_fast`] as the tick and whether it is settled.
+    #[inline]
+    fn nearest_float(self, v: f64) -> (i64, bool) {
+        // Also false for NaN, which the exact path then refuses.
+        let near = v.abs() + self.base_f.abs() < self.float_limit;
+        let x = (v - self.base_f) / self.step_f;
+        // Truncation and a compare instead of `floor`/`round`, which are library calls on
+        // the baseline x86-64 target; exact below 2^30 (and saturating, hence harmless,
+        // for the far or NaN values `near` rules out).
+        let whole = x as i64;
+        let fraction = x - whole as f64;
+        let distance_to_half = (fraction.abs() - 0.5).abs();
+        (
+            whole + i64::from(fraction > 0.5) - i64::from(fraction < -0.5),
+            near && distance_to_half > 1e-6,
+        )
     }
 
     /// The tick of `quantize_price(decimal_from_f64(v), Nearest)` from floats alone, when
@@ -438,19 +474,8 @@ impl Grid {
     /// path decides.
     #[inline]
     fn nearest_fast(self, v: f64) -> Option<i64> {
-        // Also false for NaN, which the exact path then refuses.
-        let near = v.abs() + self.base_f.abs() < self.float_limit;
-        if !near {
-            return None;
-        }
-        let x = (v - self.base_f) / self.step_f;
-        // Truncation and a compare instead of `floor`/`round`, which are library calls on
-        // the baseline x86-64 target; exact below 2^30.
-        let whole = x as i64;
-        let fraction = x - whole as f64;
-        let distance_to_half = (fraction.abs() - 0.5).abs();
-        (distance_to_half > 1e-6)
-            .then_some(whole + i64::from(fraction > 0.5) - i64::from(fraction < -0.5))
+        let (k, settled) = self.nearest_float(v);
+        settled.then_some(k)
     }
 }
 

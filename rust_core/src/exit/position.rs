@@ -309,7 +309,10 @@ pub fn ladder_prices(
         let at = if m == 1.0 {
             policy.derived().ladder_at[i]
         } else {
-            decimal_of(&format!("ladder[{i}].at"), level.at * m)?
+            let stretched = level.at * m;
+            // The field's name is written only for the error (this runs at every open).
+            decimal_of("", stretched)
+                .or_else(|_| decimal_of(&format!("ladder[{i}].at"), stretched))?
         };
         let distance = match config.ladder_unit {
             LadderUnit::R => at * r,

@@ -101,13 +101,14 @@ struct SeriesArrays<'py> {
 }
 
 impl SeriesArrays<'_> {
-    fn input(&self) -> SeriesInput<'_> {
+    /// The run's input, borrowing the bars and taking the entries.
+    fn input(&mut self) -> SeriesInput<'_> {
         SeriesInput {
             symbol: self.symbol.clone(),
             interval_ms: self.interval_ms,
             bars: self.bars.bars(),
             fine: self.fine.as_ref().map(|(i, b)| (*i, b.bars())),
-            entries: self.entries.clone(),
+            entries: std::mem::take(&mut self.entries),
         }
     }
 }
@@ -515,9 +516,9 @@ fn py_backtest_run<'py>(
         detail,
         exhaustive,
     };
-    let arrays: Vec<SeriesArrays<'_>> =
+    let mut arrays: Vec<SeriesArrays<'_>> =
         series.iter().map(series_arrays).collect::<PyResult<_>>()?;
-    let inputs: Vec<SeriesInput<'_>> = arrays.iter().map(SeriesArrays::input).collect();
+    let inputs: Vec<SeriesInput<'_>> = arrays.iter_mut().map(SeriesArrays::input).collect();
     let policies: Vec<ExitPolicy> = policies.iter().map(|p| p.inner.clone()).collect();
     let shared = rules.shared();
     drop(rules);
