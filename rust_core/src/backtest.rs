@@ -317,6 +317,8 @@ struct Grid {
     scale: u32,
     base_f: f64,
     step_f: f64,
+    /// `1 / step_f`, rounded: a multiplication per price instead of a division.
+    per_step_f: f64,
     /// `MAX_FLOAT_TICKS` steps: prices farther from zero take the exact path.
     float_limit: f64,
 }
@@ -341,6 +343,7 @@ impl Grid {
                 scale,
                 base_f: decimal_to_f64(base),
                 step_f: decimal_to_f64(step),
+                per_step_f: 1.0 / decimal_to_f64(step),
                 float_limit: MAX_FLOAT_TICKS * decimal_to_f64(step),
             }),
             _ => Err(CoreError::invalid_for(
@@ -453,7 +456,7 @@ impl Grid {
     fn nearest_float(self, v: f64) -> (i64, bool) {
         // Also false for NaN, which the exact path then refuses.
         let near = v.abs() + self.base_f.abs() < self.float_limit;
-        let x = (v - self.base_f) / self.step_f;
+        let x = (v - self.base_f) * self.per_step_f;
         // Truncation and a compare instead of `floor`/`round`, which are library calls on
         // the baseline x86-64 target; exact below 2^30 (and saturating, hence harmless,
         // for the far or NaN values `near` rules out).
@@ -467,11 +470,12 @@ impl Grid {
     }
 
     /// The tick of `quantize_price(decimal_from_f64(v), Nearest)` from floats alone, when
-    /// floats settle it. Kline prices are exchange prices stored as f64: the float quotient
-    /// `(v - base) / step` is within 5e-7 tick of the exact one below 2^30 ticks (each
-    /// operand and operation within half an ulp), so away from a midpoint its nearest
-    /// integer is the exact rounding. Near a midpoint, or far out, `None`: the decimal
-    /// path decides.
+    /// floats settle it. Kline prices are exchange prices stored as f64: the float
+    /// `(v - base) * (1 / step)` is within 6e-7 tick of the exact quotient below 2^30 ticks
+    /// (`v`, `base`, `step` each within half an ulp of their decimals, and the reciprocal,
+    /// the difference and the product within half an ulp each: at most 5 * 2^-53 of
+    /// 2^30 ticks), so away from a midpoint its nearest integer is the exact rounding. Near
+    /// a midpoint (1e-6 tick), or far out, `None`: the decimal path decides.
     #[inline]
     fn nearest_fast(self, v: f64) -> Option<i64> {
         let (k, settled) = self.nearest_float(v);
@@ -1944,6 +1948,26 @@ mod tests {
         /// Prices halfway between ticks (and their float neighbours, which are not) take
         /// the midpoint path or none, and it agrees with exact rounding: SOLUSDT (base
         /// 0.4200, below and above it) and BTCUSDT's tick 0.10 grid.
+        /// The same over grids from 0.1 down to 1e-7 and prices of up to 9 decimals.
+        #[test]
+        fn float_ticks_match_exact_rounding_on_every_grid(
+            mantissa in 0u64..10_000_000_000,
+            decimals in 0u32..10,
+            symbol in proptest::sample::select(
+                vec!["BTCUSDT", "ETHUSDT", "XRPUSDT", "DOGEUSDT", "1000SHIBUSDT", "1000PEPEUSDT"],
+            ),
+        ) {
+            let rules = exchange_rules();
+            let sym = rules.symbol(symbol).unwrap();
+            let grid = Grid::new(sym).unwrap();
+            let v = mantissa as f64 / 10f64.powi(decimals as i32);
+            // Beyond 2^40 ticks the exact path refuses; the float path is out by 2^30.
+            let exact = grid.nearest_exact(sym, "", "open", v).ok();
+            if let Some(fast) = grid.nearest_fast(v) {
+                proptest::prop_assert_eq!(Some(fast), exact, "{} on {}", v, symbol);
+            }
+        }
+
         #[test]
         fn midpoint_ticks_match_exact_rounding(
             ticks in 0i64..20_000_000,
