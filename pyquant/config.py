@@ -911,10 +911,16 @@ def _cross_checks(config: Config, problems: _Problems, confirm_mainnet: bool) ->
             f"the HTTP intake needs a bearer token in ${c.sources.http_token_env}",
         )
     if c.sources.redis_url:
-        from pyquant.scale.bus import RedisBusConfig  # needs redis-py only when used
-
         try:
+            from pyquant.scale.bus import RedisBusConfig  # needs redis-py only when used
+
             RedisBusConfig.from_url(c.sources.redis_url)
+        except ImportError as exc:
+            problems.add(
+                "sources.redis_url",
+                redact_url(c.sources.redis_url),
+                f"needs redis-py ({exc}): pip install 'pyquant[redis]'",
+            )
         except ConfigError as exc:
             problems.add("sources.redis_url", redact_url(c.sources.redis_url), str(exc))
     _check_range(problems, "metrics.port", c.metrics.port, 0, 65535, "must be a port number")

@@ -48,13 +48,13 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyquant
 from pyquant.config import Config
 from pyquant.dashboard import Dashboard, DashboardData, PositionLine
 from pyquant.demo import DemoProducer
-from pyquant.errors import ExchangeError, MessageError, PyquantError, RetryableError
+from pyquant.errors import ConfigError, ExchangeError, MessageError, PyquantError, RetryableError
 from pyquant.exchange.client import BinanceClient
 from pyquant.exchange.streams import (
     Backoff,
@@ -66,7 +66,6 @@ from pyquant.exchange.streams import (
     interval_ms,
 )
 from pyquant.metrics import FeedStatus, Metrics, Status
-from pyquant.scale.membership import UNRECONCILED, Membership
 from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig, GuardDecision
@@ -80,6 +79,9 @@ from pyquant.trading.sources import (
     follow_jsonl,
     read_stdin,
 )
+
+if TYPE_CHECKING:  # redis-py is optional: needed only with sources.redis_url
+    from pyquant.scale.membership import Membership
 
 logger = logging.getLogger(__name__)
 
@@ -208,10 +210,11 @@ class Intake:
                     "not_owner",
                     f"symbol {intent.symbol} is run by another daemon of this account",
                 )
-            if member.pending(intent.symbol):
+            pending = member.pending_reason(intent.symbol)
+            if pending is not None:
                 return GuardDecision(
                     False,
-                    UNRECONCILED,
+                    pending,
                     f"symbol {intent.symbol} was taken over and is not reconciled yet",
                 )
         task = asyncio.current_task()
@@ -691,7 +694,14 @@ class Daemon:
     def _join_redis(self, url: str) -> Membership:
         from dataclasses import replace
 
-        from pyquant.scale.bus import RedisBusConfig
+        try:
+            from pyquant.scale.bus import RedisBusConfig
+            from pyquant.scale.membership import UNRECONCILED, Membership
+        except ImportError as exc:
+            raise ConfigError(
+                f"sources.redis_url needs redis-py, which is not installed ({exc}); "
+                "install the extra: pip install 'pyquant[redis]'"
+            ) from None
 
         bus_config = RedisBusConfig.from_url(url)
         # An intent for a symbol whose takeover is still reconciling is not decided: it

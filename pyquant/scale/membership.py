@@ -127,6 +127,10 @@ class Membership:
         """Return whether ``symbol`` was taken over but is not reconciled yet."""
         return symbol in self._unreconciled
 
+    def pending_reason(self, symbol: str) -> str | None:
+        """Return the refusal reason for an intent on ``symbol`` now (None: decide it)."""
+        return UNRECONCILED if symbol in self._unreconciled else None
+
     # ------------------------------------------------------------------ start
 
     async def claim(self) -> frozenset[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
+import sys
 import urllib.request
 from decimal import Decimal
 from pathlib import Path
@@ -227,3 +229,21 @@ def test_cli_intents_url_password_is_never_shown(capsys: pytest.CaptureFixture[s
     assert shown["sources"]["demo"] is False  # intents come from the stream
     assert run_command("run", ["--intents", "redis://:hunter2@127.0.0.1/0?strem=1"]) == 2
     assert "hunter2" not in capsys.readouterr().err
+
+
+def test_the_daemon_needs_no_redis_unless_intents_come_from_it() -> None:
+    # `pip install .` does not install redis-py (an extra): `pyquant run` must still start.
+    script = (
+        "import sys\n"
+        "sys.modules['redis'] = None  # import redis -> ImportError\n"
+        "import pyquant.daemon\n"
+        "from pyquant.daemon_cli import run_command\n"
+        "assert run_command('run', ['--show-config']) == 0\n"
+        "sys.exit(run_command('run', ['--intents', 'redis://127.0.0.1:6379/0']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "sources.redis_url" in done.stderr
+    assert "pip install 'pyquant[redis]'" in done.stderr
