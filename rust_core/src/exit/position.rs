@@ -51,7 +51,7 @@ use serde::{Deserialize, Serialize};
 use super::action::{ExitAction, ExitReason, PositionSide};
 use super::policy::{decimal_of, ExitPolicy, LadderUnit};
 use crate::error::CoreError;
-use crate::fixed::{Decimal, Rounding};
+use crate::fixed::{decimal_to_f64_fast, Decimal, Rounding};
 use crate::rules::SymbolRules;
 
 /// The initial stop for an entry.
@@ -298,12 +298,39 @@ pub fn ladder_prices(
     rules: &SymbolRules,
     policy: &ExitPolicy,
 ) -> Result<Vec<Decimal>, CoreError> {
+    ladder_prices_by(side, entry, r_distance, confidence, rules, policy, true)
+}
+
+/// [`ladder_prices`], with the float shortcut or (`floats` false) only the decimal path.
+fn ladder_prices_by(
+    side: PositionSide,
+    entry: Decimal,
+    r_distance: Decimal,
+    confidence: Option<f64>,
+    rules: &SymbolRules,
+    policy: &ExitPolicy,
+    floats: bool,
+) -> Result<Vec<Decimal>, CoreError> {
     let config = policy.config();
     let m = policy.ladder_multiplier(confidence);
     let r = r_distance.max(rules.tick_size());
     let tick = rules.tick_size();
     let mut prices = Vec::with_capacity(config.ladder.len());
+    let (r_f, entry_f) = (decimal_to_f64_fast(r), decimal_to_f64_fast(entry));
     for (i, level) in config.ladder.iter().enumerate() {
+        // Floats settle the rounded level unless it lies within a hair of a tick.
+        let distance_f = level.at
+            * m
+            * match config.ladder_unit {
+                LadderUnit::R => r_f,
+                LadderUnit::Pct => entry_f,
+            };
+        if let Some(price) = level_from_floats(side, entry, distance_f, rules).filter(|_| floats) {
+            if strictly_tighter(side, price, entry) && price > Decimal::ZERO {
+                prices.push(price);
+                continue;
+            }
+        }
         // Without a stretch the product is `at` itself, converted once by the policy.
         #[allow(clippy::float_cmp)] // exactly 1 is the only factor that changes nothing
         let at = if m == 1.0 {
@@ -329,6 +356,63 @@ pub fn ladder_prices(
         prices.push(price);
     }
     Ok(prices)
+}
+
+/// `round_level(side, toward_profit(side, entry, distance), rules)` from floats, where
+/// `distance_f` is the float of the exact distance (`at * r`, `at` the shortest decimal
+/// of the float `level.at * m`): `None` unless floats settle it.
+///
+/// Below 2^26 ticks every float here (the entry, the distance's factors and product,
+/// the grid's base and step, each sum and the quotient) is within a few ulps of its exact
+/// value: in all within 1e-7 tick of the exact level. So a level more than 1e-6 tick away
+/// from a grid point floors (LONG) or ceils (SHORT) onto the same tick as the decimals do;
+/// nearer one, the decimal path decides.
+fn level_from_floats(
+    side: PositionSide,
+    entry: Decimal,
+    distance_f: f64,
+    rules: &SymbolRules,
+) -> Option<Decimal> {
+    const MAX_TICKS: f64 = (1u64 << 26) as f64;
+    let step = rules.price_step();
+    if step <= Decimal::ZERO {
+        return None;
+    }
+    // `quantize_price`'s grid: from minPrice with a tick, from zero without one.
+    let base = if rules.tick_size() > Decimal::ZERO {
+        rules.price_filter.min_price
+    } else {
+        Decimal::ZERO
+    };
+    let (entry_f, base_f, step_f) = (
+        decimal_to_f64_fast(entry),
+        decimal_to_f64_fast(base),
+        decimal_to_f64_fast(step),
+    );
+    let reach = (entry_f.abs() + distance_f.abs() + base_f.abs()) / step_f;
+    // Also false for NaN.
+    let near = reach < MAX_TICKS;
+    if !near {
+        return None;
+    }
+    let target = match side {
+        PositionSide::Long => entry_f + distance_f,
+        PositionSide::Short => entry_f - distance_f,
+    };
+    let x = (target - base_f) / step_f;
+    // Truncation toward zero, then down to the floor for negatives (exact below 2^26).
+    let whole = x as i64;
+    let floor = whole - i64::from(x < whole as f64);
+    let fraction = x - floor as f64;
+    if !(1e-6..=1.0 - 1e-6).contains(&fraction) {
+        return None;
+    }
+    // A level rounds toward the entry: down for a LONG, up for a SHORT.
+    let k = floor + i64::from(side == PositionSide::Short);
+    let scale = base.scale().max(step.scale());
+    let mantissa = crate::fixed::mantissa_at(base, scale)?
+        .checked_add(i128::from(k).checked_mul(crate::fixed::mantissa_at(step, scale)?)?)?;
+    Decimal::try_from_i128_with_scale(mantissa, scale).ok()
 }
 
 impl PositionState {
@@ -1529,6 +1613,48 @@ mod tests {
             p.resize(d("0"), &rules, &policy).unwrap(),
             Confirmed::Closed
         );
+    }
+
+    proptest::proptest! {
+        /// The float shortcut of the ladder gives the decimal path's levels exactly: both
+        /// sides, R and percent ladders, stretched by any confidence, on grids from 0.1
+        /// (BTCUSDT) to 1e-7 (1000PEPEUSDT), including levels that land on a tick.
+        #[test]
+        fn float_ladder_levels_match_the_decimal_path(
+            symbol in proptest::sample::select(vec!["BTCUSDT", "SOLUSDT", "XRPUSDT", "1000PEPEUSDT"]),
+            entry_ticks in 1i64..2_000_000,
+            r_ticks in 0i64..5_000,
+            confidence in proptest::option::of(0.0f64..=1.0),
+            short in proptest::bool::ANY,
+            pct in proptest::bool::ANY,
+            at in proptest::sample::select(vec![0.5, 1.0, 1.5, 2.0, 3.0, 0.3, 0.007]),
+        ) {
+            let rules = exchange_rules().symbol(symbol).unwrap().clone();
+            let policy = ExitPolicy::new(PolicyConfig {
+                ladder: vec![
+                    LadderLevel { at, fraction: 0.5 },
+                    LadderLevel { at: at * 2.0, fraction: 0.5 },
+                ],
+                ladder_unit: if pct { LadderUnit::Pct } else { LadderUnit::R },
+                confidence_scale: 1.0,
+                m_min: 0.5,
+                m_max: 1.5,
+                ..PolicyConfig::default()
+            });
+            let Ok(policy) = policy else {
+                return Ok(()); // a percent ladder past its bounds: nothing to compare
+            };
+            let tick = rules.tick_size();
+            let entry = rules.price_filter.min_price + Decimal::from(entry_ticks) * tick;
+            let r = Decimal::from(r_ticks) * tick;
+            let side = if short { PositionSide::Short } else { PositionSide::Long };
+            let fast = ladder_prices_by(side, entry, r, confidence, &rules, &policy, true);
+            let exact = ladder_prices_by(side, entry, r, confidence, &rules, &policy, false);
+            proptest::prop_assert_eq!(
+                fast.map(|v| v.iter().map(Decimal::serialize).collect::<Vec<_>>()).ok(),
+                exact.map(|v| v.iter().map(Decimal::serialize).collect::<Vec<_>>()).ok()
+            );
+        }
     }
 
     #[test]
