@@ -228,11 +228,29 @@ def _load(paths: Sequence[str], console: Console) -> list[pl.DataFrame]:
     return frames
 
 
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401 - only asking whether it is there
+    except ImportError:
+        return False
+    return True
+
+
+_NO_CHARTS = "{what} skipped: matplotlib is not installed (pip install 'pyquant[plot]')"
+
+
 def run(
     argv: Sequence[str], *, prog: str = "pyquant backtest", console: Console | None = None
 ) -> int:
     """Run the command with parsed arguments; raise PyquantError on bad input."""
     args = _parser(prog).parse_args(list(argv))
+    # Charts are an extra (matplotlib): without it the tables and files are still written.
+    charts = _have_matplotlib()
+    if args.plot and not charts:
+        raise ConfigError(
+            "--plot needs matplotlib, which is not installed; install the extra: "
+            "pip install 'pyquant[plot]'"
+        )
     if console is None:
         console = Console()
         if not console.is_terminal:
@@ -295,8 +313,10 @@ def run(
             names = [n.strip() for n in args.heatmap.split(",")]
             if len(names) != 2 or any(n not in grid for n in names):
                 raise ConfigError(f"--heatmap was {args.heatmap!r}: name two --grid fields as X,Y")
-        if len(names) >= 2:
+        if len(names) >= 2 and charts:
             bt.plot_heatmap(table, names[0], names[1], args.sort_by, out / "heatmap.png")
+        elif len(names) >= 2:
+            console.print(_NO_CHARTS.format(what="heatmap.png"), style="yellow", markup=False)
         _print_table(
             console,
             f"grid: {table.height} combinations x {len(klines)} symbols, "
@@ -321,8 +341,10 @@ def run(
         )
     elapsed = time.perf_counter() - started
     written = bt.write_outputs(
-        result, out, config=config, inputs=inputs, klines=klines, plot=args.plot
+        result, out, config=config, inputs=inputs, klines=klines, plot=args.plot, equity_png=charts
     )
+    if not charts:
+        console.print(_NO_CHARTS.format(what="equity.png"), style="yellow", markup=False)
     _print_table(
         console,
         f"backtest: {len(klines)} symbols, {result.trades.height} positions, "

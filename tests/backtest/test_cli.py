@@ -222,3 +222,29 @@ def test_python_api_uses_the_bundled_rules_when_none_are_given(rules, example_po
     unknown = klines.with_columns(pl.lit("FOOUSDT").alias("symbol"))
     with pytest.raises(UnknownSymbolError, match="symbol FOOUSDT not in the exchange info"):
         run_backtest(unknown, example_policy)
+
+
+def test_without_matplotlib_the_tables_are_written_and_plot_is_refused(tmp_path):
+    # matplotlib is an extra: `pip install .` alone must still backtest.
+    import subprocess
+    import sys
+
+    data = tmp_path / "BCHUSDT_1m_day.parquet"
+    pl.read_parquet(BCH).head(1440).write_parquet(data)
+    script = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None  # import matplotlib -> ImportError\n"
+        "from pyquant.backtest_cli import run_command\n"
+        f"args = ['--data', {str(data)!r}, '--out', {str(tmp_path / 'out')!r}]\n"
+        "assert run_command('backtest', args) == 0\n"
+        "sys.exit(run_command('backtest', [*args, '--plot']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--plot needs matplotlib" in done.stderr
+    assert "equity.png skipped: matplotlib is not installed" in done.stdout
+    assert (tmp_path / "out" / "trades.parquet").exists()
+    assert (tmp_path / "out" / "summary.json").exists()
+    assert not (tmp_path / "out" / "equity.png").exists()
