@@ -109,8 +109,21 @@ async def test_kill_9_of_an_owner_hands_its_symbol_to_the_other_daemon(
             # split by owner: each symbol was decided and is run by its lease holder only
             assert await client.get("pyquant:default:lease:BTCUSDT") == b"alpha"
             assert await client.get("pyquant:default:lease:ETHUSDT") == b"beta"
-            assert any("symbol=BTCUSDT" in m for m in messages(alpha) if "Position opened" in m)
-            assert any("symbol=ETHUSDT" in m for m in messages(beta) if "Position opened" in m)
+            # (log lines arrive through a pipe: wait for them, they may trail the exchange)
+            await until(
+                lambda: any(
+                    "Position opened" in m and "symbol=BTCUSDT" in m for m in messages(alpha)
+                ),
+                10,
+                "alpha opened BTCUSDT",
+            )
+            await until(
+                lambda: any(
+                    "Position opened" in m and "symbol=ETHUSDT" in m for m in messages(beta)
+                ),
+                10,
+                "beta opened ETHUSDT",
+            )
             assert not any("Position opened" in m and "ETHUSDT" in m for m in messages(alpha))
             assert not any("Position adopted" in m for m in messages(beta))
 
