@@ -5,6 +5,7 @@ The worked example of docs/exit-rules.md runs verbatim through ``on_mark_message
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -435,3 +436,17 @@ def test_view_prices_use_the_tick_decimals(engine: ExitEngine) -> None:
     assert "v1 BTCUSDT LONG" in repr(view)
     plan = engine.plan_entry("BTCUSDT", "LONG", "30000.05", leverage=10)
     assert plan.entry_price == "30000.05"  # off the tick grid: shown exactly, not rounded
+
+
+@pytest.mark.parametrize("ascii_only", [True, False])
+def test_a_symbol_with_a_non_ascii_name_gets_its_exits(
+    exchange_rules: pyquant.ExchangeRules, ascii_only: bool
+) -> None:
+    # Binance lists such symbols; JSON may carry them escaped (\\u5e01...) or as UTF-8.
+    symbol = "币安人生USDT"
+    engine = ExitEngine(exchange_rules, ExitPolicy(fallback_stop_pct=0.02, max_stop_pct=0.05))
+    engine.open_position("u1", symbol, "LONG", "1000", "0.1000", leverage=1)
+    data = json.dumps(mark(symbol, "0.0970", T0), ensure_ascii=ascii_only).encode()
+    assert (b"\\u" in data) is ascii_only
+    action = only(engine.on_mark_message(data))
+    assert (action.symbol, action.reason, action.quantity) == (symbol, "stop_loss", "1000")

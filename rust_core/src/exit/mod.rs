@@ -606,7 +606,9 @@ impl ExitEngine {
     pub fn on_mark_message(&mut self, data: &[u8]) -> Result<Vec<ExitAction>, CoreError> {
         let batch = parse_mark_message(data)?;
         let mut actions = Vec::new();
-        for update in &batch.updates {
+        // Symbols written with JSON escapes (non-ASCII names) come unescaped in
+        // `batch.escaped`: they are marks like any other.
+        for update in batch.iter_all() {
             self.apply_mark(
                 update.symbol,
                 update.mark_price,
