@@ -303,6 +303,7 @@ class Daemon:
         self.membership: Membership | None = None
         self._membership_task: asyncio.Task[None] | None = None
         self._exits_stopped = asyncio.Event()
+        self._owned_at_stop: list[str] | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -546,7 +547,11 @@ class Daemon:
             summary["latency_ms"] = measured
         summary["malformed_messages"] = self.malformed_messages
         if self.membership is not None and self.membership.shared:
-            summary["owned_symbols"] = sorted(self.membership.owned())
+            # After a clean stop the leases are gone: report what was owned until then.
+            stopped = self._owned_at_stop
+            summary["owned_symbols"] = (
+                stopped if stopped is not None else sorted(self.membership.owned())
+            )
         return summary
 
     def position_lines(self) -> list[PositionLine]:
@@ -942,6 +947,8 @@ class Daemon:
             await self.market.close()
         if self.desk is not None:
             await self.desk.drain()
+        if self.membership is not None:
+            self._owned_at_stop = sorted(self.membership.owned())
         self._exits_stopped.set()
         if self._membership_task is not None:
             # Leases go only now: a peer adopts positions whose exits stopped here.

@@ -117,6 +117,8 @@ async def test_redis_intent_opens_position_and_every_step_is_published(
         assert Decimal(state["quantity"]) == Decimal("0.14")
         assert state["ladder_levels_done"] == "1"
         assert state["daemon_id"] == "solo"
+        summary = await running.stop()
+        assert summary["owned_symbols"] == [SYMBOL]  # as owned until the clean stop
 
     events = await events_of(client)
     for event in events:
