@@ -946,6 +946,47 @@ class Exchange:
         order.cum_quote += price * qty
         order.update_time = now
         order.status = "FILLED" if order.remaining == 0 else "PARTIALLY_FILLED"
+        trade = self._book_trade(order, price, qty, fee, realized, now, maker=maker)
+        self._emit(
+            {
+                "e": "TRADE_LITE",
+                "E": now,
+                "T": now,
+                "s": order.symbol,
+                "q": rules.fmt_qty(order.orig_qty),
+                "p": rules.fmt_price(order.price),
+                "m": maker,
+                "c": order.client_order_id,
+                "S": order.side,
+                "L": rules.fmt_price(price),
+                "l": rules.fmt_qty(qty),
+                "t": trade.trade_id,
+                "i": order.order_id,
+            }
+        )
+        self._order_event(
+            order,
+            "TRADE",
+            fill=_Fill(price, qty, maker),
+            fee=fee,
+            realized=realized,
+            trade_id=trade.trade_id,
+        )
+        self._account_event(order.symbol, "ORDER", balance_change=ZERO)
+        self._after_position_change(order.symbol)
+
+    def _book_trade(
+        self,
+        order: Order,
+        price: Decimal,
+        qty: Decimal,
+        fee: Decimal,
+        realized: Decimal,
+        now: int,
+        *,
+        maker: bool,
+    ) -> Trade:
+        """Record one fill of ``order``: the trade list (userTrades), income and order log."""
         trade = Trade(
             trade_id=next(self._trade_ids),
             order_id=order.order_id,
@@ -977,33 +1018,7 @@ class Exchange:
             maker=maker,
             tradeId=trade.trade_id,
         )
-        self._emit(
-            {
-                "e": "TRADE_LITE",
-                "E": now,
-                "T": now,
-                "s": order.symbol,
-                "q": rules.fmt_qty(order.orig_qty),
-                "p": rules.fmt_price(order.price),
-                "m": maker,
-                "c": order.client_order_id,
-                "S": order.side,
-                "L": rules.fmt_price(price),
-                "l": rules.fmt_qty(qty),
-                "t": trade.trade_id,
-                "i": order.order_id,
-            }
-        )
-        self._order_event(
-            order,
-            "TRADE",
-            fill=_Fill(price, qty, maker),
-            fee=fee,
-            realized=realized,
-            trade_id=trade.trade_id,
-        )
-        self._account_event(order.symbol, "ORDER", balance_change=ZERO)
-        self._after_position_change(order.symbol)
+        return trade
 
     def _apply_fill(
         self, order: Order, price: Decimal, qty: Decimal, fee: Decimal, now: int
@@ -1708,35 +1723,7 @@ class Exchange:
         order.executed_qty = qty
         order.cum_quote = price * qty
         order.status = "FILLED"
-        trade = Trade(
-            trade_id=next(self._trade_ids),
-            order_id=order.order_id,
-            symbol=order.symbol,
-            side=side,
-            position_side=order.position_side,
-            price=price,
-            qty=qty,
-            realized_pnl=realized,
-            commission=fee,
-            time=now,
-            maker=False,
-        )
-        self.trades.append(trade)
-        self._trade_income(trade)
-        self._record(
-            "fill",
-            orderId=order.order_id,
-            clientOrderId=order.client_order_id,
-            symbol=order.symbol,
-            side=side,
-            positionSide=order.position_side,
-            price=plain(price),
-            qty=plain(qty),
-            realizedPnl=plain(realized),
-            commission=plain(fee),
-            maker=False,
-            tradeId=trade.trade_id,
-        )
+        trade = self._book_trade(order, price, qty, fee, realized, now, maker=False)
         self._order_event(
             order,
             "CALCULATED",
