@@ -30,6 +30,15 @@ exchange's quantity. No lost position: every non-zero leg on the exchange ends u
 the engine. No loosened stop: the engine resumes from its snapshot (saved after every
 confirmed change and on the daemon's timer), and a backstop is only ever moved to tighten.
 
+Two reconciliations. The *cold* one (``live=False``, at start) runs before anything of ours
+can be in flight: whatever the journal holds unanswered is a leftover of the last run and is
+resolved as above. The *live* one (``live=True``: user-stream reconnect, a takeover) runs
+beside the desk's own work, so it asks each leg's owner (``TradingDesk.legs``) first and acts
+only on legs that are idle: an entry still in symbol set-up or awaiting its REST answer, an
+exit waiting out its retry pause, a backstop move, a flatten are left to the work that owns
+them, and the leg is reported ``deferred`` (the daemon reconciles those symbols again once
+their legs are idle).
+
 Several daemons on one account (``pyquant.scale``): ``symbols`` limits steps 6 to 8 to the
 symbols this daemon owns, so it never adopts a peer's position, and orphan cleanup then also
 takes the backstops a previous owner left on them. Called with one symbol when a lease is
@@ -76,6 +85,8 @@ class RecoveryReport:
     backstops_checked: dict[str, str] = field(default_factory=dict)
     peer_backstops_retired: list[str] = field(default_factory=list)
     reservations_released: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)  # "SYMBOL SIDE" left to work in flight
+    multi_assets: bool | None = None
     open_positions: int = 0
 
 
@@ -119,6 +130,7 @@ async def reconcile(
     restore: Callable[[bytes], EngineLike] | None = None,
     symbols: frozenset[str] | None = None,
     takeover: bool = False,
+    live: bool | None = None,
 ) -> RecoveryReport:
     """Reconcile the journal, the engine and the exchange; see the module docstring.
 
@@ -130,6 +142,8 @@ async def reconcile(
             None: every symbol on the account.
         takeover: the daemon is running and took ``symbols`` over: entries on its other
             symbols go on (the guard is not closed meanwhile).
+        live: the desk is running (see the module docstring); None: live when the desk has
+            work in flight or ``takeover``.
 
     Returns:
         The report of every step.
@@ -139,6 +153,17 @@ async def reconcile(
     """
     report = RecoveryReport()
     store, router = desk.store, desk.router
+    if live is None:
+        live = takeover or desk.has_work_in_flight()
+    deferred: set[tuple[str, str]] = set()
+
+    def busy(symbol: str, leg: str) -> bool:
+        # Live: a leg with work in flight belongs to that work; look again once it is idle.
+        if live and not desk.legs.is_idle((symbol, leg)):
+            deferred.add((symbol, leg))
+            return True
+        return False
+
     # A takeover of some symbols does not stop entries on the others.
     whole_account = not takeover
     if whole_account:
@@ -148,6 +173,8 @@ async def reconcile(
         return symbols is None or symbol in symbols
 
     report.position_mode = await desk.refresh_mode()
+    if not live:
+        report.multi_assets = await desk.check_account_config()
 
     snapshot = store.load_snapshot()
     if snapshot is not None and restore is not None:
@@ -160,6 +187,8 @@ async def reconcile(
             continue  # live backstops are checked against the venue's open algo orders below
         if router.is_in_flight(row.client_order_id):
             continue  # a reconcile while running (stream reconnect): its sender resolves it
+        if busy(row.symbol, row.position_side):
+            continue
         outcome = await router.resolve_unknown(row.client_order_id, refresh=True)
         report.orders_resolved[row.client_order_id] = outcome.state.value
 
@@ -170,10 +199,12 @@ async def reconcile(
             store.update_order(row.client_order_id, rest_final=True, stream_final=True)
 
     # 4b. actions the restored engine holds as pending
-    report.actions_settled = await desk.settle_pending_actions()
+    report.actions_settled = await desk.settle_pending_actions(live=live)
 
     # 5. entries
     for position in store.positions(("opening",)):
+        if busy(position.symbol, position.position_side):
+            continue  # still in symbol set-up or awaiting its answer: its sender finishes it
         entries = store.orders(position_id=position.position_id, kind="entry")
         if not entries:
             desk._entry_failed(position.position_id, "no entry order was sent before the restart")
@@ -215,11 +246,14 @@ async def reconcile(
                 report.positions_reopened.append(position.position_id)
             continue
         key = (position.symbol, position.position_side)
-        live = legs.get(key, Decimal(0))
+        if busy(*key):
+            matched.add(key)
+            continue
+        live_qty = legs.get(key, Decimal(0))
         if desk.is_busy(position.symbol, position.position_side):
             matched.add(key)
             continue  # an exit of ours is in flight: its outcome settles the quantity
-        if live == 0:
+        if live_qty == 0:
             if position.position_id in engine_ids:
                 desk.engine_call("close_position", position.position_id)
             await desk._closed(position, "gone_on_restart")
@@ -234,22 +268,22 @@ async def reconcile(
             and _dec(row.executed_qty) > 0
         ]
         stored = _dec(position.quantity)
-        if unapplied and engine_quantities.get(position.position_id) == live:
+        if unapplied and engine_quantities.get(position.position_id) == live_qty:
             # Crash between the engine's confirm (snapshot saved) and the journal's write:
             # the engine already counted these fills.
             with store.transaction():
                 for row in unapplied:
                     store.update_order(row.client_order_id, engine_applied=True)
-                store.update_position(position.position_id, quantity=str(live))
-            unapplied, stored = [], live
+                store.update_position(position.position_id, quantity=str(live_qty))
+            unapplied, stored = [], live_qty
         pending_replay = bool(unapplied)
         if position.position_id not in engine_ids:
-            _reopen(desk, position, live)
-            store.update_position(position.position_id, quantity=str(live))
+            _reopen(desk, position, live_qty)
+            store.update_position(position.position_id, quantity=str(live_qty))
             report.positions_reopened.append(position.position_id)
-        elif live != stored and not pending_replay:
-            desk.engine_call("resize_position", position.position_id, str(live))
-            store.update_position(position.position_id, quantity=str(live))
+        elif live_qty != stored and not pending_replay:
+            desk.engine_call("resize_position", position.position_id, str(live_qty))
+            store.update_position(position.position_id, quantity=str(live_qty))
             report.positions_resized.append(position.position_id)
     entry_prices: dict[tuple[str, str], tuple[Decimal, int]] = {}
     for risk in rows:
@@ -257,13 +291,14 @@ async def reconcile(
         leg = str(risk.get("positionSide", "BOTH"))
         if leg == "BOTH":
             leg = "LONG" if amount > 0 else "SHORT"
-        leverage = int(_dec(risk.get("leverage") or 1)) or 1
+        leverage = int(_dec(risk.get("leverage") or 0))
         entry_prices[(str(risk.get("symbol")), leg)] = (_dec(risk.get("entryPrice")), leverage)
     for key, quantity in legs.items():
-        if key in matched:
+        if key in matched or busy(*key):
             continue
-        entry, leverage = entry_prices.get(key, (Decimal(0), 1))
-        position_id = await desk.adopt(key[0], key[1], quantity, entry, leverage)
+        entry, leverage = entry_prices.get(key, (Decimal(0), 0))
+        # v3 positionRisk has no leverage (contract 2.5): adopt() reads symbolConfig.
+        position_id = await desk.adopt(key[0], key[1], quantity, entry, leverage or None)
         report.positions_adopted.append(position_id)
 
     await desk.refresh_liquidation_prices(rows)
@@ -286,7 +321,7 @@ async def reconcile(
     # 8. backstops at the engine's stop; then a peer's backstop on a leg we run now goes,
     # unless it is tighter than ours.
     for position in store.positions(("open",)):
-        if not in_scope(position.symbol):
+        if not in_scope(position.symbol) or busy(position.symbol, position.position_side):
             continue
         await desk._sync_backstop(position.position_id, force=True)
         if symbols is not None and not desk.config.shadow:
@@ -298,6 +333,11 @@ async def reconcile(
                 logger.warning("Peer backstops not checked error=%s", exc)
 
     desk.save_snapshot()
+    report.deferred = sorted(f"{symbol} {leg}" for symbol, leg in deferred)
+    if symbols is None:
+        desk.deferred_symbols = {symbol for symbol, _leg in deferred}
+    else:
+        desk.deferred_symbols = (desk.deferred_symbols - symbols) | {s for s, _ in deferred}
     report.open_positions = len(store.positions(("open",)))
     if whole_account:
         desk.guard.mark_state_known()

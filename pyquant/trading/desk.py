@@ -54,6 +54,22 @@ from pyquant.exchange.venue import Venue
 from pyquant.store import Fill, PositionRow, Store
 from pyquant.trading.guard import GuardConfig, GuardDecision, PositionGuard, position_id_text
 from pyquant.trading.intents import Intent, IntentError
+from pyquant.trading.legs import (
+    Adopted,
+    Closed,
+    CloseEvidence,
+    EntryDecided,
+    EntryFailed,
+    EntryFilled,
+    FlattenEnded,
+    FlattenStarted,
+    FoundFlat,
+    HandedOver,
+    LegBook,
+    LegKey,
+    LegState,
+    WorkDone,
+)
 from pyquant.trading.router import (
     FINAL_STATES,
     FlattenStep,
@@ -61,6 +77,8 @@ from pyquant.trading.router import (
     OrderRouter,
     OrderState,
     RouterConfig,
+    RouterError,
+    StopWouldTrigger,
 )
 from pyquant.trading.sizing import SizeDecision, SizingConfig, size_entry
 
@@ -141,6 +159,11 @@ class DeskConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     shadow: bool = False  # decide and log, send nothing
     account_ttl_ms: int = 2_000
+    # A leg found flat by surprise waits this long for the fill that explains it (a
+    # liquidation, ADL, our backstop) before its close is recorded as "already_flat".
+    close_grace_ms: int = 2_000
+    # Multi-Assets mode changes margin and PnL currency; the daemon refuses it unless told.
+    allow_multi_assets: bool = False
 
 
 def _now_ms() -> int:
@@ -198,7 +221,15 @@ class TradingDesk:
         self._mark_price = mark_price
         self._account: tuple[int, Decimal, Decimal] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._actions: dict[str, Any] = {}  # client order id -> pending engine action
+        # The one owner of every leg's state (pyquant.trading.legs): what is in flight on a
+        # leg is read there, never inferred from journal rows.
+        self.legs = LegBook()
+        self.task_failures = 0  # tasks of the desk that ended in an unexpected exception
+        self.last_task_failure = ""
+        self.deferred_symbols: set[str] = set()  # a live reconcile left them for later
+        # client order id -> (pending engine action, its leg, its work token)
+        self._actions: dict[str, Any] = {}
+        self._exit_tokens: dict[str, tuple[LegKey, str]] = {}
         self._entry_leverage: dict[str, int] = {}
         self._opened: set[str] = set()
         self._exit_failures: dict[str, int] = {}
@@ -225,6 +256,109 @@ class TradingDesk:
                 self.on_note(note)
             except Exception:  # publishing is a side channel: it never breaks trading
                 logger.exception("Note observer failed kind=%s", kind)
+
+    def spawn(self, work: Awaitable[None], name: str) -> asyncio.Task[None]:
+        """Run ``work`` as a task the desk owns: drained at stop, a failure logged and counted."""
+
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self.task_failures += 1
+            self.last_task_failure = f"{task.get_name()}: {type(error).__name__}: {error}"
+            logger.error(
+                "Desk task failed task=%s error=%s",
+                task.get_name(),
+                error,
+                exc_info=(type(error), error, error.__traceback__),
+            )
+            self._note("task_failed", task=task.get_name(), error=str(error)[:300])
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        self.task_failures += 1
+        self.last_task_failure = f"{what}: {type(error).__name__}: {error}"
+        logger.error("%s failed error=%s", what, error, exc_info=error)
+
+    def _leg_of(self, position: PositionRow) -> LegKey:
+        key = (position.symbol, position.position_side)
+        leg = self.legs.get(key)
+        stale = leg is None or leg.position_id != position.position_id
+        if (
+            position.status == "open"
+            and stale
+            and (leg is None or leg.state not in (LegState.OPENING, LegState.FLATTENING))
+        ):
+            # The journal's open position is the one the leg runs (restart, adoption).
+            self.legs.apply(key, Adopted(position.position_id))
+        return key
+
+    def has_work_in_flight(self) -> bool:
+        """Return True while any task or leg of the desk has work under way."""
+        return bool(self._tasks) or bool(self.legs.busy_keys())
+
+    async def check_account_config(self) -> bool | None:
+        """Read the account's modes (``GET /fapi/v1/accountConfig``); return Multi-Assets.
+
+        Raises:
+            RouterError: Multi-Assets mode is on and the config does not say it is known.
+        """
+        read = getattr(self.venue, "account_config", None)
+        if not callable(read):
+            return None
+        try:
+            document = await read()
+        except ExchangeError as exc:
+            logger.warning("accountConfig unreadable error=%s", exc)
+            return None
+        multi = document.get("multiAssetsMargin")
+        multi_assets = multi is True or str(multi).lower() == "true"
+        if multi_assets and not self.config.allow_multi_assets:
+            raise RouterError(
+                "the account is in Multi-Assets mode (margin and PnL in several assets): "
+                "pyquant's sizing and margin-loss cap assume single-asset USDT margin. Switch it "
+                "off (Binance: Preferences > Asset Mode > Single-Asset Mode, or POST "
+                "/fapi/v1/multiAssetsMargin multiAssetsMargin=false) or set "
+                "[exchange] allow_multi_assets = true if you know what it changes"
+            )
+        return multi_assets
+
+    async def leverage_of(self, symbol: str) -> int:
+        """Return the symbol's leverage on the account (``GET /fapi/v1/symbolConfig``).
+
+        v3 positionRisk has no leverage (contract 2.5); a wrong one makes the margin-loss cap
+        and the over-leverage close wrong by that factor, so failures are said loudly.
+        """
+        read = getattr(self.venue, "symbol_config", None)
+        if callable(read):
+            try:
+                for row in await read(symbol):
+                    if str(row.get("symbol")) == symbol and row.get("leverage") is not None:
+                        return int(row["leverage"])
+            except (ExchangeError, ValueError, TypeError) as exc:
+                logger.warning("symbolConfig unreadable symbol=%s error=%s", symbol, exc)
+        for row in await self.venue.position_risk():
+            if str(row.get("symbol")) == symbol and row.get("leverage"):
+                return int(_dec(row.get("leverage"))) or 1
+        logger.error("Leverage unknown, 1 assumed symbol=%s", symbol)
+        return 1
+
+    def leg_states(self) -> dict[str, str]:
+        """Return ``SYMBOL SIDE -> state[+work]`` for status pages."""
+        return {
+            f"{key[0]} {key[1]}": leg.state.value
+            + (f" ({', '.join(sorted(leg.work))})" if leg.work else "")
+            for key, leg in sorted(self.legs.legs.items())
+        }
 
     def owns(self, symbol: str) -> bool:
         """Return whether this desk runs ``symbol`` (always, unless several daemons share)."""
@@ -403,6 +537,7 @@ class TradingDesk:
             intent=intent,
         )
         assert decision.position_id is not None  # noqa: S101 - accepted decisions carry one
+        key = (intent.symbol, intent.position_side)
         if self.config.shadow:
             # On paper: the position opens at the mark the sizing used and its exits run
             # (logged, confirmed in the engine), but nothing is sent.
@@ -412,19 +547,26 @@ class TradingDesk:
             else:
                 await self._open_filled(position, Decimal(decision.quantity), mark)
             return decision
-        try:
-            await self.router.prepare_symbol(intent.symbol, decision.leverage)
-        except Exception as exc:  # fail closed whatever the cause; the leg must not stay held
-            self._entry_failed(decision.position_id, f"symbol setup failed: {exc}")
-            return decision
-        self._entry_leverage[decision.position_id] = decision.leverage
-        outcome = await self.router.send_entry(
-            decision.position_id, intent.symbol, intent.position_side, decision.quantity or "0"
-        )
-        await self._entry_outcome(decision.position_id, outcome)
+        # From here to its outcome the entry is work in flight on the leg (OPENING): a live
+        # reconciliation leaves it alone, whatever the exchange shows meanwhile.
+        self.legs.apply(key, EntryDecided(decision.position_id))
+        async with self.legs.lock(key).hold():
+            try:
+                await self.router.prepare_symbol(intent.symbol, decision.leverage)
+            except Exception as exc:  # fail closed whatever the cause; the leg must not stay held
+                self._entry_failed(decision.position_id, f"symbol setup failed: {exc}")
+                return decision
+            self._entry_leverage[decision.position_id] = decision.leverage
+            outcome = await self.router.send_entry(
+                decision.position_id, intent.symbol, intent.position_side, decision.quantity or "0"
+            )
+            await self._entry_outcome(decision.position_id, outcome)
         return decision
 
     def _entry_failed(self, position_id: str, detail: str) -> None:
+        position = self.store.get_position(position_id)
+        if position is not None:
+            self.legs.apply((position.symbol, position.position_side), EntryFailed(position_id))
         self.guard.release(position_id)
         self.store.update_position(
             position_id,
@@ -449,8 +591,41 @@ class TradingDesk:
             self._entry_failed(position_id, f"entry {outcome.state}{code}")
             return
         await self._open_filled(
-            position, outcome.executed_qty, outcome.avg_price, opened_at_ms=outcome.time_ms
+            position,
+            outcome.executed_qty,
+            outcome.avg_price,
+            opened_at_ms=outcome.time_ms,
+            client_order_id=outcome.client_order_id,
         )
+
+    async def _fill_price(self, position: PositionRow, client_order_id: str) -> Decimal | None:
+        # The New Order answer may carry no avgPrice (contract 2.5): ask for the order, then
+        # for the leg's entry price as the exchange computes it. Never the mark.
+        if client_order_id:
+            try:
+                order = await self.venue.get_order(position.symbol, client_order_id)
+            except ExchangeError as exc:
+                logger.warning("Entry order lookup failed cid=%s error=%s", client_order_id, exc)
+                order = None
+            price = _dec((order or {}).get("avgPrice"))
+            if price > 0:
+                return price
+        try:
+            rows = await self.venue.position_risk()
+        except ExchangeError as exc:
+            logger.warning("positionRisk failed error=%s", exc)
+            return None
+        for row in rows:
+            if str(row.get("symbol")) != position.symbol:
+                continue
+            amount = _dec(row.get("positionAmt"))
+            leg = str(row.get("positionSide", "BOTH"))
+            if leg == "BOTH":
+                leg = "LONG" if amount > 0 else "SHORT"
+            price = _dec(row.get("entryPrice"))
+            if leg == position.position_side and amount != 0 and price > 0:
+                return price
+        return None
 
     async def _open_filled(
         self,
@@ -459,13 +634,26 @@ class TradingDesk:
         avg_price: Decimal | None,
         *,
         opened_at_ms: int = 0,
+        client_order_id: str = "",
     ) -> None:
         # The REST answer and the user stream may both report the fill: open once.
         if position.position_id in self._opened:
             return
         self._opened.add(position.position_id)
         now = self._clock()
-        price = avg_price if avg_price is not None else await self._mark(position.symbol)
+        price = avg_price
+        if price is None and not self.config.shadow:
+            price = await self._fill_price(position, client_order_id)
+        if price is None:
+            # Nothing on the exchange says the price (every read failed): the position must
+            # still be managed; the mark is the only estimate left, and it is said loudly.
+            price = await self._mark(position.symbol)
+            logger.error(
+                "Entry price unknown, the mark stands in position_id=%s mark=%s",
+                position.position_id,
+                price,
+            )
+            self._note("entry_price_estimated", position_id=position.position_id)
         entry = str(price if price is not None else Decimal(0))
         try:
             self.engine.open_position(
@@ -505,6 +693,12 @@ class TradingDesk:
             )
             self.store.release_reservation(position.position_id)
             self.store.bump("entries")
+        key = (position.symbol, position.position_side)
+        leg = self.legs.get(key)
+        if leg is not None and leg.state == LegState.OPENING:
+            self.legs.apply(key, EntryFilled(position.position_id))
+        else:
+            self.legs.apply(key, Adopted(position.position_id))
         self.save_snapshot()
         self._note(
             "entry",
@@ -524,9 +718,7 @@ class TradingDesk:
         )
         await self._sync_backstop(position.position_id)
         # Off the entry's path: the liquidation price only exists once the position does.
-        task = asyncio.get_running_loop().create_task(self._refresh_liquidation_quietly())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(self._refresh_liquidation_quietly(), "liquidation-prices")
         if not self.owns(position.symbol):
             # The symbol's lease went to another daemon while the entry was in flight: the
             # new owner adopts the position; running it here too would double its exits.
@@ -632,68 +824,225 @@ class TradingDesk:
         if self.config.shadow or not self.config.router.backstop_enabled:
             return
         position = self.store.get_position(position_id)
-        stop = self._engine_stop(position_id)
-        if position is None or position.status != "open" or stop is None:
+        if position is None or position.status != "open" or not self.owns(position.symbol):
             return
+        key = self._leg_of(position)
+        if not self.legs.accepts(key, "backstop"):
+            return  # being flattened or found flat, or a move is already under way
         try:
-            await self.router.update_backstop(
-                position_id, position.symbol, position.position_side, stop, force=force
+            # Placement and cancellation of a leg's stop are serialized with its exits and
+            # its close: a close can never cancel a stop that is still being placed.
+            async with self.legs.lock(key).hold():
+                position = self.store.get_position(position_id)
+                if position is None or position.status != "open":
+                    return
+                stop = self._engine_stop(position_id)
+                if stop is None:
+                    return
+                await self.router.update_backstop(
+                    position_id,
+                    position.symbol,
+                    position.position_side,
+                    stop,
+                    force=force,
+                    quantity=position.quantity,
+                )
+        except StopWouldTrigger as exc:
+            logger.warning(
+                "Stop already crossed, closing now position_id=%s error=%s", position_id, exc
             )
+            await self._close_now(position_id, "stop_would_trigger")
         except ExchangeError as exc:
             logger.warning("Backstop update failed position_id=%s error=%s", position_id, exc)
+        except Exception as exc:  # a bug must not stop the backstops of later positions
+            self._failed(f"backstop of {position_id}", exc)
+        finally:
+            self.legs.apply(key, WorkDone("backstop"))
+
+    async def _close_now(self, position_id: str, reason: str) -> None:
+        """Close a leg at market at once (its stop could not be placed: the mark is through it)."""
+        position = self.store.get_position(position_id)
+        if position is None or position.status != "open":
+            return
+        key = self._leg_of(position)
+        if not self.legs.accepts(key, "close_now"):
+            return
+        try:
+            async with self.legs.lock(key).hold():
+                position = self.store.get_position(position_id)
+                live = (
+                    await self._live_quantity(position.symbol, position.position_side)
+                    if position
+                    else None
+                )
+                if position is None or position.status != "open" or live is None:
+                    return
+                if live > 0:
+                    sequence = (self.store.max_sequence(position_id, "flatten") or 0) + 1
+                    outcome = await self.router.send_exit(
+                        position_id,
+                        position.symbol,
+                        position.position_side,
+                        self.rules.quantize_qty(position.symbol, str(live), True),
+                        sequence=sequence,
+                        reason=reason,
+                        live_quantity=live,
+                        kind="flatten",
+                    )
+                    if not (outcome.flat or outcome.executed_qty >= live):
+                        logger.error(
+                            "Immediate close incomplete position_id=%s state=%s code=%s",
+                            position_id,
+                            outcome.state,
+                            outcome.error_code,
+                        )
+                        return
+                self.engine_call("close_position", position_id)
+                self.store.bump("exits", reason)
+                self._note(
+                    "exit",
+                    position_id=position_id,
+                    symbol=position.symbol,
+                    position_side=position.position_side,
+                    reason=reason,
+                    quantity=str(live),
+                )
+                await self._closed(position, reason)
+        finally:
+            self.legs.apply(key, WorkDone("close_now"))
 
     async def sync_backstops(self) -> None:
-        """Move every backstop toward the engine's current stop (throttled; call on a timer)."""
+        """Timer work: record due closes, retry failed cancels, move backstops (throttled).
+
+        Closes of legs found flat are recorded once their evidence came or their grace ran
+        out; every backstop moves toward the engine's current stop.
+        """
+        await self.settle_closing()
+        if not self.config.shadow:
+            try:
+                await self.router.retry_cancels()
+            except Exception as exc:
+                self._failed("backstop cancel retry", exc)
         for position in self.store.positions(("open",)):
             await self._sync_backstop(position.position_id, force=False)
 
     # ---- exits ------------------------------------------------------------------------------
 
     def on_actions(self, actions: Sequence[Any], *, received_at_ns: int | None = None) -> None:
-        """Schedule the exit engine's actions (never blocks the market task)."""
-        for action in actions:
-            task = asyncio.get_running_loop().create_task(self._run_exit(action, received_at_ns))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        """Schedule the exit engine's actions (never blocks the market task).
 
-    async def _run_exit(self, action: Any, received_at_ns: int | None) -> None:  # noqa: ANN401
-        position_id = str(action.position_id)
-        position = self.store.get_position(position_id)
-        if position is None or position.status != "open":
-            logger.warning("Action for unknown position position_id=%s dropped", position_id)
-            self.engine_call("reject", action)
-            return
-        if self.config.shadow:
-            self._note(
-                "exit_shadow",
-                position_id=position_id,
-                reason=action.reason,
-                quantity=action.quantity,
-            )
-            if self.is_paper(position):
-                await self._paper_exit(position, action)
-            else:
-                # A real position (adopted) in shadow mode: nothing is sent, it stays open.
+        Each action is work in flight on its leg from this moment (through any retry pause)
+        until its order is final; a leg being flattened or found flat refuses it.
+        """
+        for action in actions:
+            key = (str(action.symbol), str(action.position_side))
+            token = f"exit:{action.sequence}"
+            position = self.store.get_position(str(action.position_id))
+            if position is not None and position.status == "open":
+                self._leg_of(position)
+            leg = self.legs.get(key)
+            if leg is not None and token in leg.work:
+                continue  # emitted again while the first is still running
+            if (
+                leg is None
+                or leg.position_id != str(action.position_id)
+                or not self.legs.accepts(key, token)
+            ):
+                logger.info(
+                    "Action refused by its leg position_id=%s reason=%s state=%s",
+                    action.position_id,
+                    action.reason,
+                    None if leg is None else leg.state,
+                )
                 self.engine_call("reject", action)
-            return
-        replayed = self._replayed_fill(position_id, action)
-        if replayed is not None:
-            await self._exit_filled(position_id, action, replayed[1], replayed[0])
-            return
+                continue
+            self.spawn(self._run_exit(action, received_at_ns, key, token), f"exit-{token}")
+
+    async def _run_exit(
+        self,
+        action: Any,  # noqa: ANN401
+        received_at_ns: int | None,
+        key: LegKey | None = None,
+        token: str = "",
+    ) -> None:
+        key = key or (str(action.symbol), str(action.position_side))
+        token = token or f"exit:{action.sequence}"
+        done = True
+        try:
+            done = await self._exit_work(action, received_at_ns, key)
+        except Exception as exc:
+            # Whatever failed (a bad answer, a rules error), the action goes back to the
+            # engine so the leg is not stuck with a pending close nobody runs.
+            self._failed(f"exit {action.position_id}:{action.sequence}", exc)
+            self.engine_call("reject", action)
+            position_id = str(action.position_id)
+            self._exit_failures[position_id] = self._exit_failures.get(position_id, 0) + 1
+        finally:
+            if done:
+                self.legs.apply(key, WorkDone(token))
+            else:
+                cid = self._pending_cid(action)
+                if cid:
+                    self._exit_tokens[cid] = (key, token)
+                else:
+                    self.legs.apply(key, WorkDone(token))
+
+    def _pending_cid(self, action: Any) -> str:  # noqa: ANN401
+        for cid, pending in self._actions.items():
+            if pending is action:
+                return cid
+        return ""
+
+    async def _exit_work(self, action: Any, received_at_ns: int | None, key: LegKey) -> bool:  # noqa: ANN401
+        # Returns False when the order is still live (its user-stream update settles it).
+        position_id = str(action.position_id)
         failures = self._exit_failures.get(position_id, 0)
-        if failures:
+        if failures and not self.config.shadow:
             # The engine re-emits a rejected exit on the next tick; pace the retries so a
             # persistent refusal cannot turn into an order storm.
             await self._sleep(min(0.25 * 2 ** (failures - 1), 30.0))
-        elif received_at_ns is not None:
-            self._latencies_ms.append((time.perf_counter_ns() - received_at_ns) / 1e6)
-            del self._latencies_ms[:-10_000]
+        async with self.legs.lock(key).hold():
+            position = self.store.get_position(position_id)
+            leg = self.legs.get(key)
+            if (
+                position is None
+                or position.status != "open"
+                or leg is None
+                or leg.position_id != position_id
+                or leg.state in (LegState.FLATTENING, LegState.CLOSING)
+                or not self.owns(position.symbol)
+            ):
+                # Closed, handed to a peer or being flattened while this waited: not ours to sell.
+                logger.warning(
+                    "Action for a position no longer run here dropped position_id=%s", position_id
+                )
+                self.engine_call("reject", action)
+                return True
+            if self.config.shadow:
+                self._note(
+                    "exit_shadow",
+                    position_id=position_id,
+                    reason=action.reason,
+                    quantity=action.quantity,
+                )
+                if self.is_paper(position):
+                    await self._paper_exit(position, action)
+                else:
+                    # A real position (adopted) in shadow mode: nothing is sent, it stays open.
+                    self.engine_call("reject", action)
+                return True
+            replayed = self._replayed_fill(position_id, action)
+            if replayed is not None:
+                await self._exit_filled(position_id, action, replayed[1], replayed[0])
+                return True
+            if not failures and received_at_ns is not None:
+                self._latencies_ms.append((time.perf_counter_ns() - received_at_ns) / 1e6)
+                del self._latencies_ms[:-10_000]
 
-        def live() -> Decimal:
-            row = self.store.get_position(position_id)
-            return Decimal(0) if row is None else _dec(row.quantity)
+            def live() -> Decimal:
+                row = self.store.get_position(position_id)
+                return Decimal(0) if row is None else _dec(row.quantity)
 
-        try:
             outcome = await self.router.send_exit(
                 position_id,
                 position.symbol,
@@ -703,14 +1052,10 @@ class TradingDesk:
                 reason=str(action.reason),
                 live_quantity=live,
             )
-        except Exception:
-            logger.exception("Exit failed position_id=%s", position_id)
-            self.engine_call("reject", action)
-            self._exit_failures[position_id] = failures + 1
-            return
-        if outcome.client_order_id:
-            self._actions[outcome.client_order_id] = action
-        await self._exit_outcome(position_id, action, outcome)
+            if outcome.client_order_id:
+                self._actions[outcome.client_order_id] = action
+            await self._exit_outcome(position_id, action, outcome)
+            return outcome.flat or outcome.state in FINAL_STATES
 
     def _replayed_fill(self, position_id: str, action: Any) -> tuple[str, Decimal] | None:  # noqa: ANN401
         # After a restart the restored engine may emit again an action whose order filled
@@ -785,8 +1130,13 @@ class TradingDesk:
             await self._sync_backstop(position_id)
 
     def _note_forced_close(self, symbol: str, leg: str, reason: str) -> None:
-        # The stream runs behind REST: our exit may already have found the leg flat (-2022)
-        # and closed the position under a vaguer reason. Name it now; else when it closes.
+        # The stream runs behind REST: our exit may already have found the leg flat (-2022).
+        # A leg waiting for its evidence takes it now (settle_closing records it); an older
+        # close under a vaguer reason is renamed; else the reason waits for the close.
+        waiting = self.legs.get((symbol, leg))
+        if waiting is not None and waiting.state == LegState.CLOSING:
+            self.legs.apply((symbol, leg), CloseEvidence(reason))
+            return
         recent = self._clock() - 120_000
         for position in reversed(self.store.positions(("closed",))):
             if (position.symbol, position.position_side) != (symbol, leg):
@@ -815,15 +1165,43 @@ class TradingDesk:
             return
         live = await self._live_quantity(position.symbol, position.position_side)
         if live is not None and live == 0:
-            self.engine_call("close_position", position_id)
-            forced = self._forced_closes.pop((position.symbol, position.position_side), None)
-            if forced is not None:
-                self.store.bump("exits", forced)
-            await self._closed(position, forced or "already_flat")
+            forced = self._forced_closes.pop((position.symbol, position.position_side), "")
+            await self._found_flat(position, forced)
         else:
             self.engine_call("reject", action)
             if live is not None:
                 self.store.update_position(position_id, quantity=str(live))
+
+    async def _found_flat(self, position: PositionRow, reason: str) -> None:
+        """Record a leg the exchange shows flat: now when its cause is known.
+
+        Otherwise once the evidence arrives or ``close_grace_ms`` passes (``settle_closing``).
+        """
+        self.engine_call("close_position", position.position_id)
+        key = self._leg_of(position)
+        leg = self.legs.apply(key, FoundFlat(reason, self._clock()))
+        if reason or leg is None or self.config.close_grace_ms <= 0:
+            await self._finish_close(position, reason or "already_flat")
+
+    async def _finish_close(self, position: PositionRow, reason: str) -> None:
+        current = self.store.get_position(position.position_id)
+        if current is None or current.status != "open":
+            return
+        if reason != "already_flat":
+            self.store.bump("exits", reason)
+        await self._closed(current, reason)
+
+    async def settle_closing(self) -> None:
+        """Record the closes of legs found flat whose evidence came or whose grace ran out."""
+        now = self._clock()
+        for leg in self.legs.closing():
+            if leg.close_reason or now - leg.flat_since_ms >= self.config.close_grace_ms:
+                reason = leg.close_reason or "already_flat"
+                position = self.store.get_position(leg.position_id)
+                if position is None or position.status != "open":
+                    self.legs.apply(leg.key, Closed(reason))
+                    continue
+                await self._finish_close(position, reason)
 
     async def _live_quantity(self, symbol: str, leg: str) -> Decimal | None:
         try:
@@ -834,6 +1212,12 @@ class TradingDesk:
         return legs_from_rows(rows).get((symbol, leg), Decimal(0))
 
     async def _closed(self, position: PositionRow, reason: str) -> None:
+        key = (position.symbol, position.position_side)
+        leg = self.legs.get(key)
+        if leg is not None and leg.position_id == position.position_id:
+            # Before any await: a new entry on the leg starts from a closed leg, and waits for
+            # the lock below, so the old position's stops go before the new one's go in.
+            self.legs.apply(key, Closed(reason))
         with self.store.transaction():
             self.store.update_position(
                 position.position_id,
@@ -853,7 +1237,8 @@ class TradingDesk:
         )
         logger.info("Position closed position_id=%s reason=%s", position.position_id, reason)
         if not self.config.shadow:
-            await self.router.cancel_backstops(position.position_id)
+            async with self.legs.lock(key).hold():
+                await self.router.cancel_backstops(position.position_id)
 
     # ---- user stream ------------------------------------------------------------------------
 
@@ -929,8 +1314,27 @@ class TradingDesk:
             await self._entry_outcome(row.position_id, outcome)
         elif row.kind == "exit":
             action = self._actions.pop(row.client_order_id, None)
+            work = self._exit_tokens.pop(row.client_order_id, None)
             if action is not None:
-                await self._exit_outcome(row.position_id, action, outcome)
+                # Off the user-stream task: the leg's lock may be held by other work.
+                self.spawn(self._settle_exit(row.position_id, action, outcome, work), "exit-settle")
+            elif work is not None:
+                self.legs.apply(work[0], WorkDone(work[1]))
+
+    async def _settle_exit(
+        self,
+        position_id: str,
+        action: Any,  # noqa: ANN401
+        outcome: OrderOutcome,
+        work: tuple[LegKey, str] | None,
+    ) -> None:
+        key = work[0] if work is not None else (str(action.symbol), str(action.position_side))
+        try:
+            async with self.legs.lock(key).hold():
+                await self._exit_outcome(position_id, action, outcome)
+        finally:
+            if work is not None:
+                self.legs.apply(work[0], WorkDone(work[1]))
 
     async def _on_account(self, account: Mapping[str, Any]) -> None:
         rows = account.get("P") or []
@@ -952,12 +1356,13 @@ class TradingDesk:
                 await self.on_unowned_leg(symbol)
 
     def is_busy(self, symbol: str, leg: str) -> bool:
-        """Return True while an entry or exit of ours on (symbol, leg) awaits its outcome."""
+        """Return True while work of ours on (symbol, leg) is in flight (the leg's owner says)."""
+        if not self.legs.is_idle((symbol, leg)):
+            return True
+        # Orders the journal holds live (a restart's leftovers) count as in flight too.
         for row in self.store.positions(("opening", "open")):
             if row.symbol == symbol and row.position_side == leg:
                 if row.status == "opening":
-                    return True
-                if self.router.position_lock(row.position_id).locked():
                     return True
                 if any(
                     o.kind in ("exit", "flatten") and OrderState(o.status) not in FINAL_STATES
@@ -1001,19 +1406,19 @@ class TradingDesk:
             )
             # Our kill switch's close, seen on the stream before the flatten itself settled
             # the position: count it once, as what it was.
-            reason = "flatten" if flattened else "backstop" if triggered else "external"
+            reason = "flatten" if flattened else "backstop" if triggered else ""
             reason = self._forced_closes.pop((symbol, leg), reason)
-            self.engine_call("close_position", position.position_id)
-            self.store.bump("exits", reason)
             self._note(
                 "exit",
                 position_id=position.position_id,
                 symbol=symbol,
                 position_side=leg,
-                reason=reason,
+                reason=reason or "external",
                 quantity=position.quantity,
             )
-            await self._closed(position, reason)
+            # The stream's own order puts the closing fill before this update, so the
+            # reason is known here; only our REST answers (-2022) can run ahead of it.
+            await self._found_flat(position, reason or "external")
         elif quantity != _dec(position.quantity):
             if self._engine_has(position.position_id):
                 self.engine_call("resize_position", position.position_id, str(quantity))
@@ -1023,7 +1428,12 @@ class TradingDesk:
             self.save_snapshot()
 
     async def adopt(
-        self, symbol: str, leg: str, quantity: Decimal, entry: Decimal, leverage: int = 1
+        self,
+        symbol: str,
+        leg: str,
+        quantity: Decimal,
+        entry: Decimal,
+        leverage: int | None = None,
     ) -> str:
         """Adopt a position opened elsewhere under the exit policy; return its position id.
 
@@ -1031,6 +1441,8 @@ class TradingDesk:
         state), the ladder progress, best price and open time carry over, so the stop resumes
         where it was: a takeover never loosens it.
         """
+        if leverage is None:
+            leverage = await self.leverage_of(symbol)
         position_id = position_id_text(self.store.next_position_number())
         now = self._clock()
         hinted_open, extra = self._adoption_extra(symbol, leg, quantity, entry)
@@ -1072,6 +1484,7 @@ class TradingDesk:
             )
         )
         self.store.bump("adopted")
+        self.legs.apply((symbol, leg), Adopted(position_id))
         self.save_snapshot()
         self._note(
             "adopted", position_id=position_id, symbol=symbol, side=leg, quantity=str(quantity)
@@ -1116,7 +1529,9 @@ class TradingDesk:
         """Stop running ``symbol``: another daemon owns it now and adopts its positions.
 
         Nothing is sent: the positions stay open on the exchange with their backstops (the
-        new owner retires those once its own are in place). An exit in flight finishes first.
+        new owner retires those once its own are in place). Work in flight on a leg (an exit,
+        a backstop move) finishes first, under the leg's lock; an exit still waiting for its
+        turn then finds the leg handed over and sends nothing.
 
         Returns:
             The position ids handed over.
@@ -1125,7 +1540,11 @@ class TradingDesk:
         for position in self.store.positions(("open",)):
             if position.symbol != symbol:
                 continue
-            async with self.router.position_lock(position.position_id):
+            key = self._leg_of(position)
+            async with self.legs.lock(key).hold():
+                current = self.store.get_position(position.position_id)
+                if current is None or current.status != "open":
+                    continue
                 self.engine_call("close_position", position.position_id)
                 self.store.update_position(
                     position.position_id,
@@ -1133,14 +1552,17 @@ class TradingDesk:
                     closed_at_ms=self._clock(),
                     close_reason=f"handed_over{':' + owner if owner else ''}",
                 )
-            self.router.forget_backstop(position.position_id)
+                leg = self.legs.get(key)
+                if leg is not None and leg.position_id == position.position_id:
+                    self.legs.apply(key, HandedOver(owner))
+                self.router.forget_backstop(position.position_id)
             handed.append(position.position_id)
             self._note(
                 "handed_over",
                 position_id=position.position_id,
                 symbol=symbol,
                 position_side=position.position_side,
-                quantity=position.quantity,
+                quantity=current.quantity,
                 owner=owner,
             )
             logger.info(
@@ -1153,18 +1575,25 @@ class TradingDesk:
             self.save_snapshot()
         return handed
 
-    async def settle_pending_actions(self) -> dict[str, str]:
+    async def settle_pending_actions(self, *, live: bool = False) -> dict[str, str]:
         """Settle actions a restored engine holds as pending, from the journal (at restart).
 
         For each: its exit filled -> confirmed with the fill; its order still live -> left
         to the user stream; never sent, refused or never placed -> given back to the engine,
         which emits it again if it is still due. Returns ``position:sequence -> what``.
+
+        ``live``: the desk is running; an action whose leg has work in flight (its exit task,
+        perhaps waiting out a retry pause) belongs to that work and is left alone.
         """
         settled: dict[str, str] = {}
         pending = self.engine_call("pending_actions")
         for action in pending if isinstance(pending, list) else []:
             position_id = str(action.position_id)
             key = f"{position_id}:{action.sequence}"
+            leg_key = (str(action.symbol), str(action.position_side))
+            if live and not self.legs.is_idle(leg_key):
+                settled[key] = "in_flight"
+                continue
             rows = [
                 row
                 for row in self.store.orders(position_id=position_id)
@@ -1200,9 +1629,12 @@ class TradingDesk:
         self.store.save_snapshot(self.engine.snapshot())
 
     async def flatten(self) -> list[FlattenStep]:
-        """Kill switch: cancel our orders and close every position; report each step.
+        """Kill switch: close every position, then cancel our orders; report each step.
 
-        In shadow mode nothing is sent: the paper positions are closed on paper.
+        Every leg is FLATTENING first (its exits and backstop moves refused from then on;
+        those in flight finish), the router closes each leg from the quantity it reads under
+        the leg's lock before any protection is cancelled, and a leg whose close failed
+        returns to its exits. In shadow mode nothing is sent: paper positions close on paper.
         """
         self.guard.mark_state_unknown("flatten in progress")
         if self.config.shadow:
@@ -1219,26 +1651,38 @@ class TradingDesk:
                     )
                 )
             return steps
-        known = {
-            (p.symbol, p.position_side): p.position_id for p in self.store.positions(("open",))
-        }
         scope = self.ownership() if self.ownership is not None else None
-        steps = await self.router.flatten(known, symbols=scope)
-        for step in steps:
-            logger.info(
-                "Flatten step=%s symbol=%s position_side=%s ok=%s detail=%s",
-                step.step,
-                step.symbol,
-                step.position_side,
-                step.ok,
-                step.detail,
-            )
-        legs = legs_from_rows(await self.venue.position_risk())
+        known: dict[tuple[str, str], str] = {}
+        flattening: list[LegKey] = []
         for position in self.store.positions(("open",)):
-            if legs.get((position.symbol, position.position_side), Decimal(0)) == 0:
-                self.engine_call("close_position", position.position_id)
-                self.store.bump("exits", "flatten")
-                await self._closed(position, "flatten")
+            if scope is not None and position.symbol not in scope:
+                continue
+            key = self._leg_of(position)
+            known[key] = position.position_id
+            self.legs.apply(key, FlattenStarted())
+            flattening.append(key)
+        try:
+            steps = await self.router.flatten(known, symbols=scope)
+            for step in steps:
+                logger.info(
+                    "Flatten step=%s symbol=%s position_side=%s ok=%s detail=%s",
+                    step.step,
+                    step.symbol,
+                    step.position_side,
+                    step.ok,
+                    step.detail,
+                )
+            legs = legs_from_rows(await self.venue.position_risk())
+            for position in self.store.positions(("open",)):
+                if scope is not None and position.symbol not in scope:
+                    continue
+                if legs.get((position.symbol, position.position_side), Decimal(0)) == 0:
+                    self.engine_call("close_position", position.position_id)
+                    self.store.bump("exits", "flatten")
+                    await self._closed(position, "flatten")
+        finally:
+            for key in flattening:
+                self.legs.apply(key, FlattenEnded())
         return steps
 
     async def drain(self) -> None:

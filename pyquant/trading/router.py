@@ -56,6 +56,7 @@ from pyquant.errors import (
 )
 from pyquant.exchange.venue import JsonObject, Venue
 from pyquant.store import OrderRecord, OrderRow, Store
+from pyquant.trading.legs import TaskLock
 
 logger = logging.getLogger(__name__)
 
@@ -328,10 +329,19 @@ def exit_params(
 
 
 def backstop_params(
-    mode: PositionMode, symbol: str, leg: str, trigger_price: str, client_id: str
+    mode: PositionMode,
+    symbol: str,
+    leg: str,
+    trigger_price: str,
+    client_id: str,
+    quantity: str | None = None,
 ) -> dict[str, str]:
-    """Return the exact params of a closePosition STOP_MARKET algo order (contract 2.4, 3.3)."""
-    return {
+    """Return the exact params of a STOP_MARKET backstop algo order (contract 2.4, 2.5, 3.3).
+
+    Without ``quantity``: ``closePosition=true`` (one per direction). With it, a sized stop
+    for the leg: ``reduceOnly=true`` in one-way mode, ``positionSide`` alone in hedge mode.
+    """
+    params = {
         "algoType": "CONDITIONAL",
         "symbol": symbol,
         "side": _closing_side(leg),
@@ -339,9 +349,15 @@ def backstop_params(
         "type": "STOP_MARKET",
         "triggerPrice": trigger_price,
         "workingType": "MARK_PRICE",
-        "closePosition": "true",
-        "clientAlgoId": client_id,
     }
+    if quantity is None:
+        params["closePosition"] = "true"
+    else:
+        params["quantity"] = quantity
+        if mode == "one-way":
+            params["reduceOnly"] = "true"
+    params["clientAlgoId"] = client_id
+    return params
 
 
 # ---- results --------------------------------------------------------------------------------
@@ -388,7 +404,7 @@ class OrderOutcome:
 class FlattenStep:
     """One reported step of the kill switch."""
 
-    step: str  # "cancel_order", "cancel_backstop", "close"
+    step: str  # "close", "cancel_order", "cancel_backstop", "verify" (a leg still open)
     symbol: str
     position_side: str
     client_order_id: str
@@ -424,6 +440,17 @@ class _Backstop:
     client_id: str
     trigger_price: Decimal
     placed_at_ms: int
+    close_all: bool = True
+    quantity: Decimal | None = None  # a sized stop's quantity
+
+
+class StopWouldTrigger(RouterError):
+    """The venue refused a stop because the mark is already through it (-2021/-4142)."""
+
+    def __init__(self, code: int, msg: str, trigger: Decimal) -> None:
+        super().__init__(f"stop at {trigger} would trigger immediately ({code}: {msg})")
+        self.code = code
+        self.trigger = trigger
 
 
 @dataclass(slots=True)
@@ -499,9 +526,13 @@ class OrderRouter:
         self._sleep = sleep
         self._on_rules_stale = on_rules_stale
         self._tag = store.instance_tag
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, TaskLock] = {}
         self._prepared: dict[str, int] = {}
         self._backstops: dict[str, _Backstop] = {}
+        # position id -> (time of the last failed placement, failures in a row)
+        self._backstop_failures: dict[str, tuple[int, int]] = {}
+        self._last_backstop_code = 0
+        self._cancels_due: dict[str, str] = {}  # backstop client id -> symbol
         self._mode_lock = asyncio.Lock()
         self._in_flight: set[str] = set()
         # Told every stored order change (status, fills): the daemon publishes them as events.
@@ -548,11 +579,11 @@ class OrderRouter:
             )
         self._prepared[symbol] = leverage
 
-    def position_lock(self, position_id: str) -> asyncio.Lock:
-        """Return the lock that serializes closes of one position."""
+    def position_lock(self, position_id: str) -> TaskLock:
+        """Return the lock that serializes closes of one position (re-entrant per task)."""
         lock = self._locks.get(position_id)
         if lock is None:
-            lock = self._locks[position_id] = asyncio.Lock()
+            lock = self._locks[position_id] = TaskLock()
         return lock
 
     # ---- state machine application ----------------------------------------------------------
@@ -627,7 +658,7 @@ class OrderRouter:
         The caller holds no lock; this takes the position's lock, so two closes of one
         position are never in flight together.
         """
-        async with self.position_lock(position_id):
+        async with self.position_lock(position_id).hold():
             # A callable is read under the lock, after any earlier close of this position.
             if callable(live_quantity):
                 live_quantity = live_quantity()
@@ -797,6 +828,15 @@ class OrderRouter:
         return self._outcome(row)
 
     async def _find_algo(self, symbol: str, client_id: str) -> JsonObject | None:
+        # GET /fapi/v1/algoOrder?clientAlgoId= finds the order whatever became of it
+        # (contract 2.5); openAlgoOrders cannot tell "never placed" from "already triggered".
+        lookup = getattr(self.venue, "get_algo_order", None)
+        if callable(lookup):
+            order = await lookup(symbol, client_id)
+            if order is None:
+                return None
+            status = _ALGO_STATES.get(str(order.get("algoStatus", "NEW")), OrderState.NEW)
+            return {"status": status.value, "orderId": order.get("algoId")}
         for order in await self.venue.open_algo_orders(symbol):
             if order.get("clientAlgoId") == client_id:
                 return {"status": order.get("algoStatus", "NEW"), "orderId": order.get("algoId")}
@@ -849,8 +889,9 @@ class OrderRouter:
                 continue
             current = self._backstops.get(row.position_id)
             if current is None or row.sequence > _sequence_of(current.client_id):
+                sized = _decimal(row.params.get("quantity"))
                 self._backstops[row.position_id] = _Backstop(
-                    row.client_order_id, trigger, row.created_at_ms
+                    row.client_order_id, trigger, row.created_at_ms, sized is None, sized
                 )
 
     def backstop_trigger(self, symbol: str, leg: str, stop_price: str | Decimal) -> str:
@@ -878,32 +919,119 @@ class OrderRouter:
         stop_price: str | Decimal,
         *,
         force: bool = False,
+        quantity: str | Decimal | None = None,
     ) -> str | None:
-        """Place or tighten the position's backstop; return the live client id, if any.
+        """Place, tighten or re-size the position's backstop; return the live client id.
 
-        The new order is placed before the old one is cancelled, so there is never a moment
-        without one. It only moves to tighten, and at most every ``backstop_min_interval_ms``
-        unless ``force``.
+        Binance holds one ``closePosition`` stop per direction (-4130, contract 2.5), and algo
+        orders cannot be modified. So the replacement alternates two forms, the new one always
+        placed before the old one is cancelled: a close-all stop (first placement) is replaced
+        by a *sized* stop for the leg's ``quantity`` (one-way: ``reduceOnly`` + ``quantity``;
+        hedge: ``positionSide`` + ``quantity``), which is replaced by a close-all one, and so
+        on. A sized stop whose leg changed size (a take-profit filled) is replaced by a
+        close-all one at the same or a tighter trigger. Moves only tighten, at most every
+        ``backstop_min_interval_ms`` unless ``force``; failed placements back off the same way.
+
+        A -4130 (a close-all stop already rests on the leg) is answered by reading the symbol's
+        open algo orders, never by retrying blindly: our own stale one is cancelled (the sized
+        stop or the current one covers the leg) and the close-all placed once more; a peer's
+        (a takeover) is left for ``retire_peer_backstops`` and a sized stop goes in beside it.
+
+        Raises:
+            StopWouldTrigger: the venue refused the stop because the mark is already through
+                it (-2021/-4142): the caller must close the position now.
         """
         if not self.config.backstop_enabled:
             return None
         trigger = Decimal(self.backstop_trigger(symbol, leg, stop_price))
+        size = (
+            None
+            if quantity is None
+            else _decimal(self.rules.quantize_qty(symbol, str(quantity), True))
+        )
         current = self._backstops.get(position_id)
         now = self._clock()
+        resize = (
+            current is not None
+            and not current.close_all
+            and size is not None
+            and size != current.quantity
+        )
         if current is not None:
             tighter = (
                 trigger > current.trigger_price
                 if leg == "LONG"
                 else trigger < current.trigger_price
             )
+            if not tighter and not resize:
+                return current.client_id
             if not tighter:
+                trigger = current.trigger_price  # re-size only: never loosen
+            if (
+                not force
+                and not resize
+                and now - current.placed_at_ms < self.config.backstop_min_interval_ms
+            ):
                 return current.client_id
-            if not force and now - current.placed_at_ms < self.config.backstop_min_interval_ms:
-                return current.client_id
+        failed = self._backstop_failures.get(position_id)
+        if failed is not None and not resize:
+            at_ms, count = failed
+            pause = min(self.config.backstop_min_interval_ms * 2 ** (count - 1), 60_000)
+            if now - at_ms < pause:
+                return None if current is None else current.client_id
+        close_all = current is None or not current.close_all
+        if not close_all and size is None:
+            try:  # the caller did not say the leg's size: the venue's is the one that counts
+                live = _legs(await self.venue.position_risk()).get((symbol, leg))
+            except ExchangeError as exc:
+                logger.warning(
+                    "Leg size unreadable for a sized stop symbol=%s error=%s", symbol, exc
+                )
+                live = None
+            if live is not None:
+                size = _decimal(self.rules.quantize_qty(symbol, str(live), True))
+        if not close_all and (size is None or size <= 0 or not self._sized_fits(symbol, size)):
+            # No valid size to place beside the close-all stop: it keeps covering the leg.
+            logger.warning(
+                "Backstop not moved: no valid size for a sized stop position_id=%s quantity=%s",
+                position_id,
+                quantity,
+            )
+            return None if current is None else current.client_id
+        placed = await self._place_backstop(
+            position_id, symbol, leg, trigger, None if close_all else size, now
+        )
+        if placed is None and close_all and self._last_backstop_code == -4130:
+            placed = await self._answer_4130(position_id, symbol, leg, trigger, size, now)
+        if placed is None:
+            count = (failed[1] if failed is not None else 0) + 1
+            self._backstop_failures[position_id] = (now, count)
+            return None if current is None else current.client_id
+        self._backstop_failures.pop(position_id, None)
+        if current is not None and current.client_id != placed.client_id:
+            await self._cancel_algo(symbol, current.client_id)
+        return placed.client_id
+
+    def _sized_fits(self, symbol: str, size: Decimal) -> bool:
+        max_qty = self._market_max_qty(symbol)
+        return max_qty is None or size <= max_qty
+
+    async def _place_backstop(
+        self,
+        position_id: str,
+        symbol: str,
+        leg: str,
+        trigger: Decimal,
+        size: Decimal | None,
+        now: int,
+    ) -> _Backstop | None:
+        self._last_backstop_code = 0
         mode = await self._current_mode()
         sequence = (self.store.max_sequence(position_id, "backstop") or 0) + 1
         cid = client_order_id(self._tag, position_id, "backstop", sequence, 0)
-        params = backstop_params(mode, symbol, leg, str(trigger), cid)
+        params = backstop_params(
+            mode, symbol, leg, str(trigger), cid, None if size is None else str(size)
+        )
         self.store.insert_order(
             OrderRecord(
                 client_order_id=cid,
@@ -919,18 +1047,28 @@ class OrderRouter:
                 reason="backstop",
             )
         )
+        self._in_flight.add(cid)
         try:
             reply = await self.venue.new_algo_order(params)
         except OrderStatusUnknown as exc:
             self._apply(cid, RestUnknown(exc.code, exc.msg))
             outcome = await self.resolve_unknown(cid)
             if outcome.state != OrderState.NEW:
-                return None if current is None else current.client_id
+                return None
         except ExchangeError as exc:
+            self._last_backstop_code = exc.code
             self._record_rejection(cid, exc)
             if _is_mode_error(exc):
                 await self.refresh_mode()
-            return None if current is None else current.client_id
+            if exc.code in IMMEDIATE_TRIGGER_CODES:
+                raise StopWouldTrigger(exc.code, exc.msg, trigger) from exc
+            return None
+        except Exception as exc:
+            # A timeout or dropped connection after the request left: look it up.
+            self._apply(cid, RestUnknown(-1007, f"{type(exc).__name__}: {exc}"))
+            outcome = await self.resolve_unknown(cid)
+            if outcome.state != OrderState.NEW:
+                return None
         else:
             self._apply(
                 cid,
@@ -941,18 +1079,61 @@ class OrderRouter:
                     None if reply.get("algoId") is None else str(reply["algoId"]),
                 ),
             )
-        self._backstops[position_id] = _Backstop(cid, trigger, now)
+        finally:
+            self._in_flight.discard(cid)
+        placed = _Backstop(cid, trigger, now, size is None, size)
+        self._backstops[position_id] = placed
         self.stats.backstops_moved += 1
         logger.info(
-            "Backstop placed client_order_id=%s symbol=%s position_side=%s trigger=%s",
+            "Backstop placed client_order_id=%s symbol=%s position_side=%s trigger=%s form=%s",
             cid,
             symbol,
             leg,
             trigger,
+            "close_all" if size is None else f"sized {size}",
         )
-        if current is not None:
-            await self._cancel_algo(symbol, current.client_id)
-        return cid
+        return placed
+
+    async def _answer_4130(
+        self,
+        position_id: str,
+        symbol: str,
+        leg: str,
+        trigger: Decimal,
+        size: Decimal | None,
+        now: int,
+    ) -> _Backstop | None:
+        # A close-all stop already rests on this leg. Read what is there (never a retry loop).
+        try:
+            resting = [
+                order
+                for order in await self.venue.open_algo_orders(symbol)
+                if _order_leg(order) == leg
+                and _is_close_all(order)
+                and str(order.get("orderType", order.get("type", ""))) == "STOP_MARKET"
+            ]
+        except ExchangeError as exc:
+            logger.warning(
+                "Open algo orders unreadable after -4130 symbol=%s error=%s", symbol, exc
+            )
+            return None
+        current = self._backstops.get(position_id)
+        for order in resting:
+            cid = str(order.get("clientAlgoId", ""))
+            if not cid.startswith(f"pq{self._tag}-"):
+                continue
+            if current is not None and cid == current.client_id:
+                continue
+            # Our own close-all stop that a lost answer or a failed cancel left behind: the
+            # current stop covers the leg meanwhile; take the stale one away and place again.
+            logger.warning("Stale close-all backstop found after -4130 client_order_id=%s", cid)
+            await self._cancel_algo(symbol, cid)
+            return await self._place_backstop(position_id, symbol, leg, trigger, None, now)
+        if resting and size is not None and size > 0 and self._sized_fits(symbol, size):
+            # A peer's close-all stop (takeover): ours goes in sized beside it; the peer's is
+            # retired once ours is at least as tight (retire_peer_backstops).
+            return await self._place_backstop(position_id, symbol, leg, trigger, size, now)
+        return None
 
     async def _cancel_algo(self, symbol: str, client_id: str) -> bool:
         try:
@@ -961,12 +1142,29 @@ class OrderRouter:
             # Already gone (triggered, cancelled elsewhere): final either way.
             logger.info("Backstop cancel refused client_order_id=%s error=%s", client_id, exc)
             self._apply(client_id, RestAnswer(OrderState.CANCELED, "0", None, None))
+            self._cancels_due.pop(client_id, None)
             return False
-        except ExchangeError as exc:
+        except Exception as exc:
+            # Timeout, 429, dropped connection: the stop may still rest on a leg that no
+            # longer needs it. Retried until the venue answers (``retry_cancels``).
             logger.warning("Backstop cancel failed client_order_id=%s error=%s", client_id, exc)
+            self._cancels_due[client_id] = symbol
             return False
         self._apply(client_id, RestAnswer(OrderState.CANCELED, "0", None, None))
+        self._cancels_due.pop(client_id, None)
         return True
+
+    async def retry_cancels(self) -> list[str]:
+        """Send again every backstop cancel that failed without an answer; return those done."""
+        done: list[str] = []
+        for client_id, symbol in list(self._cancels_due.items()):
+            row = self.store.get_order(client_id)
+            if row is not None and OrderState(row.status) in FINAL_STATES:
+                self._cancels_due.pop(client_id, None)
+                continue
+            if await self._cancel_algo(symbol, client_id):
+                done.append(client_id)
+        return done
 
     async def cancel_backstops(self, position_id: str) -> list[str]:
         """Cancel every live backstop of a position (it closed); return the ids cancelled."""
@@ -1099,7 +1297,13 @@ class OrderRouter:
         *,
         symbols: frozenset[str] | None = None,
     ) -> list[FlattenStep]:
-        """Cancel our open orders and close every position on the account; report each step.
+        """Close every position on the account, then cancel our orders; report each step.
+
+        Closes come first: a leg keeps its exchange-side stop until it is flat, so a kill
+        switch that dies half-way never leaves a leg open and unprotected. Each leg's close
+        is sized from the quantity read under the leg's lock (an exit of ours may have just
+        changed it), and the result is checked against a fresh positionRisk read: a leg still
+        open is reported as a failed ``verify`` step (a -2022 alone proves nothing).
 
         Args:
             position_ids: (symbol, leg) -> our position id, for positions we know; legs not
@@ -1108,12 +1312,25 @@ class OrderRouter:
         """
         steps: list[FlattenStep] = []
         known = dict(position_ids or {})
+        await self.refresh_mode()
+
+        def in_scope(symbol: str) -> bool:
+            return symbols is None or symbol in symbols
+
+        legs = _legs(await self.venue.position_risk())
+        for symbol, leg in sorted(legs):
+            if not in_scope(symbol):
+                continue
+            position_id = known.get((symbol, leg)) or f"k{symbol.lower()[:6]}{leg[0].lower()}"
+            async with self.position_lock(position_id).hold():
+                left = _legs(await self.venue.position_risk()).get((symbol, leg), Decimal(0))
+                steps += await self._close_leg(position_id, symbol, leg, left)
         for order in await self.venue.open_orders():
             cid = str(order.get("clientOrderId", ""))
             if not cid.startswith(f"pq{self._tag}-"):
                 continue
             symbol = str(order.get("symbol"))
-            if symbols is not None and symbol not in symbols:
+            if not in_scope(symbol):
                 continue
             try:
                 await self.venue.cancel_order(symbol, cid)
@@ -1165,47 +1382,43 @@ class OrderRouter:
                 stored = self.store.get_order(backstop.client_id)
                 if stored is None or stored.symbol in symbols:
                     del self._backstops[position_id]
-        await self.refresh_mode()
-        for row in await self.venue.position_risk():
-            amount = _decimal(row.get("positionAmt"), Decimal(0)) or Decimal(0)
-            if amount == 0:
-                continue
-            symbol = str(row.get("symbol"))
-            if symbols is not None and symbol not in symbols:
-                continue
-            leg = str(row.get("positionSide", "BOTH"))
-            if leg == "BOTH":
-                leg = "LONG" if amount > 0 else "SHORT"
-            position_id = known.get((symbol, leg)) or f"k{symbol.lower()[:6]}{leg[0].lower()}"
-            left = abs(amount)
-            max_qty = self._market_max_qty(symbol)
-            # A leg above MARKET_LOT_SIZE maxQty closes in several orders.
-            for _ in range(100):
-                chunk = min(left, max_qty) if max_qty is not None else left
-                quantity = self.rules.quantize_qty(symbol, str(chunk), True)
-                if Decimal(quantity) <= 0:
-                    break
-                sequence = (self.store.max_sequence(position_id, "flatten") or 0) + 1
-                outcome = await self.send_exit(
-                    position_id,
-                    symbol,
-                    leg,
-                    quantity,
-                    sequence=sequence,
-                    reason="flatten",
-                    live_quantity=left,
-                    kind="flatten",
-                )
-                ok = outcome.flat or outcome.state == OrderState.FILLED
-                detail = (
-                    f"{outcome.state} executed {outcome.executed_qty}"
-                    if outcome.error_code is None
-                    else f"{outcome.state} {outcome.error_code}: {outcome.error_msg}"
-                )
-                steps.append(FlattenStep("close", symbol, leg, outcome.client_order_id, ok, detail))
-                left -= outcome.executed_qty
-                if not ok or outcome.flat or left <= 0 or outcome.executed_qty <= 0:
-                    break
+        for (symbol, leg), amount in sorted(_legs(await self.venue.position_risk()).items()):
+            if in_scope(symbol):
+                steps.append(FlattenStep("verify", symbol, leg, "", False, f"still open: {amount}"))
+        return steps
+
+    async def _close_leg(
+        self, position_id: str, symbol: str, leg: str, left: Decimal
+    ) -> list[FlattenStep]:
+        steps: list[FlattenStep] = []
+        max_qty = self._market_max_qty(symbol)
+        # A leg above MARKET_LOT_SIZE maxQty closes in several orders.
+        for _ in range(100):
+            chunk = min(left, max_qty) if max_qty is not None else left
+            quantity = self.rules.quantize_qty(symbol, str(chunk), True)
+            if Decimal(quantity) <= 0:
+                break
+            sequence = (self.store.max_sequence(position_id, "flatten") or 0) + 1
+            outcome = await self.send_exit(
+                position_id,
+                symbol,
+                leg,
+                quantity,
+                sequence=sequence,
+                reason="flatten",
+                live_quantity=left,
+                kind="flatten",
+            )
+            ok = outcome.flat or outcome.state == OrderState.FILLED
+            detail = (
+                f"{outcome.state} executed {outcome.executed_qty}"
+                if outcome.error_code is None
+                else f"{outcome.state} {outcome.error_code}: {outcome.error_msg}"
+            )
+            steps.append(FlattenStep("close", symbol, leg, outcome.client_order_id, ok, detail))
+            left -= outcome.executed_qty
+            if not ok or outcome.flat or left <= 0 or outcome.executed_qty <= 0:
+                break
         return steps
 
     def _market_max_qty(self, symbol: str) -> Decimal | None:
@@ -1228,11 +1441,30 @@ def _is_ours(client_id: str, tag: str, *, peers: bool) -> bool:
     return client_id.startswith(f"pq{tag}-")
 
 
+def _is_close_all(order: Mapping[str, Any]) -> bool:
+    value = order.get("closePosition")
+    return value is True or str(value).lower() == "true"
+
+
 def _order_leg(order: Mapping[str, Any]) -> str:
     leg = str(order.get("positionSide", "BOTH"))
     if leg == "BOTH":
         return "LONG" if order.get("side") == "SELL" else "SHORT"
     return leg
+
+
+def _legs(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], Decimal]:
+    # (symbol, leg) -> absolute quantity of every non-zero leg in positionRisk rows.
+    legs: dict[tuple[str, str], Decimal] = {}
+    for row in rows:
+        amount = _decimal(row.get("positionAmt"), Decimal(0)) or Decimal(0)
+        if amount == 0:
+            continue
+        leg = str(row.get("positionSide", "BOTH"))
+        if leg == "BOTH":
+            leg = "LONG" if amount > 0 else "SHORT"
+        legs[(str(row.get("symbol")), leg)] = abs(amount)
+    return legs
 
 
 def _rest_answer(reply: Mapping[str, Any]) -> RestAnswer:
@@ -1280,6 +1512,7 @@ __all__: Sequence[str] = (
     "OrderState",
     "RouterConfig",
     "RouterError",
+    "StopWouldTrigger",
     "backstop_params",
     "client_order_id",
     "entry_params",

@@ -283,6 +283,7 @@ class FakeVenue:
     liquidation: dict[tuple[str, str], str] = field(default_factory=dict)
     margin_types: dict[str, str] = field(default_factory=dict)
     refuse_leverage: set[str] = field(default_factory=set)
+    multi_assets: bool = False
     gate: asyncio.Event | None = None
     in_flight: int = 0
     max_in_flight: int = 0
@@ -513,6 +514,21 @@ class FakeVenue:
             for o in self.algo_orders.values()
             if o["symbol"] == params["symbol"] and o["algoStatus"] == "NEW"
         ]
+        if params.get("closePosition") == "true" and any(
+            o["closePosition"]
+            and o["orderType"] == params["type"]
+            and o["side"] == params["side"]
+            and o["positionSide"] == params.get("positionSide", "BOTH")
+            for o in open_for_symbol
+        ):
+            # contract 2.5: one closePosition stop per direction
+            raise OrderRejected(
+                -4130,
+                "An open stop or take profit order with GTE and closePosition in the "
+                "direction is existing.",
+            )
+        if "quantity" not in params and params.get("closePosition") != "true":
+            raise OrderRejected(-1102, "Mandatory parameter 'quantity' was not sent.")
         if len(open_for_symbol) >= 10:
             raise OrderRejected(-4045, "Reach max stop order limit.")
         self._order_id += 1
@@ -524,7 +540,8 @@ class FakeVenue:
             "symbol": params["symbol"],
             "side": params["side"],
             "positionSide": params.get("positionSide", "BOTH"),
-            "quantity": "0.0",
+            "quantity": params.get("quantity", "0.0"),
+            "reduceOnly": params.get("reduceOnly") == "true",
             "algoStatus": "NEW",
             "triggerPrice": params["triggerPrice"],
             "workingType": params.get("workingType", "CONTRACT_PRICE"),
@@ -546,6 +563,39 @@ class FakeVenue:
             "clientAlgoId": client_algo_id,
             "code": "200",
             "msg": "success",
+        }
+
+    async def get_algo_order(self, symbol: str, client_algo_id: str) -> dict[str, Any] | None:
+        if self.lookup_misses > 0:
+            self.lookup_misses -= 1
+            return None
+        order = self.algo_orders.get(client_algo_id)
+        return None if order is None else dict(order)
+
+    async def symbol_config(self, symbol: str | None = None) -> list[dict[str, Any]]:
+        symbols = {s for s, _leg in self.positions} | set(self.leverage)
+        return [
+            {
+                "symbol": s,
+                "marginType": self.margin_types.get(s, "CROSSED"),
+                "isAutoAddMargin": False,
+                "leverage": self.leverage.get(s, 20),
+                "maxNotionalValue": "1000000",
+            }
+            for s in sorted(symbols)
+            if symbol in (None, s)
+        ]
+
+    async def account_config(self) -> dict[str, Any]:
+        return {
+            "feeTier": 0,
+            "canTrade": True,
+            "canDeposit": True,
+            "canWithdraw": True,
+            "dualSidePosition": self.hedge,
+            "updateTime": 0,
+            "multiAssetsMargin": self.multi_assets,
+            "tradeGroupId": -1,
         }
 
     async def open_algo_orders(self, symbol: str | None = None) -> list[dict[str, Any]]:

@@ -109,10 +109,54 @@ async def test_exit_on_flat_leg_closes_position_after_check() -> None:
     venue.set_position("BTCUSDT", "LONG", "0", "0")  # closed elsewhere, no event seen yet
     desk.on_actions([engine.action(pid, "0.003", "take_profit_1")])
     await desk.drain()
+    assert ("close", (pid,)) in engine.calls
+    # Flat, but why? The leg waits for the evidence (a liquidation fill, ...) first.
+    leg = desk.legs.get(("BTCUSDT", "LONG"))
+    assert leg is not None
+    assert leg.state == "closing"
+    assert store.get_position(pid).status == "open"
+    await desk.settle_closing()  # grace not over yet
+    assert store.get_position(pid).status == "open"
+    desk._clock = lambda: NOW + 2_000
+    await desk.settle_closing()
     position = store.get_position(pid)
     assert position is not None
     assert (position.status, position.close_reason) == ("closed", "already_flat")
-    assert ("close", (pid,)) in engine.calls
+    assert desk.legs.get(("BTCUSDT", "LONG")) is None
+
+
+async def test_a_late_liquidation_fill_names_the_close() -> None:
+    venue, store, engine, desk = make(hedge=False)
+    await ready(desk)
+    decision = await desk.submit(intent("a"))
+    pid = decision.position_id or ""
+    venue.set_position("BTCUSDT", "BOTH", "0", "0")  # liquidated; the stream has not said so
+    desk.on_actions([engine.action(pid, "0.010", "stop_loss")])
+    await desk.drain()
+    assert store.get_position(pid).status == "open"
+    await desk.on_user_event(
+        {
+            "e": "ORDER_TRADE_UPDATE",
+            "E": NOW,
+            "o": {
+                "s": "BTCUSDT",
+                "c": "autoclose-1",
+                "S": "SELL",
+                "X": "FILLED",
+                "x": "CALCULATED",
+                "ps": "BOTH",
+                "t": 77,
+                "l": "0.010",
+                "L": "29000",
+                "z": "0.010",
+                "T": NOW,
+            },
+        }
+    )
+    await desk.settle_closing()  # the evidence is in: no need to wait for the grace
+    position = store.get_position(pid)
+    assert (position.status, position.close_reason) == ("closed", "liquidation")
+    assert store.counters("exits") == {"liquidation": 1}
 
 
 async def test_rejected_exit_is_given_back_to_the_engine() -> None:
@@ -244,7 +288,8 @@ async def test_flatten_closes_everything_and_the_engine_knows() -> None:
     await ready(desk)
     pid = (await desk.submit(intent("a"))).position_id or ""
     steps = await desk.flatten()
-    assert [s.step for s in steps] == ["cancel_backstop", "close"]
+    # closes first: a leg keeps its exchange-side stop until it is flat
+    assert [s.step for s in steps] == ["close", "cancel_backstop"]
     assert all(s.ok for s in steps)
     assert store.get_position(pid).status == "closed"  # type: ignore[union-attr]
     assert ("close", (pid,)) in engine.calls

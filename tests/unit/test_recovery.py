@@ -220,8 +220,9 @@ async def test_reconcile_while_an_exit_is_in_flight_leaves_it_to_its_sender(tmp_
     for _ in range(5):
         await asyncio.sleep(0)
     assert venue.in_flight == 1
-    report = await reconcile(desk)  # e.g. the user stream reconnected
+    report = await reconcile(desk, live=True)  # e.g. the user stream reconnected
     assert report.orders_resolved == {}
+    assert report.deferred == ["BTCUSDT LONG"]
     assert report.positions_resized == []
     venue.gate.set()
     await desk.drain()

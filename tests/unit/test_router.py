@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from fake_venue import FakeRules, FakeVenue, retryable_429
@@ -17,6 +18,7 @@ from pyquant.trading.router import (
     RestAnswer,
     RouterConfig,
     RouterError,
+    StopWouldTrigger,
     StreamUpdate,
     backstop_params,
     client_order_id,
@@ -403,31 +405,140 @@ async def test_state_machine_drops_stale_and_regressions() -> None:
 @pytest.mark.parametrize("hedge", [True, False])
 async def test_backstop_tightens_new_before_old_and_is_throttled(hedge: bool) -> None:
     venue, store, router = make(hedge, backstop_min_interval_ms=60_000)
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
     clock = [1_000_000]
     router._clock = lambda: clock[0]
-    first = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
+    first = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0", quantity="0.010")
     assert first is not None
     params = venue.sent[0].params
     assert params["triggerPrice"] == "29551.5"  # 29700 * 0.995, rounded down (further out)
     assert params["positionSide"] == ("LONG" if hedge else "BOTH")
     assert params["closePosition"] == "true"
+    assert "quantity" not in params
+    assert "reduceOnly" not in params
     # looser stop: no move
     assert await router.update_backstop("1", "BTCUSDT", "LONG", "29600.0") == first
     # tighter but inside the throttle window: no move
     assert await router.update_backstop("1", "BTCUSDT", "LONG", "29800.0") == first
     clock[0] += 60_000
-    second = await router.update_backstop("1", "BTCUSDT", "LONG", "29800.0")
+    second = await router.update_backstop("1", "BTCUSDT", "LONG", "29800.0", quantity="0.010")
     assert second != first
     paths = [s.path for s in venue.sent]
     assert paths == ["/fapi/v1/algoOrder", "/fapi/v1/algoOrder", "DELETE /fapi/v1/algoOrder"]
+    # Binance holds one closePosition stop per direction (-4130): the tightened one is
+    # sized for the leg and placed before the close-all one is cancelled.
+    sized = venue.sent[1].params
+    assert sized["quantity"] == "0.010"
+    assert "closePosition" not in sized
+    assert sized.get("reduceOnly") == (None if hedge else "true")
     assert venue.algo_orders[first]["algoStatus"] == "CANCELED"
     assert venue.algo_orders[second]["algoStatus"] == "NEW"
     # a restarted router knows the live backstop from the store
     again = OrderRouter(venue, store, FakeRules(), RouterConfig(), sleep=_no_sleep)
     assert again.backstop_of("1") == (second, Decimal("29651.0"))
+    # the next tightening is a close-all stop again, placed before the sized one goes
+    clock[0] += 60_000
+    third = await router.update_backstop("1", "BTCUSDT", "LONG", "29900.0", quantity="0.010")
+    assert venue.sent[-2].params["closePosition"] == "true"
+    assert venue.algo_orders[second]["algoStatus"] == "CANCELED"
+    # a take-profit shrinks the leg: the sized stop would be wrong, so it is replaced...
+    clock[0] += 60_000
+    fourth = await router.update_backstop("1", "BTCUSDT", "LONG", "29950.0", quantity="0.010")
+    assert venue.sent[-2].params["quantity"] == "0.010"
+    fifth = await router.update_backstop("1", "BTCUSDT", "LONG", "29950.0", quantity="0.007")
+    # ...by a close-all stop at the same trigger, at once (no throttle for a re-size)
+    assert fifth != fourth
+    assert venue.sent[-2].params["closePosition"] == "true"
+    assert venue.sent[-2].params["triggerPrice"] == venue.sent[-4].params["triggerPrice"]
+    live = [o for o in venue.algo_orders.values() if o["algoStatus"] == "NEW"]
+    assert [o["clientAlgoId"] for o in live] == [fifth]
+    assert third != second
     # closed position: cancelled
-    assert await router.cancel_backstops("1") == [second]
+    assert await router.cancel_backstops("1") == [fifth]
     assert await venue.open_algo_orders() == []
+
+
+@pytest.mark.parametrize("hedge", [True, False])
+async def test_a_4130_is_answered_from_the_open_algo_orders(hedge: bool) -> None:
+    venue, store, router = make(hedge)
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+    # Our own close-all stop whose answer was lost: the journal does not know it rests.
+    stale = await router.update_backstop("1", "BTCUSDT", "LONG", "29000.0", quantity="0.010")
+    assert stale is not None
+    router.forget_backstop("1")
+    placed = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0", quantity="0.010")
+    codes = [s.path for s in venue.sent]
+    # refused once (-4130), the open algo orders read, the stale stop cancelled, placed once
+    assert codes == [
+        "/fapi/v1/algoOrder",
+        "/fapi/v1/algoOrder",
+        "DELETE /fapi/v1/algoOrder",
+        "/fapi/v1/algoOrder",
+    ]
+    assert store.get_order(venue.sent[1].params["clientAlgoId"]).error_code == -4130
+    live = [o["clientAlgoId"] for o in venue.algo_orders.values() if o["algoStatus"] == "NEW"]
+    assert live == [placed]
+
+
+@pytest.mark.parametrize("hedge", [True, False])
+async def test_a_peers_close_all_stop_gets_a_sized_one_beside_it(hedge: bool) -> None:
+    venue, _store, router = make(hedge)
+    venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
+    await venue.new_algo_order(
+        backstop_params(
+            "hedge" if hedge else "one-way", "BTCUSDT", "LONG", "29000.0", "pqpeer-9-b1-0"
+        )
+    )
+    placed = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0", quantity="0.010")
+    assert placed is not None
+    assert venue.algo_orders[placed]["quantity"] == "0.010"
+    # the peer's stays until retire_peer_backstops finds ours at least as tight
+    assert venue.algo_orders["pqpeer-9-b1-0"]["algoStatus"] == "NEW"
+    assert await router.retire_peer_backstops("1", "BTCUSDT", "LONG") == ["pqpeer-9-b1-0"]
+
+
+@pytest.mark.parametrize("hedge", [True, False])
+async def test_a_stop_that_would_trigger_now_is_reported(hedge: bool) -> None:
+    venue, _store, router = make(hedge)
+    venue.faults.append(OrderRejected(-2021, "Order would immediately trigger."))
+    with pytest.raises(StopWouldTrigger) as caught:
+        await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0", quantity="0.010")
+    assert caught.value.code == -2021
+    assert router.backstop_of("1") is None
+
+
+async def test_a_refused_first_backstop_is_throttled_too() -> None:
+    venue, _store, router = make(False, backstop_min_interval_ms=5_000)
+    clock = [1_000_000]
+    router._clock = lambda: clock[0]
+    venue.faults.append(OrderRejected(-4045, "Reach max stop order limit."))
+    assert await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0") is None
+    for _ in range(4):  # the timer calls every second: no placement storm
+        clock[0] += 1_000
+        assert await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0") is None
+    clock[0] += 1_000
+    assert await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0") is not None
+    assert len([s for s in venue.sent if s.path == "/fapi/v1/algoOrder"]) == 2
+
+
+async def test_a_failed_backstop_cancel_is_retried() -> None:
+    venue, _store, router = make(False)
+    placed = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
+    original = venue.cancel_algo_order
+    calls = []
+
+    async def flaky(symbol: str, cid: str) -> Any:
+        calls.append(cid)
+        if len(calls) == 1:
+            raise TimeoutError("read timed out")
+        return await original(symbol, cid)
+
+    venue.cancel_algo_order = flaky  # type: ignore[method-assign]
+    assert await router.cancel_backstops("1") == []
+    assert venue.algo_orders[placed]["algoStatus"] == "NEW"
+    assert await router.retry_cancels() == [placed]
+    assert venue.algo_orders[placed]["algoStatus"] == "CANCELED"
+    assert await router.retry_cancels() == []
 
 
 async def test_short_backstop_rounds_up() -> None:
@@ -449,7 +560,7 @@ async def test_orphan_backstops_are_cancelled() -> None:
             "positionSide": "SHORT",
             "type": "STOP_MARKET",
             "triggerPrice": "2200",
-            "closePosition": "true",
+            "quantity": "0.5",  # a close-all one would be refused beside ours (-4130)
             "clientAlgoId": "someone-else",
         }
     )
