@@ -251,12 +251,15 @@ class RouterConfig:
         backstop_distance_pct: how far beyond the engine's stop it sits, fraction of price.
         backstop_throttle_s: minimum time between two moves of one backstop.
         shadow: decide and log, send nothing.
+        allow_multi_assets: start even when the account is in Multi-Assets mode (margin
+            and PnL in several assets; the daemon refuses it otherwise).
     """
 
     backstop: bool = True
     backstop_distance_pct: Decimal = Decimal("0.005")
     backstop_throttle_s: float = 5.0
     shadow: bool = False
+    allow_multi_assets: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,6 +175,7 @@ def desk_config(config: Config) -> DeskConfig:
             margin_type=e.margin_type,
         ),
         shadow=config.router.shadow,
+        allow_multi_assets=config.router.allow_multi_assets,
     )
 
 
@@ -304,6 +305,8 @@ class Daemon:
         self._membership_task: asyncio.Task[None] | None = None
         self._exits_stopped = asyncio.Event()
         self._owned_at_stop: list[str] | None = None
+        self._flatten_task: asyncio.Task[list[Any]] | None = None
+        self.flatten_failures = 0
 
     # ------------------------------------------------------------------ control
 
@@ -490,14 +493,29 @@ class Daemon:
     async def _on_gap(self, gap_s: float) -> None:
         await self._warm_up(self._symbols)
 
-    async def _reconcile(self, why: str) -> None:
+    async def _reconcile(
+        self, why: str, *, live: bool = True, symbols: frozenset[str] | None = None
+    ) -> None:
         from pyquant.recovery import reconcile
 
         assert self.desk is not None  # noqa: S101 - reconcile runs after the desk exists
         member = self.membership
         scope = member.owned() if member is not None and member.shared else None
-        report = await reconcile(self.desk, symbols=scope)
+        if symbols is not None:
+            scope = symbols if scope is None else scope & symbols
+        report = await reconcile(self.desk, symbols=scope, live=live)
         logger.info("Reconciled with the exchange why=%s report=%s", why, report)
+
+    async def _reconcile_deferred(self) -> None:
+        # A live reconcile left legs that had work in flight: look at those symbols again
+        # once every leg of theirs is idle.
+        desk = self.desk
+        if desk is None or not desk.deferred_symbols:
+            return
+        busy = {symbol for symbol, _leg in desk.legs.busy_keys()}
+        ready = frozenset(desk.deferred_symbols - busy)
+        if ready:
+            await self._reconcile("deferred legs are idle", symbols=ready)
 
     async def _reconcile_at_start(self) -> None:
         # Entries stay refused until this succeeds; a venue that is briefly unreachable is
@@ -505,7 +523,7 @@ class Daemon:
         backoff = Backoff(self.config.market.backoff_initial_s, self.config.market.backoff_max_s)
         for attempt in range(1, 7):
             try:
-                await self._reconcile("start")
+                await self._reconcile("start", live=False)
                 return
             except RetryableError as exc:
                 if attempt == 6 or self._stop.is_set():
@@ -546,6 +564,10 @@ class Daemon:
         if measured["p50"] is not None:
             summary["latency_ms"] = measured
         summary["malformed_messages"] = self.malformed_messages
+        summary["task_failures"] = self.desk.task_failures + self.flatten_failures
+        if self.desk.last_task_failure:
+            summary["last_task_failure"] = self.desk.last_task_failure
+        summary["legs"] = self.desk.leg_states()
         if self.membership is not None and self.membership.shared:
             # After a clean stop the leases are gone: report what was owned until then.
             stopped = self._owned_at_stop
@@ -638,7 +660,7 @@ class Daemon:
         """
         async with AsyncExitStack() as stack:
             await self._start(stack, warm_up=False, join_redis=False)
-            await self._reconcile("flatten")
+            await self._reconcile("flatten", live=False)
             steps = await self.flatten()
             if self.desk is not None:
                 await self.desk.drain()
@@ -889,6 +911,7 @@ class Daemon:
     async def _backstops(self) -> None:
         if self.desk is not None and self.ready.is_set():
             await self.desk.sync_backstops()
+            await self._reconcile_deferred()
 
     async def _liquidation_prices(self) -> None:
         # They move with the account's margin (cross margin): refreshed on a slow timer.
@@ -932,7 +955,7 @@ class Daemon:
         await self._intake.wait_idle()
 
     async def flatten(self) -> list[Any]:
-        """Kill switch: stop intake, cancel our orders, close every position."""
+        """Kill switch: stop intake, close every position, then cancel our orders."""
         await self._close_intake()
         if self.desk is None:
             return []
@@ -940,8 +963,37 @@ class Daemon:
         self.flatten_steps = await self.desk.flatten()
         return self.flatten_steps
 
+    def request_flatten(self) -> asyncio.Task[list[Any]]:
+        """Start the kill switch as a task the daemon owns (SIGUSR1).
+
+        The shutdown waits for it (a SIGTERM right after SIGUSR1 does not cut it short), and
+        its failure is logged and counted instead of dying unseen.
+        """
+        if self._flatten_task is not None and not self._flatten_task.done():
+            return self._flatten_task
+        task = asyncio.get_running_loop().create_task(self.flatten(), name="flatten")
+        self._flatten_task = task
+
+        def done(finished: asyncio.Task[list[Any]]) -> None:
+            if finished.cancelled():
+                return
+            error = finished.exception()
+            if error is not None:
+                self.flatten_failures += 1
+                logger.error(
+                    "Kill switch failed error=%s",
+                    error,
+                    exc_info=(type(error), error, error.__traceback__),
+                )
+
+        task.add_done_callback(done)
+        return task
+
     async def _shutdown(self) -> None:
         self._stopping = True
+        if self._flatten_task is not None:
+            # A kill switch under way finishes before anything it needs is closed.
+            await asyncio.gather(self._flatten_task, return_exceptions=True)
         await self._close_intake()
         if self.market is not None:
             await self.market.close()
@@ -970,9 +1022,7 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
         if hasattr(signal, "SIGUSR1"):
-            loop.add_signal_handler(
-                signal.SIGUSR1, lambda: loop.create_task(self.flatten(), name="flatten")
-            )
+            loop.add_signal_handler(signal.SIGUSR1, self.request_flatten)
 
 
 def _user_path(text: str) -> Path:

@@ -86,6 +86,23 @@ class DaemonCollector(Collector):
         open_positions = GaugeMetricFamily("pyquant_open_positions", "Open positions")
         open_positions.add_metric([], float(s.get("open_positions") or 0))
         yield open_positions
+        failures = CounterMetricFamily(
+            "pyquant_task_failures", "Daemon tasks (exits, backstops, kill switch) that crashed"
+        )
+        failures.add_metric([], float(str(s.get("task_failures") or 0)))
+        yield failures
+        legs = s.get("legs")
+        if isinstance(legs, dict):
+            busy = GaugeMetricFamily(
+                "pyquant_legs", "Position legs run here, by state", labels=["state"]
+            )
+            counts: dict[str, int] = {}
+            for state in legs.values():
+                name = str(state).split(" ", 1)[0]
+                counts[name] = counts.get(name, 0) + 1
+            for name, count in sorted(counts.items()):
+                busy.add_metric([name], float(count))
+            yield busy
         owned = s.get("owned_symbols")
         if isinstance(owned, list | tuple):
             gauge = GaugeMetricFamily(

@@ -328,7 +328,7 @@ class TradingDesk:
                 "pyquant's sizing and margin-loss cap assume single-asset USDT margin. Switch it "
                 "off (Binance: Preferences > Asset Mode > Single-Asset Mode, or POST "
                 "/fapi/v1/multiAssetsMargin multiAssetsMargin=false) or set "
-                "[exchange] allow_multi_assets = true if you know what it changes"
+                "[router] allow_multi_assets = true if you know what it changes"
             )
         return multi_assets
 
