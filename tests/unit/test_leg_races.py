@@ -209,7 +209,7 @@ async def test_two_backstop_syncs_under_latency_place_one_stop(hedge: bool) -> N
 async def test_an_exit_that_crashes_gives_its_action_back(hedge: bool) -> None:
     # Not an ExchangeError (a bad body, an InputError from the rules): the action must not
     # stay pending, the failure is counted, and the leg is idle again.
-    venue, desk = make(hedge)
+    _venue, desk = make(hedge)
     await ready(desk)
     pid = (await desk.submit(intent("a"))).position_id or ""
     engine = desk.engine
