@@ -17,6 +17,51 @@ def filled_exits(running: object) -> list[object]:
     return [o for o in store.orders(kind="exit") if o.status == "FILLED"]
 
 
+class StopWatch:
+    """Samples the simulator's own view of the leg's stops while the daemon trades.
+
+    At every sample with the leg open (once its first stop is in): at least one stop rests,
+    at most one of them is close-all (Binance refuses a second, -4130), at most two at once
+    (new placed before old cancelled: algo orders cannot be modified), and the tightest
+    trigger never loosens.
+    """
+
+    def __init__(self, venue: object, leg: str, mode: str) -> None:
+        self.venue = venue
+        self.leg = leg
+        self.exchange_leg = leg if mode == "hedge" else "BOTH"
+        self.tightest: Decimal | None = None
+        self.samples = 0
+        self.problems: list[str] = []
+        self.forms: set[str] = set()
+
+    def sample(self) -> None:
+        exchange = self.venue.exchange  # type: ignore[attr-defined]
+        amount = exchange.position(SYMBOL, self.exchange_leg).amount
+        stops = exchange.open_algo_orders(SYMBOL)
+        if amount == 0 or (self.tightest is None and not stops):
+            return
+        self.samples += 1
+        long = self.leg == "LONG"
+        if not stops:
+            self.problems.append(f"no stop with {amount} open")
+            return
+        if len(stops) > 2 or sum(1 for s in stops if s.close_position) > 1:
+            self.problems.append(f"{len(stops)} stops: {[s.trigger_price for s in stops]}")
+        self.forms |= {"close_all" if s.close_position else "sized" for s in stops}
+        best = max(s.trigger_price for s in stops) if long else min(s.trigger_price for s in stops)
+        if self.tightest is not None and (best < self.tightest if long else best > self.tightest):
+            self.problems.append(f"stop loosened {self.tightest} -> {best}")
+        self.tightest = best
+
+    async def run(self) -> None:
+        # Between every two steps of the other tasks: no state the venue passes through is
+        # missed (the simulator runs in this loop).
+        while True:
+            self.sample()
+            await asyncio.sleep(0)
+
+
 def view(running: object, position_id: str) -> object:
     return running.daemon.engine.position(position_id)  # type: ignore[attr-defined]
 
@@ -41,8 +86,10 @@ async def test_entry_ladder_breakeven_trailing_stop(tmp_path: Path, mode: str, s
 
     async with simulator(mode) as venue:
         await venue.set_mark(SYMBOL, "2500.00")
-        async with run_daemon(venue, tmp_path) as running:
+        async with run_daemon(venue, tmp_path, router={"backstop_throttle_s": 0.0}) as running:
             daemon = running.daemon
+            watch = StopWatch(venue, leg, mode)
+            watching = asyncio.ensure_future(watch.run())
             result = await daemon.submit(
                 {"id": "life-1", "symbol": SYMBOL, "side": side, "size_usd": "500"}
             )
@@ -95,6 +142,11 @@ async def test_entry_ladder_breakeven_trailing_stop(tmp_path: Path, mode: str, s
                 what="backstop moved",
             )
 
+            watching.cancel()
+            assert watch.problems == []
+            assert watch.samples > 50
+            # tightened at least once: the close-all stop was replaced by a sized one
+            assert watch.forms == {"close_all", "sized"}
             await move(running, px("0.025"))  # back through the trailing stop
             await until(
                 lambda: store.get_position(position_id).status == "closed", what="trailing stop"
