@@ -641,6 +641,9 @@ class TradingDesk:
             return
         self._opened.add(position.position_id)
         now = self._clock()
+        self._drop_stale_engine_copies(
+            position.symbol, position.position_side, keep=position.position_id
+        )
         price = avg_price
         if price is None and not self.config.shadow:
             price = await self._fill_price(position, client_order_id)
@@ -723,6 +726,30 @@ class TradingDesk:
             # The symbol's lease went to another daemon while the entry was in flight: the
             # new owner adopts the position; running it here too would double its exits.
             await self.hand_over(position.symbol)
+
+    def _drop_stale_engine_copies(self, symbol: str, leg: str, keep: str = "") -> None:
+        # An engine position on this leg whose journal row is not open (closed by another
+        # process, or a lost close) would refuse the new one or run exits for nothing.
+        try:
+            views = list(self.engine.positions())
+        except Exception:
+            logger.exception("Engine positions() failed")
+            return
+        for view in views:
+            position_id = str(_field(view, "position_id"))
+            if position_id == keep:
+                continue
+            if (str(_field(view, "symbol")), str(_field(view, "position_side"))) != (symbol, leg):
+                continue
+            row = self.store.get_position(position_id)
+            if row is None or row.status != "open":
+                logger.warning(
+                    "Stale engine position dropped position_id=%s symbol=%s leg=%s",
+                    position_id,
+                    symbol,
+                    leg,
+                )
+                self.engine_call("close_position", position_id)
 
     def _engine_has(self, position_id: str) -> bool:
         try:
@@ -1376,6 +1403,13 @@ class TradingDesk:
     ) -> None:
         if self.is_busy(symbol, leg):
             return  # our own order in flight: its outcome will settle the leg
+        # Under the leg's owner: a takeover reconciliation adopting the same leg waits.
+        async with self.legs.lock((symbol, leg)).hold():
+            await self._reconcile_idle_leg(symbol, leg, quantity, entry)
+
+    async def _reconcile_idle_leg(
+        self, symbol: str, leg: str, quantity: Decimal, entry: Decimal
+    ) -> None:
         position = self._position_for(symbol, leg)
         known = Decimal(0) if position is None else _dec(position.quantity)
         if quantity == known:
@@ -1441,8 +1475,21 @@ class TradingDesk:
         state), the ladder progress, best price and open time carry over, so the stop resumes
         where it was: a takeover never loosens it.
         """
+        async with self.legs.lock((symbol, leg)).hold():
+            held = self._position_for(symbol, leg)
+            if held is not None:
+                # Adopted meanwhile (an account update and a takeover both saw the leg): one
+                # position per leg, never two copies in the engine.
+                logger.info("Leg already adopted symbol=%s leg=%s", symbol, leg)
+                return held.position_id
+            return await self._adopt_idle_leg(symbol, leg, quantity, entry, leverage)
+
+    async def _adopt_idle_leg(
+        self, symbol: str, leg: str, quantity: Decimal, entry: Decimal, leverage: int | None
+    ) -> str:
         if leverage is None:
             leverage = await self.leverage_of(symbol)
+        self._drop_stale_engine_copies(symbol, leg)
         position_id = position_id_text(self.store.next_position_number())
         now = self._clock()
         hinted_open, extra = self._adoption_extra(symbol, leg, quantity, entry)

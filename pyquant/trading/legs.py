@@ -284,6 +284,10 @@ class TaskLock:
         """Return True while some task holds the lock."""
         return self._lock.locked()
 
+    def held_elsewhere(self) -> bool:
+        """Return True while a task other than the calling one holds the lock."""
+        return self._lock.locked() and self._owner is not asyncio.current_task()
+
     @asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
         """Hold the lock for the ``async with`` body."""
@@ -346,8 +350,8 @@ class LegBook:
         """Return True when nothing of ours is in flight on the leg (reconcile may act)."""
         leg = self.legs.get(key)
         if leg is None:
-            return not self.lock(key).locked()
-        return leg.state == LegState.OPEN and not leg.work and not self.lock(key).locked()
+            return not self.lock(key).held_elsewhere()
+        return leg.state == LegState.OPEN and not leg.work and not self.lock(key).held_elsewhere()
 
     def busy_keys(self) -> set[LegKey]:
         """Return the legs a live reconciliation must leave alone now."""

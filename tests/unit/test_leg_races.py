@@ -21,7 +21,7 @@ from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.intents import parse_intent
-from pyquant.trading.legs import LegState
+from pyquant.trading.legs import Closed, LegState
 from pyquant.trading.router import RouterConfig
 from pyquant.trading.sizing import SizingConfig
 
@@ -329,3 +329,43 @@ async def _random_run(seed: int, hedge: bool) -> None:
 @pytest.mark.parametrize("seed", range(12))
 async def test_random_interleavings_keep_the_leg_invariants(seed: int, hedge: bool) -> None:
     await _random_run(seed, hedge)
+
+
+@pytest.mark.parametrize("hedge", MODES)
+async def test_a_takeover_and_an_account_update_adopt_a_leg_once(hedge: bool) -> None:
+    venue, desk = make(hedge)
+    await ready(desk)
+    venue.inner.set_position("BTCUSDT", "LONG" if hedge else "BOTH", "0.020", "30000")
+    venue.hold = {"position_risk"}  # both read the venue before they adopt
+    takeover = asyncio.ensure_future(reconcile(desk, symbols=frozenset({"BTCUSDT"}), takeover=True))
+    await venue.wait_parked("position_risk")
+    update = asyncio.ensure_future(desk.on_user_event(venue.inner.account_event()))
+    await venue.wait_parked("position_risk", 2)
+    while not (takeover.done() and update.done()):
+        await venue.release_all()
+        await settle()
+    await takeover
+    await update
+    await desk.drain()
+    rows = open_rows(desk)
+    assert len(rows) == 1
+    assert [v.position_id for v in desk.engine.positions()] == [rows[0].position_id]
+
+
+@pytest.mark.parametrize("hedge", MODES)
+async def test_a_journal_closed_elsewhere_does_not_block_the_next_entry(hedge: bool) -> None:
+    # Another process closed the journal's row and the exchange's leg (an external flatten);
+    # the engine still holds its copy. The next entry on the leg must be run and protected.
+    venue, desk = make(hedge)
+    await ready(desk)
+    first = (await desk.submit(intent("a"))).position_id or ""
+    venue.inner.set_position("BTCUSDT", "LONG" if hedge else "BOTH", "0", "0")
+    for order in venue.inner.algo_orders.values():
+        order["algoStatus"] = "CANCELED"
+    desk.store.update_position(first, status="closed", close_reason="flatten")
+    desk.legs.apply(("BTCUSDT", "LONG"), Closed("flatten"))
+    second = (await desk.submit(intent("b"))).position_id or ""
+    await desk.drain()
+    assert second != first
+    assert [v.position_id for v in desk.engine.positions()] == [second]
+    assert len(live_algo(venue)) == 1
