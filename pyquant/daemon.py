@@ -347,7 +347,16 @@ class Daemon:
         """Schedule ``submit`` without waiting for its outcome (sources that must not block)."""
         task = asyncio.get_running_loop().create_task(self.submit(payload, source=source))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            if self.desk is not None:
+                self.desk.task_failures += 1
+                self.desk.last_task_failure = f"intake: {type(error).__name__}: {error}"
+            logger.error("Intake task failed error=%s", error, exc_info=error)
 
     # ------------------------------------------------------------------ venue
 

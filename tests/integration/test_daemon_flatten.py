@@ -56,6 +56,25 @@ async def test_flatten_in_the_running_daemon(tmp_path: Path) -> None:
     assert summary["exits"] == {"flatten": 2}
 
 
+async def test_a_stop_right_after_the_kill_switch_waits_for_it(tmp_path: Path) -> None:
+    # SIGUSR1 then SIGTERM: the flatten is the daemon's own task and the shutdown waits for
+    # it; no leg is left open, none loses its stop before it is flat.
+    async with simulator("hedge") as venue:
+        await venue.set_mark(SYMBOL, "2500.00")
+        async with run_daemon(venue, tmp_path) as running:
+            await open_both_legs(running)
+            flatten = running.daemon.request_flatten()  # what SIGUSR1 calls
+            assert running.daemon.request_flatten() is flatten  # a second signal joins it
+            summary = await running.stop()  # what SIGTERM asks for, at once
+            assert flatten.done()
+            assert all(step.ok for step in flatten.result())
+    assert venue.exchange.position(SYMBOL, "LONG").amount == 0
+    assert venue.exchange.position(SYMBOL, "SHORT").amount == 0
+    assert not venue.exchange.open_algo_orders(SYMBOL)
+    assert summary["open_positions"] == 0
+    assert summary["task_failures"] == 0
+
+
 async def test_pyquant_flatten_command(tmp_path: Path) -> None:
     state = tmp_path / "state"
     config = tmp_path / "pyquant.toml"
