@@ -26,10 +26,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from pyquant.sim.account import AccountSettings
 from pyquant.sim.faults import FaultConfig
 from pyquant.sim.server import Venue
 
-__all__ = ["FaultConfig", "Venue", "serve"]
+__all__ = ["AccountSettings", "FaultConfig", "Venue", "serve"]
 
 
 @contextlib.asynccontextmanager
@@ -58,6 +59,7 @@ async def serve(
     liquidation: bool = False,
     funding: bool = False,
     funding_rate: Decimal | str = "0.0001",
+    account: AccountSettings | dict[str, Any] | None = None,
 ) -> AsyncIterator[Venue]:
     """Run a simulated venue for the duration of the ``async with`` block.
 
@@ -87,6 +89,8 @@ async def serve(
             ``autoclose-`` order; see :mod:`pyquant.sim.exchange`). Off by default.
         funding: Charge funding every 8 h of exchange time (00/08/16 UTC). Off by default.
         funding_rate: Funding rate of every symbol (served as ``lastFundingRate``).
+        account: Multi-Assets mode, API key permissions, whether ``apiRestrictions`` is
+            served and which websocket routes are refused (see :mod:`pyquant.sim.account`).
 
     Yields:
         The running :class:`Venue`.
@@ -115,6 +119,7 @@ async def serve(
         liquidation=liquidation,
         funding=funding,
         funding_rate=funding_rate,
+        account=account,
     )
     await venue.start()
     try:
