@@ -23,6 +23,9 @@ An example (every key is optional; ``pyquant run --show-config`` prints them all
     # ws_url = "ws://127.0.0.1:8080/market"
     # user_ws_url = "ws://127.0.0.1:8080/private"
     # legacy_ws_url = "ws://127.0.0.1:8080"  # pre-split host, tried when a route is refused
+    # Mainnet's routes (/market, /private) are documented; the testnet's are UNCONFIRMED:
+    # the defaults try its /market and /private routes, then its legacy root
+    # (wss://fstream.binancefuture.com/ws/...). `pyquant doctor` says which answer.
 
     [credentials]                     # keys come from these variables (or an owner-only file)
     api_key_env = "PYQUANT_API_KEY"

@@ -466,10 +466,14 @@ class _Doctor:
         legacy_url: str,
         setting: str,
         trigger: Callable[[], Awaitable[None]] | None = None,
+        silence_note: str = "",
     ) -> None:
         outcome, detail = await self._first_message(route_url, trigger)
         if outcome == "ok":
             self.report.add(name, "OK", f"{_redact_key(route_url)} delivered: {detail}")
+            return
+        if outcome == "silent" and silence_note:
+            self.report.add(name, "WARN", f"{_redact_key(route_url)}: {detail}", silence_note)
             return
         tried = f"{_redact_key(route_url)}: {detail}"
         if legacy_url:
@@ -530,6 +534,10 @@ class _Doctor:
             f"{legacy}/ws/{key}" if legacy else "",
             "user_ws_url",
             emit_event if self.leverage else None,
+            silence_note="the route accepted the listenKey but no event arrived: either no "
+            "symbol was configured to provoke one, or this venue emits no "
+            "ACCOUNT_CONFIG_UPDATE for an unchanged leverage (unconfirmed on Binance); watch "
+            "for order events on the first trade",
         )
 
     async def listen_key(self) -> None:

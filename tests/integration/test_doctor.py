@@ -188,7 +188,7 @@ async def test_margin_type_other_than_configured_warns(venue: sim.Venue, tmp_pat
 def test_doctor_command_against_pyquant_sim(tmp_path: Path) -> None:
     """The CLI end to end: `pyquant sim` with failure flags, then `pyquant doctor --json`."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    sim_proc = subprocess.Popen(  # noqa: S603 - our own module
+    sim_proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -219,7 +219,7 @@ def test_doctor_command_against_pyquant_sim(tmp_path: Path) -> None:
             "PYQUANT_API_KEY": first["api_key"],
             "PYQUANT_API_SECRET": first["api_secret"],
         }
-        done = subprocess.run(  # noqa: S603 - our own module
+        done = subprocess.run(
             [
                 sys.executable,
                 "-m",
@@ -249,7 +249,7 @@ def test_doctor_command_against_pyquant_sim(tmp_path: Path) -> None:
         assert status["clock skew"] == "FAIL"
         assert status["test orders"] == "OK"
         assert status["user websocket"] == "OK"
-        table = subprocess.run(  # noqa: S603 - our own module
+        table = subprocess.run(
             [sys.executable, "-m", "pyquant", "doctor", "--config", str(path)],
             capture_output=True,
             text=True,
