@@ -596,3 +596,35 @@ def test_cancelled_algo_order_is_still_found_by_client_id() -> None:
     )
     ex.cancel_algo(None, "bs-gone")
     assert ex.find_algo(None, "bs-gone").status == "CANCELED"
+
+
+@pytest.mark.parametrize("mode", ["one-way", "hedge"])
+@pytest.mark.parametrize(
+    ("side", "trigger", "kind"),
+    [
+        ("SELL", "0.20100", "STOP_MARKET"),  # a sell stop above the mark
+        ("BUY", "0.19900", "STOP_MARKET"),  # a buy stop below the mark
+        ("SELL", "0.19900", "TAKE_PROFIT_MARKET"),  # a sell take-profit below the mark
+    ],
+)
+def test_close_all_stop_the_mark_is_through_is_2021(
+    mode: str, side: str, trigger: str, kind: str
+) -> None:
+    """Contract 2.5/3.2: a stop whose trigger the mark already passed is -2021."""
+    ex = make(mode)
+    leg = {}
+    if mode == "hedge":
+        leg = {"positionSide": "LONG" if side == "SELL" else "SHORT"}
+    with pytest.raises(BinanceError) as info:
+        algo(
+            ex,
+            symbol="DOGEUSDT",
+            side=side,
+            type=kind,
+            triggerPrice=trigger,
+            closePosition="true",
+            workingType="MARK_PRICE",
+            **leg,
+        )
+    assert (info.value.code, info.value.msg) == (-2021, "Order would immediately trigger.")
+    assert ex.open_algo_orders() == []

@@ -531,6 +531,46 @@ async def test_second_close_all_stop_per_position_side_is_4130_hedge(hrest: Rest
     assert len(await rest.ok("GET", "/fapi/v1/openAlgoOrders", symbol="DOGEUSDT")) == 3
 
 
+async def test_algo_lookup_finds_triggered_and_cancelled_orders(rest: Rest) -> None:
+    """Contract 2.5: GET /fapi/v1/algoOrder finds an algo order whatever its status, by
+    clientAlgoId or algoId (openAlgoOrders lists only the resting ones)."""
+    venue = rest.venue
+    mark = venue.exchange.mark("DOGEUSDT")
+    tick = venue.rules["DOGEUSDT"].tick_size
+    await rest.ok("POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    base = {"algoType": "CONDITIONAL", "symbol": "DOGEUSDT", "workingType": "MARK_PRICE"}
+    fired = await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        type="STOP_MARKET",
+        closePosition="true",
+        triggerPrice=str(mark - 10 * tick),
+        clientAlgoId="lk-fired",
+    )
+    await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        type="TAKE_PROFIT_MARKET",
+        closePosition="true",
+        triggerPrice=str(mark + 50 * tick),
+        clientAlgoId="lk-cancelled",
+    )
+    await rest.ok("DELETE", ALGO, clientAlgoId="lk-cancelled")
+    await venue.set_mark("DOGEUSDT", mark - 20 * tick)
+    assert await rest.ok("GET", "/fapi/v1/openAlgoOrders", symbol="DOGEUSDT") == []
+    by_client = await rest.ok("GET", ALGO, clientAlgoId="lk-fired")
+    by_id = await rest.ok("GET", ALGO, algoId=str(fired["algoId"]))
+    assert by_client == by_id
+    assert by_client["algoStatus"] == "FINISHED"
+    assert by_client["actualOrderId"] != ""
+    cancelled = await rest.ok("GET", ALGO, clientAlgoId="lk-cancelled")
+    assert cancelled["algoStatus"] == "CANCELED"
+
+
 async def test_mode_and_margin_type_changes(rest: Rest) -> None:
     dual = "/fapi/v1/positionSide/dual"
     assert (await rest.error("POST", dual, dualSidePosition="false")) == {
