@@ -101,6 +101,34 @@ async def test_healthy_account_passes_every_check(venue: sim.Venue, tmp_path: Pa
     assert {a.status for a in venue.exchange.algo_orders.values()} == {"CANCELED"}
 
 
+async def test_test_orders_leave_an_existing_backstop_alone(
+    venue: sim.Venue, tmp_path: Path
+) -> None:
+    """A close-all stop already resting (a daemon's backstop) makes the doctor's own one a
+    -4130: it says so and touches nothing."""
+    mark = venue.exchange.mark("DOGEUSDT")
+    leg = {"positionSide": "LONG"} if venue.exchange.dual else {}
+    theirs = venue.exchange.new_algo_order(
+        {
+            "algoType": "CONDITIONAL",
+            "symbol": "DOGEUSDT",
+            "side": "SELL",
+            "type": "STOP_MARKET",
+            "closePosition": "true",
+            "triggerPrice": str(mark - 500 * venue.rules["DOGEUSDT"].tick_size),
+            "workingType": "MARK_PRICE",
+            **leg,
+        }
+    )
+    report = await run_doctor(
+        config_for(venue, tmp_path), DoctorOptions(place_test_orders=True, ws_wait_s=15)
+    )
+    check = by_name(report)["test orders"]
+    assert check.status == "WARN"
+    assert "already rests on DOGEUSDT (-4130)" in check.detail
+    assert [a.algo_id for a in venue.exchange.open_algo_orders()] == [theirs.algo_id]
+
+
 async def test_wrong_position_mode_and_multi_assets_fail(venue: sim.Venue, tmp_path: Path) -> None:
     other = "one-way" if venue.exchange.dual else "hedge"
     venue.set_account({"multi_assets": True})
