@@ -30,8 +30,14 @@ Fill rules (contract section 9):
   Each price update checks every ``NEW`` algo order against its ``workingType`` price
   (``MARK_PRICE`` mark, ``CONTRACT_PRICE`` last) with the rules of contract 3.2; on trigger it
   emits ``TRIGGERING``, places the child (MARKET for ``*_MARKET`` and trailing, LIMIT GTC at
-  ``price`` for STOP/TAKE_PROFIT), emits ``TRIGGERED`` with ``ai`` and ``FINISHED`` once the child
-  is final. ``closePosition`` children close what the leg holds at trigger time; on a flat leg
+  ``price`` for STOP/TAKE_PROFIT) whose ``ORDER_TRADE_UPDATE``s (NEW, and the fill of a MARKET
+  child) come next, then ``TRIGGERED`` with ``ai`` and ``FINISHED`` once the child is final
+  (contract 2.5, from live traffic). ``ALGO_UPDATE`` carries ``rm`` (why it was rejected or
+  expired) and ``ia`` (trailing activated). A stop the trigger price is already through is
+  ``-2021``; a second resting ``closePosition`` order of one type in one direction (the order's
+  side in one-way mode, its ``positionSide`` in hedge mode) is ``-4130``, while a take-profit
+  beside a stop and sized stops beside a close-all are accepted (contract 2.5).
+  ``closePosition`` children close what the leg holds at trigger time; on a flat leg
   the algo order ends ``EXPIRED`` without a child. ``GTE_GTC`` algo orders expire when their
   position goes flat; other ``closePosition`` orders stay open (as on Binance).
 * **Margin.** Initial margin = notional / leverage, checked (``-2019``) for the opening part of a

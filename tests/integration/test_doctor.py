@@ -213,6 +213,32 @@ async def test_margin_type_other_than_configured_warns(venue: sim.Venue, tmp_pat
     assert report.ok
 
 
+async def test_leverage_beyond_the_brackets_fails(
+    venue: sim.Venue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A venue whose brackets allow at most 20x (the simulator's table cut down to its
+    20x-and-lower tiers): a symbol at 50x and a configured leverage of 25 both FAIL."""
+    import pyquant.sim.exchange as sim_exchange
+
+    monkeypatch.setattr(
+        sim_exchange, "BRACKETS", tuple(b for b in sim_exchange.BRACKETS if b[2] <= 20)
+    )
+    venue.exchange.set_leverage("ETHUSDT", "50")
+    path = write_config(tmp_path, venue.rest_url, venue.ws_url)
+    path.write_text(path.read_text().replace("leverage = 5", "leverage = 25"))
+    env = {"PYQUANT_API_KEY": venue.api_key, "PYQUANT_API_SECRET": venue.api_secret}
+    report = await run_doctor(load_config(path, environ=env), DoctorOptions(ws_wait_s=15))
+    checks = by_name(report)
+    doge, eth = checks["symbol DOGEUSDT"], checks["symbol ETHUSDT"]
+    assert doge.status == "FAIL"
+    assert "entries.leverage 25 above the bracket maximum 20" in doge.detail
+    assert "set entries.leverage <= 20" in doge.fix
+    assert eth.status == "FAIL"
+    assert "leverage 50 above the bracket maximum 20" in eth.detail
+    assert "POST /fapi/v1/leverage" in eth.fix
+    assert not report.ok
+
+
 def test_doctor_command_against_pyquant_sim(tmp_path: Path) -> None:
     """The CLI end to end: `pyquant sim` with failure flags, then `pyquant doctor --json`."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
