@@ -16,6 +16,11 @@ codes), ``replay`` (klines to a seeded per-second mark path), ``streams``, ``rat
 Positions report Binance's liquidation price (``positionRisk``) in both margin types and
 modes; liquidation (``liquidation=True``, ``--liquidation``) and 8-hourly funding
 (``funding=True``, ``--funding``) are off by default (rules in :mod:`pyquant.sim.exchange`).
+
+Account-level answers a pre-flight check reads (Multi-Assets mode, the API key's permissions on
+``/sapi/v1/account/apiRestrictions``, which websocket routes are served) come from
+:mod:`pyquant.sim.account` and can be switched to a failing value for tests
+(``serve(account=...)``, ``pyquant sim`` flags, the loopback ``/admin/account`` hook).
 """
 
 from __future__ import annotations
