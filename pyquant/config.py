@@ -22,6 +22,10 @@ An example (every key is optional; ``pyquant run --show-config`` prints them all
     # rest_url = "http://127.0.0.1:8080"
     # ws_url = "ws://127.0.0.1:8080/market"
     # user_ws_url = "ws://127.0.0.1:8080/private"
+    # legacy_ws_url = "ws://127.0.0.1:8080"  # pre-split host, tried when a route is refused
+    # Mainnet's routes (/market, /private) are documented; the testnet's are UNCONFIRMED:
+    # the defaults try its /market and /private routes, then its legacy root
+    # (wss://fstream.binancefuture.com/ws/...). `pyquant doctor` says which answer.
 
     [credentials]                     # keys come from these variables (or an owner-only file)
     api_key_env = "PYQUANT_API_KEY"
@@ -75,6 +79,13 @@ ExchangeName = Literal["sim", "testnet", "mainnet", "custom"]
 PositionModeName = Literal["one-way", "hedge"]
 
 # Binance's published endpoints (contract 1.1); the market route carries markPrice.
+# What is known about the websocket routes (contract 1.1, 2.5, 10):
+# - mainnet: /market (markPrice, kline) and /private (user data) since 2026-03; the legacy
+#   root (wss://fstream.binance.com/ws/...) was retired on 2026-04-23.
+# - testnet: UNCONFIRMED. Binance's own connector uses the /market and /private routes on
+#   the testnet host; nautilus_trader and node-binance-api still use the legacy root. The
+#   defaults below try the routes and fall back to the legacy root when the host refuses the
+#   handshake (venue.legacy_ws_url); `pyquant doctor` reports which ones answer.
 ENDPOINTS: dict[str, tuple[str, str, str]] = {
     "mainnet": (
         "https://fapi.binance.com",
@@ -83,9 +94,15 @@ ENDPOINTS: dict[str, tuple[str, str, str]] = {
     ),
     "testnet": (
         "https://demo-fapi.binance.com",
-        "wss://fstream.binancefuture.com",
-        "wss://fstream.binancefuture.com",
+        "wss://fstream.binancefuture.com/market",
+        "wss://fstream.binancefuture.com/private",
     ),
+}
+# The pre-split single host (paths /ws/<stream> and /ws/<listenKey>): testnet's documented
+# websocket URL, and mainnet's until 2026-04-23 (kept as a fallback only).
+LEGACY_WS_ENDPOINTS: dict[str, str] = {
+    "mainnet": "wss://fstream.binance.com",
+    "testnet": "wss://fstream.binancefuture.com",
 }
 
 
@@ -121,6 +138,9 @@ class VenueConfig:
         rest_url: REST base URL; empty means the exchange's default.
         ws_url: market websocket base (``.../market``); empty means the default.
         user_ws_url: user-data websocket base (``.../private``); empty means the default.
+        legacy_ws_url: the pre-split websocket host (``<base>/ws/...``), tried when the
+            market or user route refuses the handshake; empty means the exchange's default,
+            ``"none"`` disables the fallback.
         confirm_mainnet: must be true (or ``--i-understand-mainnet``) to trade mainnet.
         recv_window_ms: ``recvWindow`` of signed requests.
         timeout_s: total time allowed for one REST request.
@@ -129,6 +149,7 @@ class VenueConfig:
     rest_url: str = ""
     ws_url: str = ""
     user_ws_url: str = ""
+    legacy_ws_url: str = ""
     confirm_mainnet: bool = False
     recv_window_ms: int = 5000
     timeout_s: float = 10.0
@@ -392,6 +413,15 @@ class Config:
         if self.exchange in ENDPOINTS:
             return ENDPOINTS[self.exchange][2]
         return self.ws_url
+
+    @property
+    def legacy_ws_url(self) -> str:
+        """Return the legacy websocket host tried when a route is refused (empty: none)."""
+        if self.venue.legacy_ws_url == "none":
+            return ""
+        if self.venue.legacy_ws_url:
+            return self.venue.legacy_ws_url
+        return LEGACY_WS_ENDPOINTS.get(self.exchange, "")
 
     def redacted(self) -> dict[str, Any]:
         """Return the configuration as plain data with every secret masked."""
@@ -750,10 +780,11 @@ def _cross_checks(config: Config, problems: _Problems, confirm_mainnet: bool) ->
         problems.add(
             "venue.rest_url", c.venue.rest_url, 'exchange = "custom" needs rest_url and ws_url'
         )
-    for name in ("rest_url", "ws_url", "user_ws_url"):
+    for name in ("rest_url", "ws_url", "user_ws_url", "legacy_ws_url"):
         url = getattr(c.venue, name)
         schemes = ("http://", "https://") if name == "rest_url" else ("ws://", "wss://")
-        if url and not url.startswith(schemes):
+        disabled = name == "legacy_ws_url" and url == "none"
+        if url and not disabled and not url.startswith(schemes):
             problems.add(f"venue.{name}", url, f"must start with {' or '.join(schemes)}")
     if c.exchange != "sim" and (c.credentials.api_key is None or c.credentials.api_secret is None):
         problems.add(

@@ -12,6 +12,13 @@ Market (``MarkPriceStream``)
     longer than one bar calls ``on_gap`` so the caller can warm the ATR up again from
     ``markPriceKlines`` (``fetch_closed_bars``).
 
+Routes (``RouteChoice``)
+    Each stream takes its route base (``.../market``, ``.../private``) and, optionally, a
+    fallback base (the legacy single host whose paths are ``/ws/...``). When a host refuses
+    the websocket handshake with an HTTP status (a route it does not serve), the next attempt
+    uses the other base, and so on alternately; the switch is logged with both URLs. Which
+    routes Binance's testnet serves is unconfirmed (contract 1.1, 2.5), hence the fallback.
+
 User data (``UserDataStream``)
     A listenKey is created (``POST /fapi/v1/listenKey``), kept alive every
     ``keepalive_interval_s`` (Binance: within 60 min), and replaced when the keepalive
@@ -37,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import InvalidStatus, WebSocketException
 
 from pyquant.errors import ExchangeError, MessageError
 from pyquant.exchange.venue import JsonObject, Venue
@@ -127,6 +134,57 @@ class FeedHealth:
         if not self.last_message_at:
             return float("inf")
         return (time.monotonic() if now is None else now) - self.last_message_at
+
+
+@dataclass(slots=True)
+class RouteChoice:
+    """The websocket base a stream uses now, and the one it tries after a refused handshake.
+
+    Attributes:
+        primary: the configured base (``wss://fstream.binance.com/market``).
+        fallback: the other base to try (legacy ``wss://fstream.binance.com``); empty: none.
+        current: the base in use.
+        switches: how many times a refusal moved the stream to the other base.
+    """
+
+    primary: str
+    fallback: str = ""
+    current: str = field(init=False)
+    switches: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.primary = self.primary.rstrip("/")
+        self.fallback = self.fallback.rstrip("/")
+        self.current = self.primary
+
+    def refused(self) -> bool:
+        """Move to the other base after a refused handshake; False when there is none."""
+        if not self.fallback or self.fallback == self.primary:
+            return False
+        self.current = self.fallback if self.current == self.primary else self.primary
+        self.switches += 1
+        return True
+
+
+def _route_refused(routes: RouteChoice, exc: BaseException, stream: str) -> None:
+    """Switch ``routes`` when ``exc`` is a handshake refused as a path the host lacks.
+
+    Only a 4xx answer other than 429 means that; a 5xx or a rate limit is retried as is.
+    """
+    if not isinstance(exc, InvalidStatus):
+        return
+    status = exc.response.status_code
+    if not 400 <= status < 500 or status == 429:
+        return
+    before = routes.current
+    if routes.refused():
+        logger.warning(
+            "%s websocket route refused status=%d url=%s; trying url=%s",
+            stream,
+            status,
+            before,
+            routes.current,
+        )
 
 
 def mark_price_url(base: str, symbols: Sequence[str]) -> str:
@@ -263,6 +321,8 @@ class MarkPriceStream:
     Args:
         ws_base: market route base URL (``wss://fstream.binance.com/market``).
         venue: REST venue used for premiumIndex polling while stale.
+        fallback_ws_base: base to try when ``ws_base`` refuses the handshake (the legacy
+            host, ``wss://fstream.binance.com``); empty: keep retrying ``ws_base``.
         on_message: called with each message's bytes (from the websocket or synthesized).
         symbols: per-symbol streams; empty for the all-market array.
         stale_after_s: silence that makes the feed stale.
@@ -287,8 +347,10 @@ class MarkPriceStream:
         backoff: Backoff | None = None,
         on_gap: Callable[[float], Awaitable[None]] | None = None,
         gap_threshold_s: float = 60.0,
+        fallback_ws_base: str = "",
     ) -> None:
-        self.url = mark_price_url(ws_base, symbols)
+        self.routes = RouteChoice(ws_base, fallback_ws_base)
+        self._stream_symbols = tuple(symbols)
         self._venue = venue
         self._on_message = on_message
         self._symbols = frozenset(symbols) if symbols else None
@@ -304,6 +366,11 @@ class MarkPriceStream:
         self._last_ws_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        """The URL the next connection goes to."""
+        return mark_price_url(self.routes.current, self._stream_symbols)
 
     async def run(self) -> None:
         """Stream until cancelled or ``close()``; never returns on a network failure."""
@@ -358,6 +425,7 @@ class MarkPriceStream:
                 if self._closed.is_set():
                     break
                 logger.warning("Mark-price stream lost error=%s: %s", type(exc).__name__, exc)
+                _route_refused(self.routes, exc, "Mark-price")
             finally:
                 self._ws = None
                 self.health.connected = False
@@ -516,6 +584,8 @@ class UserDataStream:
     Args:
         ws_base: user route base URL (``wss://fstream.binance.com/private``).
         venue: REST venue for the listenKey calls.
+        fallback_ws_base: base to try when ``ws_base`` refuses the handshake (the legacy
+            host); empty: keep retrying ``ws_base``.
         on_event: awaited with each decoded event, in arrival order.
         keepalive_interval_s: listenKey keepalive period.
         rotate_after_s: proactive reconnect age.
@@ -536,8 +606,9 @@ class UserDataStream:
         backoff: Backoff | None = None,
         on_connected: Callable[[bool], Awaitable[None]] | None = None,
         on_disconnected: Callable[[], None] | None = None,
+        fallback_ws_base: str = "",
     ) -> None:
-        self._base = ws_base.rstrip("/")
+        self.routes = RouteChoice(ws_base, fallback_ws_base)
         self._venue = venue
         self._on_event = on_event
         self._keepalive_interval_s = keepalive_interval_s
@@ -587,7 +658,7 @@ class UserDataStream:
                     self._renew.clear()
                     await self._new_listen_key()
                 assert self.listen_key is not None  # noqa: S101 - set just above
-                url = f"{self._base}/ws/{self.listen_key}"
+                url = f"{self.routes.current}/ws/{self.listen_key}"
                 async with connect(url, max_size=2**22, open_timeout=10, ping_interval=60) as ws:
                     self._ws = ws
                     self.health.connected = True
@@ -604,6 +675,7 @@ class UserDataStream:
                 if self._closed.is_set():
                     break
                 logger.warning("User-data stream lost error=%s: %s", type(exc).__name__, exc)
+                _route_refused(self.routes, exc, "User-data")
             finally:
                 was_connected = self.health.connected
                 self._ws = None

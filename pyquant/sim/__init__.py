@@ -16,6 +16,11 @@ codes), ``replay`` (klines to a seeded per-second mark path), ``streams``, ``rat
 Positions report Binance's liquidation price (``positionRisk``) in both margin types and
 modes; liquidation (``liquidation=True``, ``--liquidation``) and 8-hourly funding
 (``funding=True``, ``--funding``) are off by default (rules in :mod:`pyquant.sim.exchange`).
+
+Account-level answers a pre-flight check reads (Multi-Assets mode, the API key's permissions on
+``/sapi/v1/account/apiRestrictions``, which websocket routes are served) come from
+:mod:`pyquant.sim.account` and can be switched to a failing value for tests
+(``serve(account=...)``, ``pyquant sim`` flags, the loopback ``/admin/account`` hook).
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from pyquant.sim.account import AccountSettings
 from pyquant.sim.faults import FaultConfig
 from pyquant.sim.server import Venue
 
-__all__ = ["FaultConfig", "Venue", "serve"]
+__all__ = ["AccountSettings", "FaultConfig", "Venue", "serve"]
 
 
 @contextlib.asynccontextmanager
@@ -58,6 +64,7 @@ async def serve(
     liquidation: bool = False,
     funding: bool = False,
     funding_rate: Decimal | str = "0.0001",
+    account: AccountSettings | dict[str, Any] | None = None,
 ) -> AsyncIterator[Venue]:
     """Run a simulated venue for the duration of the ``async with`` block.
 
@@ -87,6 +94,8 @@ async def serve(
             ``autoclose-`` order; see :mod:`pyquant.sim.exchange`). Off by default.
         funding: Charge funding every 8 h of exchange time (00/08/16 UTC). Off by default.
         funding_rate: Funding rate of every symbol (served as ``lastFundingRate``).
+        account: Multi-Assets mode, API key permissions, whether ``apiRestrictions`` is
+            served and which websocket routes are refused (see :mod:`pyquant.sim.account`).
 
     Yields:
         The running :class:`Venue`.
@@ -115,6 +124,7 @@ async def serve(
         liquidation=liquidation,
         funding=funding,
         funding_rate=funding_rate,
+        account=account,
     )
     await venue.start()
     try:

@@ -18,6 +18,9 @@ import signal
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
+
+from pyquant.sim.account import WS_ROUTES, AccountSettings
 
 __all__ = ["build_parser", "run_command"]
 
@@ -117,8 +120,46 @@ def build_parser(prog: str = "pyquant sim") -> argparse.ArgumentParser:
         default=Decimal("0.0001"),
         help="funding rate of every symbol (default 0.0001)",
     )
+    p.add_argument(
+        "--time-skew-ms",
+        type=int,
+        default=0,
+        help="offset of the server clock against the wall clock (tests clock-skew checks)",
+    )
+    p.add_argument(
+        "--multi-assets", action="store_true", help="report the account in Multi-Assets mode"
+    )
+    p.add_argument(
+        "--key-permissions",
+        metavar="JSON",
+        help='API key permissions to report, e.g. \'{"enableWithdrawals": true, '
+        '"ipRestrict": false}\' (default: futures on, withdrawals off, IP-restricted)',
+    )
+    p.add_argument(
+        "--no-api-restrictions",
+        action="store_true",
+        help="answer GET /sapi/v1/account/apiRestrictions with 404, as the futures testnet does",
+    )
+    p.add_argument(
+        "--refuse-ws-route",
+        action="append",
+        default=[],
+        choices=WS_ROUTES,
+        help="refuse websocket connections on this route (root = legacy /ws and /stream); "
+        "repeatable",
+    )
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
+
+
+def _account_settings(args: argparse.Namespace) -> AccountSettings:
+    settings = AccountSettings()
+    changes: dict[str, Any] = json.loads(args.key_permissions) if args.key_permissions else {}
+    changes["multi_assets"] = bool(args.multi_assets)
+    changes["api_restrictions_served"] = not args.no_api_restrictions
+    changes["refused_ws_routes"] = list(args.refuse_ws_route)
+    settings.update(changes)
+    return settings
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -153,6 +194,8 @@ async def _serve(args: argparse.Namespace) -> int:
         liquidation=args.liquidation,
         funding=args.funding,
         funding_rate=args.funding_rate,
+        time_skew_ms=args.time_skew_ms,
+        account=_account_settings(args),
     ) as venue:
         line = {
             "rest": venue.rest_url,
@@ -186,6 +229,17 @@ def run_command(command: str, argv: list[str]) -> int:
                 parser.error("--faults must be a JSON object")
         except json.JSONDecodeError as exc:
             parser.error(f"--faults is not JSON: {exc}")
+    if args.key_permissions:
+        try:
+            permissions = json.loads(args.key_permissions)
+        except json.JSONDecodeError as exc:
+            parser.error(f"--key-permissions is not JSON: {exc}")
+        if not isinstance(permissions, dict):
+            parser.error("--key-permissions must be a JSON object")
+        try:
+            AccountSettings().update(permissions)
+        except ValueError as exc:
+            parser.error(f"--key-permissions: {exc}")
     try:
         return asyncio.run(_serve(args))
     except (ValueError, OSError) as exc:

@@ -30,8 +30,14 @@ Fill rules (contract section 9):
   Each price update checks every ``NEW`` algo order against its ``workingType`` price
   (``MARK_PRICE`` mark, ``CONTRACT_PRICE`` last) with the rules of contract 3.2; on trigger it
   emits ``TRIGGERING``, places the child (MARKET for ``*_MARKET`` and trailing, LIMIT GTC at
-  ``price`` for STOP/TAKE_PROFIT), emits ``TRIGGERED`` with ``ai`` and ``FINISHED`` once the child
-  is final. ``closePosition`` children close what the leg holds at trigger time; on a flat leg
+  ``price`` for STOP/TAKE_PROFIT) whose ``ORDER_TRADE_UPDATE``s (NEW, and the fill of a MARKET
+  child) come next, then ``TRIGGERED`` with ``ai`` and ``FINISHED`` once the child is final
+  (contract 2.5, from live traffic). ``ALGO_UPDATE`` carries ``rm`` (why it was rejected or
+  expired) and ``ia`` (trailing activated). A stop the trigger price is already through is
+  ``-2021``; a second resting ``closePosition`` order of one type in one direction (the order's
+  side in one-way mode, its ``positionSide`` in hedge mode) is ``-4130``, while a take-profit
+  beside a stop and sized stops beside a close-all are accepted (contract 2.5).
+  ``closePosition`` children close what the leg holds at trigger time; on a flat leg
   the algo order ends ``EXPIRED`` without a child. ``GTE_GTC`` algo orders expire when their
   position goes flat; other ``closePosition`` orders stay open (as on Binance).
 * **Margin.** Initial margin = notional / leverage, checked (``-2019``) for the opening part of a
@@ -86,6 +92,7 @@ from decimal import Decimal
 from typing import Any
 
 from pyquant.sim.validation import (
+    MSG,
     BinanceError,
     SymbolRules,
     check_client_id,
@@ -269,6 +276,8 @@ class AlgoOrder:
     actual_price: Decimal = ZERO
     actual_qty: Decimal = ZERO
     trigger_time: int = 0
+    # why the Algo Service rejected or expired it (ALGO_UPDATE ``rm``); empty otherwise
+    reason: str = ""
     # trailing state: extreme price seen since activation (None until activated)
     extreme: Decimal | None = None
 
@@ -974,6 +983,7 @@ class Exchange:
         )
         self._account_event(order.symbol, "ORDER", balance_change=ZERO)
         self._after_position_change(order.symbol)
+        self._child_done(order)
 
     def _book_trade(
         self,
@@ -1072,7 +1082,7 @@ class Exchange:
             if algo.time_in_force != "GTE_GTC":
                 continue
             if not self.position(symbol, algo.position_side).amount:
-                self._algo_status(algo, "EXPIRED")
+                self._algo_status(algo, "EXPIRED", reason="GTE condition unsatisfied")
 
     def _finish(self, order: Order, status: str, exec_type: str, reason: int = 0) -> None:
         order.status = status
@@ -1086,10 +1096,19 @@ class Exchange:
             status=status,
         )
         self._order_event(order, exec_type)
-        if order.algo_id is not None:
-            algo = self.algo_orders.get(order.algo_id)
-            if algo is not None and algo.status == "TRIGGERED":
-                self._algo_finished(algo, order)
+        self._child_done(order)
+
+    def _child_done(self, order: Order) -> None:
+        """End the algo order whose child just became final (``FINISHED``, contract 2.5).
+
+        A child that ends while its parent is still ``TRIGGERING`` is finished by ``_trigger``
+        itself, after it has emitted ``TRIGGERED``.
+        """
+        if order.algo_id is None or order.is_open:
+            return
+        algo = self.algo_orders.get(order.algo_id)
+        if algo is not None and algo.status == "TRIGGERED":
+            self._algo_finished(algo, order)
 
     # --- events ---------------------------------------------------------------------------
 
@@ -1308,6 +1327,15 @@ class Exchange:
                 raise BinanceError(-4116)
         else:
             client_id = secrets.token_urlsafe(16)[:22]
+        if close_position and any(
+            a.close_position
+            and a.order_type == order_type
+            and a.side == side
+            and a.position_side == position_side
+            for a in self.open_algo_orders(symbol)
+        ):
+            # contract 2.5: one resting close-all of a type per direction of a position
+            raise BinanceError(-4130)
         if len(self.open_algo_orders(symbol)) >= rules.max_num_algo_orders:
             raise BinanceError(-4045)
         now = self.now_ms()
@@ -1389,8 +1417,10 @@ class Exchange:
         for algo in self.open_algo_orders(symbol):
             self._algo_status(algo, "CANCELED")
 
-    def _algo_status(self, algo: AlgoOrder, status: str) -> None:
+    def _algo_status(self, algo: AlgoOrder, status: str, reason: str = "") -> None:
         algo.status = status
+        if reason:
+            algo.reason = reason
         algo.update_time = self.now_ms()
         self._record(
             "algo",
@@ -1434,6 +1464,9 @@ class Exchange:
                 "R": algo.reduce_only,
                 "tt": algo.trigger_time,
                 "gtd": algo.good_till_date,
+                # contract 2.5: failure reason ("" when none) and trailing-activated flag
+                "rm": algo.reason,
+                "ia": algo.extreme is not None,
             }
         )
         self._emit({"e": "ALGO_UPDATE", "T": now, "E": now, "o": body})
@@ -1448,14 +1481,14 @@ class Exchange:
             reducing, reducible = self._reducing(algo.symbol, algo.side, algo.position_side)
             quantity = reducible if reducing else ZERO
             if quantity <= 0:
-                self._algo_status(algo, "EXPIRED")
+                self._algo_status(algo, "EXPIRED", reason="No position to close.")
                 return
         child_type = "MARKET" if algo.order_type.endswith("MARKET") else "LIMIT"
         mark = self.mark(algo.symbol)
         reducing, reducible = self._reducing(algo.symbol, algo.side, algo.position_side)
         is_close_side = algo.position_side != "BOTH" and reducing
         if (algo.reduce_only or is_close_side) and (not reducing or reducible <= 0):
-            self._algo_status(algo, "REJECTED")
+            self._algo_status(algo, "REJECTED", reason=MSG[-2022])
             return
         if (
             algo.position_side != "BOTH"
@@ -1465,7 +1498,7 @@ class Exchange:
                 or (algo.position_side == "SHORT" and algo.side == "BUY")
             )
         ):
-            self._algo_status(algo, "REJECTED")
+            self._algo_status(algo, "REJECTED", reason=MSG[-2022])
             return
         opening = (
             ZERO
@@ -1475,7 +1508,7 @@ class Exchange:
         if opening > 0:
             needed = opening * mark / self.lev(algo.symbol)
             if needed > self.totals()["available"]:
-                self._algo_status(algo, "REJECTED")
+                self._algo_status(algo, "REJECTED", reason=MSG[-2019])
                 return
         order = Order(
             order_id=next(self._order_ids),
@@ -1502,7 +1535,9 @@ class Exchange:
         self.orders[order.order_id] = order
         algo.actual_order_id = str(order.order_id)
         self._record("order", **_order_log(order))
-        self._algo_status(algo, "TRIGGERED")
+        # Contract 2.5 (live traffic): the child's ORDER_TRADE_UPDATEs (NEW, then the fill of a
+        # MARKET child) come first, then ALGO_UPDATE TRIGGERED (still ap/aq "0", as in the real
+        # capture) and, once the child is final, FINISHED.
         self._order_event(order, "NEW")
         ref = self._taker_price(rules, algo.side, mark)
         if child_type == "MARKET":
@@ -1517,7 +1552,8 @@ class Exchange:
                 min(algo.price, ref) if algo.side == "BUY" else max(algo.price, ref),
                 maker=False,
             )
-        if order.status == "FILLED" and algo.status == "TRIGGERED":
+        self._algo_status(algo, "TRIGGERED")
+        if not order.is_open:
             self._algo_finished(algo, order)
 
     def _algo_finished(self, algo: AlgoOrder, order: Order) -> None:

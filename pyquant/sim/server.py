@@ -42,6 +42,7 @@ import orjson
 from aiohttp import web
 
 from pyquant.sim import streams
+from pyquant.sim.account import AccountSettings
 from pyquant.sim.exchange import ZERO, Exchange, TestOnly, max_notional_for
 from pyquant.sim.faults import FaultConfig, Faults, OrderFault
 from pyquant.sim.ratelimit import Limited, RateLimits
@@ -152,6 +153,7 @@ class Venue:
         liquidation: bool = False,
         funding: bool = False,
         funding_rate: Decimal | str = "0.0001",
+        account: AccountSettings | dict[str, Any] | None = None,
     ) -> None:
         if (api_key is None) != (api_secret is None):
             raise ValueError("api_key and api_secret must be given together (or neither)")
@@ -202,6 +204,12 @@ class Venue:
         self.limits = RateLimits(self.info["rateLimits"], lambda: int(time.time() * 1000))
         self.hub = streams.StreamHub(set(self.rules))
         self.time_skew_ms = time_skew_ms
+        if isinstance(account, AccountSettings):
+            self.account = account
+        else:
+            self.account = AccountSettings()
+            self.account.update(account or {})
+        self.key_created_ms = int(time.time() * 1000)
         self.ping_interval_s = ping_interval_s
         self.max_connection_s = max_connection_s
         self.overrides: dict[str, tuple[Decimal, Decimal | None]] = {}
@@ -313,6 +321,32 @@ class Venue:
         count = await self.hub.drop_all()
         logger.info("Dropped websocket connections count=%d", count)
         return count
+
+    def set_account(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change account settings (see :class:`~pyquant.sim.account.AccountSettings`).
+
+        ``position_mode`` (``"hedge"``/``"one-way"``) switches the mode through the same rules
+        as ``POST /fapi/v1/positionSide/dual`` (no positions or open orders); the other names
+        are those of ``AccountSettings.update``. Returns the settings after the change.
+
+        Raises:
+            ValueError: a bad name or value (nothing changed).
+        """
+        rest = dict(changes)
+        mode = rest.pop("position_mode", None)
+        if mode is not None and mode not in ("hedge", "one-way"):
+            raise ValueError(f"position_mode must be 'hedge' or 'one-way', found {mode!r}")
+        self.account.update(rest)
+        if mode is not None and (mode == "hedge") != self.exchange.dual:
+            try:
+                self.exchange.set_position_mode(mode == "hedge")
+            except BinanceError as exc:
+                raise ValueError(f"position_mode: {exc.msg}") from None
+        self._flush()
+        return {
+            **self.account.to_dict(),
+            "position_mode": "hedge" if self.exchange.dual else "one-way",
+        }
 
     def expire_listen_key(self) -> str | None:
         """Expire the active listenKey now (``listenKeyExpired`` is sent); returns it."""
@@ -603,6 +637,9 @@ class Venue:
                 route = prefix[1:]
                 path = path[len(prefix) :]
                 break
+        if route in self.account.refused_ws_routes:
+            # what a host that does not serve the route answers (admin toggle; contract 1.1)
+            raise BinanceError(-5000, f"Path {request.path} is invalid", http_status=404)
         names: list[str] = []
         combined = False
         if path == "/stream":
@@ -705,6 +742,10 @@ class Venue:
                 return web.json_response({"time_skew_ms": self.time_skew_ms})
             if action == "orders":
                 return web.json_response(self.order_log.entries)
+            if action == "account" and request.method == "GET":
+                return web.json_response(self.account.to_dict())
+            if action == "account":
+                return web.json_response(self.set_account(body))
         except (KeyError, ValueError, TypeError) as exc:
             return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=400)
         return web.json_response({"error": f"unknown admin action {action!r}"}, status=404)
@@ -731,6 +772,15 @@ class Venue:
             ("GET", v1 + "positionSide/dual"): (self._get_dual, "SIGNED", 30, None),
             ("POST", v1 + "positionSide/dual"): (self._set_dual, "SIGNED", 1, None),
             ("GET", v1 + "multiAssetsMargin"): (self._multi_assets, "SIGNED", 30, None),
+            ("POST", v1 + "multiAssetsMargin"): (self._set_multi_assets, "SIGNED", 1, None),
+            ("GET", v1 + "accountConfig"): (self._account_config, "SIGNED", 5, None),
+            ("GET", v1 + "symbolConfig"): (self._symbol_config, "SIGNED", 5, None),
+            ("GET", "/sapi/v1/account/apiRestrictions"): (
+                self._api_restrictions,
+                "SIGNED",
+                1,
+                None,
+            ),
             ("POST", v1 + "leverage"): (self._leverage, "SIGNED", 1, None),
             ("POST", v1 + "marginType"): (self._margin_type, "SIGNED", 1, None),
             ("GET", v1 + "leverageBracket"): (self._leverage_bracket, "SIGNED", 1, None),
@@ -880,7 +930,60 @@ class Venue:
         return {"code": 200, "msg": "success"}
 
     async def _multi_assets(self, p: dict[str, str]) -> object:
-        return {"multiAssetsMargin": False}
+        return {"multiAssetsMargin": self.account.multi_assets}
+
+    async def _set_multi_assets(self, p: dict[str, str]) -> object:
+        """``POST /fapi/v1/multiAssetsMargin``; emits ``ACCOUNT_CONFIG_UPDATE`` with ``ai.j``."""
+        raw = (p.get("multiAssetsMargin") or "").lower()
+        if raw not in ("true", "false"):
+            raise BinanceError(-1102, name="multiAssetsMargin")
+        self.account.multi_assets = raw == "true"
+        now = self._now()
+        self.exchange._emit(
+            {"e": "ACCOUNT_CONFIG_UPDATE", "E": now, "T": now, "ai": {"j": raw == "true"}}
+        )
+        return {"code": 200, "msg": "success"}
+
+    async def _account_config(self, p: dict[str, str]) -> object:
+        """``GET /fapi/v1/accountConfig`` (contract 2.5; docs Account-Config)."""
+        return {
+            "feeTier": 0,
+            "canTrade": True,
+            "canDeposit": True,
+            "canWithdraw": True,
+            "dualSidePosition": self.exchange.dual,
+            "updateTime": 0,
+            "multiAssetsMargin": self.account.multi_assets,
+            "tradeGroupId": -1,
+        }
+
+    async def _symbol_config(self, p: dict[str, str]) -> object:
+        """``GET /fapi/v1/symbolConfig``: leverage and margin type per symbol (contract 2.5).
+
+        An array even when ``symbol`` is given (docs example); ``isAutoAddMargin`` is a string.
+        """
+        ex = self.exchange
+
+        def one(s: str) -> dict[str, Any]:
+            return {
+                "symbol": s,
+                "marginType": ex.margin_type.get(s, "CROSSED"),
+                "isAutoAddMargin": "false",
+                "leverage": ex.lev(s),
+                "maxNotionalValue": str(max_notional_for(ex.lev(s))),
+            }
+
+        return [one(self._symbol(p))] if p.get("symbol") else [one(s) for s in self.rules]
+
+    async def _api_restrictions(self, p: dict[str, str]) -> object:
+        """``GET /sapi/v1/account/apiRestrictions`` (wallet API; the futures testnet lacks it)."""
+        if not self.account.api_restrictions_served:
+            raise BinanceError(
+                -5000,
+                "Path /sapi/v1/account/apiRestrictions, Method GET is invalid",
+                http_status=404,
+            )
+        return self.account.api_restrictions(self.key_created_ms)
 
     async def _leverage(self, p: dict[str, str]) -> object:
         return self.exchange.set_leverage(p.get("symbol") or "", p.get("leverage"))
@@ -1033,7 +1136,7 @@ class Venue:
             "canWithdraw": True,
             "tradeGroupId": -1,
             "updateTime": 0,
-            "multiAssetsMargin": False,
+            "multiAssetsMargin": self.account.multi_assets,
             **self._totals(),
             "assets": [self._asset(v3=False)],
             "positions": positions,

@@ -84,6 +84,8 @@ MSG: dict[int, str] = {
     -4116: "ClientOrderId is duplicated.",
     -4120: "Order type not supported for this endpoint. "
     "Please use the Algo Order API endpoints instead.",
+    -4130: "An open stop or take profit order with GTE and closePosition in the direction "
+    "is existing.",
     -4131: "The counterparty's best price does not meet the PERCENT_PRICE filter limit.",
     -4135: "Invalid activation price.",
     -4136: "Invalid callback rate.",

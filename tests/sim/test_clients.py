@@ -80,6 +80,71 @@ async def test_ccxt_binanceusdm() -> None:
             await ex.close()
 
 
+@pytest.mark.parametrize("mode", ["one-way", "hedge"])
+async def test_python_binance_symbol_and_account_config(mode: str) -> None:
+    """Contract 2.5: symbolConfig carries leverage and margin type (v3 positionRisk has none);
+    accountConfig carries position mode and Multi-Assets mode."""
+    async with sim.serve(speed=0, position_mode=mode) as venue:
+        client = AsyncClient(venue.api_key, venue.api_secret)
+        client.FUTURES_URL = venue.rest_url + "/fapi"
+        try:
+            await client.futures_change_leverage(symbol="ETHUSDT", leverage=7)
+            await client.futures_change_margin_type(symbol="ETHUSDT", marginType="ISOLATED")
+            rows = await client.futures_symbol_config(symbol="ETHUSDT")
+            assert rows == [
+                {
+                    "symbol": "ETHUSDT",
+                    "marginType": "ISOLATED",
+                    "isAutoAddMargin": "false",
+                    "leverage": 7,
+                    "maxNotionalValue": rows[0]["maxNotionalValue"],
+                }
+            ]
+            every = await client.futures_symbol_config()
+            assert {r["symbol"] for r in every} == set(venue.rules)
+            assert {r["symbol"]: r["leverage"] for r in every}["BTCUSDT"] == 20
+            config = await client.futures_account_config()
+            assert config == {
+                "feeTier": 0,
+                "canTrade": True,
+                "canDeposit": True,
+                "canWithdraw": True,
+                "dualSidePosition": mode == "hedge",
+                "updateTime": 0,
+                "multiAssetsMargin": False,
+                "tradeGroupId": -1,
+            }
+            await client.futures_change_multi_assets_mode(multiAssetsMargin="true")
+            assert (await client.futures_account_config())["multiAssetsMargin"] is True
+            assert (await client.futures_get_multi_assets_mode()) == {"multiAssetsMargin": True}
+        finally:
+            await client.close_connection()
+
+
+async def test_ccxt_fetch_leverages() -> None:
+    async with sim.serve(speed=0, position_mode="hedge") as venue:
+        ex = ccxt.binanceusdm(
+            {
+                "apiKey": venue.api_key,
+                "secret": venue.api_secret,
+                "options": {"fetchCurrencies": False},
+            }
+        )
+        for name, url in list(ex.urls["api"].items()):
+            if name.startswith("fapi"):
+                ex.urls["api"][name] = url.replace("https://fapi.binance.com", venue.rest_url)
+        try:
+            await ex.load_markets()
+            await ex.set_leverage(5, "DOGE/USDT:USDT")
+            leverages = await ex.fetch_leverages(["DOGE/USDT:USDT", "BTC/USDT:USDT"])
+            doge = leverages["DOGE/USDT:USDT"]
+            assert (doge["longLeverage"], doge["shortLeverage"]) == (5, 5)
+            assert doge["marginMode"] == "cross"
+            assert leverages["BTC/USDT:USDT"]["longLeverage"] == 20
+        finally:
+            await ex.close()
+
+
 def test_pyquant_sim_command_first_line_and_clean_exit(tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     proc = subprocess.Popen(

@@ -442,3 +442,189 @@ def test_resting_reduce_only_limit_expires_when_position_shrinks() -> None:
     resting = ex.orders[int(str(body["orderId"]))]
     assert resting.status == "EXPIRED"
     assert resting.expire_reason == 4
+
+
+def _trigger_sequence(ex: Exchange) -> list[str]:
+    return [
+        f"ALGO_UPDATE {e['o']['X']}"
+        if e["e"] == "ALGO_UPDATE"
+        else f"ORDER_TRADE_UPDATE {e['o']['x']}"
+        for e in ex.drain_events()
+        if e["e"] in ("ALGO_UPDATE", "ORDER_TRADE_UPDATE")
+    ]
+
+
+@pytest.mark.parametrize("mode", ["one-way", "hedge"])
+def test_market_child_fill_comes_before_triggered_and_finished(mode: str) -> None:
+    """Contract 2.5 (live traffic, nautilus_trader #3664): TRIGGERING, then the MARKET child's
+    ORDER_TRADE_UPDATEs (NEW, TRADE), then ALGO_UPDATE TRIGGERED (ap/aq still "0", as in the real
+    capture) and FINISHED (with the fill's ap/aq)."""
+    ex = make(mode)
+    leg = {"positionSide": "LONG"} if mode == "hedge" else {}
+    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100", **leg)
+    a = algo(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="STOP_MARKET",
+        triggerPrice="0.19000",
+        closePosition="true",
+        workingType="MARK_PRICE",
+        clientAlgoId="bs-seq",
+        **leg,
+    )
+    ex.drain_events()
+    ex.set_price("DOGEUSDT", D("0.18900"))
+    events = [e for e in ex.drain_events() if e["e"] in ("ALGO_UPDATE", "ORDER_TRADE_UPDATE")]
+    assert [
+        f"{e['e']} {e['o']['X'] if e['e'] == 'ALGO_UPDATE' else e['o']['x']}" for e in events
+    ] == [
+        "ALGO_UPDATE TRIGGERING",
+        "ORDER_TRADE_UPDATE NEW",
+        "ORDER_TRADE_UPDATE TRADE",
+        "ALGO_UPDATE TRIGGERED",
+        "ALGO_UPDATE FINISHED",
+    ]
+    triggered, finished = events[3]["o"], events[4]["o"]
+    assert (triggered["ap"], triggered["aq"]) == ("0", "0")
+    assert (finished["ap"], finished["aq"]) == ("0.189000", "100")
+    assert triggered["ai"] == finished["ai"] == str(events[1]["o"]["i"]) == a.actual_order_id
+    assert events[1]["o"]["ot"] == "STOP_MARKET"
+    assert all(e["o"]["rm"] == "" and e["o"]["ia"] is False for e in events[::4])
+    assert ex.position("DOGEUSDT", leg.get("positionSide", "BOTH")).amount == 0
+    # GET /fapi/v1/algoOrder finds it after it triggered (contract 2.5)
+    assert ex.find_algo(None, "bs-seq").status == "FINISHED"
+
+
+def test_resting_limit_child_finishes_when_it_fills() -> None:
+    ex = make()
+    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    a = algo(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="STOP",
+        quantity="100",
+        reduceOnly="true",
+        triggerPrice="0.19000",
+        price="0.19500",
+        workingType="MARK_PRICE",
+    )
+    ex.drain_events()
+    ex.set_price("DOGEUSDT", D("0.19000"))
+    assert _trigger_sequence(ex) == [
+        "ALGO_UPDATE TRIGGERING",
+        "ORDER_TRADE_UPDATE NEW",
+        "ALGO_UPDATE TRIGGERED",
+    ]
+    assert a.status == "TRIGGERED"
+    ex.set_price("DOGEUSDT", D("0.19600"))
+    assert _trigger_sequence(ex) == ["ORDER_TRADE_UPDATE TRADE", "ALGO_UPDATE FINISHED"]
+    assert a.status == "FINISHED"
+
+
+def test_algo_rejected_at_trigger_carries_its_reason() -> None:
+    ex = make()
+    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    a = algo(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="STOP_MARKET",
+        quantity="100",
+        reduceOnly="true",
+        triggerPrice="0.19000",
+        workingType="MARK_PRICE",
+    )
+    order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="100", reduceOnly="true")
+    ex.drain_events()
+    ex.set_price("DOGEUSDT", D("0.18000"))
+    rejected = [e["o"] for e in ex.drain_events() if e["e"] == "ALGO_UPDATE"][-1]
+    assert (rejected["X"], rejected["rm"]) == ("REJECTED", "ReduceOnly Order is rejected.")
+    assert a.status == "REJECTED"
+
+
+def test_trailing_activation_is_reported_as_ia() -> None:
+    ex = make()
+    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    algo(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="TRAILING_STOP_MARKET",
+        quantity="100",
+        callbackRate="1",
+        activatePrice="0.20200",
+        workingType="MARK_PRICE",
+    )
+    ex.set_price("DOGEUSDT", D("0.20300"))
+    ex.set_price("DOGEUSDT", D("0.20000"))
+    flags = [e["o"]["ia"] for e in ex.drain_events() if e["e"] == "ALGO_UPDATE"]
+    assert flags[0] is False  # NEW: not yet activated
+    assert flags[-1] is True  # TRIGGERED/FINISHED after activation
+
+
+@pytest.mark.parametrize("mode", ["one-way", "hedge"])
+def test_stp_mode_defaults_to_expire_maker(mode: str) -> None:
+    """Contract 2.5: selfTradePreventionMode defaults to EXPIRE_MAKER (orders and algo)."""
+    ex = make(mode)
+    leg = {"positionSide": "LONG"} if mode == "hedge" else {}
+    body = order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100", **leg)
+    assert body["selfTradePreventionMode"] == "EXPIRE_MAKER"
+    a = algo(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="STOP_MARKET",
+        closePosition="true",
+        triggerPrice="0.19000",
+        **leg,
+    )
+    assert a.wire(RULES["DOGEUSDT"])["selfTradePreventionMode"] == "EXPIRE_MAKER"
+
+
+def test_cancelled_algo_order_is_still_found_by_client_id() -> None:
+    ex = make()
+    algo(
+        ex,
+        symbol="DOGEUSDT",
+        side="SELL",
+        type="STOP_MARKET",
+        quantity="100",
+        triggerPrice="0.19000",
+        clientAlgoId="bs-gone",
+    )
+    ex.cancel_algo(None, "bs-gone")
+    assert ex.find_algo(None, "bs-gone").status == "CANCELED"
+
+
+@pytest.mark.parametrize("mode", ["one-way", "hedge"])
+@pytest.mark.parametrize(
+    ("side", "trigger", "kind"),
+    [
+        ("SELL", "0.20100", "STOP_MARKET"),  # a sell stop above the mark
+        ("BUY", "0.19900", "STOP_MARKET"),  # a buy stop below the mark
+        ("SELL", "0.19900", "TAKE_PROFIT_MARKET"),  # a sell take-profit below the mark
+    ],
+)
+def test_close_all_stop_the_mark_is_through_is_2021(
+    mode: str, side: str, trigger: str, kind: str
+) -> None:
+    """Contract 2.5/3.2: a stop whose trigger the mark already passed is -2021."""
+    ex = make(mode)
+    leg = {}
+    if mode == "hedge":
+        leg = {"positionSide": "LONG" if side == "SELL" else "SHORT"}
+    with pytest.raises(BinanceError) as info:
+        algo(
+            ex,
+            symbol="DOGEUSDT",
+            side=side,
+            type=kind,
+            triggerPrice=trigger,
+            closePosition="true",
+            workingType="MARK_PRICE",
+            **leg,
+        )
+    assert (info.value.code, info.value.msg) == (-2021, "Order would immediately trigger.")
+    assert ex.open_algo_orders() == []

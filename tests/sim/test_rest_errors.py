@@ -364,16 +364,211 @@ async def test_algo_order_rejections(rest: Rest) -> None:
         triggerPrice="0.10000",
     )
     assert body["code"] == -1102
-    for _ in range(10):
-        await rest.ok(
-            "POST", ALGO, **base, side="SELL", closePosition="true", triggerPrice="0.10000"
-        )
+    # Only one resting close-all per type and direction (contract 2.5), so the limit of 10 is
+    # reached with one close-all stop and nine sized ones.
+    await rest.ok("POST", ALGO, **base, side="SELL", closePosition="true", triggerPrice="0.10000")
+    for _ in range(9):
+        await rest.ok("POST", ALGO, **base, side="SELL", quantity="100", triggerPrice="0.10000")
     body = await rest.error(
-        "POST", ALGO, **base, side="SELL", closePosition="true", triggerPrice="0.10000"
+        "POST", ALGO, **base, side="SELL", quantity="100", triggerPrice="0.10000"
     )
     assert body == {"code": -4045, "msg": "Reach max stop order limit."}
     assert (await rest.error("DELETE", ALGO, algoId="1"))["code"] == -2011
     assert (await rest.error("GET", ALGO, clientAlgoId="nope"))["code"] == -2013
+
+
+CLOSE_ALL_EXISTS = {
+    "code": -4130,
+    "msg": "An open stop or take profit order with GTE and closePosition in the direction "
+    "is existing.",
+}
+
+
+async def test_second_close_all_stop_in_one_direction_is_4130_one_way(rest: Rest) -> None:
+    """Contract 2.5: Binance refuses a second resting closePosition order of one type per
+    direction with -4130 (HTTP 400); another type, the other direction and sized stops pass."""
+    mark = rest.venue.exchange.mark("DOGEUSDT")
+    tick = rest.venue.rules["DOGEUSDT"].tick_size
+    await rest.ok("POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    base = {"algoType": "CONDITIONAL", "symbol": "DOGEUSDT", "workingType": "MARK_PRICE"}
+    below, above = str(mark - 50 * tick), str(mark + 50 * tick)
+    first = await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        type="STOP_MARKET",
+        closePosition="true",
+        triggerPrice=below,
+        clientAlgoId="stop-1",
+    )
+    status, _, body = await rest.signed(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        type="STOP_MARKET",
+        closePosition="true",
+        triggerPrice=str(mark - 10 * tick),
+        clientAlgoId="stop-2",
+    )
+    assert (status, body) == (400, CLOSE_ALL_EXISTS)
+    # the refused order does not exist
+    assert (await rest.error("GET", ALGO, clientAlgoId="stop-2"))["code"] == -2013
+    # a take-profit close-all beside the stop close-all is accepted
+    await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        type="TAKE_PROFIT_MARKET",
+        closePosition="true",
+        triggerPrice=above,
+    )
+    # so is a BUY close-all (the other direction) and a sized reduce-only stop (tightening)
+    await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="BUY",
+        type="STOP_MARKET",
+        closePosition="true",
+        triggerPrice=above,
+    )
+    await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        type="STOP_MARKET",
+        quantity="100",
+        reduceOnly="true",
+        triggerPrice=str(mark - 10 * tick),
+    )
+    # once the first is cancelled, a new close-all stop is accepted again
+    await rest.ok("DELETE", ALGO, algoId=str(first["algoId"]))
+    await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        type="STOP_MARKET",
+        closePosition="true",
+        triggerPrice=str(mark - 10 * tick),
+    )
+
+
+async def test_second_close_all_stop_per_position_side_is_4130_hedge(hrest: Rest) -> None:
+    """Contract 2.5 in hedge mode: one resting closePosition STOP_MARKET per positionSide;
+    the other leg's and a sized (positionSide + quantity) stop are accepted."""
+    rest = hrest
+    mark = rest.venue.exchange.mark("DOGEUSDT")
+    tick = rest.venue.rules["DOGEUSDT"].tick_size
+    for side, leg in (("BUY", "LONG"), ("SELL", "SHORT")):
+        await rest.ok(
+            "POST",
+            ORDER,
+            symbol="DOGEUSDT",
+            side=side,
+            positionSide=leg,
+            type="MARKET",
+            quantity="100",
+        )
+    base = {
+        "algoType": "CONDITIONAL",
+        "symbol": "DOGEUSDT",
+        "type": "STOP_MARKET",
+        "workingType": "MARK_PRICE",
+    }
+    below, above = str(mark - 50 * tick), str(mark + 50 * tick)
+    await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        positionSide="LONG",
+        closePosition="true",
+        triggerPrice=below,
+    )
+    await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="BUY",
+        positionSide="SHORT",
+        closePosition="true",
+        triggerPrice=above,
+    )
+    status, _, body = await rest.signed(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        positionSide="LONG",
+        closePosition="true",
+        triggerPrice=str(mark - 10 * tick),
+    )
+    assert (status, body) == (400, CLOSE_ALL_EXISTS)
+    status, _, body = await rest.signed(
+        "POST",
+        ALGO,
+        **base,
+        side="BUY",
+        positionSide="SHORT",
+        closePosition="true",
+        triggerPrice=str(mark + 10 * tick),
+    )
+    assert (status, body) == (400, CLOSE_ALL_EXISTS)
+    await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        positionSide="LONG",
+        quantity="100",
+        triggerPrice=str(mark - 10 * tick),
+    )
+    assert len(await rest.ok("GET", "/fapi/v1/openAlgoOrders", symbol="DOGEUSDT")) == 3
+
+
+async def test_algo_lookup_finds_triggered_and_cancelled_orders(rest: Rest) -> None:
+    """Contract 2.5: GET /fapi/v1/algoOrder finds an algo order whatever its status, by
+    clientAlgoId or algoId (openAlgoOrders lists only the resting ones)."""
+    venue = rest.venue
+    mark = venue.exchange.mark("DOGEUSDT")
+    tick = venue.rules["DOGEUSDT"].tick_size
+    await rest.ok("POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    base = {"algoType": "CONDITIONAL", "symbol": "DOGEUSDT", "workingType": "MARK_PRICE"}
+    fired = await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        type="STOP_MARKET",
+        closePosition="true",
+        triggerPrice=str(mark - 10 * tick),
+        clientAlgoId="lk-fired",
+    )
+    await rest.ok(
+        "POST",
+        ALGO,
+        **base,
+        side="SELL",
+        type="TAKE_PROFIT_MARKET",
+        closePosition="true",
+        triggerPrice=str(mark + 50 * tick),
+        clientAlgoId="lk-cancelled",
+    )
+    await rest.ok("DELETE", ALGO, clientAlgoId="lk-cancelled")
+    await venue.set_mark("DOGEUSDT", mark - 20 * tick)
+    assert await rest.ok("GET", "/fapi/v1/openAlgoOrders", symbol="DOGEUSDT") == []
+    by_client = await rest.ok("GET", ALGO, clientAlgoId="lk-fired")
+    by_id = await rest.ok("GET", ALGO, algoId=str(fired["algoId"]))
+    assert by_client == by_id
+    assert by_client["algoStatus"] == "FINISHED"
+    assert by_client["actualOrderId"] != ""
+    cancelled = await rest.ok("GET", ALGO, clientAlgoId="lk-cancelled")
+    assert cancelled["algoStatus"] == "CANCELED"
 
 
 async def test_mode_and_margin_type_changes(rest: Rest) -> None:

@@ -193,8 +193,15 @@ async def test_backstop_left_after_manual_close_is_cancelled_by_the_client(mode_
     if hedge_of(rest):
         common["positionSide"] = "LONG"
     await rest.ok("POST", "/fapi/v1/algoOrder", **common, clientAlgoId="bs-1")
+    # A second close-all STOP_MARKET on this side would be -4130 (contract 2.5); the GTE_GTC
+    # one beside it is a close-all take-profit, which Binance accepts.
+    take_profit = {
+        **common,
+        "type": "TAKE_PROFIT_MARKET",
+        "triggerPrice": str(D(opened["avgPrice"]) * D("1.1"))[:7],
+    }
     await rest.ok(
-        "POST", "/fapi/v1/algoOrder", **common, timeInForce="GTE_GTC", clientAlgoId="bs-gte"
+        "POST", "/fapi/v1/algoOrder", **take_profit, timeInForce="GTE_GTC", clientAlgoId="bs-gte"
     )
     await rest.ok("POST", "/fapi/v1/order", **close_params(rest, True, "200"))
     left = await rest.ok("GET", "/fapi/v1/openAlgoOrders", symbol=SYMBOL)

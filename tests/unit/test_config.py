@@ -228,3 +228,28 @@ def test_the_documented_example_config_loads(tmp_path: Path) -> None:
     assert config.exchange == "testnet"
     assert config.rest_url == "https://demo-fapi.binance.com"
     assert config.exit_policy().to_dict()["trail_pct"] == 0.02
+
+
+def test_websocket_routes_defaults_and_overrides(tmp_path: Path) -> None:
+    """Contract 1.1/2.5: the testnet's routes are unconfirmed, so each URL is configurable and
+    the legacy host is the fallback; "none" disables the fallback."""
+    env = {"PYQUANT_API_KEY": "k" * 64, "PYQUANT_API_SECRET": "s" * 64}
+    testnet = load_config(write(tmp_path, 'exchange = "testnet"\n'), environ=env)
+    assert testnet.ws_url == "wss://fstream.binancefuture.com/market"
+    assert testnet.user_ws_url == "wss://fstream.binancefuture.com/private"
+    assert testnet.legacy_ws_url == "wss://fstream.binancefuture.com"
+    custom = load_config(
+        write(
+            tmp_path,
+            'exchange = "testnet"\n[venue]\nws_url = "wss://a.example/market"\n'
+            'user_ws_url = "wss://a.example/private"\nlegacy_ws_url = "none"\n',
+        ),
+        environ=env,
+    )
+    assert (custom.ws_url, custom.user_ws_url, custom.legacy_ws_url) == (
+        "wss://a.example/market",
+        "wss://a.example/private",
+        "",
+    )
+    with pytest.raises(ConfigError, match=r"venue\.legacy_ws_url: 'http://x' found: must start"):
+        load_config(write(tmp_path, '[venue]\nlegacy_ws_url = "http://x"\n'), environ=env)

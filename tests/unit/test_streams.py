@@ -17,6 +17,7 @@ from pyquant.errors import MessageError, OrderRejected
 from pyquant.exchange.streams import (
     Backoff,
     MarkPriceStream,
+    RouteChoice,
     UserDataStream,
     UserEvent,
     closed_bars,
@@ -401,3 +402,73 @@ async def test_keepalive_minus_1125_creates_a_new_key(ws_server: WsServer) -> No
     venue.keepalive_error = None
     await stream.close()
     await task
+
+
+def test_route_choice_alternates_only_with_a_fallback() -> None:
+    alone = RouteChoice("wss://h/market/")
+    assert (alone.current, alone.refused(), alone.current) == (
+        "wss://h/market",
+        False,
+        "wss://h/market",
+    )
+    both = RouteChoice("wss://h/market", "wss://h/")
+    assert both.refused()
+    assert both.current == "wss://h"
+    assert both.refused()
+    assert both.current == "wss://h/market"
+    assert both.switches == 2
+
+
+async def test_refused_routes_fall_back_to_the_legacy_host() -> None:
+    """Contract 1.1/2.5: the testnet may serve only the legacy root; a route refused at the
+    handshake (HTTP 404) moves both streams to the fallback base, which then delivers."""
+    paths: list[str] = []
+
+    def refuse_routes(conn: ServerConnection, request: Any) -> Any:
+        paths.append(request.path)
+        if request.path.startswith(("/market", "/private")):
+            return conn.respond(404, "route not served\n")
+        return None
+
+    async def handler(ws: ServerConnection) -> None:
+        if ws.request is not None and "@" in ws.request.path:
+            await ws.send(MARK.decode())
+        else:
+            await ws.send(json.dumps({"e": "STRATEGY_UPDATE", "E": 1}))
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, process_request=refuse_routes) as server:
+        base = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+        got: list[bytes] = []
+        market = MarkPriceStream(
+            base + "/market",
+            FakeVenue(),  # type: ignore[arg-type]
+            got.append,
+            backoff=Backoff(0.01, 0.05),
+            fallback_ws_base=base,
+        )
+        events: list[UserEvent] = []
+
+        async def on_event(event: UserEvent) -> None:
+            events.append(event)
+
+        user = UserDataStream(
+            base + "/private",
+            FakeVenue(),  # type: ignore[arg-type]
+            on_event,
+            backoff=Backoff(0.01, 0.05),
+            fallback_ws_base=base,
+        )
+        tasks = [asyncio.create_task(market.run()), asyncio.create_task(user.run())]
+        await until(lambda: bool(got) and bool(events))
+        assert got[0] == MARK
+        assert events[0].kind == "STRATEGY_UPDATE"
+        assert market.routes.current == base
+        assert user.routes.current == base
+        assert "/market/ws/!markPrice@arr@1s" in paths
+        assert "/ws/!markPrice@arr@1s" in paths
+        assert any(p.startswith("/private/ws/key0") for p in paths)
+        await market.close()
+        await user.close()
+        for task in tasks:
+            await task
