@@ -497,6 +497,23 @@ class BinanceClient:
             if exc.code != -4046:
                 raise
 
+    async def symbol_config(self, symbol: str | None = None) -> list[JsonObject]:
+        """Return leverage and margin type per symbol (``GET /fapi/v1/symbolConfig``, weight 5).
+
+        v3 positionRisk has no leverage field (contract 2.5): this is where it is read.
+        """
+        params = {"symbol": symbol} if symbol else {}
+        body = await self.request("GET", "/fapi/v1/symbolConfig", params, signed=True)
+        return [body] if isinstance(body, dict) else list(body)
+
+    async def account_config(self) -> JsonObject:
+        """Return the account's modes (``GET /fapi/v1/accountConfig``).
+
+        Fields used: ``dualSidePosition`` and ``multiAssetsMargin`` (contract 2.5).
+        """
+        body: JsonObject = await self.request("GET", "/fapi/v1/accountConfig", signed=True)
+        return body
+
     async def position_risk(self) -> list[JsonObject]:
         """Return position rows (``GET /fapi/v3/positionRisk``), signed ``positionAmt``."""
         return list(await self.request("GET", "/fapi/v3/positionRisk", signed=True))
