@@ -410,6 +410,8 @@ class MarkPriceStream:
                     self.url, max_size=2**24, open_timeout=10, ping_interval=60, ping_timeout=600
                 ) as ws:
                     self._ws = ws
+                    if self._closed.is_set():
+                        break  # close() ran while this connection was being opened
                     self.health.connected = True
                     self.health.connected_since = time.monotonic()
                     if not first:
@@ -661,6 +663,8 @@ class UserDataStream:
                 url = f"{self.routes.current}/ws/{self.listen_key}"
                 async with connect(url, max_size=2**22, open_timeout=10, ping_interval=60) as ws:
                     self._ws = ws
+                    if self._closed.is_set():
+                        break  # close() ran while this connection was being opened
                     self.health.connected = True
                     self.health.connected_since = time.monotonic()
                     if not first:

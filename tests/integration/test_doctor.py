@@ -318,4 +318,9 @@ def test_doctor_command_against_pyquant_sim(tmp_path: Path) -> None:
         assert "FAIL" in table.stdout
     finally:
         sim_proc.send_signal(signal.SIGINT)
-        sim_proc.wait(timeout=30)
+        try:
+            sim_proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            sim_proc.kill()
+            sim_proc.wait(timeout=30)
+            raise
