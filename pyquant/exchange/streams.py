@@ -411,8 +411,7 @@ class MarkPriceStream:
                 ) as ws:
                     self._ws = ws
                     if self._closed.is_set():
-                        # close() ran during the handshake, when there was no socket to close
-                        break
+                        break  # close() ran while this connection was being opened
                     self.health.connected = True
                     self.health.connected_since = time.monotonic()
                     if not first:
@@ -665,8 +664,7 @@ class UserDataStream:
                 async with connect(url, max_size=2**22, open_timeout=10, ping_interval=60) as ws:
                     self._ws = ws
                     if self._closed.is_set():
-                        # close() ran during the handshake, when there was no socket to close
-                        break
+                        break  # close() ran while this connection was being opened
                     self.health.connected = True
                     self.health.connected_since = time.monotonic()
                     if not first:
