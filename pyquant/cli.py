@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flatten": ("pyquant.daemon_cli", "kill switch: cancel our orders and close every position"),
     "sim": ("pyquant.sim.cli", "serve the built-in Binance-compatible futures simulator"),
     "backtest": ("pyquant.backtest_cli", "replay history through the exit engine"),
+    "data": ("pyquant.data.cli", "download klines and exchange info for backtests"),
 }
 
 

@@ -647,6 +647,7 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     confirm_mainnet: bool = False,
+    need_keys: bool = True,
 ) -> Config:
     """Load and validate the configuration.
 
@@ -655,6 +656,7 @@ def load_config(
         environ: the environment (``os.environ`` by default).
         overrides: values from command-line flags, as a nested table; they win over all.
         confirm_mainnet: the operator confirmed mainnet on the command line.
+        need_keys: False for commands that only read public market data (``pyquant data``).
 
     Returns:
         The validated configuration, with secrets resolved.
@@ -695,7 +697,7 @@ def load_config(
     merged = _merge(_merge(table, env_tree), overrides or {})
     config: Config = _build(Config, merged, "", problems)
     config = _resolve_secrets(config, env, secret_env, problems)
-    _cross_checks(config, problems, confirm_mainnet)
+    _cross_checks(config, problems, confirm_mainnet, need_keys=need_keys)
     if problems.items:
         lines = "\n  ".join(problems.items)
         raise ConfigError(f"invalid configuration ({len(problems.items)} problem(s)):\n  {lines}")
@@ -735,7 +737,9 @@ def _check_range(
         problems.add(path, value, rule)
 
 
-def _cross_checks(config: Config, problems: _Problems, confirm_mainnet: bool) -> None:
+def _cross_checks(
+    config: Config, problems: _Problems, confirm_mainnet: bool, *, need_keys: bool = True
+) -> None:
     c = config
     if c.exchange == "mainnet" and not (c.venue.confirm_mainnet or confirm_mainnet):
         problems.add(
@@ -752,7 +756,8 @@ def _cross_checks(config: Config, problems: _Problems, confirm_mainnet: bool) ->
         schemes = ("http://", "https://") if name == "rest_url" else ("ws://", "wss://")
         if url and not url.startswith(schemes):
             problems.add(f"venue.{name}", url, f"must start with {' or '.join(schemes)}")
-    if c.exchange != "sim" and (c.credentials.api_key is None or c.credentials.api_secret is None):
+    keys_missing = c.credentials.api_key is None or c.credentials.api_secret is None
+    if need_keys and c.exchange != "sim" and keys_missing:
         problems.add(
             "credentials",
             f"${c.credentials.api_key_env} / ${c.credentials.api_secret_env}",
