@@ -216,16 +216,17 @@ def _archive_csv(data: bytes, label: str) -> pl.DataFrame:
         frame = pl.read_csv(
             io.BytesIO(data),
             has_header=has_header,
-            new_columns=None if has_header else list(_ARCHIVE_COLUMNS),
             infer_schema_length=10_000,
         )
     except pl.exceptions.PolarsError as exc:
         raise FormatError(f"{label}: cannot be read as Binance klines CSV: {exc}") from exc
-    if not has_header and frame.width != len(_ARCHIVE_COLUMNS):
-        raise FormatError(
-            f"{label}: {frame.width} columns, expected the {len(_ARCHIVE_COLUMNS)} of Binance's "
-            "klines archive"
-        )
+    if not has_header:
+        if frame.width != len(_ARCHIVE_COLUMNS):
+            raise FormatError(
+                f"{label}: {frame.width} columns, expected the {len(_ARCHIVE_COLUMNS)} of "
+                "Binance's klines archive"
+            )
+        frame.columns = list(_ARCHIVE_COLUMNS)
     _check_columns(frame, ("open_time", *_OHLCV), label, "Binance archive")
     if not frame.schema["open_time"].is_integer():
         row = 0

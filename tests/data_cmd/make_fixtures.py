@@ -76,13 +76,19 @@ def _zip(path: Path, member: str, data: bytes) -> None:
 
 
 def main(shared: Path) -> None:
-    btc_last = _slice(pl.read_parquet(shared / "BTCUSDT_1h_last.parquet"), "2025-01-01", "2025-02-01")
-    btc_mark = _slice(pl.read_parquet(shared / "BTCUSDT_1h_mark.parquet"), "2025-01-01", "2025-02-01")
+    btc_last = _slice(
+        pl.read_parquet(shared / "BTCUSDT_1h_last.parquet"), "2025-01-01", "2025-02-01"
+    )
+    btc_mark = _slice(
+        pl.read_parquet(shared / "BTCUSDT_1h_mark.parquet"), "2025-01-01", "2025-02-01"
+    )
     eth_1h = _slice(pl.read_parquet(shared / "ETHUSDT_1h_last.parquet"), "2025-01-01", "2025-02-01")
     eth = pl.read_parquet(MARKET / "ETHUSDT_1m_last.parquet")
     eth_day1 = _slice(eth, "2025-05-31", "2025-06-01")
     eth_day2 = _slice(eth, "2025-06-01", "2025-06-02")
-    sol_day = _slice(pl.read_parquet(MARKET / "SOLUSDT_1m_last.parquet"), "2025-05-31", "2025-06-01")
+    sol_day = _slice(
+        pl.read_parquet(MARKET / "SOLUSDT_1m_last.parquet"), "2025-05-31", "2025-06-01"
+    )
 
     futures = OUT / "freqtrade" / "user_data" / "data" / "binance" / "futures"
     futures.mkdir(parents=True, exist_ok=True)
