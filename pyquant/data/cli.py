@@ -37,6 +37,7 @@ from pyquant.data.download import (
     RetryPolicy,
     SeriesResult,
     interval_length_ms,
+    with_retries,
 )
 from pyquant.data.layout import KINDS, KlineKind
 from pyquant.errors import ConfigError, ExchangeError, PyquantError
@@ -102,6 +103,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         default=2,
         metavar="N",
         help="symbols downloaded at once (default 2; the weight budget is shared)",
+    )
+    down.add_argument(
+        "--page-size",
+        type=int,
+        default=1500,
+        metavar="N",
+        help="bars per request, 1 to 1500 (default 1500, the most Binance sends)",
     )
     info = sub.add_parser(
         "exchange-info",
@@ -205,9 +213,9 @@ async def _download(args: argparse.Namespace, console: Console) -> list[SeriesRe
     config = _load(args.config)
     out = Path(args.out)
     async with open_venue(config) as client:
-        info = await client.exchange_info()  # also sets the weight budget from rateLimits
+        downloader = KlinesDownloader(client, out, retry=RetryPolicy(), page_limit=args.page_size)
+        info = await downloader.exchange_info()  # also sets the weight budget (rateLimits)
         symbols = _symbols(info, args)
-        downloader = KlinesDownloader(client, out, retry=RetryPolicy())
         now = await downloader.server_time_ms()
         start, end = _span(args, now)
         kind: KlineKind = args.kind
@@ -256,7 +264,7 @@ def _report(console: Console, results: Sequence[SeriesResult], out: str) -> None
 async def _fetch_exchange_info(args: argparse.Namespace) -> bytes:
     config = _load(args.config)
     async with open_venue(config) as client:
-        raw = await client.exchange_info()
+        raw = await with_retries(client.exchange_info, RetryPolicy(), what="exchangeInfo")
         try:
             orjson.loads(raw)["symbols"]
         except (orjson.JSONDecodeError, KeyError, TypeError):

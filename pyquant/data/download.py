@@ -23,10 +23,10 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
@@ -47,6 +47,7 @@ from pyquant.exchange.codes import RateLimited
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 PAGE_LIMIT = 1500
 _MINUTE_MS = 60_000
 # Every fixed-length Binance kline interval (1M, a calendar month, has no fixed length).
@@ -109,6 +110,42 @@ class RetryPolicy:
     def delay_s(self, failure: int) -> float:
         """Back-off before try ``failure + 1``."""
         return float(min(self.cap_s, self.base_s * (2 ** max(0, failure - 1))))
+
+
+async def with_retries(
+    call: Callable[[], Awaitable[T]],
+    retry: RetryPolicy,
+    *,
+    what: str,
+    on_retry: Callable[[], None] | None = None,
+) -> T:
+    """Await ``call()``, asking again after a rate limit, a dropped connection or a 5xx.
+
+    Raises:
+        RetryableError: still failing after ``retry.attempts`` tries.
+        ExchangeError: any other answer of the venue (not retried).
+    """
+    failures = 0
+    while True:
+        try:
+            return await call()
+        except RetryableError as exc:
+            failures += 1
+            if failures >= retry.attempts:
+                raise
+            if on_retry is not None:
+                on_retry()
+            # A rate limit sets the client's own wait (Retry-After, honoured before its next
+            # request); a dropped connection or a 5xx waits here.
+            delay = 0.0 if isinstance(exc, RateLimited) else retry.delay_s(failures)
+            logger.warning(
+                "Request failed, asking again what=%s try=%d code=%s wait_s=%.2f",
+                what,
+                failures + 1,
+                exc.code,
+                delay,
+            )
+            await asyncio.sleep(delay)
 
 
 @dataclass
@@ -174,6 +211,7 @@ class KlinesDownloader:
         retry: back-off of failing pages.
         checkpoint_s: the file and manifest are rewritten at least this often while pages
             arrive, so a crash loses at most this much work.
+        page_limit: bars asked for per request (Binance allows 1 to 1500).
         clock_ms: the local wall clock (only a fallback when the venue's time is unknown).
     """
 
@@ -184,41 +222,36 @@ class KlinesDownloader:
         *,
         retry: RetryPolicy | None = None,
         checkpoint_s: float = 2.0,
+        page_limit: int = PAGE_LIMIT,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self.client = client
         self.out_dir = out_dir
         self.retry = retry or RetryPolicy()
         self.checkpoint_s = checkpoint_s
+        if not 1 <= page_limit <= PAGE_LIMIT:
+            raise ConfigError(f"--page-size {page_limit}: must be from 1 to {PAGE_LIMIT}")
+        self.page_limit = page_limit
         self._clock_ms = clock_ms
 
-    async def _call(self, result: SeriesResult, call: Callable[[], Any]) -> Any:  # noqa: ANN401 - decoded JSON
-        failures = 0
-        while True:
+    async def _call(self, result: SeriesResult, call: Callable[[], Awaitable[T]]) -> T:
+        def counted() -> Awaitable[T]:
             result.requests += 1
-            try:
-                return await call()
-            except RetryableError as exc:
-                failures += 1
-                if failures >= self.retry.attempts:
-                    raise
-                result.retries += 1
-                # A rate limit sets the client's own wait (Retry-After); a dropped
-                # connection or a 5xx waits here.
-                delay = 0.0 if isinstance(exc, RateLimited) else self.retry.delay_s(failures)
-                logger.warning(
-                    "Klines page failed, asking again symbol=%s try=%d code=%s wait_s=%.2f",
-                    result.symbol,
-                    failures + 1,
-                    exc.code,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+            return call()
+
+        def retried() -> None:
+            result.retries += 1
+
+        return await with_retries(counted, self.retry, what=result.symbol, on_retry=retried)
+
+    async def exchange_info(self) -> bytes:
+        """The venue's exchangeInfo (retried like a page); it also sets the weight budget."""
+        return await with_retries(self.client.exchange_info, self.retry, what="exchangeInfo")
 
     async def server_time_ms(self) -> int:
         """The venue's clock (the local one if the venue does not answer)."""
         try:
-            return await self.client.server_time_ms()
+            return await with_retries(self.client.server_time_ms, self.retry, what="time")
         except ExchangeError:
             return self._clock_ms()
 
@@ -294,7 +327,7 @@ class KlinesDownloader:
                         "interval": interval,
                         "startTime": cursor,
                         "endTime": hi - 1,
-                        "limit": PAGE_LIMIT,
+                        "limit": self.page_limit,
                     }
                     rows: list[list[Any]] = await self._call(
                         result,
@@ -306,7 +339,7 @@ class KlinesDownloader:
                     if kept:
                         pages.append(_rows_to_frame(kept, symbol, interval))
                         result.fetched += len(kept)
-                    if len(rows) < PAGE_LIMIT or not kept:
+                    if len(rows) < self.page_limit or not kept:
                         fetched_spans.append((cursor, hi))
                         cursor = hi
                     else:

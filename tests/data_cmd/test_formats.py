@@ -60,7 +60,8 @@ def test_freqtrade_parquet_json_and_jsongz_hold_the_real_bars():
     _same_bars(eth_parquet, day)
     _same_bars(eth_jsongz, day)
     (sol,) = load_data([FIXTURES / "freqtrade-other" / "SOL_USDT_USDT-1m-futures.json"])
-    assert sol["symbol"][0] == "SOLUSDT" and sol["interval"][0] == "1m"
+    assert sol["symbol"][0] == "SOLUSDT"
+    assert sol["interval"][0] == "1m"
     sol_day = pl.read_parquet(MARKET / "SOLUSDT_1m_last.parquet").filter(
         (pl.col("open_time") >= MAY31) & (pl.col("open_time") < MAY31 + DAY_MS)
     )
@@ -70,7 +71,8 @@ def test_freqtrade_parquet_json_and_jsongz_hold_the_real_bars():
 def test_daily_archives_with_and_without_header_ms_and_micros_join_into_one_series():
     (eth,) = load_data([FIXTURES / "binance" / "daily"])
     _same_bars(eth, _eth_days(2))  # day 1: header + ms; day 2: no header + µs
-    assert eth["symbol"][0] == "ETHUSDT" and eth["interval"][0] == "1m"
+    assert eth["symbol"][0] == "ETHUSDT"
+    assert eth["interval"][0] == "1m"
 
 
 def test_monthly_archive_zip_and_csv_agree_and_the_same_bars_twice_are_one():
@@ -78,7 +80,8 @@ def test_monthly_archive_zip_and_csv_agree_and_the_same_bars_twice_are_one():
     plain = load_data([FIXTURES / "binance" / "monthly" / "BTCUSDT-1h-2025-01.csv"])[0]
     both = load_data([FIXTURES / "binance" / "monthly"])[0]
     assert zipped.height == 744
-    assert zipped.equals(plain) and both.equals(zipped)
+    assert zipped.equals(plain)
+    assert both.equals(zipped)
     freqtrade = load_data([FREQTRADE / "BTC_USDT_USDT-1h-futures.feather"])[0]
     assert freqtrade.equals(zipped)  # the same real bars through two layouts
 
