@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("pyquant.sim.cli", "serve the built-in Binance-compatible futures simulator"),
     "backtest": ("pyquant.backtest_cli", "replay history through the exit engine"),
     "data": ("pyquant.data.cli", "download klines and exchange info for backtests"),
+    "notify": ("pyquant.notify.cli", "test the notification targets ([notify] in the config)"),
 }
 
 

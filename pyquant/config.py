@@ -314,6 +314,75 @@ class MetricsConfig:
     port: int = 9108
 
 
+NotifyKind = Literal["telegram", "discord", "webhook"]
+# What a target can be told; an empty selection means all of them.
+NOTIFY_EVENTS: tuple[str, ...] = (
+    "entry_filled",
+    "exit_filled",
+    "intent_rejected",
+    "order_refused",
+    "no_exchange_stop",
+    "flatten",
+    "daemon",
+    "feed_down",
+    "daily_summary",
+)
+NOTIFY_SECRET_ENV: dict[str, str] = {
+    "telegram": "PYQUANT_TELEGRAM_TOKEN",
+    "discord": "PYQUANT_DISCORD_WEBHOOK_URL",
+    "webhook": "PYQUANT_WEBHOOK_URL",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyTargetConfig:
+    """One notification target (``[[notify.targets]]``).
+
+    Attributes:
+        kind: ``telegram`` (a bot's ``sendMessage``), ``discord`` (a webhook) or ``webhook``
+            (a generic JSON POST of the events-stream documents).
+        name: what reports and logs call it (default: the kind).
+        secret_env: the environment variable with the bot token (telegram) or the webhook
+            URL (discord, webhook), which are secrets; default ``PYQUANT_TELEGRAM_TOKEN``,
+            ``PYQUANT_DISCORD_WEBHOOK_URL`` or ``PYQUANT_WEBHOOK_URL``. The owner-only
+            ``credentials.file`` may hold it instead, under the same name in lower case.
+        chat_id: the Telegram chat to write to.
+        base_url: the Telegram Bot API base (default ``https://api.telegram.org``).
+        events: which events to send (names in ``NOTIFY_EVENTS``); empty: all.
+        timeout_s: longest wait for one delivery.
+    """
+
+    kind: NotifyKind = "webhook"
+    name: str = ""
+    secret_env: str = ""
+    chat_id: str = ""
+    base_url: str = ""
+    events: tuple[str, ...] = ()
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyConfig:
+    """Notifications to phones and services, delivered off the trading path.
+
+    Attributes:
+        targets: the targets, several at once (``[[notify.targets]]`` tables).
+        queue_size: messages waiting per target; when full the oldest go, counted.
+        coalesce_s: events within this window go out as one message (a ladder of fills).
+        max_attempts: tries per message (429 waits its ``retry_after``; 5xx and network
+            errors back off exponentially) before it is dropped and counted.
+        feed_down_after_s: tell when the market feed has been down this long.
+        daily_summary_hour_utc: hour (0-23, UTC) of the daily summary; -1: none.
+    """
+
+    targets: tuple[NotifyTargetConfig, ...] = ()
+    queue_size: int = 200
+    coalesce_s: float = 2.0
+    max_attempts: int = 6
+    feed_down_after_s: float = 30.0
+    daily_summary_hour_utc: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
     """The process as a whole.
@@ -351,6 +420,7 @@ class Config:
         log: logging.
         metrics: Prometheus.
         daemon: process settings.
+        notify: notifications (Telegram, Discord, webhook).
     """
 
     exchange: ExchangeName = "sim"
@@ -366,6 +436,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     @property
     def rest_url(self) -> str:
@@ -561,6 +632,9 @@ def _build(cls: type[Any], table: Mapping[str, Any], prefix: str, problems: _Pro
                 continue
             values[key] = _build(hint, raw, f"{path}.", problems)  # type: ignore[arg-type]
             continue
+        if key == "targets" and cls is NotifyConfig:
+            values[key] = _notify_targets(path, raw, problems)
+            continue
         if key == "exit" and cls is Config:
             if not isinstance(raw, Mapping):
                 problems.add(path, raw, "must be a table")
@@ -571,6 +645,50 @@ def _build(cls: type[Any], table: Mapping[str, Any], prefix: str, problems: _Pro
         if value is not MISSING:
             values[key] = value
     return cls(**values)
+
+
+def _notify_targets(path: str, raw: object, problems: _Problems) -> tuple[Any, ...]:
+    if not isinstance(raw, list) or not all(isinstance(t, Mapping) for t in raw):
+        problems.add(path, raw, "must be a list of tables ([[notify.targets]])")
+        return ()
+    return tuple(
+        _build(NotifyTargetConfig, table, f"{path}[{i}].", problems) for i, table in enumerate(raw)
+    )
+
+
+def _check_notify(notify: NotifyConfig, problems: _Problems) -> None:
+    names: set[str] = set()
+    for i, target in enumerate(notify.targets):
+        path = f"notify.targets[{i}]"
+        name = target.name or target.kind
+        if name in names:
+            problems.add(f"{path}.name", name, "must be unique (name the targets of one kind)")
+        names.add(name)
+        for event in target.events:
+            if event not in NOTIFY_EVENTS:
+                problems.add(f"{path}.events", event, f"must be one of {', '.join(NOTIFY_EVENTS)}")
+        if target.kind == "telegram" and not target.chat_id:
+            problems.add(f"{path}.chat_id", target.chat_id, "a telegram target needs its chat_id")
+        if target.base_url and not target.base_url.startswith(("http://", "https://")):
+            problems.add(f"{path}.base_url", target.base_url, "must start with http:// or https://")
+        _check_range(problems, f"{path}.timeout_s", target.timeout_s, 0.1, 120, "must be 0.1-120 s")
+    _check_range(problems, "notify.queue_size", notify.queue_size, 1, 100_000, "must be 1-100000")
+    _check_range(problems, "notify.coalesce_s", notify.coalesce_s, 0, 60, "must be 0-60 seconds")
+    _check_range(problems, "notify.max_attempts", notify.max_attempts, 1, 100, "must be 1-100")
+    _check_range(
+        problems,
+        "notify.feed_down_after_s",
+        notify.feed_down_after_s,
+        1,
+        86400,
+        "must be 1-86400 s",
+    )
+    if not -1 <= notify.daily_summary_hour_utc <= 23:
+        problems.add(
+            "notify.daily_summary_hour_utc",
+            notify.daily_summary_hour_utc,
+            "must be an hour 0-23 (UTC) or -1 for none",
+        )
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -937,6 +1055,7 @@ def _cross_checks(
         3600,
         "must be from 0.1 to 3600 seconds",
     )
+    _check_notify(c.notify, problems)
     if c.daemon.duration_s < 0:
         problems.add(
             "daemon.duration_s", c.daemon.duration_s, "must not be negative (0 = until stopped)"
@@ -952,6 +1071,8 @@ __all__ = [
     "LogConfig",
     "MarketConfig",
     "MetricsConfig",
+    "NotifyConfig",
+    "NotifyTargetConfig",
     "RouterConfig",
     "Secret",
     "SimConfig",
