@@ -78,7 +78,10 @@ def run(
 ) -> int:
     """Run ``pyquant notify``; raise PyquantError on bad input."""
     args = _parser(prog).parse_args(list(argv))
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console.width = 140  # a log file has room: no cut statuses
     if args.attempts < 1:
         raise ConfigError(f"--attempts {args.attempts}: must be at least 1")
     config = load_config(args.config, confirm_mainnet=True, need_keys=False)
