@@ -44,16 +44,30 @@ from pyquant.errors import ConfigError, ExchangeError, PyquantError
 from pyquant.exchange.client import BinanceClient
 
 _DAY_MS = 86_400_000
+_EXAMPLES = """examples:
+  pyquant data download --symbols BTCUSDT ETHUSDT --interval 1m --days 30 --out data
+  pyquant data download --all-trading --interval 1h --start 2024-01-01 --end 2024-07-01 \\
+      --kind mark --out data --config mainnet.toml
+  pyquant data exchange-info --out exchangeInfo.json --config mainnet.toml
+  pyquant backtest --data data --exchange-info exchangeInfo.json --out runs/a"""
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Download klines and exchange info from the venue for pyquant backtest.",
+        description=(
+            "Download klines and exchange info from the venue for pyquant backtest. The "
+            "venue is the one --config names (exchange, [venue] rest_url); without it the "
+            "built-in simulator. No API key is needed."
+        ),
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     down = sub.add_parser(
         "download",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="page the venue's klines into one parquet file per symbol (resumable)",
         description=(
             "Page the venue's REST klines (1500 bars a request, paced by the "

@@ -300,3 +300,23 @@ def test_bad_arguments_are_named(capsys):
     argv = ["download", "--symbols", "BTCUSDT", "--start", "2024-02-01", "--end", "2024-01-01"]
     assert run_command("data", argv) == 2
     assert "is not before --end" in capsys.readouterr().err
+
+
+def test_all_trading_from_the_built_in_simulator_mark_klines(tmp_path, capsys):
+    from pyquant.data.cli import run_command
+
+    out = tmp_path / "data"
+    argv = ["download", "--all-trading", "--interval", "1h", "--days", "1", "--kind", "mark"]
+    assert run_command("data", [*argv, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    files = sorted(p.name for p in out.glob("*.parquet"))
+    # the bundled simulator serves these six perpetuals, all TRADING
+    symbols = ["BNBUSDT", "BTCUSDT", "DOGEUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT"]
+    assert files == [f"{s}_1h_mark.parquet" for s in symbols]
+    for symbol in symbols:
+        assert symbol in table
+        frame = pl.read_parquet(out / f"{symbol}_1h_mark.parquet")
+        assert frame["volume"].sum() == 0.0  # mark-price klines carry no volume
+        assert frame["open_time"].diff().drop_nulls().unique().to_list() == [3_600_000]
+    frames = load_data([out])
+    assert [f["symbol"][0] for f in frames] == symbols
