@@ -20,6 +20,7 @@ filled in. Bars before the venue's first one (a symbol listed after ``start``) a
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -42,7 +43,7 @@ from pyquant.data.layout import (
     write_atomically,
 )
 from pyquant.errors import ConfigError, ExchangeError, RetryableError
-from pyquant.exchange.client import BinanceClient
+from pyquant.exchange.client import BinanceClient, ParamValue
 from pyquant.exchange.codes import RateLimited
 
 logger = logging.getLogger(__name__)
@@ -322,19 +323,17 @@ class KlinesDownloader:
             for lo, hi in todo:
                 cursor = lo
                 while cursor < hi:
-                    params = {
+                    params: dict[str, ParamValue] = {
                         "symbol": symbol,
                         "interval": interval,
                         "startTime": cursor,
                         "endTime": hi - 1,
                         "limit": self.page_limit,
                     }
-                    rows: list[list[Any]] = await self._call(
-                        result,
-                        lambda p=params: self.client.request(  # type: ignore[misc]
-                            "GET", _PATHS[kind], p, essential=False
-                        ),
+                    page = functools.partial(
+                        self.client.request, "GET", _PATHS[kind], params, essential=False
                     )
+                    rows: list[list[Any]] = await self._call(result, page)
                     kept = [r for r in rows if cursor <= int(r[0]) < hi]
                     if kept:
                         pages.append(_rows_to_frame(kept, symbol, interval))

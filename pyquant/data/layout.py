@@ -168,10 +168,16 @@ def _replace(path: Path, write: object) -> None:
 
 
 def write_atomically(out_dir: Path, frame: pl.DataFrame, manifest: Manifest) -> tuple[Path, Path]:
-    """Replace the series file, then its manifest; return both paths."""
+    """Replace the series file, then its manifest; return both paths.
+
+    A series without bars (a symbol listed after the span asked for) gets only its manifest:
+    an empty file would be refused by the backtest, and the manifest alone keeps the span
+    from being asked again.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     data = series_path(out_dir, manifest.symbol, manifest.interval, manifest.kind)
     meta = manifest_path(out_dir, manifest.symbol, manifest.interval, manifest.kind)
-    _replace(data, frame)
+    if frame.height:
+        _replace(data, frame)
     _replace(meta, manifest.to_json())
     return data, meta

@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
-from pyquant.scale.events import SCHEMA_VERSION
-
 Document = dict[str, Any]
+# pyquant.scale.events.SCHEMA_VERSION, repeated: importing pyquant.scale needs redis-py, an
+# extra a daemon without Redis does not have (a test keeps the two equal).
+SCHEMA_VERSION = 1
 
 _FILL_KEYS = (
     "client_order_id",

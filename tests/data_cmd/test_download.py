@@ -170,7 +170,27 @@ def test_gaps_of_the_venue_are_recorded_not_filled(two_days, tmp_path):
         manifest = json.loads(manifest_path(tmp_path, "ETHUSDT", "1m", "last").read_text())
         assert manifest["gaps"] == [[hole[0][0], rows[230][0]]]
 
+    async def before_listing() -> None:
+        # a span before the venue's first bar: nothing to write, and not asked twice
+        runner = await _gappy_venue(bars)
+        port = runner.addresses[0][1]
+        out = tmp_path / "early"
+        try:
+            async with BinanceClient(f"http://127.0.0.1:{port}", "", "") as client:
+                loader = KlinesDownloader(client, out, page_limit=100)
+                early = (first - 10 * DAY, first - 9 * DAY)
+                once = await loader.download("ETHUSDT", "1m", "last", *early, now_ms=last)
+                twice = await loader.download("ETHUSDT", "1m", "last", *early, now_ms=last)
+        finally:
+            await runner.cleanup()
+        assert once.bars == 0
+        assert once.requests == 1
+        assert twice.requests == 0
+        assert not series_path(out, "ETHUSDT", "1m", "last").exists()
+        assert manifest_path(out, "ETHUSDT", "1m", "last").exists()
+
     asyncio.run(scenario())
+    asyncio.run(before_listing())
 
 
 # ----------------------------------------------------------------------- restart

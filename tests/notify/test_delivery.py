@@ -277,3 +277,10 @@ def test_secrets_come_from_env_or_the_owner_only_file_and_are_never_shown(tmp_pa
     assert "SECRET" not in repr(targets)
     with pytest.raises(ConfigError, match=r"must be an http\(s\) URL \(value not shown"):
         resolve_targets(configs, environ={"PYQUANT_TELEGRAM_TOKEN": TOKEN, "MY_HOOK": "x-SECRET"})
+
+
+def test_documents_follow_the_events_stream_schema_version():
+    from pyquant.notify import documents
+    from pyquant.scale import events
+
+    assert documents.SCHEMA_VERSION == events.SCHEMA_VERSION
