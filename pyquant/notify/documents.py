@@ -168,6 +168,8 @@ def classify(document: Mapping[str, Any]) -> str | None:
     payload: Mapping[str, Any] = document.get("payload") or {}
     if kind == "position" and payload.get("action") in ("opened", "adopted"):
         return "entry_filled"
+    if kind == "position" and payload.get("reason") == "flatten":
+        return "flatten"
     if kind == "exit":
         return "exit_filled"
     if kind == "fill":
@@ -180,7 +182,7 @@ def classify(document: Mapping[str, Any]) -> str | None:
     if kind == "order":
         order_kind = payload.get("kind")
         refused = payload.get("error_code") is not None or payload.get("status") in _REFUSED
-        if order_kind == "flatten" and payload.get("status") in ("SENT", "NEW"):
+        if order_kind == "flatten" and not refused:
             return "flatten"
         if refused and order_kind == "backstop":
             return "no_exchange_stop"

@@ -54,7 +54,9 @@ def _line(document: Mapping[str, Any], event: str) -> str | None:
             )
         return f"{p.get('position_side', '')} leg has no exchange stop: {p.get('reason', '')}"
     if event == "flatten":
-        return "kill switch: flattening"
+        if kind == "order":
+            return f"kill switch: closing {p.get('position_side')} {p.get('quantity')}"
+        return f"kill switch: {p.get('position_side')} leg closed"
     if event == "daemon":
         extra = f" ({p['dropped']} events dropped)" if p.get("dropped") else ""
         return f"daemon {document.get('daemon_id')} {p.get('action')}{extra}"
@@ -91,8 +93,10 @@ def render(documents: Sequence[Mapping[str, Any]], *, dropped: int = 0) -> str:
             groups.setdefault(key, [])
             continue
         line = _line(document, event)
-        if line is not None:
-            groups.setdefault(key, []).append(line)
+        lines = groups.setdefault(key, [])
+        # a flatten order's NEW and FILLED say the same: once is enough
+        if line is not None and not (event == "flatten" and line in lines):
+            lines.append(line)
     out: list[str] = []
     for key, lines in groups.items():
         head = key or "pyquant"

@@ -56,6 +56,22 @@ async def test_exits_run_while_one_target_holds_a_request_and_another_is_down(
                     lambda: any(d["type"] == "exit" for r in held.requests[1:] for d in r.body),
                     what="exit notification",
                 )
+                # the kill switch with a position open is told too
+                again = await daemon.submit(
+                    {"id": "n-2", "symbol": SYMBOL, "side": "SELL", "size_usd": "500"}
+                )
+                assert again.accepted, again
+                pid2 = again.position_id
+                await until(lambda: store.get_position(pid2).status == "open", what="entry 2")
+                await daemon.flatten()
+                await until(
+                    lambda: any(
+                        d["type"] == "order" and d["payload"].get("kind") == "flatten"
+                        for r in held.requests
+                        for d in r.body
+                    ),
+                    what="flatten notification",
+                )
             documents = [d for r in held.requests for d in r.body]
     kinds = [(d["type"], d["payload"].get("action")) for d in documents]
     assert kinds[0] == ("daemon", "started")

@@ -8,6 +8,7 @@ import logging
 import time
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -284,3 +285,67 @@ def test_documents_follow_the_events_stream_schema_version():
     from pyquant.scale import events
 
     assert documents.SCHEMA_VERSION == events.SCHEMA_VERSION
+
+
+def _order(**changes: object) -> SimpleNamespace:
+    fields: dict[str, object] = {
+        "client_order_id": "pq-f-1",
+        "symbol": "ETHUSDT",
+        "side": "SELL",
+        "position_side": "LONG",
+        "params": {"type": "MARKET", "quantity": "0.200", "positionSide": "LONG"},
+        "status": "NEW",
+        "reason": "flatten",
+        "kind": "flatten",
+        "executed_qty": "0",
+        "error_code": None,
+        "error_msg": None,
+    }
+    fields.update(changes)
+    return SimpleNamespace(**fields)
+
+
+def test_flatten_is_said_once_per_order_and_refusals_name_the_exchange_code():
+    maker = DocumentMaker("d1")
+    documents = [
+        maker.from_order(_order()),
+        maker.from_order(_order(status="FILLED", executed_qty="0.200")),
+        maker.from_order(
+            _order(
+                client_order_id="pq-b-1",
+                kind="backstop",
+                status="REJECTED",
+                params={"type": "STOP_MARKET", "positionSide": "LONG", "closePosition": "true"},
+                error_code=-2021,
+                error_msg="Order would immediately trigger.",
+            )
+        ),
+        maker.from_order(
+            _order(
+                client_order_id="pq-e-2",
+                kind="entry",
+                side="BUY",
+                status="REJECTED",
+                params={"type": "MARKET", "quantity": "0.200", "positionSide": "LONG"},
+                error_code=-2019,
+                error_msg="Margin is insufficient.",
+            )
+        ),
+        maker.from_order(_order(client_order_id="pq-x-3", kind="exit", status="NEW")),
+    ]
+    for document in documents:
+        jsonschema.validate(document, SCHEMA)
+    assert [classify(d) for d in documents] == [
+        "flatten",
+        "flatten",
+        "no_exchange_stop",
+        "order_refused",
+        None,  # an exit order's acknowledgement is not news
+    ]
+    assert render(documents) == (
+        "ETHUSDT:\n"
+        "  kill switch: closing LONG 0.200\n"
+        "  LONG leg has no exchange stop: backstop refused -2021 Order would immediately "
+        "trigger.\n"
+        "  entry order BUY 0.200 refused by the exchange: -2019 Margin is insufficient."
+    )
