@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -122,14 +123,14 @@ def test_resume_asks_only_for_missing_bars_and_never_duplicates(two_days, tmp_pa
 # ----------------------------------------------------------------------- venue gaps
 
 
-async def _gappy_venue(bars: list[list[Any]]) -> web.AppRunner:
+async def _gappy_venue(bars: list[list[Any]], used_weight: str = "10") -> web.AppRunner:
     """A klines endpoint whose data has a hole, as a venue's own outage leaves one."""
 
     async def klines(request: web.Request) -> web.Response:
         q = request.query
         lo, hi, limit = int(q["startTime"]), int(q["endTime"]), int(q["limit"])
         rows = [b for b in bars if lo <= b[0] <= hi][:limit]
-        return web.json_response(rows, headers={"X-MBX-USED-WEIGHT-1M": "10"})
+        return web.json_response(rows, headers={"X-MBX-USED-WEIGHT-1M": used_weight})
 
     app = web.Application()
     app.router.add_get("/fapi/v1/klines", klines)
@@ -191,6 +192,49 @@ def test_gaps_of_the_venue_are_recorded_not_filled(two_days, tmp_path):
 
     asyncio.run(scenario())
     asyncio.run(before_listing())
+
+
+def test_pages_wait_for_the_next_minute_when_the_used_weight_nears_the_limit(
+    two_days, tmp_path, caplog
+):
+    _, source = two_days
+    rows = [
+        [t, str(o), str(h), str(lo), str(c), str(v), t + MINUTE - 1]
+        for t, o, h, lo, c, v in source.head(300)
+        .select("open_time", "open", "high", "low", "close", "volume")
+        .iter_rows()
+    ]
+    caplog.set_level(logging.WARNING, logger="pyquant.exchange.client")
+
+    async def scenario() -> None:
+        # every answer says 2300 of the 2400 weight a minute are used
+        runner = await _gappy_venue(rows, used_weight="2300")
+        port = runner.addresses[0][1]
+        # the wall clock the client plans with: 0.1 s before a minute ends (short waits)
+        minute_end = lambda: 59.9  # noqa: E731
+        try:
+            async with BinanceClient(
+                f"http://127.0.0.1:{port}", "", "", clock=minute_end
+            ) as client:
+                loader = KlinesDownloader(client, tmp_path, page_limit=100)
+                result = await loader.download(
+                    "ETHUSDT",
+                    "1m",
+                    "last",
+                    rows[0][0],
+                    rows[-1][0] + MINUTE,
+                    now_ms=rows[-1][0] + 10 * MINUTE,
+                )
+        finally:
+            await runner.cleanup()
+        assert result.bars == 300
+        assert client.rate_limits.headers_seen == result.requests
+
+    asyncio.run(scenario())
+    deferred = [r for r in caplog.records if "Deferring non-essential call" in r.getMessage()]
+    # page 1 reads the header; pages 2 and 3 each wait for the next minute first
+    assert len(deferred) == 2
+    assert "used_weight=2300 limit=2400" in deferred[0].getMessage()
 
 
 # ----------------------------------------------------------------------- restart
@@ -277,7 +321,7 @@ def test_killed_mid_download_the_next_run_completes_without_duplicates(
     first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for(meta.exists)  # the first checkpoint is on disk
-        sim_thread.set_faults(stall_ms=120_000, stall_rate=1.0)  # the next page never comes
+        sim_thread.set_faults(stall_ms=5_000, stall_rate=1.0)  # no page comes before the kill
         time.sleep(0.5)
     finally:
         first.send_signal(signal.SIGKILL)
