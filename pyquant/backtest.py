@@ -412,35 +412,36 @@ def load_data(
             and formats.layout_of(path) == "pyquant"
         )
         (plain if simple else other).append(path)
-    frames: list[pl.DataFrame] = []
+    frames: list[tuple[pl.DataFrame, str]] = []
     for path in plain:
         for frame in load_klines(path):
             if interval is None or frame["interval"][0] == interval:
-                frames.append(frame)
+                frames.append((frame, str(path)))
     if other:
         try:
             raw_frames = formats.read_paths(other, kind=kind, interval=interval)
         except formats.FormatError as exc:
             raise KlinesError(str(exc)) from None
+        files = ", ".join(str(p) for p in other)
         for frame in raw_frames:
             symbol = str(frame["symbol"][0]) if frame.height else "?"
-            files = ", ".join(str(p) for p in other)
-            frames.append(validate_klines(frame, source=f"{files} [{symbol}]"))
-    seen: dict[str, str] = {}
-    for frame in frames:
+            frames.append((validate_klines(frame, source=f"{files} [{symbol}]"), files))
+    where: dict[str, str] = {}
+    for frame, source in frames:
         symbol = str(frame["symbol"][0])
-        if symbol in seen:
+        if symbol in where:
             raise KlinesError(
-                f"{symbol}: klines given twice ({seen[symbol]} and again); give each symbol once"
+                f"{symbol}: klines given twice (in {where[symbol]} and in {source}); "
+                "give each symbol once"
             )
-        seen[symbol] = str(frame["interval"][0])
-    intervals = sorted(set(seen.values()))
+        where[symbol] = source
+    intervals = sorted({str(frame["interval"][0]) for frame, _ in frames})
     if len(intervals) > 1:
         raise KlinesError(
             f"klines at several intervals ({', '.join(intervals)}); a backtest replays one: "
             "choose it with --interval"
         )
-    return sorted(frames, key=lambda f: str(f["symbol"][0]))
+    return sorted((frame for frame, _ in frames), key=lambda f: str(f["symbol"][0]))
 
 
 def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:

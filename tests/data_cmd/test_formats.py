@@ -190,3 +190,14 @@ def test_mixed_intervals_need_a_choice(tmp_path):
         load_data([FIXTURES / "binance"])
     (eth,) = load_data([FIXTURES / "binance"], interval="1m")
     assert eth["symbol"][0] == "ETHUSDT"
+
+
+def test_a_symbol_given_twice_names_both_places(tmp_path):
+    eth = tmp_path / "ETHUSDT_1m_last.parquet"
+    _eth_days(1).write_parquet(eth)
+    with pytest.raises(KlinesError) as err:
+        load_data([eth, FIXTURES / "freqtrade-jsongz"])
+    assert str(err.value) == (
+        f"ETHUSDT: klines given twice (in {eth} and in {FIXTURES / 'freqtrade-jsongz'}); "
+        "give each symbol once"
+    )
