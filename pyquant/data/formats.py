@@ -12,7 +12,7 @@ Recognised (a file, or a directory searched recursively; hidden files are skippe
   ``BTCUSDT-1m-2024-01-15.zip`` (daily) and the CSV inside them: twelve columns
   (``open_time, open, high, low, close, volume, close_time, quote_volume, count,
   taker_buy_volume, taker_buy_quote_volume, ignore``), with or without the header row, open
-  times in milliseconds or microseconds (the archives switched to microseconds in 2025).
+  times in milliseconds or microseconds (newer archives of some markets use microseconds).
 * our own CSV/Parquet: ``open_time`` (ms) ... ``volume``, ``symbol`` and ``interval`` columns or
   a name such as ``BTCUSDT_1m_last.parquet``.
 
