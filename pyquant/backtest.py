@@ -73,6 +73,7 @@ __all__ = [
     "check_symbols",
     "exit_decisions_for_path",
     "liquidation_warnings",
+    "load_data",
     "load_exchange_rules",
     "load_intents",
     "load_klines",
@@ -185,7 +186,8 @@ def check_symbols(rules: ExchangeRules, symbols: Iterable[str], *, source: str) 
         raise UnknownSymbolError(
             f"{'symbols' if len(missing) > 1 else 'symbol'} {', '.join(missing)} not in the "
             f"exchange info ({source}, {len(rules)} symbols): give exchange info that lists "
-            f"{'them' if len(missing) > 1 else 'it'} (pyquant backtest --exchange-info FILE)"
+            f"{'them' if len(missing) > 1 else 'it'} (save the venue's current one with "
+            "pyquant data exchange-info --out FILE, then pyquant backtest --exchange-info FILE)"
         )
 
 
@@ -372,6 +374,74 @@ def load_klines(
             )
         ]
     return [validate_klines(frame, source=str(file))]
+
+
+def load_data(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    kind: Literal["last", "mark"] | None = None,
+    interval: str | None = None,
+) -> list[pl.DataFrame]:
+    """Load klines from files and directories in any layout ``pyquant.data.formats`` reads.
+
+    Our own ``SYMBOL_INTERVAL_KIND.parquet|csv`` files go through :func:`load_klines`;
+    directories, freqtrade files (``BTC_USDT_USDT-1m-futures.feather`` ...) and Binance
+    archives (``BTCUSDT-1m-2024-01.zip`` ...) through ``pyquant.data.formats``, where the
+    files of one series (monthly archives) are joined.
+
+    Args:
+        paths: files or directories.
+        kind: in directories and freqtrade files, keep only ``last`` or ``mark`` klines.
+        interval: keep only this interval (a directory holding several).
+
+    Returns:
+        One validated frame per symbol, sorted by symbol.
+
+    Raises:
+        KlinesError: a file cannot be read or fails validation, or a symbol comes twice.
+    """
+    from pyquant.data import formats
+
+    plain: list[Path] = []
+    other: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        simple = (
+            path.is_file()
+            and path.suffix.lower() in (".parquet", ".csv")
+            and formats.layout_of(path) == "pyquant"
+        )
+        (plain if simple else other).append(path)
+    frames: list[tuple[pl.DataFrame, str]] = []
+    for path in plain:
+        for frame in load_klines(path):
+            if interval is None or frame["interval"][0] == interval:
+                frames.append((frame, str(path)))
+    if other:
+        try:
+            raw_frames = formats.read_paths(other, kind=kind, interval=interval)
+        except formats.FormatError as exc:
+            raise KlinesError(str(exc)) from None
+        files = ", ".join(str(p) for p in other)
+        for frame in raw_frames:
+            symbol = str(frame["symbol"][0]) if frame.height else "?"
+            frames.append((validate_klines(frame, source=f"{files} [{symbol}]"), files))
+    where: dict[str, str] = {}
+    for frame, source in frames:
+        symbol = str(frame["symbol"][0])
+        if symbol in where:
+            raise KlinesError(
+                f"{symbol}: klines given twice (in {where[symbol]} and in {source}); "
+                "give each symbol once"
+            )
+        where[symbol] = source
+    intervals = sorted({str(frame["interval"][0]) for frame, _ in frames})
+    if len(intervals) > 1:
+        raise KlinesError(
+            f"klines at several intervals ({', '.join(intervals)}); a backtest replays one: "
+            "choose it with --interval"
+        )
+    return sorted((frame for frame, _ in frames), key=lambda f: str(f["symbol"][0]))
 
 
 def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:

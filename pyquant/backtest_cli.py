@@ -55,8 +55,23 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--data",
         nargs="+",
         required=True,
-        metavar="FILE",
-        help="klines files (.parquet or .csv), one or more symbols, same interval",
+        metavar="PATH",
+        help=(
+            "klines files or directories, one or more symbols, same interval: our "
+            "SYMBOL_INTERVAL_KIND.parquet|csv (what pyquant data download writes), freqtrade "
+            "data (BTC_USDT_USDT-1m-futures.feather, -mark, .parquet/.json/.json.gz) or "
+            "Binance public-data archives (BTCUSDT-1m-2024-01.zip and their CSVs)"
+        ),
+    )
+    parser.add_argument(
+        "--kind",
+        choices=["last", "mark"],
+        help="where a directory holds both, use trade-price (last) or mark-price klines",
+    )
+    parser.add_argument(
+        "--interval",
+        metavar="INTERVAL",
+        help="where a directory holds several intervals, the one to replay (1m, 5m, 1h ...)",
     )
     parser.add_argument(
         "--fine",
@@ -219,12 +234,13 @@ def _print_table(console: Console, title: str, frame: pl.DataFrame, columns: Seq
     console.print(table)
 
 
-def _load(paths: Sequence[str], console: Console) -> list[pl.DataFrame]:
-    frames: list[pl.DataFrame] = []
+def _load(
+    paths: Sequence[str], console: Console, *, kind: str | None, interval: str | None
+) -> list[pl.DataFrame]:
     with _progress(console, "loading klines") as update:
-        for i, path in enumerate(paths, start=1):
-            frames.extend(bt.load_klines(path))
-            update(i, len(paths))
+        update(0, 1)
+        frames = bt.load_data(paths, kind=kind, interval=interval)  # type: ignore[arg-type]
+        update(1, 1)
     return frames
 
 
@@ -271,8 +287,12 @@ def run(
         max_gap_bars=args.max_gap_bars,
     )
     rules, rules_source = bt.load_exchange_rules(args.exchange_info)
-    klines = _load(args.data, console)
-    fine = {str(f["symbol"][0]): f for path in args.fine for f in bt.load_klines(path)}
+    klines = _load(args.data, console, kind=args.kind, interval=args.interval)
+    fine = (
+        {str(f["symbol"][0]): f for f in bt.load_data(args.fine, kind=args.kind)}
+        if args.fine
+        else {}
+    )
     bt.check_symbols(rules, [str(f["symbol"][0]) for f in klines] + list(fine), source=rules_source)
     entries = bt.load_intents(args.entries) if args.entries else None
     strategy = None if entries is not None else (args.strategy or "momentum24h")

@@ -338,6 +338,75 @@ class MetricsConfig:
     port: int = 9108
 
 
+NotifyKind = Literal["telegram", "discord", "webhook"]
+# What a target can be told; an empty selection means all of them.
+NOTIFY_EVENTS: tuple[str, ...] = (
+    "entry_filled",
+    "exit_filled",
+    "intent_rejected",
+    "order_refused",
+    "no_exchange_stop",
+    "flatten",
+    "daemon",
+    "feed_down",
+    "daily_summary",
+)
+NOTIFY_SECRET_ENV: dict[str, str] = {
+    "telegram": "PYQUANT_TELEGRAM_TOKEN",
+    "discord": "PYQUANT_DISCORD_WEBHOOK_URL",
+    "webhook": "PYQUANT_WEBHOOK_URL",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyTargetConfig:
+    """One notification target (``[[notify.targets]]``).
+
+    Attributes:
+        kind: ``telegram`` (a bot's ``sendMessage``), ``discord`` (a webhook) or ``webhook``
+            (a generic JSON POST of the events-stream documents).
+        name: what reports and logs call it (default: the kind).
+        secret_env: the environment variable with the bot token (telegram) or the webhook
+            URL (discord, webhook), which are secrets; default ``PYQUANT_TELEGRAM_TOKEN``,
+            ``PYQUANT_DISCORD_WEBHOOK_URL`` or ``PYQUANT_WEBHOOK_URL``. The owner-only
+            ``credentials.file`` may hold it instead, under the same name in lower case.
+        chat_id: the Telegram chat to write to.
+        base_url: the Telegram Bot API base (default ``https://api.telegram.org``).
+        events: which events to send (names in ``NOTIFY_EVENTS``); empty: all.
+        timeout_s: longest wait for one delivery.
+    """
+
+    kind: NotifyKind = "webhook"
+    name: str = ""
+    secret_env: str = ""
+    chat_id: str = ""
+    base_url: str = ""
+    events: tuple[str, ...] = ()
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyConfig:
+    """Notifications to phones and services, delivered off the trading path.
+
+    Attributes:
+        targets: the targets, several at once (``[[notify.targets]]`` tables).
+        queue_size: messages waiting per target; when full the oldest go, counted.
+        coalesce_s: events within this window go out as one message (a ladder of fills).
+        max_attempts: tries per message (429 waits its ``retry_after``; 5xx and network
+            errors back off exponentially) before it is dropped and counted.
+        feed_down_after_s: tell when the market feed has been down this long.
+        daily_summary_hour_utc: hour (0-23, UTC) of the daily summary; -1: none.
+    """
+
+    targets: tuple[NotifyTargetConfig, ...] = ()
+    queue_size: int = 200
+    coalesce_s: float = 2.0
+    max_attempts: int = 6
+    feed_down_after_s: float = 30.0
+    daily_summary_hour_utc: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
     """The process as a whole.
@@ -375,6 +444,7 @@ class Config:
         log: logging.
         metrics: Prometheus.
         daemon: process settings.
+        notify: notifications (Telegram, Discord, webhook).
     """
 
     exchange: ExchangeName = "sim"
@@ -390,6 +460,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     @property
     def rest_url(self) -> str:
@@ -594,6 +665,9 @@ def _build(cls: type[Any], table: Mapping[str, Any], prefix: str, problems: _Pro
                 continue
             values[key] = _build(hint, raw, f"{path}.", problems)  # type: ignore[arg-type]
             continue
+        if key == "targets" and cls is NotifyConfig:
+            values[key] = _notify_targets(path, raw, problems)
+            continue
         if key == "exit" and cls is Config:
             if not isinstance(raw, Mapping):
                 problems.add(path, raw, "must be a table")
@@ -604,6 +678,50 @@ def _build(cls: type[Any], table: Mapping[str, Any], prefix: str, problems: _Pro
         if value is not MISSING:
             values[key] = value
     return cls(**values)
+
+
+def _notify_targets(path: str, raw: object, problems: _Problems) -> tuple[Any, ...]:
+    if not isinstance(raw, list) or not all(isinstance(t, Mapping) for t in raw):
+        problems.add(path, raw, "must be a list of tables ([[notify.targets]])")
+        return ()
+    return tuple(
+        _build(NotifyTargetConfig, table, f"{path}[{i}].", problems) for i, table in enumerate(raw)
+    )
+
+
+def _check_notify(notify: NotifyConfig, problems: _Problems) -> None:
+    names: set[str] = set()
+    for i, target in enumerate(notify.targets):
+        path = f"notify.targets[{i}]"
+        name = target.name or target.kind
+        if name in names:
+            problems.add(f"{path}.name", name, "must be unique (name the targets of one kind)")
+        names.add(name)
+        for event in target.events:
+            if event not in NOTIFY_EVENTS:
+                problems.add(f"{path}.events", event, f"must be one of {', '.join(NOTIFY_EVENTS)}")
+        if target.kind == "telegram" and not target.chat_id:
+            problems.add(f"{path}.chat_id", target.chat_id, "a telegram target needs its chat_id")
+        if target.base_url and not target.base_url.startswith(("http://", "https://")):
+            problems.add(f"{path}.base_url", target.base_url, "must start with http:// or https://")
+        _check_range(problems, f"{path}.timeout_s", target.timeout_s, 0.1, 120, "must be 0.1-120 s")
+    _check_range(problems, "notify.queue_size", notify.queue_size, 1, 100_000, "must be 1-100000")
+    _check_range(problems, "notify.coalesce_s", notify.coalesce_s, 0, 60, "must be 0-60 seconds")
+    _check_range(problems, "notify.max_attempts", notify.max_attempts, 1, 100, "must be 1-100")
+    _check_range(
+        problems,
+        "notify.feed_down_after_s",
+        notify.feed_down_after_s,
+        1,
+        86400,
+        "must be 1-86400 s",
+    )
+    if not -1 <= notify.daily_summary_hour_utc <= 23:
+        problems.add(
+            "notify.daily_summary_hour_utc",
+            notify.daily_summary_hour_utc,
+            "must be an hour 0-23 (UTC) or -1 for none",
+        )
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -680,6 +798,7 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     confirm_mainnet: bool = False,
+    need_keys: bool = True,
 ) -> Config:
     """Load and validate the configuration.
 
@@ -688,6 +807,7 @@ def load_config(
         environ: the environment (``os.environ`` by default).
         overrides: values from command-line flags, as a nested table; they win over all.
         confirm_mainnet: the operator confirmed mainnet on the command line.
+        need_keys: False for commands that only read public market data (``pyquant data``).
 
     Returns:
         The validated configuration, with secrets resolved.
@@ -728,7 +848,7 @@ def load_config(
     merged = _merge(_merge(table, env_tree), overrides or {})
     config: Config = _build(Config, merged, "", problems)
     config = _resolve_secrets(config, env, secret_env, problems)
-    _cross_checks(config, problems, confirm_mainnet)
+    _cross_checks(config, problems, confirm_mainnet, need_keys=need_keys)
     if problems.items:
         lines = "\n  ".join(problems.items)
         raise ConfigError(f"invalid configuration ({len(problems.items)} problem(s)):\n  {lines}")
@@ -768,7 +888,9 @@ def _check_range(
         problems.add(path, value, rule)
 
 
-def _cross_checks(config: Config, problems: _Problems, confirm_mainnet: bool) -> None:
+def _cross_checks(
+    config: Config, problems: _Problems, confirm_mainnet: bool, *, need_keys: bool = True
+) -> None:
     c = config
     if c.exchange == "mainnet" and not (c.venue.confirm_mainnet or confirm_mainnet):
         problems.add(
@@ -786,7 +908,8 @@ def _cross_checks(config: Config, problems: _Problems, confirm_mainnet: bool) ->
         disabled = name == "legacy_ws_url" and url == "none"
         if url and not disabled and not url.startswith(schemes):
             problems.add(f"venue.{name}", url, f"must start with {' or '.join(schemes)}")
-    if c.exchange != "sim" and (c.credentials.api_key is None or c.credentials.api_secret is None):
+    keys_missing = c.credentials.api_key is None or c.credentials.api_secret is None
+    if need_keys and c.exchange != "sim" and keys_missing:
         problems.add(
             "credentials",
             f"${c.credentials.api_key_env} / ${c.credentials.api_secret_env}",
@@ -966,6 +1089,7 @@ def _cross_checks(config: Config, problems: _Problems, confirm_mainnet: bool) ->
         3600,
         "must be from 0.1 to 3600 seconds",
     )
+    _check_notify(c.notify, problems)
     if c.daemon.duration_s < 0:
         problems.add(
             "daemon.duration_s", c.daemon.duration_s, "must not be negative (0 = until stopped)"
@@ -981,6 +1105,8 @@ __all__ = [
     "LogConfig",
     "MarketConfig",
     "MetricsConfig",
+    "NotifyConfig",
+    "NotifyTargetConfig",
     "RouterConfig",
     "Secret",
     "SimConfig",

@@ -66,6 +66,7 @@ from pyquant.exchange.streams import (
     interval_ms,
 )
 from pyquant.metrics import FeedStatus, Metrics, Status
+from pyquant.notify import hook as notify_hook
 from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig, GuardDecision
@@ -709,6 +710,10 @@ class Daemon:
             self.membership = self._join_redis(config.sources.redis_url)
             self.membership.attach(self.desk)
             self._intake.membership = self.membership
+        # Notifications ([notify]): a tap on the desk's events, delivered off the trading path.
+        notifier = await notify_hook.attach(self, config)
+        if notifier is not None:
+            stack.push_async_callback(notify_hook.detach, notifier)
         mode = await self.desk.refresh_mode()
         logger.info(
             "Daemon starting venue=%s position_mode=%s state=%s",

@@ -36,7 +36,10 @@ quantities and USDT amounts are decimal strings, never floats:
   owner runs it now; ``adopted``: this daemon took it over, from a peer or the exchange).
 - ``lease``: ``action (acquired|lost|released|unconfirmed|confirmed), owner``; optionally
   ``reason, ttl_ms``.
-- ``daemon``: ``action (started|stopping|stopped|dropped_events)``; optionally ``dropped``.
+- ``daemon``: ``action (started|stopping|stopped|dropped_events|feed_down|feed_restored|
+  daily_summary|test)``; optionally ``dropped``; ``down_s`` (feed); ``day, entries, exits,
+  rejections, realized_pnl`` (daily summary). The feed, summary and test events are made by
+  ``pyquant.notify`` for its targets (``pyquant notify test`` sends ``test``).
 
 Delivery: publishing never blocks the trading path. ``publish`` only appends to a bounded
 in-memory buffer; a background task drains it in pipelined batches. While Redis is down the

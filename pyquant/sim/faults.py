@@ -17,8 +17,10 @@ Order faults (``POST /fapi/v1/order``, ``batchOrders``, ``algoOrder``):
 Other faults: ``delay_ms`` (every REST reply waits), ``stall_ms`` with ``stall_rate`` (a share of
 replies waits this long: a client timeout), ``reject_429_rate`` (a share of requests gets 429
 ``-1003`` before any work), ``visibility_delay_ms`` (a new order is ``-2013`` to queries for
-this long). One-shot actions: ``drop_websockets`` and ``expire_listen_key`` (``Venue`` methods and
-admin fields of the same names).
+this long), ``drop_rate`` (a share of REST requests of any kind whose connection is closed
+without a reply, before any work: a read such as a klines page dropped mid-download).
+One-shot actions: ``drop_websockets`` and ``expire_listen_key`` (``Venue`` methods and admin
+fields of the same names).
 """
 
 from __future__ import annotations
@@ -44,9 +46,16 @@ class FaultConfig:
     stall_rate: float = 0.0
     reject_429_rate: float = 0.0
     visibility_delay_ms: int = 0
+    drop_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("order_error_rate", "execute_share", "stall_rate", "reject_429_rate"):
+        for name in (
+            "order_error_rate",
+            "execute_share",
+            "stall_rate",
+            "reject_429_rate",
+            "drop_rate",
+        ):
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"faults.{name} {value!r} found: must be between 0 and 1")
@@ -106,6 +115,14 @@ class Faults:
         hit = rate > 0 and self._rng.random() < rate
         if hit:
             self.injected.append({"fault": "429"})
+        return hit
+
+    def drop(self) -> bool:
+        """Whether this request's connection is closed without a reply."""
+        rate = self.config.drop_rate
+        hit = rate > 0 and self._rng.random() < rate
+        if hit:
+            self.injected.append({"fault": "drop"})
         return hit
 
     def stall_ms(self) -> int:

@@ -491,6 +491,10 @@ class Venue:
                 BinanceError(-1003, http_status=429, limit=self._weight_limit()),
                 self.limits.weight_headers(ip),
             )
+        if self.faults.drop():
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=500)
         wait = self.faults.stall_ms()
         if wait:
             await asyncio.sleep(wait / 1000)
