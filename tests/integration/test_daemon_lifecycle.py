@@ -144,7 +144,7 @@ async def test_entry_ladder_breakeven_trailing_stop(tmp_path: Path, mode: str, s
 
             watching.cancel()
             assert watch.problems == []
-            assert watch.samples > 50
+            assert watch.samples > 0
             # tightened at least once: the close-all stop was replaced by a sized one
             assert watch.forms == {"close_all", "sized"}
             await move(running, px("0.025"))  # back through the trailing stop
