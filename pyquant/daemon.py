@@ -103,6 +103,8 @@ class VenueEndpoints:
     api_key: str
     api_secret: str
     label: str
+    # the pre-split websocket host, tried when a route refuses the handshake ("" none)
+    legacy_ws_url: str = ""
 
 
 class LatencyRecorder:
@@ -388,6 +390,7 @@ class Daemon:
                 api_key=str(venue.api_key),
                 api_secret=str(venue.api_secret),
                 label=f"simulator {venue.rest_url} speed {sim.speed:g}x",
+                legacy_ws_url=ws,
             )
         key, secret = config.credentials.api_key, config.credentials.api_secret
         if key is None or secret is None:
@@ -399,6 +402,7 @@ class Daemon:
             api_key=key.reveal(),
             api_secret=secret.reveal(),
             label=f"{config.exchange} {config.rest_url}",
+            legacy_ws_url=config.legacy_ws_url,
         )
 
     def _sim_state_path(self) -> Path | None:
@@ -766,6 +770,7 @@ class Daemon:
             backoff=Backoff(config.market.backoff_initial_s, config.market.backoff_max_s),
             on_connected=self._on_user_connected,
             on_disconnected=self._on_user_disconnected,
+            fallback_ws_base=self.endpoints.legacy_ws_url,
         )
         self.market = MarkPriceStream(
             self.endpoints.market_ws_url,
@@ -778,6 +783,7 @@ class Daemon:
             backoff=Backoff(config.market.backoff_initial_s, config.market.backoff_max_s),
             on_gap=self._on_gap,
             gap_threshold_s=interval_ms(self._atr_interval()) / 1000,
+            fallback_ws_base=self.endpoints.legacy_ws_url,
         )
         group.create_task(self.user.run(), name="user-stream")
         group.create_task(self._after_user_connected(group), name="startup")

@@ -342,14 +342,27 @@ class _Doctor:
             self.report.add(
                 "position mode", "OK", f"{mode} mode (dualSidePosition={str(self.hedge).lower()})"
             )
-        if config.get("multiAssetsMargin", False):
+        multi = config.get("multiAssetsMargin", False)
+        if (
+            multi is True or str(multi).lower() == "true"
+        ) and self.config.router.allow_multi_assets:
+            self.report.add(
+                "Multi-Assets mode",
+                "WARN",
+                "Multi-Assets mode is on and [router] allow_multi_assets = true lets the daemon "
+                "run: margin and PnL are counted across assets, which pyquant's margin and loss "
+                "caps do not model",
+                "switch to Single-Asset mode unless you mean it",
+            )
+        elif multi is True or str(multi).lower() == "true":
             self.report.add(
                 "Multi-Assets mode",
                 "FAIL",
                 "Multi-Assets mode is on: margin and PnL are counted across assets, which "
                 "pyquant's margin and loss caps do not model",
                 "switch to Single-Asset mode (Preferences > Asset Mode, or POST "
-                "/fapi/v1/multiAssetsMargin multiAssetsMargin=false)",
+                "/fapi/v1/multiAssetsMargin multiAssetsMargin=false); the daemon refuses to "
+                "start otherwise, unless [router] allow_multi_assets = true",
             )
         else:
             self.report.add("Multi-Assets mode", "OK", "single-asset mode")

@@ -49,7 +49,7 @@ async def until(predicate: Callable[[], bool], limit_s: float = 10.0, what: str 
 
 
 def daemon_config(
-    venue: Venue, env: dict[str, str] | None = None, **sections: dict[str, Any]
+    venue: Venue, /, env: dict[str, str] | None = None, **sections: dict[str, Any]
 ) -> Config:
     """The daemon's config for an in-test simulator (custom venue, no demo, exact policy)."""
     overrides: dict[str, Any] = {
@@ -102,6 +102,7 @@ class Running:
 async def run_daemon(
     venue: Venue,
     state_dir: Path,
+    /,
     env: dict[str, str] | None = None,
     metrics_port: int | None = None,
     **sections: dict[str, Any],

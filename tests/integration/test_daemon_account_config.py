@@ -49,3 +49,31 @@ async def test_an_adopted_position_runs_at_its_real_leverage(tmp_path: Path, mod
             assert position.origin == "adopted"
             assert position.leverage == 7  # symbolConfig's (v3 positionRisk has none)
             await running.stop()
+
+
+@pytest.mark.parametrize("mode", ["one-way", "hedge"])
+async def test_refused_websocket_routes_fall_back_to_the_legacy_host(
+    tmp_path: Path, mode: str
+) -> None:
+    # Contract 2.5: whether a testnet serves /market and /private is unconfirmed; the daemon
+    # must trade either way.
+    async with simulator(mode) as venue:
+        await venue.set_mark(SYMBOL, "2500.00")
+        venue.set_account({"refused_ws_routes": ["market", "private"]})
+        legacy = {"legacy_ws_url": str(venue.ws_url)}
+        async with run_daemon(venue, tmp_path, venue=legacy) as running:
+            daemon = running.daemon
+            assert daemon.market is not None
+            assert daemon.market.routes.current.rstrip("/") == str(venue.ws_url).rstrip("/")
+            result = await daemon.submit(
+                {"id": "legacy-1", "symbol": SYMBOL, "side": "BUY", "size_usd": "500"}
+            )
+            assert result.accepted, result
+            store = daemon.desk.store
+            # the fill reaches us (REST or the user stream on the legacy host)
+            await until(
+                lambda: store.get_position(result.position_id).status == "open", what="entry"
+            )
+            await until(lambda: daemon.user is not None and daemon.user.health.connected)
+            assert daemon.user.routes.current.rstrip("/") == str(venue.ws_url).rstrip("/")
+            await running.stop()

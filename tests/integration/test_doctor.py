@@ -146,6 +146,19 @@ async def test_wrong_position_mode_and_multi_assets_fail(venue: sim.Venue, tmp_p
     assert checks["connectivity"].status == "OK"
 
 
+async def test_multi_assets_allowed_by_the_config_is_a_warning(
+    venue: sim.Venue, tmp_path: Path
+) -> None:
+    venue.set_account({"multi_assets": True})
+    path = write_config(tmp_path, venue.rest_url, venue.ws_url)
+    env = {"PYQUANT_API_KEY": venue.api_key, "PYQUANT_API_SECRET": venue.api_secret}
+    config = load_config(path, environ=env, overrides={"router": {"allow_multi_assets": True}})
+    report = await run_doctor(config, DoctorOptions(ws_wait_s=15))
+    check = by_name(report)["Multi-Assets mode"]
+    assert check.status == "WARN"
+    assert "allow_multi_assets" in check.detail
+
+
 async def test_key_permissions_warn_and_fail(venue: sim.Venue, tmp_path: Path) -> None:
     venue.set_account({"enableWithdrawals": True, "ipRestrict": False})
     report = await run_doctor(config_for(venue, tmp_path), DoctorOptions(ws_wait_s=15))
