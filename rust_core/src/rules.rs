@@ -20,8 +20,8 @@ use serde_json::{Map, Value};
 
 use crate::error::CoreError;
 use crate::fixed::{
-    format_decimals, is_on_grid, parse_decimal, round_to_grid, round_to_step, step_decimals,
-    written_decimals, Decimal, Rounding,
+    checked_round_to_grid, checked_round_to_step, format_decimals, is_on_grid, parse_decimal,
+    round_to_grid, round_to_step, step_decimals, written_decimals, Decimal, Rounding,
 };
 
 /// `PRICE_FILTER`: `minPrice <= price <= maxPrice`, `(price - minPrice) % tickSize == 0`.
@@ -560,6 +560,61 @@ impl SymbolRules {
         } else {
             round_to_step(price, self.price_step(), rounding)
         }
+    }
+
+    /// [`SymbolRules::quantize_price`] for outside input: an error naming `price`
+    /// instead of an unrounded value when no grid point exists in the rounding direction
+    /// (a value within one tick of `Decimal`'s limit, about 7.9e28).
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` for such a value.
+    pub fn try_quantize_price(
+        &self,
+        price: Decimal,
+        rounding: Rounding,
+    ) -> Result<Decimal, CoreError> {
+        let filter = &self.price_filter;
+        let rounded = if filter.tick_size > Decimal::ZERO {
+            checked_round_to_grid(price, filter.min_price, filter.tick_size, rounding)
+        } else {
+            checked_round_to_step(price, self.price_step(), rounding)
+        };
+        rounded.ok_or_else(|| {
+            CoreError::invalid_for(
+                &self.symbol,
+                "price",
+                price.to_string(),
+                "has no tick-grid point within the exact decimal range (about 7.9e28)",
+            )
+        })
+    }
+
+    /// [`SymbolRules::quantize_qty`] for outside input: an error naming `quantity`
+    /// when the value cannot be floored onto the grid within `Decimal`'s range.
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` for such a value.
+    pub fn try_quantize_qty(&self, qty: Decimal, market: bool) -> Result<Decimal, CoreError> {
+        let lot = self.lot(market);
+        let step = self.qty_step(market);
+        let floored = if qty >= lot.min_qty && lot.step_size > Decimal::ZERO {
+            checked_round_to_grid(qty, lot.min_qty, step, Rounding::Down)
+        } else {
+            checked_round_to_step(qty, step, Rounding::Down)
+        };
+        floored.map(|q| q.max(Decimal::ZERO)).ok_or_else(|| {
+            CoreError::invalid_for(
+                &self.symbol,
+                "quantity",
+                qty.to_string(),
+                "has no step-grid point within the exact decimal range (about 7.9e28)",
+            )
+        })
+    }
+
+    /// Whether `qty` lies on the lot grid exactly (what `quantize_qty` leaves unchanged).
+    pub fn is_on_qty_step(&self, qty: Decimal, market: bool) -> bool {
+        self.try_quantize_qty(qty, market).is_ok_and(|q| q == qty)
     }
 
     /// Floors a quantity onto the lot grid (`MARKET_LOT_SIZE` when `market`, `LOT_SIZE`
