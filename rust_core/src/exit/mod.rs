@@ -500,11 +500,13 @@ impl ExitEngine {
             params.opened_at_ms = self.last_event_ms;
         }
         let symbol = params.symbol.clone();
-        let atr = self.symbol_state(&symbol)?.atr.value();
+        let atr = self.symbols.get(&symbol).and_then(|s| s.atr.value());
         let rules = self.rules.symbol(&symbol)?;
         let mut state = PositionState::open(params, atr, rules, &self.policy)
             .map_err(|e| e.with_symbol(&symbol))?;
         state.generation = self.take_generation();
+        // The symbol's state is created only now: a refused open changes nothing.
+        self.symbol_state(&symbol)?;
         self.insert(state);
         Ok(())
     }
@@ -535,14 +537,13 @@ impl ExitEngine {
         }
         let opened_at = params.opened_at_ms;
         let symbol = params.symbol.clone();
-        let (clock, engine_time) = (self.clock_ms, self.last_event_ms);
-        let symbol_state = self.symbol_state(&symbol)?;
-        let atr = symbol_state.atr.value();
-        let mark = mark_price.or(symbol_state.last_mark);
+        let symbol_state = self.symbols.get(&symbol);
+        let atr = symbol_state.and_then(|s| s.atr.value());
+        let mark = mark_price.or(symbol_state.and_then(|s| s.last_mark));
         let now = symbol_state
-            .last_event_ms
-            .or(engine_time)
-            .or(clock)
+            .and_then(|s| s.last_event_ms)
+            .or(self.last_event_ms)
+            .or(self.clock_ms)
             .or(opened_at);
         let rules = self.rules.symbol(&symbol)?;
         let mut state = PositionState::adopt(
@@ -560,6 +561,7 @@ impl ExitEngine {
             actions.extend(state.evaluate(mark, atr, now, rules, &self.policy));
         }
         self.take_generation();
+        self.symbol_state(&symbol)?;
         self.insert(state);
         Ok(actions)
     }
@@ -1536,6 +1538,20 @@ mod tests {
         let restored = ExitEngine::restore(&engine.snapshot(), exchange_rules()).unwrap();
         assert_eq!(restored.position("q").unwrap().generation, generation);
         assert_eq!(restored.next_generation, engine.next_generation);
+    }
+
+    #[test]
+    fn a_liquidation_price_on_the_profit_side_is_refused() {
+        // Found by the fuzz suite: a SHORT given a liquidation price far below its entry
+        // had its stop "tightened" there, out of reach of any later restore check.
+        let mut engine = engine();
+        open(&mut engine, "s", PositionSide::Short);
+        let before = engine.snapshot();
+        let err = engine.set_liquidation_price("s", d("1600.0")).unwrap_err();
+        assert_eq!(field_of(&err), "liquidation_price");
+        assert_eq!(engine.snapshot(), before);
+        engine.set_liquidation_price("s", d("32000.0")).unwrap();
+        assert_eq!(engine.position("s").unwrap().stop_price, d("30120.0"));
     }
 
     #[test]

@@ -255,7 +255,7 @@ pub fn plan_stop(
     bounds::check_price("entry_price", entry, rules)?;
     bounds::check_leverage(leverage)?;
     if let Some(liq) = liquidation_price {
-        check_liquidation(liq, rules)?;
+        check_liquidation(liq, side, entry, rules)?;
     }
     let derived = policy.derived();
     let base = match derived.stop_atr.zip(atr_decimal(atr)) {
@@ -313,8 +313,15 @@ pub fn ladder_prices(
 }
 
 /// A liquidation price is 0 (none) or a positive price up to the band's top (it may lie
-/// far below `minPrice`: a LONG at 1x liquidates near zero).
-fn check_liquidation(price: Decimal, rules: &SymbolRules) -> Result<(), CoreError> {
+/// far below `minPrice`: a LONG at 1x liquidates near zero), and never at or beyond
+/// `best` on the position's profit side (such an account is liquidated by a move this
+/// side gains from: its stop has nothing to keep clear of, the daemon skips it too).
+fn check_liquidation(
+    price: Decimal,
+    side: PositionSide,
+    best: Decimal,
+    rules: &SymbolRules,
+) -> Result<(), CoreError> {
     let (_, high) = bounds::price_band(rules);
     if price < Decimal::ZERO || price > high {
         return Err(CoreError::invalid_for(
@@ -322,6 +329,14 @@ fn check_liquidation(price: Decimal, rules: &SymbolRules) -> Result<(), CoreErro
             "liquidation_price",
             price.to_string(),
             format!("must be 0 (none) or a price in (0, {}]", high.normalize()),
+        ));
+    }
+    if !price.is_zero() && profit_ge(side, price, best) {
+        return Err(CoreError::invalid_for(
+            &rules.symbol,
+            "liquidation_price",
+            price.to_string(),
+            format!("must lie on the loss side of the {side} position's best price {best}"),
         ));
     }
     Ok(())
@@ -1025,7 +1040,7 @@ impl PositionState {
         rules: &SymbolRules,
         policy: &ExitPolicy,
     ) -> Result<(), CoreError> {
-        check_liquidation(price, rules)?;
+        check_liquidation(price, self.side, self.best_price, rules)?;
         if price.is_zero() {
             self.liquidation_price = None;
             return Ok(());
@@ -1124,7 +1139,8 @@ impl PositionState {
                 .map_err(|e| renamed("opened_at_ms", e))?;
         }
         if let Some(liq) = self.liquidation_price {
-            check_liquidation(liq, rules).map_err(|e| renamed("liquidation_price", e))?;
+            check_liquidation(liq, self.side, self.best_price, rules)
+                .map_err(|e| renamed("liquidation_price", e))?;
         }
         on_tick("stop_price", self.stop_price)?;
         price("best_price", self.best_price)?;
@@ -1165,8 +1181,16 @@ impl PositionState {
                 );
             }
         }
-        // The stop never lies beyond every price that can move it toward profit.
-        let mut reach = self.best_price;
+        // The stop never lies beyond every price that can move it toward profit: the
+        // best mark, a ladder level, the breakeven price, the liquidation buffer.
+        // (A liquidation price is refused on the profit side of the best mark, so its
+        // buffer moves the stop at most `liq_buffer_pct × entry` beyond the best.)
+        let buffer = policy.derived().liq_buffer_pct * self.entry_price;
+        let mut reach = round_stop(
+            self.side,
+            toward_profit(self.side, self.best_price, buffer),
+            rules,
+        );
         for candidate in self.ladder_prices.iter().copied().chain([round_stop(
             self.side,
             toward_profit(
@@ -1272,11 +1296,15 @@ impl PositionState {
                 );
             }
             quantity("pending.quantity", action.quantity, false)?;
-            if action.quantity > self.quantity {
+            // (The live quantity may have shrunk since: an external reduce.)
+            if action.quantity > self.original_quantity {
                 return bad(
                     "pending.quantity",
                     action.quantity.to_string(),
-                    &format!("must be at most the live quantity {}", self.quantity),
+                    &format!(
+                        "must be at most the original quantity {}",
+                        self.original_quantity
+                    ),
                 );
             }
             derived("pending.trigger_price", action.trigger_price)?;
