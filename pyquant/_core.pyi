@@ -386,7 +386,17 @@ class EntryPlan:
 
 @_final
 class ExitEngine:
-    """Every open position's exit, driven by mark-price websocket messages (event time)."""
+    """Every open position's exit, driven by mark-price websocket messages (event time).
+
+    Semantics are docs/exit-rules.md. Two points callers meet: a ladder level whose
+    quantity floors to zero on the step is done with no order (the position keeps its
+    size; the level's breakeven and ratchet still apply), and a rejection clears the
+    pending action and nothing else (a tightened trailing stop stays). Every quantity the
+    engine emits is on the MARKET_LOT_SIZE step, and every input it acts on is inside
+    its plausible bounds; anything else is refused with a ``pyquant.errors`` class, the
+    state untouched. Methods are safe to call from several threads (each waits for the
+    GIL; none holds the engine while the GIL is released).
+    """
 
     def __new__(cls, rules: ExchangeRules, policy: ExitPolicy) -> ExitEngine: ...
     @property

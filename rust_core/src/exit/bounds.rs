@@ -7,7 +7,7 @@
 //! step far inside the decimal range, so no arithmetic in `position.rs` can overflow;
 //! an input outside them is refused with state untouched, never acted on.
 //!
-//! The bounds (exit-rules.md, "Input bounds"):
+//! The bounds (exit-rules.md is silent on input bounds; this is their definition):
 //! - a price (entry, mark, best, stop, level, liquidation) lies in
 //!   `[minPrice / 10, maxPrice × 10]` of the symbol's `PRICE_FILTER` (a filter value of 0
 //!   leaves that side open) and never above [`MAX_PRICE`] = 1e15. The factor 10 leaves

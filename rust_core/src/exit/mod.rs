@@ -650,8 +650,9 @@ impl ExitEngine {
         })
     }
 
-    /// Rejects the pending action `(position_id, sequence)`: the rule may fire
-    /// again on the next update.
+    /// Rejects the pending action `(position_id, sequence)`: only the pending action
+    /// is cleared (see [`PositionState::reject`]); the rule may fire again on the next
+    /// update.
     ///
     /// # Errors
     /// `InvalidField` for an unknown position or a sequence that is not pending.

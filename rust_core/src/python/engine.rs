@@ -724,7 +724,6 @@ impl PyExitEngine {
     #[pyo3(name = "warm_up", signature = (symbol, high, low, close, last_open_time_ms=None))]
     fn py_warm_up(
         &mut self,
-        py: Python<'_>,
         symbol: &str,
         high: &Bound<'_, PyAny>,
         low: &Bound<'_, PyAny>,
@@ -737,7 +736,6 @@ impl PyExitEngine {
             float_array("close", close)?,
         );
         // With the GIL held: the engine is borrowed (see the module header).
-        let _ = py;
         Ok(self
             .inner
             .warm_up(symbol, &high, &low, &close, last_open_time_ms)?)
