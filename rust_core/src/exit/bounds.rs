@@ -73,6 +73,15 @@ pub fn price_band(rules: &SymbolRules) -> (Decimal, Decimal) {
 
 /// Whether a mark (or any price) lies in the symbol's plausible band and is positive.
 pub fn plausible_price(price: Decimal, rules: &SymbolRules) -> bool {
+    // Per update on the hot path: inside the filter itself needs no arithmetic.
+    let filter = &rules.price_filter;
+    if price > Decimal::ZERO
+        && price >= filter.min_price
+        && price <= filter.max_price
+        && filter.max_price <= MAX_PRICE
+    {
+        return true;
+    }
     let (low, high) = price_band(rules);
     price > Decimal::ZERO && price >= low && price <= high
 }

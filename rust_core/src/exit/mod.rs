@@ -78,6 +78,10 @@ pub struct SymbolState {
     /// The plausible mark band of those rules (see [`bounds::price_band`]), cached with them.
     #[serde(skip)]
     pub(crate) band: (Decimal, Decimal),
+    /// The band shrunk by a millionth on each side, as floats: a mark's float inside it
+    /// is inside the band without a decimal comparison.
+    #[serde(skip)]
+    pub(crate) band_f64: (f64, f64),
 }
 
 /// FNV-1a: symbol names are short and come from the exchange, so a fast
@@ -116,6 +120,7 @@ impl SymbolState {
         let mut state = Self {
             rules: None,
             band: (Decimal::ZERO, Decimal::ZERO),
+            band_f64: (f64::INFINITY, f64::NEG_INFINITY),
             bars: templates.0.clone(),
             atr: templates.1.clone(),
             last_mark: None,
@@ -134,6 +139,15 @@ impl SymbolState {
         self.band = rules
             .as_ref()
             .map_or((Decimal::ZERO, Decimal::ZERO), bounds::price_band);
+        let (low, high) = self.band;
+        self.band_f64 = if rules.is_some() {
+            (
+                crate::fixed::decimal_to_f64(low) * (1.0 + 1e-6),
+                crate::fixed::decimal_to_f64(high) * (1.0 - 1e-6),
+            )
+        } else {
+            (f64::INFINITY, f64::NEG_INFINITY)
+        };
         self.rules = rules;
     }
 
@@ -822,8 +836,11 @@ impl ExitEngine {
                 .entry(symbol.to_owned())
                 .or_insert_with(|| Box::new(SymbolState::new(templates, Some(rules))))
         };
+        let (low_f, high_f) = state.band_f64;
         let (low, high) = state.band;
-        if mark > high || mark < low || mark <= Decimal::ZERO {
+        let inside = (mark_f64 > low_f && mark_f64 < high_f)
+            || (mark > Decimal::ZERO && mark >= low && mark <= high);
+        if !inside {
             self.implausible_marks += 1;
             return;
         }
@@ -852,7 +869,9 @@ impl ExitEngine {
         };
         let atr = atr.value();
         for position in [long.as_mut(), short.as_mut()].into_iter().flatten() {
-            if let Some(action) = position.on_mark(mark, atr, event_time_ms, rules, &self.policy) {
+            if let Some(action) =
+                position.evaluate_in_band(mark, atr, Some(event_time_ms), rules, &self.policy)
+            {
                 out.push(action);
             }
         }
@@ -1368,6 +1387,24 @@ mod tests {
         assert_eq!(engine.implausible_marks(), 5);
         assert!(engine.symbols["ETHUSDT"].last_mark.is_some());
         assert_eq!(engine.position("p1").unwrap().best_price, d("30000.0"));
+    }
+
+    #[test]
+    fn the_band_edges_are_exact() {
+        let mut engine = engine();
+        let (low, high) = bounds::price_band(engine.rules().symbol("BTCUSDT").unwrap());
+        let tick = d("0.1");
+        for (price, accepted) in [
+            (high, true),
+            (high + tick, false),
+            (low, true),
+            (low - d("0.01"), false),
+        ] {
+            let text = price.normalize().to_string();
+            let before = engine.implausible_marks();
+            engine.on_mark_message(&msg(&text, 10)).unwrap();
+            assert_eq!(engine.implausible_marks() == before, accepted, "{text}");
+        }
     }
 
     #[test]

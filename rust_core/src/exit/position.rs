@@ -781,6 +781,19 @@ impl PositionState {
         if !bounds::plausible_price(mark, rules) {
             return None;
         }
+        self.evaluate_in_band(mark, atr, now, rules, policy)
+    }
+
+    /// [`PositionState::evaluate`] for a mark the caller has already found inside the
+    /// plausible band (the engine checks each update once, for every position of it).
+    pub(crate) fn evaluate_in_band(
+        &mut self,
+        mark: Decimal,
+        atr: Option<f64>,
+        now: Option<i64>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Option<ExitAction> {
         self.last_mark_price = Some(mark);
         if self.opened_at_ms.is_none() {
             self.opened_at_ms = now;
