@@ -964,6 +964,11 @@ fn required_decimal(sym: &str, path: &str, obj: &Map<String, Value>) -> Result<D
     decimal_value(sym, path, value)
 }
 
+/// The largest filter value accepted (1e15; the real document's largest is 4e9): with
+/// every price, step and quantity below it, the exit rules' arithmetic (a stop one tick
+/// beyond an entry, `level × R`, `quantity × price`) stays far inside `Decimal`'s range.
+const MAX_FILTER_VALUE: Decimal = Decimal::from_parts(2_764_472_320, 232_830, 0, false, 0);
+
 fn non_negative(sym: &str, path: &str, obj: &Map<String, Value>) -> Result<Decimal, CoreError> {
     let v = required_decimal(sym, path, obj)?;
     if v < Decimal::ZERO {
@@ -972,6 +977,14 @@ fn non_negative(sym: &str, path: &str, obj: &Map<String, Value>) -> Result<Decim
             path,
             v.to_string(),
             "must not be negative",
+        ));
+    }
+    if v > MAX_FILTER_VALUE {
+        return Err(CoreError::invalid_for(
+            sym,
+            path,
+            v.to_string(),
+            "must be at most 1e15",
         ));
     }
     Ok(v)
@@ -1121,6 +1134,21 @@ mod tests {
         assert_eq!(open.market_lot_size, open.lot_size);
         assert_eq!(open.min_notional(), Decimal::ZERO);
         assert!(!open.is_trading());
+    }
+
+    #[test]
+    fn absurd_filter_values_are_refused() {
+        // A tickSize of 7.9e28 made every stop one tick beyond an entry overflow.
+        let bad = DOC.replace(
+            r#""tickSize":"0.10""#,
+            r#""tickSize":"79228162514264337593543950335""#,
+        );
+        let err = ExchangeRules::from_json(bad.as_bytes()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "PRICE_FILTER.tickSize 79228162514264337593543950335 for BTCUSDT must be at most 1e15"
+        );
+        assert_eq!(MAX_FILTER_VALUE, d("1000000000000000"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ a second thread reading positions while a message is applied.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections.abc import Callable
@@ -376,3 +377,54 @@ def test_positions_from_another_thread_during_on_mark_message(
         done.set()
         thread.join(timeout=60)
     assert errors == []
+
+
+# --- extreme exchange filters -------------------------------------------------------------
+
+FILTER_EXTREMES = ["0", "0.0000000000000000000000000001", "1", "1000000000000000"]
+
+
+def test_extreme_exchange_filters_are_refused_or_survive(
+    exchange_rules: pyquant.ExchangeRules,
+) -> None:
+    """Filters up to 1e15 (the parse bound) never make the engine's arithmetic panic."""
+    failures: list[str] = []
+    for tick, min_price, step, min_qty in itertools.product(FILTER_EXTREMES, repeat=4):
+        symbol = {
+            "symbol": "XUSDT",
+            "status": "TRADING",
+            "pricePrecision": 8,
+            "quantityPrecision": 8,
+            "filters": [
+                {
+                    "filterType": "PRICE_FILTER",
+                    "minPrice": min_price,
+                    "maxPrice": "0",
+                    "tickSize": tick,
+                },
+                {"filterType": "LOT_SIZE", "minQty": min_qty, "maxQty": "0", "stepSize": step},
+                {"filterType": "MIN_NOTIONAL", "notional": "5"},
+            ],
+        }
+        rules = pyquant.ExchangeRules.from_exchange_info({"symbols": [symbol]})
+        engine = ExitEngine(rules, example_policy())
+        for k, (quantity, entry, price) in enumerate(
+            itertools.product(["1", "1000000000000"], ["1", "1000000000000000"], ["1", "999999"])
+        ):
+            try:
+                engine.open_position("p", "XUSDT", "LONG", quantity, entry, leverage=5)
+                for action in engine.on_mark_message(mark("XUSDT", price, T0 + k)):
+                    engine.confirm(action)
+                engine.plan_entry("XUSDT", "SHORT", entry)
+                rules.quantize_price("XUSDT", price, rounding="up")
+            except pyquant.PyquantError:
+                pass
+            except BaseException as exc:  # a panic is a BaseException (PanicException)
+                failures.append(f"{symbol['filters']} {quantity} {entry} {price}: {exc!r}")
+            if engine.position("p") is not None:
+                engine.close_position("p")
+    with pytest.raises(pyquant.InputError, match=r"PRICE_FILTER\.tickSize .* must be at most 1e15"):
+        pyquant.ExchangeRules.from_exchange_info(
+            {"symbols": [{**symbol, "filters": [{**symbol["filters"][0], "tickSize": HUGE}]}]}
+        )
+    assert failures == []
