@@ -24,7 +24,15 @@ test: ## Rust tests (cargo test) then the Python suite (pytest)
 	cargo test --workspace
 	$(PY) -m pytest
 
+FUZZ_CASES ?= 20000
+FUZZ_EXAMPLES ?= 3000
+
+fuzz: ## the engine fuzz suites with many fresh cases (FUZZ_CASES Rust, FUZZ_EXAMPLES Python)
+	# A debug build on purpose: it traps every integer overflow the release build would wrap.
+	PYQUANT_FUZZ_CASES=$(FUZZ_CASES) cargo test -p pyquant_core --test engine_fuzz
+	PYQUANT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/property/test_engine_fuzz.py -p no:cacheprovider
+
 bench: ## pytest-benchmark suites, each beside its baseline
 	$(PY) -m pytest tests/benchmarks --benchmark-enable --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
 
-.PHONY: help dev format lint test bench
+.PHONY: help dev format lint test fuzz bench

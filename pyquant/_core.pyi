@@ -256,8 +256,11 @@ class ExitPolicy:
 class ExitAction:
     """One exit order: close ``quantity`` of ``(symbol, position_side)`` with ``side``.
 
-    ``(position_id, sequence)`` identifies it (the order router's clientOrderId derives
-    from it). It stays pending in the engine until ``confirm`` or ``reject``.
+    ``(position_id, sequence)`` identifies it within one position instance (the order
+    router's clientOrderId derives from it; the daemon never reuses a position id) and
+    ``generation`` tells instances of a reused id apart: ``confirm``/``reject`` refuse an
+    action of an earlier position with the same id. It stays pending in the engine until
+    ``confirm`` or ``reject``.
     """
 
     @property
@@ -292,6 +295,9 @@ class ExitAction:
     @property
     def is_full_close(self) -> bool:
         """True when it closes everything still open."""
+    @property
+    def generation(self) -> int:
+        """The engine's number of the position instance that emitted it."""
     @property
     def event_time_ms(self) -> int:
         """Event time ``E`` of the triggering message."""
@@ -380,7 +386,17 @@ class EntryPlan:
 
 @_final
 class ExitEngine:
-    """Every open position's exit, driven by mark-price websocket messages (event time)."""
+    """Every open position's exit, driven by mark-price websocket messages (event time).
+
+    Semantics are docs/exit-rules.md. Two points callers meet: a ladder level whose
+    quantity floors to zero on the step is done with no order (the position keeps its
+    size; the level's breakeven and ratchet still apply), and a rejection clears the
+    pending action and nothing else (a tightened trailing stop stays). Every quantity the
+    engine emits is on the MARKET_LOT_SIZE step, and every input it acts on is inside
+    its plausible bounds; anything else is refused with a ``pyquant.errors`` class, the
+    state untouched. Methods are safe to call from several threads (each waits for the
+    GIL; none holds the engine while the GIL is released).
+    """
 
     def __new__(cls, rules: ExchangeRules, policy: ExitPolicy) -> ExitEngine: ...
     @property
@@ -388,6 +404,31 @@ class ExitEngine:
     @property
     def last_event_ms(self) -> int | None:
         """The latest event time applied."""
+    @property
+    def implausible_event_times(self) -> int:
+        """Updates refused for an implausible event time (since creation or restore).
+
+        An event time before 1970 or from 2100 on, more than 10 minutes ahead of the
+        wall clock passed to ``on_mark_message(now_ms=...)``/``set_clock``, or, without
+        a clock, more than 30 days ahead of the latest accepted one. Such an update
+        changes nothing (the rest of its message applies); the daemon reports the count
+        as malformed input.
+        """
+    @property
+    def implausible_marks(self) -> int:
+        """Updates refused for a mark outside the symbol's plausible band.
+
+        The band is the PRICE_FILTER's ``[minPrice / 10, maxPrice x 10]``, at most 1e15.
+        """
+    @property
+    def clock_ms(self) -> int | None:
+        """The latest wall clock passed to ``on_mark_message``/``set_clock`` (ms)."""
+    def set_clock(self, now_ms: int) -> None:
+        """Record the wall clock (ms); it only bounds event times, never drives a rule.
+
+        Raises:
+            InputError: ``now_ms`` is outside ``[0, 4102444800000]``.
+        """
     def warm_up(
         self,
         symbol: str,
@@ -436,7 +477,9 @@ class ExitEngine:
         Raises:
             UnknownSymbolError: The symbol is not in the rules.
             InputError: Duplicate id, ``(symbol, position_side)`` already open, or a value
-                out of range.
+                out of range: a quantity off the MARKET_LOT_SIZE step or above 1e12, an
+                entry outside the plausible band (see ``implausible_marks``), a leverage
+                outside [1, 125], a confidence outside [0, 1] (NaN included).
         """
     def adopt_position(
         self,
@@ -457,32 +500,58 @@ class ExitEngine:
 
         ``original_quantity - quantity`` counts as closed by the ladder; levels passed by
         ``best_price`` fire at once. With a mark (given, or the symbol's last one) the
-        position is evaluated immediately and the actions are returned (passed levels,
-        over-leverage close).
+        position is evaluated at once and the actions are returned (a stop already
+        crossed, passed levels, over-leverage close), even before any message: the time
+        is the latest event time seen, else the wall clock, else ``opened_at_ms``; with
+        none known the time stop alone waits for the first update.
+
+        Raises:
+            InputError: As ``open_position``, and a ``mark_price``/``best_price`` outside
+                the plausible band or an ``original_quantity`` off the step.
         """
-    def on_mark_message(self, data: bytes | str) -> list[ExitAction]:
+    def on_mark_message(self, data: bytes | str, now_ms: int | None = None) -> list[ExitAction]:
         """Apply one mark-price websocket message; return the actions it triggers.
 
         Accepts one ``markPriceUpdate``, the ``!markPrice@arr`` array or the combined
-        stream wrapper. Releases the GIL while it works.
+        stream wrapper. Parses with the GIL released, then applies with it held, so
+        another thread may call ``positions()`` (or any method) meanwhile: it waits, it
+        never sees "Already mutably borrowed". ``now_ms`` is the wall clock (see
+        ``set_clock``). An update with an implausible event time or mark is refused and
+        counted (``implausible_event_times``, ``implausible_marks``); the rest applies.
 
         Raises:
             MessageError: The payload is malformed; the state is untouched.
+            InputError: ``now_ms`` is out of range; the state is untouched.
         """
     def confirm(self, action: ExitAction, filled_quantity: _Number | None = None) -> bool:
         """Confirm a pending action with its fill (default: all). Return True when closed.
 
         Raises:
-            InputError: The action is not the pending one or the fill is out of range.
+            InputError: The action is not the pending one (another sequence, or an
+                earlier position with the same id: ``generation``), or the fill is out of
+                range or off the MARKET_LOT_SIZE step; nothing changes then.
         """
     def reject(self, action: ExitAction) -> None:
-        """Give a pending action back; the rule may fire again on the next update."""
+        """Give a pending action back; the rule may fire again on the next update.
+
+        Only the pending action is cleared: what the update observed (best mark, a
+        tightened trailing stop) stays, because undoing it would loosen the stop.
+        """
     def confirm_sequence(
-        self, position_id: str, sequence: int, filled_quantity: _Number | None = None
+        self,
+        position_id: str,
+        sequence: int,
+        filled_quantity: _Number | None = None,
+        generation: int | None = None,
     ) -> bool:
-        """Like ``confirm`` by ``(position_id, sequence)`` (after a restart)."""
-    def reject_sequence(self, position_id: str, sequence: int) -> None:
-        """Like ``reject`` by ``(position_id, sequence)``."""
+        """Like ``confirm`` by ``(position_id, sequence)`` (after a restart).
+
+        With ``generation`` an action of an earlier position with the same id is refused.
+        """
+    def reject_sequence(
+        self, position_id: str, sequence: int, generation: int | None = None
+    ) -> None:
+        """Like ``reject`` by ``(position_id, sequence)`` (and ``generation``)."""
     def pending_actions(self) -> list[ExitAction]:
         """Return every pending action (ordered by position id)."""
     def resize_position(self, position_id: str, quantity: _Number) -> bool:
@@ -513,16 +582,27 @@ class ExitEngine:
         confidence: float | None = None,
         liquidation_price: _Number | None = None,
     ) -> EntryPlan:
-        """Return the initial stop an entry would get with the symbol's current ATR."""
+        """Return the initial stop an entry would get with the symbol's current ATR.
+
+        Raises:
+            InputError: An entry outside the plausible band, a leverage outside [1, 125]
+                or a confidence outside [0, 1] (NaN included), naming the field.
+        """
     def snapshot(self) -> bytes:
         """Return the versioned engine state (policy, bars, ATR, positions, pending)."""
     @staticmethod
     def restore(data: bytes, rules: ExchangeRules) -> ExitEngine:
         """Rebuild an engine from ``snapshot()`` bytes and the current rules.
 
+        Every field is validated against the policy, the rules and the input bounds
+        (quantities on the step, prices in the plausible band, ladder lengths, levels
+        done, sequences, bars and ATR); an impossible snapshot is refused here, never
+        restored to fail on a later mark.
+
         Raises:
-            InputError: Not a snapshot, another version, corrupt, or a position's symbol
-                is missing from ``rules``.
+            InputError: Not a snapshot, another version, corrupt, an impossible field
+                (named, e.g. ``position[p1].ladder_targets``), or a position's symbol is
+                missing from ``rules``.
         """
 
 # --- backtest (rust_core/src/python/backtest.rs) -------------------------------------------

@@ -39,6 +39,43 @@ pub struct WilderAtr {
 }
 
 impl WilderAtr {
+    /// Checks a restored ATR against a fresh one of the expected period: same period,
+    /// seeding count within it, every number finite and not negative.
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` naming the field.
+    pub fn check_compatible(&self, template: &Self) -> Result<(), CoreError> {
+        if self.period != template.period {
+            return Err(CoreError::invalid(
+                "period",
+                self.period.to_string(),
+                format!("must be the policy's atr_period {}", template.period),
+            ));
+        }
+        if self.seeded > self.period {
+            return Err(CoreError::invalid(
+                "seeded",
+                self.seeded.to_string(),
+                format!("must be at most the period {}", self.period),
+            ));
+        }
+        let fine = |v: f64| v.is_finite() && v >= 0.0;
+        for (field, value) in [
+            ("prev_close", self.prev_close),
+            ("seed_sum", Some(self.seed_sum)),
+            ("value", self.value),
+        ] {
+            if let Some(v) = value.filter(|v| !fine(*v)) {
+                return Err(CoreError::invalid(
+                    field,
+                    v.to_string(),
+                    "must be a finite number >= 0",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Creates an ATR over `period` bars.
     ///
     /// # Errors

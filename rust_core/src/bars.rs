@@ -66,6 +66,53 @@ pub struct BarAggregator {
 }
 
 impl BarAggregator {
+    /// Checks a restored aggregator against a fresh one of the expected interval: same
+    /// interval, bar times on the grid and before 2100, prices finite with high >= low.
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` naming the field.
+    pub fn check_compatible(&self, template: &Self) -> Result<(), CoreError> {
+        if self.interval_ms != template.interval_ms {
+            return Err(CoreError::invalid(
+                "interval_ms",
+                self.interval_ms.to_string(),
+                format!(
+                    "must be the policy's bar interval {} ms",
+                    template.interval_ms
+                ),
+            ));
+        }
+        let time = |field: &str, t: i64, on_grid: bool| {
+            if (0..=crate::exit::bounds::MAX_EVENT_MS).contains(&t)
+                && (!on_grid || t % self.interval_ms == 0)
+            {
+                Ok(())
+            } else {
+                Err(CoreError::invalid(
+                    field,
+                    t.to_string(),
+                    "must be a bar time on the interval grid, in [0, 2100)",
+                ))
+            }
+        };
+        if let Some(last) = self.last_closed_open_ms {
+            time("last_closed_open_ms", last, true)?;
+        }
+        if let Some(bar) = &self.current {
+            time("current.open_time_ms", bar.open_time_ms, true)?;
+            time("current.last_event_ms", bar.last_event_ms, false)?;
+            let prices = [bar.open, bar.high, bar.low, bar.close];
+            if prices.iter().any(|p| !p.is_finite()) || bar.high < bar.low {
+                return Err(CoreError::invalid(
+                    "current",
+                    format!("{prices:?}"),
+                    "must hold finite prices with high >= low",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Creates an aggregator for bars of `interval_ms` milliseconds.
     ///
     /// # Errors

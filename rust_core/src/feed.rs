@@ -163,7 +163,9 @@ fn fast_price(bytes: &[u8]) -> Option<(Decimal, f64)> {
     for (i, &b) in bytes.iter().enumerate() {
         match b {
             b'0'..=b'9' => {
-                mantissa = mantissa * 10 + u64::from(b - b'0');
+                // Twenty digits can exceed a u64: such a price takes the general route
+                // (a wrapped mantissa would be a wrong price in a release build).
+                mantissa = mantissa.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
                 digits += 1;
             }
             b'.' if scale.is_none() => scale = Some((bytes.len() - i - 1) as u32),
@@ -824,6 +826,17 @@ impl<'a> UpdateFields<'a> {
 #[allow(clippy::float_cmp)] // exact equality is what these tests check
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_twenty_digit_price_is_exact_not_wrapped() {
+        // 99999999999999999999 overflows a u64 mantissa; it used to wrap (or panic).
+        let msg = br#"{"e":"markPriceUpdate","E":1,"s":"BTCUSDT","p":"99999999999999999999"}"#;
+        let batch = parse_mark_message(msg).unwrap();
+        assert_eq!(
+            batch.updates[0].mark_price.to_string(),
+            "99999999999999999999"
+        );
+    }
 
     const SINGLE: &str = r#"{"e":"markPriceUpdate","E":1562305380000,"s":"BTCUSDT","p":"11794.15000000","i":"11784.62659091","P":"11784.25641265","r":"0.00038167","T":1562306400000,"st":1}"#;
 

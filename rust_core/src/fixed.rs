@@ -429,38 +429,44 @@ pub fn decimal_to_f64_fast(value: Decimal) -> f64 {
 /// step's decimals (`30120.07` to step `0.10` gives `30120.10`), so later comparisons
 /// between rounded prices need no rescaling.
 pub fn round_to_step(value: Decimal, step: Decimal, rounding: Rounding) -> Decimal {
+    // Only a value within one step of `Decimal::MAX` has no grid point beyond it; it is
+    // returned unchanged rather than wrapped (callers that take outside input use
+    // `checked_round_to_step` and refuse it).
+    checked_round_to_step(value, step, rounding).unwrap_or(value)
+}
+
+/// [`round_to_step`], or `None` when the grid point lies outside `Decimal`'s range
+/// (a value within one step of `±Decimal::MAX`).
+pub fn checked_round_to_step(value: Decimal, step: Decimal, rounding: Rounding) -> Option<Decimal> {
     if step <= Decimal::ZERO {
-        return value;
+        return Some(value);
     }
     if let Some(result) = round_on_grid_fast(value, Decimal::ZERO, step, rounding) {
-        return result;
+        return Some(result);
     }
     round_to_step_slow(value, step, rounding)
 }
 
-/// The general path of [`round_to_step`] for values too long for `i128` arithmetic.
-fn round_to_step_slow(value: Decimal, step: Decimal, rounding: Rounding) -> Decimal {
-    // `%` keeps the dividend's sign: for negative values the remainder is negative.
-    let remainder = value % step;
+fn round_to_step_slow(value: Decimal, step: Decimal, rounding: Rounding) -> Option<Decimal> {
+    let remainder = value.checked_rem(step)?;
     if remainder.is_zero() {
-        return normalize_zero(value);
+        return Some(normalize_zero(value));
     }
     let floor = if remainder > Decimal::ZERO {
-        value - remainder
+        value.checked_sub(remainder)?
     } else {
-        value - remainder - step
+        value.checked_sub(remainder)?.checked_sub(step)?
     };
     let result = match rounding {
         Rounding::Down => floor,
-        Rounding::Up => floor + step,
+        Rounding::Up => floor.checked_add(step)?,
         Rounding::Nearest => {
-            let above = floor + step;
-            let to_floor = value - floor;
-            let to_above = above - value;
+            let above = floor.checked_add(step)?;
+            let to_floor = value.checked_sub(floor)?;
+            let to_above = above.checked_sub(value)?;
             match to_floor.cmp(&to_above) {
                 std::cmp::Ordering::Less => floor,
                 std::cmp::Ordering::Greater => above,
-                // Tie: away from zero.
                 std::cmp::Ordering::Equal => {
                     if value >= Decimal::ZERO {
                         above
@@ -471,10 +477,9 @@ fn round_to_step_slow(value: Decimal, step: Decimal, rounding: Rounding) -> Deci
             }
         }
     };
-    normalize_zero(result)
+    Some(normalize_zero(result))
 }
 
-/// `10^k` for every scale difference two decimals can have.
 const POW10_I128: [i128; 29] = {
     let mut table = [1i128; 29];
     let mut k = 1;
@@ -530,19 +535,35 @@ fn round_on_grid_fast(
 /// `minPrice`: `(price - minPrice) % tickSize == 0`). The result is written with the
 /// decimals of the base or the step, whichever has more.
 pub fn round_to_grid(value: Decimal, base: Decimal, step: Decimal, rounding: Rounding) -> Decimal {
+    // Unchanged only beyond the last representable grid point (see `round_to_step`).
+    checked_round_to_grid(value, base, step, rounding).unwrap_or(value)
+}
+
+/// [`round_to_grid`], or `None` when the grid point lies outside `Decimal`'s range.
+pub fn checked_round_to_grid(
+    value: Decimal,
+    base: Decimal,
+    step: Decimal,
+    rounding: Rounding,
+) -> Option<Decimal> {
     if step <= Decimal::ZERO {
-        return value;
+        return Some(value);
     }
     if let Some(result) = round_on_grid_fast(value, base, step, rounding) {
-        return result;
+        return Some(result);
     }
-    normalize_zero(base + round_to_step_slow(value - base, step, rounding))
+    let offset = round_to_step_slow(value.checked_sub(base)?, step, rounding)?;
+    Some(normalize_zero(base.checked_add(offset)?))
 }
 
 /// Returns whether `value` lies on the grid `base + k * step` (always true when the step
 /// is disabled).
 pub fn is_on_grid(value: Decimal, base: Decimal, step: Decimal) -> bool {
-    step <= Decimal::ZERO || ((value - base) % step).is_zero()
+    step <= Decimal::ZERO
+        || value
+            .checked_sub(base)
+            .and_then(|offset| offset.checked_rem(step))
+            .is_some_and(|r| r.is_zero())
 }
 
 /// The number of decimals a step prints with: the scale of the step without trailing
@@ -660,6 +681,30 @@ mod tests {
     }
 
     #[test]
+    fn rounding_beyond_the_decimal_range_is_none_not_a_panic() {
+        // Issue 16 item 2: 79228162514264337593543950335 up or nearest on a tick of 10.
+        let ten = d("10");
+        for rounding in [Rounding::Up, Rounding::Nearest] {
+            assert_eq!(checked_round_to_step(Decimal::MAX, ten, rounding), None);
+            assert_eq!(
+                checked_round_to_grid(Decimal::MAX, d("0.5"), ten, rounding),
+                None
+            );
+            assert_eq!(
+                checked_round_to_step(Decimal::MIN, ten, Rounding::Down),
+                None
+            );
+            // The infallible forms leave such a value as it is.
+            assert_eq!(round_to_step(Decimal::MAX, ten, rounding), Decimal::MAX);
+        }
+        assert_eq!(
+            checked_round_to_step(Decimal::MAX, ten, Rounding::Down),
+            Some(d("79228162514264337593543950330"))
+        );
+        assert!(!is_on_grid(Decimal::MAX, Decimal::MIN, ten));
+    }
+
+    #[test]
     fn rounds_to_step_in_each_direction() {
         let tick = d("0.10");
         assert_eq!(
@@ -733,7 +778,7 @@ mod tests {
         step: Decimal,
         rounding: Rounding,
     ) -> Decimal {
-        normalize_zero(base + round_to_step_slow(value - base, step, rounding))
+        normalize_zero(base + round_to_step_slow(value - base, step, rounding).unwrap())
     }
 
     proptest::proptest! {
@@ -754,7 +799,7 @@ mod tests {
                 proptest::prop_assert_eq!(fast, round_to_grid_reference(value, base, step, rounding));
                 proptest::prop_assert_eq!(fast.scale(), base.scale().max(step.scale()));
                 let fast = round_to_step(value, step, rounding);
-                proptest::prop_assert_eq!(fast, round_to_step_slow(value, step, rounding));
+                proptest::prop_assert_eq!(Some(fast), round_to_step_slow(value, step, rounding));
                 proptest::prop_assert_eq!(fast.scale(), step.scale());
             }
         }

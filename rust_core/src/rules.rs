@@ -20,8 +20,8 @@ use serde_json::{Map, Value};
 
 use crate::error::CoreError;
 use crate::fixed::{
-    format_decimals, is_on_grid, parse_decimal, round_to_grid, round_to_step, step_decimals,
-    written_decimals, Decimal, Rounding,
+    checked_round_to_grid, checked_round_to_step, format_decimals, is_on_grid, parse_decimal,
+    round_to_grid, round_to_step, step_decimals, written_decimals, Decimal, Rounding,
 };
 
 /// `PRICE_FILTER`: `minPrice <= price <= maxPrice`, `(price - minPrice) % tickSize == 0`.
@@ -562,6 +562,61 @@ impl SymbolRules {
         }
     }
 
+    /// [`SymbolRules::quantize_price`] for outside input: an error naming `price`
+    /// instead of an unrounded value when no grid point exists in the rounding direction
+    /// (a value within one tick of `Decimal`'s limit, about 7.9e28).
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` for such a value.
+    pub fn try_quantize_price(
+        &self,
+        price: Decimal,
+        rounding: Rounding,
+    ) -> Result<Decimal, CoreError> {
+        let filter = &self.price_filter;
+        let rounded = if filter.tick_size > Decimal::ZERO {
+            checked_round_to_grid(price, filter.min_price, filter.tick_size, rounding)
+        } else {
+            checked_round_to_step(price, self.price_step(), rounding)
+        };
+        rounded.ok_or_else(|| {
+            CoreError::invalid_for(
+                &self.symbol,
+                "price",
+                price.to_string(),
+                "has no tick-grid point within the exact decimal range (about 7.9e28)",
+            )
+        })
+    }
+
+    /// [`SymbolRules::quantize_qty`] for outside input: an error naming `quantity`
+    /// when the value cannot be floored onto the grid within `Decimal`'s range.
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` for such a value.
+    pub fn try_quantize_qty(&self, qty: Decimal, market: bool) -> Result<Decimal, CoreError> {
+        let lot = self.lot(market);
+        let step = self.qty_step(market);
+        let floored = if qty >= lot.min_qty && lot.step_size > Decimal::ZERO {
+            checked_round_to_grid(qty, lot.min_qty, step, Rounding::Down)
+        } else {
+            checked_round_to_step(qty, step, Rounding::Down)
+        };
+        floored.map(|q| q.max(Decimal::ZERO)).ok_or_else(|| {
+            CoreError::invalid_for(
+                &self.symbol,
+                "quantity",
+                qty.to_string(),
+                "has no step-grid point within the exact decimal range (about 7.9e28)",
+            )
+        })
+    }
+
+    /// Whether `qty` lies on the lot grid exactly (what `quantize_qty` leaves unchanged).
+    pub fn is_on_qty_step(&self, qty: Decimal, market: bool) -> bool {
+        self.try_quantize_qty(qty, market).is_ok_and(|q| q == qty)
+    }
+
     /// Floors a quantity onto the lot grid (`MARKET_LOT_SIZE` when `market`, `LOT_SIZE`
     /// otherwise), so an exit never sells more than asked. The grid starts at `minQty`
     /// (`(qty - minQty) % stepSize == 0`); below `minQty` the result is a plain multiple of
@@ -909,6 +964,11 @@ fn required_decimal(sym: &str, path: &str, obj: &Map<String, Value>) -> Result<D
     decimal_value(sym, path, value)
 }
 
+/// The largest filter value accepted (1e15; the real document's largest is 4e9): with
+/// every price, step and quantity below it, the exit rules' arithmetic (a stop one tick
+/// beyond an entry, `level × R`, `quantity × price`) stays far inside `Decimal`'s range.
+const MAX_FILTER_VALUE: Decimal = Decimal::from_parts(2_764_472_320, 232_830, 0, false, 0);
+
 fn non_negative(sym: &str, path: &str, obj: &Map<String, Value>) -> Result<Decimal, CoreError> {
     let v = required_decimal(sym, path, obj)?;
     if v < Decimal::ZERO {
@@ -917,6 +977,14 @@ fn non_negative(sym: &str, path: &str, obj: &Map<String, Value>) -> Result<Decim
             path,
             v.to_string(),
             "must not be negative",
+        ));
+    }
+    if v > MAX_FILTER_VALUE {
+        return Err(CoreError::invalid_for(
+            sym,
+            path,
+            v.to_string(),
+            "must be at most 1e15",
         ));
     }
     Ok(v)
@@ -1066,6 +1134,21 @@ mod tests {
         assert_eq!(open.market_lot_size, open.lot_size);
         assert_eq!(open.min_notional(), Decimal::ZERO);
         assert!(!open.is_trading());
+    }
+
+    #[test]
+    fn absurd_filter_values_are_refused() {
+        // A tickSize of 7.9e28 made every stop one tick beyond an entry overflow.
+        let bad = DOC.replace(
+            r#""tickSize":"0.10""#,
+            r#""tickSize":"79228162514264337593543950335""#,
+        );
+        let err = ExchangeRules::from_json(bad.as_bytes()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "PRICE_FILTER.tickSize 79228162514264337593543950335 for BTCUSDT must be at most 1e15"
+        );
+        assert_eq!(MAX_FILTER_VALUE, d("1000000000000000"));
     }
 
     #[test]

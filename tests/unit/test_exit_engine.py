@@ -218,10 +218,21 @@ def test_dust_remainder_merges_into_a_full_close(exchange_rules: pyquant.Exchang
         "0.004",
         True,
     )
-    # 0.002: TP1 quantizes to zero, which is merged into a full close as well.
+    # 0.002: TP1 floors to zero: the level is done with no order (exit-rules.md); the
+    # position keeps its size and the level's breakeven applies.
     engine.open_position("d2", "BTCUSDT", "SHORT", "0.002", "30000.0", leverage=10)
-    action = only(engine.on_mark_message(single("BTCUSDT", "29880.0", T0 + 1000)))
-    assert (action.position_id, action.quantity, action.is_full_close) == ("d2", "0.002", True)
+    assert engine.on_mark_message(single("BTCUSDT", "29880.0", T0 + 1000)) == []
+    view = engine.position("d2")
+    assert view is not None
+    assert (view.quantity, view.ladder_levels_done, view.sequence) == ("0.002", 1, 0)
+    assert (view.stop_price, view.stop_reason) == ("29970.0", "breakeven_stop")
+    # TP2 would leave 0.001 x 29760 < MIN_NOTIONAL: the whole 0.002 goes.
+    action = only(engine.on_mark_message(single("BTCUSDT", "29760.0", T0 + 2000)))
+    assert (action.reason, action.quantity, action.is_full_close) == (
+        "take_profit_2",
+        "0.002",
+        True,
+    )
 
 
 def test_adoption_fires_passed_levels_at_once(engine: ExitEngine) -> None:

@@ -3,8 +3,10 @@
 //!
 //! An action is what the engine asks the order router to do: close `quantity`
 //! of the position `(symbol, position_side)` with a MARKET order on `side`.
-//! `(position_id, sequence)` identifies it; the router derives its
-//! deterministic clientOrderId from that pair. Quantities and prices are exact
+//! `(position_id, sequence)` identifies it within one position instance, and
+//! `generation` tells instances of a reused position id apart; the router derives
+//! its deterministic clientOrderId from the pair (ids the daemon allocates are never
+//! reused, so the pair stays unique there). Quantities and prices are exact
 //! decimals on the symbol's grid; their wire strings come from the symbol rules.
 
 use std::fmt;
@@ -184,4 +186,9 @@ pub struct ExitAction {
     pub is_full_close: bool,
     /// Event time (ms) of the mark update that triggered it.
     pub event_time_ms: i64,
+    /// The generation of the position instance that emitted it (see
+    /// `PositionState::generation`): a stale action of an earlier position with the
+    /// same id is refused by `confirm` and `reject`.
+    #[serde(default)]
+    pub generation: u64,
 }

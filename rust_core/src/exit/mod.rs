@@ -7,17 +7,31 @@
 //! message changes nothing), then every update is applied in message order:
 //! bars and ATR first, then the symbol's positions (see [`position`]).
 //!
-//! Determinism: only event time (`E` of the message) is used, never the wall
-//! clock. An update older than the last one applied for its symbol is
+//! Determinism: only event time (`E` of the message) drives the rules, never the
+//! wall clock. An update older than the last one applied for its symbol is
 //! dropped (a reconnect may replay a stale message; a stale mark must not move
 //! a stop). A position opened without `opened_at_ms` gets the latest event
 //! time the engine has seen, or, before any message, the event time of its
 //! first update.
 //!
+//! Implausible updates are refused one by one (the rest of the message still
+//! applies), counted, and change nothing, so they can never poison the ordering
+//! above: an event time outside `[0, 2100)`, more than 10 minutes ahead of the
+//! caller's wall clock (`on_mark_message_at`; the clock only bounds event times,
+//! it never drives a rule), or, without a clock, more than 30 days ahead of the
+//! latest accepted event time ([`ExitEngine::implausible_event_times`]); a mark
+//! outside the symbol's plausible price band ([`ExitEngine::implausible_marks`],
+//! see [`bounds`]).
+//!
+//! Position instances: every open or adoption gets the next `generation` of the
+//! engine; its actions carry it and `confirm`/`reject` refuse an action of an
+//! earlier instance that used the same position id.
+//!
 //! Unknown symbols (not in the rules) are skipped. Symbols without a position
 //! still feed their bars and ATR.
 
 pub mod action;
+pub mod bounds;
 pub mod policy;
 pub mod position;
 
@@ -32,7 +46,7 @@ pub use self::position::{Confirmed, OpenParams, PositionState, StopPlan};
 use crate::atr::WilderAtr;
 use crate::bars::{BarAggregator, BarEvent};
 use crate::error::CoreError;
-use crate::feed::parse_mark_message;
+use crate::feed::{parse_mark_message, MarkBatch};
 use crate::fixed::Decimal;
 use crate::rules::{ExchangeRules, SymbolRules};
 
@@ -61,6 +75,13 @@ pub struct SymbolState {
     /// (refilled on restore and on `update_rules`).
     #[serde(skip)]
     pub(crate) rules: Option<SymbolRules>,
+    /// The plausible mark band of those rules (see [`bounds::price_band`]), cached with them.
+    #[serde(skip)]
+    pub(crate) band: (Decimal, Decimal),
+    /// The band shrunk by a millionth on each side, as floats: a mark's float inside it
+    /// is inside the band without a decimal comparison.
+    #[serde(skip)]
+    pub(crate) band_f64: (f64, f64),
 }
 
 /// FNV-1a: symbol names are short and come from the exchange, so a fast
@@ -96,8 +117,10 @@ const LATE_JOIN_MS: i64 = 3_000;
 
 impl SymbolState {
     fn new(templates: &(BarAggregator, WilderAtr), rules: Option<&SymbolRules>) -> Self {
-        Self {
-            rules: rules.cloned(),
+        let mut state = Self {
+            rules: None,
+            band: (Decimal::ZERO, Decimal::ZERO),
+            band_f64: (f64::INFINITY, f64::NEG_INFINITY),
             bars: templates.0.clone(),
             atr: templates.1.clone(),
             last_mark: None,
@@ -106,7 +129,26 @@ impl SymbolState {
             short: None,
             partial_bucket: None,
             gap_bars: 0,
-        }
+        };
+        state.set_rules(rules.cloned());
+        state
+    }
+
+    /// Caches the symbol's rules and their plausible mark band.
+    pub(crate) fn set_rules(&mut self, rules: Option<SymbolRules>) {
+        self.band = rules
+            .as_ref()
+            .map_or((Decimal::ZERO, Decimal::ZERO), bounds::price_band);
+        let (low, high) = self.band;
+        self.band_f64 = if rules.is_some() {
+            (
+                crate::fixed::decimal_to_f64(low) * (1.0 + 1e-6),
+                crate::fixed::decimal_to_f64(high) * (1.0 - 1e-6),
+            )
+        } else {
+            (f64::INFINITY, f64::NEG_INFINITY)
+        };
+        self.rules = rules;
     }
 
     fn slot(&mut self, side: PositionSide) -> &mut Option<PositionState> {
@@ -187,10 +229,33 @@ pub struct ExitEngine {
     pub(crate) templates: (BarAggregator, WilderAtr),
     /// Scratch buffer for bar events (no allocation per update).
     pub(crate) bar_events: Vec<BarEvent>,
+    /// The generation the next opened or adopted position gets.
+    pub(crate) next_generation: u64,
+    /// The latest wall clock a caller passed (ms), bounding event times.
+    pub(crate) clock_ms: Option<i64>,
+    /// Updates refused for an implausible event time (process statistics, not state).
+    pub(crate) implausible_event_times: u64,
+    /// Updates refused for a mark outside the plausible band (process statistics).
+    pub(crate) implausible_marks: u64,
 }
 
 fn unknown_position(position_id: &str) -> CoreError {
     CoreError::invalid("position_id", position_id, "is not an open position")
+}
+
+fn check_generation(position: &PositionState, generation: Option<u64>) -> Result<(), CoreError> {
+    match generation {
+        Some(g) if g != position.generation => Err(CoreError::invalid(
+            "generation",
+            g.to_string(),
+            format!(
+                "is not the open position {}'s generation {}: the action belongs to an \
+                 earlier position with the same id",
+                position.position_id, position.generation
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 impl ExitEngine {
@@ -208,6 +273,10 @@ impl ExitEngine {
             last_event_ms: None,
             templates,
             bar_events: Vec::new(),
+            next_generation: 1,
+            clock_ms: None,
+            implausible_event_times: 0,
+            implausible_marks: 0,
         })
     }
 
@@ -231,6 +300,48 @@ impl ExitEngine {
     /// Returns the latest event time applied (ms).
     pub fn last_event_ms(&self) -> Option<i64> {
         self.last_event_ms
+    }
+
+    /// Returns how many updates were refused for an implausible event time since this
+    /// engine was created or restored (see the module header).
+    pub fn implausible_event_times(&self) -> u64 {
+        self.implausible_event_times
+    }
+
+    /// Returns how many updates were refused for a mark outside the symbol's plausible
+    /// price band since this engine was created or restored.
+    pub fn implausible_marks(&self) -> u64 {
+        self.implausible_marks
+    }
+
+    /// Returns the latest wall clock a caller passed (ms).
+    pub fn clock_ms(&self) -> Option<i64> {
+        self.clock_ms
+    }
+
+    /// Records the caller's wall clock (ms): later updates more than 10 minutes ahead of
+    /// it are refused. The clock only moves forward; it never drives a rule.
+    ///
+    /// # Errors
+    /// `InvalidField` naming `now_ms` outside `[0, 2100)`.
+    pub fn set_clock(&mut self, now_ms: i64) -> Result<(), CoreError> {
+        bounds::check_event_time("now_ms", now_ms)?;
+        if self.clock_ms.is_none_or(|c| now_ms > c) {
+            self.clock_ms = Some(now_ms);
+        }
+        Ok(())
+    }
+
+    /// Whether an update at `event_time_ms` is plausible (see the module header).
+    fn plausible_event_time(&self, event_time_ms: i64) -> bool {
+        if !(0..=bounds::MAX_EVENT_MS).contains(&event_time_ms) {
+            return false;
+        }
+        match (self.clock_ms, self.last_event_ms) {
+            (Some(clock), _) => event_time_ms <= clock.saturating_add(bounds::FUTURE_TOLERANCE_MS),
+            (None, Some(last)) => event_time_ms <= last.saturating_add(bounds::MAX_SILENT_JUMP_MS),
+            (None, None) => true,
+        }
     }
 
     fn symbol_state(&mut self, symbol: &str) -> Result<&mut SymbolState, CoreError> {
@@ -372,6 +483,13 @@ impl ExitEngine {
         Ok(())
     }
 
+    /// Hands out the generation of a new position instance.
+    fn take_generation(&mut self) -> u64 {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.saturating_add(1);
+        generation
+    }
+
     fn insert(&mut self, state: PositionState) {
         self.index.insert(
             state.position_id.clone(),
@@ -396,18 +514,24 @@ impl ExitEngine {
             params.opened_at_ms = self.last_event_ms;
         }
         let symbol = params.symbol.clone();
-        let atr = self.symbol_state(&symbol)?.atr.value();
+        let atr = self.symbols.get(&symbol).and_then(|s| s.atr.value());
         let rules = self.rules.symbol(&symbol)?;
-        let state = PositionState::open(params, atr, rules, &self.policy)
+        let mut state = PositionState::open(params, atr, rules, &self.policy)
             .map_err(|e| e.with_symbol(&symbol))?;
+        state.generation = self.take_generation();
+        // The symbol's state is created only now: a refused open changes nothing.
+        self.symbol_state(&symbol)?;
         self.insert(state);
         Ok(())
     }
 
     /// Starts tracking a position found on the exchange mid-life (see
     /// [`PositionState::adopt`]) and evaluates it at once against `mark_price`
-    /// (or the symbol's last mark) when an event time is known: passed ladder
-    /// levels and over-leverage fire immediately. Returns those actions.
+    /// (or the symbol's last mark): a stop already crossed, passed ladder levels and
+    /// over-leverage fire immediately. The time of that evaluation is the symbol's
+    /// latest event time, else the engine's, else its wall clock, else
+    /// `opened_at_ms`; with none of them known every rule but the time stop is
+    /// evaluated. Returns those actions.
     ///
     /// # Errors
     /// As [`ExitEngine::open_position`].
@@ -423,20 +547,18 @@ impl ExitEngine {
             params.opened_at_ms = self.last_event_ms;
         }
         if let Some(mark) = mark_price {
-            if mark <= Decimal::ZERO {
-                return Err(CoreError::invalid_for(
-                    &params.symbol,
-                    "mark_price",
-                    mark.to_string(),
-                    "must be > 0",
-                ));
-            }
+            bounds::check_price("mark_price", mark, self.rules.symbol(&params.symbol)?)?;
         }
+        let opened_at = params.opened_at_ms;
         let symbol = params.symbol.clone();
-        let symbol_state = self.symbol_state(&symbol)?;
-        let atr = symbol_state.atr.value();
-        let mark = mark_price.or(symbol_state.last_mark);
-        let now = symbol_state.last_event_ms.or(self.last_event_ms);
+        let symbol_state = self.symbols.get(&symbol);
+        let atr = symbol_state.and_then(|s| s.atr.value());
+        let mark = mark_price.or(symbol_state.and_then(|s| s.last_mark));
+        let now = symbol_state
+            .and_then(|s| s.last_event_ms)
+            .or(self.last_event_ms)
+            .or(self.clock_ms)
+            .or(opened_at);
         let rules = self.rules.symbol(&symbol)?;
         let mut state = PositionState::adopt(
             params,
@@ -447,10 +569,13 @@ impl ExitEngine {
             &self.policy,
         )
         .map_err(|e| e.with_symbol(&symbol))?;
+        state.generation = self.next_generation;
         let mut actions = Vec::new();
-        if let (Some(mark), Some(now)) = (mark, now) {
-            actions.extend(state.on_mark(mark, atr, now, rules, &self.policy));
+        if let Some(mark) = mark {
+            actions.extend(state.evaluate(mark, atr, now, rules, &self.policy));
         }
+        self.take_generation();
+        self.symbol_state(&symbol)?;
         self.insert(state);
         Ok(actions)
     }
@@ -517,19 +642,50 @@ impl ExitEngine {
         sequence: u64,
         filled: Option<Decimal>,
     ) -> Result<bool, CoreError> {
+        self.confirm_instance(position_id, None, sequence, filled)
+    }
+
+    /// [`ExitEngine::confirm`] for the position instance `generation` (when given): an
+    /// action of an earlier position with the same id is refused, nothing changes.
+    ///
+    /// # Errors
+    /// As [`ExitEngine::confirm`], and `InvalidField` naming `generation`.
+    pub fn confirm_instance(
+        &mut self,
+        position_id: &str,
+        generation: Option<u64>,
+        sequence: u64,
+        filled: Option<Decimal>,
+    ) -> Result<bool, CoreError> {
         self.with_position(position_id, |p, rules, policy| {
+            check_generation(p, generation)?;
             let outcome = p.confirm(sequence, filled, rules, policy)?;
             Ok((outcome == Confirmed::Closed, outcome == Confirmed::Closed))
         })
     }
 
-    /// Rejects the pending action `(position_id, sequence)`: the rule may fire
-    /// again on the next update.
+    /// Rejects the pending action `(position_id, sequence)`: only the pending action
+    /// is cleared (see [`PositionState::reject`]); the rule may fire again on the next
+    /// update.
     ///
     /// # Errors
     /// `InvalidField` for an unknown position or a sequence that is not pending.
     pub fn reject(&mut self, position_id: &str, sequence: u64) -> Result<(), CoreError> {
+        self.reject_instance(position_id, None, sequence)
+    }
+
+    /// [`ExitEngine::reject`] for the position instance `generation` (when given).
+    ///
+    /// # Errors
+    /// As [`ExitEngine::reject`], and `InvalidField` naming `generation`.
+    pub fn reject_instance(
+        &mut self,
+        position_id: &str,
+        generation: Option<u64>,
+        sequence: u64,
+    ) -> Result<(), CoreError> {
         self.with_position(position_id, |p, _, _| {
+            check_generation(p, generation)?;
             p.reject(sequence).map(|()| ((), false))
         })
     }
@@ -589,7 +745,7 @@ impl ExitEngine {
         self.symbols
             .retain(|symbol, state| match rules.get(symbol) {
                 Some(fresh) => {
-                    state.rules = Some(fresh.clone());
+                    state.set_rules(Some(fresh.clone()));
                     true
                 }
                 None => false,
@@ -604,7 +760,34 @@ impl ExitEngine {
     /// # Errors
     /// `Message` for a malformed payload; the state is untouched then.
     pub fn on_mark_message(&mut self, data: &[u8]) -> Result<Vec<ExitAction>, CoreError> {
+        self.on_mark_message_at(data, None)
+    }
+
+    /// [`ExitEngine::on_mark_message`] with the caller's wall clock `now_ms` (see
+    /// [`ExitEngine::set_clock`]): an update more than 10 minutes ahead of it is
+    /// refused and counted.
+    ///
+    /// # Errors
+    /// `Message` for a malformed payload, `InvalidField` for `now_ms` outside
+    /// `[0, 2100)`; the state is untouched then.
+    pub fn on_mark_message_at(
+        &mut self,
+        data: &[u8],
+        now_ms: Option<i64>,
+    ) -> Result<Vec<ExitAction>, CoreError> {
+        if let Some(now) = now_ms {
+            bounds::check_event_time("now_ms", now)?;
+        }
         let batch = parse_mark_message(data)?;
+        if let Some(now) = now_ms {
+            self.set_clock(now)?;
+        }
+        Ok(self.apply_batch(&batch))
+    }
+
+    /// Applies a parsed message (see [`crate::feed::parse_mark_message`]) in message
+    /// order; returns the actions.
+    pub fn apply_batch(&mut self, batch: &MarkBatch<'_>) -> Vec<ExitAction> {
         let mut actions = Vec::new();
         // Symbols written with JSON escapes (non-ASCII names) come unescaped in
         // `batch.escaped`: they are marks like any other.
@@ -617,11 +800,12 @@ impl ExitEngine {
                 &mut actions,
             );
         }
-        Ok(actions)
+        actions
     }
 
-    /// Applies one mark update (already validated) and appends the actions it
-    /// triggers. Unknown symbols and stale updates are skipped.
+    /// Applies one mark update (already parsed) and appends the actions it
+    /// triggers. Unknown symbols and stale updates are skipped; implausible event
+    /// times and marks are refused and counted (see the module header).
     pub fn apply_mark(
         &mut self,
         symbol: &str,
@@ -630,17 +814,36 @@ impl ExitEngine {
         event_time_ms: i64,
         out: &mut Vec<ExitAction>,
     ) {
+        if !self.plausible_event_time(event_time_ms) {
+            if self.rules.get(symbol).is_some() {
+                self.implausible_event_times += 1;
+            }
+            return;
+        }
         let state = if let Some(state) = self.symbols.get_mut(symbol) {
             state
         } else {
             let Some(rules) = self.rules.get(symbol) else {
                 return;
             };
+            if !bounds::plausible_price(mark, rules) {
+                // Refused before the symbol's state exists: nothing is created.
+                self.implausible_marks += 1;
+                return;
+            }
             let templates = &self.templates;
             self.symbols
                 .entry(symbol.to_owned())
                 .or_insert_with(|| Box::new(SymbolState::new(templates, Some(rules))))
         };
+        let (low_f, high_f) = state.band_f64;
+        let (low, high) = state.band;
+        let inside = (mark_f64 > low_f && mark_f64 < high_f)
+            || (mark > Decimal::ZERO && mark >= low && mark <= high);
+        if !inside {
+            self.implausible_marks += 1;
+            return;
+        }
         if state.last_event_ms.is_some_and(|last| event_time_ms < last) {
             return;
         }
@@ -666,7 +869,9 @@ impl ExitEngine {
         };
         let atr = atr.value();
         for position in [long.as_mut(), short.as_mut()].into_iter().flatten() {
-            if let Some(action) = position.on_mark(mark, atr, event_time_ms, rules, &self.policy) {
+            if let Some(action) =
+                position.evaluate_in_band(mark, atr, Some(event_time_ms), rules, &self.policy)
+            {
                 out.push(action);
             }
         }
@@ -1038,6 +1243,414 @@ mod tests {
         );
         let batch = crate::atr::atr_batch(&highs, &lows, &closes, 14).unwrap();
         assert_eq!(once, Some(batch[19]));
+    }
+
+    fn long_params(id: &str, quantity: &str) -> OpenParams {
+        OpenParams {
+            position_id: id.into(),
+            symbol: "BTCUSDT".into(),
+            side: PositionSide::Long,
+            quantity: d(quantity),
+            entry_price: d("30000.0"),
+            leverage: 10,
+            confidence: None,
+            opened_at_ms: None,
+            liquidation_price: None,
+        }
+    }
+
+    fn field_of(err: &CoreError) -> &str {
+        match err {
+            CoreError::InvalidField { field, .. } => field,
+            other => panic!("not an InvalidField: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_future_event_time_is_refused_and_never_poisons_the_stop() {
+        // Issue 16 item 1: E in microseconds once, then correct messages.
+        let mut engine = engine();
+        open(&mut engine, "p1", PositionSide::Long);
+        let t = 1_700_000_000_000_i64;
+        assert!(engine
+            .on_mark_message(&msg("30000.0", t))
+            .unwrap()
+            .is_empty());
+        assert!(engine
+            .on_mark_message(&msg("30000.0", t * 1000))
+            .unwrap()
+            .is_empty());
+        assert_eq!(engine.implausible_event_times(), 1);
+        assert_eq!(
+            engine.last_event_ms(),
+            Some(t),
+            "the bad time was not accepted"
+        );
+        let actions = engine.on_mark_message(&msg("25000.0", t + 60_000)).unwrap();
+        assert_eq!(actions.len(), 1, "the stop still fires");
+        assert_eq!(actions[0].reason, ExitReason::StopLoss);
+        // A snapshot never carries the bad time.
+        let text = String::from_utf8(engine.snapshot()).unwrap();
+        assert!(!text.contains(&(t * 1000).to_string()));
+    }
+
+    #[test]
+    fn event_times_are_bounded_by_the_callers_clock() {
+        let mut engine = engine();
+        open(&mut engine, "p1", PositionSide::Long);
+        let t = 1_700_000_000_000_i64;
+        // An hour ahead of the wall clock: refused; ten minutes is the tolerance.
+        let ahead = engine
+            .on_mark_message_at(&msg("29000.0", t + 3_600_000), Some(t))
+            .unwrap();
+        assert!(ahead.is_empty());
+        assert_eq!(engine.implausible_event_times(), 1);
+        assert_eq!(engine.position("p1").unwrap().last_mark_price, None);
+        let actions = engine
+            .on_mark_message_at(&msg("29000.0", t + 600_000), Some(t))
+            .unwrap();
+        assert_eq!(actions.len(), 1);
+        // With a clock a long silence is fine: a restart two days later.
+        let mut engine = super::tests::engine();
+        engine.on_mark_message(&msg("30000.0", t)).unwrap();
+        let later = t + 2 * 86_400_000;
+        assert!(engine
+            .on_mark_message_at(&msg("30000.0", later), Some(later))
+            .is_ok());
+        assert_eq!(engine.last_event_ms(), Some(later));
+        // Without a clock: more than 30 days ahead of the last accepted time is refused.
+        engine
+            .on_mark_message(&msg("30000.0", later + 31 * 86_400_000))
+            .unwrap();
+        assert_eq!(engine.last_event_ms(), Some(later));
+        assert_eq!(engine.implausible_event_times(), 1);
+        // Negative times and a wall clock after 2100 are refused too.
+        engine.on_mark_message(&msg("30000.0", -5)).unwrap();
+        assert_eq!(engine.implausible_event_times(), 2);
+        let err = engine
+            .on_mark_message_at(&msg("30000.0", later), Some(i64::MAX))
+            .unwrap_err();
+        assert_eq!(field_of(&err), "now_ms");
+    }
+
+    #[test]
+    fn max_hold_is_not_fired_by_a_future_time() {
+        let policy = ExitPolicy::new(PolicyConfig {
+            max_hold_ms: Some(3_600_000),
+            ..example_policy().config().clone()
+        })
+        .unwrap();
+        let mut engine = ExitEngine::new(exchange_rules(), policy).unwrap();
+        let t = 1_700_000_000_000_i64;
+        engine.on_mark_message(&msg("30000.0", t)).unwrap();
+        open(&mut engine, "p1", PositionSide::Long);
+        assert!(engine
+            .on_mark_message(&msg("30000.0", t * 1000))
+            .unwrap()
+            .is_empty());
+        assert!(engine
+            .on_mark_message(&msg("30000.0", t + 1000))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn an_absurd_mark_is_refused_with_state_untouched() {
+        // Issue 16 item 2: a partial level makes `remainder × mark` overflow at 5e28;
+        // without one, the trailing stop moved to 7.9e28.
+        let mut engine = engine();
+        open(&mut engine, "p1", PositionSide::Long);
+        engine.on_mark_message(&msg("30000.0", 1)).unwrap();
+        let before = engine.snapshot();
+        for absurd in [
+            "50000000000000000000000000000",
+            "79228162514264337593543950335",
+            "45297640",
+            "0.0000000000000000000000000001",
+        ] {
+            let actions = engine.on_mark_message(&msg(absurd, 2)).unwrap();
+            assert!(actions.is_empty(), "{absurd}");
+        }
+        assert_eq!(engine.implausible_marks(), 4);
+        assert_eq!(engine.snapshot(), before, "nothing changed");
+        // The same on an array: the sane entry still applies.
+        let actions = engine
+            .on_mark_message(&arr(
+                &[
+                    ("BTCUSDT", "79228162514264337593543950335"),
+                    ("ETHUSDT", "2000.00"),
+                ],
+                3,
+            ))
+            .unwrap();
+        assert!(actions.is_empty());
+        assert_eq!(engine.implausible_marks(), 5);
+        assert!(engine.symbols["ETHUSDT"].last_mark.is_some());
+        assert_eq!(engine.position("p1").unwrap().best_price, d("30000.0"));
+    }
+
+    #[test]
+    fn the_band_edges_are_exact() {
+        let mut engine = engine();
+        let (low, high) = bounds::price_band(engine.rules().symbol("BTCUSDT").unwrap());
+        let tick = d("0.1");
+        for (price, accepted) in [
+            (high, true),
+            (high + tick, false),
+            (low, true),
+            (low - d("0.01"), false),
+        ] {
+            let text = price.normalize().to_string();
+            let before = engine.implausible_marks();
+            engine.on_mark_message(&msg(&text, 10)).unwrap();
+            assert_eq!(engine.implausible_marks() == before, accepted, "{text}");
+        }
+    }
+
+    #[test]
+    fn absurd_entries_and_values_are_input_errors() {
+        let mut engine = engine();
+        let huge = "79228162514264337593543950335";
+        let mut params = long_params("p1", "0.010");
+        params.entry_price = d(huge);
+        let err = engine.open_position(params).unwrap_err();
+        assert_eq!(field_of(&err), "entry_price");
+        let mut params = long_params("p1", "0.010");
+        params.quantity = d(huge);
+        assert_eq!(
+            field_of(&engine.open_position(params).unwrap_err()),
+            "quantity"
+        );
+        let mut params = long_params("p1", "0.010");
+        params.liquidation_price = Some(d(huge));
+        assert_eq!(
+            field_of(&engine.open_position(params).unwrap_err()),
+            "liquidation_price"
+        );
+        let mut params = long_params("p1", "0.010");
+        params.opened_at_ms = Some(i64::MAX);
+        assert_eq!(
+            field_of(&engine.open_position(params).unwrap_err()),
+            "opened_at_ms"
+        );
+        assert!(engine.positions().is_empty());
+        let err = engine
+            .plan_entry("BTCUSDT", PositionSide::Long, d(huge), 10, None, None)
+            .unwrap_err();
+        assert_eq!(field_of(&err), "entry_price");
+        open(&mut engine, "p1", PositionSide::Long);
+        let err = engine.set_liquidation_price("p1", d(huge)).unwrap_err();
+        assert_eq!(field_of(&err), "liquidation_price");
+        let err = engine.resize_position("p1", d(huge)).unwrap_err();
+        assert_eq!(field_of(&err), "quantity");
+    }
+
+    #[test]
+    fn adopt_evaluates_its_mark_before_any_message() {
+        // Issue 16 item 3: no message yet, a mark already through the stop.
+        let mut engine = engine();
+        let actions = engine
+            .adopt_position(long_params("a1", "0.010"), None, None, Some(d("29000.0")))
+            .unwrap();
+        assert_eq!(actions.len(), 1);
+        assert_eq!(
+            (actions[0].reason, actions[0].quantity),
+            (ExitReason::StopLoss, d("0.010"))
+        );
+        assert_eq!(actions[0].event_time_ms, 0, "no time known");
+        assert_eq!(engine.position("a1").unwrap().opened_at_ms, None);
+        assert!(engine.confirm("a1", actions[0].sequence, None).unwrap());
+        // With opened_at_ms as the only time, the action carries it.
+        let mut params = long_params("a2", "0.010");
+        params.side = PositionSide::Short;
+        params.leverage = 50;
+        params.opened_at_ms = Some(1_700_000_000_000);
+        let actions = engine
+            .adopt_position(params, None, None, Some(d("30010.0")))
+            .unwrap();
+        assert_eq!(
+            (actions[0].reason, actions[0].event_time_ms),
+            (ExitReason::OverLeverage, 1_700_000_000_000)
+        );
+        // An absurd mark is an error naming it, and nothing is adopted.
+        let err = engine
+            .adopt_position(
+                long_params("a3", "0.010"),
+                None,
+                None,
+                Some(d("50000000000000000000000000000")),
+            )
+            .unwrap_err();
+        assert_eq!(field_of(&err), "mark_price");
+        assert!(engine.position("a3").is_none());
+    }
+
+    #[test]
+    fn restore_refuses_impossible_positions_naming_the_field() {
+        // Issue 16 item 4.
+        let mut engine = engine();
+        open(&mut engine, "p1", PositionSide::Long);
+        let text = String::from_utf8(engine.snapshot()).unwrap();
+        let cases = [
+            (
+                "\"levels_passed_at_adoption\":0",
+                "\"levels_passed_at_adoption\":9",
+                "position[p1].levels_passed_at_adoption",
+            ),
+            (
+                "\"ladder_targets\":[\"0.003\",\"0.006\",\"0.010\"]",
+                "\"ladder_targets\":[]",
+                "position[p1].ladder_targets",
+            ),
+            (
+                "\"stop_price\":\"29880.00\"",
+                "\"stop_price\":\"100000\"",
+                "position[p1].stop_price",
+            ),
+            (
+                "\"quantity\":\"0.010\"",
+                "\"quantity\":\"-1\"",
+                "position[p1].quantity",
+            ),
+            (
+                "\"quantity\":\"0.010\"",
+                "\"quantity\":\"0.0105\"",
+                "position[p1].quantity",
+            ),
+            (
+                "\"sequence\":0",
+                "\"sequence\":18446744073709551615",
+                "position[p1].sequence",
+            ),
+            ("\"leverage\":10", "\"leverage\":0", "position[p1].leverage"),
+        ];
+        for (from, to, field) in cases {
+            assert!(text.contains(from), "{from} not in {text}");
+            let bad = text.replacen(from, to, 1);
+            let err = ExitEngine::restore(bad.as_bytes(), exchange_rules()).unwrap_err();
+            assert_eq!(field_of(&err), field, "{to}: {err}");
+        }
+        let bad = text.replacen("\"interval_ms\":60000", "\"interval_ms\":0", 1);
+        let err = ExitEngine::restore(bad.as_bytes(), exchange_rules()).unwrap_err();
+        assert_eq!(field_of(&err), "symbols[BTCUSDT].bars.interval_ms");
+        // The original restores and runs.
+        let mut restored = ExitEngine::restore(text.as_bytes(), exchange_rules()).unwrap();
+        assert_eq!(
+            restored.on_mark_message(&msg("29000.0", 5)).unwrap().len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_stale_action_of_a_reused_position_id_is_refused() {
+        // Issue 16 item 5.
+        let mut engine = engine();
+        open(&mut engine, "p", PositionSide::Long);
+        let old = engine
+            .on_mark_message(&msg("29000.0", 1))
+            .unwrap()
+            .remove(0);
+        assert!(engine.confirm("p", old.sequence, None).unwrap(), "closed");
+        open(&mut engine, "p", PositionSide::Long);
+        let fresh = engine
+            .on_mark_message(&msg("29000.0", 2))
+            .unwrap()
+            .remove(0);
+        assert_eq!(fresh.sequence, old.sequence);
+        assert_ne!(fresh.generation, old.generation);
+        let err = engine
+            .confirm_instance("p", Some(old.generation), old.sequence, None)
+            .unwrap_err();
+        assert_eq!(field_of(&err), "generation");
+        let err = engine
+            .reject_instance("p", Some(old.generation), old.sequence)
+            .unwrap_err();
+        assert_eq!(field_of(&err), "generation");
+        assert!(engine.position("p").unwrap().pending.is_some(), "untouched");
+        assert!(engine
+            .confirm_instance("p", Some(fresh.generation), fresh.sequence, None)
+            .unwrap());
+        // Generations survive a snapshot.
+        open(&mut engine, "q", PositionSide::Long);
+        let generation = engine.position("q").unwrap().generation;
+        let restored = ExitEngine::restore(&engine.snapshot(), exchange_rules()).unwrap();
+        assert_eq!(restored.position("q").unwrap().generation, generation);
+        assert_eq!(restored.next_generation, engine.next_generation);
+    }
+
+    #[test]
+    fn a_liquidation_price_on_the_profit_side_is_refused() {
+        // Found by the fuzz suite: a SHORT given a liquidation price far below its entry
+        // had its stop "tightened" there, out of reach of any later restore check.
+        let mut engine = engine();
+        open(&mut engine, "s", PositionSide::Short);
+        let before = engine.snapshot();
+        let err = engine.set_liquidation_price("s", d("1600.0")).unwrap_err();
+        assert_eq!(field_of(&err), "liquidation_price");
+        assert_eq!(engine.snapshot(), before);
+        engine.set_liquidation_price("s", d("32000.0")).unwrap();
+        assert_eq!(engine.position("s").unwrap().stop_price, d("30120.0"));
+    }
+
+    #[test]
+    fn plan_entry_checks_confidence_by_name() {
+        // Issue 16 item 6.
+        let engine = engine();
+        for bad in [7.0, -3.0, f64::NAN] {
+            let err = engine
+                .plan_entry(
+                    "BTCUSDT",
+                    PositionSide::Long,
+                    d("30000"),
+                    10,
+                    Some(bad),
+                    None,
+                )
+                .unwrap_err();
+            assert_eq!(field_of(&err), "confidence", "{bad}");
+        }
+    }
+
+    #[test]
+    fn off_step_quantities_are_refused() {
+        // Issue 16 item 7.
+        let mut engine = engine();
+        let err = engine
+            .open_position(long_params("p1", "0.0105"))
+            .unwrap_err();
+        assert_eq!(field_of(&err), "quantity");
+        assert!(
+            err.to_string().contains("MARKET_LOT_SIZE step 0.001"),
+            "{err}"
+        );
+        open(&mut engine, "p1", PositionSide::Long);
+        let a = engine
+            .on_mark_message(&msg("30125.0", 1))
+            .unwrap()
+            .remove(0);
+        assert_eq!(a.quantity, d("0.003"));
+        let err = engine
+            .confirm("p1", a.sequence, Some(d("0.0015")))
+            .unwrap_err();
+        assert_eq!(field_of(&err), "filled_quantity");
+        assert!(
+            engine.position("p1").unwrap().pending.is_some(),
+            "untouched"
+        );
+        let err = engine.resize_position("p1", d("0.0111")).unwrap_err();
+        assert_eq!(field_of(&err), "quantity");
+        let err = engine
+            .adopt_position(
+                OpenParams {
+                    side: PositionSide::Short,
+                    ..long_params("p2", "0.010")
+                },
+                Some(d("0.0125")),
+                None,
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(field_of(&err), "original_quantity");
     }
 
     #[test]

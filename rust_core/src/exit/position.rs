@@ -24,17 +24,24 @@
 //! - ladder targets are cumulative fractions of the ORIGINAL size floored to the
 //!   `MARKET_LOT_SIZE` step; the level whose cumulative fraction is 1 closes the
 //!   exact remainder;
-//! - a partial that is zero or below `minQty`, or that would leave a remainder
-//!   below `minQty` or `MIN_NOTIONAL` at the mark, becomes a full close (issue 3
-//!   wins over exit-rules.md's "done with no order" for zero partials: the
-//!   issue says a partial that quantizes to zero is merged into a full close);
-//!   a level whose cumulative target is already covered by confirmed fills is
-//!   done without an order (its ratchet applies);
-//! - no action closes more than the live quantity;
+//! - a level whose quantity floors to zero (its cumulative target is already
+//!   covered: a small position, or confirmed fills) is done with no order: the
+//!   position keeps its size and the level's breakeven and ratchet still apply
+//!   (exit-rules.md; a 0.003 BTC long is not sold whole at its first level);
+//! - a partial above zero but below `minQty`, or that would leave a remainder
+//!   below `minQty` or `MIN_NOTIONAL` at the mark, becomes a full close;
+//! - no action closes more than the live quantity, and every quantity is on the
+//!   `MARKET_LOT_SIZE` step: the live and original quantities and every confirmed
+//!   fill are refused off the step, and ladder targets are floored onto it;
 //! - at most one action is pending; the ratchet runs when a take-profit fill
-//!   is confirmed; a rejection only clears the pending action (what the update
-//!   observed, best mark and trailing stop, stays) and the sequence number is
-//!   never reused.
+//!   is confirmed; a rejection clears the pending action and nothing else (what
+//!   the update observed, best mark and a tightened trailing stop, stays:
+//!   undoing it would loosen a stop) and the sequence number is never reused;
+//! - every input is inside the bounds of [`super::bounds`] (prices in the
+//!   symbol's plausible band, quantities at most 1e12, event times before 2100),
+//!   so no decimal arithmetic here can overflow; a mark outside the band is
+//!   ignored with the state untouched. [`PositionState::validate`] checks a
+//!   restored state against the same bounds, the policy and the rules.
 //!
 //! Choices where the rules are silent:
 //! - `opened_at_ms` unset (the engine had seen no message yet) is set by the
@@ -49,6 +56,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::action::{ExitAction, ExitReason, PositionSide};
+use super::bounds::{self, usable_atr};
 use super::policy::{decimal_of, ExitPolicy, LadderUnit};
 use crate::error::CoreError;
 use crate::fixed::{decimal_to_f64_fast, Decimal, Rounding};
@@ -153,6 +161,10 @@ pub struct PositionState {
     pub sequence: u64,
     /// Last mark seen.
     pub last_mark_price: Option<Decimal>,
+    /// Which instance of `position_id` this is: the engine numbers every position it
+    /// opens or adopts, and an action of an earlier instance with the same id is refused.
+    #[serde(default)]
+    pub generation: u64,
     /// Trail distance cache: (ATR bits, distance); rebuilt on demand.
     #[serde(skip)]
     trail_cache: Option<(u64, Decimal)>,
@@ -223,8 +235,7 @@ fn round_level(side: PositionSide, price: Decimal, rules: &SymbolRules) -> Decim
 }
 
 fn atr_decimal(atr: Option<f64>) -> Option<Decimal> {
-    atr.filter(|a| a.is_finite() && *a > 0.0)
-        .and_then(|a| decimal_of("atr", a).ok())
+    usable_atr(atr).and_then(|a| decimal_of("atr", a).ok())
 }
 
 /// Computes the initial stop, R and the over-leverage verdict (exit-rules.md,
@@ -241,11 +252,10 @@ pub fn plan_stop(
     rules: &SymbolRules,
     policy: &ExitPolicy,
 ) -> Result<StopPlan, CoreError> {
-    if entry <= Decimal::ZERO {
-        return Err(invalid("entry_price", entry, "must be > 0"));
-    }
-    if !(1..=125).contains(&leverage) {
-        return Err(invalid("leverage", leverage, "must be in [1, 125]"));
+    bounds::check_price("entry_price", entry, rules)?;
+    bounds::check_leverage(leverage)?;
+    if let Some(liq) = liquidation_price {
+        check_liquidation(liq, side, entry, rules)?;
     }
     let derived = policy.derived();
     let base = match derived.stop_atr.zip(atr_decimal(atr)) {
@@ -298,7 +308,38 @@ pub fn ladder_prices(
     rules: &SymbolRules,
     policy: &ExitPolicy,
 ) -> Result<Vec<Decimal>, CoreError> {
+    bounds::check_confidence(confidence)?;
     ladder_prices_by(side, entry, r_distance, confidence, rules, policy, true)
+}
+
+/// A liquidation price is 0 (none) or a positive price up to the band's top (it may lie
+/// far below `minPrice`: a LONG at 1x liquidates near zero), and never at or beyond
+/// `best` on the position's profit side (such an account is liquidated by a move this
+/// side gains from: its stop has nothing to keep clear of, the daemon skips it too).
+fn check_liquidation(
+    price: Decimal,
+    side: PositionSide,
+    best: Decimal,
+    rules: &SymbolRules,
+) -> Result<(), CoreError> {
+    let (_, high) = bounds::price_band(rules);
+    if price < Decimal::ZERO || price > high {
+        return Err(CoreError::invalid_for(
+            &rules.symbol,
+            "liquidation_price",
+            price.to_string(),
+            format!("must be 0 (none) or a price in (0, {}]", high.normalize()),
+        ));
+    }
+    if !price.is_zero() && profit_ge(side, price, best) {
+        return Err(CoreError::invalid_for(
+            &rules.symbol,
+            "liquidation_price",
+            price.to_string(),
+            format!("must lie on the loss side of the {side} position's best price {best}"),
+        ));
+    }
+    Ok(())
 }
 
 /// [`ladder_prices`], with the float shortcut or (`floats` false) only the decimal path.
@@ -431,18 +472,10 @@ impl PositionState {
         if params.position_id.is_empty() {
             return Err(invalid("position_id", "", "must not be empty"));
         }
-        if params.quantity <= Decimal::ZERO {
-            return Err(invalid("quantity", params.quantity, "must be > 0"));
-        }
-        if let Some(c) = params.confidence {
-            if !(0.0..=1.0).contains(&c) {
-                return Err(invalid("confidence", c, "must be in [0, 1]"));
-            }
-        }
-        if let Some(liq) = params.liquidation_price {
-            if liq < Decimal::ZERO {
-                return Err(invalid("liquidation_price", liq, "must be >= 0"));
-            }
+        bounds::check_quantity("quantity", params.quantity, false, rules)?;
+        bounds::check_confidence(params.confidence)?;
+        if let Some(opened) = params.opened_at_ms {
+            bounds::check_event_time("opened_at_ms", opened)?;
         }
         // Binance reports 0 when no liquidation price applies.
         let liquidation = params.liquidation_price.filter(|l| !l.is_zero());
@@ -524,6 +557,7 @@ impl PositionState {
             pending: None,
             sequence: 0,
             last_mark_price: None,
+            generation: 0,
             trail_cache: None,
             trail_basis: None,
             activation_checked: false,
@@ -552,6 +586,7 @@ impl PositionState {
         let live = params.quantity;
         let mut state = Self::open(params, atr, rules, policy)?;
         if let Some(original) = original_quantity {
+            bounds::check_quantity("original_quantity", original, false, rules)?;
             if original < live {
                 return Err(invalid(
                     "original_quantity",
@@ -570,9 +605,7 @@ impl PositionState {
             state.apply_ladder_ratchet(rules, policy);
         }
         if let Some(best) = best_price {
-            if best <= Decimal::ZERO {
-                return Err(invalid("best_price", best, "must be > 0"));
-            }
+            bounds::check_price("best_price", best, rules)?;
             if profit_ge(state.side, best, state.best_price) {
                 state.best_price = best;
             }
@@ -625,8 +658,9 @@ impl PositionState {
             }
         }
         if config.ratchet_to_previous_level && self.levels_done >= 2 {
-            let previous = self.ladder_prices[self.levels_done as usize - 2];
-            self.tighten(previous, ExitReason::RatchetStop);
+            if let Some(&previous) = self.ladder_prices.get(self.levels_done as usize - 2) {
+                self.tighten(previous, ExitReason::RatchetStop);
+            }
         }
     }
 
@@ -635,7 +669,7 @@ impl PositionState {
         if let Some(pct) = policy.derived().trail_pct {
             return pct * self.best_price;
         }
-        match (config.trail_atr, atr.filter(|a| a.is_finite() && *a > 0.0)) {
+        match (config.trail_atr, usable_atr(atr)) {
             (Some(k), Some(a)) => {
                 let bits = a.to_bits();
                 if let Some((cached_bits, distance)) = self.trail_cache {
@@ -674,10 +708,7 @@ impl PositionState {
         if policy.derived().trail_pct.is_some() {
             return false;
         }
-        let (Some(k), Some(a)) = (
-            policy.config().trail_atr,
-            atr.filter(|a| a.is_finite() && *a > 0.0),
-        ) else {
+        let (Some(k), Some(a)) = (policy.config().trail_atr, usable_atr(atr)) else {
             return false;
         };
         let x = k * a;
@@ -702,7 +733,7 @@ impl PositionState {
         mark: Decimal,
         now_ms: i64,
     ) -> ExitAction {
-        self.sequence += 1;
+        self.sequence = self.sequence.saturating_add(1);
         let action = ExitAction {
             position_id: self.position_id.clone(),
             symbol: self.symbol.clone(),
@@ -715,13 +746,15 @@ impl PositionState {
             sequence: self.sequence,
             is_full_close: quantity >= self.quantity,
             event_time_ms: now_ms,
+            generation: self.generation,
         };
         self.pending = Some(action.clone());
         action
     }
 
     /// Applies one mark price at event time `now_ms` with the symbol's current
-    /// ATR; returns the exit it triggers, which is then pending.
+    /// ATR; returns the exit it triggers, which is then pending. A mark outside the
+    /// symbol's plausible band (see [`super::bounds`]) is ignored: nothing changes.
     pub fn on_mark(
         &mut self,
         mark: Decimal,
@@ -730,11 +763,43 @@ impl PositionState {
         rules: &SymbolRules,
         policy: &ExitPolicy,
     ) -> Option<ExitAction> {
+        self.evaluate(mark, atr, Some(now_ms), rules, policy)
+    }
+
+    /// [`PositionState::on_mark`], with the event time unknown (`None`: a position
+    /// adopted before any message and without `opened_at_ms`): every rule but the time
+    /// stop is evaluated, and the open time stays unset. An action then carries event
+    /// time 0.
+    pub fn evaluate(
+        &mut self,
+        mark: Decimal,
+        atr: Option<f64>,
+        now: Option<i64>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Option<ExitAction> {
+        if !bounds::plausible_price(mark, rules) {
+            return None;
+        }
+        self.evaluate_in_band(mark, atr, now, rules, policy)
+    }
+
+    /// [`PositionState::evaluate`] for a mark the caller has already found inside the
+    /// plausible band (the engine checks each update once, for every position of it).
+    pub(crate) fn evaluate_in_band(
+        &mut self,
+        mark: Decimal,
+        atr: Option<f64>,
+        now: Option<i64>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Option<ExitAction> {
         self.last_mark_price = Some(mark);
         if self.opened_at_ms.is_none() {
-            self.opened_at_ms = Some(now_ms);
+            self.opened_at_ms = now;
         }
-        if self.pending.is_some() || not_positive(self.quantity) || not_positive(mark) {
+        let now_ms = now.unwrap_or(0);
+        if self.pending.is_some() || not_positive(self.quantity) {
             return None;
         }
         let side = self.side;
@@ -793,23 +858,31 @@ impl PositionState {
                 .take_while(|p| profit_ge(side, mark, **p))
                 .count()
                 + done;
-            let crossed = crossed.max(self.levels_passed_at_adoption as usize);
+            let crossed = crossed
+                .max(self.levels_passed_at_adoption as usize)
+                .min(self.ladder_prices.len().min(self.ladder_targets.len()));
             if crossed > done {
                 let level = crossed; // 1-based index of the highest level crossed
                 let trigger = self.ladder_prices[level - 1];
                 let wanted = self.ladder_targets[level - 1] - self.ladder_closed;
-                let quantity = self.ladder_quantity(wanted, mark, rules);
-                return Some(self.emit(
-                    quantity,
-                    ExitReason::TakeProfit(level as u32),
-                    trigger,
-                    mark,
-                    now_ms,
-                ));
+                if let Some(quantity) = self.ladder_quantity(wanted, mark, rules) {
+                    return Some(self.emit(
+                        quantity,
+                        ExitReason::TakeProfit(level as u32),
+                        trigger,
+                        mark,
+                        now_ms,
+                    ));
+                }
+                // Done with no order (its quantity floors to zero): the position keeps
+                // its size; the level's breakeven and ratchet apply.
+                self.levels_done = level as u32;
+                self.apply_ladder_ratchet(rules, policy);
             }
         }
         // 5. time stop
-        if let (Some(max_hold), Some(opened)) = (config.max_hold_ms, self.opened_at_ms) {
+        let opened_at = self.opened_at_ms.filter(|_| now.is_some());
+        if let (Some(max_hold), Some(opened)) = (config.max_hold_ms, opened_at) {
             let expired = now_ms.saturating_sub(opened) >= max_hold;
             let below = self
                 .time_stop_below_price
@@ -821,23 +894,29 @@ impl PositionState {
         None
     }
 
-    /// Returns the quantity a take-profit closes: `wanted`, or the whole live
+    /// Returns the quantity a take-profit closes: `None` when `wanted` floors to zero
+    /// (the level is done with no order, exit-rules.md), else `wanted`, or the whole live
     /// quantity when `wanted` or the remainder it leaves cannot trade on its own.
-    ///
-    /// A level whose quantity floors to zero becomes a full close, as issue 3 states ("a
-    /// partial that quantizes to zero ... is merged into a full close"); exit-rules.md says
-    /// such a level is done with no order instead. The issue, the accepted requirement, wins.
-    fn ladder_quantity(&self, wanted: Decimal, mark: Decimal, rules: &SymbolRules) -> Decimal {
+    fn ladder_quantity(
+        &self,
+        wanted: Decimal,
+        mark: Decimal,
+        rules: &SymbolRules,
+    ) -> Option<Decimal> {
         let live = self.quantity;
+        if wanted <= Decimal::ZERO {
+            return None;
+        }
         let min_qty = rules.min_qty(true);
-        if wanted <= Decimal::ZERO || wanted >= live || wanted < min_qty {
-            return live;
+        if wanted >= live || wanted < min_qty {
+            return Some(live);
         }
         let remainder = live - wanted;
+        // Both factors are bounded (1e12 × 1e15), far inside the decimal range.
         if remainder < min_qty || remainder * mark < rules.min_notional() {
-            return live;
+            return Some(live);
         }
-        wanted
+        Some(wanted)
     }
 
     fn pending_with(&self, sequence: u64) -> Result<&ExitAction, CoreError> {
@@ -881,6 +960,16 @@ impl PositionState {
                 &format!("must be in [0, {}]", action.quantity),
             ));
         }
+        if !rules.is_on_qty_step(filled, true) {
+            return Err(invalid(
+                "filled_quantity",
+                filled,
+                &format!(
+                    "is not on the MARKET_LOT_SIZE step {} (Binance fills on the step)",
+                    rules.qty_step(true).normalize()
+                ),
+            ));
+        }
         let reason = action.reason;
         let complete = filled == action.quantity;
         self.pending = None;
@@ -908,8 +997,10 @@ impl PositionState {
         Ok(Confirmed::Open)
     }
 
-    /// Rejects the pending action `sequence`: the position is as it was and the
-    /// same rule may fire again on the next update (with a new sequence).
+    /// Rejects the pending action `sequence`: the pending action is cleared and nothing
+    /// else (the best mark and a trailing stop the update tightened stay: undoing them
+    /// would loosen the stop); the same rule may fire again on the next update, with a
+    /// new sequence.
     ///
     /// # Errors
     /// `CoreError::InvalidField` when `sequence` is not the pending action.
@@ -924,18 +1015,24 @@ impl PositionState {
     /// external reduce (the original size stays). Returns `Closed` at zero.
     ///
     /// # Errors
-    /// `CoreError::InvalidField` for a negative quantity.
+    /// `CoreError::InvalidField` for a negative or off-step quantity, or one above 1e12.
     pub fn resize(
         &mut self,
         quantity: Decimal,
         rules: &SymbolRules,
         policy: &ExitPolicy,
     ) -> Result<Confirmed, CoreError> {
-        if quantity < Decimal::ZERO {
-            return Err(invalid("quantity", quantity, "must be >= 0"));
-        }
+        bounds::check_quantity("quantity", quantity, true, rules)?;
         if quantity > self.quantity {
-            self.original_quantity += quantity - self.quantity;
+            let original = self.original_quantity + (quantity - self.quantity);
+            if original > bounds::MAX_QUANTITY {
+                return Err(invalid(
+                    "quantity",
+                    quantity,
+                    &format!("would grow original_quantity to {original}, above 1e12"),
+                ));
+            }
+            self.original_quantity = original;
             self.ladder_targets = Self::targets(self.original_quantity, rules, policy);
         }
         self.quantity = quantity;
@@ -956,9 +1053,7 @@ impl PositionState {
         rules: &SymbolRules,
         policy: &ExitPolicy,
     ) -> Result<(), CoreError> {
-        if price < Decimal::ZERO {
-            return Err(invalid("liquidation_price", price, "must be >= 0"));
-        }
+        check_liquidation(price, self.side, self.best_price, rules)?;
         if price.is_zero() {
             self.liquidation_price = None;
             return Ok(());
@@ -977,6 +1072,260 @@ impl PositionState {
     /// Returns the price of the next ladder level not yet done.
     pub fn next_take_profit(&self) -> Option<Decimal> {
         self.ladder_prices.get(self.levels_done as usize).copied()
+    }
+
+    /// Checks a state that did not come from [`PositionState::open`] (a restored
+    /// snapshot) against the bounds, the policy and the rules: the invariants every
+    /// method relies on. The error names the field (`position[<id>].<field>`).
+    ///
+    /// # Errors
+    /// `CoreError::InvalidField` for the first field that breaks one.
+    #[allow(clippy::too_many_lines)] // one check per field, in field order
+    pub fn validate(&self, rules: &SymbolRules, policy: &ExitPolicy) -> Result<(), CoreError> {
+        let id = &self.position_id;
+        let name = |field: &str| format!("position[{id}].{field}");
+        let bad = |field: &str, value: String, rule: &str| {
+            Err(CoreError::invalid_for(
+                &self.symbol,
+                name(field),
+                value,
+                rule,
+            ))
+        };
+        let renamed = |field: &str, err: CoreError| match err {
+            CoreError::InvalidField {
+                symbol,
+                value,
+                rule,
+                ..
+            } => CoreError::InvalidField {
+                symbol,
+                field: name(field),
+                value,
+                rule,
+            },
+            other => other,
+        };
+        let price = |field: &str, value: Decimal| {
+            bounds::check_price(field, value, rules).map_err(|e| renamed(field, e))
+        };
+        // Stops, levels and thresholds derive from the entry (up to 1e5 R beyond it).
+        let derived = |field: &str, value: Decimal| {
+            if value > Decimal::ZERO && value <= bounds::max_derived_price() {
+                Ok(())
+            } else {
+                bad(
+                    field,
+                    value.to_string(),
+                    "must be a positive price of at most 1e21",
+                )
+            }
+        };
+        let on_tick = |field: &str, value: Decimal| {
+            derived(field, value)?;
+            if rules.try_quantize_price(value, Rounding::Down).ok() == Some(value) {
+                Ok(())
+            } else {
+                bad(field, value.to_string(), "is not on the symbol's tick grid")
+            }
+        };
+        let quantity = |field: &str, value: Decimal, allow_zero: bool| {
+            bounds::check_quantity(field, value, allow_zero, rules).map_err(|e| renamed(field, e))
+        };
+        if id.is_empty() {
+            return bad("position_id", String::new(), "must not be empty");
+        }
+        quantity("quantity", self.quantity, false)?;
+        quantity("original_quantity", self.original_quantity, false)?;
+        if self.original_quantity < self.quantity {
+            return bad(
+                "original_quantity",
+                self.original_quantity.to_string(),
+                &format!("must be >= quantity {}", self.quantity),
+            );
+        }
+        price("entry_price", self.entry_price)?;
+        bounds::check_leverage(self.leverage).map_err(|e| renamed("leverage", e))?;
+        bounds::check_confidence(self.confidence).map_err(|e| renamed("confidence", e))?;
+        if let Some(opened) = self.opened_at_ms {
+            bounds::check_event_time("opened_at_ms", opened)
+                .map_err(|e| renamed("opened_at_ms", e))?;
+        }
+        if let Some(liq) = self.liquidation_price {
+            check_liquidation(liq, self.side, self.best_price, rules)
+                .map_err(|e| renamed("liquidation_price", e))?;
+        }
+        on_tick("stop_price", self.stop_price)?;
+        price("best_price", self.best_price)?;
+        if !self.r_distance.is_sign_positive() || self.r_distance > self.entry_price {
+            return bad(
+                "r_distance",
+                self.r_distance.to_string(),
+                &format!("must be in [0, entry_price {}]", self.entry_price),
+            );
+        }
+        let levels = policy.config().ladder.len();
+        if self.ladder_prices.len() != levels {
+            return bad(
+                "ladder_prices",
+                format!("{} prices", self.ladder_prices.len()),
+                &format!("must have one price per policy ladder level ({levels})"),
+            );
+        }
+        if self.ladder_targets.len() != levels {
+            return bad(
+                "ladder_targets",
+                format!("{} targets", self.ladder_targets.len()),
+                &format!("must have one target per policy ladder level ({levels})"),
+            );
+        }
+        for (i, level) in self.ladder_prices.iter().enumerate() {
+            on_tick(&format!("ladder_prices[{i}]"), *level)?;
+            let previous = if i == 0 {
+                self.entry_price
+            } else {
+                self.ladder_prices[i - 1]
+            };
+            if !strictly_tighter(self.side, *level, previous) {
+                return bad(
+                    &format!("ladder_prices[{i}]"),
+                    level.to_string(),
+                    "must lie beyond the entry and the level before it, toward profit",
+                );
+            }
+        }
+        // The stop never lies beyond every price that can move it toward profit: the
+        // best mark, a ladder level, the breakeven price, the liquidation buffer.
+        // (A liquidation price is refused on the profit side of the best mark, so its
+        // buffer moves the stop at most `liq_buffer_pct × entry` beyond the best.)
+        let buffer = policy.derived().liq_buffer_pct * self.entry_price;
+        let mut reach = round_stop(
+            self.side,
+            toward_profit(self.side, self.best_price, buffer),
+            rules,
+        );
+        for candidate in self.ladder_prices.iter().copied().chain([round_stop(
+            self.side,
+            toward_profit(
+                self.side,
+                self.entry_price,
+                policy.derived().breakeven_pct * self.entry_price,
+            ),
+            rules,
+        )]) {
+            if profit_ge(self.side, candidate, reach) {
+                reach = candidate;
+            }
+        }
+        if strictly_tighter(self.side, self.stop_price, reach) {
+            return bad(
+                "stop_price",
+                self.stop_price.to_string(),
+                &format!(
+                    "lies beyond {reach}, the furthest a {} stop can move toward profit",
+                    self.side
+                ),
+            );
+        }
+        let mut previous = Decimal::ZERO;
+        for (i, target) in self.ladder_targets.iter().enumerate() {
+            let field = format!("ladder_targets[{i}]");
+            quantity(&field, *target, true)?;
+            if *target < previous || *target > self.original_quantity {
+                return bad(
+                    &field,
+                    target.to_string(),
+                    &format!(
+                        "must be at least the target before it ({previous}) and at most original_quantity {}",
+                        self.original_quantity
+                    ),
+                );
+            }
+            previous = *target;
+        }
+        quantity("ladder_closed", self.ladder_closed, true)?;
+        if self.ladder_closed > self.original_quantity {
+            return bad(
+                "ladder_closed",
+                self.ladder_closed.to_string(),
+                &format!(
+                    "must be at most original_quantity {}",
+                    self.original_quantity
+                ),
+            );
+        }
+        for (field, value) in [
+            ("levels_done", self.levels_done),
+            ("levels_passed_at_adoption", self.levels_passed_at_adoption),
+        ] {
+            if value as usize > levels {
+                return bad(
+                    field,
+                    value.to_string(),
+                    &format!("must be at most the number of ladder levels ({levels})"),
+                );
+            }
+        }
+        for (field, value) in [
+            ("trail_activate_price", self.trail_activate_price),
+            ("time_stop_below_price", self.time_stop_below_price),
+        ] {
+            if let Some(value) = value {
+                derived(field, value)?;
+            }
+        }
+        if let Some(mark) = self.last_mark_price {
+            price("last_mark_price", mark)?;
+        }
+        if self.sequence > bounds::MAX_SEQUENCE {
+            return bad(
+                "sequence",
+                self.sequence.to_string(),
+                "must be at most 2^53",
+            );
+        }
+        if let Some(action) = &self.pending {
+            let field = "pending";
+            if action.position_id != *id
+                || action.symbol != self.symbol
+                || action.position_side != self.side
+                || action.side != self.side.closing_side()
+                || action.generation != self.generation
+            {
+                return bad(
+                    field,
+                    format!(
+                        "{} {} {}",
+                        action.position_id, action.symbol, action.position_side
+                    ),
+                    "must be an action of this very position",
+                );
+            }
+            if action.sequence != self.sequence || action.sequence == 0 {
+                return bad(
+                    "pending.sequence",
+                    action.sequence.to_string(),
+                    &format!("must be the position's last sequence {}", self.sequence),
+                );
+            }
+            quantity("pending.quantity", action.quantity, false)?;
+            // (The live quantity may have shrunk since: an external reduce.)
+            if action.quantity > self.original_quantity {
+                return bad(
+                    "pending.quantity",
+                    action.quantity.to_string(),
+                    &format!(
+                        "must be at most the original quantity {}",
+                        self.original_quantity
+                    ),
+                );
+            }
+            derived("pending.trigger_price", action.trigger_price)?;
+            price("pending.mark_price", action.mark_price)?;
+            bounds::check_event_time("pending.event_time_ms", action.event_time_ms)
+                .map_err(|e| renamed("pending.event_time_ms", e))?;
+        }
+        Ok(())
     }
 }
 
@@ -1438,16 +1787,45 @@ mod tests {
             (a.quantity, a.is_full_close, a.reason),
             (d("0.004"), true, ExitReason::TakeProfit(1))
         );
-        // 0.002: TP1 quantizes to zero → full close (issue 3).
+    }
+
+    #[test]
+    fn a_level_flooring_to_zero_is_done_with_no_order() {
+        // exit-rules.md: 0.003 BTC, fractions 0.3/0.3/0.4 → targets 0 / 0.001 / 0.003.
+        let policy = example_policy();
+        let rules = btc();
         let mut p = PositionState::open(
-            params(PositionSide::Long, "0.002", "30000.0"),
+            params(PositionSide::Long, "0.003", "30000.0"),
             Some(60.0),
             &rules,
             &policy,
         )
         .unwrap();
-        let a = mark(&mut p, "30120.0", &policy).unwrap();
-        assert_eq!((a.quantity, a.is_full_close), (d("0.002"), true));
+        assert_eq!(p.ladder_targets, vec![d("0"), d("0.001"), d("0.003")]);
+        assert_eq!(mark(&mut p, "30125.0", &policy), None, "no order at TP1");
+        assert_eq!(p.quantity, d("0.003"), "the position keeps its size");
+        assert_eq!((p.levels_done, p.sequence), (1, 0));
+        assert_eq!(
+            (p.stop_price, p.stop_reason),
+            (d("30030.0"), ExitReason::BreakevenStop),
+            "the level's breakeven still applies"
+        );
+        // TP2: 0.001 would leave 0.002 × 30250 = 60.5 < MIN_NOTIONAL 100 → full close.
+        let a = mark(&mut p, "30250.0", &policy).unwrap();
+        assert_eq!(
+            (a.reason, a.quantity, a.is_full_close, a.sequence),
+            (ExitReason::TakeProfit(2), d("0.003"), true, 1)
+        );
+        // The same 0.003 long stopped before TP1: the breakeven never applied.
+        let mut q = PositionState::open(
+            params(PositionSide::Long, "0.003", "30000.0"),
+            Some(60.0),
+            &rules,
+            &policy,
+        )
+        .unwrap();
+        let a = mark(&mut q, "29880.0", &policy).unwrap();
+        assert_eq!((a.reason, a.quantity), (ExitReason::StopLoss, d("0.003")));
     }
 
     #[test]

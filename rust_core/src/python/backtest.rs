@@ -113,12 +113,43 @@ impl SeriesArrays<'_> {
     }
 }
 
+/// The largest notional a backtest entry may ask for (1e15 quote units): with prices and
+/// quantities inside the engine's bounds every product stays far inside the decimal range.
+const MAX_NOTIONAL: Decimal = crate::exit::bounds::MAX_PRICE;
+
+/// Parses a positive decimal of at most `max`, naming `field`.
+fn parse_bounded(field: &str, text: &str, max: Decimal) -> Result<Decimal, CoreError> {
+    let value = parse_decimal(field, text)?;
+    if value <= Decimal::ZERO || value > max {
+        return Err(CoreError::invalid(
+            field,
+            text,
+            format!("must be > 0 and at most {}", max.normalize()),
+        ));
+    }
+    Ok(value)
+}
+
+/// Parses a fee rate in [0, 0.1], naming `field` (Binance's fees are fractions of a percent).
+fn parse_fee(field: &str, text: &str) -> Result<Decimal, CoreError> {
+    let value = parse_decimal(field, text)?;
+    if value < Decimal::ZERO || value > Decimal::new(1, 1) {
+        return Err(CoreError::invalid(
+            field,
+            text,
+            "must be a rate in [0, 0.1]",
+        ));
+    }
+    Ok(value)
+}
+
 /// The per-entry notionals: decimal strings or `None` (the run's default). A list is read
 /// item by item (most items are `None`, which costs a pointer compare); any other
 /// sequence goes through the generic extraction.
 fn entry_notionals(dict: &Bound<'_, PyDict>, symbol: &str) -> PyResult<Vec<Option<Decimal>>> {
     let parse = |text: &str| -> PyResult<Decimal> {
-        Ok(parse_decimal("entry_notional", text).map_err(|e| e.with_symbol(symbol))?)
+        Ok(parse_bounded("entry_notional", text, MAX_NOTIONAL)
+            .map_err(|e| e.with_symbol(symbol))?)
     };
     let Some(value) = dict.get_item("entry_notional")? else {
         return Ok(Vec::new());
@@ -505,10 +536,10 @@ fn py_backtest_run<'py>(
         }
     };
     let options = BacktestOptions {
-        maker_fee: parse_decimal("maker_fee", maker_fee)?,
-        taker_fee: parse_decimal("taker_fee", taker_fee)?,
+        maker_fee: parse_fee("maker_fee", maker_fee)?,
+        taker_fee: parse_fee("taker_fee", taker_fee)?,
         entry_maker,
-        notional: parse_decimal("notional", notional)?,
+        notional: parse_bounded("notional", notional, MAX_NOTIONAL)?,
         leverage,
         intrabar: Intrabar::parse(intrabar)?,
         max_gap_bars,

@@ -1,9 +1,15 @@
 //! Bindings: `ExitPolicy`, `ExitEngine`, `ExitAction`, `PositionView`, `EntryPlan`.
 //!
 //! One call per websocket message crosses the boundary: `on_mark_message` takes
-//! the message bytes, releases the GIL while Rust parses and applies it, and
-//! returns one list of actions. Prices and quantities come in as `str`,
-//! `decimal.Decimal`, `int` or `float` and go out as exact wire strings.
+//! the message bytes, releases the GIL while Rust parses them (the engine is not
+//! borrowed then), applies the parsed updates with the GIL held, and returns one
+//! list of actions. Prices and quantities come in as `str`, `decimal.Decimal`,
+//! `int` or `float` and go out as exact wire strings.
+//!
+//! Threads: no method releases the GIL while it holds the engine, so a second
+//! thread calling `positions()` (or anything else) during `on_mark_message` waits
+//! for the GIL instead of failing with "Already mutably borrowed". Every error is
+//! a `pyquant.errors` class; no input reaches a Rust panic.
 
 use std::fmt::Write as _;
 
@@ -18,6 +24,7 @@ use crate::exit::{
     EntryPlan, ExitAction, ExitEngine, ExitPolicy, LadderLevel, LadderUnit, OpenParams,
     PolicyConfig, PositionSide, PositionState,
 };
+use crate::feed::parse_mark_message;
 use crate::fixed::Decimal;
 use crate::rules::ExchangeRules;
 
@@ -391,6 +398,8 @@ pub struct PyExitAction {
     is_full_close: bool,
     #[pyo3(get)]
     event_time_ms: i64,
+    #[pyo3(get)]
+    generation: u64,
 }
 
 fn price_text(rules: &ExchangeRules, symbol: &str, price: Decimal) -> String {
@@ -424,6 +433,7 @@ impl PyExitAction {
             sequence: action.sequence,
             is_full_close: action.is_full_close,
             event_time_ms: action.event_time_ms,
+            generation: action.generation,
         }
     }
 }
@@ -444,6 +454,7 @@ impl PyExitAction {
         d.set_item("sequence", self.sequence)?;
         d.set_item("is_full_close", self.is_full_close)?;
         d.set_item("event_time_ms", self.event_time_ms)?;
+        d.set_item("generation", self.generation)?;
         Ok(d)
     }
 
@@ -688,10 +699,31 @@ impl PyExitEngine {
         self.inner.last_event_ms()
     }
 
+    /// Updates refused for an implausible event time since creation or restore.
+    #[getter]
+    fn implausible_event_times(&self) -> u64 {
+        self.inner.implausible_event_times()
+    }
+
+    /// Updates refused for a mark outside the symbol's plausible band.
+    #[getter]
+    fn implausible_marks(&self) -> u64 {
+        self.inner.implausible_marks()
+    }
+
+    #[getter]
+    fn clock_ms(&self) -> Option<i64> {
+        self.inner.clock_ms()
+    }
+
+    #[pyo3(name = "set_clock")]
+    fn py_set_clock(&mut self, now_ms: i64) -> PyResult<()> {
+        Ok(self.inner.set_clock(now_ms)?)
+    }
+
     #[pyo3(name = "warm_up", signature = (symbol, high, low, close, last_open_time_ms=None))]
     fn py_warm_up(
         &mut self,
-        py: Python<'_>,
         symbol: &str,
         high: &Bound<'_, PyAny>,
         low: &Bound<'_, PyAny>,
@@ -703,10 +735,10 @@ impl PyExitEngine {
             float_array("low", low)?,
             float_array("close", close)?,
         );
-        let engine = &mut self.inner;
-        run_detached(py, || {
-            engine.warm_up(symbol, &high, &low, &close, last_open_time_ms)
-        })
+        // With the GIL held: the engine is borrowed (see the module header).
+        Ok(self
+            .inner
+            .warm_up(symbol, &high, &low, &close, last_open_time_ms)?)
     }
 
     #[pyo3(name = "atr")]
@@ -784,12 +816,13 @@ impl PyExitEngine {
         Ok(self.actions(&actions))
     }
 
-    #[pyo3(name = "on_mark_message")]
+    #[pyo3(name = "on_mark_message", signature = (data, now_ms=None))]
     fn py_on_mark_message(
-        &mut self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         data: &Bound<'_, PyAny>,
+        now_ms: Option<i64>,
     ) -> PyResult<Vec<PyExitAction>> {
+        let py = slf.py();
         // bytes as they come off the socket, or the str a text frame decodes to
         // (its UTF-8 buffer is borrowed, not copied).
         let bytes: &[u8] = if let Ok(b) = data.cast::<PyBytes>() {
@@ -802,9 +835,17 @@ impl PyExitEngine {
                 "data must be the websocket message as bytes or str, found {found}"
             )));
         };
-        let engine = &mut self.inner;
-        let actions = run_detached(py, || engine.on_mark_message(bytes))?;
-        Ok(self.actions(&actions))
+        if let Some(now) = now_ms {
+            crate::exit::bounds::check_event_time("now_ms", now)?;
+        }
+        // Parsed without the GIL and without the engine; applied with both.
+        let batch = run_detached(py, || parse_mark_message(bytes))?;
+        let mut this = slf.try_borrow_mut()?;
+        if let Some(now) = now_ms {
+            this.inner.set_clock(now)?;
+        }
+        let actions = this.inner.apply_batch(&batch);
+        Ok(this.actions(&actions))
     }
 
     #[pyo3(name = "confirm", signature = (action, filled_quantity=None))]
@@ -815,31 +856,48 @@ impl PyExitEngine {
     ) -> PyResult<bool> {
         let filled = opt_decimal_arg("filled_quantity", filled_quantity)?;
         let action = action.get();
-        Ok(self
-            .inner
-            .confirm(&action.position_id, action.sequence, filled)?)
+        Ok(self.inner.confirm_instance(
+            &action.position_id,
+            Some(action.generation),
+            action.sequence,
+            filled,
+        )?)
     }
 
     #[pyo3(name = "reject")]
     fn py_reject(&mut self, action: &Bound<'_, PyExitAction>) -> PyResult<()> {
         let action = action.get();
-        Ok(self.inner.reject(&action.position_id, action.sequence)?)
+        Ok(self.inner.reject_instance(
+            &action.position_id,
+            Some(action.generation),
+            action.sequence,
+        )?)
     }
 
-    #[pyo3(name = "confirm_sequence", signature = (position_id, sequence, filled_quantity=None))]
+    #[pyo3(name = "confirm_sequence", signature = (position_id, sequence, filled_quantity=None, generation=None))]
     fn py_confirm_sequence(
         &mut self,
         position_id: &str,
         sequence: u64,
         filled_quantity: Option<&Bound<'_, PyAny>>,
+        generation: Option<u64>,
     ) -> PyResult<bool> {
         let filled = opt_decimal_arg("filled_quantity", filled_quantity)?;
-        Ok(self.inner.confirm(position_id, sequence, filled)?)
+        Ok(self
+            .inner
+            .confirm_instance(position_id, generation, sequence, filled)?)
     }
 
-    #[pyo3(name = "reject_sequence")]
-    fn py_reject_sequence(&mut self, position_id: &str, sequence: u64) -> PyResult<()> {
-        Ok(self.inner.reject(position_id, sequence)?)
+    #[pyo3(name = "reject_sequence", signature = (position_id, sequence, generation=None))]
+    fn py_reject_sequence(
+        &mut self,
+        position_id: &str,
+        sequence: u64,
+        generation: Option<u64>,
+    ) -> PyResult<()> {
+        Ok(self
+            .inner
+            .reject_instance(position_id, generation, sequence)?)
     }
 
     #[pyo3(name = "pending_actions")]
@@ -921,9 +979,8 @@ impl PyExitEngine {
 
     #[pyo3(name = "snapshot")]
     fn py_snapshot<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        let engine = &self.inner;
-        let bytes = py.detach(|| engine.snapshot());
-        PyBytes::new(py, &bytes)
+        // With the GIL held: the engine is borrowed (see the module header).
+        PyBytes::new(py, &self.inner.snapshot())
     }
 
     #[staticmethod]

@@ -199,7 +199,7 @@ impl PyExchangeRules {
             )
             .into());
         }
-        Ok(rules.format_price(rules.quantize_price(price, rounding)))
+        Ok(rules.format_price(rules.try_quantize_price(price, rounding)?))
     }
 
     /// Floors a quantity to the `MARKET_LOT_SIZE` (market) or `LOT_SIZE` step; returns the wire string.
@@ -216,7 +216,7 @@ impl PyExchangeRules {
             )
             .into());
         }
-        Ok(rules.format_qty(rules.quantize_qty(qty, market), market))
+        Ok(rules.format_qty(rules.try_quantize_qty(qty, market)?, market))
     }
 
     /// Validates an order; returns Binance's rejection (code and message) or None.
