@@ -478,7 +478,7 @@ class Daemon:
         token = TICK_RECEIVED_NS.set(time.perf_counter_ns())
         try:
             try:
-                actions = self.engine.on_mark_message(data)
+                actions = self.engine.on_mark_message(data, now_ms=self._venue_now_ms())
             except ValueError as exc:
                 self.malformed_messages += 1
                 raise MessageError(str(exc)) from None
@@ -486,6 +486,24 @@ class Daemon:
                 self.desk.on_actions(actions, received_at_ns=TICK_RECEIVED_NS.get())
         finally:
             TICK_RECEIVED_NS.reset(token)
+
+    def _venue_now_ms(self) -> int | None:
+        # Real Binance stamps mark updates with its own clock: an event time far ahead of it
+        # is refused by the engine. A custom venue (a simulator with its own, possibly
+        # accelerated or hand-stepped clock) is held to the engine's own rule instead (no
+        # more than 30 days past the latest accepted time).
+        if self.client is None or self.config.exchange not in ("mainnet", "testnet"):
+            return None
+        return self.client.now_ms()
+
+    def implausible_updates(self) -> int:
+        """Mark updates the engine refused for an implausible event time or price."""
+        engine = self.desk.engine if self.desk is not None else self.engine
+        if engine is None:
+            return 0
+        return int(getattr(engine, "implausible_event_times", 0)) + int(
+            getattr(engine, "implausible_marks", 0)
+        )
 
     async def _on_user_event(self, event: UserEvent) -> None:
         if self.desk is None:
@@ -577,7 +595,7 @@ class Daemon:
         measured = self.latency.percentiles()
         if measured["p50"] is not None:
             summary["latency_ms"] = measured
-        summary["malformed_messages"] = self.malformed_messages
+        summary["malformed_messages"] = self.malformed_messages + self.implausible_updates()
         summary["task_failures"] = self.desk.task_failures + self.flatten_failures
         if self.desk.last_task_failure:
             summary["last_task_failure"] = self.desk.last_task_failure
