@@ -78,6 +78,7 @@ from pyquant.trading.sources import (
     deliver,
     follow_jsonl,
     read_stdin,
+    supervise,
 )
 
 if TYPE_CHECKING:  # redis-py is optional: needed only with sources.redis_url
@@ -824,12 +825,15 @@ class Daemon:
             self._source_tasks.append(group.create_task(self.demo.run(), name="demo-producer"))
         if sources.jsonl == "-":
             self._source_tasks.append(
-                group.create_task(self._guarded(read_stdin(self._intake)), name="stdin-intents")
+                group.create_task(
+                    supervise("stdin", lambda: read_stdin(self._intake)), name="stdin-intents"
+                )
             )
         elif sources.jsonl:
             path = _user_path(sources.jsonl)
+            store = self.desk.store
             task = group.create_task(
-                self._guarded(follow_jsonl(self._intake, path, store=self.desk.store)),
+                supervise("jsonl", lambda: follow_jsonl(self._intake, path, store=store)),
                 name="jsonl-intents",
             )
             self._source_tasks.append(task)
@@ -838,13 +842,6 @@ class Daemon:
                 self._intake, token=sources.http_token.reveal(), port=sources.http_port
             )
             await self.http.start()
-
-    async def _guarded(self, source: Awaitable[object]) -> None:
-        # A source that ends (stdin EOF) or fails must not take the daemon down with it.
-        try:
-            await source
-        except (OSError, PyquantError, ValueError) as exc:
-            logger.error("Intent source stopped error=%s", exc)
 
     async def _demo_submit(self, payload: Mapping[str, Any]) -> None:
         self.submit_nowait(payload, source="demo")

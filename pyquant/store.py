@@ -506,7 +506,15 @@ class Store:
         position_id: str | None = None,
         payload: object = None,
     ) -> None:
-        """Record one intent (an ``Intent``) and the guard's decision about it."""
+        """Record one intent (an ``Intent``) and the guard's decision about it.
+
+        Raises:
+            ValueError: a number does not fit a SQLite integer (``parse_intent`` bounds them
+                all first; this keeps a bad row out however the intent was built).
+        """
+        _check_int64("created_at_ms", intent.created_at_ms)
+        if intent.leverage is not None:
+            _check_int64("leverage", intent.leverage)
         with self._write() as db:
             db.execute(
                 "INSERT INTO intents(intent_id, symbol, side, confidence, created_at_ms, source, "
@@ -540,6 +548,10 @@ class Store:
     ) -> None:
         """Record a payload that could not be parsed into an intent."""
         intent_id = payload.get("id") if isinstance(payload, Mapping) else None
+        if not isinstance(intent_id, str | int) or isinstance(intent_id, bool):
+            intent_id = None
+        elif isinstance(intent_id, int) and intent_id.bit_length() > 200:
+            intent_id = None  # str() of a huge int raises; such an id is no id
         with self._write() as db:
             db.execute(
                 "INSERT INTO intents(intent_id, source, payload, decision, reason, detail, "
@@ -878,6 +890,15 @@ def _split_sql(script: str) -> list[str]:
     return [part.strip() for part in script.split(";") if part.strip()]
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_int64(field: str, value: int) -> None:
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        shown = value if value.bit_length() <= 200 else f"<integer of {value.bit_length()} bits>"
+        raise ValueError(f"intent field {field!r} was {shown}: out of the journal's integer range")
+
+
 def _payload_text(payload: object) -> str | None:
     if payload is None:
         return None
@@ -887,8 +908,9 @@ def _payload_text(payload: object) -> str | None:
         return payload[:4096]
     try:
         return json.dumps(payload, default=str, sort_keys=True)[:4096]
-    except (TypeError, ValueError):
-        return repr(payload)[:4096]
+    except (TypeError, ValueError, RecursionError):
+        # Unserializable, a huge int, or nested too deeply: keep what can be shown safely.
+        return f"<unrecordable {type(payload).__name__} payload>"
 
 
 def _sql_value(value: object) -> object:
