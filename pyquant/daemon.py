@@ -66,10 +66,11 @@ from pyquant.exchange.streams import (
     interval_ms,
 )
 from pyquant.metrics import FeedStatus, Metrics, Status
-from pyquant.store import Store
+from pyquant.store import Store, secure_state_dir
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig, GuardDecision
 from pyquant.trading.intents import Intent
+from pyquant.trading.marks import MarkCache
 from pyquant.trading.router import RouterConfig as DeskRouterConfig
 from pyquant.trading.sizing import SizingConfig
 from pyquant.trading.sources import (
@@ -91,6 +92,9 @@ TICK_RECEIVED_NS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 
 _ORDER_PATH = "/fapi/v1/order"
+# How often a running daemon looks for a halt written by another process (the issue asks
+# that every daemon on the state observe it within a second).
+HALT_POLL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +222,10 @@ class Intake:
                     pending,
                     f"symbol {intent.symbol} was taken over and is not reconciled yet",
                 )
+        # Duplicates, halts and stale intents are refused before any REST call for sizing.
+        early = self.desk.guard.refuse_early(intent, payload=payload)
+        if early is not None:
+            return early
         task = asyncio.current_task()
         if task is not None:
             self.in_flight.add(task)
@@ -305,6 +313,10 @@ class Daemon:
         self._membership_task: asyncio.Task[None] | None = None
         self._exits_stopped = asyncio.Event()
         self._owned_at_stop: list[str] | None = None
+        # Marks for sizing entries, from the market stream (REST only when it is stale).
+        self.marks = MarkCache(max_age_s=config.market.stale_after_s)
+        self._flatten_task: asyncio.Task[list[Any]] | None = None
+        self._halt_seen: int | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -392,7 +404,7 @@ class Daemon:
     def _sim_state_path(self) -> Path | None:
         if self._state_dir is None:
             return None
-        self._state_dir.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(self._state_dir)
         return self._state_dir / "sim-account.json"
 
     # ------------------------------------------------------------------ engine
@@ -460,6 +472,7 @@ class Daemon:
 
     def _on_mark(self, data: bytes) -> None:
         token = TICK_RECEIVED_NS.set(time.perf_counter_ns())
+        self.marks.feed(data)
         try:
             try:
                 actions = self.engine.on_mark_message(data)
@@ -657,7 +670,7 @@ class Daemon:
             )
         else:
             self.state_dir = self._state_dir
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(self.state_dir)
         self.endpoints = await self._open_venue(stack)
         self.client = BinanceClient(
             self.endpoints.rest_url,
@@ -674,7 +687,14 @@ class Daemon:
         store = Store.open(self.state_dir / "pyquant.sqlite")
         stack.callback(store.close)
         self.engine = self._build_engine(store)
-        self.desk = TradingDesk(self.client, store, self.rules, self.engine, desk_config(config))
+        self.desk = TradingDesk(
+            self.client,
+            store,
+            self.rules,
+            self.engine,
+            desk_config(config),
+            mark_price=self.marks.get,
+        )
         if config.sources.redis_url and join_redis:
             self.membership = self._join_redis(config.sources.redis_url)
             self.membership.attach(self.desk)
@@ -752,6 +772,7 @@ class Daemon:
             self._every(config.daemon.snapshot_interval_s, self._snapshot), name="snapshot"
         )
         group.create_task(self._every(1.0, self._backstops), name="backstops")
+        group.create_task(self._every(HALT_POLL_S, self._watch_halt), name="halt-watch")
         group.create_task(self._every(30.0, self._liquidation_prices), name="liquidation-prices")
         if self.membership is not None and self.membership.shared:
             group.create_task(
@@ -928,14 +949,65 @@ class Daemon:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         await self._intake.wait_idle()
 
-    async def flatten(self) -> list[Any]:
-        """Kill switch: stop intake, cancel our orders, close every position."""
-        await self._close_intake()
+    async def flatten(self, *, set_by: str = "") -> list[Any]:
+        """Kill switch: latch a halt in the journal, then cancel our orders and close everything.
+
+        The halt comes first, so a daemon killed mid-flatten (or any other daemon on this
+        state) takes no new entry, and the next start finishes the flatten. Intake stays
+        open: intents are refused as ``halted`` (and recorded) until ``pyquant resume``.
+        One flatten runs at a time; a second request waits for the running one.
+        """
         if self.desk is None:
             return []
-        logger.warning("Kill switch: flattening every position")
+        halt = self.desk.store.set_halt(
+            "kill switch", set_by or f"pyquant daemon pid {os.getpid()}"
+        )
+        self._halt_seen = halt.halt_id
+        running = self._flatten_task
+        if running is not None and not running.done():
+            return await asyncio.shield(running)
+        self._flatten_task = asyncio.ensure_future(self._flatten_halted(halt.halt_id))
+        return await asyncio.shield(self._flatten_task)
+
+    async def _flatten_halted(self, halt_id: int) -> list[Any]:
+        assert self.desk is not None  # noqa: S101 - checked by the callers
+        logger.warning("Kill switch: halted (no new entries), flattening every position")
+        # Entries decided before the halt finish first, so their positions are closed too.
+        await self._intake.wait_idle()
         self.flatten_steps = await self.desk.flatten()
+        failed = sum(1 for step in self.flatten_steps if not getattr(step, "ok", False))
+        self.desk.store.record_flatten(
+            halt_id, f"{len(self.flatten_steps)} step(s), {failed} failed"
+        )
+        if self.ready.is_set() and not self._stop.is_set():
+            # The flatten leaves the guard fail-closed; the halt now keeps entries out, and
+            # a fresh view of the exchange lets them in again after 'pyquant resume'.
+            try:
+                await self._reconcile("after flatten")
+            except (PyquantError, OSError) as exc:
+                logger.warning("Reconciliation after the flatten failed error=%s", exc)
         return self.flatten_steps
+
+    async def _watch_halt(self) -> None:
+        # A halt written by another process (``pyquant flatten``, a peer daemon on this
+        # state) or left by a daemon killed mid-flatten: flatten here too, once per halt.
+        if self.desk is None or not self.ready.is_set():
+            return
+        halt = self.desk.store.halt()
+        if halt is None:
+            if self._halt_seen is not None:
+                logger.warning("Halt cleared: entries allowed again")
+            self._halt_seen = None
+            return
+        if halt.halt_id == self._halt_seen:
+            return
+        self._halt_seen = halt.halt_id
+        logger.warning(
+            "Halt observed set_by=%s reason=%s: no new entries, flattening",
+            halt.set_by,
+            halt.reason,
+        )
+        await self.flatten(set_by=halt.set_by)
 
     async def _shutdown(self) -> None:
         self._stopping = True
