@@ -65,6 +65,9 @@ async def test_halt_outlives_the_daemon_until_resume(tmp_path: Path, mode: str) 
     async with simulator(mode) as venue:
         await venue.set_mark(SYMBOL, "2500.00")
         async with run_daemon(venue, state) as running:
+            # sizing reads the mark the market stream delivered (item 12), not REST
+            await venue.set_mark(SYMBOL, "2500.00")
+            await until(lambda: running.daemon.marks.get(SYMBOL) == Decimal("2500.00"), 10, "mark")
             opened = await running.daemon.submit(
                 {"id": "h-1", "symbol": SYMBOL, "side": "BUY", "size_usd": "500"}
             )
