@@ -102,7 +102,7 @@ def test_short_http_token_refused_at_load_before_any_connection() -> None:
 def test_world_writable_intents_file_refused_at_load(tmp_path: Path) -> None:
     intents = tmp_path / "intents.jsonl"
     intents.touch()
-    intents.chmod(0o666)  # noqa: S103 - the case under test
+    intents.chmod(0o666)
     with pytest.raises(ConfigError, match="writable by every local user"):
         load_config(None, overrides={"sources": {"jsonl": str(intents)}})
     intents.chmod(0o644)

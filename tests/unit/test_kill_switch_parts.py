@@ -51,12 +51,12 @@ class SweepVenue:
                 self.algo = [o for o in self.algo if o["clientAlgoId"] != cid]
             raise error
 
-    async def cancel_order(self, symbol: str, client_order_id: str) -> Any:  # noqa: ANN401
+    async def cancel_order(self, symbol: str, client_order_id: str) -> Any:
         self._fail(client_order_id)
         self.orders = [o for o in self.orders if o["clientOrderId"] != client_order_id]
         return {}
 
-    async def cancel_algo_order(self, symbol: str, client_algo_id: str) -> Any:  # noqa: ANN401
+    async def cancel_algo_order(self, symbol: str, client_algo_id: str) -> Any:
         self._fail(client_algo_id)
         self.algo = [o for o in self.algo if o["clientAlgoId"] != client_algo_id]
         return {}
@@ -121,7 +121,7 @@ def test_pyquant_order_ids(cid: str, ours: bool) -> None:
     assert is_pyquant_order(cid) is ours
 
 
-def _hold(path: str, ready: Any, release: Any) -> None:  # noqa: ANN401 - multiprocessing events
+def _hold(path: str, ready: Any, release: Any) -> None:
     lock = StateLock(Path(path))
     lock.acquire()
     ready.set()
