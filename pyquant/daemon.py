@@ -70,6 +70,7 @@ from pyquant.store import Store, secure_state_dir
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig, GuardDecision
 from pyquant.trading.intents import Intent
+from pyquant.trading.killswitch import sweep_orphan_stops
 from pyquant.trading.marks import MarkCache
 from pyquant.trading.router import RouterConfig as DeskRouterConfig
 from pyquant.trading.sizing import SizingConfig
@@ -95,6 +96,8 @@ _ORDER_PATH = "/fapi/v1/order"
 # How often a running daemon looks for a halt written by another process (the issue asks
 # that every daemon on the state observe it within a second).
 HALT_POLL_S = 0.5
+# How often our stops left on closed, flat legs (a cancel that failed at close) are swept.
+ORPHAN_SWEEP_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -773,6 +776,9 @@ class Daemon:
         )
         group.create_task(self._every(1.0, self._backstops), name="backstops")
         group.create_task(self._every(HALT_POLL_S, self._watch_halt), name="halt-watch")
+        group.create_task(
+            self._every(ORPHAN_SWEEP_S, self._sweep_orphan_stops), name="orphan-stops"
+        )
         group.create_task(self._every(30.0, self._liquidation_prices), name="liquidation-prices")
         if self.membership is not None and self.membership.shared:
             group.create_task(
@@ -907,6 +913,13 @@ class Daemon:
     async def _backstops(self) -> None:
         if self.desk is not None and self.ready.is_set():
             await self.desk.sync_backstops()
+
+    async def _sweep_orphan_stops(self) -> None:
+        if self.desk is None or self.client is None or not self.ready.is_set():
+            return
+        if self.config.router.shadow:
+            return  # nothing of ours is on the exchange
+        await sweep_orphan_stops(self.client, self.desk.store)
 
     async def _liquidation_prices(self) -> None:
         # They move with the account's margin (cross margin): refreshed on a slow timer.

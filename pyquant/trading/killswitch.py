@@ -10,11 +10,18 @@ retries a cancel that failed for a retryable reason, and then reads the account 
 ``SweepReport.left_open`` names every order and position still open, so the caller's exit
 status can say whether the account is flat.
 
+The same module holds the periodic clean-up of our orphan stops (``sweep_orphan_stops``):
+a stop of this journal's tag whose position the journal has closed and whose leg is flat on
+the exchange is cancelled, retried until the exchange confirms; a failed cancel at close
+time (timeout, 429) no longer leaves a live stop on a flat symbol until the next restart.
+
 Usage::
 
     report = await sweep_account(client)            # every order on the account
     for step in report.steps: print(step)
     if report.left_open: ...                        # exit status 1
+
+    steps = await sweep_orphan_stops(client, store)   # every 30 s in the daemon
 """
 
 from __future__ import annotations
@@ -188,6 +195,88 @@ async def left_open(venue: SweepVenue) -> list[str]:
     return lines
 
 
+def _position_id(client_id: str, tag: str) -> str | None:
+    # pq<tag>-<position id>-<kind><sequence>-<attempt>
+    prefix = f"pq{tag}-"
+    if not client_id.startswith(prefix):
+        return None
+    position_id, _, rest = client_id[len(prefix) :].partition("-")
+    return position_id if position_id and rest else None
+
+
+def _live_legs(rows: list[Any]) -> set[tuple[str, str]]:
+    legs: set[tuple[str, str]] = set()
+    for row in rows:
+        amount = _amount(row)
+        if amount == 0:
+            continue
+        side = str(row.get("positionSide", "BOTH"))
+        if side == "BOTH":
+            side = "LONG" if amount > 0 else "SHORT"
+        legs.add((str(row.get("symbol")), side))
+    return legs
+
+
+class ClosedPositions(Protocol):
+    """What the orphan sweep reads from the journal (``pyquant.store.Store``)."""
+
+    @property
+    def instance_tag(self) -> str: ...
+
+    def get_position(self, position_id: str) -> Any:  # noqa: ANN401
+        ...
+
+
+async def sweep_orphan_stops(
+    venue: SweepVenue,
+    store: ClosedPositions,
+    *,
+    attempts: int = 4,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> list[SweepStep]:
+    """Cancel this journal's stops whose position is closed and whose leg is flat.
+
+    A stop is an orphan only when both hold: the journal closed its position (a stop of an
+    open or opening position is never touched, however the exchange looks at this instant)
+    and the exchange shows no position on its leg (in one-way mode: on the symbol). Other
+    tags' and other people's orders are left alone: ``pyquant flatten`` sweeps those.
+
+    Returns:
+        One step per orphan found, cancelled or not (a failed one is tried again next time).
+    """
+    tag = store.instance_tag
+    candidates: list[tuple[str, str, str, str]] = []
+    for order in await venue.open_algo_orders():
+        cid = str(order.get("clientAlgoId", ""))
+        position_id = _position_id(cid, tag)
+        if position_id is None:
+            continue
+        position = store.get_position(position_id)
+        if position is not None and getattr(position, "status", None) != "closed":
+            continue
+        kind = str(order.get("orderType") or order.get("type") or "")
+        candidates.append((str(order.get("symbol", "")), cid, kind, position_id))
+    if not candidates:
+        return []
+    live = _live_legs(await venue.position_risk())
+    steps: list[SweepStep] = []
+    for symbol, cid, kind, position_id in candidates:
+        position = store.get_position(position_id)
+        leg = getattr(position, "position_side", None)
+        if any(s == symbol and (leg is None or side == leg) for s, side in live):
+            continue  # something is open there (adopted under a new id): not an orphan
+        ok, detail = await _cancel(
+            partial(venue.cancel_algo_order, symbol, cid), attempts=attempts, sleep=sleep
+        )
+        step = SweepStep("cancel_orphan_stop", symbol, kind, cid, True, ok, detail)
+        steps.append(step)
+        log = logger.info if ok else logger.warning
+        log(
+            "Orphan stop swept client_algo_id=%s symbol=%s ok=%s detail=%s", cid, symbol, ok, detail
+        )
+    return steps
+
+
 def _amount(row: Mapping[str, Any]) -> Decimal:
     try:
         return Decimal(str(row.get("positionAmt", "0")))
@@ -203,4 +292,5 @@ __all__ = [
     "is_pyquant_order",
     "left_open",
     "sweep_account",
+    "sweep_orphan_stops",
 ]
