@@ -24,7 +24,10 @@ test: ## Rust tests (cargo test) then the Python suite (pytest)
 	cargo test --workspace
 	$(PY) -m pytest
 
+chaos: ## seeded chaos soak of the daemon (kill -9, bad input, faults, flatten) in both modes
+	PYTHONPATH=$(CURDIR) $(PY) tests/chaos/soak.py --steps $${STEPS:-200} --seed $${SEED:-7}
+
 bench: ## pytest-benchmark suites, each beside its baseline
 	$(PY) -m pytest tests/benchmarks --benchmark-enable --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
 
-.PHONY: help dev format lint test bench
+.PHONY: help dev format lint test bench chaos

@@ -68,7 +68,7 @@ from pyquant.exchange.streams import (
 from pyquant.metrics import FeedStatus, Metrics, Status
 from pyquant.store import Store, secure_state_dir
 from pyquant.trading.desk import DeskConfig, TradingDesk
-from pyquant.trading.guard import GuardConfig, GuardDecision
+from pyquant.trading.guard import GuardConfig, GuardDecision, PositionGuard
 from pyquant.trading.intents import Intent
 from pyquant.trading.killswitch import sweep_orphan_stops
 from pyquant.trading.marks import MarkCache
@@ -98,6 +98,8 @@ _ORDER_PATH = "/fapi/v1/order"
 HALT_POLL_S = 0.5
 # How often our stops left on closed, flat legs (a cancel that failed at close) are swept.
 ORPHAN_SWEEP_S = 30.0
+# How long the kill switch waits for entries decided before the halt to reach an outcome.
+FLATTEN_WAIT_ENTRIES_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +201,10 @@ class Intake:
         self.open = False
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.membership: Membership | None = None
+        # Set while no submission is in flight. The tasks in ``in_flight`` are the sources'
+        # own (a JSONL follower never ends): wait on this, never on those tasks.
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def submit(self, intent: Intent, *, payload: object = None) -> GuardDecision:
         """Decide one intent through the desk (refused while closed)."""
@@ -225,18 +231,23 @@ class Intake:
                     pending,
                     f"symbol {intent.symbol} was taken over and is not reconciled yet",
                 )
-        # Duplicates, halts and stale intents are refused before any REST call for sizing.
-        early = self.desk.guard.refuse_early(intent, payload=payload)
+        # Duplicates, halts and stale intents are refused before any REST call for sizing
+        # (a desk stand-in without a guard, as tests use, decides everything itself).
+        guard: PositionGuard | None = getattr(self.desk, "guard", None)
+        early = guard.refuse_early(intent, payload=payload) if guard is not None else None
         if early is not None:
             return early
         task = asyncio.current_task()
         if task is not None:
             self.in_flight.add(task)
+            self._idle.clear()
         try:
             decision = await self.desk.submit(intent, payload=payload)
         finally:
             if task is not None:
                 self.in_flight.discard(task)
+                if not self.in_flight:
+                    self._idle.set()
         # The guard logs each decision with its reason; nothing to add here.
         return decision
 
@@ -246,9 +257,8 @@ class Intake:
             self.desk.reject_malformed(source, payload, str(error))
 
     async def wait_idle(self) -> None:
-        """Wait until no submission is in flight."""
-        while self.in_flight:
-            await asyncio.gather(*list(self.in_flight), return_exceptions=True)
+        """Wait until no submission is in flight (the sources themselves may run on)."""
+        await self._idle.wait()
 
 
 def _attr(obj: object, *names: str) -> Any:  # noqa: ANN401 - engine views are extension objects
@@ -985,8 +995,12 @@ class Daemon:
     async def _flatten_halted(self, halt_id: int) -> list[Any]:
         assert self.desk is not None  # noqa: S101 - checked by the callers
         logger.warning("Kill switch: halted (no new entries), flattening every position")
-        # Entries decided before the halt finish first, so their positions are closed too.
-        await self._intake.wait_idle()
+        # Entries decided before the halt finish first, so their positions are closed too;
+        # one stuck on the venue does not hold the flatten up for long.
+        try:
+            await asyncio.wait_for(self._intake.wait_idle(), FLATTEN_WAIT_ENTRIES_S)
+        except TimeoutError:
+            logger.warning("Kill switch: entries still in flight, flattening anyway")
         self.flatten_steps = await self.desk.flatten()
         failed = sum(1 for step in self.flatten_steps if not getattr(step, "ok", False))
         self.desk.store.record_flatten(

@@ -218,6 +218,8 @@ def _decimal(field: str, value: object) -> Decimal:
             raise IntentError(field, value, "must be a finite number")
         return Decimal(repr(value))
     text = value.strip()
+    if text.lstrip("+-").lower() in ("nan", "inf", "infinity", "snan"):
+        raise IntentError(field, value, "must be a finite number")
     if len(text) > MAX_NUMBER_CHARS or not _DECIMAL_TEXT.fullmatch(text):
         raise IntentError(
             field, _shown(value), "must be a plain decimal number (ASCII digits, one '.')"
