@@ -179,3 +179,42 @@ def test_mark_cache_backlog_is_bounded() -> None:
         marks.feed(mark_message("BTCUSDT", f"{100 + i}", i))
     assert len(marks._pending) < 4
     assert marks.get("BTCUSDT") == Decimal(109)
+
+
+async def test_wait_idle_waits_for_the_submission_not_the_source_task() -> None:
+    # The kill switch waits for in-flight entries; the task that submitted them is a source
+    # (a JSONL follower) that never ends. Waiting on that task hung the flatten.
+    import asyncio
+
+    from pyquant.daemon import Intake
+    from pyquant.trading.guard import GuardDecision
+    from pyquant.trading.intents import parse_intent
+
+    release = asyncio.Event()
+
+    class SlowDesk:
+        async def submit(self, intent: object, *, payload: object = None) -> GuardDecision:
+            await release.wait()
+            return GuardDecision(True, "accepted", position_id="1")
+
+    intake = Intake()
+    intake.desk = SlowDesk()  # type: ignore[assignment]
+    intake.open = True
+    intent = parse_intent({"id": "w1", "symbol": "BTCUSDT", "side": "BUY"}, source="t", now_ms=1)
+    follower_done = asyncio.Event()
+
+    async def follower() -> None:
+        await intake.submit(intent)
+        await follower_done.wait()  # the source goes on reading after its submission
+
+    task = asyncio.create_task(follower())
+    await asyncio.sleep(0)
+    assert intake.in_flight
+    waiting = asyncio.create_task(intake.wait_idle())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    release.set()
+    await asyncio.wait_for(waiting, 10)
+    assert not task.done()
+    follower_done.set()
+    await task
