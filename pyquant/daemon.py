@@ -100,6 +100,8 @@ HALT_POLL_S = 0.5
 ORPHAN_SWEEP_S = 30.0
 # How long the kill switch waits for entries decided before the halt to reach an outcome.
 FLATTEN_WAIT_ENTRIES_S = 15.0
+# Rounds of the desk's flatten while a step fails.
+FLATTEN_ROUNDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +323,7 @@ class Daemon:
         self.malformed_messages = 0
         self.summary: dict[str, object] = {}
         self.flatten_steps: list[Any] = []
+        self.flatten_result: str | None = None  # "<n> step(s) in <r> round(s), <m> failed"
         self._status_cache = Status({}, {}, 0, 0)
         self.membership: Membership | None = None
         self._membership_task: asyncio.Task[None] | None = None
@@ -1001,11 +1004,22 @@ class Daemon:
             await asyncio.wait_for(self._intake.wait_idle(), FLATTEN_WAIT_ENTRIES_S)
         except TimeoutError:
             logger.warning("Kill switch: entries still in flight, flattening anyway")
-        self.flatten_steps = await self.desk.flatten()
-        failed = sum(1 for step in self.flatten_steps if not getattr(step, "ok", False))
-        self.desk.store.record_flatten(
-            halt_id, f"{len(self.flatten_steps)} step(s), {failed} failed"
-        )
+        # A step that failed (a close refused, an unknown outcome found not executed) is
+        # tried again by another round: the kill switch finishes, or says what it could not.
+        steps: list[Any] = []
+        failed = 0
+        rounds = 0
+        while rounds < FLATTEN_ROUNDS:
+            rounds += 1
+            round_steps = await self.desk.flatten()
+            steps += round_steps
+            failed = sum(1 for step in round_steps if not getattr(step, "ok", False))
+            if failed == 0:
+                break
+            logger.warning("Kill switch: %d step(s) failed, flattening again", failed)
+        self.flatten_steps = steps
+        self.flatten_result = f"{len(steps)} step(s) in {rounds} round(s), {failed} failed"
+        self.desk.store.record_flatten(halt_id, self.flatten_result)
         if self.ready.is_set() and not self._stop.is_set():
             # The flatten leaves the guard fail-closed; the halt now keeps entries out, and
             # a fresh view of the exchange lets them in again after 'pyquant resume'.

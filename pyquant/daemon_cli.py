@@ -336,16 +336,16 @@ async def _flatten_here(config: Config, state: Path) -> int:
 
     daemon = Daemon(config, state_dir=state, install_signal_handlers=False)
     steps = await daemon.flatten_only()
-    failed = 0
     for step in steps:
         mark = "ok " if step.ok else "FAILED"
-        failed += 0 if step.ok else 1
         print(
             f"{mark} {step.step:<16} {step.symbol:<12} {step.position_side:<5} "
             f"{step.client_order_id} {step.detail}"
         )
-    print(f"positions: {len(steps)} step(s), {failed} failed")
-    return failed
+    result = daemon.flatten_result
+    print(f"positions: {result or f'{len(steps)} step(s)'}")
+    # the last round's failures count (earlier ones were tried again)
+    return _failed_count(result) if result else 0
 
 
 async def _flatten_by_daemon(state: Path, pid: int, halt_id: int, wait_s: float) -> int:
