@@ -230,3 +230,50 @@ async def test_external_flatten_beside_a_live_daemon_latches(tmp_path: Path, mod
             )
         finally:
             assert await daemon.terminate() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_sigusr1_then_kill9_the_restart_finishes_the_flatten(
+    tmp_path: Path, mode: str
+) -> None:
+    import signal
+
+    intents = tmp_path / "intents.jsonl"
+    intents.touch(mode=0o600)
+    config = tmp_path / "pyquant.toml"
+    state = tmp_path / "state"
+    async with simulator(mode) as venue:
+        await venue.set_mark(SYMBOL, "2500.00")
+        write_config(config, venue, intents)
+        env = env_for(venue)
+        daemon = DaemonProcess(config, state, env, tmp_path / "summary.json")
+        await daemon.start()
+        await daemon.wait_logged("Daemon running")
+        append_intent(intents, {"id": "k-1", "symbol": SYMBOL, "side": "BUY", "size_usd": "500"})
+        append_intent(intents, {"id": "k-2", "symbol": SYMBOL, "side": "SELL", "size_usd": "500"})
+        held = leg(mode, "SELL") if mode == "hedge" else leg(mode, "BUY")
+        await until(lambda: venue.exchange.position(SYMBOL, held).amount != 0, 20, "entry")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGUSR1)
+        await daemon.wait_logged("Kill switch: halted")
+        await daemon.kill9()  # wherever the flatten was: the halt is in the journal
+        restarted = DaemonProcess(config, state, env, tmp_path / "summary2.json")
+        await restarted.start()
+        try:
+            await restarted.wait_logged("Daemon running")
+            await until(
+                lambda: all(
+                    venue.exchange.position(SYMBOL, side).amount == 0
+                    for side in {leg(mode, "BUY"), leg(mode, "SELL")}
+                ),
+                30,
+                "flattened after the restart",
+            )
+            append_intent(
+                intents, {"id": "k-3", "symbol": SYMBOL, "side": "BUY", "size_usd": "500"}
+            )
+            journal = Store.open(state / "pyquant.sqlite")
+            await until(lambda: bool(journal.intent_decisions("k-3")), 20, "k-3 decided")
+            assert journal.intent_decisions("k-3")[0]["reason"] == "halted"
+        finally:
+            assert await restarted.terminate() == 0
