@@ -38,9 +38,11 @@ Usage::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sqlite3
+import stat
 import string
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,6 +54,8 @@ from typing import Any, Literal
 
 from pyquant.errors import PyquantError
 from pyquant.trading.intents import Intent
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 4
 
@@ -368,9 +372,23 @@ class Halt:
 
 
 def secure_state_dir(path: Path) -> None:
-    """Create ``path`` (and parents) and make it owner-only (0700)."""
-    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    path.chmod(DIR_MODE)
+    """Create ``path`` owner-only (0700); warn about an existing one others can enter.
+
+    An existing directory is not changed (``--state .`` must not lock the user out of
+    their working directory's group): the journal's own files are 0600 in any case.
+    """
+    if not path.exists():
+        path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        path.chmod(DIR_MODE)  # mkdir's mode is cut by the umask; make it exact
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        logger.warning(
+            "State directory is open to other users path=%s mode=%o: chmod 700 it "
+            "(the journal files themselves are owner-only)",
+            path,
+            mode,
+        )
 
 
 def secure_file(path: Path) -> None:

@@ -257,3 +257,20 @@ def test_journal_files_are_owner_only(tmp_path: Path) -> None:
     (state / "pyquant.sqlite").chmod(0o644)
     Store.open(state / "pyquant.sqlite").close()
     assert stat.S_IMODE((state / "pyquant.sqlite").stat().st_mode) == 0o600
+
+
+def test_state_dir_created_owner_only_and_an_open_one_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pyquant.store import secure_state_dir
+
+    fresh = tmp_path / "a" / "state"
+    secure_state_dir(fresh)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with caplog.at_level("WARNING", logger="pyquant.store"):
+        secure_state_dir(shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755  # the user's directory is not changed
+    assert "open to other users" in caplog.text
