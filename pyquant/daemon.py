@@ -77,6 +77,7 @@ from pyquant.trading.sizing import SizingConfig
 from pyquant.trading.sources import (
     HttpSource,
     SourceResult,
+    SourceStopped,
     deliver,
     follow_jsonl,
     read_stdin,
@@ -332,6 +333,7 @@ class Daemon:
         # Marks for sizing entries, from the market stream (REST only when it is stale).
         self.marks = MarkCache(max_age_s=config.market.stale_after_s)
         self._flatten_task: asyncio.Task[list[Any]] | None = None
+        self._failure: PyquantError | None = None  # why the daemon stopped itself
         self._halt_seen: int | None = None
 
     # ------------------------------------------------------------------ control
@@ -655,6 +657,8 @@ class Daemon:
             finally:
                 self.summary = self.current_summary()
                 await self._close_quietly()
+        if self._failure is not None:
+            raise self._failure
         return self.summary
 
     async def flatten_only(self) -> list[Any]:
@@ -866,14 +870,14 @@ class Daemon:
         if sources.jsonl == "-":
             self._source_tasks.append(
                 group.create_task(
-                    supervise("stdin", lambda: read_stdin(self._intake)), name="stdin-intents"
+                    self._source("stdin", lambda: read_stdin(self._intake)), name="stdin-intents"
                 )
             )
         elif sources.jsonl:
             path = _user_path(sources.jsonl)
             store = self.desk.store
             task = group.create_task(
-                supervise("jsonl", lambda: follow_jsonl(self._intake, path, store=store)),
+                self._source("jsonl", lambda: follow_jsonl(self._intake, path, store=store)),
                 name="jsonl-intents",
             )
             self._source_tasks.append(task)
@@ -882,6 +886,15 @@ class Daemon:
                 self._intake, token=sources.http_token.reveal(), port=sources.http_port
             )
             await self.http.start()
+
+    async def _source(self, name: str, start: Callable[[], Awaitable[object]]) -> None:
+        # Restarted when it fails; failing again and again it stops the daemon, cleanly
+        # (in-flight orders finish) and loudly: run() raises the reason.
+        try:
+            await supervise(name, start)
+        except SourceStopped as exc:
+            self._failure = exc
+            self.stop()
 
     async def _demo_submit(self, payload: Mapping[str, Any]) -> None:
         self.submit_nowait(payload, source="demo")

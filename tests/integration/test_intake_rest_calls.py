@@ -44,3 +44,22 @@ async def test_marks_come_from_the_stream_and_duplicates_cost_no_request(
         )
         assert (again.accepted, again.reason) == (False, "duplicate_intent")
         assert client.requests_sent == sent  # refused before any request
+
+
+async def test_a_source_that_keeps_failing_stops_the_daemon_loudly(tmp_path: Any) -> None:
+    # Issue 17, item 3: the JSONL source used to stop for good while the daemon ran on deaf.
+    # Here the intents path is a directory: every read fails; the source is restarted with
+    # backoff and, failing again and again, stops the daemon cleanly, raising the reason.
+    import asyncio
+
+    from pyquant.trading.sources import SourceStopped
+
+    intents = tmp_path / "intents.jsonl"
+    intents.mkdir(mode=0o700)
+    async with simulator("hedge") as venue:
+        running_cm = run_daemon(venue, tmp_path / "state", sources={"jsonl": str(intents)})
+        async with running_cm as running:
+            with pytest.raises(SourceStopped, match="intent source jsonl failed 5 times"):
+                await asyncio.wait_for(asyncio.shield(running.task), 60)
+            # a clean stop: the summary was taken and the user stream closed
+            assert running.daemon.summary != {}
