@@ -343,6 +343,10 @@ class MarkPriceStream:
                     self.url, max_size=2**24, open_timeout=10, ping_interval=60, ping_timeout=600
                 ) as ws:
                     self._ws = ws
+                    if self._closed.is_set():
+                        # close() ran while this connection was being made: it saw no socket
+                        # to close, so this one would be read forever.
+                        break
                     self.health.connected = True
                     self.health.connected_since = time.monotonic()
                     if not first:
@@ -592,6 +596,10 @@ class UserDataStream:
                 url = f"{self._base}/ws/{self.listen_key}"
                 async with connect(url, max_size=2**22, open_timeout=10, ping_interval=60) as ws:
                     self._ws = ws
+                    if self._closed.is_set():
+                        # close() ran while this connection was being made: it saw no socket
+                        # to close, so this one would be read forever.
+                        break
                     self.health.connected = True
                     self.health.connected_since = time.monotonic()
                     if not first:
