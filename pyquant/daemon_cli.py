@@ -34,6 +34,7 @@ from pyquant.config import Config, load_config
 from pyquant.errors import ConfigError, PolicyError, PyquantError
 from pyquant.log import configure_logging
 from pyquant.state_lock import StateLock, StateLocked
+from pyquant.store import Halt
 from pyquant.trading.killswitch import SweepReport, sweep_account
 
 
@@ -310,7 +311,7 @@ async def _flatten(config: Config, state: Path, *, ours_only: bool, wait_s: floa
         if exc.pid is None or exc.pid <= 0:
             print(f"flatten: {exc}, and its pid is unreadable: not signalled", file=sys.stderr)
             return 1
-        failed += await _flatten_by_daemon(state, exc.pid, halt.halt_id, wait_s)
+        failed += await _flatten_by_daemon(state, exc.pid, halt, wait_s)
     else:
         try:
             failed += await _flatten_here(config, state)
@@ -348,9 +349,12 @@ async def _flatten_here(config: Config, state: Path) -> int:
     return _failed_count(result) if result else 0
 
 
-async def _flatten_by_daemon(state: Path, pid: int, halt_id: int, wait_s: float) -> int:
+async def _flatten_by_daemon(state: Path, pid: int, before: Halt, wait_s: float) -> int:
     from pyquant.store import Store
 
+    # The halt may be older than this command (set by an earlier flatten): its report counts
+    # only once the daemon's flatten for this signal has written a new one.
+    halt_id, reported_before = before.halt_id, before.flattened_at_ms
     try:
         os.kill(pid, signal.SIGUSR1)
     except ProcessLookupError:
@@ -365,7 +369,7 @@ async def _flatten_by_daemon(state: Path, pid: int, halt_id: int, wait_s: float)
             if halt is None or halt.halt_id != halt_id:
                 print("flatten: the halt was cleared meanwhile ('pyquant resume')")
                 return 1
-            if halt.flatten_result is not None:
+            if halt.flatten_result is not None and halt.flattened_at_ms != reported_before:
                 failed = _failed_count(halt.flatten_result)
                 print(f"positions: the daemon reports {halt.flatten_result}")
                 return failed
