@@ -32,7 +32,10 @@ fuzz: ## the engine fuzz suites with many fresh cases (FUZZ_CASES Rust, FUZZ_EXA
 	PYQUANT_FUZZ_CASES=$(FUZZ_CASES) cargo test -p pyquant_core --test engine_fuzz
 	PYQUANT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/property/test_engine_fuzz.py -p no:cacheprovider
 
+chaos: ## seeded chaos soak of the daemon (kill -9, bad input, faults, flatten) in both modes
+	PYTHONPATH=$(CURDIR) $(PY) tests/chaos/soak.py --steps $${STEPS:-200} --seed $${SEED:-7}
+
 bench: ## pytest-benchmark suites, each beside its baseline
 	$(PY) -m pytest tests/benchmarks --benchmark-enable --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
 
-.PHONY: help dev format lint test fuzz bench
+.PHONY: help dev format lint test fuzz bench chaos

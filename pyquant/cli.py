@@ -12,7 +12,8 @@ import sys
 # command -> (module with ``run_command(command, argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pyquant.daemon_cli", "run the streaming daemon (default: on the built-in simulator)"),
-    "flatten": ("pyquant.daemon_cli", "kill switch: close every position, then cancel our orders"),
+    "flatten": ("pyquant.daemon_cli", "kill switch: halt entries, close every position, cancel"),
+    "resume": ("pyquant.daemon_cli", "clear the kill switch's halt: entries are taken again"),
     "sim": ("pyquant.sim.cli", "serve the built-in Binance-compatible futures simulator"),
     "backtest": ("pyquant.backtest_cli", "replay history through the exit engine"),
     "doctor": ("pyquant.doctor", "check an account and its venue before trading on it"),

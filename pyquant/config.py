@@ -881,6 +881,10 @@ def _resolve_secrets(
     )
 
 
+# The HTTP intake's bearer token: shorter ones are refused (pyquant.trading.sources agrees).
+MIN_HTTP_TOKEN_CHARS = 16
+
+
 def _check_range(
     problems: _Problems, path: str, value: float | Decimal, low: float, high: float, rule: str
 ) -> None:
@@ -1067,6 +1071,21 @@ def _cross_checks(
             c.sources.http_port,
             f"the HTTP intake needs a bearer token in ${c.sources.http_token_env}",
         )
+    token = c.sources.http_token
+    if c.sources.http_port and token is not None and len(token.reveal()) < MIN_HTTP_TOKEN_CHARS:
+        # Checked here, before any connection, not when the intake starts after recovery.
+        problems.add(
+            "sources.http_token",
+            f"${c.sources.http_token_env} of {len(token.reveal())} characters",
+            f"must be at least {MIN_HTTP_TOKEN_CHARS} characters: use a long random token",
+        )
+    if c.sources.jsonl and c.sources.jsonl != "-":
+        from pyquant.trading.sources import check_intents_file  # aiohttp only when used
+
+        try:
+            check_intents_file(Path(os.path.expanduser(c.sources.jsonl)))
+        except ConfigError as exc:
+            problems.items.append(str(exc))
     if c.sources.redis_url:
         try:
             from pyquant.scale.bus import RedisBusConfig  # needs redis-py only when used

@@ -16,8 +16,8 @@ into ``pyquant.ExchangeRules``, open the store, restore the engine from its last
 Stop (SIGINT, SIGTERM, ``--duration`` or ``Daemon.stop()``): intake stops first, then the
 market stream (no new exit actions), then every in-flight entry and exit is awaited to its
 outcome (no half-sent order), the engine snapshot is saved, the user stream and sockets
-close, and ``run()`` returns the summary. SIGUSR1 is the kill switch: stop intake, cancel our
-orders and close every position, reporting each step.
+close, and ``run()`` returns the summary. SIGUSR1 is the kill switch: latch a halt, close
+every position, then cancel our orders, reporting each step (a stop waits for it).
 
 With ``sources.redis_url`` (``--intents redis://...``) intents come from a Redis stream and
 the daemon may share the account with others (``pyquant.scale.membership``): before the
@@ -67,18 +67,22 @@ from pyquant.exchange.streams import (
 )
 from pyquant.metrics import FeedStatus, Metrics, Status
 from pyquant.notify import hook as notify_hook
-from pyquant.store import Store
+from pyquant.store import Store, secure_state_dir
 from pyquant.trading.desk import DeskConfig, TradingDesk
-from pyquant.trading.guard import GuardConfig, GuardDecision
+from pyquant.trading.guard import GuardConfig, GuardDecision, PositionGuard
 from pyquant.trading.intents import Intent
+from pyquant.trading.killswitch import sweep_orphan_stops
+from pyquant.trading.marks import MarkCache
 from pyquant.trading.router import RouterConfig as DeskRouterConfig
 from pyquant.trading.sizing import SizingConfig
 from pyquant.trading.sources import (
     HttpSource,
     SourceResult,
+    SourceStopped,
     deliver,
     follow_jsonl,
     read_stdin,
+    supervise,
 )
 
 if TYPE_CHECKING:  # redis-py is optional: needed only with sources.redis_url
@@ -91,6 +95,15 @@ TICK_RECEIVED_NS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 
 _ORDER_PATH = "/fapi/v1/order"
+# How often a running daemon looks for a halt written by another process (the issue asks
+# that every daemon on the state observe it within a second).
+HALT_POLL_S = 0.5
+# How often our stops left on closed, flat legs (a cancel that failed at close) are swept.
+ORPHAN_SWEEP_S = 30.0
+# How long the kill switch waits for entries decided before the halt to reach an outcome.
+FLATTEN_WAIT_ENTRIES_S = 15.0
+# Rounds of the desk's flatten while a step fails.
+FLATTEN_ROUNDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +208,10 @@ class Intake:
         self.open = False
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.membership: Membership | None = None
+        # Set while no submission is in flight. The tasks in ``in_flight`` are the sources'
+        # own (a JSONL follower never ends): wait on this, never on those tasks.
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def submit(self, intent: Intent, *, payload: object = None) -> GuardDecision:
         """Decide one intent through the desk (refused while closed)."""
@@ -221,14 +238,23 @@ class Intake:
                     pending,
                     f"symbol {intent.symbol} was taken over and is not reconciled yet",
                 )
+        # Duplicates, halts and stale intents are refused before any REST call for sizing
+        # (a desk stand-in without a guard, as tests use, decides everything itself).
+        guard: PositionGuard | None = getattr(self.desk, "guard", None)
+        early = guard.refuse_early(intent, payload=payload) if guard is not None else None
+        if early is not None:
+            return early
         task = asyncio.current_task()
         if task is not None:
             self.in_flight.add(task)
+            self._idle.clear()
         try:
             decision = await self.desk.submit(intent, payload=payload)
         finally:
             if task is not None:
                 self.in_flight.discard(task)
+                if not self.in_flight:
+                    self._idle.set()
         # The guard logs each decision with its reason; nothing to add here.
         return decision
 
@@ -238,9 +264,8 @@ class Intake:
             self.desk.reject_malformed(source, payload, str(error))
 
     async def wait_idle(self) -> None:
-        """Wait until no submission is in flight."""
-        while self.in_flight:
-            await asyncio.gather(*list(self.in_flight), return_exceptions=True)
+        """Wait until no submission is in flight (the sources themselves may run on)."""
+        await self._idle.wait()
 
 
 def _attr(obj: object, *names: str) -> Any:  # noqa: ANN401 - engine views are extension objects
@@ -303,12 +328,18 @@ class Daemon:
         self.malformed_messages = 0
         self.summary: dict[str, object] = {}
         self.flatten_steps: list[Any] = []
+        self.flatten_result: str | None = None  # "<n> step(s) in <r> round(s), <m> failed"
         self._status_cache = Status({}, {}, 0, 0)
         self.membership: Membership | None = None
         self._membership_task: asyncio.Task[None] | None = None
         self._exits_stopped = asyncio.Event()
         self._owned_at_stop: list[str] | None = None
+        # Marks for sizing entries, from the market stream (REST only when it is stale).
+        self.marks = MarkCache(max_age_s=config.market.stale_after_s)
         self._flatten_task: asyncio.Task[list[Any]] | None = None
+        self._failure: PyquantError | None = None  # why the daemon stopped itself
+        self._halt_seen: int | None = None
+        self._flatten_request: asyncio.Task[list[Any]] | None = None
         self.flatten_failures = 0
 
     # ------------------------------------------------------------------ control
@@ -408,7 +439,7 @@ class Daemon:
     def _sim_state_path(self) -> Path | None:
         if self._state_dir is None:
             return None
-        self._state_dir.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(self._state_dir)
         return self._state_dir / "sim-account.json"
 
     # ------------------------------------------------------------------ engine
@@ -476,6 +507,7 @@ class Daemon:
 
     def _on_mark(self, data: bytes) -> None:
         token = TICK_RECEIVED_NS.set(time.perf_counter_ns())
+        self.marks.feed(data)
         try:
             try:
                 actions = self.engine.on_mark_message(data, now_ms=self._venue_now_ms())
@@ -679,6 +711,8 @@ class Daemon:
             finally:
                 self.summary = self.current_summary()
                 await self._close_quietly()
+        if self._failure is not None:
+            raise self._failure
         return self.summary
 
     async def flatten_only(self) -> list[Any]:
@@ -710,7 +744,7 @@ class Daemon:
             )
         else:
             self.state_dir = self._state_dir
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(self.state_dir)
         self.endpoints = await self._open_venue(stack)
         self.client = BinanceClient(
             self.endpoints.rest_url,
@@ -727,7 +761,14 @@ class Daemon:
         store = Store.open(self.state_dir / "pyquant.sqlite")
         stack.callback(store.close)
         self.engine = self._build_engine(store)
-        self.desk = TradingDesk(self.client, store, self.rules, self.engine, desk_config(config))
+        self.desk = TradingDesk(
+            self.client,
+            store,
+            self.rules,
+            self.engine,
+            desk_config(config),
+            mark_price=self.marks.get,
+        )
         if config.sources.redis_url and join_redis:
             self.membership = self._join_redis(config.sources.redis_url)
             self.membership.attach(self.desk)
@@ -811,6 +852,10 @@ class Daemon:
             self._every(config.daemon.snapshot_interval_s, self._snapshot), name="snapshot"
         )
         group.create_task(self._every(1.0, self._backstops), name="backstops")
+        group.create_task(self._every(HALT_POLL_S, self._watch_halt), name="halt-watch")
+        group.create_task(
+            self._every(ORPHAN_SWEEP_S, self._sweep_orphan_stops), name="orphan-stops"
+        )
         group.create_task(self._every(30.0, self._liquidation_prices), name="liquidation-prices")
         if self.membership is not None and self.membership.shared:
             group.create_task(
@@ -884,12 +929,15 @@ class Daemon:
             self._source_tasks.append(group.create_task(self.demo.run(), name="demo-producer"))
         if sources.jsonl == "-":
             self._source_tasks.append(
-                group.create_task(self._guarded(read_stdin(self._intake)), name="stdin-intents")
+                group.create_task(
+                    self._source("stdin", lambda: read_stdin(self._intake)), name="stdin-intents"
+                )
             )
         elif sources.jsonl:
             path = _user_path(sources.jsonl)
+            store = self.desk.store
             task = group.create_task(
-                self._guarded(follow_jsonl(self._intake, path, store=self.desk.store)),
+                self._source("jsonl", lambda: follow_jsonl(self._intake, path, store=store)),
                 name="jsonl-intents",
             )
             self._source_tasks.append(task)
@@ -899,12 +947,14 @@ class Daemon:
             )
             await self.http.start()
 
-    async def _guarded(self, source: Awaitable[object]) -> None:
-        # A source that ends (stdin EOF) or fails must not take the daemon down with it.
+    async def _source(self, name: str, start: Callable[[], Awaitable[object]]) -> None:
+        # Restarted when it fails; failing again and again it stops the daemon, cleanly
+        # (in-flight orders finish) and loudly: run() raises the reason.
         try:
-            await source
-        except (OSError, PyquantError, ValueError) as exc:
-            logger.error("Intent source stopped error=%s", exc)
+            await supervise(name, start)
+        except SourceStopped as exc:
+            self._failure = exc
+            self.stop()
 
     async def _demo_submit(self, payload: Mapping[str, Any]) -> None:
         self.submit_nowait(payload, source="demo")
@@ -951,6 +1001,13 @@ class Daemon:
             await self.desk.sync_backstops()
             await self._reconcile_deferred()
 
+    async def _sweep_orphan_stops(self) -> None:
+        if self.desk is None or self.client is None or not self.ready.is_set():
+            return
+        if self.config.router.shadow:
+            return  # nothing of ours is on the exchange
+        await sweep_orphan_stops(self.client, self.desk.store)
+
     async def _liquidation_prices(self) -> None:
         # They move with the account's margin (cross margin): refreshed on a slow timer.
         if self.desk is not None and self.ready.is_set():
@@ -992,13 +1049,58 @@ class Daemon:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         await self._intake.wait_idle()
 
-    async def flatten(self) -> list[Any]:
-        """Kill switch: stop intake, close every position, then cancel our orders."""
-        await self._close_intake()
+    async def flatten(self, *, set_by: str = "") -> list[Any]:
+        """Kill switch: latch a halt in the journal, then close everything and cancel our orders.
+
+        The halt comes first, so a daemon killed mid-flatten (or any other daemon on this
+        state) takes no new entry, and the next start finishes the flatten. Intake stays
+        open: intents are refused as ``halted`` (and recorded) until ``pyquant resume``.
+        One flatten runs at a time; a second request waits for the running one.
+        """
         if self.desk is None:
             return []
-        logger.warning("Kill switch: flattening every position")
-        self.flatten_steps = await self.desk.flatten()
+        halt = self.desk.store.set_halt(
+            "kill switch", set_by or f"pyquant daemon pid {os.getpid()}"
+        )
+        self._halt_seen = halt.halt_id
+        running = self._flatten_task
+        if running is not None and not running.done():
+            return await asyncio.shield(running)
+        self._flatten_task = asyncio.ensure_future(self._flatten_halted(halt.halt_id))
+        return await asyncio.shield(self._flatten_task)
+
+    async def _flatten_halted(self, halt_id: int) -> list[Any]:
+        assert self.desk is not None  # noqa: S101 - checked by the callers
+        logger.warning("Kill switch: halted (no new entries), flattening every position")
+        # Entries decided before the halt finish first, so their positions are closed too;
+        # one stuck on the venue does not hold the flatten up for long.
+        try:
+            await asyncio.wait_for(self._intake.wait_idle(), FLATTEN_WAIT_ENTRIES_S)
+        except TimeoutError:
+            logger.warning("Kill switch: entries still in flight, flattening anyway")
+        # A step that failed (a close refused, an unknown outcome found not executed) is
+        # tried again by another round: the kill switch finishes, or says what it could not.
+        steps: list[Any] = []
+        failed = 0
+        rounds = 0
+        while rounds < FLATTEN_ROUNDS:
+            rounds += 1
+            round_steps = await self.desk.flatten()
+            steps += round_steps
+            failed = sum(1 for step in round_steps if not getattr(step, "ok", False))
+            if failed == 0:
+                break
+            logger.warning("Kill switch: %d step(s) failed, flattening again", failed)
+        self.flatten_steps = steps
+        self.flatten_result = f"{len(steps)} step(s) in {rounds} round(s), {failed} failed"
+        self.desk.store.record_flatten(halt_id, self.flatten_result)
+        if self.ready.is_set() and not self._stop.is_set():
+            # The flatten leaves the guard fail-closed; the halt now keeps entries out, and
+            # a fresh view of the exchange lets them in again after 'pyquant resume'.
+            try:
+                await self._reconcile("after flatten")
+            except (PyquantError, OSError) as exc:
+                logger.warning("Reconciliation after the flatten failed error=%s", exc)
         return self.flatten_steps
 
     def request_flatten(self) -> asyncio.Task[list[Any]]:
@@ -1007,10 +1109,10 @@ class Daemon:
         The shutdown waits for it (a SIGTERM right after SIGUSR1 does not cut it short), and
         its failure is logged and counted instead of dying unseen.
         """
-        if self._flatten_task is not None and not self._flatten_task.done():
-            return self._flatten_task
+        if self._flatten_request is not None and not self._flatten_request.done():
+            return self._flatten_request
         task = asyncio.get_running_loop().create_task(self.flatten(), name="flatten")
-        self._flatten_task = task
+        self._flatten_request = task
 
         def done(finished: asyncio.Task[list[Any]]) -> None:
             if finished.cancelled():
@@ -1027,11 +1129,33 @@ class Daemon:
         task.add_done_callback(done)
         return task
 
+    async def _watch_halt(self) -> None:
+        # A halt written by another process (``pyquant flatten``, a peer daemon on this
+        # state) or left by a daemon killed mid-flatten: flatten here too, once per halt.
+        if self.desk is None or not self.ready.is_set():
+            return
+        halt = self.desk.store.halt()
+        if halt is None:
+            if self._halt_seen is not None:
+                logger.warning("Halt cleared: entries allowed again")
+            self._halt_seen = None
+            return
+        if halt.halt_id == self._halt_seen:
+            return
+        self._halt_seen = halt.halt_id
+        logger.warning(
+            "Halt observed set_by=%s reason=%s: no new entries, flattening",
+            halt.set_by,
+            halt.reason,
+        )
+        await self.flatten(set_by=halt.set_by)
+
     async def _shutdown(self) -> None:
         self._stopping = True
-        if self._flatten_task is not None:
-            # A kill switch under way finishes before anything it needs is closed.
-            await asyncio.gather(self._flatten_task, return_exceptions=True)
+        for flattening in (self._flatten_request, self._flatten_task):
+            if flattening is not None:
+                # A kill switch under way finishes before anything it needs is closed.
+                await asyncio.gather(flattening, return_exceptions=True)
         await self._close_intake()
         if self.market is not None:
             await self.market.close()

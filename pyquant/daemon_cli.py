@@ -1,12 +1,21 @@
-"""``pyquant run`` and ``pyquant flatten``.
+"""``pyquant run``, ``pyquant flatten`` and ``pyquant resume``.
 
 ``pyquant run`` with no arguments trades the built-in simulator on its bundled real data
 with a paper account and the demo intent producer, until Ctrl-C; then prints the summary.
 Flags override the config file, which overrides the defaults (see ``pyquant.config``).
+With ``--state DIR`` it holds ``DIR/daemon.lock`` (its pid inside) while it runs; without,
+the journal lives in a temporary directory and a warning says so.
 
-``pyquant flatten`` is the kill switch from outside: it connects to the configured venue,
-reconciles the store at ``--state`` with the exchange, cancels our orders and closes every
-position, printing each step. A running daemon does the same on SIGUSR1.
+``pyquant flatten`` is the kill switch from outside. It first latches a halt in the journal
+at ``--state`` (no new entries until ``pyquant resume``). When a daemon runs on that
+directory it signals it (SIGUSR1) and waits for its flatten instead of opening the journal a
+second time; otherwise it connects to the venue itself, reconciles and closes every
+position. Then it cancels every open order and algo order on the account (``--ours-only``:
+only orders with a pyquant id), prints each step, and exits 1 when anything is left open.
+A running daemon flattens the same way on SIGUSR1.
+
+``pyquant resume --state DIR`` clears the halt; a running daemon takes entries again within
+a second.
 """
 
 from __future__ import annotations
@@ -14,20 +23,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from pyquant.config import Config, load_config
 from pyquant.errors import ConfigError, PolicyError, PyquantError
 from pyquant.log import configure_logging
+from pyquant.state_lock import StateLock, StateLocked
+from pyquant.store import Halt
+from pyquant.trading.killswitch import SweepReport, sweep_account
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
     if command == "flatten":
         parser = argparse.ArgumentParser(
             prog="pyquant flatten",
-            description="Kill switch: cancel pyquant's orders and close every position.",
+            description=(
+                "Kill switch: halt entries (until 'pyquant resume'), close every position and "
+                "cancel every open order on the account. Exit status 1 if anything is left."
+            ),
         )
     else:
         parser = argparse.ArgumentParser(
@@ -59,6 +77,18 @@ def _parser(command: str) -> argparse.ArgumentParser:
     )
     if command == "flatten":
         parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        parser.add_argument(
+            "--ours-only",
+            action="store_true",
+            help="cancel only orders with a pyquant id (default: every open order on the account)",
+        )
+        parser.add_argument(
+            "--wait",
+            type=float,
+            default=60.0,
+            metavar="SECONDS",
+            help="how long to wait for a running daemon's flatten (default 60)",
+        )
         return parser
     parser.add_argument("--speed", type=float, help="simulator replay speed (default 600)")
     parser.add_argument(
@@ -134,7 +164,9 @@ def format_summary(summary: dict[str, object]) -> str:
 
 
 def run_command(command: str, argv: list[str]) -> int:
-    """Entry point of ``pyquant run`` and ``pyquant flatten``; returns the exit status."""
+    """Entry point of ``pyquant run``, ``flatten`` and ``resume``; returns the exit status."""
+    if command == "resume":
+        return _resume(argv)
     parser = _parser(command)
     args = parser.parse_args(argv)
     try:
@@ -175,8 +207,26 @@ def run_command(command: str, argv: list[str]) -> int:
         if command == "flatten":
             if not _flatten_allowed(config, state, args):
                 return 2
-            return asyncio.run(_flatten(config, state))
-        return asyncio.run(_run(config, args, state, tui=tui))
+            assert state is not None  # noqa: S101 - _flatten_allowed requires it
+            return asyncio.run(_flatten(config, state, ours_only=args.ours_only, wait_s=args.wait))
+        if state is None:
+            print(
+                "pyquant run: warning: no --state DIR: the journal lives in a temporary "
+                "directory deleted at exit; positions, the kill switch's halt and the "
+                "order-id tag will not persist across runs",
+                file=sys.stderr,
+            )
+            return asyncio.run(_run(config, args, state, tui=tui))
+        lock = StateLock(state)
+        try:
+            lock.acquire()
+        except StateLocked as exc:
+            print(f"pyquant run: {exc}: one daemon per state directory", file=sys.stderr)
+            return 2
+        try:
+            return asyncio.run(_run(config, args, state, tui=tui))
+        finally:
+            lock.release()
     except (PolicyError, ConfigError) as exc:
         print(f"pyquant {command}: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -212,8 +262,16 @@ async def _run(config: Config, args: argparse.Namespace, state: Path | None, *, 
     summary = await daemon.run()
     print(format_summary(summary))
     if args.summary_json is not None:
-        args.summary_json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        write_private(args.summary_json, json.dumps(summary, indent=2, default=str) + "\n")
     return 0
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600), whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(text)
 
 
 def _flatten_allowed(config: Config, state: Path | None, args: argparse.Namespace) -> bool:
@@ -234,21 +292,149 @@ def _flatten_allowed(config: Config, state: Path | None, args: argparse.Namespac
     return True
 
 
-async def _flatten(config: Config, state: Path | None) -> int:
+async def _flatten(config: Config, state: Path, *, ours_only: bool, wait_s: float) -> int:
+    from pyquant.store import Store
+
+    # The halt first: whatever happens next (a kill, a lost connection), no new entry is
+    # taken on this state until 'pyquant resume'.
+    store = Store.open(state / "pyquant.sqlite")
+    try:
+        halt = store.set_halt("pyquant flatten", f"pyquant flatten pid {os.getpid()}")
+    finally:
+        store.close()
+    print(f"halt: set (entries refused until 'pyquant resume --state {state}')")
+    lock = StateLock(state)
+    failed = 0
+    try:
+        lock.acquire()
+    except StateLocked as exc:
+        if exc.pid is None or exc.pid <= 0:
+            print(f"flatten: {exc}, and its pid is unreadable: not signalled", file=sys.stderr)
+            return 1
+        failed += await _flatten_by_daemon(state, exc.pid, halt, wait_s)
+    else:
+        try:
+            failed += await _flatten_here(config, state)
+        finally:
+            lock.release()
+    report = await _sweep(config, ours_only=ours_only)
+    for step in report.steps:
+        print(step.line())
+    failed += report.failed
+    scope = "pyquant's orders" if ours_only else "every open order"
+    print(f"sweep: {scope}: {len(report.steps)} cancel(s), {report.failed} failed")
+    for line in report.left_open:
+        print(f"LEFT OPEN {line}")
+    print(
+        f"flatten: {failed} failed, {len(report.left_open)} left open"
+        + ("" if report.left_open or failed else ": the account is flat")
+    )
+    return 0 if failed == 0 and not report.left_open else 1
+
+
+async def _flatten_here(config: Config, state: Path) -> int:
     from pyquant.daemon import Daemon
 
     daemon = Daemon(config, state_dir=state, install_signal_handlers=False)
     steps = await daemon.flatten_only()
-    failed = 0
     for step in steps:
         mark = "ok " if step.ok else "FAILED"
-        failed += 0 if step.ok else 1
         print(
             f"{mark} {step.step:<16} {step.symbol:<12} {step.position_side:<5} "
             f"{step.client_order_id} {step.detail}"
         )
-    print(f"flatten: {len(steps)} step(s), {failed} failed")
-    return 0 if failed == 0 else 1
+    result = daemon.flatten_result
+    print(f"positions: {result or f'{len(steps)} step(s)'}")
+    # the last round's failures count (earlier ones were tried again)
+    return _failed_count(result) if result else 0
+
+
+async def _flatten_by_daemon(state: Path, pid: int, before: Halt, wait_s: float) -> int:
+    from pyquant.store import Store
+
+    # The halt may be older than this command (set by an earlier flatten): its report counts
+    # only once the daemon's flatten for this signal has written a new one.
+    halt_id, reported_before = before.halt_id, before.flattened_at_ms
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        print(f"flatten: the daemon (pid {pid}) is gone; run flatten again", file=sys.stderr)
+        return 1
+    print(f"daemon: pid {pid} runs on {state}: signalled (SIGUSR1), waiting for its flatten")
+    store = Store.open(state / "pyquant.sqlite")
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            halt = store.halt()
+            if halt is None or halt.halt_id != halt_id:
+                print("flatten: the halt was cleared meanwhile ('pyquant resume')")
+                return 1
+            if halt.flatten_result is not None and halt.flattened_at_ms != reported_before:
+                failed = _failed_count(halt.flatten_result)
+                print(f"positions: the daemon reports {halt.flatten_result}")
+                return failed
+            await asyncio.sleep(0.1)
+    finally:
+        store.close()
+    print(f"flatten: the daemon (pid {pid}) did not report within {wait_s:g} s", file=sys.stderr)
+    return 1
+
+
+def _failed_count(result: str) -> int:
+    # "<n> step(s), <m> failed", as Daemon.flatten records it
+    words = result.replace(",", " ").split()
+    for index, word in enumerate(words):
+        if word == "failed" and index > 0 and words[index - 1].isdigit():
+            return int(words[index - 1])
+    return 1
+
+
+async def _sweep(config: Config, *, ours_only: bool) -> SweepReport:
+    from pyquant.exchange.client import BinanceClient
+
+    key, secret = config.credentials.api_key, config.credentials.api_secret
+    if key is None or secret is None:
+        raise PyquantError(f"exchange {config.exchange!r} needs an API key and secret")
+    client = BinanceClient(
+        config.rest_url,
+        key.reveal(),
+        secret.reveal(),
+        recv_window_ms=config.venue.recv_window_ms,
+        timeout_s=config.venue.timeout_s,
+    )
+    try:
+        await client.sync_time()
+        return await sweep_account(client, ours_only=ours_only)
+    finally:
+        await client.close()
+
+
+def _resume(argv: list[str]) -> int:
+    from pyquant.store import Store
+
+    parser = argparse.ArgumentParser(
+        prog="pyquant resume",
+        description="Clear the kill switch's halt: the daemon on DIR takes entries again.",
+    )
+    parser.add_argument("--state", type=Path, metavar="DIR", required=True)
+    args = parser.parse_args(argv)
+    path = args.state.expanduser() / "pyquant.sqlite"
+    if not path.exists():
+        print(f"pyquant resume: no journal at {path}", file=sys.stderr)
+        return 2
+    store = Store.open(path)
+    try:
+        cleared = store.clear_halt(f"pyquant resume pid {os.getpid()}")
+    finally:
+        store.close()
+    if cleared is None:
+        print("resume: no halt was set")
+        return 0
+    print(
+        f"resume: cleared the halt set by {cleared.set_by} ({cleared.reason}); "
+        "entries are taken again"
+    )
+    return 0
 
 
 __all__ = ["format_summary", "run_command"]

@@ -11,6 +11,7 @@ It is attached to the handler, so records from every library pass through it.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -151,6 +152,9 @@ def configure_logging(
         logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     ]
     if file:
+        # Owner-only (0600) whatever the umask: the log names positions, orders and intents.
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        os.chmod(file, 0o600)
         handlers.append(logging.FileHandler(file, encoding="utf-8"))
     for handler in handlers:
         handler.addFilter(redactor)

@@ -21,6 +21,10 @@ Schema (version ``SCHEMA_VERSION``; ``schema_version`` records every applied mig
 * ``reservations``: entries in flight per (symbol, leg), held until fill or reject.
 * ``cooldowns``: no new entry on (symbol, leg) until ``until_ms``.
 * ``counters``: summary counters ``(name, key) -> count``.
+* ``halts``: the kill switch's latch. A row without ``cleared_at_ms`` is an active halt: no
+  new entries on this state (exits and the flatten go on) until ``pyquant resume`` clears it.
+  Written by the flatten before it does anything else, so a daemon killed mid-flatten, or any
+  other daemon on the same state, sees it.
 
 Usage::
 
@@ -34,8 +38,11 @@ Usage::
 from __future__ import annotations
 
 import json
+import logging
+import os
 import secrets
 import sqlite3
+import stat
 import string
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,7 +55,9 @@ from typing import Any, Literal
 from pyquant.errors import PyquantError
 from pyquant.trading.intents import Intent
 
-SCHEMA_VERSION = 3
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 4
 
 # Each entry migrates from version i to i + 1 (index 0 creates version 1). Never edit an applied
 # migration: add a new one, and a test that migrates a database of the previous version.
@@ -167,9 +176,30 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE orders ADD COLUMN engine_applied INTEGER NOT NULL DEFAULT 0;
     """,
+    # v4: the kill switch latches: a halt outlives the process that set it.
+    """
+    CREATE TABLE halts (
+        halt_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        reason TEXT NOT NULL,
+        set_by TEXT NOT NULL,
+        set_at_ms INTEGER NOT NULL,
+        flattened_at_ms INTEGER,
+        flatten_result TEXT,
+        cleared_at_ms INTEGER,
+        cleared_by TEXT
+    );
+    CREATE INDEX halts_active ON halts(cleared_at_ms);
+    """,
 )
 
+# The close reason recovery gives an accepted entry that never reached the venue: the intent
+# was not executed, so a resend of it is decided again rather than refused as a duplicate.
+UNSENT_ENTRY_DETAIL = "no entry order was sent before the restart"
+
 Decision = Literal["accepted", "rejected"]
+# Owner-only: the journal holds the account's positions, orders and intents.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 Durability = Literal["normal", "full"]
 
 
@@ -327,6 +357,48 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass(frozen=True, slots=True)
+class Halt:
+    """An active (or cleared) halt: why, who set it, and what its flatten reported."""
+
+    halt_id: int
+    reason: str
+    set_by: str
+    set_at_ms: int
+    flattened_at_ms: int | None = None
+    flatten_result: str | None = None
+    cleared_at_ms: int | None = None
+    cleared_by: str | None = None
+
+
+def secure_state_dir(path: Path) -> None:
+    """Create ``path`` owner-only (0700); warn about an existing one others can enter.
+
+    An existing directory is not changed (``--state .`` must not lock the user out of
+    their working directory's group): the journal's own files are 0600 in any case.
+    """
+    if not path.exists():
+        path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        path.chmod(DIR_MODE)  # mkdir's mode is cut by the umask; make it exact
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        logger.warning(
+            "State directory is open to other users path=%s mode=%o: chmod 700 it "
+            "(the journal files themselves are owner-only)",
+            path,
+            mode,
+        )
+
+
+def secure_file(path: Path) -> None:
+    """Make an existing file owner-only (0600); a missing one is left alone."""
+    try:
+        path.chmod(FILE_MODE)
+    except FileNotFoundError:
+        return
+
+
 class Store:
     """The SQLite journal; see the module docstring for the schema and the threading rule."""
 
@@ -354,12 +426,21 @@ class Store:
         Raises:
             StoreError: the file has a newer schema than this code knows.
         """
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        on_disk = str(path) != ":memory:"
+        if on_disk:
+            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            # Created owner-only (0600) before SQLite opens it; an older file is tightened.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+            secure_file(Path(path))
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in `_tx`).
         db = sqlite3.connect(str(path), isolation_level=None)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
+        if on_disk:
+            # The WAL and shared-memory files take the database file's mode; tighten any
+            # left by an older pyquant.
+            for suffix in ("-wal", "-shm"):
+                secure_file(Path(f"{path}{suffix}"))
         db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=5000")
@@ -482,17 +563,82 @@ class Store:
             )
         return number
 
+    # ---- halt (the kill switch's latch) -----------------------------------------------------
+
+    def halt(self) -> Halt | None:
+        """Return the active halt, or None (read fresh each call: another process may set it)."""
+        row = self._db.execute(
+            "SELECT * FROM halts WHERE cleared_at_ms IS NULL ORDER BY halt_id LIMIT 1"
+        ).fetchone()
+        return None if row is None else Halt(**dict(row))
+
+    def set_halt(self, reason: str, set_by: str) -> Halt:
+        """Latch a halt (or return the one already active): no new entries until cleared."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT * FROM halts WHERE cleared_at_ms IS NULL ORDER BY halt_id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO halts(reason, set_by, set_at_ms) VALUES (?, ?, ?)",
+                    (reason[:512], set_by[:128], self._clock()),
+                )
+                row = db.execute(
+                    "SELECT * FROM halts WHERE halt_id = last_insert_rowid()"
+                ).fetchone()
+        return Halt(**dict(row))
+
+    def record_flatten(self, halt_id: int, result: str) -> None:
+        """Record what the flatten of a halt reported (``pyquant flatten`` waits for it)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE halts SET flattened_at_ms = ?, flatten_result = ? WHERE halt_id = ?",
+                (self._clock(), result[:4096], halt_id),
+            )
+
+    def clear_halt(self, cleared_by: str) -> Halt | None:
+        """Clear the active halt (``pyquant resume``); return it, or None if none was set."""
+        active = self.halt()
+        if active is None:
+            return None
+        now = self._clock()
+        with self._write() as db:
+            db.execute(
+                "UPDATE halts SET cleared_at_ms = ?, cleared_by = ? WHERE cleared_at_ms IS NULL",
+                (now, cleared_by[:128]),
+            )
+        return Halt(
+            active.halt_id,
+            active.reason,
+            active.set_by,
+            active.set_at_ms,
+            active.flattened_at_ms,
+            active.flatten_result,
+            now,
+            cleared_by,
+        )
+
     # ---- intents ----------------------------------------------------------------------------
 
     def intent_seen(self, intent_id: str) -> bool:
         """Return True when an intent with this id was decided before (accepted or rejected).
 
         A malformed payload that only carried the id does not count: its corrected resend
-        is decided normally.
+        is decided normally. Nor does an accepted intent whose entry was never sent (the
+        daemon was killed between the decision and the order; recovery closed its position
+        with ``UNSENT_ENTRY_DETAIL``): it was not executed, so its resend (the JSONL line
+        read again after the restart) is decided again: executed, or refused with a reason
+        such as ``stale``, never dropped as a duplicate.
         """
         row = self._db.execute(
-            "SELECT 1 FROM intents WHERE intent_id = ? AND symbol IS NOT NULL LIMIT 1",
-            (intent_id,),
+            "SELECT 1 FROM intents i WHERE i.intent_id = ? AND i.symbol IS NOT NULL AND NOT ("
+            " i.decision = 'accepted'"
+            " AND EXISTS (SELECT 1 FROM positions p WHERE p.position_id = i.position_id"
+            "  AND p.status = 'closed' AND instr(p.close_reason, ?) > 0)"
+            " AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.position_id = i.position_id"
+            "  AND o.kind = 'entry')"
+            ") LIMIT 1",
+            (intent_id, UNSENT_ENTRY_DETAIL),
         ).fetchone()
         return row is not None
 
@@ -506,7 +652,15 @@ class Store:
         position_id: str | None = None,
         payload: object = None,
     ) -> None:
-        """Record one intent (an ``Intent``) and the guard's decision about it."""
+        """Record one intent (an ``Intent``) and the guard's decision about it.
+
+        Raises:
+            ValueError: a number does not fit a SQLite integer (``parse_intent`` bounds them
+                all first; this keeps a bad row out however the intent was built).
+        """
+        _check_int64("created_at_ms", intent.created_at_ms)
+        if intent.leverage is not None:
+            _check_int64("leverage", intent.leverage)
         with self._write() as db:
             db.execute(
                 "INSERT INTO intents(intent_id, symbol, side, confidence, created_at_ms, source, "
@@ -540,6 +694,10 @@ class Store:
     ) -> None:
         """Record a payload that could not be parsed into an intent."""
         intent_id = payload.get("id") if isinstance(payload, Mapping) else None
+        if not isinstance(intent_id, str | int) or isinstance(intent_id, bool):
+            intent_id = None
+        elif isinstance(intent_id, int) and intent_id.bit_length() > 200:
+            intent_id = None  # str() of a huge int raises; such an id is no id
         with self._write() as db:
             db.execute(
                 "INSERT INTO intents(intent_id, source, payload, decision, reason, detail, "
@@ -878,6 +1036,15 @@ def _split_sql(script: str) -> list[str]:
     return [part.strip() for part in script.split(";") if part.strip()]
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_int64(field: str, value: int) -> None:
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        shown = value if value.bit_length() <= 200 else f"<integer of {value.bit_length()} bits>"
+        raise ValueError(f"intent field {field!r} was {shown}: out of the journal's integer range")
+
+
 def _payload_text(payload: object) -> str | None:
     if payload is None:
         return None
@@ -887,8 +1054,9 @@ def _payload_text(payload: object) -> str | None:
         return payload[:4096]
     try:
         return json.dumps(payload, default=str, sort_keys=True)[:4096]
-    except (TypeError, ValueError):
-        return repr(payload)[:4096]
+    except (TypeError, ValueError, RecursionError):
+        # Unserializable, a huge int, or nested too deeply: keep what can be shown safely.
+        return f"<unrecordable {type(payload).__name__} payload>"
 
 
 def _sql_value(value: object) -> object:

@@ -411,7 +411,9 @@ class MarkPriceStream:
                 ) as ws:
                     self._ws = ws
                     if self._closed.is_set():
-                        break  # close() ran while this connection was being opened
+                        # close() ran while this connection was being made: it saw no socket
+                        # to close, so this one would be read forever.
+                        break
                     self.health.connected = True
                     self.health.connected_since = time.monotonic()
                     if not first:
@@ -654,7 +656,9 @@ class UserDataStream:
 
     async def _connection_loop(self) -> None:
         first = True
+        refusals = 0  # handshakes refused in a row (an expired or unknown listenKey)
         while not self._closed.is_set():
+            renew_at_once = False
             try:
                 if self.listen_key is None or self._renew.is_set():
                     self._renew.clear()
@@ -664,7 +668,9 @@ class UserDataStream:
                 async with connect(url, max_size=2**22, open_timeout=10, ping_interval=60) as ws:
                     self._ws = ws
                     if self._closed.is_set():
-                        break  # close() ran while this connection was being opened
+                        # close() ran while this connection was being made: it saw no socket
+                        # to close, so this one would be read forever.
+                        break
                     self.health.connected = True
                     self.health.connected_since = time.monotonic()
                     if not first:
@@ -673,8 +679,24 @@ class UserDataStream:
                     if self._on_connected is not None:
                         await self._on_connected(not first)
                     first = False
+                    refusals = 0
                     self._backoff.reset()
                     await self._read(ws)
+            except InvalidStatus as exc:
+                if self._closed.is_set():
+                    break
+                status = exc.response.status_code
+                if 400 <= status < 500:
+                    # The venue refuses the key (it expired while we were away, and the
+                    # keepalive loop may not run for half an hour): a new one now, not then.
+                    refusals += 1
+                    renew_at_once = refusals == 1
+                    self._renew.set()
+                    logger.warning(
+                        "User-data stream refused status=%d: creating a new listenKey", status
+                    )
+                else:
+                    logger.warning("User-data stream lost error=InvalidStatus: %s", exc)
             except (OSError, TimeoutError, WebSocketException, ExchangeError) as exc:
                 if self._closed.is_set():
                     break
@@ -689,8 +711,8 @@ class UserDataStream:
             if self._closed.is_set():
                 break
             first = False
-            if self._renew.is_set():
-                continue
+            if self._renew.is_set() and (renew_at_once or refusals == 0):
+                continue  # listenKeyExpired, or the first refusal: reconnect with a new key now
             delay = self._backoff.next_delay()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), delay)

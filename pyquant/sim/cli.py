@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
@@ -162,10 +163,27 @@ def _account_settings(args: argparse.Namespace) -> AccountSettings:
     return settings
 
 
+def non_loopback_warning(host: str) -> str | None:
+    """Return a warning when ``host`` is not a loopback address (None when it is)."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"--host {host} is not a loopback address: the simulator (with its fixed test keys) "
+        "is reachable from other machines"
+    )
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from pyquant.sim import serve
 
     faults = json.loads(args.faults) if args.faults else None
+    warning = non_loopback_warning(args.host)
+    if warning:
+        print(f"pyquant sim: warning: {warning}", file=sys.stderr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

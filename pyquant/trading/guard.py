@@ -9,12 +9,17 @@ restart sees exactly what was decided.
 Checks, in order; the first that fails is the reason (stable machine strings):
 
 ``invalid`` (created in the future beyond the tolerance), ``duplicate_intent`` (id seen
-before), ``stale`` (older than ``max_age_ms``), ``state_unknown`` (fail closed: before
+before), ``halted`` (the kill switch's latch is set in the journal: ``pyquant resume`` clears
+it), ``stale`` (older than ``max_age_ms``), ``state_unknown`` (fail closed: before
 reconciliation or after a lost user stream), ``unknown_symbol`` / ``symbol_not_trading``,
 ``position_open`` (hedge: a position on that symbol and leg; one-way: any position on the
 symbol), ``entry_in_flight`` (a reservation on it), ``cooldown`` (after an exit),
 ``max_positions``, ``max_exposure``, then the sizing reasons (``over_leveraged``,
-``below_min_notional``, ``insufficient_margin``, ``invalid``).
+``below_min_notional``, ``insufficient_margin``, ``invalid``, ``exchange_unavailable``).
+
+The checks up to ``state_unknown`` need nothing from the exchange: ``refuse_early`` runs
+only those, so a duplicate or a halted intent is refused before any REST call for a mark
+or the account.
 
 Usage::
 
@@ -47,6 +52,7 @@ REASONS = (
     "accepted",
     "invalid",
     "duplicate_intent",
+    "halted",
     "stale",
     "state_unknown",
     "unknown_symbol",
@@ -59,6 +65,7 @@ REASONS = (
     "over_leveraged",
     "below_min_notional",
     "insufficient_margin",
+    "exchange_unavailable",
     "entry_failed",
 )
 
@@ -253,12 +260,34 @@ class PositionGuard:
         )
         return decision
 
-    def _check(
-        self,
-        intent: Intent,
-        now: int,
-        size: Callable[[Intent, int], SizeDecision] | None,
-    ) -> GuardDecision:
+    def refuse_early(self, intent: Intent, *, payload: object = None) -> GuardDecision | None:
+        """Run the checks that need nothing from the exchange; record a refusal.
+
+        Call it before fetching a mark or the account for sizing: a duplicate, a halted or a
+        stale intent then costs no REST call (a JSONL file read again after restarts is
+        mostly duplicates).
+
+        Returns:
+            The recorded refusal, or None when ``decide`` should go on to decide the intent.
+        """
+        now = self._clock()
+        decision = self._early_check(intent, now)
+        if decision is None:
+            return None
+        self.store.record_intent_decision(
+            intent, "rejected", decision.reason, decision.detail, payload=payload
+        )
+        logger.info(
+            "Intent decided intent_id=%s symbol=%s side=%s decision=rejected reason=%s detail=%s",
+            intent.intent_id,
+            intent.symbol,
+            intent.side,
+            decision.reason,
+            decision.detail,
+        )
+        return decision
+
+    def _early_check(self, intent: Intent, now: int) -> GuardDecision | None:
         config = self.config
         if intent.created_at_ms > now + config.future_tolerance_ms:
             return GuardDecision(
@@ -269,6 +298,14 @@ class PositionGuard:
             )
         if self.store.intent_seen(intent.intent_id):
             return GuardDecision(False, "duplicate_intent", f"id {intent.intent_id} seen before")
+        halt = self.store.halt()
+        if halt is not None:
+            return GuardDecision(
+                False,
+                "halted",
+                f"halted by {halt.set_by} at {halt.set_at_ms} ({halt.reason}); "
+                "'pyquant resume' clears it",
+            )
         age = now - intent.created_at_ms
         if age > config.max_age_ms:
             return GuardDecision(False, "stale", f"age {age} ms > max_age {config.max_age_ms} ms")
@@ -276,6 +313,18 @@ class PositionGuard:
             return GuardDecision(
                 False, "state_unknown", self._unknown_reason or "position mode not read yet"
             )
+        return None
+
+    def _check(
+        self,
+        intent: Intent,
+        now: int,
+        size: Callable[[Intent, int], SizeDecision] | None,
+    ) -> GuardDecision:
+        config = self.config
+        early = self._early_check(intent, now)
+        if early is not None:
+            return early
         try:
             status = _status_of(self.rules.symbol_info(intent.symbol))
         except KeyError:

@@ -17,14 +17,31 @@ Usage::
     )
     if decision.ok: quantity = decision.quantity   # wire string, e.g. "0.083"
     else: reason = decision.reason                 # e.g. "below_min_notional"
+
+The inputs (the mark, the account's equity and free margin) come from the exchange. A failure
+to read them is not a sizing verdict: ``read_input`` retries a read that failed for a
+retryable reason (a timeout, a 429: reads are safe to repeat) and raises
+``SizingInputUnavailable``; ``unavailable_decision`` turns that into the refusal
+``exchange_unavailable`` with the code, never "insufficient margin, 0.0000 available" or
+"no mark price"::
+
+    try:
+        mark = await read_input("mark price", lambda: venue.premium_index(symbol))
+    except SizingInputUnavailable as exc:
+        return unavailable_decision(exc)             # reason "exchange_unavailable"
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
+
+from pyquant.errors import ExchangeError, RetryableError
+
+T = TypeVar("T")
 
 
 class SizingRules(Protocol):
@@ -212,3 +229,55 @@ def size_entry(
         stop_price=None if stop_price is None else str(stop_price),
         detail=basis,
     )
+
+
+class SizingInputUnavailable(Exception):
+    """A sizing input could not be read from the exchange (after retries where safe)."""
+
+    def __init__(self, what: str, error: BaseException, attempts: int) -> None:
+        code = getattr(error, "code", None)
+        status = getattr(error, "http_status", None)
+        parts = [f"{what} unavailable:"]
+        if code is not None:
+            parts.append(f"code {code}")
+        if status is not None:
+            parts.append(f"HTTP {status}")
+        parts.append(f"({getattr(error, 'msg', None) or error})")
+        if attempts > 1:
+            parts.append(f"after {attempts} attempts")
+        super().__init__(" ".join(parts))
+        self.what = what
+        self.code = code
+        self.error = error
+        self.attempts = attempts
+
+
+async def read_input(
+    what: str,
+    read: Callable[[], Awaitable[T]],
+    *,
+    attempts: int = 3,
+    delay_s: float = 0.2,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """Read one sizing input; retry a retryable failure (reads are safe to repeat).
+
+    Raises:
+        SizingInputUnavailable: the read failed (at once for a final error such as a bad
+            key, after ``attempts`` for a timeout or a 429), naming what and the code.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return await read()
+        except RetryableError as exc:
+            if attempt == attempts:
+                raise SizingInputUnavailable(what, exc, attempt) from exc
+            await sleep(delay_s * 2 ** (attempt - 1))
+        except (ExchangeError, OSError, TimeoutError) as exc:
+            raise SizingInputUnavailable(what, exc, attempt) from exc
+    raise AssertionError("unreachable: attempts >= 1")  # pragma: no cover
+
+
+def unavailable_decision(error: SizingInputUnavailable) -> SizeDecision:
+    """Return the refusal for an entry whose sizing inputs could not be read."""
+    return SizeDecision(False, reason="exchange_unavailable", detail=str(error))

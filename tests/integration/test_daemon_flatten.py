@@ -47,7 +47,7 @@ async def test_flatten_in_the_running_daemon(tmp_path: Path) -> None:
             refused = await running.daemon.submit(
                 {"id": "after", "symbol": SYMBOL, "side": "BUY", "size_usd": "500"}
             )
-            assert (refused.accepted, refused.reason) == (False, "intake_closed")
+            assert (refused.accepted, refused.reason) == (False, "halted")
             store = running.daemon.desk.store
             assert store.positions(("opening", "open")) == []
             summary = await running.stop()

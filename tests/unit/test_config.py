@@ -160,8 +160,10 @@ def test_http_intake_needs_a_token(tmp_path: Path) -> None:
     path = write(tmp_path, "[sources]\nhttp_port = 8099\n")
     with pytest.raises(ConfigError, match="bearer token"):
         load_config(path, environ={})
-    config = load_config(path, environ={"PYQUANT_HTTP_TOKEN": "tok"})
-    assert config.sources.http_token == Secret("tok")
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        load_config(path, environ={"PYQUANT_HTTP_TOKEN": "tok"})
+    config = load_config(path, environ={"PYQUANT_HTTP_TOKEN": "tok-of-16-chars!"})
+    assert config.sources.http_token == Secret("tok-of-16-chars!")
 
 
 def test_cli_overrides_win(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def test_migration_from_version_1_keeps_data(tmp_path: Path) -> None:
     assert row.exchange_time_ms == 0  # the column added by v2, defaulted
     assert store.reservations() == []
     versions = [r[0] for r in store._db.execute("SELECT version FROM schema_version ORDER BY 1")]
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
     assert row.engine_applied is False
 
 
