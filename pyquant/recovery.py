@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from pyquant.errors import ExchangeError
-from pyquant.store import PositionRow
+from pyquant.store import UNSENT_ENTRY_DETAIL, PositionRow
 from pyquant.trading.desk import EngineLike, TradingDesk, legs_from_rows
 from pyquant.trading.router import FINAL_STATES, LIVE_STATUSES, OrderOutcome, OrderState
 
@@ -207,7 +207,7 @@ async def reconcile(
             continue  # still in symbol set-up or awaiting its answer: its sender finishes it
         entries = store.orders(position_id=position.position_id, kind="entry")
         if not entries:
-            desk._entry_failed(position.position_id, "no entry order was sent before the restart")
+            desk._entry_failed(position.position_id, UNSENT_ENTRY_DETAIL)
             report.entries_failed.append(position.position_id)
             continue
         last = entries[-1]

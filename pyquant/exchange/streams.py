@@ -686,9 +686,12 @@ class UserDataStream:
                 if self._closed.is_set():
                     break
                 status = exc.response.status_code
-                if 400 <= status < 500:
-                    # The venue refuses the key (it expired while we were away, and the
-                    # keepalive loop may not run for half an hour): a new one now, not then.
+                if 400 <= status < 500 and status != 429:
+                    # Either the venue refuses the key (it expired while we were away, and
+                    # the keepalive loop may not run for half an hour) or it lacks the route
+                    # (a testnet without /private): a new key now, and the other route when
+                    # there is one; the two alternate until one connects.
+                    _route_refused(self.routes, exc, "User-data")
                     refusals += 1
                     renew_at_once = refusals == 1
                     self._renew.set()

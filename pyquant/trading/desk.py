@@ -80,7 +80,14 @@ from pyquant.trading.router import (
     RouterError,
     StopWouldTrigger,
 )
-from pyquant.trading.sizing import SizeDecision, SizingConfig, size_entry
+from pyquant.trading.sizing import (
+    SizeDecision,
+    SizingConfig,
+    SizingInputUnavailable,
+    read_input,
+    size_entry,
+    unavailable_decision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -470,15 +477,18 @@ class TradingDesk:
         return self._account[1], self._account[2]
 
     async def _mark(self, symbol: str) -> Decimal | None:
+        """Return the symbol's mark: the stream's when fresh, else premiumIndex.
+
+        Raises:
+            SizingInputUnavailable: the venue could not be read (retried where safe).
+        """
         if self._mark_price is not None:
             price = self._mark_price(symbol)
             if price is not None:
                 return price
-        try:
-            rows = await self.venue.premium_index(symbol)
-        except ExchangeError as exc:
-            logger.warning("Mark price lookup failed symbol=%s error=%s", symbol, exc)
-            return None
+        rows = await read_input(
+            "mark price", lambda: self.venue.premium_index(symbol), sleep=self._sleep
+        )
         for row in rows:
             if row.get("symbol") == symbol:
                 return _dec(row.get("markPrice")) or None
@@ -490,18 +500,37 @@ class TradingDesk:
         Returns once the decision is recorded and the entry has an outcome (filled, failed,
         or waiting for the user stream).
         """
+        early = self.guard.refuse_early(intent, payload=payload)
+        if early is not None:
+            # A duplicate, halted or stale intent costs no request to the venue.
+            self._note(
+                "rejection",
+                intent_id=intent.intent_id,
+                symbol=intent.symbol,
+                reason=early.reason,
+                detail=early.detail,
+                intent=intent,
+            )
+            return early
         mark: Decimal | None = None
         equity = available = Decimal(0)
+        unavailable: SizingInputUnavailable | None = None
         if self.guard.state_known:
             try:
                 mark = await self._mark(intent.symbol)
-                equity, available = await self._account_numbers()
-            except Exception as exc:  # sizing then refuses the intent, and it is recorded
+                equity, available = await read_input(
+                    "account", self._account_numbers, sleep=self._sleep
+                )
+            except SizingInputUnavailable as exc:
+                # An exchange failure is said as one (code and all), not as a sizing verdict.
+                unavailable = exc
                 logger.warning(
                     "Sizing inputs unavailable intent_id=%s error=%s", intent.intent_id, exc
                 )
 
         def size(candidate: Intent, leverage: int) -> SizeDecision:
+            if unavailable is not None:
+                return unavailable_decision(unavailable)
             if mark is None:
                 return SizeDecision(False, reason="invalid", detail="no mark price for the symbol")
             return size_entry(
@@ -650,7 +679,10 @@ class TradingDesk:
         if price is None:
             # Nothing on the exchange says the price (every read failed): the position must
             # still be managed; the mark is the only estimate left, and it is said loudly.
-            price = await self._mark(position.symbol)
+            try:
+                price = await self._mark(position.symbol)
+            except SizingInputUnavailable as exc:
+                logger.error("Mark unavailable too error=%s", exc)
             logger.error(
                 "Entry price unknown, the mark stands in position_id=%s mark=%s",
                 position.position_id,
