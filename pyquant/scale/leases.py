@@ -76,19 +76,21 @@ end
 return {0, current}
 """
 
-# KEYS[1] member key, KEYS[2..] lease keys. ARGV: owner, ttl_ms, member token.
-# Returns {member_ok, s2, s3, ...}: per lease 1 extended, 2 re-created (it had lapsed and
-# nobody took it), 0 held by someone else. Compare-and-extend: only the owner extends.
+# KEYS[1] member key, KEYS[2] daemons set, KEYS[3..] lease keys. ARGV: owner, ttl_ms, member
+# token. Returns {member_ok, s3, s4, ...}: per lease 1 extended, 2 re-created (it had lapsed
+# and nobody took it), 0 held by someone else. Compare-and-extend: only the owner extends.
+# The id goes back into the daemons set: a peer's clean-up drops it after a heartbeat lapse.
 _RENEW: Final = """
 local member = redis.call('GET', KEYS[1])
 local member_ok = 1
 if (not member) or member == ARGV[3] then
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[1])
 else
   member_ok = 0
 end
 local out = {member_ok}
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local current = redis.call('GET', KEYS[i])
   if current == ARGV[1] then
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
@@ -599,7 +601,11 @@ class LeaseManager:
         symbols = sorted(self._held)
         started = self._clock()
         result = await self._renew_script(
-            keys=[self.keys.member(self.daemon_id), *(self.keys.lease(s) for s in symbols)],
+            keys=[
+                self.keys.member(self.daemon_id),
+                self.keys.daemons,
+                *(self.keys.lease(s) for s in symbols),
+            ],
             args=[self.daemon_id, self.config.ttl_ms, self._token],
         )
         if int(result[0]) == 0:

@@ -3,6 +3,8 @@
 ``pyquant run --intents redis://...`` builds one ``Membership``. It joins the daemon's trading
 desk to the Redis side (``pyquant.scale.bus.RedisBus``):
 
+- Unknown symbols: an intent on a symbol the desk's exchangeInfo does not list is refused at
+  the stream (``symbol_refusal``), before any lease, forward or exchange call.
 - Ownership: the desk runs only the symbols whose lease this daemon holds
   (``TradingDesk.ownership``); account changes on other symbols are left to their owners.
 - Start: before reconciling, the daemon asks for the lease of every symbol its journal holds
@@ -122,6 +124,22 @@ class Membership:
             desk.ownership = self.owned
             desk.adoption_hint = self._hint
             desk.on_unowned_leg = self.adopt_if_unowned
+            # An unknown symbol would cost a lease and a reconcile (REST weight) before the
+            # guard refuses it: refuse it at the stream, from the local exchangeInfo.
+            self.bus.intents.symbol_check = self.symbol_refusal
+
+    def symbol_refusal(self, symbol: str) -> str | None:
+        """Return why an intent on ``symbol`` cannot be traded here, or None.
+
+        Reads the desk's current exchange rules (refreshed rules included); no exchange call.
+        """
+        if self.desk is None:
+            return None
+        try:
+            self.desk.rules.symbol_info(symbol)
+        except KeyError:
+            return "is not listed in this daemon's exchangeInfo"
+        return None
 
     def pending(self, symbol: str) -> bool:
         """Return whether ``symbol`` was taken over but is not reconciled yet."""
