@@ -27,10 +27,18 @@ Ownership and the daemon:
   nobody took is re-created (and reported as ``reacquired`` when our validity had run out, so
   the daemon reconciles again), and one taken by another daemon is lost.
 
-A split brain is possible in one case: a process cut off from Redis (but not from the exchange)
-for longer than the TTL keeps running exits while another process adopts the same positions.
-The exchange-side backstop and deterministic clientOrderIds (an order already sent with the
-same id is refused) limit the damage; keep Redis next to the daemons.
+Fencing (``may_send``): a process cut off from Redis but not from the exchange must not send
+orders once a peer may have taken its symbol. A lease can lapse in Redis no earlier than
+``ttl`` after the start of the last renewal that confirmed it, so ``may_send(symbol)`` is True
+only while ``now < start of the last confirmed renewal + ttl - margin``, with the margin
+``10 % of ttl + 2 ms`` for clock-rate drift between the processes plus ``send_margin_ms``
+(default 10 % of ttl) for an order's time in flight. The router asks it before every order for
+the symbol (entries, exits, backstop moves); while it is False nothing is sent, the engine's
+exits are retried, and the exchange-side backstop already in place stays. It turns True again
+only when a renewal confirms the lease as ours (or the symbol is taken again after a peer
+released it). Client order ids do not prevent duplicates across daemons: each carries its
+journal's own tag, so two daemons exiting one leg would both be accepted; the fence is what
+keeps them apart.
 """
 
 from __future__ import annotations
@@ -168,6 +176,8 @@ class LeaseConfig:
         balance: give a free symbol to its preferred live daemon (rendezvous hashing of the
             symbol over the live daemon ids) rather than to whichever daemon read its first
             intent, so symbols spread evenly over the daemons.
+        send_margin_ms: how long before the lease's validity ends orders stop (``may_send``):
+            an order's time in flight to the exchange. None means 10 % of ``ttl_ms``.
     """
 
     daemon_id: str
@@ -177,6 +187,7 @@ class LeaseConfig:
     key_prefix: str = "pyquant"
     max_symbols: int | None = None
     balance: bool = True
+    send_margin_ms: int | None = None
 
     def __post_init__(self) -> None:
         validate_name("lease.daemon_id", self.daemon_id)
@@ -189,6 +200,12 @@ class LeaseConfig:
                 f"lease.renew_interval_ms was {interval}: must be from 10 to half of ttl_ms "
                 f"({self.ttl_ms // 2})"
             )
+        margin = self.send_margin_ms
+        if margin is not None and not 0 <= margin <= self.ttl_ms // 2:
+            raise ConfigError(
+                f"lease.send_margin_ms was {margin}: must be from 0 to half of ttl_ms "
+                f"({self.ttl_ms // 2})"
+            )
         if self.max_symbols is not None and self.max_symbols < 1:
             raise ConfigError(f"lease.max_symbols was {self.max_symbols}: must be at least 1")
 
@@ -196,6 +213,12 @@ class LeaseConfig:
     def interval_ms(self) -> int:
         """Return the renewal period in milliseconds."""
         return self.renew_interval_ms or max(10, self.ttl_ms // 3)
+
+    @property
+    def send_margin_s(self) -> float:
+        """Return the in-flight margin of ``may_send`` in seconds."""
+        margin = self.send_margin_ms if self.send_margin_ms is not None else self.ttl_ms // 10
+        return margin / 1e3
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +343,15 @@ class LeaseManager:
         """Return whether the lease of ``symbol`` is ours and renewed within its validity."""
         held = self._held.get(symbol)
         return held is not None and self._clock() < held.valid_until
+
+    def may_send(self, symbol: str) -> bool:
+        """Return whether an order for ``symbol`` may go to the exchange now (the fence).
+
+        True only while the lease is ours and no peer can have taken it, counting the
+        in-flight margin: see "Fencing" in the module docstring.
+        """
+        held = self._held.get(symbol)
+        return held is not None and self._clock() < held.valid_until - self.config.send_margin_s
 
     def confirmed_symbols(self) -> frozenset[str]:
         """Return the owned symbols whose leases are confirmed now."""

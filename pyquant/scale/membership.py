@@ -5,6 +5,9 @@ desk to the Redis side (``pyquant.scale.bus.RedisBus``):
 
 - Unknown symbols: an intent on a symbol the desk's exchangeInfo does not list is refused at
   the stream (``symbol_refusal``), before any lease, forward or exchange call.
+- Fencing: the router asks ``may_send(symbol)`` before every order; a daemon cut off from
+  Redis stops sending for a symbol before a peer can have taken its lease
+  (``pyquant.scale.leases``, "Fencing").
 - Ownership: the desk runs only the symbols whose lease this daemon holds
   (``TradingDesk.ownership``); account changes on other symbols are left to their owners.
 - Start: before reconciling, the daemon asks for the lease of every symbol its journal holds
@@ -127,6 +130,16 @@ class Membership:
             # An unknown symbol would cost a lease and a reconcile (REST weight) before the
             # guard refuses it: refuse it at the stream, from the local exchangeInfo.
             self.bus.intents.symbol_check = self.symbol_refusal
+            # The fence: no order for a symbol whose lease a peer may hold by now.
+            desk.router.send_gate = self.may_send
+
+    def may_send(self, symbol: str) -> bool:
+        """Return whether an order for ``symbol`` may be sent now (``LeaseManager.may_send``).
+
+        Always True without leases (a single daemon owns the account).
+        """
+        leases = self.bus.leases
+        return leases is None or leases.may_send(symbol)
 
     def symbol_refusal(self, symbol: str) -> str | None:
         """Return why an intent on ``symbol`` cannot be traded here, or None.
