@@ -8,7 +8,10 @@ URL (``pyquant run --intents URL``): every parameter of
 - ``account``: the account namespace shared by the daemons of one account (default ``default``);
 - ``events``: the events stream (default ``pyquant:events``); ``events_maxlen`` (default 100000);
 - ``lease_ttl_ms``: lease lifetime (default 5000); ``leases=off`` for a single daemon that
-  decides every intent without leases.
+  decides every intent without leases;
+- ``max_symbol_exposure_usd``: account-wide cap on one symbol's summed entry notional (the
+  account-wide position and exposure caps are the guard's ``max_open_positions`` and
+  ``max_total_exposure_usd``, see ``pyquant.scale.limits``).
 
 Lifecycle: ``run()`` registers the daemon, then runs the publisher, the lease renewal and the
 intent reader in one ``asyncio.TaskGroup`` until ``stop()``. A clean stop is ordered: intake
@@ -33,8 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Final, Protocol
 
 import redis.asyncio as aioredis
@@ -43,6 +47,7 @@ from pyquant.errors import ConfigError
 from pyquant.scale._backoff import Backoff
 from pyquant.scale.events import DEFAULT_EVENTS_STREAM, REDIS_DOWN_ERRORS, EventPublisher
 from pyquant.scale.leases import LeaseCallback, LeaseConfig, LeaseManager, validate_name
+from pyquant.scale.limits import LedgerLimits
 from pyquant.scale.redis_intents import (
     INTENT_URL_PARAMS,
     Decide,
@@ -59,7 +64,15 @@ from pyquant.trading.intents import Intent
 logger = logging.getLogger(__name__)
 
 BUS_URL_PARAMS: Final = INTENT_URL_PARAMS | frozenset(
-    {"daemon", "account", "events", "events_maxlen", "lease_ttl_ms", "leases"}
+    {
+        "daemon",
+        "account",
+        "events",
+        "events_maxlen",
+        "lease_ttl_ms",
+        "leases",
+        "max_symbol_exposure_usd",
+    }
 )
 
 
@@ -75,6 +88,7 @@ class RedisBusConfig:
         events_maxlen: approximate cap of the events stream.
         lease_ttl_ms: lease lifetime; None disables leases (one daemon decides everything).
         socket_timeout_s: how long one Redis call may take before it counts as an outage.
+        max_symbol_exposure_usd: account-wide cap on one symbol's entry notional, or None.
     """
 
     intents: IntentStreamConfig
@@ -84,6 +98,7 @@ class RedisBusConfig:
     events_maxlen: int = 100_000
     lease_ttl_ms: int | None = 5_000
     socket_timeout_s: float = 5.0
+    max_symbol_exposure_usd: Decimal | None = None
 
     def __post_init__(self) -> None:
         validate_name("redis.daemon", self.daemon_id)
@@ -96,6 +111,7 @@ class RedisBusConfig:
             raise ConfigError(f"redis.events_maxlen was {self.events_maxlen}: must be at least 1")
         if self.lease_ttl_ms is not None:
             LeaseConfig(daemon_id=self.daemon_id, account=self.account, ttl_ms=self.lease_ttl_ms)
+        LedgerLimits(max_symbol_exposure_usd=self.max_symbol_exposure_usd)
 
     @classmethod
     def from_url(cls, url: str) -> RedisBusConfig:
@@ -123,7 +139,24 @@ class RedisBusConfig:
             events_stream=params.get("events", DEFAULT_EVENTS_STREAM),
             events_maxlen=parse_int_param("events_maxlen", params.get("events_maxlen", "100000")),
             lease_ttl_ms=ttl,
+            max_symbol_exposure_usd=_amount_param(params, "max_symbol_exposure_usd"),
         )
+
+
+def _amount_param(params: Mapping[str, str], name: str) -> Decimal | None:
+    if name not in params:
+        return None
+    try:
+        value = Decimal(params[name])
+    except InvalidOperation as exc:
+        raise ConfigError(
+            f"intents URL parameter {name!r} was {params[name]!r}: must be a USDT amount"
+        ) from exc
+    if not value.is_finite() or value < 0:
+        raise ConfigError(
+            f"intents URL parameter {name!r} was {params[name]!r}: must be a USDT amount >= 0"
+        )
+    return value
 
 
 class IntentSinkLike(Protocol):

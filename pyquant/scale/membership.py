@@ -20,6 +20,12 @@ desk to the Redis side (``pyquant.scale.bus.RedisBus``):
   Until the reconciliation succeeds, intents for the symbol wait (``pending`` answers
   ``symbol_unreconciled``, a retry reason, so the stream entry stays pending).
 - Loss (``on_lose``): another daemon holds the lease now; the desk hands the symbol over.
+- Account-wide limits (``pyquant.scale.limits``): the guard's ``max_open_positions`` and
+  ``max_total_exposure_usd`` (and the URL's ``max_symbol_exposure_usd``) hold for the whole
+  account: an accepted entry reserves its leg in the Redis ledger (``entry_gate``, called by
+  the desk before anything is sent) or fails with the limit's reason; the desk's notes
+  release (entry failed, position closed) and settle (filled) it; ``sync_ledger`` rebuilds
+  the owned symbols' fields from the journal every second and after each takeover.
 - Exit state: every second the owner writes each open position's exit state to the hash
   ``{prefix}:{account}:exitstate`` (field ``SYMBOL|LEG``), the input of a peer's adoption.
 - Events: the desk's notes and the router's order changes are published to the events stream
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
@@ -43,8 +49,10 @@ import orjson
 from pyquant.errors import ExchangeError, PyquantError
 from pyquant.scale.bus import IntentSinkLike, RedisBus, RedisBusConfig
 from pyquant.scale.events import REDIS_DOWN_ERRORS, EventPublisher
+from pyquant.scale.limits import AccountLedger, LedgerLimits
 from pyquant.store import OrderRow
 from pyquant.trading.desk import TradingDesk
+from pyquant.trading.guard import GuardDecision
 from pyquant.trading.intents import Intent
 
 logger = logging.getLogger(__name__)
@@ -101,6 +109,12 @@ class Membership:
         prefix = self.bus.leases.keys.prefix if self.bus.leases is not None else None
         self._exit_state_key = f"{prefix}:exitstate" if prefix else ""
         self._drop_own_state = self.bus.redis.register_script(_DROP_OWN_STATE)
+        # Account-wide limits (set up by attach): position id -> (symbol, ledger leg) of the
+        # reservations whose entry is in flight here.
+        self.ledger: AccountLedger | None = None
+        self._reserved: dict[str, tuple[str, str]] = {}
+        self._ledger_lock = asyncio.Lock()
+        self._ledger_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ wiring
 
@@ -132,6 +146,19 @@ class Membership:
             self.bus.intents.symbol_check = self.symbol_refusal
             # The fence: no order for a symbol whose lease a peer may hold by now.
             desk.router.send_gate = self.may_send
+            # The guard's limits count this daemon's journal; the ledger counts the account.
+            guard = getattr(getattr(desk, "config", None), "guard", None)
+            self.ledger = AccountLedger(
+                self.bus.redis,
+                f"{self.bus.leases.keys.prefix}:ledger",  # type: ignore[union-attr]
+                self.config.daemon_id,
+                LedgerLimits(
+                    max_positions=getattr(guard, "max_open_positions", None),
+                    max_exposure_usd=getattr(guard, "max_total_exposure_usd", None),
+                    max_symbol_exposure_usd=self.config.max_symbol_exposure_usd,
+                ),
+            )
+            desk.entry_gate = self.entry_gate
 
     def may_send(self, symbol: str) -> bool:
         """Return whether an order for ``symbol`` may be sent now (``LeaseManager.may_send``).
@@ -161,6 +188,113 @@ class Membership:
     def pending_reason(self, symbol: str) -> str | None:
         """Return the refusal reason for an intent on ``symbol`` now (None: decide it)."""
         return UNRECONCILED if symbol in self._unreconciled else None
+
+    # ------------------------------------------------------------------ account limits
+
+    def _ledger_leg(self, leg: str) -> str:
+        mode = getattr(getattr(self.desk, "guard", None), "mode", "hedge")
+        return "BOTH" if mode == "one-way" else leg
+
+    async def entry_gate(self, intent: Intent, decision: GuardDecision) -> str | None:
+        """Reserve the accepted entry's leg in the account-wide ledger; a refusal or None.
+
+        Fails closed: with Redis unreachable the entry is refused (the limits cannot be
+        known).
+        """
+        ledger = self.ledger
+        position_id = decision.position_id
+        if ledger is None or position_id is None:
+            return None
+        leg = self._ledger_leg(intent.position_side)
+        async with self._ledger_lock:
+            self._reserved[position_id] = (intent.symbol, leg)
+            try:
+                refusal = await ledger.reserve(intent.symbol, leg, position_id, decision.notional)
+            except REDIS_DOWN_ERRORS as exc:
+                self._reserved.pop(position_id, None)
+                return f"account_limits_unreachable: Redis did not answer ({exc})"
+            if refusal is not None:
+                self._reserved.pop(position_id, None)
+                logger.info(
+                    "Entry refused by the account limits intent_id=%s position_id=%s %s",
+                    intent.intent_id,
+                    position_id,
+                    refusal,
+                )
+                return str(refusal)
+        return None
+
+    def _ledger_note(self, note: Mapping[str, object]) -> None:
+        # The desk's notes say when an entry failed, filled or a position closed: release or
+        # settle its ledger field. A Redis failure here is repaired by the next sync.
+        ledger = self.ledger
+        kind = note.get("kind")
+        position_id = str(note.get("position_id") or "")
+        if ledger is None or not position_id:
+            return
+        if kind == "entry_failed":
+            held = self._reserved.pop(position_id, None)
+            if held is not None:
+                self._spawn(ledger.release(held[0], held[1], position_id))
+        elif kind == "entry":
+            self._reserved.pop(position_id, None)
+            symbol, leg = str(note.get("symbol")), self._ledger_leg(str(note.get("side")))
+            try:
+                notional = Decimal(str(note.get("quantity"))) * Decimal(str(note.get("price")))
+            except ArithmeticError:
+                return
+            self._spawn(ledger.settle(symbol, leg, position_id, notional))
+        elif kind == "closed":
+            self._reserved.pop(position_id, None)
+            symbol, leg = str(note.get("symbol")), self._ledger_leg(str(note.get("position_side")))
+            self._spawn(ledger.release(symbol, leg, position_id))
+
+    def _spawn(self, call: Awaitable[object]) -> None:
+        async def run() -> None:
+            try:
+                await call
+            except REDIS_DOWN_ERRORS as exc:
+                logger.debug("Ledger update deferred to the next sync error=%s", exc)
+
+        try:
+            task = asyncio.get_running_loop().create_task(run())
+        except RuntimeError:  # no loop (a synchronous test): the next sync repairs it
+            if asyncio.iscoroutine(call):
+                call.close()
+            return
+        self._ledger_tasks.add(task)
+        task.add_done_callback(self._ledger_tasks.discard)
+
+    async def sync_ledger(self) -> None:
+        """Make the ledger's fields of the confirmed owned symbols match the journal.
+
+        Runs every second (with the exit state), after each takeover and at start; rebuilds
+        what Redis lost. Symbols whose lease is not confirmed now are left alone.
+        """
+        ledger, desk, leases = self.ledger, self.desk, self.bus.leases
+        if ledger is None or desk is None or leases is None:
+            return
+        async with self._ledger_lock:
+            scope = sorted(s for s in self.owned() if leases.may_send(s))
+            rows = desk.store.positions(("open", "opening"))
+            open_legs: dict[tuple[str, str], tuple[str, Decimal]] = {}
+            for row in rows:
+                if row.status != "open" or row.symbol not in scope:
+                    continue
+                price = Decimal(row.entry_price) if row.entry_price else Decimal(0)
+                notional = abs(Decimal(row.quantity)) * price
+                open_legs[(row.symbol, self._ledger_leg(row.position_side))] = (
+                    row.position_id,
+                    notional,
+                )
+            keep = set(self._reserved) | {r.position_id for r in rows if r.status == "opening"}
+            try:
+                deleted = await ledger.sync(scope, open_legs, keep)
+            except REDIS_DOWN_ERRORS as exc:
+                logger.debug("Ledger sync deferred error=%s", exc)
+                return
+        if deleted:
+            logger.info("Ledger synced owned=%d stale_deleted=%d", len(scope), deleted)
 
     # ------------------------------------------------------------------ start
 
@@ -248,6 +382,7 @@ class Membership:
             for leg in ("LONG", "SHORT"):
                 self._hints.pop((symbol, leg), None)
         self._unreconciled.discard(symbol)
+        await self.sync_ledger()
         logger.info(
             "Symbol reconciled symbol=%s reason=%s adopted=%s dropped=%s retired_backstops=%s",
             symbol,
@@ -331,7 +466,14 @@ class Membership:
         return self._hints.get((symbol, leg))
 
     async def publish_exit_state(self) -> None:
-        """Write the exit state of every owned open position for a peer's takeover."""
+        """Write the exit state of every owned open position for a peer's takeover.
+
+        Also syncs the account-wide ledger (``sync_ledger``) on the same timer.
+        """
+        await self._write_exit_state()
+        await self.sync_ledger()
+
+    async def _write_exit_state(self) -> None:
         if not self._exit_state_key or self.desk is None:
             return
         owned = self.owned()
@@ -394,6 +536,7 @@ class Membership:
         self.events.publish("order", symbol=row.symbol, payload=payload)
 
     def _publish_note(self, note: dict[str, object]) -> None:
+        self._ledger_note(note)
         kind = note.get("kind")
         symbol = note.get("symbol")
         sym = str(symbol) if isinstance(symbol, str) else None

@@ -213,6 +213,8 @@ class TradingDesk:
         self.adoption_hint: Callable[[str, str], Mapping[str, str] | None] | None = None
         # Told of a non-zero leg on a symbol this desk does not own (someone may have to).
         self.on_unowned_leg: Callable[[str], Awaitable[None]] | None = None
+        # Account-wide limits of a shared account (pyquant.scale): a refusal reason or None.
+        self.entry_gate: Callable[[Intent, GuardDecision], Awaitable[str | None]] | None = None
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -403,6 +405,11 @@ class TradingDesk:
             intent=intent,
         )
         assert decision.position_id is not None  # noqa: S101 - accepted decisions carry one
+        if self.entry_gate is not None:
+            refused = await self.entry_gate(intent, decision)
+            if refused is not None:
+                self._entry_failed(decision.position_id, f"account limit {refused}")
+                return decision
         if self.config.shadow:
             # On paper: the position opens at the mark the sizing used and its exits run
             # (logged, confirmed in the engine), but nothing is sent.
