@@ -115,6 +115,8 @@ class Membership:
         self._reserved: dict[str, tuple[str, str]] = {}
         self._ledger_lock = asyncio.Lock()
         self._ledger_tasks: set[asyncio.Task[None]] = set()
+        # Symbols another daemon runs now: their exit-state entries stay for it to read.
+        self._handed: set[str] = set()
 
     # ------------------------------------------------------------------ wiring
 
@@ -159,6 +161,16 @@ class Membership:
                 ),
             )
             desk.entry_gate = self.entry_gate
+            # Idle symbols are released, busy ones handed over with care (leases.py).
+            self.bus.leases.has_position = self.has_position  # type: ignore[union-attr]
+
+    def has_position(self, symbol: str) -> bool:
+        """Return whether ``symbol`` has a position here, or an entry in flight."""
+        if self.desk is None:
+            return True
+        if any(held[0] == symbol for held in self._reserved.values()):
+            return True
+        return any(p.symbol == symbol for p in self.desk.store.positions(("open", "opening")))
 
     def may_send(self, symbol: str) -> bool:
         """Return whether an order for ``symbol`` may be sent now (``LeaseManager.may_send``).
@@ -353,6 +365,7 @@ class Membership:
     # ------------------------------------------------------------------ lease callbacks
 
     async def _on_acquire(self, symbol: str, reason: str) -> None:
+        self._handed.discard(symbol)
         if symbol in self._claimed_at_start and reason == "want":
             # Reconciled with everything else at start.
             self._claimed_at_start.discard(symbol)
@@ -419,6 +432,7 @@ class Membership:
 
     async def _on_lose(self, symbol: str, reason: str) -> None:
         self._unreconciled.discard(symbol)
+        self._handed.add(symbol)
         owner = ""
         if self.bus.leases is not None:
             try:
@@ -489,7 +503,11 @@ class Membership:
             state["opened_at_ms"] = str(row.opened_at_ms if row and row.opened_at_ms else 0)
             state["daemon_id"] = self.config.daemon_id
             fields[f"{symbol}|{leg}"] = orjson.dumps(state)
-        gone = self._published_legs - set(fields)
+        gone = {
+            leg
+            for leg in self._published_legs - set(fields)
+            if leg.split("|")[0] not in self._handed
+        }
         if not fields and not gone:
             return
         try:
