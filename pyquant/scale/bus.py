@@ -27,6 +27,11 @@ Two daemons on one Redis (each with its own state directory and id)::
     redis-cli XADD quantum:stream:trade.intent '*' symbol BTCUSDT side BUY confidence 0.8
     redis-cli XREAD COUNT 10 STREAMS pyquant:events 0      # follow decisions and leases
 
+Redis Sentinel (the daemons follow a promoted replica; see :mod:`pyquant.scale.connect` for
+what fail-over keeps and what it may lose)::
+
+    pyquant run --intents 'redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/0?service=main&daemon=host-a'
+
 The first daemon to read an intent for a free symbol takes its lease and decides it; intents
 for that symbol read by the other daemon are moved to the owner's inbox. Kill one and the other
 owns its symbols after ``lease_ttl_ms`` plus one renewal interval.
@@ -45,6 +50,7 @@ import redis.asyncio as aioredis
 
 from pyquant.errors import ConfigError
 from pyquant.scale._backoff import Backoff
+from pyquant.scale.connect import close_client, redis_client
 from pyquant.scale.events import DEFAULT_EVENTS_STREAM, REDIS_DOWN_ERRORS, EventPublisher
 from pyquant.scale.leases import LeaseCallback, LeaseConfig, LeaseManager, validate_name
 from pyquant.scale.limits import LedgerLimits
@@ -195,10 +201,10 @@ class RedisBus:
     ) -> None:
         self.config = config
         self._own_client = redis is None
-        self.redis: aioredis.Redis = redis or aioredis.from_url(
+        self.redis: aioredis.Redis = redis or redis_client(
             config.intents.url,
-            socket_timeout=config.socket_timeout_s + config.intents.block_ms / 1e3,
-            socket_connect_timeout=config.socket_timeout_s,
+            socket_timeout_s=config.socket_timeout_s + config.intents.block_ms / 1e3,
+            connect_timeout_s=config.socket_timeout_s,
         )
         self.events = EventPublisher(
             self.redis,
@@ -309,7 +315,7 @@ class RedisBus:
                 self.events.stop()
         finally:
             if self._own_client:
-                await self.redis.aclose()
+                await close_client(self.redis)
 
     def stop(self) -> None:
         """Ask ``run`` to stop in order and return."""

@@ -9,7 +9,9 @@ URL form (``pyquant run --intents URL``)::
 to ``pyquant`` and ``consumer`` to the host name. The consumer name must stay the same across
 restarts of one daemon: its own pending entries are found by that name. ``start`` says where a
 newly created group begins: ``$`` (default: only entries added from now on) or ``0`` (the whole
-stream). ``rediss://`` works the same over TLS.
+stream). ``rediss://`` works the same over TLS. A master found through Redis Sentinel:
+``redis+sentinel://[:password@]h1:p1,h2:p2,h3:p3/db?service=NAME&...``
+(:mod:`pyquant.scale.connect`).
 
 Entry shapes (both accepted):
 
@@ -73,6 +75,7 @@ from redis.exceptions import ResponseError
 
 from pyquant.errors import ConfigError
 from pyquant.scale._backoff import Backoff
+from pyquant.scale.connect import PLAIN_SCHEMES, SENTINEL_SCHEMES, sentinel_hosts
 from pyquant.scale.events import REDIS_DOWN_ERRORS, EventPublisher
 from pyquant.scale.leases import LeaseManager, Route, validate_name
 from pyquant.trading.intents import Intent, IntentError, parse_intent
@@ -83,7 +86,7 @@ DEFAULT_INTENT_STREAM: Final = "quantum:stream:trade.intent"
 DEFAULT_GROUP: Final = "pyquant"
 PAYLOAD_FIELDS: Final = ("data", "payload", "intent", "json", "message")
 INTENT_URL_PARAMS: Final = frozenset(
-    {"stream", "group", "consumer", "start", "batch", "block_ms", "claim_idle_ms"}
+    {"stream", "group", "consumer", "start", "batch", "block_ms", "claim_idle_ms", "service"}
 )
 _MAX_FIELD_CHARS: Final = 200
 # An intent needs a dozen fields; the caps keep an entry within what a Lua script can unpack
@@ -239,14 +242,21 @@ def split_redis_url(url: str, allowed: frozenset[str]) -> tuple[str, dict[str, s
     """
     parts = urlsplit(url)
     shown = _redact(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError(f"intents URL {shown!r}: scheme must be redis:// or rediss://")
-    if not parts.hostname:
+    sentinel = parts.scheme in SENTINEL_SCHEMES
+    if parts.scheme not in PLAIN_SCHEMES and not sentinel:
+        raise ConfigError(
+            f"intents URL {shown!r}: scheme must be redis:// or rediss:// (or redis+sentinel://, "
+            "rediss+sentinel:// for a master found through Redis Sentinel)"
+        )
+    if sentinel:
+        sentinel_hosts(parts.netloc, shown)
+    elif not parts.hostname:
         raise ConfigError(f"intents URL {shown!r}: needs a host, e.g. redis://127.0.0.1:6379/0")
-    try:
-        _ = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"intents URL {shown!r}: port {exc}") from exc
+    else:
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"intents URL {shown!r}: port {exc}") from exc
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ConfigError(f"intents URL {shown!r}: database {path!r} must be a number")
@@ -261,7 +271,18 @@ def split_redis_url(url: str, allowed: frozenset[str]) -> tuple[str, dict[str, s
         if not value:
             raise ConfigError(f"intents URL parameter {key!r} is empty")
         params[key] = value
-    base = urlunsplit((parts.scheme, parts.netloc, parts.path or "/0", "", ""))
+    query = ""
+    if sentinel:
+        service = params.get("service")
+        if service is None:
+            raise ConfigError(
+                f"intents URL {shown!r}: a redis+sentinel:// URL needs ?service=<master name>"
+            )
+        validate_name("intents URL parameter 'service'", service)
+        query = f"service={service}"
+    elif "service" in params:
+        raise ConfigError(f"intents URL {shown!r}: 'service' is only for redis+sentinel:// URLs")
+    base = urlunsplit((parts.scheme, parts.netloc, parts.path or "/0", query, ""))
     return base, params
 
 
