@@ -40,7 +40,10 @@ LEDGER = "pyquant:default:ledger"
 
 
 def bus_url(server: RedisServer, daemon_id: str) -> str:
-    return f"{server.url}?stream={STREAM}&group=pyquant&daemon={daemon_id}&lease_ttl_ms={TTL_MS}"
+    return (
+        f"{server.url}?stream={STREAM}&group=pyquant&daemon={daemon_id}"
+        f"&lease_ttl_ms={TTL_MS}&start=0"
+    )
 
 
 def daemon(tmp_path: Path, name: str, config: Path, env: dict[str, str], url: str) -> DaemonProcess:
