@@ -27,4 +27,10 @@ test: ## Rust tests (cargo test) then the Python suite (pytest)
 bench: ## pytest-benchmark suites, each beside its baseline
 	$(PY) -m pytest tests/benchmarks --benchmark-enable --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
 
-.PHONY: help dev format lint test bench
+SEED ?= 1
+STEPS ?= 40
+DAEMONS ?= 3
+chaos-redis: ## seeded multi-daemon Redis soak (SEED=1 STEPS=40 DAEMONS=3; needs redis-server)
+	PYTHONPATH=$(CURDIR) $(PY) tests/scale/chaos_redis.py --seed $(SEED) --steps $(STEPS) --daemons $(DAEMONS)
+
+.PHONY: help dev format lint test bench chaos-redis
