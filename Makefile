@@ -38,4 +38,10 @@ chaos: ## seeded chaos soak of the daemon (kill -9, bad input, faults, flatten) 
 bench: ## pytest-benchmark suites, each beside its baseline
 	$(PY) -m pytest tests/benchmarks --benchmark-enable --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
 
-.PHONY: help dev format lint test fuzz bench chaos
+SEED ?= 1
+STEPS ?= 40
+DAEMONS ?= 3
+chaos-redis: ## seeded multi-daemon Redis soak (SEED=1 STEPS=40 DAEMONS=3; needs redis-server)
+	PYTHONPATH=$(CURDIR) $(PY) tests/scale/chaos_redis.py --seed $(SEED) --steps $(STEPS) --daemons $(DAEMONS)
+
+.PHONY: help dev format lint test fuzz bench chaos chaos-redis

@@ -8,7 +8,10 @@ URL (``pyquant run --intents URL``): every parameter of
 - ``account``: the account namespace shared by the daemons of one account (default ``default``);
 - ``events``: the events stream (default ``pyquant:events``); ``events_maxlen`` (default 100000);
 - ``lease_ttl_ms``: lease lifetime (default 5000); ``leases=off`` for a single daemon that
-  decides every intent without leases.
+  decides every intent without leases;
+- ``max_symbol_exposure_usd``: account-wide cap on one symbol's summed entry notional (the
+  account-wide position and exposure caps are the guard's ``max_open_positions`` and
+  ``max_total_exposure_usd``, see ``pyquant.scale.limits``).
 
 Lifecycle: ``run()`` registers the daemon, then runs the publisher, the lease renewal and the
 intent reader in one ``asyncio.TaskGroup`` until ``stop()``. A clean stop is ordered: intake
@@ -24,6 +27,11 @@ Two daemons on one Redis (each with its own state directory and id)::
     redis-cli XADD quantum:stream:trade.intent '*' symbol BTCUSDT side BUY confidence 0.8
     redis-cli XREAD COUNT 10 STREAMS pyquant:events 0      # follow decisions and leases
 
+Redis Sentinel (the daemons follow a promoted replica; see :mod:`pyquant.scale.connect` for
+what fail-over keeps and what it may lose)::
+
+    pyquant run --intents 'redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/0?service=main&daemon=host-a'
+
 The first daemon to read an intent for a free symbol takes its lease and decides it; intents
 for that symbol read by the other daemon are moved to the owner's inbox. Kill one and the other
 owns its symbols after ``lease_ttl_ms`` plus one renewal interval.
@@ -33,16 +41,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Final, Protocol
 
 import redis.asyncio as aioredis
 
 from pyquant.errors import ConfigError
 from pyquant.scale._backoff import Backoff
+from pyquant.scale.connect import close_client, redis_client
 from pyquant.scale.events import DEFAULT_EVENTS_STREAM, REDIS_DOWN_ERRORS, EventPublisher
 from pyquant.scale.leases import LeaseCallback, LeaseConfig, LeaseManager, validate_name
+from pyquant.scale.limits import LedgerLimits
 from pyquant.scale.redis_intents import (
     INTENT_URL_PARAMS,
     Decide,
@@ -59,7 +70,15 @@ from pyquant.trading.intents import Intent
 logger = logging.getLogger(__name__)
 
 BUS_URL_PARAMS: Final = INTENT_URL_PARAMS | frozenset(
-    {"daemon", "account", "events", "events_maxlen", "lease_ttl_ms", "leases"}
+    {
+        "daemon",
+        "account",
+        "events",
+        "events_maxlen",
+        "lease_ttl_ms",
+        "leases",
+        "max_symbol_exposure_usd",
+    }
 )
 
 
@@ -75,6 +94,7 @@ class RedisBusConfig:
         events_maxlen: approximate cap of the events stream.
         lease_ttl_ms: lease lifetime; None disables leases (one daemon decides everything).
         socket_timeout_s: how long one Redis call may take before it counts as an outage.
+        max_symbol_exposure_usd: account-wide cap on one symbol's entry notional, or None.
     """
 
     intents: IntentStreamConfig
@@ -84,6 +104,7 @@ class RedisBusConfig:
     events_maxlen: int = 100_000
     lease_ttl_ms: int | None = 5_000
     socket_timeout_s: float = 5.0
+    max_symbol_exposure_usd: Decimal | None = None
 
     def __post_init__(self) -> None:
         validate_name("redis.daemon", self.daemon_id)
@@ -96,6 +117,7 @@ class RedisBusConfig:
             raise ConfigError(f"redis.events_maxlen was {self.events_maxlen}: must be at least 1")
         if self.lease_ttl_ms is not None:
             LeaseConfig(daemon_id=self.daemon_id, account=self.account, ttl_ms=self.lease_ttl_ms)
+        LedgerLimits(max_symbol_exposure_usd=self.max_symbol_exposure_usd)
 
     @classmethod
     def from_url(cls, url: str) -> RedisBusConfig:
@@ -123,7 +145,24 @@ class RedisBusConfig:
             events_stream=params.get("events", DEFAULT_EVENTS_STREAM),
             events_maxlen=parse_int_param("events_maxlen", params.get("events_maxlen", "100000")),
             lease_ttl_ms=ttl,
+            max_symbol_exposure_usd=_amount_param(params, "max_symbol_exposure_usd"),
         )
+
+
+def _amount_param(params: Mapping[str, str], name: str) -> Decimal | None:
+    if name not in params:
+        return None
+    try:
+        value = Decimal(params[name])
+    except InvalidOperation as exc:
+        raise ConfigError(
+            f"intents URL parameter {name!r} was {params[name]!r}: must be a USDT amount"
+        ) from exc
+    if not value.is_finite() or value < 0:
+        raise ConfigError(
+            f"intents URL parameter {name!r} was {params[name]!r}: must be a USDT amount >= 0"
+        )
+    return value
 
 
 class IntentSinkLike(Protocol):
@@ -162,10 +201,10 @@ class RedisBus:
     ) -> None:
         self.config = config
         self._own_client = redis is None
-        self.redis: aioredis.Redis = redis or aioredis.from_url(
+        self.redis: aioredis.Redis = redis or redis_client(
             config.intents.url,
-            socket_timeout=config.socket_timeout_s + config.intents.block_ms / 1e3,
-            socket_connect_timeout=config.socket_timeout_s,
+            socket_timeout_s=config.socket_timeout_s + config.intents.block_ms / 1e3,
+            connect_timeout_s=config.socket_timeout_s,
         )
         self.events = EventPublisher(
             self.redis,
@@ -276,7 +315,7 @@ class RedisBus:
                 self.events.stop()
         finally:
             if self._own_client:
-                await self.redis.aclose()
+                await close_client(self.redis)
 
     def stop(self) -> None:
         """Ask ``run`` to stop in order and return."""

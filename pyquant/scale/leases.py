@@ -27,10 +27,28 @@ Ownership and the daemon:
   nobody took is re-created (and reported as ``reacquired`` when our validity had run out, so
   the daemon reconciles again), and one taken by another daemon is lost.
 
-A split brain is possible in one case: a process cut off from Redis (but not from the exchange)
-for longer than the TTL keeps running exits while another process adopts the same positions.
-The exchange-side backstop and deterministic clientOrderIds (an order already sent with the
-same id is refused) limit the damage; keep Redis next to the daemons.
+Rebalancing: symbols spread over the live daemons by rendezvous hashing. After a takeover the
+survivor holds everything; when a daemon joins or comes back and has been alive for two TTLs,
+each owner hands the symbols that now prefer it over (``P:lease`` set to the new owner in one
+compare-and-set while it is alive; the new owner's next scan finds a lease in its name and
+adopts it like a takeover). The old owner's fence closes before the hand-over and its desk
+hands the positions over through ``on_lose`` (nothing sent; the backstop stays until the new
+owner's own is in). Symbols without a position are moved freely; at most one symbol with a
+position moves per renewal interval. A symbol with no position (``has_position``) and no
+intent for ``idle_release_ms`` is released and forgotten.
+
+Fencing (``may_send``): a process cut off from Redis but not from the exchange must not send
+orders once a peer may have taken its symbol. A lease can lapse in Redis no earlier than
+``ttl`` after the start of the last renewal that confirmed it, so ``may_send(symbol)`` is True
+only while ``now < start of the last confirmed renewal + ttl - margin``, with the margin
+``10 % of ttl + 2 ms`` for clock-rate drift between the processes plus ``send_margin_ms``
+(default 10 % of ttl) for an order's time in flight. The router asks it before every order for
+the symbol (entries, exits, backstop moves); while it is False nothing is sent, the engine's
+exits are retried, and the exchange-side backstop already in place stays. It turns True again
+only when a renewal confirms the lease as ours (or the symbol is taken again after a peer
+released it). Client order ids do not prevent duplicates across daemons: each carries its
+journal's own tag, so two daemons exiting one leg would both be accepted; the fence is what
+keeps them apart.
 """
 
 from __future__ import annotations
@@ -76,19 +94,21 @@ end
 return {0, current}
 """
 
-# KEYS[1] member key, KEYS[2..] lease keys. ARGV: owner, ttl_ms, member token.
-# Returns {member_ok, s2, s3, ...}: per lease 1 extended, 2 re-created (it had lapsed and
-# nobody took it), 0 held by someone else. Compare-and-extend: only the owner extends.
+# KEYS[1] member key, KEYS[2] daemons set, KEYS[3..] lease keys. ARGV: owner, ttl_ms, member
+# token. Returns {member_ok, s3, s4, ...}: per lease 1 extended, 2 re-created (it had lapsed
+# and nobody took it), 0 held by someone else. Compare-and-extend: only the owner extends.
+# The id goes back into the daemons set: a peer's clean-up drops it after a heartbeat lapse.
 _RENEW: Final = """
 local member = redis.call('GET', KEYS[1])
 local member_ok = 1
 if (not member) or member == ARGV[3] then
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[1])
 else
   member_ok = 0
 end
 local out = {member_ok}
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local current = redis.call('GET', KEYS[i])
   if current == ARGV[1] then
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
@@ -113,6 +133,15 @@ if redis.call('EXISTS', KEYS[3]) == 0 then return false end
 redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 return ARGV[1]
+"""
+
+# Hand a lease to a live peer. KEYS: lease, the peer's member key. ARGV: our id, peer id,
+# ttl_ms. Returns 1 handed over, 0 not ours, -1 the peer is not alive (the lease stays ours).
+_TRANSFER: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
 """
 
 # Compare-and-delete: only the owner releases. ARGV: owner.
@@ -166,6 +195,11 @@ class LeaseConfig:
         balance: give a free symbol to its preferred live daemon (rendezvous hashing of the
             symbol over the live daemon ids) rather than to whichever daemon read its first
             intent, so symbols spread evenly over the daemons.
+        send_margin_ms: how long before the lease's validity ends orders stop (``may_send``):
+            an order's time in flight to the exchange. None means 10 % of ``ttl_ms``.
+        rebalance: hand symbols to the daemon they prefer once it has been alive two TTLs.
+        idle_release_ms: release a symbol without a position and without an intent for this
+            long; None keeps idle symbols.
     """
 
     daemon_id: str
@@ -175,6 +209,9 @@ class LeaseConfig:
     key_prefix: str = "pyquant"
     max_symbols: int | None = None
     balance: bool = True
+    send_margin_ms: int | None = None
+    rebalance: bool = True
+    idle_release_ms: int | None = 600_000
 
     def __post_init__(self) -> None:
         validate_name("lease.daemon_id", self.daemon_id)
@@ -187,6 +224,17 @@ class LeaseConfig:
                 f"lease.renew_interval_ms was {interval}: must be from 10 to half of ttl_ms "
                 f"({self.ttl_ms // 2})"
             )
+        margin = self.send_margin_ms
+        if margin is not None and not 0 <= margin <= self.ttl_ms // 2:
+            raise ConfigError(
+                f"lease.send_margin_ms was {margin}: must be from 0 to half of ttl_ms "
+                f"({self.ttl_ms // 2})"
+            )
+        idle = self.idle_release_ms
+        if idle is not None and not self.ttl_ms <= idle <= 86_400_000:
+            raise ConfigError(
+                f"lease.idle_release_ms was {idle}: must be from ttl_ms ({self.ttl_ms}) to 86400000"
+            )
         if self.max_symbols is not None and self.max_symbols < 1:
             raise ConfigError(f"lease.max_symbols was {self.max_symbols}: must be at least 1")
 
@@ -194,6 +242,12 @@ class LeaseConfig:
     def interval_ms(self) -> int:
         """Return the renewal period in milliseconds."""
         return self.renew_interval_ms or max(10, self.ttl_ms // 3)
+
+    @property
+    def send_margin_s(self) -> float:
+        """Return the in-flight margin of ``may_send`` in seconds."""
+        margin = self.send_margin_ms if self.send_margin_ms is not None else self.ttl_ms // 10
+        return margin / 1e3
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +305,8 @@ class LeaseStats:
     acquired: int = 0
     lost: int = 0
     released: int = 0
+    handed_over: int = 0
+    idle_released: int = 0
     renew_failures: int = 0
     takeovers: int = 0
 
@@ -271,6 +327,8 @@ class LeaseManager:
         on_lose: awaited after a symbol was taken by another daemon: stop running it.
         events: where ``lease`` events go, if anywhere.
         clock: a monotonic clock in seconds.
+        has_position: whether the daemon has a position or an entry in flight on a symbol;
+            without it no symbol is released as idle. Settable later (``has_position``).
     """
 
     def __init__(
@@ -282,6 +340,7 @@ class LeaseManager:
         on_lose: LeaseCallback | None = None,
         events: EventPublisher | None = None,
         clock: Callable[[], float] = time.monotonic,
+        has_position: Callable[[str], bool] | None = None,
     ) -> None:
         self._redis = redis
         self.config = config
@@ -294,11 +353,16 @@ class LeaseManager:
         self._clock = clock
         self._held: dict[str, _Held] = {}
         self._orphan_scans: dict[str, int] = {}
+        self.has_position = has_position
+        self._last_intent: dict[str, float] = {}
+        self._first_seen: dict[str, float] = {}
+        self._handing: dict[str, str] = {}
         self._callbacks: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
         self._acquire_script = redis.register_script(_ACQUIRE)
         self._acquire_for_script = redis.register_script(_ACQUIRE_FOR)
         self._renew_script = redis.register_script(_RENEW)
         self._release_script = redis.register_script(_RELEASE)
+        self._transfer_script = redis.register_script(_TRANSFER)
         self._unregister_script = redis.register_script(_UNREGISTER)
         self._stopping = asyncio.Event()
         self._released = asyncio.Event()
@@ -318,6 +382,15 @@ class LeaseManager:
         """Return whether the lease of ``symbol`` is ours and renewed within its validity."""
         held = self._held.get(symbol)
         return held is not None and self._clock() < held.valid_until
+
+    def may_send(self, symbol: str) -> bool:
+        """Return whether an order for ``symbol`` may go to the exchange now (the fence).
+
+        True only while the lease is ours and no peer can have taken it, counting the
+        in-flight margin: see "Fencing" in the module docstring.
+        """
+        held = self._held.get(symbol)
+        return held is not None and self._clock() < held.valid_until - self.config.send_margin_s
 
     def confirmed_symbols(self) -> frozenset[str]:
         """Return the owned symbols whose leases are confirmed now."""
@@ -433,6 +506,8 @@ class LeaseManager:
         Raises:
             redis.exceptions.ConnectionError: Redis is unreachable.
         """
+        if symbol in self._handing:
+            return self._handing[symbol]  # being handed to this peer right now
         started = self._clock()
         result = await self._acquire_script(
             keys=[self.keys.lease(symbol), self.keys.symbols],
@@ -499,6 +574,9 @@ class LeaseManager:
         Returns:
             The route.
         """
+        self._last_intent[symbol] = self._clock()
+        if symbol in self._handing:
+            return Route("wait")
         held = self._held.get(symbol)
         if held is None:
             try:
@@ -524,7 +602,7 @@ class LeaseManager:
         live = [d for d, a in zip(daemons, alive, strict=True) if a is not None]
         if self.daemon_id not in live:
             live.append(self.daemon_id)
-        return max(live, key=lambda d: hashlib.blake2b(f"{d}|{symbol}".encode()).digest())
+        return _rendezvous(live, symbol)
 
     async def _place(self, symbol: str) -> str:
         # A free symbol goes to its preferred live daemon; the intent is then forwarded there
@@ -572,6 +650,7 @@ class LeaseManager:
             try:
                 await self._renew_once()
                 await self._scan_orphans()
+                await self._rebalance()
             except REDIS_DOWN_ERRORS as exc:
                 self.stats.renew_failures += 1
                 if self._connected:
@@ -599,7 +678,11 @@ class LeaseManager:
         symbols = sorted(self._held)
         started = self._clock()
         result = await self._renew_script(
-            keys=[self.keys.member(self.daemon_id), *(self.keys.lease(s) for s in symbols)],
+            keys=[
+                self.keys.member(self.daemon_id),
+                self.keys.daemons,
+                *(self.keys.lease(s) for s in symbols),
+            ],
             args=[self.daemon_id, self.config.ttl_ms, self._token],
         )
         if int(result[0]) == 0:
@@ -640,6 +723,12 @@ class LeaseManager:
             self._orphan_scans.clear()
             return
         owners = await self._redis.mget([self.keys.lease(s) for s in candidates])
+        for symbol, owner in zip(candidates, owners, strict=True):
+            # Handed to us by a peer (rebalancing) or placed here for an intent: adopt it.
+            if owner is not None and _text(owner) == self.daemon_id:
+                if self._stopping.is_set():
+                    return
+                await self.acquire(symbol, reason="handed")
         free = [s for s, owner in zip(candidates, owners, strict=True) if owner is None]
         self._orphan_scans = {s: self._orphan_scans.get(s, 0) + 1 for s in free}
         if not free:
@@ -655,6 +744,84 @@ class LeaseManager:
             owner = await self.acquire(symbol, reason="takeover")
             if owner == self.daemon_id:
                 self.stats.takeovers += 1
+
+    async def _live_daemons(self) -> list[str]:
+        daemons = sorted(_text(d) for d in await self._redis.smembers(self.keys.daemons))
+        alive = await self._redis.mget([self.keys.member(d) for d in daemons]) if daemons else []
+        return [d for d, a in zip(daemons, alive, strict=True) if a is not None]
+
+    async def _rebalance(self) -> None:
+        if self._stopping.is_set() or not self._held:
+            return
+        now = self._clock()
+        await self._release_idle(now)
+        if not self.config.rebalance or not self._held:
+            return
+        live = await self._live_daemons()
+        settle_s = 2 * self.config.ttl_ms / 1e3
+        self._first_seen = {d: self._first_seen.get(d, now) for d in live}
+        settled = {d for d in live if now - self._first_seen[d] >= settle_s}
+        settled.add(self.daemon_id)
+        if len(settled) < 2:
+            return
+        moved_with_position = False
+        for symbol in sorted(self._held):
+            if self._stopping.is_set():
+                return
+            preferred = _rendezvous(settled, symbol)
+            if preferred == self.daemon_id:
+                continue
+            busy = self.has_position is None or self.has_position(symbol)
+            if busy and moved_with_position:
+                continue  # one position hand-over per interval
+            if await self._hand_over(symbol, preferred):
+                moved_with_position = moved_with_position or busy
+
+    async def _release_idle(self, now: float) -> None:
+        limit = self.config.idle_release_ms
+        if limit is None or self.has_position is None:
+            return
+        for symbol in sorted(self._held):
+            last = self._last_intent.setdefault(symbol, now)
+            if now - last < limit / 1e3 or self.has_position(symbol):
+                continue
+            held = self._held.get(symbol)
+            if held is None or not held.adopted.is_set():
+                continue
+            await self.release(symbol, forget=True, reason="idle")
+            self._last_intent.pop(symbol, None)
+            self.stats.idle_released += 1
+
+    async def _hand_over(self, symbol: str, peer: str) -> bool:
+        held = self._held.get(symbol)
+        if held is None or not held.adopted.is_set():
+            return False  # still being adopted here: move it on a later pass
+        # The fence closes first: from here on this process sends nothing for the symbol,
+        # and no intent or adoption takes it back while the hand-over runs.
+        self._held.pop(symbol, None)
+        self._handing[symbol] = peer
+        try:
+            result = int(
+                await self._transfer_script(
+                    keys=[self.keys.lease(symbol), self.keys.member(peer)],
+                    args=[self.daemon_id, peer, self.config.ttl_ms],
+                )
+            )
+        finally:
+            self._handing.pop(symbol, None)
+        if result != 1:
+            # Not handed over (the peer went away, or the lease is not ours): the next scan
+            # adopts it again if it is still ours.
+            logger.info(
+                "Lease hand-over not done symbol=%s peer=%s result=%d", symbol, peer, result
+            )
+            self._held[symbol] = held
+            return False
+        self.stats.handed_over += 1
+        logger.info("Lease handed over symbol=%s new_owner=%s reason=rebalance", symbol, peer)
+        self._emit(symbol, "lost", "rebalance", peer)
+        self._callbacks.put_nowait(("lose", symbol, "rebalance"))
+        return True
 
     async def _fair_share(self, total: int) -> int:
         daemons = sorted(_text(d) for d in await self._redis.smembers(self.keys.daemons))
@@ -693,6 +860,12 @@ class LeaseManager:
         """Return ``(symbol, confirmed)`` for every owned symbol, sorted."""
         now = self._clock()
         return [(s, now < h.valid_until) for s, h in sorted(self._held.items())]
+
+
+def _rendezvous(daemons: Iterable[str], symbol: str) -> str:
+    # Highest random weight: each symbol's order of preference over the daemons is fixed, so
+    # a daemon joining or leaving moves only the symbols that prefer it.
+    return max(daemons, key=lambda d: hashlib.blake2b(f"{d}|{symbol}".encode()).digest())
 
 
 def _text(value: object) -> str:

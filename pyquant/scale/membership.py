@@ -3,6 +3,11 @@
 ``pyquant run --intents redis://...`` builds one ``Membership``. It joins the daemon's trading
 desk to the Redis side (``pyquant.scale.bus.RedisBus``):
 
+- Unknown symbols: an intent on a symbol the desk's exchangeInfo does not list is refused at
+  the stream (``symbol_refusal``), before any lease, forward or exchange call.
+- Fencing: the router asks ``may_send(symbol)`` before every order; a daemon cut off from
+  Redis stops sending for a symbol before a peer can have taken its lease
+  (``pyquant.scale.leases``, "Fencing").
 - Ownership: the desk runs only the symbols whose lease this daemon holds
   (``TradingDesk.ownership``); account changes on other symbols are left to their owners.
 - Start: before reconciling, the daemon asks for the lease of every symbol its journal holds
@@ -15,6 +20,12 @@ desk to the Redis side (``pyquant.scale.bus.RedisBus``):
   Until the reconciliation succeeds, intents for the symbol wait (``pending`` answers
   ``symbol_unreconciled``, a retry reason, so the stream entry stays pending).
 - Loss (``on_lose``): another daemon holds the lease now; the desk hands the symbol over.
+- Account-wide limits (``pyquant.scale.limits``): the guard's ``max_open_positions`` and
+  ``max_total_exposure_usd`` (and the URL's ``max_symbol_exposure_usd``) hold for the whole
+  account: an accepted entry reserves its leg in the Redis ledger (``entry_gate``, called by
+  the desk before anything is sent) or fails with the limit's reason; the desk's notes
+  release (entry failed, position closed) and settle (filled) it; ``sync_ledger`` rebuilds
+  the owned symbols' fields from the journal every second and after each takeover.
 - Exit state: every second the owner writes each open position's exit state to the hash
   ``{prefix}:{account}:exitstate`` (field ``SYMBOL|LEG``), the input of a peer's adoption.
 - Events: the desk's notes and the router's order changes are published to the events stream
@@ -28,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
@@ -38,8 +49,10 @@ import orjson
 from pyquant.errors import ExchangeError, PyquantError
 from pyquant.scale.bus import IntentSinkLike, RedisBus, RedisBusConfig
 from pyquant.scale.events import REDIS_DOWN_ERRORS, EventPublisher
+from pyquant.scale.limits import AccountLedger, LedgerLimits
 from pyquant.store import OrderRow
 from pyquant.trading.desk import TradingDesk
+from pyquant.trading.guard import GuardDecision
 from pyquant.trading.intents import Intent
 
 logger = logging.getLogger(__name__)
@@ -96,6 +109,14 @@ class Membership:
         prefix = self.bus.leases.keys.prefix if self.bus.leases is not None else None
         self._exit_state_key = f"{prefix}:exitstate" if prefix else ""
         self._drop_own_state = self.bus.redis.register_script(_DROP_OWN_STATE)
+        # Account-wide limits (set up by attach): position id -> (symbol, ledger leg) of the
+        # reservations whose entry is in flight here.
+        self.ledger: AccountLedger | None = None
+        self._reserved: dict[str, tuple[str, str]] = {}
+        self._ledger_lock = asyncio.Lock()
+        self._ledger_tasks: set[asyncio.Task[None]] = set()
+        # Symbols another daemon runs now: their exit-state entries stay for it to read.
+        self._handed: set[str] = set()
 
     # ------------------------------------------------------------------ wiring
 
@@ -122,6 +143,55 @@ class Membership:
             desk.ownership = self.owned
             desk.adoption_hint = self._hint
             desk.on_unowned_leg = self.adopt_if_unowned
+            # An unknown symbol would cost a lease and a reconcile (REST weight) before the
+            # guard refuses it: refuse it at the stream, from the local exchangeInfo.
+            self.bus.intents.symbol_check = self.symbol_refusal
+            # The fence: no order for a symbol whose lease a peer may hold by now.
+            desk.router.send_gate = self.may_send
+            # The guard's limits count this daemon's journal; the ledger counts the account.
+            guard = getattr(getattr(desk, "config", None), "guard", None)
+            self.ledger = AccountLedger(
+                self.bus.redis,
+                f"{self.bus.leases.keys.prefix}:ledger",  # type: ignore[union-attr]
+                self.config.daemon_id,
+                LedgerLimits(
+                    max_positions=getattr(guard, "max_open_positions", None),
+                    max_exposure_usd=getattr(guard, "max_total_exposure_usd", None),
+                    max_symbol_exposure_usd=self.config.max_symbol_exposure_usd,
+                ),
+            )
+            desk.entry_gate = self.entry_gate
+            # Idle symbols are released, busy ones handed over with care (leases.py).
+            self.bus.leases.has_position = self.has_position  # type: ignore[union-attr]
+
+    def has_position(self, symbol: str) -> bool:
+        """Return whether ``symbol`` has a position here, or an entry in flight."""
+        if self.desk is None:
+            return True
+        if any(held[0] == symbol for held in self._reserved.values()):
+            return True
+        return any(p.symbol == symbol for p in self.desk.store.positions(("open", "opening")))
+
+    def may_send(self, symbol: str) -> bool:
+        """Return whether an order for ``symbol`` may be sent now (``LeaseManager.may_send``).
+
+        Always True without leases (a single daemon owns the account).
+        """
+        leases = self.bus.leases
+        return leases is None or leases.may_send(symbol)
+
+    def symbol_refusal(self, symbol: str) -> str | None:
+        """Return why an intent on ``symbol`` cannot be traded here, or None.
+
+        Reads the desk's current exchange rules (refreshed rules included); no exchange call.
+        """
+        if self.desk is None:
+            return None
+        try:
+            self.desk.rules.symbol_info(symbol)
+        except KeyError:
+            return "is not listed in this daemon's exchangeInfo"
+        return None
 
     def pending(self, symbol: str) -> bool:
         """Return whether ``symbol`` was taken over but is not reconciled yet."""
@@ -130,6 +200,113 @@ class Membership:
     def pending_reason(self, symbol: str) -> str | None:
         """Return the refusal reason for an intent on ``symbol`` now (None: decide it)."""
         return UNRECONCILED if symbol in self._unreconciled else None
+
+    # ------------------------------------------------------------------ account limits
+
+    def _ledger_leg(self, leg: str) -> str:
+        mode = getattr(getattr(self.desk, "guard", None), "mode", "hedge")
+        return "BOTH" if mode == "one-way" else leg
+
+    async def entry_gate(self, intent: Intent, decision: GuardDecision) -> str | None:
+        """Reserve the accepted entry's leg in the account-wide ledger; a refusal or None.
+
+        Fails closed: with Redis unreachable the entry is refused (the limits cannot be
+        known).
+        """
+        ledger = self.ledger
+        position_id = decision.position_id
+        if ledger is None or position_id is None:
+            return None
+        leg = self._ledger_leg(intent.position_side)
+        async with self._ledger_lock:
+            self._reserved[position_id] = (intent.symbol, leg)
+            try:
+                refusal = await ledger.reserve(intent.symbol, leg, position_id, decision.notional)
+            except REDIS_DOWN_ERRORS as exc:
+                self._reserved.pop(position_id, None)
+                return f"account_limits_unreachable: Redis did not answer ({exc})"
+            if refusal is not None:
+                self._reserved.pop(position_id, None)
+                logger.info(
+                    "Entry refused by the account limits intent_id=%s position_id=%s %s",
+                    intent.intent_id,
+                    position_id,
+                    refusal,
+                )
+                return str(refusal)
+        return None
+
+    def _ledger_note(self, note: Mapping[str, object]) -> None:
+        # The desk's notes say when an entry failed, filled or a position closed: release or
+        # settle its ledger field. A Redis failure here is repaired by the next sync.
+        ledger = self.ledger
+        kind = note.get("kind")
+        position_id = str(note.get("position_id") or "")
+        if ledger is None or not position_id:
+            return
+        if kind == "entry_failed":
+            held = self._reserved.pop(position_id, None)
+            if held is not None:
+                self._spawn(ledger.release(held[0], held[1], position_id))
+        elif kind == "entry":
+            self._reserved.pop(position_id, None)
+            symbol, leg = str(note.get("symbol")), self._ledger_leg(str(note.get("side")))
+            try:
+                notional = Decimal(str(note.get("quantity"))) * Decimal(str(note.get("price")))
+            except ArithmeticError:
+                return
+            self._spawn(ledger.settle(symbol, leg, position_id, notional))
+        elif kind == "closed":
+            self._reserved.pop(position_id, None)
+            symbol, leg = str(note.get("symbol")), self._ledger_leg(str(note.get("position_side")))
+            self._spawn(ledger.release(symbol, leg, position_id))
+
+    def _spawn(self, call: Awaitable[object]) -> None:
+        async def run() -> None:
+            try:
+                await call
+            except REDIS_DOWN_ERRORS as exc:
+                logger.debug("Ledger update deferred to the next sync error=%s", exc)
+
+        try:
+            task = asyncio.get_running_loop().create_task(run())
+        except RuntimeError:  # no loop (a synchronous test): the next sync repairs it
+            if asyncio.iscoroutine(call):
+                call.close()
+            return
+        self._ledger_tasks.add(task)
+        task.add_done_callback(self._ledger_tasks.discard)
+
+    async def sync_ledger(self) -> None:
+        """Make the ledger's fields of the confirmed owned symbols match the journal.
+
+        Runs every second (with the exit state), after each takeover and at start; rebuilds
+        what Redis lost. Symbols whose lease is not confirmed now are left alone.
+        """
+        ledger, desk, leases = self.ledger, self.desk, self.bus.leases
+        if ledger is None or desk is None or leases is None:
+            return
+        async with self._ledger_lock:
+            scope = sorted(s for s in self.owned() if leases.may_send(s))
+            rows = desk.store.positions(("open", "opening"))
+            open_legs: dict[tuple[str, str], tuple[str, Decimal]] = {}
+            for row in rows:
+                if row.status != "open" or row.symbol not in scope:
+                    continue
+                price = Decimal(row.entry_price) if row.entry_price else Decimal(0)
+                notional = abs(Decimal(row.quantity)) * price
+                open_legs[(row.symbol, self._ledger_leg(row.position_side))] = (
+                    row.position_id,
+                    notional,
+                )
+            keep = set(self._reserved) | {r.position_id for r in rows if r.status == "opening"}
+            try:
+                deleted = await ledger.sync(scope, open_legs, keep)
+            except REDIS_DOWN_ERRORS as exc:
+                logger.debug("Ledger sync deferred error=%s", exc)
+                return
+        if deleted:
+            logger.info("Ledger synced owned=%d stale_deleted=%d", len(scope), deleted)
 
     # ------------------------------------------------------------------ start
 
@@ -188,6 +365,7 @@ class Membership:
     # ------------------------------------------------------------------ lease callbacks
 
     async def _on_acquire(self, symbol: str, reason: str) -> None:
+        self._handed.discard(symbol)
         if symbol in self._claimed_at_start and reason == "want":
             # Reconciled with everything else at start.
             self._claimed_at_start.discard(symbol)
@@ -217,6 +395,7 @@ class Membership:
             for leg in ("LONG", "SHORT"):
                 self._hints.pop((symbol, leg), None)
         self._unreconciled.discard(symbol)
+        await self.sync_ledger()
         logger.info(
             "Symbol reconciled symbol=%s reason=%s adopted=%s dropped=%s retired_backstops=%s",
             symbol,
@@ -253,6 +432,7 @@ class Membership:
 
     async def _on_lose(self, symbol: str, reason: str) -> None:
         self._unreconciled.discard(symbol)
+        self._handed.add(symbol)
         owner = ""
         if self.bus.leases is not None:
             try:
@@ -300,7 +480,14 @@ class Membership:
         return self._hints.get((symbol, leg))
 
     async def publish_exit_state(self) -> None:
-        """Write the exit state of every owned open position for a peer's takeover."""
+        """Write the exit state of every owned open position for a peer's takeover.
+
+        Also syncs the account-wide ledger (``sync_ledger``) on the same timer.
+        """
+        await self._write_exit_state()
+        await self.sync_ledger()
+
+    async def _write_exit_state(self) -> None:
         if not self._exit_state_key or self.desk is None:
             return
         owned = self.owned()
@@ -316,7 +503,11 @@ class Membership:
             state["opened_at_ms"] = str(row.opened_at_ms if row and row.opened_at_ms else 0)
             state["daemon_id"] = self.config.daemon_id
             fields[f"{symbol}|{leg}"] = orjson.dumps(state)
-        gone = self._published_legs - set(fields)
+        gone = {
+            leg
+            for leg in self._published_legs - set(fields)
+            if leg.split("|")[0] not in self._handed
+        }
         if not fields and not gone:
             return
         try:
@@ -363,6 +554,7 @@ class Membership:
         self.events.publish("order", symbol=row.symbol, payload=payload)
 
     def _publish_note(self, note: dict[str, object]) -> None:
+        self._ledger_note(note)
         kind = note.get("kind")
         symbol = note.get("symbol")
         sym = str(symbol) if isinstance(symbol, str) else None

@@ -9,7 +9,9 @@ URL form (``pyquant run --intents URL``)::
 to ``pyquant`` and ``consumer`` to the host name. The consumer name must stay the same across
 restarts of one daemon: its own pending entries are found by that name. ``start`` says where a
 newly created group begins: ``$`` (default: only entries added from now on) or ``0`` (the whole
-stream). ``rediss://`` works the same over TLS.
+stream). ``rediss://`` works the same over TLS. A master found through Redis Sentinel:
+``redis+sentinel://[:password@]h1:p1,h2:p2,h3:p3/db?service=NAME&...``
+(:mod:`pyquant.scale.connect`).
 
 Entry shapes (both accepted):
 
@@ -34,7 +36,15 @@ Delivery guarantees:
   ``claim_idle_ms`` in other consumers' pending lists (dead consumers) are reclaimed with
   ``XAUTOCLAIM`` and processed here.
 - A malformed entry is rejected with its reason (``on_reject``, then a ``rejection`` event),
-  acknowledged, and the source goes on with the next entry.
+  acknowledged, and the source goes on with the next entry. Refused before any lease is taken
+  or anything is asked of the exchange: more than 256 fields or 64 KiB, a field name or value
+  that is not UTF-8, a symbol that is not ASCII (``ß`` would upper-case to ``SS``), a symbol
+  the daemon's exchangeInfo does not list (``symbol_check``), a creation time more than a day
+  ahead of this daemon's clock.
+- An entry whose handling fails in any other way (a bug, a script error) is retried like a
+  failed ``decide`` and rejected after ``max_deliveries`` attempts, so no entry can stop the
+  intake or crash a restart. A deleted stream or inbox (``NOGROUP``, ``UNBLOCKED``) is created
+  again.
 - ``decide`` raising keeps the entry pending (retried after ``retry_ms``); after
   ``max_deliveries`` failures in this process it is rejected with the error as its reason.
 - Redis errors are retried with capped, jittered backoff, resuming from the own pending list.
@@ -65,6 +75,7 @@ from redis.exceptions import ResponseError
 
 from pyquant.errors import ConfigError
 from pyquant.scale._backoff import Backoff
+from pyquant.scale.connect import PLAIN_SCHEMES, SENTINEL_SCHEMES, sentinel_hosts
 from pyquant.scale.events import REDIS_DOWN_ERRORS, EventPublisher
 from pyquant.scale.leases import LeaseManager, Route, validate_name
 from pyquant.trading.intents import Intent, IntentError, parse_intent
@@ -75,9 +86,17 @@ DEFAULT_INTENT_STREAM: Final = "quantum:stream:trade.intent"
 DEFAULT_GROUP: Final = "pyquant"
 PAYLOAD_FIELDS: Final = ("data", "payload", "intent", "json", "message")
 INTENT_URL_PARAMS: Final = frozenset(
-    {"stream", "group", "consumer", "start", "batch", "block_ms", "claim_idle_ms"}
+    {"stream", "group", "consumer", "start", "batch", "block_ms", "claim_idle_ms", "service"}
 )
 _MAX_FIELD_CHARS: Final = 200
+# An intent needs a dozen fields; the caps keep an entry within what a Lua script can unpack
+# (8000 values) when it is forwarded, and within reason for memory and logs.
+MAX_ENTRY_FIELDS: Final = 256
+MAX_ENTRY_BYTES: Final = 65_536
+# How far ahead of this daemon's clock an intent's creation time may lie before it is refused
+# as nonsense (the guard's own future tolerance, a few seconds, applies after this).
+MAX_FUTURE_MS: Final = 86_400_000
+_TIME_FIELDS: Final = ("created_at_ms", "timestamp", "ts")
 
 # Moves an entry to the owner's inbox and acknowledges it at its source, atomically.
 # KEYS: lease key, owner's member key, owner's inbox, source stream.
@@ -142,6 +161,8 @@ class Rejection:
 
 
 OnReject = Callable[[Rejection], Awaitable[None]]
+# Returns why a symbol cannot be traded here (not in the exchangeInfo), or None.
+SymbolCheck = Callable[[str], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,14 +242,21 @@ def split_redis_url(url: str, allowed: frozenset[str]) -> tuple[str, dict[str, s
     """
     parts = urlsplit(url)
     shown = _redact(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError(f"intents URL {shown!r}: scheme must be redis:// or rediss://")
-    if not parts.hostname:
+    sentinel = parts.scheme in SENTINEL_SCHEMES
+    if parts.scheme not in PLAIN_SCHEMES and not sentinel:
+        raise ConfigError(
+            f"intents URL {shown!r}: scheme must be redis:// or rediss:// (or redis+sentinel://, "
+            "rediss+sentinel:// for a master found through Redis Sentinel)"
+        )
+    if sentinel:
+        sentinel_hosts(parts.netloc, shown)
+    elif not parts.hostname:
         raise ConfigError(f"intents URL {shown!r}: needs a host, e.g. redis://127.0.0.1:6379/0")
-    try:
-        _ = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"intents URL {shown!r}: port {exc}") from exc
+    else:
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"intents URL {shown!r}: port {exc}") from exc
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ConfigError(f"intents URL {shown!r}: database {path!r} must be a number")
@@ -243,7 +271,18 @@ def split_redis_url(url: str, allowed: frozenset[str]) -> tuple[str, dict[str, s
         if not value:
             raise ConfigError(f"intents URL parameter {key!r} is empty")
         params[key] = value
-    base = urlunsplit((parts.scheme, parts.netloc, parts.path or "/0", "", ""))
+    query = ""
+    if sentinel:
+        service = params.get("service")
+        if service is None:
+            raise ConfigError(
+                f"intents URL {shown!r}: a redis+sentinel:// URL needs ?service=<master name>"
+            )
+        validate_name("intents URL parameter 'service'", service)
+        query = f"service={service}"
+    elif "service" in params:
+        raise ConfigError(f"intents URL {shown!r}: 'service' is only for redis+sentinel:// URLs")
+    base = urlunsplit((parts.scheme, parts.netloc, parts.path or "/0", query, ""))
     return base, params
 
 
@@ -326,8 +365,9 @@ def entry_payload(entry_id: str, fields: Mapping[Any, Any]) -> dict[str, Any]:
         the entry carried none.
 
     Raises:
-        IntentError: not UTF-8, not a JSON object, or empty.
+        IntentError: too many fields or bytes, not UTF-8, not a JSON object, or empty.
     """
+    check_entry_size(fields)
     text = decode_fields(fields)
     if not text:
         raise IntentError("<entry>", {}, "has no fields")
@@ -349,6 +389,51 @@ def entry_payload(entry_id: str, fields: Mapping[Any, Any]) -> dict[str, Any]:
     if not any(payload.get(k) not in (None, "") for k in ("created_at_ms", "timestamp", "ts")):
         payload["created_at_ms"] = _entry_ms(text.get("_origin_id") or entry_id)
     return payload
+
+
+def check_entry_size(fields: Mapping[Any, Any]) -> None:
+    """Refuse an entry with more fields or bytes than any intent needs.
+
+    Raises:
+        IntentError: more than ``MAX_ENTRY_FIELDS`` fields or ``MAX_ENTRY_BYTES`` bytes.
+    """
+    count = len(fields)
+    if count > MAX_ENTRY_FIELDS:
+        raise IntentError("<entry>", f"{count} fields", f"must have at most {MAX_ENTRY_FIELDS}")
+    size = sum(_size(k) + _size(v) for k, v in fields.items())
+    if size > MAX_ENTRY_BYTES:
+        raise IntentError("<entry>", f"{size} bytes", f"must have at most {MAX_ENTRY_BYTES}")
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    return len(str(value).encode("utf-8", errors="replace"))
+
+
+def check_parsed(payload: Mapping[str, Any], intent: Intent, now_ms: int) -> None:
+    """Refuse what ``parse_intent`` lets through but no daemon can act on.
+
+    Args:
+        payload: the payload the intent was parsed from.
+        intent: the parsed intent.
+        now_ms: this daemon's clock.
+
+    Raises:
+        IntentError: a symbol that is not ASCII (``ß`` upper-cases to ``SS``), or a creation
+            time more than ``MAX_FUTURE_MS`` ahead of ``now_ms``.
+    """
+    raw_symbol = payload.get("symbol")
+    if isinstance(raw_symbol, str) and not raw_symbol.isascii():
+        raise IntentError("symbol", raw_symbol, "must be ASCII letters and digits such as BTCUSDT")
+    if intent.created_at_ms > now_ms + MAX_FUTURE_MS:
+        name = next((k for k in _TIME_FIELDS if payload.get(k) not in (None, "")), "created_at_ms")
+        raise IntentError(
+            name,
+            _cut(str(payload.get(name))),
+            f"must be a time (ms or s since the epoch) at most {MAX_FUTURE_MS // 3_600_000} h "
+            "ahead of this daemon's clock",
+        )
 
 
 def decode_fields(fields: Mapping[Any, Any]) -> dict[str, str]:
@@ -426,6 +511,9 @@ class RedisIntentSource:
         on_reject: awaited with each rejected entry (record it), before it is acknowledged.
         events: where ``decision`` and ``rejection`` events go.
         router: the lease manager when several daemons share the account.
+        symbol_check: says why a symbol cannot be traded (not in the exchangeInfo), or None;
+            such an entry is rejected before any lease or exchange call. Settable later
+            (``source.symbol_check``): the daemon's rules load after the source is built.
     """
 
     def __init__(
@@ -437,6 +525,7 @@ class RedisIntentSource:
         on_reject: OnReject | None = None,
         events: EventPublisher | None = None,
         router: LeaseManager | None = None,
+        symbol_check: SymbolCheck | None = None,
     ) -> None:
         self._redis = redis
         self.config = config
@@ -444,6 +533,7 @@ class RedisIntentSource:
         self._on_reject = on_reject
         self._events = events
         self._router = router
+        self.symbol_check = symbol_check
         self._inbox = router.keys.inbox(router.daemon_id) if router is not None else None
         self._forward_script = redis.register_script(_FORWARD)
         self._drop_inbox_script = redis.register_script(_DROP_INBOX)
@@ -482,10 +572,11 @@ class RedisIntentSource:
                 await self._sleep(backoff.next_delay_s())
                 continue
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not _stream_gone(exc):
                     raise
-                # The stream or group vanished (Redis restarted without persistence, or
-                # someone deleted it): create it again and carry on.
+                # The stream or group vanished (Redis restarted without persistence, or a
+                # peer's clean-up deleted this daemon's inbox while it was blocked reading
+                # it): create it again and carry on.
                 logger.warning("Intent group missing, creating it again error=%s", exc)
                 self._groups_ready = False
                 self._rescan = True
@@ -634,6 +725,50 @@ class RedisIntentSource:
     # ------------------------------------------------------------------ one entry
 
     async def _handle(self, stream: str, entry_id: str, fields: Mapping[Any, Any] | None) -> None:
+        try:
+            await self._handle_entry(stream, entry_id, fields)
+        except REDIS_DOWN_ERRORS:
+            raise
+        except ResponseError as exc:
+            if _stream_gone(exc):
+                raise
+            await self._entry_failed(stream, entry_id, fields, exc)
+        except Exception as exc:
+            await self._entry_failed(stream, entry_id, fields, exc)
+
+    async def _entry_failed(
+        self, stream: str, entry_id: str, fields: Mapping[Any, Any] | None, exc: Exception
+    ) -> None:
+        # Handling one entry failed outside ``decide`` (a bug, a Redis script error): retry it
+        # like a failed decision, then refuse it, so no single entry stops the intake.
+        key = (stream, entry_id)
+        count = self._failures.get(key, 0) + 1
+        self._failures[key] = count
+        logger.exception(
+            "Intent entry could not be handled stream=%s stream_id=%s attempt=%d",
+            stream,
+            entry_id,
+            count,
+        )
+        if count < self.config.max_deliveries:
+            self._schedule_rescan()
+            return
+        self._failures.pop(key, None)
+        reason = (
+            f"entry could not be handled {count} times, last error: {type(exc).__name__}: {exc}"
+        )
+        try:
+            await self._reject(stream, entry_id, fields or {}, _cut(reason), None, None)
+        except REDIS_DOWN_ERRORS:
+            raise
+        except Exception:
+            # Even recording it failed: acknowledge it anyway, the log above has it.
+            logger.exception("Intent entry dropped stream=%s stream_id=%s", stream, entry_id)
+            await self._ack(stream, entry_id)
+
+    async def _handle_entry(
+        self, stream: str, entry_id: str, fields: Mapping[Any, Any] | None
+    ) -> None:
         self.stats.read += 1
         if not fields:
             # Deleted from the stream while pending: nothing left to decide.
@@ -642,6 +777,7 @@ class RedisIntentSource:
         try:
             payload = entry_payload(entry_id, fields)
             intent = parse_intent(payload, source="redis", now_ms=_entry_ms(entry_id))
+            check_parsed(payload, intent, int(time.time() * 1000))
         except IntentError as exc:
             symbol = _symbol_of(fields)
             await self._reject(stream, entry_id, fields, str(exc), exc.field, symbol)
@@ -653,13 +789,19 @@ class RedisIntentSource:
             reason = f"entry could not be read: {type(exc).__name__}: {exc}"
             await self._reject(stream, entry_id, fields, reason, None, _symbol_of(fields))
             return
+        # A failing check is retried (``_entry_failed``); a refusal is final.
+        refused = self.symbol_check(intent.symbol) if self.symbol_check is not None else None
+        if refused is not None:
+            reason = str(IntentError("symbol", intent.symbol, refused))
+            await self._reject(stream, entry_id, fields, reason, "symbol", intent.symbol)
+            return
 
         if self._router is not None:
             for _ in range(3):
                 route = await self._router.route(intent.symbol)
                 if route.kind != "forward":
                     break
-                if await self._forward(stream, entry_id, fields, route):
+                if await self._forward(stream, entry_id, fields, intent.symbol, route):
                     return
             if route.kind != "mine":
                 self._defer(stream, entry_id, intent, route)
@@ -707,7 +849,7 @@ class RedisIntentSource:
             self._events.decision(intent, accepted=accepted, reason=note, stream_id=entry_id)
 
     async def _forward(
-        self, stream: str, entry_id: str, fields: Mapping[Any, Any], route: Route
+        self, stream: str, entry_id: str, fields: Mapping[Any, Any], symbol: str, route: Route
     ) -> bool:
         assert self._router is not None  # noqa: S101  # only called with a router
         owner = route.owner or ""
@@ -717,7 +859,6 @@ class RedisIntentSource:
         text.setdefault("_origin_stream", stream)
         text["_forwarded_by"] = self._router.daemon_id
         flat: list[str] = [x for pair in text.items() for x in pair]
-        symbol = _symbol_of(fields) or ""
         moved = int(
             await self._forward_script(
                 keys=[keys.lease(symbol), keys.member(owner), keys.inbox(owner), stream],
@@ -763,9 +904,10 @@ class RedisIntentSource:
         field_name: str | None,
         symbol: str | None,
     ) -> None:
+        # At most MAX_ENTRY_FIELDS of them, and names shown even when they are not UTF-8.
         shown = {
-            _cut(_id_text(k) if isinstance(k, bytes) else str(k)): _cut(_safe_text(v))
-            for k, v in fields.items()
+            _cut(_safe_text(k)): _cut(_safe_text(v))
+            for k, v in list(fields.items())[:MAX_ENTRY_FIELDS]
         }
         rejection = Rejection(stream, entry_id, reason, field_name, symbol, shown)
         logger.warning("Intent rejected stream=%s stream_id=%s reason=%s", stream, entry_id, reason)
@@ -791,6 +933,13 @@ class RedisIntentSource:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
+
+
+def _stream_gone(exc: ResponseError) -> bool:
+    # NOGROUP: the stream or its group is missing; UNBLOCKED: deleted while we were blocked
+    # reading it.
+    text = str(exc)
+    return "NOGROUP" in text or "UNBLOCKED" in text
 
 
 class _DecideFailed(Exception):
@@ -841,6 +990,9 @@ def describe(config: IntentStreamConfig) -> Sequence[str]:
 __all__ = [
     "DEFAULT_GROUP",
     "DEFAULT_INTENT_STREAM",
+    "MAX_ENTRY_BYTES",
+    "MAX_ENTRY_FIELDS",
+    "MAX_FUTURE_MS",
     "PAYLOAD_FIELDS",
     "Decide",
     "DecisionLike",
@@ -849,6 +1001,9 @@ __all__ = [
     "OnReject",
     "RedisIntentSource",
     "Rejection",
+    "SymbolCheck",
+    "check_entry_size",
+    "check_parsed",
     "decode_fields",
     "describe",
     "entry_payload",

@@ -251,6 +251,8 @@ class TradingDesk:
         self.adoption_hint: Callable[[str, str], Mapping[str, str] | None] | None = None
         # Told of a non-zero leg on a symbol this desk does not own (someone may have to).
         self.on_unowned_leg: Callable[[str], Awaitable[None]] | None = None
+        # Account-wide limits of a shared account (pyquant.scale): a refusal reason or None.
+        self.entry_gate: Callable[[Intent, GuardDecision], Awaitable[str | None]] | None = None
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -566,6 +568,11 @@ class TradingDesk:
             intent=intent,
         )
         assert decision.position_id is not None  # noqa: S101 - accepted decisions carry one
+        if self.entry_gate is not None:
+            refused = await self.entry_gate(intent, decision)
+            if refused is not None:
+                self._entry_failed(decision.position_id, f"account limit {refused}")
+                return decision
         key = (intent.symbol, intent.position_side)
         if self.config.shadow:
             # On paper: the position opens at the mark the sizing used and its exits run
@@ -1138,6 +1145,11 @@ class TradingDesk:
         if outcome.state not in FINAL_STATES:
             return  # NEW after an unknown outcome: the stream finishes it
         self._actions.pop(outcome.client_order_id, None)
+        if not outcome.filled and outcome.skipped and outcome.error_msg == "lease_fenced":
+            # Not the venue's refusal: our lease may lapse, so nothing is sent until it is
+            # renewed. No retry pause builds up meanwhile (the exchange stop covers the leg).
+            self.engine_call("reject", action)
+            return
         if not outcome.filled:
             self.engine_call("reject", action)
             self._exit_failures[position_id] = self._exit_failures.get(position_id, 0) + 1

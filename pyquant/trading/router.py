@@ -537,6 +537,8 @@ class OrderRouter:
         self._in_flight: set[str] = set()
         # Told every stored order change (status, fills): the daemon publishes them as events.
         self.on_order_change: Callable[[OrderRow], None] | None = None
+        # Fence of a shared account (pyquant.scale.membership): False = send nothing for it.
+        self.send_gate: Callable[[str], bool] | None = None
         self._load_backstops()
 
     # ---- mode and symbol setup --------------------------------------------------------------
@@ -708,6 +710,9 @@ class OrderRouter:
         retries = 0
         side = _closing_side(leg) if kind in ("exit", "flatten") else _opening_side(leg)
         while True:
+            if self.send_gate is not None and not self.send_gate(symbol):
+                logger.warning("Order not sent, lease fenced symbol=%s reason=%s", symbol, reason)
+                return OrderOutcome("", OrderState.REJECTED, error_msg="lease_fenced", skipped=True)
             mode = await self._current_mode()
             cid = client_order_id(self._tag, position_id, kind, sequence, attempt)
             params = build(mode, symbol, leg, quantity, cid)
@@ -973,6 +978,8 @@ class OrderRouter:
                 and now - current.placed_at_ms < self.config.backstop_min_interval_ms
             ):
                 return current.client_id
+        if self.send_gate is not None and not self.send_gate(symbol):
+            return None if current is None else current.client_id  # fenced: the old one stays
         failed = self._backstop_failures.get(position_id)
         if failed is not None and not resize:
             at_ms, count = failed

@@ -117,6 +117,14 @@ async def test_two_daemons_split_intents_by_owner_and_take_over_after_kill(
             owner = (await redis_client.get(f"pyquant:main:lease:{symbol}")).decode()
             assert deciders[symbol] == {owner}, symbol
 
+        # The decision events go out in the background: let them reach Redis before a kill -9
+        # (events a killed process had not sent yet are lost; that is not what this tests).
+        for _ in range(400):
+            events = await redis_client.xrange("pyquant:events")
+            if sum(f[b"type"] == b"decision" for _, f in events) >= 60:
+                break
+            await asyncio.sleep(0.05)
+
         # kill -9 the owner of BTCUSDT; the other daemon takes its symbols over.
         owner = (await redis_client.get("pyquant:main:lease:BTCUSDT")).decode()
         victim, survivor = (a, b) if owner == "host-a" else (b, a)
