@@ -325,12 +325,14 @@ async def reconcile(
             continue
         await desk._sync_backstop(position.position_id, force=True)
         if symbols is not None and not desk.config.shadow:
-            try:
-                report.peer_backstops_retired += await router.retire_peer_backstops(
-                    position.position_id, position.symbol, position.position_side
-                )
-            except ExchangeError as exc:
-                logger.warning("Peer backstops not checked error=%s", exc)
+            # Under the leg's owner: a stop move in flight is never taken for a leftover.
+            async with desk.legs.lock((position.symbol, position.position_side)).hold():
+                try:
+                    report.peer_backstops_retired += await router.retire_peer_backstops(
+                        position.position_id, position.symbol, position.position_side
+                    )
+                except ExchangeError as exc:
+                    logger.warning("Peer backstops not checked error=%s", exc)
 
     desk.save_snapshot()
     report.deferred = sorted(f"{symbol} {leg}" for symbol, leg in deferred)

@@ -1310,6 +1310,11 @@ class TradingDesk:
         if not self.config.shadow:
             async with self.legs.lock(key).hold():
                 await self.router.cancel_backstops(position.position_id)
+                if self.owns(position.symbol) and self._position_for(*key) is None:
+                    try:
+                        await self.router.retire_leg_stops(*key)
+                    except ExchangeError as exc:
+                        logger.warning("Leftover stops not checked symbol=%s error=%s", key[0], exc)
 
     # ---- user stream ------------------------------------------------------------------------
 

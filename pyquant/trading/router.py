@@ -1266,11 +1266,21 @@ class OrderRouter:
         if own is None:
             return []
         cancelled: list[str] = []
-        for order in await self.venue.open_algo_orders():
+        for order in await self.venue.open_algo_orders(symbol):
             cid = str(order.get("clientAlgoId", ""))
-            if not _is_ours(cid, self._tag, peers=True) or cid.startswith(f"pq{self._tag}-"):
+            if not _is_ours(cid, self._tag, peers=True) or cid == own.client_id:
                 continue
             if str(order.get("symbol")) != symbol or _order_leg(order) != leg:
+                continue
+            if cid in self._in_flight:
+                continue
+            if cid.startswith(f"pq{self._tag}-"):
+                # Ours, but not the leg's current stop: left by an earlier position on this
+                # leg (handed over and taken back) or a lost cancel. Tighter or not, it would
+                # close the wrong position: it goes.
+                if await self._cancel_algo(symbol, cid):
+                    cancelled.append(cid)
+                    logger.info("Stale own stop retired client_order_id=%s", cid)
                 continue
             trigger = _decimal(order.get("triggerPrice") or order.get("stopPrice"))
             if trigger is None:
@@ -1294,6 +1304,25 @@ class OrderRouter:
                     symbol,
                     leg,
                 )
+        return cancelled
+
+    async def retire_leg_stops(self, symbol: str, leg: str) -> list[str]:
+        """Cancel every pyquant conditional order left on a leg that has no position now.
+
+        Called when a position closes (whatever closed it): a stop a previous owner or an
+        earlier position left on the leg would otherwise close the next position there.
+        Orders of other tools are left alone.
+        """
+        cancelled: list[str] = []
+        for order in await self.venue.open_algo_orders(symbol):
+            cid = str(order.get("clientAlgoId", ""))
+            if not _is_ours(cid, self._tag, peers=True) or cid in self._in_flight:
+                continue
+            if str(order.get("symbol")) != symbol or _order_leg(order) != leg:
+                continue
+            if await self._cancel_algo(symbol, cid):
+                cancelled.append(cid)
+                logger.info("Leftover stop retired client_order_id=%s symbol=%s", cid, symbol)
         return cancelled
 
     # ---- kill switch ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.intents import parse_intent
 from pyquant.trading.legs import Closed, LegState
-from pyquant.trading.router import RouterConfig
+from pyquant.trading.router import RouterConfig, backstop_params
 from pyquant.trading.sizing import SizingConfig
 
 NOW = 1_700_000_000_000
@@ -368,4 +368,52 @@ async def test_a_journal_closed_elsewhere_does_not_block_the_next_entry(hedge: b
     await desk.drain()
     assert second != first
     assert [v.position_id for v in desk.engine.positions()] == [second]
+    assert len(live_algo(venue)) == 1
+
+
+@pytest.mark.parametrize("hedge", MODES)
+async def test_a_closed_leg_keeps_no_leftover_stop(hedge: bool) -> None:
+    # Issue 18: a stop an earlier position (or a previous owner) left on the leg closed the
+    # next position there. When a leg closes, every pyquant stop on it goes; others stay.
+    venue, desk = make(hedge)
+    await ready(desk)
+    mode = "hedge" if hedge else "one-way"
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    for cid, trigger in (
+        ("pqzzzz-9-b1-0", "29950.0"),
+        (f"pq{desk.store.instance_tag}-0-b7-0", "29960.0"),
+    ):
+        await venue.inner.new_algo_order(
+            backstop_params(mode, "BTCUSDT", "LONG", trigger, cid, quantity="0.010")
+        )
+    foreign = {
+        "symbol": "BTCUSDT",
+        "side": "SELL",
+        "positionSide": "LONG" if hedge else "BOTH",
+        "type": "STOP_MARKET",
+        "triggerPrice": "25000",
+        "quantity": "0.010",
+        "clientAlgoId": "my-own-tool-1",
+    }
+    await venue.inner.new_algo_order(foreign)
+    engine = desk.engine
+    assert isinstance(engine, FakeEngine)
+    desk.on_actions([engine.action(pid, "0.010", "stop_loss")])
+    await desk.drain()
+    assert desk.store.get_position(pid).status == "closed"  # type: ignore[union-attr]
+    assert [o["clientAlgoId"] for o in live_algo(venue)] == ["my-own-tool-1"]
+
+
+@pytest.mark.parametrize("hedge", MODES)
+async def test_a_stale_stop_of_ours_is_retired_even_when_tighter(hedge: bool) -> None:
+    venue, desk = make(hedge)
+    await ready(desk)
+    mode = "hedge" if hedge else "one-way"
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    stale = f"pq{desk.store.instance_tag}-0-b3-0"  # an earlier position on this leg
+    await venue.inner.new_algo_order(
+        backstop_params(mode, "BTCUSDT", "LONG", "29990.0", stale, quantity="0.010")
+    )
+    retired = await desk.router.retire_peer_backstops(pid, "BTCUSDT", "LONG")
+    assert retired == [stale]
     assert len(live_algo(venue)) == 1
