@@ -306,7 +306,7 @@ async def reconcile(
     # 7. backstops the journal believes live, orphans and stale reservations
     open_legs = {(p.symbol, p.position_side) for p in store.positions(("open",))}
     try:
-        report.backstops_checked = await router.reconcile_backstops()
+        report.backstops_checked = await router.reconcile_backstops(symbols)
         report.orphans_cancelled = await router.cleanup_orphans(
             open_legs, symbols=symbols, peers=symbols is not None
         )

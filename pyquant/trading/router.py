@@ -1184,18 +1184,29 @@ class OrderRouter:
                 cancelled.append(row.client_order_id)
         return cancelled
 
-    async def reconcile_backstops(self) -> dict[str, str]:
+    async def _open_algo_orders_of(self, symbols: frozenset[str] | None) -> list[JsonObject]:
+        # One symbol costs weight 1, the whole account 40 (contract 2.4): a takeover of a few
+        # symbols asks for just those, so many takeovers cannot eat the weight budget.
+        if symbols is None or len(symbols) > 10:
+            return list(await self.venue.open_algo_orders())
+        orders: list[JsonObject] = []
+        for symbol in sorted(symbols):
+            orders += await self.venue.open_algo_orders(symbol)
+        return orders
+
+    async def reconcile_backstops(self, symbols: frozenset[str] | None = None) -> dict[str, str]:
         """Check every backstop the journal holds as live against the venue's open algo orders.
 
         One that the venue does not list (never placed before a crash, triggered, or cancelled
         elsewhere) becomes final, so the next ``update_backstop`` places a fresh one instead of
-        trusting a stop that is not there. Returns client id -> resulting state.
+        trusting a stop that is not there. ``symbols``: only those (a takeover). Returns client
+        id -> resulting state.
         """
-        listed = {str(o.get("clientAlgoId")): o for o in await self.venue.open_algo_orders()}
+        listed = {str(o.get("clientAlgoId")): o for o in await self._open_algo_orders_of(symbols)}
         result: dict[str, str] = {}
         for row in self.store.orders(kind="backstop", statuses=LIVE_STATUSES):
             cid = row.client_order_id
-            if cid in self._in_flight:
+            if cid in self._in_flight or (symbols is not None and row.symbol not in symbols):
                 continue
             order = listed.get(cid)
             if order is not None:
@@ -1234,7 +1245,7 @@ class OrderRouter:
                 these symbols (their owner handed the symbol over, so nobody else will).
         """
         cancelled: list[str] = []
-        for order in await self.venue.open_algo_orders():
+        for order in await self._open_algo_orders_of(symbols):
             cid = str(order.get("clientAlgoId", ""))
             if not _is_ours(cid, self._tag, peers=peers):
                 continue

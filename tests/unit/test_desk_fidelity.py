@@ -151,3 +151,24 @@ async def test_an_unknown_backstop_outcome_is_looked_up_by_client_algo_id(hedge:
     row = desk.store.orders(position_id=decision.position_id, kind="backstop")[0]
     assert lookups[0] == row.client_order_id
     assert row.status == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("hedge", MODES)
+async def test_a_takeover_reads_only_its_symbols_stops(hedge: bool) -> None:
+    # openAlgoOrders costs 40 weight for the account, 1 for a symbol: a takeover of one
+    # symbol must not spend the account's weight budget (issue 18, 1000 symbols).
+    venue, desk = make(hedge)
+    await reconcile(desk, live=False)
+    venue.set_position("BTCUSDT", "LONG" if hedge else "BOTH", "0.010", "30000")
+    asked: list[str | None] = []
+    listing = venue.open_algo_orders
+
+    async def recorded(symbol: str | None = None) -> Any:
+        asked.append(symbol)
+        return await listing(symbol)
+
+    venue.open_algo_orders = recorded  # type: ignore[method-assign]
+    report = await reconcile(desk, symbols=frozenset({"BTCUSDT"}), takeover=True)
+    assert len(report.positions_adopted) == 1
+    assert asked
+    assert set(asked) == {"BTCUSDT"}
