@@ -505,15 +505,7 @@ class TradingDesk:
         early = self.guard.refuse_early(intent, payload=payload)
         if early is not None:
             # A duplicate, halted or stale intent costs no request to the venue.
-            self._note(
-                "rejection",
-                intent_id=intent.intent_id,
-                symbol=intent.symbol,
-                reason=early.reason,
-                detail=early.detail,
-                intent=intent,
-            )
-            return early
+            return self._refused(intent, early)
         mark: Decimal | None = None
         equity = available = Decimal(0)
         unavailable: SizingInputUnavailable | None = None
@@ -550,15 +542,7 @@ class TradingDesk:
 
         decision = self.guard.decide(intent, size=size, payload=payload)
         if not decision.accepted:
-            self._note(
-                "rejection",
-                intent_id=intent.intent_id,
-                symbol=intent.symbol,
-                reason=decision.reason,
-                detail=decision.detail,
-                intent=intent,
-            )
-            return decision
+            return self._refused(intent, decision)
         self._note(
             "accepted",
             intent_id=intent.intent_id,
@@ -597,6 +581,17 @@ class TradingDesk:
                 decision.position_id, intent.symbol, intent.position_side, decision.quantity or "0"
             )
             await self._entry_outcome(decision.position_id, outcome)
+        return decision
+
+    def _refused(self, intent: Intent, decision: GuardDecision) -> GuardDecision:
+        self._note(
+            "rejection",
+            intent_id=intent.intent_id,
+            symbol=intent.symbol,
+            reason=decision.reason,
+            detail=decision.detail,
+            intent=intent,
+        )
         return decision
 
     def _entry_failed(self, position_id: str, detail: str) -> None:
