@@ -78,6 +78,23 @@ def exit_orders(venue: HeldVenue) -> list[dict[str, str]]:
     ]
 
 
+async def pause_an_exit(
+    desk: TradingDesk, pid: str, *, pending: bool = False
+) -> tuple[FakeEngine, GatedSleep, Any]:
+    """Emit a take-profit for ``pid`` that waits out a retry pause until the test opens it."""
+    engine = desk.engine
+    assert isinstance(engine, FakeEngine)
+    gate = GatedSleep()
+    desk._sleep = gate
+    desk._exit_failures[pid] = 1  # an earlier attempt failed: the next one pauses first
+    action = engine.action(pid, "0.003")
+    if pending:
+        engine.pending.append(action)
+    desk.on_actions([action])
+    await until(lambda: gate.waiting == 1, "the exit pauses")
+    return engine, gate, action
+
+
 @pytest.mark.parametrize("hedge", MODES)
 async def test_live_reconcile_leaves_an_entry_awaiting_its_answer(hedge: bool) -> None:
     # Race 1: the entry filled on the exchange, its REST answer has not arrived.
@@ -123,15 +140,7 @@ async def test_live_reconcile_leaves_an_exit_waiting_out_its_retry_pause(hedge: 
     venue, desk = make(hedge)
     await ready(desk)
     pid = (await desk.submit(intent("a"))).position_id or ""
-    engine = desk.engine
-    assert isinstance(engine, FakeEngine)
-    gate = GatedSleep()
-    desk._sleep = gate
-    desk._exit_failures[pid] = 1
-    action = engine.action(pid, "0.003")
-    engine.pending.append(action)
-    desk.on_actions([action])
-    await until(lambda: gate.waiting == 1, "the exit pauses")
+    engine, gate, action = await pause_an_exit(desk, pid, pending=True)
     report = await reconcile(desk, live=True)
     assert report.actions_settled == {f"{pid}:{action.sequence}": "in_flight"}
     assert ("reject", (pid, action.sequence)) not in engine.calls
@@ -170,14 +179,7 @@ async def test_hand_over_wins_over_an_exit_waiting_for_its_turn(hedge: bool) -> 
     venue, desk = make(hedge)
     await ready(desk)
     pid = (await desk.submit(intent("a"))).position_id or ""
-    engine = desk.engine
-    assert isinstance(engine, FakeEngine)
-    gate = GatedSleep()
-    desk._sleep = gate
-    desk._exit_failures[pid] = 1
-    action = engine.action(pid, "0.003")
-    desk.on_actions([action])
-    await until(lambda: gate.waiting == 1, "the exit pauses")
+    engine, gate, action = await pause_an_exit(desk, pid)
     assert await desk.hand_over("BTCUSDT", "peer") == [pid]
     gate.gate.set()
     await desk.drain()
