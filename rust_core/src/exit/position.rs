@@ -644,6 +644,29 @@ impl PositionState {
         }
     }
 
+    /// Applies a mark the caller has shown (the backtest, in grid ticks) to trigger
+    /// nothing: inside the plausible band, nothing pending, not over-leveraged, no stop,
+    /// no level, no trailing activation and no time stop at it. Such a mark's only effects
+    /// in [`PositionState::on_mark`] are a new best mark (`best`) and a trailing stop
+    /// tightened by the candidate at that best (`trailing_stop`); both are given here as
+    /// the caller computed them. The ATR-keyed caches are left as they are: a later update
+    /// may then recompute a candidate it would have skipped, which tightens nothing (the
+    /// candidate for that best and ATR was applied here).
+    pub(crate) fn apply_quiet_mark(
+        &mut self,
+        best: Option<Decimal>,
+        trailing_stop: Option<Decimal>,
+    ) {
+        if let Some(best) = best {
+            debug_assert!(strictly_tighter(self.side, best, self.best_price));
+            self.best_price = best;
+        }
+        if let Some(stop) = trailing_stop {
+            let moved = self.tighten(stop, ExitReason::TrailingStop);
+            debug_assert!(moved, "a quiet trailing stop must tighten");
+        }
+    }
+
     fn apply_ladder_ratchet(&mut self, rules: &SymbolRules, policy: &ExitPolicy) {
         let config = policy.config();
         if let Some(n) = config.breakeven_after_level {
