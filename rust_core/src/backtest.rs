@@ -16,6 +16,15 @@
 //! daemon would see from a 1 s mark stream. An open is a jump from the previous close: no
 //! mark is invented in between.
 //!
+//! # Quiet bars
+//! Most bars change nothing but a position's best mark and its trailing stop. Such a bar
+//! (its range crosses no stop, no pending level, no trailing activation, no due time stop)
+//! is settled in grid ticks as one step, without the four state-machine calls its path
+//! would take; any other bar, or one with finer bars, walks its path, where each mark that
+//! provably triggers nothing is settled the same way and the others go through `on_mark`.
+//! `Triggers` states the conditions; `BacktestOptions::exhaustive` feeds every mark, and
+//! the tests check that both give the same fills, trades and stops.
+//!
 //! # Fill model
 //! - An action fills at the mark that triggered it, with its whole quantity, at once
 //!   (confirmed before the next mark): at the trigger price when the path crossed it, at
@@ -791,8 +800,9 @@ struct Open {
 /// trailing candidate, the stop (it also records `last_mark_price`, which the backtest
 /// never reads) for a mark that
 /// - lies in the symbol's plausible band (else `on_mark` ignores it: fed as it is);
-/// - follows at least one mark that got past `on_mark`'s guards (activation is checked
-///   once against the entry; the open time is set);
+/// - needs none of the first update's work: the open time is set (the backtest opens
+///   with it) and the entry is short of the trailing activation price (the first update
+///   checks activation against the best mark even without a new one);
 /// - with the stop after this mark's trailing update, is strictly on the profit side of
 ///   the stop and strictly short of the next take-profit level;
 /// - activates no trailing stop (inactive: not by level, and the new best, if any,
@@ -823,6 +833,8 @@ struct Triggers {
     /// ATR basis (bits, 0 for none) of the last trailing candidate taken into account at
     /// the current best (by `on_mark` or here).
     fed_basis: Option<u64>,
+    /// The first update's work is done (a mark was taken in) or provably empty.
+    ready: bool,
     /// `+1` for a LONG, `-1` for a SHORT: `side * (a - b) > 0` is "a beyond b toward profit".
     side: i64,
     /// Ticks of the plausible band, inclusive (prices in it are positive).
@@ -944,10 +956,13 @@ impl Triggers {
             Some(p) => Some(grid.first_tick_reaching(side, p)?),
             None => None,
         };
+        let best = grid.ticks(position.best_price)?;
+        let ready = position.opened_at_ms.is_some()
+            && (position.trailing_active || activate_at.is_none_or(|a| side * (best - a) < 0));
         Some(Self {
             stop_key: position.stop_price.serialize(),
             stop: grid.ticks(position.stop_price)?,
-            best: grid.ticks(position.best_price)?,
+            best,
             levels: position
                 .ladder_prices
                 .iter()
@@ -956,6 +971,7 @@ impl Triggers {
             expires_at,
             time_stop_off: time_stop_passed(position),
             fed_basis: None,
+            ready,
             side,
             band: band?,
             activate_at,
@@ -979,6 +995,7 @@ impl Triggers {
     /// best mark, the new best.
     fn took(&mut self, position: &PositionState, tick: i64, basis: u64, grid: Grid) {
         self.fed_basis = Some(basis);
+        self.ready = true;
         if self.side * (tick - self.best) > 0 {
             self.best = tick;
             self.time_stop_off = time_stop_passed(position);
@@ -1001,7 +1018,9 @@ impl Triggers {
         trail: Option<i64>,
         grid: Grid,
     ) -> Option<QuietStep> {
-        let fed = self.fed_basis?;
+        if !self.ready {
+            return None;
+        }
         let s = self.side;
         let (lo, hi) = self.band;
         if adverse.min(favourable) < lo
@@ -1028,7 +1047,7 @@ impl Triggers {
                     }
                 }
                 considered = Some(basis);
-            } else if improved || fed != basis {
+            } else if improved || self.fed_basis != Some(basis) {
                 return None;
             }
         } else if rule.configured
@@ -1355,9 +1374,11 @@ impl Job<'_> {
                 .on_mark(price, atr, time_ms, self.rules, self.policy);
             if let Some(triggers) = &mut open.triggers {
                 // In the backtest nothing is pending here and the position is open, so
-                // `on_mark` took the mark in unless the price is not positive.
+                // `on_mark` took the mark in when it is plausible (surely so inside the
+                // band) and ignored it when not positive; anything else (a positive mark
+                // outside the band, or off the grid) ends the shortcuts for this position.
                 let still_valid = match tick {
-                    Some(tick) if price > Decimal::ZERO => {
+                    Some(tick) if tick >= triggers.band.0 && tick <= triggers.band.1 => {
                         triggers.took(&open.position, tick, basis, grid);
                         true
                     }
