@@ -783,6 +783,8 @@ struct Open {
     remaining: Decimal,
     initial_stop: Decimal,
     risk_price: Decimal,
+    /// `to_f64` of the entry price, the side's sign and R, for the `r` column of each fill.
+    r_floats: (f64, f64, f64),
     pnl: Decimal,
     fees: Decimal,
     confidence: Option<f64>,
@@ -1081,9 +1083,58 @@ impl Triggers {
         })
     }
 
+    /// The best-mark and trailing-stop part of `on_mark` at `tick` (ATR `basis`, candidate
+    /// offset `trail`), when trailing is active and its candidate known in ticks: applied
+    /// just before feeding a mark that may trigger something, so that `on_mark` finds it
+    /// done (no new best, the candidate for this ATR recorded) and skips its decimals.
+    fn trailing_update(
+        &self,
+        position: &PositionState,
+        tick: i64,
+        basis: u64,
+        trail: Option<i64>,
+        grid: Grid,
+    ) -> Option<QuietStep> {
+        let q = trail?;
+        if !self.ready
+            || tick < self.band.0
+            || tick > self.band.1
+            || !position.trailing_active
+            || position.over_leveraged
+            || position.pending.is_some()
+        {
+            return None;
+        }
+        let s = self.side;
+        let improved = s * (tick - self.best) > 0;
+        let best = if improved { tick } else { self.best };
+        let candidate = best - s * q;
+        let mut stop = self.stop;
+        let mut stop_price = None;
+        if s * (candidate - stop) > 0 {
+            let price = grid.try_price(candidate)?;
+            if price > Decimal::ZERO {
+                stop = candidate;
+                stop_price = Some(price);
+            }
+        }
+        let best_price = if improved {
+            Some(grid.try_price(best)?)
+        } else {
+            None
+        };
+        Some(QuietStep {
+            best,
+            stop,
+            best_price,
+            stop_price,
+            basis: Some(basis),
+        })
+    }
+
     /// Applies a [`QuietStep`] to the position and to these triggers.
     fn apply(&mut self, position: &mut PositionState, step: &QuietStep) {
-        position.apply_quiet_mark(step.best_price, step.stop_price);
+        position.apply_quiet_mark(step.best_price, step.stop_price, step.basis);
         if step.best_price.is_some() {
             self.best = step.best;
             if !self.time_stop_off && position.time_stop_below_price.is_some() {
@@ -1173,6 +1224,8 @@ struct Job<'a> {
     /// ATR before each bar, NaN while not ready (see [`atr_at`]).
     atr: &'a [f64],
     trail: TrailRule,
+    /// [`trail_ticks`] of the bar being replayed.
+    bar_trail: Option<i64>,
     out: JobOutput,
     open: Vec<Open>,
     next_trade: u32,
@@ -1243,16 +1296,13 @@ impl Job<'_> {
         };
         let entry_fee = fee(rate, price, quantity);
         let initial_stop = position.stop_price;
-        let triggers = if self.options.exhaustive {
-            None
-        } else {
-            let expires = self
-                .policy
-                .config()
-                .max_hold_ms
-                .map(|h| time_ms.saturating_add(h));
-            Triggers::new(&position, p.grid, p.band, expires)
-        };
+        let risk_price = (price - initial_stop).abs();
+        let r_floats = (
+            to_f64(price),
+            to_f64(entry.direction.sign()),
+            to_f64(risk_price),
+        );
+        let triggers = self.triggers_for(&position, time_ms);
         if self.options.detail {
             for (k, &level) in position.ladder_prices.iter().enumerate() {
                 self.out.levels.push((trade, k as u32 + 1, to_f64(level)));
@@ -1281,7 +1331,8 @@ impl Job<'_> {
             quantity,
             remaining: quantity,
             initial_stop,
-            risk_price: (price - initial_stop).abs(),
+            risk_price,
+            r_floats,
             pnl: -entry_fee,
             fees: entry_fee,
             confidence: entry.confidence,
@@ -1289,6 +1340,20 @@ impl Job<'_> {
             sequence: 0,
             triggers,
         });
+    }
+
+    /// The triggers of a position opened at `time_ms`; `None` (every mark fed) with
+    /// `exhaustive` or a trigger off the grid.
+    fn triggers_for(&self, position: &PositionState, time_ms: i64) -> Option<Triggers> {
+        if self.options.exhaustive {
+            return None;
+        }
+        let expires = self
+            .policy
+            .config()
+            .max_hold_ms
+            .map(|h| time_ms.saturating_add(h));
+        Triggers::new(position, self.p.grid, self.p.band, expires)
     }
 
     /// Books a fill of `quantity` at `price` for `open`; returns true when it closed it.
@@ -1312,8 +1377,8 @@ impl Job<'_> {
             0.0
         } else {
             // A float column for analysis: the exact move is price - entry in the fills.
-            (to_f64(price) - to_f64(open.entry_price)) * to_f64(open.direction.sign())
-                / to_f64(open.risk_price)
+            let (entry_f, sign_f, risk_f) = open.r_floats;
+            (to_f64(price) - entry_f) * sign_f / risk_f
         };
         open.remaining -= quantity;
         open.pnl += pnl;
@@ -1365,6 +1430,17 @@ impl Job<'_> {
     ) -> bool {
         let grid = self.p.grid;
         let basis = atr_basis(atr);
+        if let Some(tick) = tick {
+            let trail = self.bar_trail;
+            let Open {
+                triggers, position, ..
+            } = &mut self.open[k];
+            if let Some(triggers) = triggers.as_mut() {
+                if let Some(step) = triggers.trailing_update(position, tick, basis, trail, grid) {
+                    triggers.apply(position, &step);
+                }
+            }
+        }
         // An action's confirmation can move the stop (breakeven, ratchet) so that the same
         // mark triggers again; the loop is bounded by the ladder length plus the stop.
         for _ in 0..64 {
@@ -1468,6 +1544,7 @@ impl Job<'_> {
         let atr = atr_at(self.atr, i);
         let basis = atr_basis(atr);
         let trail = trail_ticks(grid, self.policy, atr);
+        self.bar_trail = trail;
         // Without finer bars the path is the bar's own four prices, all within its range.
         let whole_bar = match self.p.fine.get(i) {
             Some(Some(_)) => None,
@@ -1689,6 +1766,7 @@ pub fn run(
                     ..JobOutput::default()
                 },
                 trail: TrailRule::of(policy),
+                bar_trail: None,
                 open: Vec::new(),
                 next_trade: 0,
                 path: Vec::with_capacity(8),

@@ -644,18 +644,22 @@ impl PositionState {
         }
     }
 
-    /// Applies a mark the caller has shown (the backtest, in grid ticks) to trigger
-    /// nothing: inside the plausible band, nothing pending, not over-leveraged, no stop,
-    /// no level, no trailing activation and no time stop at it. Such a mark's only effects
-    /// in [`PositionState::on_mark`] are a new best mark (`best`) and a trailing stop
-    /// tightened by the candidate at that best (`trailing_stop`); both are given here as
-    /// the caller computed them. The ATR-keyed caches are left as they are: a later update
-    /// may then recompute a candidate it would have skipped, which tightens nothing (the
-    /// candidate for that best and ATR was applied here).
+    /// Applies the first two steps of [`PositionState::on_mark`] (best mark, trailing
+    /// stop) as the caller computed them in grid ticks (the backtest): `best`, the new best
+    /// mark if any; `trailing_stop`, the trailing candidate at the best when it tightens the
+    /// stop; `trail_basis`, the ATR (bits) of that candidate when trailing is active, recorded
+    /// as `on_mark` records it (a later update with the same ATR and no new best then skips
+    /// the candidate, as after `on_mark`). The caller guarantees what `on_mark` would check
+    /// first: the mark is inside the plausible band, nothing is pending, trailing activates
+    /// on it neither by price nor by level, and the open time is set. Applied on its own
+    /// for a mark that triggers nothing, or just before `on_mark` with the same mark, which
+    /// then finds these steps done. With `trail_basis` `None` the ATR cache is left as it
+    /// is: a later update may recompute a candidate, which tightens nothing.
     pub(crate) fn apply_quiet_mark(
         &mut self,
         best: Option<Decimal>,
         trailing_stop: Option<Decimal>,
+        trail_basis: Option<u64>,
     ) {
         if let Some(best) = best {
             debug_assert!(strictly_tighter(self.side, best, self.best_price));
@@ -664,6 +668,10 @@ impl PositionState {
         if let Some(stop) = trailing_stop {
             let moved = self.tighten(stop, ExitReason::TrailingStop);
             debug_assert!(moved, "a quiet trailing stop must tighten");
+        }
+        if let Some(basis) = trail_basis {
+            debug_assert!(self.trailing_active);
+            self.trail_basis = Some(basis);
         }
     }
 
