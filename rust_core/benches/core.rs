@@ -4,7 +4,11 @@
 //!   into `IgnoredAny` (validation only, the floor for any serde-based reader);
 //! - `atr_1m_bars`: `atr_batch` on 1,000,000 bars of a seeded random walk (the TA-Lib
 //!   comparison is the pytest benchmark `tests/benchmarks/test_bench_atr.py`);
-//! - `quantize`: one price and one quantity to wire strings for BTCUSDT.
+//! - `quantize`: one price and one quantity to wire strings for BTCUSDT;
+//! - `backtest_dense`: `backtest::run` on 200,000 BTCUSDT 1m bars of a seeded random walk
+//!   with a LONG entry at every bar (one position open almost always), the bench policy of
+//!   `tests/benchmarks` with the trailing stop on from the open (it moves every bar) and by
+//!   R, beside the same run feeding every mark (`exhaustive`, the state machine per mark).
 //!
 //! Run with `cargo bench -p pyquant_core`.
 
@@ -15,6 +19,10 @@ use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pyquant_core::atr::atr_batch;
+use pyquant_core::backtest::{
+    self, BacktestOptions, Bars, Direction, Entry, Intrabar, SeriesInput,
+};
+use pyquant_core::exit::policy::{ExitPolicy, LadderLevel, PolicyConfig};
 use pyquant_core::feed::parse_mark_message;
 use pyquant_core::fixed::{parse_decimal, Rounding};
 use pyquant_core::rules::ExchangeRules;
@@ -112,5 +120,116 @@ fn bench_quantize(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_mark_message, bench_atr, bench_quantize);
+/// The dense workload: a LONG entry at every bar of a 1m random walk around 30000.
+fn dense_series(n: usize) -> SeriesInput<'static> {
+    let mut walk = Walk(0x853c_49e6_748f_ea9b);
+    let mut bars = Bars::default();
+    let mut entries = Vec::with_capacity(n);
+    let mut close = 30_000.0_f64;
+    let t0 = 1_700_000_040_000_i64;
+    for i in 0..n {
+        let open = close;
+        close = (open * (1.0 + (walk.next_unit() - 0.5) * 0.003) * 10.0).round() / 10.0;
+        let high = (open.max(close) * (1.0 + walk.next_unit() * 0.0008) * 10.0).round() / 10.0;
+        let low = (open.min(close) * (1.0 - walk.next_unit() * 0.0008) * 10.0).round() / 10.0;
+        let t = t0 + i as i64 * 60_000;
+        bars.open_time.to_mut().push(t);
+        bars.open.to_mut().push(open);
+        bars.high.to_mut().push(high);
+        bars.low.to_mut().push(low);
+        bars.close.to_mut().push(close);
+        entries.push(Entry {
+            time_ms: t,
+            direction: Direction::Long,
+            confidence: None,
+            notional: None,
+            leverage: None,
+        });
+    }
+    SeriesInput {
+        symbol: "BTCUSDT".into(),
+        interval_ms: 60_000,
+        bars,
+        fine: None,
+        entries,
+    }
+}
+
+fn bench_policy(trail_activate_r: Option<f64>) -> ExitPolicy {
+    ExitPolicy::new(PolicyConfig {
+        stop_atr: Some(2.0),
+        min_stop_pct: 0.003,
+        max_stop_pct: 0.03,
+        max_margin_loss: Some(0.10),
+        ladder: vec![
+            LadderLevel {
+                at: 1.0,
+                fraction: 0.3,
+            },
+            LadderLevel {
+                at: 2.0,
+                fraction: 0.3,
+            },
+            LadderLevel {
+                at: 3.0,
+                fraction: 0.4,
+            },
+        ],
+        breakeven_after_level: Some(1),
+        ratchet_to_previous_level: true,
+        trail_atr: Some(2.0),
+        trail_activate_r,
+        max_hold_ms: Some(4 * 3_600_000),
+        confidence_scale: 1.0,
+        m_min: 0.5,
+        m_max: 1.5,
+        ..PolicyConfig::default()
+    })
+    .unwrap()
+}
+
+fn bench_backtest_dense(c: &mut Criterion) {
+    let rules = ExchangeRules::from_json(&exchange_info()).unwrap();
+    let n = 200_000;
+    let series = [dense_series(n)];
+    let options = BacktestOptions {
+        maker_fee: parse_decimal("maker_fee", "0.0002").unwrap(),
+        taker_fee: parse_decimal("taker_fee", "0.0005").unwrap(),
+        entry_maker: false,
+        notional: parse_decimal("notional", "1000").unwrap(),
+        leverage: 10,
+        intrabar: Intrabar::StopFirst,
+        max_gap_bars: 0,
+        one_position_per_symbol: true,
+        detail: false,
+        exhaustive: false,
+    };
+    let every_mark = BacktestOptions {
+        exhaustive: true,
+        ..options.clone()
+    };
+    let mut group = c.benchmark_group("backtest_dense");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(n as u64));
+    for (name, activate) in [("trail_from_open", None), ("trail_by_r", Some(3.0))] {
+        let policies = [bench_policy(activate)];
+        let out = backtest::run(&series, &policies, &rules, &options).unwrap();
+        assert!(out[0].fills.len() > 1000);
+        group.bench_function(name, |b| {
+            b.iter(|| backtest::run(black_box(&series), &policies, &rules, &options).unwrap());
+        });
+        group.bench_function(format!("{name}_exhaustive"), |b| {
+            b.iter(|| backtest::run(black_box(&series), &policies, &rules, &every_mark).unwrap());
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_mark_message,
+    bench_atr,
+    bench_quantize,
+    bench_backtest_dense
+);
 criterion_main!(benches);

@@ -284,6 +284,9 @@ fn outputs<'py>(
         "evaluations",
         jobs.iter().map(|j| j.evaluations).sum::<u64>(),
     )?;
+    // Of those, the bar x position steps settled without the state machine (a count for
+    // profiling and for the tests that prove the shortcut changes nothing).
+    result.set_item("quiet_bars", jobs.iter().map(|j| j.quiet_bars).sum::<u64>())?;
     let symbol_rules: Vec<_> = series
         .iter()
         .map(|s| rules.symbol(&s.symbol))
