@@ -656,6 +656,40 @@ def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, A
     return np.ascontiguousarray(series.to_numpy(), dtype=dtype)
 
 
+def _entries_by_symbol(entries: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    # One pass over the entries for every symbol (not one filter per symbol), each part in
+    # time order (ties keep the file's order), with only the columns the core reads.
+    if entries.is_empty():
+        return {}
+    needed = entries.select(_CORE_ENTRY_COLUMNS)
+    if not needed["time_ms"].is_sorted():
+        needed = needed.sort("time_ms", maintain_order=True)
+    symbols = needed["symbol"].unique()
+    if len(symbols) == 1:
+        return {str(symbols[0]): needed}
+    return {
+        str(key[0]): part
+        for key, part in needed.partition_by("symbol", as_dict=True, maintain_order=True).items()
+    }
+
+
+_CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
+
+
+def _series_inputs(
+    frames: Sequence[pl.DataFrame],
+    symbols: Sequence[str],
+    intents: pl.DataFrame,
+    fine: Mapping[str, pl.DataFrame] | None,
+) -> list[_Series]:
+    by_symbol = _entries_by_symbol(intents)
+    empty = intents.clear()
+    return [
+        _prepare_series(k, by_symbol.get(s, empty), (fine or {}).get(s))
+        for k, s in zip(frames, symbols, strict=True)
+    ]
+
+
 def _prepare_series(
     klines: pl.DataFrame,
     entries: pl.DataFrame,
@@ -663,7 +697,13 @@ def _prepare_series(
 ) -> _Series:
     symbol = str(klines["symbol"][0])
     step = interval_ms(str(klines["interval"][0]))
-    mine = entries.filter(pl.col("symbol") == symbol).sort("time_ms", maintain_order=True)
+    mine = entries
+    if mine.height and (mine["symbol"] != symbol).any():
+        mine = mine.filter(pl.col("symbol") == symbol)
+    if not mine["time_ms"].is_sorted():
+        mine = mine.sort("time_ms", maintain_order=True)
+    notional = mine["size_usd"]
+    buy = (mine["side"] == "BUY").fill_null(value=False).to_numpy()
     arrays: dict[str, Any] = {
         "symbol": symbol,
         "interval_ms": step,
@@ -673,11 +713,15 @@ def _prepare_series(
         "low": _contiguous(klines["low"], np.float64),
         "close": _contiguous(klines["close"], np.float64),
         "entry_time": _contiguous(mine["time_ms"], np.int64),
-        "entry_side": _contiguous(
-            mine.select(pl.when(pl.col("side") == "BUY").then(1).otherwise(-1))[:, 0], np.int8
-        ),
+        "entry_side": np.where(buy, 1, -1).astype(np.int8),
         "entry_confidence": _contiguous(mine["confidence"].fill_null(float("nan")), np.float64),
-        "entry_notional": [None if v is None else str(v) for v in mine["size_usd"].to_list()],
+        # The core reads None as "the configured default" with one pointer compare; only
+        # intents that give their own size cost a Python string each.
+        "entry_notional": (
+            [None] * mine.height
+            if notional.null_count() == mine.height
+            else notional.cast(pl.String).to_list()
+        ),
         "entry_leverage": _contiguous(mine["leverage"].fill_null(0), np.int64),
     }
     if fine is not None:
@@ -793,15 +837,18 @@ def _frame(outputs: list[dict[str, Any]], table: str, symbols: Sequence[str]) ->
     if not frames:
         return pl.DataFrame()
     frame = pl.concat(frames, how="vertical_relaxed")
-    names = np.asarray(list(symbols), dtype=object)[frame["series"].to_numpy()]
-    return frame.with_columns(pl.Series("symbol", names, dtype=pl.String))
+    # Looked up inside polars: no Python string per row.
+    names = pl.Series("symbol", list(symbols), dtype=pl.String)
+    return frame.with_columns(names.gather(frame["series"]).alias("symbol"))
 
 
 def _decode_reasons(frame: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
     if frame.is_empty() or "reason_code" not in frame.columns:
         return frame
-    labels = np.asarray(list(names), dtype=object)[frame["reason_code"].to_numpy()]
-    return frame.with_columns(pl.Series("reason", labels, dtype=pl.String)).drop("reason_code")
+    labels = pl.Series("reason", list(names), dtype=pl.String)
+    return frame.with_columns(labels.gather(frame["reason_code"]).alias("reason")).drop(
+        "reason_code"
+    )
 
 
 def _tables(
@@ -890,6 +937,103 @@ def _exact(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+# A float column of the core holds, for each exact decimal, its nearest double. A mantissa
+# below 2^49 at the column's decimals is then the only decimal that rounds to that double
+# (neighbours 10^-D apart are more than an ulp apart), so it is recovered exactly.
+_MAX_MANTISSA = float(2**49)
+_EXACT_SCALE = 12
+_FEE_DECIMALS = 8
+# Which grid fixes each exact column's decimals ("fee" columns are rounded to 8 decimals;
+# "pnl" columns are price x quantity differences less fees).
+_FILL_GRID = {"price": "price", "quantity": "qty", "fee": "fee", "pnl": "pnl"}
+_TRADE_GRID = {
+    "entry_price": "price",
+    "quantity": "qty",
+    "initial_stop": "price",
+    "risk_price": "price",
+    "pnl": "pnl",
+    "fees": "fee",
+}
+
+
+def _grid_decimals(rules: ExchangeRules, symbols: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+    """Return, per series, the decimals of each kind of exact column."""
+
+    def places(text: str) -> int:
+        return len(text.partition(".")[2])
+
+    price = np.array([places(rules.quantize_price(s, "1", "nearest")) for s in symbols])
+    qty = np.array([places(rules.quantize_qty(s, "1", market=True)) for s in symbols])
+    fee = np.full(len(symbols), _FEE_DECIMALS)
+    return {
+        "price": price,
+        "qty": qty,
+        "fee": fee,
+        "pnl": np.maximum(price + qty, fee),
+    }
+
+
+def _per_row(values: np.ndarray[Any, Any]) -> pl.Expr:
+    # A literal: a scalar when every row shares the value (one symbol, or one grid).
+    if values.size and (values == values[0]).all():
+        return pl.lit(values[0].item())
+    return pl.lit(pl.Series(values))
+
+
+def _exact_from_floats(
+    values: np.ndarray[Any, Any], decimals: np.ndarray[Any, Any]
+) -> pl.Series | None:
+    """Return the exact Decimal column behind ``values`` (NaN is null), or None if unproven.
+
+    ``decimals`` (per row) must be at least the decimals of every exact value, which the
+    grids guarantee. Every value must read back from its mantissa (numpy's division is the
+    correctly rounded one; polars may multiply by a reciprocal instead); when one does not,
+    the caller asks the core for the decimal text instead.
+    """
+    if decimals.size and int(decimals.max()) > _EXACT_SCALE:
+        return None
+    scale = 10.0 ** decimals.astype(np.float64)
+    missing = np.isnan(values)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mantissa = np.rint(values * scale)
+        proven = missing | ((np.abs(mantissa) < _MAX_MANTISSA) & (mantissa / scale == values))
+    if not proven.all():
+        return None
+    unit = _per_row(10 ** (_EXACT_SCALE - decimals.astype(np.int64))).cast(
+        pl.Decimal(38, 0)
+    ) * pl.lit(Decimal(1).scaleb(-_EXACT_SCALE), dtype=EXACT)
+    exact = (pl.col("m").cast(pl.Decimal(38, 0)) * unit).cast(EXACT)
+    if missing.any():
+        exact = pl.when(pl.col("missing")).then(None).otherwise(exact)
+    frame = pl.DataFrame(
+        {"m": np.where(missing, 0.0, mantissa).astype(np.int64), "missing": missing}
+    )
+    return frame.select(exact.alias("exact")).to_series()
+
+
+def _exact_columns(
+    frame: pl.DataFrame,
+    grids: Mapping[str, str],
+    decimals: Mapping[str, np.ndarray[Any, Any]],
+) -> pl.DataFrame | None:
+    # The float columns the core returns without detail, made exact (None: not provable).
+    if frame.is_empty():
+        return frame
+    series = frame["series"].to_numpy()
+    replaced = []
+    for name, grid in grids.items():
+        if name not in frame.columns:
+            continue
+        column = _exact_from_floats(
+            np.ascontiguousarray(frame[name].to_numpy(), dtype=np.float64),
+            decimals[grid][series],
+        )
+        if column is None:
+            return None
+        replaced.append(column.alias(name))
+    return frame.with_columns(replaced)
+
+
 def _order_symbols(klines: Sequence[pl.DataFrame]) -> list[str]:
     symbols = [str(k["symbol"][0]) for k in klines]
     seen: set[str] = set()
@@ -918,6 +1062,7 @@ def run_backtest(
     config: BacktestConfig | None = None,
     fine: Mapping[str, pl.DataFrame] | None = None,
     progress: ProgressCallback | None = None,
+    detail: bool = False,
 ) -> BacktestResult:
     """Replay klines through the Rust exit engine with one policy.
 
@@ -931,9 +1076,14 @@ def run_backtest(
         config: sizing, fees and the intrabar rule.
         fine: finer klines by symbol that resolve the order of each bar's high and low.
         progress: called with (jobs done, jobs total) as chunks finish.
+        detail: also return each fill's ``trigger_price`` and ``mark_price``, the stop after
+            every bar (``stops``) and the take-profit levels (``levels``), for charts and
+            audits. Without it (the default) the core builds no per-bar rows and no text:
+            the exact columns come from its float columns, proven exact per value (see
+            ``_exact_from_floats``), and ``stops``/``levels`` are empty.
 
     Returns:
-        Fills, trades, the summary and the chart data.
+        Fills, trades, the summary and, with ``detail``, the chart data.
 
     Raises:
         KlinesError: the klines do not fit together (a symbol twice, mixed intervals).
@@ -945,16 +1095,31 @@ def run_backtest(
     symbols = _order_symbols(frames)
     rules = _rules_for(rules, symbols)
     intents, one_per_symbol = _entries_for(frames, entries, strategy)
-    series = [
-        _prepare_series(k, intents, (fine or {}).get(s))
-        for k, s in zip(frames, symbols, strict=True)
-    ]
-    options = _core_options(config, one_per_symbol, detail=True)
+    series = _series_inputs(frames, symbols, intents, fine)
+    options = _core_options(config, one_per_symbol, detail=detail)
     outputs = _call_core(series, [policy], rules, options, progress)
     tables, evaluations = _tables(outputs, symbols)
-    fills = _arrange(_exact(tables["fills"]), _FILL_ORDER, {"time": "time_ms"})
+    fills = trades = None
+    if not detail:
+        decimals = _grid_decimals(rules, symbols)
+        fills = _exact_columns(tables["fills"], _FILL_GRID, decimals)
+        trades = _exact_columns(tables["trades"], _TRADE_GRID, decimals)
+    if fills is None or trades is None:
+        if not detail:
+            # A value the floats cannot prove (a huge PnL): the core's decimal text decides.
+            outputs = _call_core(
+                series, [policy], rules, {**options, "detail": True}, progress=None
+            )
+            tables = _tables(outputs, symbols)[0]
+            tables["fills"] = tables["fills"].drop(
+                "trigger_price_exact", "mark_price_exact", strict=False
+            )
+            tables["stops"] = tables["stops"].clear()
+            tables["levels"] = tables["levels"].clear()
+        fills, trades = _exact(tables["fills"]), _exact(tables["trades"])
+    fills = _arrange(fills, _FILL_ORDER, {"time": "time_ms"})
     trades = _arrange(
-        _exact(tables["trades"]),
+        trades,
         _TRADE_ORDER,
         {"entry_time": "entry_time_ms", "exit_time": "exit_time_ms"},
     )
@@ -1234,10 +1399,7 @@ def run_grid(
     rules = _rules_for(rules, symbols)
     policies, values = grid_policies(base, grid)
     intents, one_per_symbol = _entries_for(frames, entries, strategy)
-    series = [
-        _prepare_series(k, intents, (fine or {}).get(s))
-        for k, s in zip(frames, symbols, strict=True)
-    ]
+    series = _series_inputs(frames, symbols, intents, fine)
     options = _core_options(config, one_per_symbol, detail=False)
     outputs = _call_core(series, policies, rules, options, progress)
     tables, evaluations = _tables(outputs, symbols)
