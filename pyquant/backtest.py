@@ -452,6 +452,11 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
     its time is ``time`` (ms or s), ``created_at_ms`` or ``timestamp``. ``id`` is optional here
     (``line-N`` when absent). Blank lines and lines starting with ``#`` are skipped.
 
+    Lines in the plain shape a program writes (only the fields above, numbers as JSON
+    numbers, no size, no escapes) are decoded and checked as whole columns in polars; any
+    other line, and any line those checks refuse, goes through ``parse_intent`` one by one,
+    in file order, so every result and every error is the one ``parse_intent`` gives.
+
     Returns:
         Columns ``intent_id``, ``time_ms``, ``symbol``, ``side`` (BUY/SELL), ``confidence``,
         ``size_usd`` (String, null for the default) and ``leverage`` (Int64, null for the
@@ -463,40 +468,185 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
     """
     file = Path(path)
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        data = file.read_bytes()
     except OSError as exc:
         raise KlinesError(f"{file}: cannot read intents: {exc}") from exc
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise KlinesError(f"{file}:{number}: not a JSON object: {exc.msg}") from exc
-        if not isinstance(payload, dict):
-            raise KlinesError(f"{file}:{number}: not a JSON object")
-        payload.setdefault("id", f"line-{number}")
-        if "time" in payload and "created_at_ms" not in payload:
-            payload["created_at_ms"] = payload.pop("time")
-        if payload.get("created_at_ms") is None and payload.get("timestamp") is None:
-            raise KlinesError(f"{file}:{number}: intent field 'time' is required in a backtest")
-        try:
-            intent = parse_intent(payload, source="backtest", now_ms=0)
-        except IntentError as exc:
-            raise KlinesError(f"{file}:{number}: {exc}") from exc
-        rows.append(
-            {
-                "intent_id": intent.intent_id,
-                "time_ms": intent.created_at_ms,
-                "symbol": intent.symbol,
-                "side": intent.side,
-                "confidence": intent.confidence,
-                "size_usd": None if intent.size_usd is None else str(intent.size_usd),
-                "leverage": intent.leverage,
-            }
+    text = data.decode("utf-8")
+    if any(mark in data for mark in _OTHER_LINE_BREAKS) or data.count(b"\r") != data.count(b"\r\n"):
+        # Line breaks beyond \n and \r\n (str.splitlines knows more): number lines its way.
+        rows = [_intent_row(file, n, line) for n, line in enumerate(text.splitlines(), 1)]
+        return _intent_frame([r for r in rows if r is not None])
+    whole = pl.Series("text", [text])
+    if whole.str.contains(_PLAIN_FILE).item() and not whole.str.contains(_KEY_TWICE).item():
+        # Every line is plain (the usual file a program writes): one read of the buffer.
+        fields = pl.read_ndjson(data, schema=_PLAIN_SCHEMA).with_row_index("row")
+        lines: pl.Series | None = None
+    else:
+        lines = whole.str.split("\n").explode().str.strip_suffix("\r")
+        if text.endswith("\n"):
+            lines = lines.head(-1)  # the empty piece after the final newline is not a line
+        plain = (
+            lines.to_frame("line")
+            .with_row_index("row")
+            .filter(pl.col("line").str.contains(_PLAIN_LINE))
+            .filter(~pl.col("line").str.contains(_KEY_TWICE))
         )
+        decoded = pl.col("line").str.json_decode(pl.Struct(_PLAIN_SCHEMA)).struct.unnest()
+        fields = plain.select("row", decoded)
+    parsed = _plain_intents(fields)
+    # Every line the columns did not settle, in file order: the first error is the file's.
+    total = fields.height if lines is None else lines.len()
+    settled = np.zeros(total, dtype=bool)
+    settled[parsed["row"].to_numpy()] = True
+    rest = np.flatnonzero(~settled)
+    others = []
+    if rest.size:
+        if lines is None:
+            lines = whole.str.split("\n").explode().str.strip_suffix("\r")
+        for row, line in zip(rest.tolist(), lines.gather(rest).to_list(), strict=True):
+            intent = _intent_row(file, row + 1, line)
+            if intent is not None:
+                others.append({"row": row, **intent})
+    frame = parsed.select(pl.col("row").cast(pl.Int64), *_INTENT_SCHEMA)
+    if others:
+        frame = pl.concat(
+            [frame, pl.DataFrame(others, schema={"row": pl.Int64, **_INTENT_SCHEMA})]
+        ).sort("row")
+    return frame.drop("row").sort("time_ms", maintain_order=True)
+
+
+_OTHER_LINE_BREAKS = (
+    b"\x0b",
+    b"\x0c",
+    b"\x1c",
+    b"\x1d",
+    b"\x1e",
+    "\x85".encode(),
+    "\u2028".encode(),
+    "\u2029".encode(),
+)
+# The plain shape: an object of the known fields only, strings of printable ASCII without
+# quotes or escapes, numbers without a sign, null only where it means "not given".
+_PLAIN_STRING = r'"[ !#-\[\]-~]*"'
+# (bounded: polars refuses a number beyond a double's range, json.loads reads it as inf)
+_PLAIN_NUMBER = r"(?:0|[1-9][0-9]{0,29})(?:\.[0-9]{1,30})?(?:[eE][+-]?[0-9]{1,2})?"
+_PLAIN_PAIR = (
+    rf'"(?:id|symbol|side|source)"[ \t]*:[ \t]*{_PLAIN_STRING}'
+    rf'|"intent_id"[ \t]*:[ \t]*(?:{_PLAIN_STRING}|{_PLAIN_NUMBER})'
+    rf'|"(?:created_at_ms)"[ \t]*:[ \t]*{_PLAIN_NUMBER}'
+    rf'|"(?:confidence|time|timestamp|ts|leverage)"[ \t]*:[ \t]*(?:{_PLAIN_NUMBER}|null)'
+    rf'|"(?:size_usd|position_size_usd|notional_usd)"[ \t]*:[ \t]*null'
+)
+_PLAIN_OBJECT = (
+    rf"[ \t]*\{{[ \t]*(?:{_PLAIN_PAIR})(?:[ \t]*,[ \t]*(?:{_PLAIN_PAIR}))*[ \t]*\}}[ \t]*"
+)
+_PLAIN_LINE = rf"^{_PLAIN_OBJECT}$"
+# The whole file, every line plain (the last one with or without its newline).
+_PLAIN_FILE = rf"\A(?:{_PLAIN_OBJECT}\r?\n)*(?:{_PLAIN_OBJECT})?\z"
+_KNOWN_KEYS = (
+    "id",
+    "intent_id",
+    "symbol",
+    "side",
+    "source",
+    "created_at_ms",
+    "confidence",
+    "time",
+    "timestamp",
+    "ts",
+    "leverage",
+    "size_usd",
+    "position_size_usd",
+    "notional_usd",
+)
+# A key twice on one line ("." stops at the line's end): json.loads keeps the last value,
+# polars the first, so such a line goes through parse_intent.
+_KEY_TWICE = "|".join(rf'"{key}"[ \t]*:.*"{key}"[ \t]*:' for key in _KNOWN_KEYS)
+_PLAIN_SCHEMA: dict[str, Any] = dict.fromkeys(
+    ("id", "symbol", "side", "confidence", "time", "created_at_ms", "timestamp", "leverage"),
+    pl.String,
+)
+
+
+def _plain_intents(fields: pl.DataFrame) -> pl.DataFrame:
+    """Check the decoded plain lines as columns; return the intents of those that pass.
+
+    ``fields`` holds the 0-based ``row`` and the fields of ``_PLAIN_SCHEMA`` as text. The
+    rules are parse_intent's, for the values the plain shape allows (the same correctly
+    rounded float of each number's text, the same patterns and ranges).
+    """
+    from pyquant.trading.intents import MAX_TIME_MS
+
+    # The numbers are still their text: each is read by one correctly rounded cast, as
+    # json.loads and float(Decimal) read it.
+    stamp = pl.coalesce("created_at_ms", "time", "timestamp").cast(pl.Float64)
+    created = (
+        pl.when(stamp < 1e11).then(stamp * 1000.0).otherwise(stamp).cast(pl.Int64, strict=False)
+    )
+    confidence = pl.col("confidence").cast(pl.Float64).fill_null(0.5)
+    leverage = pl.col("leverage").cast(pl.Float64)
+    symbol = pl.col("symbol").str.to_uppercase()
+    side = pl.col("side").str.to_uppercase()
+    intent_id = pl.col("id")
+    if fields["id"].null_count():  # absent: line-N, numbered from 1
+        intent_id = pl.coalesce("id", pl.format("line-{}", pl.col("row") + 1))
+    parsed = fields.select(
+        pl.col("row").cast(pl.Int64),
+        intent_id.alias("intent_id"),
+        created.alias("time_ms"),
+        symbol.alias("symbol"),
+        pl.when(side.is_in(["BUY", "LONG"]))
+        .then(pl.lit("BUY"))
+        .otherwise(pl.lit("SELL"))
+        .alias("side"),
+        confidence.alias("confidence"),
+        pl.lit(None, dtype=pl.String).alias("size_usd"),
+        leverage.cast(pl.Int64, strict=False).alias("leverage"),
+        (
+            intent_id.str.contains(r"^[A-Za-z0-9._:\-]{1,64}$")
+            & symbol.str.contains(r"^[A-Z0-9]{2,30}$")
+            & side.is_in(["BUY", "LONG", "SELL", "SHORT"])
+            & confidence.is_between(0.0, 1.0)
+            & (stamp > 0)
+            & (stamp <= MAX_TIME_MS)
+            & (created > 0)
+            & (leverage.is_null() | ((leverage == leverage.floor()) & leverage.is_between(1, 125)))
+        ).alias("valid"),
+    )
+    return parsed.filter(pl.col("valid").fill_null(value=False)).drop("valid")
+
+
+def _intent_row(file: Path, number: int, line: str) -> dict[str, Any] | None:
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KlinesError(f"{file}:{number}: not a JSON object: {exc.msg}") from exc
+    if not isinstance(payload, dict):
+        raise KlinesError(f"{file}:{number}: not a JSON object")
+    payload.setdefault("id", f"line-{number}")
+    if "time" in payload and "created_at_ms" not in payload:
+        payload["created_at_ms"] = payload.pop("time")
+    if payload.get("created_at_ms") is None and payload.get("timestamp") is None:
+        raise KlinesError(f"{file}:{number}: intent field 'time' is required in a backtest")
+    try:
+        intent = parse_intent(payload, source="backtest", now_ms=0)
+    except IntentError as exc:
+        raise KlinesError(f"{file}:{number}: {exc}") from exc
+    return {
+        "intent_id": intent.intent_id,
+        "time_ms": intent.created_at_ms,
+        "symbol": intent.symbol,
+        "side": intent.side,
+        "confidence": intent.confidence,
+        "size_usd": None if intent.size_usd is None else str(intent.size_usd),
+        "leverage": intent.leverage,
+    }
+
+
+def _intent_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=_INTENT_SCHEMA).sort("time_ms", maintain_order=True)
 
 
