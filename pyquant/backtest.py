@@ -812,14 +812,20 @@ def _entries_by_symbol(entries: pl.DataFrame) -> dict[str, pl.DataFrame]:
     if entries.is_empty():
         return {}
     needed = entries.select(_CORE_ENTRY_COLUMNS)
-    if not needed["time_ms"].is_sorted():
-        needed = needed.sort("time_ms", maintain_order=True)
     symbols = needed["symbol"].unique()
     if len(symbols) == 1:
-        return {str(symbols[0]): needed}
+        parts = {str(symbols[0]): needed}
+    else:
+        parts = {
+            str(key[0]): part
+            for key, part in needed.partition_by(
+                "symbol", as_dict=True, maintain_order=True
+            ).items()
+        }
+    # A stable sort of each part: what a stable sort of the whole, then the split, gives.
     return {
-        str(key[0]): part
-        for key, part in needed.partition_by("symbol", as_dict=True, maintain_order=True).items()
+        symbol: part if part["time_ms"].is_sorted() else part.sort("time_ms", maintain_order=True)
+        for symbol, part in parts.items()
     }
 
 
@@ -835,7 +841,7 @@ def _series_inputs(
     by_symbol = _entries_by_symbol(intents)
     empty = intents.clear()
     return [
-        _prepare_series(k, by_symbol.get(s, empty), (fine or {}).get(s))
+        _prepare_series(k, by_symbol.get(s, empty), (fine or {}).get(s), split=True)
         for k, s in zip(frames, symbols, strict=True)
     ]
 
@@ -844,14 +850,15 @@ def _prepare_series(
     klines: pl.DataFrame,
     entries: pl.DataFrame,
     fine: pl.DataFrame | None,
+    *,
+    split: bool = False,
 ) -> _Series:
+    # ``split``: the entries are this symbol's alone, in time order (``_entries_by_symbol``).
     symbol = str(klines["symbol"][0])
     step = interval_ms(str(klines["interval"][0]))
     mine = entries
-    if mine.height and (mine["symbol"] != symbol).any():
-        mine = mine.filter(pl.col("symbol") == symbol)
-    if not mine["time_ms"].is_sorted():
-        mine = mine.sort("time_ms", maintain_order=True)
+    if not split:
+        mine = mine.filter(pl.col("symbol") == symbol).sort("time_ms", maintain_order=True)
     notional = mine["size_usd"]
     buy = (mine["side"] == "BUY").fill_null(value=False).to_numpy()
     arrays: dict[str, Any] = {
