@@ -476,8 +476,11 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
         # Line breaks beyond \n and \r\n (str.splitlines knows more): number lines its way.
         rows = [_intent_row(file, n, line) for n, line in enumerate(text.splitlines(), 1)]
         return _intent_frame([r for r in rows if r is not None])
+    if not text.strip():
+        return _intent_frame([])
     whole = pl.Series("text", [text])
-    if whole.str.contains(_PLAIN_FILE).item() and not whole.str.contains(_KEY_TWICE).item():
+    pieces = pl.Series("text", _pieces(text, 16))  # checked in parallel, whole lines each
+    if pieces.str.contains(_PLAIN_FILE).all() and not pieces.str.contains(_KEY_TWICE).any():
         # Every line is plain (the usual file a program writes): one read of the buffer.
         fields = pl.read_ndjson(data, schema=_PLAIN_SCHEMA).with_row_index("row")
         lines: pl.Series | None = None
@@ -513,6 +516,18 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
             [frame, pl.DataFrame(others, schema={"row": pl.Int64, **_INTENT_SCHEMA})]
         ).sort("row")
     return frame.drop("row").sort("time_ms", maintain_order=True)
+
+
+def _pieces(text: str, count: int) -> list[str]:
+    # About ``count`` pieces of ``text``, each ending at a newline (the last one at the end).
+    pieces = []
+    start, size = 0, max(len(text) // count, 1)
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
 
 
 _OTHER_LINE_BREAKS = (

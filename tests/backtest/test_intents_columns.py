@@ -130,3 +130,12 @@ def test_numbers_beyond_a_double_take_the_line_path(tmp_path):
         f'{{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "leverage": {digits}}}\n'
     )
     assert str(_same(path)).startswith(f"error: {path}:3: intent field 'leverage'")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "# only a comment\n", "  \r\n"])
+def test_a_file_without_intents_gives_an_empty_frame(tmp_path, content):
+    path = tmp_path / "intents.jsonl"
+    path.write_bytes(content.encode())
+    frame = _same(path)
+    assert isinstance(frame, pl.DataFrame)
+    assert frame.is_empty()
