@@ -1408,8 +1408,19 @@ def summarize(
             {"symbol": ["TOTAL"], "trades": [0], "win_rate": [None], "profit_factor": [None]},
             schema_overrides={"win_rate": pl.Float64, "profit_factor": pl.Float64},
         )
-    trades = trades.with_columns(pl.col("pnl", "fees").cast(pl.Float64))
-    fills = fills.with_columns(pl.col("pnl").cast(pl.Float64))
+    # Only the columns the metrics read: the sorts below then move a few numbers per row,
+    # not every Decimal and text column of the tables.
+    trades = trades.select(*keys, "symbol", pl.col("pnl", "fees").cast(pl.Float64), "r_multiple")
+    fills = fills.select(
+        *keys,
+        "symbol",
+        "time_ms",
+        "trade",
+        "sequence",
+        "kind",
+        "reason",
+        pl.col("pnl").cast(pl.Float64),
+    )
     parts = []
     for symbol_keys, label in ((["symbol"], None), ([], "TOTAL")):
         group = [*keys, *symbol_keys]
@@ -1720,6 +1731,9 @@ def plot_symbol(
     klines: pl.DataFrame, result: BacktestResult, path: Path, *, max_bars: int = 20_000
 ) -> Path:
     """Draw one symbol's close price with every position's stop path and take-profit levels.
+
+    The stop path and the levels are those of a ``run_backtest(..., detail=True)`` result;
+    without detail the chart shows the price and the entries only.
 
     Long histories are cut to the last ``max_bars`` bars so the chart stays readable.
     """
