@@ -23,6 +23,9 @@ Contenders:
   a little less work per bar than pyquant's ladder and ATR trailing). The ATR array is built
   before timing; numba's compilation is done by a warm-up run before timing.
 
+A last group reads 1,000,000 intent lines with ``load_intents`` beside the per-line reader it
+replaced (``json.loads`` and ``parse_intent`` per line), and checks they give the same frame.
+
 Every row records the trades it produced in ``extra_info`` (a run that does nothing cannot
 win) and ``ns_per_bar``. Threads: run once with ``RAYON_NUM_THREADS=1`` (one core) and once
 without (all cores); ``make bench`` does both. vectorbt is optional (the ``bench`` extra): its
@@ -375,3 +378,41 @@ def test_bench_versus(benchmark, workload, contender):
     )
     if enabled:
         benchmark.extra_info["ns_per_bar"] = round(benchmark.stats.stats.min / work.bars * 1e9, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Intents JSONL
+
+
+@pytest.mark.parametrize("reader", ["load_intents", "per_line"])
+def test_bench_load_intents(benchmark, tmp_path, reader):
+    """1,000,000 intent lines (id, time, symbol, side, confidence), as a program writes them.
+
+    ``load_intents`` reads them as columns; ``per_line`` is the reference it must equal:
+    ``json.loads`` and ``parse_intent`` on every line (what ``load_intents`` did before).
+    """
+    lines = 1_000_000 if not benchmark.disabled else 2_000
+    path = tmp_path / "intents.jsonl"
+    times = T0 + 60_000 * np.arange(lines, dtype=np.int64)
+    pl.DataFrame(
+        {
+            "id": pl.Series(np.arange(lines)).cast(pl.String).str.replace(r"^", "i"),
+            "time": times,
+            "symbol": SYMBOL,
+            "side": np.where(np.arange(lines) % 3 == 0, "SELL", "BUY"),
+            "confidence": np.round(np.random.default_rng(5).uniform(0.3, 0.9, lines), 4),
+        }
+    ).write_ndjson(path)
+
+    def per_line() -> pl.DataFrame:
+        text = path.read_text(encoding="utf-8").splitlines()
+        rows = [bt._intent_row(path, n, line) for n, line in enumerate(text, start=1)]
+        return bt._intent_frame([r for r in rows if r is not None])
+
+    run = (lambda: bt.load_intents(path)) if reader == "load_intents" else per_line
+    frame = benchmark.pedantic(run, rounds=3 if reader == "load_intents" else 1, iterations=1)
+    assert frame.height == lines
+    if reader == "load_intents":
+        assert frame.equals(per_line())
+    benchmark.group = "intents JSONL: lines read into the entries frame"
+    benchmark.extra_info.update(reader=reader, lines=lines, bytes=path.stat().st_size)
