@@ -472,11 +472,11 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
     except OSError as exc:
         raise KlinesError(f"{file}: cannot read intents: {exc}") from exc
     text = data.decode("utf-8")
-    if any(mark in data for mark in _OTHER_LINE_BREAKS) or data.count(b"\r") != data.count(b"\r\n"):
+    if _other_line_breaks(data):
         # Line breaks beyond \n and \r\n (str.splitlines knows more): number lines its way.
         rows = [_intent_row(file, n, line) for n, line in enumerate(text.splitlines(), 1)]
         return _intent_frame([r for r in rows if r is not None])
-    if not text.strip():
+    if not text or text.isspace():
         return _intent_frame([])
     whole = pl.Series("text", [text])
     pieces = pl.Series("text", _pieces(text, 16))  # checked in parallel, whole lines each
@@ -530,16 +530,19 @@ def _pieces(text: str, count: int) -> list[str]:
     return pieces
 
 
-_OTHER_LINE_BREAKS = (
-    b"\x0b",
-    b"\x0c",
-    b"\x1c",
-    b"\x1d",
-    b"\x1e",
-    "\x85".encode(),
-    "\u2028".encode(),
-    "\u2029".encode(),
-)
+def _other_line_breaks(data: bytes) -> bool:
+    # Whether str.splitlines would break a line where splitting at \n (and dropping the \r
+    # of \r\n) does not. Single bytes are found with memchr; the multi-byte breaks can
+    # only be in a file that is not ASCII.
+    if any(mark in data for mark in (b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e")):
+        return True
+    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
+        return True
+    return not data.isascii() and any(
+        mark.encode() in data for mark in ("\x85", "\u2028", "\u2029")
+    )
+
+
 # The plain shape: an object of the known fields only, strings of printable ASCII without
 # quotes or escapes, numbers without a sign, null only where it means "not given".
 _PLAIN_STRING = r'"[ !#-\[\]-~]*"'

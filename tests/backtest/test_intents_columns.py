@@ -112,10 +112,11 @@ def test_a_plain_file_is_read_whole(tmp_path):
     )
 
 
-def test_other_line_breaks_number_lines_as_splitlines_does(tmp_path):
+@pytest.mark.parametrize("brk", ["\u2028", "\x85", "\x0b", "\x1e", "\r"])
+def test_other_line_breaks_number_lines_as_splitlines_does(tmp_path, brk):
     path = tmp_path / "intents.jsonl"
     good = json.dumps(PLAIN[0])
-    path.write_text(good + "\u2028" + '{"time": 1, "symbol": "BTCUSDT", "side": "UP"}\n')
+    path.write_bytes((good + brk + '{"time": 1, "symbol": "BTCUSDT", "side": "UP"}\n').encode())
     assert _same(path) == (
         f"error: {path}:2: intent field 'side' was 'UP': must be BUY or SELL (LONG or SHORT)"
     )
