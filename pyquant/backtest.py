@@ -1425,7 +1425,12 @@ def summarize(
         pl.col("pnl").cast(pl.Float64),
     )
     parts = []
+    # One symbol: its rows are the TOTAL's, in the same order, so the same sums and curve.
+    one_symbol = trades["symbol"].n_unique() == 1 and fills["symbol"].n_unique() == 1
     for symbol_keys, label in ((["symbol"], None), ([], "TOTAL")):
+        if label is not None and one_symbol:
+            parts.append(parts[0].drop("symbol").with_columns(pl.lit(label).alias("symbol")))
+            continue
         group = [*keys, *symbol_keys]
         stats = trades.group_by(group).agg(
             pl.len().alias("trades"),

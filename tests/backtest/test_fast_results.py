@@ -148,3 +148,21 @@ def test_exact_from_floats_proves_each_value_or_gives_up():
     assert bt._exact_from_floats(np.array([123456789.12345678]), np.array([8])) is None
     # Beyond the 12 decimals of the result columns.
     assert bt._exact_from_floats(np.array([1e-13]), np.array([13])) is None
+
+
+def test_one_symbol_total_is_the_general_total(rules, real_klines):
+    # With one symbol the TOTAL row is copied from the symbol's row; the general path (a
+    # second policy on another symbol alongside) must give policy 0 the very same rows.
+    [frame] = [f for f in real_klines if f["symbol"][0] == "ETHUSDT"]
+    result = bt.run_backtest(frame, _core.ExitPolicy(**EXAMPLE_POLICY), rules)
+    alone = bt.summarize(result.fills, result.trades)
+
+    def twice(table: pl.DataFrame) -> pl.DataFrame:
+        other = table.with_columns(
+            pl.lit(1, dtype=pl.UInt32).alias("policy"), pl.lit("OTHERUSDT").alias("symbol")
+        )
+        return pl.concat([table, other])
+
+    general = bt.summarize(twice(result.fills), twice(result.trades))
+    assert alone.height == 2
+    assert general.filter(pl.col("policy") == 0).equals(alone)
