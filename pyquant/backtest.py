@@ -1424,7 +1424,7 @@ def summarize(
         "reason",
         pl.col("pnl").cast(pl.Float64),
     )
-    parts = []
+    parts: list[pl.DataFrame] = []
     # One symbol: its rows are the TOTAL's, in the same order, so the same sums and curve.
     one_symbol = trades["symbol"].n_unique() == 1 and fills["symbol"].n_unique() == 1
     for symbol_keys, label in ((["symbol"], None), ([], "TOTAL")):
