@@ -35,8 +35,11 @@ fuzz: ## the engine fuzz suites with many fresh cases (FUZZ_CASES Rust, FUZZ_EXA
 chaos: ## seeded chaos soak of the daemon (kill -9, bad input, faults, flatten) in both modes
 	PYTHONPATH=$(CURDIR) $(PY) tests/chaos/soak.py --steps $${STEPS:-200} --seed $${SEED:-7}
 
-bench: ## pytest-benchmark suites, each beside its baseline
-	$(PY) -m pytest tests/benchmarks --benchmark-enable --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
+BENCH_ARGS = --benchmark-enable --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
+
+bench: ## pytest-benchmark suites, each beside its baseline; the backtest vs others on 1 core, then all
+	$(PY) -m pytest tests/benchmarks $(BENCH_ARGS)
+	RAYON_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(PY) -m pytest tests/benchmarks/test_bench_versus.py $(BENCH_ARGS)
 
 SEED ?= 1
 STEPS ?= 40

@@ -452,6 +452,11 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
     its time is ``time`` (ms or s), ``created_at_ms`` or ``timestamp``. ``id`` is optional here
     (``line-N`` when absent). Blank lines and lines starting with ``#`` are skipped.
 
+    Lines in the plain shape a program writes (only the fields above, numbers as JSON
+    numbers, no size, no escapes) are decoded and checked as whole columns in polars; any
+    other line, and any line those checks refuse, goes through ``parse_intent`` one by one,
+    in file order, so every result and every error is the one ``parse_intent`` gives.
+
     Returns:
         Columns ``intent_id``, ``time_ms``, ``symbol``, ``side`` (BUY/SELL), ``confidence``,
         ``size_usd`` (String, null for the default) and ``leverage`` (Int64, null for the
@@ -463,40 +468,203 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
     """
     file = Path(path)
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        data = file.read_bytes()
     except OSError as exc:
         raise KlinesError(f"{file}: cannot read intents: {exc}") from exc
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise KlinesError(f"{file}:{number}: not a JSON object: {exc.msg}") from exc
-        if not isinstance(payload, dict):
-            raise KlinesError(f"{file}:{number}: not a JSON object")
-        payload.setdefault("id", f"line-{number}")
-        if "time" in payload and "created_at_ms" not in payload:
-            payload["created_at_ms"] = payload.pop("time")
-        if payload.get("created_at_ms") is None and payload.get("timestamp") is None:
-            raise KlinesError(f"{file}:{number}: intent field 'time' is required in a backtest")
-        try:
-            intent = parse_intent(payload, source="backtest", now_ms=0)
-        except IntentError as exc:
-            raise KlinesError(f"{file}:{number}: {exc}") from exc
-        rows.append(
-            {
-                "intent_id": intent.intent_id,
-                "time_ms": intent.created_at_ms,
-                "symbol": intent.symbol,
-                "side": intent.side,
-                "confidence": intent.confidence,
-                "size_usd": None if intent.size_usd is None else str(intent.size_usd),
-                "leverage": intent.leverage,
-            }
+    text = data.decode("utf-8")
+    if _other_line_breaks(data):
+        # Line breaks beyond \n and \r\n (str.splitlines knows more): number lines its way.
+        rows = [_intent_row(file, n, line) for n, line in enumerate(text.splitlines(), 1)]
+        return _intent_frame([r for r in rows if r is not None])
+    if not text or text.isspace():
+        return _intent_frame([])
+    whole = pl.Series("text", [text])
+    pieces = pl.Series("text", _pieces(text, 16))  # checked in parallel, whole lines each
+    if pieces.str.contains(_PLAIN_FILE).all() and not pieces.str.contains(_KEY_TWICE).any():
+        # Every line is plain (the usual file a program writes): one read of the buffer.
+        fields = pl.read_ndjson(data, schema=_PLAIN_SCHEMA).with_row_index("row")
+        lines: pl.Series | None = None
+    else:
+        lines = whole.str.split("\n").explode().str.strip_suffix("\r")
+        if text.endswith("\n"):
+            lines = lines.head(-1)  # the empty piece after the final newline is not a line
+        plain = (
+            lines.to_frame("line")
+            .with_row_index("row")
+            .filter(pl.col("line").str.contains(_PLAIN_LINE))
+            .filter(~pl.col("line").str.contains(_KEY_TWICE))
         )
+        decoded = pl.col("line").str.json_decode(pl.Struct(_PLAIN_SCHEMA)).struct.unnest()
+        fields = plain.select("row", decoded)
+    parsed = _plain_intents(fields)
+    # Every line the columns did not settle, in file order: the first error is the file's.
+    total = fields.height if lines is None else lines.len()
+    settled = np.zeros(total, dtype=bool)
+    settled[parsed["row"].to_numpy()] = True
+    rest = np.flatnonzero(~settled)
+    others = []
+    if rest.size:
+        if lines is None:
+            lines = whole.str.split("\n").explode().str.strip_suffix("\r")
+        for row, line in zip(rest.tolist(), lines.gather(rest).to_list(), strict=True):
+            intent = _intent_row(file, row + 1, line)
+            if intent is not None:
+                others.append({"row": row, **intent})
+    frame = parsed.select(pl.col("row").cast(pl.Int64), *_INTENT_SCHEMA)
+    if others:
+        frame = pl.concat(
+            [frame, pl.DataFrame(others, schema={"row": pl.Int64, **_INTENT_SCHEMA})]
+        ).sort("row")
+    return frame.drop("row").sort("time_ms", maintain_order=True)
+
+
+def _pieces(text: str, count: int) -> list[str]:
+    # About ``count`` pieces of ``text``, each ending at a newline (the last one at the end).
+    pieces = []
+    start, size = 0, max(len(text) // count, 1)
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def _other_line_breaks(data: bytes) -> bool:
+    # Whether str.splitlines would break a line where splitting at \n (and dropping the \r
+    # of \r\n) does not. Single bytes are found with memchr; the multi-byte breaks can
+    # only be in a file that is not ASCII.
+    if any(mark in data for mark in (b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e")):
+        return True
+    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
+        return True
+    return not data.isascii() and any(
+        mark.encode() in data for mark in ("\x85", "\u2028", "\u2029")
+    )
+
+
+# The plain shape: an object of the known fields only, strings of printable ASCII without
+# quotes or escapes, numbers without a sign, null only where it means "not given".
+_PLAIN_STRING = r'"[ !#-\[\]-~]*"'
+# (bounded: polars refuses a number beyond a double's range, json.loads reads it as inf)
+_PLAIN_NUMBER = r"(?:0|[1-9][0-9]{0,29})(?:\.[0-9]{1,30})?(?:[eE][+-]?[0-9]{1,2})?"
+_PLAIN_PAIR = (
+    rf'"(?:id|symbol|side|source)"[ \t]*:[ \t]*{_PLAIN_STRING}'
+    rf'|"intent_id"[ \t]*:[ \t]*(?:{_PLAIN_STRING}|{_PLAIN_NUMBER})'
+    rf'|"(?:created_at_ms)"[ \t]*:[ \t]*{_PLAIN_NUMBER}'
+    rf'|"(?:confidence|time|timestamp|ts|leverage)"[ \t]*:[ \t]*(?:{_PLAIN_NUMBER}|null)'
+    rf'|"(?:size_usd|position_size_usd|notional_usd)"[ \t]*:[ \t]*null'
+)
+_PLAIN_OBJECT = (
+    rf"[ \t]*\{{[ \t]*(?:{_PLAIN_PAIR})(?:[ \t]*,[ \t]*(?:{_PLAIN_PAIR}))*[ \t]*\}}[ \t]*"
+)
+_PLAIN_LINE = rf"^{_PLAIN_OBJECT}$"
+# The whole file, every line plain (the last one with or without its newline).
+_PLAIN_FILE = rf"\A(?:{_PLAIN_OBJECT}\r?\n)*(?:{_PLAIN_OBJECT})?\z"
+_KNOWN_KEYS = (
+    "id",
+    "intent_id",
+    "symbol",
+    "side",
+    "source",
+    "created_at_ms",
+    "confidence",
+    "time",
+    "timestamp",
+    "ts",
+    "leverage",
+    "size_usd",
+    "position_size_usd",
+    "notional_usd",
+)
+# A key twice on one line ("." stops at the line's end): json.loads keeps the last value,
+# polars the first, so such a line goes through parse_intent.
+_KEY_TWICE = "|".join(rf'"{key}"[ \t]*:.*"{key}"[ \t]*:' for key in _KNOWN_KEYS)
+_PLAIN_SCHEMA: dict[str, Any] = dict.fromkeys(
+    ("id", "symbol", "side", "confidence", "time", "created_at_ms", "timestamp", "leverage"),
+    pl.String,
+)
+
+
+def _plain_intents(fields: pl.DataFrame) -> pl.DataFrame:
+    """Check the decoded plain lines as columns; return the intents of those that pass.
+
+    ``fields`` holds the 0-based ``row`` and the fields of ``_PLAIN_SCHEMA`` as text. The
+    rules are parse_intent's, for the values the plain shape allows (the same correctly
+    rounded float of each number's text, the same patterns and ranges).
+    """
+    from pyquant.trading.intents import MAX_TIME_MS
+
+    # The numbers are still their text: each is read by one correctly rounded cast, as
+    # json.loads and float(Decimal) read it.
+    stamp = pl.coalesce("created_at_ms", "time", "timestamp").cast(pl.Float64)
+    created = (
+        pl.when(stamp < 1e11).then(stamp * 1000.0).otherwise(stamp).cast(pl.Int64, strict=False)
+    )
+    confidence = pl.col("confidence").cast(pl.Float64).fill_null(0.5)
+    leverage = pl.col("leverage").cast(pl.Float64)
+    symbol = pl.col("symbol").str.to_uppercase()
+    side = pl.col("side").str.to_uppercase()
+    intent_id = pl.col("id")
+    if fields["id"].null_count():  # absent: line-N, numbered from 1
+        intent_id = pl.coalesce("id", pl.format("line-{}", pl.col("row") + 1))
+    parsed = fields.select(
+        pl.col("row").cast(pl.Int64),
+        intent_id.alias("intent_id"),
+        created.alias("time_ms"),
+        symbol.alias("symbol"),
+        pl.when(side.is_in(["BUY", "LONG"]))
+        .then(pl.lit("BUY"))
+        .otherwise(pl.lit("SELL"))
+        .alias("side"),
+        confidence.alias("confidence"),
+        pl.lit(None, dtype=pl.String).alias("size_usd"),
+        leverage.cast(pl.Int64, strict=False).alias("leverage"),
+        (
+            intent_id.str.contains(r"^[A-Za-z0-9._:\-]{1,64}$")
+            & symbol.str.contains(r"^[A-Z0-9]{2,30}$")
+            & side.is_in(["BUY", "LONG", "SELL", "SHORT"])
+            & confidence.is_between(0.0, 1.0)
+            & (stamp > 0)
+            & (stamp <= MAX_TIME_MS)
+            & (created > 0)
+            & (leverage.is_null() | ((leverage == leverage.floor()) & leverage.is_between(1, 125)))
+        ).alias("valid"),
+    )
+    return parsed.filter(pl.col("valid").fill_null(value=False)).drop("valid")
+
+
+def _intent_row(file: Path, number: int, line: str) -> dict[str, Any] | None:
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KlinesError(f"{file}:{number}: not a JSON object: {exc.msg}") from exc
+    if not isinstance(payload, dict):
+        raise KlinesError(f"{file}:{number}: not a JSON object")
+    payload.setdefault("id", f"line-{number}")
+    if "time" in payload and "created_at_ms" not in payload:
+        payload["created_at_ms"] = payload.pop("time")
+    if payload.get("created_at_ms") is None and payload.get("timestamp") is None:
+        raise KlinesError(f"{file}:{number}: intent field 'time' is required in a backtest")
+    try:
+        intent = parse_intent(payload, source="backtest", now_ms=0)
+    except IntentError as exc:
+        raise KlinesError(f"{file}:{number}: {exc}") from exc
+    return {
+        "intent_id": intent.intent_id,
+        "time_ms": intent.created_at_ms,
+        "symbol": intent.symbol,
+        "side": intent.side,
+        "confidence": intent.confidence,
+        "size_usd": None if intent.size_usd is None else str(intent.size_usd),
+        "leverage": intent.leverage,
+    }
+
+
+def _intent_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=_INTENT_SCHEMA).sort("time_ms", maintain_order=True)
 
 
@@ -656,14 +824,61 @@ def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, A
     return np.ascontiguousarray(series.to_numpy(), dtype=dtype)
 
 
+def _entries_by_symbol(entries: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    # One pass over the entries for every symbol (not one filter per symbol), each part in
+    # time order (ties keep the file's order), with only the columns the core reads.
+    if entries.is_empty():
+        return {}
+    needed = entries.select(_CORE_ENTRY_COLUMNS)
+    symbols = needed["symbol"].unique()
+    if len(symbols) == 1:
+        parts = {str(symbols[0]): needed}
+    else:
+        parts = {
+            str(key[0]): part
+            for key, part in needed.partition_by(
+                "symbol", as_dict=True, maintain_order=True
+            ).items()
+        }
+    # A stable sort of each part: what a stable sort of the whole, then the split, gives.
+    return {
+        symbol: part if part["time_ms"].is_sorted() else part.sort("time_ms", maintain_order=True)
+        for symbol, part in parts.items()
+    }
+
+
+_CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
+
+
+def _series_inputs(
+    frames: Sequence[pl.DataFrame],
+    symbols: Sequence[str],
+    intents: pl.DataFrame,
+    fine: Mapping[str, pl.DataFrame] | None,
+) -> list[_Series]:
+    by_symbol = _entries_by_symbol(intents)
+    empty = intents.clear()
+    return [
+        _prepare_series(k, by_symbol.get(s, empty), (fine or {}).get(s), split=True)
+        for k, s in zip(frames, symbols, strict=True)
+    ]
+
+
 def _prepare_series(
     klines: pl.DataFrame,
     entries: pl.DataFrame,
     fine: pl.DataFrame | None,
+    *,
+    split: bool = False,
 ) -> _Series:
+    # ``split``: the entries are this symbol's alone, in time order (``_entries_by_symbol``).
     symbol = str(klines["symbol"][0])
     step = interval_ms(str(klines["interval"][0]))
-    mine = entries.filter(pl.col("symbol") == symbol).sort("time_ms", maintain_order=True)
+    mine = entries
+    if not split:
+        mine = mine.filter(pl.col("symbol") == symbol).sort("time_ms", maintain_order=True)
+    notional = mine["size_usd"]
+    buy = (mine["side"] == "BUY").fill_null(value=False).to_numpy()
     arrays: dict[str, Any] = {
         "symbol": symbol,
         "interval_ms": step,
@@ -673,11 +888,15 @@ def _prepare_series(
         "low": _contiguous(klines["low"], np.float64),
         "close": _contiguous(klines["close"], np.float64),
         "entry_time": _contiguous(mine["time_ms"], np.int64),
-        "entry_side": _contiguous(
-            mine.select(pl.when(pl.col("side") == "BUY").then(1).otherwise(-1))[:, 0], np.int8
-        ),
+        "entry_side": np.where(buy, 1, -1).astype(np.int8),
         "entry_confidence": _contiguous(mine["confidence"].fill_null(float("nan")), np.float64),
-        "entry_notional": [None if v is None else str(v) for v in mine["size_usd"].to_list()],
+        # The core reads None as "the configured default" with one pointer compare; only
+        # intents that give their own size cost a Python string each.
+        "entry_notional": (
+            [None] * mine.height
+            if notional.null_count() == mine.height
+            else notional.cast(pl.String).to_list()
+        ),
         "entry_leverage": _contiguous(mine["leverage"].fill_null(0), np.int64),
     }
     if fine is not None:
@@ -793,15 +1012,18 @@ def _frame(outputs: list[dict[str, Any]], table: str, symbols: Sequence[str]) ->
     if not frames:
         return pl.DataFrame()
     frame = pl.concat(frames, how="vertical_relaxed")
-    names = np.asarray(list(symbols), dtype=object)[frame["series"].to_numpy()]
-    return frame.with_columns(pl.Series("symbol", names, dtype=pl.String))
+    # Looked up inside polars: no Python string per row.
+    names = pl.Series("symbol", list(symbols), dtype=pl.String)
+    return frame.with_columns(names.gather(frame["series"]).alias("symbol"))
 
 
 def _decode_reasons(frame: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
     if frame.is_empty() or "reason_code" not in frame.columns:
         return frame
-    labels = np.asarray(list(names), dtype=object)[frame["reason_code"].to_numpy()]
-    return frame.with_columns(pl.Series("reason", labels, dtype=pl.String)).drop("reason_code")
+    labels = pl.Series("reason", list(names), dtype=pl.String)
+    return frame.with_columns(labels.gather(frame["reason_code"]).alias("reason")).drop(
+        "reason_code"
+    )
 
 
 def _tables(
@@ -890,6 +1112,103 @@ def _exact(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+# A float column of the core holds, for each exact decimal, its nearest double. A mantissa
+# below 2^49 at the column's decimals is then the only decimal that rounds to that double
+# (neighbours 10^-D apart are more than an ulp apart), so it is recovered exactly.
+_MAX_MANTISSA = float(2**49)
+_EXACT_SCALE = 12
+_FEE_DECIMALS = 8
+# Which grid fixes each exact column's decimals ("fee" columns are rounded to 8 decimals;
+# "pnl" columns are price x quantity differences less fees).
+_FILL_GRID = {"price": "price", "quantity": "qty", "fee": "fee", "pnl": "pnl"}
+_TRADE_GRID = {
+    "entry_price": "price",
+    "quantity": "qty",
+    "initial_stop": "price",
+    "risk_price": "price",
+    "pnl": "pnl",
+    "fees": "fee",
+}
+
+
+def _grid_decimals(rules: ExchangeRules, symbols: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+    """Return, per series, the decimals of each kind of exact column."""
+
+    def places(text: str) -> int:
+        return len(text.partition(".")[2])
+
+    price = np.array([places(rules.quantize_price(s, "1", "nearest")) for s in symbols])
+    qty = np.array([places(rules.quantize_qty(s, "1", market=True)) for s in symbols])
+    fee = np.full(len(symbols), _FEE_DECIMALS)
+    return {
+        "price": price,
+        "qty": qty,
+        "fee": fee,
+        "pnl": np.maximum(price + qty, fee),
+    }
+
+
+def _per_row(values: np.ndarray[Any, Any]) -> pl.Expr:
+    # A literal: a scalar when every row shares the value (one symbol, or one grid).
+    if values.size and (values == values[0]).all():
+        return pl.lit(values[0].item())
+    return pl.lit(pl.Series(values))
+
+
+def _exact_from_floats(
+    values: np.ndarray[Any, Any], decimals: np.ndarray[Any, Any]
+) -> pl.Series | None:
+    """Return the exact Decimal column behind ``values`` (NaN is null), or None if unproven.
+
+    ``decimals`` (per row) must be at least the decimals of every exact value, which the
+    grids guarantee. Every value must read back from its mantissa (numpy's division is the
+    correctly rounded one; polars may multiply by a reciprocal instead); when one does not,
+    the caller asks the core for the decimal text instead.
+    """
+    if decimals.size and int(decimals.max()) > _EXACT_SCALE:
+        return None
+    scale = 10.0 ** decimals.astype(np.float64)
+    missing = np.isnan(values)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mantissa = np.rint(values * scale)
+        proven = missing | ((np.abs(mantissa) < _MAX_MANTISSA) & (mantissa / scale == values))
+    if not proven.all():
+        return None
+    unit = _per_row(10 ** (_EXACT_SCALE - decimals.astype(np.int64))).cast(
+        pl.Decimal(38, 0)
+    ) * pl.lit(Decimal(1).scaleb(-_EXACT_SCALE), dtype=EXACT)
+    exact = (pl.col("m").cast(pl.Decimal(38, 0)) * unit).cast(EXACT)
+    if missing.any():
+        exact = pl.when(pl.col("missing")).then(None).otherwise(exact)
+    frame = pl.DataFrame(
+        {"m": np.where(missing, 0.0, mantissa).astype(np.int64), "missing": missing}
+    )
+    return frame.select(exact.alias("exact")).to_series()
+
+
+def _exact_columns(
+    frame: pl.DataFrame,
+    grids: Mapping[str, str],
+    decimals: Mapping[str, np.ndarray[Any, Any]],
+) -> pl.DataFrame | None:
+    # The float columns the core returns without detail, made exact (None: not provable).
+    if frame.is_empty():
+        return frame
+    series = frame["series"].to_numpy()
+    replaced = []
+    for name, grid in grids.items():
+        if name not in frame.columns:
+            continue
+        column = _exact_from_floats(
+            np.ascontiguousarray(frame[name].to_numpy(), dtype=np.float64),
+            decimals[grid][series],
+        )
+        if column is None:
+            return None
+        replaced.append(column.alias(name))
+    return frame.with_columns(replaced)
+
+
 def _order_symbols(klines: Sequence[pl.DataFrame]) -> list[str]:
     symbols = [str(k["symbol"][0]) for k in klines]
     seen: set[str] = set()
@@ -918,6 +1237,7 @@ def run_backtest(
     config: BacktestConfig | None = None,
     fine: Mapping[str, pl.DataFrame] | None = None,
     progress: ProgressCallback | None = None,
+    detail: bool = False,
 ) -> BacktestResult:
     """Replay klines through the Rust exit engine with one policy.
 
@@ -931,9 +1251,14 @@ def run_backtest(
         config: sizing, fees and the intrabar rule.
         fine: finer klines by symbol that resolve the order of each bar's high and low.
         progress: called with (jobs done, jobs total) as chunks finish.
+        detail: also return each fill's ``trigger_price`` and ``mark_price``, the stop after
+            every bar (``stops``) and the take-profit levels (``levels``), for charts and
+            audits. Without it (the default) the core builds no per-bar rows and no text:
+            the exact columns come from its float columns, proven exact per value (see
+            ``_exact_from_floats``), and ``stops``/``levels`` are empty.
 
     Returns:
-        Fills, trades, the summary and the chart data.
+        Fills, trades, the summary and, with ``detail``, the chart data.
 
     Raises:
         KlinesError: the klines do not fit together (a symbol twice, mixed intervals).
@@ -945,16 +1270,31 @@ def run_backtest(
     symbols = _order_symbols(frames)
     rules = _rules_for(rules, symbols)
     intents, one_per_symbol = _entries_for(frames, entries, strategy)
-    series = [
-        _prepare_series(k, intents, (fine or {}).get(s))
-        for k, s in zip(frames, symbols, strict=True)
-    ]
-    options = _core_options(config, one_per_symbol, detail=True)
+    series = _series_inputs(frames, symbols, intents, fine)
+    options = _core_options(config, one_per_symbol, detail=detail)
     outputs = _call_core(series, [policy], rules, options, progress)
     tables, evaluations = _tables(outputs, symbols)
-    fills = _arrange(_exact(tables["fills"]), _FILL_ORDER, {"time": "time_ms"})
+    fills = trades = None
+    if not detail:
+        decimals = _grid_decimals(rules, symbols)
+        fills = _exact_columns(tables["fills"], _FILL_GRID, decimals)
+        trades = _exact_columns(tables["trades"], _TRADE_GRID, decimals)
+    if fills is None or trades is None:
+        if not detail:
+            # A value the floats cannot prove (a huge PnL): the core's decimal text decides.
+            outputs = _call_core(
+                series, [policy], rules, {**options, "detail": True}, progress=None
+            )
+            tables = _tables(outputs, symbols)[0]
+            tables["fills"] = tables["fills"].drop(
+                "trigger_price_exact", "mark_price_exact", strict=False
+            )
+            tables["stops"] = tables["stops"].clear()
+            tables["levels"] = tables["levels"].clear()
+        fills, trades = _exact(tables["fills"]), _exact(tables["trades"])
+    fills = _arrange(fills, _FILL_ORDER, {"time": "time_ms"})
     trades = _arrange(
-        _exact(tables["trades"]),
+        trades,
         _TRADE_ORDER,
         {"entry_time": "entry_time_ms", "exit_time": "exit_time_ms"},
     )
@@ -1071,10 +1411,26 @@ def summarize(
             {"symbol": ["TOTAL"], "trades": [0], "win_rate": [None], "profit_factor": [None]},
             schema_overrides={"win_rate": pl.Float64, "profit_factor": pl.Float64},
         )
-    trades = trades.with_columns(pl.col("pnl", "fees").cast(pl.Float64))
-    fills = fills.with_columns(pl.col("pnl").cast(pl.Float64))
-    parts = []
+    # Only the columns the metrics read: the sorts below then move a few numbers per row,
+    # not every Decimal and text column of the tables.
+    trades = trades.select(*keys, "symbol", pl.col("pnl", "fees").cast(pl.Float64), "r_multiple")
+    fills = fills.select(
+        *keys,
+        "symbol",
+        "time_ms",
+        "trade",
+        "sequence",
+        "kind",
+        "reason",
+        pl.col("pnl").cast(pl.Float64),
+    )
+    parts: list[pl.DataFrame] = []
+    # One symbol: its rows are the TOTAL's, in the same order, so the same sums and curve.
+    one_symbol = trades["symbol"].n_unique() == 1 and fills["symbol"].n_unique() == 1
     for symbol_keys, label in ((["symbol"], None), ([], "TOTAL")):
+        if label is not None and one_symbol:
+            parts.append(parts[0].drop("symbol").with_columns(pl.lit(label).alias("symbol")))
+            continue
         group = [*keys, *symbol_keys]
         stats = trades.group_by(group).agg(
             pl.len().alias("trades"),
@@ -1234,10 +1590,7 @@ def run_grid(
     rules = _rules_for(rules, symbols)
     policies, values = grid_policies(base, grid)
     intents, one_per_symbol = _entries_for(frames, entries, strategy)
-    series = [
-        _prepare_series(k, intents, (fine or {}).get(s))
-        for k, s in zip(frames, symbols, strict=True)
-    ]
+    series = _series_inputs(frames, symbols, intents, fine)
     options = _core_options(config, one_per_symbol, detail=False)
     outputs = _call_core(series, policies, rules, options, progress)
     tables, evaluations = _tables(outputs, symbols)
@@ -1386,6 +1739,9 @@ def plot_symbol(
     klines: pl.DataFrame, result: BacktestResult, path: Path, *, max_bars: int = 20_000
 ) -> Path:
     """Draw one symbol's close price with every position's stop path and take-profit levels.
+
+    The stop path and the levels are those of a ``run_backtest(..., detail=True)`` result;
+    without detail the chart shows the price and the entries only.
 
     Long histories are cut to the last ``max_bars`` bars so the chart stays readable.
     """

@@ -358,6 +358,8 @@ def run(
             config=config,
             fine=fine,
             progress=update,
+            # The files keep each fill's trigger and mark price; charts need the stop path.
+            detail=True,
         )
     elapsed = time.perf_counter() - started
     written = bt.write_outputs(

@@ -559,6 +559,7 @@ async def replay_bars(legs: Sequence[Leg], tmp_path: Path, mode: str = "one-way"
         _rules(),
         entries=entries,
         config=BacktestConfig(notional_usd=Decimal(NOTIONAL), leverage=LEVERAGE),
+        detail=True,
     )
 
     # The venue's /time follows its own clock (frozen at m0 until stepped), so the daemon's

@@ -29,7 +29,11 @@ def test_worked_example_one_jump_to_take_profit_3(rules, example_policy):
         [(30000.0, 30130.0, 29990.0, 30130.0), (30370.0, 30380.0, 30360.0, 30370.0)]
     )
     result = bt.run_backtest(
-        bt.validate_klines(klines), example_policy, rules, entries=long_entry(ENTRY_BAR)
+        bt.validate_klines(klines),
+        example_policy,
+        rules,
+        entries=long_entry(ENTRY_BAR),
+        detail=True,
     )
     assert _fills(result) == [
         ("entry", "0.01", "30000."),
@@ -60,7 +64,9 @@ def test_worked_example_ratchet_stop(rules, example_policy):
             (30250.0, 30250.0, 29990.0, 29990.0),
         ]
     )
-    result = bt.run_backtest(klines, example_policy, rules, entries=long_entry(ENTRY_BAR))
+    result = bt.run_backtest(
+        klines, example_policy, rules, entries=long_entry(ENTRY_BAR), detail=True
+    )
     assert _fills(result) == [
         ("entry", "0.01", "30000."),
         ("take_profit_1", "0.003", "30120."),

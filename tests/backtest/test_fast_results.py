@@ -1,0 +1,168 @@
+"""The default (no detail) results: exact columns rebuilt from the core's floats, proven.
+
+``run_backtest`` without ``detail`` asks the core for no per-bar rows and no decimal text and
+rebuilds every exact column from its float column. These tests hold it to the tables the
+core's decimal text gives (``detail=True``), on every real symbol of tests/data/market.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+from backtest_helpers import EXAMPLE_POLICY
+
+from pyquant import _core
+from pyquant import backtest as bt
+
+MARKET = Path(__file__).parents[1] / "data" / "market"
+
+
+@pytest.fixture(scope="module")
+def real_klines(rules) -> list[pl.DataFrame]:
+    # MATICUSDT is delisted: the 2025 exchangeInfo has no rules for it.
+    known = set(rules.symbols())
+    return [
+        frame
+        for path in sorted(MARKET.glob("*_1m_*.parquet"))
+        for frame in bt.load_klines(path)
+        if frame["symbol"][0] in known
+    ]
+
+
+class _CoreCalls:
+    """Records the ``detail`` each call into the core asked for (one call per chunk)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.details: list[bool] = []
+        run = _core.backtest_run
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            self.details.append(bool(kwargs["detail"]))
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(bt._core, "backtest_run", spy)
+
+
+def _without_detail(result: bt.BacktestResult) -> bt.BacktestResult:
+    # What a detail run holds beyond the default: trigger and mark prices, stops, levels.
+    result.fills = result.fills.drop("trigger_price", "mark_price")
+    return result
+
+
+@pytest.mark.parametrize("preset", ["standard", "challenge", None])
+def test_fast_results_equal_the_decimal_text_on_every_real_symbol(
+    rules, real_klines, monkeypatch, preset
+):
+    policy = _core.ExitPolicy.preset(preset) if preset else _core.ExitPolicy(**EXAMPLE_POLICY)
+    calls = _CoreCalls(monkeypatch)
+    fast = bt.run_backtest(real_klines, policy, rules)
+    assert calls.details
+    assert not any(calls.details)
+    slow = _without_detail(bt.run_backtest(real_klines, policy, rules, detail=True))
+    assert fast.fills.height > 10_000
+    assert fast.fills.schema == slow.fills.schema
+    assert fast.fills.equals(slow.fills)
+    assert fast.trades.equals(slow.trades)
+    assert fast.summary.equals(slow.summary)
+    assert fast.skipped.equals(slow.skipped)
+    assert fast.evaluations == slow.evaluations
+    assert fast.stops.is_empty()
+    assert fast.levels.is_empty()
+    assert not slow.stops.is_empty()
+    assert not slow.levels.is_empty()
+    assert fast.fills["price"].dtype == bt.EXACT
+
+
+def test_sized_intents_on_both_sides_equal_the_decimal_text(rules, real_klines, monkeypatch):
+    # Intents with their own sizes (up to 5 million USDT: PnL with many digits) and leverage,
+    # both sides, several symbols interleaved in one unsorted frame.
+    rng = np.random.default_rng(14)
+    frames = [f for f in real_klines if f["symbol"][0] in ("BTCUSDT", "DOGEUSDT", "SOLUSDT")]
+    parts = []
+    for frame in frames:
+        times = rng.choice(frame["open_time"].to_numpy(), size=300, replace=False)
+        parts.append(
+            pl.DataFrame(
+                {
+                    "time_ms": times,
+                    "symbol": frame["symbol"][0],
+                    "side": rng.choice(["BUY", "SELL"], size=times.size),
+                    "confidence": rng.uniform(0.3, 0.9, size=times.size),
+                    "size_usd": pl.Series(
+                        rng.choice(["250", "1000.5", "5000000", ""], size=times.size)
+                    ).replace("", None),
+                    "leverage": rng.choice([1, 5, 20], size=times.size),
+                }
+            )
+        )
+    entries = pl.concat(parts).sample(fraction=1.0, shuffle=True, seed=3)
+    policy = _core.ExitPolicy(**EXAMPLE_POLICY)
+    calls = _CoreCalls(monkeypatch)
+    fast = bt.run_backtest(frames, policy, rules, entries=entries)
+    assert calls.details
+    assert not any(calls.details)
+    slow = _without_detail(bt.run_backtest(frames, policy, rules, entries=entries, detail=True))
+    assert fast.trades.height > 300
+    assert fast.fills.equals(slow.fills)
+    assert fast.trades.equals(slow.trades)
+    assert fast.summary.equals(slow.summary)
+    assert fast.fills["pnl"].abs().max() > Decimal(1000)
+
+
+def test_a_value_the_floats_cannot_prove_takes_the_decimal_text(rules, real_klines, monkeypatch):
+    # With no mantissa small enough to be proven, the core's text decides, and the result
+    # keeps the default's shape (no trigger or mark prices, no stops, no levels).
+    frames = real_klines[:2]
+    policy = _core.ExitPolicy(**EXAMPLE_POLICY)
+    expected = _without_detail(bt.run_backtest(frames, policy, rules, detail=True))
+    monkeypatch.setattr(bt, "_MAX_MANTISSA", 1.0)
+    calls = _CoreCalls(monkeypatch)
+    result = bt.run_backtest(frames, policy, rules)
+    assert calls.details[0] is False
+    assert calls.details[-1] is True
+    assert result.fills.equals(expected.fills)
+    assert result.trades.equals(expected.trades)
+    assert result.stops.is_empty()
+    assert result.levels.is_empty()
+
+
+def test_exact_from_floats_proves_each_value_or_gives_up():
+    decimals = np.array([1, 1, 8, 3])
+    column = bt._exact_from_floats(np.array([30120.1, np.nan, 0.30147501, -0.007]), decimals)
+    assert column is not None
+    assert column.dtype == bt.EXACT
+    assert column.to_list() == [
+        Decimal("30120.1"),
+        None,
+        Decimal("0.30147501"),
+        Decimal("-0.007"),
+    ]
+    # More decimals than the grid allows: not the value of any mantissa, so no answer.
+    assert bt._exact_from_floats(np.array([30120.15]), np.array([1])) is None
+    # Too many digits to tell neighbouring decimals apart from their doubles.
+    assert bt._exact_from_floats(np.array([123456789.12345678]), np.array([8])) is None
+    # Beyond the 12 decimals of the result columns.
+    assert bt._exact_from_floats(np.array([1e-13]), np.array([13])) is None
+
+
+def test_one_symbol_total_is_the_general_total(rules, real_klines):
+    # With one symbol the TOTAL row is copied from the symbol's row; the general path (a
+    # second policy on another symbol alongside) must give policy 0 the very same rows.
+    [frame] = [f for f in real_klines if f["symbol"][0] == "ETHUSDT"]
+    result = bt.run_backtest(frame, _core.ExitPolicy(**EXAMPLE_POLICY), rules)
+    alone = bt.summarize(result.fills, result.trades)
+
+    def twice(table: pl.DataFrame) -> pl.DataFrame:
+        other = table.with_columns(
+            pl.lit(1, dtype=pl.UInt32).alias("policy"), pl.lit("OTHERUSDT").alias("symbol")
+        )
+        return pl.concat([table, other])
+
+    general = bt.summarize(twice(result.fills), twice(result.trades))
+    assert alone.height == 2
+    assert general.filter(pl.col("policy") == 0).equals(alone)

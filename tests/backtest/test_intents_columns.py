@@ -1,0 +1,142 @@
+"""load_intents reads plain lines as columns: the same intents and errors as line by line.
+
+The reference is the per-line reader (``parse_intent`` on each ``json.loads``), which every
+line that is not plain, and every plain line the column checks refuse, still goes through.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pyquant import backtest as bt
+
+T = 1_700_000_000_000
+
+
+def _reference(path: Path) -> pl.DataFrame:
+    rows = [
+        bt._intent_row(path, number, line)
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+    ]
+    return bt._intent_frame([row for row in rows if row is not None])
+
+
+def _outcome(load, path: Path) -> pl.DataFrame | str:
+    try:
+        return load(path)
+    except bt.KlinesError as exc:
+        return f"error: {exc}"
+
+
+def _same(path: Path) -> pl.DataFrame | str:
+    got, expected = _outcome(bt.load_intents, path), _outcome(_reference, path)
+    if isinstance(expected, str):
+        assert got == expected
+    else:
+        assert isinstance(got, pl.DataFrame), got
+        assert got.schema == expected.schema
+        assert got.to_dicts() == expected.to_dicts()
+    return got
+
+
+PLAIN = [
+    {"id": "a-1", "time": T, "symbol": "BTCUSDT", "side": "BUY", "confidence": 0.7},
+    {"time": T + 1, "symbol": "ethusdt", "side": "short", "confidence": 0.25},
+    {"time": 1_700_000_002, "symbol": "SOLUSDT", "side": "LONG"},  # seconds, no confidence
+    {"created_at_ms": T + 3, "time": 5, "symbol": "XRPUSDT", "side": "SELL", "leverage": 20},
+    {"timestamp": 1.7e12, "symbol": "BTCUSDT", "side": "BUY", "confidence": 1, "leverage": 3.0},
+    {"id": "x", "intent_id": 7, "time": T, "symbol": "BTCUSDT", "side": "BUY", "source": "s"},
+    {"ts": 5, "timestamp": T + 9, "symbol": "DOGEUSDT", "side": "BUY", "confidence": None},
+]
+
+# Each is appended to the plain lines: a line the columns must get right, or send on.
+TRICKY = [
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "UP"}',
+    '{"time": 1700000000000, "symbol": "B", "side": "BUY"}',
+    '{"time": 1700000000000, "symbol": 55, "side": "BUY"}',
+    '{"time": 1700000000000, "symbol": true, "side": "BUY"}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "side": "UP"}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "UP", "side": "BUY"}',
+    '{"symbol": "BTCUSDT", "side": "BUY"}',
+    '{"ts": 1700000000000, "symbol": "BTCUSDT", "side": "BUY"}',
+    '{"created_at_ms": null, "time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY"}',
+    '{"id": null, "time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY"}',
+    '{"id": 12, "time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY"}',
+    '{"id": "has space", "time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY"}',
+    '{"id": "' + "i" * 65 + '", "time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY"}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "confidence": 1.5}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "confidence": -0.0}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "confidence": "0.7"}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "confidence": 1e999}',
+    '{"time": 0.00001, "symbol": "BTCUSDT", "side": "BUY"}',
+    '{"time": 253402300800000, "symbol": "BTCUSDT", "side": "BUY"}',
+    '{"time": 99999999999.9, "symbol": "BTCUSDT", "side": "BUY"}',
+    '{"time": "1700000000000", "symbol": "BTCUSDT", "side": "BUY"}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "leverage": 126}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "leverage": 2.5}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "leverage": 0}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "size_usd": 250.123456789}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "size_usd": "1e3"}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "size_usd": null}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "note": [1, 2]}',
+    '{"time": 1700000000000, "symbol": "BTC\\u0055SDT", "side": "BUY"}',
+    '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY"',
+    "[1, 2]",
+    "   ",
+    "# a comment",
+    '  {"time":1700000000000,"symbol":"BTCUSDT","side":"BUY"}\t',
+]
+
+
+@pytest.mark.parametrize("tricky", TRICKY)
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_columns_give_what_parse_intent_gives(tmp_path, tricky, ending):
+    path = tmp_path / "intents.jsonl"
+    lines = [json.dumps(p) for p in PLAIN]
+    path.write_text(ending.join([*lines[:3], tricky, *lines[3:]]) + ending, encoding="utf-8")
+    _same(path)
+
+
+def test_a_plain_file_is_read_whole(tmp_path):
+    path = tmp_path / "intents.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in PLAIN), encoding="utf-8")  # no final \n
+    frame = _same(path)
+    assert isinstance(frame, pl.DataFrame)
+    assert frame.height == len(PLAIN)
+    assert sorted(frame["intent_id"].to_list()) == sorted(
+        ["a-1", "line-2", "line-3", "line-4", "line-5", "x", "line-7"]
+    )
+
+
+@pytest.mark.parametrize("brk", ["\u2028", "\x85", "\x0b", "\x1e", "\r"])
+def test_other_line_breaks_number_lines_as_splitlines_does(tmp_path, brk):
+    path = tmp_path / "intents.jsonl"
+    good = json.dumps(PLAIN[0])
+    path.write_bytes((good + brk + '{"time": 1, "symbol": "BTCUSDT", "side": "UP"}\n').encode())
+    assert _same(path) == (
+        f"error: {path}:2: intent field 'side' was 'UP': must be BUY or SELL (LONG or SHORT)"
+    )
+
+
+def test_numbers_beyond_a_double_take_the_line_path(tmp_path):
+    path = tmp_path / "intents.jsonl"
+    digits = "9" * 400
+    path.write_text(
+        json.dumps(PLAIN[0]) + "\n"
+        f'{{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "confidence": 0.{digits}}}\n'
+        f'{{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "leverage": {digits}}}\n'
+    )
+    assert str(_same(path)).startswith(f"error: {path}:3: intent field 'leverage'")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "# only a comment\n", "  \r\n"])
+def test_a_file_without_intents_gives_an_empty_frame(tmp_path, content):
+    path = tmp_path / "intents.jsonl"
+    path.write_bytes(content.encode())
+    frame = _same(path)
+    assert isinstance(frame, pl.DataFrame)
+    assert frame.is_empty()
