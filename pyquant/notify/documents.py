@@ -129,29 +129,38 @@ class DocumentMaker:
 
     def from_order(self, row: Any) -> Document:  # noqa: ANN401 - pyquant.store.OrderRow
         """The document of one order change (``TradingDesk.router.on_order_change``)."""
-        params: Mapping[str, str] = row.params
-        payload: dict[str, object] = {
-            "client_order_id": row.client_order_id,
-            "side": row.side,
-            "position_side": params.get("positionSide", row.position_side),
-            "order_type": params.get("type", ""),
-            "quantity": params.get("quantity", "0"),
-            "status": row.status,
-            "reason": row.reason,
-            "kind": row.kind,
-            "executed_qty": row.executed_qty,
-        }
-        if params.get("price"):
-            payload["price"] = params["price"]
-        trigger = params.get("triggerPrice") or params.get("stopPrice")
-        if trigger:
-            payload["stop_price"] = trigger
-        if params.get("closePosition") == "true":
-            payload["close_position"] = True
-        if row.error_code is not None:
-            payload["error_code"] = row.error_code
-            payload["error_msg"] = row.error_msg
-        return self.make("order", row.symbol, payload)
+        return self.make("order", row.symbol, order_payload(row))
+
+
+def order_payload(row: Any) -> dict[str, object]:  # noqa: ANN401 - pyquant.store.OrderRow
+    """The ``order`` payload of the events stream for one stored order change.
+
+    The one mapping from an order row to its event: the Redis events stream
+    (``pyquant.scale.membership``) and the notifiers both use it.
+    """
+    params: Mapping[str, str] = row.params
+    payload: dict[str, object] = {
+        "client_order_id": row.client_order_id,
+        "side": row.side,
+        "position_side": params.get("positionSide", row.position_side),
+        "order_type": params.get("type", ""),
+        "quantity": params.get("quantity", "0"),
+        "status": row.status,
+        "reason": row.reason,
+        "kind": row.kind,
+        "executed_qty": row.executed_qty,
+    }
+    if params.get("price"):
+        payload["price"] = params["price"]
+    trigger = params.get("triggerPrice") or params.get("stopPrice")
+    if trigger:
+        payload["stop_price"] = trigger
+    if params.get("closePosition") == "true":
+        payload["close_position"] = True
+    if row.error_code is not None:
+        payload["error_code"] = row.error_code
+        payload["error_msg"] = row.error_msg
+    return payload
 
 
 def _str(value: object) -> str | None:

@@ -47,6 +47,7 @@ from typing import Any, Final
 import orjson
 
 from pyquant.errors import ExchangeError, PyquantError
+from pyquant.notify.documents import order_payload
 from pyquant.scale.bus import IntentSinkLike, RedisBus, RedisBusConfig
 from pyquant.scale.events import REDIS_DOWN_ERRORS, EventPublisher
 from pyquant.scale.limits import AccountLedger, LedgerLimits
@@ -529,29 +530,7 @@ class Membership:
     # ------------------------------------------------------------------ events
 
     def _publish_order(self, row: OrderRow) -> None:
-        params = row.params
-        payload: dict[str, object] = {
-            "client_order_id": row.client_order_id,
-            "side": row.side,
-            "position_side": params.get("positionSide", row.position_side),
-            "order_type": params.get("type", ""),
-            "quantity": params.get("quantity", "0"),
-            "status": row.status,
-            "reason": row.reason,
-            "kind": row.kind,
-            "executed_qty": row.executed_qty,
-        }
-        if params.get("price"):
-            payload["price"] = params["price"]
-        trigger = params.get("triggerPrice") or params.get("stopPrice")
-        if trigger:
-            payload["stop_price"] = trigger
-        if params.get("closePosition") == "true":
-            payload["close_position"] = True
-        if row.error_code is not None:
-            payload["error_code"] = row.error_code
-            payload["error_msg"] = row.error_msg
-        self.events.publish("order", symbol=row.symbol, payload=payload)
+        self.events.publish("order", symbol=row.symbol, payload=order_payload(row))
 
     def _publish_note(self, note: dict[str, object]) -> None:
         self._ledger_note(note)
