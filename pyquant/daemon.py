@@ -69,7 +69,7 @@ from pyquant.metrics import FeedStatus, Metrics, Status
 from pyquant.notify import hook as notify_hook
 from pyquant.store import Store, secure_state_dir
 from pyquant.trading.desk import DeskConfig, TradingDesk
-from pyquant.trading.guard import GuardConfig, GuardDecision, PositionGuard
+from pyquant.trading.guard import GuardConfig, GuardDecision
 from pyquant.trading.intents import Intent
 from pyquant.trading.killswitch import sweep_orphan_stops
 from pyquant.trading.marks import MarkCache
@@ -238,12 +238,6 @@ class Intake:
                     pending,
                     f"symbol {intent.symbol} was taken over and is not reconciled yet",
                 )
-        # Duplicates, halts and stale intents are refused before any REST call for sizing
-        # (a desk stand-in without a guard, as tests use, decides everything itself).
-        guard: PositionGuard | None = getattr(self.desk, "guard", None)
-        early = guard.refuse_early(intent, payload=payload) if guard is not None else None
-        if early is not None:
-            return early
         task = asyncio.current_task()
         if task is not None:
             self.in_flight.add(task)
