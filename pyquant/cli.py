@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flatten": ("pyquant.daemon_cli", "kill switch: halt entries, close every position, cancel"),
     "resume": ("pyquant.daemon_cli", "clear the kill switch's halt: entries are taken again"),
     "sim": ("pyquant.sim.cli", "serve the built-in Binance-compatible futures simulator"),
-    "backtest": ("pyquant.backtest_cli", "replay history through the exit engine"),
+    "backtest": ("pyquant.backtest.cli", "replay history through the exit engine"),
     "doctor": ("pyquant.doctor", "check an account and its venue before trading on it"),
     "data": ("pyquant.data.cli", "download klines and exchange info for backtests"),
     "notify": ("pyquant.notify.cli", "test the notification targets ([notify] in the config)"),

@@ -11,7 +11,7 @@ import pytest
 from backtest_helpers import INFO
 
 from pyquant.backtest import load_klines, run_backtest
-from pyquant.backtest_cli import run_command
+from pyquant.backtest.cli import run_command
 from pyquant.cli import main
 from pyquant.errors import UnknownSymbolError
 
@@ -234,7 +234,7 @@ def test_without_matplotlib_the_tables_are_written_and_plot_is_refused(tmp_path)
     script = (
         "import sys\n"
         "sys.modules['matplotlib'] = None  # import matplotlib -> ImportError\n"
-        "from pyquant.backtest_cli import run_command\n"
+        "from pyquant.backtest.cli import run_command\n"
         f"args = ['--data', {str(data)!r}, '--out', {str(tmp_path / 'out')!r}]\n"
         "assert run_command('backtest', args) == 0\n"
         "sys.exit(run_command('backtest', [*args, '--plot']))\n"

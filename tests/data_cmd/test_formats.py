@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from pyquant.backtest import KlinesError, load_data
-from pyquant.backtest_cli import run_command
+from pyquant.backtest.cli import run_command
 
 FIXTURES = Path(__file__).with_name("fixtures")
 FREQTRADE = FIXTURES / "freqtrade" / "user_data" / "data" / "binance" / "futures"

@@ -98,7 +98,7 @@ _DAY_MS = 86_400_000
 # The real exchangeInfo snapshot the simulator ships with (its SOURCES.md says where it is
 # from): the default filters of a backtest, so no network and no extra file are needed.
 BUNDLED_EXCHANGE_INFO = (
-    Path(__file__).with_name("sim") / "data" / "exchangeInfo_fapi_2025-11-26.json.gz"
+    Path(__file__).parent.parent / "sim" / "data" / "exchangeInfo_fapi_2025-11-26.json.gz"
 )
 # Decimal(38, 12) holds every price, quantity, fee (rounded to 8 dp) and PnL exactly.
 EXACT = pl.Decimal(38, 12)
