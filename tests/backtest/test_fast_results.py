@@ -18,6 +18,8 @@ from backtest_helpers import EXAMPLE_POLICY
 
 from pyquant import _core
 from pyquant import backtest as bt
+from pyquant.backtest import reporting as bt_reporting
+from pyquant.backtest import running as bt_running
 
 MARKET = Path(__file__).parents[1] / "data" / "market"
 
@@ -45,7 +47,7 @@ class _CoreCalls:
             self.details.append(bool(kwargs["detail"]))
             return run(*args, **kwargs)
 
-        monkeypatch.setattr(bt._core, "backtest_run", spy)
+        monkeypatch.setattr(bt_running._core, "backtest_run", spy)
 
 
 def _without_detail(result: bt.BacktestResult) -> bt.BacktestResult:
@@ -120,7 +122,7 @@ def test_a_value_the_floats_cannot_prove_takes_the_decimal_text(rules, real_klin
     frames = real_klines[:2]
     policy = _core.ExitPolicy(**EXAMPLE_POLICY)
     expected = _without_detail(bt.run_backtest(frames, policy, rules, detail=True))
-    monkeypatch.setattr(bt, "_MAX_MANTISSA", 1.0)
+    monkeypatch.setattr(bt_reporting, "_MAX_MANTISSA", 1.0)
     calls = _CoreCalls(monkeypatch)
     result = bt.run_backtest(frames, policy, rules)
     assert calls.details[0] is False
@@ -133,7 +135,9 @@ def test_a_value_the_floats_cannot_prove_takes_the_decimal_text(rules, real_klin
 
 def test_exact_from_floats_proves_each_value_or_gives_up():
     decimals = np.array([1, 1, 8, 3])
-    column = bt._exact_from_floats(np.array([30120.1, np.nan, 0.30147501, -0.007]), decimals)
+    column = bt_reporting._exact_from_floats(
+        np.array([30120.1, np.nan, 0.30147501, -0.007]), decimals
+    )
     assert column is not None
     assert column.dtype == bt.EXACT
     assert column.to_list() == [
@@ -143,11 +147,11 @@ def test_exact_from_floats_proves_each_value_or_gives_up():
         Decimal("-0.007"),
     ]
     # More decimals than the grid allows: not the value of any mantissa, so no answer.
-    assert bt._exact_from_floats(np.array([30120.15]), np.array([1])) is None
+    assert bt_reporting._exact_from_floats(np.array([30120.15]), np.array([1])) is None
     # Too many digits to tell neighbouring decimals apart from their doubles.
-    assert bt._exact_from_floats(np.array([123456789.12345678]), np.array([8])) is None
+    assert bt_reporting._exact_from_floats(np.array([123456789.12345678]), np.array([8])) is None
     # Beyond the 12 decimals of the result columns.
-    assert bt._exact_from_floats(np.array([1e-13]), np.array([13])) is None
+    assert bt_reporting._exact_from_floats(np.array([1e-13]), np.array([13])) is None
 
 
 def test_one_symbol_total_is_the_general_total(rules, real_klines):

@@ -13,16 +13,17 @@ import polars as pl
 import pytest
 
 from pyquant import backtest as bt
+from pyquant.backtest import loading as bt_loading
 
 T = 1_700_000_000_000
 
 
 def _reference(path: Path) -> pl.DataFrame:
     rows = [
-        bt._intent_row(path, number, line)
+        bt_loading._intent_row(path, number, line)
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
     ]
-    return bt._intent_frame([row for row in rows if row is not None])
+    return bt_loading._intent_frame([row for row in rows if row is not None])
 
 
 def _outcome(load, path: Path) -> pl.DataFrame | str:

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from pyquant import backtest as bt
+from pyquant.errors import ConfigError
 
 MARKET = Path(__file__).parents[1] / "data" / "market"
 MINUTE = 60_000
@@ -225,7 +226,7 @@ def test_momentum24h_gives_no_signal_across_a_gap():
 def test_parse_grid():
     grid = bt.parse_grid(["stop_atr=1.5,2,3", "time_stop_ms=none,3600000"])
     assert grid == {"stop_atr": [1.5, 2, 3], "time_stop_ms": [None, 3600000]}
-    with pytest.raises(bt.ConfigError, match="must look like name=v1,v2"):
+    with pytest.raises(ConfigError, match="must look like name=v1,v2"):
         bt.parse_grid(["stop_atr"])
-    with pytest.raises(bt.ConfigError, match="given twice"):
+    with pytest.raises(ConfigError, match="given twice"):
         bt.parse_grid(["a=1", "a=2"])

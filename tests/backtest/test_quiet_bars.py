@@ -20,6 +20,7 @@ from backtest_helpers import EXAMPLE_POLICY, INFO
 
 from pyquant import _core
 from pyquant import backtest as bt
+from pyquant.backtest import running as bt_running
 
 MARKET = Path(__file__).parents[1] / "data" / "market"
 # Every symbol with klines that the exchange-info snapshot still lists (MATICUSDT is gone).
@@ -61,8 +62,8 @@ def _compare(fast: dict, slow: dict) -> None:
 def test_quiet_bars_change_no_decision_on_real_klines(rules, symbol):
     [frame] = bt.load_klines(MARKET / f"{symbol}_1m_last.parquet")
     frame = frame.head(ROWS)
-    intents, one = bt._entries_for([frame], None, None)
-    sparse = bt._prepare_series(frame, intents, None).arrays
+    intents, one = bt_running._entries_for([frame], None, None)
+    sparse = bt_running._prepare_series(frame, intents, None).arrays
     times = sparse["open_time"]
     n = len(times)
     dense = {
@@ -74,7 +75,7 @@ def test_quiet_bars_change_no_decision_on_real_klines(rules, symbol):
         "entry_leverage": np.zeros(n, dtype=np.int64),
     }
     policies = [_core.ExitPolicy(**fields) for fields in POLICIES.values()]
-    options = bt._core_options(bt.BacktestConfig(), one, detail=True)
+    options = bt_running._core_options(bt.BacktestConfig(), one, detail=True)
     quiet = evaluations = 0
     for series in (sparse, dense):
         fast = _core.backtest_run([series], policies, rules, **options)

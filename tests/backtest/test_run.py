@@ -11,6 +11,7 @@ from backtest_helpers import EXAMPLE_POLICY, MINUTE, T0, long_entry, synthetic_k
 
 from pyquant import _core
 from pyquant import backtest as bt
+from pyquant.backtest import running as bt_running
 from pyquant.errors import ConfigError, PolicyError
 
 ENTRY_BAR = T0 + 20 * MINUTE
@@ -273,9 +274,9 @@ def test_skipping_quiet_marks_changes_no_decision(rules, preset):
         if preset
         else _core.ExitPolicy(**{**EXAMPLE_POLICY, "max_hold_ms": 3_600_000})
     )
-    intents, one = bt._entries_for([frame], None, None)
-    series = bt._prepare_series(frame, intents, None)
-    options = bt._core_options(bt.BacktestConfig(), one, detail=True)
+    intents, one = bt_running._entries_for([frame], None, None)
+    series = bt_running._prepare_series(frame, intents, None)
+    options = bt_running._core_options(bt.BacktestConfig(), one, detail=True)
     fast = _core.backtest_run([series.arrays], [policy], rules, **options)
     slow = _core.backtest_run([series.arrays], [policy], rules, **options, exhaustive=True)
     assert fast["evaluations"] == slow["evaluations"] > 1000

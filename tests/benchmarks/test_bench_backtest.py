@@ -21,6 +21,7 @@ import pytest
 
 from pyquant import _core
 from pyquant import backtest as bt
+from pyquant.backtest import running as bt_running
 
 sys.path.insert(0, str(Path(__file__).parent))
 import backtest_baseline as baseline
@@ -90,9 +91,9 @@ def _python_run(frame: pl.DataFrame, info: dict, policy) -> tuple[list, int]:
 
 
 def _core_inputs(frames: list[pl.DataFrame]) -> tuple[list[dict], dict]:
-    intents, one_per_symbol = bt._entries_for(frames, None, None)
-    series = [bt._prepare_series(f, intents, None).arrays for f in frames]
-    return series, bt._core_options(CONFIG, one_per_symbol, detail=False)
+    intents, one_per_symbol = bt_running._entries_for(frames, None, None)
+    series = [bt_running._prepare_series(f, intents, None).arrays for f in frames]
+    return series, bt_running._core_options(CONFIG, one_per_symbol, detail=False)
 
 
 SYMBOLS = ("ETHUSDT", "BTCUSDT", "SOLUSDT", "XRPUSDT")

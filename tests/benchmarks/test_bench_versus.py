@@ -47,6 +47,8 @@ import pytest
 
 from pyquant import _core
 from pyquant import backtest as bt
+from pyquant.backtest import loading as bt_loading
+from pyquant.backtest import running as bt_running
 
 SYMBOL = "BTCUSDT"
 NOTIONAL = 1000.0
@@ -141,11 +143,11 @@ class Workload:
         self.entries = pl.concat([_entries(k, self.every) for k in self.klines])
         self.bars = series * bars
         self.policy = _core.ExitPolicy(**POLICY)
-        intents, one = bt._entries_for(self.klines, self.entries, None)
+        intents, one = bt_running._entries_for(self.klines, self.entries, None)
         self.series = [
-            s.arrays for s in bt._series_inputs(self.klines, self.symbols, intents, None)
+            s.arrays for s in bt_running._series_inputs(self.klines, self.symbols, intents, None)
         ]
-        self.options = bt._core_options(CONFIG, one, detail=False)
+        self.options = bt_running._core_options(CONFIG, one, detail=False)
 
 
 def _grids(rules: Any, count: int) -> list[tuple[str, float, float]]:
@@ -406,8 +408,8 @@ def test_bench_load_intents(benchmark, tmp_path, reader):
 
     def per_line() -> pl.DataFrame:
         text = path.read_text(encoding="utf-8").splitlines()
-        rows = [bt._intent_row(path, n, line) for n, line in enumerate(text, start=1)]
-        return bt._intent_frame([r for r in rows if r is not None])
+        rows = [bt_loading._intent_row(path, n, line) for n, line in enumerate(text, start=1)]
+        return bt_loading._intent_frame([r for r in rows if r is not None])
 
     run = (lambda: bt.load_intents(path)) if reader == "load_intents" else per_line
     frame = benchmark.pedantic(run, rounds=3 if reader == "load_intents" else 1, iterations=1)

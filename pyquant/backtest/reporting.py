@@ -1,0 +1,603 @@
+"""Backtest results: the core's columns as exact tables, metrics, files and charts.
+
+Builds the fills and trades tables (exact Decimal columns recovered from the core's floats
+where provable, else from its decimal text), the per-symbol summary, the equity curve, the
+charts and the files a run writes. It takes no exit decision and calls no replay: it only
+reads what ``running`` produced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from pyquant.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyquant._core import ExchangeRules, ExitPolicy
+    from pyquant.backtest.running import BacktestConfig, BacktestResult
+
+
+# Decimal(38, 12) holds every price, quantity, fee (rounded to 8 dp) and PnL exactly.
+EXACT = pl.Decimal(38, 12)
+
+
+def _frame(outputs: list[dict[str, Any]], table: str, symbols: Sequence[str]) -> pl.DataFrame:
+    frames = []
+    for out in outputs:
+        frame = pl.DataFrame(out["raw"][table])
+        if not frame.columns:
+            continue
+        frame = frame.with_columns(
+            (pl.col("series").cast(pl.UInt32) + out["series0"]).alias("series"),
+            (pl.col("policy").cast(pl.UInt32) + out["policy0"]).alias("policy"),
+        )
+        frames.append(frame)
+    if not frames:
+        return pl.DataFrame()
+    frame = pl.concat(frames, how="vertical_relaxed")
+    # Looked up inside polars: no Python string per row.
+    names = pl.Series("symbol", list(symbols), dtype=pl.String)
+    return frame.with_columns(names.gather(frame["series"]).alias("symbol"))
+
+
+def _decode_reasons(frame: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
+    if frame.is_empty() or "reason_code" not in frame.columns:
+        return frame
+    labels = pl.Series("reason", list(names), dtype=pl.String)
+    return frame.with_columns(labels.gather(frame["reason_code"]).alias("reason")).drop(
+        "reason_code"
+    )
+
+
+def _tables(
+    outputs: list[dict[str, Any]], symbols: Sequence[str]
+) -> tuple[dict[str, pl.DataFrame], int]:
+    names: list[str] = list(outputs[0]["raw"]["reason_names"]) if outputs else []
+    tables = {}
+    for table in ("fills", "trades", "stops", "levels", "skipped"):
+        tables[table] = _decode_reasons(_frame(outputs, table, symbols), names)
+    fills = tables["fills"]
+    if not fills.is_empty():
+        tables["fills"] = fills.with_columns(
+            pl.when(pl.col("reason") == "entry")
+            .then(pl.lit("entry"))
+            .otherwise(pl.lit("exit"))
+            .alias("kind")
+        )
+    evaluations = sum(int(out["raw"]["evaluations"]) for out in outputs)
+    return tables, evaluations
+
+
+_FILL_ORDER = (
+    "symbol",
+    "trade",
+    "sequence",
+    "kind",
+    "reason",
+    "time",
+    "side",
+    "price",
+    "quantity",
+    "fee",
+    "pnl",
+    "r",
+    "trigger_price",
+    "mark_price",
+    "time_ms",
+    "series",
+    "policy",
+)
+_TRADE_ORDER = (
+    "symbol",
+    "trade",
+    "side",
+    "entry_time",
+    "exit_time",
+    "entry_price",
+    "quantity",
+    "initial_stop",
+    "risk_price",
+    "risk_usd",
+    "pnl",
+    "fees",
+    "r_multiple",
+    "reason",
+    "bars_held",
+    "confidence",
+    "entry_time_ms",
+    "exit_time_ms",
+    "series",
+    "policy",
+)
+
+
+def _arrange(frame: pl.DataFrame, order: Sequence[str], times: Mapping[str, str]) -> pl.DataFrame:
+    if frame.is_empty():
+        return frame
+    frame = frame.with_columns(
+        pl.col(src).cast(pl.Datetime("ms", "UTC")).alias(dst) for dst, src in times.items()
+    )
+    return frame.select([c for c in order if c in frame.columns])
+
+
+def _exact(frame: pl.DataFrame) -> pl.DataFrame:
+    # The core returns exact decimal strings next to the float columns; the files keep the
+    # exact ones (Decimal) under the plain names and drop the float copies.
+    exact = [c for c in frame.columns if c.endswith("_exact")]
+    if not exact:
+        return frame
+    return (
+        frame.drop(
+            [c.removesuffix("_exact") for c in exact if c.removesuffix("_exact") in frame.columns]
+        )
+        .with_columns(pl.col(c).cast(EXACT).alias(c.removesuffix("_exact")) for c in exact)
+        .drop(exact)
+    )
+
+
+# A float column of the core holds, for each exact decimal, its nearest double. A mantissa
+# below 2^49 at the column's decimals is then the only decimal that rounds to that double
+# (neighbours 10^-D apart are more than an ulp apart), so it is recovered exactly.
+_MAX_MANTISSA = float(2**49)
+_EXACT_SCALE = 12
+_FEE_DECIMALS = 8
+# Which grid fixes each exact column's decimals ("fee" columns are rounded to 8 decimals;
+# "pnl" columns are price x quantity differences less fees).
+_FILL_GRID = {"price": "price", "quantity": "qty", "fee": "fee", "pnl": "pnl"}
+_TRADE_GRID = {
+    "entry_price": "price",
+    "quantity": "qty",
+    "initial_stop": "price",
+    "risk_price": "price",
+    "pnl": "pnl",
+    "fees": "fee",
+}
+
+
+def _grid_decimals(rules: ExchangeRules, symbols: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+    """Return, per series, the decimals of each kind of exact column."""
+
+    def places(text: str) -> int:
+        return len(text.partition(".")[2])
+
+    price = np.array([places(rules.quantize_price(s, "1", "nearest")) for s in symbols])
+    qty = np.array([places(rules.quantize_qty(s, "1", market=True)) for s in symbols])
+    fee = np.full(len(symbols), _FEE_DECIMALS)
+    return {
+        "price": price,
+        "qty": qty,
+        "fee": fee,
+        "pnl": np.maximum(price + qty, fee),
+    }
+
+
+def _per_row(values: np.ndarray[Any, Any]) -> pl.Expr:
+    # A literal: a scalar when every row shares the value (one symbol, or one grid).
+    if values.size and (values == values[0]).all():
+        return pl.lit(values[0].item())
+    return pl.lit(pl.Series(values))
+
+
+def _exact_from_floats(
+    values: np.ndarray[Any, Any], decimals: np.ndarray[Any, Any]
+) -> pl.Series | None:
+    """Return the exact Decimal column behind ``values`` (NaN is null), or None if unproven.
+
+    ``decimals`` (per row) must be at least the decimals of every exact value, which the
+    grids guarantee. Every value must read back from its mantissa (numpy's division is the
+    correctly rounded one; polars may multiply by a reciprocal instead); when one does not,
+    the caller asks the core for the decimal text instead.
+    """
+    if decimals.size and int(decimals.max()) > _EXACT_SCALE:
+        return None
+    scale = 10.0 ** decimals.astype(np.float64)
+    missing = np.isnan(values)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mantissa = np.rint(values * scale)
+        proven = missing | ((np.abs(mantissa) < _MAX_MANTISSA) & (mantissa / scale == values))
+    if not proven.all():
+        return None
+    unit = _per_row(10 ** (_EXACT_SCALE - decimals.astype(np.int64))).cast(
+        pl.Decimal(38, 0)
+    ) * pl.lit(Decimal(1).scaleb(-_EXACT_SCALE), dtype=EXACT)
+    exact = (pl.col("m").cast(pl.Decimal(38, 0)) * unit).cast(EXACT)
+    if missing.any():
+        exact = pl.when(pl.col("missing")).then(None).otherwise(exact)
+    frame = pl.DataFrame(
+        {"m": np.where(missing, 0.0, mantissa).astype(np.int64), "missing": missing}
+    )
+    return frame.select(exact.alias("exact")).to_series()
+
+
+def _exact_columns(
+    frame: pl.DataFrame,
+    grids: Mapping[str, str],
+    decimals: Mapping[str, np.ndarray[Any, Any]],
+) -> pl.DataFrame | None:
+    # The float columns the core returns without detail, made exact (None: not provable).
+    if frame.is_empty():
+        return frame
+    series = frame["series"].to_numpy()
+    replaced = []
+    for name, grid in grids.items():
+        if name not in frame.columns:
+            continue
+        column = _exact_from_floats(
+            np.ascontiguousarray(frame[name].to_numpy(), dtype=np.float64),
+            decimals[grid][series],
+        )
+        if column is None:
+            return None
+        replaced.append(column.alias(name))
+    return frame.with_columns(replaced)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+_METRIC_NAMES = (
+    "trades",
+    "win_rate",
+    "profit_factor",
+    "expectancy_r",
+    "net_pnl",
+    "fees",
+    "max_drawdown",
+)
+
+
+def _drawdown(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    # Realized equity moves at every fill (the entry pays its fee, each exit books its PnL);
+    # the drawdown is the deepest fall of that curve from its running peak (peak starts at 0).
+    equity = (
+        frame.sort([*keys, "time_ms", "trade", "sequence"])
+        .with_columns(pl.col("pnl").cast(pl.Float64).cum_sum().over(keys).alias("equity"))
+        .with_columns(
+            (pl.col("equity").cum_max().over(keys).clip(lower_bound=0.0) - pl.col("equity")).alias(
+                "dd"
+            )
+        )
+    )
+    return equity.group_by(keys).agg(pl.col("dd").max().alias("max_drawdown"))
+
+
+def summarize(
+    fills: pl.DataFrame, trades: pl.DataFrame, *, by: Sequence[str] = ("policy",)
+) -> pl.DataFrame:
+    """Compute the metrics per symbol and in total (``symbol == "TOTAL"``).
+
+    Metrics: ``trades``, ``wins``, ``win_rate``, ``gross_profit``, ``gross_loss``,
+    ``profit_factor`` (null without a losing trade), ``net_pnl`` and ``fees`` in USDT,
+    ``expectancy_r`` (mean net PnL per trade in units of its initial risk), ``max_drawdown``
+    (USDT, of the realized equity curve) and ``exits_<reason>`` counts.
+
+    Args:
+        fills: the fills table of a result.
+        trades: the trades table of a result.
+        by: grouping keys besides the symbol (the policy index by default).
+
+    Returns:
+        One row per (policy, symbol) and one TOTAL row per policy.
+    """
+    keys = list(by)
+    if trades.is_empty():
+        return pl.DataFrame(
+            {"symbol": ["TOTAL"], "trades": [0], "win_rate": [None], "profit_factor": [None]},
+            schema_overrides={"win_rate": pl.Float64, "profit_factor": pl.Float64},
+        )
+    # Only the columns the metrics read: the sorts below then move a few numbers per row,
+    # not every Decimal and text column of the tables.
+    trades = trades.select(*keys, "symbol", pl.col("pnl", "fees").cast(pl.Float64), "r_multiple")
+    fills = fills.select(
+        *keys,
+        "symbol",
+        "time_ms",
+        "trade",
+        "sequence",
+        "kind",
+        "reason",
+        pl.col("pnl").cast(pl.Float64),
+    )
+    parts: list[pl.DataFrame] = []
+    # One symbol: its rows are the TOTAL's, in the same order, so the same sums and curve.
+    one_symbol = trades["symbol"].n_unique() == 1 and fills["symbol"].n_unique() == 1
+    for symbol_keys, label in ((["symbol"], None), ([], "TOTAL")):
+        if label is not None and one_symbol:
+            parts.append(parts[0].drop("symbol").with_columns(pl.lit(label).alias("symbol")))
+            continue
+        group = [*keys, *symbol_keys]
+        stats = trades.group_by(group).agg(
+            pl.len().alias("trades"),
+            (pl.col("pnl") > 0).sum().alias("wins"),
+            pl.col("pnl").filter(pl.col("pnl") > 0).sum().alias("gross_profit"),
+            (-pl.col("pnl").filter(pl.col("pnl") < 0).sum()).alias("gross_loss"),
+            pl.col("pnl").sum().alias("net_pnl"),
+            pl.col("fees").sum().alias("fees"),
+            pl.col("r_multiple").mean().alias("expectancy_r"),
+        )
+        stats = stats.join(_drawdown(fills, group), on=group, how="left")
+        exits = fills.filter(pl.col("kind") == "exit")
+        if not exits.is_empty():
+            counts = exits.with_columns(pl.format("exits_{}", "reason").alias("reason")).pivot(
+                on="reason",
+                index=group,
+                values="trade",
+                aggregate_function="len",
+                sort_columns=True,
+            )
+            stats = stats.join(counts, on=group, how="left")
+        if label is not None:
+            stats = stats.with_columns(pl.lit(label).alias("symbol"))
+        parts.append(stats)
+    table = pl.concat(parts, how="diagonal_relaxed")
+    exit_columns = sorted(c for c in table.columns if c.startswith("exits_"))
+    table = table.with_columns(
+        (pl.col("wins") / pl.col("trades")).alias("win_rate"),
+        pl.when(pl.col("gross_loss") > 0)
+        .then(pl.col("gross_profit") / pl.col("gross_loss"))
+        .otherwise(None)
+        .alias("profit_factor"),
+        *(pl.col(c).fill_null(0).cast(pl.UInt32) for c in exit_columns),
+    )
+    order = [
+        *keys,
+        "symbol",
+        "trades",
+        "wins",
+        "win_rate",
+        "profit_factor",
+        "expectancy_r",
+        "net_pnl",
+        "gross_profit",
+        "gross_loss",
+        "fees",
+        "max_drawdown",
+        *exit_columns,
+    ]
+    return table.select(order).sort([*keys, pl.col("symbol") == "TOTAL", "symbol"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _matplotlib() -> Any:  # noqa: ANN401 - pyplot, imported only when a chart is drawn
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError(
+            "charts need matplotlib, which is not installed; install the extra: "
+            "pip install 'pyquant[plot]'"
+        ) from exc
+    return plt
+
+
+def equity_curve(fills: pl.DataFrame) -> pl.DataFrame:
+    """Return the realized equity (cumulative net PnL in USDT) after every fill, in total.
+
+    Returns:
+        Columns ``time_ms``, ``symbol``, ``pnl`` and ``equity``.
+    """
+    if fills.is_empty():
+        return pl.DataFrame(
+            schema={
+                "time_ms": pl.Int64,
+                "symbol": pl.String,
+                "pnl": pl.Float64,
+                "equity": pl.Float64,
+            }
+        )
+    return (
+        fills.sort("time_ms", "series", "trade", "sequence")
+        .select("time_ms", "symbol", pl.col("pnl").cast(pl.Float64))
+        .with_columns(pl.col("pnl").cum_sum().alias("equity"))
+    )
+
+
+def plot_equity(fills: pl.DataFrame, path: Path) -> Path:
+    """Draw the realized equity curve, in total and per symbol, into a PNG."""
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(11, 5))
+    curve = equity_curve(fills)
+    if not curve.is_empty():
+        when = curve["time_ms"].cast(pl.Datetime("ms")).to_list()
+        ax.plot(when, curve["equity"].to_list(), color="black", linewidth=1.6, label="total")
+        for symbol in sorted(curve["symbol"].unique().to_list()):
+            part = curve.filter(pl.col("symbol") == symbol)
+            ax.plot(
+                part["time_ms"].cast(pl.Datetime("ms")).to_list(),
+                part["pnl"].cum_sum().to_list(),
+                linewidth=0.8,
+                alpha=0.7,
+                label=symbol,
+            )
+        ax.legend(fontsize=7, ncol=4)
+    ax.axhline(0.0, color="grey", linewidth=0.6)
+    ax.set_title("Realized equity (net of fees)")
+    ax.set_ylabel("USDT")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_symbol(
+    klines: pl.DataFrame, result: BacktestResult, path: Path, *, max_bars: int = 20_000
+) -> Path:
+    """Draw one symbol's close price with every position's stop path and take-profit levels.
+
+    The stop path and the levels are those of a ``run_backtest(..., detail=True)`` result;
+    without detail the chart shows the price and the entries only.
+
+    Long histories are cut to the last ``max_bars`` bars so the chart stays readable.
+    """
+    plt = _matplotlib()
+    symbol = str(klines["symbol"][0])
+    bars = klines.tail(max_bars)
+    start = int(bars["open_time"][0])
+    fig, ax = plt.subplots(figsize=(13, 6))
+    ax.plot(
+        bars["open_time"].cast(pl.Datetime("ms")).to_list(),
+        bars["close"].to_list(),
+        color="black",
+        linewidth=0.6,
+        label="close",
+    )
+    trades = result.trades.filter((pl.col("symbol") == symbol) & (pl.col("entry_time_ms") >= start))
+    stops = result.stops.filter((pl.col("symbol") == symbol) & (pl.col("time_ms") >= start))
+    levels = result.levels.filter(pl.col("symbol") == symbol)
+    first = True
+    for trade in trades.iter_rows(named=True):
+        tid = trade["trade"]
+        path_ = stops.filter(pl.col("trade") == tid)
+        if not path_.is_empty():
+            ax.step(
+                path_["time_ms"].cast(pl.Datetime("ms")).to_list(),
+                path_["stop"].to_list(),
+                where="post",
+                color="tab:red",
+                linewidth=0.9,
+                label="stop" if first else None,
+            )
+        t0 = np.datetime64(int(trade["entry_time_ms"]), "ms")
+        t1 = np.datetime64(int(trade["exit_time_ms"]), "ms")
+        for level in levels.filter(pl.col("trade") == tid).iter_rows(named=True):
+            ax.hlines(
+                level["price"],
+                t0,
+                t1,
+                colors="tab:green",
+                linewidth=0.7,
+                label="take-profit" if first else None,
+            )
+            first = False
+        marker = "^" if trade["side"] > 0 else "v"
+        ax.plot([t0], [float(trade["entry_price"])], marker=marker, color="tab:blue", markersize=5)
+        first = False
+    ax.set_title(f"{symbol}: price, stop path and take-profit levels")
+    ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(table: pl.DataFrame, x: str, y: str, metric: str, path: Path) -> Path:
+    """Draw a heat map of ``metric`` over two grid parameters (other parameters: their best)."""
+    plt = _matplotlib()
+    best = table.group_by(x, y).agg(pl.col(metric).max())
+    xs = sorted(best[x].unique().to_list(), key=lambda v: (v is None, v))
+    ys = sorted(best[y].unique().to_list(), key=lambda v: (v is None, v))
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for row in best.iter_rows(named=True):
+        value = row[metric]
+        if value is not None:
+            grid[ys.index(row[y]), xs.index(row[x])] = float(value)
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 3, 0.8 * len(ys) + 2.5))
+    image = ax.imshow(grid, cmap="RdYlGn", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+    ax.set_yticks(range(len(ys)), [str(v) for v in ys])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_title(f"{metric} by {x} and {y}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _json_ready(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def write_outputs(
+    result: BacktestResult,
+    out_dir: str | os.PathLike[str],
+    *,
+    config: BacktestConfig,
+    inputs: Mapping[str, Any] | None = None,
+    klines: Sequence[pl.DataFrame] = (),
+    plot: bool = False,
+    equity_png: bool = True,
+) -> dict[str, Path]:
+    """Write trades.parquet, summary.json, equity.png and, with ``plot``, a chart per symbol.
+
+    Returns:
+        The written files by name.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    fills = result.fills.drop("series", "policy", strict=False)
+    trades_path = out / "trades.parquet"
+    fills.write_parquet(trades_path)
+    written["trades"] = trades_path
+    positions_path = out / "positions.parquet"
+    result.trades.drop("series", "policy", strict=False).write_parquet(positions_path)
+    written["positions"] = positions_path
+    summary_rows = [
+        {k: _json_ready(v) for k, v in row.items() if k != "policy"}
+        for row in result.summary.iter_rows(named=True)
+    ]
+    skipped: dict[str, int] = {}
+    if not result.skipped.is_empty():
+        for row in (
+            result.skipped.group_by("reason").agg(pl.col("count").sum()).iter_rows(named=True)
+        ):
+            skipped[str(row["reason"])] = int(row["count"])
+    document = {
+        "summary": {str(row["symbol"]): row for row in summary_rows},
+        "skipped_entries": skipped,
+        "evaluations": result.evaluations,
+        "warnings": list(result.warnings),
+        "config": {
+            "maker_fee": str(config.maker_fee),
+            "taker_fee": str(config.taker_fee),
+            "entry_liquidity": config.entry_liquidity,
+            "notional_usd": str(config.notional_usd),
+            "leverage": config.leverage,
+            "intrabar": config.intrabar,
+            "max_gap_bars": config.max_gap_bars,
+        },
+        "policy": [_policy_fields(p) for p in result.policies],
+        "inputs": dict(inputs or {}),
+    }
+    summary_path = out / "summary.json"
+    summary_path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    written["summary"] = summary_path
+    if equity_png:
+        written["equity"] = plot_equity(result.fills, out / "equity.png")
+    if plot:
+        for frame in klines:
+            symbol = str(frame["symbol"][0])
+            written[f"chart_{symbol}"] = plot_symbol(frame, result, out / f"{symbol}.png")
+    return written
+
+
+def _policy_fields(policy: ExitPolicy) -> object:
+    to_dict = getattr(policy, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    return repr(policy)

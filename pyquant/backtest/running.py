@@ -1,0 +1,661 @@
+"""Backtest runs: one policy or a grid of them through the Rust exit engine.
+
+Turns validated inputs into the core's arrays (one pass over the entries, bars as contiguous
+columns), calls ``pyquant._core`` in a few coarse chunks with the GIL released, and hands the
+raw columns to ``reporting``. It owns the run's configuration (fees, sizing, intrabar rule)
+and its result type; it reads no files and draws nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import polars as pl
+
+from pyquant import _core
+from pyquant.backtest.loading import (
+    _INTENT_SCHEMA,
+    Intrabar,
+    KlinesError,
+    ProgressCallback,
+    _rules_for,
+    interval_ms,
+    momentum24h,
+)
+from pyquant.backtest.reporting import (
+    _FILL_GRID,
+    _FILL_ORDER,
+    _TRADE_GRID,
+    _TRADE_ORDER,
+    _arrange,
+    _exact,
+    _exact_columns,
+    _grid_decimals,
+    _tables,
+    summarize,
+)
+from pyquant.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyquant._core import ExchangeRules, ExitPolicy
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass(frozen=True, slots=True)
+class BacktestConfig:
+    """How trades are sized, filled and charged (the policy decides the exits).
+
+    Attributes:
+        maker_fee: fee rate of a maker fill (0.0002 = 0.02 %).
+        taker_fee: fee rate of a taker fill; every exit is a MARKET order and pays it.
+        entry_liquidity: ``taker`` (MARKET entry at the open) or ``maker`` (a limit entry at
+            the open, assumed filled).
+        notional_usd: default size of an entry in USDT (an intent's ``size_usd`` overrides it).
+        leverage: default leverage (an intent's ``leverage`` overrides it); it enters the
+            margin-loss cap of the initial stop.
+        intrabar: which extreme of a bar the path visits first when no finer data resolves it.
+        max_gap_bars: missing bars tolerated inside a segment; a longer gap ends the segment.
+        one_position_per_symbol: at most one open position per symbol (else one per symbol
+            and side, like the daemon's guard).
+    """
+
+    maker_fee: Decimal = Decimal("0.0002")
+    taker_fee: Decimal = Decimal("0.0005")
+    entry_liquidity: Literal["taker", "maker"] = "taker"
+    notional_usd: Decimal = Decimal(1000)
+    leverage: int = 10
+    intrabar: Intrabar = "stop_first"
+    max_gap_bars: int = 0
+    one_position_per_symbol: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("maker_fee", "taker_fee", "notional_usd"):
+            # Accept what a caller naturally types (1000, "0.0004", 0.0004: a float by its
+            # shortest repr, as the core reads floats) and keep it as an exact Decimal.
+            value = getattr(self, name)
+            if isinstance(value, int | float | str) and not isinstance(value, bool):
+                try:
+                    object.__setattr__(self, name, Decimal(str(value).strip()))
+                except ArithmeticError:
+                    raise ConfigError(
+                        f"backtest {name} was {value!r}: must be a decimal number"
+                    ) from None
+            elif not isinstance(value, Decimal):
+                raise ConfigError(f"backtest {name} was {value!r}: must be a decimal number")
+        for name in ("maker_fee", "taker_fee"):
+            value = getattr(self, name)
+            if not value.is_finite() or not 0 <= value < 1:
+                raise ConfigError(f"backtest {name} was {value!r}: must be a rate in [0, 1)")
+        if self.entry_liquidity not in ("taker", "maker"):
+            raise ConfigError(
+                f"backtest entry_liquidity was {self.entry_liquidity!r}: must be taker or maker"
+            )
+        if not self.notional_usd.is_finite() or self.notional_usd <= 0:
+            raise ConfigError(
+                f"backtest notional_usd was {self.notional_usd}: must be a positive USDT amount"
+            )
+        if not 1 <= self.leverage <= 125:
+            raise ConfigError(f"backtest leverage was {self.leverage}: must be from 1 to 125")
+        if self.intrabar not in ("stop_first", "target_first"):
+            raise ConfigError(
+                f"backtest intrabar was {self.intrabar!r}: must be stop_first or target_first"
+            )
+        if self.max_gap_bars < 0:
+            raise ConfigError(f"backtest max_gap_bars was {self.max_gap_bars}: must be >= 0")
+
+
+@dataclass(slots=True)
+class BacktestResult:
+    """What one backtest run produced.
+
+    Attributes:
+        fills: one row per fill (the entry and each exit) with exact ``price``, ``quantity``,
+            ``fee`` and ``pnl`` (Decimal), its ``reason`` and the move in ``r``.
+        trades: one row per position: side, entry, size, initial risk, net PnL, R multiple,
+            the reason of its last exit.
+        summary: metrics per symbol and a ``TOTAL`` row (see ``summarize``).
+        stops: the stop after each bar while a position was open (for charts).
+        levels: each position's take-profit level prices (for charts).
+        skipped: entries that were not taken, with the reason.
+        evaluations: bar x position evaluations performed by the core.
+        policies: the policies run, in ``policy`` index order.
+        warnings: what makes the result less trustworthy (see ``liquidation_warnings``).
+    """
+
+    fills: pl.DataFrame
+    trades: pl.DataFrame
+    summary: pl.DataFrame
+    stops: pl.DataFrame
+    levels: pl.DataFrame
+    skipped: pl.DataFrame
+    evaluations: int
+    policies: list[ExitPolicy] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    symbol: str
+    interval_ms: int
+    arrays: dict[str, Any]
+
+
+def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, Any]:
+    return np.ascontiguousarray(series.to_numpy(), dtype=dtype)
+
+
+def _entries_by_symbol(entries: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    # One pass over the entries for every symbol (not one filter per symbol), each part in
+    # time order (ties keep the file's order), with only the columns the core reads.
+    if entries.is_empty():
+        return {}
+    needed = entries.select(_CORE_ENTRY_COLUMNS)
+    symbols = needed["symbol"].unique()
+    if len(symbols) == 1:
+        parts = {str(symbols[0]): needed}
+    else:
+        parts = {
+            str(key[0]): part
+            for key, part in needed.partition_by(
+                "symbol", as_dict=True, maintain_order=True
+            ).items()
+        }
+    # A stable sort of each part: what a stable sort of the whole, then the split, gives.
+    return {
+        symbol: part if part["time_ms"].is_sorted() else part.sort("time_ms", maintain_order=True)
+        for symbol, part in parts.items()
+    }
+
+
+_CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
+
+
+def _series_inputs(
+    frames: Sequence[pl.DataFrame],
+    symbols: Sequence[str],
+    intents: pl.DataFrame,
+    fine: Mapping[str, pl.DataFrame] | None,
+) -> list[_Series]:
+    by_symbol = _entries_by_symbol(intents)
+    empty = intents.clear()
+    return [
+        _prepare_series(k, by_symbol.get(s, empty), (fine or {}).get(s), split=True)
+        for k, s in zip(frames, symbols, strict=True)
+    ]
+
+
+def _prepare_series(
+    klines: pl.DataFrame,
+    entries: pl.DataFrame,
+    fine: pl.DataFrame | None,
+    *,
+    split: bool = False,
+) -> _Series:
+    # ``split``: the entries are this symbol's alone, in time order (``_entries_by_symbol``).
+    symbol = str(klines["symbol"][0])
+    step = interval_ms(str(klines["interval"][0]))
+    mine = entries
+    if not split:
+        mine = mine.filter(pl.col("symbol") == symbol).sort("time_ms", maintain_order=True)
+    notional = mine["size_usd"]
+    buy = (mine["side"] == "BUY").fill_null(value=False).to_numpy()
+    arrays: dict[str, Any] = {
+        "symbol": symbol,
+        "interval_ms": step,
+        "open_time": _contiguous(klines["open_time"], np.int64),
+        "open": _contiguous(klines["open"], np.float64),
+        "high": _contiguous(klines["high"], np.float64),
+        "low": _contiguous(klines["low"], np.float64),
+        "close": _contiguous(klines["close"], np.float64),
+        "entry_time": _contiguous(mine["time_ms"], np.int64),
+        "entry_side": np.where(buy, 1, -1).astype(np.int8),
+        "entry_confidence": _contiguous(mine["confidence"].fill_null(float("nan")), np.float64),
+        # The core reads None as "the configured default" with one pointer compare; only
+        # intents that give their own size cost a Python string each.
+        "entry_notional": (
+            [None] * mine.height
+            if notional.null_count() == mine.height
+            else notional.cast(pl.String).to_list()
+        ),
+        "entry_leverage": _contiguous(mine["leverage"].fill_null(0), np.int64),
+    }
+    if fine is not None:
+        fine_step = interval_ms(str(fine["interval"][0]))
+        if fine_step >= step or step % fine_step:
+            raise KlinesError(
+                f"finer data for {symbol} is {fine['interval'][0]}, which does not divide the "
+                f"{klines['interval'][0]} bars it should resolve"
+            )
+        arrays.update(
+            fine_interval_ms=fine_step,
+            fine_open_time=_contiguous(fine["open_time"], np.int64),
+            fine_open=_contiguous(fine["open"], np.float64),
+            fine_high=_contiguous(fine["high"], np.float64),
+            fine_low=_contiguous(fine["low"], np.float64),
+            fine_close=_contiguous(fine["close"], np.float64),
+        )
+    return _Series(symbol, step, arrays)
+
+
+def _entries_for(
+    klines: Sequence[pl.DataFrame], entries: pl.DataFrame | None, strategy: str | None
+) -> tuple[pl.DataFrame, bool]:
+    if entries is not None and strategy is not None:
+        raise ConfigError("give entries or a strategy, not both")
+    if entries is not None:
+        missing = [
+            n for n in ("time_ms", "symbol", "side", "confidence") if n not in entries.columns
+        ]
+        if missing:
+            raise ConfigError(f"entries are missing column {missing[0]!r}")
+        for name, dtype in _INTENT_SCHEMA.items():
+            if name not in entries.columns:
+                entries = entries.with_columns(pl.lit(None, dtype=dtype).alias(name))
+        return entries.select(pl.col(n).cast(t) for n, t in _INTENT_SCHEMA.items()), False
+    name = strategy or "momentum24h"
+    if name != "momentum24h":
+        raise ConfigError(f"strategy {name!r} is unknown; the built-in one is momentum24h")
+    frames = [momentum24h(k) for k in klines]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=_INTENT_SCHEMA), True
+
+
+def _core_options(config: BacktestConfig, one_per_symbol: bool, detail: bool) -> dict[str, Any]:
+    return {
+        "maker_fee": str(config.maker_fee),
+        "taker_fee": str(config.taker_fee),
+        "entry_liquidity": config.entry_liquidity,
+        "notional": str(config.notional_usd),
+        "leverage": config.leverage,
+        "intrabar": config.intrabar,
+        "max_gap_bars": config.max_gap_bars,
+        "one_position_per_symbol": one_per_symbol or config.one_position_per_symbol,
+        "detail": detail,
+    }
+
+
+def _chunks(n_series: int, n_policies: int, target: int = 10) -> list[tuple[range, range]]:
+    # The core is parallel inside each call; chunks only exist so a progress bar can move,
+    # so each chunk still holds enough jobs to keep every core busy, and there are few of
+    # them: every call converts its series' bars again.
+    workers = max(os.cpu_count() or 1, 1)
+    if n_policies > 1:
+        size = max(math.ceil(n_policies / target), math.ceil(2 * workers / max(n_series, 1)), 1)
+        return [
+            (range(n_series), range(i, min(i + size, n_policies)))
+            for i in range(0, n_policies, size)
+        ]
+    size = max(math.ceil(n_series / target), 2 * workers)
+    return [
+        (range(i, min(i + size, n_series)), range(n_policies)) for i in range(0, n_series, size)
+    ]
+
+
+_FILL_COLUMNS = ("series", "policy", "trade", "sequence", "kind", "reason", "time_ms", "side")
+
+
+def _call_core(
+    series: Sequence[_Series],
+    policies: Sequence[ExitPolicy],
+    rules: ExchangeRules,
+    options: Mapping[str, Any],
+    progress: ProgressCallback | None,
+) -> list[dict[str, Any]]:
+    outputs: list[dict[str, Any]] = []
+    chunks = _chunks(len(series), len(policies))
+    done = 0
+    total = len(series) * len(policies)
+    for series_range, policy_range in chunks:
+        raw = _core.backtest_run(
+            [series[i].arrays for i in series_range],
+            [policies[j] for j in policy_range],
+            rules,
+            **options,
+        )
+        outputs.append({"raw": raw, "series0": series_range.start, "policy0": policy_range.start})
+        done += len(series_range) * len(policy_range)
+        if progress is not None:
+            progress(done, total)
+    return outputs
+
+
+def _order_symbols(klines: Sequence[pl.DataFrame]) -> list[str]:
+    symbols = [str(k["symbol"][0]) for k in klines]
+    seen: set[str] = set()
+    for symbol in symbols:
+        if symbol in seen:
+            raise KlinesError(
+                f"{symbol} is given twice; merge its files into one series (sorted, without "
+                "duplicated open_time) before the backtest"
+            )
+        seen.add(symbol)
+    intervals = {str(k["interval"][0]) for k in klines}
+    if len(intervals) > 1:
+        raise KlinesError(
+            f"all series of one run must share an interval, found {sorted(intervals)}"
+        )
+    return symbols
+
+
+def run_backtest(
+    klines: pl.DataFrame | Sequence[pl.DataFrame],
+    policy: ExitPolicy,
+    rules: ExchangeRules | None = None,
+    *,
+    entries: pl.DataFrame | None = None,
+    strategy: str | None = None,
+    config: BacktestConfig | None = None,
+    fine: Mapping[str, pl.DataFrame] | None = None,
+    progress: ProgressCallback | None = None,
+    detail: bool = False,
+) -> BacktestResult:
+    """Replay klines through the Rust exit engine with one policy.
+
+    Args:
+        klines: validated klines (``load_klines``), one frame per symbol.
+        policy: the exit policy every position runs.
+        rules: the exchange rules (tick, steps, min notional) of every symbol; None uses the
+            snapshot bundled with the simulator (``load_exchange_rules``).
+        entries: intents (schema of ``load_intents``); None uses ``strategy``.
+        strategy: the built-in entry rule when ``entries`` is None (default ``momentum24h``).
+        config: sizing, fees and the intrabar rule.
+        fine: finer klines by symbol that resolve the order of each bar's high and low.
+        progress: called with (jobs done, jobs total) as chunks finish.
+        detail: also return each fill's ``trigger_price`` and ``mark_price``, the stop after
+            every bar (``stops``) and the take-profit levels (``levels``), for charts and
+            audits. Without it (the default) the core builds no per-bar rows and no text:
+            the exact columns come from its float columns, proven exact per value (see
+            ``_exact_from_floats``), and ``stops``/``levels`` are empty.
+
+    Returns:
+        Fills, trades, the summary and, with ``detail``, the chart data.
+
+    Raises:
+        KlinesError: the klines do not fit together (a symbol twice, mixed intervals).
+        ConfigError: the entries or the configuration are invalid.
+        UnknownSymbolError: a symbol is missing from ``rules``.
+    """
+    frames = [klines] if isinstance(klines, pl.DataFrame) else list(klines)
+    config = config or BacktestConfig()
+    symbols = _order_symbols(frames)
+    rules = _rules_for(rules, symbols)
+    intents, one_per_symbol = _entries_for(frames, entries, strategy)
+    series = _series_inputs(frames, symbols, intents, fine)
+    options = _core_options(config, one_per_symbol, detail=detail)
+    outputs = _call_core(series, [policy], rules, options, progress)
+    tables, evaluations = _tables(outputs, symbols)
+    fills = trades = None
+    if not detail:
+        decimals = _grid_decimals(rules, symbols)
+        fills = _exact_columns(tables["fills"], _FILL_GRID, decimals)
+        trades = _exact_columns(tables["trades"], _TRADE_GRID, decimals)
+    if fills is None or trades is None:
+        if not detail:
+            # A value the floats cannot prove (a huge PnL): the core's decimal text decides.
+            outputs = _call_core(
+                series, [policy], rules, {**options, "detail": True}, progress=None
+            )
+            tables = _tables(outputs, symbols)[0]
+            tables["fills"] = tables["fills"].drop(
+                "trigger_price_exact", "mark_price_exact", strict=False
+            )
+            tables["stops"] = tables["stops"].clear()
+            tables["levels"] = tables["levels"].clear()
+        fills, trades = _exact(tables["fills"]), _exact(tables["trades"])
+    fills = _arrange(fills, _FILL_ORDER, {"time": "time_ms"})
+    trades = _arrange(
+        trades,
+        _TRADE_ORDER,
+        {"entry_time": "entry_time_ms", "exit_time": "exit_time_ms"},
+    )
+    return BacktestResult(
+        fills=fills,
+        trades=trades,
+        summary=summarize(fills, trades),
+        stops=tables["stops"],
+        levels=tables["levels"],
+        skipped=tables["skipped"],
+        evaluations=evaluations,
+        policies=[policy],
+        warnings=liquidation_warnings(policy, _leverages(intents, config)),
+    )
+
+
+# The lowest maintenance margin rate of Binance's USDⓈ-M brackets (first bracket of the most
+# liquid contracts): an isolated position is liquidated about 1/leverage minus this from its
+# entry, and never later.
+_MIN_MAINTENANCE_RATE = 0.004
+
+
+def _leverages(intents: pl.DataFrame, config: BacktestConfig) -> list[int]:
+    given = intents["leverage"]
+    found = {int(v) for v in given.drop_nulls().unique().to_list()}
+    if given.null_count() or intents.is_empty():
+        found.add(config.leverage)
+    return sorted(found)
+
+
+def liquidation_warnings(policy: ExitPolicy, leverages: Iterable[int]) -> list[str]:
+    """Say where an initial stop may lie past the liquidation price (not modelled).
+
+    The widest initial stop is ``max_stop_pct`` of the entry, capped by
+    ``max_margin_loss / leverage``; liquidation comes about ``1 / leverage`` minus the
+    maintenance margin rate (0.4 % at best) from the entry. A stop beyond that would never
+    fill on the exchange: the position would be liquidated first, at a worse price.
+
+    Args:
+        policy: the exit policy.
+        leverages: the leverages the entries use.
+
+    Returns:
+        One message per leverage at risk, naming the numbers and the fix.
+    """
+    fields = policy.to_dict()
+    widest = float(fields["max_stop_pct"])
+    cap = fields.get("max_margin_loss")
+    out = []
+    for leverage in sorted(set(leverages)):
+        stop = widest if cap is None else min(widest, float(cap) / leverage)
+        liquidation = 1.0 / leverage - _MIN_MAINTENANCE_RATE
+        if stop >= liquidation:
+            out.append(
+                f"at leverage {leverage} an initial stop may lie {stop:.2%} from the entry, "
+                f"past the liquidation price (about {liquidation:.2%} away): the exchange "
+                "liquidates such a position first (its margin and a liquidation fee), which "
+                "the backtest does not model; set max_margin_loss (e.g. 0.5) or lower the "
+                "leverage"
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid
+
+
+def _grid_value(text: str) -> object:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null", "off"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
+
+
+def parse_grid(specs: Iterable[str]) -> dict[str, list[Any]]:
+    """Parse ``name=v1,v2,...`` specs into an ordered grid of policy field values.
+
+    Raises:
+        ConfigError: a spec has no ``=``, no values, or names a field twice.
+    """
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"grid spec {spec!r} must look like name=v1,v2,...")
+        if name in grid:
+            raise ConfigError(f"grid field {name!r} is given twice")
+        items = [v for v in values.split(",") if v.strip()]
+        if not items:
+            raise ConfigError(f"grid field {name!r} has no values")
+        grid[name] = [_grid_value(v) for v in items]
+    return grid
+
+
+def grid_policies(
+    base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]
+) -> tuple[list[ExitPolicy], pl.DataFrame]:
+    """Build one ExitPolicy per combination of the grid values over the base fields.
+
+    Returns:
+        The policies and a frame of the grid values, one row per policy (column ``policy``
+        is the index).
+
+    Raises:
+        PolicyError: a field is unknown or a value is out of range (the core validates).
+    """
+    names = list(grid)
+    combos = list(itertools.product(*(grid[n] for n in names))) if names else [()]
+    policies = [
+        _core.ExitPolicy(**{**base, **dict(zip(names, combo, strict=True))}) for combo in combos
+    ]
+    values = pl.DataFrame(
+        {"policy": pl.Series(range(len(combos)), dtype=pl.UInt32)}
+        | {n: [c[i] for c in combos] for i, n in enumerate(names)},
+        strict=False,
+    )
+    return policies, values
+
+
+def run_grid(
+    klines: pl.DataFrame | Sequence[pl.DataFrame],
+    base: Mapping[str, Any],
+    grid: Mapping[str, Sequence[Any]],
+    rules: ExchangeRules | None = None,
+    *,
+    entries: pl.DataFrame | None = None,
+    strategy: str | None = None,
+    config: BacktestConfig | None = None,
+    fine: Mapping[str, pl.DataFrame] | None = None,
+    sort_by: str = "expectancy_r",
+    descending: bool | None = None,
+    progress: ProgressCallback | None = None,
+) -> pl.DataFrame:
+    """Run every combination of ``grid`` over every symbol in parallel in the Rust core.
+
+    Args:
+        klines: validated klines, one frame per symbol.
+        base: the ExitPolicy fields every combination starts from.
+        grid: field name -> values to try.
+        rules: exchange rules for every symbol; None uses the bundled snapshot.
+        entries: intents; None uses ``strategy`` (default ``momentum24h``).
+        strategy: the built-in entry rule when ``entries`` is None.
+        config: sizing, fees and the intrabar rule.
+        fine: finer klines by symbol for the intrabar order.
+        sort_by: the metric to sort by (any TOTAL column of ``summarize``).
+        descending: sort order; by default best first (ascending only for ``max_drawdown``).
+        progress: called with (jobs done, jobs total).
+
+    Returns:
+        One row per combination: its grid values, then the TOTAL metrics, best first.
+
+    Raises:
+        ConfigError: ``sort_by`` is not a metric; see ``run_backtest`` for the rest.
+    """
+    frames = [klines] if isinstance(klines, pl.DataFrame) else list(klines)
+    config = config or BacktestConfig()
+    symbols = _order_symbols(frames)
+    rules = _rules_for(rules, symbols)
+    policies, values = grid_policies(base, grid)
+    intents, one_per_symbol = _entries_for(frames, entries, strategy)
+    series = _series_inputs(frames, symbols, intents, fine)
+    options = _core_options(config, one_per_symbol, detail=False)
+    outputs = _call_core(series, policies, rules, options, progress)
+    tables, evaluations = _tables(outputs, symbols)
+    summary = summarize(tables["fills"], tables["trades"])
+    if "policy" not in summary.columns:
+        summary = summary.with_columns(pl.lit(None, dtype=pl.UInt32).alias("policy"))
+    totals = summary.filter(pl.col("symbol") == "TOTAL").drop("symbol")
+    table = values.join(totals, on="policy", how="left").with_columns(pl.col("trades").fill_null(0))
+    if sort_by not in table.columns or sort_by in values.columns:
+        metrics = [c for c in table.columns if c not in values.columns]
+        raise ConfigError(f"sort metric {sort_by!r} is unknown; choose one of {', '.join(metrics)}")
+    desc = sort_by != "max_drawdown" if descending is None else descending
+    return table.sort(sort_by, descending=desc, nulls_last=True).with_columns(
+        pl.lit(evaluations, dtype=pl.UInt64).alias("evaluations_total")
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency with the daemon
+
+
+def exit_decisions_for_path(
+    rules: ExchangeRules,
+    policy: ExitPolicy,
+    *,
+    symbol: str,
+    side: Literal["LONG", "SHORT"],
+    quantity: str,
+    entry_price: str,
+    marks: Sequence[tuple[int, str]],
+    atr: float | None = None,
+    leverage: int = 1,
+    confidence: float | None = None,
+    opened_at_ms: int = 0,
+) -> list[dict[str, str | None]]:
+    """Return the exit decisions the backtest driver takes along a mark-price path.
+
+    The same driver the bar replay uses (``exit::position`` state machine, every action
+    confirmed at once with its full quantity), fed one mark at a time instead of bar extremes.
+    The daemon + simulator replay of the same path must give the same reasons and quantities,
+    and prices within one tick.
+
+    Args:
+        rules: exchange rules holding ``symbol``.
+        policy: the exit policy.
+        symbol: the position's symbol.
+        side: ``LONG`` or ``SHORT``.
+        quantity: the position size (exact decimal string).
+        entry_price: the entry price (exact decimal string).
+        marks: (event time ms, mark price string) in order.
+        atr: the symbol's ATR for the whole path (None: not ready, the fallback applies).
+        leverage: the position's leverage.
+        confidence: the intent's confidence, or None.
+        opened_at_ms: the open time, for the time stop.
+
+    Returns:
+        One dict per action: ``time_ms``, ``reason``, ``side`` (the closing order side),
+        ``quantity``, ``trigger_price``, ``mark_price`` and ``sequence``, all strings.
+    """
+    result: list[dict[str, str | None]] = _core.backtest_replay_marks(
+        rules,
+        policy,
+        symbol,
+        side,
+        quantity,
+        entry_price,
+        [int(t) for t, _ in marks],
+        [str(m) for _, m in marks],
+        atr,
+        leverage,
+        confidence,
+        opened_at_ms,
+    )
+    return result
