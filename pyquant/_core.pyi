@@ -650,3 +650,12 @@ def backtest_replay_marks(
     opened_at_ms: int = 0,
 ) -> list[dict[str, str | None]]:
     """Feed one position a mark path with the backtest's driver; return its decisions."""
+
+def scan_plain_intents(data: bytes) -> tuple[bytes, _np.ndarray[_Any, _Any], int]:
+    r"""Cut the plain lines of an intents JSONL file into fields (GIL released).
+
+    Returns ``(table, other_lines, lines)``: the tab-separated fields of every plain line
+    (its 0-based number, then id, symbol, side, confidence, time, created_at_ms, timestamp,
+    leverage; ``\x01`` for a missing or null field), the 0-based numbers of the other lines
+    (uint64) and the number of lines. Use ``pyquant.backtest.load_intents`` instead.
+    """

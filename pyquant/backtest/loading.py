@@ -394,7 +394,8 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
     (``line-N`` when absent). Blank lines and lines starting with ``#`` are skipped.
 
     Lines in the plain shape a program writes (only the fields above, numbers as JSON
-    numbers, no size, no escapes) are decoded and checked as whole columns in polars; any
+    numbers, no size, no escapes) are cut into fields by the core in one parallel pass and
+    checked as whole columns in polars; any
     other line, and any line those checks refuse, goes through ``parse_intent`` one by one,
     in file order, so every result and every error is the one ``parse_intent`` gives.
 
@@ -412,41 +413,30 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
         data = file.read_bytes()
     except OSError as exc:
         raise KlinesError(f"{file}: cannot read intents: {exc}") from exc
-    text = data.decode("utf-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KlinesError(
+            f"{file}: intents are not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     if _other_line_breaks(data):
         # Line breaks beyond \n and \r\n (str.splitlines knows more): number lines its way.
         rows = [_intent_row(file, n, line) for n, line in enumerate(text.splitlines(), 1)]
         return _intent_frame([r for r in rows if r is not None])
     if not text or text.isspace():
         return _intent_frame([])
-    whole = pl.Series("text", [text])
-    pieces = pl.Series("text", _pieces(text, 16))  # checked in parallel, whole lines each
-    if pieces.str.contains(_PLAIN_FILE).all() and not pieces.str.contains(_KEY_TWICE).any():
-        # Every line is plain (the usual file a program writes): one read of the buffer.
-        fields = pl.read_ndjson(data, schema=_PLAIN_SCHEMA).with_row_index("row")
-        lines: pl.Series | None = None
-    else:
-        lines = whole.str.split("\n").explode().str.strip_suffix("\r")
-        if text.endswith("\n"):
-            lines = lines.head(-1)  # the empty piece after the final newline is not a line
-        plain = (
-            lines.to_frame("line")
-            .with_row_index("row")
-            .filter(pl.col("line").str.contains(_PLAIN_LINE))
-            .filter(~pl.col("line").str.contains(_KEY_TWICE))
-        )
-        decoded = pl.col("line").str.json_decode(pl.Struct(_PLAIN_SCHEMA)).struct.unnest()
-        fields = plain.select("row", decoded)
+    # The core cuts the plain lines into fields in one pass (the grammar of _PLAIN_LINE and
+    # _KEY_TWICE, GIL released); the values are checked here, as columns.
+    table, _, total = _core.scan_plain_intents(data)
+    fields = _plain_fields(table)
     parsed = _plain_intents(fields)
     # Every line the columns did not settle, in file order: the first error is the file's.
-    total = fields.height if lines is None else lines.len()
     settled = np.zeros(total, dtype=bool)
     settled[parsed["row"].to_numpy()] = True
     rest = np.flatnonzero(~settled)
     others = []
     if rest.size:
-        if lines is None:
-            lines = whole.str.split("\n").explode().str.strip_suffix("\r")
+        lines = pl.Series("text", [text]).str.split("\n").explode().str.strip_suffix("\r")
         for row, line in zip(rest.tolist(), lines.gather(rest).to_list(), strict=True):
             intent = _intent_row(file, row + 1, line)
             if intent is not None:
@@ -459,16 +449,21 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
     return frame.drop("row").sort("time_ms", maintain_order=True)
 
 
-def _pieces(text: str, count: int) -> list[str]:
-    # About ``count`` pieces of ``text``, each ending at a newline (the last one at the end).
-    pieces = []
-    start, size = 0, max(len(text) // count, 1)
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
-        pieces.append(text[start:end])
-        start = end
-    return pieces
+def _plain_fields(table: bytes) -> pl.DataFrame:
+    # The core's table of plain lines: the row, then each field of _PLAIN_SCHEMA as text.
+    schema = {"row": pl.Int64, **_PLAIN_SCHEMA}
+    if not table:
+        return pl.DataFrame(schema=schema)
+    return pl.read_csv(
+        table,
+        has_header=False,
+        separator="\t",
+        quote_char=None,
+        new_columns=list(schema),
+        schema=schema,
+        null_values="\x01",
+        empty_string_is_null=False,
+    )
 
 
 def _other_line_breaks(data: bytes) -> bool:
@@ -484,66 +479,34 @@ def _other_line_breaks(data: bytes) -> bool:
     )
 
 
-# The plain shape: an object of the known fields only, strings of printable ASCII without
-# quotes or escapes, numbers without a sign, null only where it means "not given".
-_PLAIN_STRING = r'"[ !#-\[\]-~]*"'
-# (bounded: polars refuses a number beyond a double's range, json.loads reads it as inf)
-_PLAIN_NUMBER = r"(?:0|[1-9][0-9]{0,29})(?:\.[0-9]{1,30})?(?:[eE][+-]?[0-9]{1,2})?"
-_PLAIN_PAIR = (
-    rf'"(?:id|symbol|side|source)"[ \t]*:[ \t]*{_PLAIN_STRING}'
-    rf'|"intent_id"[ \t]*:[ \t]*(?:{_PLAIN_STRING}|{_PLAIN_NUMBER})'
-    rf'|"(?:created_at_ms)"[ \t]*:[ \t]*{_PLAIN_NUMBER}'
-    rf'|"(?:confidence|time|timestamp|ts|leverage)"[ \t]*:[ \t]*(?:{_PLAIN_NUMBER}|null)'
-    rf'|"(?:size_usd|position_size_usd|notional_usd)"[ \t]*:[ \t]*null'
-)
-_PLAIN_OBJECT = (
-    rf"[ \t]*\{{[ \t]*(?:{_PLAIN_PAIR})(?:[ \t]*,[ \t]*(?:{_PLAIN_PAIR}))*[ \t]*\}}[ \t]*"
-)
-_PLAIN_LINE = rf"^{_PLAIN_OBJECT}$"
-# The whole file, every line plain (the last one with or without its newline).
-_PLAIN_FILE = rf"\A(?:{_PLAIN_OBJECT}\r?\n)*(?:{_PLAIN_OBJECT})?\z"
-_KNOWN_KEYS = (
-    "id",
-    "intent_id",
-    "symbol",
-    "side",
-    "source",
-    "created_at_ms",
-    "confidence",
-    "time",
-    "timestamp",
-    "ts",
-    "leverage",
-    "size_usd",
-    "position_size_usd",
-    "notional_usd",
-)
-# A key twice on one line ("." stops at the line's end): json.loads keeps the last value,
-# polars the first, so such a line goes through parse_intent.
-_KEY_TWICE = "|".join(rf'"{key}"[ \t]*:.*"{key}"[ \t]*:' for key in _KNOWN_KEYS)
-_PLAIN_SCHEMA: dict[str, Any] = dict.fromkeys(
-    ("id", "symbol", "side", "confidence", "time", "created_at_ms", "timestamp", "leverage"),
-    pl.String,
-)
+# The plain shape (rust_core/src/intents.rs scans for it; tests/backtest/test_intents_columns.py
+# states it as regular expressions): an object of the known fields only, each at most once,
+# strings of printable ASCII without quotes or escapes, numbers without a sign and small
+# enough for a double, null only where it means "not given". Its fields, as text:
+_PLAIN_SCHEMA: dict[str, Any] = {
+    "id": pl.String,
+    "symbol": pl.String,
+    "side": pl.String,
+    # Each number read once from its text, correctly rounded, as json.loads reads it.
+    **dict.fromkeys(("confidence", "time", "created_at_ms", "timestamp", "leverage"), pl.Float64),
+}
 
 
 def _plain_intents(fields: pl.DataFrame) -> pl.DataFrame:
     """Check the decoded plain lines as columns; return the intents of those that pass.
 
-    ``fields`` holds the 0-based ``row`` and the fields of ``_PLAIN_SCHEMA`` as text. The
-    rules are parse_intent's, for the values the plain shape allows (the same correctly
+    ``fields`` holds the 0-based ``row`` and the fields of ``_PLAIN_SCHEMA``. The rules are
+    parse_intent's, for the values the plain shape allows (the same correctly
     rounded float of each number's text, the same patterns and ranges).
     """
     from pyquant.trading.intents import MAX_TIME_MS
 
-    # The numbers are still their text: each is read by one correctly rounded cast, as
-    # json.loads and float(Decimal) read it.
-    stamp = pl.coalesce("created_at_ms", "time", "timestamp").cast(pl.Float64)
+    stamp = pl.coalesce("created_at_ms", "time", "timestamp")
     created = (
         pl.when(stamp < 1e11).then(stamp * 1000.0).otherwise(stamp).cast(pl.Int64, strict=False)
     )
-    confidence = pl.col("confidence").cast(pl.Float64).fill_null(0.5)
-    leverage = pl.col("leverage").cast(pl.Float64)
+    confidence = pl.col("confidence").fill_null(0.5)
+    leverage = pl.col("leverage")
     symbol = pl.col("symbol").str.to_uppercase()
     side = pl.col("side").str.to_uppercase()
     intent_id = pl.col("id")

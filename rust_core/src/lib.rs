@@ -9,6 +9,7 @@ pub mod error;
 pub mod exit;
 pub mod feed;
 pub mod fixed;
+pub mod intents;
 pub mod rules;
 pub mod snapshot;
 

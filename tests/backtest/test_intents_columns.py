@@ -7,15 +7,57 @@ line that is not plain, and every plain line the column checks refuse, still goe
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from pyquant import _core
 from pyquant import backtest as bt
 from pyquant.backtest import loading as bt_loading
 
 T = 1_700_000_000_000
+
+# The plain shape, as regular expressions: the reference the core's scanner
+# (rust_core/src/intents.rs) is held to. An object of the known fields only, strings of
+# printable ASCII without quotes or escapes, numbers without a sign, null only where it
+# means "not given".
+PLAIN_STRING = r'"[ !#-\[\]-~]*"'
+# (bounded: polars refuses a number beyond a double's range, json.loads reads it as inf)
+PLAIN_NUMBER = r"(?:0|[1-9][0-9]{0,29})(?:\.[0-9]{1,30})?(?:[eE][+-]?[0-9]{1,2})?"
+PLAIN_PAIR = (
+    rf'"(?:id|symbol|side|source)"[ \t]*:[ \t]*{PLAIN_STRING}'
+    rf'|"intent_id"[ \t]*:[ \t]*(?:{PLAIN_STRING}|{PLAIN_NUMBER})'
+    rf'|"(?:created_at_ms)"[ \t]*:[ \t]*{PLAIN_NUMBER}'
+    rf'|"(?:confidence|time|timestamp|ts|leverage)"[ \t]*:[ \t]*(?:{PLAIN_NUMBER}|null)'
+    rf'|"(?:size_usd|position_size_usd|notional_usd)"[ \t]*:[ \t]*null'
+)
+PLAIN_OBJECT = rf"[ \t]*\{{[ \t]*(?:{PLAIN_PAIR})(?:[ \t]*,[ \t]*(?:{PLAIN_PAIR}))*[ \t]*\}}[ \t]*"
+PLAIN_LINE = rf"^{PLAIN_OBJECT}$"
+# The whole file, every line plain (the last one with or without its newline).
+PLAIN_FILE = rf"\A(?:{PLAIN_OBJECT}\r?\n)*(?:{PLAIN_OBJECT})?\z"
+KNOWN_KEYS = (
+    "id",
+    "intent_id",
+    "symbol",
+    "side",
+    "source",
+    "created_at_ms",
+    "confidence",
+    "time",
+    "timestamp",
+    "ts",
+    "leverage",
+    "size_usd",
+    "position_size_usd",
+    "notional_usd",
+)
+# A key twice on one line ("." stops at the line's end): json.loads keeps the last value,
+# so such a line goes through parse_intent.
+KEY_TWICE = "|".join(rf'"{key}"[ \t]*:.*"{key}"[ \t]*:' for key in KNOWN_KEYS)
 
 
 def _reference(path: Path) -> pl.DataFrame:
@@ -141,3 +183,120 @@ def test_a_file_without_intents_gives_an_empty_frame(tmp_path, content):
     frame = _same(path)
     assert isinstance(frame, pl.DataFrame)
     assert frame.is_empty()
+
+
+def test_intents_that_are_not_utf8_are_refused_by_name(tmp_path):
+    path = tmp_path / "intents.jsonl"
+    path.write_bytes(json.dumps(PLAIN[0]).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(bt.KlinesError, match=r"intents\.jsonl: intents are not UTF-8 text"):
+        bt.load_intents(path)
+
+
+def test_a_large_file_scanned_in_pieces_gives_what_parse_intent_gives(tmp_path):
+    # Over a MiB: the core scans it in parallel pieces; tricky lines land in every piece.
+    path = tmp_path / "intents.jsonl"
+    plain = [json.dumps(p) for p in PLAIN]
+    line_path = [  # valid intents that are not plain, and lines without an intent
+        '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "BUY", "size_usd": 250.5}',
+        '{"time": 1700000000000, "symbol": "BTC\\u0055SDT", "side": "BUY"}',
+        '{"time": 1700000000000, "symbol": "BTCUSDT", "side": "UP", "side": "BUY"}',
+        "# a comment",
+        "   ",
+    ]
+    lines = [
+        line_path[i % len(line_path)] if i % 97 == 0 else plain[i % len(plain)]
+        for i in range(16_000)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert path.stat().st_size > 1 << 20
+    frame = _same(path)
+    assert isinstance(frame, pl.DataFrame)
+    assert frame.height == len(lines) - 2 * len(range(0, 16_000, 97 * 5))
+
+
+_PIECES = st.sampled_from(
+    [
+        *(f'"{k}"' for k in KNOWN_KEYS),
+        '"other"',
+        ":",
+        ": ",
+        ",",
+        ", ",
+        " ",
+        "\t",
+        "null",
+        "0",
+        "01",
+        "7",
+        "1.5",
+        "1.",
+        "2e5",
+        "3E-12",
+        "1e123",
+        "-1",
+        '"BTCUSDT"',
+        '""',
+        '"a b"',
+        '"x\\"y"',
+        '"\\u0041"',
+        "true",
+        "[]",
+        "{",
+        "}",
+        "\u00e9",
+    ]
+)
+
+
+@st.composite
+def _near_plain_lines(draw):
+    keys = draw(st.lists(st.sampled_from(KNOWN_KEYS), min_size=0, max_size=4))
+    values = {
+        k: draw(st.sampled_from(['"BTCUSDT"', '"i-1"', '""', "null", "0", "12.5", "1e3", "7"]))
+        for k in keys
+    }
+    body = ", ".join(f'"{k}": {v}' for k, v in values.items())
+    line = "{" + body + "}"
+    if draw(st.booleans()):  # break it somewhere
+        at = draw(st.integers(0, len(line)))
+        line = line[:at] + draw(_PIECES) + line[at:]
+    return draw(st.sampled_from(["", " ", "\t"])) + line + draw(st.sampled_from(["", " ", "\r"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_near_plain_lines(), min_size=1, max_size=8))
+def test_the_scanner_finds_exactly_the_lines_the_grammar_calls_plain(lines):
+    table, others, count = _core.scan_plain_intents("\n".join(lines).encode())
+    assert count == len(lines)
+    plain = [
+        i
+        for i, line in enumerate(lines)
+        if re.search(PLAIN_LINE, line.removesuffix("\r")) and not re.search(KEY_TWICE, line)
+    ]
+    assert sorted(set(range(len(lines))) - set(others.tolist())) == plain
+    rows = table.decode().splitlines()
+    assert [int(r.split("\t")[0]) for r in rows] == plain
+    for row in rows:
+        number, *fields = row.split("\t")
+        decoded = json.loads(lines[int(number)])
+        for name, text in zip(
+            [
+                "id",
+                "symbol",
+                "side",
+                "confidence",
+                "time",
+                "created_at_ms",
+                "timestamp",
+                "leverage",
+            ],
+            fields,
+            strict=True,
+        ):
+            value = decoded.get(name)
+            if value is None:
+                assert text == "\x01", (name, row)
+            elif isinstance(value, str):
+                assert text == value
+            else:
+                assert float(text) == float(value)

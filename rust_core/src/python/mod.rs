@@ -6,6 +6,7 @@ mod arrays;
 mod backtest;
 mod engine;
 mod errors;
+mod intents;
 mod rules;
 
 #[pymodule]
@@ -17,5 +18,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     arrays::register(m)?;
     engine::register(m)?;
     backtest::register(m)?;
+    intents::register(m)?;
     Ok(())
 }
