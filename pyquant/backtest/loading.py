@@ -395,9 +395,9 @@ def load_intents(path: str | os.PathLike[str]) -> pl.DataFrame:
 
     Lines in the plain shape a program writes (only the fields above, numbers as JSON
     numbers, no size, no escapes) are cut into fields by the core in one parallel pass and
-    checked as whole columns in polars; any
-    other line, and any line those checks refuse, goes through ``parse_intent`` one by one,
-    in file order, so every result and every error is the one ``parse_intent`` gives.
+    checked as whole columns in polars; any other line, and any line those checks refuse,
+    goes through ``parse_intent`` one by one, in file order, so every result and every
+    error is the one ``parse_intent`` gives.
 
     Returns:
         Columns ``intent_id``, ``time_ms``, ``symbol``, ``side`` (BUY/SELL), ``confidence``,
