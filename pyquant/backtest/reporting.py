@@ -199,23 +199,26 @@ def _exact_from_floats(
     """
     if decimals.size and int(decimals.max()) > _EXACT_SCALE:
         return None
-    scale = 10.0 ** decimals.astype(np.float64)
-    missing = np.isnan(values)
+    # One grid for every row (one symbol, or symbols sharing a tick): scalars, not arrays.
+    uniform = not decimals.size or bool((decimals == decimals[0]).all())
+    places = int(decimals[0]) if decimals.size else 0
+    scale = 10.0**places if uniform else 10.0 ** decimals.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         mantissa = np.rint(values * scale)
-        proven = missing | ((np.abs(mantissa) < _MAX_MANTISSA) & (mantissa / scale == values))
+        proven = np.isnan(values) | (
+            (np.abs(mantissa) < _MAX_MANTISSA) & (mantissa / scale == values)
+        )
     if not proven.all():
         return None
-    unit = _per_row(10 ** (_EXACT_SCALE - decimals.astype(np.int64))).cast(
-        pl.Decimal(38, 0)
-    ) * pl.lit(Decimal(1).scaleb(-_EXACT_SCALE), dtype=EXACT)
-    exact = (pl.col("m").cast(pl.Decimal(38, 0)) * unit).cast(EXACT)
-    if missing.any():
-        exact = pl.when(pl.col("missing")).then(None).otherwise(exact)
-    frame = pl.DataFrame(
-        {"m": np.where(missing, 0.0, mantissa).astype(np.int64), "missing": missing}
-    )
-    return frame.select(exact.alias("exact")).to_series()
+    if uniform:
+        unit = pl.lit(Decimal(1).scaleb(-places), dtype=EXACT)
+    else:
+        unit = _per_row(10 ** (_EXACT_SCALE - decimals.astype(np.int64))).cast(
+            pl.Decimal(38, 0)
+        ) * pl.lit(Decimal(1).scaleb(-_EXACT_SCALE), dtype=EXACT)
+    # NaN (no value) becomes null here and stays null through the arithmetic.
+    frame = pl.Series("m", mantissa, nan_to_null=True).cast(pl.Int64).to_frame()
+    return frame.select((pl.col("m").cast(pl.Decimal(38, 0)) * unit).cast(EXACT)).to_series()
 
 
 def _exact_columns(
@@ -255,19 +258,28 @@ _METRIC_NAMES = (
 )
 
 
-def _drawdown(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+def _one_group(frame: pl.DataFrame, keys: Sequence[str]) -> bool:
+    return all(frame[key].n_unique() <= 1 for key in keys)
+
+
+def _aggregate(
+    frame: pl.DataFrame, keys: Sequence[str], one_group: bool, *metrics: pl.Expr
+) -> pl.DataFrame:
+    # A run of one policy on one symbol (the usual call) is one group: a plain select then
+    # gives the group_by's row without hashing every row's keys. Only for metrics whose value
+    # does not depend on the summation order (counts, running sums in row order).
+    if one_group:
+        return frame.select(*(pl.col(key).first() for key in keys), *metrics)
+    return frame.group_by(list(keys)).agg(*metrics)
+
+
+def _drawdown(frame: pl.DataFrame, keys: list[str], one_group: bool) -> pl.DataFrame:
     # Realized equity moves at every fill (the entry pays its fee, each exit books its PnL);
     # the drawdown is the deepest fall of that curve from its running peak (peak starts at 0).
-    equity = (
-        frame.sort([*keys, "time_ms", "trade", "sequence"])
-        .with_columns(pl.col("pnl").cast(pl.Float64).cum_sum().over(keys).alias("equity"))
-        .with_columns(
-            (pl.col("equity").cum_max().over(keys).clip(lower_bound=0.0) - pl.col("equity")).alias(
-                "dd"
-            )
-        )
-    )
-    return equity.group_by(keys).agg(pl.col("dd").max().alias("max_drawdown"))
+    equity = pl.col("pnl").cum_sum()
+    drawdown = (equity.cum_max().clip(lower_bound=0.0) - equity).max().alias("max_drawdown")
+    ordered = frame.sort([*keys, "time_ms", "trade", "sequence"])
+    return _aggregate(ordered, keys, one_group, drawdown)
 
 
 def summarize(
@@ -315,6 +327,9 @@ def summarize(
             parts.append(parts[0].drop("symbol").with_columns(pl.lit(label).alias("symbol")))
             continue
         group = [*keys, *symbol_keys]
+        one_group = _one_group(trades, group) and _one_group(fills, group)
+        # Float sums through group_by always: its summation order, not a select's, so a
+        # symbol's figures do not depend on what else was in the run.
         stats = trades.group_by(group).agg(
             pl.len().alias("trades"),
             (pl.col("pnl") > 0).sum().alias("wins"),
@@ -324,15 +339,16 @@ def summarize(
             pl.col("fees").sum().alias("fees"),
             pl.col("r_multiple").mean().alias("expectancy_r"),
         )
-        stats = stats.join(_drawdown(fills, group), on=group, how="left")
+        stats = stats.join(_drawdown(fills, group, one_group), on=group, how="left")
         exits = fills.filter(pl.col("kind") == "exit")
         if not exits.is_empty():
-            counts = exits.with_columns(pl.format("exits_{}", "reason").alias("reason")).pivot(
-                on="reason",
-                index=group,
-                values="trade",
-                aggregate_function="len",
-                sort_columns=True,
+            # One count per exit reason (a handful of them), not a pivot of every exit row.
+            reasons = sorted(exits["reason"].unique().to_list())
+            counts = _aggregate(
+                exits,
+                group,
+                one_group,
+                *((pl.col("reason") == r).sum().alias(f"exits_{r}") for r in reasons),
             )
             stats = stats.join(counts, on=group, how="left")
         if label is not None:
