@@ -160,9 +160,11 @@ def _entries_by_symbol(entries: pl.DataFrame) -> dict[str, pl.DataFrame]:
     if entries.is_empty():
         return {}
     needed = entries.select(_CORE_ENTRY_COLUMNS)
-    symbols = needed["symbol"].unique()
-    if len(symbols) == 1:
-        parts = {str(symbols[0]): needed}
+    symbol = needed["symbol"]
+    first = symbol[0]
+    # One symbol (the usual intents of a one-symbol run): a compare, not a hash of each row.
+    if first is not None and not symbol.null_count() and (symbol == first).all():
+        parts = {str(first): needed}
     else:
         parts = {
             str(key[0]): part
