@@ -258,8 +258,12 @@ _METRIC_NAMES = (
 )
 
 
-def _one_group(frame: pl.DataFrame, keys: Sequence[str]) -> bool:
-    return all(frame[key].n_unique() <= 1 for key in keys)
+def _one_value(column: pl.Series) -> bool:
+    # A compare with the first value: a third of the time of counting distinct strings.
+    if column.is_empty():
+        return True
+    first = column[0]
+    return first is not None and not column.null_count() and bool((column == first).all())
 
 
 def _aggregate(
@@ -321,13 +325,16 @@ def summarize(
     )
     parts: list[pl.DataFrame] = []
     # One symbol: its rows are the TOTAL's, in the same order, so the same sums and curve.
-    one_symbol = trades["symbol"].n_unique() == 1 and fills["symbol"].n_unique() == 1
+    single = {
+        key: _one_value(trades[key]) and _one_value(fills[key]) for key in [*keys, "symbol"]
+    }
+    one_symbol = single["symbol"]
     for symbol_keys, label in ((["symbol"], None), ([], "TOTAL")):
         if label is not None and one_symbol:
             parts.append(parts[0].drop("symbol").with_columns(pl.lit(label).alias("symbol")))
             continue
         group = [*keys, *symbol_keys]
-        one_group = _one_group(trades, group) and _one_group(fills, group)
+        one_group = all(single[key] for key in group)
         # Float sums through group_by always: its summation order, not a select's, so a
         # symbol's figures do not depend on what else was in the run.
         stats = trades.group_by(group).agg(
