@@ -26,26 +26,15 @@ from pyquant.backtest import running as bt_running
 sys.path.insert(0, str(Path(__file__).parent))
 import backtest_baseline as baseline
 
-DATA = Path(__file__).parents[1] / "data"
-MARKET = DATA / "market"
-INFO = DATA / "binance" / "exchangeInfo_fapi_full_2025-11-26.json"
+sys.path.insert(0, str(Path(__file__).parents[1] / "backtest"))
+from backtest_helpers import DATA, EXAMPLE_POLICY, INFO
 
-# The worked example of exit-rules.md plus a time stop and a confidence-stretched ladder:
-# every rule of the state machine is exercised.
+MARKET = DATA / "market"
+
+# The worked example of exit-rules.md (fees charged by the backtest's config here) plus a
+# time stop and a confidence-stretched ladder: every rule of the state machine is exercised.
 POLICY = {
-    "stop_atr": 2.0,
-    "min_stop_pct": 0.003,
-    "max_stop_pct": 0.03,
-    "max_margin_loss": 0.10,
-    "ladder": [
-        {"at": 1.0, "fraction": 0.3},
-        {"at": 2.0, "fraction": 0.3},
-        {"at": 3.0, "fraction": 0.4},
-    ],
-    "breakeven_after_level": 1,
-    "ratchet_to_previous_level": True,
-    "trail_atr": 2.0,
-    "trail_activate_r": 3.0,
+    **{key: value for key, value in EXAMPLE_POLICY.items() if key != "taker_fee"},
     "max_hold_ms": 4 * 3_600_000,
     "confidence_scale": 1.0,
     "m_min": 0.5,
