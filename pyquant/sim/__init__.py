@@ -9,9 +9,10 @@ Start it in-process::
         venue.order_log.fills                       # what happened
 
 or from the shell with ``pyquant sim`` (see :mod:`pyquant.sim.cli`). Parts: ``exchange``
-(accounts, positions, matching, algo orders), ``validation`` (filters and mode rules to Binance
-codes), ``replay`` (klines to a seeded per-second mark path), ``streams``, ``ratelimit``,
-``faults``, ``records`` and ``server`` (the aiohttp app).
+(one account's venue, put together from ``state``, ``margin``, ``matching``, ``algo_orders``
+and ``liquidation``), ``validation`` (filters and mode rules to Binance codes), ``replay``
+(klines to a seeded per-second mark path), ``streams``, ``ratelimit``, ``faults``, ``records``
+and ``server`` (the aiohttp app).
 
 Positions report Binance's liquidation price (``positionRisk``) in both margin types and
 modes; liquidation (``liquidation=True``, ``--liquidation``) and 8-hourly funding

@@ -43,11 +43,14 @@ from aiohttp import web
 
 from pyquant.sim import streams
 from pyquant.sim.account import AccountSettings
-from pyquant.sim.exchange import ZERO, Exchange, TestOnly, max_notional_for
+from pyquant.sim.exchange import Exchange
 from pyquant.sim.faults import FaultConfig, Faults, OrderFault
+from pyquant.sim.margin import max_notional_for
+from pyquant.sim.matching import TestOnly
 from pyquant.sim.ratelimit import Limited, RateLimits
 from pyquant.sim.records import OrderLog, load_state, save_state
 from pyquant.sim.replay import DEFAULT_DATA, INTERVAL_MS, Replay, SimClock, load_klines
+from pyquant.sim.state import ZERO
 from pyquant.sim.validation import BinanceError, SymbolRules, fmt_decimal
 
 __all__ = ["EXCHANGE_INFO", "Venue", "load_exchange_info"]
@@ -997,7 +1000,7 @@ class Venue:
         return {"code": 200, "msg": "success"}
 
     async def _leverage_bracket(self, p: dict[str, str]) -> object:
-        from pyquant.sim.exchange import BRACKETS
+        from pyquant.sim.margin import BRACKETS
 
         def one(s: str) -> dict[str, Any]:
             return {
@@ -1081,7 +1084,7 @@ class Venue:
         order_margin = sum((ex.order_margin(o) for o in orders), ZERO)
         bid = sum((o.price * o.remaining for o in orders if o.side == "BUY"), ZERO)
         ask = sum((o.price * o.remaining for o in orders if o.side == "SELL"), ZERO)
-        from pyquant.sim.exchange import maint_margin
+        from pyquant.sim.margin import maint_margin
 
         return {
             "pos": pos,

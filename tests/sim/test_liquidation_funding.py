@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from pyquant.sim.exchange import FUNDING_INTERVAL_MS, Exchange
+from pyquant.sim.exchange import Exchange
+from pyquant.sim.liquidation import FUNDING_INTERVAL_MS
 from tests.sim.conftest import Rest, open_user_stream, sample
 from tests.sim.test_exchange import make, order
 
