@@ -18,7 +18,6 @@ from pyquant.sim.matching import Matching
 from pyquant.sim.state import (
     FUNDING_INTERVAL_MS,
     ZERO,
-    Fill,
     Order,
     Position,
     next_funding_after,
@@ -171,18 +170,4 @@ class LiquidationAndFunding(Matching):
         )
         self._order_event(order, "NEW")
         fee = price * qty * (rules.liquidation_fee or self.taker_fee)
-        realized = self._apply_fill(order, price, qty, fee, now)
-        order.executed_qty = qty
-        order.cum_quote = price * qty
-        order.status = "FILLED"
-        trade = self._book_trade(order, price, qty, fee, realized, now, maker=False)
-        self._order_event(
-            order,
-            "CALCULATED",
-            fill=Fill(price, qty, False),
-            fee=fee,
-            realized=realized,
-            trade_id=trade.trade_id,
-        )
-        self._account_event(order.symbol, "ORDER", balance_change=ZERO)
-        self._after_position_change(order.symbol)
+        self._fill(order, price, qty, fee, now, maker=False, exec_type="CALCULATED")

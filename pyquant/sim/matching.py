@@ -276,35 +276,54 @@ class Matching(AccountMargin):
             qty = min(qty, reducible)
         if qty <= 0:
             return
-        rules = self.rules[order.symbol]
         now = self.now_ms()
         fee = price * qty * (self.maker_fee if maker else self.taker_fee)
+        self._fill(order, price, qty, fee, now, maker=maker, exec_type="TRADE")
+
+    def _fill(
+        self,
+        order: Order,
+        price: Decimal,
+        qty: Decimal,
+        fee: Decimal,
+        now: int,
+        *,
+        maker: bool,
+        exec_type: str,
+    ) -> None:
+        """Book one fill of ``order`` and report it: legs and wallet, order totals, trade, events.
+
+        ``exec_type`` is ``TRADE`` for a match (with its ``TRADE_LITE``) or ``CALCULATED`` for a
+        liquidation's fill (Binance sends no ``TRADE_LITE`` for those).
+        """
+        rules = self.rules[order.symbol]
         realized = self._apply_fill(order, price, qty, fee, now)
         order.executed_qty += qty
         order.cum_quote += price * qty
         order.update_time = now
         order.status = "FILLED" if order.remaining == 0 else "PARTIALLY_FILLED"
         trade = self._book_trade(order, price, qty, fee, realized, now, maker=maker)
-        self._emit(
-            {
-                "e": "TRADE_LITE",
-                "E": now,
-                "T": now,
-                "s": order.symbol,
-                "q": rules.fmt_qty(order.orig_qty),
-                "p": rules.fmt_price(order.price),
-                "m": maker,
-                "c": order.client_order_id,
-                "S": order.side,
-                "L": rules.fmt_price(price),
-                "l": rules.fmt_qty(qty),
-                "t": trade.trade_id,
-                "i": order.order_id,
-            }
-        )
+        if exec_type == "TRADE":
+            self._emit(
+                {
+                    "e": "TRADE_LITE",
+                    "E": now,
+                    "T": now,
+                    "s": order.symbol,
+                    "q": rules.fmt_qty(order.orig_qty),
+                    "p": rules.fmt_price(order.price),
+                    "m": maker,
+                    "c": order.client_order_id,
+                    "S": order.side,
+                    "L": rules.fmt_price(price),
+                    "l": rules.fmt_qty(qty),
+                    "t": trade.trade_id,
+                    "i": order.order_id,
+                }
+            )
         self._order_event(
             order,
-            "TRADE",
+            exec_type,
             fill=Fill(price, qty, maker),
             fee=fee,
             realized=realized,
