@@ -127,14 +127,45 @@ class Venue:
     Use :func:`pyquant.sim.serve` rather than this class directly. Attributes of interest:
     ``rest_url``, ``ws_url``, ``api_key``, ``api_secret``, ``exchange`` (the matching state),
     ``order_log``, ``replay``, ``clock``, ``faults``.
+
+    Args:
+        host: Address to bind (keep it on loopback).
+        port: Port to bind; 0 picks a free one (read ``venue.rest_url``).
+        data: Kline files (Parquet/CSV) to replay; None: the bundled real data set, unless
+            ``symbols`` is given alone (then every symbol is a seeded random walk).
+        symbols: Symbols to serve as a seeded random walk (any real symbol of the snapshot).
+        speed: Exchange-clock seconds per wall second; 0 = manual clock (tests: ``step``).
+        position_mode: ``"one-way"`` or ``"hedge"``.
+        balance: Starting USDT wallet balance.
+        api_key: API key clients must send; a fresh random key pair when None.
+        api_secret: HMAC secret paired with ``api_key``.
+        seed: Seed of the in-bar price paths, the random walk and fault draws.
+        fees: (maker, taker) fee rates.
+        slippage_ticks: Ticks a MARKET fill moves against the taker.
+        state: JSON file that keeps the account across restarts.
+        faults: Fault switches (see :mod:`pyquant.sim.faults`).
+        rate_limits: Replacement exchangeInfo ``rateLimits`` (served and enforced).
+        exchange_info: Another exchangeInfo snapshot (path or dict).
+        time_skew_ms: Offset of the server's clock for ``timestamp`` checks and ``/time``.
+        ping_interval_s: Websocket ping-frame interval (Binance: 180 s).
+        max_connection_s: Websocket connection lifetime (Binance: 24 h).
+        start_ms: Exchange clock at start (default: now).
+        walk_start: Start prices of the random-walk symbols (default: 10 000 ticks).
+        liquidation: Liquidate legs whose mark reaches their liquidation price (an
+            ``autoclose-`` order; see :mod:`pyquant.sim.liquidation`). Off by default.
+        funding: Charge funding every 8 h of exchange time (00/08/16 UTC). Off by default.
+        funding_rate: Funding rate of every symbol (served as ``lastFundingRate``).
+        account: Multi-Assets mode, API key permissions, whether ``apiRestrictions`` is
+            served and which websocket routes are refused (see :mod:`pyquant.sim.account`).
+
     """
 
     def __init__(
         self,
-        *,
         host: str = "127.0.0.1",
         port: int = 0,
         data: list[str | Path] | None = None,
+        *,
         symbols: list[str] | None = None,
         speed: float = 1.0,
         position_mode: str = "one-way",
