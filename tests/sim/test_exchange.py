@@ -9,6 +9,7 @@ import pytest
 from pyquant.sim.exchange import AlgoOrder, Exchange
 from pyquant.sim.server import load_exchange_info
 from pyquant.sim.validation import BinanceError, SymbolRules
+from tests.sim.conftest import limit, market
 
 INFO = load_exchange_info()
 RULES = {
@@ -32,26 +33,6 @@ def make(mode: str = "one-way", **kw: object) -> Exchange:
     ex.set_price("DOGEUSDT", D("0.20000"))
     ex.set_price("ETHUSDT", D("3000"))
     return ex
-
-
-def market(side: str, quantity: str, symbol: str = "DOGEUSDT", **p: str) -> dict[str, str]:
-    """Parameters of a MARKET order (on DOGEUSDT unless named)."""
-    return {"symbol": symbol, "side": side, "type": "MARKET", "quantity": quantity, **p}
-
-
-def limit(
-    side: str, quantity: str, price: str, tif: str = "GTC", symbol: str = "DOGEUSDT", **p: str
-) -> dict[str, str]:
-    """Parameters of a LIMIT order (GTC on DOGEUSDT unless named)."""
-    return {
-        "symbol": symbol,
-        "side": side,
-        "type": "LIMIT",
-        "timeInForce": tif,
-        "quantity": quantity,
-        "price": price,
-        **p,
-    }
 
 
 def order(ex: Exchange, **p: str) -> dict[str, object]:
