@@ -40,6 +40,13 @@ def order(ex: Exchange, **p: str) -> dict[str, object]:
     return body
 
 
+def long_doge(mode: str = "one-way") -> Exchange:
+    """A fresh exchange holding a 100 DOGEUSDT long (its LONG leg in hedge mode)."""
+    ex = make(mode)
+    order(ex, **market("BUY", "100", **({"positionSide": "LONG"} if mode == "hedge" else {})))
+    return ex
+
+
 def code(ex: Exchange, fn: str = "new_order", **p: str) -> int:
     with pytest.raises(BinanceError) as info:
         getattr(ex, fn)(p)
@@ -64,8 +71,7 @@ def test_one_way_open_partial_close_full_close_realizes_pnl() -> None:
 
 
 def test_one_way_opposite_order_without_reduce_only_flips_at_fill_price() -> None:
-    ex = make()
-    order(ex, **market("BUY", "100"))
+    ex = long_doge()
     ex.set_price("DOGEUSDT", D("0.19000"))
     order(ex, **market("SELL", "150"))
     pos = ex.position("DOGEUSDT", "BOTH")
@@ -85,8 +91,7 @@ def test_reduce_only_never_flips_and_is_rejected_when_flat_or_same_side() -> Non
 
 
 def test_min_notional_exempts_reduce_only() -> None:
-    ex = make()
-    order(ex, **market("BUY", "100"))
+    ex = long_doge()
     # 10 DOGE at 0.2 = 2 USDT < 5
     assert code(ex, **market("SELL", "10")) == -4164
     body = order(ex, **market("SELL", "10", reduceOnly="true"))
@@ -94,8 +99,7 @@ def test_min_notional_exempts_reduce_only() -> None:
 
 
 def test_hedge_legs_are_independent_and_closes_clip_to_the_leg() -> None:
-    ex = make("hedge")
-    order(ex, **market("BUY", "100", positionSide="LONG"))
+    ex = long_doge("hedge")
     order(ex, **market("SELL", "50", positionSide="SHORT"))
     assert ex.position("DOGEUSDT", "LONG").amount == 100
     assert ex.position("DOGEUSDT", "SHORT").amount == -50
@@ -214,8 +218,7 @@ def test_stop_that_would_trigger_at_once_is_2021() -> None:
 
 
 def test_close_position_on_flat_leg_expires_without_opening() -> None:
-    ex = make("hedge")
-    order(ex, **market("BUY", "100", positionSide="LONG"))
+    ex = long_doge("hedge")
     a = algo(
         ex,
         "SELL",
@@ -236,8 +239,7 @@ def test_close_position_on_flat_leg_expires_without_opening() -> None:
 
 
 def test_gte_gtc_algo_orders_expire_when_the_position_closes() -> None:
-    ex = make()
-    order(ex, **market("BUY", "100"))
+    ex = long_doge()
     a = algo(
         ex,
         "SELL",
@@ -251,8 +253,7 @@ def test_gte_gtc_algo_orders_expire_when_the_position_closes() -> None:
 
 
 def test_trailing_stop_follows_the_peak() -> None:
-    ex = make()
-    order(ex, **market("BUY", "100"))
+    ex = long_doge()
     a = algo(
         ex,
         "SELL",
@@ -304,8 +305,7 @@ def test_duplicate_client_id_among_open_orders_only() -> None:
 
 
 def test_resting_reduce_only_limit_expires_when_position_shrinks() -> None:
-    ex = make()
-    order(ex, **market("BUY", "100"))
+    ex = long_doge()
     body = order(ex, **limit("SELL", "100", "0.21000", reduceOnly="true"))
     order(ex, **market("SELL", "50", reduceOnly="true"))
     resting = ex.orders[int(str(body["orderId"]))]
@@ -328,9 +328,8 @@ def test_market_child_fill_comes_before_triggered_and_finished(mode: str) -> Non
     """Contract 2.5 (live traffic, nautilus_trader #3664): TRIGGERING, then the MARKET child's
     ORDER_TRADE_UPDATEs (NEW, TRADE), then ALGO_UPDATE TRIGGERED (ap/aq still "0", as in the real
     capture) and FINISHED (with the fill's ap/aq)."""
-    ex = make(mode)
+    ex = long_doge(mode)
     leg = {"positionSide": "LONG"} if mode == "hedge" else {}
-    order(ex, **market("BUY", "100", **leg))
     a = algo(
         ex,
         "SELL",
@@ -365,8 +364,7 @@ def test_market_child_fill_comes_before_triggered_and_finished(mode: str) -> Non
 
 
 def test_resting_limit_child_finishes_when_it_fills() -> None:
-    ex = make()
-    order(ex, **market("BUY", "100"))
+    ex = long_doge()
     a = algo(
         ex,
         "SELL",
@@ -391,8 +389,7 @@ def test_resting_limit_child_finishes_when_it_fills() -> None:
 
 
 def test_algo_rejected_at_trigger_carries_its_reason() -> None:
-    ex = make()
-    order(ex, **market("BUY", "100"))
+    ex = long_doge()
     a = algo(
         ex,
         "SELL",
@@ -411,8 +408,7 @@ def test_algo_rejected_at_trigger_carries_its_reason() -> None:
 
 
 def test_trailing_activation_is_reported_as_ia() -> None:
-    ex = make()
-    order(ex, **market("BUY", "100"))
+    ex = long_doge()
     algo(
         ex,
         "SELL",
