@@ -46,6 +46,19 @@ def limit(
     }
 
 
+def conditional(side: str, kind: str, trigger: str, **p: str) -> dict[str, str]:
+    """Request parameters of a DOGEUSDT conditional (algo) order triggered by the mark price."""
+    return {
+        "algoType": "CONDITIONAL",
+        "symbol": "DOGEUSDT",
+        "side": side,
+        "type": kind,
+        "workingType": "MARK_PRICE",
+        "triggerPrice": trigger,
+        **p,
+    }
+
+
 class Rest:
     """Minimal signed client; returns (status, headers, body)."""
 

@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.sim.conftest import Rest, limit, market, sample
+from tests.sim.conftest import Rest, conditional, limit, market, sample
 
 ORDER = "/fapi/v1/order"
 ALGO = "/fapi/v1/algoOrder"
@@ -184,47 +184,36 @@ async def test_unknown_order_duplicate_id_and_cancel(rest: Rest) -> None:
 
 async def test_algo_order_rejections(rest: Rest) -> None:
     mark = rest.venue.exchange.mark("DOGEUSDT")
-    base = {
-        "algoType": "CONDITIONAL",
-        "symbol": "DOGEUSDT",
-        "type": "STOP_MARKET",
-        "workingType": "MARK_PRICE",
-    }
     body = await rest.error(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        quantity="100",
-        triggerPrice=str(mark + 1000 * rest.venue.rules["DOGEUSDT"].tick_size),
+        **conditional(
+            "SELL",
+            "STOP_MARKET",
+            str(mark + 1000 * rest.venue.rules["DOGEUSDT"].tick_size),
+            quantity="100",
+        ),
     )
     assert body == {"code": -2021, "msg": REAL[-2021]}
     body = await rest.error(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        closePosition="true",
-        quantity="100",
-        triggerPrice="0.10000",
+        **conditional("SELL", "STOP_MARKET", "0.10000", closePosition="true", quantity="100"),
     )
     assert body["code"] == -4137
     body = await rest.error(
-        "POST",
-        ALGO,
-        **{**base, "algoType": ""},
-        side="SELL",
-        quantity="100",
-        triggerPrice="0.10000",
+        "POST", ALGO, **conditional("SELL", "STOP_MARKET", "0.10000", quantity="100", algoType="")
     )
     assert body["code"] == -1102
     # Only one resting close-all per type and direction (contract 2.5), so the limit of 10 is
     # reached with one close-all stop and nine sized ones.
-    await rest.ok("POST", ALGO, **base, side="SELL", closePosition="true", triggerPrice="0.10000")
+    await rest.ok(
+        "POST", ALGO, **conditional("SELL", "STOP_MARKET", "0.10000", closePosition="true")
+    )
     for _ in range(9):
-        await rest.ok("POST", ALGO, **base, side="SELL", quantity="100", triggerPrice="0.10000")
+        await rest.ok("POST", ALGO, **conditional("SELL", "STOP_MARKET", "0.10000", quantity="100"))
     body = await rest.error(
-        "POST", ALGO, **base, side="SELL", quantity="100", triggerPrice="0.10000"
+        "POST", ALGO, **conditional("SELL", "STOP_MARKET", "0.10000", quantity="100")
     )
     assert body == {"code": -4045, "msg": "Reach max stop order limit."}
     assert (await rest.error("DELETE", ALGO, algoId="1"))["code"] == -2011
@@ -244,71 +233,45 @@ async def test_second_close_all_stop_in_one_direction_is_4130_one_way(rest: Rest
     mark = rest.venue.exchange.mark("DOGEUSDT")
     tick = rest.venue.rules["DOGEUSDT"].tick_size
     await rest.ok("POST", ORDER, **market("BUY", "100"))
-    base = {"algoType": "CONDITIONAL", "symbol": "DOGEUSDT", "workingType": "MARK_PRICE"}
     below, above = str(mark - 50 * tick), str(mark + 50 * tick)
     first = await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice=below,
-        clientAlgoId="stop-1",
+        **conditional("SELL", "STOP_MARKET", below, closePosition="true", clientAlgoId="stop-1"),
     )
     status, _, body = await rest.signed(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice=str(mark - 10 * tick),
-        clientAlgoId="stop-2",
+        **conditional(
+            "SELL",
+            "STOP_MARKET",
+            str(mark - 10 * tick),
+            closePosition="true",
+            clientAlgoId="stop-2",
+        ),
     )
     assert (status, body) == (400, CLOSE_ALL_EXISTS)
     # the refused order does not exist
     assert (await rest.error("GET", ALGO, clientAlgoId="stop-2"))["code"] == -2013
     # a take-profit close-all beside the stop close-all is accepted
     await rest.ok(
-        "POST",
-        ALGO,
-        **base,
-        side="SELL",
-        type="TAKE_PROFIT_MARKET",
-        closePosition="true",
-        triggerPrice=above,
+        "POST", ALGO, **conditional("SELL", "TAKE_PROFIT_MARKET", above, closePosition="true")
     )
     # so is a BUY close-all (the other direction) and a sized reduce-only stop (tightening)
+    await rest.ok("POST", ALGO, **conditional("BUY", "STOP_MARKET", above, closePosition="true"))
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="BUY",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice=above,
-    )
-    await rest.ok(
-        "POST",
-        ALGO,
-        **base,
-        side="SELL",
-        type="STOP_MARKET",
-        quantity="100",
-        reduceOnly="true",
-        triggerPrice=str(mark - 10 * tick),
+        **conditional(
+            "SELL", "STOP_MARKET", str(mark - 10 * tick), quantity="100", reduceOnly="true"
+        ),
     )
     # once the first is cancelled, a new close-all stop is accepted again
     await rest.ok("DELETE", ALGO, algoId=str(first["algoId"]))
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice=str(mark - 10 * tick),
+        **conditional("SELL", "STOP_MARKET", str(mark - 10 * tick), closePosition="true"),
     )
 
 
@@ -320,59 +283,39 @@ async def test_second_close_all_stop_per_position_side_is_4130_hedge(hrest: Rest
     tick = rest.venue.rules["DOGEUSDT"].tick_size
     for side, leg in (("BUY", "LONG"), ("SELL", "SHORT")):
         await rest.ok("POST", ORDER, **market(side, "100", positionSide=leg))
-    base = {
-        "algoType": "CONDITIONAL",
-        "symbol": "DOGEUSDT",
-        "type": "STOP_MARKET",
-        "workingType": "MARK_PRICE",
-    }
     below, above = str(mark - 50 * tick), str(mark + 50 * tick)
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        positionSide="LONG",
-        closePosition="true",
-        triggerPrice=below,
+        **conditional("SELL", "STOP_MARKET", below, positionSide="LONG", closePosition="true"),
     )
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="BUY",
-        positionSide="SHORT",
-        closePosition="true",
-        triggerPrice=above,
+        **conditional("BUY", "STOP_MARKET", above, positionSide="SHORT", closePosition="true"),
     )
     status, _, body = await rest.signed(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        positionSide="LONG",
-        closePosition="true",
-        triggerPrice=str(mark - 10 * tick),
+        **conditional(
+            "SELL", "STOP_MARKET", str(mark - 10 * tick), positionSide="LONG", closePosition="true"
+        ),
     )
     assert (status, body) == (400, CLOSE_ALL_EXISTS)
     status, _, body = await rest.signed(
         "POST",
         ALGO,
-        **base,
-        side="BUY",
-        positionSide="SHORT",
-        closePosition="true",
-        triggerPrice=str(mark + 10 * tick),
+        **conditional(
+            "BUY", "STOP_MARKET", str(mark + 10 * tick), positionSide="SHORT", closePosition="true"
+        ),
     )
     assert (status, body) == (400, CLOSE_ALL_EXISTS)
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        positionSide="LONG",
-        quantity="100",
-        triggerPrice=str(mark - 10 * tick),
+        **conditional(
+            "SELL", "STOP_MARKET", str(mark - 10 * tick), positionSide="LONG", quantity="100"
+        ),
     )
     assert len(await rest.ok("GET", "/fapi/v1/openAlgoOrders", symbol="DOGEUSDT")) == 3
 
@@ -384,26 +327,27 @@ async def test_algo_lookup_finds_triggered_and_cancelled_orders(rest: Rest) -> N
     mark = venue.exchange.mark("DOGEUSDT")
     tick = venue.rules["DOGEUSDT"].tick_size
     await rest.ok("POST", ORDER, **market("BUY", "100"))
-    base = {"algoType": "CONDITIONAL", "symbol": "DOGEUSDT", "workingType": "MARK_PRICE"}
     fired = await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice=str(mark - 10 * tick),
-        clientAlgoId="lk-fired",
+        **conditional(
+            "SELL",
+            "STOP_MARKET",
+            str(mark - 10 * tick),
+            closePosition="true",
+            clientAlgoId="lk-fired",
+        ),
     )
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        type="TAKE_PROFIT_MARKET",
-        closePosition="true",
-        triggerPrice=str(mark + 50 * tick),
-        clientAlgoId="lk-cancelled",
+        **conditional(
+            "SELL",
+            "TAKE_PROFIT_MARKET",
+            str(mark + 50 * tick),
+            closePosition="true",
+            clientAlgoId="lk-cancelled",
+        ),
     )
     await rest.ok("DELETE", ALGO, clientAlgoId="lk-cancelled")
     await venue.set_mark("DOGEUSDT", mark - 20 * tick)
