@@ -121,10 +121,10 @@ class AccountMargin(VenueState):
     def liquidation_price(self, symbol: str, side: str) -> Decimal:
         """Liquidation price of the leg ``(symbol, side)``; 0 when flat or never liquidated.
 
-        Binance's formula (module docstring): cross legs of the symbol share one price, computed
-        from the cross wallet and the other symbols' cross legs; an isolated leg's price comes
-        from its isolated wallet alone. The bracket is the one of each leg's notional at the
-        liquidation price, found by recomputing until it no longer changes.
+        Binance's formula (in :mod:`pyquant.sim.exchange`): cross legs of the symbol share one
+        price, computed from the cross wallet and the other symbols' cross legs; an isolated
+        leg's price comes from its isolated wallet alone. The bracket is the one of each leg's
+        notional at the liquidation price, found by recomputing until it no longer changes.
         """
         return self._liquidation(symbol, side)[0]
 
