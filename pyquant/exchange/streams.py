@@ -36,7 +36,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,7 +315,51 @@ async def fetch_closed_bars(venue: Venue, symbol: str, interval: str, limit: int
     return closed_bars(rows, now_ms)
 
 
-class MarkPriceStream:
+class _ReconnectingStream:
+    """What both streams share: their loops run together, the socket being read, closing.
+
+    A subclass creates ``_ws``, ``_closed`` and ``health`` and names its loops in ``_loops``:
+    the connection loop (connect, read, reconnect) and its upkeep loop (the mark stream's
+    staleness watchdog, the user stream's listenKey keepalive).
+    """
+
+    _ws: ClientConnection | None
+    _closed: asyncio.Event
+    health: FeedHealth
+
+    def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        """Stream until cancelled or ``close()``; a network failure only means a reconnect."""
+        async with asyncio.TaskGroup() as group:
+            for name, loop in self._loops().items():
+                group.create_task(loop, name=name)
+
+    async def close(self) -> None:
+        """Stop streaming and close the socket."""
+        self._closed.set()
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def force_reconnect(self) -> None:
+        """Drop the current connection (the loop reconnects at once)."""
+        if self._ws is not None:
+            await self._ws.close()
+
+    def _now_connected(self, first: bool) -> None:
+        self.health.connected = True
+        self.health.connected_since = time.monotonic()
+        if not first:
+            self.health.reconnects += 1
+
+    async def _sleep_unless_closed(self, seconds: float) -> None:
+        """Wait ``seconds``, or less when ``close()`` comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), seconds)
+
+
+class MarkPriceStream(_ReconnectingStream):
     """The mark-price websocket with reconnects, rotation and a REST fallback.
 
     Args:
@@ -372,22 +416,8 @@ class MarkPriceStream:
         """The URL the next connection goes to."""
         return mark_price_url(self.routes.current, self._stream_symbols)
 
-    async def run(self) -> None:
-        """Stream until cancelled or ``close()``; never returns on a network failure."""
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._watchdog(), name="markprice-watchdog")
-            group.create_task(self._connection_loop(), name="markprice-ws")
-
-    async def close(self) -> None:
-        """Stop streaming and close the socket."""
-        self._closed.set()
-        if self._ws is not None:
-            await self._ws.close()
-
-    async def force_reconnect(self) -> None:
-        """Drop the current connection (the loop reconnects at once)."""
-        if self._ws is not None:
-            await self._ws.close()
+    def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
+        return {"markprice-watchdog": self._watchdog(), "markprice-ws": self._connection_loop()}
 
     def _deliver(self, data: bytes, *, polled: bool) -> None:
         health = self.health
@@ -414,10 +444,7 @@ class MarkPriceStream:
                         # close() ran while this connection was being made: it saw no socket
                         # to close, so this one would be read forever.
                         break
-                    self.health.connected = True
-                    self.health.connected_since = time.monotonic()
-                    if not first:
-                        self.health.reconnects += 1
+                    self._now_connected(first)
                     first = False
                     logger.info("Mark-price stream connected url=%s", self.url)
                     if await self._read(ws):
@@ -438,8 +465,7 @@ class MarkPriceStream:
             first = False
             delay = self._backoff.next_delay()
             logger.info("Mark-price stream reconnecting in %.2f s", delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), delay)
+            await self._sleep_unless_closed(delay)
 
     async def _read(self, ws: ClientConnection) -> bool:
         got = False
@@ -483,8 +509,7 @@ class MarkPriceStream:
         tick = min(1.0, self._stale_after_s / 4)
         started = time.monotonic()
         while not self._closed.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), tick)
+            await self._sleep_unless_closed(tick)
             if self._closed.is_set():
                 return
             silent = time.monotonic() - (self._last_ws_at or started)
@@ -498,10 +523,7 @@ class MarkPriceStream:
                 )
             if self._stale_since is not None:
                 await self._poll_once()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._closed.wait(), max(0.0, self._poll_interval_s - tick)
-                    )
+                await self._sleep_unless_closed(max(0.0, self._poll_interval_s - tick))
 
     async def _poll_once(self) -> None:
         try:
@@ -582,7 +604,7 @@ def parse_user_event(data: bytes | str) -> UserEvent:
     return UserEvent(kind, event_time, doc)
 
 
-class UserDataStream:
+class UserDataStream(_ReconnectingStream):
     """The user-data websocket: listenKey lifecycle, reconnects, decoded events.
 
     Args:
@@ -627,25 +649,18 @@ class UserDataStream:
         self._closed = asyncio.Event()
         self._renew = asyncio.Event()
 
-    async def run(self) -> None:
-        """Stream until cancelled or ``close()``."""
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._keepalive_loop(), name="listenkey-keepalive")
-            group.create_task(self._connection_loop(), name="userdata-ws")
+    def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
+        return {
+            "listenkey-keepalive": self._keepalive_loop(),
+            "userdata-ws": self._connection_loop(),
+        }
 
     async def close(self) -> None:
         """Stop, close the socket and the listenKey."""
-        self._closed.set()
-        if self._ws is not None:
-            await self._ws.close()
+        await super().close()
         if self.listen_key is not None:
             with contextlib.suppress(ExchangeError):
                 await self._venue.close_listen_key()
-
-    async def force_reconnect(self) -> None:
-        """Drop the current connection (the loop reconnects at once)."""
-        if self._ws is not None:
-            await self._ws.close()
 
     async def _new_listen_key(self) -> str:
         key = await self._venue.create_listen_key()
@@ -671,10 +686,7 @@ class UserDataStream:
                         # close() ran while this connection was being made: it saw no socket
                         # to close, so this one would be read forever.
                         break
-                    self.health.connected = True
-                    self.health.connected_since = time.monotonic()
-                    if not first:
-                        self.health.reconnects += 1
+                    self._now_connected(first)
                     logger.info("User-data stream connected reconnect=%s", not first)
                     if self._on_connected is not None:
                         await self._on_connected(not first)
@@ -717,8 +729,7 @@ class UserDataStream:
             if self._renew.is_set() and (renew_at_once or refusals == 0):
                 continue  # listenKeyExpired, or the first refusal: reconnect with a new key now
             delay = self._backoff.next_delay()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), delay)
+            await self._sleep_unless_closed(delay)
 
     async def _read(self, ws: ClientConnection) -> None:
         deadline = self.health.connected_since + self._rotate_after_s
@@ -748,8 +759,7 @@ class UserDataStream:
 
     async def _keepalive_loop(self) -> None:
         while not self._closed.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), self._keepalive_interval_s)
+            await self._sleep_unless_closed(self._keepalive_interval_s)
             if self._closed.is_set() or self.listen_key is None:
                 continue
             try:

@@ -18,7 +18,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyquant.sim.exchange import AlgoOrder, Exchange, Income, Order, Position, Trade
+from pyquant.sim.exchange import Exchange
+from pyquant.sim.state import AlgoOrder, Income, Order, Position, Trade
 
 __all__ = ["OrderLog", "load_state", "save_state"]
 

@@ -43,11 +43,14 @@ from aiohttp import web
 
 from pyquant.sim import streams
 from pyquant.sim.account import AccountSettings
-from pyquant.sim.exchange import ZERO, Exchange, TestOnly, max_notional_for
+from pyquant.sim.exchange import Exchange
 from pyquant.sim.faults import FaultConfig, Faults, OrderFault
+from pyquant.sim.margin import max_notional_for
+from pyquant.sim.matching import TestOnly
 from pyquant.sim.ratelimit import Limited, RateLimits
 from pyquant.sim.records import OrderLog, load_state, save_state
 from pyquant.sim.replay import DEFAULT_DATA, INTERVAL_MS, Replay, SimClock, load_klines
+from pyquant.sim.state import ZERO
 from pyquant.sim.validation import BinanceError, SymbolRules, fmt_decimal
 
 __all__ = ["EXCHANGE_INFO", "Venue", "load_exchange_info"]
@@ -124,14 +127,45 @@ class Venue:
     Use :func:`pyquant.sim.serve` rather than this class directly. Attributes of interest:
     ``rest_url``, ``ws_url``, ``api_key``, ``api_secret``, ``exchange`` (the matching state),
     ``order_log``, ``replay``, ``clock``, ``faults``.
+
+    Args:
+        host: Address to bind (keep it on loopback).
+        port: Port to bind; 0 picks a free one (read ``venue.rest_url``).
+        data: Kline files (Parquet/CSV) to replay; None: the bundled real data set, unless
+            ``symbols`` is given alone (then every symbol is a seeded random walk).
+        symbols: Symbols to serve as a seeded random walk (any real symbol of the snapshot).
+        speed: Exchange-clock seconds per wall second; 0 = manual clock (tests: ``step``).
+        position_mode: ``"one-way"`` or ``"hedge"``.
+        balance: Starting USDT wallet balance.
+        api_key: API key clients must send; a fresh random key pair when None.
+        api_secret: HMAC secret paired with ``api_key``.
+        seed: Seed of the in-bar price paths, the random walk and fault draws.
+        fees: (maker, taker) fee rates.
+        slippage_ticks: Ticks a MARKET fill moves against the taker.
+        state: JSON file that keeps the account across restarts.
+        faults: Fault switches (see :mod:`pyquant.sim.faults`).
+        rate_limits: Replacement exchangeInfo ``rateLimits`` (served and enforced).
+        exchange_info: Another exchangeInfo snapshot (path or dict).
+        time_skew_ms: Offset of the server's clock for ``timestamp`` checks and ``/time``.
+        ping_interval_s: Websocket ping-frame interval (Binance: 180 s).
+        max_connection_s: Websocket connection lifetime (Binance: 24 h).
+        start_ms: Exchange clock at start (default: now).
+        walk_start: Start prices of the random-walk symbols (default: 10 000 ticks).
+        liquidation: Liquidate legs whose mark reaches their liquidation price (an
+            ``autoclose-`` order; see :mod:`pyquant.sim.liquidation`). Off by default.
+        funding: Charge funding every 8 h of exchange time (00/08/16 UTC). Off by default.
+        funding_rate: Funding rate of every symbol (served as ``lastFundingRate``).
+        account: Multi-Assets mode, API key permissions, whether ``apiRestrictions`` is
+            served and which websocket routes are refused (see :mod:`pyquant.sim.account`).
+
     """
 
     def __init__(
         self,
-        *,
         host: str = "127.0.0.1",
         port: int = 0,
         data: list[str | Path] | None = None,
+        *,
         symbols: list[str] | None = None,
         speed: float = 1.0,
         position_mode: str = "one-way",
@@ -997,7 +1031,7 @@ class Venue:
         return {"code": 200, "msg": "success"}
 
     async def _leverage_bracket(self, p: dict[str, str]) -> object:
-        from pyquant.sim.exchange import BRACKETS
+        from pyquant.sim.margin import BRACKETS
 
         def one(s: str) -> dict[str, Any]:
             return {
@@ -1081,7 +1115,7 @@ class Venue:
         order_margin = sum((ex.order_margin(o) for o in orders), ZERO)
         bid = sum((o.price * o.remaining for o in orders if o.side == "BUY"), ZERO)
         ask = sum((o.price * o.remaining for o in orders if o.side == "SELL"), ZERO)
-        from pyquant.sim.exchange import maint_margin
+        from pyquant.sim.margin import maint_margin
 
         return {
             "pos": pos,

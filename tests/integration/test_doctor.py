@@ -233,11 +233,9 @@ async def test_leverage_beyond_the_brackets_fails(
 ) -> None:
     """A venue whose brackets allow at most 20x (the simulator's table cut down to its
     20x-and-lower tiers): a symbol at 50x and a configured leverage of 25 both FAIL."""
-    import pyquant.sim.exchange as sim_exchange
+    import pyquant.sim.margin as sim_margin
 
-    monkeypatch.setattr(
-        sim_exchange, "BRACKETS", tuple(b for b in sim_exchange.BRACKETS if b[2] <= 20)
-    )
+    monkeypatch.setattr(sim_margin, "BRACKETS", tuple(b for b in sim_margin.BRACKETS if b[2] <= 20))
     venue.exchange.set_leverage("ETHUSDT", "50")
     path = write_config(tmp_path, venue.rest_url, venue.ws_url)
     path.write_text(path.read_text().replace("leverage = 5", "leverage = 25"))

@@ -26,6 +26,39 @@ def sample(name: str) -> Any:
     return json.loads((DATA / name).read_text())
 
 
+def market(side: str, quantity: str, symbol: str = "DOGEUSDT", **p: str) -> dict[str, str]:
+    """Request parameters of a MARKET order (on DOGEUSDT unless named)."""
+    return {"symbol": symbol, "side": side, "type": "MARKET", "quantity": quantity, **p}
+
+
+def limit(
+    side: str, quantity: str, price: str, tif: str = "GTC", symbol: str = "DOGEUSDT", **p: str
+) -> dict[str, str]:
+    """Request parameters of a LIMIT order (GTC on DOGEUSDT unless named)."""
+    return {
+        "symbol": symbol,
+        "side": side,
+        "type": "LIMIT",
+        "timeInForce": tif,
+        "quantity": quantity,
+        "price": price,
+        **p,
+    }
+
+
+def conditional(side: str, kind: str, trigger: str, **p: str) -> dict[str, str]:
+    """Request parameters of a DOGEUSDT conditional (algo) order triggered by the mark price."""
+    return {
+        "algoType": "CONDITIONAL",
+        "symbol": "DOGEUSDT",
+        "side": side,
+        "type": kind,
+        "workingType": "MARK_PRICE",
+        "triggerPrice": trigger,
+        **p,
+    }
+
+
 class Rest:
     """Minimal signed client; returns (status, headers, body)."""
 

@@ -13,6 +13,7 @@ import pytest
 from binance import AsyncClient
 
 import pyquant.sim as sim
+from tests.sim.conftest import market
 
 
 async def test_python_binance_futures_methods() -> None:
@@ -48,19 +49,25 @@ async def test_python_binance_futures_methods() -> None:
             await client.close_connection()
 
 
+def ccxt_on(venue: sim.Venue) -> ccxt.binanceusdm:
+    """A ccxt binanceusdm client whose futures (fapi) URLs point at the simulator."""
+    # fetchCurrencies is a spot (sapi) call; the futures venue has no spot wallet
+    ex = ccxt.binanceusdm(
+        {
+            "apiKey": venue.api_key,
+            "secret": venue.api_secret,
+            "options": {"fetchCurrencies": False},
+        }
+    )
+    for name, url in list(ex.urls["api"].items()):
+        if name.startswith("fapi"):
+            ex.urls["api"][name] = url.replace("https://fapi.binance.com", venue.rest_url)
+    return ex
+
+
 async def test_ccxt_binanceusdm() -> None:
     async with sim.serve(speed=0) as venue:
-        # fetchCurrencies is a spot (sapi) call; the futures venue has no spot wallet
-        ex = ccxt.binanceusdm(
-            {
-                "apiKey": venue.api_key,
-                "secret": venue.api_secret,
-                "options": {"fetchCurrencies": False},
-            }
-        )
-        for name, url in list(ex.urls["api"].items()):
-            if name.startswith("fapi"):
-                ex.urls["api"][name] = url.replace("https://fapi.binance.com", venue.rest_url)
+        ex = ccxt_on(venue)
         try:
             markets = await ex.load_markets()
             assert "DOGE/USDT:USDT" in markets
@@ -123,16 +130,7 @@ async def test_python_binance_symbol_and_account_config(mode: str) -> None:
 
 async def test_ccxt_fetch_leverages() -> None:
     async with sim.serve(speed=0, position_mode="hedge") as venue:
-        ex = ccxt.binanceusdm(
-            {
-                "apiKey": venue.api_key,
-                "secret": venue.api_secret,
-                "options": {"fetchCurrencies": False},
-            }
-        )
-        for name, url in list(ex.urls["api"].items()):
-            if name.startswith("fapi"):
-                ex.urls["api"][name] = url.replace("https://fapi.binance.com", venue.rest_url)
+        ex = ccxt_on(venue)
         try:
             await ex.load_markets()
             await ex.set_leverage(5, "DOGE/USDT:USDT")
@@ -193,12 +191,7 @@ async def test_state_file_keeps_the_account_across_restarts(tmp_path: Path) -> N
             await rest.ok(
                 "POST",
                 "/fapi/v1/order",
-                symbol="DOGEUSDT",
-                side="BUY",
-                positionSide="LONG",
-                type="MARKET",
-                quantity="100",
-                newClientOrderId="keep-1",
+                **market("BUY", "100", positionSide="LONG", newClientOrderId="keep-1"),
             )
             await rest.ok("POST", "/fapi/v1/leverage", symbol="DOGEUSDT", leverage="5")
             wallet = venue.exchange.wallet
@@ -216,11 +209,6 @@ async def test_state_file_keeps_the_account_across_restarts(tmp_path: Path) -> N
             again = await rest.ok(
                 "POST",
                 "/fapi/v1/order",
-                symbol="DOGEUSDT",
-                side="SELL",
-                positionSide="LONG",
-                type="MARKET",
-                quantity="100",
-                newOrderRespType="RESULT",
+                **market("SELL", "100", positionSide="LONG", newOrderRespType="RESULT"),
             )
             assert again["orderId"] > found["orderId"]

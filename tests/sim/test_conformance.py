@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.sim.conftest import Rest, UserStream, open_user_stream, sample
+from tests.sim.conftest import Rest, UserStream, limit, market, open_user_stream, sample
 
 # keys the sample's source project added to Binance's payload (SOURCES.md)
 SAMPLE_ONLY = {"st", "ps"}
@@ -99,9 +99,7 @@ async def test_market_data_endpoints(rest: Rest) -> None:
 
 async def test_account_endpoints(rest: Rest) -> None:
     shape(await rest.ok("GET", "/fapi/v1/positionSide/dual"), sample("positionSide_dual_GET.json"))
-    await rest.ok(
-        "POST", "/fapi/v1/order", symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.002"
-    )
+    await rest.ok("POST", "/fapi/v1/order", **market("BUY", "0.002", symbol="BTCUSDT"))
     account = await rest.ok("GET", "/fapi/v2/account")
     real = sample("account_v2_real.json")
     shape(
@@ -134,29 +132,29 @@ async def test_hedge_position_risk_lists_both_legs(hrest: Rest) -> None:
 
 
 async def test_order_endpoints(rest: Rest) -> None:
-    limit = await rest.ok(
+    resting = await rest.ok(
         "POST",
         "/fapi/v1/order",
-        symbol="BTCUSDT",
-        side="SELL",
-        type="LIMIT",
-        timeInForce="GTC",
-        quantity="0.200",
-        price="110001.00",
-        newClientOrderId="x-xcKtGhcu04075babaeb34c55af79ba",
+        **limit(
+            "SELL",
+            "0.200",
+            "110001.00",
+            symbol="BTCUSDT",
+            newClientOrderId="x-xcKtGhcu04075babaeb34c55af79ba",
+        ),
     )
     real = sample("batchOrders_new_limit_real.json")[0]
-    shape(limit, real)
+    shape(resting, real)
     assert {
-        k: limit[k]
+        k: resting[k]
         for k in ("price", "origQty", "executedQty", "cumQuote", "avgPrice", "stopPrice")
     } == {
         k: real[k] for k in ("price", "origQty", "executedQty", "cumQuote", "avgPrice", "stopPrice")
     }
-    query = await rest.ok("GET", "/fapi/v1/openOrder", symbol="BTCUSDT", orderId=limit["orderId"])
+    query = await rest.ok("GET", "/fapi/v1/openOrder", symbol="BTCUSDT", orderId=resting["orderId"])
     shape(query, sample("openOrder_limit_gtx_real.json"))
     shape(
-        await rest.ok("GET", "/fapi/v1/order", symbol="BTCUSDT", orderId=limit["orderId"]),
+        await rest.ok("GET", "/fapi/v1/order", symbol="BTCUSDT", orderId=resting["orderId"]),
         sample("openOrder_limit_gtx_real.json"),
     )
     shape(
@@ -164,44 +162,32 @@ async def test_order_endpoints(rest: Rest) -> None:
         [sample("openOrder_limit_gtx_real.json")],
     )
     shape(
-        await rest.ok("DELETE", "/fapi/v1/order", symbol="BTCUSDT", orderId=limit["orderId"]), real
+        await rest.ok("DELETE", "/fapi/v1/order", symbol="BTCUSDT", orderId=resting["orderId"]),
+        real,
     )
     done = await rest.ok("DELETE", "/fapi/v1/allOpenOrders", symbol="BTCUSDT")
     assert done == {"code": 200, "msg": "The operation of cancel all open order is done."}
 
 
 async def test_batch_orders_mixed_result(hrest: Rest) -> None:
-    await hrest.ok(
-        "POST",
-        "/fapi/v1/order",
-        symbol="DOGEUSDT",
-        side="BUY",
-        positionSide="LONG",
-        type="MARKET",
-        quantity="100",
-    )
+    await hrest.ok("POST", "/fapi/v1/order", **market("BUY", "100", positionSide="LONG"))
     mark = hrest.venue.exchange.mark("DOGEUSDT")
     rules = hrest.venue.rules["DOGEUSDT"]
     batch = [
-        {
-            "symbol": "DOGEUSDT",
-            "side": "BUY",
-            "positionSide": "LONG",
-            "type": "LIMIT",
-            "timeInForce": "GTC",
-            "quantity": "10",
-            "price": str(mark - hrest.venue.rules["DOGEUSDT"].tick_size * 100),
-        },
-        {
-            "symbol": "DOGEUSDT",
-            "side": "SELL",
-            "positionSide": "LONG",
-            "type": "LIMIT",
-            "timeInForce": "GTX",
-            "quantity": "30",
-            "price": rules.fmt_price(rules.round_price(mark * 102 / 100, up=True)),
-            "newClientOrderId": "clock_close_long_72518_83",
-        },
+        limit(
+            "BUY",
+            "10",
+            str(mark - hrest.venue.rules["DOGEUSDT"].tick_size * 100),
+            positionSide="LONG",
+        ),
+        limit(
+            "SELL",
+            "30",
+            rules.fmt_price(rules.round_price(mark * 102 / 100, up=True)),
+            tif="GTX",
+            positionSide="LONG",
+            newClientOrderId="clock_close_long_72518_83",
+        ),
     ]
     body = await hrest.ok("POST", "/fapi/v1/batchOrders", batchOrders=json.dumps(batch))
     real = sample("batchOrders_mixed_result_real.json")
@@ -304,9 +290,7 @@ async def collect_user(stream: UserStream, kind: str, status: str | None = None)
 async def test_user_stream_payloads(rest: Rest) -> None:
     stream = await open_user_stream(rest)
     venue = rest.venue
-    await rest.ok(
-        "POST", "/fapi/v1/order", symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100"
-    )
+    await rest.ok("POST", "/fapi/v1/order", **market("BUY", "100"))
     shape(
         await collect_user(stream, "ORDER_TRADE_UPDATE", "FILLED"),
         sample("ws_ORDER_TRADE_UPDATE_trade_docs_derived.json"),

@@ -6,9 +6,10 @@ from decimal import Decimal as D
 
 import pytest
 
-from pyquant.sim.exchange import Exchange
+from pyquant.sim.exchange import AlgoOrder, Exchange
 from pyquant.sim.server import load_exchange_info
 from pyquant.sim.validation import BinanceError, SymbolRules
+from tests.sim.conftest import limit, market
 
 INFO = load_exchange_info()
 RULES = {
@@ -39,6 +40,13 @@ def order(ex: Exchange, **p: str) -> dict[str, object]:
     return body
 
 
+def long_doge(mode: str = "one-way") -> Exchange:
+    """A fresh exchange holding a 100 DOGEUSDT long (its LONG leg in hedge mode)."""
+    ex = make(mode)
+    order(ex, **market("BUY", "100", **({"positionSide": "LONG"} if mode == "hedge" else {})))
+    return ex
+
+
 def code(ex: Exchange, fn: str = "new_order", **p: str) -> int:
     with pytest.raises(BinanceError) as info:
         getattr(ex, fn)(p)
@@ -47,26 +55,25 @@ def code(ex: Exchange, fn: str = "new_order", **p: str) -> int:
 
 def test_one_way_open_partial_close_full_close_realizes_pnl() -> None:
     ex = make(taker_fee=D(0))
-    body = order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    body = order(ex, **market("BUY", "100"))
     assert body["status"] == "FILLED"
     assert body["avgPrice"] == "0.200000"
     pos = ex.position("DOGEUSDT", "BOTH")
     assert pos.amount == 100
     assert pos.entry_price == D("0.2")
     ex.set_price("DOGEUSDT", D("0.21000"))
-    order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="40", reduceOnly="true")
+    order(ex, **market("SELL", "40", reduceOnly="true"))
     assert pos.amount == 60
     assert ex.trades[-1].realized_pnl == D("0.4")
-    order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="60", reduceOnly="true")
+    order(ex, **market("SELL", "60", reduceOnly="true"))
     assert pos.amount == 0
     assert ex.wallet == D(10_000) + D("1.0")
 
 
 def test_one_way_opposite_order_without_reduce_only_flips_at_fill_price() -> None:
-    ex = make()
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    ex = long_doge()
     ex.set_price("DOGEUSDT", D("0.19000"))
-    order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="150")
+    order(ex, **market("SELL", "150"))
     pos = ex.position("DOGEUSDT", "BOTH")
     assert pos.amount == -50
     assert pos.entry_price == D("0.19")
@@ -74,61 +81,41 @@ def test_one_way_opposite_order_without_reduce_only_flips_at_fill_price() -> Non
 
 def test_reduce_only_never_flips_and_is_rejected_when_flat_or_same_side() -> None:
     ex = make()
-    assert (
-        code(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="100", reduceOnly="true")
-        == -2022
-    )
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    assert (
-        code(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="10", reduceOnly="true")
-        == -2022
-    )
-    body = order(
-        ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="250", reduceOnly="true"
-    )
+    assert code(ex, **market("SELL", "100", reduceOnly="true")) == -2022
+    order(ex, **market("BUY", "100"))
+    assert code(ex, **market("BUY", "10", reduceOnly="true")) == -2022
+    body = order(ex, **market("SELL", "250", reduceOnly="true"))
     assert body["executedQty"] == "100"
     assert body["status"] == "EXPIRED"
     assert ex.position("DOGEUSDT", "BOTH").amount == 0
 
 
 def test_min_notional_exempts_reduce_only() -> None:
-    ex = make()
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    ex = long_doge()
     # 10 DOGE at 0.2 = 2 USDT < 5
-    assert code(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="10") == -4164
-    body = order(
-        ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="10", reduceOnly="true"
-    )
+    assert code(ex, **market("SELL", "10")) == -4164
+    body = order(ex, **market("SELL", "10", reduceOnly="true"))
     assert body["status"] == "FILLED"
 
 
 def test_hedge_legs_are_independent_and_closes_clip_to_the_leg() -> None:
-    ex = make("hedge")
-    order(ex, symbol="DOGEUSDT", side="BUY", positionSide="LONG", type="MARKET", quantity="100")
-    order(ex, symbol="DOGEUSDT", side="SELL", positionSide="SHORT", type="MARKET", quantity="50")
+    ex = long_doge("hedge")
+    order(ex, **market("SELL", "50", positionSide="SHORT"))
     assert ex.position("DOGEUSDT", "LONG").amount == 100
     assert ex.position("DOGEUSDT", "SHORT").amount == -50
-    body = order(
-        ex, symbol="DOGEUSDT", side="SELL", positionSide="LONG", type="MARKET", quantity="300"
-    )
+    body = order(ex, **market("SELL", "300", positionSide="LONG"))
     assert body["reduceOnly"] is True
     assert body["executedQty"] == "100"
     assert ex.position("DOGEUSDT", "LONG").amount == 0
     assert ex.position("DOGEUSDT", "SHORT").amount == -50
     # closing an empty leg is refused, it never opens the other side
-    assert (
-        code(ex, symbol="DOGEUSDT", side="SELL", positionSide="LONG", type="MARKET", quantity="10")
-        == -2022
-    )
+    assert code(ex, **market("SELL", "10", positionSide="LONG")) == -2022
 
 
 def test_hedge_mode_rules_4061_and_1106() -> None:
     ex = make("hedge")
-    assert code(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100") == -4061
-    assert (
-        code(ex, symbol="DOGEUSDT", side="BUY", positionSide="BOTH", type="MARKET", quantity="100")
-        == -4061
-    )
+    assert code(ex, **market("BUY", "100")) == -4061
+    assert code(ex, **market("BUY", "100", positionSide="BOTH")) == -4061
     params = {
         "symbol": "DOGEUSDT",
         "side": "SELL",
@@ -142,30 +129,12 @@ def test_hedge_mode_rules_4061_and_1106() -> None:
     assert err.value.code == -1106
     assert err.value.msg == "Parameter 'reduceonly' sent when not required."
     one_way = make()
-    assert (
-        code(
-            one_way,
-            symbol="DOGEUSDT",
-            side="BUY",
-            positionSide="LONG",
-            type="MARKET",
-            quantity="100",
-        )
-        == -4061
-    )
+    assert code(one_way, **market("BUY", "100", positionSide="LONG")) == -4061
 
 
 def test_limit_rests_then_fills_as_maker_when_mark_crosses() -> None:
     ex = make()
-    body = order(
-        ex,
-        symbol="DOGEUSDT",
-        side="BUY",
-        type="LIMIT",
-        timeInForce="GTC",
-        quantity="100",
-        price="0.19500",
-    )
+    body = order(ex, **limit("BUY", "100", "0.19500"))
     assert body["status"] == "NEW"
     ex.set_price("DOGEUSDT", D("0.19600"))
     assert ex.position("DOGEUSDT", "BOTH").amount == 0
@@ -177,49 +146,11 @@ def test_limit_rests_then_fills_as_maker_when_mark_crosses() -> None:
 
 def test_time_in_force_gtx_ioc_fok() -> None:
     ex = make()
-    assert (
-        code(
-            ex,
-            symbol="DOGEUSDT",
-            side="BUY",
-            type="LIMIT",
-            timeInForce="GTX",
-            quantity="100",
-            price="0.20100",
-        )
-        == -5022
-    )
-    assert (
-        code(
-            ex,
-            symbol="DOGEUSDT",
-            side="BUY",
-            type="LIMIT",
-            timeInForce="FOK",
-            quantity="100",
-            price="0.19900",
-        )
-        == -5021
-    )
-    body = order(
-        ex,
-        symbol="DOGEUSDT",
-        side="BUY",
-        type="LIMIT",
-        timeInForce="IOC",
-        quantity="100",
-        price="0.19900",
-    )
+    assert code(ex, **limit("BUY", "100", "0.20100", tif="GTX")) == -5022
+    assert code(ex, **limit("BUY", "100", "0.19900", tif="FOK")) == -5021
+    body = order(ex, **limit("BUY", "100", "0.19900", tif="IOC"))
     assert body["status"] == "EXPIRED"
-    body = order(
-        ex,
-        symbol="DOGEUSDT",
-        side="BUY",
-        type="LIMIT",
-        timeInForce="IOC",
-        quantity="100",
-        price="0.20100",
-    )
+    body = order(ex, **limit("BUY", "100", "0.20100", tif="IOC"))
     assert body["status"] == "FILLED"
     assert body["avgPrice"] == "0.200000"  # better of limit and reference
 
@@ -227,27 +158,21 @@ def test_time_in_force_gtx_ioc_fok() -> None:
 def test_margin_check_2019() -> None:
     ex = make(balance=D(100))
     # 1 BTC at 60000 with 20x needs 3000 USDT
-    assert code(ex, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="1") == -2019
-    assert (
-        order(ex, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.002")["status"]
-        == "FILLED"
-    )
+    assert code(ex, **market("BUY", "1", symbol="BTCUSDT")) == -2019
+    assert order(ex, **market("BUY", "0.002", symbol="BTCUSDT"))["status"] == "FILLED"
 
 
 def test_market_slippage_moves_against_the_taker() -> None:
     ex = make(slippage_ticks=3)
-    assert (
-        order(ex, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.002")["avgPrice"]
-        == "60000.30"
-    )
-    assert (
-        order(ex, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.002")["avgPrice"]
-        == "59999.70"
-    )
+    assert order(ex, **market("BUY", "0.002", symbol="BTCUSDT"))["avgPrice"] == "60000.30"
+    assert order(ex, **market("SELL", "0.002", symbol="BTCUSDT"))["avgPrice"] == "59999.70"
 
 
-def algo(ex: Exchange, **p: str):
-    return ex.new_algo_order({"algoType": "CONDITIONAL", **p})
+def algo(ex: Exchange, side: str, kind: str, **p: str) -> AlgoOrder:
+    """Place a conditional order of type ``kind`` on DOGEUSDT."""
+    return ex.new_algo_order(
+        {"algoType": "CONDITIONAL", "symbol": "DOGEUSDT", "side": side, "type": kind, **p}
+    )
 
 
 def test_conditional_types_go_to_algo_endpoint_and_trigger_on_mark() -> None:
@@ -258,12 +183,11 @@ def test_conditional_types_go_to_algo_endpoint_and_trigger_on_mark() -> None:
         )
         == -4120
     )
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    order(ex, **market("BUY", "100"))
     a = algo(
         ex,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="STOP_MARKET",
+        "SELL",
+        "STOP_MARKET",
         triggerPrice="0.19000",
         closePosition="true",
         workingType="MARK_PRICE",
@@ -284,9 +208,8 @@ def test_stop_that_would_trigger_at_once_is_2021() -> None:
     with pytest.raises(BinanceError) as info:
         algo(
             ex,
-            symbol="DOGEUSDT",
-            side="SELL",
-            type="STOP_MARKET",
+            "SELL",
+            "STOP_MARKET",
             triggerPrice="0.20500",
             quantity="100",
             workingType="MARK_PRICE",
@@ -295,19 +218,17 @@ def test_stop_that_would_trigger_at_once_is_2021() -> None:
 
 
 def test_close_position_on_flat_leg_expires_without_opening() -> None:
-    ex = make("hedge")
-    order(ex, symbol="DOGEUSDT", side="BUY", positionSide="LONG", type="MARKET", quantity="100")
+    ex = long_doge("hedge")
     a = algo(
         ex,
-        symbol="DOGEUSDT",
-        side="SELL",
+        "SELL",
+        "STOP_MARKET",
         positionSide="LONG",
-        type="STOP_MARKET",
         triggerPrice="0.19000",
         closePosition="true",
         workingType="MARK_PRICE",
     )
-    order(ex, symbol="DOGEUSDT", side="SELL", positionSide="LONG", type="MARKET", quantity="100")
+    order(ex, **market("SELL", "100", positionSide="LONG"))
     assert (
         a.status == "NEW"
     )  # closePosition orders stay open after the position is closed otherwise
@@ -318,29 +239,25 @@ def test_close_position_on_flat_leg_expires_without_opening() -> None:
 
 
 def test_gte_gtc_algo_orders_expire_when_the_position_closes() -> None:
-    ex = make()
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    ex = long_doge()
     a = algo(
         ex,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="STOP_MARKET",
+        "SELL",
+        "STOP_MARKET",
         triggerPrice="0.19000",
         closePosition="true",
         timeInForce="GTE_GTC",
     )
-    order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="100", reduceOnly="true")
+    order(ex, **market("SELL", "100", reduceOnly="true"))
     assert a.status == "EXPIRED"
 
 
 def test_trailing_stop_follows_the_peak() -> None:
-    ex = make()
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    ex = long_doge()
     a = algo(
         ex,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="TRAILING_STOP_MARKET",
+        "SELL",
+        "TRAILING_STOP_MARKET",
         quantity="100",
         callbackRate="1",
         activatePrice="0.20200",
@@ -359,15 +276,7 @@ def test_position_mode_and_margin_type_change_rules() -> None:
     with pytest.raises(BinanceError) as info:
         ex.set_position_mode(False)
     assert info.value.code == -4059
-    order(
-        ex,
-        symbol="DOGEUSDT",
-        side="BUY",
-        type="LIMIT",
-        timeInForce="GTC",
-        quantity="100",
-        price="0.19000",
-    )
+    order(ex, **limit("BUY", "100", "0.19000"))
     with pytest.raises(BinanceError) as info:
         ex.set_position_mode(True)
     assert info.value.code == -4067
@@ -375,7 +284,7 @@ def test_position_mode_and_margin_type_change_rules() -> None:
         ex.set_margin_type("DOGEUSDT", "ISOLATED")
     assert info.value.code == -4047
     ex.cancel_all("DOGEUSDT")
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    order(ex, **market("BUY", "100"))
     with pytest.raises(BinanceError) as info:
         ex.set_position_mode(True)
     assert info.value.code == -4068
@@ -389,56 +298,16 @@ def test_position_mode_and_margin_type_change_rules() -> None:
 
 def test_duplicate_client_id_among_open_orders_only() -> None:
     ex = make()
-    order(
-        ex,
-        symbol="DOGEUSDT",
-        side="BUY",
-        type="LIMIT",
-        timeInForce="GTC",
-        quantity="100",
-        price="0.19000",
-        newClientOrderId="abc",
-    )
-    assert (
-        code(
-            ex,
-            symbol="DOGEUSDT",
-            side="BUY",
-            type="LIMIT",
-            timeInForce="GTC",
-            quantity="100",
-            price="0.19000",
-            newClientOrderId="abc",
-        )
-        == -4116
-    )
+    order(ex, **limit("BUY", "100", "0.19000", newClientOrderId="abc"))
+    assert code(ex, **limit("BUY", "100", "0.19000", newClientOrderId="abc")) == -4116
     ex.cancel_order("DOGEUSDT", None, "abc")
-    order(
-        ex,
-        symbol="DOGEUSDT",
-        side="BUY",
-        type="LIMIT",
-        timeInForce="GTC",
-        quantity="100",
-        price="0.19000",
-        newClientOrderId="abc",
-    )
+    order(ex, **limit("BUY", "100", "0.19000", newClientOrderId="abc"))
 
 
 def test_resting_reduce_only_limit_expires_when_position_shrinks() -> None:
-    ex = make()
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    body = order(
-        ex,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="LIMIT",
-        timeInForce="GTC",
-        quantity="100",
-        price="0.21000",
-        reduceOnly="true",
-    )
-    order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="50", reduceOnly="true")
+    ex = long_doge()
+    body = order(ex, **limit("SELL", "100", "0.21000", reduceOnly="true"))
+    order(ex, **market("SELL", "50", reduceOnly="true"))
     resting = ex.orders[int(str(body["orderId"]))]
     assert resting.status == "EXPIRED"
     assert resting.expire_reason == 4
@@ -459,14 +328,12 @@ def test_market_child_fill_comes_before_triggered_and_finished(mode: str) -> Non
     """Contract 2.5 (live traffic, nautilus_trader #3664): TRIGGERING, then the MARKET child's
     ORDER_TRADE_UPDATEs (NEW, TRADE), then ALGO_UPDATE TRIGGERED (ap/aq still "0", as in the real
     capture) and FINISHED (with the fill's ap/aq)."""
-    ex = make(mode)
+    ex = long_doge(mode)
     leg = {"positionSide": "LONG"} if mode == "hedge" else {}
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100", **leg)
     a = algo(
         ex,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="STOP_MARKET",
+        "SELL",
+        "STOP_MARKET",
         triggerPrice="0.19000",
         closePosition="true",
         workingType="MARK_PRICE",
@@ -497,13 +364,11 @@ def test_market_child_fill_comes_before_triggered_and_finished(mode: str) -> Non
 
 
 def test_resting_limit_child_finishes_when_it_fills() -> None:
-    ex = make()
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    ex = long_doge()
     a = algo(
         ex,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="STOP",
+        "SELL",
+        "STOP",
         quantity="100",
         reduceOnly="true",
         triggerPrice="0.19000",
@@ -524,19 +389,17 @@ def test_resting_limit_child_finishes_when_it_fills() -> None:
 
 
 def test_algo_rejected_at_trigger_carries_its_reason() -> None:
-    ex = make()
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    ex = long_doge()
     a = algo(
         ex,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="STOP_MARKET",
+        "SELL",
+        "STOP_MARKET",
         quantity="100",
         reduceOnly="true",
         triggerPrice="0.19000",
         workingType="MARK_PRICE",
     )
-    order(ex, symbol="DOGEUSDT", side="SELL", type="MARKET", quantity="100", reduceOnly="true")
+    order(ex, **market("SELL", "100", reduceOnly="true"))
     ex.drain_events()
     ex.set_price("DOGEUSDT", D("0.18000"))
     rejected = [e["o"] for e in ex.drain_events() if e["e"] == "ALGO_UPDATE"][-1]
@@ -545,13 +408,11 @@ def test_algo_rejected_at_trigger_carries_its_reason() -> None:
 
 
 def test_trailing_activation_is_reported_as_ia() -> None:
-    ex = make()
-    order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    ex = long_doge()
     algo(
         ex,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="TRAILING_STOP_MARKET",
+        "SELL",
+        "TRAILING_STOP_MARKET",
         quantity="100",
         callbackRate="1",
         activatePrice="0.20200",
@@ -569,31 +430,15 @@ def test_stp_mode_defaults_to_expire_maker(mode: str) -> None:
     """Contract 2.5: selfTradePreventionMode defaults to EXPIRE_MAKER (orders and algo)."""
     ex = make(mode)
     leg = {"positionSide": "LONG"} if mode == "hedge" else {}
-    body = order(ex, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100", **leg)
+    body = order(ex, **market("BUY", "100", **leg))
     assert body["selfTradePreventionMode"] == "EXPIRE_MAKER"
-    a = algo(
-        ex,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice="0.19000",
-        **leg,
-    )
+    a = algo(ex, "SELL", "STOP_MARKET", closePosition="true", triggerPrice="0.19000", **leg)
     assert a.wire(RULES["DOGEUSDT"])["selfTradePreventionMode"] == "EXPIRE_MAKER"
 
 
 def test_cancelled_algo_order_is_still_found_by_client_id() -> None:
     ex = make()
-    algo(
-        ex,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="STOP_MARKET",
-        quantity="100",
-        triggerPrice="0.19000",
-        clientAlgoId="bs-gone",
-    )
+    algo(ex, "SELL", "STOP_MARKET", quantity="100", triggerPrice="0.19000", clientAlgoId="bs-gone")
     ex.cancel_algo(None, "bs-gone")
     assert ex.find_algo(None, "bs-gone").status == "CANCELED"
 
@@ -618,9 +463,8 @@ def test_close_all_stop_the_mark_is_through_is_2021(
     with pytest.raises(BinanceError) as info:
         algo(
             ex,
-            symbol="DOGEUSDT",
-            side=side,
-            type=kind,
+            side,
+            kind,
             triggerPrice=trigger,
             closePosition="true",
             workingType="MARK_PRICE",

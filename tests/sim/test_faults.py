@@ -10,15 +10,9 @@ import aiohttp
 import pytest
 
 import pyquant.sim as sim
-from tests.sim.conftest import Rest, open_user_stream
+from tests.sim.conftest import Rest, market, open_user_stream
 
-BUY = {
-    "symbol": "DOGEUSDT",
-    "side": "BUY",
-    "type": "MARKET",
-    "quantity": "100",
-    "newOrderRespType": "RESULT",
-}
+BUY = market("BUY", "100", newOrderRespType="RESULT")
 
 
 async def test_503_unknown_outcome_executes_a_share_of_orders(rest: Rest) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from pyquant.sim.exchange import FUNDING_INTERVAL_MS, Exchange
-from tests.sim.conftest import Rest, open_user_stream, sample
+from pyquant.sim.exchange import Exchange
+from pyquant.sim.liquidation import FUNDING_INTERVAL_MS
+from tests.sim.conftest import Rest, limit, market, open_user_stream, sample
 from tests.sim.test_exchange import make, order
 
 
@@ -114,16 +115,7 @@ def test_isolated_long_is_liquidated_when_the_mark_reaches_its_price() -> None:
     ex.set_margin_type("BTCUSDT", "ISOLATED")
     ex.set_leverage("BTCUSDT", "10")
     buy(ex, "BTCUSDT", "0.5")
-    _, resting, _ = ex.new_order(
-        {
-            "symbol": "BTCUSDT",
-            "side": "BUY",
-            "type": "LIMIT",
-            "timeInForce": "GTC",
-            "quantity": "0.1",
-            "price": "40000",
-        }
-    )
+    _, resting, _ = ex.new_order(limit("BUY", "0.1", "40000", symbol="BTCUSDT"))
     ex.set_price("BTCUSDT", D("54300"))  # LP 54216.87: not yet
     assert ex.position("BTCUSDT", "BOTH").amount == D("0.5")
     ex.drain_events()
@@ -323,9 +315,7 @@ async def test_position_risk_premium_index_and_a_liquidation_over_the_wire(lrest
     await venue.set_mark("ETHUSDT", "2500.00")
     stream = await open_user_stream(lrest)
     await lrest.ok("POST", "/fapi/v1/leverage", symbol="ETHUSDT", leverage="50")
-    await lrest.ok(
-        "POST", "/fapi/v1/order", symbol="ETHUSDT", side="BUY", type="MARKET", quantity="4"
-    )
+    await lrest.ok("POST", "/fapi/v1/order", **market("BUY", "4", symbol="ETHUSDT"))
     # wallet 1000 - taker fee 10000 x 0.0005 = 995: (995 - 10000) / (4 x 0.004 - 4)
     expected = D(-9005) / D("-3.984")
     assert venue.exchange.liquidation_price("ETHUSDT", "BOTH") == expected
@@ -366,9 +356,7 @@ async def test_isolated_wallet_is_served_and_survives_a_restart(rest: Rest, tmp_
     await venue.set_mark("ETHUSDT", "2500.00")
     await rest.ok("POST", "/fapi/v1/marginType", symbol="ETHUSDT", marginType="ISOLATED")
     await rest.ok("POST", "/fapi/v1/leverage", symbol="ETHUSDT", leverage="10")
-    await rest.ok(
-        "POST", "/fapi/v1/order", symbol="ETHUSDT", side="SELL", type="MARKET", quantity="2"
-    )
+    await rest.ok("POST", "/fapi/v1/order", **market("SELL", "2", symbol="ETHUSDT"))
     await venue.set_mark("ETHUSDT", "2510.00")
     # isolated wallet 5000 / 10 = 500; isolatedMargin adds the unrealized -20
     v2 = (await rest.ok("GET", "/fapi/v2/positionRisk", symbol="ETHUSDT"))[0]
@@ -403,18 +391,12 @@ def test_cli_options() -> None:
 async def test_income_history_lists_fills_and_funding(rest: Rest) -> None:
     venue = rest.venue
     await venue.set_mark("ETHUSDT", "2500.00")
-    await rest.ok(
-        "POST", "/fapi/v1/order", symbol="ETHUSDT", side="BUY", type="MARKET", quantity="2"
-    )
+    await rest.ok("POST", "/fapi/v1/order", **market("BUY", "2", symbol="ETHUSDT"))
     await venue.set_mark("ETHUSDT", "2510.00")
-    await rest.ok(
-        "POST", "/fapi/v1/order", symbol="ETHUSDT", side="SELL", type="MARKET", quantity="2"
-    )
+    await rest.ok("POST", "/fapi/v1/order", **market("SELL", "2", symbol="ETHUSDT"))
     ex = venue.exchange
     ex.funding = True  # one settlement, charged on a position opened for it
-    await rest.ok(
-        "POST", "/fapi/v1/order", symbol="ETHUSDT", side="SELL", type="MARKET", quantity="1"
-    )
+    await rest.ok("POST", "/fapi/v1/order", **market("SELL", "1", symbol="ETHUSDT"))
     ex._next_funding = ex.now_ms()
     await venue.set_mark("ETHUSDT", "2510.00")
     flows = await rest.ok("GET", "/fapi/v1/income", symbol="ETHUSDT")
@@ -442,9 +424,7 @@ async def test_funding_over_the_wire_at_the_funding_time(session: Any) -> None:
         rest = Rest(session, venue)
         await venue.set_mark("ETHUSDT", "2500.00")
         stream = await open_user_stream(rest)
-        await rest.ok(
-            "POST", "/fapi/v1/order", symbol="ETHUSDT", side="BUY", type="MARKET", quantity="1"
-        )
+        await rest.ok("POST", "/fapi/v1/order", **market("BUY", "1", symbol="ETHUSDT"))
         _, _, before = await rest.public("/fapi/v1/premiumIndex", symbol="ETHUSDT")
         assert before["nextFundingTime"] == FUNDING_AT
         await venue.step(3_000)  # the pinned mark stays 2500.00

@@ -16,6 +16,7 @@ from pyquant.errors import RetryableError
 from pyquant.exchange.client import BinanceClient
 from pyquant.store import PositionRow, Store
 from pyquant.trading.killswitch import sweep_orphan_stops
+from tests.sim.conftest import market
 
 MODES = ["one-way", "hedge"]
 
@@ -57,7 +58,7 @@ async def test_orphan_stops_of_closed_flat_legs_are_cancelled_and_nothing_else(m
         client = BinanceClient(venue.rest_url, venue.api_key, venue.api_secret)
         try:
             # BNB holds a long on the exchange (adopted under another id, say)
-            entry = {"symbol": "BNBUSDT", "side": "BUY", "type": "MARKET", "quantity": "1.00"}
+            entry = market("BUY", "1.00", symbol="BNBUSDT")
             if hedge:
                 entry["positionSide"] = "LONG"
             await client.new_order(entry)

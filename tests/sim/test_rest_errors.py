@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.sim.conftest import Rest, sample
+from tests.sim.conftest import Rest, conditional, limit, market, sample
 
 ORDER = "/fapi/v1/order"
 ALGO = "/fapi/v1/algoOrder"
@@ -60,28 +60,11 @@ async def test_signature_over_query_plus_body_as_received(rest: Rest) -> None:
 
 
 async def test_original_failures_in_hedge_mode(hrest: Rest) -> None:
-    body = await hrest.error(
-        "POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100"
-    )
+    body = await hrest.error("POST", ORDER, **market("BUY", "100"))
     assert body == {"code": -4061, "msg": REAL[-4061]}
-    await hrest.ok(
-        "POST",
-        ORDER,
-        symbol="DOGEUSDT",
-        side="BUY",
-        positionSide="LONG",
-        type="MARKET",
-        quantity="100",
-    )
+    await hrest.ok("POST", ORDER, **market("BUY", "100", positionSide="LONG"))
     body = await hrest.error(
-        "POST",
-        ORDER,
-        symbol="DOGEUSDT",
-        side="SELL",
-        positionSide="LONG",
-        type="MARKET",
-        quantity="100",
-        reduceOnly="true",
+        "POST", ORDER, **market("SELL", "100", positionSide="LONG", reduceOnly="true")
     )
     assert body == {"code": -1106, "msg": "Parameter 'reduceonly' sent when not required."}
 
@@ -89,8 +72,8 @@ async def test_original_failures_in_hedge_mode(hrest: Rest) -> None:
 @pytest.mark.parametrize(
     ("params", "code"),
     [
-        ({"symbol": "NOPEUSDT", "side": "BUY", "type": "MARKET", "quantity": "1"}, -1121),
-        ({"symbol": "DOGEUSDT", "side": "UP", "type": "MARKET", "quantity": "100"}, -1117),
+        (market("BUY", "1", symbol="NOPEUSDT"), -1121),
+        (market("UP", "100"), -1117),
         ({"symbol": "DOGEUSDT", "side": "BUY", "type": "ICEBERG", "quantity": "100"}, -1116),
         (
             {
@@ -124,68 +107,18 @@ async def test_original_failures_in_hedge_mode(hrest: Rest) -> None:
             -4120,
         ),
         ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET"}, -1102),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "1e-05"}, -1102),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "nan"}, -1102),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "9" * 60}, -1102),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "100.5"}, -1111),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "0"}, -4003),
-        ({"symbol": "BTCUSDT", "side": "BUY", "type": "MARKET", "quantity": "5000"}, -4005),
-        ({"symbol": "DOGEUSDT", "side": "BUY", "type": "MARKET", "quantity": "10"}, -4164),
-        (
-            {
-                "symbol": "BTCUSDT",
-                "side": "BUY",
-                "type": "LIMIT",
-                "timeInForce": "GTC",
-                "quantity": "0.001",
-                "price": "50000.155",
-            },
-            -1111,
-        ),
-        (
-            {
-                "symbol": "BTCUSDT",
-                "side": "BUY",
-                "type": "LIMIT",
-                "timeInForce": "GTC",
-                "quantity": "0.002",
-                "price": "50000.15",
-            },
-            -4014,
-        ),
-        (
-            {
-                "symbol": "BTCUSDT",
-                "side": "BUY",
-                "type": "LIMIT",
-                "timeInForce": "GTC",
-                "quantity": "0.01",
-                "price": "900000",
-            },
-            -4002,
-        ),
-        (
-            {
-                "symbol": "BTCUSDT",
-                "side": "BUY",
-                "type": "LIMIT",
-                "timeInForce": "GTC",
-                "quantity": "0.01",
-                "price": "200000",
-            },
-            -4016,
-        ),
-        (
-            {
-                "symbol": "BTCUSDT",
-                "side": "SELL",
-                "type": "LIMIT",
-                "timeInForce": "GTC",
-                "quantity": "0.01",
-                "price": "50000",
-            },
-            -4024,
-        ),
+        (market("BUY", "1e-05"), -1102),
+        (market("BUY", "nan"), -1102),
+        (market("BUY", "9" * 60), -1102),
+        (market("BUY", "100.5"), -1111),
+        (market("BUY", "0"), -4003),
+        (market("BUY", "5000", symbol="BTCUSDT"), -4005),
+        (market("BUY", "10"), -4164),
+        (limit("BUY", "0.001", "50000.155", symbol="BTCUSDT"), -1111),
+        (limit("BUY", "0.002", "50000.15", symbol="BTCUSDT"), -4014),
+        (limit("BUY", "0.01", "900000", symbol="BTCUSDT"), -4002),
+        (limit("BUY", "0.01", "200000", symbol="BTCUSDT"), -4016),
+        (limit("SELL", "0.01", "50000", symbol="BTCUSDT"), -4024),
         (
             {
                 "symbol": "BTCUSDT",
@@ -196,79 +129,14 @@ async def test_original_failures_in_hedge_mode(hrest: Rest) -> None:
             },
             -1102,
         ),
-        (
-            {
-                "symbol": "BTCUSDT",
-                "side": "BUY",
-                "type": "LIMIT",
-                "timeInForce": "XYZ",
-                "quantity": "0.01",
-                "price": "100000",
-            },
-            -1115,
-        ),
-        (
-            {
-                "symbol": "BTCUSDT",
-                "side": "BUY",
-                "type": "LIMIT",
-                "timeInForce": "GTX",
-                "quantity": "0.01",
-                "price": "110000",
-            },
-            -5022,
-        ),
-        ({"symbol": "BTCUSDT", "side": "BUY", "type": "MARKET", "quantity": "100"}, -2019),
-        (
-            {
-                "symbol": "DOGEUSDT",
-                "side": "SELL",
-                "type": "MARKET",
-                "quantity": "100",
-                "reduceOnly": "true",
-            },
-            -2022,
-        ),
-        (
-            {
-                "symbol": "DOGEUSDT",
-                "side": "BUY",
-                "type": "MARKET",
-                "quantity": "100",
-                "newClientOrderId": "a b",
-            },
-            -1100,
-        ),
-        (
-            {
-                "symbol": "DOGEUSDT",
-                "side": "BUY",
-                "type": "MARKET",
-                "quantity": "100",
-                "newClientOrderId": "x" * 37,
-            },
-            -4015,
-        ),
-        (
-            {
-                "symbol": "DOGEUSDT",
-                "side": "BUY",
-                "type": "MARKET",
-                "quantity": "100",
-                "positionSide": "LONG",
-            },
-            -4061,
-        ),
-        (
-            {
-                "symbol": "DOGEUSDT",
-                "side": "BUY",
-                "type": "MARKET",
-                "quantity": "100",
-                "closePosition": "true",
-            },
-            -1106,
-        ),
+        (limit("BUY", "0.01", "100000", tif="XYZ", symbol="BTCUSDT"), -1115),
+        (limit("BUY", "0.01", "110000", tif="GTX", symbol="BTCUSDT"), -5022),
+        (market("BUY", "100", symbol="BTCUSDT"), -2019),
+        (market("SELL", "100", reduceOnly="true"), -2022),
+        (market("BUY", "100", newClientOrderId="a b"), -1100),
+        (market("BUY", "100", newClientOrderId="x" * 37), -4015),
+        (market("BUY", "100", positionSide="LONG"), -4061),
+        (market("BUY", "100", closePosition="true"), -1106),
     ],
 )
 async def test_order_rejections(rest: Rest, params: dict[str, str], code: int) -> None:
@@ -282,13 +150,7 @@ async def test_unknown_params_are_ignored_and_server_keeps_serving(rest: Rest) -
     body = await rest.ok(
         "POST",
         ORDER,
-        symbol="DOGEUSDT",
-        side="BUY",
-        type="MARKET",
-        quantity="100",
-        fooBar="1",
-        recvWindow="10000",
-        newOrderRespType="RESULT",
+        **market("BUY", "100", fooBar="1", recvWindow="10000", newOrderRespType="RESULT"),
     )
     assert body["status"] == "FILLED"
     status, _, body = await rest.raw("GET", "/fapi/v1/nothing")
@@ -307,17 +169,9 @@ async def test_unknown_order_duplicate_id_and_cancel(rest: Rest) -> None:
     assert body == {"code": -2013, "msg": "Order does not exist."}
     body = await rest.error("DELETE", ORDER, symbol="DOGEUSDT", origClientOrderId="never")
     assert body == {"code": -2011, "msg": REAL[-2011]}
-    limit = {
-        "symbol": "DOGEUSDT",
-        "side": "BUY",
-        "type": "LIMIT",
-        "timeInForce": "GTC",
-        "quantity": "100",
-        "price": "0.15000",
-        "newClientOrderId": "dup-1",
-    }
-    await rest.ok("POST", ORDER, **limit)
-    body = await rest.error("POST", ORDER, **limit)
+    resting = limit("BUY", "100", "0.15000", newClientOrderId="dup-1")
+    await rest.ok("POST", ORDER, **resting)
+    body = await rest.error("POST", ORDER, **resting)
     assert body == {"code": -4116, "msg": "ClientOrderId is duplicated."}
     cancelled = await rest.ok("DELETE", ORDER, symbol="DOGEUSDT", origClientOrderId="dup-1")
     assert cancelled["status"] == "CANCELED"
@@ -330,47 +184,36 @@ async def test_unknown_order_duplicate_id_and_cancel(rest: Rest) -> None:
 
 async def test_algo_order_rejections(rest: Rest) -> None:
     mark = rest.venue.exchange.mark("DOGEUSDT")
-    base = {
-        "algoType": "CONDITIONAL",
-        "symbol": "DOGEUSDT",
-        "type": "STOP_MARKET",
-        "workingType": "MARK_PRICE",
-    }
     body = await rest.error(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        quantity="100",
-        triggerPrice=str(mark + 1000 * rest.venue.rules["DOGEUSDT"].tick_size),
+        **conditional(
+            "SELL",
+            "STOP_MARKET",
+            str(mark + 1000 * rest.venue.rules["DOGEUSDT"].tick_size),
+            quantity="100",
+        ),
     )
     assert body == {"code": -2021, "msg": REAL[-2021]}
     body = await rest.error(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        closePosition="true",
-        quantity="100",
-        triggerPrice="0.10000",
+        **conditional("SELL", "STOP_MARKET", "0.10000", closePosition="true", quantity="100"),
     )
     assert body["code"] == -4137
     body = await rest.error(
-        "POST",
-        ALGO,
-        **{**base, "algoType": ""},
-        side="SELL",
-        quantity="100",
-        triggerPrice="0.10000",
+        "POST", ALGO, **conditional("SELL", "STOP_MARKET", "0.10000", quantity="100", algoType="")
     )
     assert body["code"] == -1102
     # Only one resting close-all per type and direction (contract 2.5), so the limit of 10 is
     # reached with one close-all stop and nine sized ones.
-    await rest.ok("POST", ALGO, **base, side="SELL", closePosition="true", triggerPrice="0.10000")
+    await rest.ok(
+        "POST", ALGO, **conditional("SELL", "STOP_MARKET", "0.10000", closePosition="true")
+    )
     for _ in range(9):
-        await rest.ok("POST", ALGO, **base, side="SELL", quantity="100", triggerPrice="0.10000")
+        await rest.ok("POST", ALGO, **conditional("SELL", "STOP_MARKET", "0.10000", quantity="100"))
     body = await rest.error(
-        "POST", ALGO, **base, side="SELL", quantity="100", triggerPrice="0.10000"
+        "POST", ALGO, **conditional("SELL", "STOP_MARKET", "0.10000", quantity="100")
     )
     assert body == {"code": -4045, "msg": "Reach max stop order limit."}
     assert (await rest.error("DELETE", ALGO, algoId="1"))["code"] == -2011
@@ -389,72 +232,46 @@ async def test_second_close_all_stop_in_one_direction_is_4130_one_way(rest: Rest
     direction with -4130 (HTTP 400); another type, the other direction and sized stops pass."""
     mark = rest.venue.exchange.mark("DOGEUSDT")
     tick = rest.venue.rules["DOGEUSDT"].tick_size
-    await rest.ok("POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    base = {"algoType": "CONDITIONAL", "symbol": "DOGEUSDT", "workingType": "MARK_PRICE"}
+    await rest.ok("POST", ORDER, **market("BUY", "100"))
     below, above = str(mark - 50 * tick), str(mark + 50 * tick)
     first = await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice=below,
-        clientAlgoId="stop-1",
+        **conditional("SELL", "STOP_MARKET", below, closePosition="true", clientAlgoId="stop-1"),
     )
     status, _, body = await rest.signed(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice=str(mark - 10 * tick),
-        clientAlgoId="stop-2",
+        **conditional(
+            "SELL",
+            "STOP_MARKET",
+            str(mark - 10 * tick),
+            closePosition="true",
+            clientAlgoId="stop-2",
+        ),
     )
     assert (status, body) == (400, CLOSE_ALL_EXISTS)
     # the refused order does not exist
     assert (await rest.error("GET", ALGO, clientAlgoId="stop-2"))["code"] == -2013
     # a take-profit close-all beside the stop close-all is accepted
     await rest.ok(
-        "POST",
-        ALGO,
-        **base,
-        side="SELL",
-        type="TAKE_PROFIT_MARKET",
-        closePosition="true",
-        triggerPrice=above,
+        "POST", ALGO, **conditional("SELL", "TAKE_PROFIT_MARKET", above, closePosition="true")
     )
     # so is a BUY close-all (the other direction) and a sized reduce-only stop (tightening)
+    await rest.ok("POST", ALGO, **conditional("BUY", "STOP_MARKET", above, closePosition="true"))
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="BUY",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice=above,
-    )
-    await rest.ok(
-        "POST",
-        ALGO,
-        **base,
-        side="SELL",
-        type="STOP_MARKET",
-        quantity="100",
-        reduceOnly="true",
-        triggerPrice=str(mark - 10 * tick),
+        **conditional(
+            "SELL", "STOP_MARKET", str(mark - 10 * tick), quantity="100", reduceOnly="true"
+        ),
     )
     # once the first is cancelled, a new close-all stop is accepted again
     await rest.ok("DELETE", ALGO, algoId=str(first["algoId"]))
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice=str(mark - 10 * tick),
+        **conditional("SELL", "STOP_MARKET", str(mark - 10 * tick), closePosition="true"),
     )
 
 
@@ -465,68 +282,40 @@ async def test_second_close_all_stop_per_position_side_is_4130_hedge(hrest: Rest
     mark = rest.venue.exchange.mark("DOGEUSDT")
     tick = rest.venue.rules["DOGEUSDT"].tick_size
     for side, leg in (("BUY", "LONG"), ("SELL", "SHORT")):
-        await rest.ok(
-            "POST",
-            ORDER,
-            symbol="DOGEUSDT",
-            side=side,
-            positionSide=leg,
-            type="MARKET",
-            quantity="100",
-        )
-    base = {
-        "algoType": "CONDITIONAL",
-        "symbol": "DOGEUSDT",
-        "type": "STOP_MARKET",
-        "workingType": "MARK_PRICE",
-    }
+        await rest.ok("POST", ORDER, **market(side, "100", positionSide=leg))
     below, above = str(mark - 50 * tick), str(mark + 50 * tick)
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        positionSide="LONG",
-        closePosition="true",
-        triggerPrice=below,
+        **conditional("SELL", "STOP_MARKET", below, positionSide="LONG", closePosition="true"),
     )
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="BUY",
-        positionSide="SHORT",
-        closePosition="true",
-        triggerPrice=above,
+        **conditional("BUY", "STOP_MARKET", above, positionSide="SHORT", closePosition="true"),
     )
     status, _, body = await rest.signed(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        positionSide="LONG",
-        closePosition="true",
-        triggerPrice=str(mark - 10 * tick),
+        **conditional(
+            "SELL", "STOP_MARKET", str(mark - 10 * tick), positionSide="LONG", closePosition="true"
+        ),
     )
     assert (status, body) == (400, CLOSE_ALL_EXISTS)
     status, _, body = await rest.signed(
         "POST",
         ALGO,
-        **base,
-        side="BUY",
-        positionSide="SHORT",
-        closePosition="true",
-        triggerPrice=str(mark + 10 * tick),
+        **conditional(
+            "BUY", "STOP_MARKET", str(mark + 10 * tick), positionSide="SHORT", closePosition="true"
+        ),
     )
     assert (status, body) == (400, CLOSE_ALL_EXISTS)
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        positionSide="LONG",
-        quantity="100",
-        triggerPrice=str(mark - 10 * tick),
+        **conditional(
+            "SELL", "STOP_MARKET", str(mark - 10 * tick), positionSide="LONG", quantity="100"
+        ),
     )
     assert len(await rest.ok("GET", "/fapi/v1/openAlgoOrders", symbol="DOGEUSDT")) == 3
 
@@ -537,27 +326,28 @@ async def test_algo_lookup_finds_triggered_and_cancelled_orders(rest: Rest) -> N
     venue = rest.venue
     mark = venue.exchange.mark("DOGEUSDT")
     tick = venue.rules["DOGEUSDT"].tick_size
-    await rest.ok("POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
-    base = {"algoType": "CONDITIONAL", "symbol": "DOGEUSDT", "workingType": "MARK_PRICE"}
+    await rest.ok("POST", ORDER, **market("BUY", "100"))
     fired = await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        type="STOP_MARKET",
-        closePosition="true",
-        triggerPrice=str(mark - 10 * tick),
-        clientAlgoId="lk-fired",
+        **conditional(
+            "SELL",
+            "STOP_MARKET",
+            str(mark - 10 * tick),
+            closePosition="true",
+            clientAlgoId="lk-fired",
+        ),
     )
     await rest.ok(
         "POST",
         ALGO,
-        **base,
-        side="SELL",
-        type="TAKE_PROFIT_MARKET",
-        closePosition="true",
-        triggerPrice=str(mark + 50 * tick),
-        clientAlgoId="lk-cancelled",
+        **conditional(
+            "SELL",
+            "TAKE_PROFIT_MARKET",
+            str(mark + 50 * tick),
+            closePosition="true",
+            clientAlgoId="lk-cancelled",
+        ),
     )
     await rest.ok("DELETE", ALGO, clientAlgoId="lk-cancelled")
     await venue.set_mark("DOGEUSDT", mark - 20 * tick)
@@ -577,16 +367,7 @@ async def test_mode_and_margin_type_changes(rest: Rest) -> None:
         "code": -4059,
         "msg": REAL[-4059],
     }
-    await rest.ok(
-        "POST",
-        ORDER,
-        symbol="DOGEUSDT",
-        side="BUY",
-        type="LIMIT",
-        timeInForce="GTC",
-        quantity="100",
-        price="0.15000",
-    )
+    await rest.ok("POST", ORDER, **limit("BUY", "100", "0.15000"))
     assert (await rest.error("POST", dual, dualSidePosition="true")) == {
         "code": -4067,
         "msg": REAL[-4067],
@@ -595,7 +376,7 @@ async def test_mode_and_margin_type_changes(rest: Rest) -> None:
         await rest.error("POST", "/fapi/v1/marginType", symbol="DOGEUSDT", marginType="ISOLATED")
     )["code"] == -4047
     await rest.ok("DELETE", "/fapi/v1/allOpenOrders", symbol="DOGEUSDT")
-    await rest.ok("POST", ORDER, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")
+    await rest.ok("POST", ORDER, **market("BUY", "100"))
     assert (await rest.error("POST", dual, dualSidePosition="true")) == {
         "code": -4068,
         "msg": REAL[-4068],
@@ -611,15 +392,7 @@ async def test_mode_and_margin_type_changes(rest: Rest) -> None:
     assert (await rest.error("POST", "/fapi/v1/leverage", symbol="BTCUSDT", leverage="500"))[
         "code"
     ] == -4028
-    await rest.ok(
-        "POST",
-        ORDER,
-        symbol="DOGEUSDT",
-        side="SELL",
-        type="MARKET",
-        quantity="100",
-        reduceOnly="true",
-    )
+    await rest.ok("POST", ORDER, **market("SELL", "100", reduceOnly="true"))
     assert await rest.ok("POST", dual, dualSidePosition="true") == {"code": 200, "msg": "success"}
     assert await rest.ok("GET", dual) == {"dualSidePosition": True}
 

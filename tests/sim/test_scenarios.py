@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 import pyquant.sim as sim
-from tests.sim.conftest import Rest, open_user_stream
+from tests.sim.conftest import Rest, limit, open_user_stream
 
 SYMBOL = "DOGEUSDT"
 
@@ -219,14 +219,7 @@ async def test_limit_order_rests_and_fills_when_the_replay_crosses(rest: Rest) -
     mark = venue.exchange.mark("BTCUSDT")
     stream = await open_user_stream(rest)
     body = await rest.ok(
-        "POST",
-        "/fapi/v1/order",
-        symbol="BTCUSDT",
-        side="BUY",
-        type="LIMIT",
-        timeInForce="GTC",
-        quantity="0.002",
-        price=str(mark - 5),
+        "POST", "/fapi/v1/order", **limit("BUY", "0.002", str(mark - 5), symbol="BTCUSDT")
     )
     assert body["status"] == "NEW"
     await venue.set_mark("BTCUSDT", mark - 10)
