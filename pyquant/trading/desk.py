@@ -28,7 +28,7 @@ resumes the ladder and trailing stop where they were instead of starting over.
 Usage (the daemon)::
 
     desk = TradingDesk(venue, store, rules, engine, DeskConfig())
-    report = await reconcile(desk)                # pyquant.recovery, before anything else
+    report = await reconcile(desk)                # pyquant.daemon.recovery, before anything else
     decision = await desk.submit(intent)          # from any intent source
     desk.on_actions(engine.on_mark_message(raw))  # market task, per websocket message
     await desk.on_user_event(event)               # user-data task, per event
@@ -51,9 +51,9 @@ from typing import Any, Protocol
 
 from pyquant.errors import ExchangeError, PyquantError
 from pyquant.exchange.venue import Venue
-from pyquant.store import Fill, PositionRow, Store
 from pyquant.trading.guard import GuardConfig, GuardDecision, PositionGuard, position_id_text
 from pyquant.trading.intents import Intent, IntentError
+from pyquant.trading.journal import Fill, PositionRow, Store
 from pyquant.trading.legs import (
     Adopted,
     Closed,

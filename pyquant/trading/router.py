@@ -55,7 +55,7 @@ from pyquant.errors import (
     RetryableError,
 )
 from pyquant.exchange.venue import JsonObject, Venue
-from pyquant.store import OrderRecord, OrderRow, Store
+from pyquant.trading.journal import OrderRecord, OrderRow, Store
 from pyquant.trading.legs import TaskLock
 
 logger = logging.getLogger(__name__)

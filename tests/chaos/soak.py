@@ -38,7 +38,7 @@ from typing import Any
 
 import pyquant.sim
 from pyquant.sim.server import Venue
-from pyquant.store import UNSENT_ENTRY_DETAIL, Store
+from pyquant.trading.journal import UNSENT_ENTRY_DETAIL, Store
 
 SYMBOLS = {"ETHUSDT": Decimal("2500.00"), "BTCUSDT": Decimal("30000.0")}
 TICK = {"ETHUSDT": Decimal("0.01"), "BTCUSDT": Decimal("0.1")}

@@ -21,7 +21,7 @@ from typing import Any
 
 import pyquant.sim
 from pyquant.config import Config, load_config
-from pyquant.daemon import Daemon
+from pyquant.daemon.app import Daemon
 from pyquant.sim.server import Venue
 
 # Prices and sizes below are exact on ETHUSDT's grid (tick 0.01, step 0.001).

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pq_harness import DaemonProcess, append_intent, simulator, until, write_config
 
-from pyquant.store import Store
+from pyquant.trading.journal import Store
 
 SYMBOL = "ETHUSDT"
 

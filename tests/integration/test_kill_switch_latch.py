@@ -24,9 +24,9 @@ from pq_harness import (
     write_config,
 )
 
-from pyquant.daemon_cli import run_command
+from pyquant.daemon.cli import run_command
 from pyquant.exchange.client import BinanceClient
-from pyquant.store import Store
+from pyquant.trading.journal import Store
 
 SYMBOL = "ETHUSDT"
 MODES = ["one-way", "hedge"]

@@ -16,7 +16,7 @@ import pytest
 
 import pyquant
 from pyquant.exchange.client import BinanceClient
-from pyquant.store import Store
+from pyquant.trading.journal import Store
 from pyquant.trading.router import OrderRouter, OrderState, RouterConfig
 
 sim = pytest.importorskip("pyquant.sim")

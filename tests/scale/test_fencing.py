@@ -21,13 +21,13 @@ import pytest
 
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trading"))
 from fake_venue import FakeRules, FakeVenue  # noqa: E402
 from tcp_proxy import BlackholeProxy  # noqa: E402
 
 from pyquant.errors import ConfigError  # noqa: E402
 from pyquant.scale.leases import LeaseConfig, LeaseManager  # noqa: E402
-from pyquant.store import Store  # noqa: E402
+from pyquant.trading.journal import Store  # noqa: E402
 from pyquant.trading.router import OrderRouter, OrderState  # noqa: E402
 
 TTL_MS = 1500

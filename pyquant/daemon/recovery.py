@@ -60,8 +60,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from pyquant.errors import ExchangeError
-from pyquant.store import UNSENT_ENTRY_DETAIL, PositionRow
 from pyquant.trading.desk import EngineLike, TradingDesk, legs_from_rows
+from pyquant.trading.journal import UNSENT_ENTRY_DETAIL, PositionRow
 from pyquant.trading.router import FINAL_STATES, LIVE_STATUSES, OrderOutcome, OrderState
 
 logger = logging.getLogger(__name__)

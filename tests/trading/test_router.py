@@ -10,7 +10,7 @@ import pytest
 from fake_venue import FakeRules, FakeVenue, retryable_429
 
 from pyquant.errors import OrderRejected
-from pyquant.store import Store
+from pyquant.trading.journal import Store
 from pyquant.trading.router import (
     CLIENT_ORDER_ID,
     OrderRouter,
