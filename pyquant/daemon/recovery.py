@@ -62,7 +62,7 @@ from decimal import Decimal
 from pyquant.errors import ExchangeError
 from pyquant.trading.desk import EngineLike, TradingDesk, legs_from_rows
 from pyquant.trading.journal import UNSENT_ENTRY_DETAIL, PositionRow
-from pyquant.trading.router import FINAL_STATES, LIVE_STATUSES, OrderOutcome, OrderState
+from pyquant.trading.orders import FINAL_STATES, LIVE_STATUSES, OrderOutcome, OrderState
 
 logger = logging.getLogger(__name__)
 
@@ -306,8 +306,8 @@ async def reconcile(
     # 7. backstops the journal believes live, orphans and stale reservations
     open_legs = {(p.symbol, p.position_side) for p in store.positions(("open",))}
     try:
-        report.backstops_checked = await router.reconcile_backstops(symbols)
-        report.orphans_cancelled = await router.cleanup_orphans(
+        report.backstops_checked = await router.backstops.reconcile_backstops(symbols)
+        report.orphans_cancelled = await router.backstops.cleanup_orphans(
             open_legs, symbols=symbols, peers=symbols is not None
         )
     except ExchangeError as exc:
@@ -328,7 +328,7 @@ async def reconcile(
             # Under the leg's owner: a stop move in flight is never taken for a leftover.
             async with desk.legs.lock((position.symbol, position.position_side)).hold():
                 try:
-                    report.peer_backstops_retired += await router.retire_peer_backstops(
+                    report.peer_backstops_retired += await router.backstops.retire_peer_backstops(
                         position.position_id, position.symbol, position.position_side
                     )
                 except ExchangeError as exc:

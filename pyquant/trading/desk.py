@@ -51,6 +51,7 @@ from typing import Any, Protocol
 
 from pyquant.errors import ExchangeError, PyquantError
 from pyquant.exchange.venue import Venue
+from pyquant.trading.backstops import StopWouldTrigger
 from pyquant.trading.guard import GuardConfig, GuardDecision, PositionGuard, position_id_text
 from pyquant.trading.intents import Intent, IntentError
 from pyquant.trading.journal import Fill, PositionRow, Store
@@ -70,16 +71,8 @@ from pyquant.trading.legs import (
     LegState,
     WorkDone,
 )
-from pyquant.trading.router import (
-    FINAL_STATES,
-    FlattenStep,
-    OrderOutcome,
-    OrderRouter,
-    OrderState,
-    RouterConfig,
-    RouterError,
-    StopWouldTrigger,
-)
+from pyquant.trading.orders import FINAL_STATES, OrderOutcome, OrderState, RouterError
+from pyquant.trading.router import FlattenStep, OrderRouter, RouterConfig
 from pyquant.trading.sizing import (
     SizeDecision,
     SizingConfig,
@@ -900,7 +893,7 @@ class TradingDesk:
                 stop = self._engine_stop(position_id)
                 if stop is None:
                     return
-                await self.router.update_backstop(
+                await self.router.backstops.update_backstop(
                     position_id,
                     position.symbol,
                     position.position_side,
@@ -981,7 +974,7 @@ class TradingDesk:
         await self.settle_closing()
         if not self.config.shadow:
             try:
-                await self.router.retry_cancels()
+                await self.router.backstops.retry_cancels()
             except Exception as exc:
                 self._failed("backstop cancel retry", exc)
         for position in self.store.positions(("open",)):
@@ -1304,10 +1297,10 @@ class TradingDesk:
         logger.info("Position closed position_id=%s reason=%s", position.position_id, reason)
         if not self.config.shadow:
             async with self.legs.lock(key).hold():
-                await self.router.cancel_backstops(position.position_id)
+                await self.router.backstops.cancel_backstops(position.position_id)
                 if self.owns(position.symbol) and self._position_for(*key) is None:
                     try:
-                        await self.router.retire_leg_stops(*key)
+                        await self.router.backstops.retire_leg_stops(*key)
                     except ExchangeError as exc:
                         logger.warning("Leftover stops not checked symbol=%s error=%s", key[0], exc)
 
@@ -1646,7 +1639,7 @@ class TradingDesk:
                 leg = self.legs.get(key)
                 if leg is not None and leg.position_id == position.position_id:
                     self.legs.apply(key, HandedOver(owner))
-                self.router.forget_backstop(position.position_id)
+                self.router.backstops.forget_backstop(position.position_id)
             handed.append(position.position_id)
             self._note(
                 "handed_over",

@@ -175,7 +175,7 @@ async def test_gone_foreign_and_orphans(tmp_path: Path) -> None:
     pid = (await first.submit(intent("a"))).position_id or ""
     (backstop,) = list(venue.algo_orders)
     # a backstop of ours whose position the journal never recorded as open
-    orphan = await first.router.update_backstop("zz", "ETHUSDT", "LONG", "1900.00")
+    orphan = await first.router.backstops.update_backstop("zz", "ETHUSDT", "LONG", "1900.00")
     first.store.close()
     # while we were down: our position was closed by hand (backstop left behind), and
     # someone opened ETHUSDT short
@@ -297,7 +297,7 @@ async def test_backstop_that_never_reached_the_venue_is_replaced(tmp_path: Path)
     assert report.backstops_checked == {placed: "EXPIRED"}
     live = [o for o in venue.algo_orders.values() if o["algoStatus"] == "NEW"]
     assert [(o["triggerPrice"], o["positionSide"]) for o in live] == [("29551.5", "LONG")]
-    assert second.router.backstop_of(pid) == (live[0]["clientAlgoId"], Decimal("29551.5"))
+    assert second.router.backstops.backstop_of(pid) == (live[0]["clientAlgoId"], Decimal("29551.5"))
 
 
 async def test_entry_left_new_is_looked_up_and_completed(tmp_path: Path) -> None:

@@ -416,6 +416,6 @@ async def test_a_stale_stop_of_ours_is_retired_even_when_tighter(hedge: bool) ->
     await venue.inner.new_algo_order(
         backstop_params(mode, "BTCUSDT", "LONG", "29990.0", stale, quantity="0.010")
     )
-    retired = await desk.router.retire_peer_backstops(pid, "BTCUSDT", "LONG")
+    retired = await desk.router.backstops.retire_peer_backstops(pid, "BTCUSDT", "LONG")
     assert retired == [stale]
     assert len(live_algo(venue)) == 1
