@@ -53,6 +53,22 @@ def orders_sent(venue: FakeVenue) -> list[dict[str, str]]:
     return [s.params for s in venue.sent if s.path == "/fapi/v1/order"]
 
 
+async def crash_after_exit_filled(first: TradingDesk, venue: FakeVenue, pid: str, mode: Any) -> str:
+    """Journal exit 1 of ``pid`` as SENT, let the venue execute it, then kill -9 (close the
+    store, nothing else runs). Returns the exit's client order id."""
+    store = first.store
+    cid = f"pq{store.instance_tag}-{pid}-x1-0"
+    params = exit_params(mode, "BTCUSDT", "LONG", "0.003", cid)
+    store.insert_order(
+        OrderRecord(
+            cid, "exit", pid, "BTCUSDT", "LONG", "SELL", 1, 0, params, "SENT", "take_profit_1"
+        )
+    )
+    await venue.new_order(params)
+    store.close()
+    return cid
+
+
 @pytest.mark.parametrize("hedge", [True, False])
 async def test_restart_keeps_position_stop_and_sends_nothing(tmp_path: Path, hedge: bool) -> None:
     venue = FakeVenue(hedge=hedge)
@@ -86,16 +102,7 @@ async def test_exit_filled_while_down_is_resolved_and_not_resent(tmp_path: Path)
     await reconcile(first)
     pid = (await first.submit(intent("a"))).position_id or ""
     # kill -9 right after the exit request left: the row is SENT, the venue executed it
-    store = first.store
-    cid = f"pq{store.instance_tag}-{pid}-x1-0"
-    params = exit_params("hedge", "BTCUSDT", "LONG", "0.003", cid)
-    store.insert_order(
-        OrderRecord(
-            cid, "exit", pid, "BTCUSDT", "LONG", "SELL", 1, 0, params, "SENT", "take_profit_1"
-        )
-    )
-    await venue.new_order(params)
-    store.close()
+    cid = await crash_after_exit_filled(first, venue, pid, "hedge")
 
     second = desk_for(venue, path)
     sent_before = len(orders_sent(venue))
@@ -241,17 +248,8 @@ async def test_pending_actions_of_a_restored_engine_are_settled(tmp_path: Path) 
     first = desk_for(venue, path)
     await reconcile(first)
     pid = (await first.submit(intent("a"))).position_id or ""
-    store = first.store
     # sequence 1: sent and filled, crash before the answer; sequence 2: never sent
-    cid = f"pq{store.instance_tag}-{pid}-x1-0"
-    params = exit_params("one-way", "BTCUSDT", "LONG", "0.003", cid)
-    store.insert_order(
-        OrderRecord(
-            cid, "exit", pid, "BTCUSDT", "LONG", "SELL", 1, 0, params, "SENT", "take_profit_1"
-        )
-    )
-    await venue.new_order(params)
-    store.close()
+    cid = await crash_after_exit_filled(first, venue, pid, "one-way")
 
     engine = FakeEngine.restore(FakeEngine().snapshot())
     second = desk_for(venue, path, engine)
