@@ -60,9 +60,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from pyquant.errors import ExchangeError
-from pyquant.trading.desk import EngineLike, TradingDesk, legs_from_rows
+from pyquant.trading.desk import EngineLike, TradingDesk
 from pyquant.trading.journal import UNSENT_ENTRY_DETAIL, PositionRow
-from pyquant.trading.orders import FINAL_STATES, LIVE_STATUSES, OrderOutcome, OrderState
+from pyquant.trading.orders import FINAL_STATES, LIVE_STATUSES, OrderOutcome, OrderState, venue_legs
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ async def reconcile(
 
     # 6. positions against the exchange
     rows = [row for row in await desk.venue.position_risk() if in_scope(str(row.get("symbol")))]
-    legs = legs_from_rows(rows)
+    legs = venue_legs(rows)
     views = desk.engine.positions()
     engine_ids = {_view_id(view) for view in views}
     engine_quantities = {_view_id(view): _dec(_view_field(view, "quantity")) for view in views}

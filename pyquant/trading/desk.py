@@ -60,7 +60,6 @@ from pyquant.trading.desk_core import (
     DeskRules,
     EngineLike,
     as_decimal,
-    legs_from_rows,
 )
 from pyquant.trading.desk_reconcile import LegReconciler
 from pyquant.trading.guard import GuardDecision
@@ -77,7 +76,7 @@ from pyquant.trading.legs import (
     LegState,
     WorkDone,
 )
-from pyquant.trading.orders import FINAL_STATES, OrderOutcome, OrderState
+from pyquant.trading.orders import FINAL_STATES, OrderOutcome, OrderState, venue_legs
 from pyquant.trading.router import FlattenStep
 from pyquant.trading.sizing import (
     SizeDecision,
@@ -532,7 +531,7 @@ class TradingDesk(LegReconciler):
                     step.ok,
                     step.detail,
                 )
-            legs = legs_from_rows(await self.venue.position_risk())
+            legs = venue_legs(await self.venue.position_risk())
             for position in self.store.positions(("open",)):
                 if scope is not None and position.symbol not in scope:
                     continue
@@ -582,4 +581,4 @@ def _forced_close_reason(client_order_id: str) -> str | None:
     return None
 
 
-__all__ = ["ActionLike", "DeskConfig", "DeskRules", "EngineLike", "TradingDesk", "legs_from_rows"]
+__all__ = ["ActionLike", "DeskConfig", "DeskRules", "EngineLike", "TradingDesk"]

@@ -485,18 +485,3 @@ class DeskCore:
     def save_snapshot(self) -> None:
         """Store the engine's snapshot."""
         self.store.save_snapshot(self.engine.snapshot())
-
-
-def legs_from_rows(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], Decimal]:
-    """Return (symbol, leg) -> absolute quantity from positionRisk rows (both modes)."""
-    legs: dict[tuple[str, str], Decimal] = {}
-    for row in rows:
-        amount = as_decimal(row.get("positionAmt"))
-        if amount == 0:
-            continue
-        symbol = str(row.get("symbol"))
-        leg = str(row.get("positionSide", "BOTH"))
-        if leg == "BOTH":
-            leg = "LONG" if amount > 0 else "SHORT"
-        legs[(symbol, leg)] = abs(amount)
-    return legs

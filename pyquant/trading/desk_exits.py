@@ -19,10 +19,10 @@ from typing import Any
 
 from pyquant.errors import ExchangeError
 from pyquant.trading.backstops import StopWouldTrigger
-from pyquant.trading.desk_core import DeskCore, as_decimal, field_of, legs_from_rows
+from pyquant.trading.desk_core import DeskCore, as_decimal, field_of
 from pyquant.trading.journal import PositionRow
 from pyquant.trading.legs import Closed, CloseEvidence, FoundFlat, LegKey, LegState, WorkDone
-from pyquant.trading.orders import FINAL_STATES, OrderOutcome, OrderState
+from pyquant.trading.orders import FINAL_STATES, OrderOutcome, OrderState, venue_legs
 
 logger = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ class ExitDesk(DeskCore):
         except ExchangeError as exc:
             logger.warning("positionRisk failed error=%s", exc)
             return None
-        return legs_from_rows(rows).get((symbol, leg), Decimal(0))
+        return venue_legs(rows).get((symbol, leg), Decimal(0))
 
     async def _closed(self, position: PositionRow, reason: str) -> None:
         key = (position.symbol, position.position_side)
