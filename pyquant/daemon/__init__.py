@@ -1,11 +1,11 @@
 """The streaming daemon part: the process that runs the trading desk on live streams.
 
 ``app`` wires the streams, the intent sources and the trading desk into one process;
-``cli`` is ``pyquant run/flatten/resume``; ``recovery`` reconciles the journal with the
-exchange at start-up and on a takeover; ``dashboard`` and ``metrics`` show what it does;
+``cli`` is ``pyquant run/flatten/resume``; ``dashboard`` and ``metrics`` show what it does;
 ``demo`` feeds it sample intents; ``doctor`` checks an account before trading on it;
-``state_lock`` keeps one process per state directory. The trading logic itself lives in
-``pyquant.trading``; this part only runs it.
+``state_lock`` keeps one process per state directory. The trading logic itself, including
+the reconciliation with the exchange at start-up (``pyquant.trading.recovery``, which the
+scale-out's takeovers use too), lives in ``pyquant.trading``; this part only runs it.
 
 The names the former ``pyquant.daemon`` module exported (``from pyquant.daemon import
 Daemon``) are still importable from here. They are loaded on first use, so ``pyquant

@@ -11,7 +11,7 @@ Start-up, in order: open the venue (the in-process simulator by default), load e
 into ``pyquant.ExchangeRules``, open the store, restore the engine from its last snapshot
 (or build it from the exit policy), read the position mode, warm ATR up from
 ``markPriceKlines``, connect the user stream, reconcile with the exchange
-(``pyquant.daemon.recovery``), then start the market stream and the intent sources.
+(``pyquant.trading.recovery``), then start the market stream and the intent sources.
 
 Stop (SIGINT, SIGTERM, ``--duration`` or ``Daemon.stop()``): intake stops first, then the
 market stream (no new exit actions), then every in-flight entry and exit is awaited to its
@@ -554,7 +554,7 @@ class Daemon:
     async def _reconcile(
         self, why: str, *, live: bool = True, symbols: frozenset[str] | None = None
     ) -> None:
-        from pyquant.daemon.recovery import reconcile
+        from pyquant.trading.recovery import reconcile
 
         assert self.desk is not None  # noqa: S101 - reconcile runs after the desk exists
         member = self.membership

@@ -380,7 +380,7 @@ class Membership:
         Returns:
             Whether it succeeded (a failure is retried by ``retry_unreconciled``).
         """
-        from pyquant.daemon.recovery import reconcile
+        from pyquant.trading.recovery import reconcile
 
         desk = self._desk()
         self._unreconciled.add(symbol)

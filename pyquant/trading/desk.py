@@ -34,7 +34,7 @@ resumes the ladder and trailing stop where they were instead of starting over.
 Usage (the daemon)::
 
     desk = TradingDesk(venue, store, rules, engine, DeskConfig())
-    report = await reconcile(desk)                # pyquant.daemon.recovery, before anything else
+    report = await reconcile(desk)                # pyquant.trading.recovery, before anything else
     decision = await desk.submit(intent)          # from any intent source
     desk.on_actions(engine.on_mark_message(raw))  # market task, per websocket message
     await desk.on_user_event(event)               # user-data task, per event

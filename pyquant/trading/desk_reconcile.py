@@ -4,7 +4,7 @@ Account updates (ACCOUNT_UPDATE) resize, close or adopt legs that changed behind
 back; ``adopt`` puts a position opened elsewhere (or by a previous owner, with its published
 exit state) under the exit policy; ``hand_over`` stops running a symbol another daemon took,
 closing nothing; ``settle_pending_actions`` confirms or gives back the exit actions a restored
-engine holds (restart recovery, ``pyquant.daemon.recovery``). It may not send entries or
+engine holds (restart recovery, ``pyquant.trading.recovery``). It may not send entries or
 exits itself (it settles them through ``desk_exits``); leg states change only through
 ``LegBook`` (``next_leg_state``).
 """

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 import pyquant
-from pyquant.daemon.recovery import reconcile
 from pyquant.exchange.client import BinanceClient
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.journal import Store
+from pyquant.trading.recovery import reconcile
 from pyquant.trading.router import RouterConfig
 from pyquant.trading.sizing import SizingConfig
 
@@ -40,7 +40,7 @@ CHILD = textwrap.dedent(
     from decimal import Decimal
     import pyquant
     from pyquant.exchange.client import BinanceClient
-    from pyquant.daemon.recovery import reconcile
+    from pyquant.trading.recovery import reconcile
     from pyquant.trading.journal import Store
     from pyquant.trading.desk import DeskConfig, TradingDesk
     from pyquant.trading.guard import GuardConfig

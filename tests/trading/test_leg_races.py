@@ -16,12 +16,12 @@ import pytest
 from fake_venue import FakeEngine, FakeRules, FakeVenue
 from interleave import GatedSleep, HeldVenue, settle, until
 
-from pyquant.daemon.recovery import reconcile
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.intents import parse_intent
 from pyquant.trading.journal import Store
 from pyquant.trading.legs import Closed, LegState
+from pyquant.trading.recovery import reconcile
 from pyquant.trading.router import RouterConfig, backstop_params
 from pyquant.trading.sizing import SizingConfig
 

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-# The fake venue and engine are the trading tests' (tests/trading/fake_venue.py).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trading"))
 from fake_venue import FakeAction, FakeEngine, FakeRules, FakeVenue
 
-from pyquant.daemon.recovery import reconcile
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.intents import parse_intent
 from pyquant.trading.journal import OrderRecord, Store
+from pyquant.trading.recovery import reconcile
 from pyquant.trading.router import RouterConfig, exit_params
 from pyquant.trading.sizing import SizingConfig
 

@@ -1,5 +1,9 @@
 """Restart recovery: reload the journal, reconcile it with the exchange, then resume.
 
+It lives with the trading desk because two parts run it: the daemon at start-up and the
+scale-out (``pyquant.scale.membership``) when it takes symbols over from a dead peer. It
+works only through the desk, its router and the journal; it may not import the daemon.
+
 The exchange is the truth for what is open; the journal is the truth for what we sent and
 decided; the engine snapshot is the truth for each position's exit state (stop, best price,
 ladder progress). ``reconcile`` brings the three together, in this order:
