@@ -22,10 +22,11 @@ Rules it keeps (architecture.md, "Rules the whole system keeps"; contract sectio
   resend under the next attempt id. ``-2022`` on an exit: the leg is already flat.
   Filter errors (``-1111``, ``-4164``, ...): the rules are stale (``on_rules_stale``).
 * One close at a time per position (``position_lock``).
-* Exchange-side backstop: a closePosition STOP_MARKET algo order on MARK_PRICE, a configured
-  distance beyond the engine's stop; moved only to tighten, throttled, new before old is
-  cancelled (algo orders cannot be modified); cancelled when the position closes.
-* Order states change in one ``match`` over (state, event) (``next_state``); an order leaves
+* Exchange-side backstop (``backstops.py``): a closePosition STOP_MARKET algo order on
+  MARK_PRICE, a configured distance beyond the engine's stop; moved only to tighten,
+  throttled, new before old is cancelled (algo orders cannot be modified); cancelled when the
+  position closes.
+* Order states change in one ``match`` over (state, event) (``orders.next_state``); an order leaves
   the live set only when both the REST reply and the user stream said it is final.
 
 Usage::
