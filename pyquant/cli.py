@@ -11,12 +11,12 @@ import sys
 
 # command -> (module with ``run_command(command, argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("pyquant.daemon_cli", "run the streaming daemon (default: on the built-in simulator)"),
-    "flatten": ("pyquant.daemon_cli", "kill switch: halt entries, close every position, cancel"),
-    "resume": ("pyquant.daemon_cli", "clear the kill switch's halt: entries are taken again"),
+    "run": ("pyquant.daemon.cli", "run the streaming daemon (default: on the built-in simulator)"),
+    "flatten": ("pyquant.daemon.cli", "kill switch: halt entries, close every position, cancel"),
+    "resume": ("pyquant.daemon.cli", "clear the kill switch's halt: entries are taken again"),
     "sim": ("pyquant.sim.cli", "serve the built-in Binance-compatible futures simulator"),
     "backtest": ("pyquant.backtest.cli", "replay history through the exit engine"),
-    "doctor": ("pyquant.doctor", "check an account and its venue before trading on it"),
+    "doctor": ("pyquant.daemon.doctor", "check an account and its venue before trading on it"),
     "data": ("pyquant.data.cli", "download klines and exchange info for backtests"),
     "notify": ("pyquant.notify.cli", "test the notification targets ([notify] in the config)"),
 }

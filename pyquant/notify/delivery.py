@@ -161,7 +161,7 @@ class Notifier:
         if document is not None:
             self.publish(document)
 
-    def on_order_change(self, row: Any) -> None:  # noqa: ANN401 - pyquant.store.OrderRow
+    def on_order_change(self, row: Any) -> None:  # noqa: ANN401 - pyquant.trading.journal.OrderRow
         """A router order change (``OrderRouter.on_order_change``)."""
         self.publish(self.documents.from_order(row))
 

@@ -127,12 +127,12 @@ class DocumentMaker:
             return self.make("position", sym, position)
         return None
 
-    def from_order(self, row: Any) -> Document:  # noqa: ANN401 - pyquant.store.OrderRow
+    def from_order(self, row: Any) -> Document:  # noqa: ANN401 - pyquant.trading.journal.OrderRow
         """The document of one order change (``TradingDesk.router.on_order_change``)."""
         return self.make("order", row.symbol, order_payload(row))
 
 
-def order_payload(row: Any) -> dict[str, object]:  # noqa: ANN401 - pyquant.store.OrderRow
+def order_payload(row: Any) -> dict[str, object]:  # noqa: ANN401 - pyquant.trading.journal.OrderRow
     """The ``order`` payload of the events stream for one stored order change.
 
     The one mapping from an order row to its event: the Redis events stream

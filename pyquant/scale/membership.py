@@ -51,10 +51,10 @@ from pyquant.notify.documents import order_payload
 from pyquant.scale.bus import IntentSinkLike, RedisBus, RedisBusConfig
 from pyquant.scale.events import REDIS_DOWN_ERRORS, EventPublisher
 from pyquant.scale.limits import AccountLedger, LedgerLimits
-from pyquant.store import OrderRow
 from pyquant.trading.desk import TradingDesk
 from pyquant.trading.guard import GuardDecision
 from pyquant.trading.intents import Intent
+from pyquant.trading.journal import OrderRow
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ class Membership:
         Returns:
             Whether it succeeded (a failure is retried by ``retry_unreconciled``).
         """
-        from pyquant.recovery import reconcile
+        from pyquant.trading.recovery import reconcile
 
         desk = self._desk()
         self._unreconciled.add(symbol)

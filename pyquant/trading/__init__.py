@@ -1,1 +1,1 @@
-"""Entries and orders: intents, the position guard, sizing and the order router."""
+"""The trading desk: intents, the position guard, sizing, the order router, legs and the journal."""

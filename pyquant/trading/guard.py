@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal, Protocol
 
-from pyquant.store import PositionRow, Reservation, Store
 from pyquant.trading.intents import Intent
+from pyquant.trading.journal import PositionRow, Reservation, Store
 from pyquant.trading.sizing import SizeDecision
 
 logger = logging.getLogger(__name__)

@@ -218,7 +218,7 @@ def _live_legs(rows: list[Any]) -> set[tuple[str, str]]:
 
 
 class ClosedPositions(Protocol):
-    """What the orphan sweep reads from the journal (``pyquant.store.Store``)."""
+    """What the orphan sweep reads from the journal (``pyquant.trading.journal.Store``)."""
 
     @property
     def instance_tag(self) -> str: ...

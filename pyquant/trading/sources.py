@@ -442,7 +442,7 @@ async def follow_jsonl(
     *,
     follow: bool = True,
     poll_s: float = 0.25,
-    store: Any = None,  # noqa: ANN401 - pyquant.store.Store; keeps the read offset across restarts
+    store: Any = None,  # noqa: ANN401 - pyquant.trading.journal.Store; keeps the read offset across restarts
     clock: Callable[[], int] = _now_ms,
     on_result: Callable[[SourceResult], None] | None = None,
 ) -> int:

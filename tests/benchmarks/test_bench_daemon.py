@@ -38,7 +38,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from pyquant.config import load_config
-from pyquant.daemon import TICK_RECEIVED_NS, Daemon, LatencyRecorder
+from pyquant.daemon.app import TICK_RECEIVED_NS, Daemon, LatencyRecorder
 from pyquant.exchange.client import BinanceClient
 
 DATA = Path(__file__).parents[1] / "data" / "binance"

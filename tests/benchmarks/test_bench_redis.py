@@ -43,8 +43,8 @@ redis_asyncio = pytest.importorskip("redis.asyncio")
 from pyquant.scale.events import EventPublisher  # noqa: E402
 from pyquant.scale.leases import LeaseConfig, LeaseManager  # noqa: E402
 from pyquant.scale.redis_intents import IntentStreamConfig, RedisIntentSource  # noqa: E402
-from pyquant.store import Store  # noqa: E402
 from pyquant.trading.intents import Intent  # noqa: E402
+from pyquant.trading.journal import Store  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scale"))
 from redis_server_proc import RedisServer  # noqa: E402

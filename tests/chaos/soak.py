@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import sys
@@ -36,9 +35,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+# The daemon's command line and the simulator's credentials: the integration tests' harness.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from pq_harness import run_args, venue_env
+
 import pyquant.sim
 from pyquant.sim.server import Venue
-from pyquant.store import UNSENT_ENTRY_DETAIL, Store
+from pyquant.trading.journal import UNSENT_ENTRY_DETAIL, Store
 
 SYMBOLS = {"ETHUSDT": Decimal("2500.00"), "BTCUSDT": Decimal("30000.0")}
 TICK = {"ETHUSDT": Decimal("0.01"), "BTCUSDT": Decimal("0.1")}
@@ -131,19 +134,7 @@ class Child:
     """``pyquant run`` as a child process; its log lines kept for the report."""
 
     def __init__(self, config: Path, state: Path, env: dict[str, str], log: Path) -> None:
-        self.args = [
-            sys.executable,
-            "-m",
-            "pyquant",
-            "run",
-            "--config",
-            str(config),
-            "--state",
-            str(state),
-            "--no-tui",
-            "--log-format",
-            "json",
-        ]
+        self.args = run_args(config, state)
         self.env = env
         self.log = log
         self.proc: asyncio.subprocess.Process | None = None
@@ -348,11 +339,7 @@ async def soak(
         for symbol, price in marks.items():
             await venue.set_mark(symbol, price)
         write_config(config, venue, intents)
-        env = {
-            **os.environ,
-            "PYQUANT_API_KEY": venue.api_key,
-            "PYQUANT_API_SECRET": venue.api_secret,
-        }
+        env = venue_env(venue)
         # Every REST reply is late; with order_faults some orders also get a 503 whose
         # outcome is unknown (half of them executed anyway), which the router must resolve.
         if order_faults:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 
 import pyquant.sim
 from pyquant.config import Config, load_config
-from pyquant.daemon import Daemon
+from pyquant.daemon.app import Daemon
 from pyquant.sim.server import Venue
 
 # Prices and sizes below are exact on ETHUSDT's grid (tick 0.01, step 0.001).
@@ -140,6 +141,15 @@ async def simulator(position_mode: str = "one-way", **kwargs: Any) -> AsyncItera
         yield venue
 
 
+def venue_env(venue: Venue) -> dict[str, str]:
+    """This process's environment plus the simulator's API key and secret (for `pyquant run`)."""
+    return {
+        **os.environ,
+        "PYQUANT_API_KEY": venue.api_key,
+        "PYQUANT_API_SECRET": venue.api_secret,
+    }
+
+
 def write_config(path: Path, venue: Venue, intents: Path) -> None:
     """Write a TOML config for a ``pyquant`` subprocess against an in-test simulator."""
     ladder = ", ".join(
@@ -177,25 +187,46 @@ ladder = [{ladder}]
     )
 
 
+def run_args(config: Path, state: Path) -> list[str]:
+    """The command line of `pyquant run` on ``config`` and ``state``: JSON logs, no dashboard."""
+    return [
+        sys.executable,
+        "-m",
+        "pyquant",
+        "run",
+        "--config",
+        str(config),
+        "--state",
+        str(state),
+        "--no-tui",
+        "--log-format",
+        "json",
+    ]
+
+
+async def run_pyquant(
+    *args: str, env: dict[str, str], limit_s: float = 120
+) -> tuple[int, str, str]:
+    """Run one `pyquant` command to its end; return (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pyquant",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), limit_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 class DaemonProcess:
     """``pyquant run`` as a subprocess, its log lines collected as they come."""
 
     def __init__(self, config: Path, state: Path, env: dict[str, str], summary: Path) -> None:
-        self.args = [
-            sys.executable,
-            "-m",
-            "pyquant",
-            "run",
-            "--config",
-            str(config),
-            "--state",
-            str(state),
-            "--no-tui",
-            "--log-format",
-            "json",
-            "--summary-json",
-            str(summary),
-        ]
+        self.args = [*run_args(config, state), "--summary-json", str(summary)]
         self.env = env
         self.lines: list[dict[str, object]] = []
         self.proc: asyncio.subprocess.Process | None = None

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from decimal import Decimal
 from pathlib import Path
 
-from pq_harness import DaemonProcess, append_intent, run_daemon, simulator, until, write_config
+from pq_harness import (
+    DaemonProcess,
+    append_intent,
+    run_daemon,
+    run_pyquant,
+    simulator,
+    until,
+    venue_env,
+    write_config,
+)
 
 SYMBOL = "ETHUSDT"
 
@@ -85,28 +91,11 @@ async def test_pyquant_flatten_command(tmp_path: Path) -> None:
             await running.stop()  # a clean stop leaves positions (and backstops) in place
         assert venue.exchange.position(SYMBOL, "LONG").amount == Decimal("0.200")
         write_config(config, venue, tmp_path / "none.jsonl")
-        env = {
-            **os.environ,
-            "PYQUANT_API_KEY": venue.api_key,
-            "PYQUANT_API_SECRET": venue.api_secret,
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pyquant",
-            "flatten",
-            "--config",
-            str(config),
-            "--state",
-            str(state),
-            "--yes",
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        env = venue_env(venue)
+        code, text, err = await run_pyquant(
+            "flatten", "--config", str(config), "--state", str(state), "--yes", env=env, limit_s=60
         )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err.decode()[-2000:]
-        text = out.decode()
+        assert code == 0, err[-2000:]
         assert "flatten:" in text
         assert "0 failed" in text
         assert venue.exchange.position(SYMBOL, "LONG").amount == 0
@@ -123,11 +112,7 @@ async def test_sigusr1_flattens_a_running_pyquant_run(tmp_path: Path) -> None:
     async with simulator("hedge") as venue:
         await venue.set_mark(SYMBOL, "2500.00")
         write_config(config, venue, intents)
-        env = {
-            **os.environ,
-            "PYQUANT_API_KEY": venue.api_key,
-            "PYQUANT_API_SECRET": venue.api_secret,
-        }
+        env = venue_env(venue)
         daemon = DaemonProcess(config, tmp_path / "state", env, tmp_path / "summary.json")
         await daemon.start()
         await daemon.wait_logged("Daemon running")

@@ -190,7 +190,7 @@ async def test_metrics_and_dashboard_reflect_the_running_daemon(tmp_path: Path) 
 
     from rich.console import Console
 
-    from pyquant.dashboard import render
+    from pyquant.daemon.dashboard import render
 
     async with simulator("hedge") as venue:
         await venue.set_mark(SYMBOL, "2500.00")

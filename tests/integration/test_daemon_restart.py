@@ -4,41 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from decimal import Decimal
 from pathlib import Path
 
-from pq_harness import DaemonProcess, append_intent, simulator, until, write_config
+from pq_harness import DaemonProcess, append_intent, simulator, until, venue_env, write_config
 
-from pyquant.store import Store
+from pyquant.sim.server import Venue
+from pyquant.trading.journal import Store
 
 SYMBOL = "ETHUSDT"
 
 
+async def first_daemon_with_a_long(
+    venue: Venue, config: Path, state: Path, intent_id: str, leg: str
+) -> DaemonProcess:
+    """Start `pyquant run` on ``state`` and let it open a 0.200 ETHUSDT long and its backstop."""
+    intents = config.with_name("intents.jsonl")
+    intents.touch()
+    await venue.set_mark(SYMBOL, "2500.00")
+    write_config(config, venue, intents)
+    first = DaemonProcess(config, state, venue_env(venue), config.with_name("first.json"))
+    await first.start()
+    await first.wait_logged("Daemon running")
+    await first.wait_logged("Mark-price stream connected")
+    append_intent(intents, {"id": intent_id, "symbol": SYMBOL, "side": "BUY", "size_usd": "500"})
+    await until(
+        lambda: venue.exchange.position(SYMBOL, leg).amount == Decimal("0.200"), 20, "entry"
+    )
+    await until(lambda: len(venue.exchange.open_algo_orders(SYMBOL)) == 1, 20, "backstop")
+    return first
+
+
 async def test_kill_9_mid_position_then_restart(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    intents = tmp_path / "intents.jsonl"
-    intents.touch()
     config = tmp_path / "pyquant.toml"
     async with simulator("hedge") as venue:
-        await venue.set_mark(SYMBOL, "2500.00")
-        write_config(config, venue, intents)
-        env = {
-            **os.environ,
-            "PYQUANT_API_KEY": venue.api_key,
-            "PYQUANT_API_SECRET": venue.api_secret,
-        }
-        first = DaemonProcess(config, state, env, tmp_path / "first.json")
-        await first.start()
-        await first.wait_logged("Daemon running")
-        await first.wait_logged("Mark-price stream connected")
-        append_intent(
-            intents, {"id": "crash-1", "symbol": SYMBOL, "side": "BUY", "size_usd": "500"}
-        )
-        await until(
-            lambda: venue.exchange.position(SYMBOL, "LONG").amount == Decimal("0.200"), 20, "entry"
-        )
-        await until(lambda: len(venue.exchange.open_algo_orders(SYMBOL)) == 1, 20, "backstop")
+        env = venue_env(venue)
+        first = await first_daemon_with_a_long(venue, config, state, "crash-1", "LONG")
         initial_trigger = venue.exchange.open_algo_orders(SYMBOL)[0].trigger_price
 
         await venue.step(1000)
@@ -99,28 +101,10 @@ async def test_kill_9_mid_position_then_restart(tmp_path: Path) -> None:
 
 async def test_kill_9_while_an_exit_is_unanswered_then_restart(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    intents = tmp_path / "intents.jsonl"
-    intents.touch()
     config = tmp_path / "pyquant.toml"
     async with simulator("one-way") as venue:
-        await venue.set_mark(SYMBOL, "2500.00")
-        write_config(config, venue, intents)
-        env = {
-            **os.environ,
-            "PYQUANT_API_KEY": venue.api_key,
-            "PYQUANT_API_SECRET": venue.api_secret,
-        }
-        first = DaemonProcess(config, state, env, tmp_path / "first.json")
-        await first.start()
-        await first.wait_logged("Daemon running")
-        await first.wait_logged("Mark-price stream connected")
-        append_intent(
-            intents, {"id": "inflight-1", "symbol": SYMBOL, "side": "BUY", "size_usd": "500"}
-        )
-        await until(
-            lambda: venue.exchange.position(SYMBOL, "BOTH").amount == Decimal("0.200"), 20, "entry"
-        )
-        await until(lambda: len(venue.exchange.open_algo_orders(SYMBOL)) == 1, 20, "backstop")
+        env = venue_env(venue)
+        first = await first_daemon_with_a_long(venue, config, state, "inflight-1", "BOTH")
         # the venue executes the take-profit, drops the connection without an answer and does
         # not show the order to queries for a while: the daemon is left not knowing
         venue.set_faults(

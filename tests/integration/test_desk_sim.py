@@ -15,11 +15,11 @@ import pytest
 
 import pyquant
 from pyquant.exchange.client import BinanceClient
-from pyquant.recovery import reconcile
-from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.intents import parse_intent
+from pyquant.trading.journal import Store
+from pyquant.trading.recovery import reconcile
 from pyquant.trading.sizing import SizingConfig
 
 sim = pytest.importorskip("pyquant.sim")

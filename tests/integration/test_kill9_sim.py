@@ -23,10 +23,10 @@ import pytest
 
 import pyquant
 from pyquant.exchange.client import BinanceClient
-from pyquant.recovery import reconcile
-from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
+from pyquant.trading.journal import Store
+from pyquant.trading.recovery import reconcile
 from pyquant.trading.router import RouterConfig
 from pyquant.trading.sizing import SizingConfig
 
@@ -40,8 +40,8 @@ CHILD = textwrap.dedent(
     from decimal import Decimal
     import pyquant
     from pyquant.exchange.client import BinanceClient
-    from pyquant.recovery import reconcile
-    from pyquant.store import Store
+    from pyquant.trading.recovery import reconcile
+    from pyquant.trading.journal import Store
     from pyquant.trading.desk import DeskConfig, TradingDesk
     from pyquant.trading.guard import GuardConfig
     from pyquant.trading.intents import parse_intent

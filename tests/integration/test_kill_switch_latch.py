@@ -7,9 +7,6 @@ and our stops of another state directory in place while reporting "0 failed".
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,40 +16,23 @@ from pq_harness import (
     DaemonProcess,
     append_intent,
     run_daemon,
+    run_pyquant,
     simulator,
     until,
+    venue_env,
     write_config,
 )
 
-from pyquant.daemon_cli import run_command
+from pyquant.daemon.cli import run_command
 from pyquant.exchange.client import BinanceClient
-from pyquant.store import Store
+from pyquant.trading.journal import Store
 
 SYMBOL = "ETHUSDT"
 MODES = ["one-way", "hedge"]
 
 
 def env_for(venue: Any) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYQUANT_API_KEY": venue.api_key,
-        "PYQUANT_API_SECRET": venue.api_secret,
-    }
-
-
-async def pyquant(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pyquant",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return venue_env(venue)
 
 
 def leg(mode: str, side: str) -> str:
@@ -148,7 +128,7 @@ async def test_flatten_cancels_every_order_on_the_account(tmp_path: Path, mode: 
         env = env_for(venue)
         base = ["flatten", "--config", str(config), "--state", str(state), "--yes"]
         # narrowed to pyquant's orders: the manual stop stays, and the status says so
-        code, out, err = await pyquant(*base, "--ours-only", env=env)
+        code, out, err = await run_pyquant(*base, "--ours-only", env=env)
         assert code == 1, out + err
         assert "pqzz99-7-b0-0" in out
         assert "LEFT OPEN algo order BTCUSDT STOP_MARKET manual-stop-1" in out
@@ -157,7 +137,7 @@ async def test_flatten_cancels_every_order_on_the_account(tmp_path: Path, mode: 
         ]
         assert venue.exchange.position(SYMBOL, leg(mode, "SELL")).amount == 0
         # by default: every open order on the account
-        code, out, err = await pyquant(*base, env=env)
+        code, out, err = await run_pyquant(*base, env=env)
         assert code == 0, out + err
         assert "manual-stop-1 cancelled" in out
         assert "the account is flat" in out
@@ -194,13 +174,13 @@ async def test_external_flatten_beside_a_live_daemon_latches(tmp_path: Path, mod
                 "entry",
             )
             # a second daemon on the same state is refused with the holder's pid
-            code, _, err = await pyquant(
+            code, _, err = await run_pyquant(
                 "run", "--config", str(config), "--state", str(state), "--no-tui", env=env
             )
             assert code == 2
             assert daemon.proc is not None
             assert f"in use by process {daemon.proc.pid}" in err
-            code, out, err = await pyquant(
+            code, out, err = await run_pyquant(
                 "flatten", "--config", str(config), "--state", str(state), "--yes", env=env
             )
             assert code == 0, out + err
@@ -215,7 +195,7 @@ async def test_external_flatten_beside_a_live_daemon_latches(tmp_path: Path, mod
             await until(lambda: bool(journal.intent_decisions("x-2")), 20, "x-2 decided")
             assert journal.intent_decisions("x-2")[0]["reason"] == "halted"
             assert venue.exchange.position(SYMBOL, leg(mode, "BUY")).amount == 0
-            code, out, _ = await pyquant("resume", "--state", str(state), env=env)
+            code, out, _ = await run_pyquant("resume", "--state", str(state), env=env)
             assert code == 0
             assert "cleared the halt set by pyquant flatten" in out
             append_intent(

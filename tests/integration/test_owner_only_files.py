@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pq_harness import simulator, write_config
+from pq_harness import simulator, venue_env, write_config
 
 from pyquant.config import load_config
 from pyquant.errors import ConfigError
@@ -39,11 +39,7 @@ async def test_run_writes_owner_only_state_log_and_summary(tmp_path: Path) -> No
         write_config(config, venue, intents)
         with config.open("a") as handle:
             handle.write(f'[log]\nfile = "{log}"\n')
-        env = {
-            **os.environ,
-            "PYQUANT_API_KEY": venue.api_key,
-            "PYQUANT_API_SECRET": venue.api_secret,
-        }
+        env = venue_env(venue)
         args = ["--config", str(config), "--no-tui", "--duration", "0.5"]
         for extra in (["--state", str(state), "--summary-json", str(summary)], []):
             old = os.umask(0o022)  # a usual umask: files would be 0644 without pyquant's care

@@ -16,7 +16,7 @@ import pytest
 
 import pyquant
 from pyquant.exchange.client import BinanceClient
-from pyquant.store import Store
+from pyquant.trading.journal import Store
 from pyquant.trading.router import OrderRouter, OrderState, RouterConfig
 
 sim = pytest.importorskip("pyquant.sim")
@@ -77,8 +77,10 @@ async def test_entry_partial_exit_backstop_and_flatten(mode: str) -> None:
         assert (partial.state, partial.executed_qty) == (OrderState.FILLED, Decimal("0.003"))
         assert await legs(r.client) == {("BTCUSDT", leg): Decimal("0.007")}
 
-        first = await r.router.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
-        second = await r.router.update_backstop("1", "BTCUSDT", "LONG", "29800.0", force=True)
+        first = await r.router.backstops.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
+        second = await r.router.backstops.update_backstop(
+            "1", "BTCUSDT", "LONG", "29800.0", force=True
+        )
         open_algo = await r.client.open_algo_orders("BTCUSDT")
         assert [o["clientAlgoId"] for o in open_algo] == [second]
         assert first != second

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import sys
 import tempfile
@@ -42,7 +41,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "integration")]
 
 import orjson  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
-from pq_harness import DaemonProcess, simulator, write_config  # noqa: E402
+from pq_harness import DaemonProcess, simulator, venue_env, write_config  # noqa: E402
 from redis_server_proc import RedisServer  # noqa: E402
 
 STREAM = "quantum:stream:trade.intent"
@@ -130,11 +129,7 @@ class Soak:
                     "[entries]\n", f"[entries]\nmax_open_positions = {MAX_POSITIONS}\n"
                 )
                 config.write_text(text)
-                self.env = {
-                    **os.environ,
-                    "PYQUANT_API_KEY": venue.api_key,
-                    "PYQUANT_API_SECRET": venue.api_secret,
-                }
+                self.env = venue_env(venue)
                 for name in self.names:
                     self.procs[name] = self._daemon(name)
                 await asyncio.gather(*(p.start() for p in self.procs.values()))

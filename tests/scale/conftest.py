@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis_server_proc import REDIS_SERVER, RedisServer
@@ -60,3 +61,13 @@ async def _wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) ->
 def wait_until() -> Callable[..., object]:
     """``await wait_until(predicate, timeout_s)``: a bounded wait on state, not a fixed sleep."""
     return _wait_until
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Any]:
+    """An asyncio Redis client of ``redis_server`` (the multi-daemon tests add intents with it)."""
+    import redis.asyncio as aioredis
+
+    redis = aioredis.from_url(redis_server.url, socket_timeout=5)
+    yield redis
+    await redis.aclose()

@@ -10,9 +10,7 @@ new entry.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +19,10 @@ import pytest
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from pq_harness import DaemonProcess, simulator, until, write_config  # noqa: E402
+from fleet import STREAM, bus_url, daemon  # noqa: E402
+from pq_harness import DaemonProcess, simulator, until, venue_env, write_config  # noqa: E402
 from redis_server_proc import RedisServer  # noqa: E402
 
-STREAM = "quantum:stream:trade.intent"
-TTL_MS = 1500
 MARKS = {
     "BTCUSDT": "100000.0",
     "ETHUSDT": "2500.00",
@@ -37,19 +34,6 @@ MARKS = {
     "LINKUSDT": "15.000",
 }
 LEDGER = "pyquant:default:ledger"
-
-
-def bus_url(server: RedisServer, daemon_id: str) -> str:
-    return (
-        f"{server.url}?stream={STREAM}&group=pyquant&daemon={daemon_id}"
-        f"&lease_ttl_ms={TTL_MS}&start=0"
-    )
-
-
-def daemon(tmp_path: Path, name: str, config: Path, env: dict[str, str], url: str) -> DaemonProcess:
-    process = DaemonProcess(config, tmp_path / name, env, tmp_path / f"{name}.json")
-    process.args += ["--intents", url]
-    return process
 
 
 def intent(symbol: str, n: int) -> dict[str, str]:
@@ -78,13 +62,6 @@ def limit_failures(*processes: DaemonProcess) -> int:
     )
 
 
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Any]:
-    redis = redis_asyncio.from_url(redis_server.url, socket_timeout=5)
-    yield redis
-    await redis.aclose()
-
-
 async def test_two_daemons_never_exceed_the_account_wide_position_limit(
     tmp_path: Path, redis_server: RedisServer, client: Any
 ) -> None:
@@ -98,13 +75,9 @@ async def test_two_daemons_never_exceed_the_account_wide_position_limit(
         write_config(config, venue, intents_file)
         text = config.read_text().replace("[entries]\n", "[entries]\nmax_open_positions = 3\n")
         config.write_text(text)
-        env = {
-            **os.environ,
-            "PYQUANT_API_KEY": venue.api_key,
-            "PYQUANT_API_SECRET": venue.api_secret,
-        }
-        alpha = daemon(tmp_path, "alpha", config, env, bus_url(redis_server, "alpha"))
-        beta = daemon(tmp_path, "beta", config, env, bus_url(redis_server, "beta"))
+        env = venue_env(venue)
+        alpha = daemon(tmp_path, "alpha", config, env, bus_url(redis_server.port, "alpha"))
+        beta = daemon(tmp_path, "beta", config, env, bus_url(redis_server.port, "beta"))
         await asyncio.gather(alpha.start(), beta.start())
 
         def open_legs() -> list[str]:

@@ -17,16 +17,15 @@ import pytest
 
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
+from intent_stream import GROUP, STREAM, running, stream_config  # noqa: E402
+
 from pyquant.scale.leases import LeaseConfig, LeaseManager  # noqa: E402
 from pyquant.scale.redis_intents import (  # noqa: E402
-    IntentStreamConfig,
     RedisIntentSource,
     Rejection,
 )
 from pyquant.trading.intents import Intent  # noqa: E402
 
-STREAM = "quantum:stream:trade.intent"
-GROUP = "pyquant"
 LISTED = frozenset({"BTCUSDT", "ETHUSDT"})
 
 
@@ -57,21 +56,6 @@ def listed(symbol: str) -> str | None:
     return None if symbol in LISTED else "is not listed in this daemon's exchangeInfo"
 
 
-def config(**overrides: object) -> IntentStreamConfig:
-    base: dict[str, object] = {
-        "stream": STREAM,
-        "group": GROUP,
-        "consumer": "alpha",
-        "start_id": "0",
-        "block_ms": 50,
-        "claim_idle_ms": 60_000,
-        "claim_interval_ms": 50,
-        "retry_ms": 20,
-    }
-    base.update(overrides)
-    return IntentStreamConfig(**base)  # type: ignore[arg-type]
-
-
 def good(intent_id: str, symbol: str = "BTCUSDT") -> dict[bytes, bytes]:
     payload = {"id": intent_id, "symbol": symbol, "side": "BUY", "confidence": 0.7}
     return {b"data": orjson.dumps(payload)}
@@ -93,17 +77,6 @@ async def pair(client: object) -> AsyncIterator[tuple[LeaseManager, LeaseManager
         for manager, task in zip((alpha, beta), tasks, strict=True):
             await manager.stop()
             await asyncio.wait_for(task, 10)
-
-
-@contextlib.asynccontextmanager
-async def running(source: RedisIntentSource) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(source.run())
-    try:
-        await asyncio.wait_for(source.ready.wait(), 10)
-        yield task
-    finally:
-        source.stop()
-        await asyncio.wait_for(task, 10)
 
 
 BAD_ENTRIES: list[tuple[str, dict[bytes, bytes], str]] = [
@@ -161,7 +134,7 @@ async def test_each_bad_entry_is_refused_at_once_and_a_restart_survives_them(
         tail = (await redis_client.xadd(STREAM, good("after", "ETHUSDT"))).decode()
         source = RedisIntentSource(
             redis_client,
-            config(),
+            stream_config("alpha"),
             decide=journal.decide,
             on_reject=journal.reject,
             router=alpha,
@@ -193,7 +166,7 @@ async def test_a_thousand_unknown_symbols_take_no_lease_and_do_not_delay_a_good_
     async with pair(redis_client) as (alpha, _beta):
         source = RedisIntentSource(
             redis_client,
-            config(batch_size=200),
+            stream_config("alpha", batch_size=200),
             decide=journal.decide,
             on_reject=journal.reject,
             router=alpha,
@@ -217,7 +190,7 @@ async def test_a_deleted_inbox_is_created_again_and_read(redis_client, wait_unti
     async with pair(redis_client) as (alpha, _beta):
         source = RedisIntentSource(
             redis_client,
-            config(block_ms=2000),
+            stream_config("alpha", block_ms=2000),
             decide=journal.decide,
             on_reject=journal.reject,
             router=alpha,
@@ -259,7 +232,7 @@ async def test_an_entry_whose_handling_keeps_failing_is_refused_after_the_retrie
 
     source = RedisIntentSource(
         redis_client,
-        config(max_deliveries=3),
+        stream_config("alpha", max_deliveries=3),
         decide=journal.decide,
         on_reject=journal.reject,
         symbol_check=broken,

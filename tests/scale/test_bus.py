@@ -200,7 +200,7 @@ def test_bus_url_parameters():
 
 
 async def test_bus_delivers_to_the_daemons_intake(redis_server, wait_until):
-    from pyquant.daemon import Intake
+    from pyquant.daemon.app import Intake
     from pyquant.scale.bus import RedisBus
     from pyquant.trading.guard import GuardDecision
 

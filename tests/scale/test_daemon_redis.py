@@ -55,13 +55,6 @@ async def events_of(client: Any) -> list[dict[str, Any]]:
     return [orjson.loads(fields[b"event"]) for _, fields in entries]
 
 
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Any]:
-    redis = redis_asyncio.from_url(redis_server.url, socket_timeout=5)
-    yield redis
-    await redis.aclose()
-
-
 @contextlib.asynccontextmanager
 async def redis_daemon(
     tmp_path: Path, url: str, mode: str, marks: dict[str, str]

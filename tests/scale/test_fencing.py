@@ -21,13 +21,13 @@ import pytest
 
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trading"))
 from fake_venue import FakeRules, FakeVenue  # noqa: E402
 from tcp_proxy import BlackholeProxy  # noqa: E402
 
 from pyquant.errors import ConfigError  # noqa: E402
 from pyquant.scale.leases import LeaseConfig, LeaseManager  # noqa: E402
-from pyquant.store import Store  # noqa: E402
+from pyquant.trading.journal import Store  # noqa: E402
 from pyquant.trading.router import OrderRouter, OrderState  # noqa: E402
 
 TTL_MS = 1500
@@ -200,14 +200,17 @@ async def test_a_fenced_router_sends_no_entry_and_moves_no_backstop():
         True,
         "lease_fenced",
     )
-    assert await router.update_backstop("p1", SYMBOL, "LONG", "29000.0") is None
+    assert await router.backstops.update_backstop("p1", SYMBOL, "LONG", "29000.0") is None
     assert venue.sent == []
     assert store.orders(position_id="p1") == []
     open_gate[0] = True
     assert (await router.send_entry("p1", SYMBOL, "LONG", "0.010")).state == OrderState.FILLED
-    placed = await router.update_backstop("p1", SYMBOL, "LONG", "29000.0")
+    placed = await router.backstops.update_backstop("p1", SYMBOL, "LONG", "29000.0")
     assert placed is not None
     # Fenced again: the backstop in place stays, nothing new is sent.
     open_gate[0] = False
-    assert await router.update_backstop("p1", SYMBOL, "LONG", "29500.0", force=True) == placed
+    assert (
+        await router.backstops.update_backstop("p1", SYMBOL, "LONG", "29500.0", force=True)
+        == placed
+    )
     assert [s.path for s in venue.sent] == ["/fapi/v1/order", "/fapi/v1/algoOrder"]

@@ -10,9 +10,7 @@ learns the symbol is beta's and hands it over without sending anything.
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,38 +20,12 @@ import pytest
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from pq_harness import DaemonProcess, simulator, until, write_config  # noqa: E402
+from fleet import STREAM, bus_url, daemon, messages  # noqa: E402
+from pq_harness import simulator, until, venue_env, write_config  # noqa: E402
 from redis_server_proc import RedisServer  # noqa: E402
 from tcp_proxy import BlackholeProxy  # noqa: E402
 
 from pyquant.scale.leases import _rendezvous  # noqa: E402
-
-STREAM = "quantum:stream:trade.intent"
-TTL_MS = 1500
-
-
-def bus_url(port: int, daemon_id: str) -> str:
-    return (
-        f"redis://127.0.0.1:{port}/0?stream={STREAM}&group=pyquant&daemon={daemon_id}"
-        f"&lease_ttl_ms={TTL_MS}&start=0"
-    )
-
-
-def daemon(tmp_path: Path, name: str, config: Path, env: dict[str, str], url: str) -> DaemonProcess:
-    process = DaemonProcess(config, tmp_path / name, env, tmp_path / f"{name}.json")
-    process.args += ["--intents", url]
-    return process
-
-
-def messages(process: DaemonProcess) -> list[str]:
-    return [str(line.get("msg", "")) for line in process.lines]
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Any]:
-    redis = redis_asyncio.from_url(redis_server.url, socket_timeout=5)
-    yield redis
-    await redis.aclose()
 
 
 async def test_a_daemon_cut_off_from_redis_sends_nothing_once_its_peer_took_over(
@@ -69,11 +41,7 @@ async def test_a_daemon_cut_off_from_redis_sends_nothing_once_its_peer_took_over
         exchange = venue.exchange
         await venue.set_mark("BTCUSDT", "100000.0")
         write_config(config, venue, intents_file)
-        env = {
-            **os.environ,
-            "PYQUANT_API_KEY": venue.api_key,
-            "PYQUANT_API_SECRET": venue.api_secret,
-        }
+        env = venue_env(venue)
         alpha = daemon(tmp_path, "alpha", config, env, bus_url(proxy.port, "alpha"))
         beta = daemon(tmp_path, "beta", config, env, bus_url(redis_server.port, "beta"))
         try:

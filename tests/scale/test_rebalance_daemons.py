@@ -9,9 +9,7 @@ alpha's. The position never goes without a stop and nothing is sent twice.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,26 +19,11 @@ import pytest
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from pq_harness import DaemonProcess, simulator, until, write_config  # noqa: E402
+from fleet import STREAM, bus_url, daemon, messages  # noqa: E402
+from pq_harness import simulator, until, venue_env, write_config  # noqa: E402
 from redis_server_proc import RedisServer  # noqa: E402
 
 from pyquant.scale.leases import _rendezvous  # noqa: E402
-
-STREAM = "quantum:stream:trade.intent"
-TTL_MS = 1500
-
-
-def bus_url(server: RedisServer, daemon_id: str) -> str:
-    return (
-        f"{server.url}?stream={STREAM}&group=pyquant&daemon={daemon_id}"
-        f"&lease_ttl_ms={TTL_MS}&start=0"
-    )
-
-
-def daemon(tmp_path: Path, name: str, config: Path, env: dict[str, str], url: str) -> DaemonProcess:
-    process = DaemonProcess(config, tmp_path / name, env, tmp_path / f"{name}.json")
-    process.args += ["--intents", url]
-    return process
 
 
 def intent(symbol: str) -> dict[str, str]:
@@ -51,17 +34,6 @@ def intent(symbol: str) -> dict[str, str]:
         "leverage": "5",
         "position_size_usd": "500",
     }
-
-
-def messages(process: DaemonProcess) -> list[str]:
-    return [str(line.get("msg", "")) for line in process.lines]
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Any]:
-    redis = redis_asyncio.from_url(redis_server.url, socket_timeout=5)
-    yield redis
-    await redis.aclose()
 
 
 async def test_a_joining_daemon_gets_its_symbol_handed_over_with_the_position(
@@ -77,13 +49,9 @@ async def test_a_joining_daemon_gets_its_symbol_handed_over_with_the_position(
         await venue.set_mark("BTCUSDT", "100000.0")
         await venue.set_mark("ETHUSDT", "2500.00")
         write_config(config, venue, intents_file)
-        env = {
-            **os.environ,
-            "PYQUANT_API_KEY": venue.api_key,
-            "PYQUANT_API_SECRET": venue.api_secret,
-        }
-        alpha = daemon(tmp_path, "alpha", config, env, bus_url(redis_server, "alpha"))
-        beta = daemon(tmp_path, "beta", config, env, bus_url(redis_server, "beta"))
+        env = venue_env(venue)
+        alpha = daemon(tmp_path, "alpha", config, env, bus_url(redis_server.port, "alpha"))
+        beta = daemon(tmp_path, "beta", config, env, bus_url(redis_server.port, "beta"))
         try:
             await alpha.start()
             await alpha.wait_logged("Daemon running")

@@ -12,19 +12,17 @@ import pytest
 
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
+from intent_stream import GROUP, STREAM, running, stream_config  # noqa: E402
+
 from pyquant.errors import ConfigError  # noqa: E402
 from pyquant.scale.events import EventPublisher  # noqa: E402
 from pyquant.scale.redis_intents import (  # noqa: E402
-    IntentStreamConfig,
     RedisIntentSource,
     Rejection,
     entry_payload,
     parse_intent_url,
 )
 from pyquant.trading.intents import Intent  # noqa: E402
-
-STREAM = "quantum:stream:trade.intent"
-GROUP = "pyquant"
 
 
 @dataclass(frozen=True)
@@ -53,35 +51,9 @@ class Journal:
         self.rejections.append(rejection)
 
 
-def config(**overrides: object) -> IntentStreamConfig:
-    base: dict[str, object] = {
-        "stream": STREAM,
-        "group": GROUP,
-        "consumer": "daemon-a",
-        "start_id": "0",
-        "block_ms": 50,
-        "claim_idle_ms": 60_000,
-        "claim_interval_ms": 50,
-        "retry_ms": 20,
-    }
-    base.update(overrides)
-    return IntentStreamConfig(**base)  # type: ignore[arg-type]
-
-
 def intent_fields(i: int, symbol: str = "BTCUSDT") -> dict[str, bytes]:
     payload = {"id": f"i{i}", "symbol": symbol, "side": "BUY", "confidence": 0.7}
     return {"data": orjson.dumps(payload)}
-
-
-@contextlib.asynccontextmanager
-async def running(source: RedisIntentSource):
-    task = asyncio.create_task(source.run())
-    try:
-        await asyncio.wait_for(source.ready.wait(), 10)
-        yield task
-    finally:
-        source.stop()
-        await asyncio.wait_for(task, 10)
 
 
 async def pending_count(client, stream: str = STREAM) -> int:
@@ -99,7 +71,7 @@ async def test_intent_is_acked_only_after_decide_returns(redis_client, wait_unti
         await release.wait()
         return await journal.decide(intent)
 
-    source = RedisIntentSource(redis_client, config(), decide=slow_decide)
+    source = RedisIntentSource(redis_client, stream_config(), decide=slow_decide)
     async with running(source):
         await redis_client.xadd(STREAM, intent_fields(1))
         await asyncio.wait_for(entered.wait(), 5)
@@ -113,7 +85,7 @@ async def test_intent_is_acked_only_after_decide_returns(redis_client, wait_unti
 
 async def test_both_entry_shapes_and_the_original_payload(redis_client, wait_until):
     journal = Journal()
-    source = RedisIntentSource(redis_client, config(), decide=journal.decide)
+    source = RedisIntentSource(redis_client, stream_config(), decide=journal.decide)
     original = {
         "symbol": "ethusdt",
         "side": "SELL",
@@ -159,7 +131,7 @@ async def test_restart_decides_own_pending_first_and_nothing_twice(redis_client,
 
     for i in range(5):
         await redis_client.xadd(STREAM, intent_fields(i))
-    first = RedisIntentSource(redis_client, config(batch_size=5), decide=hanging)
+    first = RedisIntentSource(redis_client, stream_config(batch_size=5), decide=hanging)
     task = asyncio.create_task(first.run())
     await asyncio.wait_for(stuck.wait(), 5)
     task.cancel()  # kill: nothing acknowledged
@@ -169,7 +141,7 @@ async def test_restart_decides_own_pending_first_and_nothing_twice(redis_client,
     for i in range(5, 8):
         await redis_client.xadd(STREAM, intent_fields(i))
 
-    second = RedisIntentSource(redis_client, config(), decide=journal.decide)
+    second = RedisIntentSource(redis_client, stream_config(), decide=journal.decide)
     async with running(second):
         await wait_until(lambda: len(journal.decided) == 8)
     # The pending entries were decided first, in stream order, then the new ones.
@@ -185,7 +157,7 @@ async def test_dead_consumers_entries_are_reclaimed(redis_client, wait_until):
     await redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=10)
     journal = Journal()
     source = RedisIntentSource(
-        redis_client, config(claim_idle_ms=50, claim_interval_ms=20), decide=journal.decide
+        redis_client, stream_config(claim_idle_ms=50, claim_interval_ms=20), decide=journal.decide
     )
     async with running(source):
         await wait_until(lambda: len(journal.decided) == 3)
@@ -222,7 +194,11 @@ async def test_flood_of_malformed_entries_each_rejected_while_good_flow(redis_cl
     journal = Journal()
     events = EventPublisher(redis_client, daemon_id="daemon-a", stream="ev")
     source = RedisIntentSource(
-        redis_client, config(), decide=journal.decide, on_reject=journal.reject, events=events
+        redis_client,
+        stream_config(),
+        decide=journal.decide,
+        on_reject=journal.reject,
+        events=events,
     )
     expected: dict[str, str] = {}
     good = 0
@@ -267,7 +243,7 @@ async def test_decide_errors_are_retried_then_rejected(redis_client, wait_until)
         return await journal.decide(intent)
 
     source = RedisIntentSource(
-        redis_client, config(max_deliveries=4), decide=flaky, on_reject=journal.reject
+        redis_client, stream_config(max_deliveries=4), decide=flaky, on_reject=journal.reject
     )
     async with running(source):
         for i in range(3):
@@ -284,7 +260,7 @@ async def test_redis_restarted_with_aof_mid_run_loses_no_intent(redis_factory, w
     server = redis_factory(aof=True)
     client = redis_asyncio.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
     journal = Journal()
-    source = RedisIntentSource(client, config(), decide=journal.decide)
+    source = RedisIntentSource(client, stream_config(), decide=journal.decide)
     try:
         async with running(source):
             for i in range(30):
@@ -341,7 +317,7 @@ async def test_intake_closed_refusal_is_left_pending(redis_client, wait_until):
             return Decision(False, "intake_closed")
         return await journal.decide(intent)
 
-    source = RedisIntentSource(redis_client, config(), decide=intake)
+    source = RedisIntentSource(redis_client, stream_config(), decide=intake)
     async with running(source):
         await redis_client.xadd(STREAM, intent_fields(1))
         await wait_until(lambda: source.stats.deferred >= 1)
@@ -362,7 +338,7 @@ async def test_intents_wait_while_the_symbols_lease_is_unconfirmed(redis_client,
     await leases.register()
     assert await leases.want("BTCUSDT")
     journal = Journal()
-    source = RedisIntentSource(redis_client, config(), decide=journal.decide, router=leases)
+    source = RedisIntentSource(redis_client, stream_config(), decide=journal.decide, router=leases)
     dispatcher = asyncio.create_task(leases._dispatch_callbacks())  # adoption callbacks only
     try:
         async with running(source):
@@ -395,7 +371,7 @@ async def test_an_error_decision_counts_as_a_failed_decide(redis_client, wait_un
         return Decision(False, "error", "OperationalError: database is locked")
 
     source = RedisIntentSource(
-        redis_client, config(max_deliveries=2), decide=submit, on_reject=journal.reject
+        redis_client, stream_config(max_deliveries=2), decide=submit, on_reject=journal.reject
     )
     async with running(source):
         await redis_client.xadd(STREAM, intent_fields(1))

@@ -11,10 +11,8 @@ retired only after alpha's is in), never send a duplicate, and run the next exit
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,23 +23,11 @@ import pytest
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from pq_harness import DaemonProcess, simulator, until, write_config  # noqa: E402
+from fleet import STREAM, TTL_MS, bus_url, daemon, messages  # noqa: E402
+from pq_harness import simulator, until, venue_env, write_config  # noqa: E402
 from redis_server_proc import RedisServer  # noqa: E402
 
 from pyquant.scale.leases import LeaseConfig, LeaseManager  # noqa: E402
-
-STREAM = "quantum:stream:trade.intent"
-TTL_MS = 1500
-
-
-def bus_url(server: RedisServer, daemon_id: str) -> str:
-    return f"{server.url}?stream={STREAM}&group=pyquant&daemon={daemon_id}&lease_ttl_ms={TTL_MS}"
-
-
-def daemon(tmp_path: Path, name: str, config: Path, env: dict[str, str], url: str) -> DaemonProcess:
-    process = DaemonProcess(config, tmp_path / name, env, tmp_path / f"{name}.json")
-    process.args += ["--intents", url]
-    return process
 
 
 def intent(symbol: str) -> dict[str, str]:
@@ -53,17 +39,6 @@ def intent(symbol: str) -> dict[str, str]:
         "position_size_usd": "500",
         "source": "quantum",
     }
-
-
-def messages(process: DaemonProcess) -> list[str]:
-    return [str(line.get("msg", "")) for line in process.lines]
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Any]:
-    redis = redis_asyncio.from_url(redis_server.url, socket_timeout=5)
-    yield redis
-    await redis.aclose()
 
 
 async def test_kill_9_of_an_owner_hands_its_symbol_to_the_other_daemon(
@@ -79,13 +54,13 @@ async def test_kill_9_of_an_owner_hands_its_symbol_to_the_other_daemon(
         await venue.set_mark("BTCUSDT", "100000.0")
         await venue.set_mark("ETHUSDT", "2500.00")
         write_config(config, venue, intents_file)
-        env = {
-            **os.environ,
-            "PYQUANT_API_KEY": venue.api_key,
-            "PYQUANT_API_SECRET": venue.api_secret,
-        }
-        alpha = daemon(tmp_path, "alpha", config, env, bus_url(redis_server, "alpha"))
-        beta = daemon(tmp_path, "beta", config, env, bus_url(redis_server, "beta"))
+        env = venue_env(venue)
+        alpha = daemon(
+            tmp_path, "alpha", config, env, bus_url(redis_server.port, "alpha", from_start=False)
+        )
+        beta = daemon(
+            tmp_path, "beta", config, env, bus_url(redis_server.port, "beta", from_start=False)
+        )
         await asyncio.gather(alpha.start(), beta.start())
         try:
             await asyncio.gather(
@@ -217,7 +192,9 @@ async def test_kill_9_of_an_owner_hands_its_symbol_to_the_other_daemon(
             # beta comes back with its old journal: ETHUSDT is alpha's now, so beta hands its
             # stale position over (sends nothing) instead of reconciling or closing it
             orders_before = [e["clientOrderId"] for e in venue.order_log.orders]
-            beta = daemon(tmp_path, "beta", config, env, bus_url(redis_server, "beta"))
+            beta = daemon(
+                tmp_path, "beta", config, env, bus_url(redis_server.port, "beta", from_start=False)
+            )
             await beta.start()
             await beta.wait_logged("Daemon running")
             assert any(

@@ -14,7 +14,7 @@ import pytest
 import pyquant.sim as sim
 from pyquant.errors import RetryableError
 from pyquant.exchange.client import BinanceClient
-from pyquant.store import PositionRow, Store
+from pyquant.trading.journal import PositionRow, Store
 from pyquant.trading.killswitch import sweep_orphan_stops
 from tests.sim.conftest import market
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
+from worked_example import example_policy
 
 import pyquant
 from pyquant import ExitEngine, ExitPolicy, _core
@@ -51,29 +52,6 @@ def mark(symbol: str, price: str, time_ms: int) -> bytes:
     return orjson.dumps(
         {"e": "markPriceUpdate", "E": time_ms, "s": symbol, "p": price, "i": price, "T": time_ms}
     )
-
-
-def example_policy(**extra: Any) -> ExitPolicy:
-    return ExitPolicy(
-        stop_atr=2.0,
-        min_stop_pct=0.003,
-        max_stop_pct=0.03,
-        max_margin_loss=0.10,
-        ladder=[(1.0, 0.3), (2.0, 0.3), (3.0, 0.4)],
-        breakeven_after_level=1,
-        ratchet_to_previous_level=True,
-        taker_fee=0.0005,
-        trail_atr=2.0,
-        trail_activate_R=3.0,
-        **extra,
-    )
-
-
-@pytest.fixture
-def engine(exchange_rules: pyquant.ExchangeRules) -> ExitEngine:
-    engine = ExitEngine(exchange_rules, example_policy())
-    engine.warm_up("BTCUSDT", [30030.0] * 20, [29970.0] * 20, [30000.0] * 20)
-    return engine
 
 
 def open_long(engine: ExitEngine, position_id: str = "p1", quantity: str = "0.010") -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from worked_example import example_policy
 
 import pyquant
 from pyquant import ExitAction, ExitEngine, ExitPolicy
@@ -43,30 +44,6 @@ def array(prices: dict[str, str], time_ms: int) -> bytes:
 def combined(symbol: str, price: str, time_ms: int) -> bytes:
     data = mark(symbol, price, time_ms)
     return orjson.dumps({"stream": f"{symbol.lower()}@markPrice@1s", "data": data})
-
-
-def example_policy() -> ExitPolicy:
-    return ExitPolicy(
-        stop_atr=2.0,
-        min_stop_pct=0.003,
-        max_stop_pct=0.03,
-        max_margin_loss=0.10,
-        ladder=[(1.0, 0.3), (2.0, 0.3), (3.0, 0.4)],
-        breakeven_after_level=1,
-        ratchet_to_previous_level=True,
-        taker_fee=0.0005,
-        trail_atr=2.0,
-        trail_activate_R=3.0,
-    )
-
-
-@pytest.fixture
-def engine(exchange_rules: pyquant.ExchangeRules) -> ExitEngine:
-    """The worked example's engine: BTCUSDT with ATR exactly 60.0."""
-    engine = ExitEngine(exchange_rules, example_policy())
-    engine.warm_up("BTCUSDT", [30030.0] * 20, [29970.0] * 20, [30000.0] * 20)
-    assert engine.atr("BTCUSDT") == 60.0
-    return engine
 
 
 def open_long(

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from fake_venue import FakeEngine, FakeRules, FakeVenue
 
-from pyquant.store import PositionRow, Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig, PositionGuard
 from pyquant.trading.intents import Intent, parse_intent
+from pyquant.trading.journal import PositionRow, Store
 from pyquant.trading.sizing import SizeDecision
 
 NOW = 1_700_000_000_000

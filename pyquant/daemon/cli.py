@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from pyquant.config import Config, load_config
+from pyquant.daemon.state_lock import StateLock, StateLocked
 from pyquant.errors import ConfigError, PolicyError, PyquantError
 from pyquant.log import configure_logging
-from pyquant.state_lock import StateLock, StateLocked
-from pyquant.store import Halt
+from pyquant.trading.journal import Halt
 from pyquant.trading.killswitch import SweepReport, sweep_account
 
 
@@ -249,7 +249,7 @@ def run_command(command: str, argv: list[str]) -> int:
 
 
 async def _run(config: Config, args: argparse.Namespace, state: Path | None, *, tui: bool) -> int:
-    from pyquant.daemon import Daemon
+    from pyquant.daemon.app import Daemon
 
     daemon = Daemon(
         config,
@@ -293,7 +293,7 @@ def _flatten_allowed(config: Config, state: Path | None, args: argparse.Namespac
 
 
 async def _flatten(config: Config, state: Path, *, ours_only: bool, wait_s: float) -> int:
-    from pyquant.store import Store
+    from pyquant.trading.journal import Store
 
     # The halt first: whatever happens next (a kill, a lost connection), no new entry is
     # taken on this state until 'pyquant resume'.
@@ -333,7 +333,7 @@ async def _flatten(config: Config, state: Path, *, ours_only: bool, wait_s: floa
 
 
 async def _flatten_here(config: Config, state: Path) -> int:
-    from pyquant.daemon import Daemon
+    from pyquant.daemon.app import Daemon
 
     daemon = Daemon(config, state_dir=state, install_signal_handlers=False)
     steps = await daemon.flatten_only()
@@ -350,7 +350,7 @@ async def _flatten_here(config: Config, state: Path) -> int:
 
 
 async def _flatten_by_daemon(state: Path, pid: int, before: Halt, wait_s: float) -> int:
-    from pyquant.store import Store
+    from pyquant.trading.journal import Store
 
     # The halt may be older than this command (set by an earlier flatten): its report counts
     # only once the daemon's flatten for this signal has written a new one.
@@ -410,7 +410,7 @@ async def _sweep(config: Config, *, ours_only: bool) -> SweepReport:
 
 
 def _resume(argv: list[str]) -> int:
-    from pyquant.store import Store
+    from pyquant.trading.journal import Store
 
     parser = argparse.ArgumentParser(
         prog="pyquant resume",

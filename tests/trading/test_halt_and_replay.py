@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from fake_venue import FakeRules
 
-from pyquant.store import UNSENT_ENTRY_DETAIL, OrderRecord, Store
 from pyquant.trading.guard import GuardConfig, GuardDecision, PositionGuard
 from pyquant.trading.intents import Intent, IntentError, parse_intent
+from pyquant.trading.journal import UNSENT_ENTRY_DETAIL, OrderRecord, Store
 from pyquant.trading.sizing import SizeDecision
 from pyquant.trading.sources import follow_jsonl
 
@@ -262,7 +262,7 @@ def test_journal_files_are_owner_only(tmp_path: Path) -> None:
 def test_state_dir_created_owner_only_and_an_open_one_is_reported(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pyquant.store import secure_state_dir
+    from pyquant.trading.journal import secure_state_dir
 
     fresh = tmp_path / "a" / "state"
     secure_state_dir(fresh)
@@ -270,7 +270,7 @@ def test_state_dir_created_owner_only_and_an_open_one_is_reported(
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
     shared.chmod(0o755)
-    with caplog.at_level("WARNING", logger="pyquant.store"):
+    with caplog.at_level("WARNING", logger="pyquant.trading.journal"):
         secure_state_dir(shared)
     assert stat.S_IMODE(shared.stat().st_mode) == 0o755  # the user's directory is not changed
     assert "open to other users" in caplog.text

@@ -11,7 +11,7 @@ Start-up, in order: open the venue (the in-process simulator by default), load e
 into ``pyquant.ExchangeRules``, open the store, restore the engine from its last snapshot
 (or build it from the exit policy), read the position mode, warm ATR up from
 ``markPriceKlines``, connect the user stream, reconcile with the exchange
-(``pyquant.recovery``), then start the market stream and the intent sources.
+(``pyquant.trading.recovery``), then start the market stream and the intent sources.
 
 Stop (SIGINT, SIGTERM, ``--duration`` or ``Daemon.stop()``): intake stops first, then the
 market stream (no new exit actions), then every in-flight entry and exit is awaited to its
@@ -52,8 +52,9 @@ from typing import TYPE_CHECKING, Any
 
 import pyquant
 from pyquant.config import Config
-from pyquant.dashboard import Dashboard, DashboardData, PositionLine
-from pyquant.demo import DemoProducer
+from pyquant.daemon.dashboard import Dashboard, DashboardData, PositionLine
+from pyquant.daemon.demo import DemoProducer
+from pyquant.daemon.metrics import FeedStatus, Metrics, Status
 from pyquant.errors import ConfigError, ExchangeError, MessageError, PyquantError, RetryableError
 from pyquant.exchange.client import BinanceClient
 from pyquant.exchange.streams import (
@@ -65,12 +66,11 @@ from pyquant.exchange.streams import (
     fetch_closed_bars,
     interval_ms,
 )
-from pyquant.metrics import FeedStatus, Metrics, Status
 from pyquant.notify import hook as notify_hook
-from pyquant.store import Store, secure_state_dir
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig, GuardDecision
 from pyquant.trading.intents import Intent
+from pyquant.trading.journal import Store, secure_state_dir
 from pyquant.trading.killswitch import sweep_orphan_stops
 from pyquant.trading.marks import MarkCache
 from pyquant.trading.router import RouterConfig as DeskRouterConfig
@@ -554,7 +554,7 @@ class Daemon:
     async def _reconcile(
         self, why: str, *, live: bool = True, symbols: frozenset[str] | None = None
     ) -> None:
-        from pyquant.recovery import reconcile
+        from pyquant.trading.recovery import reconcile
 
         assert self.desk is not None  # noqa: S101 - reconcile runs after the desk exists
         member = self.membership

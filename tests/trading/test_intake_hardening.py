@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 
 from pyquant.errors import ConfigError
-from pyquant.store import Store
 from pyquant.trading.guard import GuardDecision
 from pyquant.trading.intents import Intent, IntentError, parse_intent
+from pyquant.trading.journal import Store
 from pyquant.trading.sources import (
     MAX_LINE_BYTES,
     HttpSource,

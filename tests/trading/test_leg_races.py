@@ -16,12 +16,12 @@ import pytest
 from fake_venue import FakeEngine, FakeRules, FakeVenue
 from interleave import GatedSleep, HeldVenue, settle, until
 
-from pyquant.recovery import reconcile
-from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.intents import parse_intent
+from pyquant.trading.journal import Store
 from pyquant.trading.legs import Closed, LegState
+from pyquant.trading.recovery import reconcile
 from pyquant.trading.router import RouterConfig, backstop_params
 from pyquant.trading.sizing import SizingConfig
 
@@ -58,6 +58,20 @@ async def ready(desk: TradingDesk) -> None:
     await reconcile(desk, live=False)
 
 
+async def desk_with_a_long(hedge: bool) -> tuple[HeldVenue, TradingDesk, str]:
+    """A reconciled desk that opened one BTCUSDT long (intent "a"); its position id last."""
+    venue, desk = make(hedge)
+    await ready(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    return venue, desk, pid
+
+
+def engine_of(desk: TradingDesk) -> FakeEngine:
+    engine = desk.engine
+    assert isinstance(engine, FakeEngine)
+    return engine
+
+
 def open_rows(desk: TradingDesk, symbol: str = "BTCUSDT", leg: str = "LONG") -> list[Any]:
     return [
         p
@@ -82,8 +96,7 @@ async def pause_an_exit(
     desk: TradingDesk, pid: str, *, pending: bool = False
 ) -> tuple[FakeEngine, GatedSleep, Any]:
     """Emit a take-profit for ``pid`` that waits out a retry pause until the test opens it."""
-    engine = desk.engine
-    assert isinstance(engine, FakeEngine)
+    engine = engine_of(desk)
     gate = GatedSleep()
     desk._sleep = gate
     desk._exit_failures[pid] = 1  # an earlier attempt failed: the next one pauses first
@@ -137,9 +150,7 @@ async def test_live_reconcile_leaves_an_entry_in_symbol_setup(hedge: bool) -> No
 async def test_live_reconcile_leaves_an_exit_waiting_out_its_retry_pause(hedge: bool) -> None:
     # Race 3: an exit pauses before its retry (no order row yet); reconcile must not give it
     # back to the engine, or the re-emitted copy and the paused one both sell.
-    venue, desk = make(hedge)
-    await ready(desk)
-    pid = (await desk.submit(intent("a"))).position_id or ""
+    venue, desk, pid = await desk_with_a_long(hedge)
     engine, gate, action = await pause_an_exit(desk, pid, pending=True)
     report = await reconcile(desk, live=True)
     assert report.actions_settled == {f"{pid}:{action.sequence}": "in_flight"}
@@ -154,11 +165,8 @@ async def test_live_reconcile_leaves_an_exit_waiting_out_its_retry_pause(hedge: 
 async def test_a_close_waits_for_a_backstop_being_placed(hedge: bool) -> None:
     # Race 4: the backstop move is in flight when the position closes; the close's cancel
     # must not run before the placement lands (it would miss it: an orphan stop).
-    venue, desk = make(hedge)
-    await ready(desk)
-    pid = (await desk.submit(intent("a"))).position_id or ""
-    engine = desk.engine
-    assert isinstance(engine, FakeEngine)
+    venue, desk, pid = await desk_with_a_long(hedge)
+    engine = engine_of(desk)
     engine.views[pid].stop_price = "29900"  # the stop tightened: the timer moves the backstop
     venue.hold = {"new_algo_order"}
     move = asyncio.ensure_future(desk.sync_backstops())
@@ -176,9 +184,7 @@ async def test_a_close_waits_for_a_backstop_being_placed(hedge: bool) -> None:
 @pytest.mark.parametrize("hedge", MODES)
 async def test_hand_over_wins_over_an_exit_waiting_for_its_turn(hedge: bool) -> None:
     # Race 6: an exit paused for its retry; the symbol is handed to a peer meanwhile.
-    venue, desk = make(hedge)
-    await ready(desk)
-    pid = (await desk.submit(intent("a"))).position_id or ""
+    venue, desk, pid = await desk_with_a_long(hedge)
     engine, gate, action = await pause_an_exit(desk, pid)
     assert await desk.hand_over("BTCUSDT", "peer") == [pid]
     gate.gate.set()
@@ -211,11 +217,8 @@ async def test_two_backstop_syncs_under_latency_place_one_stop(hedge: bool) -> N
 async def test_an_exit_that_crashes_gives_its_action_back(hedge: bool) -> None:
     # Not an ExchangeError (a bad body, an InputError from the rules): the action must not
     # stay pending, the failure is counted, and the leg is idle again.
-    _venue, desk = make(hedge)
-    await ready(desk)
-    pid = (await desk.submit(intent("a"))).position_id or ""
-    engine = desk.engine
-    assert isinstance(engine, FakeEngine)
+    _venue, desk, pid = await desk_with_a_long(hedge)
+    engine = engine_of(desk)
 
     async def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise ValueError("unreadable JSON body")
@@ -254,8 +257,7 @@ async def _random_run(seed: int, hedge: bool) -> None:
     rng = random.Random(seed)
     venue, desk = make(hedge)
     await ready(desk)
-    engine = desk.engine
-    assert isinstance(engine, FakeEngine)
+    engine = engine_of(desk)
     venue.hold = {"new_order", "new_algo_order", "cancel_algo_order", "set_leverage"}
     work: list[asyncio.Future[Any]] = []
     symbols = [("BTCUSDT", "BUY"), ("ETHUSDT", "SELL")]
@@ -398,8 +400,7 @@ async def test_a_closed_leg_keeps_no_leftover_stop(hedge: bool) -> None:
         "clientAlgoId": "my-own-tool-1",
     }
     await venue.inner.new_algo_order(foreign)
-    engine = desk.engine
-    assert isinstance(engine, FakeEngine)
+    engine = engine_of(desk)
     desk.on_actions([engine.action(pid, "0.010", "stop_loss")])
     await desk.drain()
     assert desk.store.get_position(pid).status == "closed"  # type: ignore[union-attr]
@@ -416,6 +417,6 @@ async def test_a_stale_stop_of_ours_is_retired_even_when_tighter(hedge: bool) ->
     await venue.inner.new_algo_order(
         backstop_params(mode, "BTCUSDT", "LONG", "29990.0", stale, quantity="0.010")
     )
-    retired = await desk.router.retire_peer_backstops(pid, "BTCUSDT", "LONG")
+    retired = await desk.router.backstops.retire_peer_backstops(pid, "BTCUSDT", "LONG")
     assert retired == [stale]
     assert len(live_algo(venue)) == 1

@@ -21,7 +21,7 @@ import pytest
 
 import pyquant.sim as sim
 from pyquant.config import Config, load_config
-from pyquant.doctor import DoctorOptions, Report, run_doctor
+from pyquant.daemon.doctor import DoctorOptions, Report, run_doctor
 
 
 def write_config(tmp_path: Path, rest: str, ws: str, **venue: str) -> Path:

@@ -9,11 +9,11 @@ import pytest
 from fake_venue import FakeEngine, FakeRules, FakeVenue
 
 from pyquant.errors import OrderRejected, OrderStatusUnknown
-from pyquant.recovery import reconcile
-from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.intents import parse_intent
+from pyquant.trading.journal import Store
+from pyquant.trading.recovery import reconcile
 from pyquant.trading.router import RouterConfig, RouterError
 from pyquant.trading.sizing import SizingConfig
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pyquant.store import (
+from pyquant.trading.intents import parse_intent
+from pyquant.trading.journal import (
     SCHEMA_VERSION,
     Fill,
     OrderRecord,
@@ -17,7 +18,6 @@ from pyquant.store import (
     Store,
     StoreError,
 )
-from pyquant.trading.intents import parse_intent
 
 
 def intent(intent_id: str = "i-1", symbol: str = "BTCUSDT"):

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from fake_venue import FakeAction, FakeEngine, FakeRules, FakeVenue
 
-from pyquant.recovery import reconcile
-from pyquant.store import OrderRecord, Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.intents import parse_intent
+from pyquant.trading.journal import OrderRecord, Store
+from pyquant.trading.recovery import reconcile
 from pyquant.trading.router import RouterConfig, exit_params
 from pyquant.trading.sizing import SizingConfig
 
@@ -49,13 +49,35 @@ def orders_sent(venue: FakeVenue) -> list[dict[str, str]]:
     return [s.params for s in venue.sent if s.path == "/fapi/v1/order"]
 
 
-@pytest.mark.parametrize("hedge", [True, False])
-async def test_restart_keeps_position_stop_and_sends_nothing(tmp_path: Path, hedge: bool) -> None:
+async def opened_long(tmp_path: Path, *, hedge: bool) -> tuple[FakeVenue, Path, TradingDesk, str]:
+    """A desk on a fresh journal, reconciled, that opened one BTCUSDT long (intent "a")."""
     venue = FakeVenue(hedge=hedge)
     path = tmp_path / "state.sqlite"
-    first = desk_for(venue, path)
-    await reconcile(first)
-    pid = (await first.submit(intent("a"))).position_id or ""
+    desk = desk_for(venue, path)
+    await reconcile(desk)
+    pid = (await desk.submit(intent("a"))).position_id or ""
+    return venue, path, desk, pid
+
+
+async def crash_after_exit_filled(first: TradingDesk, venue: FakeVenue, pid: str, mode: Any) -> str:
+    """Journal exit 1 of ``pid`` as SENT, let the venue execute it, then kill -9 (close the
+    store, nothing else runs). Returns the exit's client order id."""
+    store = first.store
+    cid = f"pq{store.instance_tag}-{pid}-x1-0"
+    params = exit_params(mode, "BTCUSDT", "LONG", "0.003", cid)
+    store.insert_order(
+        OrderRecord(
+            cid, "exit", pid, "BTCUSDT", "LONG", "SELL", 1, 0, params, "SENT", "take_profit_1"
+        )
+    )
+    await venue.new_order(params)
+    store.close()
+    return cid
+
+
+@pytest.mark.parametrize("hedge", [True, False])
+async def test_restart_keeps_position_stop_and_sends_nothing(tmp_path: Path, hedge: bool) -> None:
+    venue, path, first, pid = await opened_long(tmp_path, hedge=hedge)
     backstops = dict(venue.algo_orders)
     sent_before = len(venue.sent)
     first.store.close()  # kill -9: nothing else runs
@@ -76,22 +98,9 @@ async def test_restart_keeps_position_stop_and_sends_nothing(tmp_path: Path, hed
 
 
 async def test_exit_filled_while_down_is_resolved_and_not_resent(tmp_path: Path) -> None:
-    venue = FakeVenue(hedge=True)
-    path = tmp_path / "state.sqlite"
-    first = desk_for(venue, path)
-    await reconcile(first)
-    pid = (await first.submit(intent("a"))).position_id or ""
+    venue, path, first, pid = await opened_long(tmp_path, hedge=True)
     # kill -9 right after the exit request left: the row is SENT, the venue executed it
-    store = first.store
-    cid = f"pq{store.instance_tag}-{pid}-x1-0"
-    params = exit_params("hedge", "BTCUSDT", "LONG", "0.003", cid)
-    store.insert_order(
-        OrderRecord(
-            cid, "exit", pid, "BTCUSDT", "LONG", "SELL", 1, 0, params, "SENT", "take_profit_1"
-        )
-    )
-    await venue.new_order(params)
-    store.close()
+    cid = await crash_after_exit_filled(first, venue, pid, "hedge")
 
     second = desk_for(venue, path)
     sent_before = len(orders_sent(venue))
@@ -164,14 +173,10 @@ async def test_entry_states_left_by_a_crash(tmp_path: Path) -> None:
 
 
 async def test_gone_foreign_and_orphans(tmp_path: Path) -> None:
-    venue = FakeVenue(hedge=False)
-    path = tmp_path / "state.sqlite"
-    first = desk_for(venue, path)
-    await reconcile(first)
-    pid = (await first.submit(intent("a"))).position_id or ""
+    venue, path, first, pid = await opened_long(tmp_path, hedge=False)
     (backstop,) = list(venue.algo_orders)
     # a backstop of ours whose position the journal never recorded as open
-    orphan = await first.router.update_backstop("zz", "ETHUSDT", "LONG", "1900.00")
+    orphan = await first.router.backstops.update_backstop("zz", "ETHUSDT", "LONG", "1900.00")
     first.store.close()
     # while we were down: our position was closed by hand (backstop left behind), and
     # someone opened ETHUSDT short
@@ -195,11 +200,7 @@ async def test_gone_foreign_and_orphans(tmp_path: Path) -> None:
 
 
 async def test_snapshot_missing_a_position_reopens_it(tmp_path: Path) -> None:
-    venue = FakeVenue(hedge=True)
-    path = tmp_path / "state.sqlite"
-    first = desk_for(venue, path)
-    await reconcile(first)
-    pid = (await first.submit(intent("a"))).position_id or ""
+    venue, path, first, pid = await opened_long(tmp_path, hedge=True)
     first.store.save_snapshot(FakeEngine().snapshot())  # an older snapshot, before the entry
     first.store.close()
     second = desk_for(venue, path)
@@ -211,10 +212,7 @@ async def test_snapshot_missing_a_position_reopens_it(tmp_path: Path) -> None:
 async def test_reconcile_while_an_exit_is_in_flight_leaves_it_to_its_sender(tmp_path: Path) -> None:
     import asyncio
 
-    venue = FakeVenue(hedge=True)
-    desk = desk_for(venue, tmp_path / "state.sqlite")
-    await reconcile(desk)
-    pid = (await desk.submit(intent("a"))).position_id or ""
+    venue, _, desk, pid = await opened_long(tmp_path, hedge=True)
     venue.gate = asyncio.Event()
     desk.on_actions([desk.engine.action(pid, "0.003")])  # type: ignore[attr-defined]
     for _ in range(5):
@@ -232,22 +230,9 @@ async def test_reconcile_while_an_exit_is_in_flight_leaves_it_to_its_sender(tmp_
 
 
 async def test_pending_actions_of_a_restored_engine_are_settled(tmp_path: Path) -> None:
-    venue = FakeVenue(hedge=False)
-    path = tmp_path / "state.sqlite"
-    first = desk_for(venue, path)
-    await reconcile(first)
-    pid = (await first.submit(intent("a"))).position_id or ""
-    store = first.store
+    venue, path, first, pid = await opened_long(tmp_path, hedge=False)
     # sequence 1: sent and filled, crash before the answer; sequence 2: never sent
-    cid = f"pq{store.instance_tag}-{pid}-x1-0"
-    params = exit_params("one-way", "BTCUSDT", "LONG", "0.003", cid)
-    store.insert_order(
-        OrderRecord(
-            cid, "exit", pid, "BTCUSDT", "LONG", "SELL", 1, 0, params, "SENT", "take_profit_1"
-        )
-    )
-    await venue.new_order(params)
-    store.close()
+    cid = await crash_after_exit_filled(first, venue, pid, "one-way")
 
     engine = FakeEngine.restore(FakeEngine().snapshot())
     second = desk_for(venue, path, engine)
@@ -265,10 +250,7 @@ async def test_pending_actions_of_a_restored_engine_are_settled(tmp_path: Path) 
 
 
 async def test_reconcile_settles_orders_whose_stream_event_was_lost(tmp_path: Path) -> None:
-    venue = FakeVenue(hedge=True)
-    desk = desk_for(venue, tmp_path / "state.sqlite")
-    await reconcile(desk)
-    pid = (await desk.submit(intent("a"))).position_id or ""
+    _venue, _, desk, pid = await opened_long(tmp_path, hedge=True)
     tag = desk.store.instance_tag
     unsettled = [r.client_order_id for r in desk.store.unsettled_orders()]
     # the entry is final by REST but its stream event never came; the backstop is live
@@ -278,11 +260,7 @@ async def test_reconcile_settles_orders_whose_stream_event_was_lost(tmp_path: Pa
 
 
 async def test_backstop_that_never_reached_the_venue_is_replaced(tmp_path: Path) -> None:
-    venue = FakeVenue(hedge=True)
-    path = tmp_path / "state.sqlite"
-    first = desk_for(venue, path)
-    await reconcile(first)
-    pid = (await first.submit(intent("a"))).position_id or ""
+    venue, path, first, pid = await opened_long(tmp_path, hedge=True)
     (placed,) = list(venue.algo_orders)
     # the venue lost it (cancelled by hand while we were down)
     await venue.cancel_algo_order("BTCUSDT", placed)
@@ -293,7 +271,7 @@ async def test_backstop_that_never_reached_the_venue_is_replaced(tmp_path: Path)
     assert report.backstops_checked == {placed: "EXPIRED"}
     live = [o for o in venue.algo_orders.values() if o["algoStatus"] == "NEW"]
     assert [(o["triggerPrice"], o["positionSide"]) for o in live] == [("29551.5", "LONG")]
-    assert second.router.backstop_of(pid) == (live[0]["clientAlgoId"], Decimal("29551.5"))
+    assert second.router.backstops.backstop_of(pid) == (live[0]["clientAlgoId"], Decimal("29551.5"))
 
 
 async def test_entry_left_new_is_looked_up_and_completed(tmp_path: Path) -> None:
@@ -327,11 +305,7 @@ async def test_entry_left_new_is_looked_up_and_completed(tmp_path: Path) -> None
 
 
 async def test_crash_between_engine_confirm_and_journal_write(tmp_path: Path) -> None:
-    venue = FakeVenue(hedge=True)
-    path = tmp_path / "state.sqlite"
-    first = desk_for(venue, path)
-    await reconcile(first)
-    pid = (await first.submit(intent("a"))).position_id or ""
+    venue, path, first, pid = await opened_long(tmp_path, hedge=True)
     first.on_actions([first.engine.action(pid, "0.003")])  # type: ignore[attr-defined]
     await first.drain()
     # undo the journal's part only: the snapshot (saved right after confirm) has it

@@ -26,6 +26,11 @@ Schema (version ``SCHEMA_VERSION``; ``schema_version`` records every applied mig
   Written by the flatten before it does anything else, so a daemon killed mid-flatten, or any
   other daemon on the same state, sees it.
 
+Where it lives: in ``pyquant.trading`` because its writers are the trading desk (guard,
+router, desk, kill switch, intent sources, recovery); the daemon opens it, and
+``pyquant.scale.membership`` only reads its order rows. The simulator and the backtest never
+use it. It may not import the daemon, the exchange clients or the engine.
+
 Usage::
 
     store = Store.open(state_dir / "pyquant.sqlite")

@@ -15,11 +15,11 @@ import pytest
 from fake_venue import DATA, FakeVenue
 
 import pyquant
-from pyquant.recovery import reconcile
-from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.intents import parse_intent
+from pyquant.trading.journal import Store
+from pyquant.trading.recovery import reconcile
 from pyquant.trading.sizing import SizingConfig
 
 NOW = 1_764_000_000_000

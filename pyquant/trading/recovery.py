@@ -1,5 +1,9 @@
 """Restart recovery: reload the journal, reconcile it with the exchange, then resume.
 
+It lives with the trading desk because two parts run it: the daemon at start-up and the
+scale-out (``pyquant.scale.membership``) when it takes symbols over from a dead peer. It
+works only through the desk, its router and the journal; it may not import the daemon.
+
 The exchange is the truth for what is open; the journal is the truth for what we sent and
 decided; the engine snapshot is the truth for each position's exit state (stop, best price,
 ladder progress). ``reconcile`` brings the three together, in this order:
@@ -60,9 +64,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from pyquant.errors import ExchangeError
-from pyquant.store import UNSENT_ENTRY_DETAIL, PositionRow
-from pyquant.trading.desk import EngineLike, TradingDesk, legs_from_rows
-from pyquant.trading.router import FINAL_STATES, LIVE_STATUSES, OrderOutcome, OrderState
+from pyquant.trading.desk import EngineLike, TradingDesk
+from pyquant.trading.journal import UNSENT_ENTRY_DETAIL, PositionRow
+from pyquant.trading.orders import FINAL_STATES, LIVE_STATUSES, OrderOutcome, OrderState, venue_legs
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +235,7 @@ async def reconcile(
 
     # 6. positions against the exchange
     rows = [row for row in await desk.venue.position_risk() if in_scope(str(row.get("symbol")))]
-    legs = legs_from_rows(rows)
+    legs = venue_legs(rows)
     views = desk.engine.positions()
     engine_ids = {_view_id(view) for view in views}
     engine_quantities = {_view_id(view): _dec(_view_field(view, "quantity")) for view in views}
@@ -306,8 +310,8 @@ async def reconcile(
     # 7. backstops the journal believes live, orphans and stale reservations
     open_legs = {(p.symbol, p.position_side) for p in store.positions(("open",))}
     try:
-        report.backstops_checked = await router.reconcile_backstops(symbols)
-        report.orphans_cancelled = await router.cleanup_orphans(
+        report.backstops_checked = await router.backstops.reconcile_backstops(symbols)
+        report.orphans_cancelled = await router.backstops.cleanup_orphans(
             open_legs, symbols=symbols, peers=symbols is not None
         )
     except ExchangeError as exc:
@@ -328,7 +332,7 @@ async def reconcile(
             # Under the leg's owner: a stop move in flight is never taken for a leftover.
             async with desk.legs.lock((position.symbol, position.position_side)).hold():
                 try:
-                    report.peer_backstops_retired += await router.retire_peer_backstops(
+                    report.peer_backstops_retired += await router.backstops.retire_peer_backstops(
                         position.position_id, position.symbol, position.position_side
                     )
                 except ExchangeError as exc:

@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 
 from pyquant.errors import ConfigError
-from pyquant.store import Store
 from pyquant.trading.intents import Intent, IntentError, parse_intent
+from pyquant.trading.journal import Store
 from pyquant.trading.sources import (
     ApiSource,
     HttpSource,

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from fake_venue import FakeAction, FakeEngine, FakeRules, FakeVenue
 
-from pyquant.store import Store
 from pyquant.trading.desk import DeskConfig, TradingDesk
 from pyquant.trading.guard import GuardConfig
 from pyquant.trading.intents import parse_intent
+from pyquant.trading.journal import Store
 from pyquant.trading.sizing import SizingConfig
 
 NOW = 1_700_000_000_000

@@ -10,7 +10,7 @@ import pytest
 from fake_venue import FakeRules, FakeVenue, retryable_429
 
 from pyquant.errors import OrderRejected
-from pyquant.store import Store
+from pyquant.trading.journal import Store
 from pyquant.trading.router import (
     CLIENT_ORDER_ID,
     OrderRouter,
@@ -408,7 +408,9 @@ async def test_backstop_tightens_new_before_old_and_is_throttled(hedge: bool) ->
     venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
     clock = [1_000_000]
     router._clock = lambda: clock[0]
-    first = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0", quantity="0.010")
+    first = await router.backstops.update_backstop(
+        "1", "BTCUSDT", "LONG", "29700.0", quantity="0.010"
+    )
     assert first is not None
     params = venue.sent[0].params
     assert params["triggerPrice"] == "29551.5"  # 29700 * 0.995, rounded down (further out)
@@ -417,11 +419,13 @@ async def test_backstop_tightens_new_before_old_and_is_throttled(hedge: bool) ->
     assert "quantity" not in params
     assert "reduceOnly" not in params
     # looser stop: no move
-    assert await router.update_backstop("1", "BTCUSDT", "LONG", "29600.0") == first
+    assert await router.backstops.update_backstop("1", "BTCUSDT", "LONG", "29600.0") == first
     # tighter but inside the throttle window: no move
-    assert await router.update_backstop("1", "BTCUSDT", "LONG", "29800.0") == first
+    assert await router.backstops.update_backstop("1", "BTCUSDT", "LONG", "29800.0") == first
     clock[0] += 60_000
-    second = await router.update_backstop("1", "BTCUSDT", "LONG", "29800.0", quantity="0.010")
+    second = await router.backstops.update_backstop(
+        "1", "BTCUSDT", "LONG", "29800.0", quantity="0.010"
+    )
     assert second != first
     paths = [s.path for s in venue.sent]
     assert paths == ["/fapi/v1/algoOrder", "/fapi/v1/algoOrder", "DELETE /fapi/v1/algoOrder"]
@@ -435,17 +439,23 @@ async def test_backstop_tightens_new_before_old_and_is_throttled(hedge: bool) ->
     assert venue.algo_orders[second]["algoStatus"] == "NEW"
     # a restarted router knows the live backstop from the store
     again = OrderRouter(venue, store, FakeRules(), RouterConfig(), sleep=_no_sleep)
-    assert again.backstop_of("1") == (second, Decimal("29651.0"))
+    assert again.backstops.backstop_of("1") == (second, Decimal("29651.0"))
     # the next tightening is a close-all stop again, placed before the sized one goes
     clock[0] += 60_000
-    third = await router.update_backstop("1", "BTCUSDT", "LONG", "29900.0", quantity="0.010")
+    third = await router.backstops.update_backstop(
+        "1", "BTCUSDT", "LONG", "29900.0", quantity="0.010"
+    )
     assert venue.sent[-2].params["closePosition"] == "true"
     assert venue.algo_orders[second]["algoStatus"] == "CANCELED"
     # a take-profit shrinks the leg: the sized stop would be wrong, so it is replaced...
     clock[0] += 60_000
-    fourth = await router.update_backstop("1", "BTCUSDT", "LONG", "29950.0", quantity="0.010")
+    fourth = await router.backstops.update_backstop(
+        "1", "BTCUSDT", "LONG", "29950.0", quantity="0.010"
+    )
     assert venue.sent[-2].params["quantity"] == "0.010"
-    fifth = await router.update_backstop("1", "BTCUSDT", "LONG", "29950.0", quantity="0.007")
+    fifth = await router.backstops.update_backstop(
+        "1", "BTCUSDT", "LONG", "29950.0", quantity="0.007"
+    )
     # ...by a close-all stop at the same trigger, at once (no throttle for a re-size)
     assert fifth != fourth
     assert venue.sent[-2].params["closePosition"] == "true"
@@ -454,7 +464,7 @@ async def test_backstop_tightens_new_before_old_and_is_throttled(hedge: bool) ->
     assert [o["clientAlgoId"] for o in live] == [fifth]
     assert third != second
     # closed position: cancelled
-    assert await router.cancel_backstops("1") == [fifth]
+    assert await router.backstops.cancel_backstops("1") == [fifth]
     assert await venue.open_algo_orders() == []
 
 
@@ -463,10 +473,14 @@ async def test_a_4130_is_answered_from_the_open_algo_orders(hedge: bool) -> None
     venue, store, router = make(hedge)
     venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
     # Our own close-all stop whose answer was lost: the journal does not know it rests.
-    stale = await router.update_backstop("1", "BTCUSDT", "LONG", "29000.0", quantity="0.010")
+    stale = await router.backstops.update_backstop(
+        "1", "BTCUSDT", "LONG", "29000.0", quantity="0.010"
+    )
     assert stale is not None
-    router.forget_backstop("1")
-    placed = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0", quantity="0.010")
+    router.backstops.forget_backstop("1")
+    placed = await router.backstops.update_backstop(
+        "1", "BTCUSDT", "LONG", "29700.0", quantity="0.010"
+    )
     codes = [s.path for s in venue.sent]
     # refused once (-4130), the open algo orders read, the stale stop cancelled, placed once
     assert codes == [
@@ -489,12 +503,14 @@ async def test_a_peers_close_all_stop_gets_a_sized_one_beside_it(hedge: bool) ->
             "hedge" if hedge else "one-way", "BTCUSDT", "LONG", "29000.0", "pqpeer-9-b1-0"
         )
     )
-    placed = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0", quantity="0.010")
+    placed = await router.backstops.update_backstop(
+        "1", "BTCUSDT", "LONG", "29700.0", quantity="0.010"
+    )
     assert placed is not None
     assert venue.algo_orders[placed]["quantity"] == "0.010"
     # the peer's stays until retire_peer_backstops finds ours at least as tight
     assert venue.algo_orders["pqpeer-9-b1-0"]["algoStatus"] == "NEW"
-    assert await router.retire_peer_backstops("1", "BTCUSDT", "LONG") == ["pqpeer-9-b1-0"]
+    assert await router.backstops.retire_peer_backstops("1", "BTCUSDT", "LONG") == ["pqpeer-9-b1-0"]
 
 
 @pytest.mark.parametrize("hedge", [True, False])
@@ -502,9 +518,9 @@ async def test_a_stop_that_would_trigger_now_is_reported(hedge: bool) -> None:
     venue, _store, router = make(hedge)
     venue.faults.append(OrderRejected(-2021, "Order would immediately trigger."))
     with pytest.raises(StopWouldTrigger) as caught:
-        await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0", quantity="0.010")
+        await router.backstops.update_backstop("1", "BTCUSDT", "LONG", "29700.0", quantity="0.010")
     assert caught.value.code == -2021
-    assert router.backstop_of("1") is None
+    assert router.backstops.backstop_of("1") is None
 
 
 async def test_a_refused_first_backstop_is_throttled_too() -> None:
@@ -512,18 +528,18 @@ async def test_a_refused_first_backstop_is_throttled_too() -> None:
     clock = [1_000_000]
     router._clock = lambda: clock[0]
     venue.faults.append(OrderRejected(-4045, "Reach max stop order limit."))
-    assert await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0") is None
+    assert await router.backstops.update_backstop("1", "BTCUSDT", "LONG", "29700.0") is None
     for _ in range(4):  # the timer calls every second: no placement storm
         clock[0] += 1_000
-        assert await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0") is None
+        assert await router.backstops.update_backstop("1", "BTCUSDT", "LONG", "29700.0") is None
     clock[0] += 1_000
-    assert await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0") is not None
+    assert await router.backstops.update_backstop("1", "BTCUSDT", "LONG", "29700.0") is not None
     assert len([s for s in venue.sent if s.path == "/fapi/v1/algoOrder"]) == 2
 
 
 async def test_a_failed_backstop_cancel_is_retried() -> None:
     venue, _store, router = make(False)
-    placed = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
+    placed = await router.backstops.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
     original = venue.cancel_algo_order
     calls = []
 
@@ -534,16 +550,16 @@ async def test_a_failed_backstop_cancel_is_retried() -> None:
         return await original(symbol, cid)
 
     venue.cancel_algo_order = flaky  # type: ignore[method-assign]
-    assert await router.cancel_backstops("1") == []
+    assert await router.backstops.cancel_backstops("1") == []
     assert venue.algo_orders[placed]["algoStatus"] == "NEW"
-    assert await router.retry_cancels() == [placed]
+    assert await router.backstops.retry_cancels() == [placed]
     assert venue.algo_orders[placed]["algoStatus"] == "CANCELED"
-    assert await router.retry_cancels() == []
+    assert await router.backstops.retry_cancels() == []
 
 
 async def test_short_backstop_rounds_up() -> None:
     venue, _store, router = make(hedge=True)
-    await router.update_backstop("1", "BTCUSDT", "SHORT", "30300.0")
+    await router.backstops.update_backstop("1", "BTCUSDT", "SHORT", "30300.0")
     assert venue.sent[0].params["triggerPrice"] == "30451.5"
     assert venue.sent[0].params["side"] == "BUY"
 
@@ -551,8 +567,8 @@ async def test_short_backstop_rounds_up() -> None:
 async def test_orphan_backstops_are_cancelled() -> None:
     venue, _store, router = make(hedge=True)
     venue.set_position("BTCUSDT", "LONG", "0.010", "30000")
-    keep = await router.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
-    orphan = await router.update_backstop("2", "ETHUSDT", "SHORT", "2100.00")
+    keep = await router.backstops.update_backstop("1", "BTCUSDT", "LONG", "29700.0")
+    orphan = await router.backstops.update_backstop("2", "ETHUSDT", "SHORT", "2100.00")
     foreign = await venue.new_algo_order(
         {
             "symbol": "ETHUSDT",
@@ -564,7 +580,7 @@ async def test_orphan_backstops_are_cancelled() -> None:
             "clientAlgoId": "someone-else",
         }
     )
-    cancelled = await router.cleanup_orphans({("BTCUSDT", "LONG")})
+    cancelled = await router.backstops.cleanup_orphans({("BTCUSDT", "LONG")})
     assert cancelled == [orphan]
     assert venue.algo_orders[keep]["algoStatus"] == "NEW"
     assert venue.algo_orders[foreign["clientAlgoId"]]["algoStatus"] == "NEW"
@@ -579,7 +595,7 @@ async def test_flatten_cancels_and_closes_every_leg(hedge: bool) -> None:
     else:
         venue.set_position("BTCUSDT", "BOTH", "-0.004", "30000")
     venue.set_position("ETHUSDT", "LONG" if hedge else "BOTH", "0.5", "2000")
-    await router.update_backstop("1", "BTCUSDT", "SHORT", "30300.0")
+    await router.backstops.update_backstop("1", "BTCUSDT", "SHORT", "30300.0")
     steps = await router.flatten({("BTCUSDT", "SHORT"): "1"})
     kinds = [(s.step, s.symbol, s.position_side, s.ok) for s in steps]
     assert ("cancel_backstop", "BTCUSDT", "SHORT" if hedge else "BOTH", True) in kinds

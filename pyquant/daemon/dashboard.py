@@ -21,7 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from pyquant.metrics import FeedStatus
+from pyquant.daemon.metrics import FeedStatus
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from pyquant.daemon.state_lock import StateLock, StateLocked
 from pyquant.errors import OrderRejected, RetryableError
-from pyquant.state_lock import StateLock, StateLocked
 from pyquant.trading.killswitch import is_pyquant_order, sweep_account
 from pyquant.trading.marks import MarkCache
 
@@ -186,7 +186,7 @@ async def test_wait_idle_waits_for_the_submission_not_the_source_task() -> None:
     # (a JSONL follower) that never ends. Waiting on that task hung the flatten.
     import asyncio
 
-    from pyquant.daemon import Intake
+    from pyquant.daemon.app import Intake
     from pyquant.trading.guard import GuardDecision
     from pyquant.trading.intents import parse_intent
 

@@ -15,11 +15,11 @@ import pytest
 from rich.console import Console
 
 from pyquant.config import load_config
-from pyquant.daemon import TICK_RECEIVED_NS, LatencyRecorder, desk_config
-from pyquant.daemon_cli import format_summary, run_command
-from pyquant.dashboard import DashboardData, PositionLine, render
-from pyquant.demo import DemoProducer, demo_intents
-from pyquant.metrics import FeedStatus, Metrics, Status
+from pyquant.daemon.app import TICK_RECEIVED_NS, LatencyRecorder, desk_config
+from pyquant.daemon.cli import format_summary, run_command
+from pyquant.daemon.dashboard import DashboardData, PositionLine, render
+from pyquant.daemon.demo import DemoProducer, demo_intents
+from pyquant.daemon.metrics import FeedStatus, Metrics, Status
 
 DATA = Path(__file__).parents[1] / "data" / "binance"
 
@@ -77,7 +77,7 @@ def test_demo_ids_differ_between_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     # A restart on the same journal must not reuse ids the guard has already seen.
     tags = []
     for now_ns in (1_764_201_600_123_000_000, 1_764_201_600_124_000_000):
-        monkeypatch.setattr("pyquant.demo.time.time_ns", lambda now_ns=now_ns: now_ns)
+        monkeypatch.setattr("pyquant.daemon.demo.time.time_ns", lambda now_ns=now_ns: now_ns)
         tags.append(DemoProducer(object(), lambda _p: asyncio.sleep(0))._run_tag)  # type: ignore[arg-type]
     assert tags == ["migo2yrf", "migo2yrg"]
 
@@ -236,8 +236,8 @@ def test_the_daemon_needs_no_redis_unless_intents_come_from_it() -> None:
     script = (
         "import sys\n"
         "sys.modules['redis'] = None  # import redis -> ImportError\n"
-        "import pyquant.daemon\n"
-        "from pyquant.daemon_cli import run_command\n"
+        "import pyquant.daemon.app\n"
+        "from pyquant.daemon.cli import run_command\n"
         "assert run_command('run', ['--show-config']) == 0\n"
         "sys.exit(run_command('run', ['--intents', 'redis://127.0.0.1:6379/0']))\n"
     )
