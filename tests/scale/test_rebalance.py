@@ -90,12 +90,14 @@ async def test_a_returning_daemon_gets_its_symbols_back_one_owner_at_a_time(
 
 async def test_idle_symbols_are_released_and_forgotten(redis_client, wait_until):
     recorder = Recorder()
-    alpha = manager(redis_client, "alpha", recorder, idle_release_ms=TTL_MS)
+    # Idle after 5 TTLs: a loaded machine stalling between want() and route() must not
+    # make S10USDT idle (released, then taken again) before its intent arrives.
+    alpha = manager(redis_client, "alpha", recorder, idle_release_ms=5 * TTL_MS)
     async with running(alpha):
         for symbol in ("S0USDT", "S9USDT", "S10USDT"):
             assert await alpha.want(symbol)
         assert (await alpha.route("S10USDT")).kind == "mine"
-        await wait_until(lambda: alpha.owned() == {"S0USDT"}, timeout_s=10)
+        await wait_until(lambda: alpha.owned() == {"S0USDT"}, timeout_s=30)
         assert await redis_client.smembers("pyquant:main:symbols") == {b"S0USDT"}
         assert await redis_client.get("pyquant:main:lease:S9USDT") is None
         assert alpha.stats.idle_released == 2
