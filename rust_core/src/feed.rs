@@ -377,10 +377,14 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'{') {
                 return self.fail("invalid type: expected a markPriceUpdate object in the array");
             }
-            self.expect(b'{')?;
-            let mut fields = UpdateFields::default();
-            self.object_body(|scan, key| fields.accept(scan, key))?;
-            out.push(fields.finish(self)?);
+            if let Some(update) = self.canonical_update() {
+                out.push(update);
+            } else {
+                self.expect(b'{')?;
+                let mut fields = UpdateFields::default();
+                self.object_body(|scan, key| fields.accept(scan, key))?;
+                out.push(fields.finish(self)?);
+            }
             self.ws();
             match self.peek() {
                 Some(b',') => self.pos += 1,
@@ -391,6 +395,106 @@ impl<'a> Scanner<'a> {
                 _ => return self.fail("expected ',' or ']'"),
             }
         }
+    }
+
+    /// The update at `{` when it is written exactly as Binance writes it, or `None`
+    /// (nothing consumed) so the general reader takes it from the same byte.
+    ///
+    /// Accepted: no whitespace; `"e":"markPriceUpdate"`, `"E"` (1 to 18 digits, no leading
+    /// zero), `"s"` (ASCII letters and digits) and `"p"` (digits and points) first and in
+    /// that order; then any number of one-letter keys other than those four, each with a
+    /// string of printable ASCII without escapes or a plain number (`-?(0|[1-9]\d*)(\.\d+)?`,
+    /// at most 300 characters). Every message this accepts is valid JSON that the general
+    /// reader parses to the same update, so this path changes speed, never results
+    /// (property `canonical_path_agrees_with_the_general_reader`); anything else —
+    /// escapes, whitespace, another order, a duplicate of the four keys, exponents —
+    /// falls back.
+    #[inline]
+    fn canonical_update(&mut self) -> Option<RawUpdate<'a>> {
+        const HEAD: &[u8] = b"{\"e\":\"markPriceUpdate\",\"E\":";
+        #[cfg(test)]
+        if tests::NO_CANONICAL_PATH.with(std::cell::Cell::get) {
+            return None;
+        }
+        let b = self.bytes;
+        let mut i = self.pos;
+        if b.get(i..i + HEAD.len())? != HEAD {
+            return None;
+        }
+        i += HEAD.len();
+        let time_start = i;
+        let mut event_time_ms: i64 = 0;
+        while let Some(&c) = b.get(i) {
+            if !c.is_ascii_digit() || i - time_start == 18 {
+                break;
+            }
+            event_time_ms = event_time_ms * 10 + i64::from(c - b'0');
+            i += 1;
+        }
+        let digits = i - time_start;
+        if digits == 0 || (digits > 1 && b[time_start] == b'0') {
+            return None;
+        }
+        if b.get(i..i + 6)? != b",\"s\":\"" {
+            return None;
+        }
+        i += 6;
+        let symbol_start = i;
+        while b.get(i).is_some_and(u8::is_ascii_alphanumeric) {
+            i += 1;
+        }
+        if i == symbol_start || b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let symbol = std::str::from_utf8(&b[symbol_start..i]).ok()?;
+        i += 1;
+        if b.get(i..i + 6)? != b",\"p\":\"" {
+            return None;
+        }
+        i += 6;
+        let price_start = i;
+        while b.get(i).is_some_and(|&c| c.is_ascii_digit() || c == b'.') {
+            i += 1;
+        }
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let price = &b[price_start..i];
+        i += 1;
+        loop {
+            match *b.get(i)? {
+                b'}' => break,
+                b',' => {}
+                _ => return None,
+            }
+            let key = *b.get(i + 2)?;
+            if b.get(i + 1) != Some(&b'"')
+                || b.get(i + 3) != Some(&b'"')
+                || b.get(i + 4) != Some(&b':')
+                || !key.is_ascii_alphabetic()
+                || matches!(key, b'e' | b'E' | b's' | b'p')
+            {
+                return None;
+            }
+            i += 5;
+            i = if *b.get(i)? == b'"' {
+                // Printable ASCII without escapes up to the quote: a string the general
+                // reader skips as it is.
+                let end = find_stop(b, i + 1);
+                if b.get(end) != Some(&b'"') {
+                    return None;
+                }
+                end + 1
+            } else {
+                plain_number_end(b, i)?
+            };
+        }
+        self.pos = i + 1;
+        Some(RawUpdate {
+            symbol: Cow::Borrowed(symbol),
+            price: Cow::Borrowed(price),
+            event_time_ms,
+        })
     }
 
     /// The top-level object: a single update, or a `{"stream", "data"}` wrapper.
@@ -736,6 +840,39 @@ impl<'a> Scanner<'a> {
     }
 }
 
+/// End of a plain JSON number `-?(0|[1-9][0-9]*)(\.[0-9]+)?` of at most 300 characters
+/// starting at `start` (always inside the `f64` range), or `None` for anything else.
+#[inline]
+fn plain_number_end(b: &[u8], start: usize) -> Option<usize> {
+    let mut i = start;
+    if b.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    match *b.get(i)? {
+        b'0' => i += 1,
+        b'1'..=b'9' => {
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+        }
+        _ => return None,
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let fraction = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == fraction {
+            return None;
+        }
+    }
+    if i - start > 300 || matches!(b.get(i), Some(b'0'..=b'9' | b'e' | b'E' | b'.')) {
+        return None;
+    }
+    Some(i)
+}
+
 #[derive(Default)]
 struct UpdateFields<'a> {
     event_type: Option<RawStr<'a>>,
@@ -826,6 +963,11 @@ impl<'a> UpdateFields<'a> {
 #[allow(clippy::float_cmp)] // exact equality is what these tests check
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Set by tests to compare the canonical fast path with the general reader.
+        pub(super) static NO_CANONICAL_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     #[test]
     fn a_twenty_digit_price_is_exact_not_wrapped() {
@@ -1083,8 +1225,46 @@ mod property_tests {
         out
     }
 
+    /// Two updates as Binance writes them (the canonical fast path's shape).
+    const CANONICAL: &str = r#"[{"e":"markPriceUpdate","E":1562305380000,"s":"BTCUSDT","p":"11794.15000000","i":"11784.62659091","P":"11784.25641265","r":"-0.00038167","T":1562306400000},{"e":"markPriceUpdate","E":1562305380001,"s":"ETHUSDT","p":"3000.1","i":"3.0","P":"0","r":"0.0001","T":0}]"#;
+
+    /// The parse with the canonical fast path switched off or on.
+    fn parse_with(data: &[u8], canonical: bool) -> Result<MarkBatch<'_>, String> {
+        super::tests::NO_CANONICAL_PATH.with(|off| off.set(!canonical));
+        let result = parse_mark_message(data).map_err(|e| e.to_string());
+        super::tests::NO_CANONICAL_PATH.with(|off| off.set(false));
+        result
+    }
+
+    #[test]
+    fn the_canonical_sample_takes_the_fast_path() {
+        let mut scan = Scanner {
+            bytes: &CANONICAL.as_bytes()[1..],
+            pos: 0,
+        };
+        let update = scan
+            .canonical_update()
+            .map(|r| (r.symbol.into_owned(), r.event_time_ms));
+        assert_eq!(update, Some(("BTCUSDT".to_owned(), 1_562_305_380_000)));
+        assert_eq!(scan.bytes[scan.pos], b',');
+        assert_eq!(
+            parse_with(CANONICAL.as_bytes(), true),
+            parse_with(CANONICAL.as_bytes(), false)
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// The canonical fast path gives exactly what the general reader gives: the same
+        /// updates or the same error, on Binance's layout and on mutations of it.
+        #[test]
+        fn canonical_path_agrees_with_the_general_reader(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..4)
+        ) {
+            let data = mutate(CANONICAL.as_bytes(), &edits);
+            prop_assert_eq!(parse_with(&data, true), parse_with(&data, false));
+        }
 
         /// Never accepts a message serde_json rejects; when both accept, the same fields.
         #[test]
