@@ -176,6 +176,68 @@ pub struct PositionState {
     /// new best can change it afterwards. Rebuilt on demand.
     #[serde(skip)]
     activation_checked: bool,
+    /// What a mark must do to matter, in integer price units (see [`MarkWatch`]); rebuilt
+    /// by every full evaluation, dropped by every other change.
+    #[serde(skip)]
+    watch: WatchCache,
+}
+
+/// Price units of the quiet-mark watch: 10^-8, the precision of the mark-price stream.
+const WATCH_SCALE: u32 = 8;
+
+/// `price` as an integer count of 10^-8, when it has at most eight decimals (after
+/// dropping trailing zeros) and fits an `i64`; `None` sends the caller to the decimal path.
+pub(crate) fn price_units(price: Decimal) -> Option<i64> {
+    let price = if price.scale() > WATCH_SCALE {
+        price.normalize()
+    } else {
+        price
+    };
+    let scale = price.scale();
+    if scale > WATCH_SCALE {
+        return None;
+    }
+    let units = price
+        .mantissa()
+        .checked_mul(10i128.pow(WATCH_SCALE - scale))?;
+    i64::try_from(units).ok()
+}
+
+/// The thresholds of one position after a full evaluation that emitted nothing, as integer
+/// price units signed by side (`x = +units` for a LONG, `-units` for a SHORT, so a larger
+/// `x` is always more profit). A mark `x` with `stop < x < next_level` that sets no new
+/// best (or a new best that cannot activate trailing and where trailing is not active),
+/// with the ATR of the last trailing candidate unchanged and no time stop due, changes
+/// only the last and best marks: [`PositionState::quiet_mark`] applies it without any
+/// decimal arithmetic. Everything else takes [`PositionState::evaluate`].
+#[derive(Clone, Copy, Debug)]
+struct MarkWatch {
+    /// Signed stop: `x <= stop` fires it.
+    stop: i64,
+    /// Signed price of the next ladder level (`i64::MAX`: none left).
+    next_level: i64,
+    /// Signed best mark.
+    best: i64,
+    /// Signed best at which trailing activates by price (`i64::MAX`: it cannot).
+    activate: i64,
+    /// Trailing is active: a new best or another ATR moves its candidate.
+    trailing_active: bool,
+    /// ATR bits of the last trailing candidate (when active).
+    trail_basis: u64,
+    /// Event time from which the time stop is due (`i64::MAX`: never).
+    time_stop_at: i64,
+    /// The time stop fires only while the signed best is below this (`i64::MAX`: always).
+    time_below: i64,
+}
+
+/// A cache, not state: equal whatever it holds, so states compare by their fields.
+#[derive(Clone, Copy, Debug, Default)]
+struct WatchCache(Option<MarkWatch>);
+
+impl PartialEq for WatchCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 #[allow(clippy::needless_pass_by_value)] // call sites pass numbers and strings alike
@@ -561,6 +623,7 @@ impl PositionState {
             trail_cache: None,
             trail_basis: None,
             activation_checked: false,
+            watch: WatchCache::default(),
         })
     }
 
@@ -661,6 +724,7 @@ impl PositionState {
         trailing_stop: Option<Decimal>,
         trail_basis: Option<u64>,
     ) {
+        self.watch = WatchCache::default();
         if let Some(best) = best {
             debug_assert!(strictly_tighter(self.side, best, self.best_price));
             self.best_price = best;
@@ -818,6 +882,131 @@ impl PositionState {
     /// [`PositionState::evaluate`] for a mark the caller has already found inside the
     /// plausible band (the engine checks each update once, for every position of it).
     pub(crate) fn evaluate_in_band(
+        &mut self,
+        mark: Decimal,
+        atr: Option<f64>,
+        now: Option<i64>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Option<ExitAction> {
+        let action = self.evaluate_rules(mark, atr, now, rules, policy);
+        self.watch = WatchCache(if action.is_none() {
+            self.build_watch(policy)
+        } else {
+            None
+        });
+        action
+    }
+
+    /// The thresholds of [`MarkWatch`] for the state as it is now, or `None` when a mark
+    /// may need the full evaluation whatever its price (pending action, over-leverage,
+    /// open time unset, levels passed at adoption, trailing not yet settled, a price
+    /// beyond eight decimals).
+    fn build_watch(&self, policy: &ExitPolicy) -> Option<MarkWatch> {
+        if self.pending.is_some()
+            || not_positive(self.quantity)
+            || self.over_leveraged
+            || self.levels_passed_at_adoption > self.levels_done
+        {
+            return None;
+        }
+        let opened = self.opened_at_ms?;
+        let config = policy.config();
+        let trailing_configured = config.trail_atr.is_some() || config.trail_pct.is_some();
+        if trailing_configured && !self.trailing_active && !self.activation_checked {
+            return None;
+        }
+        let signed = |price: Decimal| {
+            price_units(price).map(|u| match self.side {
+                PositionSide::Long => u,
+                PositionSide::Short => -u,
+            })
+        };
+        let done = self.levels_done as usize;
+        let levels = self.ladder_prices.len().min(self.ladder_targets.len());
+        let next_level = if done < levels {
+            signed(self.ladder_prices[done])?
+        } else {
+            i64::MAX
+        };
+        let activate = match self.trail_activate_price {
+            Some(price) if trailing_configured && !self.trailing_active => signed(price)?,
+            _ => i64::MAX,
+        };
+        let trail_basis = if self.trailing_active {
+            self.trail_basis?
+        } else {
+            0
+        };
+        let time_stop_at = config
+            .max_hold_ms
+            .map_or(i64::MAX, |hold| opened.saturating_add(hold));
+        let time_below = match self.time_stop_below_price {
+            Some(price) => signed(price)?,
+            None => i64::MAX,
+        };
+        Some(MarkWatch {
+            stop: signed(self.stop_price)?,
+            next_level,
+            best: signed(self.best_price)?,
+            activate,
+            trailing_active: self.trailing_active,
+            trail_basis,
+            time_stop_at,
+            time_below,
+        })
+    }
+
+    /// Applies a mark that provably triggers nothing (see [`MarkWatch`]) and returns
+    /// `true`, or returns `false` with nothing changed when the full evaluation is needed.
+    /// `units` is `mark` in [`price_units`]; the result is exactly what
+    /// [`PositionState::evaluate`] would leave (property `quiet_marks_match_the_full_path`).
+    #[inline]
+    pub(crate) fn quiet_mark(
+        &mut self,
+        units: i64,
+        mark: Decimal,
+        atr: Option<f64>,
+        now_ms: i64,
+    ) -> bool {
+        #[cfg(test)]
+        if tests::NO_QUIET_MARKS.with(std::cell::Cell::get) {
+            return false;
+        }
+        let Some(watch) = self.watch.0.as_mut() else {
+            return false;
+        };
+        let x = match self.side {
+            PositionSide::Long => units,
+            PositionSide::Short => -units,
+        };
+        if x <= watch.stop || x >= watch.next_level {
+            return false;
+        }
+        let improved = x > watch.best;
+        if watch.trailing_active {
+            if improved || atr.map_or(0, f64::to_bits) != watch.trail_basis {
+                return false;
+            }
+        } else if improved && x >= watch.activate {
+            return false;
+        }
+        let best = if improved { x } else { watch.best };
+        if now_ms >= watch.time_stop_at && best < watch.time_below {
+            return false;
+        }
+        if improved {
+            watch.best = x;
+            self.best_price = mark;
+        }
+        self.last_mark_price = Some(mark);
+        #[cfg(test)]
+        tests::QUIET_HITS.with(|c| c.set(c.get() + 1));
+        true
+    }
+
+    /// The rules of one update in order (see the module header).
+    fn evaluate_rules(
         &mut self,
         mark: Decimal,
         atr: Option<f64>,
@@ -1003,6 +1192,7 @@ impl PositionState {
         }
         let reason = action.reason;
         let complete = filled == action.quantity;
+        self.watch = WatchCache::default();
         self.pending = None;
         let filled = filled.min(self.quantity);
         self.quantity -= filled;
@@ -1037,6 +1227,7 @@ impl PositionState {
     /// `CoreError::InvalidField` when `sequence` is not the pending action.
     pub fn reject(&mut self, sequence: u64) -> Result<(), CoreError> {
         self.pending_with(sequence)?;
+        self.watch = WatchCache::default();
         self.pending = None;
         Ok(())
     }
@@ -1054,6 +1245,7 @@ impl PositionState {
         policy: &ExitPolicy,
     ) -> Result<Confirmed, CoreError> {
         bounds::check_quantity("quantity", quantity, true, rules)?;
+        self.watch = WatchCache::default();
         if quantity > self.quantity {
             let original = self.original_quantity + (quantity - self.quantity);
             if original > bounds::MAX_QUANTITY {
@@ -1085,6 +1277,7 @@ impl PositionState {
         policy: &ExitPolicy,
     ) -> Result<(), CoreError> {
         check_liquidation(price, self.side, self.best_price, rules)?;
+        self.watch = WatchCache::default();
         if price.is_zero() {
             self.liquidation_price = None;
             return Ok(());
@@ -1361,12 +1554,15 @@ impl PositionState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::exit::policy::{LadderLevel, PolicyConfig};
     use crate::exit::test_support::{btc, d, example_policy, exchange_rules};
 
     thread_local! {
+        pub(crate) static QUIET_HITS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        /// Set by tests to run every mark through the full evaluation.
+        pub(crate) static NO_QUIET_MARKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         /// Turns off the float shortcut of the trailing update, to compare with it on.
         pub(super) static NO_TRAIL_SHORTCUT: std::cell::Cell<bool> =
             const { std::cell::Cell::new(false) };
