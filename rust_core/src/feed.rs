@@ -115,7 +115,8 @@ impl<'a> IntoIterator for MarkBatch<'a> {
 /// or `p`, an event type other than `markPriceUpdate`, a price that is not a plain
 /// positive decimal, a wrapper without `data`).
 pub fn parse_mark_message(data: &[u8]) -> Result<MarkBatch<'_>, CoreError> {
-    let mut raw = Vec::new();
+    // A markPriceUpdate takes at least ~100 bytes: one allocation for the usual message.
+    let mut raw = Vec::with_capacity(data.len() / 96 + 1);
     parse_raw(data, &mut raw)?;
     let mut batch = MarkBatch {
         updates: Vec::with_capacity(raw.len()),
@@ -163,9 +164,9 @@ fn fast_price(bytes: &[u8]) -> Option<(Decimal, f64)> {
     for (i, &b) in bytes.iter().enumerate() {
         match b {
             b'0'..=b'9' => {
-                // Twenty digits can exceed a u64: such a price takes the general route
-                // (a wrapped mantissa would be a wrong price in a release build).
-                mantissa = mantissa.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+                // Nineteen digits always fit a u64; with twenty the mantissa may wrap, but
+                // such a price is refused below and takes the general route.
+                mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(b - b'0'));
                 digits += 1;
             }
             b'.' if scale.is_none() => scale = Some((bytes.len() - i - 1) as u32),
@@ -401,10 +402,10 @@ impl<'a> Scanner<'a> {
     /// (nothing consumed) so the general reader takes it from the same byte.
     ///
     /// Accepted: no whitespace; `"e":"markPriceUpdate"`, `"E"` (1 to 18 digits, no leading
-    /// zero), `"s"` (ASCII letters and digits) and `"p"` (digits and points) first and in
-    /// that order; then any number of one-letter keys other than those four, each with a
-    /// string of printable ASCII without escapes or a plain number (`-?(0|[1-9]\d*)(\.\d+)?`,
-    /// at most 300 characters). Every message this accepts is valid JSON that the general
+    /// zero), `"s"` (printable ASCII without escapes, not empty) and `"p"` (digits with at
+    /// most one point) first and in that order; then any number of one-letter keys other
+    /// than those four, each with a string of printable ASCII without escapes or a plain
+    /// number (`-?(0|[1-9]\d*)(\.\d+)?`, at most 300 characters). Every message this accepts is valid JSON that the general
     /// reader parses to the same update, so this path changes speed, never results
     /// (property `canonical_path_agrees_with_the_general_reader`); anything else —
     /// escapes, whitespace, another order, a duplicate of the four keys, exponents —
@@ -423,26 +424,21 @@ impl<'a> Scanner<'a> {
         }
         i += HEAD.len();
         let time_start = i;
-        let mut event_time_ms: i64 = 0;
-        while let Some(&c) = b.get(i) {
-            if !c.is_ascii_digit() || i - time_start == 18 {
-                break;
-            }
-            event_time_ms = event_time_ms * 10 + i64::from(c - b'0');
-            i += 1;
-        }
-        let digits = i - time_start;
-        if digits == 0 || (digits > 1 && b[time_start] == b'0') {
+        let digits = digit_run(b, i);
+        if digits == 0 || digits > 18 || (digits > 1 && b[time_start] == b'0') {
             return None;
         }
+        // At most 18 digits: no overflow.
+        let event_time_ms = b[time_start..time_start + digits]
+            .iter()
+            .fold(0i64, |value, c| value * 10 + i64::from(c - b'0'));
+        i += digits;
         if b.get(i..i + 6)? != b",\"s\":\"" {
             return None;
         }
         i += 6;
         let symbol_start = i;
-        while b.get(i).is_some_and(u8::is_ascii_alphanumeric) {
-            i += 1;
-        }
+        i = find_stop(b, i);
         if i == symbol_start || b.get(i) != Some(&b'"') {
             return None;
         }
@@ -453,8 +449,9 @@ impl<'a> Scanner<'a> {
         }
         i += 6;
         let price_start = i;
-        while b.get(i).is_some_and(|&c| c.is_ascii_digit() || c == b'.') {
-            i += 1;
+        i += digit_run(b, i);
+        if b.get(i) == Some(&b'.') {
+            i += 1 + digit_run(b, i + 1);
         }
         if b.get(i) != Some(&b'"') {
             return None;
@@ -840,6 +837,32 @@ impl<'a> Scanner<'a> {
     }
 }
 
+/// Number of ASCII digits at `b[from..]`, eight bytes a step: a byte is flagged when it is
+/// below `0`, above `9` or not ASCII; a borrow or carry only ever starts at a flagged byte
+/// and moves upward, so the lowest flag is exact (as in [`find_stop`]).
+#[inline]
+fn digit_run(b: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let mut word_bytes = [0u8; 8];
+        word_bytes.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word_bytes);
+        let below = word.wrapping_sub(ONES * u64::from(b'0'));
+        let above = word.wrapping_add(ONES * (0x80 - u64::from(b'9') - 1));
+        let mask = (below | above | word) & HIGHS;
+        if mask != 0 {
+            return i + (mask.trailing_zeros() / 8) as usize - from;
+        }
+        i += 8;
+    }
+    while b.get(i).is_some_and(u8::is_ascii_digit) {
+        i += 1;
+    }
+    i - from
+}
+
 /// End of a plain JSON number `-?(0|[1-9][0-9]*)(\.[0-9]+)?` of at most 300 characters
 /// starting at `start` (always inside the `f64` range), or `None` for anything else.
 #[inline]
@@ -850,22 +873,15 @@ fn plain_number_end(b: &[u8], start: usize) -> Option<usize> {
     }
     match *b.get(i)? {
         b'0' => i += 1,
-        b'1'..=b'9' => {
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-        }
+        b'1'..=b'9' => i += digit_run(b, i),
         _ => return None,
     }
     if b.get(i) == Some(&b'.') {
-        i += 1;
-        let fraction = i;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        if i == fraction {
+        let fraction = digit_run(b, i + 1);
+        if fraction == 0 {
             return None;
         }
+        i += 1 + fraction;
     }
     if i - start > 300 || matches!(b.get(i), Some(b'0'..=b'9' | b'e' | b'E' | b'.')) {
         return None;
@@ -1081,6 +1097,42 @@ mod tests {
                 .find(|&i| STRING_STOP[usize::from(text[i])])
                 .unwrap_or(len);
             assert_eq!(find_stop(&text, from), expected, "{text:?} from {from}");
+        }
+    }
+
+    #[test]
+    fn digit_run_matches_a_byte_loop_everywhere() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..20_000 {
+            let len = (state % 40) as usize;
+            let mut text = Vec::with_capacity(len);
+            for _ in 0..len {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Mostly digits, sometimes any byte (the neighbours of '0' and '9' too).
+                let b = if state % 5 == 0 {
+                    (state >> 8) as u8
+                } else {
+                    b'0' + (state % 10) as u8
+                };
+                text.push(b);
+            }
+            let from = if len == 0 {
+                0
+            } else {
+                (state as usize >> 3) % len
+            };
+            let expected = text[from..]
+                .iter()
+                .take_while(|c| c.is_ascii_digit())
+                .count();
+            assert_eq!(digit_run(&text, from), expected, "{text:?} from {from}");
+        }
+        for edge in [b'/', b':', 0x7f, 0x80, 0xb9, 0xba, 0xff] {
+            let mut text = b"12345678901234".to_vec();
+            text.insert(9, edge);
+            assert_eq!(digit_run(&text, 0), 9, "{edge:#x}");
         }
     }
 
