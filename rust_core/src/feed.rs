@@ -115,31 +115,64 @@ impl<'a> IntoIterator for MarkBatch<'a> {
 /// or `p`, an event type other than `markPriceUpdate`, a price that is not a plain
 /// positive decimal, a wrapper without `data`).
 pub fn parse_mark_message(data: &[u8]) -> Result<MarkBatch<'_>, CoreError> {
-    // A markPriceUpdate takes at least ~100 bytes: one allocation for the usual message.
-    let mut raw = Vec::with_capacity(data.len() / 96 + 1);
-    parse_raw(data, &mut raw)?;
-    let mut batch = MarkBatch {
-        updates: Vec::with_capacity(raw.len()),
-        escaped: Vec::new(),
+    let mut sink = Sink {
+        // A markPriceUpdate takes at least ~100 bytes: one allocation for the usual message.
+        batch: MarkBatch {
+            updates: Vec::with_capacity(data.len() / 96 + 1),
+            escaped: Vec::new(),
+        },
+        count: 0,
+        bad_price: None,
     };
-    for (index, r) in raw.into_iter().enumerate() {
-        let (mark_price, mark_price_f64) = convert_price(&r, index)?;
-        match r.symbol {
-            Cow::Borrowed(symbol) => batch.updates.push(MarkUpdate {
-                symbol,
-                mark_price,
-                mark_price_f64,
-                event_time_ms: r.event_time_ms,
-            }),
-            Cow::Owned(symbol) => batch.escaped.push(OwnedMarkUpdate {
-                symbol,
-                mark_price,
-                mark_price_f64,
-                event_time_ms: r.event_time_ms,
-            }),
-        }
+    let mut scan = Scanner {
+        bytes: data,
+        pos: 0,
+    };
+    scan.message(&mut sink)
+        .map_err(|e| CoreError::message(e.describe(data)))?;
+    // A bad price is reported only for a message that is valid JSON of the right shape.
+    match sink.bad_price {
+        Some(err) => Err(err),
+        None => Ok(sink.batch),
     }
-    Ok(batch)
+}
+
+/// Where the reader puts each update, converted as soon as it is read (one pass, no
+/// intermediate list); the first bad price is kept and reported after the whole message
+/// has been checked, so a message with several faults names the same one as before.
+struct Sink<'a> {
+    batch: MarkBatch<'a>,
+    /// Updates read so far (the index a bad price is reported with).
+    count: usize,
+    bad_price: Option<CoreError>,
+}
+
+impl<'a> Sink<'a> {
+    #[inline]
+    fn push(&mut self, raw: RawUpdate<'a>) {
+        match convert_price(&raw, self.count) {
+            Ok((mark_price, mark_price_f64)) => match raw.symbol {
+                Cow::Borrowed(symbol) => self.batch.updates.push(MarkUpdate {
+                    symbol,
+                    mark_price,
+                    mark_price_f64,
+                    event_time_ms: raw.event_time_ms,
+                }),
+                Cow::Owned(symbol) => self.batch.escaped.push(OwnedMarkUpdate {
+                    symbol,
+                    mark_price,
+                    mark_price_f64,
+                    event_time_ms: raw.event_time_ms,
+                }),
+            },
+            Err(err) => {
+                if self.bad_price.is_none() {
+                    self.bad_price = Some(err);
+                }
+            }
+        }
+        self.count += 1;
+    }
 }
 
 /// Exact powers of ten representable in `f64` (10^0 ..= 10^22).
@@ -204,15 +237,6 @@ fn convert_price(raw: &RawUpdate<'_>, index: usize) -> Result<(Decimal, f64), Co
     // The grammar check above guarantees `parse` succeeds; it rounds correctly.
     let mark_price_f64 = text.parse::<f64>().map_err(|_| bad("is not a number"))?;
     Ok((mark_price, mark_price_f64))
-}
-
-fn parse_raw<'a>(data: &'a [u8], raw: &mut Vec<RawUpdate<'a>>) -> Result<(), CoreError> {
-    let mut scan = Scanner {
-        bytes: data,
-        pos: 0,
-    };
-    scan.message(raw)
-        .map_err(|e| CoreError::message(e.describe(data)))
 }
 
 #[derive(Debug, Clone)]
@@ -351,7 +375,7 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    fn message(&mut self, out: &mut Vec<RawUpdate<'a>>) -> Result<(), ScanError> {
+    fn message(&mut self, out: &mut Sink<'a>) -> Result<(), ScanError> {
         self.ws();
         match self.peek() {
             Some(b'[') => self.update_array(out)?,
@@ -366,7 +390,7 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    fn update_array(&mut self, out: &mut Vec<RawUpdate<'a>>) -> Result<(), ScanError> {
+    fn update_array(&mut self, out: &mut Sink<'a>) -> Result<(), ScanError> {
         self.expect(b'[')?;
         self.ws();
         if self.peek() == Some(b']') {
@@ -495,7 +519,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// The top-level object: a single update, or a `{"stream", "data"}` wrapper.
-    fn top_object(&mut self, out: &mut Vec<RawUpdate<'a>>) -> Result<(), ScanError> {
+    fn top_object(&mut self, out: &mut Sink<'a>) -> Result<(), ScanError> {
         self.expect(b'{')?;
         let start = self.pos;
         let mut fields = UpdateFields::default();
