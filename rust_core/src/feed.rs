@@ -206,8 +206,31 @@ fn fast_price(bytes: &[u8]) -> Option<(Decimal, f64)> {
             _ => return None,
         }
     }
-    let scale = scale.unwrap_or(0);
-    if digits == 0 || digits > 19 || mantissa == 0 {
+    price_from_parts(bytes, mantissa, digits, scale.unwrap_or(0))
+}
+
+/// 10^0 ..= 10^19.
+const POW10_U64: [u64; 20] = {
+    let mut table = [1u64; 20];
+    let mut i = 1;
+    while i < 20 {
+        table[i] = table[i - 1] * 10;
+        i += 1;
+    }
+    table
+};
+
+/// The price of [`fast_price`] from its parts (`mantissa` of `digits` digits, `scale`
+/// decimals, written as `bytes`), or `None` for the general route; shared with the
+/// canonical reader so both read a price the same way.
+#[inline]
+fn price_from_parts(
+    bytes: &[u8],
+    mantissa: u64,
+    digits: u32,
+    scale: u32,
+) -> Option<(Decimal, f64)> {
+    if bytes.is_empty() || bytes.len() > 20 || digits == 0 || digits > 19 || mantissa == 0 {
         return None;
     }
     let decimal = Decimal::from_i128_with_scale(i128::from(mantissa), scale);
@@ -402,9 +425,7 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'{') {
                 return self.fail("invalid type: expected a markPriceUpdate object in the array");
             }
-            if let Some(update) = self.canonical_update() {
-                out.push(update);
-            } else {
+            if !self.canonical_update(out) {
                 self.expect(b'{')?;
                 let mut fields = UpdateFields::default();
                 self.object_body(|scan, key| fields.accept(scan, key))?;
@@ -435,7 +456,46 @@ impl<'a> Scanner<'a> {
     /// escapes, whitespace, another order, a duplicate of the four keys, exponents —
     /// falls back.
     #[inline]
-    fn canonical_update(&mut self) -> Option<RawUpdate<'a>> {
+    fn canonical_update(&mut self, out: &mut Sink<'a>) -> bool {
+        match self.canonical_fields() {
+            Some((raw, whole, fraction)) => {
+                // The digits before and after the point are known: the price of
+                // `fast_price` without a second pass over its text.
+                let digits = whole + fraction;
+                let parsed = if digits <= 19 {
+                    let fold = |text: &[u8]| {
+                        text.iter()
+                            .fold(0u64, |value, c| value * 10 + u64::from(c - b'0'))
+                    };
+                    let high = fold(&raw.price[..whole]);
+                    let low = fold(&raw.price[raw.price.len() - fraction..]);
+                    let mantissa = high * POW10_U64[fraction] + low;
+                    price_from_parts(&raw.price, mantissa, digits as u32, fraction as u32)
+                } else {
+                    None
+                };
+                match (parsed, raw.symbol) {
+                    (Some((mark_price, mark_price_f64)), Cow::Borrowed(symbol)) => {
+                        out.batch.updates.push(MarkUpdate {
+                            symbol,
+                            mark_price,
+                            mark_price_f64,
+                            event_time_ms: raw.event_time_ms,
+                        });
+                        out.count += 1;
+                    }
+                    (_, symbol) => out.push(RawUpdate { symbol, ..raw }),
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The fields of [`Scanner::canonical_update`] and the digit counts of the price
+    /// before and after its point.
+    #[inline]
+    fn canonical_fields(&mut self) -> Option<(RawUpdate<'a>, usize, usize)> {
         const HEAD: &[u8] = b"{\"e\":\"markPriceUpdate\",\"E\":";
         #[cfg(test)]
         if tests::NO_CANONICAL_PATH.with(std::cell::Cell::get) {
@@ -473,9 +533,12 @@ impl<'a> Scanner<'a> {
         }
         i += 6;
         let price_start = i;
-        i += digit_run(b, i);
+        let whole = digit_run(b, i);
+        i += whole;
+        let mut fraction = 0;
         if b.get(i) == Some(&b'.') {
-            i += 1 + digit_run(b, i + 1);
+            fraction = digit_run(b, i + 1);
+            i += 1 + fraction;
         }
         if b.get(i) != Some(&b'"') {
             return None;
@@ -511,11 +574,15 @@ impl<'a> Scanner<'a> {
             };
         }
         self.pos = i + 1;
-        Some(RawUpdate {
-            symbol: Cow::Borrowed(symbol),
-            price: Cow::Borrowed(price),
-            event_time_ms,
-        })
+        Some((
+            RawUpdate {
+                symbol: Cow::Borrowed(symbol),
+                price: Cow::Borrowed(price),
+                event_time_ms,
+            },
+            whole,
+            fraction,
+        ))
     }
 
     /// The top-level object: a single update, or a `{"stream", "data"}` wrapper.
@@ -1161,6 +1228,71 @@ mod tests {
     }
 
     #[test]
+    fn the_canonical_reader_reads_prices_like_fast_price() {
+        for text in [
+            "11794.15000000",
+            "0.00000001",
+            "1",
+            "1.",
+            ".5",
+            "0.1",
+            "123456789.12345678",
+            "9999999999999999999",
+            "0.30000000000000004",
+            "4503599627370497.5",
+            "0",
+            "0.000",
+            "12345678901234567890",
+            "1234567890123456.7",
+            "00000000000000000001",
+            "7.123",
+            ".",
+            "",
+        ] {
+            let msg = format!(
+                r#"{{"e":"markPriceUpdate","E":1562305380000,"s":"BTCUSDT","p":"{text}","T":1}}"#
+            );
+            let mut scan = Scanner {
+                bytes: msg.as_bytes(),
+                pos: 0,
+            };
+            let mut sink = Sink {
+                batch: MarkBatch::default(),
+                count: 0,
+                bad_price: None,
+            };
+            assert!(scan.canonical_update(&mut sink), "{text}");
+            let general = convert_price(
+                &RawUpdate {
+                    symbol: Cow::Borrowed("BTCUSDT"),
+                    price: Cow::Borrowed(text.as_bytes()),
+                    event_time_ms: 1,
+                },
+                0,
+            );
+            match general {
+                Ok((dec, float)) => {
+                    let got = sink.batch.updates[0];
+                    assert_eq!(
+                        (got.mark_price, got.mark_price_f64.to_bits()),
+                        (dec, float.to_bits()),
+                        "{text}"
+                    );
+                    assert_eq!(got.mark_price.scale(), dec.scale(), "{text}");
+                }
+                Err(err) => {
+                    assert!(sink.batch.is_empty(), "{text}");
+                    assert_eq!(
+                        sink.bad_price.map(|e| e.to_string()),
+                        Some(err.to_string()),
+                        "{text}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn escaped_symbols_are_unescaped_not_rejected() {
         let msg = r#"[{"E":1,"s":"BTCUSDT","p":"1.5"},{"E":2,"s":"\u6d4b\u8bd5USDT","p":"2.5"},{"e":"mark\u0050riceUpdate","E":3,"s":"ETHUSDT","p":"3"}]"#;
         let batch = parse_mark_message(msg.as_bytes()).unwrap();
@@ -1318,10 +1450,16 @@ mod property_tests {
             bytes: &CANONICAL.as_bytes()[1..],
             pos: 0,
         };
-        let update = scan
-            .canonical_update()
-            .map(|r| (r.symbol.into_owned(), r.event_time_ms));
-        assert_eq!(update, Some(("BTCUSDT".to_owned(), 1_562_305_380_000)));
+        let mut sink = Sink {
+            batch: MarkBatch::default(),
+            count: 0,
+            bad_price: None,
+        };
+        assert!(scan.canonical_update(&mut sink));
+        let update = &sink.batch.updates[0];
+        assert_eq!(update.symbol, "BTCUSDT");
+        assert_eq!(update.event_time_ms, 1_562_305_380_000);
+        assert_eq!(update.mark_price.to_string(), "11794.15000000");
         assert_eq!(scan.bytes[scan.pos], b',');
         assert_eq!(
             parse_with(CANONICAL.as_bytes(), true),
