@@ -432,13 +432,8 @@ impl<'a> Scanner<'a> {
                 out.push(fields.finish(self)?);
             }
             self.ws();
-            match self.peek() {
-                Some(b',') => self.pos += 1,
-                Some(b']') => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                _ => return self.fail("expected ',' or ']'"),
+            if self.comma_or_close(b']')? {
+                return Ok(());
             }
         }
     }
@@ -669,14 +664,26 @@ impl<'a> Scanner<'a> {
                 on_field(self, key.bytes())?;
             }
             self.ws();
-            match self.peek() {
-                Some(b',') => self.pos += 1,
-                Some(b'}') => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                _ => return self.fail("expected ',' or '}'"),
+            if self.comma_or_close(b'}')? {
+                return Ok(());
             }
+        }
+    }
+
+    /// After a member or element: a `,` (more follow, `false`) or the closing `close` of
+    /// the object or array (`true`); consumed either way.
+    #[inline]
+    fn comma_or_close(&mut self, close: u8) -> Result<bool, ScanError> {
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                Ok(false)
+            }
+            Some(c) if c == close => {
+                self.pos += 1;
+                Ok(true)
+            }
+            _ => self.fail(format!("expected ',' or '{}'", close as char)),
         }
     }
 
@@ -909,13 +916,8 @@ impl<'a> Scanner<'a> {
                     self.ws();
                     self.skip_value(depth + 1)?;
                     self.ws();
-                    match self.peek() {
-                        Some(b',') => self.pos += 1,
-                        Some(b']') => {
-                            self.pos += 1;
-                            return Ok(());
-                        }
-                        _ => return self.fail("expected ',' or ']'"),
+                    if self.comma_or_close(b']')? {
+                        return Ok(());
                     }
                 }
             }

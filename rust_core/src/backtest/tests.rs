@@ -4,40 +4,17 @@
 use super::prepare::Grid;
 use super::*;
 use crate::exit::policy::{LadderLevel, PolicyConfig};
-use crate::exit::test_support::{btc, d, exchange_rules};
+use crate::exit::test_support::{btc, d, example_config, exchange_rules};
 use crate::fixed::{decimal_from_f64, Rounding};
 
 const MINUTE: i64 = 60_000;
 const T0: i64 = 1_700_000_040_000;
 
-/// The worked example of exit-rules.md.
+/// The worked example of exit-rules.md, with ATR over bars of `atr_interval`.
 fn example_policy(atr_interval: &str) -> ExitPolicy {
     ExitPolicy::new(PolicyConfig {
-        stop_atr: Some(2.0),
-        min_stop_pct: 0.003,
-        max_stop_pct: 0.03,
-        max_margin_loss: Some(0.10),
-        ladder: vec![
-            LadderLevel {
-                at: 1.0,
-                fraction: 0.3,
-            },
-            LadderLevel {
-                at: 2.0,
-                fraction: 0.3,
-            },
-            LadderLevel {
-                at: 3.0,
-                fraction: 0.4,
-            },
-        ],
-        breakeven_after_level: Some(1),
-        ratchet_to_previous_level: true,
-        taker_fee: 0.0005,
-        trail_atr: Some(2.0),
-        trail_activate_r: Some(3.0),
         atr_interval: atr_interval.to_owned(),
-        ..PolicyConfig::default()
+        ..example_config()
     })
     .unwrap()
 }
@@ -117,6 +94,18 @@ fn one(input: SeriesInput<'_>, policy: &ExitPolicy, options: &BacktestOptions) -
     out.remove(0)
 }
 
+/// The worked example's policy over 1m `tail` bars after the warm-up, whose fills must be
+/// `expected` (reason, quantity, price).
+fn worked_example(
+    tail: &[(f64, f64, f64, f64)],
+    expected: &[(&'static str, &str, &str)],
+) -> JobOutput {
+    let job = one(series(MINUTE, tail), &example_policy("1m"), &options());
+    let expected: Vec<_> = expected.iter().map(|&(r, q, p)| row(r, q, p)).collect();
+    assert_eq!(fills(&job), expected);
+    job
+}
+
 fn row(reason: &'static str, qty: &str, price: &str) -> (&'static str, String, String) {
     (reason, qty.to_owned(), price.to_owned())
 }
@@ -125,21 +114,16 @@ fn row(reason: &'static str, qty: &str, price: &str) -> (&'static str, String, S
 fn worked_example_jump_to_take_profit_3() {
     // Bar 20 crosses level 1 (30120.0) on its way up; bar 21 opens at 30370.0, beyond
     // levels 2 and 3 at once: ONE take_profit_3 for the rest, filled at that open.
-    let input = series(
-        MINUTE,
+    let job = worked_example(
         &[
             (30000.0, 30130.0, 29990.0, 30130.0),
             (30370.0, 30380.0, 30360.0, 30370.0),
         ],
-    );
-    let job = one(input, &example_policy("1m"), &options());
-    assert_eq!(
-        fills(&job),
-        vec![
-            row("entry", "0.010", "30000.0"),
-            row("take_profit_1", "0.003", "30120.0"),
-            row("take_profit_3", "0.007", "30370.0")
-        ]
+        &[
+            ("entry", "0.010", "30000.0"),
+            ("take_profit_1", "0.003", "30120.0"),
+            ("take_profit_3", "0.007", "30370.0"),
+        ],
     );
     let trade = &job.trades[0];
     assert_eq!(trade.initial_stop, d("29880.0"));
@@ -158,23 +142,18 @@ fn worked_example_jump_to_take_profit_3() {
 fn worked_example_ratchet_stop() {
     // TP1 in bar 20 (stop -> breakeven 30030.0), TP2 at 30240.0 in bar 21 (stop -> level 1,
     // 30120.0), then bar 22 falls to 29990.0: ratchet_stop for 0.004 at the trigger 30120.0.
-    let input = series(
-        MINUTE,
+    let job = worked_example(
         &[
             (30000.0, 30130.0, 29990.0, 30130.0),
             (30130.0, 30250.0, 30130.0, 30250.0),
             (30250.0, 30250.0, 29990.0, 29990.0),
         ],
-    );
-    let job = one(input, &example_policy("1m"), &options());
-    assert_eq!(
-        fills(&job),
-        vec![
-            row("entry", "0.010", "30000.0"),
-            row("take_profit_1", "0.003", "30120.0"),
-            row("take_profit_2", "0.003", "30240.0"),
-            row("ratchet_stop", "0.004", "30120.0"),
-        ]
+        &[
+            ("entry", "0.010", "30000.0"),
+            ("take_profit_1", "0.003", "30120.0"),
+            ("take_profit_2", "0.003", "30240.0"),
+            ("ratchet_stop", "0.004", "30120.0"),
+        ],
     );
     let stops: Vec<f64> = job.stops.iter().map(|s| s.2).collect();
     assert_eq!(stops, vec![30030.0, 30120.0]);
@@ -313,20 +292,7 @@ fn atr_interval_finer_than_the_data_is_refused() {
 /// start, by R, by level, by percent; breakeven and ratchet; a time stop with and
 /// without its profit threshold.
 fn skipping_policies() -> Vec<ExitPolicy> {
-    let ladder = vec![
-        LadderLevel {
-            at: 1.0,
-            fraction: 0.3,
-        },
-        LadderLevel {
-            at: 2.0,
-            fraction: 0.3,
-        },
-        LadderLevel {
-            at: 3.5,
-            fraction: 0.2,
-        },
-    ];
+    let ladder = LadderLevel::ladder(&[(1.0, 0.3), (2.0, 0.3), (3.5, 0.2)]);
     let base = PolicyConfig {
         stop_atr: Some(2.0),
         min_stop_pct: 0.002,

@@ -910,35 +910,26 @@ pub(crate) mod test_support {
             .clone()
     }
 
-    /// The policy of the worked example in exit-rules.md.
-    pub fn example_policy() -> crate::exit::ExitPolicy {
-        crate::exit::ExitPolicy::new(crate::exit::policy::PolicyConfig {
+    /// The policy fields of the worked example in exit-rules.md.
+    pub fn example_config() -> crate::exit::policy::PolicyConfig {
+        crate::exit::policy::PolicyConfig {
             stop_atr: Some(2.0),
             min_stop_pct: 0.003,
             max_stop_pct: 0.03,
             max_margin_loss: Some(0.10),
-            ladder: vec![
-                crate::exit::policy::LadderLevel {
-                    at: 1.0,
-                    fraction: 0.3,
-                },
-                crate::exit::policy::LadderLevel {
-                    at: 2.0,
-                    fraction: 0.3,
-                },
-                crate::exit::policy::LadderLevel {
-                    at: 3.0,
-                    fraction: 0.4,
-                },
-            ],
+            ladder: crate::exit::policy::LadderLevel::ladder(&[(1.0, 0.3), (2.0, 0.3), (3.0, 0.4)]),
             breakeven_after_level: Some(1),
             ratchet_to_previous_level: true,
             taker_fee: 0.0005,
             trail_atr: Some(2.0),
             trail_activate_r: Some(3.0),
             ..crate::exit::policy::PolicyConfig::default()
-        })
-        .unwrap()
+        }
+    }
+
+    /// The policy of the worked example in exit-rules.md.
+    pub fn example_policy() -> crate::exit::ExitPolicy {
+        crate::exit::ExitPolicy::new(example_config()).unwrap()
     }
 
     /// Real BTCUSDT: tick 0.10, MARKET step 0.001, minQty 0.001, `MIN_NOTIONAL` 100.
@@ -1699,20 +1690,7 @@ mod quiet_mark_tests {
     use crate::rules::SymbolRules;
 
     fn policy(variant: u8) -> ExitPolicy {
-        let ladder = vec![
-            LadderLevel {
-                at: 0.5,
-                fraction: 0.3,
-            },
-            LadderLevel {
-                at: 1.0,
-                fraction: 0.3,
-            },
-            LadderLevel {
-                at: 2.0,
-                fraction: 0.4,
-            },
-        ];
+        let ladder = LadderLevel::ladder(&[(0.5, 0.3), (1.0, 0.3), (2.0, 0.4)]);
         let base = PolicyConfig {
             stop_atr: Some(2.0),
             min_stop_pct: 0.003,

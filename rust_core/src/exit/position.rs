@@ -1582,10 +1582,7 @@ pub(crate) mod tests {
             stop_atr: Some(2.0),
             trail_atr: Some(1.5),
             trail_activate_r: Some(0.5),
-            ladder: vec![LadderLevel {
-                at: 6.0,
-                fraction: 0.5,
-            }],
+            ladder: LadderLevel::ladder(&[(6.0, 0.5)]),
             ..PolicyConfig::default()
         })
         .unwrap();
@@ -1657,6 +1654,25 @@ pub(crate) mod tests {
                 trail_run(symbol, side, &marks, false)
             );
         }
+    }
+
+    /// `plan_stop` for BTCUSDT entered at 30000 under the worked example's policy.
+    fn btc_plan(
+        side: PositionSide,
+        leverage: u32,
+        atr: Option<f64>,
+        liquidation: Option<&str>,
+    ) -> StopPlan {
+        plan_stop(
+            side,
+            d("30000"),
+            leverage,
+            atr,
+            liquidation.map(d),
+            &btc(),
+            &example_policy(),
+        )
+        .unwrap()
     }
 
     fn params(side: PositionSide, quantity: &str, entry: &str) -> OpenParams {
@@ -1808,70 +1824,23 @@ pub(crate) mod tests {
 
     #[test]
     fn stop_distance_floor_cap_and_margin_cap() {
-        let policy = example_policy();
-        let rules = btc();
         // ATR 10 → d = 20 < floor 90.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            10,
-            Some(10.0),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 10, Some(10.0), None);
         assert_eq!(plan.stop_price, d("29910.0"));
         // ATR 1000 → d = 2000, capped by max_stop_pct 900 and the margin cap 300.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            10,
-            Some(1000.0),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 10, Some(1000.0), None);
         assert_eq!(plan.stop_price, d("29700.0"));
         // Without ATR: fallback 1 % = 300, under the cap 300 at 10x.
-        let plan = plan_stop(
-            PositionSide::Short,
-            d("30000"),
-            20,
-            None,
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Short, 20, None, None);
         assert_eq!(
             plan.stop_price,
             d("30150.0"),
             "margin cap 0.10 / 20 = 0.5 %"
         );
         // Stop rounds UP (tightening) for a LONG, DOWN for a SHORT.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            10,
-            Some(60.03),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 10, Some(60.03), None);
         assert_eq!(plan.stop_price, d("29880.0"));
-        let plan = plan_stop(
-            PositionSide::Short,
-            d("30000"),
-            10,
-            Some(60.03),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Short, 10, Some(60.03), None);
         assert_eq!(plan.stop_price, d("30120.0"));
     }
 
@@ -1880,16 +1849,7 @@ pub(crate) mod tests {
         let policy = example_policy();
         let rules = btc();
         // 0.10 / 50 = 0.2 % < min 0.3 %.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            50,
-            Some(60.0),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 50, Some(60.0), None);
         assert!(plan.over_leveraged);
         let mut p = PositionState::open(
             OpenParams {
@@ -1907,28 +1867,10 @@ pub(crate) mod tests {
             (ExitReason::OverLeverage, d("0.010"), true)
         );
         // Liquidation 29800 + 1 % buffer (300) = 30100 is above entry − min: over-leveraged.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            10,
-            Some(60.0),
-            Some(d("29800")),
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 10, Some(60.0), Some("29800"));
         assert!(plan.over_leveraged);
         // Liquidation 27000 + 300 = 27300: the stop 29880 is already inside.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            10,
-            Some(60.0),
-            Some(d("27000")),
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 10, Some(60.0), Some("27000"));
         assert_eq!(plan.stop_price, d("29880.0"));
         assert!(!plan.over_leveraged);
         // Liquidation 29500 + 300 = 29800 is tighter than nothing, looser than 29880: keep 29880.
@@ -2265,10 +2207,7 @@ pub(crate) mod tests {
     #[test]
     fn confidence_stretches_the_ladder() {
         let policy = ExitPolicy::new(PolicyConfig {
-            ladder: vec![LadderLevel {
-                at: 1.0,
-                fraction: 0.5,
-            }],
+            ladder: LadderLevel::ladder(&[(1.0, 0.5)]),
             stop_atr: Some(2.0),
             confidence_scale: 1.0,
             m_min: 0.5,
@@ -2294,28 +2233,10 @@ pub(crate) mod tests {
     fn short_over_leverage_and_liquidation_buffer() {
         let policy = example_policy();
         let rules = btc();
-        let plan = plan_stop(
-            PositionSide::Short,
-            d("30000"),
-            50,
-            Some(60.0),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Short, 50, Some(60.0), None);
         assert!(plan.over_leveraged);
         // Liquidation 30400 − 1 % buffer (300) = 30100 is tighter than the ATR stop 30120.
-        let plan = plan_stop(
-            PositionSide::Short,
-            d("30000"),
-            10,
-            Some(60.0),
-            Some(d("30400")),
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Short, 10, Some(60.0), Some("30400"));
         assert_eq!(
             (plan.stop_price, plan.stop_distance, plan.over_leveraged),
             (d("30100.0"), d("100.0"), false)
