@@ -53,7 +53,8 @@
 //! - `prepare`: bars onto the tick grid, segments, fine bars, band, ATR before each bar;
 //! - `path`: the mark path a bar stands for;
 //! - `quiet`: a position's triggers in ticks and the marks and bars that change nothing;
-//! - `replay`: one job's entries, marks, fills, fees, fills and trades booked;
+//! - `replay`: one job: entries, each bar's marks through the state machine, the fill
+//!   model, fees, and the fills and trades it books;
 //! - `exit_api`: the one place naming the position API of `crate::exit`.
 
 use std::borrow::Cow;

@@ -162,6 +162,33 @@ pub(super) struct QuietStep {
     pub(super) basis: Option<u64>,
 }
 
+impl QuietStep {
+    /// The step to `best` and `stop` (ticks); the decimal of `best` is built only when it
+    /// improved, that of `stop` is given when it moved. `None` when `best` is off the
+    /// decimal range (the mark is then fed).
+    fn new(
+        grid: Grid,
+        improved: bool,
+        best: i64,
+        stop: i64,
+        stop_price: Option<Decimal>,
+        basis: Option<u64>,
+    ) -> Option<Self> {
+        let best_price = if improved {
+            Some(grid.try_price(best)?)
+        } else {
+            None
+        };
+        Some(Self {
+            best,
+            stop,
+            best_price,
+            stop_price,
+            basis,
+        })
+    }
+}
+
 impl Triggers {
     pub(super) fn new(
         position: &PositionState,
@@ -288,18 +315,7 @@ impl Triggers {
         if self.expires_at.is_some_and(|at| last_ms >= at) && !self.time_stop_off {
             return None;
         }
-        let best_price = if improved {
-            Some(grid.try_price(best)?)
-        } else {
-            None
-        };
-        Some(QuietStep {
-            best,
-            stop,
-            best_price,
-            stop_price,
-            basis: considered,
-        })
+        QuietStep::new(grid, improved, best, stop, stop_price, considered)
     }
 
     /// The best-mark and trailing-stop part of `on_mark` at `tick` (ATR `basis`, candidate
@@ -337,18 +353,7 @@ impl Triggers {
                 stop_price = Some(price);
             }
         }
-        let best_price = if improved {
-            Some(grid.try_price(best)?)
-        } else {
-            None
-        };
-        Some(QuietStep {
-            best,
-            stop,
-            best_price,
-            stop_price,
-            basis: Some(basis),
-        })
+        QuietStep::new(grid, improved, best, stop, stop_price, Some(basis))
     }
 
     /// Applies a [`QuietStep`] to the position and to these triggers.
