@@ -876,7 +876,7 @@ impl ExitEngine {
                 continue;
             }
             if let Some(action) =
-                position.evaluate_in_band(mark, atr, Some(event_time_ms), rules, &self.policy)
+                position.evaluate_watched(mark, atr, Some(event_time_ms), rules, &self.policy)
             {
                 out.push(action);
             }

@@ -177,7 +177,8 @@ pub struct PositionState {
     #[serde(skip)]
     activation_checked: bool,
     /// What a mark must do to matter, in integer price units (see [`MarkWatch`]); rebuilt
-    /// by every full evaluation, dropped by every other change.
+    /// by the engine's full evaluation ([`PositionState::evaluate_watched`]), dropped by
+    /// every other change.
     #[serde(skip)]
     watch: WatchCache,
 }
@@ -882,6 +883,21 @@ impl PositionState {
     /// [`PositionState::evaluate`] for a mark the caller has already found inside the
     /// plausible band (the engine checks each update once, for every position of it).
     pub(crate) fn evaluate_in_band(
+        &mut self,
+        mark: Decimal,
+        atr: Option<f64>,
+        now: Option<i64>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Option<ExitAction> {
+        self.watch = WatchCache::default();
+        self.evaluate_rules(mark, atr, now, rules, policy)
+    }
+
+    /// [`PositionState::evaluate_in_band`] that also rebuilds the [`MarkWatch`] for
+    /// [`PositionState::quiet_mark`] (the engine; the backtest has its own quiet steps and
+    /// does not pay for it).
+    pub(crate) fn evaluate_watched(
         &mut self,
         mark: Decimal,
         atr: Option<f64>,
