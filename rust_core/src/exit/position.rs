@@ -235,6 +235,17 @@ struct MarkWatch {
 #[derive(Clone, Copy, Debug, Default)]
 struct WatchCache(Option<MarkWatch>);
 
+impl WatchCache {
+    /// Drops the watch; a read when there is none (the backtest never builds one and
+    /// calls this on every quiet step).
+    #[inline]
+    fn clear(&mut self) {
+        if self.0.is_some() {
+            self.0 = None;
+        }
+    }
+}
+
 impl PartialEq for WatchCache {
     fn eq(&self, _: &Self) -> bool {
         true
@@ -725,7 +736,7 @@ impl PositionState {
         trailing_stop: Option<Decimal>,
         trail_basis: Option<u64>,
     ) {
-        self.watch = WatchCache::default();
+        self.watch.clear();
         if let Some(best) = best {
             debug_assert!(strictly_tighter(self.side, best, self.best_price));
             self.best_price = best;
@@ -890,7 +901,7 @@ impl PositionState {
         rules: &SymbolRules,
         policy: &ExitPolicy,
     ) -> Option<ExitAction> {
-        self.watch = WatchCache::default();
+        self.watch.clear();
         self.evaluate_rules(mark, atr, now, rules, policy)
     }
 
@@ -1208,7 +1219,7 @@ impl PositionState {
         }
         let reason = action.reason;
         let complete = filled == action.quantity;
-        self.watch = WatchCache::default();
+        self.watch.clear();
         self.pending = None;
         let filled = filled.min(self.quantity);
         self.quantity -= filled;
@@ -1243,7 +1254,7 @@ impl PositionState {
     /// `CoreError::InvalidField` when `sequence` is not the pending action.
     pub fn reject(&mut self, sequence: u64) -> Result<(), CoreError> {
         self.pending_with(sequence)?;
-        self.watch = WatchCache::default();
+        self.watch.clear();
         self.pending = None;
         Ok(())
     }
@@ -1261,7 +1272,7 @@ impl PositionState {
         policy: &ExitPolicy,
     ) -> Result<Confirmed, CoreError> {
         bounds::check_quantity("quantity", quantity, true, rules)?;
-        self.watch = WatchCache::default();
+        self.watch.clear();
         if quantity > self.quantity {
             let original = self.original_quantity + (quantity - self.quantity);
             if original > bounds::MAX_QUANTITY {
@@ -1293,7 +1304,7 @@ impl PositionState {
         policy: &ExitPolicy,
     ) -> Result<(), CoreError> {
         check_liquidation(price, self.side, self.best_price, rules)?;
-        self.watch = WatchCache::default();
+        self.watch.clear();
         if price.is_zero() {
             self.liquidation_price = None;
             return Ok(());
