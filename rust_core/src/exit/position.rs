@@ -13,6 +13,13 @@
 //! - [`PositionState::confirm`]`(sequence, filled)` / [`PositionState::reject`]`(sequence)`.
 //! - [`PositionState::resize`], [`PositionState::set_liquidation_price`].
 //!
+//! Quiet marks (the engine): after a full evaluation that emitted nothing, the position's
+//! thresholds are kept as integers (10^-8 price units, `MarkWatch`); a mark strictly
+//! between the stop and the next level that activates no trailing, moves no trailing
+//! candidate (no new best while it is active, same ATR) and finds no time stop due changes
+//! only the best and last marks, and is applied without decimal arithmetic. The property
+//! `quiet_marks_match_the_full_path` (exit/mod.rs) checks it against the full evaluation.
+//!
 //! Per update, in this order (a SHORT mirrors every inequality and rounding):
 //! best mark; trailing activation and candidate; over-leverage close; stop
 //! (`mark <= stop`); ladder (every level crossed → ONE action named after the
