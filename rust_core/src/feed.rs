@@ -115,30 +115,64 @@ impl<'a> IntoIterator for MarkBatch<'a> {
 /// or `p`, an event type other than `markPriceUpdate`, a price that is not a plain
 /// positive decimal, a wrapper without `data`).
 pub fn parse_mark_message(data: &[u8]) -> Result<MarkBatch<'_>, CoreError> {
-    let mut raw = Vec::new();
-    parse_raw(data, &mut raw)?;
-    let mut batch = MarkBatch {
-        updates: Vec::with_capacity(raw.len()),
-        escaped: Vec::new(),
+    let mut sink = Sink {
+        // A markPriceUpdate takes at least ~100 bytes: one allocation for the usual message.
+        batch: MarkBatch {
+            updates: Vec::with_capacity(data.len() / 96 + 1),
+            escaped: Vec::new(),
+        },
+        count: 0,
+        bad_price: None,
     };
-    for (index, r) in raw.into_iter().enumerate() {
-        let (mark_price, mark_price_f64) = convert_price(&r, index)?;
-        match r.symbol {
-            Cow::Borrowed(symbol) => batch.updates.push(MarkUpdate {
-                symbol,
-                mark_price,
-                mark_price_f64,
-                event_time_ms: r.event_time_ms,
-            }),
-            Cow::Owned(symbol) => batch.escaped.push(OwnedMarkUpdate {
-                symbol,
-                mark_price,
-                mark_price_f64,
-                event_time_ms: r.event_time_ms,
-            }),
-        }
+    let mut scan = Scanner {
+        bytes: data,
+        pos: 0,
+    };
+    scan.message(&mut sink)
+        .map_err(|e| CoreError::message(e.describe(data)))?;
+    // A bad price is reported only for a message that is valid JSON of the right shape.
+    match sink.bad_price {
+        Some(err) => Err(err),
+        None => Ok(sink.batch),
     }
-    Ok(batch)
+}
+
+/// Where the reader puts each update, converted as soon as it is read (one pass, no
+/// intermediate list); the first bad price is kept and reported after the whole message
+/// has been checked, so a message with several faults names the same one as before.
+struct Sink<'a> {
+    batch: MarkBatch<'a>,
+    /// Updates read so far (the index a bad price is reported with).
+    count: usize,
+    bad_price: Option<CoreError>,
+}
+
+impl<'a> Sink<'a> {
+    #[inline]
+    fn push(&mut self, raw: RawUpdate<'a>) {
+        match convert_price(&raw, self.count) {
+            Ok((mark_price, mark_price_f64)) => match raw.symbol {
+                Cow::Borrowed(symbol) => self.batch.updates.push(MarkUpdate {
+                    symbol,
+                    mark_price,
+                    mark_price_f64,
+                    event_time_ms: raw.event_time_ms,
+                }),
+                Cow::Owned(symbol) => self.batch.escaped.push(OwnedMarkUpdate {
+                    symbol,
+                    mark_price,
+                    mark_price_f64,
+                    event_time_ms: raw.event_time_ms,
+                }),
+            },
+            Err(err) => {
+                if self.bad_price.is_none() {
+                    self.bad_price = Some(err);
+                }
+            }
+        }
+        self.count += 1;
+    }
 }
 
 /// Exact powers of ten representable in `f64` (10^0 ..= 10^22).
@@ -163,17 +197,40 @@ fn fast_price(bytes: &[u8]) -> Option<(Decimal, f64)> {
     for (i, &b) in bytes.iter().enumerate() {
         match b {
             b'0'..=b'9' => {
-                // Twenty digits can exceed a u64: such a price takes the general route
-                // (a wrapped mantissa would be a wrong price in a release build).
-                mantissa = mantissa.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+                // Nineteen digits always fit a u64; with twenty the mantissa may wrap, but
+                // such a price is refused below and takes the general route.
+                mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(b - b'0'));
                 digits += 1;
             }
             b'.' if scale.is_none() => scale = Some((bytes.len() - i - 1) as u32),
             _ => return None,
         }
     }
-    let scale = scale.unwrap_or(0);
-    if digits == 0 || digits > 19 || mantissa == 0 {
+    price_from_parts(bytes, mantissa, digits, scale.unwrap_or(0))
+}
+
+/// 10^0 ..= 10^19.
+const POW10_U64: [u64; 20] = {
+    let mut table = [1u64; 20];
+    let mut i = 1;
+    while i < 20 {
+        table[i] = table[i - 1] * 10;
+        i += 1;
+    }
+    table
+};
+
+/// The price of [`fast_price`] from its parts (`mantissa` of `digits` digits, `scale`
+/// decimals, written as `bytes`), or `None` for the general route; shared with the
+/// canonical reader so both read a price the same way.
+#[inline]
+fn price_from_parts(
+    bytes: &[u8],
+    mantissa: u64,
+    digits: u32,
+    scale: u32,
+) -> Option<(Decimal, f64)> {
+    if bytes.is_empty() || bytes.len() > 20 || digits == 0 || digits > 19 || mantissa == 0 {
         return None;
     }
     let decimal = Decimal::from_i128_with_scale(i128::from(mantissa), scale);
@@ -203,15 +260,6 @@ fn convert_price(raw: &RawUpdate<'_>, index: usize) -> Result<(Decimal, f64), Co
     // The grammar check above guarantees `parse` succeeds; it rounds correctly.
     let mark_price_f64 = text.parse::<f64>().map_err(|_| bad("is not a number"))?;
     Ok((mark_price, mark_price_f64))
-}
-
-fn parse_raw<'a>(data: &'a [u8], raw: &mut Vec<RawUpdate<'a>>) -> Result<(), CoreError> {
-    let mut scan = Scanner {
-        bytes: data,
-        pos: 0,
-    };
-    scan.message(raw)
-        .map_err(|e| CoreError::message(e.describe(data)))
 }
 
 #[derive(Debug, Clone)]
@@ -350,7 +398,7 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    fn message(&mut self, out: &mut Vec<RawUpdate<'a>>) -> Result<(), ScanError> {
+    fn message(&mut self, out: &mut Sink<'a>) -> Result<(), ScanError> {
         self.ws();
         match self.peek() {
             Some(b'[') => self.update_array(out)?,
@@ -365,7 +413,7 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    fn update_array(&mut self, out: &mut Vec<RawUpdate<'a>>) -> Result<(), ScanError> {
+    fn update_array(&mut self, out: &mut Sink<'a>) -> Result<(), ScanError> {
         self.expect(b'[')?;
         self.ws();
         if self.peek() == Some(b']') {
@@ -377,24 +425,163 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'{') {
                 return self.fail("invalid type: expected a markPriceUpdate object in the array");
             }
-            self.expect(b'{')?;
-            let mut fields = UpdateFields::default();
-            self.object_body(|scan, key| fields.accept(scan, key))?;
-            out.push(fields.finish(self)?);
+            if !self.canonical_update(out) {
+                self.expect(b'{')?;
+                let mut fields = UpdateFields::default();
+                self.object_body(|scan, key| fields.accept(scan, key))?;
+                out.push(fields.finish(self)?);
+            }
             self.ws();
-            match self.peek() {
-                Some(b',') => self.pos += 1,
-                Some(b']') => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                _ => return self.fail("expected ',' or ']'"),
+            if self.comma_or_close(b']')? {
+                return Ok(());
             }
         }
     }
 
+    /// The update at `{` when it is written exactly as Binance writes it, or `None`
+    /// (nothing consumed) so the general reader takes it from the same byte.
+    ///
+    /// Accepted: no whitespace; `"e":"markPriceUpdate"`, `"E"` (1 to 18 digits, no leading
+    /// zero), `"s"` (printable ASCII without escapes, not empty) and `"p"` (digits with at
+    /// most one point) first and in that order; then any number of one-letter keys other
+    /// than those four, each with a string of printable ASCII without escapes or a plain
+    /// number (`-?(0|[1-9]\d*)(\.\d+)?`, at most 300 characters). Every message this accepts is valid JSON that the general
+    /// reader parses to the same update, so this path changes speed, never results
+    /// (property `canonical_path_agrees_with_the_general_reader`); anything else —
+    /// escapes, whitespace, another order, a duplicate of the four keys, exponents —
+    /// falls back.
+    #[inline]
+    fn canonical_update(&mut self, out: &mut Sink<'a>) -> bool {
+        match self.canonical_fields() {
+            Some((raw, whole, fraction)) => {
+                // The digits before and after the point are known: the price of
+                // `fast_price` without a second pass over its text.
+                let digits = whole + fraction;
+                let parsed = if digits <= 19 {
+                    let fold = |text: &[u8]| {
+                        text.iter()
+                            .fold(0u64, |value, c| value * 10 + u64::from(c - b'0'))
+                    };
+                    let high = fold(&raw.price[..whole]);
+                    let low = fold(&raw.price[raw.price.len() - fraction..]);
+                    let mantissa = high * POW10_U64[fraction] + low;
+                    price_from_parts(&raw.price, mantissa, digits as u32, fraction as u32)
+                } else {
+                    None
+                };
+                match (parsed, raw.symbol) {
+                    (Some((mark_price, mark_price_f64)), Cow::Borrowed(symbol)) => {
+                        out.batch.updates.push(MarkUpdate {
+                            symbol,
+                            mark_price,
+                            mark_price_f64,
+                            event_time_ms: raw.event_time_ms,
+                        });
+                        out.count += 1;
+                    }
+                    (_, symbol) => out.push(RawUpdate { symbol, ..raw }),
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The fields of [`Scanner::canonical_update`] and the digit counts of the price
+    /// before and after its point.
+    #[inline]
+    fn canonical_fields(&mut self) -> Option<(RawUpdate<'a>, usize, usize)> {
+        const HEAD: &[u8] = b"{\"e\":\"markPriceUpdate\",\"E\":";
+        #[cfg(test)]
+        if tests::NO_CANONICAL_PATH.with(std::cell::Cell::get) {
+            return None;
+        }
+        let b = self.bytes;
+        let mut i = self.pos;
+        if b.get(i..i + HEAD.len())? != HEAD {
+            return None;
+        }
+        i += HEAD.len();
+        let time_start = i;
+        let digits = digit_run(b, i);
+        if digits == 0 || digits > 18 || (digits > 1 && b[time_start] == b'0') {
+            return None;
+        }
+        // At most 18 digits: no overflow.
+        let event_time_ms = b[time_start..time_start + digits]
+            .iter()
+            .fold(0i64, |value, c| value * 10 + i64::from(c - b'0'));
+        i += digits;
+        if b.get(i..i + 6)? != b",\"s\":\"" {
+            return None;
+        }
+        i += 6;
+        let symbol_start = i;
+        i = find_stop(b, i);
+        if i == symbol_start || b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let symbol = std::str::from_utf8(&b[symbol_start..i]).ok()?;
+        i += 1;
+        if b.get(i..i + 6)? != b",\"p\":\"" {
+            return None;
+        }
+        i += 6;
+        let price_start = i;
+        let whole = digit_run(b, i);
+        i += whole;
+        let mut fraction = 0;
+        if b.get(i) == Some(&b'.') {
+            fraction = digit_run(b, i + 1);
+            i += 1 + fraction;
+        }
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let price = &b[price_start..i];
+        i += 1;
+        loop {
+            match *b.get(i)? {
+                b'}' => break,
+                b',' => {}
+                _ => return None,
+            }
+            let key = *b.get(i + 2)?;
+            if b.get(i + 1) != Some(&b'"')
+                || b.get(i + 3) != Some(&b'"')
+                || b.get(i + 4) != Some(&b':')
+                || !key.is_ascii_alphabetic()
+                || matches!(key, b'e' | b'E' | b's' | b'p')
+            {
+                return None;
+            }
+            i += 5;
+            i = if *b.get(i)? == b'"' {
+                // Printable ASCII without escapes up to the quote: a string the general
+                // reader skips as it is.
+                let end = find_stop(b, i + 1);
+                if b.get(end) != Some(&b'"') {
+                    return None;
+                }
+                end + 1
+            } else {
+                plain_number_end(b, i)?
+            };
+        }
+        self.pos = i + 1;
+        Some((
+            RawUpdate {
+                symbol: Cow::Borrowed(symbol),
+                price: Cow::Borrowed(price),
+                event_time_ms,
+            },
+            whole,
+            fraction,
+        ))
+    }
+
     /// The top-level object: a single update, or a `{"stream", "data"}` wrapper.
-    fn top_object(&mut self, out: &mut Vec<RawUpdate<'a>>) -> Result<(), ScanError> {
+    fn top_object(&mut self, out: &mut Sink<'a>) -> Result<(), ScanError> {
         self.expect(b'{')?;
         let start = self.pos;
         let mut fields = UpdateFields::default();
@@ -477,14 +664,26 @@ impl<'a> Scanner<'a> {
                 on_field(self, key.bytes())?;
             }
             self.ws();
-            match self.peek() {
-                Some(b',') => self.pos += 1,
-                Some(b'}') => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                _ => return self.fail("expected ',' or '}'"),
+            if self.comma_or_close(b'}')? {
+                return Ok(());
             }
+        }
+    }
+
+    /// After a member or element: a `,` (more follow, `false`) or the closing `close` of
+    /// the object or array (`true`); consumed either way.
+    #[inline]
+    fn comma_or_close(&mut self, close: u8) -> Result<bool, ScanError> {
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                Ok(false)
+            }
+            Some(c) if c == close => {
+                self.pos += 1;
+                Ok(true)
+            }
+            _ => self.fail(format!("expected ',' or '{}'", close as char)),
         }
     }
 
@@ -717,13 +916,8 @@ impl<'a> Scanner<'a> {
                     self.ws();
                     self.skip_value(depth + 1)?;
                     self.ws();
-                    match self.peek() {
-                        Some(b',') => self.pos += 1,
-                        Some(b']') => {
-                            self.pos += 1;
-                            return Ok(());
-                        }
-                        _ => return self.fail("expected ',' or ']'"),
+                    if self.comma_or_close(b']')? {
+                        return Ok(());
                     }
                 }
             }
@@ -734,6 +928,58 @@ impl<'a> Scanner<'a> {
             Some(_) | None => self.fail("expected a JSON value"),
         }
     }
+}
+
+/// Number of ASCII digits at `b[from..]`, eight bytes a step: a byte is flagged when it is
+/// below `0`, above `9` or not ASCII; a borrow or carry only ever starts at a flagged byte
+/// and moves upward, so the lowest flag is exact (as in [`find_stop`]).
+#[inline]
+fn digit_run(b: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let mut word_bytes = [0u8; 8];
+        word_bytes.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word_bytes);
+        let below = word.wrapping_sub(ONES * u64::from(b'0'));
+        let above = word.wrapping_add(ONES * (0x80 - u64::from(b'9') - 1));
+        let mask = (below | above | word) & HIGHS;
+        if mask != 0 {
+            return i + (mask.trailing_zeros() / 8) as usize - from;
+        }
+        i += 8;
+    }
+    while b.get(i).is_some_and(u8::is_ascii_digit) {
+        i += 1;
+    }
+    i - from
+}
+
+/// End of a plain JSON number `-?(0|[1-9][0-9]*)(\.[0-9]+)?` of at most 300 characters
+/// starting at `start` (always inside the `f64` range), or `None` for anything else.
+#[inline]
+fn plain_number_end(b: &[u8], start: usize) -> Option<usize> {
+    let mut i = start;
+    if b.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    match *b.get(i)? {
+        b'0' => i += 1,
+        b'1'..=b'9' => i += digit_run(b, i),
+        _ => return None,
+    }
+    if b.get(i) == Some(&b'.') {
+        let fraction = digit_run(b, i + 1);
+        if fraction == 0 {
+            return None;
+        }
+        i += 1 + fraction;
+    }
+    if i - start > 300 || matches!(b.get(i), Some(b'0'..=b'9' | b'e' | b'E' | b'.')) {
+        return None;
+    }
+    Some(i)
 }
 
 #[derive(Default)]
@@ -826,6 +1072,11 @@ impl<'a> UpdateFields<'a> {
 #[allow(clippy::float_cmp)] // exact equality is what these tests check
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Set by tests to compare the canonical fast path with the general reader.
+        pub(super) static NO_CANONICAL_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     #[test]
     fn a_twenty_digit_price_is_exact_not_wrapped() {
@@ -939,6 +1190,107 @@ mod tests {
                 .find(|&i| STRING_STOP[usize::from(text[i])])
                 .unwrap_or(len);
             assert_eq!(find_stop(&text, from), expected, "{text:?} from {from}");
+        }
+    }
+
+    #[test]
+    fn digit_run_matches_a_byte_loop_everywhere() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..20_000 {
+            let len = (state % 40) as usize;
+            let mut text = Vec::with_capacity(len);
+            for _ in 0..len {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Mostly digits, sometimes any byte (the neighbours of '0' and '9' too).
+                let b = if state % 5 == 0 {
+                    (state >> 8) as u8
+                } else {
+                    b'0' + (state % 10) as u8
+                };
+                text.push(b);
+            }
+            let from = if len == 0 {
+                0
+            } else {
+                (state as usize >> 3) % len
+            };
+            let expected = text[from..]
+                .iter()
+                .take_while(|c| c.is_ascii_digit())
+                .count();
+            assert_eq!(digit_run(&text, from), expected, "{text:?} from {from}");
+        }
+        for edge in [b'/', b':', 0x7f, 0x80, 0xb9, 0xba, 0xff] {
+            let mut text = b"12345678901234".to_vec();
+            text.insert(9, edge);
+            assert_eq!(digit_run(&text, 0), 9, "{edge:#x}");
+        }
+    }
+
+    #[test]
+    fn the_canonical_reader_reads_prices_like_fast_price() {
+        for text in [
+            "11794.15000000",
+            "0.00000001",
+            "1",
+            "1.",
+            ".5",
+            "0.1",
+            "123456789.12345678",
+            "9999999999999999999",
+            "0.30000000000000004",
+            "4503599627370497.5",
+            "0",
+            "0.000",
+            "12345678901234567890",
+            "1234567890123456.7",
+            "00000000000000000001",
+            "7.123",
+            ".",
+            "",
+        ] {
+            let msg = format!(
+                r#"{{"e":"markPriceUpdate","E":1562305380000,"s":"BTCUSDT","p":"{text}","T":1}}"#
+            );
+            let mut scan = Scanner {
+                bytes: msg.as_bytes(),
+                pos: 0,
+            };
+            let mut sink = Sink {
+                batch: MarkBatch::default(),
+                count: 0,
+                bad_price: None,
+            };
+            assert!(scan.canonical_update(&mut sink), "{text}");
+            let general = convert_price(
+                &RawUpdate {
+                    symbol: Cow::Borrowed("BTCUSDT"),
+                    price: Cow::Borrowed(text.as_bytes()),
+                    event_time_ms: 1,
+                },
+                0,
+            );
+            match general {
+                Ok((dec, float)) => {
+                    let got = sink.batch.updates[0];
+                    assert_eq!(
+                        (got.mark_price, got.mark_price_f64.to_bits()),
+                        (dec, float.to_bits()),
+                        "{text}"
+                    );
+                    assert_eq!(got.mark_price.scale(), dec.scale(), "{text}");
+                }
+                Err(err) => {
+                    assert!(sink.batch.is_empty(), "{text}");
+                    assert_eq!(
+                        sink.bad_price.map(|e| e.to_string()),
+                        Some(err.to_string()),
+                        "{text}"
+                    );
+                }
+            }
         }
     }
 
@@ -1083,8 +1435,52 @@ mod property_tests {
         out
     }
 
+    /// Two updates as Binance writes them (the canonical fast path's shape).
+    const CANONICAL: &str = r#"[{"e":"markPriceUpdate","E":1562305380000,"s":"BTCUSDT","p":"11794.15000000","i":"11784.62659091","P":"11784.25641265","r":"-0.00038167","T":1562306400000},{"e":"markPriceUpdate","E":1562305380001,"s":"ETHUSDT","p":"3000.1","i":"3.0","P":"0","r":"0.0001","T":0}]"#;
+
+    /// The parse with the canonical fast path switched off or on.
+    fn parse_with(data: &[u8], canonical: bool) -> Result<MarkBatch<'_>, String> {
+        super::tests::NO_CANONICAL_PATH.with(|off| off.set(!canonical));
+        let result = parse_mark_message(data).map_err(|e| e.to_string());
+        super::tests::NO_CANONICAL_PATH.with(|off| off.set(false));
+        result
+    }
+
+    #[test]
+    fn the_canonical_sample_takes_the_fast_path() {
+        let mut scan = Scanner {
+            bytes: &CANONICAL.as_bytes()[1..],
+            pos: 0,
+        };
+        let mut sink = Sink {
+            batch: MarkBatch::default(),
+            count: 0,
+            bad_price: None,
+        };
+        assert!(scan.canonical_update(&mut sink));
+        let update = &sink.batch.updates[0];
+        assert_eq!(update.symbol, "BTCUSDT");
+        assert_eq!(update.event_time_ms, 1_562_305_380_000);
+        assert_eq!(update.mark_price.to_string(), "11794.15000000");
+        assert_eq!(scan.bytes[scan.pos], b',');
+        assert_eq!(
+            parse_with(CANONICAL.as_bytes(), true),
+            parse_with(CANONICAL.as_bytes(), false)
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// The canonical fast path gives exactly what the general reader gives: the same
+        /// updates or the same error, on Binance's layout and on mutations of it.
+        #[test]
+        fn canonical_path_agrees_with_the_general_reader(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..4)
+        ) {
+            let data = mutate(CANONICAL.as_bytes(), &edits);
+            prop_assert_eq!(parse_with(&data, true), parse_with(&data, false));
+        }
 
         /// Never accepts a message serde_json rejects; when both accept, the same fields.
         #[test]

@@ -514,8 +514,15 @@ fn round_on_grid_fast(
     let scale = value.scale().max(grid_scale);
     let offset = mantissa_at(value, scale)? - mantissa_at(base, scale)?;
     let step_wide = mantissa_at(step, scale)?;
-    let floor = offset.div_euclid(step_wide);
-    let remainder = offset.rem_euclid(step_wide);
+    // The usual price or quantity fits 64 bits, where a division is several times
+    // cheaper than the 128-bit one (same quotient and remainder).
+    let (floor, remainder) = match (i64::try_from(offset), i64::try_from(step_wide)) {
+        (Ok(offset), Ok(step)) if step > 0 => (
+            i128::from(offset.div_euclid(step)),
+            i128::from(offset.rem_euclid(step)),
+        ),
+        _ => (offset.div_euclid(step_wide), offset.rem_euclid(step_wide)),
+    };
     let k = match rounding {
         Rounding::Down => floor,
         Rounding::Up => floor + i128::from(remainder != 0),

@@ -64,20 +64,7 @@ fn policy(max_hold: bool, trail_pct: bool) -> ExitPolicy {
         min_stop_pct: 0.003,
         max_stop_pct: 0.03,
         max_margin_loss: Some(0.10),
-        ladder: vec![
-            LadderLevel {
-                at: 1.0,
-                fraction: 0.3,
-            },
-            LadderLevel {
-                at: 2.0,
-                fraction: 0.3,
-            },
-            LadderLevel {
-                at: 3.0,
-                fraction: 0.4,
-            },
-        ],
+        ladder: LadderLevel::ladder(&[(1.0, 0.3), (2.0, 0.3), (3.0, 0.4)]),
         breakeven_after_level: Some(1),
         ratchet_to_previous_level: true,
         taker_fee: 0.0005,

@@ -868,9 +868,15 @@ impl ExitEngine {
             return;
         };
         let atr = atr.value();
+        // Integer units of the mark for the quiet-mark check (`None`: more than eight
+        // decimals, every position takes the full evaluation).
+        let units = position::price_units(mark);
         for position in [long.as_mut(), short.as_mut()].into_iter().flatten() {
+            if units.is_some_and(|u| position.quiet_mark(u, mark, atr, event_time_ms)) {
+                continue;
+            }
             if let Some(action) =
-                position.evaluate_in_band(mark, atr, Some(event_time_ms), rules, &self.policy)
+                position.evaluate_watched(mark, atr, Some(event_time_ms), rules, &self.policy)
             {
                 out.push(action);
             }
@@ -904,35 +910,26 @@ pub(crate) mod test_support {
             .clone()
     }
 
-    /// The policy of the worked example in exit-rules.md.
-    pub fn example_policy() -> crate::exit::ExitPolicy {
-        crate::exit::ExitPolicy::new(crate::exit::policy::PolicyConfig {
+    /// The policy fields of the worked example in exit-rules.md.
+    pub fn example_config() -> crate::exit::policy::PolicyConfig {
+        crate::exit::policy::PolicyConfig {
             stop_atr: Some(2.0),
             min_stop_pct: 0.003,
             max_stop_pct: 0.03,
             max_margin_loss: Some(0.10),
-            ladder: vec![
-                crate::exit::policy::LadderLevel {
-                    at: 1.0,
-                    fraction: 0.3,
-                },
-                crate::exit::policy::LadderLevel {
-                    at: 2.0,
-                    fraction: 0.3,
-                },
-                crate::exit::policy::LadderLevel {
-                    at: 3.0,
-                    fraction: 0.4,
-                },
-            ],
+            ladder: crate::exit::policy::LadderLevel::ladder(&[(1.0, 0.3), (2.0, 0.3), (3.0, 0.4)]),
             breakeven_after_level: Some(1),
             ratchet_to_previous_level: true,
             taker_fee: 0.0005,
             trail_atr: Some(2.0),
             trail_activate_r: Some(3.0),
             ..crate::exit::policy::PolicyConfig::default()
-        })
-        .unwrap()
+        }
+    }
+
+    /// The policy of the worked example in exit-rules.md.
+    pub fn example_policy() -> crate::exit::ExitPolicy {
+        crate::exit::ExitPolicy::new(example_config()).unwrap()
     }
 
     /// Real BTCUSDT: tick 0.10, MARKET step 0.001, minQty 0.001, `MIN_NOTIONAL` 100.
@@ -1676,5 +1673,198 @@ mod tests {
             pending.first()
         );
         assert!(!restored.confirm("p1", pending[0].sequence, None).unwrap());
+    }
+}
+
+/// The quiet-mark check ([`position::PositionState::quiet_mark`]) against the full
+/// evaluation: the same actions in the same order, the same states and the same snapshot,
+/// over every real symbol's filters, both sides, random walks with confirms and rejects.
+#[cfg(test)]
+mod quiet_mark_tests {
+    use proptest::prelude::*;
+
+    use super::test_support::exchange_rules;
+    use super::*;
+    use crate::exit::policy::{LadderLevel, PolicyConfig};
+    use crate::fixed::Rounding;
+    use crate::rules::SymbolRules;
+
+    fn policy(variant: u8) -> ExitPolicy {
+        let ladder = LadderLevel::ladder(&[(0.5, 0.3), (1.0, 0.3), (2.0, 0.4)]);
+        let base = PolicyConfig {
+            stop_atr: Some(2.0),
+            min_stop_pct: 0.003,
+            max_stop_pct: 0.05,
+            max_margin_loss: Some(0.3),
+            ladder,
+            breakeven_after_level: Some(1),
+            ratchet_to_previous_level: true,
+            ..PolicyConfig::default()
+        };
+        let config = match variant % 4 {
+            0 => PolicyConfig {
+                trail_atr: Some(2.0),
+                trail_activate_r: Some(0.7),
+                max_hold_ms: Some(600_000),
+                time_stop_unless_r: Some(0.3),
+                ..base
+            },
+            1 => PolicyConfig {
+                trail_pct: Some(0.004),
+                trail_activate_pct: Some(0.002),
+                ..base
+            },
+            2 => PolicyConfig {
+                trail_atr: Some(1.0),
+                trail_after_level: Some(1),
+                max_hold_ms: Some(300_000),
+                ..base
+            },
+            _ => base,
+        };
+        ExitPolicy::new(config).unwrap()
+    }
+
+    /// Symbols whose filters allow a position (a price tick and a MARKET step).
+    fn tradable() -> Vec<SymbolRules> {
+        exchange_rules()
+            .iter()
+            .filter(|r| r.tick_size() > Decimal::ZERO && r.qty_step(true) > Decimal::ZERO)
+            .cloned()
+            .collect()
+    }
+
+    struct Run {
+        actions: Vec<Vec<ExitAction>>,
+        states: Vec<PositionState>,
+        snapshot: Vec<u8>,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+        entry: Decimal,
+        quantity: Decimal,
+        walk: &[(i32, u32, u8, u8)],
+        quiet: bool,
+    ) -> Run {
+        position::tests::NO_QUIET_MARKS.with(|off| off.set(!quiet));
+        let symbol = rules.symbol.clone();
+        let mut engine = ExitEngine::new(exchange_rules(), policy.clone()).unwrap();
+        let p = crate::fixed::decimal_to_f64(entry);
+        engine
+            .warm_up(&symbol, &[p * 1.002; 20], &[p * 0.998; 20], &[p; 20], None)
+            .unwrap();
+        for side in [PositionSide::Long, PositionSide::Short] {
+            engine
+                .open_position(OpenParams {
+                    position_id: format!("{symbol}-{}", side.as_str()),
+                    symbol: symbol.clone(),
+                    side,
+                    quantity,
+                    entry_price: entry,
+                    leverage: 5,
+                    confidence: None,
+                    opened_at_ms: Some(1_700_000_000_000),
+                    liquidation_price: None,
+                })
+                .unwrap();
+        }
+        let mut mark = entry;
+        let mut time = 1_700_000_000_000_i64;
+        let mut actions = Vec::new();
+        for &(move_bp, dt_ms, decimals, answer) in walk {
+            time += i64::from(dt_ms);
+            let moved = mark * (Decimal::ONE + Decimal::new(i64::from(move_bp), 4));
+            mark = moved
+                .round_dp(u32::from(decimals % 9))
+                .max(rules.tick_size());
+            let message = format!(
+                r#"[{{"e":"markPriceUpdate","E":{time},"s":"{symbol}","p":"{mark}","i":"1","P":"1","r":"0","T":0}}]"#
+            );
+            let step = engine.on_mark_message(message.as_bytes()).unwrap();
+            for action in &step {
+                let id = &action.position_id;
+                match answer % 4 {
+                    0 => {
+                        engine.reject(id, action.sequence).unwrap();
+                    }
+                    1 => {
+                        let half = rules.quantize_qty(action.quantity / Decimal::TWO, true);
+                        engine.confirm(id, action.sequence, Some(half)).unwrap();
+                    }
+                    _ => {
+                        engine.confirm(id, action.sequence, None).unwrap();
+                    }
+                }
+            }
+            actions.push(step);
+        }
+        let states = engine.positions().into_iter().cloned().collect();
+        let snapshot = engine.snapshot();
+        position::tests::NO_QUIET_MARKS.with(|off| off.set(false));
+        Run {
+            actions,
+            states,
+            snapshot,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn quiet_marks_match_the_full_path(
+            symbol in any::<proptest::sample::Index>(),
+            variant in 0u8..4,
+            price_factor in 20u32..20_000,
+            walk in proptest::collection::vec(
+                (-16i32..=16, 0u32..40_000, 2u8..=8, any::<u8>()),
+                1..160,
+            ),
+        ) {
+            let all = tradable();
+            let rules = &all[symbol.index(all.len())];
+            let floor = rules.tick_size().max(rules.price_filter.min_price);
+            let mut entry = floor * Decimal::from(price_factor);
+            let ceiling = rules.price_filter.max_price / Decimal::TWO;
+            if ceiling > Decimal::ZERO && entry > ceiling {
+                entry = ceiling;
+            }
+            let entry = rules.quantize_price(entry, Rounding::Down);
+            let notional = rules.min_notional().max(Decimal::from(5));
+            let quantity = rules
+                .quantize_qty(notional * Decimal::from(20) / entry, true)
+                .max(rules.min_qty(true))
+                + rules.qty_step(true) * Decimal::from(7);
+            let policy = policy(variant);
+            let fast = run(rules, &policy, entry, quantity, &walk, true);
+            let full = run(rules, &policy, entry, quantity, &walk, false);
+            prop_assert_eq!(&fast.actions, &full.actions, "symbol {}", rules.symbol);
+            prop_assert_eq!(&fast.states, &full.states, "symbol {}", rules.symbol);
+            prop_assert_eq!(&fast.snapshot, &full.snapshot);
+        }
+    }
+
+    #[test]
+    fn a_quiet_mark_takes_the_integer_path_and_a_trigger_does_not() {
+        let rules = exchange_rules().symbol("BTCUSDT").unwrap().clone();
+        let walk = [(1, 1_000, 8, 2), (-1, 1_000, 8, 2), (-2_000, 1_000, 8, 2)];
+        position::tests::QUIET_HITS.with(|c| c.set(0));
+        let fast = run(
+            &rules,
+            &policy(3),
+            Decimal::from(30_000),
+            Decimal::new(10, 3),
+            &walk,
+            true,
+        );
+        // Two positions: the first mark is evaluated in full (it builds the watch), the
+        // second is quiet for both, the third (-20 %) stops the LONG out and takes the
+        // SHORT's whole ladder.
+        assert_eq!(position::tests::QUIET_HITS.with(std::cell::Cell::get), 2);
+        let reasons: Vec<ExitReason> = fast.actions[2].iter().map(|a| a.reason).collect();
+        assert_eq!(reasons, [ExitReason::StopLoss, ExitReason::TakeProfit(3)]);
     }
 }

@@ -68,6 +68,16 @@ pub struct LadderLevel {
     pub fraction: f64,
 }
 
+impl LadderLevel {
+    /// A ladder from `(at, fraction)` pairs, in order.
+    pub fn ladder(levels: &[(f64, f64)]) -> Vec<Self> {
+        levels
+            .iter()
+            .map(|&(at, fraction)| Self { at, fraction })
+            .collect()
+    }
+}
+
 /// The plain, serializable fields of a policy. Build an [`ExitPolicy`] from it
 /// with [`ExitPolicy::new`], which validates every field.
 ///
@@ -536,20 +546,7 @@ impl ExitPolicy {
                 max_margin_loss: Some(0.10),
                 liq_buffer_pct: 0.01,
                 min_allowed_stop_pct: None,
-                ladder: vec![
-                    LadderLevel {
-                        at: 0.015,
-                        fraction: 0.3,
-                    },
-                    LadderLevel {
-                        at: 0.025,
-                        fraction: 0.3,
-                    },
-                    LadderLevel {
-                        at: 0.04,
-                        fraction: 0.2,
-                    },
-                ],
+                ladder: LadderLevel::ladder(&[(0.015, 0.3), (0.025, 0.3), (0.04, 0.2)]),
                 ladder_unit: LadderUnit::Pct,
                 breakeven_after_level: Some(1),
                 taker_fee: 0.0005,
@@ -564,10 +561,7 @@ impl ExitPolicy {
                 max_stop_pct: 0.05,
                 max_margin_loss: None,
                 liq_buffer_pct: 0.01,
-                ladder: vec![LadderLevel {
-                    at: 1.0,
-                    fraction: 0.3,
-                }],
+                ladder: LadderLevel::ladder(&[(1.0, 0.3)]),
                 ladder_unit: LadderUnit::R,
                 breakeven_after_level: Some(1),
                 taker_fee: 0.0005,
@@ -636,20 +630,7 @@ mod tests {
     #[test]
     fn fractions_sum_exactly() {
         let config = PolicyConfig {
-            ladder: vec![
-                LadderLevel {
-                    at: 1.0,
-                    fraction: 0.3,
-                },
-                LadderLevel {
-                    at: 2.0,
-                    fraction: 0.3,
-                },
-                LadderLevel {
-                    at: 3.0,
-                    fraction: 0.4,
-                },
-            ],
+            ladder: LadderLevel::ladder(&[(1.0, 0.3), (2.0, 0.3), (3.0, 0.4)]),
             ..PolicyConfig::default()
         };
         let policy = ExitPolicy::new(config).unwrap();
@@ -683,16 +664,7 @@ mod tests {
             }),
             "max_stop_pct"
         );
-        let over = vec![
-            LadderLevel {
-                at: 1.0,
-                fraction: 0.6,
-            },
-            LadderLevel {
-                at: 2.0,
-                fraction: 0.5,
-            },
-        ];
+        let over = LadderLevel::ladder(&[(1.0, 0.6), (2.0, 0.5)]);
         assert_eq!(
             bad(PolicyConfig {
                 ladder: over,
@@ -700,16 +672,7 @@ mod tests {
             }),
             "ladder[1].fraction"
         );
-        let down = vec![
-            LadderLevel {
-                at: 2.0,
-                fraction: 0.5,
-            },
-            LadderLevel {
-                at: 1.0,
-                fraction: 0.5,
-            },
-        ];
+        let down = LadderLevel::ladder(&[(2.0, 0.5), (1.0, 0.5)]);
         assert_eq!(
             bad(PolicyConfig {
                 ladder: down,

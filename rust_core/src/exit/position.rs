@@ -13,6 +13,13 @@
 //! - [`PositionState::confirm`]`(sequence, filled)` / [`PositionState::reject`]`(sequence)`.
 //! - [`PositionState::resize`], [`PositionState::set_liquidation_price`].
 //!
+//! Quiet marks (the engine): after a full evaluation that emitted nothing, the position's
+//! thresholds are kept as integers (10^-8 price units, `MarkWatch`); a mark strictly
+//! between the stop and the next level that activates no trailing, moves no trailing
+//! candidate (no new best while it is active, same ATR) and finds no time stop due changes
+//! only the best and last marks, and is applied without decimal arithmetic. The property
+//! `quiet_marks_match_the_full_path` (exit/mod.rs) checks it against the full evaluation.
+//!
 //! Per update, in this order (a SHORT mirrors every inequality and rounding):
 //! best mark; trailing activation and candidate; over-leverage close; stop
 //! (`mark <= stop`); ladder (every level crossed → ONE action named after the
@@ -176,6 +183,80 @@ pub struct PositionState {
     /// new best can change it afterwards. Rebuilt on demand.
     #[serde(skip)]
     activation_checked: bool,
+    /// What a mark must do to matter, in integer price units (see [`MarkWatch`]); rebuilt
+    /// by the engine's full evaluation ([`PositionState::evaluate_watched`]), dropped by
+    /// every other change.
+    #[serde(skip)]
+    watch: WatchCache,
+}
+
+/// Price units of the quiet-mark watch: 10^-8, the precision of the mark-price stream.
+const WATCH_SCALE: u32 = 8;
+
+/// `price` as an integer count of 10^-8, when it has at most eight decimals (after
+/// dropping trailing zeros) and fits an `i64`; `None` sends the caller to the decimal path.
+pub(crate) fn price_units(price: Decimal) -> Option<i64> {
+    let price = if price.scale() > WATCH_SCALE {
+        price.normalize()
+    } else {
+        price
+    };
+    let scale = price.scale();
+    if scale > WATCH_SCALE {
+        return None;
+    }
+    let units = price
+        .mantissa()
+        .checked_mul(10i128.pow(WATCH_SCALE - scale))?;
+    i64::try_from(units).ok()
+}
+
+/// The thresholds of one position after a full evaluation that emitted nothing, as integer
+/// price units signed by side (`x = +units` for a LONG, `-units` for a SHORT, so a larger
+/// `x` is always more profit). A mark `x` with `stop < x < next_level` that sets no new
+/// best (or a new best that cannot activate trailing and where trailing is not active),
+/// with the ATR of the last trailing candidate unchanged and no time stop due, changes
+/// only the last and best marks: [`PositionState::quiet_mark`] applies it without any
+/// decimal arithmetic. Everything else takes [`PositionState::evaluate`].
+#[derive(Clone, Copy, Debug)]
+struct MarkWatch {
+    /// Signed stop: `x <= stop` fires it.
+    stop: i64,
+    /// Signed price of the next ladder level (`i64::MAX`: none left).
+    next_level: i64,
+    /// Signed best mark.
+    best: i64,
+    /// Signed best at which trailing activates by price (`i64::MAX`: it cannot).
+    activate: i64,
+    /// Trailing is active: a new best or another ATR moves its candidate.
+    trailing_active: bool,
+    /// ATR bits of the last trailing candidate (when active).
+    trail_basis: u64,
+    /// Event time from which the time stop is due (`i64::MAX`: never).
+    time_stop_at: i64,
+    /// The time stop fires only while the signed best is below this (`i64::MAX`: always).
+    time_below: i64,
+}
+
+/// A cache, not state: equal whatever it holds, so states compare by their fields.
+#[derive(Clone, Copy, Debug, Default)]
+struct WatchCache(Option<MarkWatch>);
+
+impl WatchCache {
+    /// Drops the watch; a read when there is none (the backtest never builds one and
+    /// calls this on every quiet step).
+    #[inline]
+    fn clear(&mut self) {
+        if self.0.is_some() {
+            self.0 = None;
+        }
+    }
+}
+
+impl PartialEq for WatchCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 #[allow(clippy::needless_pass_by_value)] // call sites pass numbers and strings alike
@@ -561,6 +642,7 @@ impl PositionState {
             trail_cache: None,
             trail_basis: None,
             activation_checked: false,
+            watch: WatchCache::default(),
         })
     }
 
@@ -661,6 +743,7 @@ impl PositionState {
         trailing_stop: Option<Decimal>,
         trail_basis: Option<u64>,
     ) {
+        self.watch.clear();
         if let Some(best) = best {
             debug_assert!(strictly_tighter(self.side, best, self.best_price));
             self.best_price = best;
@@ -818,6 +901,146 @@ impl PositionState {
     /// [`PositionState::evaluate`] for a mark the caller has already found inside the
     /// plausible band (the engine checks each update once, for every position of it).
     pub(crate) fn evaluate_in_band(
+        &mut self,
+        mark: Decimal,
+        atr: Option<f64>,
+        now: Option<i64>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Option<ExitAction> {
+        self.watch.clear();
+        self.evaluate_rules(mark, atr, now, rules, policy)
+    }
+
+    /// [`PositionState::evaluate_in_band`] that also rebuilds the [`MarkWatch`] for
+    /// [`PositionState::quiet_mark`] (the engine; the backtest has its own quiet steps and
+    /// does not pay for it).
+    pub(crate) fn evaluate_watched(
+        &mut self,
+        mark: Decimal,
+        atr: Option<f64>,
+        now: Option<i64>,
+        rules: &SymbolRules,
+        policy: &ExitPolicy,
+    ) -> Option<ExitAction> {
+        let action = self.evaluate_rules(mark, atr, now, rules, policy);
+        self.watch = WatchCache(if action.is_none() {
+            self.build_watch(policy)
+        } else {
+            None
+        });
+        action
+    }
+
+    /// The thresholds of [`MarkWatch`] for the state as it is now, or `None` when a mark
+    /// may need the full evaluation whatever its price (pending action, over-leverage,
+    /// open time unset, levels passed at adoption, trailing not yet settled, a price
+    /// beyond eight decimals).
+    fn build_watch(&self, policy: &ExitPolicy) -> Option<MarkWatch> {
+        if self.pending.is_some()
+            || not_positive(self.quantity)
+            || self.over_leveraged
+            || self.levels_passed_at_adoption > self.levels_done
+        {
+            return None;
+        }
+        let opened = self.opened_at_ms?;
+        let config = policy.config();
+        let trailing_configured = config.trail_atr.is_some() || config.trail_pct.is_some();
+        if trailing_configured && !self.trailing_active && !self.activation_checked {
+            return None;
+        }
+        let signed = |price: Decimal| {
+            price_units(price).map(|u| match self.side {
+                PositionSide::Long => u,
+                PositionSide::Short => -u,
+            })
+        };
+        let done = self.levels_done as usize;
+        let levels = self.ladder_prices.len().min(self.ladder_targets.len());
+        let next_level = if done < levels {
+            signed(self.ladder_prices[done])?
+        } else {
+            i64::MAX
+        };
+        let activate = match self.trail_activate_price {
+            Some(price) if trailing_configured && !self.trailing_active => signed(price)?,
+            _ => i64::MAX,
+        };
+        let trail_basis = if self.trailing_active {
+            self.trail_basis?
+        } else {
+            0
+        };
+        let time_stop_at = config
+            .max_hold_ms
+            .map_or(i64::MAX, |hold| opened.saturating_add(hold));
+        let time_below = match self.time_stop_below_price {
+            Some(price) => signed(price)?,
+            None => i64::MAX,
+        };
+        Some(MarkWatch {
+            stop: signed(self.stop_price)?,
+            next_level,
+            best: signed(self.best_price)?,
+            activate,
+            trailing_active: self.trailing_active,
+            trail_basis,
+            time_stop_at,
+            time_below,
+        })
+    }
+
+    /// Applies a mark that provably triggers nothing (see [`MarkWatch`]) and returns
+    /// `true`, or returns `false` with nothing changed when the full evaluation is needed.
+    /// `units` is `mark` in [`price_units`]; the result is exactly what
+    /// [`PositionState::evaluate`] would leave (property `quiet_marks_match_the_full_path`).
+    #[inline]
+    pub(crate) fn quiet_mark(
+        &mut self,
+        units: i64,
+        mark: Decimal,
+        atr: Option<f64>,
+        now_ms: i64,
+    ) -> bool {
+        #[cfg(test)]
+        if tests::NO_QUIET_MARKS.with(std::cell::Cell::get) {
+            return false;
+        }
+        let Some(watch) = self.watch.0.as_mut() else {
+            return false;
+        };
+        let x = match self.side {
+            PositionSide::Long => units,
+            PositionSide::Short => -units,
+        };
+        if x <= watch.stop || x >= watch.next_level {
+            return false;
+        }
+        let improved = x > watch.best;
+        if watch.trailing_active {
+            if improved || atr.map_or(0, f64::to_bits) != watch.trail_basis {
+                return false;
+            }
+        } else if improved && x >= watch.activate {
+            return false;
+        }
+        let best = if improved { x } else { watch.best };
+        if now_ms >= watch.time_stop_at && best < watch.time_below {
+            return false;
+        }
+        if improved {
+            watch.best = x;
+            self.best_price = mark;
+        }
+        self.last_mark_price = Some(mark);
+        #[cfg(test)]
+        tests::QUIET_HITS.with(|c| c.set(c.get() + 1));
+        true
+    }
+
+    /// The rules of one update in order (see the module header).
+    fn evaluate_rules(
         &mut self,
         mark: Decimal,
         atr: Option<f64>,
@@ -1003,6 +1226,7 @@ impl PositionState {
         }
         let reason = action.reason;
         let complete = filled == action.quantity;
+        self.watch.clear();
         self.pending = None;
         let filled = filled.min(self.quantity);
         self.quantity -= filled;
@@ -1037,6 +1261,7 @@ impl PositionState {
     /// `CoreError::InvalidField` when `sequence` is not the pending action.
     pub fn reject(&mut self, sequence: u64) -> Result<(), CoreError> {
         self.pending_with(sequence)?;
+        self.watch.clear();
         self.pending = None;
         Ok(())
     }
@@ -1054,6 +1279,7 @@ impl PositionState {
         policy: &ExitPolicy,
     ) -> Result<Confirmed, CoreError> {
         bounds::check_quantity("quantity", quantity, true, rules)?;
+        self.watch.clear();
         if quantity > self.quantity {
             let original = self.original_quantity + (quantity - self.quantity);
             if original > bounds::MAX_QUANTITY {
@@ -1085,6 +1311,7 @@ impl PositionState {
         policy: &ExitPolicy,
     ) -> Result<(), CoreError> {
         check_liquidation(price, self.side, self.best_price, rules)?;
+        self.watch.clear();
         if price.is_zero() {
             self.liquidation_price = None;
             return Ok(());
@@ -1361,12 +1588,15 @@ impl PositionState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::exit::policy::{LadderLevel, PolicyConfig};
     use crate::exit::test_support::{btc, d, example_policy, exchange_rules};
 
     thread_local! {
+        pub(crate) static QUIET_HITS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        /// Set by tests to run every mark through the full evaluation.
+        pub(crate) static NO_QUIET_MARKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         /// Turns off the float shortcut of the trailing update, to compare with it on.
         pub(super) static NO_TRAIL_SHORTCUT: std::cell::Cell<bool> =
             const { std::cell::Cell::new(false) };
@@ -1386,10 +1616,7 @@ mod tests {
             stop_atr: Some(2.0),
             trail_atr: Some(1.5),
             trail_activate_r: Some(0.5),
-            ladder: vec![LadderLevel {
-                at: 6.0,
-                fraction: 0.5,
-            }],
+            ladder: LadderLevel::ladder(&[(6.0, 0.5)]),
             ..PolicyConfig::default()
         })
         .unwrap();
@@ -1461,6 +1688,25 @@ mod tests {
                 trail_run(symbol, side, &marks, false)
             );
         }
+    }
+
+    /// `plan_stop` for BTCUSDT entered at 30000 under the worked example's policy.
+    fn btc_plan(
+        side: PositionSide,
+        leverage: u32,
+        atr: Option<f64>,
+        liquidation: Option<&str>,
+    ) -> StopPlan {
+        plan_stop(
+            side,
+            d("30000"),
+            leverage,
+            atr,
+            liquidation.map(d),
+            &btc(),
+            &example_policy(),
+        )
+        .unwrap()
     }
 
     fn params(side: PositionSide, quantity: &str, entry: &str) -> OpenParams {
@@ -1612,70 +1858,23 @@ mod tests {
 
     #[test]
     fn stop_distance_floor_cap_and_margin_cap() {
-        let policy = example_policy();
-        let rules = btc();
         // ATR 10 → d = 20 < floor 90.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            10,
-            Some(10.0),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 10, Some(10.0), None);
         assert_eq!(plan.stop_price, d("29910.0"));
         // ATR 1000 → d = 2000, capped by max_stop_pct 900 and the margin cap 300.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            10,
-            Some(1000.0),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 10, Some(1000.0), None);
         assert_eq!(plan.stop_price, d("29700.0"));
         // Without ATR: fallback 1 % = 300, under the cap 300 at 10x.
-        let plan = plan_stop(
-            PositionSide::Short,
-            d("30000"),
-            20,
-            None,
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Short, 20, None, None);
         assert_eq!(
             plan.stop_price,
             d("30150.0"),
             "margin cap 0.10 / 20 = 0.5 %"
         );
         // Stop rounds UP (tightening) for a LONG, DOWN for a SHORT.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            10,
-            Some(60.03),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 10, Some(60.03), None);
         assert_eq!(plan.stop_price, d("29880.0"));
-        let plan = plan_stop(
-            PositionSide::Short,
-            d("30000"),
-            10,
-            Some(60.03),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Short, 10, Some(60.03), None);
         assert_eq!(plan.stop_price, d("30120.0"));
     }
 
@@ -1684,16 +1883,7 @@ mod tests {
         let policy = example_policy();
         let rules = btc();
         // 0.10 / 50 = 0.2 % < min 0.3 %.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            50,
-            Some(60.0),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 50, Some(60.0), None);
         assert!(plan.over_leveraged);
         let mut p = PositionState::open(
             OpenParams {
@@ -1711,28 +1901,10 @@ mod tests {
             (ExitReason::OverLeverage, d("0.010"), true)
         );
         // Liquidation 29800 + 1 % buffer (300) = 30100 is above entry − min: over-leveraged.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            10,
-            Some(60.0),
-            Some(d("29800")),
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 10, Some(60.0), Some("29800"));
         assert!(plan.over_leveraged);
         // Liquidation 27000 + 300 = 27300: the stop 29880 is already inside.
-        let plan = plan_stop(
-            PositionSide::Long,
-            d("30000"),
-            10,
-            Some(60.0),
-            Some(d("27000")),
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Long, 10, Some(60.0), Some("27000"));
         assert_eq!(plan.stop_price, d("29880.0"));
         assert!(!plan.over_leveraged);
         // Liquidation 29500 + 300 = 29800 is tighter than nothing, looser than 29880: keep 29880.
@@ -2069,10 +2241,7 @@ mod tests {
     #[test]
     fn confidence_stretches_the_ladder() {
         let policy = ExitPolicy::new(PolicyConfig {
-            ladder: vec![LadderLevel {
-                at: 1.0,
-                fraction: 0.5,
-            }],
+            ladder: LadderLevel::ladder(&[(1.0, 0.5)]),
             stop_atr: Some(2.0),
             confidence_scale: 1.0,
             m_min: 0.5,
@@ -2098,28 +2267,10 @@ mod tests {
     fn short_over_leverage_and_liquidation_buffer() {
         let policy = example_policy();
         let rules = btc();
-        let plan = plan_stop(
-            PositionSide::Short,
-            d("30000"),
-            50,
-            Some(60.0),
-            None,
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Short, 50, Some(60.0), None);
         assert!(plan.over_leveraged);
         // Liquidation 30400 − 1 % buffer (300) = 30100 is tighter than the ATR stop 30120.
-        let plan = plan_stop(
-            PositionSide::Short,
-            d("30000"),
-            10,
-            Some(60.0),
-            Some(d("30400")),
-            &rules,
-            &policy,
-        )
-        .unwrap();
+        let plan = btc_plan(PositionSide::Short, 10, Some(60.0), Some("30400"));
         assert_eq!(
             (plan.stop_price, plan.stop_distance, plan.over_leveraged),
             (d("30100.0"), d("100.0"), false)

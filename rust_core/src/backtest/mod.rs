@@ -1,0 +1,442 @@
+//! Historical bars through the same per-position exit state machine as the daemon
+//! ([`crate::exit::position`]), in parallel over symbols and exit policies.
+//!
+//! Nothing here decides an exit: each bar becomes a short mark-price path and every mark
+//! goes through `Position::on_mark`, exactly as a live mark does; this module only decides
+//! which marks a bar stands for, when entries happen and how an action fills.
+//!
+//! # Mark path of a bar
+//! open, then the two extremes, then close. The order of the extremes is the intrabar
+//! rule: `StopFirst` (default, conservative) visits the adverse extreme first (the low
+//! for a LONG, the high for a SHORT), `TargetFirst` the favourable one. When finer bars
+//! cover the whole bar, their own paths (open, extremes by the same rule, close per fine
+//! bar) replace the guess. Between two points of one bar the price is taken to move
+//! continuously, so every trigger it crosses (the stop, each pending take-profit level)
+//! is visited as a mark of its own, in the order the move reaches them; that is what the
+//! daemon would see from a 1 s mark stream. An open is a jump from the previous close: no
+//! mark is invented in between.
+//!
+//! # Quiet bars
+//! Most bars change nothing but a position's best mark and its trailing stop. Such a bar
+//! (its range crosses no stop, no pending level, no trailing activation, no due time stop)
+//! is settled in grid ticks as one step, without the four state-machine calls its path
+//! would take; any other bar, or one with finer bars, walks its path, where each mark that
+//! provably triggers nothing is settled the same way and the others go through `on_mark`.
+//! `Triggers` states the conditions; `BacktestOptions::exhaustive` feeds every mark, and
+//! the tests check that both give the same fills, trades and stops.
+//!
+//! # Fill model
+//! - An action fills at the mark that triggered it, with its whole quantity, at once
+//!   (confirmed before the next mark): at the trigger price when the path crossed it, at
+//!   the open when the bar opened beyond it (gap through a stop: worse; through a target:
+//!   better), at the mark for a time stop.
+//! - Entries are MARKET at the open of the first bar at or after the entry time, provided
+//!   that bar starts less than one interval after it (otherwise the entry fell into a gap
+//!   or outside the data and is skipped). Size: notional / open, floored to the
+//!   `MARKET_LOT_SIZE` step; below `minQty` or `MIN_NOTIONAL` the entry is skipped.
+//! - Fees: `rate * price * quantity` rounded half-up to 8 decimals (USDT commission
+//!   precision); entries pay taker (maker on request), exits taker.
+//! - ATR is Wilder's over closed bars of the current segment (the bar being replayed is
+//!   not in it); a gap longer than `max_gap_bars` ends the segment: open positions close
+//!   at the last close (`data_gap`), ATR restarts. Positions open at the end close at the
+//!   last close (`end_of_data`).
+//!
+//! # Parallelism
+//! One job per (series, policy), run with rayon's work stealing: jobs differ a lot in
+//! length (43k to 151k bars, and policies that trade more), which a static split over
+//! `std::thread`s would balance badly. Jobs share the prepared bars read-only; nothing is
+//! locked. The binding runs [`run`] with the GIL released.
+//!
+//! # Layout
+//! One file per job; each says in its header what it may not touch.
+//! - this file: the inputs, options and result types, [`run`] and [`replay_marks`];
+//! - `prepare`: bars onto the tick grid, segments, fine bars, band, ATR before each bar;
+//! - `path`: the mark path a bar stands for;
+//! - `quiet`: a position's triggers in ticks and the marks and bars that change nothing;
+//! - `replay`: one job: entries, each bar's marks through the state machine, the fill
+//!   model, fees, and the fills and trades it books;
+//! - `exit_api`: the one place naming the position API of `crate::exit`.
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use crate::error::CoreError;
+use crate::exit::policy::ExitPolicy;
+use crate::fixed::Decimal;
+use crate::rules::ExchangeRules;
+
+use self::exit_api::{atr_key, new_position};
+use self::prepare::prepare;
+use self::quiet::TrailRule;
+use self::replay::Job;
+
+/// Which extreme of a bar the path visits first when nothing finer says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intrabar {
+    /// The adverse extreme first (low for a LONG, high for a SHORT): the conservative guess.
+    StopFirst,
+    /// The favourable extreme first.
+    TargetFirst,
+}
+
+impl Intrabar {
+    /// Parses `stop_first` or `target_first`.
+    pub fn parse(text: &str) -> Result<Self, CoreError> {
+        match text {
+            "stop_first" => Ok(Self::StopFirst),
+            "target_first" => Ok(Self::TargetFirst),
+            _ => Err(CoreError::invalid(
+                "intrabar",
+                text,
+                "must be stop_first or target_first",
+            )),
+        }
+    }
+}
+
+/// Direction of a position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Long,
+    Short,
+}
+
+impl Direction {
+    fn sign(self) -> Decimal {
+        match self {
+            Self::Long => Decimal::ONE,
+            Self::Short => Decimal::NEGATIVE_ONE,
+        }
+    }
+}
+
+/// OHLC bars, oldest first, `open_time` in ms: owned, or borrowed from the caller's
+/// arrays (the Python binding reads numpy arrays in place instead of copying them).
+#[derive(Debug, Clone, Default)]
+pub struct Bars<'a> {
+    pub open_time: Cow<'a, [i64]>,
+    pub open: Cow<'a, [f64]>,
+    pub high: Cow<'a, [f64]>,
+    pub low: Cow<'a, [f64]>,
+    pub close: Cow<'a, [f64]>,
+}
+
+impl Bars<'_> {
+    fn len(&self) -> usize {
+        self.open_time.len()
+    }
+
+    fn check(&self, symbol: &str, what: &str) -> Result<(), CoreError> {
+        let n = self.open_time.len();
+        for (name, len) in [
+            ("open", self.open.len()),
+            ("high", self.high.len()),
+            ("low", self.low.len()),
+            ("close", self.close.len()),
+        ] {
+            if len != n {
+                return Err(CoreError::invalid_for(
+                    symbol,
+                    format!("{what}.{name}"),
+                    len.to_string(),
+                    format!("must have as many values as {what}.open_time ({n})"),
+                ));
+            }
+        }
+        if let Some(i) = self.open_time.windows(2).position(|w| w[1] <= w[0]) {
+            return Err(CoreError::invalid_for(
+                symbol,
+                format!("{what}.open_time"),
+                self.open_time[i + 1].to_string(),
+                format!(
+                    "must be strictly increasing (row {} follows {})",
+                    i + 1,
+                    self.open_time[i]
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One entry request: at `time_ms`, open `direction`.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub time_ms: i64,
+    pub direction: Direction,
+    pub confidence: Option<f64>,
+    /// USDT notional; `None` uses [`BacktestOptions::notional`].
+    pub notional: Option<Decimal>,
+    /// `None` uses [`BacktestOptions::leverage`].
+    pub leverage: Option<u32>,
+}
+
+/// One symbol's history and entries.
+#[derive(Debug, Clone)]
+pub struct SeriesInput<'a> {
+    pub symbol: String,
+    pub interval_ms: i64,
+    pub bars: Bars<'a>,
+    /// Finer bars (`interval_ms` dividing the series') that resolve the intrabar order.
+    pub fine: Option<(i64, Bars<'a>)>,
+    /// Sorted by time.
+    pub entries: Vec<Entry>,
+}
+
+/// Sizing, fees and replay rules shared by every job of a run.
+#[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent switches, each named at the call site
+pub struct BacktestOptions {
+    pub maker_fee: Decimal,
+    pub taker_fee: Decimal,
+    /// Entries pay the maker fee instead of the taker fee.
+    pub entry_maker: bool,
+    pub notional: Decimal,
+    pub leverage: u32,
+    pub intrabar: Intrabar,
+    pub max_gap_bars: u32,
+    /// At most one open position per symbol (else one per symbol and direction).
+    pub one_position_per_symbol: bool,
+    /// Keep the chart data (stop after every bar, level prices) and exact strings.
+    pub detail: bool,
+    /// Feed every mark of the path, even those that provably change nothing (see `Quiet`);
+    /// slower, for checking that skipping them changes no decision.
+    pub exhaustive: bool,
+}
+
+/// Every reason a fill or a skipped entry can carry, by code.
+pub const REASONS: &[&str] = &[
+    "entry",
+    "stop_loss",
+    "breakeven_stop",
+    "ratchet_stop",
+    "trailing_stop",
+    "time_stop",
+    "over_leverage",
+    "data_gap",
+    "end_of_data",
+    "position_open",
+    "no_bar",
+    "below_min_qty",
+    "below_min_notional",
+    "take_profit_1",
+    "take_profit_2",
+    "take_profit_3",
+    "take_profit_4",
+    "take_profit_5",
+    "take_profit_6",
+    "take_profit_7",
+    "take_profit_8",
+    "take_profit_9",
+    "take_profit_10",
+    "take_profit_11",
+    "take_profit_12",
+    "take_profit_13",
+    "take_profit_14",
+    "take_profit_15",
+    "take_profit_16",
+];
+
+const ENTRY: u8 = 0;
+const OVER_LEVERAGE: u8 = 6;
+const DATA_GAP: u8 = 7;
+const END_OF_DATA: u8 = 8;
+const POSITION_OPEN: u8 = 9;
+const NO_BAR: u8 = 10;
+const BELOW_MIN_QTY: u8 = 11;
+const BELOW_MIN_NOTIONAL: u8 = 12;
+const TAKE_PROFIT_1: u8 = 13;
+
+/// One fill: the entry or an exit.
+#[derive(Debug, Clone)]
+pub struct Fill {
+    pub trade: u32,
+    /// 0 for the entry, then the action's per-position sequence.
+    pub sequence: u32,
+    pub reason: u8,
+    pub time_ms: i64,
+    pub direction: Direction,
+    pub price: Decimal,
+    pub quantity: Decimal,
+    pub fee: Decimal,
+    /// Realized `PnL` of this fill net of its fee (an entry: minus its fee).
+    pub pnl: Decimal,
+    /// Price move of this fill from the entry, in units of the initial R (0 for the entry).
+    pub r: f64,
+    pub trigger: Option<Decimal>,
+    pub mark: Decimal,
+}
+
+/// One position from entry to its last exit.
+#[derive(Debug, Clone)]
+pub struct Trade {
+    pub trade: u32,
+    pub direction: Direction,
+    pub entry_time_ms: i64,
+    pub exit_time_ms: i64,
+    pub entry_price: Decimal,
+    pub quantity: Decimal,
+    pub initial_stop: Decimal,
+    /// Initial stop distance in price (R).
+    pub risk_price: Decimal,
+    pub pnl: Decimal,
+    pub fees: Decimal,
+    pub confidence: Option<f64>,
+    pub exit_reason: u8,
+    pub bars_held: u32,
+}
+
+/// Everything one (series, policy) job produced.
+#[derive(Debug, Clone, Default)]
+pub struct JobOutput {
+    pub series: u32,
+    pub policy: u32,
+    pub fills: Vec<Fill>,
+    pub trades: Vec<Trade>,
+    /// (trade, bar open time, stop after the bar) while a position was open (detail only).
+    pub stops: Vec<(u32, i64, f64)>,
+    /// (trade, level number from 1, price) (detail only).
+    pub levels: Vec<(u32, u32, f64)>,
+    /// (entry time or 0 for counted-only reasons, reason code, count).
+    pub skipped: Vec<(i64, u8, u32)>,
+    /// Bar x position evaluations.
+    pub evaluations: u64,
+    /// Of `evaluations`, those settled as one quiet step without the state machine.
+    pub quiet_bars: u64,
+}
+
+mod exit_api;
+mod path;
+mod prepare;
+mod quiet;
+mod replay;
+#[cfg(test)]
+mod tests;
+
+/// The nearest `f64` of a decimal, for the float columns of the results (see
+/// [`crate::fixed::decimal_to_f64_fast`]).
+pub fn to_f64(value: Decimal) -> f64 {
+    crate::fixed::decimal_to_f64_fast(value)
+}
+
+/// Runs every (series, policy) pair; results are ordered policy-major then series.
+///
+/// # Errors
+/// An unknown symbol, mismatched array lengths, unsorted times, a price that cannot be a
+/// decimal, or an invalid ATR period.
+pub fn run(
+    series: &[SeriesInput<'_>],
+    policies: &[ExitPolicy],
+    rules: &ExchangeRules,
+    options: &BacktestOptions,
+) -> Result<Vec<JobOutput>, CoreError> {
+    let mut periods: Vec<(usize, i64)> = policies.iter().map(atr_key).collect();
+    periods.sort_unstable();
+    periods.dedup();
+    let prepared = series
+        .par_iter()
+        .map(|s| prepare(s, rules, &periods, options))
+        .collect::<Result<Vec<_>, _>>()?;
+    let jobs: Vec<(usize, usize)> = (0..policies.len())
+        .flat_map(|j| (0..prepared.len()).map(move |i| (j, i)))
+        .collect();
+    let outputs = jobs
+        .par_iter()
+        .map(|&(j, i)| {
+            let p = &prepared[i];
+            let policy = &policies[j];
+            let job = Job {
+                p,
+                policy,
+                rules: p.rules,
+                options,
+                atr: &p.atr[&atr_key(policy)],
+                out: JobOutput {
+                    series: i as u32,
+                    policy: j as u32,
+                    ..JobOutput::default()
+                },
+                trail: TrailRule::of(policy),
+                bar_trail: None,
+                open: Vec::new(),
+                next_trade: 0,
+                path: Vec::with_capacity(8),
+                crossing_ticks: Vec::with_capacity(8),
+                crossing_prices: Vec::new(),
+                position_open_skips: 0,
+            };
+            job.run()
+        })
+        .collect();
+    Ok(outputs)
+}
+
+/// One exit decision taken along a mark path (see [`replay_marks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub time_ms: i64,
+    pub reason: String,
+    pub quantity: Decimal,
+    pub trigger: Option<Decimal>,
+    pub mark: Decimal,
+    pub sequence: u32,
+}
+
+/// Feeds one position a mark path through the backtest's driver (each action confirmed at
+/// once in full) and returns its decisions: the backtest half of the daemon consistency check.
+///
+/// # Errors
+/// An unknown symbol, or a position the policy refuses to open (over-leveraged).
+#[allow(clippy::too_many_arguments)]
+pub fn replay_marks(
+    rules: &ExchangeRules,
+    policy: &ExitPolicy,
+    symbol: &str,
+    direction: Direction,
+    quantity: Decimal,
+    entry_price: Decimal,
+    marks: &[(i64, Decimal)],
+    atr: Option<f64>,
+    leverage: u32,
+    confidence: Option<f64>,
+    opened_at_ms: i64,
+) -> Result<Vec<Decision>, CoreError> {
+    let symbol_rules = rules.symbol(symbol)?;
+    let mut position = new_position(
+        symbol_rules,
+        policy,
+        0,
+        direction,
+        quantity,
+        entry_price,
+        leverage,
+        confidence,
+        opened_at_ms,
+        atr,
+    )?;
+    let mut remaining = quantity;
+    let mut decisions = Vec::new();
+    'marks: for &(time_ms, mark) in marks {
+        for _ in 0..64 {
+            let Some(action) = position.on_mark(mark, atr, time_ms, symbol_rules, policy) else {
+                continue 'marks;
+            };
+            let qty = action.quantity;
+            position.confirm(action.sequence, Some(qty), symbol_rules, policy)?;
+            remaining -= qty;
+            decisions.push(Decision {
+                time_ms,
+                reason: action.reason.name(),
+                quantity: qty,
+                trigger: Some(action.trigger_price),
+                mark,
+                sequence: action.sequence as u32,
+            });
+            if remaining <= Decimal::ZERO {
+                break 'marks;
+            }
+        }
+    }
+    Ok(decisions)
+}

@@ -1,0 +1,403 @@
+//! Preparation of a series, once for every policy: prices onto the symbol's tick grid as
+//! integer ticks ([`Grid`]), segments split at data gaps, the fine bars that cover each
+//! bar, the plausible price band, and the ATR before each bar per (period, interval).
+//!
+//! May not touch: positions, fills or any exit rule; the result is read-only for the
+//! replay and shared by all policies.
+
+use std::collections::HashMap;
+
+use crate::atr::WilderAtr;
+use crate::error::CoreError;
+use crate::fixed::{
+    decimal_from_f64, decimal_to_f64, mantissa_at, short_decimal_from_f64, Decimal, Rounding,
+};
+use crate::rules::{ExchangeRules, SymbolRules};
+
+use super::{BacktestOptions, Bars, SeriesInput};
+
+/// A series with its prices on the tick grid and its segments, shared by every policy.
+pub(super) struct Prepared<'a> {
+    pub(super) input: &'a SeriesInput<'a>,
+    pub(super) rules: &'a SymbolRules,
+    pub(super) grid: Grid,
+    /// Open, high, low and close of every bar, as grid ticks.
+    pub(super) bars: Vec<[i64; 4]>,
+    /// Half-open bar index ranges without a gap longer than `max_gap_bars`.
+    pub(super) segments: Vec<(usize, usize)>,
+    /// For each bar, the range of fine bars that cover it completely, if any (empty
+    /// without fine data).
+    pub(super) fine: Vec<Option<(usize, usize)>>,
+    /// The fine bars as grid ticks (empty without fine data).
+    pub(super) fine_bars: Vec<[i64; 4]>,
+    /// The plausible price band as ticks (see [`Grid::plausible_ticks`]); `None`: every
+    /// mark is fed.
+    pub(super) band: Option<(i64, i64)>,
+    /// ATR before each bar (closed bars of its segment only; NaN: not ready yet), per
+    /// (period, ATR interval). Prices are finite (they are on the grid), so NaN is free.
+    pub(super) atr: HashMap<(usize, i64), Vec<f64>>,
+}
+
+/// A symbol's price grid, `minPrice + k * tickSize` (`k * 10^-pricePrecision` when the
+/// tick is disabled): the grid `SymbolRules::quantize_price` rounds onto. Every price of
+/// a run is an integer `k` on it, so the replay compares integers; a price becomes a
+/// decimal (`base + k * step` mantissas at the grid's scale, exact) only where it is fed
+/// to the exit state machine or booked.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Grid {
+    pub(super) base: i128,
+    pub(super) step: i128,
+    pub(super) scale: u32,
+    pub(super) base_f: f64,
+    pub(super) step_f: f64,
+    /// `1 / step_f`, rounded: a multiplication per price instead of a division.
+    pub(super) per_step_f: f64,
+    /// `MAX_FLOAT_TICKS` steps: prices farther from zero take the exact path.
+    pub(super) float_limit: f64,
+}
+
+/// Above this many ticks from zero a float tick index is no longer certain to within
+/// 1e-6 tick; such prices take the exact decimal path.
+pub(super) const MAX_FLOAT_TICKS: f64 = (1u64 << 30) as f64;
+
+impl Grid {
+    pub(super) fn new(rules: &SymbolRules) -> Result<Self, CoreError> {
+        let step = rules.price_step();
+        let base = if rules.tick_size() > Decimal::ZERO {
+            rules.price_filter.min_price
+        } else {
+            Decimal::ZERO
+        };
+        let scale = base.scale().max(step.scale());
+        match (mantissa_at(base, scale), mantissa_at(step, scale)) {
+            (Some(b), Some(s)) if s > 0 && s < 1 << 60 && b.unsigned_abs() < 1 << 90 => Ok(Self {
+                base: b,
+                step: s,
+                scale,
+                base_f: decimal_to_f64(base),
+                step_f: decimal_to_f64(step),
+                per_step_f: 1.0 / decimal_to_f64(step),
+                float_limit: MAX_FLOAT_TICKS * decimal_to_f64(step),
+            }),
+            _ => Err(CoreError::invalid_for(
+                &rules.symbol,
+                "tickSize",
+                step.to_string(),
+                "must be a positive price step the backtest can index (at most 18 digits)",
+            )),
+        }
+    }
+
+    /// The decimal of tick `k`, written with the grid's decimals.
+    pub(super) fn price(self, k: i64) -> Decimal {
+        // |k| < 2^40 for bar prices and any tick read from a decimal fits by construction.
+        Decimal::from_i128_with_scale(self.base + i128::from(k) * self.step, self.scale)
+    }
+
+    /// The tick of a decimal on the grid; `None` off the grid or out of range.
+    pub(super) fn ticks(self, price: Decimal) -> Option<i64> {
+        let mantissa = match mantissa_at(price, self.scale) {
+            Some(m) => m,
+            None => mantissa_at(price.normalize(), self.scale)?,
+        };
+        let offset = mantissa - self.base;
+        if offset % self.step != 0 {
+            return None;
+        }
+        i64::try_from(offset / self.step)
+            .ok()
+            .filter(|k| k.unsigned_abs() < 1 << 40)
+    }
+
+    /// The tick of `quantize_price(decimal_from_f64(v), Nearest)`, the long way.
+    pub(super) fn nearest_exact(
+        self,
+        rules: &SymbolRules,
+        prefix: &str,
+        name: &str,
+        v: f64,
+    ) -> Result<i64, CoreError> {
+        let field = || format!("{prefix}{name}");
+        // Kline prices have a few decimals: the short conversion settles them without text.
+        let exact = match short_decimal_from_f64(v, 12) {
+            Some(exact) => exact,
+            None => decimal_from_f64(&field(), v).map_err(|e| e.with_symbol(&rules.symbol))?,
+        };
+        let rounded = rules.quantize_price(exact, Rounding::Nearest);
+        self.ticks(rounded).ok_or_else(|| {
+            CoreError::invalid_for(
+                &rules.symbol,
+                field(),
+                v.to_string(),
+                "must be a price within 2^40 ticks of the symbol's minPrice",
+            )
+        })
+    }
+
+    /// Every bar as ticks (open, high, low, close).
+    pub(super) fn bars(
+        self,
+        rules: &SymbolRules,
+        prefix: &str,
+        bars: &Bars<'_>,
+    ) -> Result<Vec<[i64; 4]>, CoreError> {
+        let mut out = Vec::with_capacity(bars.len());
+        let rows = bars
+            .open
+            .iter()
+            .zip(bars.high.iter())
+            .zip(bars.low.iter())
+            .zip(bars.close.iter());
+        for (((&open, &high), &low), &close) in rows {
+            let prices = [open, high, low, close];
+            // All four settled by floats (the usual case) without a branch per price.
+            let fast = prices.map(|v| self.nearest_float(v));
+            out.push(if fast.iter().all(|&(_, settled)| settled) {
+                fast.map(|(k, _)| k)
+            } else {
+                self.bar_the_long_way(rules, prefix, prices)?
+            });
+        }
+        Ok(out)
+    }
+
+    /// One bar's ticks, each by floats, at a midpoint, or exactly.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn bar_the_long_way(
+        self,
+        rules: &SymbolRules,
+        prefix: &str,
+        prices: [f64; 4],
+    ) -> Result<[i64; 4], CoreError> {
+        let mut bar = [0; 4];
+        for ((slot, name), v) in bar
+            .iter_mut()
+            .zip(["open", "high", "low", "close"])
+            .zip(prices)
+        {
+            *slot = match self.nearest_fast(v).or_else(|| self.nearest_midpoint(v)) {
+                Some(k) => k,
+                None => self.nearest_exact(rules, prefix, name, v)?,
+            };
+        }
+        Ok(bar)
+    }
+
+    /// [`Grid::nearest_fast`] as the tick and whether it is settled.
+    #[inline]
+    pub(super) fn nearest_float(self, v: f64) -> (i64, bool) {
+        // Also false for NaN, which the exact path then refuses.
+        let near = v.abs() + self.base_f.abs() < self.float_limit;
+        let x = (v - self.base_f) * self.per_step_f;
+        // Truncation and a compare instead of `floor`/`round`, which are library calls on
+        // the baseline x86-64 target; exact below 2^30 (and saturating, hence harmless,
+        // for the far or NaN values `near` rules out).
+        let whole = x as i64;
+        let fraction = x - whole as f64;
+        let distance_to_half = (fraction.abs() - 0.5).abs();
+        (
+            whole + i64::from(fraction > 0.5) - i64::from(fraction < -0.5),
+            near && distance_to_half > 1e-6,
+        )
+    }
+
+    /// The tick of `quantize_price(decimal_from_f64(v), Nearest)` from floats alone, when
+    /// floats settle it. Kline prices are exchange prices stored as f64: the float
+    /// `(v - base) * (1 / step)` is within 6e-7 tick of the exact quotient below 2^30 ticks
+    /// (`v`, `base`, `step` each within half an ulp of their decimals, and the reciprocal,
+    /// the difference and the product within half an ulp each: at most 5 * 2^-53 of
+    /// 2^30 ticks), so away from a midpoint its nearest integer is the exact rounding. Near
+    /// a midpoint (1e-6 tick), or far out, `None`: the decimal path decides.
+    #[inline]
+    pub(super) fn nearest_fast(self, v: f64) -> Option<i64> {
+        let (k, settled) = self.nearest_float(v);
+        settled.then_some(k)
+    }
+}
+
+impl Grid {
+    /// The tick of `quantize_price(decimal_from_f64(v), Nearest)` for a price whose decimal
+    /// is exactly halfway between two ticks (prices quoted with one more decimal than the
+    /// tick, as SOLUSDT's often are), without text; `None` for anything else.
+    ///
+    /// A midpoint `base + (k + 1/2) step` of at most 15 digits that reads back as `v` is
+    /// `v`'s shortest decimal: two decimals of at most 15 digits lie further apart than a
+    /// double's rounding interval, so no other one reads back as `v`. The tie goes away
+    /// from the base, as the grid rounding's does.
+    pub(super) fn nearest_midpoint(self, v: f64) -> Option<i64> {
+        const POW10: [f64; 23] = [
+            1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+            1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+        ];
+        // Also false for NaN.
+        let near = v.abs() + self.base_f.abs() < self.float_limit;
+        if !near {
+            return None;
+        }
+        // Within 1e-6 tick of `k + 1/2` (else `nearest_fast` settled it): `t` is near `k`.
+        let t = (v - self.base_f) / self.step_f - 0.5;
+        let k = (t + if t >= 0.0 { 0.5 } else { -0.5 }) as i64;
+        // The midpoint's mantissa with one more decimal than the grid.
+        let mantissa = (2 * self.base + (2 * i128::from(k) + 1) * self.step) * 5;
+        let power = *POW10.get(self.scale as usize + 1)?;
+        if mantissa.unsigned_abs() >= 1_000_000_000_000_000 {
+            return None;
+        }
+        // Both operands are exact doubles: one correctly rounded division.
+        #[allow(clippy::float_cmp)] // reading back exactly the same double is the test
+        let reads_back = mantissa as f64 / power == v;
+        reads_back.then_some(if k >= 0 { k + 1 } else { k })
+    }
+}
+
+pub(super) fn prepare<'a>(
+    input: &'a SeriesInput<'a>,
+    rules: &'a ExchangeRules,
+    periods: &[(usize, i64)],
+    options: &BacktestOptions,
+) -> Result<Prepared<'a>, CoreError> {
+    let symbol_rules = rules.symbol(&input.symbol)?;
+    input.bars.check(&input.symbol, "bars")?;
+    if input.interval_ms <= 0 {
+        return Err(CoreError::invalid_for(
+            &input.symbol,
+            "interval_ms",
+            input.interval_ms.to_string(),
+            "must be positive",
+        ));
+    }
+    let grid = Grid::new(symbol_rules)?;
+    let bars = &input.bars;
+    let max_step = input.interval_ms * (i64::from(options.max_gap_bars) + 1);
+    let mut segments = Vec::new();
+    let mut start = 0;
+    for i in 1..bars.len() {
+        if bars.open_time[i] - bars.open_time[i - 1] > max_step {
+            segments.push((start, i));
+            start = i;
+        }
+    }
+    if bars.len() > 0 {
+        segments.push((start, bars.len()));
+    }
+    let mut fine = Vec::new();
+    let mut fine_ticks = Vec::new();
+    if let Some((fine_interval, fine_bars)) = &input.fine {
+        fine_bars.check(&input.symbol, "fine")?;
+        if *fine_interval <= 0
+            || input.interval_ms % fine_interval != 0
+            || *fine_interval >= input.interval_ms
+        {
+            return Err(CoreError::invalid_for(
+                &input.symbol,
+                "fine_interval_ms",
+                fine_interval.to_string(),
+                format!("must divide the bar interval {} ms", input.interval_ms),
+            ));
+        }
+        let per_bar = (input.interval_ms / fine_interval) as usize;
+        fine = vec![None; bars.len()];
+        let mut j = 0;
+        for (i, slot) in fine.iter_mut().enumerate() {
+            let (t0, t1) = (bars.open_time[i], bars.open_time[i] + input.interval_ms);
+            while j < fine_bars.len() && fine_bars.open_time[j] < t0 {
+                j += 1;
+            }
+            let first = j;
+            while j < fine_bars.len() && fine_bars.open_time[j] < t1 {
+                j += 1;
+            }
+            // Only a complete set of fine bars says where the extremes were; a partial one
+            // could miss the very extreme that matters, so the rule decides instead.
+            if j - first == per_bar {
+                *slot = Some((first, j));
+            }
+        }
+        fine_ticks = grid.bars(symbol_rules, "fine.", fine_bars)?;
+    }
+    let mut atr = HashMap::new();
+    for &(period, atr_interval) in periods {
+        atr.insert(
+            (period, atr_interval),
+            atr_before_each_bar(input, &segments, period, atr_interval)?,
+        );
+    }
+    let bars = grid.bars(symbol_rules, "", bars)?;
+    Ok(Prepared {
+        input,
+        rules: symbol_rules,
+        bars,
+        grid,
+        segments,
+        fine,
+        fine_bars: fine_ticks,
+        band: grid.plausible_ticks(symbol_rules),
+        atr,
+    })
+}
+
+/// ATR known at the open of each bar: Wilder's over the closed bars of the policy's ATR
+/// interval inside the bar's segment, as the daemon's aggregator would have them. With a
+/// coarser ATR interval, data bars are merged into its buckets (high max, low min, last
+/// close) and a bucket counts once the first bar of the next one starts.
+#[allow(clippy::needless_range_loop)] // `i` addresses several parallel bar arrays
+pub(super) fn atr_before_each_bar(
+    input: &SeriesInput<'_>,
+    segments: &[(usize, usize)],
+    period: usize,
+    atr_interval: i64,
+) -> Result<Vec<f64>, CoreError> {
+    let bars = &input.bars;
+    if atr_interval < input.interval_ms || atr_interval % input.interval_ms != 0 {
+        return Err(CoreError::Policy {
+            field: "atr_interval".to_owned(),
+            value: format!("{atr_interval}ms"),
+            rule: format!(
+                "must be a multiple of the backtest data interval ({} ms for {}); give data at \
+                 the ATR interval or finer",
+                input.interval_ms, input.symbol
+            ),
+        });
+    }
+    let mut values = vec![f64::NAN; bars.len()];
+    for &(start, end) in segments {
+        let mut state = WilderAtr::new(period)?;
+        // (bucket key, its end time, high, low, close) of the bucket being filled.
+        let mut bucket: Option<(i64, i64, f64, f64, f64)> = None;
+        for i in start..end {
+            let t = bars.open_time[i];
+            // Times increase, so the key moves forward; a division only after a jump.
+            let key = match bucket {
+                Some((k, bucket_end, ..)) if t < bucket_end => k,
+                Some((k, bucket_end, ..)) if t < bucket_end + atr_interval => k + 1,
+                _ => t.div_euclid(atr_interval),
+            };
+            match bucket {
+                Some((k, _, high, low, close)) if k != key => {
+                    state.update(high, low, close);
+                    bucket = None;
+                }
+                _ => {}
+            }
+            values[i] = state.value().unwrap_or(f64::NAN);
+            bucket = Some(match bucket {
+                Some((k, bucket_end, high, low, _)) => (
+                    k,
+                    bucket_end,
+                    high.max(bars.high[i]),
+                    low.min(bars.low[i]),
+                    bars.close[i],
+                ),
+                None => (
+                    key,
+                    (key + 1) * atr_interval,
+                    bars.high[i],
+                    bars.low[i],
+                    bars.close[i],
+                ),
+            });
+        }
+    }
+    Ok(values)
+}
