@@ -279,17 +279,9 @@ def test_the_scanner_finds_exactly_the_lines_the_grammar_calls_plain(lines):
     for row in rows:
         number, *fields = row.split("\t")
         decoded = json.loads(lines[int(number)])
+        # The core's columns are those load_intents reads the table with.
         for name, text in zip(
-            [
-                "id",
-                "symbol",
-                "side",
-                "confidence",
-                "time",
-                "created_at_ms",
-                "timestamp",
-                "leverage",
-            ],
+            bt_loading._PLAIN_SCHEMA,
             fields,
             strict=True,
         ):
