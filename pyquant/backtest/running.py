@@ -123,7 +123,9 @@ class BacktestResult:
             ``fee`` and ``pnl`` (Decimal), its ``reason`` and the move in ``r``.
         trades: one row per position: side, entry, size, initial risk, net PnL, R multiple,
             the reason of its last exit.
-        summary: metrics per symbol and a ``TOTAL`` row (see ``summarize``).
+        summary: metrics per symbol and a ``TOTAL`` row (see ``summarize``), computed from
+            ``fills`` and ``trades`` when first read (a run that only needs the tables does
+            not pay for it).
         stops: the stop after each bar while a position was open (for charts).
         levels: each position's take-profit level prices (for charts).
         skipped: entries that were not taken, with the reason.
@@ -134,13 +136,20 @@ class BacktestResult:
 
     fills: pl.DataFrame
     trades: pl.DataFrame
-    summary: pl.DataFrame
     stops: pl.DataFrame
     levels: pl.DataFrame
     skipped: pl.DataFrame
     evaluations: int
     policies: list[ExitPolicy] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    _summary: pl.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def summary(self) -> pl.DataFrame:
+        """Metrics per symbol and a ``TOTAL`` row (``summarize``), computed on first read."""
+        if self._summary is None:
+            self._summary = summarize(self.fills, self.trades)
+        return self._summary
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +431,6 @@ def run_backtest(
     return BacktestResult(
         fills=fills,
         trades=trades,
-        summary=summarize(fills, trades),
         stops=tables["stops"],
         levels=tables["levels"],
         skipped=tables["skipped"],

@@ -170,3 +170,12 @@ def test_one_symbol_total_is_the_general_total(rules, real_klines):
     general = bt.summarize(twice(result.fills), twice(result.trades))
     assert alone.height == 2
     assert general.filter(pl.col("policy") == 0).equals(alone)
+
+
+def test_the_summary_is_computed_once_when_first_read(rules, real_klines):
+    result = bt.run_backtest(real_klines[0], _core.ExitPolicy(**EXAMPLE_POLICY), rules)
+    assert result._summary is None  # not paid for by a run that only reads the tables
+    summary = result.summary
+    assert summary is result.summary
+    assert summary.equals(bt.summarize(result.fills, result.trades))
+    assert summary.filter(pl.col("symbol") == "TOTAL")["trades"][0] == result.trades.height

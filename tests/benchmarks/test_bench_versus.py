@@ -12,7 +12,8 @@ Same bars, same entries, comparable stops, one benchmark group per workload:
 Contenders:
 
 * ``core``: ``pyquant._core.backtest_run`` without detail (arrays in, columns out).
-* ``run_backtest``: the Python API, polars in, exact Decimal tables and the summary out.
+* ``run_backtest``: the Python API, polars in, exact Decimal tables out (the summary is
+  computed when first read); ``run_backtest_summary`` reads the summary too.
 * ``python_loop``: a plain float loop a user would write for the same exits (Wilder ATR over
   closed bars, a stop of 2 ATR clamped to 0.3-1 % on the tick grid, take-profits of 30/30/40 %
   at 1R/2R/3R, breakeven after the first, ratchet, 2-ATR trailing from 3R; each bar visited
@@ -83,7 +84,14 @@ WORKLOADS = {
     "sparse": (1, 1_000_000, 240),
     "dense_100x10k": (100, 10_000, 1),
 }
-CONTENDERS = ("core", "run_backtest", "python_loop", "vectorbt_numba", "vectorbt_rust")
+CONTENDERS = (
+    "core",
+    "run_backtest",
+    "run_backtest_summary",
+    "python_loop",
+    "vectorbt_numba",
+    "vectorbt_rust",
+)
 
 
 def _walk(bars: int, seed: int, tick: float) -> dict[str, np.ndarray[Any, Any]]:
@@ -345,6 +353,15 @@ def test_bench_versus(benchmark, workload, contender):
             result = bt.run_backtest(
                 work.klines, work.policy, work.rules, entries=work.entries, config=CONFIG
             )
+            return result.trades.height
+
+    elif contender == "run_backtest_summary":
+
+        def run() -> int:
+            result = bt.run_backtest(
+                work.klines, work.policy, work.rules, entries=work.entries, config=CONFIG
+            )
+            assert result.summary.height > 0  # the metrics, computed when first read
             return result.trades.height
 
     elif contender == "python_loop":
