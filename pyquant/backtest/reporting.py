@@ -325,9 +325,7 @@ def summarize(
     )
     parts: list[pl.DataFrame] = []
     # One symbol: its rows are the TOTAL's, in the same order, so the same sums and curve.
-    single = {
-        key: _one_value(trades[key]) and _one_value(fills[key]) for key in [*keys, "symbol"]
-    }
+    single = {key: _one_value(trades[key]) and _one_value(fills[key]) for key in [*keys, "symbol"]}
     one_symbol = single["symbol"]
     for symbol_keys, label in ((["symbol"], None), ([], "TOTAL")):
         if label is not None and one_symbol:

@@ -163,9 +163,34 @@ def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, A
     return np.ascontiguousarray(series.to_numpy(), dtype=dtype)
 
 
-def _entries_by_symbol(entries: pl.DataFrame) -> dict[str, pl.DataFrame]:
-    # One pass over the entries for every symbol (not one filter per symbol), each part in
-    # time order (ties keep the file's order), with only the columns the core reads.
+_CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
+
+
+def _entry_arrays(entries: pl.DataFrame) -> dict[str, Any]:
+    # The core's entry arrays of ``entries`` (one symbol's, in time order).
+    notional = entries["size_usd"]
+    buy = (entries["side"] == "BUY").fill_null(value=False).to_numpy()
+    return {
+        "entry_time": _contiguous(entries["time_ms"], np.int64),
+        "entry_side": np.where(buy, 1, -1).astype(np.int8),
+        "entry_confidence": _contiguous(entries["confidence"].fill_null(float("nan")), np.float64),
+        # The core reads None as "the configured default" with one pointer compare; only
+        # intents that give their own size cost a Python string each.
+        "entry_notional": (
+            [None] * entries.height
+            if notional.null_count() == entries.height
+            else notional.cast(pl.String).to_list()
+        ),
+        "entry_leverage": _contiguous(entries["leverage"].fill_null(0), np.int64),
+    }
+
+
+def _entry_arrays_by_symbol(
+    entries: pl.DataFrame, symbols: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    # One pass over the entries for every symbol: each column converted once, in (symbol,
+    # time) order (a stable sort: ties keep the file's order), then cut into per-symbol
+    # views. Entries of symbols without bars, or without a symbol, are left out.
     if entries.is_empty():
         return {}
     needed = entries.select(_CORE_ENTRY_COLUMNS)
@@ -173,22 +198,31 @@ def _entries_by_symbol(entries: pl.DataFrame) -> dict[str, pl.DataFrame]:
     first = symbol[0]
     # One symbol (the usual intents of a one-symbol run): a compare, not a hash of each row.
     if first is not None and not symbol.null_count() and (symbol == first).all():
-        parts = {str(first): needed}
-    else:
-        parts = {
-            str(key[0]): part
-            for key, part in needed.partition_by(
-                "symbol", as_dict=True, maintain_order=True
-            ).items()
-        }
-    # A stable sort of each part: what a stable sort of the whole, then the split, gives.
+        if first not in symbols:
+            return {}
+        ordered = (
+            needed if needed["time_ms"].is_sorted() else needed.sort("time_ms", maintain_order=True)
+        )
+        return {str(first): _entry_arrays(ordered)}
+    series = symbol.replace_strict(
+        list(symbols), range(len(symbols)), default=None, return_dtype=pl.Int64
+    )
+    keyed = needed.with_columns(series.alias("series"))
+    if series.null_count():
+        keyed = keyed.drop_nulls("series")
+    codes, times = keyed["series"].to_numpy(), keyed["time_ms"].to_numpy()
+    # Intents written symbol by symbol in time order need no sort: a check costs a tenth.
+    in_order = bool(
+        np.all((codes[1:] > codes[:-1]) | ((codes[1:] == codes[:-1]) & (times[1:] >= times[:-1])))
+    )
+    ordered = keyed if in_order else keyed.sort(["series", "time_ms"], maintain_order=True)
+    arrays = _entry_arrays(ordered)
+    bounds = np.searchsorted(ordered["series"].to_numpy(), np.arange(len(symbols) + 1))
     return {
-        symbol: part if part["time_ms"].is_sorted() else part.sort("time_ms", maintain_order=True)
-        for symbol, part in parts.items()
+        name: {key: values[bounds[i] : bounds[i + 1]] for key, values in arrays.items()}
+        for i, name in enumerate(symbols)
+        if bounds[i] < bounds[i + 1]
     }
-
-
-_CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
 
 
 def _series_inputs(
@@ -197,10 +231,10 @@ def _series_inputs(
     intents: pl.DataFrame,
     fine: Mapping[str, pl.DataFrame] | None,
 ) -> list[_Series]:
-    by_symbol = _entries_by_symbol(intents)
-    empty = intents.clear()
+    by_symbol = _entry_arrays_by_symbol(intents, symbols)
+    empty = _entry_arrays(intents.clear())
     return [
-        _prepare_series(k, by_symbol.get(s, empty), (fine or {}).get(s), split=True)
+        _series_arrays(k, by_symbol.get(s, empty), (fine or {}).get(s))
         for k, s in zip(frames, symbols, strict=True)
     ]
 
@@ -209,17 +243,18 @@ def _prepare_series(
     klines: pl.DataFrame,
     entries: pl.DataFrame,
     fine: pl.DataFrame | None,
-    *,
-    split: bool = False,
 ) -> _Series:
-    # ``split``: the entries are this symbol's alone, in time order (``_entries_by_symbol``).
+    # One series on its own: its symbol's entries picked from ``entries``.
+    symbol = str(klines["symbol"][0])
+    mine = entries.filter(pl.col("symbol") == symbol).sort("time_ms", maintain_order=True)
+    return _series_arrays(klines, _entry_arrays(mine), fine)
+
+
+def _series_arrays(
+    klines: pl.DataFrame, entry_arrays: Mapping[str, Any], fine: pl.DataFrame | None
+) -> _Series:
     symbol = str(klines["symbol"][0])
     step = interval_ms(str(klines["interval"][0]))
-    mine = entries
-    if not split:
-        mine = mine.filter(pl.col("symbol") == symbol).sort("time_ms", maintain_order=True)
-    notional = mine["size_usd"]
-    buy = (mine["side"] == "BUY").fill_null(value=False).to_numpy()
     arrays: dict[str, Any] = {
         "symbol": symbol,
         "interval_ms": step,
@@ -228,17 +263,7 @@ def _prepare_series(
         "high": _contiguous(klines["high"], np.float64),
         "low": _contiguous(klines["low"], np.float64),
         "close": _contiguous(klines["close"], np.float64),
-        "entry_time": _contiguous(mine["time_ms"], np.int64),
-        "entry_side": np.where(buy, 1, -1).astype(np.int8),
-        "entry_confidence": _contiguous(mine["confidence"].fill_null(float("nan")), np.float64),
-        # The core reads None as "the configured default" with one pointer compare; only
-        # intents that give their own size cost a Python string each.
-        "entry_notional": (
-            [None] * mine.height
-            if notional.null_count() == mine.height
-            else notional.cast(pl.String).to_list()
-        ),
-        "entry_leverage": _contiguous(mine["leverage"].fill_null(0), np.int64),
+        **entry_arrays,
     }
     if fine is not None:
         fine_step = interval_ms(str(fine["interval"][0]))

@@ -179,3 +179,33 @@ def test_the_summary_is_computed_once_when_first_read(rules, real_klines):
     assert summary is result.summary
     assert summary.equals(bt.summarize(result.fills, result.trades))
     assert summary.filter(pl.col("symbol") == "TOTAL")["trades"][0] == result.trades.height
+
+
+def test_entries_cut_per_symbol_in_one_pass_equal_a_filter_per_symbol(real_klines):
+    # Two symbols' entries shuffled, with time ties, a size, a symbol without bars and one
+    # without a symbol: the one-pass cut gives each series what filtering it alone gives.
+    frames = real_klines[:2]
+    symbols = [str(f["symbol"][0]) for f in frames]
+    times = [int(f["open_time"][i]) for f in frames for i in (5, 5, 40, 90)]
+    entries = pl.DataFrame(
+        {
+            "time_ms": [*times, times[0], times[1]],
+            "symbol": [s for s in symbols for _ in range(4)] + ["NOBARSUSDT", None],
+            "side": ["BUY", "SELL", "BUY", "SELL"] * 2 + ["BUY", "BUY"],
+            "confidence": [0.1 * i for i in range(10)],
+            "size_usd": [None, "250", None, None, None, None, "99.5", None, None, None],
+            "leverage": [None, 3, None, None, 5, None, None, None, None, None],
+        },
+        schema_overrides={"size_usd": pl.String, "leverage": pl.Int64},
+    ).sample(fraction=1.0, shuffle=True, seed=3)
+    intents, _ = bt_running._entries_for(frames, entries, None)
+    together = bt_running._series_inputs(frames, symbols, intents, None)
+    for frame, series in zip(frames, together, strict=True):
+        alone = bt_running._prepare_series(frame, intents, None).arrays
+        assert series.arrays.keys() == alone.keys()
+        for key, value in alone.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(series.arrays[key], value, err_msg=key)
+            else:
+                assert series.arrays[key] == value, key
+        assert len(series.arrays["entry_time"]) == 4
