@@ -347,7 +347,13 @@ def _call_core(
     progress: ProgressCallback | None,
 ) -> list[dict[str, Any]]:
     outputs: list[dict[str, Any]] = []
-    chunks = _chunks(len(series), len(policies))
+    # Chunks exist for the progress bar; without one, a single call keeps every core busy
+    # to the end and converts no table twice.
+    chunks = (
+        _chunks(len(series), len(policies))
+        if progress is not None
+        else [(range(len(series)), range(len(policies)))]
+    )
     done = 0
     total = len(series) * len(policies)
     for series_range, policy_range in chunks:
