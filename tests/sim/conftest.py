@@ -169,3 +169,12 @@ async def open_user_stream(rest: Rest, prefix: str = "/private") -> UserStream:
     assert status == 200
     ws = await rest.session.ws_connect(f"{rest.venue.ws_url}{prefix}/ws/{body['listenKey']}")
     return UserStream(ws)
+
+
+async def subscribed(venue: sim.Venue, *streams: str) -> None:
+    """Wait until the server has registered ``streams``: step() publishes as it runs, and on a
+    loaded machine the handshake can answer before the server has added the subscriber."""
+    async with asyncio.timeout(20):
+        # The hub has no event to await for a new subscriber: its set is polled.
+        while not set(streams) <= venue.hub.wanted():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)

@@ -13,7 +13,15 @@ from typing import Any
 
 import aiohttp
 
-from tests.sim.conftest import Rest, UserStream, limit, market, open_user_stream, sample
+from tests.sim.conftest import (
+    Rest,
+    UserStream,
+    limit,
+    market,
+    open_user_stream,
+    sample,
+    subscribed,
+)
 
 # keys the sample's source project added to Binance's payload (SOURCES.md)
 SAMPLE_ONLY = {"st", "ps"}
@@ -250,6 +258,7 @@ async def next_json(ws: aiohttp.ClientWebSocketResponse) -> Any:
 async def test_market_stream_payloads(rest: Rest) -> None:
     venue = rest.venue
     ws = await rest.session.ws_connect(venue.ws_url + "/market/ws/btcusdt@markPrice@1s")
+    await subscribed(venue, "btcusdt@markprice@1s")
     await venue.step(1000)
     shape(await next_json(ws), sample("ws_markPrice_docs.json"), ignore=frozenset(SAMPLE_ONLY))
     await ws.close()
@@ -271,6 +280,7 @@ async def test_market_stream_payloads(rest: Rest) -> None:
     shape(seen["btcusdt@kline_1m"]["data"], sample("ws_kline_open_docs.json"))
     await ws.close()
     ws = await rest.session.ws_connect(venue.ws_url + "/public/ws/ethusdt@bookTicker")
+    await subscribed(venue, "ethusdt@bookticker")
     await venue.step(1000)
     shape(
         await next_json(ws),

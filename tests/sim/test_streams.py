@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.sim.conftest import Rest, open_user_stream, sample
+from tests.sim.conftest import Rest, open_user_stream, sample, subscribed
 
 
 async def recv(ws: aiohttp.ClientWebSocketResponse, wait_s: float = 5) -> Any:
@@ -23,6 +23,7 @@ async def recv(ws: aiohttp.ClientWebSocketResponse, wait_s: float = 5) -> Any:
 async def test_raw_stream_and_three_second_cadence(rest: Rest, prefix: str) -> None:
     venue = rest.venue
     ws = await rest.session.ws_connect(f"{venue.ws_url}{prefix}/ws/ethusdt@markPrice")
+    await subscribed(venue, "ethusdt@markprice")
     await venue.step(3000)
     msg = await recv(ws)
     assert msg["e"] == "markPriceUpdate"
@@ -96,6 +97,7 @@ async def test_route_mixing_rule(rest: Rest) -> None:
     ws = await rest.session.ws_connect(
         venue.ws_url + "/stream?streams=btcusdt@markPrice@1s/btcusdt@bookTicker"
     )
+    await subscribed(venue, "btcusdt@markprice@1s", "btcusdt@bookticker")
     await venue.step(1000)
     streams = {(await recv(ws))["stream"] for _ in range(2)}
     assert streams == {"btcusdt@markPrice@1s", "btcusdt@bookTicker"}
@@ -156,6 +158,7 @@ async def test_listen_key_expires_after_an_hour_without_keepalive(rest: Rest) ->
 async def test_kline_stream_marks_the_closed_bar(rest: Rest) -> None:
     venue = rest.venue
     ws = await rest.session.ws_connect(venue.ws_url + "/market/ws/solusdt@kline_1m")
+    await subscribed(venue, "solusdt@kline_1m")
     to_end = 60_000 - venue.clock.now_ms() % 60_000
     await venue.step(to_end - 1000)  # the bar's last second
     last = None
