@@ -35,3 +35,15 @@ def daemon(tmp_path: Path, name: str, config: Path, env: dict[str, str], url: st
 def messages(process: DaemonProcess) -> list[str]:
     """The log messages the daemon wrote so far."""
     return [str(line.get("msg", "")) for line in process.lines]
+
+
+def intent(symbol: str, *, size_usd: str = "500", **extra: str) -> dict[str, str]:
+    """A BUY intent for the bus, as the signal source writes it (``extra`` adds fields)."""
+    return {
+        **extra,
+        "symbol": symbol,
+        "side": "BUY",
+        "confidence": "0.8",
+        "leverage": "5",
+        "position_size_usd": size_usd,
+    }

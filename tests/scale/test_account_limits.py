@@ -19,7 +19,7 @@ import pytest
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from fleet import STREAM, bus_url, daemon  # noqa: E402
+from fleet import STREAM, bus_url, daemon, intent  # noqa: E402
 from pq_harness import DaemonProcess, simulator, until, venue_env, write_config  # noqa: E402
 from redis_server_proc import RedisServer  # noqa: E402
 
@@ -34,17 +34,6 @@ MARKS = {
     "LINKUSDT": "15.000",
 }
 LEDGER = "pyquant:default:ledger"
-
-
-def intent(symbol: str, n: int) -> dict[str, str]:
-    return {
-        "id": f"race-{n}-{symbol}",
-        "symbol": symbol,
-        "side": "BUY",
-        "confidence": "0.8",
-        "leverage": "5",
-        "position_size_usd": "100",
-    }
 
 
 def limit_failures(*processes: DaemonProcess) -> int:
@@ -89,7 +78,7 @@ async def test_two_daemons_never_exceed_the_account_wide_position_limit(
             )
             pipe = client.pipeline(transaction=False)
             for symbol in MARKS:
-                pipe.xadd(STREAM, intent(symbol, 1))
+                pipe.xadd(STREAM, intent(symbol, size_usd="100", id=f"race-1-{symbol}"))
             await pipe.execute()
             await until(lambda: limit_failures(alpha, beta) == 5, 40, "five entries refused")
             await until(lambda: len(open_legs()) == 3, 20, "three positions")
@@ -118,7 +107,7 @@ async def test_two_daemons_never_exceed_the_account_wide_position_limit(
             assert await rebuilt()
             free = next(s for s in MARKS if s not in open_legs())
             before = limit_failures(survivor)
-            await client.xadd(STREAM, intent(free, 2))
+            await client.xadd(STREAM, intent(free, size_usd="100", id=f"race-2-{free}"))
             decided = f"Intent decided intent_id=race-2-{free}"
             await until(lambda: survivor.logged(decided), 30, "the new intent decided")
             # Refused (by the survivor's own guard, which counts the adopted legs now, or by

@@ -19,21 +19,11 @@ import pytest
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from fleet import STREAM, bus_url, daemon, messages  # noqa: E402
+from fleet import STREAM, bus_url, daemon, intent, messages  # noqa: E402
 from pq_harness import simulator, until, venue_env, write_config  # noqa: E402
 from redis_server_proc import RedisServer  # noqa: E402
 
 from pyquant.scale.leases import _rendezvous  # noqa: E402
-
-
-def intent(symbol: str) -> dict[str, str]:
-    return {
-        "symbol": symbol,
-        "side": "BUY",
-        "confidence": "0.8",
-        "leverage": "5",
-        "position_size_usd": "500",
-    }
 
 
 async def test_a_joining_daemon_gets_its_symbol_handed_over_with_the_position(

@@ -23,22 +23,11 @@ import pytest
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from fleet import STREAM, TTL_MS, bus_url, daemon, messages  # noqa: E402
+from fleet import STREAM, TTL_MS, bus_url, daemon, intent, messages  # noqa: E402
 from pq_harness import simulator, until, venue_env, write_config  # noqa: E402
 from redis_server_proc import RedisServer  # noqa: E402
 
 from pyquant.scale.leases import LeaseConfig, LeaseManager  # noqa: E402
-
-
-def intent(symbol: str) -> dict[str, str]:
-    return {
-        "symbol": symbol,
-        "side": "BUY",
-        "confidence": "0.8",
-        "leverage": "5",
-        "position_size_usd": "500",
-        "source": "quantum",
-    }
 
 
 async def test_kill_9_of_an_owner_hands_its_symbol_to_the_other_daemon(
@@ -72,8 +61,8 @@ async def test_kill_9_of_an_owner_hands_its_symbol_to_the_other_daemon(
             assert await probe.preferred_owner("BTCUSDT") == "alpha"
             assert await probe.preferred_owner("ETHUSDT") == "beta"
 
-            await client.xadd(STREAM, intent("BTCUSDT"))
-            await client.xadd(STREAM, intent("ETHUSDT"))
+            await client.xadd(STREAM, intent("BTCUSDT", source="quantum"))
+            await client.xadd(STREAM, intent("ETHUSDT", source="quantum"))
             await until(
                 lambda: exchange.position("BTCUSDT", "LONG").amount == Decimal("0.005"), 20, "BTC"
             )
