@@ -34,6 +34,14 @@ def make(hedge: bool, **desk: Any) -> tuple[FakeVenue, Store, FakeEngine, Tradin
     )
 
 
+def account_update(
+    symbol: str, amount: str, entry: str, leg: str, *, time_ms: int
+) -> dict[str, object]:
+    """An ACCOUNT_UPDATE of one leg, as the user stream sends it."""
+    position = {"s": symbol, "pa": amount, "ep": entry, "ps": leg}
+    return {"e": "ACCOUNT_UPDATE", "E": time_ms, "a": {"m": "ORDER", "P": [position]}}
+
+
 def intent(intent_id: str, side: str = "BUY", symbol: str = "BTCUSDT") -> Any:
     return parse_intent(
         {"id": intent_id, "symbol": symbol, "side": side, "created_at_ms": NOW},
@@ -183,26 +191,11 @@ async def test_account_update_resizes_closes_and_adopts() -> None:
     pid = (await desk.submit(intent("a"))).position_id or ""
     # reduced elsewhere
     venue.set_position("BTCUSDT", "LONG", "0.004", "30000")
-    await desk.on_user_event(
-        {
-            "e": "ACCOUNT_UPDATE",
-            "E": 1,
-            "a": {
-                "m": "ORDER",
-                "P": [{"s": "BTCUSDT", "pa": "0.004", "ep": "30000", "ps": "LONG"}],
-            },
-        }
-    )
+    await desk.on_user_event(account_update("BTCUSDT", "0.004", "30000", "LONG", time_ms=1))
     assert ("resize", (pid, "0.004")) in engine.calls
     # a position opened elsewhere is adopted, with a backstop
     venue.set_position("ETHUSDT", "SHORT", "0.5", "2000")
-    await desk.on_user_event(
-        {
-            "e": "ACCOUNT_UPDATE",
-            "E": 2,
-            "a": {"m": "ORDER", "P": [{"s": "ETHUSDT", "pa": "-0.5", "ep": "2000", "ps": "SHORT"}]},
-        }
-    )
+    await desk.on_user_event(account_update("ETHUSDT", "-0.5", "2000", "SHORT", time_ms=2))
     adopted = [c for c in engine.calls if c[0] == "adopt"]
     assert adopted == [("adopt", ("2", "ETHUSDT", "SHORT", "0.5", "2000"))]
     assert any(
@@ -210,13 +203,7 @@ async def test_account_update_resizes_closes_and_adopts() -> None:
     )
     # closed elsewhere
     venue.set_position("BTCUSDT", "LONG", "0")
-    await desk.on_user_event(
-        {
-            "e": "ACCOUNT_UPDATE",
-            "E": 3,
-            "a": {"m": "ORDER", "P": [{"s": "BTCUSDT", "pa": "0", "ep": "0", "ps": "LONG"}]},
-        }
-    )
+    await desk.on_user_event(account_update("BTCUSDT", "0", "0", "LONG", time_ms=3))
     assert store.get_position(pid).close_reason == "external"  # type: ignore[union-attr]
     assert store.counters("exits") == {"external": 1}
 
@@ -229,14 +216,14 @@ async def test_a_stale_account_update_neither_adopts_nor_drops() -> None:
     pid = (await desk.submit(intent("a"))).position_id or ""
     held = store.get_position(pid).quantity  # type: ignore[union-attr]
 
-    def update(symbol: str, amount: str, leg: str) -> dict[str, object]:
-        position = {"s": symbol, "pa": amount, "ep": "30000", "ps": leg}
-        return {"e": "ACCOUNT_UPDATE", "E": 9, "a": {"m": "ORDER", "P": [position]}}
-
-    await desk.on_user_event(update("BTCUSDT", "0", "LONG"))  # stale: the venue holds it
+    await desk.on_user_event(
+        account_update("BTCUSDT", "0", "30000", "LONG", time_ms=9)
+    )  # stale: the venue holds it
     assert store.get_position(pid).status == "open"  # type: ignore[union-attr]
     assert store.get_position(pid).quantity == held  # type: ignore[union-attr]
-    await desk.on_user_event(update("ETHUSDT", "-0.5", "SHORT"))  # stale: already flat
+    await desk.on_user_event(
+        account_update("ETHUSDT", "-0.5", "30000", "SHORT", time_ms=9)
+    )  # stale: already flat
     assert [c for c in engine.calls if c[0] == "adopt"] == []
     assert [p.symbol for p in store.positions(("open",))] == ["BTCUSDT"]
     assert store.counters("exits") == {}
@@ -247,16 +234,7 @@ async def test_one_way_flip_is_close_plus_adoption() -> None:
     await ready(desk)
     pid = (await desk.submit(intent("a"))).position_id or ""
     venue.set_position("BTCUSDT", "BOTH", "-0.002", "30100")
-    await desk.on_user_event(
-        {
-            "e": "ACCOUNT_UPDATE",
-            "E": 1,
-            "a": {
-                "m": "ORDER",
-                "P": [{"s": "BTCUSDT", "pa": "-0.002", "ep": "30100", "ps": "BOTH"}],
-            },
-        }
-    )
+    await desk.on_user_event(account_update("BTCUSDT", "-0.002", "30100", "BOTH", time_ms=1))
     assert store.get_position(pid).status == "closed"  # type: ignore[union-attr]
     assert next(c for c in engine.calls if c[0] == "adopt")[1][2] == "SHORT"
 
@@ -424,13 +402,7 @@ async def test_backstop_close_is_labelled() -> None:
         {"e": "ALGO_UPDATE", "E": 5, "o": {"caid": cid, "aid": 1, "X": "TRIGGERED", "s": "BTCUSDT"}}
     )
     venue.set_position("BTCUSDT", "LONG", "0")
-    await desk.on_user_event(
-        {
-            "e": "ACCOUNT_UPDATE",
-            "E": 6,
-            "a": {"m": "ORDER", "P": [{"s": "BTCUSDT", "pa": "0", "ep": "0", "ps": "LONG"}]},
-        }
-    )
+    await desk.on_user_event(account_update("BTCUSDT", "0", "0", "LONG", time_ms=6))
     assert store.get_position(pid).close_reason == "backstop"  # type: ignore[union-attr]
     assert store.counters("exits") == {"backstop": 1}
 
