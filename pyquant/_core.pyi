@@ -623,16 +623,19 @@ def backtest_run(
     detail: bool,
     exhaustive: bool = False,
 ) -> dict[str, _Any]:
-    """Run every series under every policy through the exit state machine (GIL released).
+    """Run every series under every policy through the exit rules (GIL released).
 
     Each series is a dict of numpy arrays (``open_time`` int64 ms, ``open``/``high``/``low``/
     ``close`` float64, ``entry_time``/``entry_side``/``entry_confidence``/``entry_leverage``,
     ``entry_notional`` strings or None, optional ``fine_*`` bars and ``fine_interval_ms``)
     plus ``symbol`` and ``interval_ms``. Returns columns: ``fills``, ``trades``, ``stops``,
     ``levels``, ``skipped`` (dicts of numpy arrays, exact strings under ``*_exact`` when
-    ``detail``), ``reason_names`` and ``evaluations``. ``exhaustive`` feeds the state
-    machine every mark of the bar path, even those that provably change nothing (slower; for
-    checking). Use ``pyquant.backtest`` instead.
+    ``detail``), ``reason_names``, ``evaluations``, ``quiet_bars`` (of those, bars settled
+    as one integer step) and ``decimal_jobs``. The default replay runs in integer ticks,
+    lot units and money mantissas; ``exhaustive`` replays the decimal way instead, every mark
+    of the bar path through the daemon's exit state machine (slower; the reference the
+    tests hold the default to), and so does a job beyond what the integers hold (counted in
+    ``decimal_jobs``). Use ``pyquant.backtest`` instead.
     """
 
 def backtest_replay_marks(

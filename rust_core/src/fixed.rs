@@ -480,7 +480,8 @@ fn round_to_step_slow(value: Decimal, step: Decimal, rounding: Rounding) -> Opti
     Some(normalize_zero(result))
 }
 
-const POW10_I128: [i128; 29] = {
+/// `10^k` for `k` in 0..=28.
+pub(crate) const POW10_I128: [i128; 29] = {
     let mut table = [1i128; 29];
     let mut k = 1;
     while k < 29 {

@@ -16,14 +16,15 @@
 //! daemon would see from a 1 s mark stream. An open is a jump from the previous close: no
 //! mark is invented in between.
 //!
-//! # Quiet bars
-//! Most bars change nothing but a position's best mark and its trailing stop. Such a bar
-//! (its range crosses no stop, no pending level, no trailing activation, no due time stop)
-//! is settled in grid ticks as one step, without the four state-machine calls its path
-//! would take; any other bar, or one with finer bars, walks its path, where each mark that
-//! provably triggers nothing is settled the same way and the others go through `on_mark`.
-//! `Triggers` states the conditions; `BacktestOptions::exhaustive` feeds every mark, and
-//! the tests check that both give the same fills, trades and stops.
+//! # Integers, and the decimal reference
+//! The default replay (`tick_replay`) keeps positions in grid ticks and lot units and
+//! money in integer mantissas (`ticks`, `money`); most bars (a range that crosses no stop,
+//! no pending level, no trailing activation, no due time stop) are one integer step there
+//! instead of four state-machine calls. `BacktestOptions::exhaustive` runs the decimal
+//! replay (`replay`) instead: every mark through `PositionState::on_mark`, the daemon's own
+//! state machine. The tests require both to give the same fills, trades, stops, levels and
+//! skips; a job the integers cannot hold (a price more than 2^40 ticks from the grid's
+//! base, an amount beyond 96 bits) reruns the decimal way.
 //!
 //! # Fill model
 //! - An action fills at the mark that triggered it, with its whole quantity, at once
@@ -52,9 +53,13 @@
 //! - this file: the inputs, options and result types, [`run`] and [`replay_marks`];
 //! - `prepare`: bars onto the tick grid, segments, fine bars, band, ATR before each bar;
 //! - `path`: the mark path a bar stands for;
-//! - `quiet`: a position's triggers in ticks and the marks and bars that change nothing;
-//! - `replay`: one job: entries, each bar's marks through the state machine, the fill
-//!   model, fees, and the fills and trades it books;
+//! - `thresholds`: ticks of a decimal threshold, the trailing distance in ticks, ATR per bar;
+//! - `walk`: what both replays share: segments, entries, sizing, skip records;
+//! - `ticks`: a position's exit rules over ticks and lot units;
+//! - `money`: fees and `PnL` as integer mantissas;
+//! - `tick_replay`: one job the integer way (the default);
+//! - `replay`: one job the decimal way, every mark through the state machine (the
+//!   reference, `exhaustive`);
 //! - `exit_api`: the one place naming the position API of `crate::exit`.
 
 use std::borrow::Cow;
@@ -68,8 +73,9 @@ use crate::rules::ExchangeRules;
 
 use self::exit_api::{atr_key, new_position};
 use self::prepare::prepare;
-use self::quiet::TrailRule;
 use self::replay::Job;
+use self::tick_replay::TickJob;
+use self::walk::Record;
 
 /// Which extreme of a bar the path visits first when nothing finer says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,8 +206,9 @@ pub struct BacktestOptions {
     pub one_position_per_symbol: bool,
     /// Keep the chart data (stop after every bar, level prices) and exact strings.
     pub detail: bool,
-    /// Feed every mark of the path, even those that provably change nothing (see `Quiet`);
-    /// slower, for checking that skipping them changes no decision.
+    /// Replay the decimal way, every mark of the path through the exit state machine
+    /// (see "Integers, and the decimal reference"); slower, the reference the tests hold
+    /// the default integer replay to.
     pub exhaustive: bool,
 }
 
@@ -302,20 +309,28 @@ pub struct JobOutput {
     pub skipped: Vec<(i64, u8, u32)>,
     /// Bar x position evaluations.
     pub evaluations: u64,
-    /// Of `evaluations`, those settled as one quiet step without the state machine.
+    /// Of `evaluations`, those settled as one integer step (a bar that triggers nothing).
     pub quiet_bars: u64,
+    /// The job ran the decimal way: asked for (`exhaustive`), or the integers could not
+    /// hold it.
+    pub decimal: bool,
 }
 
 mod exit_api;
+mod money;
 mod path;
 mod prepare;
-mod quiet;
 mod replay;
 #[cfg(test)]
 mod tests;
+mod thresholds;
+mod tick_replay;
+mod ticks;
+mod walk;
 
 /// The nearest `f64` of a decimal, for the float columns of the results (see
-/// [`crate::fixed::decimal_to_f64_fast`]).
+/// [`crate::fixed::decimal_to_f64_fast`]): a function of the value alone, so the integer
+/// and the decimal replays, which may write one value with different decimals, agree.
 pub fn to_f64(value: Decimal) -> f64 {
     crate::fixed::decimal_to_f64_fast(value)
 }
@@ -346,27 +361,15 @@ pub fn run(
         .map(|&(j, i)| {
             let p = &prepared[i];
             let policy = &policies[j];
-            let job = Job {
-                p,
-                policy,
-                rules: p.rules,
-                options,
-                atr: &p.atr[&atr_key(policy)],
-                out: JobOutput {
-                    series: i as u32,
-                    policy: j as u32,
-                    ..JobOutput::default()
-                },
-                trail: TrailRule::of(policy),
-                bar_trail: None,
-                open: Vec::new(),
-                next_trade: 0,
-                path: Vec::with_capacity(8),
-                crossing_ticks: Vec::with_capacity(8),
-                crossing_prices: Vec::new(),
-                position_open_skips: 0,
-            };
-            job.run()
+            let atr = &p.atr[&atr_key(policy)];
+            let ticks = (!options.exhaustive)
+                .then(|| TickJob::new(p, policy, options, atr, Record::new(i, j)))
+                .and_then(|job| job.and_then(TickJob::run).ok());
+            ticks.unwrap_or_else(|| {
+                let mut record = Record::new(i, j);
+                record.out.decimal = true;
+                Job::new(p, policy, options, atr, record).run()
+            })
         })
         .collect();
     Ok(outputs)

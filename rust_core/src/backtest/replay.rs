@@ -1,8 +1,13 @@
-//! The replay of one (series, policy) job: entries, each bar's marks through the exit state
-//! machine (or the quiet step), the fill model, fees, and the fills and trades it books.
+//! The decimal replay of one (series, policy) job, the reference the integer replay
+//! (`tick_replay`) is checked against: every mark of every bar's path, and every trigger a
+//! move between two marks crosses, goes through `PositionState::on_mark`; the fill model,
+//! fees and the fills and trades it books. `BacktestOptions::exhaustive` selects it, and a
+//! job the integers cannot hold falls back to it.
 //!
 //! May not touch: the prepared bars (read-only, shared by all jobs) or another job's
 //! state; exits are decided only by `PositionState`, never here.
+
+use std::convert::Infallible;
 
 use crate::exit::policy::ExitPolicy;
 use crate::exit::position::{Confirmed, PositionState};
@@ -12,10 +17,11 @@ use crate::rules::SymbolRules;
 use super::exit_api::{new_position, reason_of, triggers_of};
 use super::path::{bar_path, Point};
 use super::prepare::Prepared;
-use super::quiet::{atr_at, atr_basis, trail_ticks, TrailRule, Triggers};
+use super::thresholds::atr_at;
+use super::walk::{entry_quantity, entry_rate, walk, Record, Replay};
 use super::{
-    to_f64, BacktestOptions, Direction, Entry, Fill, JobOutput, Trade, BELOW_MIN_NOTIONAL,
-    BELOW_MIN_QTY, DATA_GAP, END_OF_DATA, ENTRY, NO_BAR, OVER_LEVERAGE, POSITION_OPEN,
+    to_f64, BacktestOptions, Direction, Entry, Fill, JobOutput, Trade, ENTRY, OVER_LEVERAGE,
+    POSITION_OPEN,
 };
 
 pub(super) fn fee(rate: Decimal, price: Decimal, quantity: Decimal) -> Decimal {
@@ -40,9 +46,6 @@ pub(super) struct Open {
     pub(super) confidence: Option<f64>,
     pub(super) bars_held: u32,
     pub(super) sequence: u32,
-    /// The state's triggers as grid ticks, for skipping marks that change nothing; `None`
-    /// (every mark fed) with `exhaustive` or a trigger off the grid.
-    pub(super) triggers: Option<Triggers>,
 }
 
 pub(super) struct Job<'a> {
@@ -52,137 +55,41 @@ pub(super) struct Job<'a> {
     pub(super) options: &'a BacktestOptions,
     /// ATR before each bar, NaN while not ready (see [`atr_at`]).
     pub(super) atr: &'a [f64],
-    pub(super) trail: TrailRule,
-    /// [`trail_ticks`] of the bar being replayed.
-    pub(super) bar_trail: Option<i64>,
-    pub(super) out: JobOutput,
+    pub(super) record: Record,
     pub(super) open: Vec<Open>,
     pub(super) next_trade: u32,
     pub(super) path: Vec<Point>,
-    pub(super) crossing_ticks: Vec<i64>,
     pub(super) crossing_prices: Vec<Decimal>,
-    pub(super) position_open_skips: u32,
 }
 
-impl Job<'_> {
-    pub(super) fn skip(&mut self, time_ms: i64, reason: u8) {
-        if reason == POSITION_OPEN {
-            // Counted, not listed: a signal rule repeats itself on every bar of a position.
-            self.position_open_skips += 1;
-        } else {
-            self.out.skipped.push((time_ms, reason, 1));
+impl<'a> Job<'a> {
+    pub(super) fn new(
+        p: &'a Prepared<'a>,
+        policy: &'a ExitPolicy,
+        options: &'a BacktestOptions,
+        atr: &'a [f64],
+        record: Record,
+    ) -> Self {
+        Self {
+            p,
+            policy,
+            rules: p.rules,
+            options,
+            atr,
+            record,
+            open: Vec::new(),
+            next_trade: 0,
+            path: Vec::with_capacity(8),
+            crossing_prices: Vec::new(),
         }
     }
 
-    pub(super) fn try_enter(&mut self, entry: &Entry, i: usize) {
+    pub(super) fn run(mut self) -> JobOutput {
         let p = self.p;
-        let blocked = self
-            .open
-            .iter()
-            .any(|o| self.options.one_position_per_symbol || o.direction == entry.direction);
-        if blocked {
-            self.skip(entry.time_ms, POSITION_OPEN);
-            return;
+        match walk(&mut self, p) {
+            Ok(()) => self.record.finish(),
+            Err(never) => match never {},
         }
-        let price = p.grid.price(p.bars[i][0]);
-        let notional = entry.notional.unwrap_or(self.options.notional);
-        let quantity = self.rules.quantize_qty(notional / price, true);
-        if quantity <= Decimal::ZERO || quantity < self.rules.min_qty(true) {
-            self.skip(entry.time_ms, BELOW_MIN_QTY);
-            return;
-        }
-        if quantity * price < self.rules.min_notional() {
-            self.skip(entry.time_ms, BELOW_MIN_NOTIONAL);
-            return;
-        }
-        let leverage = entry.leverage.unwrap_or(self.options.leverage);
-        let time_ms = p.input.bars.open_time[i];
-        let trade = self.next_trade;
-        let position = match new_position(
-            self.rules,
-            self.policy,
-            trade,
-            entry.direction,
-            quantity,
-            price,
-            leverage,
-            entry.confidence,
-            time_ms,
-            atr_at(self.atr, i),
-        ) {
-            // The daemon refuses an entry whose allowed stop is below the policy minimum.
-            Ok(position) if !position.over_leveraged => position,
-            _ => {
-                self.skip(entry.time_ms, OVER_LEVERAGE);
-                return;
-            }
-        };
-        self.next_trade += 1;
-        let rate = if self.options.entry_maker {
-            self.options.maker_fee
-        } else {
-            self.options.taker_fee
-        };
-        let entry_fee = fee(rate, price, quantity);
-        let initial_stop = position.stop_price;
-        let risk_price = (price - initial_stop).abs();
-        let r_floats = (
-            to_f64(price),
-            to_f64(entry.direction.sign()),
-            to_f64(risk_price),
-        );
-        let triggers = self.triggers_for(&position, time_ms);
-        if self.options.detail {
-            for (k, &level) in position.ladder_prices.iter().enumerate() {
-                self.out.levels.push((trade, k as u32 + 1, to_f64(level)));
-            }
-        }
-        self.out.fills.push(Fill {
-            trade,
-            sequence: 0,
-            reason: ENTRY,
-            time_ms,
-            direction: entry.direction,
-            price,
-            quantity,
-            fee: entry_fee,
-            pnl: -entry_fee,
-            r: 0.0,
-            trigger: None,
-            mark: price,
-        });
-        self.open.push(Open {
-            trade,
-            position,
-            direction: entry.direction,
-            entry_time_ms: time_ms,
-            entry_price: price,
-            quantity,
-            remaining: quantity,
-            initial_stop,
-            risk_price,
-            r_floats,
-            pnl: -entry_fee,
-            fees: entry_fee,
-            confidence: entry.confidence,
-            bars_held: 0,
-            sequence: 0,
-            triggers,
-        });
-    }
-
-    /// The triggers of a position opened at `time_ms`; `None` (every mark fed) with
-    /// `exhaustive` or a trigger off the grid.
-    pub(super) fn triggers_for(&self, position: &PositionState, time_ms: i64) -> Option<Triggers> {
-        if self.options.exhaustive {
-            return None;
-        }
-        let expires = self
-            .policy
-            .config()
-            .max_hold_ms
-            .map(|h| time_ms.saturating_add(h));
-        Triggers::new(position, self.p.grid, self.p.band, expires)
     }
 
     /// Books a fill of `quantity` at `price` for `open`; returns true when it closed it.
@@ -247,53 +154,23 @@ impl Job<'_> {
         false
     }
 
-    /// Feeds the mark `price` (at grid tick `tick`, when on the grid) to position `k`;
-    /// confirms every action at once. Returns true when the position closed.
+    /// Feeds the mark `price` to position `k`; confirms every action at once. Returns true
+    /// when the position closed.
     pub(super) fn feed(
         &mut self,
         k: usize,
         time_ms: i64,
         price: Decimal,
-        tick: Option<i64>,
         atr: Option<f64>,
     ) -> bool {
-        let grid = self.p.grid;
-        let basis = atr_basis(atr);
-        if let Some(tick) = tick {
-            let trail = self.bar_trail;
-            let Open {
-                triggers, position, ..
-            } = &mut self.open[k];
-            if let Some(triggers) = triggers.as_mut() {
-                if let Some(step) = triggers.trailing_update(position, tick, basis, trail, grid) {
-                    triggers.apply(position, &step);
-                }
-            }
-        }
         // An action's confirmation can move the stop (breakeven, ratchet) so that the same
         // mark triggers again; the loop is bounded by the ladder length plus the stop.
         for _ in 0..64 {
             let open = &mut self.open[k];
-            let action = open
+            let Some(action) = open
                 .position
-                .on_mark(price, atr, time_ms, self.rules, self.policy);
-            if let Some(triggers) = &mut open.triggers {
-                // In the backtest nothing is pending here and the position is open, so
-                // `on_mark` took the mark in when it is plausible (surely so inside the
-                // band) and ignored it when not positive; anything else (a positive mark
-                // outside the band, or off the grid) ends the shortcuts for this position.
-                let still_valid = match tick {
-                    Some(tick) if tick >= triggers.band.0 && tick <= triggers.band.1 => {
-                        triggers.took(&open.position, tick, basis, grid);
-                        true
-                    }
-                    _ => price <= Decimal::ZERO,
-                };
-                if !still_valid || !triggers.refresh_stop(&open.position, grid) {
-                    open.triggers = None;
-                }
-            }
-            let Some(action) = action else {
+                .on_mark(price, atr, time_ms, self.rules, self.policy)
+            else {
                 return false;
             };
             let sequence = action.sequence as u32;
@@ -304,14 +181,9 @@ impl Job<'_> {
                     .confirm(action.sequence, Some(quantity), self.rules, self.policy),
                 Ok(Confirmed::Closed)
             );
-            if let Some(triggers) = &mut open.triggers {
-                if !triggers.refresh_stop(&open.position, grid) {
-                    open.triggers = None;
-                }
-            }
             if Self::book(
                 self.options,
-                &mut self.out,
+                &mut self.record.out,
                 open,
                 reason_of(action.reason),
                 time_ms,
@@ -337,66 +209,149 @@ impl Job<'_> {
         atr: Option<f64>,
     ) -> bool {
         let grid = self.p.grid;
-        let open = &self.open[k];
-        let mut closed = false;
-        if let Some(triggers) = &open.triggers {
-            let mut ticks = std::mem::take(&mut self.crossing_ticks);
-            triggers.crossings(&open.position, from.tick, to.tick, &mut ticks);
-            for &tick in &ticks {
-                if self.feed(k, from.time_ms, grid.price(tick), Some(tick), atr) {
-                    closed = true;
-                    break;
-                }
-            }
-            self.crossing_ticks = ticks;
+        let mut prices = std::mem::take(&mut self.crossing_prices);
+        prices.clear();
+        let (lo, hi) = (
+            grid.price(from.tick.min(to.tick)),
+            grid.price(from.tick.max(to.tick)),
+        );
+        prices.extend(triggers_of(&self.open[k].position).filter(|&x| x > lo && x < hi));
+        if from.tick <= to.tick {
+            prices.sort_unstable();
         } else {
-            // Some trigger is off the grid: compare decimals, feed each trigger's own price.
-            let mut prices = std::mem::take(&mut self.crossing_prices);
-            prices.clear();
-            let (lo, hi) = (
-                grid.price(from.tick.min(to.tick)),
-                grid.price(from.tick.max(to.tick)),
-            );
-            prices.extend(triggers_of(&open.position).filter(|&x| x > lo && x < hi));
-            if from.tick <= to.tick {
-                prices.sort_unstable();
-            } else {
-                prices.sort_unstable_by(|x, y| y.cmp(x));
-            }
-            for &price in &prices {
-                if self.feed(k, from.time_ms, price, None, atr) {
-                    closed = true;
-                    break;
-                }
-            }
-            self.crossing_prices = prices;
+            prices.sort_unstable_by(|x, y| y.cmp(x));
         }
+        let mut closed = false;
+        for &price in &prices {
+            if self.feed(k, from.time_ms, price, atr) {
+                closed = true;
+                break;
+            }
+        }
+        self.crossing_prices = prices;
         closed
     }
 
-    pub(super) fn run_bar(&mut self, i: usize) {
+    /// Position `k` is still open after bar `i`.
+    pub(super) fn end_bar(&mut self, k: usize, i: usize) {
+        let open = &mut self.open[k];
+        open.bars_held += 1;
+        if self.options.detail {
+            self.record.out.stops.push((
+                open.trade,
+                self.p.input.bars.open_time[i],
+                to_f64(open.position.stop_price),
+            ));
+        }
+    }
+}
+
+impl Replay for Job<'_> {
+    type Error = Infallible;
+
+    fn record(&mut self) -> &mut Record {
+        &mut self.record
+    }
+
+    fn has_open(&self) -> bool {
+        !self.open.is_empty()
+    }
+
+    fn enter(&mut self, entry: &Entry, i: usize) -> Result<(), Infallible> {
+        let p = self.p;
+        let blocked = self
+            .open
+            .iter()
+            .any(|o| self.options.one_position_per_symbol || o.direction == entry.direction);
+        if blocked {
+            self.record.skip(entry.time_ms, POSITION_OPEN);
+            return Ok(());
+        }
+        let price = p.grid.price(p.bars[i][0]);
+        let quantity = match entry_quantity(self.rules, self.options, entry, price) {
+            Ok(quantity) => quantity,
+            Err(reason) => {
+                self.record.skip(entry.time_ms, reason);
+                return Ok(());
+            }
+        };
+        let leverage = entry.leverage.unwrap_or(self.options.leverage);
+        let time_ms = p.input.bars.open_time[i];
+        let trade = self.next_trade;
+        let position = match new_position(
+            self.rules,
+            self.policy,
+            trade,
+            entry.direction,
+            quantity,
+            price,
+            leverage,
+            entry.confidence,
+            time_ms,
+            atr_at(self.atr, i),
+        ) {
+            // The daemon refuses an entry whose allowed stop is below the policy minimum.
+            Ok(position) if !position.over_leveraged => position,
+            _ => {
+                self.record.skip(entry.time_ms, OVER_LEVERAGE);
+                return Ok(());
+            }
+        };
+        self.next_trade += 1;
+        let entry_fee = fee(entry_rate(self.options), price, quantity);
+        let initial_stop = position.stop_price;
+        let risk_price = (price - initial_stop).abs();
+        let r_floats = (
+            to_f64(price),
+            to_f64(entry.direction.sign()),
+            to_f64(risk_price),
+        );
+        let out = &mut self.record.out;
+        if self.options.detail {
+            for (k, &level) in position.ladder_prices.iter().enumerate() {
+                out.levels.push((trade, k as u32 + 1, to_f64(level)));
+            }
+        }
+        out.fills.push(Fill {
+            trade,
+            sequence: 0,
+            reason: ENTRY,
+            time_ms,
+            direction: entry.direction,
+            price,
+            quantity,
+            fee: entry_fee,
+            pnl: -entry_fee,
+            r: 0.0,
+            trigger: None,
+            mark: price,
+        });
+        self.open.push(Open {
+            trade,
+            position,
+            direction: entry.direction,
+            entry_time_ms: time_ms,
+            entry_price: price,
+            quantity,
+            remaining: quantity,
+            initial_stop,
+            risk_price,
+            r_floats,
+            pnl: -entry_fee,
+            fees: entry_fee,
+            confidence: entry.confidence,
+            bars_held: 0,
+            sequence: 0,
+        });
+        Ok(())
+    }
+
+    fn bar(&mut self, i: usize) -> Result<(), Infallible> {
         let grid = self.p.grid;
         let atr = atr_at(self.atr, i);
-        let basis = atr_basis(atr);
-        let trail = trail_ticks(grid, self.policy, atr);
-        self.bar_trail = trail;
-        // Without finer bars the path is the bar's own four prices, all within its range.
-        let whole_bar = match self.p.fine.get(i) {
-            Some(Some(_)) => None,
-            _ => Some(self.p.bars[i]),
-        };
-        let last_ms = self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1;
         let mut k = 0;
         while k < self.open.len() {
-            self.out.evaluations += 1;
-            if let Some(ohlc) = whole_bar {
-                if self.quiet_bar(k, ohlc, last_ms, basis, trail) {
-                    self.out.quiet_bars += 1;
-                    self.end_bar(k, i);
-                    k += 1;
-                    continue;
-                }
-            }
+            self.record.out.evaluations += 1;
             let direction = self.open[k].direction;
             let mut path = std::mem::take(&mut self.path);
             bar_path(self.p, i, direction, self.options.intrabar, &mut path);
@@ -409,30 +364,7 @@ impl Job<'_> {
                         break;
                     }
                 }
-                let Open {
-                    triggers, position, ..
-                } = &mut self.open[k];
-                let step = triggers.as_ref().and_then(|t| {
-                    t.quiet(
-                        position,
-                        self.trail,
-                        point.tick,
-                        point.tick,
-                        point.time_ms,
-                        basis,
-                        trail,
-                        grid,
-                    )
-                });
-                if let (Some(step), Some(triggers)) = (step, triggers.as_mut()) {
-                    triggers.apply(position, &step);
-                } else if self.feed(
-                    k,
-                    point.time_ms,
-                    grid.price(point.tick),
-                    Some(point.tick),
-                    atr,
-                ) {
+                if self.feed(k, point.time_ms, grid.price(point.tick), atr) {
                     closed = true;
                     break;
                 }
@@ -446,66 +378,10 @@ impl Job<'_> {
             self.end_bar(k, i);
             k += 1;
         }
+        Ok(())
     }
 
-    /// The whole bar `ohlc` as one quiet step for position `k`, when it is one (see
-    /// [`Triggers`]); false (nothing changed) otherwise.
-    pub(super) fn quiet_bar(
-        &mut self,
-        k: usize,
-        ohlc: [i64; 4],
-        last_ms: i64,
-        basis: u64,
-        trail: Option<i64>,
-    ) -> bool {
-        let Open {
-            triggers, position, ..
-        } = &mut self.open[k];
-        let Some(triggers) = triggers.as_mut() else {
-            return false;
-        };
-        let [open, high, low, close] = ohlc;
-        let (lo, hi) = (
-            open.min(high).min(low).min(close),
-            open.max(high).max(low).max(close),
-        );
-        let (adverse, favourable) = if triggers.side > 0 {
-            (lo, hi)
-        } else {
-            (hi, lo)
-        };
-        match triggers.quiet(
-            position,
-            self.trail,
-            adverse,
-            favourable,
-            last_ms,
-            basis,
-            trail,
-            self.p.grid,
-        ) {
-            Some(step) => {
-                triggers.apply(position, &step);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Position `k` is still open after bar `i`.
-    pub(super) fn end_bar(&mut self, k: usize, i: usize) {
-        let open = &mut self.open[k];
-        open.bars_held += 1;
-        if self.options.detail {
-            self.out.stops.push((
-                open.trade,
-                self.p.input.bars.open_time[i],
-                to_f64(open.position.stop_price),
-            ));
-        }
-    }
-
-    pub(super) fn close_all(&mut self, i: usize, reason: u8) {
+    fn close_all(&mut self, i: usize, reason: u8) -> Result<(), Infallible> {
         let time_ms = self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1;
         let price = self.p.grid.price(self.p.bars[i][3]);
         for mut open in std::mem::take(&mut self.open) {
@@ -513,7 +389,7 @@ impl Job<'_> {
             let sequence = open.sequence + 1;
             Self::book(
                 self.options,
-                &mut self.out,
+                &mut self.record.out,
                 &mut open,
                 reason,
                 time_ms,
@@ -523,42 +399,6 @@ impl Job<'_> {
                 sequence,
             );
         }
-    }
-
-    #[allow(clippy::needless_range_loop)] // `i` addresses several parallel bar arrays
-    pub(super) fn run(mut self) -> JobOutput {
-        let p = self.p;
-        let times = &p.input.bars.open_time;
-        let interval = p.input.interval_ms;
-        let entries = &p.input.entries;
-        let mut e = 0;
-        for (s, &(start, end)) in p.segments.iter().enumerate() {
-            for i in start..end {
-                let t = times[i];
-                while e < entries.len() && entries[e].time_ms <= t {
-                    let entry = &entries[e];
-                    e += 1;
-                    if t - entry.time_ms >= interval {
-                        self.skip(entry.time_ms, NO_BAR);
-                    } else {
-                        self.try_enter(entry, i);
-                    }
-                }
-                if !self.open.is_empty() {
-                    self.run_bar(i);
-                }
-            }
-            let last = s + 1 == p.segments.len();
-            self.close_all(end - 1, if last { END_OF_DATA } else { DATA_GAP });
-        }
-        for entry in &entries[e..] {
-            self.out.skipped.push((entry.time_ms, NO_BAR, 1));
-        }
-        if self.position_open_skips > 0 {
-            self.out
-                .skipped
-                .push((0, POSITION_OPEN, self.position_open_skips));
-        }
-        self.out
+        Ok(())
     }
 }

@@ -1,5 +1,5 @@
-//! Tests of the backtest: fills, trades, stops and the quiet-bar shortcut against feeding
-//! every mark.
+//! Tests of the backtest: fills, trades, stops, and the integer replay against the decimal
+//! one (every mark through the exit state machine).
 
 use super::prepare::Grid;
 use super::*;
@@ -421,11 +421,11 @@ proptest::proptest! {
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
 
-    /// Skipping the marks that provably change nothing gives the very fills of feeding
-    /// every mark: random walks (ETHUSDT ticks), entries on both sides, both intrabar
+    /// The integer replay gives the very fills of the decimal one (every mark through the
+    /// state machine): random walks (ETHUSDT ticks), entries on both sides, both intrabar
     /// rules, with and without finer bars.
     #[test]
-    fn skipping_quiet_marks_changes_no_fill(
+    fn integer_replay_gives_the_decimal_fills(
         seed in 1u64..u64::MAX,
         target_first in proptest::bool::ANY,
         with_fine in proptest::bool::ANY,
@@ -501,6 +501,7 @@ proptest::proptest! {
         let slow = run(std::slice::from_ref(&input), &policies, &rules, &exhaustive).unwrap();
         let mut reasons = std::collections::BTreeSet::new();
         for (a, b) in fast.iter().zip(&slow) {
+            proptest::prop_assert!(!a.decimal && b.decimal);
             proptest::prop_assert_eq!(fill_view(a), fill_view(b));
             proptest::prop_assert_eq!(&a.stops, &b.stops);
             proptest::prop_assert_eq!(a.evaluations, b.evaluations);
@@ -665,14 +666,14 @@ const WALK_GRIDS: [(&str, f64, i64); 4] = [
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
-    /// A bar that provably triggers nothing is one step, not four state-machine calls,
-    /// and changes nothing: the same fills (every field, exact decimals and their
-    /// scale), trades, stop after every bar, levels, skips and evaluation counts as
-    /// feeding every mark, over random walks with calm and wild stretches and gaps,
+    /// The integer replay, where a bar that provably triggers nothing is one step, gives
+    /// what the decimal replay (every mark through the state machine) gives: the same
+    /// fills (every field, exact decimals and their scale), trades, stop after every bar,
+    /// levels, skips and evaluation counts, over random walks with calm and wild stretches and gaps,
     /// random policies, both sides, sparse and dense entries, both intrabar rules, with
     /// and without finer bars, on four grids.
     #[test]
-    fn quiet_bars_change_nothing(
+    fn integer_replay_matches_the_decimal_replay(
         seed in 1u64..u64::MAX,
         target_first in proptest::bool::ANY,
         with_fine in proptest::bool::ANY,
@@ -761,6 +762,7 @@ proptest::proptest! {
         let fast = run(std::slice::from_ref(&input), &policies, &rules, &skipping).unwrap();
         let slow = run(std::slice::from_ref(&input), &policies, &rules, &exhaustive).unwrap();
         for (a, b) in fast.iter().zip(&slow) {
+            proptest::prop_assert!(!a.decimal && b.decimal);
             proptest::prop_assert_eq!(job_view(a), job_view(b));
             proptest::prop_assert_eq!(b.quiet_bars, 0);
         }

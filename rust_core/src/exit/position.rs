@@ -726,38 +726,6 @@ impl PositionState {
         }
     }
 
-    /// Applies the first two steps of [`PositionState::on_mark`] (best mark, trailing
-    /// stop) as the caller computed them in grid ticks (the backtest): `best`, the new best
-    /// mark if any; `trailing_stop`, the trailing candidate at the best when it tightens the
-    /// stop; `trail_basis`, the ATR (bits) of that candidate when trailing is active, recorded
-    /// as `on_mark` records it (a later update with the same ATR and no new best then skips
-    /// the candidate, as after `on_mark`). The caller guarantees what `on_mark` would check
-    /// first: the mark is inside the plausible band, nothing is pending, trailing activates
-    /// on it neither by price nor by level, and the open time is set. Applied on its own
-    /// for a mark that triggers nothing, or just before `on_mark` with the same mark, which
-    /// then finds these steps done. With `trail_basis` `None` the ATR cache is left as it
-    /// is: a later update may recompute a candidate, which tightens nothing.
-    pub(crate) fn apply_quiet_mark(
-        &mut self,
-        best: Option<Decimal>,
-        trailing_stop: Option<Decimal>,
-        trail_basis: Option<u64>,
-    ) {
-        self.watch.clear();
-        if let Some(best) = best {
-            debug_assert!(strictly_tighter(self.side, best, self.best_price));
-            self.best_price = best;
-        }
-        if let Some(stop) = trailing_stop {
-            let moved = self.tighten(stop, ExitReason::TrailingStop);
-            debug_assert!(moved, "a quiet trailing stop must tighten");
-        }
-        if let Some(basis) = trail_basis {
-            debug_assert!(self.trailing_active);
-            self.trail_basis = Some(basis);
-        }
-    }
-
     fn apply_ladder_ratchet(&mut self, rules: &SymbolRules, policy: &ExitPolicy) {
         let config = policy.config();
         if let Some(n) = config.breakeven_after_level {

@@ -287,6 +287,8 @@ fn outputs<'py>(
     // Of those, the bar x position steps settled without the state machine (a count for
     // profiling and for the tests that prove the shortcut changes nothing).
     result.set_item("quiet_bars", jobs.iter().map(|j| j.quiet_bars).sum::<u64>())?;
+    // Jobs replayed the decimal way (`exhaustive`, or beyond what the integers hold).
+    result.set_item("decimal_jobs", jobs.iter().filter(|j| j.decimal).count())?;
     let symbol_rules: Vec<_> = series
         .iter()
         .map(|s| rules.symbol(&s.symbol))

@@ -1,12 +1,14 @@
-"""The backtest's quiet-bar shortcut changes no decision on the real klines.
+"""The integer replay (the default) decides exactly as the decimal one, on the real klines.
 
-A bar whose range crosses no trigger (stop, next take-profit level, time stop, trailing
-activation) is settled in grid ticks as one step instead of four state-machine calls; the
-driver run with ``exhaustive=True`` feeds every mark instead. On every symbol of
-tests/data/market, sparse (momentum24h) and dense (an entry at every bar, both sides)
-entries, and policies covering every trailing kind, both runs must give the very same
-fills (exact decimals), trades, stop after every bar, levels, skips and evaluations, and
-the shortcut must actually have settled bars.
+The default replay keeps positions in grid ticks and lot units and money in integer
+mantissas, and settles a bar whose range crosses no trigger (stop, next take-profit level,
+time stop, trailing activation) as one step; ``exhaustive=True`` replays the decimal way,
+every mark through the daemon's exit state machine. On every symbol of tests/data/market
+(every real symbol's filters that has klines), sparse (momentum24h) and dense (an entry at
+every bar, both sides) entries, and policies covering every trailing kind, both runs must
+give the very same fills (exact decimals), trades, stop after every bar, levels, skips and
+evaluations; the integer run must not have fallen back to decimals, and must actually have
+settled bars in one step.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ POLICIES = {
 
 def _compare(fast: dict, slow: dict) -> None:
     assert fast["evaluations"] == slow["evaluations"]
+    assert fast["decimal_jobs"] == 0
     assert slow["quiet_bars"] == 0
+    assert slow["decimal_jobs"] == len(POLICIES)
     for table in ("fills", "trades", "stops", "levels", "skipped"):
         assert fast[table].keys() == slow[table].keys()
         for column in fast[table]:
@@ -59,7 +63,7 @@ def _compare(fast: dict, slow: dict) -> None:
 
 
 @pytest.mark.parametrize("symbol", SYMBOLS)
-def test_quiet_bars_change_no_decision_on_real_klines(rules, symbol):
+def test_integer_replay_decides_as_the_decimal_one_on_real_klines(rules, symbol):
     [frame] = bt.load_klines(MARKET / f"{symbol}_1m_last.parquet")
     frame = frame.head(ROWS)
     intents, one = bt_running._entries_for([frame], None, None)

@@ -1,0 +1,428 @@
+//! The integer replay of one (series, policy) job, the default path: positions in grid
+//! ticks and lot units ([`TickPosition`]), fees and `PnL` as mantissas ([`Money`]), a bar
+//! that provably triggers nothing settled as one step, every other bar walked mark by
+//! mark exactly as the decimal replay walks it. Decimals are built only for what a fill
+//! or trade reports.
+//!
+//! May not touch: the prepared bars (read-only, shared by all jobs) or another job's
+//! state; exits are decided only by `TickPosition`, never here. Anything the integers
+//! cannot hold ends the job with [`Unrepresentable`], and the caller reruns it the decimal
+//! way (`replay`).
+
+use crate::exit::policy::ExitPolicy;
+
+use super::exit_api::{new_position, reason_of};
+use super::money::{Money, Rate};
+use super::path::{bar_path, Point};
+use super::prepare::Prepared;
+use super::thresholds::{atr_at, trail_ticks};
+use super::ticks::{TickPosition, TickRules, Unrepresentable};
+use super::walk::{entry_quantity, entry_rate, Record, Replay};
+use super::{
+    to_f64, BacktestOptions, Direction, Entry, Fill, Trade, ENTRY, OVER_LEVERAGE, POSITION_OPEN,
+};
+
+struct TickOpen {
+    trade: u32,
+    position: TickPosition,
+    direction: Direction,
+    entry_time_ms: i64,
+    /// The entry price's grid mantissa.
+    entry_price: i128,
+    /// Entry quantity and what is left of it, in lot units.
+    quantity: i128,
+    remaining: i128,
+    initial_stop: i64,
+    /// `to_f64` of the entry price, the side's sign and R, for the `r` column of each fill.
+    r_floats: (f64, f64, f64),
+    /// Net `PnL` and fees so far, as money mantissas.
+    pnl: i128,
+    fees: i128,
+    confidence: Option<f64>,
+    bars_held: u32,
+    sequence: u32,
+}
+
+pub(super) struct TickJob<'a> {
+    p: &'a Prepared<'a>,
+    policy: &'a ExitPolicy,
+    options: &'a BacktestOptions,
+    /// ATR before each bar, NaN while not ready (see [`atr_at`]).
+    atr: &'a [f64],
+    rules: TickRules<'a>,
+    money: Money,
+    entry_rate: Rate,
+    exit_rate: Rate,
+    record: Record,
+    open: Vec<TickOpen>,
+    /// Closed positions whose buffers the next entry reuses.
+    spare: Vec<TickPosition>,
+    next_trade: u32,
+    path: Vec<Point>,
+    crossings: Vec<i64>,
+}
+
+impl<'a> TickJob<'a> {
+    pub(super) fn new(
+        p: &'a Prepared<'a>,
+        policy: &'a ExitPolicy,
+        options: &'a BacktestOptions,
+        atr: &'a [f64],
+        record: Record,
+    ) -> Result<Self, Unrepresentable> {
+        let rules = TickRules::new(p.grid, p.rules, policy, p.band)?;
+        Ok(Self {
+            p,
+            policy,
+            options,
+            atr,
+            money: Money::new(p.grid.scale, rules.qty.scale)?,
+            rules,
+            entry_rate: Rate::new(entry_rate(options)),
+            exit_rate: Rate::new(options.taker_fee),
+            record,
+            open: Vec::new(),
+            spare: Vec::new(),
+            next_trade: 0,
+            path: Vec::with_capacity(8),
+            crossings: Vec::with_capacity(8),
+        })
+    }
+
+    pub(super) fn run(mut self) -> Result<super::JobOutput, Unrepresentable> {
+        let p = self.p;
+        super::walk::walk(&mut self, p)?;
+        Ok(self.record.finish())
+    }
+
+    /// The grid mantissa of tick `k`.
+    fn mantissa(&self, k: i64) -> i128 {
+        self.p.grid.base + i128::from(k) * self.p.grid.step
+    }
+
+    /// Books an exit fill of `quantity` units at tick `price` for position `k`; returns
+    /// true when it closed the position.
+    #[allow(clippy::too_many_arguments)] // one fill's facts
+    fn book(
+        &mut self,
+        k: usize,
+        reason: u8,
+        time_ms: i64,
+        price: i64,
+        quantity: i128,
+        trigger: Option<i64>,
+        sequence: u32,
+    ) -> Result<bool, Unrepresentable> {
+        let grid = self.p.grid;
+        let money = self.money;
+        let price_mantissa = self.mantissa(price);
+        let open = &mut self.open[k];
+        let quantity = quantity.min(open.remaining);
+        let fee = money.fee(self.exit_rate, price_mantissa, quantity)?;
+        let gross = money.gross(
+            open.entry_price,
+            price_mantissa,
+            quantity,
+            open.position.side,
+        )?;
+        let pnl = money.add(gross, -fee)?;
+        let price_decimal = grid.price(price);
+        let (entry_f, sign_f, risk_f) = open.r_floats;
+        let r = if open.initial_stop == open.position.entry {
+            0.0
+        } else {
+            // A float column for analysis: the exact move is price - entry in the fills.
+            (to_f64(price_decimal) - entry_f) * sign_f / risk_f
+        };
+        open.remaining -= quantity;
+        open.pnl = money.add(open.pnl, pnl)?;
+        open.fees = money.add(open.fees, fee)?;
+        let out = &mut self.record.out;
+        out.fills.push(Fill {
+            trade: open.trade,
+            sequence,
+            reason,
+            time_ms,
+            direction: open.direction,
+            price: price_decimal,
+            quantity: self.rules.qty.decimal(quantity)?,
+            fee: money.decimal(fee)?,
+            pnl: money.decimal(pnl)?,
+            r,
+            trigger: trigger.map(|t| grid.price(t)),
+            mark: price_decimal,
+        });
+        if open.remaining > 0 {
+            return Ok(false);
+        }
+        let entry_price = grid.price(open.position.entry);
+        let initial_stop = grid.price(open.initial_stop);
+        out.trades.push(Trade {
+            trade: open.trade,
+            direction: open.direction,
+            entry_time_ms: open.entry_time_ms,
+            exit_time_ms: time_ms,
+            entry_price,
+            quantity: self.rules.qty.decimal(open.quantity)?,
+            initial_stop,
+            risk_price: (entry_price - initial_stop).abs(),
+            pnl: money.decimal(open.pnl)?,
+            fees: money.decimal(open.fees)?,
+            confidence: open.confidence,
+            exit_reason: reason,
+            bars_held: open.bars_held,
+        });
+        Ok(true)
+    }
+
+    /// Feeds the mark at tick `tick` to position `k`; confirms every action at once.
+    /// Returns true when the position closed.
+    fn feed(
+        &mut self,
+        k: usize,
+        time_ms: i64,
+        tick: i64,
+        atr: Option<f64>,
+        trail: Option<i64>,
+    ) -> Result<bool, Unrepresentable> {
+        // An action's confirmation can move the stop (breakeven, ratchet) so that the same
+        // mark triggers again; the loop is bounded by the ladder length plus the stop.
+        for _ in 0..64 {
+            let open = &mut self.open[k];
+            let Some(action) = open
+                .position
+                .on_mark(tick, time_ms, atr, trail, &self.rules)?
+            else {
+                return Ok(false);
+            };
+            let sequence = action.sequence as u32;
+            open.sequence = sequence;
+            let closed = open.position.confirm(&action, &self.rules);
+            if self.book(
+                k,
+                reason_of(action.reason),
+                time_ms,
+                tick,
+                action.quantity,
+                Some(action.trigger),
+                sequence,
+            )? || closed
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Walks bar `i`'s mark path for position `k`: every trigger a move between two marks
+    /// crosses (at the earlier mark's time), then each mark. Returns true when the
+    /// position closed.
+    fn walk_path(
+        &mut self,
+        k: usize,
+        i: usize,
+        atr: Option<f64>,
+        trail: Option<i64>,
+    ) -> Result<bool, Unrepresentable> {
+        let mut path = std::mem::take(&mut self.path);
+        bar_path(
+            self.p,
+            i,
+            self.open[k].direction,
+            self.options.intrabar,
+            &mut path,
+        );
+        let mut crossings = std::mem::take(&mut self.crossings);
+        let mut closed = false;
+        let mut previous: Option<Point> = None;
+        'path: for &point in &path {
+            if let (false, Some(before)) = (point.jump, previous) {
+                self.open[k]
+                    .position
+                    .crossings(before.tick, point.tick, &mut crossings);
+                for &tick in &crossings {
+                    if self.feed(k, before.time_ms, tick, atr, trail)? {
+                        closed = true;
+                        break 'path;
+                    }
+                }
+            }
+            if self.feed(k, point.time_ms, point.tick, atr, trail)? {
+                closed = true;
+                break;
+            }
+            previous = Some(point);
+        }
+        self.path = path;
+        self.crossings = crossings;
+        Ok(closed)
+    }
+
+    /// Position `k` is still open after bar `i`.
+    fn end_bar(&mut self, k: usize, i: usize) {
+        let open = &mut self.open[k];
+        open.bars_held += 1;
+        if self.options.detail {
+            self.record.out.stops.push((
+                open.trade,
+                self.p.input.bars.open_time[i],
+                to_f64(self.p.grid.price(open.position.stop)),
+            ));
+        }
+    }
+
+    fn close(&mut self, k: usize) {
+        let open = self.open.swap_remove(k);
+        self.spare.push(open.position);
+    }
+}
+
+impl Replay for TickJob<'_> {
+    type Error = Unrepresentable;
+
+    fn record(&mut self) -> &mut Record {
+        &mut self.record
+    }
+
+    fn has_open(&self) -> bool {
+        !self.open.is_empty()
+    }
+
+    fn enter(&mut self, entry: &Entry, i: usize) -> Result<(), Unrepresentable> {
+        let p = self.p;
+        let blocked = self
+            .open
+            .iter()
+            .any(|o| self.options.one_position_per_symbol || o.direction == entry.direction);
+        if blocked {
+            self.record.skip(entry.time_ms, POSITION_OPEN);
+            return Ok(());
+        }
+        let open_tick = p.bars[i][0];
+        let price = p.grid.price(open_tick);
+        let quantity = match entry_quantity(p.rules, self.options, entry, price) {
+            Ok(quantity) => quantity,
+            Err(reason) => {
+                self.record.skip(entry.time_ms, reason);
+                return Ok(());
+            }
+        };
+        let time_ms = p.input.bars.open_time[i];
+        let trade = self.next_trade;
+        let state = match new_position(
+            p.rules,
+            self.policy,
+            trade,
+            entry.direction,
+            quantity,
+            price,
+            entry.leverage.unwrap_or(self.options.leverage),
+            entry.confidence,
+            time_ms,
+            atr_at(self.atr, i),
+        ) {
+            // The daemon refuses an entry whose allowed stop is below the policy minimum.
+            Ok(state) if !state.over_leveraged => state,
+            _ => {
+                self.record.skip(entry.time_ms, OVER_LEVERAGE);
+                return Ok(());
+            }
+        };
+        self.next_trade += 1;
+        let mut position = self.spare.pop().unwrap_or_default();
+        position.load(&state, time_ms, &self.rules)?;
+        let units = self.rules.qty.units(quantity)?;
+        let entry_price = self.mantissa(open_tick);
+        let fee = self.money.fee(self.entry_rate, entry_price, units)?;
+        let risk = (price - state.stop_price).abs();
+        let r_floats = (to_f64(price), to_f64(entry.direction.sign()), to_f64(risk));
+        let out = &mut self.record.out;
+        if self.options.detail {
+            for (k, &level) in state.ladder_prices.iter().enumerate() {
+                out.levels.push((trade, k as u32 + 1, to_f64(level)));
+            }
+        }
+        let pnl = self.money.add(0, -fee)?;
+        out.fills.push(Fill {
+            trade,
+            sequence: 0,
+            reason: ENTRY,
+            time_ms,
+            direction: entry.direction,
+            price,
+            quantity,
+            fee: self.money.decimal(fee)?,
+            pnl: self.money.decimal(pnl)?,
+            r: 0.0,
+            trigger: None,
+            mark: price,
+        });
+        self.open.push(TickOpen {
+            trade,
+            initial_stop: position.stop,
+            position,
+            direction: entry.direction,
+            entry_time_ms: time_ms,
+            entry_price,
+            quantity: units,
+            remaining: units,
+            r_floats,
+            pnl,
+            fees: fee,
+            confidence: entry.confidence,
+            bars_held: 0,
+            sequence: 0,
+        });
+        Ok(())
+    }
+
+    fn bar(&mut self, i: usize) -> Result<(), Unrepresentable> {
+        let atr = atr_at(self.atr, i);
+        let trail = trail_ticks(self.p.grid, self.policy, atr);
+        // Without finer bars the path is the bar's own four prices, all within its range.
+        let whole_bar = match self.p.fine.get(i) {
+            Some(Some(_)) => None,
+            _ => Some(self.p.bars[i]),
+        };
+        let last_ms = self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1;
+        let mut k = 0;
+        while k < self.open.len() {
+            self.record.out.evaluations += 1;
+            if let Some([open, high, low, close]) = whole_bar {
+                let (lo, hi) = (
+                    open.min(high).min(low).min(close),
+                    open.max(high).max(low).max(close),
+                );
+                if self.open[k]
+                    .position
+                    .quiet_bar(lo, hi, last_ms, atr, trail, &self.rules)?
+                {
+                    self.record.out.quiet_bars += 1;
+                    self.end_bar(k, i);
+                    k += 1;
+                    continue;
+                }
+            }
+            if self.walk_path(k, i, atr, trail)? {
+                self.close(k);
+                continue;
+            }
+            self.end_bar(k, i);
+            k += 1;
+        }
+        Ok(())
+    }
+
+    fn close_all(&mut self, i: usize, reason: u8) -> Result<(), Unrepresentable> {
+        let time_ms = self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1;
+        let close = self.p.bars[i][3];
+        for k in 0..self.open.len() {
+            let (remaining, sequence) = (self.open[k].remaining, self.open[k].sequence + 1);
+            self.book(k, reason, time_ms, close, remaining, None, sequence)?;
+        }
+        let closed = std::mem::take(&mut self.open);
+        self.spare
+            .extend(closed.into_iter().map(|open| open.position));
+        Ok(())
+    }
+}

@@ -1,0 +1,555 @@
+//! One position's exit rules over integers, for the backtest's default path: prices as
+//! grid ticks, quantities as integer units of the lot grid's scale. The rules are those of
+//! `crate::exit::position` (exit-rules.md), in the same order per update, restated over
+//! ticks so that a bar costs integer compares instead of decimal arithmetic.
+//!
+//! The decimal state machine stays the reference: `BacktestOptions::exhaustive` replays
+//! every job through it, and the tests (Rust properties over random walks and policies,
+//! and every real symbol's klines in tests/backtest) require both to give the same fills,
+//! trades, stops, levels and skips, to the last digit.
+//!
+//! Where the integers need a decimal to decide (a trailing distance within a hair of a
+//! tick, a percent distance, a notional against `MIN_NOTIONAL` beyond `i128`), that one
+//! value is computed the decimal way and read back as ticks. What cannot be held in
+//! ticks at all (a level more than 2^40 ticks from the grid's base) makes the whole job
+//! rerun on the decimal path ([`Unrepresentable`]), so no result depends on a shortcut.
+//!
+//! May not touch: fills, trades or result tables (the driver in `tick_replay` books
+//! them), the prepared bars, or the decimal `PositionState` beyond reading the opening
+//! plan from it.
+
+use crate::exit::action::{ExitReason, PositionSide};
+use crate::exit::bounds::{plausible_price, usable_atr};
+use crate::exit::policy::{decimal_of, ExitPolicy};
+use crate::exit::position::PositionState;
+use crate::fixed::{mantissa_at, Decimal, Rounding};
+use crate::rules::SymbolRules;
+
+use super::prepare::Grid;
+
+/// Something of a job that integers cannot hold exactly; the job reruns on the decimal
+/// path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Unrepresentable;
+
+/// Quantities as integer units of `10^-scale`, the finest scale of the lot grid.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct QtyUnits {
+    pub(super) scale: u32,
+    pub(super) min_qty: i128,
+}
+
+impl QtyUnits {
+    pub(super) fn new(rules: &SymbolRules) -> Result<Self, Unrepresentable> {
+        let (step, min_qty) = (rules.qty_step(true), rules.min_qty(true));
+        let scale = step.scale().max(min_qty.scale());
+        Ok(Self {
+            scale,
+            min_qty: mantissa_at(min_qty, scale).ok_or(Unrepresentable)?,
+        })
+    }
+
+    pub(super) fn units(self, quantity: Decimal) -> Result<i128, Unrepresentable> {
+        mantissa_at(quantity, self.scale)
+            .or_else(|| mantissa_at(quantity.normalize(), self.scale))
+            .ok_or(Unrepresentable)
+    }
+
+    pub(super) fn decimal(self, units: i128) -> Result<Decimal, Unrepresentable> {
+        Decimal::try_from_i128_with_scale(units, self.scale).map_err(|_| Unrepresentable)
+    }
+}
+
+/// A job's constants for [`TickPosition`]: the grids, the rules and the policy's switches.
+pub(super) struct TickRules<'a> {
+    pub(super) grid: Grid,
+    pub(super) rules: &'a SymbolRules,
+    pub(super) policy: &'a ExitPolicy,
+    /// Ticks of the plausible band; a tick outside it is checked the decimal way.
+    pub(super) band: Option<(i64, i64)>,
+    pub(super) qty: QtyUnits,
+    pub(super) trail_configured: bool,
+    pub(super) trail_after_level: Option<u32>,
+    pub(super) breakeven_after_level: Option<u32>,
+    pub(super) ratchet: bool,
+    pub(super) max_hold_ms: Option<i64>,
+}
+
+impl<'a> TickRules<'a> {
+    pub(super) fn new(
+        grid: Grid,
+        rules: &'a SymbolRules,
+        policy: &'a ExitPolicy,
+        band: Option<(i64, i64)>,
+    ) -> Result<Self, Unrepresentable> {
+        let config = policy.config();
+        Ok(Self {
+            grid,
+            rules,
+            policy,
+            band,
+            qty: QtyUnits::new(rules)?,
+            trail_configured: config.trail_atr.is_some() || config.trail_pct.is_some(),
+            trail_after_level: config.trail_after_level,
+            breakeven_after_level: config.breakeven_after_level,
+            ratchet: config.ratchet_to_previous_level,
+            max_hold_ms: config.max_hold_ms,
+        })
+    }
+
+    /// Whether the mark at tick `k` is one `on_mark` takes in (positive, in the band).
+    #[inline]
+    pub(super) fn plausible(&self, k: i64) -> bool {
+        match self.band {
+            Some((lo, hi)) if k >= lo && k <= hi => true,
+            _ => plausible_price(self.grid.price(k), self.rules),
+        }
+    }
+
+    /// Whether the price of tick `k` is above zero.
+    #[inline]
+    pub(super) fn positive(&self, k: i64) -> bool {
+        self.grid.base + i128::from(k) * self.grid.step > 0
+    }
+
+    /// `quantize_price` toward the side's profit, as ticks (a stop is rounded so).
+    fn stop_ticks(&self, side: i64, price: Decimal) -> Result<i64, Unrepresentable> {
+        let rounding = if side > 0 {
+            Rounding::Up
+        } else {
+            Rounding::Down
+        };
+        self.grid
+            .ticks(self.rules.quantize_price(price, rounding))
+            .ok_or(Unrepresentable)
+    }
+
+    /// `remainder` units at the price of tick `k` are below `MIN_NOTIONAL`.
+    fn below_min_notional(&self, remainder: i128, k: i64) -> Result<bool, Unrepresentable> {
+        let min_notional = self.rules.min_notional();
+        let scale = self.qty.scale + self.grid.scale;
+        let price = self.grid.base + i128::from(k) * self.grid.step;
+        if let (Some(notional), Some(minimum)) = (
+            remainder.checked_mul(price),
+            mantissa_at(min_notional, scale),
+        ) {
+            return Ok(notional < minimum);
+        }
+        // Beyond 128 bits: the decimal product, as the state machine computes it.
+        Ok(self.qty.decimal(remainder)? * self.grid.price(k) < min_notional)
+    }
+}
+
+/// An exit the position asks for: close `quantity` units for `reason`, triggered at
+/// tick `trigger`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TickAction {
+    pub(super) reason: ExitReason,
+    pub(super) trigger: i64,
+    pub(super) quantity: i128,
+    pub(super) sequence: u64,
+}
+
+/// A position's exit state in ticks and units (see the module header). A LONG has
+/// `side` +1, a SHORT -1: `side * (a - b) > 0` reads "a is beyond b toward profit".
+#[derive(Debug, Clone, Default)]
+pub(super) struct TickPosition {
+    pub(super) side: i64,
+    pub(super) entry: i64,
+    /// Live quantity, in units.
+    pub(super) quantity: i128,
+    pub(super) stop: i64,
+    pub(super) stop_reason: Option<ExitReason>,
+    pub(super) best: i64,
+    pub(super) levels: Vec<i64>,
+    /// Cumulative units closed once each level is done.
+    pub(super) targets: Vec<i128>,
+    /// Units closed by take-profit fills.
+    pub(super) closed: i128,
+    pub(super) levels_done: u32,
+    /// The first best tick at which trailing activates by price.
+    pub(super) activate_at: Option<i64>,
+    pub(super) trailing_active: bool,
+    /// ATR bits of the last trailing candidate (the same ATR and no new best: the same
+    /// candidate, skipped as `on_mark` skips it).
+    pub(super) trail_basis: Option<u64>,
+    /// The first best tick from which the time stop no longer fires.
+    pub(super) time_off_at: Option<i64>,
+    /// Open time plus `max_hold_ms`.
+    pub(super) expires_at: Option<i64>,
+    /// The breakeven stop, when the policy has one.
+    pub(super) breakeven: Option<i64>,
+    pub(super) sequence: u64,
+}
+
+impl TickPosition {
+    /// The integer form of a freshly opened decimal position (`opened_at_ms` set, no
+    /// liquidation price, nothing done yet), refilling `self`'s buffers.
+    pub(super) fn load(
+        &mut self,
+        state: &PositionState,
+        opened_at_ms: i64,
+        r: &TickRules<'_>,
+    ) -> Result<(), Unrepresentable> {
+        let grid = r.grid;
+        let side = match state.side {
+            PositionSide::Long => 1,
+            PositionSide::Short => -1,
+        };
+        let ticks = |price: Decimal| grid.ticks(price).ok_or(Unrepresentable);
+        let reaching =
+            |price: Decimal| grid.first_tick_reaching(side, price).ok_or(Unrepresentable);
+        self.side = side;
+        self.entry = ticks(state.entry_price)?;
+        self.quantity = r.qty.units(state.quantity)?;
+        self.stop = ticks(state.stop_price)?;
+        self.stop_reason = None;
+        self.best = ticks(state.best_price)?;
+        self.levels.clear();
+        for &price in &state.ladder_prices {
+            self.levels.push(ticks(price)?);
+        }
+        self.targets.clear();
+        for &target in &state.ladder_targets {
+            self.targets.push(r.qty.units(target)?);
+        }
+        self.closed = 0;
+        self.levels_done = 0;
+        self.activate_at = state.trail_activate_price.map(reaching).transpose()?;
+        self.trailing_active = state.trailing_active;
+        self.trail_basis = None;
+        self.time_off_at = state.time_stop_below_price.map(reaching).transpose()?;
+        self.expires_at = r.max_hold_ms.map(|h| opened_at_ms.saturating_add(h));
+        self.breakeven = match r.breakeven_after_level {
+            Some(_) => {
+                let pct = r.policy.derived().breakeven_pct;
+                let entry = state.entry_price;
+                let target = if side > 0 {
+                    entry + pct * entry
+                } else {
+                    entry - pct * entry
+                };
+                Some(r.stop_ticks(side, target)?)
+            }
+            None => None,
+        };
+        self.sequence = 0;
+        Ok(())
+    }
+
+    /// The reason a stop hit carries: the rule that moved the stop last.
+    pub(super) fn stop_reason(&self) -> ExitReason {
+        self.stop_reason.unwrap_or(ExitReason::StopLoss)
+    }
+
+    fn tighten(&mut self, candidate: i64, reason: ExitReason) {
+        if self.side * (candidate - self.stop) > 0 {
+            self.stop = candidate;
+            self.stop_reason = Some(reason);
+        }
+    }
+
+    fn emit(&mut self, quantity: i128, reason: ExitReason, trigger: i64) -> TickAction {
+        self.sequence = self.sequence.saturating_add(1);
+        TickAction {
+            reason,
+            trigger,
+            quantity,
+            sequence: self.sequence,
+        }
+    }
+
+    /// Whether a best at tick `best` passed the time stop's profit threshold.
+    #[inline]
+    fn time_stop_off(&self, best: i64) -> bool {
+        self.time_off_at
+            .is_some_and(|t| self.side * (best - t) >= 0)
+    }
+
+    /// Whether a best at tick `best` activates trailing by price.
+    #[inline]
+    fn activates(&self, best: i64) -> bool {
+        self.activate_at
+            .is_some_and(|a| self.side * (best - a) >= 0)
+    }
+
+    /// The trailing candidate at the best tick `best` the decimal way (a percent or
+    /// fallback distance, or an ATR distance the floats left open); `None` when it is
+    /// not a positive price.
+    fn exact_candidate(
+        &self,
+        best: i64,
+        atr: Option<f64>,
+        r: &TickRules<'_>,
+    ) -> Result<Option<i64>, Unrepresentable> {
+        let derived = r.policy.derived();
+        let best_price = r.grid.price(best);
+        let distance = match (
+            derived.trail_pct,
+            r.policy.config().trail_atr,
+            usable_atr(atr),
+        ) {
+            (Some(pct), _, _) => pct * best_price,
+            (None, Some(k), Some(a)) => decimal_of("trail_atr", k * a)
+                .unwrap_or_else(|_| derived.fallback_stop_pct * best_price),
+            _ => derived.fallback_stop_pct * best_price,
+        };
+        let target = if self.side > 0 {
+            best_price - distance
+        } else {
+            best_price + distance
+        };
+        let rounding = if self.side > 0 {
+            Rounding::Up
+        } else {
+            Rounding::Down
+        };
+        let candidate = r.rules.quantize_price(target, rounding);
+        if candidate <= Decimal::ZERO {
+            return Ok(None);
+        }
+        r.grid.ticks(candidate).map(Some).ok_or(Unrepresentable)
+    }
+
+    /// The trailing candidate at `best`: `trail` ticks behind it when the floats settled
+    /// the ATR distance ([`super::thresholds::trail_ticks`]), else the decimal way.
+    #[inline]
+    fn candidate(
+        &self,
+        best: i64,
+        atr: Option<f64>,
+        trail: Option<i64>,
+        r: &TickRules<'_>,
+    ) -> Result<Option<i64>, Unrepresentable> {
+        match trail {
+            Some(q) => {
+                let candidate = best - self.side * q;
+                Ok(r.positive(candidate).then_some(candidate))
+            }
+            None => self.exact_candidate(best, atr, r),
+        }
+    }
+
+    /// One mark at tick `mark` (`on_mark` of the decimal state machine): best mark,
+    /// trailing activation and candidate, stop, ladder, time stop. Nothing is pending in
+    /// the backtest (every action is confirmed at once) and no position is over-leveraged
+    /// (such an entry is skipped).
+    #[inline]
+    pub(super) fn on_mark(
+        &mut self,
+        mark: i64,
+        time_ms: i64,
+        atr: Option<f64>,
+        trail: Option<i64>,
+        r: &TickRules<'_>,
+    ) -> Result<Option<TickAction>, Unrepresentable> {
+        if !r.plausible(mark) || self.quantity <= 0 {
+            return Ok(None);
+        }
+        let s = self.side;
+        let improved = s * (mark - self.best) > 0;
+        if improved {
+            self.best = mark;
+        }
+        if !self.trailing_active && r.trail_configured {
+            // Activation by price depends on the best alone: a best that reached it
+            // earlier would have activated trailing then.
+            let by_level = r.trail_after_level.is_some_and(|n| self.levels_done >= n);
+            self.trailing_active = by_level || self.activates(self.best);
+        }
+        if self.trailing_active {
+            let basis = atr.map_or(0, f64::to_bits);
+            if improved || self.trail_basis != Some(basis) {
+                self.trail_basis = Some(basis);
+                if let Some(candidate) = self.candidate(self.best, atr, trail, r)? {
+                    self.tighten(candidate, ExitReason::TrailingStop);
+                }
+            }
+        }
+        if s * (self.stop - mark) >= 0 {
+            return Ok(Some(self.emit(
+                self.quantity,
+                self.stop_reason(),
+                self.stop,
+            )));
+        }
+        let done = self.levels_done as usize;
+        let count = self.levels.len().min(self.targets.len());
+        if done < count {
+            let crossed = done
+                + self.levels[done..count]
+                    .iter()
+                    .take_while(|&&level| s * (mark - level) >= 0)
+                    .count();
+            if crossed > done {
+                let trigger = self.levels[crossed - 1];
+                let wanted = self.targets[crossed - 1] - self.closed;
+                if let Some(quantity) = self.ladder_quantity(wanted, mark, r)? {
+                    return Ok(Some(self.emit(
+                        quantity,
+                        ExitReason::TakeProfit(crossed as u32),
+                        trigger,
+                    )));
+                }
+                // Done with no order: the position keeps its size; breakeven and ratchet apply.
+                self.levels_done = crossed as u32;
+                self.ratchet(r);
+            }
+        }
+        if self.expires_at.is_some_and(|at| time_ms >= at) && !self.time_stop_off(self.best) {
+            return Ok(Some(self.emit(self.quantity, ExitReason::TimeStop, mark)));
+        }
+        Ok(None)
+    }
+
+    /// The quantity a take-profit closes (`ladder_quantity` of the state machine): `None`
+    /// when `wanted` is not positive, else `wanted`, or the whole live quantity when
+    /// `wanted` or the remainder it leaves cannot trade on its own.
+    fn ladder_quantity(
+        &self,
+        wanted: i128,
+        mark: i64,
+        r: &TickRules<'_>,
+    ) -> Result<Option<i128>, Unrepresentable> {
+        let live = self.quantity;
+        if wanted <= 0 {
+            return Ok(None);
+        }
+        if wanted >= live || wanted < r.qty.min_qty {
+            return Ok(Some(live));
+        }
+        let remainder = live - wanted;
+        if remainder < r.qty.min_qty || r.below_min_notional(remainder, mark)? {
+            return Ok(Some(live));
+        }
+        Ok(Some(wanted))
+    }
+
+    /// Confirms `action` in full; returns true when the position is closed.
+    pub(super) fn confirm(&mut self, action: &TickAction, r: &TickRules<'_>) -> bool {
+        let filled = action.quantity.min(self.quantity);
+        self.quantity -= filled;
+        if let ExitReason::TakeProfit(level) = action.reason {
+            self.closed += filled;
+            let by_target = self
+                .targets
+                .iter()
+                .take_while(|&&t| t <= self.closed)
+                .count() as u32;
+            self.levels_done = self.levels_done.max(level.max(by_target));
+        }
+        if self.quantity <= 0 {
+            self.quantity = 0;
+            return true;
+        }
+        self.ratchet(r);
+        false
+    }
+
+    /// Breakeven and ratchet after a level is done.
+    fn ratchet(&mut self, r: &TickRules<'_>) {
+        if let (Some(n), Some(breakeven)) = (r.breakeven_after_level, self.breakeven) {
+            if self.levels_done >= n {
+                self.tighten(breakeven, ExitReason::BreakevenStop);
+            }
+        }
+        if r.ratchet && self.levels_done >= 2 {
+            if let Some(&previous) = self.levels.get(self.levels_done as usize - 2) {
+                self.tighten(previous, ExitReason::RatchetStop);
+            }
+        }
+    }
+
+    /// Settles a whole bar with range `low..=high` up to `last_ms` in one step when it
+    /// provably triggers nothing on any mark of its path; returns whether it did (else
+    /// nothing changed).
+    ///
+    /// Such a bar stays in the plausible band, reaches neither the stop it leaves (the
+    /// candidate at its favourable extreme: candidates only grow with the best, and the
+    /// ATR is the same for the whole bar) nor the next level, activates no trailing, and
+    /// ends before the time stop is due unless the best had passed its threshold; every
+    /// mark of its path and every move between them lies in its range, so no mark would
+    /// trigger anything either.
+    #[allow(clippy::too_many_arguments)] // one bar's facts
+    pub(super) fn quiet_bar(
+        &mut self,
+        low: i64,
+        high: i64,
+        last_ms: i64,
+        atr: Option<f64>,
+        trail: Option<i64>,
+        r: &TickRules<'_>,
+    ) -> Result<bool, Unrepresentable> {
+        match r.band {
+            Some((lo, hi)) if low >= lo && high <= hi => {}
+            _ => return Ok(false),
+        }
+        let s = self.side;
+        let (adverse, favourable) = if s > 0 { (low, high) } else { (high, low) };
+        let improved = s * (favourable - self.best) > 0;
+        let best = if improved { favourable } else { self.best };
+        let mut stop = self.stop;
+        let mut basis = None;
+        if self.trailing_active {
+            let bits = atr.map_or(0, f64::to_bits);
+            if improved || self.trail_basis != Some(bits) {
+                basis = Some(bits);
+                if let Some(candidate) = self.candidate(best, atr, trail, r)? {
+                    if s * (candidate - stop) > 0 {
+                        stop = candidate;
+                    }
+                }
+            }
+        } else if r.trail_configured
+            && (r.trail_after_level.is_some_and(|n| self.levels_done >= n) || self.activates(best))
+        {
+            return Ok(false);
+        }
+        if s * (adverse - stop) <= 0 {
+            return Ok(false);
+        }
+        let done = self.levels_done as usize;
+        if done < self.targets.len() {
+            if let Some(&next) = self.levels.get(done) {
+                if s * (next - favourable) <= 0 {
+                    return Ok(false);
+                }
+            }
+        }
+        if self.expires_at.is_some_and(|at| last_ms >= at) && !self.time_stop_off(self.best) {
+            return Ok(false);
+        }
+        self.best = best;
+        if basis.is_some() {
+            self.trail_basis = basis;
+        }
+        if stop != self.stop {
+            self.stop = stop;
+            self.stop_reason = Some(ExitReason::TrailingStop);
+        }
+        Ok(true)
+    }
+
+    /// The triggers (the stop, the levels not done) strictly between ticks `a` and `b`,
+    /// in the order a continuous move from `a` to `b` reaches them.
+    pub(super) fn crossings(&self, a: i64, b: i64, out: &mut Vec<i64>) {
+        out.clear();
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        if hi - lo < 2 {
+            return;
+        }
+        let inside = |x: i64| x > lo && x < hi;
+        if inside(self.stop) {
+            out.push(self.stop);
+        }
+        let done = (self.levels_done as usize).min(self.levels.len());
+        out.extend(self.levels[done..].iter().copied().filter(|&l| inside(l)));
+        if out.len() > 1 {
+            if a <= b {
+                out.sort_unstable();
+            } else {
+                out.sort_unstable_by(|x, y| y.cmp(x));
+            }
+        }
+    }
+}

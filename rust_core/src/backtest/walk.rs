@@ -1,0 +1,126 @@
+//! What both replays (the integer one in `tick_replay`, the decimal reference in `replay`)
+//! share: the walk over segments and bars with each bar's entries before its marks, the
+//! sizing of an entry, the skip records, and the trade and fill records' common parts.
+//!
+//! May not touch: any position's state; a replay decides its exits itself.
+
+use crate::fixed::Decimal;
+use crate::rules::SymbolRules;
+
+use super::prepare::Prepared;
+use super::{
+    BacktestOptions, Entry, JobOutput, BELOW_MIN_NOTIONAL, BELOW_MIN_QTY, DATA_GAP, END_OF_DATA,
+    NO_BAR, POSITION_OPEN,
+};
+
+/// A job's output and its counted skips.
+pub(super) struct Record {
+    pub(super) out: JobOutput,
+    position_open_skips: u32,
+}
+
+impl Record {
+    pub(super) fn new(series: usize, policy: usize) -> Self {
+        Self {
+            out: JobOutput {
+                series: series as u32,
+                policy: policy as u32,
+                ..JobOutput::default()
+            },
+            position_open_skips: 0,
+        }
+    }
+
+    pub(super) fn skip(&mut self, time_ms: i64, reason: u8) {
+        if reason == POSITION_OPEN {
+            // Counted, not listed: a signal rule repeats itself on every bar of a position.
+            self.position_open_skips += 1;
+        } else {
+            self.out.skipped.push((time_ms, reason, 1));
+        }
+    }
+
+    pub(super) fn finish(mut self) -> JobOutput {
+        if self.position_open_skips > 0 {
+            self.out
+                .skipped
+                .push((0, POSITION_OPEN, self.position_open_skips));
+        }
+        self.out
+    }
+}
+
+/// The entry's fee rate.
+pub(super) fn entry_rate(options: &BacktestOptions) -> Decimal {
+    if options.entry_maker {
+        options.maker_fee
+    } else {
+        options.taker_fee
+    }
+}
+
+/// The quantity of an entry at `price`: its notional over the price, floored to the
+/// `MARKET_LOT_SIZE` step; the skip reason when that is below `minQty` or `MIN_NOTIONAL`.
+pub(super) fn entry_quantity(
+    rules: &SymbolRules,
+    options: &BacktestOptions,
+    entry: &Entry,
+    price: Decimal,
+) -> Result<Decimal, u8> {
+    let notional = entry.notional.unwrap_or(options.notional);
+    let quantity = rules.quantize_qty(notional / price, true);
+    if quantity <= Decimal::ZERO || quantity < rules.min_qty(true) {
+        return Err(BELOW_MIN_QTY);
+    }
+    if quantity * price < rules.min_notional() {
+        return Err(BELOW_MIN_NOTIONAL);
+    }
+    Ok(quantity)
+}
+
+/// One replay of a (series, policy) job, driven by [`walk`].
+pub(super) trait Replay {
+    type Error;
+    fn record(&mut self) -> &mut Record;
+    /// Opens a position for `entry` at the open of bar `i`, or records why not.
+    fn enter(&mut self, entry: &Entry, i: usize) -> Result<(), Self::Error>;
+    fn has_open(&self) -> bool;
+    /// Bar `i` for every open position.
+    fn bar(&mut self, i: usize) -> Result<(), Self::Error>;
+    /// Closes every open position at the close of bar `i` for `reason`.
+    fn close_all(&mut self, i: usize, reason: u8) -> Result<(), Self::Error>;
+}
+
+/// Walks the segments of `p` in order: at each bar the entries due (those that fall in a
+/// gap or outside the data are skipped as `no_bar`), then the bar for the open positions;
+/// at each segment's end the positions still open close (`data_gap`, `end_of_data`).
+#[allow(clippy::needless_range_loop)] // `i` addresses several parallel bar arrays
+pub(super) fn walk<R: Replay>(job: &mut R, p: &Prepared<'_>) -> Result<(), R::Error> {
+    let times = &p.input.bars.open_time;
+    let interval = p.input.interval_ms;
+    let entries = &p.input.entries;
+    let mut e = 0;
+    for (s, &(start, end)) in p.segments.iter().enumerate() {
+        for i in start..end {
+            let t = times[i];
+            while e < entries.len() && entries[e].time_ms <= t {
+                let entry = &entries[e];
+                e += 1;
+                if t - entry.time_ms >= interval {
+                    job.record().skip(entry.time_ms, NO_BAR);
+                } else {
+                    job.enter(entry, i)?;
+                }
+            }
+            if job.has_open() {
+                job.bar(i)?;
+            }
+        }
+        let last = s + 1 == p.segments.len();
+        job.close_all(end - 1, if last { END_OF_DATA } else { DATA_GAP })?;
+    }
+    for entry in &entries[e..] {
+        job.record().out.skipped.push((entry.time_ms, NO_BAR, 1));
+    }
+    Ok(())
+}
