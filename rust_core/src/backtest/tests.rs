@@ -8,6 +8,15 @@ use crate::exit::test_support::{btc, d, example_config, exchange_rules};
 use crate::fixed::{decimal_from_f64, Rounding};
 
 const MINUTE: i64 = 60_000;
+
+/// `default` cases, unless `PROPTEST_CASES` asks for another number (a longer run by hand).
+fn cases(default: u32) -> proptest::prelude::ProptestConfig {
+    let mut config = proptest::prelude::ProptestConfig::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = default;
+    }
+    config
+}
 const T0: i64 = 1_700_000_040_000;
 
 /// The worked example of exit-rules.md, with ATR over bars of `atr_interval`.
@@ -419,7 +428,7 @@ proptest::proptest! {
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    #![proptest_config(cases(48))]
 
     /// The integer replay gives the very fills of the decimal one (every mark through the
     /// state machine): random walks (ETHUSDT ticks), entries on both sides, both intrabar
@@ -664,7 +673,7 @@ const WALK_GRIDS: [(&str, f64, i64); 4] = [
 ];
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    #![proptest_config(cases(64))]
 
     /// The integer replay, where a bar that provably triggers nothing is one step, gives
     /// what the decimal replay (every mark through the state machine) gives: the same
@@ -804,4 +813,116 @@ fn replay_marks_gives_the_worked_example_decisions() {
             ("take_profit_3".into(), "0.007".into())
         ]
     );
+}
+
+proptest::proptest! {
+    #![proptest_config(cases(64))]
+
+    /// Opening a position in integers gives the very state the decimal open
+    /// (`PositionState::open`, read as ticks) gives, and the same over-leverage verdict, or
+    /// says it is unsettled; and an entry's size in lot units is the decimal
+    /// `quantize_qty(notional / price)` with the same skips. Every real symbol's filters,
+    /// random policies, prices, ATRs, leverages, confidences and notionals; the integers
+    /// must settle nearly every case.
+    #[test]
+    fn integer_open_matches_the_decimal_open(seed in 1u64..u64::MAX) {
+        use super::ticks::{Opening, TickPosition, TickRules};
+        let mut rng = Xorshift(seed);
+        let rules = exchange_rules();
+        let (mut settled, mut cases) = (0, 0);
+        for symbol_rules in rules.iter() {
+            let Ok(grid) = Grid::new(symbol_rules) else { continue };
+            let Some(band) = grid.plausible_ticks(symbol_rules) else { continue };
+            let policy = random_policy(&mut rng);
+            let Ok(tick_rules) = TickRules::new(grid, symbol_rules, &policy, Some(band)) else {
+                continue;
+            };
+            // A price between 20 ticks and the band's top third, on the grid.
+            let span = (band.1 - band.0).clamp(40, 1 << 30) as u64;
+            let entry = band.0 + 20 + rng.below(span / 3) as i64;
+            let price = grid.price(entry);
+            if price <= Decimal::ZERO {
+                continue;
+            }
+            let notional = Decimal::from(1 + rng.below(50_000));
+            let options = BacktestOptions { notional, ..options() };
+            let long = rng.below(2) == 0;
+            let confidence = rng.below(101) as f64 / 100.0;
+            let entry_request = Entry {
+                time_ms: T0,
+                direction: if long { Direction::Long } else { Direction::Short },
+                confidence: rng.maybe(confidence),
+                notional: None,
+                leverage: None,
+            };
+            let decimal_size = super::walk::entry_quantity(symbol_rules, &options, &entry_request, price);
+            let units = match (tick_rules.entry_units(notional, entry), &decimal_size) {
+                (None, _) => continue,
+                (Some(Err(a)), Err(b)) => {
+                    proptest::prop_assert_eq!(a, *b, "{}", symbol_rules.symbol);
+                    continue;
+                }
+                (Some(Ok(units)), Ok(quantity)) => {
+                    proptest::prop_assert_eq!(
+                        tick_rules.qty.decimal(units).unwrap(), *quantity, "{}", symbol_rules.symbol
+                    );
+                    units
+                }
+                (integer, decimal) => {
+                    proptest::prop_assert!(false, "{}: {:?} vs {:?}", symbol_rules.symbol, integer, decimal);
+                    unreachable!()
+                }
+            };
+            let quantity = tick_rules.qty.decimal(units).unwrap();
+            let atr = crate::fixed::decimal_to_f64(price) * rng.float(0.00005, 0.05);
+            let atr = rng.maybe(atr);
+            let leverage = 1 + rng.below(125) as u32;
+            let mut integer = TickPosition::default();
+            let opening = integer.open(
+                if long { 1 } else { -1 },
+                entry,
+                units,
+                leverage,
+                entry_request.confidence,
+                atr,
+                T0,
+                &tick_rules,
+            );
+            let decimal = super::exit_api::new_position(
+                symbol_rules,
+                &policy,
+                0,
+                entry_request.direction,
+                quantity,
+                price,
+                leverage,
+                entry_request.confidence,
+                T0,
+                atr,
+            );
+            cases += 1;
+            match (opening, decimal) {
+                (Opening::Unsettled, _) => {}
+                (Opening::OverLeveraged, Ok(state)) => {
+                    settled += 1;
+                    proptest::prop_assert!(state.over_leveraged, "{}", symbol_rules.symbol);
+                }
+                (Opening::OverLeveraged, Err(_)) => settled += 1,
+                (Opening::Opened, Ok(state)) => {
+                    settled += 1;
+                    proptest::prop_assert!(!state.over_leveraged, "{}", symbol_rules.symbol);
+                    let mut loaded = TickPosition::default();
+                    loaded.load(&state, T0, &tick_rules).unwrap();
+                    proptest::prop_assert_eq!(
+                        format!("{integer:?}"), format!("{loaded:?}"), "{} {:?}", symbol_rules.symbol, atr
+                    );
+                }
+                (Opening::Opened, Err(e)) => {
+                    proptest::prop_assert!(false, "{}: integer opened, decimal refused: {e}", symbol_rules.symbol);
+                }
+            }
+        }
+        proptest::prop_assert!(cases > 300, "{cases} cases");
+        proptest::prop_assert!(settled * 100 >= cases * 95, "{settled} of {cases} settled");
+    }
 }

@@ -16,7 +16,7 @@ use super::money::{Money, Rate};
 use super::path::{bar_path, Point};
 use super::prepare::Prepared;
 use super::thresholds::{atr_at, trail_ticks};
-use super::ticks::{TickPosition, TickRules, Unrepresentable};
+use super::ticks::{Opening, TickPosition, TickRules, Unrepresentable};
 use super::walk::{entry_quantity, entry_rate, Record, Replay};
 use super::{
     to_f64, BacktestOptions, Direction, Entry, Fill, Trade, ENTRY, OVER_LEVERAGE, POSITION_OPEN,
@@ -258,6 +258,83 @@ impl<'a> TickJob<'a> {
         Ok(closed)
     }
 
+    /// The lot units `entry` buys at the open tick `k`, or `None` with the skip recorded.
+    fn entry_units(&mut self, entry: &Entry, k: i64) -> Result<Option<i128>, Unrepresentable> {
+        let notional = entry.notional.unwrap_or(self.options.notional);
+        let size = match self.rules.entry_units(notional, k) {
+            Some(size) => size,
+            None => match entry_quantity(self.p.rules, self.options, entry, self.p.grid.price(k)) {
+                Ok(quantity) => Ok(self.rules.qty.units(quantity)?),
+                Err(reason) => Err(reason),
+            },
+        };
+        Ok(match size {
+            Ok(units) => Some(units),
+            Err(reason) => {
+                self.record.skip(entry.time_ms, reason);
+                None
+            }
+        })
+    }
+
+    /// The position `entry` opens with `units` at the open of bar `i`: the integer open,
+    /// or the decimal one where the integers leave it unsettled; `None` when the entry is
+    /// refused (over-leveraged, or an input the decimal open refuses).
+    fn open_position(
+        &mut self,
+        entry: &Entry,
+        i: usize,
+        units: i128,
+    ) -> Result<Option<TickPosition>, Unrepresentable> {
+        let p = self.p;
+        let open_tick = p.bars[i][0];
+        let time_ms = p.input.bars.open_time[i];
+        let leverage = entry.leverage.unwrap_or(self.options.leverage);
+        let atr = atr_at(self.atr, i);
+        let side = match entry.direction {
+            Direction::Long => 1,
+            Direction::Short => -1,
+        };
+        let mut position = self.spare.pop().unwrap_or_default();
+        let opened = match position.open(
+            side,
+            open_tick,
+            units,
+            leverage,
+            entry.confidence,
+            atr,
+            time_ms,
+            &self.rules,
+        ) {
+            Opening::Opened => true,
+            Opening::OverLeveraged => false,
+            Opening::Unsettled => match new_position(
+                p.rules,
+                self.policy,
+                self.next_trade,
+                entry.direction,
+                self.rules.qty.decimal(units)?,
+                p.grid.price(open_tick),
+                leverage,
+                entry.confidence,
+                time_ms,
+                atr,
+            ) {
+                Ok(state) if !state.over_leveraged => {
+                    position.load(&state, time_ms, &self.rules)?;
+                    true
+                }
+                _ => false,
+            },
+        };
+        if opened {
+            Ok(Some(position))
+        } else {
+            self.spare.push(position);
+            Ok(None)
+        }
+    }
+
     /// Position `k` is still open after bar `i`.
     fn end_bar(&mut self, k: usize, i: usize) {
         let open = &mut self.open[k];
@@ -300,46 +377,27 @@ impl Replay for TickJob<'_> {
         }
         let open_tick = p.bars[i][0];
         let price = p.grid.price(open_tick);
-        let quantity = match entry_quantity(p.rules, self.options, entry, price) {
-            Ok(quantity) => quantity,
-            Err(reason) => {
-                self.record.skip(entry.time_ms, reason);
-                return Ok(());
-            }
+        let Some(units) = self.entry_units(entry, open_tick)? else {
+            return Ok(());
         };
         let time_ms = p.input.bars.open_time[i];
         let trade = self.next_trade;
-        let state = match new_position(
-            p.rules,
-            self.policy,
-            trade,
-            entry.direction,
-            quantity,
-            price,
-            entry.leverage.unwrap_or(self.options.leverage),
-            entry.confidence,
-            time_ms,
-            atr_at(self.atr, i),
-        ) {
+        let Some(position) = self.open_position(entry, i, units)? else {
             // The daemon refuses an entry whose allowed stop is below the policy minimum.
-            Ok(state) if !state.over_leveraged => state,
-            _ => {
-                self.record.skip(entry.time_ms, OVER_LEVERAGE);
-                return Ok(());
-            }
+            self.record.skip(entry.time_ms, OVER_LEVERAGE);
+            return Ok(());
         };
         self.next_trade += 1;
-        let mut position = self.spare.pop().unwrap_or_default();
-        position.load(&state, time_ms, &self.rules)?;
-        let units = self.rules.qty.units(quantity)?;
+        let quantity = self.rules.qty.decimal(units)?;
         let entry_price = self.mantissa(open_tick);
         let fee = self.money.fee(self.entry_rate, entry_price, units)?;
-        let risk = (price - state.stop_price).abs();
+        let risk = (price - p.grid.price(position.stop)).abs();
         let r_floats = (to_f64(price), to_f64(entry.direction.sign()), to_f64(risk));
         let out = &mut self.record.out;
         if self.options.detail {
-            for (k, &level) in state.ladder_prices.iter().enumerate() {
-                out.levels.push((trade, k as u32 + 1, to_f64(level)));
+            for (k, &level) in position.levels.iter().enumerate() {
+                out.levels
+                    .push((trade, k as u32 + 1, to_f64(p.grid.price(level))));
             }
         }
         let pnl = self.money.add(0, -fee)?;

@@ -19,13 +19,14 @@
 //! plan from it.
 
 use crate::exit::action::{ExitReason, PositionSide};
-use crate::exit::bounds::{plausible_price, usable_atr};
-use crate::exit::policy::{decimal_of, ExitPolicy};
+use crate::exit::bounds::{self, plausible_price, usable_atr};
+use crate::exit::policy::{decimal_of, ExitPolicy, LadderUnit};
 use crate::exit::position::PositionState;
-use crate::fixed::{mantissa_at, Decimal, Rounding};
+use crate::fixed::{decimal_to_f64_fast, mantissa_at, Decimal, Rounding, POW10_I128};
 use crate::rules::SymbolRules;
 
 use super::prepare::Grid;
+use super::thresholds::FAR_TICKS;
 
 /// Something of a job that integers cannot hold exactly; the job reruns on the decimal
 /// path.
@@ -73,6 +74,7 @@ pub(super) struct TickRules<'a> {
     pub(super) breakeven_after_level: Option<u32>,
     pub(super) ratchet: bool,
     pub(super) max_hold_ms: Option<i64>,
+    pub(super) open: OpenRules,
 }
 
 impl<'a> TickRules<'a> {
@@ -94,6 +96,7 @@ impl<'a> TickRules<'a> {
             breakeven_after_level: config.breakeven_after_level,
             ratchet: config.ratchet_to_previous_level,
             max_hold_ms: config.max_hold_ms,
+            open: OpenRules::new(rules, policy),
         })
     }
 
@@ -124,6 +127,47 @@ impl<'a> TickRules<'a> {
             .ok_or(Unrepresentable)
     }
 
+    /// The lot units an entry of `notional` buys at the open tick `k`
+    /// (`quantize_qty(notional / price)` of the decimal path), or the skip reason; `None`
+    /// when the integers cannot settle it (the lot grid is not the step grid, the quotient
+    /// lies within a hair of a step, or a product leaves `i128`).
+    pub(super) fn entry_units(&self, notional: Decimal, k: i64) -> Option<Result<i128, u8>> {
+        if !self.open.aligned_lots {
+            return None;
+        }
+        let (grid, qty) = (self.grid, self.qty);
+        let price = grid.base + i128::from(k) * grid.step;
+        let step = mantissa_at(self.rules.qty_step(true), qty.scale)?;
+        // notional / price in units, over the step: N * 10^(gs + qs) / (P * 10^ns * step).
+        let numerator = notional
+            .mantissa()
+            .checked_mul(*POW10_I128.get((grid.scale + qty.scale) as usize)?)?;
+        let denominator = price
+            .checked_mul(POW10_I128[notional.scale() as usize])?
+            .checked_mul(step)?;
+        if numerator <= 0 || denominator <= 0 {
+            return None;
+        }
+        let (steps, remainder) = (numerator / denominator, numerator % denominator);
+        // The decimal quotient carries 28 digits: it floors alike unless the exact one
+        // lies within 1e-20 (relative) below the next step.
+        if remainder != 0
+            && (denominator - remainder).checked_mul(100_000_000_000_000_000_000)?
+                <= denominator.checked_mul(steps + 1)?
+        {
+            return None;
+        }
+        let units = steps * step;
+        if units <= 0 || units < qty.min_qty {
+            return Some(Err(super::BELOW_MIN_QTY));
+        }
+        Some(match self.below_min_notional(units, k) {
+            Ok(false) => Ok(units),
+            Ok(true) => Err(super::BELOW_MIN_NOTIONAL),
+            Err(_) => return None,
+        })
+    }
+
     /// `remainder` units at the price of tick `k` are below `MIN_NOTIONAL`.
     fn below_min_notional(&self, remainder: i128, k: i64) -> Result<bool, Unrepresentable> {
         let min_notional = self.rules.min_notional();
@@ -138,6 +182,125 @@ impl<'a> TickRules<'a> {
         // Beyond 128 bits: the decimal product, as the state machine computes it.
         Ok(self.qty.decimal(remainder)? * self.grid.price(k) < min_notional)
     }
+}
+
+/// A decimal factor as `mantissa / 10^scale`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Factor {
+    mantissa: i128,
+    scale: u32,
+}
+
+impl Factor {
+    fn of(value: Decimal) -> Self {
+        Self {
+            mantissa: value.mantissa(),
+            scale: value.scale(),
+        }
+    }
+
+    /// `ceil(self * numerator / denominator)` for positive operands, when every product
+    /// the decimal path forms on the way (`self * numerator * unit`, with `unit_scale`
+    /// decimals) stays exact (96 bits, 28 decimals) and the result fits the tick range.
+    fn ceil_times(
+        self,
+        numerator: i128,
+        denominator: i128,
+        unit: i128,
+        unit_scale: u32,
+    ) -> Option<i64> {
+        let product = self.mantissa.checked_mul(numerator)?;
+        if product.checked_mul(unit)?.unsigned_abs() >= 1 << 96 || self.scale + unit_scale > 28 {
+            return None;
+        }
+        let denominator = denominator.checked_mul(POW10_I128[self.scale as usize])?;
+        let quotient = (product + denominator - 1).div_euclid(denominator);
+        i64::try_from(quotient.min(i128::from(FAR_TICKS))).ok()
+    }
+}
+
+/// The policy's opening rules, read once per job: floats of its decimals for the
+/// estimates, and the decimals as mantissas where the integers decide exactly.
+#[allow(clippy::struct_excessive_bools)] // independent facts of the policy and the symbol
+pub(super) struct OpenRules {
+    stop_atr: Option<f64>,
+    fallback_stop_pct: f64,
+    min_stop_pct: f64,
+    max_stop_pct: f64,
+    max_margin_loss: Option<f64>,
+    min_allowed_stop_pct: f64,
+    ladder_at: Vec<f64>,
+    ladder_by_r: bool,
+    /// Cumulative fractions of the original size, `None` for exactly 1 (the remainder).
+    cum_fractions: Vec<Option<Factor>>,
+    activate_r: Option<Factor>,
+    activate_pct: Option<Factor>,
+    time_stop_unless_r: Option<Factor>,
+    breakeven_pct: Factor,
+    /// Trailing is active from the start (configured, with no activation condition).
+    immediate_trailing: bool,
+    /// The lot grid from `minQty` is the plain step grid, so flooring is one division.
+    aligned_lots: bool,
+    /// The symbol has a tick (a symbol not trading yet may have none: its "one tick
+    /// beyond the entry" is then zero, which the decimal path handles).
+    has_tick: bool,
+}
+
+impl OpenRules {
+    fn new(rules: &SymbolRules, policy: &ExitPolicy) -> Self {
+        let (config, derived) = (policy.config(), policy.derived());
+        let float = decimal_to_f64_fast;
+        Self {
+            stop_atr: derived.stop_atr.map(float),
+            fallback_stop_pct: float(derived.fallback_stop_pct),
+            min_stop_pct: float(derived.min_stop_pct),
+            max_stop_pct: float(derived.max_stop_pct),
+            max_margin_loss: derived.max_margin_loss.map(float),
+            min_allowed_stop_pct: float(derived.min_allowed_stop_pct),
+            ladder_at: config.ladder.iter().map(|l| l.at).collect(),
+            ladder_by_r: config.ladder_unit == LadderUnit::R,
+            cum_fractions: derived
+                .cum_fractions
+                .iter()
+                .map(|&f| (f != Decimal::ONE).then(|| Factor::of(f)))
+                .collect(),
+            activate_r: derived.trail_activate_r.map(Factor::of),
+            activate_pct: derived.trail_activate_pct.map(Factor::of),
+            time_stop_unless_r: derived.time_stop_unless_r.map(Factor::of),
+            breakeven_pct: Factor::of(derived.breakeven_pct),
+            immediate_trailing: (config.trail_atr.is_some() || config.trail_pct.is_some())
+                && config.trail_activate_r.is_none()
+                && config.trail_activate_pct.is_none()
+                && config.trail_after_level.is_none(),
+            // `qty_step` is positive (the precision's unit when the filter's step is 0).
+            aligned_lots: (rules.min_qty(true) % rules.qty_step(true)).is_zero(),
+            has_tick: rules.tick_size() > Decimal::ZERO,
+        }
+    }
+}
+
+/// How an integer opening ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Opening {
+    Opened,
+    /// The allowed stop is below the policy minimum: the entry is skipped.
+    OverLeveraged,
+    /// The floats left something open (or an input is outside the bounds, which the
+    /// decimal path reports): open the decimal way instead.
+    Unsettled,
+}
+
+/// `floor(x)` of a non-negative float quotient of ticks when it lies more than 1e-6 from
+/// an integer and below 2^26 ticks (where the float is within 1e-7 tick of the exact
+/// quotient: see `thresholds::trail_ticks`); `None` otherwise.
+fn settled_floor(x: f64) -> Option<i64> {
+    const MAX_TICKS: f64 = (1u64 << 26) as f64;
+    if !(0.0..MAX_TICKS).contains(&x) {
+        return None;
+    }
+    let whole = x as i64;
+    let fraction = x - whole as f64;
+    (1e-6..=1.0 - 1e-6).contains(&fraction).then_some(whole)
 }
 
 /// An exit the position asks for: close `quantity` units for `reason`, triggered at
@@ -235,6 +398,178 @@ impl TickPosition {
         };
         self.sequence = 0;
         Ok(())
+    }
+
+    /// Opens a position the integer way (`PositionState::open` without a liquidation
+    /// price): the initial stop, R, the ladder and its targets, the trailing activation,
+    /// the time stop's threshold and the breakeven stop, refilling `self`'s buffers.
+    /// Floats estimate each distance in ticks; one within a hair of a tick, or any input
+    /// the decimal path would refuse, answers [`Opening::Unsettled`] (`self` is then to be
+    /// loaded from the decimal state instead).
+    #[allow(clippy::too_many_arguments)] // one entry's facts
+    pub(super) fn open(
+        &mut self,
+        side: i64,
+        entry: i64,
+        units: i128,
+        leverage: u32,
+        confidence: Option<f64>,
+        atr: Option<f64>,
+        opened_at_ms: i64,
+        r: &TickRules<'_>,
+    ) -> Opening {
+        const MAX_UNITS_OF_1E12: i128 = 1_000_000_000_000;
+        let o = &r.open;
+        let grid = r.grid;
+        if !o.has_tick
+            || bounds::check_leverage(leverage).is_err()
+            || bounds::check_confidence(confidence).is_err()
+            || bounds::check_event_time("opened_at_ms", opened_at_ms).is_err()
+            || !r.band.is_some_and(|(lo, hi)| entry >= lo && entry <= hi)
+            || units > MAX_UNITS_OF_1E12 * POW10_I128[r.qty.scale as usize]
+        {
+            return Opening::Unsettled;
+        }
+        let price = grid.base + i128::from(entry) * grid.step;
+        let price_f = decimal_to_f64_fast(grid.price(entry));
+        // The initial stop: ATR (or fallback) distance clamped to [min, max] % and the
+        // margin cap; a LONG's `ceil(entry - d)` is `entry - floor(d / tick)` ticks.
+        let base = match (o.stop_atr, usable_atr(atr)) {
+            // An ATR too small for a 28-decimal number takes the fallback there.
+            (Some(_), Some(a)) if a < 1e-20 => return Opening::Unsettled,
+            (Some(k), Some(a)) => k * a,
+            _ => o.fallback_stop_pct * price_f,
+        };
+        let mut distance = base
+            .max(o.min_stop_pct * price_f)
+            .min(o.max_stop_pct * price_f);
+        if let Some(m) = o.max_margin_loss {
+            let cap = m * price_f / f64::from(leverage);
+            let minimum = o.min_allowed_stop_pct * price_f;
+            if cap < minimum * (1.0 - 1e-9) {
+                return Opening::OverLeveraged;
+            }
+            if cap <= minimum * (1.0 + 1e-9) {
+                return Opening::Unsettled;
+            }
+            distance = distance.min(cap);
+        }
+        let Some(stop_ticks) = settled_floor(distance * grid.per_step_f) else {
+            return Opening::Unsettled;
+        };
+        // A distance under one tick rounds onto the entry: the stop is one tick away.
+        let r_ticks = stop_ticks.max(1);
+        self.side = side;
+        self.entry = entry;
+        self.quantity = units;
+        self.stop = entry - side * r_ticks;
+        self.stop_reason = None;
+        self.best = entry;
+        if !self.open_ladder(r_ticks, price_f, units, confidence, r)
+            || !self.open_thresholds(price, r_ticks, opened_at_ms, r)
+        {
+            return Opening::Unsettled;
+        }
+        self.closed = 0;
+        self.levels_done = 0;
+        self.sequence = 0;
+        Opening::Opened
+    }
+
+    /// The ladder levels and targets of an opening (see [`TickPosition::open`]); false
+    /// when the floats leave a level unsettled.
+    fn open_ladder(
+        &mut self,
+        r_ticks: i64,
+        price_f: f64,
+        units: i128,
+        confidence: Option<f64>,
+        r: &TickRules<'_>,
+    ) -> bool {
+        let (o, grid, side, entry) = (&r.open, r.grid, self.side, self.entry);
+        // The ladder: `entry ± at * m * (R or entry)`, rounded toward the entry, at least
+        // one tick beyond it.
+        let m = r.policy.ladder_multiplier(confidence);
+        let unit_f = if o.ladder_by_r {
+            r_ticks as f64 * grid.step_f
+        } else {
+            price_f
+        };
+        self.levels.clear();
+        for &at in &o.ladder_at {
+            let Some(ticks) = settled_floor(at * m * unit_f * grid.per_step_f) else {
+                return false;
+            };
+            let level = entry + side * ticks.max(1);
+            if !r.positive(level) {
+                return false;
+            }
+            self.levels.push(level);
+        }
+        // Targets: cumulative fractions of the size floored to the lot step.
+        let Some(step) = mantissa_at(r.rules.qty_step(true), r.qty.scale) else {
+            return false;
+        };
+        self.targets.clear();
+        for fraction in &o.cum_fractions {
+            let target = match fraction {
+                None => units,
+                Some(f) => {
+                    let product = f.mantissa * units;
+                    if product.unsigned_abs() >= 1 << 96 || f.scale + r.qty.scale > 28 {
+                        return false;
+                    }
+                    product.div_euclid(POW10_I128[f.scale as usize] * step) * step
+                }
+            };
+            self.targets.push(target);
+        }
+        true
+    }
+
+    /// The trailing activation, the time stop's threshold and the breakeven stop of an
+    /// opening (see [`TickPosition::open`]); false when a product leaves the exact range.
+    fn open_thresholds(
+        &mut self,
+        price: i128,
+        r_ticks: i64,
+        opened_at_ms: i64,
+        r: &TickRules<'_>,
+    ) -> bool {
+        let (o, grid, side, entry) = (&r.open, r.grid, self.side, self.entry);
+        // Thresholds at `entry ± k * R` or `entry ± pct * entry`: the first tick reaching
+        // them is `entry ± ceil(k * R_ticks)` or `entry ± ceil(pct * price / tick)`.
+        let (step_m, scale) = (grid.step, grid.scale);
+        let by_r = |k: Factor| k.ceil_times(i128::from(r_ticks), 1, step_m, scale);
+        let by_pct = |pct: Factor| pct.ceil_times(price, step_m, 1, scale);
+        let beyond = |ticks: i64| entry.saturating_add(side * ticks);
+        let mut activate: Option<i64> = None;
+        for ticks in [o.activate_r.map(by_r), o.activate_pct.map(by_pct)]
+            .into_iter()
+            .flatten()
+        {
+            let Some(ticks) = ticks else {
+                return false;
+            };
+            // The nearer threshold wins: either condition activates.
+            activate = Some(activate.map_or(ticks, |t| t.min(ticks)));
+        }
+        self.activate_at = activate.map(beyond);
+        self.trailing_active = o.immediate_trailing;
+        self.trail_basis = None;
+        self.time_off_at = match o.time_stop_unless_r.map(by_r) {
+            Some(None) => return false,
+            other => other.flatten().map(beyond),
+        };
+        self.expires_at = r.max_hold_ms.map(|h| opened_at_ms.saturating_add(h));
+        self.breakeven = match r.breakeven_after_level {
+            Some(_) => match by_pct(o.breakeven_pct) {
+                Some(ticks) => Some(beyond(ticks)),
+                None => return false,
+            },
+            None => None,
+        };
+        true
     }
 
     /// The reason a stop hit carries: the rule that moved the stop last.
