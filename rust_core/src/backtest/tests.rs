@@ -833,13 +833,29 @@ proptest::proptest! {
         for symbol_rules in rules.iter() {
             let Ok(grid) = Grid::new(symbol_rules) else { continue };
             let Some(band) = grid.plausible_ticks(symbol_rules) else { continue };
-            let policy = random_policy(&mut rng);
+            let mut policy = random_policy(&mut rng);
+            if rng.below(3) == 0 {
+                // Levels at whole multiples of R, and the margin cap's and the stop
+                // clamp's round percentages: the exact integer branches.
+                let mut config = policy.config().clone();
+                for (k, level) in config.ladder.iter_mut().enumerate() {
+                    level.at = (k + 1) as f64;
+                }
+                config.max_margin_loss = Some(0.1);
+                config.min_stop_pct = 0.003;
+                config.max_stop_pct = 0.03;
+                policy = ExitPolicy::new(config).unwrap();
+            }
             let Ok(tick_rules) = TickRules::new(grid, symbol_rules, &policy, Some(band)) else {
                 continue;
             };
             // A price between 20 ticks and the band's top third, on the grid.
             let span = (band.1 - band.0).clamp(40, 1 << 30) as u64;
-            let entry = band.0 + 20 + rng.below(span / 3) as i64;
+            let mut entry = band.0 + 20 + rng.below(span / 3) as i64;
+            if rng.below(3) == 0 {
+                entry -= entry % 1000; // round prices: percentages land on whole ticks
+                entry = entry.max(band.0 + 20);
+            }
             let price = grid.price(entry);
             if price <= Decimal::ZERO {
                 continue;

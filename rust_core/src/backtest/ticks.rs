@@ -217,6 +217,35 @@ impl Factor {
         let quotient = (product + denominator - 1).div_euclid(denominator);
         i64::try_from(quotient.min(i128::from(FAR_TICKS))).ok()
     }
+
+    /// `floor(self * numerator / denominator)` for positive operands, under the same
+    /// exactness conditions as [`Factor::ceil_times`]. With `rounded`, the decimal path
+    /// divides too (to 28 digits), so a quotient within 1e-20 (relative) of an integer
+    /// without being one is left to it.
+    fn floor_times(
+        self,
+        numerator: i128,
+        denominator: i128,
+        unit: i128,
+        unit_scale: u32,
+        rounded: bool,
+    ) -> Option<i64> {
+        const MARGIN: i128 = 100_000_000_000_000_000_000;
+        let product = self.mantissa.checked_mul(numerator)?;
+        if product.checked_mul(unit)?.unsigned_abs() >= 1 << 96 || self.scale + unit_scale > 28 {
+            return None;
+        }
+        let denominator = denominator.checked_mul(POW10_I128[self.scale as usize])?;
+        let (quotient, remainder) = (product / denominator, product % denominator);
+        if rounded && remainder != 0 {
+            let bound = denominator.checked_mul(quotient + 1)?;
+            let near = remainder.min(denominator - remainder).checked_mul(MARGIN)?;
+            if near <= bound {
+                return None;
+            }
+        }
+        i64::try_from(quotient.min(i128::from(FAR_TICKS))).ok()
+    }
 }
 
 /// The policy's opening rules, read once per job: floats of its decimals for the
@@ -224,12 +253,12 @@ impl Factor {
 #[allow(clippy::struct_excessive_bools)] // independent facts of the policy and the symbol
 pub(super) struct OpenRules {
     stop_atr: Option<f64>,
-    fallback_stop_pct: f64,
-    min_stop_pct: f64,
-    max_stop_pct: f64,
-    max_margin_loss: Option<f64>,
+    fallback_stop_pct: (f64, Factor),
+    min_stop_pct: (f64, Factor),
+    max_stop_pct: (f64, Factor),
+    max_margin_loss: Option<(f64, Factor)>,
     min_allowed_stop_pct: f64,
-    ladder_at: Vec<f64>,
+    ladder_at: Vec<(f64, Factor)>,
     ladder_by_r: bool,
     /// Cumulative fractions of the original size, `None` for exactly 1 (the remainder).
     cum_fractions: Vec<Option<Factor>>,
@@ -250,14 +279,20 @@ impl OpenRules {
     fn new(rules: &SymbolRules, policy: &ExitPolicy) -> Self {
         let (config, derived) = (policy.config(), policy.derived());
         let float = decimal_to_f64_fast;
+        let both = |d: Decimal| (float(d), Factor::of(d));
         Self {
             stop_atr: derived.stop_atr.map(float),
-            fallback_stop_pct: float(derived.fallback_stop_pct),
-            min_stop_pct: float(derived.min_stop_pct),
-            max_stop_pct: float(derived.max_stop_pct),
-            max_margin_loss: derived.max_margin_loss.map(float),
+            fallback_stop_pct: both(derived.fallback_stop_pct),
+            min_stop_pct: both(derived.min_stop_pct),
+            max_stop_pct: both(derived.max_stop_pct),
+            max_margin_loss: derived.max_margin_loss.map(both),
             min_allowed_stop_pct: float(derived.min_allowed_stop_pct),
-            ladder_at: config.ladder.iter().map(|l| l.at).collect(),
+            ladder_at: config
+                .ladder
+                .iter()
+                .zip(&derived.ladder_at)
+                .map(|(l, &at)| (l.at, Factor::of(at)))
+                .collect(),
             ladder_by_r: config.ladder_unit == LadderUnit::R,
             cum_fractions: derived
                 .cum_fractions
@@ -434,28 +469,9 @@ impl TickPosition {
         let price_f = decimal_to_f64_fast(grid.price(entry));
         // The initial stop: ATR (or fallback) distance clamped to [min, max] % and the
         // margin cap; a LONG's `ceil(entry - d)` is `entry - floor(d / tick)` ticks.
-        let base = match (o.stop_atr, usable_atr(atr)) {
-            // An ATR too small for a 28-decimal number takes the fallback there.
-            (Some(_), Some(a)) if a < 1e-20 => return Opening::Unsettled,
-            (Some(k), Some(a)) => k * a,
-            _ => o.fallback_stop_pct * price_f,
-        };
-        let mut distance = base
-            .max(o.min_stop_pct * price_f)
-            .min(o.max_stop_pct * price_f);
-        if let Some(m) = o.max_margin_loss {
-            let cap = m * price_f / f64::from(leverage);
-            let minimum = o.min_allowed_stop_pct * price_f;
-            if cap < minimum * (1.0 - 1e-9) {
-                return Opening::OverLeveraged;
-            }
-            if cap <= minimum * (1.0 + 1e-9) {
-                return Opening::Unsettled;
-            }
-            distance = distance.min(cap);
-        }
-        let Some(stop_ticks) = settled_floor(distance * grid.per_step_f) else {
-            return Opening::Unsettled;
+        let stop_ticks = match Self::stop_ticks(price, price_f, leverage, atr, r) {
+            Ok(ticks) => ticks,
+            Err(ending) => return ending,
         };
         // A distance under one tick rounds onto the entry: the stop is one tick away.
         let r_ticks = stop_ticks.max(1);
@@ -474,6 +490,65 @@ impl TickPosition {
         self.levels_done = 0;
         self.sequence = 0;
         Opening::Opened
+    }
+
+    /// The initial stop's distance in whole ticks (`floor(distance / tick)`): the ATR
+    /// (or fallback) distance clamped to the policy's percentages of the entry and capped by
+    /// the margin loss; `Some(None)` when over-leveraged, `None` when unsettled. Floats pick
+    /// the binding candidate (each within a few ulps of its decimal; a near tie is left to
+    /// the decimals); a percentage of the entry is then floored exactly, an ATR distance
+    /// by floats away from a tick.
+    fn stop_ticks(
+        price: i128,
+        price_f: f64,
+        leverage: u32,
+        atr: Option<f64>,
+        r: &TickRules<'_>,
+    ) -> Result<i64, Opening> {
+        #[derive(Clone, Copy)]
+        enum Source {
+            Atr,
+            Pct(Factor),
+            Cap(Factor),
+        }
+        let (o, grid) = (&r.open, r.grid);
+        let near = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
+        let pct = |(f, factor): (f64, Factor)| (Source::Pct(factor), f * price_f);
+        let (mut source, mut distance) = match (o.stop_atr, usable_atr(atr)) {
+            // An ATR too small for a 28-decimal number takes the fallback there.
+            (Some(_), Some(a)) if a < 1e-20 => return Err(Opening::Unsettled),
+            (Some(k), Some(a)) => (Source::Atr, k * a),
+            _ => pct(o.fallback_stop_pct),
+        };
+        for (bound, floor) in [(o.min_stop_pct, true), (o.max_stop_pct, false)] {
+            let (bound_source, value) = pct(bound);
+            if near(value, distance) {
+                return Err(Opening::Unsettled);
+            }
+            if (floor && distance < value) || (!floor && distance > value) {
+                (source, distance) = (bound_source, value);
+            }
+        }
+        if let Some((m, factor)) = o.max_margin_loss {
+            let cap = m * price_f / f64::from(leverage);
+            let minimum = o.min_allowed_stop_pct * price_f;
+            if near(cap, minimum) || near(cap, distance) {
+                return Err(Opening::Unsettled);
+            }
+            if cap < minimum {
+                return Err(Opening::OverLeveraged);
+            }
+            if cap < distance {
+                (source, distance) = (Source::Cap(factor), cap);
+            }
+        }
+        let (step, scale) = (grid.step, grid.scale);
+        match source {
+            Source::Atr => settled_floor(distance * grid.per_step_f),
+            Source::Pct(f) => f.floor_times(price, step, 1, scale, false),
+            Source::Cap(f) => f.floor_times(price, step * i128::from(leverage), 1, scale, true),
+        }
+        .ok_or(Opening::Unsettled)
     }
 
     /// The ladder levels and targets of an opening (see [`TickPosition::open`]); false
@@ -495,9 +570,22 @@ impl TickPosition {
         } else {
             price_f
         };
+        let price = grid.base + i128::from(entry) * grid.step;
         self.levels.clear();
-        for &at in &o.ladder_at {
-            let Some(ticks) = settled_floor(at * m * unit_f * grid.per_step_f) else {
+        for &(at, exact) in &o.ladder_at {
+            // Without a stretch the decimal path multiplies the policy's own decimal `at`:
+            // integers settle it exactly (levels at whole multiples of R are common).
+            #[allow(clippy::float_cmp)] // exactly 1 is the decimal path's own test
+            let ticks = if m == 1.0 {
+                if o.ladder_by_r {
+                    exact.floor_times(i128::from(r_ticks), 1, grid.step, grid.scale, false)
+                } else {
+                    exact.floor_times(price, grid.step, 1, grid.scale, false)
+                }
+            } else {
+                settled_floor(at * m * unit_f * grid.per_step_f)
+            };
+            let Some(ticks) = ticks else {
                 return false;
             };
             let level = entry + side * ticks.max(1);
