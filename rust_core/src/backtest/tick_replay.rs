@@ -15,8 +15,8 @@ use super::exit_api::{new_position, reason_of};
 use super::money::{Money, Rate};
 use super::path::{bar_path, Point};
 use super::prepare::Prepared;
-use super::thresholds::{atr_at, trail_ticks};
-use super::ticks::{Opening, TickPosition, TickRules, Unrepresentable};
+use super::thresholds::atr_at;
+use super::ticks::{BarAtr, Opening, TickPosition, TickRules, Unrepresentable};
 use super::walk::{entry_quantity, entry_rate, Record, Replay};
 use super::{
     to_f64, BacktestOptions, Direction, Entry, Fill, Trade, ENTRY, OVER_LEVERAGE, POSITION_OPEN,
@@ -182,17 +182,13 @@ impl<'a> TickJob<'a> {
         k: usize,
         time_ms: i64,
         tick: i64,
-        atr: Option<f64>,
-        trail: Option<i64>,
+        bar: &BarAtr<'_>,
     ) -> Result<bool, Unrepresentable> {
         // An action's confirmation can move the stop (breakeven, ratchet) so that the same
         // mark triggers again; the loop is bounded by the ladder length plus the stop.
         for _ in 0..64 {
             let open = &mut self.open[k];
-            let Some(action) = open
-                .position
-                .on_mark(tick, time_ms, atr, trail, &self.rules)?
-            else {
+            let Some(action) = open.position.on_mark(tick, time_ms, bar, &self.rules)? else {
                 return Ok(false);
             };
             let sequence = action.sequence as u32;
@@ -217,13 +213,7 @@ impl<'a> TickJob<'a> {
     /// Walks bar `i`'s mark path for position `k`: every trigger a move between two marks
     /// crosses (at the earlier mark's time), then each mark. Returns true when the
     /// position closed.
-    fn walk_path(
-        &mut self,
-        k: usize,
-        i: usize,
-        atr: Option<f64>,
-        trail: Option<i64>,
-    ) -> Result<bool, Unrepresentable> {
+    fn walk_path(&mut self, k: usize, i: usize, bar: &BarAtr<'_>) -> Result<bool, Unrepresentable> {
         let mut path = std::mem::take(&mut self.path);
         bar_path(
             self.p,
@@ -241,13 +231,13 @@ impl<'a> TickJob<'a> {
                     .position
                     .crossings(before.tick, point.tick, &mut crossings);
                 for &tick in &crossings {
-                    if self.feed(k, before.time_ms, tick, atr, trail)? {
+                    if self.feed(k, before.time_ms, tick, bar)? {
                         closed = true;
                         break 'path;
                     }
                 }
             }
-            if self.feed(k, point.time_ms, point.tick, atr, trail)? {
+            if self.feed(k, point.time_ms, point.tick, bar)? {
                 closed = true;
                 break;
             }
@@ -435,8 +425,7 @@ impl Replay for TickJob<'_> {
     }
 
     fn bar(&mut self, i: usize) -> Result<(), Unrepresentable> {
-        let atr = atr_at(self.atr, i);
-        let trail = trail_ticks(self.p.grid, self.policy, atr);
+        let bar = BarAtr::new(atr_at(self.atr, i), self.p.grid, self.policy);
         // Without finer bars the path is the bar's own four prices, all within its range.
         let whole_bar = match self.p.fine.get(i) {
             Some(Some(_)) => None,
@@ -453,7 +442,7 @@ impl Replay for TickJob<'_> {
                 );
                 if self.open[k]
                     .position
-                    .quiet_bar(lo, hi, last_ms, atr, trail, &self.rules)?
+                    .quiet_bar(lo, hi, last_ms, &bar, &self.rules)?
                 {
                     self.record.out.quiet_bars += 1;
                     self.end_bar(k, i);
@@ -461,7 +450,7 @@ impl Replay for TickJob<'_> {
                     continue;
                 }
             }
-            if self.walk_path(k, i, atr, trail)? {
+            if self.walk_path(k, i, &bar)? {
                 self.close(k);
                 continue;
             }

@@ -26,7 +26,7 @@ use crate::fixed::{decimal_to_f64_fast, mantissa_at, Decimal, Rounding, POW10_I1
 use crate::rules::SymbolRules;
 
 use super::prepare::Grid;
-use super::thresholds::FAR_TICKS;
+use super::thresholds::{trail_ticks, FAR_TICKS};
 
 /// Something of a job that integers cannot hold exactly; the job reruns on the decimal
 /// path.
@@ -336,6 +336,36 @@ fn settled_floor(x: f64) -> Option<i64> {
     let whole = x as i64;
     let fraction = x - whole as f64;
     (1e-6..=1.0 - 1e-6).contains(&fraction).then_some(whole)
+}
+
+/// The ATR known before the bar being replayed, with the trailing distance in whole ticks
+/// it gives (`thresholds::trail_ticks`), worked out when first needed: most bars have no
+/// trailing stop to move.
+pub(super) struct BarAtr<'a> {
+    pub(super) atr: Option<f64>,
+    /// The ATR's bits, as `on_mark` keys its trailing candidate on them (0 for none).
+    pub(super) basis: u64,
+    trail: std::cell::OnceCell<Option<i64>>,
+    grid: Grid,
+    policy: &'a ExitPolicy,
+}
+
+impl<'a> BarAtr<'a> {
+    pub(super) fn new(atr: Option<f64>, grid: Grid, policy: &'a ExitPolicy) -> Self {
+        Self {
+            atr,
+            basis: atr.map_or(0, f64::to_bits),
+            trail: std::cell::OnceCell::new(),
+            grid,
+            policy,
+        }
+    }
+
+    fn trail(&self) -> Option<i64> {
+        *self
+            .trail
+            .get_or_init(|| trail_ticks(self.grid, self.policy, self.atr))
+    }
 }
 
 /// An exit the position asks for: close `quantity` units for `reason`, triggered at
@@ -740,16 +770,15 @@ impl TickPosition {
     fn candidate(
         &self,
         best: i64,
-        atr: Option<f64>,
-        trail: Option<i64>,
+        bar: &BarAtr<'_>,
         r: &TickRules<'_>,
     ) -> Result<Option<i64>, Unrepresentable> {
-        match trail {
+        match bar.trail() {
             Some(q) => {
                 let candidate = best - self.side * q;
                 Ok(r.positive(candidate).then_some(candidate))
             }
-            None => self.exact_candidate(best, atr, r),
+            None => self.exact_candidate(best, bar.atr, r),
         }
     }
 
@@ -762,8 +791,7 @@ impl TickPosition {
         &mut self,
         mark: i64,
         time_ms: i64,
-        atr: Option<f64>,
-        trail: Option<i64>,
+        bar: &BarAtr<'_>,
         r: &TickRules<'_>,
     ) -> Result<Option<TickAction>, Unrepresentable> {
         if !r.plausible(mark) || self.quantity <= 0 {
@@ -780,13 +808,10 @@ impl TickPosition {
             let by_level = r.trail_after_level.is_some_and(|n| self.levels_done >= n);
             self.trailing_active = by_level || self.activates(self.best);
         }
-        if self.trailing_active {
-            let basis = atr.map_or(0, f64::to_bits);
-            if improved || self.trail_basis != Some(basis) {
-                self.trail_basis = Some(basis);
-                if let Some(candidate) = self.candidate(self.best, atr, trail, r)? {
-                    self.tighten(candidate, ExitReason::TrailingStop);
-                }
+        if self.trailing_active && (improved || self.trail_basis != Some(bar.basis)) {
+            self.trail_basis = Some(bar.basis);
+            if let Some(candidate) = self.candidate(self.best, bar, r)? {
+                self.tighten(candidate, ExitReason::TrailingStop);
             }
         }
         if s * (self.stop - mark) >= 0 {
@@ -893,14 +918,12 @@ impl TickPosition {
     /// ends before the time stop is due unless the best had passed its threshold; every
     /// mark of its path and every move between them lies in its range, so no mark would
     /// trigger anything either.
-    #[allow(clippy::too_many_arguments)] // one bar's facts
     pub(super) fn quiet_bar(
         &mut self,
         low: i64,
         high: i64,
         last_ms: i64,
-        atr: Option<f64>,
-        trail: Option<i64>,
+        bar: &BarAtr<'_>,
         r: &TickRules<'_>,
     ) -> Result<bool, Unrepresentable> {
         match r.band {
@@ -914,10 +937,9 @@ impl TickPosition {
         let mut stop = self.stop;
         let mut basis = None;
         if self.trailing_active {
-            let bits = atr.map_or(0, f64::to_bits);
-            if improved || self.trail_basis != Some(bits) {
-                basis = Some(bits);
-                if let Some(candidate) = self.candidate(best, atr, trail, r)? {
+            if improved || self.trail_basis != Some(bar.basis) {
+                basis = Some(bar.basis);
+                if let Some(candidate) = self.candidate(best, bar, r)? {
                     if s * (candidate - stop) > 0 {
                         stop = candidate;
                     }
