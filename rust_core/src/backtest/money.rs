@@ -12,7 +12,7 @@
 
 use crate::fixed::{Decimal, POW10_I128};
 
-use super::ticks::Unrepresentable;
+use super::ticks::{div_rem, Unrepresentable};
 
 /// The largest mantissa a `Decimal` holds exactly (96 bits).
 const DECIMAL_LIMIT: u128 = 1 << 96;
@@ -93,7 +93,7 @@ impl Money {
         )?;
         let (fee, scale) = if raw_scale > FEE_DECIMALS {
             let divisor = POW10_I128[(raw_scale - FEE_DECIMALS) as usize];
-            let (quotient, remainder) = (raw / divisor, raw % divisor);
+            let (quotient, remainder) = div_rem(raw, divisor);
             let away = 2 * remainder.abs() >= divisor;
             (quotient + if away { raw.signum() } else { 0 }, FEE_DECIMALS)
         } else {

@@ -75,6 +75,8 @@ pub(super) struct TickRules<'a> {
     pub(super) ratchet: bool,
     pub(super) max_hold_ms: Option<i64>,
     pub(super) open: OpenRules,
+    /// `MIN_NOTIONAL` as a mantissa with a price's and a quantity's decimals, when it fits.
+    min_notional: Option<i128>,
 }
 
 impl<'a> TickRules<'a> {
@@ -85,18 +87,20 @@ impl<'a> TickRules<'a> {
         band: Option<(i64, i64)>,
     ) -> Result<Self, Unrepresentable> {
         let config = policy.config();
+        let qty = QtyUnits::new(rules)?;
         Ok(Self {
             grid,
             rules,
             policy,
             band,
-            qty: QtyUnits::new(rules)?,
+            qty,
             trail_configured: config.trail_atr.is_some() || config.trail_pct.is_some(),
             trail_after_level: config.trail_after_level,
             breakeven_after_level: config.breakeven_after_level,
             ratchet: config.ratchet_to_previous_level,
             max_hold_ms: config.max_hold_ms,
             open: OpenRules::new(rules, policy),
+            min_notional: mantissa_at(rules.min_notional(), grid.scale + qty.scale),
         })
     }
 
@@ -148,7 +152,7 @@ impl<'a> TickRules<'a> {
         if numerator <= 0 || denominator <= 0 {
             return None;
         }
-        let (steps, remainder) = (numerator / denominator, numerator % denominator);
+        let (steps, remainder) = div_rem(numerator, denominator);
         // The decimal quotient carries 28 digits: it floors alike unless the exact one
         // lies within 1e-20 (relative) below the next step.
         if remainder != 0
@@ -170,17 +174,22 @@ impl<'a> TickRules<'a> {
 
     /// `remainder` units at the price of tick `k` are below `MIN_NOTIONAL`.
     fn below_min_notional(&self, remainder: i128, k: i64) -> Result<bool, Unrepresentable> {
-        let min_notional = self.rules.min_notional();
-        let scale = self.qty.scale + self.grid.scale;
         let price = self.grid.base + i128::from(k) * self.grid.step;
-        if let (Some(notional), Some(minimum)) = (
-            remainder.checked_mul(price),
-            mantissa_at(min_notional, scale),
-        ) {
+        if let (Some(notional), Some(minimum)) = (remainder.checked_mul(price), self.min_notional) {
             return Ok(notional < minimum);
         }
         // Beyond 128 bits: the decimal product, as the state machine computes it.
-        Ok(self.qty.decimal(remainder)? * self.grid.price(k) < min_notional)
+        Ok(self.qty.decimal(remainder)? * self.grid.price(k) < self.rules.min_notional())
+    }
+}
+
+/// `(a / b, a % b)` for positive `b`, by a 64-bit division when both fit (several times
+/// cheaper than the 128-bit one; the same quotient and remainder).
+#[inline]
+pub(super) fn div_rem(a: i128, b: i128) -> (i128, i128) {
+    match (i64::try_from(a), i64::try_from(b)) {
+        (Ok(a), Ok(b)) => (i128::from(a / b), i128::from(a % b)),
+        _ => (a / b, a % b),
     }
 }
 
@@ -214,7 +223,8 @@ impl Factor {
             return None;
         }
         let denominator = denominator.checked_mul(POW10_I128[self.scale as usize])?;
-        let quotient = (product + denominator - 1).div_euclid(denominator);
+        let (quotient, remainder) = div_rem(product, denominator);
+        let quotient = quotient + i128::from(remainder > 0);
         i64::try_from(quotient.min(i128::from(FAR_TICKS))).ok()
     }
 
@@ -236,7 +246,7 @@ impl Factor {
             return None;
         }
         let denominator = denominator.checked_mul(POW10_I128[self.scale as usize])?;
-        let (quotient, remainder) = (product / denominator, product % denominator);
+        let (quotient, remainder) = div_rem(product, denominator);
         if rounded && remainder != 0 {
             let bound = denominator.checked_mul(quotient + 1)?;
             let near = remainder.min(denominator - remainder).checked_mul(MARGIN)?;
@@ -637,7 +647,7 @@ impl TickPosition {
                     if product.unsigned_abs() >= 1 << 96 || f.scale + r.qty.scale > 28 {
                         return false;
                     }
-                    product.div_euclid(POW10_I128[f.scale as usize] * step) * step
+                    div_rem(product, POW10_I128[f.scale as usize] * step).0 * step
                 }
             };
             self.targets.push(target);
