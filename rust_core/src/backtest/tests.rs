@@ -942,3 +942,63 @@ proptest::proptest! {
         proptest::prop_assert!(settled * 100 >= cases * 95, "{settled} of {cases} settled");
     }
 }
+
+/// A job the integers cannot hold (a take-profit level beyond 2^40 ticks of a 1e-8 tick)
+/// reruns the decimal way, and reports the decimal results.
+#[test]
+fn a_level_beyond_the_tick_range_falls_back_to_the_decimal_replay() {
+    let doc = serde_json::json!({"symbols": [{
+        "symbol": "FINEUSDT", "pair": "FINEUSDT", "contractType": "PERPETUAL",
+        "status": "TRADING", "baseAsset": "FINE", "quoteAsset": "USDT", "marginAsset": "USDT",
+        "pricePrecision": 8, "quantityPrecision": 3,
+        "filters": [
+            {"filterType": "PRICE_FILTER", "minPrice": "0.00000001", "maxPrice": "100000",
+             "tickSize": "0.00000001"},
+            {"filterType": "LOT_SIZE", "minQty": "0.001", "maxQty": "1000", "stepSize": "0.001"},
+            {"filterType": "MARKET_LOT_SIZE", "minQty": "0.001", "maxQty": "1000",
+             "stepSize": "0.001"},
+            {"filterType": "MIN_NOTIONAL", "notional": "5"}
+        ]
+    }]});
+    let rules = ExchangeRules::from_value(&doc).unwrap();
+    // 1000.0 is 1e11 ticks; a level at 1000 R with R = 3 % of the entry is 3.1e12 ticks.
+    let policy = ExitPolicy::new(PolicyConfig {
+        fallback_stop_pct: 0.03,
+        min_stop_pct: 0.03,
+        max_stop_pct: 0.03,
+        ladder: LadderLevel::ladder(&[(1.0, 0.5), (1000.0, 0.5)]),
+        ..PolicyConfig::default()
+    })
+    .unwrap();
+    let mut input = series(
+        MINUTE,
+        &[
+            (1000.0, 1040.0, 990.0, 1035.0),
+            (1035.0, 1036.0, 960.0, 961.0),
+        ],
+    );
+    input.symbol = "FINEUSDT".into();
+    input.bars.open.to_mut()[..20].fill(1000.0);
+    input.bars.high.to_mut()[..20].fill(1001.0);
+    input.bars.low.to_mut()[..20].fill(999.0);
+    input.bars.close.to_mut()[..20].fill(1000.0);
+    let options = BacktestOptions {
+        notional: d("5000"),
+        ..options()
+    };
+    let fast = run(
+        std::slice::from_ref(&input),
+        &[policy.clone()],
+        &rules,
+        &options,
+    )
+    .unwrap();
+    let exhaustive = BacktestOptions {
+        exhaustive: true,
+        ..options.clone()
+    };
+    let slow = run(std::slice::from_ref(&input), &[policy], &rules, &exhaustive).unwrap();
+    assert!(fast[0].decimal, "the integer replay should have given up");
+    assert!(fast[0].fills.len() >= 3, "{:?}", fast[0].fills);
+    assert_eq!(job_view(&fast[0]), job_view(&slow[0]));
+}
