@@ -988,7 +988,7 @@ fn a_level_beyond_the_tick_range_falls_back_to_the_decimal_replay() {
     };
     let fast = run(
         std::slice::from_ref(&input),
-        &[policy.clone()],
+        std::slice::from_ref(&policy),
         &rules,
         &options,
     )
