@@ -125,9 +125,27 @@ impl Money {
         exact(a.checked_add(b).ok_or(Unrepresentable)?, self.scale)
     }
 
-    /// The decimal of an amount.
-    pub(super) fn decimal(self, value: i128) -> Result<Decimal, Unrepresentable> {
-        Decimal::try_from_i128_with_scale(value, self.scale).map_err(|_| Unrepresentable)
+    /// The decimal of an amount written with `decimals` (at most `scale`; the amount is a
+    /// multiple of `10^(scale - decimals)`): the decimals `rust_decimal` gives the same
+    /// value in the decimal replay, so both report identical decimals.
+    pub(super) fn decimal_with(
+        self,
+        value: i128,
+        decimals: u32,
+    ) -> Result<Decimal, Unrepresentable> {
+        let factor = POW10_I128[(self.scale - decimals) as usize];
+        debug_assert_eq!(value % factor, 0);
+        Decimal::try_from_i128_with_scale(value / factor, decimals).map_err(|_| Unrepresentable)
+    }
+
+    /// Decimals of a fee at `rate`: those of `rate * price * quantity`, at most 8.
+    pub(super) fn fee_decimals(self, rate: Rate) -> u32 {
+        (rate.scale + self.price_scale + self.qty_scale).min(FEE_DECIMALS)
+    }
+
+    /// Decimals of a price difference times a quantity.
+    pub(super) fn gross_decimals(self) -> u32 {
+        self.price_scale + self.qty_scale
     }
 }
 
@@ -169,13 +187,13 @@ mod tests {
                 .fee(Rate::new(r), i128::from(price), i128::from(quantity))
                 .unwrap();
             let expected = decimal_fee(&r.to_string(), &p.to_string(), &q.to_string());
-            proptest::prop_assert_eq!(money.decimal(fee).unwrap(), expected);
+            proptest::prop_assert_eq!(money.decimal_with(fee, money.scale).unwrap(), expected);
             let side = if long { 1 } else { -1 };
             let gross = money
                 .gross(i128::from(entry), i128::from(price), i128::from(quantity), side)
                 .unwrap();
             proptest::prop_assert_eq!(
-                money.decimal(gross).unwrap(),
+                money.decimal_with(gross, money.scale).unwrap(),
                 (p - e) * q * Decimal::from(side)
             );
         }
@@ -186,15 +204,18 @@ mod tests {
         let money = Money::new(1, 4).unwrap();
         // 0.0005 * 30000.1 * 0.0001 = 0.001500005, a tie at 8 decimals: away from zero.
         let fee = money.fee(Rate::new(d("0.0005")), 300_001, 1).unwrap();
-        assert_eq!(money.decimal(fee).unwrap(), d("0.00150001"));
+        assert_eq!(
+            money.decimal_with(fee, money.scale).unwrap(),
+            d("0.00150001")
+        );
         // Below the tie it rounds down: 0.0005 * 30000.0 * 0.0001 = 0.0015 exactly.
         let fee = money.fee(Rate::new(d("0.0005")), 300_000, 1).unwrap();
-        assert_eq!(money.decimal(fee).unwrap(), d("0.0015"));
+        assert_eq!(money.decimal_with(fee, money.scale).unwrap(), d("0.0015"));
         // 0.000000025 * 0.2 * 1 = 0.000000005, a tie at 8 decimals: away from zero.
         let money = Money::new(1, 0).unwrap();
         assert_eq!(
             money
-                .decimal(money.fee(Rate::new(d("0.000000025")), 2, 1).unwrap())
+                .decimal_with(money.fee(Rate::new(d("0.000000025")), 2, 1).unwrap(), 8)
                 .unwrap(),
             d("0.00000001")
         );

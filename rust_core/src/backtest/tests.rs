@@ -608,6 +608,16 @@ fn random_policy(rng: &mut Xorshift) -> ExitPolicy {
     ExitPolicy::new(config).unwrap()
 }
 
+/// The first part where two job views differ (the whole views are long).
+fn first_difference(left: &str, right: &str) -> String {
+    let items = |view: &str| view.split("), (").map(str::to_owned).collect::<Vec<_>>();
+    let (left, right) = (items(left), items(right));
+    match left.iter().zip(&right).position(|(l, r)| l != r) {
+        Some(k) => format!("item {k}:\n  {}\n  {}", left[k], right[k]),
+        None => format!("lengths {} and {}", left.len(), right.len()),
+    }
+}
+
 /// Everything a job reports, for an exact comparison.
 fn job_view(job: &JobOutput) -> String {
     let fills: Vec<_> = job
@@ -1001,4 +1011,82 @@ fn a_level_beyond_the_tick_range_falls_back_to_the_decimal_replay() {
     assert!(fast[0].decimal, "the integer replay should have given up");
     assert!(fast[0].fills.len() >= 3, "{:?}", fast[0].fills);
     assert_eq!(job_view(&fast[0]), job_view(&slow[0]));
+}
+
+proptest::proptest! {
+    #![proptest_config(cases(16))]
+
+    /// The integer replay matches the decimal one on random real symbols' filters (every
+    /// grid base, tick, lot step, `minQty` and `MIN_NOTIONAL` of the snapshot over enough
+    /// cases): dense entries on both sides through a wild walk, random policies.
+    #[test]
+    fn integer_replay_matches_on_real_symbols(seed in 1u64..u64::MAX) {
+        let mut rng = Xorshift(seed);
+        let rules = exchange_rules();
+        let all: Vec<&crate::rules::SymbolRules> = rules.iter().collect();
+        for _ in 0..8 {
+            let symbol_rules = all[rng.below(all.len() as u64) as usize];
+            let Ok(grid) = Grid::new(symbol_rules) else { continue };
+            let Some(band) = grid.plausible_ticks(symbol_rules) else { continue };
+            let start = band.0.max(0) + 20_000;
+            if start + 40_000 > band.1 {
+                continue;
+            }
+            let price_of = |k: i64| grid.base_f + k as f64 * grid.step_f;
+            let mut bars = Bars::default();
+            let mut k = start;
+            let mut entries = Vec::new();
+            for i in 0..240 {
+                let scale = [10u64, 60, 300][rng.below(3) as usize];
+                let open = k;
+                let close = (open + rng.below(2 * scale + 1) as i64 - scale as i64).max(start / 2);
+                let high = open.max(close) + rng.below(scale / 2 + 1) as i64;
+                let low = (open.min(close) - rng.below(scale / 2 + 1) as i64).max(start / 2);
+                let t = T0 + i * MINUTE;
+                bars.open_time.to_mut().push(t);
+                bars.open.to_mut().push(price_of(open));
+                bars.high.to_mut().push(price_of(high));
+                bars.low.to_mut().push(price_of(low));
+                bars.close.to_mut().push(price_of(close));
+                k = close;
+                if rng.below(3) != 0 {
+                    let confidence = rng.below(101) as f64 / 100.0;
+                    entries.push(Entry {
+                        time_ms: t,
+                        direction: if rng.below(2) == 0 { Direction::Long } else { Direction::Short },
+                        confidence: rng.maybe(confidence),
+                        notional: None,
+                        leverage: None,
+                    });
+                }
+            }
+            let price = grid.price(start);
+            let notional = (symbol_rules.min_qty(true) * price * Decimal::from(40))
+                .max(symbol_rules.min_notional() * Decimal::from(8))
+                .max(Decimal::from(100))
+                .round_dp(2);
+            let input = SeriesInput {
+                symbol: symbol_rules.symbol.clone(),
+                interval_ms: MINUTE,
+                bars,
+                fine: None,
+                entries,
+            };
+            let fast_options = BacktestOptions {
+                notional,
+                one_position_per_symbol: rng.below(2) == 0,
+                intrabar: if rng.below(2) == 0 { Intrabar::TargetFirst } else { Intrabar::StopFirst },
+                ..options()
+            };
+            let slow_options = BacktestOptions { exhaustive: true, ..fast_options.clone() };
+            let policies: Vec<ExitPolicy> = (0..3).map(|_| random_policy(&mut rng)).collect();
+            let fast = run(std::slice::from_ref(&input), &policies, &rules, &fast_options).unwrap();
+            let slow = run(std::slice::from_ref(&input), &policies, &rules, &slow_options).unwrap();
+            for (a, b) in fast.iter().zip(&slow) {
+                proptest::prop_assert!(!a.decimal, "{}", symbol_rules.symbol);
+                let (x, y) = (job_view(a), job_view(b));
+                proptest::prop_assert!(x == y, "{}: {}", symbol_rules.symbol, first_difference(&x, &y));
+            }
+        }
+    }
 }

@@ -43,6 +43,29 @@ struct TickOpen {
     sequence: u32,
 }
 
+#[derive(Clone, Copy)]
+struct AmountDecimals {
+    entry_fee: u32,
+    exit_fee: u32,
+    exit_pnl: u32,
+    trade_pnl: u32,
+    trade_fees: u32,
+}
+
+impl AmountDecimals {
+    fn new(money: Money, entry: Rate, exit: Rate) -> Self {
+        let (entry_fee, exit_fee) = (money.fee_decimals(entry), money.fee_decimals(exit));
+        let exit_pnl = money.gross_decimals().max(exit_fee);
+        Self {
+            entry_fee,
+            exit_fee,
+            exit_pnl,
+            trade_pnl: exit_pnl.max(entry_fee),
+            trade_fees: entry_fee.max(exit_fee),
+        }
+    }
+}
+
 pub(super) struct TickJob<'a> {
     p: &'a Prepared<'a>,
     policy: &'a ExitPolicy,
@@ -53,6 +76,9 @@ pub(super) struct TickJob<'a> {
     money: Money,
     entry_rate: Rate,
     exit_rate: Rate,
+    /// The decimals the decimal replay writes each amount with: entry and exit fees,
+    /// an exit's `PnL`, a trade's `PnL` and fees (see `Money::decimal_with`).
+    decimals: AmountDecimals,
     record: Record,
     open: Vec<TickOpen>,
     /// Closed positions whose buffers the next entry reuses.
@@ -71,15 +97,18 @@ impl<'a> TickJob<'a> {
         record: Record,
     ) -> Result<Self, Unrepresentable> {
         let rules = TickRules::new(p.grid, p.rules, policy, p.band)?;
+        let money = Money::new(p.grid.scale, rules.qty.scale)?;
+        let (entry, exit) = (Rate::new(entry_rate(options)), Rate::new(options.taker_fee));
         Ok(Self {
             p,
             policy,
             options,
             atr,
-            money: Money::new(p.grid.scale, rules.qty.scale)?,
+            money,
             rules,
-            entry_rate: Rate::new(entry_rate(options)),
-            exit_rate: Rate::new(options.taker_fee),
+            entry_rate: entry,
+            exit_rate: exit,
+            decimals: AmountDecimals::new(money, entry, exit),
             record,
             open: Vec::new(),
             spare: Vec::new(),
@@ -146,8 +175,8 @@ impl<'a> TickJob<'a> {
             direction: open.direction,
             price: price_decimal,
             quantity: self.rules.qty.decimal(quantity)?,
-            fee: money.decimal(fee)?,
-            pnl: money.decimal(pnl)?,
+            fee: money.decimal_with(fee, self.decimals.exit_fee)?,
+            pnl: money.decimal_with(pnl, self.decimals.exit_pnl)?,
             r,
             trigger: trigger.map(|t| grid.price(t)),
             mark: price_decimal,
@@ -166,8 +195,8 @@ impl<'a> TickJob<'a> {
             quantity: self.rules.qty.decimal(open.quantity)?,
             initial_stop,
             risk_price: (entry_price - initial_stop).abs(),
-            pnl: money.decimal(open.pnl)?,
-            fees: money.decimal(open.fees)?,
+            pnl: money.decimal_with(open.pnl, self.decimals.trade_pnl)?,
+            fees: money.decimal_with(open.fees, self.decimals.trade_fees)?,
             confidence: open.confidence,
             exit_reason: reason,
             bars_held: open.bars_held,
@@ -399,8 +428,8 @@ impl Replay for TickJob<'_> {
             direction: entry.direction,
             price,
             quantity,
-            fee: self.money.decimal(fee)?,
-            pnl: self.money.decimal(pnl)?,
+            fee: self.money.decimal_with(fee, self.decimals.entry_fee)?,
+            pnl: self.money.decimal_with(pnl, self.decimals.entry_fee)?,
             r: 0.0,
             trigger: None,
             mark: price,
