@@ -329,8 +329,7 @@ mod ticks;
 mod walk;
 
 /// The nearest `f64` of a decimal, for the float columns of the results (see
-/// [`crate::fixed::decimal_to_f64_fast`]): a function of the value alone, so the integer
-/// and the decimal replays, which may write one value with different decimals, agree.
+/// [`crate::fixed::decimal_to_f64_fast`]).
 pub fn to_f64(value: Decimal) -> f64 {
     crate::fixed::decimal_to_f64_fast(value)
 }
