@@ -622,6 +622,7 @@ def backtest_run(
     one_position_per_symbol: bool,
     detail: bool,
     exhaustive: bool = False,
+    exact: bool = False,
 ) -> dict[str, _Any]:
     """Run every series under every policy through the exit rules (GIL released).
 
@@ -635,7 +636,10 @@ def backtest_run(
     lot units and money mantissas; ``exhaustive`` replays the decimal way instead, every mark
     of the bar path through the daemon's exit state machine (slower; the reference the
     tests hold the default to), and so does a job beyond what the integers hold (counted in
-    ``decimal_jobs``). Use ``pyquant.backtest`` instead.
+    ``decimal_jobs``). ``exact`` adds ``exact``: for ``fills`` (price, quantity, fee, pnl)
+    and ``trades`` (entry_price, quantity, initial_stop, risk_price, pnl, fees) each column's
+    Decimal(38, 12) mantissas as 16-byte little-endian bytes (Arrow's decimal128 layout), or
+    None when a value has more than 12 decimals. Use ``pyquant.backtest`` instead.
     """
 
 def backtest_replay_marks(

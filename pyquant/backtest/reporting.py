@@ -1,7 +1,7 @@
 """Backtest results: the core's columns as exact tables, metrics, files and charts.
 
-Builds the fills and trades tables (exact Decimal columns recovered from the core's floats
-where provable, else from its decimal text), the per-symbol summary, the equity curve, the
+Builds the fills and trades tables (exact Decimal columns from the core's mantissas, or from
+its decimal text), the per-symbol summary, the equity curve, the
 charts and the files a run writes. It takes no exit decision and calls no replay: it only
 reads what ``running`` produced.
 """
@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa  # type: ignore[import-untyped]
 
 from pyquant.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pyquant._core import ExchangeRules, ExitPolicy
+    from pyquant._core import ExitPolicy
     from pyquant.backtest.running import BacktestConfig, BacktestResult
 
 
@@ -144,103 +145,34 @@ def _exact(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-# A float column of the core holds, for each exact decimal, its nearest double. A mantissa
-# below 2^49 at the column's decimals is then the only decimal that rounds to that double
-# (neighbours 10^-D apart are more than an ulp apart), so it is recovered exactly.
-_MAX_MANTISSA = float(2**49)
-_EXACT_SCALE = 12
-_FEE_DECIMALS = 8
-# Which grid fixes each exact column's decimals ("fee" columns are rounded to 8 decimals;
-# "pnl" columns are price x quantity differences less fees).
-_FILL_GRID = {"price": "price", "quantity": "qty", "fee": "fee", "pnl": "pnl"}
-_TRADE_GRID = {
-    "entry_price": "price",
-    "quantity": "qty",
-    "initial_stop": "price",
-    "risk_price": "price",
-    "pnl": "pnl",
-    "fees": "fee",
-}
+# The exact columns the core gives as Decimal(38, 12) mantissas when asked (``exact``).
+_FILL_EXACT = ("price", "quantity", "fee", "pnl")
+_TRADE_EXACT = ("entry_price", "quantity", "initial_stop", "risk_price", "pnl", "fees")
 
 
-def _grid_decimals(rules: ExchangeRules, symbols: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
-    """Return, per series, the decimals of each kind of exact column."""
-
-    def places(text: str) -> int:
-        return len(text.partition(".")[2])
-
-    price = np.array([places(rules.quantize_price(s, "1", "nearest")) for s in symbols])
-    qty = np.array([places(rules.quantize_qty(s, "1", market=True)) for s in symbols])
-    fee = np.full(len(symbols), _FEE_DECIMALS)
-    return {
-        "price": price,
-        "qty": qty,
-        "fee": fee,
-        "pnl": np.maximum(price + qty, fee),
-    }
-
-
-def _per_row(values: np.ndarray[Any, Any]) -> pl.Expr:
-    # A literal: a scalar when every row shares the value (one symbol, or one grid).
-    if values.size and (values == values[0]).all():
-        return pl.lit(values[0].item())
-    return pl.lit(pl.Series(values))
-
-
-def _exact_from_floats(
-    values: np.ndarray[Any, Any], decimals: np.ndarray[Any, Any]
-) -> pl.Series | None:
-    """Return the exact Decimal column behind ``values`` (NaN is null), or None if unproven.
-
-    ``decimals`` (per row) must be at least the decimals of every exact value, which the
-    grids guarantee. Every value must read back from its mantissa (numpy's division is the
-    correctly rounded one; polars may multiply by a reciprocal instead); when one does not,
-    the caller asks the core for the decimal text instead.
-    """
-    if decimals.size and int(decimals.max()) > _EXACT_SCALE:
-        return None
-    # One grid for every row (one symbol, or symbols sharing a tick): scalars, not arrays.
-    uniform = not decimals.size or bool((decimals == decimals[0]).all())
-    places = int(decimals[0]) if decimals.size else 0
-    scale = 10.0**places if uniform else 10.0 ** decimals.astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        mantissa = np.rint(values * scale)
-        proven = np.isnan(values) | (
-            (np.abs(mantissa) < _MAX_MANTISSA) & (mantissa / scale == values)
-        )
-    if not proven.all():
-        return None
-    if uniform:
-        unit = pl.lit(Decimal(1).scaleb(-places), dtype=EXACT)
-    else:
-        unit = _per_row(10 ** (_EXACT_SCALE - decimals.astype(np.int64))).cast(
-            pl.Decimal(38, 0)
-        ) * pl.lit(Decimal(1).scaleb(-_EXACT_SCALE), dtype=EXACT)
-    # NaN (no value) becomes null here and stays null through the arithmetic.
-    frame = pl.Series("m", mantissa, nan_to_null=True).cast(pl.Int64).to_frame()
-    return frame.select((pl.col("m").cast(pl.Decimal(38, 0)) * unit).cast(EXACT)).to_series()
-
-
-def _exact_columns(
-    frame: pl.DataFrame,
-    grids: Mapping[str, str],
-    decimals: Mapping[str, np.ndarray[Any, Any]],
+def _exact_from_core(
+    outputs: Sequence[Mapping[str, Any]], table: str, frame: pl.DataFrame
 ) -> pl.DataFrame | None:
-    # The float columns the core returns without detail, made exact (None: not provable).
+    """Replace ``table``'s float columns by the exact ones the core gave as mantissas.
+
+    Each column arrives as 16-byte little-endian mantissas with 12 decimals, Arrow's
+    ``decimal128(38, 12)`` layout, one buffer per core call in the order of the rows; pyarrow
+    wraps them without a Python object per row. None when a value did not fit 12 decimals
+    (the core sent no buffer): the caller then asks for the decimal text.
+    """
     if frame.is_empty():
         return frame
-    series = frame["series"].to_numpy()
+    names = _FILL_EXACT if table == "fills" else _TRADE_EXACT
     replaced = []
-    for name, grid in grids.items():
-        if name not in frame.columns:
-            continue
-        column = _exact_from_floats(
-            np.ascontiguousarray(frame[name].to_numpy(), dtype=np.float64),
-            decimals[grid][series],
-        )
-        if column is None:
+    for name in names:
+        parts = [out["raw"]["exact"][table][name] for out in outputs]
+        if any(part is None for part in parts):
             return None
-        replaced.append(column.alias(name))
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        array = pa.Array.from_buffers(
+            pa.decimal128(38, 12), len(data) // 16, [None, pa.py_buffer(data)]
+        )
+        replaced.append(pl.Series(name, array))
     return frame.with_columns(replaced)
 
 

@@ -30,14 +30,11 @@ from pyquant.backtest.loading import (
     momentum24h,
 )
 from pyquant.backtest.reporting import (
-    _FILL_GRID,
     _FILL_ORDER,
-    _TRADE_GRID,
     _TRADE_ORDER,
     _arrange,
     _exact,
-    _exact_columns,
-    _grid_decimals,
+    _exact_from_core,
     _tables,
     summarize,
 )
@@ -415,8 +412,8 @@ def run_backtest(
         detail: also return each fill's ``trigger_price`` and ``mark_price``, the stop after
             every bar (``stops``) and the take-profit levels (``levels``), for charts and
             audits. Without it (the default) the core builds no per-bar rows and no text:
-            the exact columns come from its float columns, proven exact per value (see
-            ``_exact_from_floats``), and ``stops``/``levels`` are empty.
+            the exact columns come from its integer mantissas (see ``_exact_from_core``),
+            and ``stops``/``levels`` are empty.
 
     Returns:
         Fills, trades, the summary and, with ``detail``, the chart data.
@@ -433,16 +430,15 @@ def run_backtest(
     intents, one_per_symbol = _entries_for(frames, entries, strategy)
     series = _series_inputs(frames, symbols, intents, fine)
     options = _core_options(config, one_per_symbol, detail=detail)
-    outputs = _call_core(series, [policy], rules, options, progress)
+    outputs = _call_core(series, [policy], rules, {**options, "exact": not detail}, progress)
     tables, evaluations = _tables(outputs, symbols)
     fills = trades = None
     if not detail:
-        decimals = _grid_decimals(rules, symbols)
-        fills = _exact_columns(tables["fills"], _FILL_GRID, decimals)
-        trades = _exact_columns(tables["trades"], _TRADE_GRID, decimals)
+        fills = _exact_from_core(outputs, "fills", tables["fills"])
+        trades = _exact_from_core(outputs, "trades", tables["trades"])
     if fills is None or trades is None:
         if not detail:
-            # A value the floats cannot prove (a huge PnL): the core's decimal text decides.
+            # A value beyond the 12 decimals of the mantissas: the core's decimal text decides.
             outputs = _call_core(
                 series, [policy], rules, {**options, "detail": True}, progress=None
             )

@@ -1,8 +1,9 @@
-"""The default (no detail) results: exact columns rebuilt from the core's floats, proven.
+"""The default (no detail) results: exact columns from the core's integer mantissas.
 
-``run_backtest`` without ``detail`` asks the core for no per-bar rows and no decimal text and
-rebuilds every exact column from its float column. These tests hold it to the tables the
-core's decimal text gives (``detail=True``), on every real symbol of tests/data/market.
+``run_backtest`` without ``detail`` asks the core for no per-bar rows and no decimal text but
+for each exact column's Decimal(38, 12) mantissas (``exact=True``). These tests hold it to the
+tables the core's decimal text gives (``detail=True``), on every real symbol of
+tests/data/market.
 """
 
 from __future__ import annotations
@@ -116,42 +117,54 @@ def test_sized_intents_on_both_sides_equal_the_decimal_text(rules, real_klines, 
     assert fast.fills["pnl"].abs().max() > Decimal(1000)
 
 
-def test_a_value_the_floats_cannot_prove_takes_the_decimal_text(rules, real_klines, monkeypatch):
-    # With no mantissa small enough to be proven, the core's text decides, and the result
-    # keeps the default's shape (no trigger or mark prices, no stops, no levels).
+def test_a_value_beyond_the_mantissas_takes_the_decimal_text(rules, real_klines, monkeypatch):
+    # A column the core could not give as 12-decimal mantissas (None): the core's text
+    # decides, and the result keeps the default's shape (no trigger or mark prices, no
+    # stops, no levels).
     frames = real_klines[:2]
     policy = _core.ExitPolicy(**EXAMPLE_POLICY)
     expected = _without_detail(bt.run_backtest(frames, policy, rules, detail=True))
-    monkeypatch.setattr(bt_reporting, "_MAX_MANTISSA", 1.0)
     calls = _CoreCalls(monkeypatch)
+    spied = bt_running._core.backtest_run
+
+    def without_pnl(*args: Any, **kwargs: Any) -> Any:
+        raw = spied(*args, **kwargs)
+        if "exact" in raw:
+            raw["exact"]["fills"]["pnl"] = None
+        return raw
+
+    monkeypatch.setattr(bt_running._core, "backtest_run", without_pnl)
     result = bt.run_backtest(frames, policy, rules)
-    assert calls.details[0] is False
-    assert calls.details[-1] is True
+    assert calls.details == [False, True]
     assert result.fills.equals(expected.fills)
     assert result.trades.equals(expected.trades)
     assert result.stops.is_empty()
     assert result.levels.is_empty()
 
 
-def test_exact_from_floats_proves_each_value_or_gives_up():
-    decimals = np.array([1, 1, 8, 3])
-    column = bt_reporting._exact_from_floats(
-        np.array([30120.1, np.nan, 0.30147501, -0.007]), decimals
-    )
-    assert column is not None
-    assert column.dtype == bt.EXACT
-    assert column.to_list() == [
-        Decimal("30120.1"),
-        None,
-        Decimal("0.30147501"),
-        Decimal("-0.007"),
-    ]
-    # More decimals than the grid allows: not the value of any mantissa, so no answer.
-    assert bt_reporting._exact_from_floats(np.array([30120.15]), np.array([1])) is None
-    # Too many digits to tell neighbouring decimals apart from their doubles.
-    assert bt_reporting._exact_from_floats(np.array([123456789.12345678]), np.array([8])) is None
-    # Beyond the 12 decimals of the result columns.
-    assert bt_reporting._exact_from_floats(np.array([1e-13]), np.array([13])) is None
+def test_exact_mantissas_are_the_decimal_text(rules, real_klines):
+    # Every mantissa the core gives is, at 12 decimals, the value its decimal text writes.
+    [frame] = [f for f in real_klines if f["symbol"][0] == "SOLUSDT"]
+    intents, one = bt_running._entries_for([frame], None, None)
+    series = [bt_running._prepare_series(frame, intents, None).arrays]
+    options = bt_running._core_options(bt.BacktestConfig(), one, detail=True)
+    policy = _core.ExitPolicy(**EXAMPLE_POLICY)
+    raw = _core.backtest_run(series, [policy], rules, **options, exact=True)
+    for table, names in (
+        ("fills", bt_reporting._FILL_EXACT),
+        ("trades", bt_reporting._TRADE_EXACT),
+    ):
+        assert len(raw[table]["trade"]) > 50
+        for name in names:
+            data = raw["exact"][table][name]
+            mantissas = [
+                int.from_bytes(data[k : k + 16], "little", signed=True)
+                for k in range(0, len(data), 16)
+            ]
+            texts = raw[table][f"{name}_exact"]
+            assert [Decimal(m).scaleb(-12) for m in mantissas] == [Decimal(t) for t in texts]
+    # Not asked for: no buffers.
+    assert "exact" not in _core.backtest_run(series, [policy], rules, **options)
 
 
 def test_one_symbol_total_is_the_general_total(rules, real_klines):

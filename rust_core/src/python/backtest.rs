@@ -11,15 +11,15 @@ use std::borrow::Cow;
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::backtest::{
-    self, to_f64, BacktestOptions, Bars, Direction, Entry, Intrabar, JobOutput, SeriesInput,
-    REASONS,
+    self, to_f64, BacktestOptions, Bars, Direction, Entry, Fill, Intrabar, JobOutput, SeriesInput,
+    Trade, REASONS,
 };
 use crate::error::CoreError;
 use crate::exit::policy::ExitPolicy;
-use crate::fixed::{parse_decimal, Decimal};
+use crate::fixed::{mantissa_at, parse_decimal, Decimal};
 use crate::rules::ExchangeRules;
 
 use super::engine::PyExitPolicy;
@@ -242,6 +242,42 @@ fn series_arrays<'py>(dict: &Bound<'py, PyDict>) -> PyResult<SeriesArrays<'py>> 
     })
 }
 
+/// Decimals of the exact result columns (`pyquant.backtest.EXACT`, `Decimal(38, 12)`).
+const EXACT_SCALE: u32 = 12;
+
+/// The mantissas of `values` at 12 decimals, 16 bytes little-endian each: Arrow's
+/// `decimal128(38, 12)` layout, which Python wraps as a polars column without a Python
+/// object per row. `None` when a value has more than 12 decimals or 38 digits (the caller
+/// then asks for the decimal text).
+fn exact_mantissas(values: impl ExactSizeIterator<Item = Decimal>) -> Option<Vec<u8>> {
+    const LIMIT: u128 = 10u128.pow(38);
+    let mut out = Vec::with_capacity(values.len() * 16);
+    for value in values {
+        let mantissa = mantissa_at(value, EXACT_SCALE)
+            .or_else(|| mantissa_at(value.normalize(), EXACT_SCALE))
+            .filter(|m| m.unsigned_abs() < LIMIT)?;
+        out.extend_from_slice(&mantissa.to_le_bytes());
+    }
+    Some(out)
+}
+
+/// An exact column: its name and how a row gives its value.
+type ExactColumn<T> = (&'static str, fn(&T) -> Decimal);
+
+/// The exact columns of one table as [`exact_mantissas`] buffers (or `None`), by name.
+fn exact_columns<'py, T>(
+    py: Python<'py>,
+    rows: &[&T],
+    columns: &[ExactColumn<T>],
+) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    for &(name, read) in columns {
+        let buffer = exact_mantissas(rows.iter().map(|row| read(row)));
+        dict.set_item(name, buffer.map(|b| PyBytes::new(py, &b)))?;
+    }
+    Ok(dict)
+}
+
 fn exact(value: Decimal) -> String {
     value.normalize().to_string()
 }
@@ -277,6 +313,7 @@ fn outputs<'py>(
     series: &[SeriesInput<'_>],
     rules: &ExchangeRules,
     detail: bool,
+    exact_mantissas_wanted: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let result = PyDict::new(py);
     result.set_item("reason_names", PyList::new(py, REASONS)?)?;
@@ -368,6 +405,29 @@ fn outputs<'py>(
         }
     }
     result.set_item("fills", fills.dict)?;
+    if exact_mantissas_wanted {
+        let exact = PyDict::new(py);
+        let rows: Vec<&Fill> = jobs.iter().flat_map(|j| &j.fills).collect();
+        let columns: [ExactColumn<Fill>; 4] = [
+            ("price", |f| f.price),
+            ("quantity", |f| f.quantity),
+            ("fee", |f| f.fee),
+            ("pnl", |f| f.pnl),
+        ];
+        exact.set_item("fills", exact_columns(py, &rows, &columns)?)?;
+        let rows: Vec<&Trade> = jobs.iter().flat_map(|j| &j.trades).collect();
+        let columns: [ExactColumn<Trade>; 6] = [
+            ("entry_price", |t| t.entry_price),
+            ("quantity", |t| t.quantity),
+            ("initial_stop", |t| t.initial_stop),
+            ("risk_price", |t| t.risk_price),
+            ("pnl", |t| t.pnl),
+            ("fees", |t| t.fees),
+        ];
+        exact.set_item("trades", exact_columns(py, &rows, &columns)?)?;
+        // Each exact column's Decimal(38, 12) mantissas (or None).
+        result.set_item("exact", exact)?;
+    }
 
     // trades
     let cols = Columns::new(py);
@@ -512,9 +572,13 @@ fn outputs<'py>(
     name = "backtest_run",
     signature = (series, policies, rules, *, maker_fee, taker_fee, entry_liquidity, notional,
                  leverage, intrabar, max_gap_bars, one_position_per_symbol, detail,
-                 exhaustive=false)
+                 exhaustive=false, exact=false)
 )]
-#[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
+#[allow(
+    clippy::too_many_arguments,
+    clippy::needless_pass_by_value,
+    clippy::fn_params_excessive_bools // keyword switches of the Python call
+)]
 fn py_backtest_run<'py>(
     py: Python<'py>,
     series: Vec<Bound<'py, PyDict>>,
@@ -530,6 +594,7 @@ fn py_backtest_run<'py>(
     one_position_per_symbol: bool,
     detail: bool,
     exhaustive: bool,
+    exact: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let entry_maker = match entry_liquidity {
         "taker" => false,
@@ -559,7 +624,7 @@ fn py_backtest_run<'py>(
     let shared = rules.shared();
     drop(rules);
     let jobs = py.detach(|| backtest::run(&inputs, &policies, &shared, &options))?;
-    outputs(py, &jobs, &inputs, &shared, detail)
+    outputs(py, &jobs, &inputs, &shared, detail, exact)
 }
 
 /// Replays one position over a mark path with the backtest's driver; see
