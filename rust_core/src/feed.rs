@@ -18,6 +18,9 @@
 
 use std::borrow::Cow;
 
+#[cfg(target_arch = "x86_64")]
+mod window;
+
 use crate::error::CoreError;
 use crate::fixed::{parse_decimal, Decimal};
 
@@ -425,7 +428,7 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'{') {
                 return self.fail("invalid type: expected a markPriceUpdate object in the array");
             }
-            if !self.canonical_update(out) {
+            if !self.window_update(out) && !self.canonical_update(out) {
                 self.expect(b'{')?;
                 let mut fields = UpdateFields::default();
                 self.object_body(|scan, key| fields.accept(scan, key))?;
@@ -436,6 +439,43 @@ impl<'a> Scanner<'a> {
                 return Ok(());
             }
         }
+    }
+
+    /// The update at `{` read by 16-byte windows (see `feed/window.rs`) when it is written
+    /// as Binance writes it; `false` with nothing consumed otherwise.
+    #[inline]
+    fn window_update(&mut self, out: &mut Sink<'a>) -> bool {
+        #[cfg(test)]
+        if tests::NO_WINDOW_PATH.with(std::cell::Cell::get) {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: `read_update` only needs AVX2, detected just above.
+            #[allow(unsafe_code)] // the one way to call a `target_feature` function
+            let read = unsafe { window::read_update(self.bytes, self.pos) };
+            if let Some(update) = read {
+                // A zero price (or one beyond the fast conversion) is left to the
+                // canonical reader, which reports it.
+                if let Some((mark_price, mark_price_f64)) =
+                    price_from_parts(update.price, update.mantissa, update.digits, update.scale)
+                {
+                    out.batch.updates.push(MarkUpdate {
+                        symbol: update.symbol,
+                        mark_price,
+                        mark_price_f64,
+                        event_time_ms: update.event_time_ms,
+                    });
+                    out.count += 1;
+                    self.pos = update.end;
+                    #[cfg(test)]
+                    tests::WINDOW_HITS.with(|c| c.set(c.get() + 1));
+                    return true;
+                }
+            }
+        }
+        let _ = out;
+        false
     }
 
     /// The update at `{` when it is written exactly as Binance writes it, or `None`
@@ -1076,6 +1116,10 @@ mod tests {
     thread_local! {
         /// Set by tests to compare the canonical fast path with the general reader.
         pub(super) static NO_CANONICAL_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Set by tests to compare the 16-byte-window path with the other readers.
+        pub(super) static NO_WINDOW_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Updates the 16-byte-window path has read (tests check it is taken).
+        pub(super) static WINDOW_HITS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
     #[test]
@@ -1438,12 +1482,97 @@ mod property_tests {
     /// Two updates as Binance writes them (the canonical fast path's shape).
     const CANONICAL: &str = r#"[{"e":"markPriceUpdate","E":1562305380000,"s":"BTCUSDT","p":"11794.15000000","i":"11784.62659091","P":"11784.25641265","r":"-0.00038167","T":1562306400000},{"e":"markPriceUpdate","E":1562305380001,"s":"ETHUSDT","p":"3000.1","i":"3.0","P":"0","r":"0.0001","T":0}]"#;
 
-    /// The parse with the canonical fast path switched off or on.
+    /// The parse with the canonical fast path switched off or on (the window path off).
     fn parse_with(data: &[u8], canonical: bool) -> Result<MarkBatch<'_>, String> {
+        parse_paths(data, false, canonical)
+    }
+
+    /// The parse with the window path and the canonical path each on or off (both off:
+    /// the general reader alone).
+    fn parse_paths(data: &[u8], window: bool, canonical: bool) -> Result<MarkBatch<'_>, String> {
+        super::tests::NO_WINDOW_PATH.with(|off| off.set(!window));
         super::tests::NO_CANONICAL_PATH.with(|off| off.set(!canonical));
         let result = parse_mark_message(data).map_err(|e| e.to_string());
+        super::tests::NO_WINDOW_PATH.with(|off| off.set(false));
         super::tests::NO_CANONICAL_PATH.with(|off| off.set(false));
         result
+    }
+
+    /// Window-path hits of one parse.
+    fn window_hits(data: &[u8]) -> usize {
+        super::tests::WINDOW_HITS.with(|c| c.set(0));
+        let _ = parse_paths(data, true, false);
+        super::tests::WINDOW_HITS.with(std::cell::Cell::get)
+    }
+
+    /// Xorshift for the generated messages (deterministic per seed).
+    struct Xorshift(u64);
+
+    impl Xorshift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn digits(&mut self, count: usize, nonzero_first: bool) -> String {
+            (0..count)
+                .map(|i| {
+                    let d = (self.next() % 10) as u8;
+                    char::from(if i == 0 && nonzero_first {
+                        b'1' + d % 9
+                    } else {
+                        b'0' + d
+                    })
+                })
+                .collect()
+        }
+
+        /// `text`, or now and then a number the window path must refuse or read exactly
+        /// like the general reader.
+        fn odd(&mut self, text: String) -> String {
+            const ODD: [&str; 10] = [
+                "0",
+                "00",
+                "01",
+                "-1",
+                "1.5",
+                "1e5",
+                "0.0",
+                "",
+                "1,",
+                "123456789012345678901",
+            ];
+            if self.next() % 5 == 0 {
+                ODD[(self.next() % ODD.len() as u64) as usize].to_owned()
+            } else {
+                text
+            }
+        }
+    }
+
+    /// An `!markPrice@arr` message as Binance writes it, one update per
+    /// (symbol, whole digits, fraction digits, event time), prices built from `seed`;
+    /// `odd`: some event and settlement times replaced by odd numbers (see `Xorshift::odd`).
+    fn binance_array(updates: &[(String, usize, usize, i64)], seed: u64, odd: bool) -> String {
+        let mut rng = Xorshift(seed | 1);
+        let items: Vec<String> = updates
+            .iter()
+            .map(|(symbol, whole, fraction, time)| {
+                let price = format!("{}.{}", rng.digits(*whole, *whole > 1), rng.digits(*fraction, false));
+                let index = format!("{}.{}", rng.digits(*whole, *whole > 1), rng.digits(8, false));
+                let (mut time_text, mut settle_text) = (time.to_string(), (time + 28_800_000).to_string());
+                if odd {
+                    time_text = rng.odd(time_text);
+                    settle_text = rng.odd(settle_text);
+                }
+                format!(
+                    r#"{{"e":"markPriceUpdate","E":{time_text},"s":"{symbol}","p":"{price}","i":"{index}","P":"{price}","r":"-0.00038167","T":{settle_text}}}"#
+                )
+            })
+            .collect();
+        format!("[{}]", items.join(","))
     }
 
     #[test]
@@ -1469,6 +1598,36 @@ mod property_tests {
         );
     }
 
+    #[test]
+    fn binance_arrays_take_the_window_path() {
+        let updates: Vec<(String, usize, usize, i64)> = (0..40)
+            .map(|i| {
+                (
+                    format!("SYM{i}USDT"),
+                    1 + i % 6,
+                    8,
+                    1_764_000_000_000 + i as i64,
+                )
+            })
+            .collect();
+        let array = binance_array(&updates, 7, false);
+        let hits = window_hits(array.as_bytes());
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Every update but the last few, whose windows would run past the message.
+            assert!(hits >= 38, "{hits} of 40");
+        }
+        let wrapped = format!(r#"{{"stream":"!markPrice@arr@1s","data":{array}}}"#);
+        assert_eq!(
+            parse_paths(wrapped.as_bytes(), true, true),
+            parse_paths(wrapped.as_bytes(), false, false)
+        );
+        let batch = parse_mark_message(array.as_bytes()).unwrap();
+        assert_eq!(batch.len(), 40);
+        assert_eq!(batch.updates[3].symbol, "SYM3USDT");
+        assert_eq!(batch.updates[3].event_time_ms, 1_764_000_000_003);
+        assert_eq!(batch.updates[3].mark_price.scale(), 8);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
 
@@ -1480,6 +1639,33 @@ mod property_tests {
         ) {
             let data = mutate(CANONICAL.as_bytes(), &edits);
             prop_assert_eq!(parse_with(&data, true), parse_with(&data, false));
+        }
+
+        /// The window path gives exactly what the general reader gives (and what the
+        /// canonical path gives): the same updates or the same error, on generated Binance
+        /// arrays (any symbol, price and time lengths, zero prices included) and on
+        /// mutations of them, bare or in the combined-stream wrapper.
+        #[test]
+        fn window_path_agrees_with_the_general_reader(
+            updates in proptest::collection::vec(
+                ("[A-Z0-9]{1,17}", 0usize..17, 0usize..17, 0i64..9_999_999_999_999_999i64),
+                1..12,
+            ),
+            seed in any::<u64>(),
+            odd in any::<bool>(),
+            wrapped in any::<bool>(),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..3),
+        ) {
+            let array = binance_array(&updates, seed, odd);
+            let text = if wrapped {
+                format!(r#"{{"stream":"!markPrice@arr","data":{array}}}"#)
+            } else {
+                array
+            };
+            let data = mutate(text.as_bytes(), &edits);
+            let general = parse_paths(&data, false, false);
+            prop_assert_eq!(&parse_paths(&data, true, false), &general);
+            prop_assert_eq!(&parse_paths(&data, true, true), &general);
         }
 
         /// Never accepts a message serde_json rejects; when both accept, the same fields.
