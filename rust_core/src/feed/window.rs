@@ -14,8 +14,8 @@
 //! `window_path_agrees_with_the_general_reader` in feed.rs).
 
 use std::arch::x86_64::{
-    __m256i, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_movemask_epi8, _mm256_or_si256,
-    _mm256_set1_epi8, _mm256_set_epi64x,
+    _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_movemask_epi8, _mm256_or_si256, _mm256_set1_epi8,
+    _mm256_set_epi64x,
 };
 
 /// One update as read: symbol, event time, price mantissa, digits and scale, and the
@@ -50,21 +50,22 @@ struct Masks<T> {
     non_digits: T,
 }
 
-/// The 32 bytes at `block[at..]` as a vector.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn vector(block: &[u8], at: usize) -> Option<__m256i> {
-    Some(_mm256_set_epi64x(
-        word(block, at + 24)? as i64,
-        word(block, at + 16)? as i64,
-        word(block, at + 8)? as i64,
-        word(block, at)? as i64,
-    ))
+/// The 32 bytes at `block[at..]` as a vector (`return None` past the end).
+macro_rules! vector {
+    ($block:expr, $at:expr) => {{
+        let at: usize = $at;
+        _mm256_set_epi64x(
+            word($block, at + 24)? as i64,
+            word($block, at + 16)? as i64,
+            word($block, at + 8)? as i64,
+            word($block, at)? as i64,
+        )
+    }};
 }
 
 /// The masks of the 64 bytes at `b[at..]` (`return None` past the end of the message):
 /// two 32-byte windows, each classified by a few vector compares. A macro so that it is
-/// always inlined into the AVX2 function that uses it.
+/// always inlined into the AVX2 function that uses it (and needs no `unsafe` of its own).
 macro_rules! masks64 {
     ($b:expr, $at:expr) => {{
         let at: usize = $at;
@@ -77,7 +78,7 @@ macro_rules! masks64 {
         let mut stops = 0u64;
         let mut non_digits = 0u64;
         for half in 0..2 {
-            let v = vector(block, 32 * half)?;
+            let v = vector!(block, 32 * half);
             // Signed compares: bytes from 0x80 are negative, so below 0x20 and below '0'.
             let stop = _mm256_or_si256(
                 _mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpeq_epi8(v, backslash)),
@@ -155,9 +156,13 @@ fn number_at(b: &[u8], at: usize, count: usize) -> Option<u64> {
 /// 128 bytes from the end of the price), computed from loads that do not wait for one
 /// another: the chain of dependent steps from one update to the next is a few shifts
 /// and bit counts, where a scan per field made it a load, compare and count per field.
+///
+/// # Safety
+/// The processor must have AVX2 (`is_x86_feature_detected!("avx2")`).
+#[allow(unsafe_code)] // a `target_feature` function must be `unsafe` on Rust 1.85
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(super) fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>> {
+pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>> {
     if b.get(at..at + HEAD.len())? != HEAD {
         return None;
     }
