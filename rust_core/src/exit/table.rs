@@ -14,6 +14,8 @@ use super::{SymbolMap, SymbolState};
 #[derive(Clone, Debug, Default)]
 pub struct SymbolTable {
     names: Vec<String>,
+    /// The names' keys, in the same order (see [`NameKey`]).
+    keys: Vec<NameKey>,
     states: Vec<SymbolState>,
     /// name -> slot in `names` and `states`.
     index: SymbolMap<usize>,
@@ -21,29 +23,48 @@ pub struct SymbolTable {
     route: Vec<usize>,
 }
 
-/// Whether two symbol names are equal, without a library call for the usual 4 to 16
-/// bytes (overlapping word loads compare every byte).
-#[inline]
-fn same_name(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let n = a.len();
-    if n != b.len() {
-        return false;
+/// A symbol name as two words, so that the route check compares a name kept inline in
+/// a list (no load from the name's own allocation, which is far from everything else)
+/// with the name in the message: for 4 to 16 bytes two overlapping loads cover every
+/// byte; other lengths compare by length only here and then in full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct NameKey {
+    len: usize,
+    head: u64,
+    tail: u64,
+}
+
+impl NameKey {
+    #[inline]
+    fn of(name: &str) -> Self {
+        let bytes = name.as_bytes();
+        let n = bytes.len();
+        let word = |at: usize| {
+            let mut buf = [0u8; 8];
+            buf.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(buf)
+        };
+        let half = |at: usize| {
+            let mut buf = [0u8; 4];
+            buf.copy_from_slice(&bytes[at..at + 4]);
+            u64::from(u32::from_le_bytes(buf))
+        };
+        let (head, tail) = match n {
+            4..=8 => (half(0), half(n - 4)),
+            9..=16 => (word(0), word(n - 8)),
+            _ => (0, 0),
+        };
+        Self {
+            len: n,
+            head,
+            tail,
+        }
     }
-    let word = |s: &[u8], at: usize| -> u64 {
-        let mut buf = [0u8; 8];
-        buf.copy_from_slice(&s[at..at + 8]);
-        u64::from_le_bytes(buf)
-    };
-    let half = |s: &[u8], at: usize| -> u32 {
-        let mut buf = [0u8; 4];
-        buf.copy_from_slice(&s[at..at + 4]);
-        u32::from_le_bytes(buf)
-    };
-    match n {
-        4..=8 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
-        9..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
-        _ => a == b,
+
+    /// Whether the key alone proves the names equal (equal keys of 4 to 16 bytes).
+    #[inline]
+    fn decides(&self) -> bool {
+        (4..=16).contains(&self.len)
     }
 }
 
@@ -82,6 +103,7 @@ impl SymbolTable {
             return;
         }
         self.index.insert(symbol.clone(), self.states.len());
+        self.keys.push(NameKey::of(&symbol));
         self.names.push(symbol);
         self.states.push(state);
     }
@@ -106,12 +128,11 @@ impl SymbolTable {
     #[inline]
     pub(crate) fn route(&mut self, position: usize, symbol: &str) -> Option<usize> {
         if let Some(&slot) = self.route.get(position) {
-            if self
-                .names
-                .get(slot)
-                .is_some_and(|name| same_name(name, symbol))
-            {
-                return Some(slot);
+            if let Some(key) = self.keys.get(slot) {
+                let wanted = NameKey::of(symbol);
+                if *key == wanted && (key.decides() || self.names[slot] == symbol) {
+                    return Some(slot);
+                }
             }
         }
         let slot = *self.index.get(symbol)?;
@@ -149,11 +170,10 @@ impl SymbolTable {
         let names = std::mem::take(&mut self.names);
         let states = std::mem::take(&mut self.states);
         self.index.clear();
+        self.keys.clear();
         for (name, mut state) in names.into_iter().zip(states) {
             if keep(&name, &mut state) {
-                self.index.insert(name.clone(), self.states.len());
-                self.names.push(name);
-                self.states.push(state);
+                self.insert(name, state);
             }
         }
     }
@@ -175,31 +195,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_compare_like_strings_at_every_length() {
+    fn name_keys_decide_like_string_equality_at_every_length() {
         let names = [
-            "",
-            "A",
-            "AB",
-            "ABC",
-            "ABCD",
-            "ABCE",
-            "BTCUSDT",
-            "BTCUSDC",
-            "ETHUSDT",
-            "1000SHIBUSDT",
-            "1000SHIBUSDC",
-            "2000SHIBUSDT",
-            "ABCDEFGHIJKLMNOP",
-            "ABCDEFGHIJKLMNOQ",
-            "BCDEFGHIJKLMNOP",
-            "ABCDEFGHIJKLMNOPQ",
-            "ABCDEFGHIJKLMNOPR",
-            "测试USDT",
-            "测试测试USDT",
+            "", "A", "AB", "ABC", "ABCD", "ABCE", "BTCUSDT", "BTCUSDC", "ETHUSDT", "1000SHIBUSDT",
+            "1000SHIBUSDC", "2000SHIBUSDT", "ABCDEFGHIJKLMNOP", "ABCDEFGHIJKLMNOQ", "BCDEFGHIJKLMNOP",
+            "ABCDEFGHIJKLMNOPQ", "ABCDEFGHIJKLMNOPR", "测试USDT", "测试测试USDT",
         ];
         for a in names {
             for b in names {
-                assert_eq!(same_name(a, b), a == b, "{a} {b}");
+                let (ka, kb) = (NameKey::of(a), NameKey::of(b));
+                let same = ka == kb && (ka.decides() || a == b);
+                assert_eq!(same, a == b, "{a} {b}");
             }
         }
     }
