@@ -233,10 +233,17 @@ fn price_from_parts(
     digits: u32,
     scale: u32,
 ) -> Option<(Decimal, f64)> {
-    if bytes.is_empty() || bytes.len() > 20 || digits == 0 || digits > 19 || mantissa == 0 {
+    if bytes.is_empty()
+        || bytes.len() > 20
+        || digits == 0
+        || digits > 19
+        || mantissa == 0
+        || scale > Decimal::MAX_SCALE
+    {
         return None;
     }
-    let decimal = Decimal::from_i128_with_scale(i128::from(mantissa), scale);
+    // The 64-bit mantissa as the low and middle words: no 128-bit conversion.
+    let decimal = Decimal::from_parts(mantissa as u32, (mantissa >> 32) as u32, 0, false, scale);
     let float = if mantissa < (1u64 << 53) && (scale as usize) < POW10.len() {
         mantissa as f64 / POW10[scale as usize]
     } else {

@@ -54,11 +54,7 @@ impl NameKey {
             9..=16 => (word(0), word(n - 8)),
             _ => (0, 0),
         };
-        Self {
-            len: n,
-            head,
-            tail,
-        }
+        Self { len: n, head, tail }
     }
 
     /// Whether the key alone proves the names equal (equal keys of 4 to 16 bytes).
@@ -197,9 +193,25 @@ mod tests {
     #[test]
     fn name_keys_decide_like_string_equality_at_every_length() {
         let names = [
-            "", "A", "AB", "ABC", "ABCD", "ABCE", "BTCUSDT", "BTCUSDC", "ETHUSDT", "1000SHIBUSDT",
-            "1000SHIBUSDC", "2000SHIBUSDT", "ABCDEFGHIJKLMNOP", "ABCDEFGHIJKLMNOQ", "BCDEFGHIJKLMNOP",
-            "ABCDEFGHIJKLMNOPQ", "ABCDEFGHIJKLMNOPR", "测试USDT", "测试测试USDT",
+            "",
+            "A",
+            "AB",
+            "ABC",
+            "ABCD",
+            "ABCE",
+            "BTCUSDT",
+            "BTCUSDC",
+            "ETHUSDT",
+            "1000SHIBUSDT",
+            "1000SHIBUSDC",
+            "2000SHIBUSDT",
+            "ABCDEFGHIJKLMNOP",
+            "ABCDEFGHIJKLMNOQ",
+            "BCDEFGHIJKLMNOP",
+            "ABCDEFGHIJKLMNOPQ",
+            "ABCDEFGHIJKLMNOPR",
+            "测试USDT",
+            "测试测试USDT",
         ];
         for a in names {
             for b in names {

@@ -184,7 +184,9 @@ pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>
     if length == 0 || symbol_end >= 64 || *b.get(a + symbol_end)? != b'"' {
         return None;
     }
-    let symbol = std::str::from_utf8(b.get(a + symbol_start..a + symbol_end)?).ok()?;
+    // SAFETY: the stop mask ends the symbol at the first byte outside 0x20..0x80 other
+    // than the quote and backslash, so every byte of it is ASCII: valid UTF-8.
+    let symbol = std::str::from_utf8_unchecked(b.get(a + symbol_start..a + symbol_end)?);
     if b.get(a + symbol_end..a + symbol_end + 7)? != b"\",\"p\":\"" {
         return None;
     }
