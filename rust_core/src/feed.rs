@@ -1559,6 +1559,19 @@ mod property_tests {
         }
     }
 
+    /// Extra keys as the real stream may add them (`"st":1`), and some that the general
+    /// reader refuses (duplicates) or skips (`binance_array` with `odd`).
+    const EXTRA: [&str; 8] = [
+        "",
+        "",
+        "",
+        r#","st":1"#,
+        r#","xyz":"a b""#,
+        r#","p":"1.0""#,
+        r#","":0"#,
+        r#","s":"X""#,
+    ];
+
     /// An `!markPrice@arr` message as Binance writes it, one update per
     /// (symbol, whole digits, fraction digits, event time), prices built from `seed`;
     /// `odd`: some event and settlement times replaced by odd numbers (see `Xorshift::odd`).
@@ -1574,8 +1587,13 @@ mod property_tests {
                     time_text = rng.odd(time_text);
                     settle_text = rng.odd(settle_text);
                 }
+                let extra = if odd {
+                    EXTRA[(rng.next() % EXTRA.len() as u64) as usize]
+                } else {
+                    ""
+                };
                 format!(
-                    r#"{{"e":"markPriceUpdate","E":{time_text},"s":"{symbol}","p":"{price}","i":"{index}","P":"{price}","r":"-0.00038167","T":{settle_text}}}"#
+                    r#"{{"e":"markPriceUpdate","E":{time_text},"s":"{symbol}","p":"{price}","i":"{index}","P":"{price}","r":"-0.00038167","T":{settle_text}{extra}}}"#
                 )
             })
             .collect();
@@ -1603,6 +1621,65 @@ mod property_tests {
             parse_with(CANONICAL.as_bytes(), true),
             parse_with(CANONICAL.as_bytes(), false)
         );
+    }
+
+    /// `json` without the whitespace outside strings (key order kept).
+    fn minify(json: &str) -> String {
+        let mut out = String::with_capacity(json.len());
+        let (mut in_string, mut escaped) = (false, false);
+        for c in json.chars() {
+            if in_string {
+                out.push(c);
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    in_string = false;
+                }
+            } else if !c.is_ascii_whitespace() {
+                in_string = c == '"';
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Every captured websocket payload of tests/data/binance (mark prices and all the
+    /// other events, which must fail the same way), as captured, minified, repeated in a
+    /// long array (so that the window path reads them) and in the combined-stream
+    /// wrapper: the three readers give the same updates or the same error.
+    #[test]
+    fn captured_payloads_read_the_same_on_every_path() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/binance");
+        let mut payloads = 0;
+        let mut windowed = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with("ws_") {
+                continue;
+            }
+            let captured = std::fs::read_to_string(&path).unwrap();
+            let compact = minify(&captured);
+            let items = compact.trim_start_matches('[').trim_end_matches(']');
+            let repeated = format!("[{}]", vec![items; 50].join(","));
+            let wrapped = format!(r#"{{"stream":"!markPrice@arr","data":{repeated}}}"#);
+            for text in [&captured, &compact, &repeated, &wrapped] {
+                let general = parse_paths(text.as_bytes(), false, false);
+                assert_eq!(parse_paths(text.as_bytes(), true, false), general, "{name}");
+                assert_eq!(parse_paths(text.as_bytes(), true, true), general, "{name}");
+            }
+            if name.starts_with("ws_markPrice") {
+                assert_eq!(parse_mark_message(repeated.as_bytes()).unwrap().len(), 50);
+                windowed += window_hits(repeated.as_bytes());
+            }
+            payloads += 1;
+        }
+        assert!(payloads >= 15, "{payloads} payloads");
+        if std::arch::is_x86_feature_detected!("avx2") {
+            assert!(windowed >= 90, "{windowed} window reads");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The Binance-layout update read 32 bytes at a time (AVX2, detected at run time).
 //!
 //! [`read_update`] reads one `markPriceUpdate` written exactly as Binance writes it
-//! (`{"e":"markPriceUpdate","E":…,"s":"…","p":"…",` then one-letter keys) like
+//! (`{"e":"markPriceUpdate","E":…,"s":"…","p":"…",` then other keys) like
 //! `Scanner::canonical_fields`, but the bytes are classified by vector compares into bit
 //! masks (a field's length is the distance to the next set bit: no loop per byte and no
 //! mispredicted loop exit) and digits are folded eight at a time. The price comes
@@ -226,19 +226,22 @@ pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>
             b',' => {}
             _ => return None,
         }
-        let key = b.get(t + r + 1..t + r + 6)?;
-        if key[0] != b'"'
-            || key[2] != b'"'
-            || key[3] != b':'
-            || !key[1].is_ascii_alphabetic()
-            || matches!(key[1], b'e' | b'E' | b's' | b'p')
-            || next_stop() != r + 1
-            || next_stop() != r + 3
-        {
+        // A key of printable ASCII up to its quote (the real stream has `"st":1`); the
+        // four keys read above again would be a duplicate: the general reader says so.
+        if next_stop() != r + 1 || *b.get(t + r + 1)? != b'"' {
             return None;
         }
-        let value = r + 5;
-        if key[4] == b'"' {
+        let key_end = next_stop();
+        if key_end >= 126 || *b.get(t + key_end)? != b'"' || *b.get(t + key_end + 1)? != b':' {
+            return None;
+        }
+        let key = b.get(t + r + 2..t + key_end)?;
+        if key.is_empty() || matches!(key, b"e" | b"E" | b"s" | b"p") {
+            return None;
+        }
+        let value = key_end + 2;
+        let first = *b.get(t + value)?;
+        if first == b'"' {
             if next_stop() != value {
                 return None;
             }
@@ -250,7 +253,7 @@ pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>
         } else {
             // 1 to 15 digits without a leading zero, before `,` or `}`.
             let count = run128(non_digits, value);
-            if count == 0 || count > 15 || (count > 1 && key[4] == b'0') {
+            if count == 0 || count > 15 || (count > 1 && first == b'0') {
                 return None;
             }
             r = value + count;
