@@ -63,33 +63,29 @@ macro_rules! vector {
     }};
 }
 
-/// The masks of the 64 bytes at `b[at..]` (`return None` past the end of the message):
-/// two 32-byte windows, each classified by a few vector compares. A macro so that it is
-/// always inlined into the AVX2 function that uses it (and needs no `unsafe` of its own).
-macro_rules! masks64 {
+/// The masks of the 32 bytes at `b[at..]` (`return None` past the end of the message),
+/// from a few vector compares. A macro so that it is always inlined into the AVX2
+/// function that uses it (and needs no `unsafe` of its own).
+macro_rules! masks32 {
     ($b:expr, $at:expr) => {{
         let at: usize = $at;
-        let block = $b.get(at..at.checked_add(64)?)?;
-        let quote = _mm256_set1_epi8(b'"' as i8);
-        let backslash = _mm256_set1_epi8(b'\\' as i8);
-        let below_space = _mm256_set1_epi8(0x1f);
-        let below_zero = _mm256_set1_epi8(b'/' as i8);
-        let nine = _mm256_set1_epi8(b'9' as i8);
-        let mut stops = 0u64;
-        let mut non_digits = 0u64;
-        for half in 0..2 {
-            let v = vector!(block, 32 * half);
-            // Signed compares: bytes from 0x80 are negative, so below 0x20 and below '0'.
-            let stop = _mm256_or_si256(
-                _mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpeq_epi8(v, backslash)),
-                _mm256_cmpgt_epi8(below_space, v),
-            );
-            let non_digit =
-                _mm256_or_si256(_mm256_cmpgt_epi8(below_zero, v), _mm256_cmpgt_epi8(v, nine));
-            stops |= u64::from(_mm256_movemask_epi8(stop) as u32) << (32 * half);
-            non_digits |= u64::from(_mm256_movemask_epi8(non_digit) as u32) << (32 * half);
+        let v = vector!($b, at);
+        // Signed compares: bytes from 0x80 are negative, so below 0x20 and below '0'.
+        let stop = _mm256_or_si256(
+            _mm256_or_si256(
+                _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'"' as i8)),
+                _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'\\' as i8)),
+            ),
+            _mm256_cmpgt_epi8(_mm256_set1_epi8(0x1f), v),
+        );
+        let non_digit = _mm256_or_si256(
+            _mm256_cmpgt_epi8(_mm256_set1_epi8(b'/' as i8), v),
+            _mm256_cmpgt_epi8(v, _mm256_set1_epi8(b'9' as i8)),
+        );
+        Masks {
+            stops: _mm256_movemask_epi8(stop) as u32,
+            non_digits: _mm256_movemask_epi8(non_digit) as u32,
         }
-        Masks { stops, non_digits }
     }};
 }
 
@@ -152,10 +148,10 @@ fn number_at(b: &[u8], at: usize, count: usize) -> Option<u64> {
 /// Reads the update at `b[at] == '{'` (see the module docs); `None` when it is not in
 /// the layout this reader takes.
 ///
-/// The lengths of the fields come from two sets of masks (64 bytes from the event time,
-/// 128 bytes from the end of the price), computed from loads that do not wait for one
-/// another: the chain of dependent steps from one update to the next is a few shifts
-/// and bit counts, where a scan per field made it a load, compare and count per field.
+/// The lengths of the fields come from the masks of 160 bytes from the event time,
+/// computed from loads that do not wait for one another: the chain of dependent steps
+/// from one update to the next is a few shifts and bit counts, where a scan per field
+/// made it a load, compare and count per field.
 ///
 /// # Safety
 /// The processor must have AVX2 (`is_x86_feature_detected!("avx2")`).
@@ -167,7 +163,27 @@ pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>
         return None;
     }
     let a = at + HEAD.len();
-    let head = masks64!(b, a);
+    // Five 32-byte blocks from the event time, none waiting for another: the first two
+    // hold the head (event time, symbol, price), the last four the rest of the update
+    // (it starts 32 bytes or more after the event time when the time has 13 digits).
+    let blocks = [
+        masks32!(b, a),
+        masks32!(b, a + 32),
+        masks32!(b, a + 64),
+        masks32!(b, a + 96),
+        masks32!(b, a + 128),
+    ];
+    let wide = |k: usize| {
+        (
+            u64::from(blocks[k].stops) | (u64::from(blocks[k + 1].stops) << 32),
+            u64::from(blocks[k].non_digits) | (u64::from(blocks[k + 1].non_digits) << 32),
+        )
+    };
+    let (head_stops, head_digits) = wide(0);
+    let head = Masks {
+        stops: head_stops,
+        non_digits: head_digits,
+    };
     // Event time: 1 to 15 digits without a leading zero, then `,"s":"`.
     let time_digits = run64(head.non_digits, 0);
     if time_digits == 0 || time_digits > 15 || (time_digits > 1 && *b.get(a)? == b'0') {
@@ -208,12 +224,37 @@ pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>
     let price = b.get(a + price_start..a + price_end)?;
     // Other one-letter keys, each with a plain string or a positive integer.
     let t = a + price_end + 1;
-    let (low, high) = (masks64!(b, t), masks64!(b, t + 64));
-    // Stops of the 128 bytes from `t` not passed yet: in this layout each is a quote, and
-    // each string key takes the next four (key open and close, value open and close), so
-    // the end of a value is found by clearing bits, without shifting by its start.
-    let mut stops = u128::from(low.stops) | (u128::from(high.stops) << 64);
-    let non_digits = u128::from(low.non_digits) | (u128::from(high.non_digits) << 64);
+    // The tail's masks from the 128 bytes at `a + 32`, shifted to start at `t`.
+    let skip = (price_end + 1).checked_sub(32)?;
+    let limit = 128 - skip.min(128);
+    let ((low_stops, low_digits), (high_stops, high_digits)) = (wide(1), wide(3));
+    // Stops from `t` not passed yet: in this layout each is a quote, and each string key
+    // takes the next four (key open and close, value open and close), so the end of a
+    // value is found by clearing bits, without shifting by its start.
+    let stops = (u128::from(low_stops) | (u128::from(high_stops) << 64))
+        .checked_shr(skip as u32)
+        .unwrap_or(0);
+    let non_digits = (u128::from(low_digits) | (u128::from(high_digits) << 64))
+        .checked_shr(skip as u32)
+        .unwrap_or(0);
+    let end = read_tail(b, t, stops, non_digits, limit)?;
+    Some(WindowUpdate {
+        symbol,
+        event_time_ms,
+        price,
+        mantissa,
+        digits: (whole + scale) as u32,
+        scale: scale as u32,
+        end,
+    })
+}
+
+/// The keys after the price, from `b[t]` to the update's closing brace: `stops` and
+/// `non_digits` are the masks of the bytes from `t` (valid below `limit`). Returns the
+/// index just past the brace.
+#[allow(clippy::inline_always)] // once per update, on the path from one to the next
+#[inline(always)]
+fn read_tail(b: &[u8], t: usize, mut stops: u128, non_digits: u128, limit: usize) -> Option<usize> {
     let mut next_stop = || {
         let at = stops.trailing_zeros() as usize;
         stops &= stops.wrapping_sub(1);
@@ -232,7 +273,8 @@ pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>
             return None;
         }
         let key_end = next_stop();
-        if key_end >= 126 || *b.get(t + key_end)? != b'"' || *b.get(t + key_end + 1)? != b':' {
+        if key_end + 2 >= limit || *b.get(t + key_end)? != b'"' || *b.get(t + key_end + 1)? != b':'
+        {
             return None;
         }
         let key = b.get(t + r + 2..t + key_end)?;
@@ -246,7 +288,7 @@ pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>
                 return None;
             }
             let end = next_stop();
-            if end >= 128 || *b.get(t + end)? != b'"' {
+            if end >= limit || *b.get(t + end)? != b'"' {
                 return None;
             }
             r = end + 1;
@@ -257,20 +299,12 @@ pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>
                 return None;
             }
             r = value + count;
-            if r >= 128 || !matches!(*b.get(t + r)?, b',' | b'}') {
+            if r >= limit || !matches!(*b.get(t + r)?, b',' | b'}') {
                 return None;
             }
         }
     }
-    Some(WindowUpdate {
-        symbol,
-        event_time_ms,
-        price,
-        mantissa,
-        digits: (whole + scale) as u32,
-        scale: scale as u32,
-        end: t + r + 1,
-    })
+    Some(t + r + 1)
 }
 
 #[cfg(test)]
