@@ -15,6 +15,18 @@
 //! comparisons with quantized levels) and as the correctly rounded `f64` of the same
 //! text (for bars and ATR). A malformed message is an `Err` and yields no updates at
 //! all, so a caller that applies the batch only on `Ok` never applies half a message.
+//!
+//! Three readers, one result: an update written exactly as Binance writes it
+//! (`{"e":"markPriceUpdate","E":…,"s":"…","p":"…",…}`, no whitespace, no escapes) is read
+//! by the AVX2 window reader (`feed/window.rs`: bit masks of 32-byte blocks, price digits
+//! straight into the integer mantissa, no text in between) when the processor has AVX2,
+//! else by the canonical reader (`Scanner::canonical_fields`, a byte scan of the same
+//! layout); anything either does not recognise falls back, from the same byte, to the
+//! general reader, which alone reports errors. The properties
+//! `window_path_agrees_with_the_general_reader` and
+//! `canonical_path_agrees_with_the_general_reader` check that the fast readers change
+//! speed, never results (updates or error text), on generated and mutated messages;
+//! `captured_payloads_read_the_same_on_every_path` on the captured payloads.
 
 use std::borrow::Cow;
 
