@@ -2,6 +2,10 @@
 //! - `mark_message_600`: `parse_mark_message` on a real-shaped `!markPrice@arr` message of
 //!   600 real exchangeInfo symbols, beside `serde_json` into a `Value` (a generic parse) and
 //!   into `IgnoredAny` (validation only, the floor for any serde-based reader);
+//! - `engine_message_600`: `ExitEngine::on_mark_message` on `!markPrice@arr` messages of
+//!   600 real USDT symbols (Binance's layout, 8-decimal prices moving by at most 2 bp a
+//!   second) with 1,000 open positions (400 symbols with both legs, 200 with a LONG): parse,
+//!   bars, ATR and every position, the Rust side of `tests/benchmarks/test_bench_engine.py`;
 //! - `atr_1m_bars`: `atr_batch` on 1,000,000 bars of a seeded random walk (the TA-Lib
 //!   comparison is the pytest benchmark `tests/benchmarks/test_bench_atr.py`);
 //! - `quantize`: one price and one quantity to wire strings for BTCUSDT;
@@ -23,8 +27,9 @@ use pyquant_core::backtest::{
     self, BacktestOptions, Bars, Direction, Entry, Intrabar, SeriesInput,
 };
 use pyquant_core::exit::policy::{ExitPolicy, LadderLevel, PolicyConfig};
+use pyquant_core::exit::{ExitEngine, OpenParams, PositionSide};
 use pyquant_core::feed::parse_mark_message;
-use pyquant_core::fixed::{parse_decimal, Rounding};
+use pyquant_core::fixed::{parse_decimal, Decimal, Rounding};
 use pyquant_core::rules::ExchangeRules;
 
 fn exchange_info() -> Vec<u8> {
@@ -78,6 +83,125 @@ fn bench_mark_message(c: &mut Criterion) {
     });
     group.bench_function("serde_json_ignored_any", |b| {
         b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&data)).unwrap());
+    });
+    group.finish();
+}
+
+/// The engine of `engine_message_600` and its messages: 600 tradable USDT symbols, 1,000
+/// positions, `count` messages one second apart.
+fn engine_and_messages(rules: &ExchangeRules, count: usize) -> (ExitEngine, Vec<Vec<u8>>) {
+    let symbols: Vec<_> = rules
+        .iter()
+        .filter(|r| {
+            r.quote_asset == "USDT"
+                && r.tick_size() > Decimal::ZERO
+                && r.qty_step(true) > Decimal::ZERO
+        })
+        .take(600)
+        .cloned()
+        .collect();
+    assert_eq!(symbols.len(), 600);
+    let policy = bench_policy(Some(1.5));
+    let mut engine = ExitEngine::new(rules.clone(), policy).unwrap();
+    let t0 = 1_764_000_000_000_i64;
+    let mut ticks: Vec<i64> = Vec::with_capacity(600);
+    for (i, r) in symbols.iter().enumerate() {
+        let low = r.price_filter.min_price.max(r.tick_size());
+        let tick_count = (low * Decimal::from(40) / r.tick_size()).trunc();
+        let price = tick_count * r.tick_size();
+        ticks.push(i64::try_from(tick_count.mantissa()).unwrap());
+        let p: f64 = price.to_string().parse().unwrap();
+        engine
+            .warm_up(
+                &r.symbol,
+                &[p * 1.002; 20],
+                &[p * 0.998; 20],
+                &[p; 20],
+                None,
+            )
+            .unwrap();
+        let quantity = r
+            .quantize_qty(
+                r.min_notional().max(Decimal::from(5)) * Decimal::from(20) / price,
+                true,
+            )
+            .max(r.min_qty(true));
+        let sides: &[PositionSide] = if i < 400 {
+            &[PositionSide::Long, PositionSide::Short]
+        } else {
+            &[PositionSide::Long]
+        };
+        for &side in sides {
+            engine
+                .open_position(OpenParams {
+                    position_id: format!("{}-{}", r.symbol, side.as_str()),
+                    symbol: r.symbol.clone(),
+                    side,
+                    quantity,
+                    entry_price: price,
+                    leverage: 5,
+                    confidence: None,
+                    opened_at_ms: Some(t0),
+                    liquidation_price: None,
+                })
+                .unwrap();
+        }
+    }
+    let mut walk = Walk(0x6a09_e667_f3bc_c908);
+    let messages = (0..count)
+        .map(|k| {
+            let time = t0 + 1_000 * (k as i64 + 1);
+            let items: Vec<String> = symbols
+                .iter()
+                .zip(ticks.iter_mut())
+                .map(|(r, tick_count)| {
+                    // -2 to +2 bp, rounded to the tick (as the pytest benchmark moves).
+                    let move_bp = (walk.next_unit() * 5.0) as i64 - 2;
+                    *tick_count = (*tick_count + (*tick_count * move_bp + 5_000).div_euclid(10_000)).max(1);
+                    let price = Decimal::from(*tick_count) * r.tick_size();
+                    let text = format!("{price:.8}");
+                    format!(
+                        r#"{{"e":"markPriceUpdate","E":{time},"s":"{}","p":"{text}","i":"{text}","P":"{text}","r":"0.00010000","T":{}}}"#,
+                        r.symbol,
+                        t0 + 28_800_000
+                    )
+                })
+                .collect();
+            format!("[{}]", items.join(",")).into_bytes()
+        })
+        .collect();
+    (engine, messages)
+}
+
+fn bench_engine_message(c: &mut Criterion) {
+    let rules = ExchangeRules::from_json(&exchange_info()).unwrap();
+    let count = 300;
+    let (template, messages) = engine_and_messages(&rules, count);
+    // The walk moves prices without firing a rule: every position stays open.
+    let mut check = template.clone();
+    for message in &messages {
+        assert!(check.on_mark_message(message).unwrap().is_empty());
+    }
+    let mut group = c.benchmark_group("engine_message_600");
+    group.bench_function("on_mark_message_1000_positions", |b| {
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            let mut engine = template.clone();
+            for i in 0..iters as usize {
+                // A fresh engine every `count` messages: event times only move forward.
+                if i % count == 0 && i > 0 {
+                    engine = template.clone();
+                }
+                let start = std::time::Instant::now();
+                black_box(
+                    engine
+                        .on_mark_message(black_box(&messages[i % count]))
+                        .unwrap(),
+                );
+                total += start.elapsed();
+            }
+            total
+        });
     });
     group.finish();
 }
@@ -215,6 +339,7 @@ fn bench_backtest_dense(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_mark_message,
+    bench_engine_message,
     bench_atr,
     bench_quantize,
     bench_backtest_dense

@@ -168,7 +168,16 @@ impl BarAggregator {
             self.rejected += 1;
             return UpdateOutcome::Rejected;
         }
-        let bucket = self.bucket_of(event_time_ms);
+        // Inside the current bar (always on the grid): its bucket, without a division.
+        let bucket = match self.current {
+            Some(bar)
+                if event_time_ms >= bar.open_time_ms
+                    && event_time_ms - bar.open_time_ms < self.interval_ms =>
+            {
+                bar.open_time_ms
+            }
+            _ => self.bucket_of(event_time_ms),
+        };
         if let Some(bar) = self.current.as_mut() {
             if bucket == bar.open_time_ms {
                 bar.high = bar.high.max(price);

@@ -15,8 +15,23 @@
 //! comparisons with quantized levels) and as the correctly rounded `f64` of the same
 //! text (for bars and ATR). A malformed message is an `Err` and yields no updates at
 //! all, so a caller that applies the batch only on `Ok` never applies half a message.
+//!
+//! Three readers, one result: an update written exactly as Binance writes it
+//! (`{"e":"markPriceUpdate","E":…,"s":"…","p":"…",…}`, no whitespace, no escapes) is read
+//! by the AVX2 window reader (`feed/window.rs`: bit masks of 32-byte blocks, price digits
+//! straight into the integer mantissa, no text in between) when the processor has AVX2,
+//! else by the canonical reader (`Scanner::canonical_fields`, a byte scan of the same
+//! layout); anything either does not recognise falls back, from the same byte, to the
+//! general reader, which alone reports errors. The properties
+//! `window_path_agrees_with_the_general_reader` and
+//! `canonical_path_agrees_with_the_general_reader` check that the fast readers change
+//! speed, never results (updates or error text), on generated and mutated messages;
+//! `captured_payloads_read_the_same_on_every_path` on the captured payloads.
 
 use std::borrow::Cow;
+
+#[cfg(target_arch = "x86_64")]
+mod window;
 
 use crate::error::CoreError;
 use crate::fixed::{parse_decimal, Decimal};
@@ -230,10 +245,17 @@ fn price_from_parts(
     digits: u32,
     scale: u32,
 ) -> Option<(Decimal, f64)> {
-    if bytes.is_empty() || bytes.len() > 20 || digits == 0 || digits > 19 || mantissa == 0 {
+    if bytes.is_empty()
+        || bytes.len() > 20
+        || digits == 0
+        || digits > 19
+        || mantissa == 0
+        || scale > Decimal::MAX_SCALE
+    {
         return None;
     }
-    let decimal = Decimal::from_i128_with_scale(i128::from(mantissa), scale);
+    // The 64-bit mantissa as the low and middle words: no 128-bit conversion.
+    let decimal = Decimal::from_parts(mantissa as u32, (mantissa >> 32) as u32, 0, false, scale);
     let float = if mantissa < (1u64 << 53) && (scale as usize) < POW10.len() {
         mantissa as f64 / POW10[scale as usize]
     } else {
@@ -425,7 +447,7 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'{') {
                 return self.fail("invalid type: expected a markPriceUpdate object in the array");
             }
-            if !self.canonical_update(out) {
+            if !self.window_update(out) && !self.canonical_update(out) {
                 self.expect(b'{')?;
                 let mut fields = UpdateFields::default();
                 self.object_body(|scan, key| fields.accept(scan, key))?;
@@ -436,6 +458,43 @@ impl<'a> Scanner<'a> {
                 return Ok(());
             }
         }
+    }
+
+    /// The update at `{` read by 16-byte windows (see `feed/window.rs`) when it is written
+    /// as Binance writes it; `false` with nothing consumed otherwise.
+    #[inline]
+    fn window_update(&mut self, out: &mut Sink<'a>) -> bool {
+        #[cfg(test)]
+        if tests::NO_WINDOW_PATH.with(std::cell::Cell::get) {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: `read_update` only needs AVX2, detected just above.
+            #[allow(unsafe_code)] // the one way to call a `target_feature` function
+            let read = unsafe { window::read_update(self.bytes, self.pos) };
+            if let Some(update) = read {
+                // A zero price (or one beyond the fast conversion) is left to the
+                // canonical reader, which reports it.
+                if let Some((mark_price, mark_price_f64)) =
+                    price_from_parts(update.price, update.mantissa, update.digits, update.scale)
+                {
+                    out.batch.updates.push(MarkUpdate {
+                        symbol: update.symbol,
+                        mark_price,
+                        mark_price_f64,
+                        event_time_ms: update.event_time_ms,
+                    });
+                    out.count += 1;
+                    self.pos = update.end;
+                    #[cfg(test)]
+                    tests::WINDOW_HITS.with(|c| c.set(c.get() + 1));
+                    return true;
+                }
+            }
+        }
+        let _ = out;
+        false
     }
 
     /// The update at `{` when it is written exactly as Binance writes it, or `None`
@@ -1076,6 +1135,10 @@ mod tests {
     thread_local! {
         /// Set by tests to compare the canonical fast path with the general reader.
         pub(super) static NO_CANONICAL_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Set by tests to compare the 16-byte-window path with the other readers.
+        pub(super) static NO_WINDOW_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Updates the 16-byte-window path has read (tests check it is taken).
+        pub(super) static WINDOW_HITS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
     #[test]
@@ -1438,12 +1501,115 @@ mod property_tests {
     /// Two updates as Binance writes them (the canonical fast path's shape).
     const CANONICAL: &str = r#"[{"e":"markPriceUpdate","E":1562305380000,"s":"BTCUSDT","p":"11794.15000000","i":"11784.62659091","P":"11784.25641265","r":"-0.00038167","T":1562306400000},{"e":"markPriceUpdate","E":1562305380001,"s":"ETHUSDT","p":"3000.1","i":"3.0","P":"0","r":"0.0001","T":0}]"#;
 
-    /// The parse with the canonical fast path switched off or on.
+    /// The parse with the canonical fast path switched off or on (the window path off).
     fn parse_with(data: &[u8], canonical: bool) -> Result<MarkBatch<'_>, String> {
+        parse_paths(data, false, canonical)
+    }
+
+    /// The parse with the window path and the canonical path each on or off (both off:
+    /// the general reader alone).
+    fn parse_paths(data: &[u8], window: bool, canonical: bool) -> Result<MarkBatch<'_>, String> {
+        super::tests::NO_WINDOW_PATH.with(|off| off.set(!window));
         super::tests::NO_CANONICAL_PATH.with(|off| off.set(!canonical));
         let result = parse_mark_message(data).map_err(|e| e.to_string());
+        super::tests::NO_WINDOW_PATH.with(|off| off.set(false));
         super::tests::NO_CANONICAL_PATH.with(|off| off.set(false));
         result
+    }
+
+    /// Window-path hits of one parse.
+    fn window_hits(data: &[u8]) -> usize {
+        super::tests::WINDOW_HITS.with(|c| c.set(0));
+        let _ = parse_paths(data, true, false);
+        super::tests::WINDOW_HITS.with(std::cell::Cell::get)
+    }
+
+    /// Xorshift for the generated messages (deterministic per seed).
+    struct Xorshift(u64);
+
+    impl Xorshift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn digits(&mut self, count: usize, nonzero_first: bool) -> String {
+            (0..count)
+                .map(|i| {
+                    let d = (self.next() % 10) as u8;
+                    char::from(if i == 0 && nonzero_first {
+                        b'1' + d % 9
+                    } else {
+                        b'0' + d
+                    })
+                })
+                .collect()
+        }
+
+        /// `text`, or now and then a number the window path must refuse or read exactly
+        /// like the general reader.
+        fn odd(&mut self, text: String) -> String {
+            const ODD: [&str; 10] = [
+                "0",
+                "00",
+                "01",
+                "-1",
+                "1.5",
+                "1e5",
+                "0.0",
+                "",
+                "1,",
+                "123456789012345678901",
+            ];
+            if self.next() % 5 == 0 {
+                ODD[(self.next() % ODD.len() as u64) as usize].to_owned()
+            } else {
+                text
+            }
+        }
+    }
+
+    /// Extra keys as the real stream may add them (`"st":1`), and some that the general
+    /// reader refuses (duplicates) or skips (`binance_array` with `odd`).
+    const EXTRA: [&str; 8] = [
+        "",
+        "",
+        "",
+        r#","st":1"#,
+        r#","xyz":"a b""#,
+        r#","p":"1.0""#,
+        r#","":0"#,
+        r#","s":"X""#,
+    ];
+
+    /// An `!markPrice@arr` message as Binance writes it, one update per
+    /// (symbol, whole digits, fraction digits, event time), prices built from `seed`;
+    /// `odd`: some event and settlement times replaced by odd numbers (see `Xorshift::odd`).
+    fn binance_array(updates: &[(String, usize, usize, i64)], seed: u64, odd: bool) -> String {
+        let mut rng = Xorshift(seed | 1);
+        let items: Vec<String> = updates
+            .iter()
+            .map(|(symbol, whole, fraction, time)| {
+                let price = format!("{}.{}", rng.digits(*whole, *whole > 1), rng.digits(*fraction, false));
+                let index = format!("{}.{}", rng.digits(*whole, *whole > 1), rng.digits(8, false));
+                let (mut time_text, mut settle_text) = (time.to_string(), (time + 28_800_000).to_string());
+                if odd {
+                    time_text = rng.odd(time_text);
+                    settle_text = rng.odd(settle_text);
+                }
+                let extra = if odd {
+                    EXTRA[(rng.next() % EXTRA.len() as u64) as usize]
+                } else {
+                    ""
+                };
+                format!(
+                    r#"{{"e":"markPriceUpdate","E":{time_text},"s":"{symbol}","p":"{price}","i":"{index}","P":"{price}","r":"-0.00038167","T":{settle_text}{extra}}}"#
+                )
+            })
+            .collect();
+        format!("[{}]", items.join(","))
     }
 
     #[test]
@@ -1469,6 +1635,95 @@ mod property_tests {
         );
     }
 
+    /// `json` without the whitespace outside strings (key order kept).
+    fn minify(json: &str) -> String {
+        let mut out = String::with_capacity(json.len());
+        let (mut in_string, mut escaped) = (false, false);
+        for c in json.chars() {
+            if in_string {
+                out.push(c);
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    in_string = false;
+                }
+            } else if !c.is_ascii_whitespace() {
+                in_string = c == '"';
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Every captured websocket payload of tests/data/binance (mark prices and all the
+    /// other events, which must fail the same way), as captured, minified, repeated in a
+    /// long array (so that the window path reads them) and in the combined-stream
+    /// wrapper: the three readers give the same updates or the same error.
+    #[test]
+    fn captured_payloads_read_the_same_on_every_path() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/binance");
+        let mut payloads = 0;
+        let mut windowed = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with("ws_") {
+                continue;
+            }
+            let captured = std::fs::read_to_string(&path).unwrap();
+            let compact = minify(&captured);
+            let items = compact.trim_start_matches('[').trim_end_matches(']');
+            let repeated = format!("[{}]", vec![items; 50].join(","));
+            let wrapped = format!(r#"{{"stream":"!markPrice@arr","data":{repeated}}}"#);
+            for text in [&captured, &compact, &repeated, &wrapped] {
+                let general = parse_paths(text.as_bytes(), false, false);
+                assert_eq!(parse_paths(text.as_bytes(), true, false), general, "{name}");
+                assert_eq!(parse_paths(text.as_bytes(), true, true), general, "{name}");
+            }
+            if name.starts_with("ws_markPrice") {
+                assert_eq!(parse_mark_message(repeated.as_bytes()).unwrap().len(), 50);
+                windowed += window_hits(repeated.as_bytes());
+            }
+            payloads += 1;
+        }
+        assert!(payloads >= 15, "{payloads} payloads");
+        if std::arch::is_x86_feature_detected!("avx2") {
+            assert!(windowed >= 90, "{windowed} window reads");
+        }
+    }
+
+    #[test]
+    fn binance_arrays_take_the_window_path() {
+        let updates: Vec<(String, usize, usize, i64)> = (0..40)
+            .map(|i| {
+                (
+                    format!("SYM{i}USDT"),
+                    1 + i % 6,
+                    8,
+                    1_764_000_000_000 + i as i64,
+                )
+            })
+            .collect();
+        let array = binance_array(&updates, 7, false);
+        let hits = window_hits(array.as_bytes());
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Every update but the last few, whose windows would run past the message.
+            assert!(hits >= 38, "{hits} of 40");
+        }
+        let wrapped = format!(r#"{{"stream":"!markPrice@arr@1s","data":{array}}}"#);
+        assert_eq!(
+            parse_paths(wrapped.as_bytes(), true, true),
+            parse_paths(wrapped.as_bytes(), false, false)
+        );
+        let batch = parse_mark_message(array.as_bytes()).unwrap();
+        assert_eq!(batch.len(), 40);
+        assert_eq!(batch.updates[3].symbol, "SYM3USDT");
+        assert_eq!(batch.updates[3].event_time_ms, 1_764_000_000_003);
+        assert_eq!(batch.updates[3].mark_price.scale(), 8);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
 
@@ -1480,6 +1735,33 @@ mod property_tests {
         ) {
             let data = mutate(CANONICAL.as_bytes(), &edits);
             prop_assert_eq!(parse_with(&data, true), parse_with(&data, false));
+        }
+
+        /// The window path gives exactly what the general reader gives (and what the
+        /// canonical path gives): the same updates or the same error, on generated Binance
+        /// arrays (any symbol, price and time lengths, zero prices included) and on
+        /// mutations of them, bare or in the combined-stream wrapper.
+        #[test]
+        fn window_path_agrees_with_the_general_reader(
+            updates in proptest::collection::vec(
+                ("[A-Z0-9]{1,17}", 0usize..17, 0usize..17, 0i64..9_999_999_999_999_999i64),
+                1..12,
+            ),
+            seed in any::<u64>(),
+            odd in any::<bool>(),
+            wrapped in any::<bool>(),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..3),
+        ) {
+            let array = binance_array(&updates, seed, odd);
+            let text = if wrapped {
+                format!(r#"{{"stream":"!markPrice@arr","data":{array}}}"#)
+            } else {
+                array
+            };
+            let data = mutate(text.as_bytes(), &edits);
+            let general = parse_paths(&data, false, false);
+            prop_assert_eq!(&parse_paths(&data, true, false), &general);
+            prop_assert_eq!(&parse_paths(&data, true, true), &general);
         }
 
         /// Never accepts a message serde_json rejects; when both accept, the same fields.

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::atr::WilderAtr;
 use crate::bars::BarAggregator;
 use crate::error::CoreError;
-use crate::exit::{bounds, ExitEngine, ExitPolicy, PositionSide, SymbolMap, SymbolState};
+use crate::exit::{bounds, ExitEngine, ExitPolicy, PositionSide, SymbolState, SymbolTable};
 use crate::rules::{ExchangeRules, SymbolRules};
 
 /// Identifies the payload.
@@ -69,8 +69,7 @@ fn snapshot_err(detail: impl Into<String>) -> CoreError {
 
 /// Serializes the whole engine state (policy included, rules excluded).
 pub fn snapshot(engine: &ExitEngine) -> Vec<u8> {
-    let mut symbols: Vec<(&String, &SymbolState)> =
-        engine.symbols.iter().map(|(k, v)| (k, &**v)).collect();
+    let mut symbols: Vec<(&String, &SymbolState)> = engine.symbols.iter().collect();
     symbols.sort_by(|a, b| a.0.cmp(b.0));
     let out = SnapshotOut {
         format: FORMAT,
@@ -117,7 +116,7 @@ pub fn restore(data: &[u8], rules: ExchangeRules) -> Result<ExitEngine, CoreErro
         bounds::check_event_time("last_event_ms", last)?;
     }
     let templates = ExitEngine::templates(&body.policy)?;
-    let mut symbols = SymbolMap::default();
+    let mut symbols = SymbolTable::default();
     let mut index = HashMap::new();
     let mut highest_generation = 0;
     for (symbol, state) in body.symbols {
@@ -156,7 +155,7 @@ pub fn restore(data: &[u8], rules: ExchangeRules) -> Result<ExitEngine, CoreErro
         }
         let mut state = state;
         state.set_rules(rules.get(&symbol).cloned());
-        symbols.insert(symbol, Box::new(state));
+        symbols.insert(symbol, state);
     }
     if body.next_generation != 0 && body.next_generation <= highest_generation {
         return Err(CoreError::invalid(

@@ -7,7 +7,10 @@ symbol. Each round is the next message of a seeded random walk (event time +1 s,
 close and feed the ATR every 60 rounds); building the message is setup, not timed.
 
 Implementations, one benchmark group:
-- ``rust``: ``pyquant.ExitEngine.on_mark_message`` (parse + bars + ATR + every position).
+- ``rust``: ``pyquant.ExitEngine.on_mark_message`` (parse + bars + ATR + every position);
+  the messages are in Binance's layout, so the engine reads them on its AVX2 window path
+  where the processor has it (the Rust-only figures: ``cargo bench --bench core --
+  mark_message_600`` for the parse, ``engine_message_600`` for the whole call).
 - ``python``: ``python_engine.PythonExitEngine`` (orjson + Decimal + loops, same semantics).
 - ``orjson_loads``: ``orjson.loads`` of the same bytes and nothing else.
 
