@@ -174,15 +174,30 @@ def _entry_arrays(entries: pl.DataFrame) -> dict[str, Any]:
         "entry_time": _contiguous(entries["time_ms"], np.int64),
         "entry_side": np.where(buy, 1, -1).astype(np.int8),
         "entry_confidence": _contiguous(entries["confidence"].fill_null(float("nan")), np.float64),
-        # The core reads None as "the configured default" with one pointer compare; only
-        # intents that give their own size cost a Python string each.
-        "entry_notional": (
-            [None] * entries.height
-            if notional.null_count() == entries.height
-            else notional.cast(pl.String).to_list()
-        ),
+        "entry_notional": _own_notionals(notional),
         "entry_leverage": _contiguous(entries["leverage"].fill_null(0), np.int64),
     }
+
+
+def _own_notionals(notional: pl.Series) -> tuple[np.ndarray[Any, Any], list[str]] | None:
+    # The entries that give their own size, as the core reads them: None when none does (the
+    # usual case: nothing per entry to build or read), else their rows and decimal strings.
+    if notional.null_count() == notional.len():
+        return None
+    given = notional.is_not_null()
+    rows = np.flatnonzero(given.to_numpy()).astype(np.int64)
+    return rows, notional.filter(given).cast(pl.String).to_list()
+
+
+def _cut_notionals(
+    notional: tuple[np.ndarray[Any, Any], list[str]] | None, start: int, stop: int
+) -> tuple[np.ndarray[Any, Any], list[str]] | None:
+    # The own notionals of entry rows start..stop, renumbered from 0.
+    if notional is None:
+        return None
+    rows, texts = notional
+    first, last = (int(k) for k in np.searchsorted(rows, [start, stop]))
+    return None if first == last else (rows[first:last] - start, texts[first:last])
 
 
 def _entry_arrays_by_symbol(
@@ -218,8 +233,12 @@ def _entry_arrays_by_symbol(
     ordered = keyed if in_order else keyed.sort(["series", "time_ms"], maintain_order=True)
     arrays = _entry_arrays(ordered)
     bounds = np.searchsorted(ordered["series"].to_numpy(), np.arange(len(symbols) + 1))
+    notional = arrays.pop("entry_notional")
     return {
-        name: {key: values[bounds[i] : bounds[i + 1]] for key, values in arrays.items()}
+        name: {
+            **{key: values[bounds[i] : bounds[i + 1]] for key, values in arrays.items()},
+            "entry_notional": _cut_notionals(notional, bounds[i], bounds[i + 1]),
+        }
         for i, name in enumerate(symbols)
         if bounds[i] < bounds[i + 1]
     }

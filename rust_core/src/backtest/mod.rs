@@ -160,8 +160,9 @@ impl Bars<'_> {
     }
 }
 
-/// One entry request: at `time_ms`, open `direction`.
-#[derive(Debug, Clone)]
+/// One entry request: at `time_ms`, open `direction`; a small value [`Entries::get`] builds
+/// on demand from the columns.
+#[derive(Debug, Clone, Copy)]
 pub struct Entry {
     pub time_ms: i64,
     pub direction: Direction,
@@ -170,6 +171,161 @@ pub struct Entry {
     pub notional: Option<Decimal>,
     /// `None` uses [`BacktestOptions::leverage`].
     pub leverage: Option<u32>,
+}
+
+/// One symbol's entry requests as columns, sorted by time: owned, or borrowed from the
+/// caller's arrays like [`Bars`] (no per-entry struct for a million entries), checked in
+/// one pass by [`Entries::check`] before the run reads them.
+#[derive(Debug, Clone, Default)]
+pub struct Entries<'a> {
+    pub time_ms: Cow<'a, [i64]>,
+    /// 1 (LONG) or -1 (SHORT).
+    pub side: Cow<'a, [i8]>,
+    /// NaN or infinite: no confidence.
+    pub confidence: Cow<'a, [f64]>,
+    /// 0 or below: [`BacktestOptions::leverage`].
+    pub leverage: Cow<'a, [i64]>,
+    /// The entries that give their own notional: (row, USDT notional), rows strictly
+    /// increasing; the others use [`BacktestOptions::notional`]. Empty in the usual case.
+    pub notional: Vec<(usize, Decimal)>,
+}
+
+impl Entries<'_> {
+    /// Owned columns holding `entries` (tests and benchmarks build them this way).
+    pub fn of(entries: &[Entry]) -> Entries<'static> {
+        let mut columns = Entries::default();
+        for &entry in entries {
+            columns.push(entry);
+        }
+        columns
+    }
+
+    /// Appends `entry` (the columns become owned).
+    pub fn push(&mut self, entry: Entry) {
+        if let Some(notional) = entry.notional {
+            self.notional.push((self.len(), notional));
+        }
+        self.time_ms.to_mut().push(entry.time_ms);
+        self.side.to_mut().push(match entry.direction {
+            Direction::Long => 1,
+            Direction::Short => -1,
+        });
+        self.confidence
+            .to_mut()
+            .push(entry.confidence.unwrap_or(f64::NAN));
+        self.leverage
+            .to_mut()
+            .push(entry.leverage.map_or(0, i64::from));
+    }
+
+    /// How many entries.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.time_ms.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.time_ms.is_empty()
+    }
+
+    /// The entry time of row `k`.
+    #[inline]
+    pub fn time_ms(&self, k: usize) -> i64 {
+        self.time_ms[k]
+    }
+
+    /// Row `k` as an [`Entry`] (after [`Entries::check`]: a side other than 1 reads SHORT).
+    #[inline]
+    pub fn get(&self, k: usize) -> Entry {
+        let confidence = self.confidence[k];
+        let leverage = self.leverage[k];
+        Entry {
+            time_ms: self.time_ms[k],
+            direction: if self.side[k] == 1 {
+                Direction::Long
+            } else {
+                Direction::Short
+            },
+            confidence: confidence.is_finite().then_some(confidence),
+            notional: self.notional_of(k),
+            // Beyond u32 saturates, so the leverage check refuses it instead of a wrap
+            // accepting it.
+            leverage: (leverage > 0).then(|| u32::try_from(leverage).unwrap_or(u32::MAX)),
+        }
+    }
+
+    fn notional_of(&self, k: usize) -> Option<Decimal> {
+        if self.notional.is_empty() {
+            return None;
+        }
+        self.notional
+            .binary_search_by_key(&k, |&(row, _)| row)
+            .ok()
+            .map(|i| self.notional[i].1)
+    }
+
+    /// Equal lengths, sides 1 or -1, times sorted ascending, notional rows strictly
+    /// increasing inside the columns: one pass over each column.
+    fn check(&self, symbol: &str) -> Result<(), CoreError> {
+        let n = self.time_ms.len();
+        for (name, len) in [
+            ("entry_side", self.side.len()),
+            ("entry_confidence", self.confidence.len()),
+            ("entry_leverage", self.leverage.len()),
+        ] {
+            if len != n {
+                return Err(CoreError::invalid_for(
+                    symbol,
+                    name,
+                    len.to_string(),
+                    format!("must have as many values as entry_time ({n})"),
+                ));
+            }
+        }
+        // A fold without an early exit: the compiler vectorizes it; the row is sought
+        // only when something is wrong.
+        let bad_side = self
+            .side
+            .iter()
+            .fold(0u8, |bad, &s| bad | u8::from(s != 1 && s != -1));
+        if bad_side != 0 {
+            let other = self.side.iter().find(|&&s| s != 1 && s != -1);
+            return Err(CoreError::invalid_for(
+                symbol,
+                "entry_side",
+                other.map_or(0, |&s| s).to_string(),
+                "must be 1 (LONG) or -1 (SHORT)",
+            ));
+        }
+        let unsorted = self
+            .time_ms
+            .windows(2)
+            .fold(0u8, |bad, w| bad | u8::from(w[1] < w[0]));
+        if unsorted != 0 {
+            if let Some(k) = self.time_ms.windows(2).position(|w| w[1] < w[0]) {
+                return Err(CoreError::invalid_for(
+                    symbol,
+                    "entry_time",
+                    self.time_ms[k + 1].to_string(),
+                    "must be sorted ascending",
+                ));
+            }
+        }
+        let mut previous: Option<usize> = None;
+        for &(row, _) in &self.notional {
+            if row >= n || previous.is_some_and(|p| row <= p) {
+                return Err(CoreError::invalid_for(
+                    symbol,
+                    "entry_notional row",
+                    row.to_string(),
+                    format!("must be an entry row (below {n}) after the previous one"),
+                ));
+            }
+            previous = Some(row);
+        }
+        Ok(())
+    }
 }
 
 /// One symbol's history and entries.
@@ -181,7 +337,7 @@ pub struct SeriesInput<'a> {
     /// Finer bars (`interval_ms` dividing the series') that resolve the intrabar order.
     pub fine: Option<(i64, Bars<'a>)>,
     /// Sorted by time.
-    pub entries: Vec<Entry>,
+    pub entries: Entries<'a>,
 }
 
 /// Sizing, fees and replay rules shared by every job of a run.

@@ -141,22 +141,30 @@ impl Grid {
         prefix: &str,
         bars: &Bars<'_>,
     ) -> Result<Vec<[i64; 4]>, CoreError> {
+        let rows = || {
+            bars.open
+                .iter()
+                .zip(bars.high.iter())
+                .zip(bars.low.iter())
+                .zip(bars.close.iter())
+                .map(|(((&open, &high), &low), &close)| [open, high, low, close])
+        };
+        // One pass by floats alone (the usual case settles every price): an exact-size
+        // extend, without a branch or a capacity check per bar; a bar floats leave open is
+        // only noted, and settled by a second pass over those bars.
+        let mut unsettled = false;
         let mut out = Vec::with_capacity(bars.len());
-        let rows = bars
-            .open
-            .iter()
-            .zip(bars.high.iter())
-            .zip(bars.low.iter())
-            .zip(bars.close.iter());
-        for (((&open, &high), &low), &close) in rows {
-            let prices = [open, high, low, close];
-            // All four settled by floats (the usual case) without a branch per price.
+        out.extend(rows().map(|prices| {
             let fast = prices.map(|v| self.nearest_float(v));
-            out.push(if fast.iter().all(|&(_, settled)| settled) {
-                fast.map(|(k, _)| k)
-            } else {
-                self.bar_the_long_way(rules, prefix, prices)?
-            });
+            unsettled |= !fast.iter().all(|&(_, settled)| settled);
+            fast.map(|(k, _)| k)
+        }));
+        if unsettled {
+            for (slot, prices) in out.iter_mut().zip(rows()) {
+                if !prices.iter().all(|&v| self.nearest_float(v).1) {
+                    *slot = self.bar_the_long_way(rules, prefix, prices)?;
+                }
+            }
         }
         Ok(out)
     }
@@ -259,6 +267,7 @@ pub(super) fn prepare<'a>(
 ) -> Result<Prepared<'a>, CoreError> {
     let symbol_rules = rules.symbol(&input.symbol)?;
     input.bars.check(&input.symbol, "bars")?;
+    input.entries.check(&input.symbol)?;
     if input.interval_ms <= 0 {
         return Err(CoreError::invalid_for(
             &input.symbol,
@@ -360,8 +369,28 @@ pub(super) fn atr_before_each_bar(
             ),
         });
     }
-    let mut values = vec![f64::NAN; bars.len()];
+    // Appended segment after segment (the segments cover every bar, in order): each slot
+    // is written once, no NaN-filled buffer first.
+    let mut values = Vec::with_capacity(bars.len());
     for &(start, end) in segments {
+        let times = &bars.open_time[start..end];
+        if times.windows(2).all(|w| w[1] - w[0] >= atr_interval) {
+            // Every bar is a bucket of its own (the usual case: ATR at the data interval),
+            // so the ATR before bar `i` is the ATR after bars `start..i`: Wilder's over the
+            // segment's bars but its last, shifted by one. `atr_extend` performs the same
+            // operations as `WilderAtr` (bit for bit), in one loop without the bucket
+            // bookkeeping and with the FMA instruction when the CPU has it.
+            values.push(f64::NAN);
+            let last = end - 1;
+            crate::atr::atr_extend(
+                &bars.high[start..last],
+                &bars.low[start..last],
+                &bars.close[start..last],
+                period,
+                &mut values,
+            )?;
+            continue;
+        }
         let mut state = WilderAtr::new(period)?;
         // (bucket key, its end time, high, low, close) of the bucket being filled.
         let mut bucket: Option<(i64, i64, f64, f64, f64)> = None;
@@ -380,7 +409,7 @@ pub(super) fn atr_before_each_bar(
                 }
                 _ => {}
             }
-            values[i] = state.value().unwrap_or(f64::NAN);
+            values.push(state.value().unwrap_or(f64::NAN));
             bucket = Some(match bucket {
                 Some((k, bucket_end, high, low, _)) => (
                     k,
@@ -399,5 +428,105 @@ pub(super) fn atr_before_each_bar(
             });
         }
     }
+    debug_assert_eq!(values.len(), bars.len());
     Ok(values)
+}
+
+#[cfg(test)]
+#[allow(clippy::float_cmp)] // bit-for-bit equality is what these tests check
+mod tests {
+    use super::*;
+    use crate::backtest::Entries;
+
+    /// A walk of `n` bars of `interval` with a few gaps, some longer than one bar.
+    fn walk(n: usize, interval: i64) -> SeriesInput<'static> {
+        let mut bars = Bars::default();
+        let (mut t, mut price, mut seed) = (1_700_000_040_000_i64, 30_000.0_f64, 7_u64);
+        for i in 0..n {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let unit = (seed >> 11) as f64 / (1u64 << 53) as f64;
+            let open = price;
+            price = (price * (1.0 + (unit - 0.5) * 0.004) * 10.0).round() / 10.0;
+            bars.open_time.to_mut().push(t);
+            bars.open.to_mut().push(open);
+            bars.high.to_mut().push(open.max(price) + unit * 5.0);
+            bars.low.to_mut().push(open.min(price) - (1.0 - unit) * 5.0);
+            bars.close.to_mut().push(price);
+            // Gaps of 2 and 40 bars now and then (segments at max_gap_bars = 3).
+            t += interval
+                * if i % 97 == 96 {
+                    40
+                } else if i % 31 == 30 {
+                    2
+                } else {
+                    1
+                };
+        }
+        SeriesInput {
+            symbol: "BTCUSDT".into(),
+            interval_ms: interval,
+            bars,
+            fine: None,
+            entries: Entries::default(),
+        }
+    }
+
+    /// The definition: per segment a fresh `WilderAtr`, each bar's value read before the
+    /// bar is fed (every bar its own bucket).
+    fn reference(input: &SeriesInput<'_>, segments: &[(usize, usize)], period: usize) -> Vec<f64> {
+        let b = &input.bars;
+        let mut out = Vec::new();
+        for &(start, end) in segments {
+            let mut atr = WilderAtr::new(period).unwrap();
+            for i in start..end {
+                out.push(atr.value().unwrap_or(f64::NAN));
+                atr.update(b.high[i], b.low[i], b.close[i]);
+            }
+        }
+        out
+    }
+
+    fn segments(input: &SeriesInput<'_>, max_gap_bars: i64) -> Vec<(usize, usize)> {
+        let t = &input.bars.open_time;
+        let mut cuts = vec![0];
+        cuts.extend(
+            (1..t.len()).filter(|&i| t[i] - t[i - 1] > input.interval_ms * (max_gap_bars + 1)),
+        );
+        cuts.push(t.len());
+        cuts.windows(2).map(|w| (w[0], w[1])).collect()
+    }
+
+    #[test]
+    fn atr_at_the_data_interval_is_wilders_bit_for_bit() {
+        let input = walk(3_000, 60_000);
+        let segments = segments(&input, 3);
+        assert!(segments.len() > 20);
+        for period in [1, 2, 14, 50] {
+            let fast = atr_before_each_bar(&input, &segments, period, 60_000).unwrap();
+            let want = reference(&input, &segments, period);
+            assert_eq!(fast.len(), want.len());
+            for (i, (a, b)) in fast.iter().zip(&want).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "period {period} bar {i}: {a} != {b}"
+                );
+            }
+            assert!(fast.iter().filter(|v| v.is_finite()).count() > 1_000);
+        }
+    }
+
+    #[test]
+    fn bars_closer_than_the_atr_interval_share_a_bucket() {
+        // 30 s bars under a 1m ATR: two bars per bucket, so the bucket path decides; its
+        // values only change at bucket starts.
+        let input = walk(400, 30_000);
+        let segments = segments(&input, 3);
+        let values = atr_before_each_bar(&input, &segments, 14, 60_000).unwrap();
+        assert_eq!(values.len(), 400);
+        let changes = values
+            .windows(2)
+            .filter(|w| w[0].to_bits() != w[1].to_bits())
+            .count();
+        assert!(changes > 20 && changes < 200, "{changes}");
+    }
 }

@@ -535,8 +535,8 @@ impl Job<'_> {
         for (s, &(start, end)) in p.segments.iter().enumerate() {
             for i in start..end {
                 let t = times[i];
-                while e < entries.len() && entries[e].time_ms <= t {
-                    let entry = &entries[e];
+                while e < entries.len() && entries.time_ms(e) <= t {
+                    let entry = &entries.get(e);
                     e += 1;
                     if t - entry.time_ms >= interval {
                         self.skip(entry.time_ms, NO_BAR);
@@ -551,8 +551,8 @@ impl Job<'_> {
             let last = s + 1 == p.segments.len();
             self.close_all(end - 1, if last { END_OF_DATA } else { DATA_GAP });
         }
-        for entry in &entries[e..] {
-            self.out.skipped.push((entry.time_ms, NO_BAR, 1));
+        for &time_ms in &entries.time_ms[e..] {
+            self.out.skipped.push((time_ms, NO_BAR, 1));
         }
         if self.position_open_skips > 0 {
             self.out

@@ -64,7 +64,7 @@ fn series(interval: i64, tail: &[(f64, f64, f64, f64)]) -> SeriesInput<'static> 
         interval_ms: interval,
         bars: bars(interval, tail),
         fine: None,
-        entries: vec![long_at(T0 + 20 * interval)],
+        entries: Entries::of(&[long_at(T0 + 20 * interval)]),
     }
 }
 
@@ -484,7 +484,7 @@ proptest::proptest! {
             interval_ms: coarse,
             bars,
             fine: with_fine.then_some((MINUTE, fine)),
-            entries,
+            entries: Entries::of(&entries),
         };
         let skipping = BacktestOptions {
             intrabar: if target_first { Intrabar::TargetFirst } else { Intrabar::StopFirst },
@@ -743,7 +743,7 @@ proptest::proptest! {
             interval_ms: coarse,
             bars,
             fine: with_fine.then_some((MINUTE, fine)),
-            entries,
+            entries: Entries::of(&entries),
         };
         let skipping = BacktestOptions {
             intrabar: if target_first { Intrabar::TargetFirst } else { Intrabar::StopFirst },

@@ -1,8 +1,8 @@
 //! Bindings: the backtest, one coarse call with whole numpy arrays per symbol.
 //!
-//! Python hands over every series at once (bar arrays are read in place, borrowed
-//! read-only for the call; the small entry arrays are copied), the run happens with the
-//! GIL released, and the results come back as
+//! Python hands over every series at once (bar and entry arrays are read in place,
+//! borrowed read-only for the call; only the entries that give their own notional are
+//! parsed), the run happens with the GIL released, and the results come back as
 //! columns (numpy arrays, and lists of exact decimal strings when `detail` is set) that
 //! `pyquant.backtest` turns into polars `DataFrame`s.
 
@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::backtest::{
-    self, to_f64, BacktestOptions, Bars, Direction, Entry, Intrabar, JobOutput, SeriesInput,
+    self, to_f64, BacktestOptions, Bars, Direction, Entries, Intrabar, JobOutput, SeriesInput,
     REASONS,
 };
 use crate::error::CoreError;
@@ -50,14 +50,6 @@ fn column<'a, T: numpy::Element + Copy>(array: &'a PyReadonlyArray1<'_, T>) -> C
     }
 }
 
-fn array<T: numpy::Element + Copy>(
-    dict: &Bound<'_, PyDict>,
-    symbol: &str,
-    key: &str,
-) -> PyResult<Vec<T>> {
-    Ok(column(&readonly::<T>(dict, symbol, key)?).into_owned())
-}
-
 /// One series' bar columns, borrowed read-only (rust-numpy's borrow flag keeps Rust
 /// writers out) for as long as the run reads them.
 struct BarArrays<'py> {
@@ -90,25 +82,40 @@ impl<'py> BarArrays<'py> {
     }
 }
 
-/// Everything of one series read from its dict: the entries converted, the bars still
-/// numpy arrays ([`SeriesArrays::input`] lends them to the run).
+/// One series' entry columns, borrowed read-only like the bars.
+struct EntryArrays<'py> {
+    time_ms: PyReadonlyArray1<'py, i64>,
+    side: PyReadonlyArray1<'py, i8>,
+    confidence: PyReadonlyArray1<'py, f64>,
+    leverage: PyReadonlyArray1<'py, i64>,
+}
+
+/// Everything of one series read from its dict, the arrays still numpy arrays
+/// ([`SeriesArrays::input`] lends them to the run) and the few given notionals parsed.
 struct SeriesArrays<'py> {
     symbol: String,
     interval_ms: i64,
     bars: BarArrays<'py>,
     fine: Option<(i64, BarArrays<'py>)>,
-    entries: Vec<Entry>,
+    entries: EntryArrays<'py>,
+    notional: Vec<(usize, Decimal)>,
 }
 
 impl SeriesArrays<'_> {
-    /// The run's input, borrowing the bars and taking the entries.
+    /// The run's input, borrowing the arrays and taking the parsed notionals.
     fn input(&mut self) -> SeriesInput<'_> {
         SeriesInput {
             symbol: self.symbol.clone(),
             interval_ms: self.interval_ms,
             bars: self.bars.bars(),
             fine: self.fine.as_ref().map(|(i, b)| (*i, b.bars())),
-            entries: std::mem::take(&mut self.entries),
+            entries: Entries {
+                time_ms: column(&self.entries.time_ms),
+                side: column(&self.entries.side),
+                confidence: column(&self.entries.confidence),
+                leverage: column(&self.entries.leverage),
+                notional: std::mem::take(&mut self.notional),
+            },
         }
     }
 }
@@ -143,32 +150,49 @@ fn parse_fee(field: &str, text: &str) -> Result<Decimal, CoreError> {
     Ok(value)
 }
 
-/// The per-entry notionals: decimal strings or `None` (the run's default). A list is read
-/// item by item (most items are `None`, which costs a pointer compare); any other
-/// sequence goes through the generic extraction.
-fn entry_notionals(dict: &Bound<'_, PyDict>, symbol: &str) -> PyResult<Vec<Option<Decimal>>> {
-    let parse = |text: &str| -> PyResult<Decimal> {
-        Ok(parse_bounded("entry_notional", text, MAX_NOTIONAL)
-            .map_err(|e| e.with_symbol(symbol))?)
-    };
+/// The entries that give their own notional: `entry_notional` is absent or None when none
+/// does (the usual case: nothing to read), else a pair (entry rows as an int64 array,
+/// their notionals as decimal strings), parsed exactly.
+fn entry_notionals(dict: &Bound<'_, PyDict>, symbol: &str) -> PyResult<Vec<(usize, Decimal)>> {
     let Some(value) = dict.get_item("entry_notional")? else {
         return Ok(Vec::new());
     };
-    if let Ok(list) = value.cast::<PyList>() {
-        let mut out = Vec::with_capacity(list.len());
-        for item in list.iter() {
-            out.push(if item.is_none() {
-                None
-            } else {
-                Some(parse(&item.extract::<String>()?)?)
-            });
-        }
-        return Ok(out);
+    if value.is_none() {
+        return Ok(Vec::new());
     }
-    let texts: Vec<Option<String>> = value.extract()?;
-    texts
-        .iter()
-        .map(|t| t.as_deref().map(parse).transpose())
+    let shape = || {
+        PyValueError::new_err(format!(
+            "series {symbol}: \"entry_notional\" must be None or a pair (int64 numpy array \
+             of entry rows, list of decimal strings)"
+        ))
+    };
+    let (rows, texts): (PyReadonlyArray1<'_, i64>, Vec<String>) =
+        value.extract().map_err(|_| shape())?;
+    let rows = column(&rows);
+    if rows.len() != texts.len() {
+        return Err(CoreError::invalid_for(
+            symbol,
+            "entry_notional",
+            texts.len().to_string(),
+            format!("must have as many notionals as entry rows ({})", rows.len()),
+        )
+        .into());
+    }
+    rows.iter()
+        .zip(&texts)
+        .map(|(&row, text)| {
+            let value = parse_bounded("entry_notional", text, MAX_NOTIONAL)
+                .map_err(|e| e.with_symbol(symbol))?;
+            let row = usize::try_from(row).map_err(|_| {
+                CoreError::invalid_for(
+                    symbol,
+                    "entry_notional row",
+                    row.to_string(),
+                    "must be an entry row (0 or more)",
+                )
+            })?;
+            Ok((row, value))
+        })
         .collect()
 }
 
@@ -188,50 +212,14 @@ fn series_arrays<'py>(dict: &Bound<'py, PyDict>) -> PyResult<SeriesArrays<'py>> 
         )),
         _ => None,
     };
-    let times: Vec<i64> = array(dict, &symbol, "entry_time")?;
-    let sides: Vec<i8> = array(dict, &symbol, "entry_side")?;
-    let confidence: Vec<f64> = array(dict, &symbol, "entry_confidence")?;
-    let leverage: Vec<i64> = array(dict, &symbol, "entry_leverage")?;
+    // The columns are checked (lengths, sides, order) in one pass by the run, GIL released.
+    let entries = EntryArrays {
+        time_ms: readonly(dict, &symbol, "entry_time")?,
+        side: readonly(dict, &symbol, "entry_side")?,
+        confidence: readonly(dict, &symbol, "entry_confidence")?,
+        leverage: readonly(dict, &symbol, "entry_leverage")?,
+    };
     let notional = entry_notionals(dict, &symbol)?;
-    let n = times.len();
-    if sides.len() != n || confidence.len() != n || leverage.len() != n || notional.len() != n {
-        return Err(PyValueError::new_err(format!(
-            "series {symbol}: entry arrays must all have {n} values"
-        )));
-    }
-    let mut entries = Vec::with_capacity(n);
-    for k in 0..n {
-        let direction = match sides[k] {
-            1 => Direction::Long,
-            -1 => Direction::Short,
-            other => {
-                return Err(CoreError::invalid_for(
-                    &symbol,
-                    "entry_side",
-                    other.to_string(),
-                    "must be 1 (LONG) or -1 (SHORT)",
-                )
-                .into())
-            }
-        };
-        let notional = notional[k];
-        entries.push(Entry {
-            time_ms: times[k],
-            direction,
-            confidence: confidence[k].is_finite().then_some(confidence[k]),
-            notional,
-            leverage: (leverage[k] > 0).then(|| leverage[k] as u32),
-        });
-    }
-    if let Some(k) = entries.windows(2).position(|w| w[1].time_ms < w[0].time_ms) {
-        return Err(CoreError::invalid_for(
-            &symbol,
-            "entry_time",
-            entries[k + 1].time_ms.to_string(),
-            "must be sorted ascending",
-        )
-        .into());
-    }
     let bars = BarArrays::read(dict, &symbol, "")?;
     Ok(SeriesArrays {
         symbol,
@@ -239,6 +227,7 @@ fn series_arrays<'py>(dict: &Bound<'py, PyDict>) -> PyResult<SeriesArrays<'py>> 
         bars,
         fine,
         entries,
+        notional,
     })
 }
 

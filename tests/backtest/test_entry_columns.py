@@ -1,0 +1,186 @@
+"""The core reads a series' entries as columns: in place, checked in one pass, own sizes sparse.
+
+``entry_time``/``entry_side``/``entry_confidence``/``entry_leverage`` are numpy arrays the
+core borrows; ``entry_notional`` is None when no entry gives its own size, else a pair
+(rows, decimal strings). Each broken column gets an error naming the field, the value and
+the rule; the sizes given land on their own entries only, also after the per-symbol cut.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+from backtest_helpers import MINUTE, T0, synthetic_klines
+
+from pyquant import _core
+from pyquant import backtest as bt
+from pyquant.backtest import running as bt_running
+from pyquant.errors import InputError
+
+FLAT = synthetic_klines([(30000.0, 30010.0, 29990.0, 30000.0)] * 10)
+# 1000 USDT (the default) at 30000 is 0.033 BTC; 300 USDT is 0.010 and 250 USDT 0.008.
+DEFAULT_QTY, QTY_300, QTY_250 = 0.033, 0.010, 0.008
+
+
+def _series(klines: pl.DataFrame = FLAT, **entries: Any) -> dict[str, Any]:
+    # A LONG at bar 20 and a SHORT at bar 21 (both stay open: the bars trigger nothing),
+    # with any column replaced by ``entries``.
+    columns = {
+        "entry_time": np.array([T0 + 20 * MINUTE, T0 + 21 * MINUTE], dtype=np.int64),
+        "entry_side": np.array([1, -1], dtype=np.int8),
+        "entry_confidence": np.array([0.5, np.nan]),
+        "entry_leverage": np.zeros(2, dtype=np.int64),
+        "entry_notional": None,
+    }
+    columns.update(entries)
+    return bt_running._series_arrays(klines, columns, None).arrays
+
+
+def _run(rules, policy, series: dict[str, Any]) -> dict[str, Any]:
+    options = bt_running._core_options(bt.BacktestConfig(), False, detail=True)
+    return _core.backtest_run([series], [policy], rules, **options)
+
+
+def _quantities(out: dict[str, Any]) -> list[tuple[int, float]]:
+    trades = out["trades"]
+    return sorted(zip(trades["side"].tolist(), trades["quantity"].tolist(), strict=True))
+
+
+def test_without_own_sizes_every_entry_takes_the_default(rules, example_policy):
+    out = _run(rules, example_policy, _series())
+    assert _quantities(out) == [(-1, DEFAULT_QTY), (1, DEFAULT_QTY)]
+    assert out["trades"]["quantity_exact"] == ["0.033", "0.033"]
+    trades = out["trades"]
+    confidence = dict(zip(trades["side"].tolist(), trades["confidence"], strict=True))
+    assert confidence[1] == 0.5
+    assert np.isnan(confidence[-1])
+
+
+def test_an_own_size_lands_on_its_row_only(rules, example_policy):
+    short_sized = _run(
+        rules, example_policy, _series(entry_notional=(np.array([1], np.int64), ["300"]))
+    )
+    assert _quantities(short_sized) == [(-1, QTY_300), (1, DEFAULT_QTY)]
+    both = _run(
+        rules, example_policy, _series(entry_notional=(np.array([0, 1], np.int64), ["250", "300"]))
+    )
+    assert _quantities(both) == [(-1, QTY_300), (1, QTY_250)]
+
+
+def test_strided_entry_arrays_are_read_like_contiguous_ones(rules, example_policy):
+    # Every other element of twice-as-long arrays: numpy views the core cannot borrow as is.
+    doubled = {
+        "entry_time": np.repeat(np.array([T0 + 20 * MINUTE, T0 + 21 * MINUTE]), 2)[::2],
+        "entry_side": np.array([1, 0, -1, 0], dtype=np.int8)[::2],
+        "entry_confidence": np.array([0.5, 9.0, np.nan, 9.0])[::2],
+        "entry_leverage": np.zeros(4, dtype=np.int64)[::2],
+        "entry_notional": (np.array([1, 7], np.int64)[::2], ["300"]),
+    }
+    assert not doubled["entry_time"].flags.c_contiguous
+    out = _run(rules, example_policy, _series(**doubled))
+    assert _quantities(out) == [(-1, QTY_300), (1, DEFAULT_QTY)]
+
+
+def test_a_leverage_beyond_32_bits_is_refused_not_wrapped(rules, example_policy):
+    # 2**32 + 10 once wrapped to a leverage of 10; it is now out of range: over_leverage.
+    leverage = np.array([2**32 + 10, 0], dtype=np.int64)
+    out = _run(rules, example_policy, _series(entry_leverage=leverage))
+    assert out["trades"]["side"].tolist() == [-1]
+    skipped = out["skipped"]
+    reasons = [out["reason_names"][code] for code in skipped["reason_code"]]
+    assert list(zip(skipped["time_ms"].tolist(), reasons, strict=True)) == [
+        (T0 + 20 * MINUTE, "over_leverage")
+    ]
+
+
+BROKEN = {
+    "side": (
+        {"entry_side": np.array([1, 2], dtype=np.int8)},
+        "entry_side 2 for BTCUSDT must be 1 (LONG) or -1 (SHORT)",
+    ),
+    "unsorted": (
+        {"entry_time": np.array([T0 + 21 * MINUTE, T0 + 20 * MINUTE], dtype=np.int64)},
+        f"entry_time {T0 + 20 * MINUTE} for BTCUSDT must be sorted ascending",
+    ),
+    "length": (
+        {"entry_confidence": np.array([0.5])},
+        "entry_confidence 1 for BTCUSDT must have as many values as entry_time (2)",
+    ),
+    "notional text": (
+        {"entry_notional": (np.array([0], np.int64), ["12,5"])},
+        "entry_notional",
+    ),
+    "notional zero": (
+        {"entry_notional": (np.array([0], np.int64), ["0"])},
+        "entry_notional 0 for BTCUSDT must be > 0 and at most",
+    ),
+    "notional row repeated": (
+        {"entry_notional": (np.array([1, 1], np.int64), ["300", "300"])},
+        "entry_notional row 1 for BTCUSDT must be an entry row (below 2) after the previous one",
+    ),
+    "notional row beyond": (
+        {"entry_notional": (np.array([2], np.int64), ["300"])},
+        "entry_notional row 2 for BTCUSDT must be an entry row (below 2) after the previous one",
+    ),
+    "notional row negative": (
+        {"entry_notional": (np.array([-1], np.int64), ["300"])},
+        "entry_notional row -1 for BTCUSDT must be an entry row (0 or more)",
+    ),
+    "notional count": (
+        {"entry_notional": (np.array([0, 1], np.int64), ["300"])},
+        "entry_notional 1 for BTCUSDT must have as many notionals as entry rows (2)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_broken_entry_column_names_field_value_and_rule(rules, example_policy, case):
+    entries, message = BROKEN[case]
+    with pytest.raises(InputError, match=re.escape(message)):
+        _run(rules, example_policy, _series(**entries))
+
+
+def test_a_notional_text_is_named_in_its_error(rules, example_policy):
+    series = _series(entry_notional=(np.array([0], np.int64), ["12,5"]))
+    with pytest.raises(InputError, match=r"entry_notional.*12,5"):
+        _run(rules, example_policy, series)
+
+
+def test_a_per_entry_list_of_notionals_is_refused_with_the_expected_form(rules, example_policy):
+    # The former form, one string or None per entry, is not read item by item any more.
+    with pytest.raises(ValueError, match=r"entry_notional.*must be None or a pair"):
+        _run(rules, example_policy, _series(entry_notional=[None, "300"]))
+
+
+def test_own_sizes_follow_their_entries_through_the_per_symbol_cut(rules, example_policy):
+    # Two symbols' entries interleaved, sizes on some rows of each: after the cut (rows
+    # renumbered per symbol) each size still sizes its own entry.
+    eth = synthetic_klines([(3000.0, 3001.0, 2999.0, 3000.0)] * 10, symbol="ETHUSDT")
+    entries = pl.DataFrame(
+        {
+            "time_ms": [T0 + 20 * MINUTE, T0 + 20 * MINUTE, T0 + 21 * MINUTE, T0 + 21 * MINUTE],
+            "symbol": ["ETHUSDT", "BTCUSDT", "BTCUSDT", "ETHUSDT"],
+            "side": ["BUY", "BUY", "SELL", "SELL"],
+            "confidence": [0.5] * 4,
+            "size_usd": ["300", None, "250", None],
+            "leverage": [None] * 4,
+        },
+        schema_overrides={"size_usd": pl.String, "leverage": pl.Int64},
+    )
+    result = bt.run_backtest([FLAT, eth], example_policy, rules, entries=entries)
+    sizes = {
+        (row["symbol"], row["side"]): row["quantity"]
+        for row in result.trades.select("symbol", "side", "quantity").to_dicts()
+    }
+    # ETHUSDT steps 0.001: 300 / 3000 = 0.100, 1000 / 3000 = 0.333.
+    assert sizes == {
+        ("BTCUSDT", 1): Decimal("0.033"),
+        ("BTCUSDT", -1): Decimal("0.008"),
+        ("ETHUSDT", 1): Decimal("0.100"),
+        ("ETHUSDT", -1): Decimal("0.333"),
+    }
