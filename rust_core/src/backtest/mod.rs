@@ -51,6 +51,7 @@
 //! One file per job; each says in its header what it may not touch.
 //! - this file: the inputs, options and result types, [`run`] and [`replay_marks`];
 //! - `prepare`: bars onto the tick grid, segments, fine bars, band, ATR before each bar;
+//! - `spare`: the large buffers of `prepare`, kept from one run for the next;
 //! - `path`: the mark path a bar stands for;
 //! - `quiet`: a position's triggers in ticks and the marks and bars that change nothing;
 //! - `replay`: one job: entries, each bar's marks through the state machine, the fill
@@ -70,6 +71,7 @@ use self::exit_api::{atr_key, new_position};
 use self::prepare::prepare;
 use self::quiet::TrailRule;
 use self::replay::Job;
+use self::spare::Spare;
 
 /// Which extreme of a bar the path visits first when nothing finer says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +145,15 @@ impl Bars<'_> {
                     format!("must have as many values as {what}.open_time ({n})"),
                 ));
             }
+        }
+        // A fold without an early exit (the compiler vectorizes it); the row is sought only
+        // when something is wrong.
+        let unordered = self
+            .open_time
+            .windows(2)
+            .fold(0u8, |bad, w| bad | u8::from(w[1] <= w[0]));
+        if unordered == 0 {
+            return Ok(());
         }
         if let Some(i) = self.open_time.windows(2).position(|w| w[1] <= w[0]) {
             return Err(CoreError::invalid_for(
@@ -444,7 +455,11 @@ pub struct Trade {
 }
 
 /// Everything one (series, policy) job produced.
-#[derive(Debug, Clone, Default)]
+///
+/// [`JobOutput::default`] starts with the row buffers an earlier run gave back through
+/// [`recycle`] (empty, their capacity kept), so a job's rows go into memory that is already
+/// mapped instead of vectors that grow page fault by page fault (see `spare`).
+#[derive(Debug, Clone)]
 pub struct JobOutput {
     pub series: u32,
     pub policy: u32,
@@ -462,11 +477,42 @@ pub struct JobOutput {
     pub quiet_bars: u64,
 }
 
+static SPARE_FILLS: Spare<Fill> = Spare::new();
+static SPARE_TRADES: Spare<Trade> = Spare::new();
+static SPARE_STOPS: Spare<(u32, i64, f64)> = Spare::new();
+
+impl Default for JobOutput {
+    fn default() -> Self {
+        Self {
+            series: 0,
+            policy: 0,
+            fills: SPARE_FILLS.take_largest(),
+            trades: SPARE_TRADES.take_largest(),
+            stops: SPARE_STOPS.take_largest(),
+            levels: Vec::new(),
+            skipped: Vec::new(),
+            evaluations: 0,
+            quiet_bars: 0,
+        }
+    }
+}
+
+/// Gives the row buffers of finished jobs (read, no longer needed) back for the next
+/// run's jobs.
+pub fn recycle(jobs: Vec<JobOutput>) {
+    for job in jobs {
+        SPARE_FILLS.give(job.fills);
+        SPARE_TRADES.give(job.trades);
+        SPARE_STOPS.give(job.stops);
+    }
+}
+
 mod exit_api;
 mod path;
 mod prepare;
 mod quiet;
 mod replay;
+mod spare;
 #[cfg(test)]
 mod tests;
 

@@ -14,7 +14,12 @@ use crate::fixed::{
 };
 use crate::rules::{ExchangeRules, SymbolRules};
 
+use super::spare::Spare;
 use super::{BacktestOptions, Bars, SeriesInput};
+
+/// Bar ticks and ATR values of finished runs, for the next run (see `spare`).
+static SPARE_TICKS: Spare<[i64; 4]> = Spare::new();
+static SPARE_FLOATS: Spare<f64> = Spare::new();
 
 /// A series with its prices on the tick grid and its segments, shared by every policy.
 pub(super) struct Prepared<'a> {
@@ -36,6 +41,17 @@ pub(super) struct Prepared<'a> {
     /// ATR before each bar (closed bars of its segment only; NaN: not ready yet), per
     /// (period, ATR interval). Prices are finite (they are on the grid), so NaN is free.
     pub(super) atr: HashMap<(usize, i64), Vec<f64>>,
+}
+
+impl Drop for Prepared<'_> {
+    /// The large buffers go back to the spares, pages and all, for the next run.
+    fn drop(&mut self) {
+        SPARE_TICKS.give(std::mem::take(&mut self.bars));
+        SPARE_TICKS.give(std::mem::take(&mut self.fine_bars));
+        for (_, values) in self.atr.drain() {
+            SPARE_FLOATS.give(values);
+        }
+    }
 }
 
 /// A symbol's price grid, `minPrice + k * tickSize` (`k * 10^-pricePrecision` when the
@@ -153,7 +169,7 @@ impl Grid {
         // extend, without a branch or a capacity check per bar; a bar floats leave open is
         // only noted, and settled by a second pass over those bars.
         let mut unsettled = false;
-        let mut out = Vec::with_capacity(bars.len());
+        let mut out = SPARE_TICKS.take(bars.len());
         out.extend(rows().map(|prices| {
             let fast = prices.map(|v| self.nearest_float(v));
             unsettled |= !fast.iter().all(|&(_, settled)| settled);
@@ -195,17 +211,24 @@ impl Grid {
     /// [`Grid::nearest_fast`] as the tick and whether it is settled.
     #[inline]
     pub(super) fn nearest_float(self, v: f64) -> (i64, bool) {
+        // 1.5 * 2^52: for |x| < 2^51, `x + ROUND` lies in [2^52, 2^53), where the doubles
+        // are the integers, so the addition rounds `x` to an integer (nearest, ties to
+        // even) and holds it in the low mantissa bits; subtracting `ROUND` back is exact.
+        // Plain arithmetic instead of `floor`/`round` (library calls on the baseline x86-64
+        // target) or a float-to-integer conversion per price, and nothing the compiler
+        // cannot vectorize.
+        const ROUND: f64 = 6_755_399_441_055_744.0;
         // Also false for NaN, which the exact path then refuses.
         let near = v.abs() + self.base_f.abs() < self.float_limit;
         let x = (v - self.base_f) * self.per_step_f;
-        // Truncation and a compare instead of `floor`/`round`, which are library calls on
-        // the baseline x86-64 target; exact below 2^30 (and saturating, hence harmless,
-        // for the far or NaN values `near` rules out).
-        let whole = x as i64;
-        let fraction = x - whole as f64;
-        let distance_to_half = (fraction.abs() - 0.5).abs();
+        let shifted = x + ROUND;
+        // `x - nearest` is exact (two doubles within 1/2 of each other). A tie's rounding
+        // direction does not matter: within 1e-6 of a half is never settled here. For the
+        // far or NaN values `near` rules out, the tick is garbage, and never read.
+        let nearest = shifted - ROUND;
+        let distance_to_half = 0.5 - (x - nearest).abs();
         (
-            whole + i64::from(fraction > 0.5) - i64::from(fraction < -0.5),
+            (shifted.to_bits() as i64).wrapping_sub(ROUND.to_bits() as i64),
             near && distance_to_half > 1e-6,
         )
     }
@@ -371,7 +394,7 @@ pub(super) fn atr_before_each_bar(
     }
     // Appended segment after segment (the segments cover every bar, in order): each slot
     // is written once, no NaN-filled buffer first.
-    let mut values = Vec::with_capacity(bars.len());
+    let mut values = SPARE_FLOATS.take(bars.len());
     for &(start, end) in segments {
         let times = &bars.open_time[start..end];
         if times.windows(2).all(|w| w[1] - w[0] >= atr_interval) {
@@ -494,6 +517,50 @@ mod tests {
         );
         cuts.push(t.len());
         cuts.windows(2).map(|w| (w[0], w[1])).collect()
+    }
+
+    /// The rounding `nearest_float` replaced: truncation, then a step when the fraction
+    /// passes a half.
+    fn by_truncation(grid: Grid, v: f64) -> (i64, bool) {
+        let near = v.abs() + grid.base_f.abs() < grid.float_limit;
+        let x = (v - grid.base_f) * grid.per_step_f;
+        let whole = x as i64;
+        let fraction = x - whole as f64;
+        let distance_to_half = (fraction.abs() - 0.5).abs();
+        (
+            whole + i64::from(fraction > 0.5) - i64::from(fraction < -0.5),
+            near && distance_to_half > 1e-6,
+        )
+    }
+
+    #[test]
+    fn float_ticks_equal_the_truncation_rounding() {
+        let rules = crate::exit::test_support::exchange_rules();
+        let mut seed = 11_u64;
+        for symbol in ["BTCUSDT", "ETHUSDT", "SOLUSDT"] {
+            let grid = Grid::new(rules.symbol(symbol).unwrap()).unwrap();
+            let (mut settled, mut open) = (0, 0);
+            for i in 0..200_000 {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let unit = (seed >> 11) as f64 / (1u64 << 53) as f64;
+                // Prices on the grid, at midpoints, and anywhere, from 1e-3 to 1e6 ticks.
+                let ticks = (unit * 1e6).round() + [0.0, 0.5, unit, -0.5][i % 4];
+                let v = grid.base_f + ticks * grid.step_f;
+                let (k, ok) = grid.nearest_float(v);
+                let (old_tick, old_settled) = by_truncation(grid, v);
+                assert_eq!(ok, old_settled, "{symbol} {v}");
+                if ok {
+                    assert_eq!(k, old_tick, "{symbol} {v}");
+                    settled += 1;
+                } else {
+                    open += 1;
+                }
+            }
+            assert!(settled > 90_000 && open > 90_000, "{settled} {open}");
+            for v in [f64::NAN, f64::INFINITY, -f64::INFINITY, 1e300, -1e300] {
+                assert!(!grid.nearest_float(v).1);
+            }
+        }
     }
 
     #[test]

@@ -259,6 +259,44 @@ impl<'py> Columns<'py> {
     }
 }
 
+/// The table of one kind of (a, b, c) rows of every job: `series`, `policy`, then `names`,
+/// each column built in one pass.
+fn three_columns<'py, A, B, C>(
+    py: Python<'py>,
+    jobs: &[JobOutput],
+    rows_of: impl Fn(&JobOutput) -> &Vec<(A, B, C)>,
+    names: [&str; 3],
+) -> PyResult<Bound<'py, PyDict>>
+where
+    A: numpy::Element + Copy,
+    B: numpy::Element + Copy,
+    C: numpy::Element + Copy,
+{
+    let rows: usize = jobs.iter().map(|j| rows_of(j).len()).sum();
+    let (mut ser, mut pol) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+    let (mut a, mut b, mut c) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    for job in jobs {
+        for &(x, y, z) in rows_of(job) {
+            ser.push(job.series);
+            pol.push(job.policy);
+            a.push(x);
+            b.push(y);
+            c.push(z);
+        }
+    }
+    let cols = Columns::new(py);
+    cols.num("series", ser)?;
+    cols.num("policy", pol)?;
+    cols.num(names[0], a)?;
+    cols.num(names[1], b)?;
+    cols.num(names[2], c)?;
+    Ok(cols.dict)
+}
+
 #[allow(clippy::too_many_lines)]
 fn outputs<'py>(
     py: Python<'py>,
@@ -356,140 +394,123 @@ fn outputs<'py>(
     }
     result.set_item("fills", fills.dict)?;
 
-    // trades
-    let cols = Columns::new(py);
-    let all = || {
-        jobs.iter()
-            .flat_map(|j| j.trades.iter().map(move |t| (j, t)))
-    };
-    cols.num("series", all().map(|(j, _)| j.series).collect())?;
-    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
-    cols.num("trade", all().map(|(_, t)| t.trade).collect())?;
-    cols.num(
-        "side",
-        all()
-            .map(|(_, t)| match t.direction {
+    // trades: one pass, every column at once (the risk in USDT computed once per trade)
+    let rows: usize = jobs.iter().map(|j| j.trades.len()).sum();
+    let (mut ser, mut pol, mut trade, mut side) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let (mut entry_time, mut exit_time, mut entry_price, mut qty, mut initial_stop) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let (mut risk_price, mut risk_usd, mut pnl, mut fees, mut r_multiple) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let (mut confidence, mut reason, mut bars_held) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let mut texts: [Vec<Option<String>>; 6] = Default::default();
+    for job in jobs {
+        let sr = symbol_rules[job.series as usize];
+        for t in &job.trades {
+            ser.push(job.series);
+            pol.push(job.policy);
+            trade.push(t.trade);
+            side.push(match t.direction {
                 Direction::Long => 1i8,
                 Direction::Short => -1i8,
-            })
-            .collect(),
-    )?;
-    cols.num(
-        "entry_time_ms",
-        all().map(|(_, t)| t.entry_time_ms).collect(),
-    )?;
-    cols.num("exit_time_ms", all().map(|(_, t)| t.exit_time_ms).collect())?;
-    cols.num(
-        "entry_price",
-        all().map(|(_, t)| to_f64(t.entry_price)).collect(),
-    )?;
-    cols.num("quantity", all().map(|(_, t)| to_f64(t.quantity)).collect())?;
-    cols.num(
-        "initial_stop",
-        all().map(|(_, t)| to_f64(t.initial_stop)).collect(),
-    )?;
-    cols.num(
-        "risk_price",
-        all().map(|(_, t)| to_f64(t.risk_price)).collect(),
-    )?;
-    cols.num(
-        "risk_usd",
-        all()
-            .map(|(_, t)| to_f64(t.risk_price * t.quantity))
-            .collect(),
-    )?;
-    cols.num("pnl", all().map(|(_, t)| to_f64(t.pnl)).collect())?;
-    cols.num("fees", all().map(|(_, t)| to_f64(t.fees)).collect())?;
-    cols.num(
-        "r_multiple",
-        all()
-            .map(|(_, t)| {
-                let risk = t.risk_price * t.quantity;
-                if risk.is_zero() {
-                    f64::NAN
-                } else {
-                    to_f64(t.pnl / risk)
-                }
-            })
-            .collect(),
-    )?;
-    cols.num(
-        "confidence",
-        all()
-            .map(|(_, t)| t.confidence.unwrap_or(f64::NAN))
-            .collect(),
-    )?;
-    cols.num("reason_code", all().map(|(_, t)| t.exit_reason).collect())?;
-    cols.num("bars_held", all().map(|(_, t)| t.bars_held).collect())?;
+            });
+            entry_time.push(t.entry_time_ms);
+            exit_time.push(t.exit_time_ms);
+            entry_price.push(to_f64(t.entry_price));
+            qty.push(to_f64(t.quantity));
+            initial_stop.push(to_f64(t.initial_stop));
+            risk_price.push(to_f64(t.risk_price));
+            let risk = t.risk_price * t.quantity;
+            risk_usd.push(to_f64(risk));
+            pnl.push(to_f64(t.pnl));
+            fees.push(to_f64(t.fees));
+            r_multiple.push(if risk.is_zero() {
+                f64::NAN
+            } else {
+                to_f64(t.pnl / risk)
+            });
+            confidence.push(t.confidence.unwrap_or(f64::NAN));
+            reason.push(t.exit_reason);
+            bars_held.push(t.bars_held);
+            if detail {
+                texts[0].push(Some(sr.format_price(t.entry_price)));
+                texts[1].push(Some(sr.format_qty(t.quantity, true)));
+                texts[2].push(Some(sr.format_price(t.initial_stop)));
+                texts[3].push(Some(exact(t.risk_price)));
+                texts[4].push(Some(exact(t.pnl)));
+                texts[5].push(Some(exact(t.fees)));
+            }
+        }
+    }
+    let cols = Columns::new(py);
+    cols.num("series", ser)?;
+    cols.num("policy", pol)?;
+    cols.num("trade", trade)?;
+    cols.num("side", side)?;
+    cols.num("entry_time_ms", entry_time)?;
+    cols.num("exit_time_ms", exit_time)?;
+    cols.num("entry_price", entry_price)?;
+    cols.num("quantity", qty)?;
+    cols.num("initial_stop", initial_stop)?;
+    cols.num("risk_price", risk_price)?;
+    cols.num("risk_usd", risk_usd)?;
+    cols.num("pnl", pnl)?;
+    cols.num("fees", fees)?;
+    cols.num("r_multiple", r_multiple)?;
+    cols.num("confidence", confidence)?;
+    cols.num("reason_code", reason)?;
+    cols.num("bars_held", bars_held)?;
     if detail {
-        let sr = |j: &JobOutput| symbol_rules[j.series as usize];
-        cols.text(
+        let names = [
             "entry_price_exact",
-            all()
-                .map(|(j, t)| Some(sr(j).format_price(t.entry_price)))
-                .collect(),
-        )?;
-        cols.text(
             "quantity_exact",
-            all()
-                .map(|(j, t)| Some(sr(j).format_qty(t.quantity, true)))
-                .collect(),
-        )?;
-        cols.text(
             "initial_stop_exact",
-            all()
-                .map(|(j, t)| Some(sr(j).format_price(t.initial_stop)))
-                .collect(),
-        )?;
-        cols.text(
             "risk_price_exact",
-            all().map(|(_, t)| Some(exact(t.risk_price))).collect(),
-        )?;
-        cols.text(
             "pnl_exact",
-            all().map(|(_, t)| Some(exact(t.pnl))).collect(),
-        )?;
-        cols.text(
             "fees_exact",
-            all().map(|(_, t)| Some(exact(t.fees))).collect(),
-        )?;
+        ];
+        for (name, values) in names.into_iter().zip(texts) {
+            cols.text(name, values)?;
+        }
     }
     result.set_item("trades", cols.dict)?;
 
-    // stops, levels, skipped
-    let cols = Columns::new(py);
-    let all = || {
-        jobs.iter()
-            .flat_map(|j| j.stops.iter().map(move |s| (j, s)))
-    };
-    cols.num("series", all().map(|(j, _)| j.series).collect())?;
-    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
-    cols.num("trade", all().map(|(_, s)| s.0).collect())?;
-    cols.num("time_ms", all().map(|(_, s)| s.1).collect())?;
-    cols.num("stop", all().map(|(_, s)| s.2).collect())?;
-    result.set_item("stops", cols.dict)?;
-    let cols = Columns::new(py);
-    let all = || {
-        jobs.iter()
-            .flat_map(|j| j.levels.iter().map(move |s| (j, s)))
-    };
-    cols.num("series", all().map(|(j, _)| j.series).collect())?;
-    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
-    cols.num("trade", all().map(|(_, s)| s.0).collect())?;
-    cols.num("level", all().map(|(_, s)| s.1).collect())?;
-    cols.num("price", all().map(|(_, s)| s.2).collect())?;
-    result.set_item("levels", cols.dict)?;
-    let cols = Columns::new(py);
-    let all = || {
-        jobs.iter()
-            .flat_map(|j| j.skipped.iter().map(move |s| (j, s)))
-    };
-    cols.num("series", all().map(|(j, _)| j.series).collect())?;
-    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
-    cols.num("time_ms", all().map(|(_, s)| s.0).collect())?;
-    cols.num("reason_code", all().map(|(_, s)| s.1).collect())?;
-    cols.num("count", all().map(|(_, s)| s.2).collect())?;
-    result.set_item("skipped", cols.dict)?;
+    // stops, levels, skipped: (series, policy) then the row's own three fields
+    result.set_item(
+        "stops",
+        three_columns(py, jobs, |j| &j.stops, ["trade", "time_ms", "stop"])?,
+    )?;
+    result.set_item(
+        "levels",
+        three_columns(py, jobs, |j| &j.levels, ["trade", "level", "price"])?,
+    )?;
+    result.set_item(
+        "skipped",
+        three_columns(
+            py,
+            jobs,
+            |j| &j.skipped,
+            ["time_ms", "reason_code", "count"],
+        )?,
+    )?;
     Ok(result)
 }
 
@@ -546,7 +567,9 @@ fn py_backtest_run<'py>(
     let shared = rules.shared();
     drop(rules);
     let jobs = py.detach(|| backtest::run(&inputs, &policies, &shared, &options))?;
-    outputs(py, &jobs, &inputs, &shared, detail)
+    let result = outputs(py, &jobs, &inputs, &shared, detail);
+    backtest::recycle(jobs);
+    result
 }
 
 /// Replays one position over a mark path with the backtest's driver; see
