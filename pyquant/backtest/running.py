@@ -166,15 +166,30 @@ def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, A
 _CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
 
 
+_SIDE_CODE = (
+    pl.when(pl.col("side") == "BUY")
+    .then(pl.lit(1, pl.Int8))
+    .when(pl.col("side") == "SELL")
+    .then(pl.lit(-1, pl.Int8))
+    .alias("side")
+)
+
+
 def _entry_arrays(entries: pl.DataFrame) -> dict[str, Any]:
-    # The core's entry arrays of ``entries`` (one symbol's, in time order).
-    notional = entries["size_usd"]
-    buy = (entries["side"] == "BUY").fill_null(value=False).to_numpy()
+    # The core's entry arrays of ``entries`` (one symbol's, in time order): numpy views of
+    # the columns where they have no nulls, the side as 1/-1 (null: neither BUY nor SELL).
+    side = entries.select(_SIDE_CODE).to_series()
+    if side.null_count():
+        row = int(side.is_null().arg_max() or 0)
+        raise ConfigError(
+            f"entries side was {entries['side'][row]!r} (intent at time_ms "
+            f"{entries['time_ms'][row]}): must be BUY or SELL"
+        )
     return {
         "entry_time": _contiguous(entries["time_ms"], np.int64),
-        "entry_side": np.where(buy, 1, -1).astype(np.int8),
+        "entry_side": _contiguous(side, np.int8),
         "entry_confidence": _contiguous(entries["confidence"].fill_null(float("nan")), np.float64),
-        "entry_notional": _own_notionals(notional),
+        "entry_notional": _own_notionals(entries["size_usd"]),
         "entry_leverage": _contiguous(entries["leverage"].fill_null(0), np.int64),
     }
 

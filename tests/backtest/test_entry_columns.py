@@ -20,7 +20,7 @@ from backtest_helpers import MINUTE, T0, synthetic_klines
 from pyquant import _core
 from pyquant import backtest as bt
 from pyquant.backtest import running as bt_running
-from pyquant.errors import InputError
+from pyquant.errors import ConfigError, InputError
 
 FLAT = synthetic_klines([(30000.0, 30010.0, 29990.0, 30000.0)] * 10)
 # 1000 USDT (the default) at 30000 is 0.033 BTC; 300 USDT is 0.010 and 250 USDT 0.008.
@@ -184,3 +184,20 @@ def test_own_sizes_follow_their_entries_through_the_per_symbol_cut(rules, exampl
         ("ETHUSDT", 1): Decimal("0.100"),
         ("ETHUSDT", -1): Decimal("0.333"),
     }
+
+
+def test_an_entry_side_other_than_buy_or_sell_is_refused_not_read_as_short(rules, example_policy):
+    # It once became a SHORT: any side that is not BUY counted as SELL.
+    entries = pl.DataFrame(
+        {
+            "time_ms": [T0 + 20 * MINUTE, T0 + 21 * MINUTE],
+            "symbol": ["BTCUSDT", "BTCUSDT"],
+            "side": ["BUY", "LONG"],
+            "confidence": [0.5, 0.5],
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(f"entries side was 'LONG' (intent at time_ms {T0 + 21 * MINUTE})"),
+    ):
+        bt.run_backtest(FLAT, example_policy, rules, entries=entries)
