@@ -201,3 +201,44 @@ def test_an_entry_side_other_than_buy_or_sell_is_refused_not_read_as_short(rules
         match=re.escape(f"entries side was 'LONG' (intent at time_ms {T0 + 21 * MINUTE})"),
     ):
         bt.run_backtest(FLAT, example_policy, rules, entries=entries)
+
+
+def _bars_replaced(**arrays: Any) -> dict[str, Any]:
+    series = _series()
+    series.update(arrays)
+    return series
+
+
+BROKEN_BARS = {
+    "repeated time": (
+        {"open_time": np.array([T0 + i * MINUTE for i in (0, 1, 2, 2, 4)], dtype=np.int64)},
+        f"bars.open_time {T0 + 2 * MINUTE} for BTCUSDT must be strictly increasing "
+        f"(row 3 follows {T0 + 2 * MINUTE})",
+    ),
+    "length": (
+        {"high": np.array([30010.0])},
+        "bars.high 1 for BTCUSDT must have as many values as bars.open_time (30)",
+    ),
+    "interval": ({"interval_ms": 0}, "interval_ms 0 for BTCUSDT must be positive"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_BARS))
+def test_a_broken_bar_column_names_field_value_and_rule(rules, example_policy, case):
+    arrays, message = BROKEN_BARS[case]
+    if "open_time" in arrays:  # the other columns as long as the broken times
+        arrays = {**arrays, **{k: _series()[k][:5] for k in ("open", "high", "low", "close")}}
+    with pytest.raises(InputError, match=re.escape(message)):
+        _run(rules, example_policy, _bars_replaced(**arrays))
+
+
+def test_a_gap_longer_than_allowed_closes_positions_at_the_last_close(rules, example_policy):
+    # Bars 25.. shifted by an hour: the open positions close at the end of bar 24 (data_gap).
+    series = _series()
+    times = series["open_time"].copy()
+    times[25:] += 3_600_000
+    series["open_time"] = times
+    out = _run(rules, example_policy, series)
+    reasons = [out["reason_names"][code] for code in out["trades"]["reason_code"]]
+    assert reasons == ["data_gap", "data_gap"]
+    assert out["trades"]["exit_time_ms"].tolist() == [T0 + 25 * MINUTE - 1] * 2

@@ -129,7 +129,52 @@ impl Bars<'_> {
         self.open_time.len()
     }
 
+    /// Equal lengths, open times strictly increasing.
     fn check(&self, symbol: &str, what: &str) -> Result<(), CoreError> {
+        self.check_lengths(symbol, what)?;
+        // A fold without an early exit (the compiler vectorizes it); the row is sought only
+        // when something is wrong.
+        let unordered = self
+            .open_time
+            .windows(2)
+            .fold(0u8, |bad, w| bad | u8::from(w[1] <= w[0]));
+        if unordered == 0 {
+            Ok(())
+        } else {
+            Err(self.unordered(symbol, what))
+        }
+    }
+
+    /// [`Bars::check`], and in the same pass over the open times the segments: half-open
+    /// row ranges without a step longer than `max_step` between two bars.
+    fn check_segments(
+        &self,
+        symbol: &str,
+        what: &str,
+        max_step: i64,
+    ) -> Result<Vec<(usize, usize)>, CoreError> {
+        self.check_lengths(symbol, what)?;
+        let mut segments = Vec::new();
+        let mut start = 0;
+        let mut unordered = false;
+        for (i, w) in self.open_time.windows(2).enumerate() {
+            let step = w[1].saturating_sub(w[0]);
+            unordered |= step <= 0;
+            if step > max_step {
+                segments.push((start, i + 1));
+                start = i + 1;
+            }
+        }
+        if unordered {
+            return Err(self.unordered(symbol, what));
+        }
+        if !self.open_time.is_empty() {
+            segments.push((start, self.open_time.len()));
+        }
+        Ok(segments)
+    }
+
+    fn check_lengths(&self, symbol: &str, what: &str) -> Result<(), CoreError> {
         let n = self.open_time.len();
         for (name, len) in [
             ("open", self.open.len()),
@@ -146,28 +191,24 @@ impl Bars<'_> {
                 ));
             }
         }
-        // A fold without an early exit (the compiler vectorizes it); the row is sought only
-        // when something is wrong.
-        let unordered = self
-            .open_time
-            .windows(2)
-            .fold(0u8, |bad, w| bad | u8::from(w[1] <= w[0]));
-        if unordered == 0 {
-            return Ok(());
-        }
-        if let Some(i) = self.open_time.windows(2).position(|w| w[1] <= w[0]) {
-            return Err(CoreError::invalid_for(
-                symbol,
-                format!("{what}.open_time"),
-                self.open_time[i + 1].to_string(),
-                format!(
-                    "must be strictly increasing (row {} follows {})",
-                    i + 1,
-                    self.open_time[i]
-                ),
-            ));
-        }
         Ok(())
+    }
+
+    /// The error naming the first open time that does not follow its predecessor.
+    #[cold]
+    fn unordered(&self, symbol: &str, what: &str) -> CoreError {
+        let times = &self.open_time;
+        let i = times.windows(2).position(|w| w[1] <= w[0]).unwrap_or(0);
+        CoreError::invalid_for(
+            symbol,
+            format!("{what}.open_time"),
+            times.get(i + 1).map_or(0, |t| *t).to_string(),
+            format!(
+                "must be strictly increasing (row {} follows {})",
+                i + 1,
+                times.get(i).map_or(0, |t| *t)
+            ),
+        )
     }
 }
 

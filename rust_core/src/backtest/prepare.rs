@@ -289,8 +289,6 @@ pub(super) fn prepare<'a>(
     options: &BacktestOptions,
 ) -> Result<Prepared<'a>, CoreError> {
     let symbol_rules = rules.symbol(&input.symbol)?;
-    input.bars.check(&input.symbol, "bars")?;
-    input.entries.check(&input.symbol)?;
     if input.interval_ms <= 0 {
         return Err(CoreError::invalid_for(
             &input.symbol,
@@ -299,20 +297,11 @@ pub(super) fn prepare<'a>(
             "must be positive",
         ));
     }
+    let max_step = input.interval_ms * (i64::from(options.max_gap_bars) + 1);
+    let segments = input.bars.check_segments(&input.symbol, "bars", max_step)?;
+    input.entries.check(&input.symbol)?;
     let grid = Grid::new(symbol_rules)?;
     let bars = &input.bars;
-    let max_step = input.interval_ms * (i64::from(options.max_gap_bars) + 1);
-    let mut segments = Vec::new();
-    let mut start = 0;
-    for i in 1..bars.len() {
-        if bars.open_time[i] - bars.open_time[i - 1] > max_step {
-            segments.push((start, i));
-            start = i;
-        }
-    }
-    if bars.len() > 0 {
-        segments.push((start, bars.len()));
-    }
     let mut fine = Vec::new();
     let mut fine_ticks = Vec::new();
     if let Some((fine_interval, fine_bars)) = &input.fine {
