@@ -234,6 +234,19 @@ def _entry_arrays_by_symbol(
             needed if needed["time_ms"].is_sorted() else needed.sort("time_ms", maintain_order=True)
         )
         return {str(first): _entry_arrays(ordered)}
+    blocks = _symbol_blocks(needed, symbols)
+    if blocks is not None:
+        # Each symbol's intents in one block in time order (written symbol by symbol): the
+        # columns converted as they are and cut at the block bounds, without a sort.
+        arrays = _entry_arrays(needed)
+        notional = arrays.pop("entry_notional")
+        return {
+            symbols[code]: {
+                **{key: values[start:stop] for key, values in arrays.items()},
+                "entry_notional": _cut_notionals(notional, start, stop),
+            }
+            for code, start, stop in blocks
+        }
     series = symbol.replace_strict(
         list(symbols), range(len(symbols)), default=None, return_dtype=pl.Int64
     )
@@ -257,6 +270,29 @@ def _entry_arrays_by_symbol(
         for i, name in enumerate(symbols)
         if bounds[i] < bounds[i + 1]
     }
+
+
+def _symbol_blocks(
+    entries: pl.DataFrame, symbols: Sequence[str]
+) -> list[tuple[int, int, int]] | None:
+    # (symbol index, first row, end row) of each run of one symbol, when every row's symbol
+    # has bars, each symbol is one run and each run is in time order; else None (the caller
+    # sorts). One compare of each row with the previous, not a hash of each row.
+    runs = entries["symbol"].rle().struct.unnest()
+    if runs.height > len(symbols):
+        return None
+    index = {name: i for i, name in enumerate(symbols)}
+    codes = [-1 if name is None else index.get(name, -1) for name in runs["value"]]
+    if min(codes) < 0 or len(set(codes)) < len(codes):
+        return None
+    stops = np.cumsum(runs["len"].to_numpy(), dtype=np.int64)
+    starts = stops - runs["len"].to_numpy()
+    times = entries["time_ms"].to_numpy()
+    first_of_run = np.zeros(len(times), dtype=bool)
+    first_of_run[starts] = True
+    if not bool(np.all((times[1:] >= times[:-1]) | first_of_run[1:])):
+        return None
+    return list(zip(codes, starts.tolist(), stops.tolist(), strict=True))
 
 
 def _series_inputs(

@@ -242,3 +242,53 @@ def test_a_gap_longer_than_allowed_closes_positions_at_the_last_close(rules, exa
     reasons = [out["reason_names"][code] for code in out["trades"]["reason_code"]]
     assert reasons == ["data_gap", "data_gap"]
     assert out["trades"]["exit_time_ms"].tolist() == [T0 + 25 * MINUTE - 1] * 2
+
+
+def _blockwise_entries(symbols_in_file: list[str]) -> pl.DataFrame:
+    # Two intents per symbol block, written in the given symbol order, a size on some.
+    rows = [
+        (T0 + minute * MINUTE, symbol, side, size)
+        for k, symbol in enumerate(symbols_in_file)
+        for minute, side, size in ((20, "BUY", None), (22 + k, "SELL", f"{300 + k}"))
+    ]
+    return pl.DataFrame(
+        {
+            "time_ms": [r[0] for r in rows],
+            "symbol": [r[1] for r in rows],
+            "side": [r[2] for r in rows],
+            "confidence": [0.5] * len(rows),
+            "size_usd": [r[3] for r in rows],
+            "leverage": [None] * len(rows),
+        },
+        schema_overrides={"size_usd": pl.String, "leverage": pl.Int64},
+    )
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["ETHUSDT", "BTCUSDT"],  # blocks, not in the series' order: cut without a sort
+        ["BTCUSDT", "ETHUSDT", "BTCUSDT"],  # a symbol twice: sorted
+        ["ETHUSDT", "NOBARSUSDT", "BTCUSDT"],  # a symbol without bars: sorted, left out
+    ],
+)
+def test_blockwise_intents_are_cut_like_a_filter_per_symbol(order):
+    eth = synthetic_klines([(3000.0, 3001.0, 2999.0, 3000.0)] * 10, symbol="ETHUSDT")
+    frames, symbols = [FLAT, eth], ["BTCUSDT", "ETHUSDT"]
+    intents, _ = bt_running._entries_for(frames, _blockwise_entries(order), None)
+    blocks = bt_running._symbol_blocks(intents, symbols)
+    assert (blocks is not None) == (order == ["ETHUSDT", "BTCUSDT"])
+    together = bt_running._series_inputs(frames, symbols, intents, None)
+    for frame, series in zip(frames, together, strict=True):
+        alone = bt_running._prepare_series(frame, intents, None).arrays
+        assert series.arrays.keys() == alone.keys()
+        for key, value in alone.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(series.arrays[key], value, err_msg=key)
+            elif isinstance(value, tuple):
+                np.testing.assert_array_equal(series.arrays[key][0], value[0], err_msg=key)
+                assert series.arrays[key][1] == value[1], key
+            else:
+                assert series.arrays[key] == value, key
+        assert series.arrays["entry_notional"] is not None
+        assert len(series.arrays["entry_time"]) == 2 * order.count(frame["symbol"][0])
