@@ -627,15 +627,18 @@ def backtest_run(
     """Run every series under every policy through the exit rules (GIL released).
 
     Each series is a dict of numpy arrays (``open_time`` int64 ms, ``open``/``high``/``low``/
-    ``close`` float64, ``entry_time``/``entry_side``/``entry_confidence``/``entry_leverage``,
-    ``entry_notional`` strings or None, optional ``fine_*`` bars and ``fine_interval_ms``)
-    plus ``symbol`` and ``interval_ms``. Returns columns: ``fills``, ``trades``, ``stops``,
-    ``levels``, ``skipped`` (dicts of numpy arrays, exact strings under ``*_exact`` when
-    ``detail``), ``reason_names``, ``evaluations``, ``quiet_bars`` (of those, bars settled
-    as one integer step) and ``decimal_jobs``. The default replay runs in integer ticks,
-    lot units and money mantissas; ``exhaustive`` replays the decimal way instead, every mark
-    of the bar path through the daemon's exit state machine (slower; the reference the
-    tests hold the default to), and so does a job beyond what the integers hold (counted in
+    ``close`` float64, ``entry_time`` int64 (sorted), ``entry_side`` int8 (1 LONG, -1 SHORT),
+    ``entry_confidence`` float64 (NaN: none), ``entry_leverage`` int64 (0: the default),
+    ``entry_notional`` None when no entry gives its own notional, else a pair (int64 array of
+    those entries' rows, ascending; list of their decimal strings), optional ``fine_*`` bars
+    and ``fine_interval_ms``) plus ``symbol`` and ``interval_ms``; arrays are read in place.
+    Returns columns: ``fills``, ``trades``, ``stops``, ``levels``, ``skipped`` (dicts of numpy
+    arrays, exact strings under ``*_exact`` when ``detail``), ``reason_names``,
+    ``evaluations``, ``quiet_bars`` (of those, bars settled as one integer step) and
+    ``decimal_jobs``. The default replay runs in integer ticks, lot units and money
+    mantissas; ``exhaustive`` replays the decimal way instead, every mark of the bar path
+    through the daemon's exit state machine (slower; the reference the tests hold the
+    default to), and so does a job beyond what the integers hold (counted in
     ``decimal_jobs``). ``exact`` adds ``exact``: for ``fills`` (price, quantity, fee, pnl)
     and ``trades`` (entry_price, quantity, initial_stop, risk_price, pnl, fees) each column's
     Decimal(38, 12) mantissas as 16-byte little-endian bytes (Arrow's decimal128 layout), or

@@ -163,23 +163,53 @@ def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, A
 _CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
 
 
+_SIDE_CODE = (
+    pl.when(pl.col("side") == "BUY")
+    .then(pl.lit(1, pl.Int8))
+    .when(pl.col("side") == "SELL")
+    .then(pl.lit(-1, pl.Int8))
+    .alias("side")
+)
+
+
 def _entry_arrays(entries: pl.DataFrame) -> dict[str, Any]:
-    # The core's entry arrays of ``entries`` (one symbol's, in time order).
-    notional = entries["size_usd"]
-    buy = (entries["side"] == "BUY").fill_null(value=False).to_numpy()
+    # The core's entry arrays of ``entries`` (one symbol's, in time order): numpy views of
+    # the columns where they have no nulls, the side as 1/-1 (null: neither BUY nor SELL).
+    side = entries.select(_SIDE_CODE).to_series()
+    if side.null_count():
+        row = int(side.is_null().arg_max() or 0)
+        raise ConfigError(
+            f"entries side was {entries['side'][row]!r} (intent at time_ms "
+            f"{entries['time_ms'][row]}): must be BUY or SELL"
+        )
     return {
         "entry_time": _contiguous(entries["time_ms"], np.int64),
-        "entry_side": np.where(buy, 1, -1).astype(np.int8),
+        "entry_side": _contiguous(side, np.int8),
         "entry_confidence": _contiguous(entries["confidence"].fill_null(float("nan")), np.float64),
-        # The core reads None as "the configured default" with one pointer compare; only
-        # intents that give their own size cost a Python string each.
-        "entry_notional": (
-            [None] * entries.height
-            if notional.null_count() == entries.height
-            else notional.cast(pl.String).to_list()
-        ),
+        "entry_notional": _own_notionals(entries["size_usd"]),
         "entry_leverage": _contiguous(entries["leverage"].fill_null(0), np.int64),
     }
+
+
+def _own_notionals(notional: pl.Series) -> tuple[np.ndarray[Any, Any], list[str]] | None:
+    # The entries that give their own size, as the core reads them: None when none does (the
+    # usual case: nothing per entry to build or read), else their rows and decimal strings.
+    if notional.null_count() == notional.len():
+        return None
+    given = notional.is_not_null()
+    rows = np.flatnonzero(given.to_numpy()).astype(np.int64)
+    return rows, notional.filter(given).cast(pl.String).to_list()
+
+
+def _cut_notionals(
+    notional: tuple[np.ndarray[Any, Any], list[str]] | None, start: int, stop: int
+) -> tuple[np.ndarray[Any, Any], list[str]] | None:
+    # The own notionals of entry rows start..stop, renumbered from 0.
+    if notional is None:
+        return None
+    rows, texts = notional
+    first, last = (int(k) for k in np.searchsorted(rows, [start, stop]))
+    return None if first == last else (rows[first:last] - start, texts[first:last])
 
 
 def _entry_arrays_by_symbol(
@@ -201,6 +231,19 @@ def _entry_arrays_by_symbol(
             needed if needed["time_ms"].is_sorted() else needed.sort("time_ms", maintain_order=True)
         )
         return {str(first): _entry_arrays(ordered)}
+    blocks = _symbol_blocks(needed, symbols)
+    if blocks is not None:
+        # Each symbol's intents in one block in time order (written symbol by symbol): the
+        # columns converted as they are and cut at the block bounds, without a sort.
+        arrays = _entry_arrays(needed)
+        notional = arrays.pop("entry_notional")
+        return {
+            symbols[code]: {
+                **{key: values[start:stop] for key, values in arrays.items()},
+                "entry_notional": _cut_notionals(notional, start, stop),
+            }
+            for code, start, stop in blocks
+        }
     series = symbol.replace_strict(
         list(symbols), range(len(symbols)), default=None, return_dtype=pl.Int64
     )
@@ -215,11 +258,38 @@ def _entry_arrays_by_symbol(
     ordered = keyed if in_order else keyed.sort(["series", "time_ms"], maintain_order=True)
     arrays = _entry_arrays(ordered)
     bounds = np.searchsorted(ordered["series"].to_numpy(), np.arange(len(symbols) + 1))
+    notional = arrays.pop("entry_notional")
     return {
-        name: {key: values[bounds[i] : bounds[i + 1]] for key, values in arrays.items()}
+        name: {
+            **{key: values[bounds[i] : bounds[i + 1]] for key, values in arrays.items()},
+            "entry_notional": _cut_notionals(notional, bounds[i], bounds[i + 1]),
+        }
         for i, name in enumerate(symbols)
         if bounds[i] < bounds[i + 1]
     }
+
+
+def _symbol_blocks(
+    entries: pl.DataFrame, symbols: Sequence[str]
+) -> list[tuple[int, int, int]] | None:
+    # (symbol index, first row, end row) of each run of one symbol, when every row's symbol
+    # has bars, each symbol is one run and each run is in time order; else None (the caller
+    # sorts). One compare of each row with the previous, not a hash of each row.
+    runs = entries["symbol"].rle().struct.unnest()
+    if runs.height > len(symbols):
+        return None
+    index = {name: i for i, name in enumerate(symbols)}
+    codes = [-1 if name is None else index.get(name, -1) for name in runs["value"]]
+    if min(codes) < 0 or len(set(codes)) < len(codes):
+        return None
+    stops = np.cumsum(runs["len"].to_numpy(), dtype=np.int64)
+    starts = stops - runs["len"].to_numpy()
+    times = entries["time_ms"].to_numpy()
+    first_of_run = np.zeros(len(times), dtype=bool)
+    first_of_run[starts] = True
+    if not bool(np.all((times[1:] >= times[:-1]) | first_of_run[1:])):
+        return None
+    return list(zip(codes, starts.tolist(), stops.tolist(), strict=True))
 
 
 def _series_inputs(

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pyquant_core::atr::atr_batch;
 use pyquant_core::backtest::{
-    self, BacktestOptions, Bars, Direction, Entry, Intrabar, SeriesInput,
+    self, BacktestOptions, Bars, Direction, Entries, Entry, Intrabar, SeriesInput,
 };
 use pyquant_core::exit::policy::{ExitPolicy, LadderLevel, PolicyConfig};
 use pyquant_core::exit::{ExitEngine, OpenParams, PositionSide};
@@ -248,7 +248,7 @@ fn bench_quantize(c: &mut Criterion) {
 fn dense_series(n: usize) -> SeriesInput<'static> {
     let mut walk = Walk(0x853c_49e6_748f_ea9b);
     let mut bars = Bars::default();
-    let mut entries = Vec::with_capacity(n);
+    let mut entries = Entries::default();
     let mut close = 30_000.0_f64;
     let t0 = 1_700_000_040_000_i64;
     for i in 0..n {

@@ -201,6 +201,23 @@ pub fn atr_batch(
     close: &[f64],
     period: usize,
 ) -> Result<Vec<f64>, CoreError> {
+    let mut out = Vec::with_capacity(high.len());
+    atr_extend(high, low, close, period, &mut out)?;
+    Ok(out)
+}
+
+/// [`atr_batch`] appended to `out` (one value per bar), for a caller that fills one buffer
+/// piece by piece: the backtest's ATR before each bar, segment after segment.
+///
+/// # Errors
+/// As [`atr_batch`]; `out` is unchanged then.
+pub fn atr_extend(
+    high: &[f64],
+    low: &[f64],
+    close: &[f64],
+    period: usize,
+    out: &mut Vec<f64>,
+) -> Result<(), CoreError> {
     check_period(period)?;
     let n = high.len();
     for (name, len) in [("low", low.len()), ("close", close.len())] {
@@ -212,14 +229,16 @@ pub fn atr_batch(
             ));
         }
     }
+    let end = out.len() + n;
     let begin = (0..n).find(|&i| !(high[i].is_nan() || low[i].is_nan() || close[i].is_nan()));
     let Some(begin) = begin.filter(|&b| n - b > period) else {
-        return Ok(vec![f64::NAN; n]);
+        out.resize(end, f64::NAN);
+        return Ok(());
     };
     // Built by appending, so each slot is written once and no zeroing pass runs first
     // (an 8 MB zeroed buffer costs as much as a tenth of the whole computation).
-    let mut out = Vec::with_capacity(n);
-    out.resize(begin + period, f64::NAN);
+    out.reserve(n);
+    out.resize(out.len() + begin + period, f64::NAN);
     let (high, low, close) = (&high[begin..], &low[begin..], &close[begin..]);
     let mut sum = 0.0;
     for t in 1..=period {
@@ -231,12 +250,12 @@ pub fn atr_batch(
         &high[period + 1..],
         &low[period + 1..],
         &close[period..],
-        &mut out,
+        out,
         atr,
         Weights::new(period),
     );
-    debug_assert_eq!(out.len(), n);
-    Ok(out)
+    debug_assert_eq!(out.len(), end);
+    Ok(())
 }
 
 /// Appends the smoothed values after the seed: `close` starts one bar earlier than the

@@ -219,6 +219,10 @@ def test_entries_cut_per_symbol_in_one_pass_equal_a_filter_per_symbol(real_kline
         for key, value in alone.items():
             if isinstance(value, np.ndarray):
                 np.testing.assert_array_equal(series.arrays[key], value, err_msg=key)
+            elif isinstance(value, tuple):  # the own sizes: (rows, decimal strings)
+                rows, texts = series.arrays[key]
+                np.testing.assert_array_equal(rows, value[0], err_msg=key)
+                assert texts == value[1], key
             else:
                 assert series.arrays[key] == value, key
         assert len(series.arrays["entry_time"]) == 4

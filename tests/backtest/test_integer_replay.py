@@ -75,7 +75,7 @@ def test_integer_replay_decides_as_the_decimal_one_on_real_klines(rules, symbol)
         "entry_time": times.copy(),
         "entry_side": np.where(np.arange(n) % 3 == 0, -1, 1).astype(np.int8),
         "entry_confidence": np.linspace(0.0, 1.0, n),
-        "entry_notional": [None] * n,
+        "entry_notional": None,
         "entry_leverage": np.zeros(n, dtype=np.int64),
     }
     policies = [_core.ExitPolicy(**fields) for fields in POLICIES.values()]

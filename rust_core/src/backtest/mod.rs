@@ -52,6 +52,7 @@
 //! One file per job; each says in its header what it may not touch.
 //! - this file: the inputs, options and result types, [`run`] and [`replay_marks`];
 //! - `prepare`: bars onto the tick grid, segments, fine bars, band, ATR before each bar;
+//! - `spare`: the large buffers of `prepare`, kept from one run for the next;
 //! - `path`: the mark path a bar stands for;
 //! - `thresholds`: ticks of a decimal threshold, the trailing distance in ticks, ATR per bar;
 //! - `walk`: what both replays share: segments, entries, sizing, skip records;
@@ -74,6 +75,7 @@ use crate::rules::ExchangeRules;
 use self::exit_api::{atr_key, new_position};
 use self::prepare::prepare;
 use self::replay::Job;
+use self::spare::Spare;
 use self::tick_replay::TickJob;
 use self::walk::Record;
 
@@ -133,7 +135,52 @@ impl Bars<'_> {
         self.open_time.len()
     }
 
+    /// Equal lengths, open times strictly increasing.
     fn check(&self, symbol: &str, what: &str) -> Result<(), CoreError> {
+        self.check_lengths(symbol, what)?;
+        // A fold without an early exit (the compiler vectorizes it); the row is sought only
+        // when something is wrong.
+        let unordered = self
+            .open_time
+            .windows(2)
+            .fold(0u8, |bad, w| bad | u8::from(w[1] <= w[0]));
+        if unordered == 0 {
+            Ok(())
+        } else {
+            Err(self.unordered(symbol, what))
+        }
+    }
+
+    /// [`Bars::check`], and in the same pass over the open times the segments: half-open
+    /// row ranges without a step longer than `max_step` between two bars.
+    fn check_segments(
+        &self,
+        symbol: &str,
+        what: &str,
+        max_step: i64,
+    ) -> Result<Vec<(usize, usize)>, CoreError> {
+        self.check_lengths(symbol, what)?;
+        let mut segments = Vec::new();
+        let mut start = 0;
+        let mut unordered = false;
+        for (i, w) in self.open_time.windows(2).enumerate() {
+            let step = w[1].saturating_sub(w[0]);
+            unordered |= step <= 0;
+            if step > max_step {
+                segments.push((start, i + 1));
+                start = i + 1;
+            }
+        }
+        if unordered {
+            return Err(self.unordered(symbol, what));
+        }
+        if !self.open_time.is_empty() {
+            segments.push((start, self.open_time.len()));
+        }
+        Ok(segments)
+    }
+
+    fn check_lengths(&self, symbol: &str, what: &str) -> Result<(), CoreError> {
         let n = self.open_time.len();
         for (name, len) in [
             ("open", self.open.len()),
@@ -150,24 +197,30 @@ impl Bars<'_> {
                 ));
             }
         }
-        if let Some(i) = self.open_time.windows(2).position(|w| w[1] <= w[0]) {
-            return Err(CoreError::invalid_for(
-                symbol,
-                format!("{what}.open_time"),
-                self.open_time[i + 1].to_string(),
-                format!(
-                    "must be strictly increasing (row {} follows {})",
-                    i + 1,
-                    self.open_time[i]
-                ),
-            ));
-        }
         Ok(())
+    }
+
+    /// The error naming the first open time that does not follow its predecessor.
+    #[cold]
+    fn unordered(&self, symbol: &str, what: &str) -> CoreError {
+        let times = &self.open_time;
+        let i = times.windows(2).position(|w| w[1] <= w[0]).unwrap_or(0);
+        CoreError::invalid_for(
+            symbol,
+            format!("{what}.open_time"),
+            times.get(i + 1).map_or(0, |t| *t).to_string(),
+            format!(
+                "must be strictly increasing (row {} follows {})",
+                i + 1,
+                times.get(i).map_or(0, |t| *t)
+            ),
+        )
     }
 }
 
-/// One entry request: at `time_ms`, open `direction`.
-#[derive(Debug, Clone)]
+/// One entry request: at `time_ms`, open `direction`; a small value [`Entries::get`] builds
+/// on demand from the columns.
+#[derive(Debug, Clone, Copy)]
 pub struct Entry {
     pub time_ms: i64,
     pub direction: Direction,
@@ -176,6 +229,161 @@ pub struct Entry {
     pub notional: Option<Decimal>,
     /// `None` uses [`BacktestOptions::leverage`].
     pub leverage: Option<u32>,
+}
+
+/// One symbol's entry requests as columns, sorted by time: owned, or borrowed from the
+/// caller's arrays like [`Bars`] (no per-entry struct for a million entries), checked in
+/// one pass by [`Entries::check`] before the run reads them.
+#[derive(Debug, Clone, Default)]
+pub struct Entries<'a> {
+    pub time_ms: Cow<'a, [i64]>,
+    /// 1 (LONG) or -1 (SHORT).
+    pub side: Cow<'a, [i8]>,
+    /// NaN or infinite: no confidence.
+    pub confidence: Cow<'a, [f64]>,
+    /// 0 or below: [`BacktestOptions::leverage`].
+    pub leverage: Cow<'a, [i64]>,
+    /// The entries that give their own notional: (row, USDT notional), rows strictly
+    /// increasing; the others use [`BacktestOptions::notional`]. Empty in the usual case.
+    pub notional: Vec<(usize, Decimal)>,
+}
+
+impl Entries<'_> {
+    /// Owned columns holding `entries` (tests and benchmarks build them this way).
+    pub fn of(entries: &[Entry]) -> Entries<'static> {
+        let mut columns = Entries::default();
+        for &entry in entries {
+            columns.push(entry);
+        }
+        columns
+    }
+
+    /// Appends `entry` (the columns become owned).
+    pub fn push(&mut self, entry: Entry) {
+        if let Some(notional) = entry.notional {
+            self.notional.push((self.len(), notional));
+        }
+        self.time_ms.to_mut().push(entry.time_ms);
+        self.side.to_mut().push(match entry.direction {
+            Direction::Long => 1,
+            Direction::Short => -1,
+        });
+        self.confidence
+            .to_mut()
+            .push(entry.confidence.unwrap_or(f64::NAN));
+        self.leverage
+            .to_mut()
+            .push(entry.leverage.map_or(0, i64::from));
+    }
+
+    /// How many entries.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.time_ms.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.time_ms.is_empty()
+    }
+
+    /// The entry time of row `k`.
+    #[inline]
+    pub fn time_ms(&self, k: usize) -> i64 {
+        self.time_ms[k]
+    }
+
+    /// Row `k` as an [`Entry`] (after [`Entries::check`]: a side other than 1 reads SHORT).
+    #[inline]
+    pub fn get(&self, k: usize) -> Entry {
+        let confidence = self.confidence[k];
+        let leverage = self.leverage[k];
+        Entry {
+            time_ms: self.time_ms[k],
+            direction: if self.side[k] == 1 {
+                Direction::Long
+            } else {
+                Direction::Short
+            },
+            confidence: confidence.is_finite().then_some(confidence),
+            notional: self.notional_of(k),
+            // Beyond u32 saturates, so the leverage check refuses it instead of a wrap
+            // accepting it.
+            leverage: (leverage > 0).then(|| u32::try_from(leverage).unwrap_or(u32::MAX)),
+        }
+    }
+
+    fn notional_of(&self, k: usize) -> Option<Decimal> {
+        if self.notional.is_empty() {
+            return None;
+        }
+        self.notional
+            .binary_search_by_key(&k, |&(row, _)| row)
+            .ok()
+            .map(|i| self.notional[i].1)
+    }
+
+    /// Equal lengths, sides 1 or -1, times sorted ascending, notional rows strictly
+    /// increasing inside the columns: one pass over each column.
+    fn check(&self, symbol: &str) -> Result<(), CoreError> {
+        let n = self.time_ms.len();
+        for (name, len) in [
+            ("entry_side", self.side.len()),
+            ("entry_confidence", self.confidence.len()),
+            ("entry_leverage", self.leverage.len()),
+        ] {
+            if len != n {
+                return Err(CoreError::invalid_for(
+                    symbol,
+                    name,
+                    len.to_string(),
+                    format!("must have as many values as entry_time ({n})"),
+                ));
+            }
+        }
+        // A fold without an early exit: the compiler vectorizes it; the row is sought
+        // only when something is wrong.
+        let bad_side = self
+            .side
+            .iter()
+            .fold(0u8, |bad, &s| bad | u8::from(s != 1 && s != -1));
+        if bad_side != 0 {
+            let other = self.side.iter().find(|&&s| s != 1 && s != -1);
+            return Err(CoreError::invalid_for(
+                symbol,
+                "entry_side",
+                other.map_or(0, |&s| s).to_string(),
+                "must be 1 (LONG) or -1 (SHORT)",
+            ));
+        }
+        let unsorted = self
+            .time_ms
+            .windows(2)
+            .fold(0u8, |bad, w| bad | u8::from(w[1] < w[0]));
+        if unsorted != 0 {
+            if let Some(k) = self.time_ms.windows(2).position(|w| w[1] < w[0]) {
+                return Err(CoreError::invalid_for(
+                    symbol,
+                    "entry_time",
+                    self.time_ms[k + 1].to_string(),
+                    "must be sorted ascending",
+                ));
+            }
+        }
+        let mut previous: Option<usize> = None;
+        for &(row, _) in &self.notional {
+            if row >= n || previous.is_some_and(|p| row <= p) {
+                return Err(CoreError::invalid_for(
+                    symbol,
+                    "entry_notional row",
+                    row.to_string(),
+                    format!("must be an entry row (below {n}) after the previous one"),
+                ));
+            }
+            previous = Some(row);
+        }
+        Ok(())
+    }
 }
 
 /// One symbol's history and entries.
@@ -187,7 +395,7 @@ pub struct SeriesInput<'a> {
     /// Finer bars (`interval_ms` dividing the series') that resolve the intrabar order.
     pub fine: Option<(i64, Bars<'a>)>,
     /// Sorted by time.
-    pub entries: Vec<Entry>,
+    pub entries: Entries<'a>,
 }
 
 /// Sizing, fees and replay rules shared by every job of a run.
@@ -295,7 +503,11 @@ pub struct Trade {
 }
 
 /// Everything one (series, policy) job produced.
-#[derive(Debug, Clone, Default)]
+///
+/// [`JobOutput::default`] starts with the row buffers an earlier run gave back through
+/// [`recycle`] (empty, their capacity kept), so a job's rows go into memory that is already
+/// mapped instead of vectors that grow page fault by page fault (see `spare`).
+#[derive(Debug, Clone)]
 pub struct JobOutput {
     pub series: u32,
     pub policy: u32,
@@ -316,11 +528,43 @@ pub struct JobOutput {
     pub decimal: bool,
 }
 
+static SPARE_FILLS: Spare<Fill> = Spare::new();
+static SPARE_TRADES: Spare<Trade> = Spare::new();
+static SPARE_STOPS: Spare<(u32, i64, f64)> = Spare::new();
+
+impl Default for JobOutput {
+    fn default() -> Self {
+        Self {
+            series: 0,
+            policy: 0,
+            fills: SPARE_FILLS.take_largest(),
+            trades: SPARE_TRADES.take_largest(),
+            stops: SPARE_STOPS.take_largest(),
+            levels: Vec::new(),
+            skipped: Vec::new(),
+            evaluations: 0,
+            quiet_bars: 0,
+            decimal: false,
+        }
+    }
+}
+
+/// Gives the row buffers of finished jobs (read, no longer needed) back for the next
+/// run's jobs.
+pub fn recycle(jobs: Vec<JobOutput>) {
+    for job in jobs {
+        SPARE_FILLS.give(job.fills);
+        SPARE_TRADES.give(job.trades);
+        SPARE_STOPS.give(job.stops);
+    }
+}
+
 mod exit_api;
 mod money;
 mod path;
 mod prepare;
 mod replay;
+mod spare;
 #[cfg(test)]
 mod tests;
 mod thresholds;

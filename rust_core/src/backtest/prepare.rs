@@ -14,7 +14,12 @@ use crate::fixed::{
 };
 use crate::rules::{ExchangeRules, SymbolRules};
 
+use super::spare::Spare;
 use super::{BacktestOptions, Bars, SeriesInput};
+
+/// Bar ticks and ATR values of finished runs, for the next run (see `spare`).
+static SPARE_TICKS: Spare<[i64; 4]> = Spare::new();
+static SPARE_FLOATS: Spare<f64> = Spare::new();
 
 /// A series with its prices on the tick grid and its segments, shared by every policy.
 pub(super) struct Prepared<'a> {
@@ -36,6 +41,17 @@ pub(super) struct Prepared<'a> {
     /// ATR before each bar (closed bars of its segment only; NaN: not ready yet), per
     /// (period, ATR interval). Prices are finite (they are on the grid), so NaN is free.
     pub(super) atr: HashMap<(usize, i64), Vec<f64>>,
+}
+
+impl Drop for Prepared<'_> {
+    /// The large buffers go back to the spares, pages and all, for the next run.
+    fn drop(&mut self) {
+        SPARE_TICKS.give(std::mem::take(&mut self.bars));
+        SPARE_TICKS.give(std::mem::take(&mut self.fine_bars));
+        for (_, values) in self.atr.drain() {
+            SPARE_FLOATS.give(values);
+        }
+    }
 }
 
 /// A symbol's price grid, `minPrice + k * tickSize` (`k * 10^-pricePrecision` when the
@@ -141,22 +157,30 @@ impl Grid {
         prefix: &str,
         bars: &Bars<'_>,
     ) -> Result<Vec<[i64; 4]>, CoreError> {
-        let mut out = Vec::with_capacity(bars.len());
-        let rows = bars
-            .open
-            .iter()
-            .zip(bars.high.iter())
-            .zip(bars.low.iter())
-            .zip(bars.close.iter());
-        for (((&open, &high), &low), &close) in rows {
-            let prices = [open, high, low, close];
-            // All four settled by floats (the usual case) without a branch per price.
+        let rows = || {
+            bars.open
+                .iter()
+                .zip(bars.high.iter())
+                .zip(bars.low.iter())
+                .zip(bars.close.iter())
+                .map(|(((&open, &high), &low), &close)| [open, high, low, close])
+        };
+        // One pass by floats alone (the usual case settles every price): an exact-size
+        // extend, without a branch or a capacity check per bar; a bar floats leave open is
+        // only noted, and settled by a second pass over those bars.
+        let mut unsettled = false;
+        let mut out = SPARE_TICKS.take(bars.len());
+        out.extend(rows().map(|prices| {
             let fast = prices.map(|v| self.nearest_float(v));
-            out.push(if fast.iter().all(|&(_, settled)| settled) {
-                fast.map(|(k, _)| k)
-            } else {
-                self.bar_the_long_way(rules, prefix, prices)?
-            });
+            unsettled |= !fast.iter().all(|&(_, settled)| settled);
+            fast.map(|(k, _)| k)
+        }));
+        if unsettled {
+            for (slot, prices) in out.iter_mut().zip(rows()) {
+                if !prices.iter().all(|&v| self.nearest_float(v).1) {
+                    *slot = self.bar_the_long_way(rules, prefix, prices)?;
+                }
+            }
         }
         Ok(out)
     }
@@ -187,17 +211,24 @@ impl Grid {
     /// [`Grid::nearest_fast`] as the tick and whether it is settled.
     #[inline]
     pub(super) fn nearest_float(self, v: f64) -> (i64, bool) {
+        // 1.5 * 2^52: for |x| < 2^51, `x + ROUND` lies in [2^52, 2^53), where the doubles
+        // are the integers, so the addition rounds `x` to an integer (nearest, ties to
+        // even) and holds it in the low mantissa bits; subtracting `ROUND` back is exact.
+        // Plain arithmetic instead of `floor`/`round` (library calls on the baseline x86-64
+        // target) or a float-to-integer conversion per price, and nothing the compiler
+        // cannot vectorize.
+        const ROUND: f64 = 6_755_399_441_055_744.0;
         // Also false for NaN, which the exact path then refuses.
         let near = v.abs() + self.base_f.abs() < self.float_limit;
         let x = (v - self.base_f) * self.per_step_f;
-        // Truncation and a compare instead of `floor`/`round`, which are library calls on
-        // the baseline x86-64 target; exact below 2^30 (and saturating, hence harmless,
-        // for the far or NaN values `near` rules out).
-        let whole = x as i64;
-        let fraction = x - whole as f64;
-        let distance_to_half = (fraction.abs() - 0.5).abs();
+        let shifted = x + ROUND;
+        // `x - nearest` is exact (two doubles within 1/2 of each other). A tie's rounding
+        // direction does not matter: within 1e-6 of a half is never settled here. For the
+        // far or NaN values `near` rules out, the tick is garbage, and never read.
+        let nearest = shifted - ROUND;
+        let distance_to_half = 0.5 - (x - nearest).abs();
         (
-            whole + i64::from(fraction > 0.5) - i64::from(fraction < -0.5),
+            (shifted.to_bits() as i64).wrapping_sub(ROUND.to_bits() as i64),
             near && distance_to_half > 1e-6,
         )
     }
@@ -258,7 +289,6 @@ pub(super) fn prepare<'a>(
     options: &BacktestOptions,
 ) -> Result<Prepared<'a>, CoreError> {
     let symbol_rules = rules.symbol(&input.symbol)?;
-    input.bars.check(&input.symbol, "bars")?;
     if input.interval_ms <= 0 {
         return Err(CoreError::invalid_for(
             &input.symbol,
@@ -267,20 +297,11 @@ pub(super) fn prepare<'a>(
             "must be positive",
         ));
     }
+    let max_step = input.interval_ms * (i64::from(options.max_gap_bars) + 1);
+    let segments = input.bars.check_segments(&input.symbol, "bars", max_step)?;
+    input.entries.check(&input.symbol)?;
     let grid = Grid::new(symbol_rules)?;
     let bars = &input.bars;
-    let max_step = input.interval_ms * (i64::from(options.max_gap_bars) + 1);
-    let mut segments = Vec::new();
-    let mut start = 0;
-    for i in 1..bars.len() {
-        if bars.open_time[i] - bars.open_time[i - 1] > max_step {
-            segments.push((start, i));
-            start = i;
-        }
-    }
-    if bars.len() > 0 {
-        segments.push((start, bars.len()));
-    }
     let mut fine = Vec::new();
     let mut fine_ticks = Vec::new();
     if let Some((fine_interval, fine_bars)) = &input.fine {
@@ -360,8 +381,28 @@ pub(super) fn atr_before_each_bar(
             ),
         });
     }
-    let mut values = vec![f64::NAN; bars.len()];
+    // Appended segment after segment (the segments cover every bar, in order): each slot
+    // is written once, no NaN-filled buffer first.
+    let mut values = SPARE_FLOATS.take(bars.len());
     for &(start, end) in segments {
+        let times = &bars.open_time[start..end];
+        if times.windows(2).all(|w| w[1] - w[0] >= atr_interval) {
+            // Every bar is a bucket of its own (the usual case: ATR at the data interval),
+            // so the ATR before bar `i` is the ATR after bars `start..i`: Wilder's over the
+            // segment's bars but its last, shifted by one. `atr_extend` performs the same
+            // operations as `WilderAtr` (bit for bit), in one loop without the bucket
+            // bookkeeping and with the FMA instruction when the CPU has it.
+            values.push(f64::NAN);
+            let last = end - 1;
+            crate::atr::atr_extend(
+                &bars.high[start..last],
+                &bars.low[start..last],
+                &bars.close[start..last],
+                period,
+                &mut values,
+            )?;
+            continue;
+        }
         let mut state = WilderAtr::new(period)?;
         // (bucket key, its end time, high, low, close) of the bucket being filled.
         let mut bucket: Option<(i64, i64, f64, f64, f64)> = None;
@@ -380,7 +421,7 @@ pub(super) fn atr_before_each_bar(
                 }
                 _ => {}
             }
-            values[i] = state.value().unwrap_or(f64::NAN);
+            values.push(state.value().unwrap_or(f64::NAN));
             bucket = Some(match bucket {
                 Some((k, bucket_end, high, low, _)) => (
                     k,
@@ -399,5 +440,149 @@ pub(super) fn atr_before_each_bar(
             });
         }
     }
+    debug_assert_eq!(values.len(), bars.len());
     Ok(values)
+}
+
+#[cfg(test)]
+#[allow(clippy::float_cmp)] // bit-for-bit equality is what these tests check
+mod tests {
+    use super::*;
+    use crate::backtest::Entries;
+
+    /// A walk of `n` bars of `interval` with a few gaps, some longer than one bar.
+    fn walk(n: usize, interval: i64) -> SeriesInput<'static> {
+        let mut bars = Bars::default();
+        let (mut t, mut price, mut seed) = (1_700_000_040_000_i64, 30_000.0_f64, 7_u64);
+        for i in 0..n {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let unit = (seed >> 11) as f64 / (1u64 << 53) as f64;
+            let open = price;
+            price = (price * (1.0 + (unit - 0.5) * 0.004) * 10.0).round() / 10.0;
+            bars.open_time.to_mut().push(t);
+            bars.open.to_mut().push(open);
+            bars.high.to_mut().push(open.max(price) + unit * 5.0);
+            bars.low.to_mut().push(open.min(price) - (1.0 - unit) * 5.0);
+            bars.close.to_mut().push(price);
+            // Gaps of 2 and 40 bars now and then (segments at max_gap_bars = 3).
+            t += interval
+                * if i % 97 == 96 {
+                    40
+                } else if i % 31 == 30 {
+                    2
+                } else {
+                    1
+                };
+        }
+        SeriesInput {
+            symbol: "BTCUSDT".into(),
+            interval_ms: interval,
+            bars,
+            fine: None,
+            entries: Entries::default(),
+        }
+    }
+
+    /// The definition: per segment a fresh `WilderAtr`, each bar's value read before the
+    /// bar is fed (every bar its own bucket).
+    fn reference(input: &SeriesInput<'_>, segments: &[(usize, usize)], period: usize) -> Vec<f64> {
+        let b = &input.bars;
+        let mut out = Vec::new();
+        for &(start, end) in segments {
+            let mut atr = WilderAtr::new(period).unwrap();
+            for i in start..end {
+                out.push(atr.value().unwrap_or(f64::NAN));
+                atr.update(b.high[i], b.low[i], b.close[i]);
+            }
+        }
+        out
+    }
+
+    fn segments(input: &SeriesInput<'_>, max_gap_bars: i64) -> Vec<(usize, usize)> {
+        let t = &input.bars.open_time;
+        let mut cuts = vec![0];
+        cuts.extend(
+            (1..t.len()).filter(|&i| t[i] - t[i - 1] > input.interval_ms * (max_gap_bars + 1)),
+        );
+        cuts.push(t.len());
+        cuts.windows(2).map(|w| (w[0], w[1])).collect()
+    }
+
+    /// The rounding `nearest_float` replaced: truncation, then a step when the fraction
+    /// passes a half.
+    fn by_truncation(grid: Grid, v: f64) -> (i64, bool) {
+        let near = v.abs() + grid.base_f.abs() < grid.float_limit;
+        let x = (v - grid.base_f) * grid.per_step_f;
+        let whole = x as i64;
+        let fraction = x - whole as f64;
+        let distance_to_half = (fraction.abs() - 0.5).abs();
+        (
+            whole + i64::from(fraction > 0.5) - i64::from(fraction < -0.5),
+            near && distance_to_half > 1e-6,
+        )
+    }
+
+    #[test]
+    fn float_ticks_equal_the_truncation_rounding() {
+        let rules = crate::exit::test_support::exchange_rules();
+        let mut seed = 11_u64;
+        for symbol in ["BTCUSDT", "ETHUSDT", "SOLUSDT"] {
+            let grid = Grid::new(rules.symbol(symbol).unwrap()).unwrap();
+            let (mut settled, mut open) = (0, 0);
+            for i in 0..200_000 {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let unit = (seed >> 11) as f64 / (1u64 << 53) as f64;
+                // Prices on the grid, at midpoints, and anywhere, from 1e-3 to 1e6 ticks.
+                let ticks = (unit * 1e6).round() + [0.0, 0.5, unit, -0.5][i % 4];
+                let v = grid.base_f + ticks * grid.step_f;
+                let (k, ok) = grid.nearest_float(v);
+                let (old_tick, old_settled) = by_truncation(grid, v);
+                assert_eq!(ok, old_settled, "{symbol} {v}");
+                if ok {
+                    assert_eq!(k, old_tick, "{symbol} {v}");
+                    settled += 1;
+                } else {
+                    open += 1;
+                }
+            }
+            assert!(settled > 90_000 && open > 90_000, "{settled} {open}");
+            for v in [f64::NAN, f64::INFINITY, -f64::INFINITY, 1e300, -1e300] {
+                assert!(!grid.nearest_float(v).1);
+            }
+        }
+    }
+
+    #[test]
+    fn atr_at_the_data_interval_is_wilders_bit_for_bit() {
+        let input = walk(3_000, 60_000);
+        let segments = segments(&input, 3);
+        assert!(segments.len() > 20);
+        for period in [1, 2, 14, 50] {
+            let fast = atr_before_each_bar(&input, &segments, period, 60_000).unwrap();
+            let want = reference(&input, &segments, period);
+            assert_eq!(fast.len(), want.len());
+            for (i, (a, b)) in fast.iter().zip(&want).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "period {period} bar {i}: {a} != {b}"
+                );
+            }
+            assert!(fast.iter().filter(|v| v.is_finite()).count() > 1_000);
+        }
+    }
+
+    #[test]
+    fn bars_closer_than_the_atr_interval_share_a_bucket() {
+        // 30 s bars under a 1m ATR: two bars per bucket, so the bucket path decides; its
+        // values only change at bucket starts.
+        let input = walk(400, 30_000);
+        let segments = segments(&input, 3);
+        let values = atr_before_each_bar(&input, &segments, 14, 60_000).unwrap();
+        assert_eq!(values.len(), 400);
+        let changes = values
+            .windows(2)
+            .filter(|w| w[0].to_bits() != w[1].to_bits())
+            .count();
+        assert!(changes > 20 && changes < 200, "{changes}");
+    }
 }

@@ -73,7 +73,7 @@ fn series(interval: i64, tail: &[(f64, f64, f64, f64)]) -> SeriesInput<'static> 
         interval_ms: interval,
         bars: bars(interval, tail),
         fine: None,
-        entries: vec![long_at(T0 + 20 * interval)],
+        entries: Entries::of(&[long_at(T0 + 20 * interval)]),
     }
 }
 
@@ -493,7 +493,7 @@ proptest::proptest! {
             interval_ms: coarse,
             bars,
             fine: with_fine.then_some((MINUTE, fine)),
-            entries,
+            entries: Entries::of(&entries),
         };
         let skipping = BacktestOptions {
             intrabar: if target_first { Intrabar::TargetFirst } else { Intrabar::StopFirst },
@@ -763,7 +763,7 @@ proptest::proptest! {
             interval_ms: coarse,
             bars,
             fine: with_fine.then_some((MINUTE, fine)),
-            entries,
+            entries: Entries::of(&entries),
         };
         let skipping = BacktestOptions {
             intrabar: if target_first { Intrabar::TargetFirst } else { Intrabar::StopFirst },
@@ -1070,7 +1070,7 @@ proptest::proptest! {
                 interval_ms: MINUTE,
                 bars,
                 fine: None,
-                entries,
+                entries: Entries::of(&entries),
             };
             let fast_options = BacktestOptions {
                 notional,

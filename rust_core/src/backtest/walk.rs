@@ -103,8 +103,8 @@ pub(super) fn walk<R: Replay>(job: &mut R, p: &Prepared<'_>) -> Result<(), R::Er
     for (s, &(start, end)) in p.segments.iter().enumerate() {
         for i in start..end {
             let t = times[i];
-            while e < entries.len() && entries[e].time_ms <= t {
-                let entry = &entries[e];
+            while e < entries.len() && entries.time_ms(e) <= t {
+                let entry = &entries.get(e);
                 e += 1;
                 if t - entry.time_ms >= interval {
                     job.record().skip(entry.time_ms, NO_BAR);
@@ -119,8 +119,8 @@ pub(super) fn walk<R: Replay>(job: &mut R, p: &Prepared<'_>) -> Result<(), R::Er
         let last = s + 1 == p.segments.len();
         job.close_all(end - 1, if last { END_OF_DATA } else { DATA_GAP })?;
     }
-    for entry in &entries[e..] {
-        job.record().out.skipped.push((entry.time_ms, NO_BAR, 1));
+    for &time_ms in &entries.time_ms[e..] {
+        job.record().out.skipped.push((time_ms, NO_BAR, 1));
     }
     Ok(())
 }

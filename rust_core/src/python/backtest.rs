@@ -1,8 +1,8 @@
 //! Bindings: the backtest, one coarse call with whole numpy arrays per symbol.
 //!
-//! Python hands over every series at once (bar arrays are read in place, borrowed
-//! read-only for the call; the small entry arrays are copied), the run happens with the
-//! GIL released, and the results come back as
+//! Python hands over every series at once (bar and entry arrays are read in place,
+//! borrowed read-only for the call; only the entries that give their own notional are
+//! parsed), the run happens with the GIL released, and the results come back as
 //! columns (numpy arrays, and lists of exact decimal strings when `detail` is set) that
 //! `pyquant.backtest` turns into polars `DataFrame`s.
 
@@ -14,8 +14,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::backtest::{
-    self, to_f64, BacktestOptions, Bars, Direction, Entry, Fill, Intrabar, JobOutput, SeriesInput,
-    Trade, REASONS,
+    self, to_f64, BacktestOptions, Bars, Direction, Entries, Fill, Intrabar, JobOutput,
+    SeriesInput, Trade, REASONS,
 };
 use crate::error::CoreError;
 use crate::exit::policy::ExitPolicy;
@@ -50,14 +50,6 @@ fn column<'a, T: numpy::Element + Copy>(array: &'a PyReadonlyArray1<'_, T>) -> C
     }
 }
 
-fn array<T: numpy::Element + Copy>(
-    dict: &Bound<'_, PyDict>,
-    symbol: &str,
-    key: &str,
-) -> PyResult<Vec<T>> {
-    Ok(column(&readonly::<T>(dict, symbol, key)?).into_owned())
-}
-
 /// One series' bar columns, borrowed read-only (rust-numpy's borrow flag keeps Rust
 /// writers out) for as long as the run reads them.
 struct BarArrays<'py> {
@@ -90,25 +82,40 @@ impl<'py> BarArrays<'py> {
     }
 }
 
-/// Everything of one series read from its dict: the entries converted, the bars still
-/// numpy arrays ([`SeriesArrays::input`] lends them to the run).
+/// One series' entry columns, borrowed read-only like the bars.
+struct EntryArrays<'py> {
+    time_ms: PyReadonlyArray1<'py, i64>,
+    side: PyReadonlyArray1<'py, i8>,
+    confidence: PyReadonlyArray1<'py, f64>,
+    leverage: PyReadonlyArray1<'py, i64>,
+}
+
+/// Everything of one series read from its dict, the arrays still numpy arrays
+/// ([`SeriesArrays::input`] lends them to the run) and the few given notionals parsed.
 struct SeriesArrays<'py> {
     symbol: String,
     interval_ms: i64,
     bars: BarArrays<'py>,
     fine: Option<(i64, BarArrays<'py>)>,
-    entries: Vec<Entry>,
+    entries: EntryArrays<'py>,
+    notional: Vec<(usize, Decimal)>,
 }
 
 impl SeriesArrays<'_> {
-    /// The run's input, borrowing the bars and taking the entries.
+    /// The run's input, borrowing the arrays and taking the parsed notionals.
     fn input(&mut self) -> SeriesInput<'_> {
         SeriesInput {
             symbol: self.symbol.clone(),
             interval_ms: self.interval_ms,
             bars: self.bars.bars(),
             fine: self.fine.as_ref().map(|(i, b)| (*i, b.bars())),
-            entries: std::mem::take(&mut self.entries),
+            entries: Entries {
+                time_ms: column(&self.entries.time_ms),
+                side: column(&self.entries.side),
+                confidence: column(&self.entries.confidence),
+                leverage: column(&self.entries.leverage),
+                notional: std::mem::take(&mut self.notional),
+            },
         }
     }
 }
@@ -143,32 +150,49 @@ fn parse_fee(field: &str, text: &str) -> Result<Decimal, CoreError> {
     Ok(value)
 }
 
-/// The per-entry notionals: decimal strings or `None` (the run's default). A list is read
-/// item by item (most items are `None`, which costs a pointer compare); any other
-/// sequence goes through the generic extraction.
-fn entry_notionals(dict: &Bound<'_, PyDict>, symbol: &str) -> PyResult<Vec<Option<Decimal>>> {
-    let parse = |text: &str| -> PyResult<Decimal> {
-        Ok(parse_bounded("entry_notional", text, MAX_NOTIONAL)
-            .map_err(|e| e.with_symbol(symbol))?)
-    };
+/// The entries that give their own notional: `entry_notional` is absent or None when none
+/// does (the usual case: nothing to read), else a pair (entry rows as an int64 array,
+/// their notionals as decimal strings), parsed exactly.
+fn entry_notionals(dict: &Bound<'_, PyDict>, symbol: &str) -> PyResult<Vec<(usize, Decimal)>> {
     let Some(value) = dict.get_item("entry_notional")? else {
         return Ok(Vec::new());
     };
-    if let Ok(list) = value.cast::<PyList>() {
-        let mut out = Vec::with_capacity(list.len());
-        for item in list.iter() {
-            out.push(if item.is_none() {
-                None
-            } else {
-                Some(parse(&item.extract::<String>()?)?)
-            });
-        }
-        return Ok(out);
+    if value.is_none() {
+        return Ok(Vec::new());
     }
-    let texts: Vec<Option<String>> = value.extract()?;
-    texts
-        .iter()
-        .map(|t| t.as_deref().map(parse).transpose())
+    let shape = || {
+        PyValueError::new_err(format!(
+            "series {symbol}: \"entry_notional\" must be None or a pair (int64 numpy array \
+             of entry rows, list of decimal strings)"
+        ))
+    };
+    let (rows, texts): (PyReadonlyArray1<'_, i64>, Vec<String>) =
+        value.extract().map_err(|_| shape())?;
+    let rows = column(&rows);
+    if rows.len() != texts.len() {
+        return Err(CoreError::invalid_for(
+            symbol,
+            "entry_notional",
+            texts.len().to_string(),
+            format!("must have as many notionals as entry rows ({})", rows.len()),
+        )
+        .into());
+    }
+    rows.iter()
+        .zip(&texts)
+        .map(|(&row, text)| {
+            let value = parse_bounded("entry_notional", text, MAX_NOTIONAL)
+                .map_err(|e| e.with_symbol(symbol))?;
+            let row = usize::try_from(row).map_err(|_| {
+                CoreError::invalid_for(
+                    symbol,
+                    "entry_notional row",
+                    row.to_string(),
+                    "must be an entry row (0 or more)",
+                )
+            })?;
+            Ok((row, value))
+        })
         .collect()
 }
 
@@ -188,50 +212,14 @@ fn series_arrays<'py>(dict: &Bound<'py, PyDict>) -> PyResult<SeriesArrays<'py>> 
         )),
         _ => None,
     };
-    let times: Vec<i64> = array(dict, &symbol, "entry_time")?;
-    let sides: Vec<i8> = array(dict, &symbol, "entry_side")?;
-    let confidence: Vec<f64> = array(dict, &symbol, "entry_confidence")?;
-    let leverage: Vec<i64> = array(dict, &symbol, "entry_leverage")?;
+    // The columns are checked (lengths, sides, order) in one pass by the run, GIL released.
+    let entries = EntryArrays {
+        time_ms: readonly(dict, &symbol, "entry_time")?,
+        side: readonly(dict, &symbol, "entry_side")?,
+        confidence: readonly(dict, &symbol, "entry_confidence")?,
+        leverage: readonly(dict, &symbol, "entry_leverage")?,
+    };
     let notional = entry_notionals(dict, &symbol)?;
-    let n = times.len();
-    if sides.len() != n || confidence.len() != n || leverage.len() != n || notional.len() != n {
-        return Err(PyValueError::new_err(format!(
-            "series {symbol}: entry arrays must all have {n} values"
-        )));
-    }
-    let mut entries = Vec::with_capacity(n);
-    for k in 0..n {
-        let direction = match sides[k] {
-            1 => Direction::Long,
-            -1 => Direction::Short,
-            other => {
-                return Err(CoreError::invalid_for(
-                    &symbol,
-                    "entry_side",
-                    other.to_string(),
-                    "must be 1 (LONG) or -1 (SHORT)",
-                )
-                .into())
-            }
-        };
-        let notional = notional[k];
-        entries.push(Entry {
-            time_ms: times[k],
-            direction,
-            confidence: confidence[k].is_finite().then_some(confidence[k]),
-            notional,
-            leverage: (leverage[k] > 0).then(|| leverage[k] as u32),
-        });
-    }
-    if let Some(k) = entries.windows(2).position(|w| w[1].time_ms < w[0].time_ms) {
-        return Err(CoreError::invalid_for(
-            &symbol,
-            "entry_time",
-            entries[k + 1].time_ms.to_string(),
-            "must be sorted ascending",
-        )
-        .into());
-    }
     let bars = BarArrays::read(dict, &symbol, "")?;
     Ok(SeriesArrays {
         symbol,
@@ -239,6 +227,7 @@ fn series_arrays<'py>(dict: &Bound<'py, PyDict>) -> PyResult<SeriesArrays<'py>> 
         bars,
         fine,
         entries,
+        notional,
     })
 }
 
@@ -304,6 +293,44 @@ impl<'py> Columns<'py> {
     fn text(&self, name: &str, values: Vec<Option<String>>) -> PyResult<()> {
         self.dict.set_item(name, PyList::new(self.py, values)?)
     }
+}
+
+/// The table of one kind of (a, b, c) rows of every job: `series`, `policy`, then `names`,
+/// each column built in one pass.
+fn three_columns<'py, A, B, C>(
+    py: Python<'py>,
+    jobs: &[JobOutput],
+    rows_of: impl Fn(&JobOutput) -> &Vec<(A, B, C)>,
+    names: [&str; 3],
+) -> PyResult<Bound<'py, PyDict>>
+where
+    A: numpy::Element + Copy,
+    B: numpy::Element + Copy,
+    C: numpy::Element + Copy,
+{
+    let rows: usize = jobs.iter().map(|j| rows_of(j).len()).sum();
+    let (mut ser, mut pol) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+    let (mut a, mut b, mut c) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    for job in jobs {
+        for &(x, y, z) in rows_of(job) {
+            ser.push(job.series);
+            pol.push(job.policy);
+            a.push(x);
+            b.push(y);
+            c.push(z);
+        }
+    }
+    let cols = Columns::new(py);
+    cols.num("series", ser)?;
+    cols.num("policy", pol)?;
+    cols.num(names[0], a)?;
+    cols.num(names[1], b)?;
+    cols.num(names[2], c)?;
+    Ok(cols.dict)
 }
 
 #[allow(clippy::too_many_lines)]
@@ -429,140 +456,123 @@ fn outputs<'py>(
         result.set_item("exact", exact)?;
     }
 
-    // trades
-    let cols = Columns::new(py);
-    let all = || {
-        jobs.iter()
-            .flat_map(|j| j.trades.iter().map(move |t| (j, t)))
-    };
-    cols.num("series", all().map(|(j, _)| j.series).collect())?;
-    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
-    cols.num("trade", all().map(|(_, t)| t.trade).collect())?;
-    cols.num(
-        "side",
-        all()
-            .map(|(_, t)| match t.direction {
+    // trades: one pass, every column at once (the risk in USDT computed once per trade)
+    let rows: usize = jobs.iter().map(|j| j.trades.len()).sum();
+    let (mut ser, mut pol, mut trade, mut side) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let (mut entry_time, mut exit_time, mut entry_price, mut qty, mut initial_stop) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let (mut risk_price, mut risk_usd, mut pnl, mut fees, mut r_multiple) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let (mut confidence, mut reason, mut bars_held) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let mut texts: [Vec<Option<String>>; 6] = Default::default();
+    for job in jobs {
+        let sr = symbol_rules[job.series as usize];
+        for t in &job.trades {
+            ser.push(job.series);
+            pol.push(job.policy);
+            trade.push(t.trade);
+            side.push(match t.direction {
                 Direction::Long => 1i8,
                 Direction::Short => -1i8,
-            })
-            .collect(),
-    )?;
-    cols.num(
-        "entry_time_ms",
-        all().map(|(_, t)| t.entry_time_ms).collect(),
-    )?;
-    cols.num("exit_time_ms", all().map(|(_, t)| t.exit_time_ms).collect())?;
-    cols.num(
-        "entry_price",
-        all().map(|(_, t)| to_f64(t.entry_price)).collect(),
-    )?;
-    cols.num("quantity", all().map(|(_, t)| to_f64(t.quantity)).collect())?;
-    cols.num(
-        "initial_stop",
-        all().map(|(_, t)| to_f64(t.initial_stop)).collect(),
-    )?;
-    cols.num(
-        "risk_price",
-        all().map(|(_, t)| to_f64(t.risk_price)).collect(),
-    )?;
-    cols.num(
-        "risk_usd",
-        all()
-            .map(|(_, t)| to_f64(t.risk_price * t.quantity))
-            .collect(),
-    )?;
-    cols.num("pnl", all().map(|(_, t)| to_f64(t.pnl)).collect())?;
-    cols.num("fees", all().map(|(_, t)| to_f64(t.fees)).collect())?;
-    cols.num(
-        "r_multiple",
-        all()
-            .map(|(_, t)| {
-                let risk = t.risk_price * t.quantity;
-                if risk.is_zero() {
-                    f64::NAN
-                } else {
-                    to_f64(t.pnl / risk)
-                }
-            })
-            .collect(),
-    )?;
-    cols.num(
-        "confidence",
-        all()
-            .map(|(_, t)| t.confidence.unwrap_or(f64::NAN))
-            .collect(),
-    )?;
-    cols.num("reason_code", all().map(|(_, t)| t.exit_reason).collect())?;
-    cols.num("bars_held", all().map(|(_, t)| t.bars_held).collect())?;
+            });
+            entry_time.push(t.entry_time_ms);
+            exit_time.push(t.exit_time_ms);
+            entry_price.push(to_f64(t.entry_price));
+            qty.push(to_f64(t.quantity));
+            initial_stop.push(to_f64(t.initial_stop));
+            risk_price.push(to_f64(t.risk_price));
+            let risk = t.risk_price * t.quantity;
+            risk_usd.push(to_f64(risk));
+            pnl.push(to_f64(t.pnl));
+            fees.push(to_f64(t.fees));
+            r_multiple.push(if risk.is_zero() {
+                f64::NAN
+            } else {
+                to_f64(t.pnl / risk)
+            });
+            confidence.push(t.confidence.unwrap_or(f64::NAN));
+            reason.push(t.exit_reason);
+            bars_held.push(t.bars_held);
+            if detail {
+                texts[0].push(Some(sr.format_price(t.entry_price)));
+                texts[1].push(Some(sr.format_qty(t.quantity, true)));
+                texts[2].push(Some(sr.format_price(t.initial_stop)));
+                texts[3].push(Some(exact(t.risk_price)));
+                texts[4].push(Some(exact(t.pnl)));
+                texts[5].push(Some(exact(t.fees)));
+            }
+        }
+    }
+    let cols = Columns::new(py);
+    cols.num("series", ser)?;
+    cols.num("policy", pol)?;
+    cols.num("trade", trade)?;
+    cols.num("side", side)?;
+    cols.num("entry_time_ms", entry_time)?;
+    cols.num("exit_time_ms", exit_time)?;
+    cols.num("entry_price", entry_price)?;
+    cols.num("quantity", qty)?;
+    cols.num("initial_stop", initial_stop)?;
+    cols.num("risk_price", risk_price)?;
+    cols.num("risk_usd", risk_usd)?;
+    cols.num("pnl", pnl)?;
+    cols.num("fees", fees)?;
+    cols.num("r_multiple", r_multiple)?;
+    cols.num("confidence", confidence)?;
+    cols.num("reason_code", reason)?;
+    cols.num("bars_held", bars_held)?;
     if detail {
-        let sr = |j: &JobOutput| symbol_rules[j.series as usize];
-        cols.text(
+        let names = [
             "entry_price_exact",
-            all()
-                .map(|(j, t)| Some(sr(j).format_price(t.entry_price)))
-                .collect(),
-        )?;
-        cols.text(
             "quantity_exact",
-            all()
-                .map(|(j, t)| Some(sr(j).format_qty(t.quantity, true)))
-                .collect(),
-        )?;
-        cols.text(
             "initial_stop_exact",
-            all()
-                .map(|(j, t)| Some(sr(j).format_price(t.initial_stop)))
-                .collect(),
-        )?;
-        cols.text(
             "risk_price_exact",
-            all().map(|(_, t)| Some(exact(t.risk_price))).collect(),
-        )?;
-        cols.text(
             "pnl_exact",
-            all().map(|(_, t)| Some(exact(t.pnl))).collect(),
-        )?;
-        cols.text(
             "fees_exact",
-            all().map(|(_, t)| Some(exact(t.fees))).collect(),
-        )?;
+        ];
+        for (name, values) in names.into_iter().zip(texts) {
+            cols.text(name, values)?;
+        }
     }
     result.set_item("trades", cols.dict)?;
 
-    // stops, levels, skipped
-    let cols = Columns::new(py);
-    let all = || {
-        jobs.iter()
-            .flat_map(|j| j.stops.iter().map(move |s| (j, s)))
-    };
-    cols.num("series", all().map(|(j, _)| j.series).collect())?;
-    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
-    cols.num("trade", all().map(|(_, s)| s.0).collect())?;
-    cols.num("time_ms", all().map(|(_, s)| s.1).collect())?;
-    cols.num("stop", all().map(|(_, s)| s.2).collect())?;
-    result.set_item("stops", cols.dict)?;
-    let cols = Columns::new(py);
-    let all = || {
-        jobs.iter()
-            .flat_map(|j| j.levels.iter().map(move |s| (j, s)))
-    };
-    cols.num("series", all().map(|(j, _)| j.series).collect())?;
-    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
-    cols.num("trade", all().map(|(_, s)| s.0).collect())?;
-    cols.num("level", all().map(|(_, s)| s.1).collect())?;
-    cols.num("price", all().map(|(_, s)| s.2).collect())?;
-    result.set_item("levels", cols.dict)?;
-    let cols = Columns::new(py);
-    let all = || {
-        jobs.iter()
-            .flat_map(|j| j.skipped.iter().map(move |s| (j, s)))
-    };
-    cols.num("series", all().map(|(j, _)| j.series).collect())?;
-    cols.num("policy", all().map(|(j, _)| j.policy).collect())?;
-    cols.num("time_ms", all().map(|(_, s)| s.0).collect())?;
-    cols.num("reason_code", all().map(|(_, s)| s.1).collect())?;
-    cols.num("count", all().map(|(_, s)| s.2).collect())?;
-    result.set_item("skipped", cols.dict)?;
+    // stops, levels, skipped: (series, policy) then the row's own three fields
+    result.set_item(
+        "stops",
+        three_columns(py, jobs, |j| &j.stops, ["trade", "time_ms", "stop"])?,
+    )?;
+    result.set_item(
+        "levels",
+        three_columns(py, jobs, |j| &j.levels, ["trade", "level", "price"])?,
+    )?;
+    result.set_item(
+        "skipped",
+        three_columns(
+            py,
+            jobs,
+            |j| &j.skipped,
+            ["time_ms", "reason_code", "count"],
+        )?,
+    )?;
     Ok(result)
 }
 
@@ -624,7 +634,9 @@ fn py_backtest_run<'py>(
     let shared = rules.shared();
     drop(rules);
     let jobs = py.detach(|| backtest::run(&inputs, &policies, &shared, &options))?;
-    outputs(py, &jobs, &inputs, &shared, detail, exact)
+    let result = outputs(py, &jobs, &inputs, &shared, detail, exact);
+    backtest::recycle(jobs);
+    result
 }
 
 /// Replays one position over a mark path with the backtest's driver; see
