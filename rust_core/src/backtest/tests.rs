@@ -770,6 +770,8 @@ proptest::proptest! {
             notional: d("5000"),
             max_gap_bars: 1,
             one_position_per_symbol: dense && rng.below(2) == 0,
+            // Without detail the integer replay sweeps runs of quiet bars at once.
+            detail: rng.below(2) == 0,
             ..options()
         };
         let exhaustive = BacktestOptions {
@@ -1075,6 +1077,7 @@ proptest::proptest! {
             let fast_options = BacktestOptions {
                 notional,
                 one_position_per_symbol: rng.below(2) == 0,
+                detail: rng.below(2) == 0,
                 intrabar: if rng.below(2) == 0 { Intrabar::TargetFirst } else { Intrabar::StopFirst },
                 ..options()
             };

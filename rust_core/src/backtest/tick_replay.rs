@@ -489,6 +489,35 @@ impl Replay for TickJob<'_> {
         Ok(())
     }
 
+    /// With one position open, no trailing stop active (nothing then depends on the ATR),
+    /// entries refused while it is open (`one_position_per_symbol`), whole bars and no
+    /// per-bar detail: the bars from `i` up to the first that is not quiet, in one sweep
+    /// over their extremes ([`TickPosition::quiet_sweep`]).
+    fn quiet_run(&mut self, i: usize, end: usize) -> usize {
+        let p = self.p;
+        if self.open.len() != 1
+            || !self.options.one_position_per_symbol
+            || self.options.detail
+            || !p.fine.is_empty()
+        {
+            return 0;
+        }
+        let ends = &p.input.bars.open_time[i..end];
+        let settled = self.open[0].position.quiet_sweep(
+            &p.bars[i..end],
+            ends,
+            p.input.interval_ms,
+            &self.rules,
+        );
+        if settled > 0 {
+            let out = &mut self.record.out;
+            out.evaluations += settled as u64;
+            out.quiet_bars += settled as u64;
+            self.open[0].bars_held += settled as u32;
+        }
+        settled
+    }
+
     fn close_all(&mut self, i: usize, reason: u8) -> Result<(), Unrepresentable> {
         let time_ms = self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1;
         let close = self.p.bars[i][3];

@@ -985,6 +985,66 @@ impl TickPosition {
         Ok(true)
     }
 
+    /// [`TickPosition::quiet_bar`] over consecutive whole bars while trailing is not active
+    /// (then no bar's ATR matters): settles them up to the first that is not quiet and
+    /// returns how many it settled. `times` are the bars' open times, each lasting
+    /// `interval_ms`. The same per-bar conditions, in one tight loop: the range stays in
+    /// the band, short of the stop, the next level and the trailing activation, before
+    /// the time stop is due (unless the best passed its threshold before the bar); the
+    /// best moves to each bar's favourable extreme.
+    pub(super) fn quiet_sweep(
+        &mut self,
+        bars: &[[i64; 4]],
+        times: &[i64],
+        interval_ms: i64,
+        r: &TickRules<'_>,
+    ) -> usize {
+        let Some((band_lo, band_hi)) = r.band else {
+            return 0;
+        };
+        if self.trailing_active
+            || (r.trail_configured && r.trail_after_level.is_some_and(|n| self.levels_done >= n))
+        {
+            return 0;
+        }
+        let s = self.side;
+        let done = self.levels_done as usize;
+        // The nearest favourable threshold: the next level, the trailing activation.
+        let mut limit = if done < self.targets.len() {
+            self.levels.get(done).copied()
+        } else {
+            None
+        };
+        if r.trail_configured {
+            if let Some(a) = self.activate_at {
+                limit = Some(limit.map_or(a, |l| if s * (a - l) < 0 { a } else { l }));
+            }
+        }
+        let (stop, mut best) = (self.stop, self.best);
+        let mut settled = 0;
+        for (&[open, high, low, close], &t) in bars.iter().zip(times) {
+            let lo = open.min(high).min(low).min(close);
+            let hi = open.max(high).max(low).max(close);
+            let (adverse, favourable) = if s > 0 { (lo, hi) } else { (hi, lo) };
+            if lo < band_lo
+                || hi > band_hi
+                || s * (adverse - stop) <= 0
+                || limit.is_some_and(|l| s * (l - favourable) <= 0)
+                // The bar's last millisecond, `t + interval_ms - 1`, at or after the expiry.
+                || (self.expires_at.is_some_and(|at| t + interval_ms > at)
+                    && !self.time_stop_off(best))
+            {
+                break;
+            }
+            if s * (favourable - best) > 0 {
+                best = favourable;
+            }
+            settled += 1;
+        }
+        self.best = best;
+        settled
+    }
+
     /// The triggers (the stop, the levels not done) strictly between ticks `a` and `b`,
     /// in the order a continuous move from `a` to `b` reaches them.
     pub(super) fn crossings(&self, a: i64, b: i64, out: &mut Vec<i64>) {

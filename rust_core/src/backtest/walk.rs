@@ -9,8 +9,8 @@ use crate::rules::SymbolRules;
 
 use super::prepare::Prepared;
 use super::{
-    BacktestOptions, Entry, JobOutput, BELOW_MIN_NOTIONAL, BELOW_MIN_QTY, DATA_GAP, END_OF_DATA,
-    NO_BAR, POSITION_OPEN,
+    BacktestOptions, Entries, Entry, JobOutput, BELOW_MIN_NOTIONAL, BELOW_MIN_QTY, DATA_GAP,
+    END_OF_DATA, NO_BAR, POSITION_OPEN,
 };
 
 /// A job's output and its counted skips.
@@ -78,6 +78,35 @@ pub(super) fn entry_quantity(
     Ok(quantity)
 }
 
+/// Records the entries due at the bars opening at `times` (from entry `e` on) as refused:
+/// `no_bar` for one that fell into a gap, else `position_open`; returns the next entry.
+fn refuse_entries(
+    record: &mut Record,
+    entries: &Entries<'_>,
+    mut e: usize,
+    times: &[i64],
+    interval: i64,
+) -> usize {
+    let Some(&last) = times.last() else {
+        return e;
+    };
+    let mut bar = 0;
+    while e < entries.len() && entries.time_ms(e) <= last {
+        let time_ms = entries.time_ms(e);
+        e += 1;
+        while times[bar] < time_ms {
+            bar += 1;
+        }
+        let reason = if times[bar] - time_ms >= interval {
+            NO_BAR
+        } else {
+            POSITION_OPEN
+        };
+        record.skip(time_ms, reason);
+    }
+    e
+}
+
 /// One replay of a (series, policy) job, driven by [`walk`].
 pub(super) trait Replay {
     type Error;
@@ -89,6 +118,12 @@ pub(super) trait Replay {
     fn bar(&mut self, i: usize) -> Result<(), Self::Error>;
     /// Closes every open position at the close of bar `i` for `reason`.
     fn close_all(&mut self, i: usize, reason: u8) -> Result<(), Self::Error>;
+    /// Settles bars `i..end` in one sweep for as long as each is a quiet bar for the open
+    /// position and every entry due would be refused (`position_open`); returns how many
+    /// it settled, 0 when it takes no sweep (the decimal replay never does).
+    fn quiet_run(&mut self, _i: usize, _end: usize) -> usize {
+        0
+    }
 }
 
 /// Walks the segments of `p` in order: at each bar the entries due (those that fall in a
@@ -100,8 +135,9 @@ pub(super) fn walk<R: Replay>(job: &mut R, p: &Prepared<'_>) -> Result<(), R::Er
     let interval = p.input.interval_ms;
     let entries = &p.input.entries;
     let mut e = 0;
-    for (s, &(start, end)) in p.segments.iter().enumerate() {
-        for i in start..end {
+    for (segment, &(start, end)) in p.segments.iter().enumerate() {
+        let mut i = start;
+        while i < end {
             let t = times[i];
             while e < entries.len() && entries.time_ms(e) <= t {
                 let entry = &entries.get(e);
@@ -115,8 +151,16 @@ pub(super) fn walk<R: Replay>(job: &mut R, p: &Prepared<'_>) -> Result<(), R::Er
             if job.has_open() {
                 job.bar(i)?;
             }
+            i += 1;
+            if i < end && job.has_open() {
+                let settled = job.quiet_run(i, end);
+                if settled > 0 {
+                    e = refuse_entries(job.record(), entries, e, &times[i..i + settled], interval);
+                    i += settled;
+                }
+            }
         }
-        let last = s + 1 == p.segments.len();
+        let last = segment + 1 == p.segments.len();
         job.close_all(end - 1, if last { END_OF_DATA } else { DATA_GAP })?;
     }
     for &time_ms in &entries.time_ms[e..] {
