@@ -238,16 +238,27 @@ const EXACT_SCALE: u32 = 12;
 /// `decimal128(38, 12)` layout, which Python wraps as a polars column without a Python
 /// object per row. `None` when a value has more than 12 decimals or 38 digits (the caller
 /// then asks for the decimal text).
-fn exact_mantissas(values: impl ExactSizeIterator<Item = Decimal>) -> Option<Vec<u8>> {
+fn exact_mantissas(
+    py: Python<'_>,
+    values: impl ExactSizeIterator<Item = Decimal>,
+) -> PyResult<Option<Bound<'_, PyBytes>>> {
     const LIMIT: u128 = 10u128.pow(38);
-    let mut out = Vec::with_capacity(values.len() * 16);
-    for value in values {
-        let mantissa = mantissa_at(value, EXACT_SCALE)
-            .or_else(|| mantissa_at(value.normalize(), EXACT_SCALE))
-            .filter(|m| m.unsigned_abs() < LIMIT)?;
-        out.extend_from_slice(&mantissa.to_le_bytes());
-    }
-    Some(out)
+    let mut fits = true;
+    // Written straight into the bytes object: no second buffer to fill and copy.
+    let bytes = PyBytes::new_with(py, values.len() * 16, |buffer| {
+        for (slot, value) in buffer.chunks_exact_mut(16).zip(values) {
+            let Some(mantissa) = mantissa_at(value, EXACT_SCALE)
+                .or_else(|| mantissa_at(value.normalize(), EXACT_SCALE))
+                .filter(|m| m.unsigned_abs() < LIMIT)
+            else {
+                fits = false;
+                break;
+            };
+            slot.copy_from_slice(&mantissa.to_le_bytes());
+        }
+        Ok(())
+    })?;
+    Ok(fits.then_some(bytes))
 }
 
 /// An exact column: its name and how a row gives its value.
@@ -261,8 +272,7 @@ fn exact_columns<'py, T>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     for &(name, read) in columns {
-        let buffer = exact_mantissas(rows.iter().map(|row| read(row)));
-        dict.set_item(name, buffer.map(|b| PyBytes::new(py, &b)))?;
+        dict.set_item(name, exact_mantissas(py, rows.iter().map(|row| read(row)))?)?;
     }
     Ok(dict)
 }
@@ -357,6 +367,8 @@ fn outputs<'py>(
         .iter()
         .map(|s| rules.symbol(&s.symbol))
         .collect::<Result<_, _>>()?;
+    // The float copies of the exact columns, unless those come as mantissas.
+    let floats = !exact_mantissas_wanted;
 
     // fills
     let rows: usize = jobs.iter().map(|j| j.fills.len()).sum();
@@ -390,10 +402,12 @@ fn outputs<'py>(
                 Direction::Long => 1i8,
                 Direction::Short => -1i8,
             });
-            price.push(to_f64(f.price));
-            qty.push(to_f64(f.quantity));
-            fee.push(to_f64(f.fee));
-            pnl.push(to_f64(f.pnl));
+            if floats {
+                price.push(to_f64(f.price));
+                qty.push(to_f64(f.quantity));
+                fee.push(to_f64(f.fee));
+                pnl.push(to_f64(f.pnl));
+            }
             r_move.push(f.r);
             if detail {
                 texts[0].push(Some(sr.format_price(f.price)));
@@ -413,10 +427,12 @@ fn outputs<'py>(
     fills.num("reason_code", reason)?;
     fills.num("time_ms", time)?;
     fills.num("side", side)?;
-    fills.num("price", price)?;
-    fills.num("quantity", qty)?;
-    fills.num("fee", fee)?;
-    fills.num("pnl", pnl)?;
+    if floats {
+        fills.num("price", price)?;
+        fills.num("quantity", qty)?;
+        fills.num("fee", fee)?;
+        fills.num("pnl", pnl)?;
+    }
     fills.num("r", r_move)?;
     if detail {
         let names = [
@@ -496,14 +512,16 @@ fn outputs<'py>(
             });
             entry_time.push(t.entry_time_ms);
             exit_time.push(t.exit_time_ms);
-            entry_price.push(to_f64(t.entry_price));
-            qty.push(to_f64(t.quantity));
-            initial_stop.push(to_f64(t.initial_stop));
-            risk_price.push(to_f64(t.risk_price));
+            if floats {
+                entry_price.push(to_f64(t.entry_price));
+                qty.push(to_f64(t.quantity));
+                initial_stop.push(to_f64(t.initial_stop));
+                risk_price.push(to_f64(t.risk_price));
+                pnl.push(to_f64(t.pnl));
+                fees.push(to_f64(t.fees));
+            }
             let risk = t.risk_price * t.quantity;
             risk_usd.push(to_f64(risk));
-            pnl.push(to_f64(t.pnl));
-            fees.push(to_f64(t.fees));
             r_multiple.push(if risk.is_zero() {
                 f64::NAN
             } else {
@@ -529,13 +547,15 @@ fn outputs<'py>(
     cols.num("side", side)?;
     cols.num("entry_time_ms", entry_time)?;
     cols.num("exit_time_ms", exit_time)?;
-    cols.num("entry_price", entry_price)?;
-    cols.num("quantity", qty)?;
-    cols.num("initial_stop", initial_stop)?;
-    cols.num("risk_price", risk_price)?;
+    if floats {
+        cols.num("entry_price", entry_price)?;
+        cols.num("quantity", qty)?;
+        cols.num("initial_stop", initial_stop)?;
+        cols.num("risk_price", risk_price)?;
+        cols.num("pnl", pnl)?;
+        cols.num("fees", fees)?;
+    }
     cols.num("risk_usd", risk_usd)?;
-    cols.num("pnl", pnl)?;
-    cols.num("fees", fees)?;
     cols.num("r_multiple", r_multiple)?;
     cols.num("confidence", confidence)?;
     cols.num("reason_code", reason)?;
