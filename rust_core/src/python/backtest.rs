@@ -521,11 +521,14 @@ fn outputs<'py>(
                 fees.push(to_f64(t.fees));
             }
             let risk = t.risk_price * t.quantity;
-            risk_usd.push(to_f64(risk));
+            let risk_f = to_f64(risk);
+            risk_usd.push(risk_f);
+            // A ratio for analysis, in floats: a 28-digit decimal division per trade cost
+            // more than the rest of the row, for a value then rounded to a double anyway.
             r_multiple.push(if risk.is_zero() {
                 f64::NAN
             } else {
-                to_f64(t.pnl / risk)
+                to_f64(t.pnl) / risk_f
             });
             confidence.push(t.confidence.unwrap_or(f64::NAN));
             reason.push(t.exit_reason);
