@@ -641,9 +641,21 @@ def backtest_run(
     default to), and so does a job beyond what the integers hold (counted in
     ``decimal_jobs``). ``exact`` adds ``exact``: for ``fills`` (price, quantity, fee, pnl)
     and ``trades`` (entry_price, quantity, initial_stop, risk_price, pnl, fees) each column's
-    Decimal(38, 12) mantissas as 16-byte little-endian bytes (Arrow's decimal128 layout), or
-    None when a value has more than 12 decimals. Use ``pyquant.backtest`` instead.
+    Decimal(38, 12) mantissas as 16-byte little-endian values (Arrow's decimal128 layout) in a
+    ``MantissaBuffer``, or None when a value has more than 12 decimals. Use
+    ``pyquant.backtest`` instead.
     """
+
+@_final
+class MantissaBuffer:
+    """Read-only bytes of ``backtest_run``'s exact columns.
+
+    Read through the buffer protocol (``bytes(buffer)``, ``memoryview(buffer)``, pyarrow)
+    without a copy; their memory is reused by a later run once nothing reads them any more.
+    """
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
 
 def backtest_replay_marks(
     rules: ExchangeRules,

@@ -64,3 +64,22 @@ def test_a_run_in_between_changes_nothing_of_the_next(rules, example_policy):
     assert again.keys() == first.keys()
     for name, values in first.items():
         np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(values), err_msg=name)
+
+
+def test_exact_columns_still_read_stay_theirs_while_other_runs_reuse_memory(rules, example_policy):
+    # The exact columns' bytes go back to the pool only when nothing reads them: a result
+    # kept alive must read the same after other runs wrote their own mantissas.
+    options = {**bt_running._core_options(bt.BacktestConfig(), False, detail=False), "exact": True}
+
+    def run(series: dict[str, Any]) -> dict[str, Any]:
+        return _core.backtest_run([series], [example_policy], rules, **options)
+
+    kept = run(_walk_series(60_000, seed=1, every=7))
+    before = {name: bytes(buffer) for name, buffer in kept["exact"]["fills"].items()}
+    view = memoryview(kept["exact"]["fills"]["pnl"])
+    for seed in (2, 3):
+        run(_walk_series(120_000, seed=seed, every=3))  # dropped at once: memory reused
+    assert {name: bytes(buffer) for name, buffer in kept["exact"]["fills"].items()} == before
+    assert view.readonly
+    assert bytes(view) == before["pnl"]
+    assert len(before["pnl"]) == 16 * len(kept["fills"]["trade"]) > 16 * 500

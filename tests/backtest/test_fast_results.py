@@ -156,7 +156,7 @@ def test_exact_mantissas_are_the_decimal_text(rules, real_klines):
     ):
         assert len(raw[table]["trade"]) > 50
         for name in names:
-            data = raw["exact"][table][name]
+            data = bytes(raw["exact"][table][name])
             mantissas = [
                 int.from_bytes(data[k : k + 16], "little", signed=True)
                 for k in range(0, len(data), 16)

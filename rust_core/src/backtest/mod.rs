@@ -549,6 +549,19 @@ impl Default for JobOutput {
     }
 }
 
+static SPARE_BYTES: Spare<u8> = Spare::new();
+
+/// An empty byte buffer with room for `n` bytes, from the pool of [`give_bytes`].
+pub fn take_bytes(n: usize) -> Vec<u8> {
+    SPARE_BYTES.take(n)
+}
+
+/// Keeps a byte buffer no longer read (the exact columns' mantissas once Python dropped
+/// them) for a later [`take_bytes`].
+pub fn give_bytes(buffer: Vec<u8>) {
+    SPARE_BYTES.give(buffer);
+}
+
 /// Gives the row buffers of finished jobs (read, no longer needed) back for the next
 /// run's jobs.
 pub fn recycle(jobs: Vec<JobOutput>) {

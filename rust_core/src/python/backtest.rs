@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyDict, PyList};
 
 use crate::backtest::{
     self, to_f64, BacktestOptions, Bars, Direction, Entries, Fill, Intrabar, JobOutput,
@@ -241,24 +241,76 @@ const EXACT_SCALE: u32 = 12;
 fn exact_mantissas(
     py: Python<'_>,
     values: impl ExactSizeIterator<Item = Decimal>,
-) -> PyResult<Option<Bound<'_, PyBytes>>> {
+) -> PyResult<Option<Bound<'_, MantissaBuffer>>> {
     const LIMIT: u128 = 10u128.pow(38);
-    let mut fits = true;
-    // Written straight into the bytes object: no second buffer to fill and copy.
-    let bytes = PyBytes::new_with(py, values.len() * 16, |buffer| {
-        for (slot, value) in buffer.chunks_exact_mut(16).zip(values) {
-            let Some(mantissa) = mantissa_at(value, EXACT_SCALE)
-                .or_else(|| mantissa_at(value.normalize(), EXACT_SCALE))
-                .filter(|m| m.unsigned_abs() < LIMIT)
-            else {
-                fits = false;
-                break;
-            };
-            slot.copy_from_slice(&mantissa.to_le_bytes());
+    let mut bytes = backtest::take_bytes(values.len() * 16);
+    for value in values {
+        let Some(mantissa) = mantissa_at(value, EXACT_SCALE)
+            .or_else(|| mantissa_at(value.normalize(), EXACT_SCALE))
+            .filter(|m| m.unsigned_abs() < LIMIT)
+        else {
+            backtest::give_bytes(bytes);
+            return Ok(None);
+        };
+        bytes.extend_from_slice(&mantissa.to_le_bytes());
+    }
+    Ok(Some(Bound::new(py, MantissaBuffer { bytes })?))
+}
+
+/// Read-only bytes that Python reads through the buffer protocol without a copy (pyarrow
+/// wraps them as a `decimal128` array, polars keeps that array's memory). When the last
+/// reader lets go the memory goes back to the backtest's pool, so the next run writes its
+/// mantissas into pages it already has instead of faulting in fresh ones.
+#[pyclass(frozen, module = "pyquant._core")]
+pub struct MantissaBuffer {
+    bytes: Vec<u8>,
+}
+
+// The buffer protocol is `unsafe` by its signature (a raw view from the interpreter); the
+// bodies only fill that view through `PyBuffer_FillInfo`.
+#[allow(unsafe_code)]
+#[pymethods]
+impl MantissaBuffer {
+    fn __len__(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// # Safety
+    /// Called by Python with a valid `view`; the buffer is read-only, and the bytes stay put
+    /// while `view` holds its reference to `slf` (the vector is never resized after
+    /// construction, and `frozen` forbids any mutation).
+    #[allow(clippy::needless_pass_by_value)] // the receiver pyo3 gives this slot
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        let bytes = &slf.get().bytes;
+        let length = isize::try_from(bytes.len())
+            .map_err(|_| pyo3::exceptions::PyBufferError::new_err("buffer too large"))?;
+        // SAFETY: `view` is valid (see above); `PyBuffer_FillInfo` takes a reference to
+        // `slf` for the view's lifetime and refuses a writable request on a read-only buffer.
+        let status = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                bytes.as_ptr().cast_mut().cast(),
+                length,
+                1,
+                flags,
+            )
+        };
+        if status == -1 {
+            return Err(PyErr::fetch(slf.py()));
         }
         Ok(())
-    })?;
-    Ok(fits.then_some(bytes))
+    }
+}
+
+impl Drop for MantissaBuffer {
+    fn drop(&mut self) {
+        backtest::give_bytes(std::mem::take(&mut self.bytes));
+    }
 }
 
 /// An exact column: its name and how a row gives its value.
@@ -737,6 +789,7 @@ fn py_backtest_replay_marks<'py>(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<MantissaBuffer>()?;
     m.add_function(wrap_pyfunction!(py_backtest_run, m)?)?;
     m.add_function(wrap_pyfunction!(py_backtest_replay_marks, m)?)?;
     Ok(())
