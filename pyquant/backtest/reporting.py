@@ -31,49 +31,55 @@ if TYPE_CHECKING:
 EXACT = pl.Decimal(38, 12)
 
 
-def _frame(outputs: list[dict[str, Any]], table: str, symbols: Sequence[str]) -> pl.DataFrame:
-    frames = []
-    for out in outputs:
-        frame = pl.DataFrame(out["raw"][table])
-        if not frame.columns:
-            continue
-        frame = frame.with_columns(
-            (pl.col("series").cast(pl.UInt32) + out["series0"]).alias("series"),
-            (pl.col("policy").cast(pl.UInt32) + out["policy0"]).alias("policy"),
-        )
-        frames.append(frame)
-    if not frames:
-        return pl.DataFrame()
-    frame = pl.concat(frames, how="vertical_relaxed")
-    # Looked up inside polars: no Python string per row.
+def _frame(
+    outputs: list[dict[str, Any]], table: str, symbols: Sequence[str], reasons: Sequence[str]
+) -> pl.DataFrame:
+    # One frame per core call, built from its columns in one go: the series and policy
+    # offsets added in numpy, the symbol and the reason looked up by index (no Python
+    # string per row, no polars query per step).
     names = pl.Series("symbol", list(symbols), dtype=pl.String)
-    return frame.with_columns(names.gather(frame["series"]).alias("symbol"))
-
-
-def _decode_reasons(frame: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
-    if frame.is_empty() or "reason_code" not in frame.columns:
-        return frame
-    labels = pl.Series("reason", list(names), dtype=pl.String)
-    return frame.with_columns(labels.gather(frame["reason_code"]).alias("reason")).drop(
-        "reason_code"
-    )
+    labels = pl.Series("reason", list(reasons), dtype=pl.String)
+    kinds = pl.Series("kind", ["entry", "exit"], dtype=pl.String)
+    entry_code = list(reasons).index("entry") if "entry" in reasons else -1
+    frames: list[pl.DataFrame] = []
+    empty: pl.DataFrame | None = None
+    for out in outputs:
+        columns = dict(out["raw"][table])
+        if not columns:
+            continue
+        if not len(columns["series"]) and (frames or empty is not None):
+            continue  # an empty part adds nothing to the ones before it
+        series = columns["series"].astype(np.uint32) + np.uint32(out["series0"])
+        columns["series"] = series
+        columns["policy"] = columns["policy"].astype(np.uint32) + np.uint32(out["policy0"])
+        codes = columns.get("reason_code")
+        if codes is not None and len(codes):
+            del columns["reason_code"]
+        else:
+            codes = None
+        columns["symbol"] = names.gather(series)
+        if codes is not None:
+            columns["reason"] = labels.gather(codes)
+            if table == "fills":
+                columns["kind"] = kinds.gather((codes != entry_code).astype(np.uint32))
+        if codes is None and not len(series):
+            empty = pl.DataFrame(columns)
+        else:
+            frames.append(pl.DataFrame(columns))
+    if not frames:
+        # No rows at all: the columns as the core gave them (codes undecoded).
+        return empty if empty is not None else pl.DataFrame()
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
 
 
 def _tables(
     outputs: list[dict[str, Any]], symbols: Sequence[str]
 ) -> tuple[dict[str, pl.DataFrame], int]:
     names: list[str] = list(outputs[0]["raw"]["reason_names"]) if outputs else []
-    tables = {}
-    for table in ("fills", "trades", "stops", "levels", "skipped"):
-        tables[table] = _decode_reasons(_frame(outputs, table, symbols), names)
-    fills = tables["fills"]
-    if not fills.is_empty():
-        tables["fills"] = fills.with_columns(
-            pl.when(pl.col("reason") == "entry")
-            .then(pl.lit("entry"))
-            .otherwise(pl.lit("exit"))
-            .alias("kind")
-        )
+    tables = {
+        table: _frame(outputs, table, symbols, names)
+        for table in ("fills", "trades", "stops", "levels", "skipped")
+    }
     evaluations = sum(int(out["raw"]["evaluations"]) for out in outputs)
     return tables, evaluations
 
