@@ -490,22 +490,42 @@ impl Replay for TickJob<'_> {
     }
 
     /// With one position open, no trailing stop active (nothing then depends on the ATR),
-    /// entries refused while it is open (`one_position_per_symbol`), whole bars and no
-    /// per-bar detail: the bars from `i` up to the first that is not quiet, in one sweep
-    /// over their extremes ([`TickPosition::quiet_sweep`]).
-    fn quiet_run(&mut self, i: usize, end: usize) -> usize {
+    /// whole bars and no per-bar detail: the bars from `i` up to the first that is not
+    /// quiet, in one sweep over their extremes ([`TickPosition::quiet_sweep`]). Entries
+    /// are refused while the position is open (`one_position_per_symbol`, or an entry on
+    /// the same side); the sweep stops before the bar of the first entry that would open
+    /// the other side.
+    fn quiet_run(&mut self, i: usize, end: usize, next_entry: usize) -> usize {
         let p = self.p;
-        if self.open.len() != 1
-            || !self.options.one_position_per_symbol
-            || self.options.detail
-            || !p.fine.is_empty()
-        {
+        if self.open.len() != 1 || self.options.detail || !p.fine.is_empty() {
             return 0;
         }
-        let ends = &p.input.bars.open_time[i..end];
+        let times = &p.input.bars.open_time;
+        let mut end = end;
+        if !self.options.one_position_per_symbol {
+            let side: i8 = match self.open[0].direction {
+                Direction::Long => 1,
+                Direction::Short => -1,
+            };
+            let entries = &p.input.entries;
+            let last = times[end - 1];
+            let mut e = next_entry;
+            while e < entries.len() && entries.time_ms(e) <= last {
+                if entries.side[e] != side {
+                    // Its bar: the first at or after it; the sweep ends before that one.
+                    let time_ms = entries.time_ms(e);
+                    end = i + times[i..end].partition_point(|&t| t < time_ms);
+                    break;
+                }
+                e += 1;
+            }
+            if end <= i {
+                return 0;
+            }
+        }
         let settled = self.open[0].position.quiet_sweep(
             &p.bars[i..end],
-            ends,
+            &times[i..end],
             p.input.interval_ms,
             &self.rules,
         );

@@ -119,9 +119,10 @@ pub(super) trait Replay {
     /// Closes every open position at the close of bar `i` for `reason`.
     fn close_all(&mut self, i: usize, reason: u8) -> Result<(), Self::Error>;
     /// Settles bars `i..end` in one sweep for as long as each is a quiet bar for the open
-    /// position and every entry due would be refused (`position_open`); returns how many
-    /// it settled, 0 when it takes no sweep (the decimal replay never does).
-    fn quiet_run(&mut self, _i: usize, _end: usize) -> usize {
+    /// position and every entry due (from entry `next_entry` on) would be refused
+    /// (`position_open`); returns how many it settled, 0 when it takes no sweep (the
+    /// decimal replay never does).
+    fn quiet_run(&mut self, _i: usize, _end: usize, _next_entry: usize) -> usize {
         0
     }
 }
@@ -153,7 +154,7 @@ pub(super) fn walk<R: Replay>(job: &mut R, p: &Prepared<'_>) -> Result<(), R::Er
             }
             i += 1;
             if i < end && job.has_open() {
-                let settled = job.quiet_run(i, end);
+                let settled = job.quiet_run(i, end, e);
                 if settled > 0 {
                     e = refuse_entries(job.record(), entries, e, &times[i..i + settled], interval);
                     i += settled;
