@@ -21,7 +21,6 @@ use super::thresholds::atr_at;
 use super::walk::{entry_quantity, entry_rate, walk, Record, Replay};
 use super::{
     to_f64, BacktestOptions, Direction, Entry, Fill, JobOutput, Trade, ENTRY, OVER_LEVERAGE,
-    POSITION_OPEN,
 };
 
 pub(super) fn fee(rate: Decimal, price: Decimal, quantity: Decimal) -> Decimal {
@@ -86,7 +85,8 @@ impl<'a> Job<'a> {
 
     pub(super) fn run(mut self) -> JobOutput {
         let p = self.p;
-        match walk(&mut self, p) {
+        let options = self.options;
+        match walk(&mut self, p, options) {
             Ok(()) => self.record.finish(),
             Err(never) => match never {},
         }
@@ -257,16 +257,12 @@ impl Replay for Job<'_> {
         !self.open.is_empty()
     }
 
+    fn holds(&self, direction: Direction) -> bool {
+        self.open.iter().any(|o| o.direction == direction)
+    }
+
     fn enter(&mut self, entry: &Entry, i: usize) -> Result<(), Infallible> {
         let p = self.p;
-        let blocked = self
-            .open
-            .iter()
-            .any(|o| self.options.one_position_per_symbol || o.direction == entry.direction);
-        if blocked {
-            self.record.skip(entry.time_ms, POSITION_OPEN);
-            return Ok(());
-        }
         let price = p.grid.price(p.bars[i][0]);
         let quantity = match entry_quantity(self.rules, self.options, entry, price) {
             Ok(quantity) => quantity,

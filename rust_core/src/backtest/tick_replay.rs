@@ -18,9 +18,7 @@ use super::prepare::Prepared;
 use super::thresholds::atr_at;
 use super::ticks::{BarAtr, Opening, TickPosition, TickRules, Unrepresentable};
 use super::walk::{entry_quantity, entry_rate, Record, Replay};
-use super::{
-    to_f64, BacktestOptions, Direction, Entry, Fill, Trade, ENTRY, OVER_LEVERAGE, POSITION_OPEN,
-};
+use super::{to_f64, BacktestOptions, Direction, Entry, Fill, Trade, ENTRY, OVER_LEVERAGE};
 
 struct TickOpen {
     trade: u32,
@@ -120,7 +118,8 @@ impl<'a> TickJob<'a> {
 
     pub(super) fn run(mut self) -> Result<super::JobOutput, Unrepresentable> {
         let p = self.p;
-        super::walk::walk(&mut self, p)?;
+        let options = self.options;
+        super::walk::walk(&mut self, p, options)?;
         Ok(self.record.finish())
     }
 
@@ -384,16 +383,12 @@ impl Replay for TickJob<'_> {
         !self.open.is_empty()
     }
 
+    fn holds(&self, direction: Direction) -> bool {
+        self.open.iter().any(|o| o.direction == direction)
+    }
+
     fn enter(&mut self, entry: &Entry, i: usize) -> Result<(), Unrepresentable> {
         let p = self.p;
-        let blocked = self
-            .open
-            .iter()
-            .any(|o| self.options.one_position_per_symbol || o.direction == entry.direction);
-        if blocked {
-            self.record.skip(entry.time_ms, POSITION_OPEN);
-            return Ok(());
-        }
         let open_tick = p.bars[i][0];
         let price = p.grid.price(open_tick);
         let Some(units) = self.entry_units(entry, open_tick)? else {

@@ -9,8 +9,8 @@ use crate::rules::SymbolRules;
 
 use super::prepare::Prepared;
 use super::{
-    BacktestOptions, Entries, Entry, JobOutput, BELOW_MIN_NOTIONAL, BELOW_MIN_QTY, DATA_GAP,
-    END_OF_DATA, NO_BAR, POSITION_OPEN,
+    BacktestOptions, Direction, Entries, Entry, JobOutput, BELOW_MIN_NOTIONAL, BELOW_MIN_QTY,
+    DATA_GAP, END_OF_DATA, NO_BAR, POSITION_OPEN,
 };
 
 /// A job's output and its counted skips.
@@ -111,9 +111,12 @@ fn refuse_entries(
 pub(super) trait Replay {
     type Error;
     fn record(&mut self) -> &mut Record;
-    /// Opens a position for `entry` at the open of bar `i`, or records why not.
+    /// Opens a position for `entry` at the open of bar `i` (no open position refuses
+    /// it: see [`walk`]), or records why not.
     fn enter(&mut self, entry: &Entry, i: usize) -> Result<(), Self::Error>;
     fn has_open(&self) -> bool;
+    /// A position is open on `direction`'s side.
+    fn holds(&self, direction: Direction) -> bool;
     /// Bar `i` for every open position.
     fn bar(&mut self, i: usize) -> Result<(), Self::Error>;
     /// Closes every open position at the close of bar `i` for `reason`.
@@ -128,10 +131,16 @@ pub(super) trait Replay {
 }
 
 /// Walks the segments of `p` in order: at each bar the entries due (those that fall in a
-/// gap or outside the data are skipped as `no_bar`), then the bar for the open positions;
+/// gap or outside the data are skipped as `no_bar`; one meeting an open position on its
+/// side, or any open position with `one_position_per_symbol`, as `position_open`), then
+/// the bar for the open positions;
 /// at each segment's end the positions still open close (`data_gap`, `end_of_data`).
 #[allow(clippy::needless_range_loop)] // `i` addresses several parallel bar arrays
-pub(super) fn walk<R: Replay>(job: &mut R, p: &Prepared<'_>) -> Result<(), R::Error> {
+pub(super) fn walk<R: Replay>(
+    job: &mut R,
+    p: &Prepared<'_>,
+    options: &BacktestOptions,
+) -> Result<(), R::Error> {
     let times = &p.input.bars.open_time;
     let interval = p.input.interval_ms;
     let entries = &p.input.entries;
@@ -145,6 +154,10 @@ pub(super) fn walk<R: Replay>(job: &mut R, p: &Prepared<'_>) -> Result<(), R::Er
                 e += 1;
                 if t - entry.time_ms >= interval {
                     job.record().skip(entry.time_ms, NO_BAR);
+                } else if job.has_open()
+                    && (options.one_position_per_symbol || job.holds(entry.direction))
+                {
+                    job.record().skip(entry.time_ms, POSITION_OPEN);
                 } else {
                     job.enter(entry, i)?;
                 }
