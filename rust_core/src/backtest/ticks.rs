@@ -193,6 +193,11 @@ pub(super) fn div_rem(a: i128, b: i128) -> (i128, i128) {
     }
 }
 
+/// A count of ticks, clamped to [`FAR_TICKS`] (beyond every bar price).
+fn ticks_of(quotient: i128) -> Option<i64> {
+    i64::try_from(quotient.min(i128::from(FAR_TICKS))).ok()
+}
+
 /// A decimal factor as `mantissa / 10^scale`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Factor {
@@ -208,9 +213,27 @@ impl Factor {
         }
     }
 
-    /// `ceil(self * numerator / denominator)` for positive operands, when every product
-    /// the decimal path forms on the way (`self * numerator * unit`, with `unit_scale`
-    /// decimals) stays exact (96 bits, 28 decimals) and the result fits the tick range.
+    /// `(q, r, d)` with `self * numerator = q * d + r` and `d = denominator * 10^scale`, for
+    /// positive operands, when every product the decimal path forms on the way (`self *
+    /// numerator * unit`, with `unit_scale` decimals) stays exact (96 bits, 28 decimals).
+    fn quotient(
+        self,
+        numerator: i128,
+        denominator: i128,
+        unit: i128,
+        unit_scale: u32,
+    ) -> Option<(i128, i128, i128)> {
+        let product = self.mantissa.checked_mul(numerator)?;
+        if product.checked_mul(unit)?.unsigned_abs() >= 1 << 96 || self.scale + unit_scale > 28 {
+            return None;
+        }
+        let denominator = denominator.checked_mul(POW10_I128[self.scale as usize])?;
+        let (quotient, remainder) = div_rem(product, denominator);
+        Some((quotient, remainder, denominator))
+    }
+
+    /// `ceil(self * numerator / denominator)` (see [`Factor::quotient`]), when it fits the
+    /// tick range.
     fn ceil_times(
         self,
         numerator: i128,
@@ -218,20 +241,13 @@ impl Factor {
         unit: i128,
         unit_scale: u32,
     ) -> Option<i64> {
-        let product = self.mantissa.checked_mul(numerator)?;
-        if product.checked_mul(unit)?.unsigned_abs() >= 1 << 96 || self.scale + unit_scale > 28 {
-            return None;
-        }
-        let denominator = denominator.checked_mul(POW10_I128[self.scale as usize])?;
-        let (quotient, remainder) = div_rem(product, denominator);
-        let quotient = quotient + i128::from(remainder > 0);
-        i64::try_from(quotient.min(i128::from(FAR_TICKS))).ok()
+        let (quotient, remainder, _) = self.quotient(numerator, denominator, unit, unit_scale)?;
+        ticks_of(quotient + i128::from(remainder > 0))
     }
 
-    /// `floor(self * numerator / denominator)` for positive operands, under the same
-    /// exactness conditions as [`Factor::ceil_times`]. With `rounded`, the decimal path
-    /// divides too (to 28 digits), so a quotient within 1e-20 (relative) of an integer
-    /// without being one is left to it.
+    /// `floor(self * numerator / denominator)` (see [`Factor::quotient`]). With `rounded`,
+    /// the decimal path divides too (to 28 digits), so a quotient within 1e-20 (relative)
+    /// of an integer without being one is left to it.
     fn floor_times(
         self,
         numerator: i128,
@@ -241,12 +257,8 @@ impl Factor {
         rounded: bool,
     ) -> Option<i64> {
         const MARGIN: i128 = 100_000_000_000_000_000_000;
-        let product = self.mantissa.checked_mul(numerator)?;
-        if product.checked_mul(unit)?.unsigned_abs() >= 1 << 96 || self.scale + unit_scale > 28 {
-            return None;
-        }
-        let denominator = denominator.checked_mul(POW10_I128[self.scale as usize])?;
-        let (quotient, remainder) = div_rem(product, denominator);
+        let (quotient, remainder, denominator) =
+            self.quotient(numerator, denominator, unit, unit_scale)?;
         if rounded && remainder != 0 {
             let bound = denominator.checked_mul(quotient + 1)?;
             let near = remainder.min(denominator - remainder).checked_mul(MARGIN)?;
@@ -254,7 +266,7 @@ impl Factor {
                 return None;
             }
         }
-        i64::try_from(quotient.min(i128::from(FAR_TICKS))).ok()
+        ticks_of(quotient)
     }
 }
 
