@@ -115,16 +115,7 @@ impl Hasher for SymbolHasher {
 
     #[inline]
     fn write(&mut self, bytes: &[u8]) {
-        let word = |at: usize| {
-            let mut buf = [0u8; 8];
-            buf.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_le_bytes(buf)
-        };
-        let half = |at: usize| {
-            let mut buf = [0u8; 4];
-            buf.copy_from_slice(&bytes[at..at + 4]);
-            u64::from(u32::from_le_bytes(buf))
-        };
+        let (word, half) = (|at| le_word(bytes, at), |at| le_half(bytes, at));
         let n = bytes.len();
         // The length goes in first, so overlapping loads of different lengths differ.
         self.mix(n as u64);
@@ -152,6 +143,22 @@ impl Hasher for SymbolHasher {
     fn write_u8(&mut self, byte: u8) {
         self.mix(u64::from(byte));
     }
+}
+
+/// The eight bytes of `bytes` from `at` as a little-endian word.
+#[inline]
+pub(crate) fn le_word(bytes: &[u8], at: usize) -> u64 {
+    let mut buf = [0u8; 8];
+    buf.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(buf)
+}
+
+/// The four bytes of `bytes` from `at` as a little-endian word.
+#[inline]
+pub(crate) fn le_half(bytes: &[u8], at: usize) -> u64 {
+    let mut buf = [0u8; 4];
+    buf.copy_from_slice(&bytes[at..at + 4]);
+    u64::from(u32::from_le_bytes(buf))
 }
 
 /// Map keyed by symbol name.

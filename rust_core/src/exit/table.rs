@@ -8,7 +8,7 @@
 //! other order, a new symbol or a removed one takes the index and refreshes the route.
 //! The states are visited in list order then, which is also their allocation order.
 
-use super::{SymbolMap, SymbolState};
+use super::{le_half, le_word, SymbolMap, SymbolState};
 
 /// Symbol name -> state, with the route of the last message (see the module docs).
 #[derive(Clone, Debug, Default)]
@@ -39,19 +39,9 @@ impl NameKey {
     fn of(name: &str) -> Self {
         let bytes = name.as_bytes();
         let n = bytes.len();
-        let word = |at: usize| {
-            let mut buf = [0u8; 8];
-            buf.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_le_bytes(buf)
-        };
-        let half = |at: usize| {
-            let mut buf = [0u8; 4];
-            buf.copy_from_slice(&bytes[at..at + 4]);
-            u64::from(u32::from_le_bytes(buf))
-        };
         let (head, tail) = match n {
-            4..=8 => (half(0), half(n - 4)),
-            9..=16 => (word(0), word(n - 8)),
+            4..=8 => (le_half(bytes, 0), le_half(bytes, n - 4)),
+            9..=16 => (le_word(bytes, 0), le_word(bytes, n - 8)),
             _ => (0, 0),
         };
         Self { len: n, head, tail }
