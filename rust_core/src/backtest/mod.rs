@@ -57,6 +57,7 @@
 //! - `thresholds`: ticks of a decimal threshold, the trailing distance in ticks, ATR per bar;
 //! - `walk`: what both replays share: segments, entries, sizing, skip records;
 //! - `ticks`: a position's exit rules over ticks and lot units;
+//! - `scan`: the vectorized scans of the quiet sweep over bar prices;
 //! - `money`: fees and `PnL` as integer mantissas;
 //! - `tick_replay`: one job the integer way (the default);
 //! - `replay`: one job the decimal way, every mark through the state machine (the
@@ -577,6 +578,7 @@ mod money;
 mod path;
 mod prepare;
 mod replay;
+mod scan;
 mod spare;
 #[cfg(test)]
 mod tests;

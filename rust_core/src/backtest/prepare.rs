@@ -21,6 +21,16 @@ use super::{BacktestOptions, Bars, SeriesInput};
 static SPARE_TICKS: Spare<[i64; 4]> = Spare::new();
 static SPARE_FLOATS: Spare<f64> = Spare::new();
 
+/// Each bar's four prices: open, high, low, close.
+fn rows<'b>(bars: &'b Bars<'_>) -> impl Iterator<Item = [f64; 4]> + 'b {
+    bars.open
+        .iter()
+        .zip(bars.high.iter())
+        .zip(bars.low.iter())
+        .zip(bars.close.iter())
+        .map(|(((&open, &high), &low), &close)| [open, high, low, close])
+}
+
 /// A series with its prices on the tick grid and its segments, shared by every policy.
 pub(super) struct Prepared<'a> {
     pub(super) input: &'a SeriesInput<'a>,
@@ -157,32 +167,63 @@ impl Grid {
         prefix: &str,
         bars: &Bars<'_>,
     ) -> Result<Vec<[i64; 4]>, CoreError> {
-        let rows = || {
-            bars.open
-                .iter()
-                .zip(bars.high.iter())
-                .zip(bars.low.iter())
-                .zip(bars.close.iter())
-                .map(|(((&open, &high), &low), &close)| [open, high, low, close])
-        };
-        // One pass by floats alone (the usual case settles every price): an exact-size
-        // extend, without a branch or a capacity check per bar; a bar floats leave open is
-        // only noted, and settled by a second pass over those bars.
-        let mut unsettled = false;
         let mut out = SPARE_TICKS.take(bars.len());
-        out.extend(rows().map(|prices| {
-            let fast = prices.map(|v| self.nearest_float(v));
-            unsettled |= !fast.iter().all(|&(_, settled)| settled);
-            fast.map(|(k, _)| k)
-        }));
-        if unsettled {
-            for (slot, prices) in out.iter_mut().zip(rows()) {
+        if self.ticks_by_floats(bars, &mut out) {
+            for (slot, prices) in out.iter_mut().zip(rows(bars)) {
                 if !prices.iter().all(|&v| self.nearest_float(v).1) {
                     *slot = self.bar_the_long_way(rules, prefix, prices)?;
                 }
             }
         }
         Ok(out)
+    }
+
+    /// One pass by floats alone (the usual case settles every price): an exact-size
+    /// extend of `out`, without a branch or a capacity check per bar; a bar floats leave
+    /// open is only noted (the answer is true then) and settled by the caller.
+    fn ticks_by_floats(self, bars: &Bars<'_>, out: &mut Vec<[i64; 4]>) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: `ticks_by_floats_avx2` only requires AVX2, detected just above.
+            #[allow(unsafe_code)] // the one way to call a `target_feature` function
+            unsafe {
+                return self.ticks_by_floats_avx2(bars, out);
+            }
+        }
+        self.ticks_by_floats_loop(bars, out)
+    }
+
+    /// The same loop with four prices a vector instead of two (the baseline target's).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn ticks_by_floats_avx2(self, bars: &Bars<'_>, out: &mut Vec<[i64; 4]>) -> bool {
+        self.ticks_by_floats_loop(bars, out)
+    }
+
+    // Must be inlined into `ticks_by_floats_avx2` to be compiled with AVX2 there.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn ticks_by_floats_loop(self, bars: &Bars<'_>, out: &mut Vec<[i64; 4]>) -> bool {
+        // Written into the spare capacity by index: `Vec::extend` over an iterator is a
+        // generic function of its own, not inlined here, so not compiled with AVX2.
+        let rows = bars.len();
+        out.clear();
+        out.reserve(rows);
+        let mut settled = true;
+        let [open, high, low, close] =
+            [&bars.open, &bars.high, &bars.low, &bars.close].map(|column| &column[..rows]);
+        for (j, slot) in out.spare_capacity_mut()[..rows].iter_mut().enumerate() {
+            let ticks = [open[j], high[j], low[j], close[j]].map(|v| self.nearest_float(v));
+            // `&`, not `&&`: no branch, so the loop vectorizes.
+            settled &= ticks[0].1 & ticks[1].1 & ticks[2].1 & ticks[3].1;
+            slot.write(ticks.map(|(k, _)| k));
+        }
+        // SAFETY: the loop above wrote each of the first `rows` slots (`reserve` made room).
+        #[allow(unsafe_code)] // the one way to keep the rows written in place
+        unsafe {
+            out.set_len(rows);
+        }
+        !settled
     }
 
     /// One bar's ticks, each by floats, at a midpoint, or exactly.

@@ -26,6 +26,7 @@ use crate::fixed::{decimal_to_f64_fast, mantissa_at, Decimal, Rounding, POW10_I1
 use crate::rules::SymbolRules;
 
 use super::prepare::Grid;
+use super::scan;
 use super::thresholds::{trail_ticks, FAR_TICKS};
 
 /// Something of a job that integers cannot hold exactly; the job reruns on the decimal
@@ -1033,8 +1034,34 @@ impl TickPosition {
             }
         }
         let (stop, mut best) = (self.stop, self.best);
-        let mut settled = 0;
-        for (&[open, high, low, close], &t) in bars.iter().zip(times) {
+        // Before any time stop can be due (the best only moves on, so a time stop off now
+        // stays off), a bar is quiet exactly when its four prices lie strictly between
+        // the adverse bound (the stop, the band) and the favourable one (the next
+        // threshold, the band): one vectorized scan, then the scalar loop from there.
+        let before_expiry = match self.expires_at {
+            Some(at) if !self.time_stop_off(best) => {
+                times.partition_point(|&t| t.saturating_add(interval_ms) <= at)
+            }
+            _ => bars.len(),
+        };
+        let (below, above) = if s > 0 {
+            (
+                stop.max(band_lo - 1),
+                limit.map_or(band_hi + 1, |l| l.min(band_hi + 1)),
+            )
+        } else {
+            (
+                limit.map_or(band_lo - 1, |l| l.max(band_lo - 1)),
+                stop.min(band_hi + 1),
+            )
+        };
+        let mut settled = scan::inside_run(&bars[..before_expiry], below, above);
+        if let Some(extreme) = scan::extreme(&bars[..settled], s) {
+            if s * (extreme - best) > 0 {
+                best = extreme;
+            }
+        }
+        for (&[open, high, low, close], &t) in bars[settled..].iter().zip(&times[settled..]) {
             let lo = open.min(high).min(low).min(close);
             let hi = open.max(high).max(low).max(close);
             let (adverse, favourable) = if s > 0 { (lo, hi) } else { (hi, lo) };

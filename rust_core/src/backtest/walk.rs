@@ -40,6 +40,11 @@ impl Record {
         }
     }
 
+    /// Counts `count` entries refused as `position_open` (see [`Record::skip`]).
+    pub(super) fn skip_open(&mut self, count: usize) {
+        self.position_open_skips += count as u32;
+    }
+
     pub(super) fn finish(mut self) -> JobOutput {
         if self.position_open_skips > 0 {
             self.out
@@ -90,6 +95,22 @@ fn refuse_entries(
     let Some(&last) = times.last() else {
         return e;
     };
+    // A linear count: the entries due are about as many as the bars (a binary search over
+    // all the entries left would miss the cache at every step).
+    let due = entries.time_ms[e..]
+        .iter()
+        .take_while(|&&t| t <= last)
+        .count();
+    // No two bars more than an interval apart, and the first less than an interval after
+    // the earliest entry due: every entry due has a bar and meets the open position (the
+    // common case, a signal on every bar), so they are counted without a bar search.
+    if due > 0
+        && times[0] - entries.time_ms(e) < interval
+        && times.windows(2).all(|w| w[1] - w[0] <= interval)
+    {
+        record.skip_open(due);
+        return e + due;
+    }
     let mut bar = 0;
     while e < entries.len() && entries.time_ms(e) <= last {
         let time_ms = entries.time_ms(e);
