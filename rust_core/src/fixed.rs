@@ -501,6 +501,33 @@ pub(crate) fn mantissa_at(value: Decimal, scale: u32) -> Option<i128> {
         .filter(|m| m.unsigned_abs() < 1 << 120)
 }
 
+/// The mantissa of `value` at `scale` decimals, when the value has at most
+/// that many decimals and the mantissa fewer than 38 digits: Arrow's `decimal128(38, scale)`.
+pub(crate) fn decimal128_mantissa(value: Decimal, scale: u32) -> Option<i128> {
+    const LIMIT: u128 = 10u128.pow(38);
+    const POW10_I64: [i64; 13] = {
+        let mut table = [1i64; 13];
+        let mut k = 1;
+        while k < table.len() {
+            table[k] = table[k - 1] * 10;
+            k += 1;
+        }
+        table
+    };
+    let mantissa = value.mantissa();
+    // The usual amount: a 64-bit mantissa times at most 10^12, one 64x64-bit product
+    // (below 2^103, so below 10^38); anything else takes the checked path.
+    if let (Ok(small), Some(&factor)) = (
+        i64::try_from(mantissa),
+        POW10_I64.get(scale.wrapping_sub(value.scale()) as usize),
+    ) {
+        return Some(i128::from(small) * i128::from(factor));
+    }
+    mantissa_at(value, scale)
+        .or_else(|| mantissa_at(value.normalize(), scale))
+        .filter(|m| m.unsigned_abs() < LIMIT)
+}
+
 /// [`round_to_grid`] in integer arithmetic: all three numbers brought to one scale, the
 /// floor index and remainder by Euclidean division, the result `base + k * step` written
 /// with the grid's decimals. `None` when a number is too long for `i128` (the caller then
@@ -620,6 +647,30 @@ mod tests {
 
     fn d(s: &str) -> Decimal {
         parse_decimal("value", s).unwrap()
+    }
+
+    #[test]
+    fn decimal128_mantissas_are_the_value_at_the_scale_or_none() {
+        let at_12 = |text: &str| decimal128_mantissa(d(text), 12);
+        assert_eq!(at_12("30000.1"), Some(30_000_100_000_000_000));
+        assert_eq!(at_12("-0.000000000001"), Some(-1));
+        assert_eq!(at_12("7"), Some(7_000_000_000_000));
+        // More decimals written, the same value: the normalized value has 12 at most.
+        assert_eq!(at_12("1.50000000000000"), Some(1_500_000_000_000));
+        // A 13th significant decimal: none.
+        assert_eq!(at_12("0.0000000000001"), None);
+        // Beyond 64 bits of mantissa: the checked path, still exact.
+        assert_eq!(
+            at_12("12345678901234567890.5"),
+            Some(12_345_678_901_234_567_890_500_000_000_000)
+        );
+        // 38 digits or more at 12 decimals do not fit decimal128(38, 12).
+        assert_eq!(at_12("79228162514264337593543950335"), None);
+        assert_eq!(decimal128_mantissa(d("1.5"), 0), None);
+        assert_eq!(
+            decimal128_mantissa(d("1.5"), 20),
+            Some(150_000_000_000_000_000_000)
+        );
     }
 
     #[test]

@@ -14,12 +14,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::backtest::{
-    self, to_f64, BacktestOptions, Bars, Direction, Entries, Fill, Intrabar, JobOutput,
-    SeriesInput, Trade, REASONS,
+    self, to_f64, BacktestOptions, Bars, Direction, Entries, Intrabar, JobOutput, SeriesInput,
+    REASONS,
 };
 use crate::error::CoreError;
 use crate::exit::policy::ExitPolicy;
-use crate::fixed::{mantissa_at, parse_decimal, Decimal};
+use crate::fixed::{decimal128_mantissa, parse_decimal, Decimal};
 use crate::rules::ExchangeRules;
 
 use super::engine::PyExitPolicy;
@@ -234,27 +234,50 @@ fn series_arrays<'py>(dict: &Bound<'py, PyDict>) -> PyResult<SeriesArrays<'py>> 
 /// Decimals of the exact result columns (`pyquant.backtest.EXACT`, `Decimal(38, 12)`).
 const EXACT_SCALE: u32 = 12;
 
-/// The mantissas of `values` at 12 decimals, 16 bytes little-endian each: Arrow's
-/// `decimal128(38, 12)` layout, which Python wraps as a polars column without a Python
-/// object per row. `None` when a value has more than 12 decimals or 38 digits (the caller
-/// then asks for the decimal text).
-fn exact_mantissas(
-    py: Python<'_>,
-    values: impl ExactSizeIterator<Item = Decimal>,
-) -> PyResult<Option<Bound<'_, MantissaBuffer>>> {
-    const LIMIT: u128 = 10u128.pow(38);
-    let mut bytes = backtest::take_bytes(values.len() * 16);
-    for value in values {
-        let Some(mantissa) = mantissa_at(value, EXACT_SCALE)
-            .or_else(|| mantissa_at(value.normalize(), EXACT_SCALE))
-            .filter(|m| m.unsigned_abs() < LIMIT)
-        else {
-            backtest::give_bytes(bytes);
-            return Ok(None);
-        };
-        bytes.extend_from_slice(&mantissa.to_le_bytes());
+/// The `N` exact columns of one table, filled row by row, each as the mantissas of its
+/// values at 12 decimals, 16 bytes little-endian each: Arrow's `decimal128(38, 12)`
+/// layout, which Python wraps as a polars column without a Python object per row. A
+/// column with a value beyond [`decimal128_mantissa`] is `None`.
+///
+/// Filled in the same pass over the rows as the other columns: a fill or trade row is
+/// over a hundred bytes, and a pass of its own read the whole table from memory again.
+struct ExactColumns<const N: usize> {
+    columns: [Option<Vec<u8>>; N],
+}
+
+impl<const N: usize> ExactColumns<N> {
+    fn new(rows: usize) -> Self {
+        Self {
+            columns: std::array::from_fn(|_| Some(backtest::take_bytes(rows * 16))),
+        }
     }
-    Ok(Some(Bound::new(py, MantissaBuffer { bytes })?))
+
+    #[inline]
+    fn push(&mut self, values: [Decimal; N]) {
+        for (column, value) in self.columns.iter_mut().zip(values) {
+            if let Some(bytes) = column {
+                if let Some(mantissa) = decimal128_mantissa(value, EXACT_SCALE) {
+                    bytes.extend_from_slice(&mantissa.to_le_bytes());
+                } else {
+                    backtest::give_bytes(std::mem::take(bytes));
+                    *column = None;
+                }
+            }
+        }
+    }
+
+    /// The columns by name, as a dict.
+    fn finish<'py>(self, py: Python<'py>, names: [&str; N]) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (name, column) in names.into_iter().zip(self.columns) {
+            let buffer = match column {
+                Some(bytes) => Some(Bound::new(py, MantissaBuffer { bytes })?),
+                None => None,
+            };
+            dict.set_item(name, buffer)?;
+        }
+        Ok(dict)
+    }
 }
 
 /// Read-only bytes that Python reads through the buffer protocol without a copy (pyarrow
@@ -311,22 +334,6 @@ impl Drop for MantissaBuffer {
     fn drop(&mut self) {
         backtest::give_bytes(std::mem::take(&mut self.bytes));
     }
-}
-
-/// An exact column: its name and how a row gives its value.
-type ExactColumn<T> = (&'static str, fn(&T) -> Decimal);
-
-/// The exact columns of one table as [`exact_mantissas`] buffers (or `None`), by name.
-fn exact_columns<'py, T>(
-    py: Python<'py>,
-    rows: &[&T],
-    columns: &[ExactColumn<T>],
-) -> PyResult<Bound<'py, PyDict>> {
-    let dict = PyDict::new(py);
-    for &(name, read) in columns {
-        dict.set_item(name, exact_mantissas(py, rows.iter().map(|row| read(row)))?)?;
-    }
-    Ok(dict)
 }
 
 fn exact(value: Decimal) -> String {
@@ -441,6 +448,7 @@ fn outputs<'py>(
         Vec::with_capacity(rows),
     );
     let mut texts: [Vec<Option<String>>; 6] = Default::default();
+    let mut exact_fills = ExactColumns::new(if floats { 0 } else { rows });
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
         for f in &job.fills {
@@ -459,6 +467,8 @@ fn outputs<'py>(
                 qty.push(to_f64(f.quantity));
                 fee.push(to_f64(f.fee));
                 pnl.push(to_f64(f.pnl));
+            } else {
+                exact_fills.push([f.price, f.quantity, f.fee, f.pnl]);
             }
             r_move.push(f.r);
             if detail {
@@ -500,30 +510,6 @@ fn outputs<'py>(
         }
     }
     result.set_item("fills", fills.dict)?;
-    if exact_mantissas_wanted {
-        let exact = PyDict::new(py);
-        let rows: Vec<&Fill> = jobs.iter().flat_map(|j| &j.fills).collect();
-        let columns: [ExactColumn<Fill>; 4] = [
-            ("price", |f| f.price),
-            ("quantity", |f| f.quantity),
-            ("fee", |f| f.fee),
-            ("pnl", |f| f.pnl),
-        ];
-        exact.set_item("fills", exact_columns(py, &rows, &columns)?)?;
-        let rows: Vec<&Trade> = jobs.iter().flat_map(|j| &j.trades).collect();
-        let columns: [ExactColumn<Trade>; 6] = [
-            ("entry_price", |t| t.entry_price),
-            ("quantity", |t| t.quantity),
-            ("initial_stop", |t| t.initial_stop),
-            ("risk_price", |t| t.risk_price),
-            ("pnl", |t| t.pnl),
-            ("fees", |t| t.fees),
-        ];
-        exact.set_item("trades", exact_columns(py, &rows, &columns)?)?;
-        // Each exact column's Decimal(38, 12) mantissas (or None).
-        result.set_item("exact", exact)?;
-    }
-
     // trades: one pass, every column at once (the risk in USDT computed once per trade)
     let rows: usize = jobs.iter().map(|j| j.trades.len()).sum();
     let (mut ser, mut pol, mut trade, mut side) = (
@@ -552,6 +538,7 @@ fn outputs<'py>(
         Vec::with_capacity(rows),
     );
     let mut texts: [Vec<Option<String>>; 6] = Default::default();
+    let mut exact_trades = ExactColumns::new(if floats { 0 } else { rows });
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
         for t in &job.trades {
@@ -571,6 +558,15 @@ fn outputs<'py>(
                 risk_price.push(to_f64(t.risk_price));
                 pnl.push(to_f64(t.pnl));
                 fees.push(to_f64(t.fees));
+            } else {
+                exact_trades.push([
+                    t.entry_price,
+                    t.quantity,
+                    t.initial_stop,
+                    t.risk_price,
+                    t.pnl,
+                    t.fees,
+                ]);
             }
             let risk = t.risk_price * t.quantity;
             let risk_f = to_f64(risk);
@@ -629,6 +625,22 @@ fn outputs<'py>(
         }
     }
     result.set_item("trades", cols.dict)?;
+    if exact_mantissas_wanted {
+        // Each exact column's Decimal(38, 12) mantissas (or None).
+        let exact = PyDict::new(py);
+        let names = ["price", "quantity", "fee", "pnl"];
+        exact.set_item("fills", exact_fills.finish(py, names)?)?;
+        let names = [
+            "entry_price",
+            "quantity",
+            "initial_stop",
+            "risk_price",
+            "pnl",
+            "fees",
+        ];
+        exact.set_item("trades", exact_trades.finish(py, names)?)?;
+        result.set_item("exact", exact)?;
+    }
 
     // stops, levels, skipped: (series, policy) then the row's own three fields
     result.set_item(
