@@ -503,6 +503,7 @@ pub(crate) fn mantissa_at(value: Decimal, scale: u32) -> Option<i128> {
 
 /// The mantissa of `value` at `scale` decimals, when the value has at most
 /// that many decimals and the mantissa fewer than 38 digits: Arrow's `decimal128(38, scale)`.
+#[cfg_attr(not(feature = "python"), allow(dead_code))] // the binding's exact columns
 pub(crate) fn decimal128_mantissa(value: Decimal, scale: u32) -> Option<i128> {
     const LIMIT: u128 = 10u128.pow(38);
     const POW10_I64: [i64; 13] = {

@@ -104,9 +104,11 @@ impl Intrabar {
     }
 }
 
-/// Direction of a position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Direction of a position (`Long` by default: the blank a reused position slot starts
+/// from, always overwritten by its entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Direction {
+    #[default]
     Long,
     Short,
 }

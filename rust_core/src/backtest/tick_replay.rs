@@ -20,6 +20,10 @@ use super::ticks::{BarAtr, Opening, TickPosition, TickRules, Unrepresentable};
 use super::walk::{entry_quantity, entry_rate, Record, Replay};
 use super::{to_f64, BacktestOptions, Direction, Entry, Fill, Trade, ENTRY, OVER_LEVERAGE};
 
+/// An open position and its trade's facts. Boxed, and the boxes of closed positions are
+/// reused: a position is a few hundred bytes, and moving it at each entry and close (out
+/// of the spares, into the open list, back) cost more than the entry's arithmetic.
+#[derive(Default)]
 struct TickOpen {
     trade: u32,
     position: TickPosition,
@@ -78,9 +82,12 @@ pub(super) struct TickJob<'a> {
     /// an exit's `PnL`, a trade's `PnL` and fees (see `Money::decimal_with`).
     decimals: AmountDecimals,
     record: Record,
-    open: Vec<TickOpen>,
-    /// Closed positions whose buffers the next entry reuses.
-    spare: Vec<TickPosition>,
+    /// Open positions.
+    #[allow(clippy::vec_box)] // boxed to be moved cheaply (see `TickOpen`)
+    open: Vec<Box<TickOpen>>,
+    /// Closed positions whose boxes and buffers the next entry reuses.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<TickOpen>>,
     next_trade: u32,
     path: Vec<Point>,
     crossings: Vec<i64>,
@@ -303,7 +310,7 @@ impl<'a> TickJob<'a> {
         entry: &Entry,
         i: usize,
         units: i128,
-    ) -> Result<Option<TickPosition>, Unrepresentable> {
+    ) -> Result<Option<Box<TickOpen>>, Unrepresentable> {
         let p = self.p;
         let open_tick = p.bars[i][0];
         let time_ms = p.input.bars.open_time[i];
@@ -313,8 +320,8 @@ impl<'a> TickJob<'a> {
             Direction::Long => 1,
             Direction::Short => -1,
         };
-        let mut position = self.spare.pop().unwrap_or_default();
-        let opened = match position.open(
+        let mut slot = self.spare.pop().unwrap_or_default();
+        let opened = match slot.position.open(
             side,
             open_tick,
             units,
@@ -339,16 +346,16 @@ impl<'a> TickJob<'a> {
                 atr,
             ) {
                 Ok(state) if !state.over_leveraged => {
-                    position.load(&state, time_ms, &self.rules)?;
+                    slot.position.load(&state, time_ms, &self.rules)?;
                     true
                 }
                 _ => false,
             },
         };
         if opened {
-            Ok(Some(position))
+            Ok(Some(slot))
         } else {
-            self.spare.push(position);
+            self.spare.push(slot);
             Ok(None)
         }
     }
@@ -368,7 +375,7 @@ impl<'a> TickJob<'a> {
 
     fn close(&mut self, k: usize) {
         let open = self.open.swap_remove(k);
-        self.spare.push(open.position);
+        self.spare.push(open);
     }
 }
 
@@ -396,7 +403,7 @@ impl Replay for TickJob<'_> {
         };
         let time_ms = p.input.bars.open_time[i];
         let trade = self.next_trade;
-        let Some(position) = self.open_position(entry, i, units)? else {
+        let Some(mut slot) = self.open_position(entry, i, units)? else {
             // The daemon refuses an entry whose allowed stop is below the policy minimum.
             self.record.skip(entry.time_ms, OVER_LEVERAGE);
             return Ok(());
@@ -405,11 +412,11 @@ impl Replay for TickJob<'_> {
         let quantity = self.rules.qty.decimal(units)?;
         let entry_price = self.mantissa(open_tick);
         let fee = self.money.fee(self.entry_rate, entry_price, units)?;
-        let risk = (price - p.grid.price(position.stop)).abs();
+        let risk = (price - p.grid.price(slot.position.stop)).abs();
         let r_floats = (to_f64(price), to_f64(entry.direction.sign()), to_f64(risk));
         let out = &mut self.record.out;
         if self.options.detail {
-            for (k, &level) in position.levels.iter().enumerate() {
+            for (k, &level) in slot.position.levels.iter().enumerate() {
                 out.levels
                     .push((trade, k as u32 + 1, to_f64(p.grid.price(level))));
             }
@@ -429,22 +436,38 @@ impl Replay for TickJob<'_> {
             trigger: None,
             mark: price,
         });
-        self.open.push(TickOpen {
-            trade,
-            initial_stop: position.stop,
+        // Every field named (no `..`): a field added later cannot be left from the
+        // position this box held before.
+        let TickOpen {
+            trade: slot_trade,
             position,
-            direction: entry.direction,
-            entry_time_ms: time_ms,
-            entry_price,
-            quantity: units,
-            remaining: units,
-            r_floats,
-            pnl,
-            fees: fee,
-            confidence: entry.confidence,
-            bars_held: 0,
-            sequence: 0,
-        });
+            direction,
+            entry_time_ms,
+            entry_price: slot_entry_price,
+            quantity,
+            remaining,
+            initial_stop,
+            r_floats: slot_r_floats,
+            pnl: slot_pnl,
+            fees,
+            confidence,
+            bars_held,
+            sequence,
+        } = &mut *slot;
+        *slot_trade = trade;
+        *initial_stop = position.stop;
+        *direction = entry.direction;
+        *entry_time_ms = time_ms;
+        *slot_entry_price = entry_price;
+        *quantity = units;
+        *remaining = units;
+        *slot_r_floats = r_floats;
+        *slot_pnl = pnl;
+        *fees = fee;
+        *confidence = entry.confidence;
+        *bars_held = 0;
+        *sequence = 0;
+        self.open.push(slot);
         Ok(())
     }
 
@@ -540,9 +563,7 @@ impl Replay for TickJob<'_> {
             let (remaining, sequence) = (self.open[k].remaining, self.open[k].sequence + 1);
             self.book(k, reason, time_ms, close, remaining, None, sequence)?;
         }
-        let closed = std::mem::take(&mut self.open);
-        self.spare
-            .extend(closed.into_iter().map(|open| open.position));
+        self.spare.append(&mut self.open);
         Ok(())
     }
 }
