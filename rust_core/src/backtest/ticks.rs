@@ -1055,8 +1055,8 @@ impl TickPosition {
                 stop.min(band_hi + 1),
             )
         };
-        let mut settled = scan::inside_run(&bars[..before_expiry], below, above);
-        if let Some(extreme) = scan::extreme(&bars[..settled], s) {
+        let (mut settled, extreme) = scan::inside_run(&bars[..before_expiry], below, above, s);
+        if let Some(extreme) = extreme {
             if s * (extreme - best) > 0 {
                 best = extreme;
             }
