@@ -408,6 +408,7 @@ pub fn decimal_to_f64(value: Decimal) -> f64 {
 /// The nearest `f64` of a decimal without text: a mantissa below 2^53 with at most 22
 /// decimals converts with one correctly rounded division (both operands are exact
 /// doubles); longer values go through `rust_decimal`'s conversion, within an ulp.
+#[inline]
 pub fn decimal_to_f64_fast(value: Decimal) -> f64 {
     const POW10: [f64; 23] = [
         1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,

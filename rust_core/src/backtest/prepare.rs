@@ -115,6 +115,7 @@ impl Grid {
     }
 
     /// The decimal of tick `k`, written with the grid's decimals.
+    #[inline]
     pub(super) fn price(self, k: i64) -> Decimal {
         // |k| < 2^40 for bar prices and any tick read from a decimal fits by construction.
         Decimal::from_i128_with_scale(self.base + i128::from(k) * self.step, self.scale)

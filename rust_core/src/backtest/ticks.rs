@@ -57,6 +57,7 @@ impl QtyUnits {
             .ok_or(Unrepresentable)
     }
 
+    #[inline]
     pub(super) fn decimal(self, units: i128) -> Result<Decimal, Unrepresentable> {
         Decimal::try_from_i128_with_scale(units, self.scale).map_err(|_| Unrepresentable)
     }
@@ -186,7 +187,8 @@ impl<'a> TickRules<'a> {
 
 /// `(a / b, a % b)` for positive `b`, by a 64-bit division when both fit (several times
 /// cheaper than the 128-bit one; the same quotient and remainder).
-#[inline]
+#[allow(clippy::inline_always)] // a few instructions; out of line it was a call per fee
+#[inline(always)]
 pub(super) fn div_rem(a: i128, b: i128) -> (i128, i128) {
     match (i64::try_from(a), i64::try_from(b)) {
         (Ok(a), Ok(b)) => (i128::from(a / b), i128::from(a % b)),
