@@ -121,6 +121,13 @@ impl Grid {
         Decimal::from_i128_with_scale(self.base + i128::from(k) * self.step, self.scale)
     }
 
+    /// The price distance between ticks `a` and `b`, written with the grid's decimals (the
+    /// decimal `|price(a) - price(b)|` gives, without its subtraction).
+    #[inline]
+    pub(super) fn distance(self, a: i64, b: i64) -> Decimal {
+        Decimal::from_i128_with_scale(i128::from(a.abs_diff(b)) * self.step, self.scale)
+    }
+
     /// The tick of a decimal on the grid; `None` off the grid or out of range.
     pub(super) fn ticks(self, price: Decimal) -> Option<i64> {
         let mantissa = match mantissa_at(price, self.scale) {

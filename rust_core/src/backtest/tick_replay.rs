@@ -200,7 +200,7 @@ impl<'a> TickJob<'a> {
             entry_price,
             quantity: self.rules.qty.decimal(open.quantity)?,
             initial_stop,
-            risk_price: (entry_price - initial_stop).abs(),
+            risk_price: grid.distance(open.position.entry, open.initial_stop),
             pnl: money.decimal_with(open.pnl, self.decimals.trade_pnl)?,
             fees: money.decimal_with(open.fees, self.decimals.trade_fees)?,
             confidence: open.confidence,
@@ -412,7 +412,7 @@ impl Replay for TickJob<'_> {
         let quantity = self.rules.qty.decimal(units)?;
         let entry_price = self.mantissa(open_tick);
         let fee = self.money.fee(self.entry_rate, entry_price, units)?;
-        let risk = (price - p.grid.price(slot.position.stop)).abs();
+        let risk = p.grid.distance(open_tick, slot.position.stop);
         let r_floats = (to_f64(price), to_f64(entry.direction.sign()), to_f64(risk));
         let out = &mut self.record.out;
         if self.options.detail {
