@@ -39,6 +39,8 @@ pub(super) struct Unrepresentable;
 pub(super) struct QtyUnits {
     pub(super) scale: u32,
     pub(super) min_qty: i128,
+    /// The `MARKET_LOT_SIZE` step in units (read once: every entry and ladder needs it).
+    pub(super) step: i128,
 }
 
 impl QtyUnits {
@@ -48,6 +50,7 @@ impl QtyUnits {
         Ok(Self {
             scale,
             min_qty: mantissa_at(min_qty, scale).ok_or(Unrepresentable)?,
+            step: mantissa_at(step, scale).ok_or(Unrepresentable)?,
         })
     }
 
@@ -143,7 +146,7 @@ impl<'a> TickRules<'a> {
         }
         let (grid, qty) = (self.grid, self.qty);
         let price = grid.base + i128::from(k) * grid.step;
-        let step = mantissa_at(self.rules.qty_step(true), qty.scale)?;
+        let step = qty.step;
         // notional / price in units, over the step: N * 10^(gs + qs) / (P * 10^ns * step).
         let numerator = notional
             .mantissa()
@@ -658,9 +661,7 @@ impl TickPosition {
             self.levels.push(level);
         }
         // Targets: cumulative fractions of the size floored to the lot step.
-        let Some(step) = mantissa_at(r.rules.qty_step(true), r.qty.scale) else {
-            return false;
-        };
+        let step = r.qty.step;
         self.targets.clear();
         for fraction in &o.cum_fractions {
             let target = match fraction {
