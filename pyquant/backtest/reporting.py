@@ -57,7 +57,10 @@ def _frame(
             del columns["reason_code"]
         else:
             codes = None
-        columns["symbol"] = names.gather(series)
+        # One symbol (the usual run): its name repeated, a tenth of a gather's cost.
+        columns["symbol"] = (
+            names.new_from_index(0, len(series)) if len(names) == 1 else names.gather(series)
+        )
         if codes is not None:
             columns["reason"] = labels.gather(codes)
             if table == "fills":
