@@ -14,7 +14,7 @@
 use std::sync::{Mutex, PoisonError};
 
 /// Buffers smaller than this are not worth keeping.
-const MIN_KEPT_BYTES: usize = 1 << 20;
+const MIN_KEPT_BYTES: usize = 1 << 18;
 
 /// The most memory one pool keeps between runs.
 const MAX_KEPT_BYTES: usize = 64 << 20;
