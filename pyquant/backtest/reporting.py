@@ -57,14 +57,18 @@ def _frame(
             del columns["reason_code"]
         else:
             codes = None
-        # One symbol (the usual run): its name repeated, a tenth of a gather's cost.
+        # One symbol (the usual run): its name repeated, a tenth of a gather's cost. The
+        # indices go in as polars series (a view of the numpy array): a gather by a numpy
+        # array costs twice as much.
         columns["symbol"] = (
-            names.new_from_index(0, len(series)) if len(names) == 1 else names.gather(series)
+            names.new_from_index(0, len(series))
+            if len(names) == 1
+            else names.gather(pl.Series(series))
         )
         if codes is not None:
-            columns["reason"] = labels.gather(codes)
+            columns["reason"] = labels.gather(pl.Series(codes.astype(np.uint32)))
             if table == "fills":
-                columns["kind"] = kinds.gather((codes != entry_code).astype(np.uint32))
+                columns["kind"] = kinds.gather(pl.Series((codes != entry_code).astype(np.uint32)))
         if codes is None and not len(series):
             empty = pl.DataFrame(columns)
         else:
