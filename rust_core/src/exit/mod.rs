@@ -80,10 +80,11 @@ pub struct SymbolState {
     /// The plausible mark band of those rules (see [`bounds::price_band`]), cached with them.
     #[serde(skip)]
     pub(crate) band: (Decimal, Decimal),
-    /// The band shrunk by a millionth on each side, as floats: a mark's float inside it
-    /// is inside the band without a decimal comparison.
+    /// The band in integer 10^-8 units (low rounded up, high rounded down; empty when
+    /// its low end has no units): a mark's units inside it are inside the band exactly,
+    /// without a decimal comparison.
     #[serde(skip)]
-    pub(crate) band_f64: (f64, f64),
+    pub(crate) band_units: (i64, i64),
 }
 
 /// Symbol-name hash, a word at a time: names are short and come from the exchange, so a
@@ -164,6 +165,25 @@ pub(crate) fn le_half(bytes: &[u8], at: usize) -> u64 {
 /// Map keyed by symbol name.
 pub(crate) type SymbolMap<V> = HashMap<String, V, BuildHasherDefault<SymbolHasher>>;
 
+/// A band no units fall in: every mark takes the decimal comparison.
+const EMPTY_BAND: (i64, i64) = (1, 0);
+
+/// The band `(low, high)` in 10^-8 units: `ceil(low)` and `floor(high)`, so that a mark of
+/// `u > 0` units is inside exactly when `low_units <= u <= high_units`. A high end beyond
+/// `i64` is `i64::MAX` (every `u` is below it); a low end beyond it empties the band.
+fn band_units((low, high): (Decimal, Decimal)) -> (i64, i64) {
+    use rust_decimal::prelude::ToPrimitive;
+    let scale = Decimal::from(10i64.pow(crate::feed::UNIT_SCALE));
+    let units = |value: Decimal, integral: fn(&Decimal) -> Decimal| {
+        value.checked_mul(scale).and_then(|v| integral(&v).to_i64())
+    };
+    let Some(low) = units(low, Decimal::ceil) else {
+        return EMPTY_BAND;
+    };
+    let high = units(high, Decimal::floor).unwrap_or(i64::MAX);
+    (low.max(1), high)
+}
+
 /// A first live update later than this after its bar opened means the stream
 /// joined the bar late (the mark stream pushes every 1 s or 3 s).
 const LATE_JOIN_MS: i64 = 3_000;
@@ -173,7 +193,7 @@ impl SymbolState {
         let mut state = Self {
             rules: None,
             band: (Decimal::ZERO, Decimal::ZERO),
-            band_f64: (f64::INFINITY, f64::NEG_INFINITY),
+            band_units: EMPTY_BAND,
             bars: templates.0.clone(),
             atr: templates.1.clone(),
             last_mark: None,
@@ -192,14 +212,10 @@ impl SymbolState {
         self.band = rules
             .as_ref()
             .map_or((Decimal::ZERO, Decimal::ZERO), bounds::price_band);
-        let (low, high) = self.band;
-        self.band_f64 = if rules.is_some() {
-            (
-                crate::fixed::decimal_to_f64(low) * (1.0 + 1e-6),
-                crate::fixed::decimal_to_f64(high) * (1.0 - 1e-6),
-            )
+        self.band_units = if rules.is_some() {
+            band_units(self.band)
         } else {
-            (f64::INFINITY, f64::NEG_INFINITY)
+            EMPTY_BAND
         };
         self.rules = rules;
     }
@@ -846,11 +862,20 @@ impl ExitEngine {
         // finds the symbol's slot through the route of the last message.
         for (position, update) in batch.iter_all().enumerate() {
             let slot = self.symbols.route(position, update.symbol);
+            #[cfg(test)]
+            let update = if tests::NO_MARK_UNITS.with(std::cell::Cell::get) {
+                crate::feed::MarkUpdate {
+                    mark_units: 0,
+                    ..update
+                }
+            } else {
+                update
+            };
             self.apply_mark_in(
                 slot,
                 update.symbol,
                 update.mark_price,
-                update.mark_price_f64,
+                update.mark_units,
                 update.event_time_ms,
                 &mut actions,
             );
@@ -865,22 +890,23 @@ impl ExitEngine {
         &mut self,
         symbol: &str,
         mark: Decimal,
-        mark_f64: f64,
         event_time_ms: i64,
         out: &mut Vec<ExitAction>,
     ) {
         let slot = self.symbols.slot_of(symbol);
-        self.apply_mark_in(slot, symbol, mark, mark_f64, event_time_ms, out);
+        let units = crate::feed::units_of(mark);
+        self.apply_mark_in(slot, symbol, mark, units, event_time_ms, out);
     }
 
-    /// [`ExitEngine::apply_mark`] with the symbol's slot in the table when it has one.
+    /// [`ExitEngine::apply_mark`] with the symbol's slot in the table when it has one and
+    /// the mark's integer units (`crate::feed::units_of`; 0: none, the exact decimal path).
     #[inline]
     fn apply_mark_in(
         &mut self,
         slot: Option<usize>,
         symbol: &str,
         mark: Decimal,
-        mark_f64: f64,
+        units: i64,
         event_time_ms: i64,
         out: &mut Vec<ExitAction>,
     ) {
@@ -905,9 +931,11 @@ impl ExitEngine {
             self.symbols
                 .get_or_insert_with(symbol, || SymbolState::new(templates, Some(rules)))
         };
-        let (low_f, high_f) = state.band_f64;
+        // Integer units inside the integer band are inside the band; anything else (no
+        // units, or outside) is decided by the exact comparison.
+        let (low_units, high_units) = state.band_units;
         let (low, high) = state.band;
-        let inside = (mark_f64 > low_f && mark_f64 < high_f)
+        let inside = (units >= low_units && units <= high_units)
             || (mark > Decimal::ZERO && mark >= low && mark <= high);
         if !inside {
             self.implausible_marks += 1;
@@ -917,6 +945,7 @@ impl ExitEngine {
             return;
         }
         // Bars first: `feed_bars` tells the first live update by `last_event_ms`.
+        let mark_f64 = crate::feed::mark_f64(mark, units);
         state.feed_bars(event_time_ms, mark_f64, &mut self.bar_events);
         state.last_event_ms = Some(event_time_ms);
         state.last_mark = Some(mark);
@@ -937,11 +966,9 @@ impl ExitEngine {
             return;
         };
         let atr = atr.value();
-        // Integer units of the mark for the quiet-mark check (`None`: more than eight
-        // decimals, every position takes the full evaluation).
-        let units = position::price_units(mark);
         for position in [long.as_mut(), short.as_mut()].into_iter().flatten() {
-            if units.is_some_and(|u| position.quiet_mark(u, mark, atr, event_time_ms)) {
+            // Units 0: more than eight decimals or beyond `i64`, the full evaluation.
+            if units > 0 && position.quiet_mark(units, mark, atr, event_time_ms) {
                 continue;
             }
             if let Some(action) =
@@ -1011,6 +1038,11 @@ pub(crate) mod test_support {
 mod tests {
     use super::test_support::{d, example_policy, exchange_rules};
     use super::*;
+
+    thread_local! {
+        /// Set by tests to drop every mark's integer units (the exact decimal path only).
+        pub(crate) static NO_MARK_UNITS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     fn engine() -> ExitEngine {
         let mut engine = ExitEngine::new(exchange_rules(), example_policy()).unwrap();
@@ -1817,8 +1849,10 @@ mod quiet_mark_tests {
         quantity: Decimal,
         walk: &[(i32, u32, u8, u8)],
         quiet: bool,
+        units: bool,
     ) -> Run {
         position::tests::NO_QUIET_MARKS.with(|off| off.set(!quiet));
+        tests::NO_MARK_UNITS.with(|off| off.set(!units));
         let symbol = rules.symbol.clone();
         let mut engine = ExitEngine::new(exchange_rules(), policy.clone()).unwrap();
         let p = crate::fixed::decimal_to_f64(entry);
@@ -1847,7 +1881,7 @@ mod quiet_mark_tests {
             time += i64::from(dt_ms);
             let moved = mark * (Decimal::ONE + Decimal::new(i64::from(move_bp), 4));
             mark = moved
-                .round_dp(u32::from(decimals % 9))
+                .round_dp(u32::from(decimals % 13))
                 .max(rules.tick_size());
             let message = format!(
                 r#"[{{"e":"markPriceUpdate","E":{time},"s":"{symbol}","p":"{mark}","i":"1","P":"1","r":"0","T":0}}]"#
@@ -1873,6 +1907,7 @@ mod quiet_mark_tests {
         let states = engine.positions().into_iter().cloned().collect();
         let snapshot = engine.snapshot();
         position::tests::NO_QUIET_MARKS.with(|off| off.set(false));
+        tests::NO_MARK_UNITS.with(|off| off.set(false));
         Run {
             actions,
             states,
@@ -1908,11 +1943,47 @@ mod quiet_mark_tests {
                 .max(rules.min_qty(true))
                 + rules.qty_step(true) * Decimal::from(7);
             let policy = policy(variant);
-            let fast = run(rules, &policy, entry, quantity, &walk, true);
-            let full = run(rules, &policy, entry, quantity, &walk, false);
+            let fast = run(rules, &policy, entry, quantity, &walk, true, true);
+            let full = run(rules, &policy, entry, quantity, &walk, false, true);
             prop_assert_eq!(&fast.actions, &full.actions, "symbol {}", rules.symbol);
             prop_assert_eq!(&fast.states, &full.states, "symbol {}", rules.symbol);
             prop_assert_eq!(&fast.snapshot, &full.snapshot);
+        }
+
+        /// Marks read as integer units (band check, bars' float, quiet marks) give exactly
+        /// what the exact decimal path gives (every mark without units: decimal band,
+        /// the float of the decimal's text, every position evaluated): same actions in
+        /// the same order, same states, same snapshot; with marks of 0 to 12 decimals,
+        /// so those beyond eight take the exact path inside the same run.
+        #[test]
+        fn mark_units_match_the_exact_decimal_path(
+            symbol in any::<proptest::sample::Index>(),
+            variant in 0u8..4,
+            price_factor in 20u32..20_000,
+            walk in proptest::collection::vec(
+                (-16i32..=16, 0u32..40_000, 0u8..=12, any::<u8>()),
+                1..120,
+            ),
+        ) {
+            let all = tradable();
+            let rules = &all[symbol.index(all.len())];
+            let floor = rules.tick_size().max(rules.price_filter.min_price);
+            let mut entry = floor * Decimal::from(price_factor);
+            let ceiling = rules.price_filter.max_price / Decimal::TWO;
+            if ceiling > Decimal::ZERO && entry > ceiling {
+                entry = ceiling;
+            }
+            let entry = rules.quantize_price(entry, Rounding::Down);
+            let notional = rules.min_notional().max(Decimal::from(5));
+            let quantity = rules
+                .quantize_qty(notional * Decimal::from(20) / entry, true)
+                .max(rules.min_qty(true));
+            let policy = policy(variant);
+            let units = run(rules, &policy, entry, quantity, &walk, true, true);
+            let exact = run(rules, &policy, entry, quantity, &walk, false, false);
+            prop_assert_eq!(&units.actions, &exact.actions, "symbol {}", rules.symbol);
+            prop_assert_eq!(&units.states, &exact.states, "symbol {}", rules.symbol);
+            prop_assert_eq!(&units.snapshot, &exact.snapshot);
         }
     }
 
@@ -1972,7 +2043,6 @@ mod quiet_mark_tests {
                     engine.apply_mark(
                         update.symbol,
                         update.mark_price,
-                        update.mark_price_f64,
                         update.event_time_ms,
                         &mut actions,
                     );
@@ -2042,6 +2112,7 @@ mod quiet_mark_tests {
             Decimal::from(30_000),
             Decimal::new(10, 3),
             &walk,
+            true,
             true,
         );
         // Two positions: the first mark is evaluated in full (it builds the watch), the
