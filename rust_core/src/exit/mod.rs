@@ -29,6 +29,31 @@
 //!
 //! Unknown symbols (not in the rules) are skipped. Symbols without a position
 //! still feed their bars and ATR.
+//!
+//! The per-update path in integers: the feed reads each mark into 10^-8 units
+//! ([`crate::feed::MarkUpdate::mark_units`]); the band check compares them with the band
+//! in units, the bars take the float derived from them (bit-identical to the float of
+//! the text), and a leg's quiet-mark check ([`position::MarkWatch`]) compares them with
+//! its thresholds in units. A decimal comparison or evaluation happens only for a mark
+//! without units (more than eight decimals, beyond `i64`), outside the integer band, or
+//! that is not quiet. Property `mark_units_match_the_exact_decimal_path` checks the
+//! integer path against the decimal one.
+//!
+//! Memory layout: a symbol's state holds what every update touches (bars, ATR, band,
+//! last mark, the legs' watches); its legs and cached rules are boxed, so the states of
+//! a 600-symbol table sit in a few hundred kilobytes, visited in list order.
+//!
+//! Hot copy: [`SymbolState::watches`] holds, per leg, the [`position::MarkWatch`] the
+//! quiet check reads (64 bytes, one cache line, beside the other fields of the update),
+//! not the leg itself. [`PositionState`] stays the one owner of the leg's state; a watch
+//! is derived from it and kept in step this way: the mark path rebuilds it after every
+//! full evaluation ([`PositionState::evaluate_watched`]; `None` when an action was
+//! emitted), a quiet mark moves the watch's best together with the leg's best price
+//! ([`PositionState::quiet_mark`]), and every other way to change a leg (open, adopt,
+//! confirm, reject, resize, liquidation price, close) goes through `SymbolState::slot`,
+//! which drops the watch first; a restored state has none. So a watch is either absent
+//! or equal to what the leg would derive now (`watches_in_sync`, checked after every
+//! step of the quiet-mark properties, and `every_other_change_drops_the_watch`).
 
 pub mod action;
 pub mod bounds;
@@ -43,6 +68,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::action::{ExitAction, ExitReason, OrderSide, PositionSide};
 pub use self::policy::{ExitPolicy, LadderLevel, LadderUnit, PolicyConfig};
+pub(crate) use self::position::MarkWatch;
 pub use self::position::{Confirmed, OpenParams, PositionState, StopPlan};
 pub use self::table::SymbolTable;
 use crate::atr::WilderAtr;
@@ -63,10 +89,10 @@ pub struct SymbolState {
     pub last_mark: Option<Decimal>,
     /// Event time of the last update applied.
     pub last_event_ms: Option<i64>,
-    /// The LONG position, if any.
-    pub long: Option<PositionState>,
+    /// The LONG position, if any (boxed: see "Memory layout" in the module header).
+    pub(crate) long: Option<Box<PositionState>>,
     /// The SHORT position, if any.
-    pub short: Option<PositionState>,
+    pub(crate) short: Option<Box<PositionState>>,
     /// Bucket of the first live bar when the stream joined it late: that bar
     /// is partial (its range understated), so it does not feed the ATR.
     pub partial_bucket: Option<i64>,
@@ -76,10 +102,14 @@ pub struct SymbolState {
     /// The symbol's rules, cached so the per-update path needs no second lookup
     /// (refilled on restore and on `update_rules`).
     #[serde(skip)]
-    pub(crate) rules: Option<SymbolRules>,
+    pub(crate) rules: Option<Box<SymbolRules>>,
     /// The plausible mark band of those rules (see [`bounds::price_band`]), cached with them.
     #[serde(skip)]
     pub(crate) band: (Decimal, Decimal),
+    /// The quiet-mark watches of the LONG and SHORT legs, in that order: the hot copy of
+    /// the module header, derived from the legs, never serialized.
+    #[serde(skip)]
+    pub(crate) watches: [Option<MarkWatch>; 2],
     /// The band in integer 10^-8 units (low rounded up, high rounded down; empty when
     /// its low end has no units): a mark's units inside it are inside the band exactly,
     /// without a decimal comparison.
@@ -165,6 +195,14 @@ pub(crate) fn le_half(bytes: &[u8], at: usize) -> u64 {
 /// Map keyed by symbol name.
 pub(crate) type SymbolMap<V> = HashMap<String, V, BuildHasherDefault<SymbolHasher>>;
 
+/// The index of a leg's watch in [`SymbolState::watches`].
+fn side_index(side: PositionSide) -> usize {
+    match side {
+        PositionSide::Long => 0,
+        PositionSide::Short => 1,
+    }
+}
+
 /// A band no units fall in: every mark takes the decimal comparison.
 const EMPTY_BAND: (i64, i64) = (1, 0);
 
@@ -194,6 +232,7 @@ impl SymbolState {
             rules: None,
             band: (Decimal::ZERO, Decimal::ZERO),
             band_units: EMPTY_BAND,
+            watches: [None, None],
             bars: templates.0.clone(),
             atr: templates.1.clone(),
             last_mark: None,
@@ -217,10 +256,13 @@ impl SymbolState {
         } else {
             EMPTY_BAND
         };
-        self.rules = rules;
+        self.rules = rules.map(Box::new);
     }
 
-    fn slot(&mut self, side: PositionSide) -> &mut Option<PositionState> {
+    /// The leg of `side`, to change it: its watch is dropped first (the one way to a leg
+    /// other than the mark path, see "Hot copy" in the module header).
+    fn slot(&mut self, side: PositionSide) -> &mut Option<Box<PositionState>> {
+        self.watches[side_index(side)] = None;
         match side {
             PositionSide::Long => &mut self.long,
             PositionSide::Short => &mut self.short,
@@ -229,8 +271,8 @@ impl SymbolState {
 
     fn slot_ref(&self, side: PositionSide) -> Option<&PositionState> {
         match side {
-            PositionSide::Long => self.long.as_ref(),
-            PositionSide::Short => self.short.as_ref(),
+            PositionSide::Long => self.long.as_deref(),
+            PositionSide::Short => self.short.as_deref(),
         }
     }
 
@@ -565,7 +607,7 @@ impl ExitEngine {
         );
         let side = state.side;
         if let Some(symbol_state) = self.symbols.get_mut(&state.symbol) {
-            *symbol_state.slot(side) = Some(state);
+            *symbol_state.slot(side) = Some(Box::new(state));
         }
     }
 
@@ -666,7 +708,7 @@ impl ExitEngine {
         let mut all: Vec<&PositionState> = self
             .symbols
             .values()
-            .flat_map(|s| s.long.iter().chain(s.short.iter()))
+            .flat_map(|s| s.long.as_deref().into_iter().chain(s.short.as_deref()))
             .collect();
         all.sort_by(|a, b| a.position_id.cmp(&b.position_id));
         all
@@ -960,20 +1002,31 @@ impl ExitEngine {
             atr,
             long,
             short,
+            watches: [long_watch, short_watch],
             ..
         } = state;
-        let Some(rules) = cached.as_ref().or_else(|| self.rules.get(symbol)) else {
+        let Some(rules) = cached.as_deref().or_else(|| self.rules.get(symbol)) else {
             return;
         };
         let atr = atr.value();
-        for position in [long.as_mut(), short.as_mut()].into_iter().flatten() {
-            // Units 0: more than eight decimals or beyond `i64`, the full evaluation.
-            if units > 0 && position.quiet_mark(units, mark, atr, event_time_ms) {
+        for (position, watch) in [(long, long_watch), (short, short_watch)] {
+            let Some(position) = position.as_deref_mut() else {
                 continue;
+            };
+            // Units 0: more than eight decimals or beyond `i64`, the full evaluation.
+            if let Some(quiet) = watch.as_mut().filter(|_| units > 0) {
+                if position.quiet_mark(quiet, units, mark, atr, event_time_ms) {
+                    continue;
+                }
             }
-            if let Some(action) =
-                position.evaluate_watched(mark, atr, Some(event_time_ms), rules, &self.policy)
-            {
+            if let Some(action) = position.evaluate_watched(
+                mark,
+                atr,
+                Some(event_time_ms),
+                rules,
+                &self.policy,
+                watch,
+            ) {
                 out.push(action);
             }
         }
@@ -1902,6 +1955,7 @@ mod quiet_mark_tests {
                     }
                 }
             }
+            assert!(watches_in_sync(&engine), "a watch out of step with its leg");
             actions.push(step);
         }
         let states = engine.positions().into_iter().cloned().collect();
@@ -1913,6 +1967,86 @@ mod quiet_mark_tests {
             states,
             snapshot,
         }
+    }
+
+    /// Whether every leg's watch is absent or what the leg derives now (the hot copy of
+    /// the module header is in step with its owner).
+    fn watches_in_sync(engine: &ExitEngine) -> bool {
+        engine.symbols.values().all(|state| {
+            [
+                (&state.long, &state.watches[0]),
+                (&state.short, &state.watches[1]),
+            ]
+            .into_iter()
+            .all(|(leg, watch)| match (leg, watch) {
+                (_, None) => true,
+                (Some(leg), Some(watch)) => leg.build_watch(&engine.policy) == Some(*watch),
+                (None, Some(_)) => false,
+            })
+        })
+    }
+
+    #[test]
+    fn every_other_change_drops_the_watch() {
+        let rules = exchange_rules().symbol("BTCUSDT").unwrap().clone();
+        let mut engine = ExitEngine::new(exchange_rules(), policy(3)).unwrap();
+        for side in [PositionSide::Long, PositionSide::Short] {
+            engine
+                .open_position(OpenParams {
+                    position_id: side.as_str().to_owned(),
+                    symbol: "BTCUSDT".to_owned(),
+                    side,
+                    quantity: Decimal::new(20, 3),
+                    entry_price: Decimal::from(30_000),
+                    leverage: 5,
+                    confidence: None,
+                    opened_at_ms: Some(1_700_000_000_000),
+                    liquidation_price: None,
+                })
+                .unwrap();
+        }
+        let mut time = 1_700_000_000_000_i64;
+        let mut mark = |engine: &mut ExitEngine, price: &str| {
+            time += 1_000;
+            let message =
+                format!(r#"{{"e":"markPriceUpdate","E":{time},"s":"BTCUSDT","p":"{price}"}}"#);
+            engine.on_mark_message(message.as_bytes()).unwrap()
+        };
+        let watches = |engine: &ExitEngine| {
+            let state = engine.symbols.get("BTCUSDT").unwrap();
+            state.watches.map(|w| w.is_some())
+        };
+        assert!(mark(&mut engine, "30010.5").is_empty());
+        assert_eq!(watches(&engine), [true, true]);
+        assert!(watches_in_sync(&engine));
+        let step = rules.qty_step(true);
+        let changes: [&dyn Fn(&mut ExitEngine); 3] = [
+            &|e| {
+                e.set_liquidation_price("LONG", Decimal::from(20_000))
+                    .unwrap();
+            },
+            &|e| {
+                assert!(!e
+                    .resize_position("SHORT", Decimal::new(20, 3) - step)
+                    .unwrap());
+            },
+            &|e| drop(e.close_position("LONG").unwrap()),
+        ];
+        for (k, change) in changes.iter().enumerate() {
+            assert!(mark(&mut engine, "30011").is_empty());
+            let before = watches(&engine);
+            change(&mut engine);
+            let after = watches(&engine);
+            // The changed leg's watch is gone, the other leg's is untouched.
+            let leg = usize::from(k == 1);
+            assert!(before[leg] && !after[leg], "change {k}");
+            assert_eq!(before[1 - leg], after[1 - leg], "change {k}");
+            assert!(watches_in_sync(&engine), "change {k}");
+        }
+        // The next mark rebuilds the watch of the open leg from its new state.
+        assert!(mark(&mut engine, "30012").is_empty());
+        assert_eq!(watches(&engine), [false, true]);
+        assert!(watches_in_sync(&engine));
     }
 
     proptest! {
