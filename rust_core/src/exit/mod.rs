@@ -2235,6 +2235,45 @@ mod quiet_mark_tests {
         }
     }
 
+    /// Found by `mark_units_match_the_exact_decimal_path`: the SHORT's first level floors to
+    /// zero quantity and is done inside an evaluation (after its trailing step), so trailing
+    /// by level (`trail_after_level` 1) is due at the next evaluation; a watch built then
+    /// let the next marks pass as quiet and trailing never started. No watch is built
+    /// while trailing by level is due.
+    #[test]
+    fn trailing_by_level_after_a_zero_quantity_level_is_not_skipped() {
+        let all = tradable();
+        let rules = all.iter().find(|r| r.symbol == "DEFIUSDT").unwrap();
+        let floor = rules.tick_size().max(rules.price_filter.min_price);
+        let entry = rules.quantize_price(floor * Decimal::from(1_245), Rounding::Down);
+        let notional = rules.min_notional().max(Decimal::from(5));
+        let quantity = rules
+            .quantize_qty(notional * Decimal::from(20) / entry, true)
+            .max(rules.min_qty(true));
+        let walk = [
+            (0, 0, 0, 0),
+            (-9, 0, 0, 0),
+            (-9, 0, 0, 0),
+            (-16, 0, 0, 0),
+            (-15, 0, 0, 0),
+            (0, 0, 0, 0),
+            (0, 0, 0, 0),
+        ];
+        let fast = run(rules, &policy(2), entry, quantity, &walk, true, true);
+        let full = run(rules, &policy(2), entry, quantity, &walk, false, false);
+        let short = |run: &Run| {
+            run.states
+                .iter()
+                .find(|p| p.side == PositionSide::Short)
+                .cloned()
+        };
+        let (fast_short, full_short) = (short(&fast).unwrap(), short(&full).unwrap());
+        assert_eq!(full_short.levels_done, 1);
+        assert!(full_short.trailing_active);
+        assert_eq!(fast_short, full_short);
+        assert_eq!(fast.snapshot, full.snapshot);
+    }
+
     #[test]
     fn a_quiet_mark_takes_the_integer_path_and_a_trigger_does_not() {
         let rules = exchange_rules().symbol("BTCUSDT").unwrap().clone();
