@@ -1558,6 +1558,32 @@ mod tests {
         }
     }
 
+    /// The band in units decides like the decimal band at and around both of its ends,
+    /// for every symbol of the real exchangeInfo (the unit step is the smallest a mark
+    /// with units can move).
+    #[test]
+    fn the_band_in_units_decides_like_the_decimal_band() {
+        let unit = Decimal::new(1, crate::feed::UNIT_SCALE);
+        let mut checked = 0;
+        for rules in exchange_rules().iter() {
+            let band = bounds::price_band(rules);
+            let (low_units, high_units) = band_units(band);
+            let edges = [low_units, high_units]
+                .into_iter()
+                .filter(|&u| u > 0 && u < i64::MAX)
+                .flat_map(|u| [u - 1, u, u + 1]);
+            for units in edges.filter(|&u| u > 0) {
+                let mark = Decimal::from(units) * unit;
+                assert_eq!(crate::feed::units_of(mark), units);
+                let by_units = units >= low_units && units <= high_units;
+                let by_decimal = mark >= band.0 && mark <= band.1;
+                assert_eq!(by_units, by_decimal, "{} {mark}", rules.symbol);
+                checked += 1;
+            }
+        }
+        assert!(checked > 1_000, "{checked}");
+    }
+
     #[test]
     fn absurd_entries_and_values_are_input_errors() {
         let mut engine = engine();
