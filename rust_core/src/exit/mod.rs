@@ -44,8 +44,8 @@
 //! a 600-symbol table sit in a few hundred kilobytes, visited in list order.
 //!
 //! Hot copy: [`SymbolState::watches`] holds, per leg, the [`position::MarkWatch`] the
-//! quiet check reads (64 bytes, one cache line, beside the other fields of the update),
-//! not the leg itself. [`PositionState`] stays the one owner of the leg's state; a watch
+//! quiet check reads (56 bytes each, the two legs' 112 bytes side by side among the other
+//! fields of the update), not the leg itself. [`PositionState`] stays the one owner of the leg's state; a watch
 //! is derived from it and kept in step this way: the mark path rebuilds it after every
 //! full evaluation ([`PositionState::evaluate_watched`]; `None` when an action was
 //! emitted), a quiet mark moves the watch's best together with the leg's best price

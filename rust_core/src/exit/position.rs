@@ -216,8 +216,8 @@ pub(crate) fn price_units(price: Decimal) -> Option<i64> {
 /// decimal arithmetic. Everything else takes [`PositionState::evaluate`].
 ///
 /// Derived from the position by [`PositionState::evaluate_watched`] and owned by the
-/// caller (the engine keeps the watches of a symbol's legs side by side); 64 bytes, one
-/// cache line.
+/// caller (the engine keeps the watches of a symbol's legs side by side); 56 bytes, less
+/// than a cache line, also as an `Option` (checked at compile time below).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct MarkWatch {
     /// Signed stop: `x <= stop` fires it.
@@ -238,6 +238,8 @@ pub(crate) struct MarkWatch {
     /// The position's side (the sign of `x`).
     side: PositionSide,
 }
+
+const _: () = assert!(std::mem::size_of::<Option<MarkWatch>>() <= 56);
 
 impl MarkWatch {
     /// Whether a mark of `units` (10^-8, unsigned) at `now_ms` with this ATR is quiet:
