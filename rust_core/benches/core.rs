@@ -5,7 +5,8 @@
 //! - `engine_message_600`: `ExitEngine::on_mark_message` on `!markPrice@arr` messages of
 //!   600 real USDT symbols (Binance's layout, 8-decimal prices moving by at most 2 bp a
 //!   second) with 1,000 open positions (400 symbols with both legs, 200 with a LONG): parse,
-//!   bars, ATR and every position, the Rust side of `tests/benchmarks/test_bench_engine.py`;
+//!   bars, ATR and every position, the Rust side of `tests/benchmarks/test_bench_engine.py`
+//!   (and `apply_batch_1000_positions`: the same without the parse);
 //! - `atr_1m_bars`: `atr_batch` on 1,000,000 bars of a seeded random walk (the TA-Lib
 //!   comparison is the pytest benchmark `tests/benchmarks/test_bench_atr.py`);
 //! - `quantize`: one price and one quantity to wire strings for BTCUSDT;
@@ -198,6 +199,23 @@ fn bench_engine_message(c: &mut Criterion) {
                         .on_mark_message(black_box(&messages[i % count]))
                         .unwrap(),
                 );
+                total += start.elapsed();
+            }
+            total
+        });
+    });
+    // The same calls split: the apply alone, on messages parsed outside the timing.
+    group.bench_function("apply_batch_1000_positions", |b| {
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            let mut engine = template.clone();
+            for i in 0..iters as usize {
+                if i % count == 0 && i > 0 {
+                    engine = template.clone();
+                }
+                let batch = parse_mark_message(&messages[i % count]).unwrap();
+                let start = std::time::Instant::now();
+                black_box(engine.apply_batch(black_box(&batch)));
                 total += start.elapsed();
             }
             total

@@ -11,10 +11,16 @@
 //! Python's `json.dumps` escape non-ASCII names like the real `测试测试USDT`) cannot be
 //! borrowed and lands, unescaped, in [`MarkBatch::escaped`] instead of failing the message;
 //! [`MarkBatch::iter_all`] walks both lists.
-//! The mark price is kept both as an exact [`Decimal`] (for wire strings and
-//! comparisons with quantized levels) and as the correctly rounded `f64` of the same
-//! text (for bars and ATR). A malformed message is an `Err` and yields no updates at
-//! all, so a caller that applies the batch only on `Ok` never applies half a message.
+//! The mark price is read straight from its digits into integer 10^-8 units
+//! ([`MarkUpdate::mark_units`], what the engine's band and quiet-mark checks compare;
+//! no float and no decimal arithmetic in between) and kept as the exact [`Decimal`] of
+//! the same digits and written scale (for wire strings and the full evaluation; made
+//! from the integer mantissa, no arithmetic). A mark with more than eight significant
+//! decimals or beyond the `i64` range has no units (0) and takes the exact decimal path.
+//! The correctly rounded `f64` of the text (bars and ATR) is derived on use,
+//! [`MarkUpdate::mark_f64`]: one division of two exact doubles. A malformed message is an
+//! `Err` and yields no updates at all, so a caller that applies the batch only on `Ok`
+//! never applies half a message.
 //!
 //! Three readers, one result: an update written exactly as Binance writes it
 //! (`{"e":"markPriceUpdate","E":…,"s":"…","p":"…",…}`, no whitespace, no escapes) is read
@@ -41,12 +47,75 @@ use crate::fixed::{parse_decimal, Decimal};
 pub struct MarkUpdate<'a> {
     /// Symbol, upper case as Binance sends it, borrowed from the message.
     pub symbol: &'a str,
-    /// Mark price, exact.
+    /// Mark price, exact, with the scale it was written with.
     pub mark_price: Decimal,
-    /// Mark price as the nearest `f64` to the same decimal text.
-    pub mark_price_f64: f64,
+    /// Mark price in integer 10^-8 units ([`units_of`]); 0 when it has none.
+    pub mark_units: i64,
     /// Event time `E`, milliseconds since the epoch.
     pub event_time_ms: i64,
+}
+
+impl MarkUpdate<'_> {
+    /// The mark as the nearest `f64` to its decimal text (see [`mark_f64`]).
+    #[inline]
+    pub fn mark_f64(&self) -> f64 {
+        mark_f64(self.mark_price, self.mark_units)
+    }
+}
+
+/// Price units of the engine's integer checks: 10^-8, the precision of the mark stream.
+pub const UNIT_SCALE: u32 = 8;
+
+/// `price` as an integer count of 10^-8 when it has at most eight decimals (after
+/// dropping trailing zeros), is positive and fits an `i64`; else 0 (the exact path).
+pub fn units_of(price: Decimal) -> i64 {
+    if price <= Decimal::ZERO {
+        return 0;
+    }
+    let price = if price.scale() > UNIT_SCALE {
+        price.normalize()
+    } else {
+        price
+    };
+    let scale = price.scale();
+    if scale > UNIT_SCALE {
+        return 0;
+    }
+    price
+        .mantissa()
+        .checked_mul(10i128.pow(UNIT_SCALE - scale))
+        .and_then(|units| i64::try_from(units).ok())
+        .unwrap_or(0)
+}
+
+/// The units of the positive mantissa `mantissa` at `scale` decimals, as [`units_of`]
+/// gives them for that decimal, from integers only.
+#[inline]
+fn units_from_parts(mantissa: u64, scale: u32) -> i64 {
+    let units = if scale <= UNIT_SCALE {
+        mantissa.checked_mul(POW10_U64[(UNIT_SCALE - scale) as usize])
+    } else {
+        // More decimals than units: exact only when the extra ones are zeros.
+        let drop = POW10_U64.get((scale - UNIT_SCALE) as usize).copied();
+        drop.filter(|&d| mantissa % d == 0).map(|d| mantissa / d)
+    };
+    units.and_then(|u| i64::try_from(u).ok()).unwrap_or(0)
+}
+
+/// 10^8, exact in an `f64`.
+const UNIT_F64: f64 = 1e8;
+
+/// The nearest `f64` to `price` (whose units are `units`, see [`units_of`]): for units
+/// below 2^53 one correctly rounded division of two exact doubles, which is the correctly
+/// rounded value of the text since both divisions denote the same rational (Clinger's
+/// fast path); else the correctly rounded parse of the decimal's exact text.
+#[inline]
+pub fn mark_f64(price: Decimal, units: i64) -> f64 {
+    if units > 0 && units < (1i64 << 53) {
+        units as f64 / UNIT_F64
+    } else {
+        crate::fixed::decimal_to_f64(price)
+    }
 }
 
 /// An update whose symbol had JSON escapes, so it owns the unescaped symbol.
@@ -54,7 +123,7 @@ pub struct MarkUpdate<'a> {
 pub struct OwnedMarkUpdate {
     pub symbol: String,
     pub mark_price: Decimal,
-    pub mark_price_f64: f64,
+    pub mark_units: i64,
     pub event_time_ms: i64,
 }
 
@@ -64,7 +133,7 @@ impl OwnedMarkUpdate {
         MarkUpdate {
             symbol: &self.symbol,
             mark_price: self.mark_price,
-            mark_price_f64: self.mark_price_f64,
+            mark_units: self.mark_units,
             event_time_ms: self.event_time_ms,
         }
     }
@@ -166,17 +235,17 @@ impl<'a> Sink<'a> {
     #[inline]
     fn push(&mut self, raw: RawUpdate<'a>) {
         match convert_price(&raw, self.count) {
-            Ok((mark_price, mark_price_f64)) => match raw.symbol {
+            Ok((mark_price, mark_units)) => match raw.symbol {
                 Cow::Borrowed(symbol) => self.batch.updates.push(MarkUpdate {
                     symbol,
                     mark_price,
-                    mark_price_f64,
+                    mark_units,
                     event_time_ms: raw.event_time_ms,
                 }),
                 Cow::Owned(symbol) => self.batch.escaped.push(OwnedMarkUpdate {
                     symbol,
                     mark_price,
-                    mark_price_f64,
+                    mark_units,
                     event_time_ms: raw.event_time_ms,
                 }),
             },
@@ -190,19 +259,12 @@ impl<'a> Sink<'a> {
     }
 }
 
-/// Exact powers of ten representable in `f64` (10^0 ..= 10^22).
-const POW10: [f64; 23] = [
-    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
-    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
-];
-
 /// The fast path for the usual mark price (`"11794.15000000"`: at most 19 digits, one
 /// optional point, no sign): one pass builds the integer mantissa and scale, giving the
-/// exact `Decimal` directly and the `f64` by one correctly rounded division when both
-/// operands are exact (mantissa below 2^53, scale at most 22; Clinger's fast path).
+/// integer units and the exact `Decimal` directly (see [`price_from_parts`]).
 /// Returns `None` when the text needs the general route (which also reports errors).
 #[inline]
-fn fast_price(bytes: &[u8]) -> Option<(Decimal, f64)> {
+fn fast_price(bytes: &[u8]) -> Option<(Decimal, i64)> {
     if bytes.is_empty() || bytes.len() > 20 {
         return None;
     }
@@ -236,15 +298,16 @@ const POW10_U64: [u64; 20] = {
 };
 
 /// The price of [`fast_price`] from its parts (`mantissa` of `digits` digits, `scale`
-/// decimals, written as `bytes`), or `None` for the general route; shared with the
-/// canonical reader so both read a price the same way.
+/// decimals, written as `bytes`): the exact `Decimal` (the 64-bit mantissa as its low
+/// and middle words, no arithmetic) and the integer units of [`units_from_parts`]; or
+/// `None` for the general route. Shared by the three readers so all read a price alike.
 #[inline]
 fn price_from_parts(
     bytes: &[u8],
     mantissa: u64,
     digits: u32,
     scale: u32,
-) -> Option<(Decimal, f64)> {
+) -> Option<(Decimal, i64)> {
     if bytes.is_empty()
         || bytes.len() > 20
         || digits == 0
@@ -254,17 +317,11 @@ fn price_from_parts(
     {
         return None;
     }
-    // The 64-bit mantissa as the low and middle words: no 128-bit conversion.
     let decimal = Decimal::from_parts(mantissa as u32, (mantissa >> 32) as u32, 0, false, scale);
-    let float = if mantissa < (1u64 << 53) && (scale as usize) < POW10.len() {
-        mantissa as f64 / POW10[scale as usize]
-    } else {
-        std::str::from_utf8(bytes).ok()?.parse::<f64>().ok()?
-    };
-    Some((decimal, float))
+    Some((decimal, units_from_parts(mantissa, scale)))
 }
 
-fn convert_price(raw: &RawUpdate<'_>, index: usize) -> Result<(Decimal, f64), CoreError> {
+fn convert_price(raw: &RawUpdate<'_>, index: usize) -> Result<(Decimal, i64), CoreError> {
     if let Some(parsed) = fast_price(&raw.price) {
         return Ok(parsed);
     }
@@ -279,9 +336,7 @@ fn convert_price(raw: &RawUpdate<'_>, index: usize) -> Result<(Decimal, f64), Co
     if mark_price <= Decimal::ZERO {
         return Err(bad("must be positive"));
     }
-    // The grammar check above guarantees `parse` succeeds; it rounds correctly.
-    let mark_price_f64 = text.parse::<f64>().map_err(|_| bad("is not a number"))?;
-    Ok((mark_price, mark_price_f64))
+    Ok((mark_price, units_of(mark_price)))
 }
 
 #[derive(Debug, Clone)]
@@ -476,13 +531,13 @@ impl<'a> Scanner<'a> {
             if let Some(update) = read {
                 // A zero price (or one beyond the fast conversion) is left to the
                 // canonical reader, which reports it.
-                if let Some((mark_price, mark_price_f64)) =
+                if let Some((mark_price, mark_units)) =
                     price_from_parts(update.price, update.mantissa, update.digits, update.scale)
                 {
                     out.batch.updates.push(MarkUpdate {
                         symbol: update.symbol,
                         mark_price,
-                        mark_price_f64,
+                        mark_units,
                         event_time_ms: update.event_time_ms,
                     });
                     out.count += 1;
@@ -529,11 +584,11 @@ impl<'a> Scanner<'a> {
                     None
                 };
                 match (parsed, raw.symbol) {
-                    (Some((mark_price, mark_price_f64)), Cow::Borrowed(symbol)) => {
+                    (Some((mark_price, mark_units)), Cow::Borrowed(symbol)) => {
                         out.batch.updates.push(MarkUpdate {
                             symbol,
                             mark_price,
-                            mark_price_f64,
+                            mark_units,
                             event_time_ms: raw.event_time_ms,
                         });
                         out.count += 1;
@@ -1161,7 +1216,8 @@ mod tests {
         let u = batch.updates[0];
         assert_eq!(u.symbol, "BTCUSDT");
         assert_eq!(u.mark_price.to_string(), "11794.15000000");
-        assert_eq!(u.mark_price_f64, 11794.15);
+        assert_eq!(u.mark_units, 1_179_415_000_000);
+        assert_eq!(u.mark_f64(), 11794.15);
         assert_eq!(u.event_time_ms, 1_562_305_380_000);
     }
 
@@ -1193,10 +1249,17 @@ mod tests {
             "9999999999999999999",
             "0.30000000000000004",
             "4503599627370497.5",
+            "1.0000000000",
+            "0.000000001",
+            "0.0000000010",
+            "92233720368.5477580",
+            "92233720369",
+            "90071992.54740992",
+            "90071992.54740993",
         ] {
-            let (dec, float) = fast_price(text.as_bytes()).unwrap_or_else(|| {
+            let (dec, units) = fast_price(text.as_bytes()).unwrap_or_else(|| {
                 let d = parse_decimal("p", text).unwrap();
-                (d, text.parse().unwrap())
+                (d, units_of(d))
             });
             assert_eq!(dec, parse_decimal("p", text).unwrap(), "{text}");
             assert_eq!(
@@ -1204,12 +1267,20 @@ mod tests {
                 parse_decimal("p", text).unwrap().scale(),
                 "{text}"
             );
+            assert_eq!(units, units_of(dec), "{text}");
             assert_eq!(
-                float.to_bits(),
+                mark_f64(dec, units).to_bits(),
                 text.parse::<f64>().unwrap().to_bits(),
                 "{text}"
             );
         }
+        assert_eq!(fast_price(b"1.0000000000").map(|p| p.1), Some(100_000_000));
+        assert_eq!(fast_price(b"0.000000001").map(|p| p.1), Some(0));
+        assert_eq!(fast_price(b"92233720369").map(|p| p.1), Some(0));
+        assert_eq!(
+            fast_price(b"92233720368.5477580").map(|p| p.1),
+            Some(9_223_372_036_854_775_800)
+        );
         for text in [
             "",
             ".",
@@ -1336,13 +1407,9 @@ mod tests {
                 0,
             );
             match general {
-                Ok((dec, float)) => {
+                Ok((dec, units)) => {
                     let got = sink.batch.updates[0];
-                    assert_eq!(
-                        (got.mark_price, got.mark_price_f64.to_bits()),
-                        (dec, float.to_bits()),
-                        "{text}"
-                    );
+                    assert_eq!((got.mark_price, got.mark_units), (dec, units), "{text}");
                     assert_eq!(got.mark_price.scale(), dec.scale(), "{text}");
                 }
                 Err(err) => {
@@ -1515,6 +1582,22 @@ mod property_tests {
         super::tests::NO_WINDOW_PATH.with(|off| off.set(false));
         super::tests::NO_CANONICAL_PATH.with(|off| off.set(false));
         result
+    }
+
+    /// The 10^-8 units a plain decimal text denotes, read from its digits as text: at
+    /// most eight significant decimals and a positive count inside `i64`, else 0.
+    fn text_units(text: &str) -> i64 {
+        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+        let fraction = fraction.trim_end_matches('0');
+        if fraction.len() > 8 {
+            return 0;
+        }
+        let digits = format!("{whole}{fraction:0<8}");
+        let digits = digits.trim_start_matches('0');
+        if digits.is_empty() || digits.len() > 19 {
+            return 0;
+        }
+        digits.parse::<i64>().unwrap_or(0)
     }
 
     /// Window-path hits of one parse.
@@ -1762,6 +1845,46 @@ mod property_tests {
             let general = parse_paths(&data, false, false);
             prop_assert_eq!(&parse_paths(&data, true, false), &general);
             prop_assert_eq!(&parse_paths(&data, true, true), &general);
+        }
+
+        /// Every reader (window, canonical, general) reads a price's integer units as the
+        /// text denotes them (an independent reading of the digits: at most eight
+        /// significant decimals and inside `i64`, else 0) and equal to the units of its
+        /// exact decimal, with the decimal of the written scale and the float the correctly
+        /// rounded value of the text; for every shape the reader accepts (leading and
+        /// trailing zeros, no point, a bare point at either end, up to 32 digits).
+        #[test]
+        fn integer_reading_equals_the_decimal_reading(
+            whole in "[0-9]{0,16}",
+            fraction in proptest::option::of("[0-9]{0,16}"),
+            window in any::<bool>(),
+            canonical in any::<bool>(),
+        ) {
+            let text = match &fraction {
+                Some(f) => format!("{whole}.{f}"),
+                None => whole.clone(),
+            };
+            let message = format!(
+                r#"[{{"e":"markPriceUpdate","E":1562305380000,"s":"BTCUSDT","p":"{text}","i":"1.5","P":"1.5","r":"-0.00010000","T":1562306400000}}]"#
+            );
+            let exact = parse_decimal("p", &text).ok().filter(|d| *d > Decimal::ZERO);
+            match parse_paths(message.as_bytes(), window, canonical) {
+                Ok(batch) => {
+                    prop_assert!(exact.is_some(), "accepted {:?}", text);
+                    let exact = exact.unwrap_or_default();
+                    let update = batch.updates[0];
+                    prop_assert_eq!(update.mark_price, exact);
+                    prop_assert_eq!(update.mark_price.scale(), exact.scale());
+                    prop_assert_eq!(update.mark_units, text_units(&text), "{}", text);
+                    prop_assert_eq!(update.mark_units, units_of(exact), "{}", text);
+                    prop_assert_eq!(
+                        update.mark_f64().to_bits(),
+                        text.parse::<f64>().map(f64::to_bits).ok().unwrap_or_default(),
+                        "{}", text
+                    );
+                }
+                Err(_) => prop_assert!(exact.is_none(), "refused {:?}", text),
+            }
         }
 
         /// Never accepts a message serde_json rejects; when both accept, the same fields.

@@ -131,7 +131,12 @@ pub fn restore(data: &[u8], rules: ExchangeRules) -> Result<ExitEngine, CoreErro
         }
         let symbol_rules = rules.symbol(&symbol)?;
         validate_symbol_state(&symbol, &state, &templates, symbol_rules)?;
-        for position in state.long.iter().chain(state.short.iter()) {
+        for position in state
+            .long
+            .as_deref()
+            .into_iter()
+            .chain(state.short.as_deref())
+        {
             position.validate(symbol_rules, &body.policy)?;
             highest_generation = highest_generation.max(position.generation);
             if position.symbol != symbol {

@@ -143,7 +143,8 @@ fn documented_mark_price_payloads_parse() {
     let array = fixture("ws_markPrice_arr_docs.json");
     let batch = parse_mark_message(&array).unwrap();
     assert_eq!(batch.len(), 1);
-    assert_eq!(batch.updates[0].mark_price_f64, 11_185.877_866_14);
+    assert_eq!(batch.updates[0].mark_f64(), 11_185.877_866_14);
+    assert_eq!(batch.updates[0].mark_units, 1_118_587_786_614);
 
     let wrapped = fixture("ws_combined_wrapper_docs.json");
     let batch = parse_mark_message(&wrapped).unwrap();

@@ -14,10 +14,11 @@
 //! - [`PositionState::resize`], [`PositionState::set_liquidation_price`].
 //!
 //! Quiet marks (the engine): after a full evaluation that emitted nothing, the position's
-//! thresholds are kept as integers (10^-8 price units, `MarkWatch`); a mark strictly
-//! between the stop and the next level that activates no trailing, moves no trailing
-//! candidate (no new best while it is active, same ATR) and finds no time stop due changes
-//! only the best and last marks, and is applied without decimal arithmetic. The property
+//! thresholds are derived as integers (10^-8 price units, [`MarkWatch`], kept by the engine
+//! beside its symbol state, see "Hot copy" in exit/mod.rs); a mark strictly between the
+//! stop and the next level that activates no trailing, moves no trailing candidate (no new
+//! best while it is active, same ATR) and finds no time stop due changes only the best and
+//! last marks, and is applied without decimal arithmetic. The property
 //! `quiet_marks_match_the_full_path` (exit/mod.rs) checks it against the full evaluation.
 //!
 //! Per update, in this order (a SHORT mirrors every inequality and rounding):
@@ -183,11 +184,6 @@ pub struct PositionState {
     /// new best can change it afterwards. Rebuilt on demand.
     #[serde(skip)]
     activation_checked: bool,
-    /// What a mark must do to matter, in integer price units (see [`MarkWatch`]); rebuilt
-    /// by the engine's full evaluation ([`PositionState::evaluate_watched`]), dropped by
-    /// every other change.
-    #[serde(skip)]
-    watch: WatchCache,
 }
 
 /// Price units of the quiet-mark watch: 10^-8, the precision of the mark-price stream.
@@ -218,44 +214,63 @@ pub(crate) fn price_units(price: Decimal) -> Option<i64> {
 /// with the ATR of the last trailing candidate unchanged and no time stop due, changes
 /// only the last and best marks: [`PositionState::quiet_mark`] applies it without any
 /// decimal arithmetic. Everything else takes [`PositionState::evaluate`].
-#[derive(Clone, Copy, Debug)]
-struct MarkWatch {
+///
+/// Derived from the position by [`PositionState::evaluate_watched`] and owned by the
+/// caller (the engine keeps the watches of a symbol's legs side by side); 56 bytes, less
+/// than a cache line, also as an `Option` (checked at compile time below).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MarkWatch {
     /// Signed stop: `x <= stop` fires it.
     stop: i64,
     /// Signed price of the next ladder level (`i64::MAX`: none left).
     next_level: i64,
     /// Signed best mark.
     best: i64,
-    /// Signed best at which trailing activates by price (`i64::MAX`: it cannot).
-    activate: i64,
-    /// Trailing is active: a new best or another ATR moves its candidate.
-    trailing_active: bool,
-    /// ATR bits of the last trailing candidate (when active).
-    trail_basis: u64,
+    /// Not trailing: the signed best at which trailing activates by price (`i64::MAX`: it
+    /// cannot). Trailing: the ATR bits of the last trailing candidate.
+    trail: i64,
     /// Event time from which the time stop is due (`i64::MAX`: never).
     time_stop_at: i64,
     /// The time stop fires only while the signed best is below this (`i64::MAX`: always).
     time_below: i64,
+    /// Trailing is active: a new best or another ATR moves its candidate.
+    trailing_active: bool,
+    /// The position's side (the sign of `x`).
+    side: PositionSide,
 }
 
-/// A cache, not state: equal whatever it holds, so states compare by their fields.
-#[derive(Clone, Copy, Debug, Default)]
-struct WatchCache(Option<MarkWatch>);
+const _: () = assert!(std::mem::size_of::<Option<MarkWatch>>() <= 56);
 
-impl WatchCache {
-    /// Drops the watch; a read when there is none (the backtest never builds one and
-    /// calls this on every quiet step).
+impl MarkWatch {
+    /// Whether a mark of `units` (10^-8, unsigned) at `now_ms` with this ATR is quiet:
+    /// `Some(improved)` (the watch's best already moved when `improved`; the position's
+    /// best and last mark are the caller's to set), or `None` when the full evaluation is
+    /// needed, with nothing changed. Reads only this watch.
     #[inline]
-    fn clear(&mut self) {
-        if self.0.is_some() {
-            self.0 = None;
+    pub(crate) fn quiet(&mut self, units: i64, atr: Option<f64>, now_ms: i64) -> Option<bool> {
+        let x = match self.side {
+            PositionSide::Long => units,
+            PositionSide::Short => -units,
+        };
+        if x <= self.stop || x >= self.next_level {
+            return None;
         }
-    }
-}
-
-impl PartialEq for WatchCache {
-    fn eq(&self, _: &Self) -> bool {
-        true
+        let improved = x > self.best;
+        if self.trailing_active {
+            if improved || atr.map_or(0, f64::to_bits) as i64 != self.trail {
+                return None;
+            }
+        } else if improved && x >= self.trail {
+            return None;
+        }
+        let best = if improved { x } else { self.best };
+        if now_ms >= self.time_stop_at && best < self.time_below {
+            return None;
+        }
+        if improved {
+            self.best = x;
+        }
+        Some(improved)
     }
 }
 
@@ -642,7 +657,6 @@ impl PositionState {
             trail_cache: None,
             trail_basis: None,
             activation_checked: false,
-            watch: WatchCache::default(),
         })
     }
 
@@ -876,13 +890,13 @@ impl PositionState {
         rules: &SymbolRules,
         policy: &ExitPolicy,
     ) -> Option<ExitAction> {
-        self.watch.clear();
         self.evaluate_rules(mark, atr, now, rules, policy)
     }
 
-    /// [`PositionState::evaluate_in_band`] that also rebuilds the [`MarkWatch`] for
-    /// [`PositionState::quiet_mark`] (the engine; the backtest has its own quiet steps and
-    /// does not pay for it).
+    /// [`PositionState::evaluate_in_band`] that also rebuilds `watch`, the position's
+    /// [`MarkWatch`] for [`PositionState::quiet_mark`] (the engine; the backtest has its own
+    /// quiet steps and does not pay for it): `None` when an action was emitted or no watch
+    /// applies.
     pub(crate) fn evaluate_watched(
         &mut self,
         mark: Decimal,
@@ -890,21 +904,22 @@ impl PositionState {
         now: Option<i64>,
         rules: &SymbolRules,
         policy: &ExitPolicy,
+        watch: &mut Option<MarkWatch>,
     ) -> Option<ExitAction> {
         let action = self.evaluate_rules(mark, atr, now, rules, policy);
-        self.watch = WatchCache(if action.is_none() {
+        *watch = if action.is_none() {
             self.build_watch(policy)
         } else {
             None
-        });
+        };
         action
     }
 
     /// The thresholds of [`MarkWatch`] for the state as it is now, or `None` when a mark
     /// may need the full evaluation whatever its price (pending action, over-leverage,
-    /// open time unset, levels passed at adoption, trailing not yet settled, a price
-    /// beyond eight decimals).
-    fn build_watch(&self, policy: &ExitPolicy) -> Option<MarkWatch> {
+    /// open time unset, levels passed at adoption, trailing not yet settled or due by
+    /// level, a price beyond eight decimals).
+    pub(crate) fn build_watch(&self, policy: &ExitPolicy) -> Option<MarkWatch> {
         if self.pending.is_some()
             || not_positive(self.quantity)
             || self.over_leveraged
@@ -916,6 +931,16 @@ impl PositionState {
         let config = policy.config();
         let trailing_configured = config.trail_atr.is_some() || config.trail_pct.is_some();
         if trailing_configured && !self.trailing_active && !self.activation_checked {
+            return None;
+        }
+        // Trailing by level is due at the next evaluation whatever the mark (a level whose
+        // quantity floors to zero is done inside an evaluation, after the trailing step).
+        if trailing_configured
+            && !self.trailing_active
+            && config
+                .trail_after_level
+                .is_some_and(|n| self.levels_done >= n)
+        {
             return None;
         }
         let signed = |price: Decimal| {
@@ -931,14 +956,14 @@ impl PositionState {
         } else {
             i64::MAX
         };
-        let activate = match self.trail_activate_price {
-            Some(price) if trailing_configured && !self.trailing_active => signed(price)?,
-            _ => i64::MAX,
-        };
-        let trail_basis = if self.trailing_active {
-            self.trail_basis?
+        let trail = if self.trailing_active {
+            // The bits of the ATR, as an integer of the same width.
+            self.trail_basis? as i64
         } else {
-            0
+            match self.trail_activate_price {
+                Some(price) if trailing_configured => signed(price)?,
+                _ => i64::MAX,
+            }
         };
         let time_stop_at = config
             .max_hold_ms
@@ -951,21 +976,24 @@ impl PositionState {
             stop: signed(self.stop_price)?,
             next_level,
             best: signed(self.best_price)?,
-            activate,
-            trailing_active: self.trailing_active,
-            trail_basis,
+            trail,
             time_stop_at,
             time_below,
+            trailing_active: self.trailing_active,
+            side: self.side,
         })
     }
 
-    /// Applies a mark that provably triggers nothing (see [`MarkWatch`]) and returns
+    /// Applies a mark that provably triggers nothing (see [`MarkWatch::quiet`]) and returns
     /// `true`, or returns `false` with nothing changed when the full evaluation is needed.
-    /// `units` is `mark` in [`price_units`]; the result is exactly what
-    /// [`PositionState::evaluate`] would leave (property `quiet_marks_match_the_full_path`).
+    /// `watch` is this position's watch (from [`PositionState::evaluate_watched`], kept in
+    /// step: its best moves with the position's); `units` is `mark` in [`price_units`].
+    /// The result is exactly what [`PositionState::evaluate`] would leave (property
+    /// `quiet_marks_match_the_full_path`).
     #[inline]
     pub(crate) fn quiet_mark(
         &mut self,
+        watch: &mut MarkWatch,
         units: i64,
         mark: Decimal,
         atr: Option<f64>,
@@ -975,30 +1003,10 @@ impl PositionState {
         if tests::NO_QUIET_MARKS.with(std::cell::Cell::get) {
             return false;
         }
-        let Some(watch) = self.watch.0.as_mut() else {
+        let Some(improved) = watch.quiet(units, atr, now_ms) else {
             return false;
         };
-        let x = match self.side {
-            PositionSide::Long => units,
-            PositionSide::Short => -units,
-        };
-        if x <= watch.stop || x >= watch.next_level {
-            return false;
-        }
-        let improved = x > watch.best;
-        if watch.trailing_active {
-            if improved || atr.map_or(0, f64::to_bits) != watch.trail_basis {
-                return false;
-            }
-        } else if improved && x >= watch.activate {
-            return false;
-        }
-        let best = if improved { x } else { watch.best };
-        if now_ms >= watch.time_stop_at && best < watch.time_below {
-            return false;
-        }
         if improved {
-            watch.best = x;
             self.best_price = mark;
         }
         self.last_mark_price = Some(mark);
@@ -1194,7 +1202,6 @@ impl PositionState {
         }
         let reason = action.reason;
         let complete = filled == action.quantity;
-        self.watch.clear();
         self.pending = None;
         let filled = filled.min(self.quantity);
         self.quantity -= filled;
@@ -1229,7 +1236,6 @@ impl PositionState {
     /// `CoreError::InvalidField` when `sequence` is not the pending action.
     pub fn reject(&mut self, sequence: u64) -> Result<(), CoreError> {
         self.pending_with(sequence)?;
-        self.watch.clear();
         self.pending = None;
         Ok(())
     }
@@ -1247,7 +1253,6 @@ impl PositionState {
         policy: &ExitPolicy,
     ) -> Result<Confirmed, CoreError> {
         bounds::check_quantity("quantity", quantity, true, rules)?;
-        self.watch.clear();
         if quantity > self.quantity {
             let original = self.original_quantity + (quantity - self.quantity);
             if original > bounds::MAX_QUANTITY {
@@ -1279,7 +1284,6 @@ impl PositionState {
         policy: &ExitPolicy,
     ) -> Result<(), CoreError> {
         check_liquidation(price, self.side, self.best_price, rules)?;
-        self.watch.clear();
         if price.is_zero() {
             self.liquidation_price = None;
             return Ok(());
