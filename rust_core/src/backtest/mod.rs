@@ -483,7 +483,6 @@ pub struct Fill {
     /// Price move of this fill from the entry, in units of the initial R (0 for the entry).
     pub r: f64,
     pub trigger: Option<Decimal>,
-    pub mark: Decimal,
 }
 
 /// One position from entry to its last exit.

@@ -131,7 +131,6 @@ impl<'a> Job<'a> {
             pnl,
             r,
             trigger,
-            mark: price,
         });
         if open.remaining <= Decimal::ZERO {
             out.trades.push(Trade {
@@ -320,7 +319,6 @@ impl Replay for Job<'_> {
             pnl: -entry_fee,
             r: 0.0,
             trigger: None,
-            mark: price,
         });
         self.open.push(Open {
             trade,

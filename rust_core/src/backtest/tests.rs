@@ -636,7 +636,6 @@ fn job_view(job: &JobOutput) -> String {
                 f.pnl.serialize(),
                 f.r.to_bits(),
                 f.trigger.map(|t| t.serialize()),
-                f.mark.serialize(),
             )
         })
         .collect();

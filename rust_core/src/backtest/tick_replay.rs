@@ -185,7 +185,6 @@ impl<'a> TickJob<'a> {
             pnl: money.decimal_with(pnl, self.decimals.exit_pnl)?,
             r,
             trigger: trigger.map(|t| grid.price(t)),
-            mark: price_decimal,
         });
         if open.remaining > 0 {
             return Ok(false);
@@ -434,7 +433,6 @@ impl Replay for TickJob<'_> {
             pnl: self.money.decimal_with(pnl, self.decimals.entry_fee)?,
             r: 0.0,
             trigger: None,
-            mark: price,
         });
         // Every field named (no `..`): a field added later cannot be left from the
         // position this box held before.

@@ -477,7 +477,8 @@ fn outputs<'py>(
                 texts[2].push(Some(exact(f.fee)));
                 texts[3].push(Some(exact(f.pnl)));
                 texts[4].push(f.trigger.map(|t| sr.format_price(t)));
-                texts[5].push(Some(sr.format_price(f.mark)));
+                // A fill is at the mark that triggered it (see the fill model).
+                texts[5].push(Some(sr.format_price(f.price)));
             }
         }
     }
