@@ -42,7 +42,8 @@ impl Record {
 
     /// Counts `count` entries refused as `position_open` (see [`Record::skip`]).
     pub(super) fn skip_open(&mut self, count: usize) {
-        self.position_open_skips += count as u32;
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        self.position_open_skips = self.position_open_skips.saturating_add(count);
     }
 
     pub(super) fn finish(mut self) -> JobOutput {
