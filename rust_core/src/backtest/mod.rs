@@ -609,30 +609,38 @@ pub fn run(
     let mut periods: Vec<(usize, i64)> = policies.iter().map(atr_key).collect();
     periods.sort_unstable();
     periods.dedup();
-    let prepared = series
-        .par_iter()
-        .map(|s| prepare(s, rules, &periods, options))
-        .collect::<Result<Vec<_>, _>>()?;
+    // One series, or one job, runs on the calling thread: handed to the pool it ran on a
+    // worker while the caller waited, and in the all-cores benchmark on two cores the dense
+    // 1M-bar run took 40-60 ms against 34 ms on one thread (34-35 ms now either way).
+    let prepared = if series.len() == 1 {
+        vec![prepare(&series[0], rules, &periods, options)?]
+    } else {
+        series
+            .par_iter()
+            .map(|s| prepare(s, rules, &periods, options))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     let jobs: Vec<(usize, usize)> = (0..policies.len())
         .flat_map(|j| (0..prepared.len()).map(move |i| (j, i)))
         .collect();
-    let outputs = jobs
-        .par_iter()
-        .map(|&(j, i)| {
-            let p = &prepared[i];
-            let policy = &policies[j];
-            let atr = &p.atr[&atr_key(policy)];
-            let ticks = (!options.exhaustive)
-                .then(|| TickJob::new(p, policy, options, atr, Record::new(i, j)))
-                .and_then(|job| job.and_then(TickJob::run).ok());
-            ticks.unwrap_or_else(|| {
-                let mut record = Record::new(i, j);
-                record.out.decimal = true;
-                Job::new(p, policy, options, atr, record).run()
-            })
+    let run_one = |&(j, i): &(usize, usize)| {
+        let p = &prepared[i];
+        let policy = &policies[j];
+        let atr = &p.atr[&atr_key(policy)];
+        let ticks = (!options.exhaustive)
+            .then(|| TickJob::new(p, policy, options, atr, Record::new(i, j)))
+            .and_then(|job| job.and_then(TickJob::run).ok());
+        ticks.unwrap_or_else(|| {
+            let mut record = Record::new(i, j);
+            record.out.decimal = true;
+            Job::new(p, policy, options, atr, record).run()
         })
-        .collect();
-    Ok(outputs)
+    };
+    Ok(if jobs.len() == 1 {
+        jobs.iter().map(run_one).collect()
+    } else {
+        jobs.par_iter().map(run_one).collect()
+    })
 }
 
 /// One exit decision taken along a mark path (see [`replay_marks`]).
