@@ -21,6 +21,7 @@
 
 use std::hint::black_box;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pyquant_core::atr::atr_batch;
@@ -184,41 +185,37 @@ fn bench_engine_message(c: &mut Criterion) {
         assert!(check.on_mark_message(message).unwrap().is_empty());
     }
     let mut group = c.benchmark_group("engine_message_600");
+    // `iters` calls of `call` on message `i % count`, a fresh engine every `count`
+    // messages (event times only move forward); `call` times what it measures itself.
+    let rounds = |iters: u64, call: &mut dyn FnMut(&mut ExitEngine, &[u8]) -> Duration| {
+        let mut total = Duration::ZERO;
+        let mut engine = template.clone();
+        for i in 0..iters as usize {
+            if i % count == 0 && i > 0 {
+                engine = template.clone();
+            }
+            total += call(&mut engine, &messages[i % count]);
+        }
+        total
+    };
     group.bench_function("on_mark_message_1000_positions", |b| {
         b.iter_custom(|iters| {
-            let mut total = std::time::Duration::ZERO;
-            let mut engine = template.clone();
-            for i in 0..iters as usize {
-                // A fresh engine every `count` messages: event times only move forward.
-                if i % count == 0 && i > 0 {
-                    engine = template.clone();
-                }
-                let start = std::time::Instant::now();
-                black_box(
-                    engine
-                        .on_mark_message(black_box(&messages[i % count]))
-                        .unwrap(),
-                );
-                total += start.elapsed();
-            }
-            total
+            rounds(iters, &mut |engine, message| {
+                let start = Instant::now();
+                black_box(engine.on_mark_message(black_box(message)).unwrap());
+                start.elapsed()
+            })
         });
     });
     // The same calls split: the apply alone, on messages parsed outside the timing.
     group.bench_function("apply_batch_1000_positions", |b| {
         b.iter_custom(|iters| {
-            let mut total = std::time::Duration::ZERO;
-            let mut engine = template.clone();
-            for i in 0..iters as usize {
-                if i % count == 0 && i > 0 {
-                    engine = template.clone();
-                }
-                let batch = parse_mark_message(&messages[i % count]).unwrap();
-                let start = std::time::Instant::now();
+            rounds(iters, &mut |engine, message| {
+                let batch = parse_mark_message(message).unwrap();
+                let start = Instant::now();
                 black_box(engine.apply_batch(black_box(&batch)));
-                total += start.elapsed();
-            }
-            total
+                start.elapsed()
+            })
         });
     });
     group.finish();

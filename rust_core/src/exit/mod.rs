@@ -2083,31 +2083,10 @@ mod quiet_mark_tests {
             symbol in any::<proptest::sample::Index>(),
             variant in 0u8..4,
             price_factor in 20u32..20_000,
-            walk in proptest::collection::vec(
-                (-16i32..=16, 0u32..40_000, 2u8..=8, any::<u8>()),
-                1..160,
-            ),
+            walk in mark_walk(2..=8, 1..160),
         ) {
-            let all = tradable();
-            let rules = &all[symbol.index(all.len())];
-            let floor = rules.tick_size().max(rules.price_filter.min_price);
-            let mut entry = floor * Decimal::from(price_factor);
-            let ceiling = rules.price_filter.max_price / Decimal::TWO;
-            if ceiling > Decimal::ZERO && entry > ceiling {
-                entry = ceiling;
-            }
-            let entry = rules.quantize_price(entry, Rounding::Down);
-            let notional = rules.min_notional().max(Decimal::from(5));
-            let quantity = rules
-                .quantize_qty(notional * Decimal::from(20) / entry, true)
-                .max(rules.min_qty(true))
-                + rules.qty_step(true) * Decimal::from(7);
-            let policy = policy(variant);
-            let fast = run(rules, &policy, entry, quantity, &walk, true, true);
-            let full = run(rules, &policy, entry, quantity, &walk, false, true);
-            prop_assert_eq!(&fast.actions, &full.actions, "symbol {}", rules.symbol);
-            prop_assert_eq!(&fast.states, &full.states, "symbol {}", rules.symbol);
-            prop_assert_eq!(&fast.snapshot, &full.snapshot);
+            // Against every mark evaluated in full (mark units still on).
+            same_as_baseline(symbol, variant, price_factor, &walk, 7, (false, true))?;
         }
 
         /// Marks read as integer units (band check, bars' float, quiet marks) give exactly
@@ -2120,31 +2099,66 @@ mod quiet_mark_tests {
             symbol in any::<proptest::sample::Index>(),
             variant in 0u8..4,
             price_factor in 20u32..20_000,
-            walk in proptest::collection::vec(
-                (-16i32..=16, 0u32..40_000, 0u8..=12, any::<u8>()),
-                1..120,
-            ),
+            walk in mark_walk(0..=12, 1..120),
         ) {
-            let all = tradable();
-            let rules = &all[symbol.index(all.len())];
-            let floor = rules.tick_size().max(rules.price_filter.min_price);
-            let mut entry = floor * Decimal::from(price_factor);
-            let ceiling = rules.price_filter.max_price / Decimal::TWO;
-            if ceiling > Decimal::ZERO && entry > ceiling {
-                entry = ceiling;
-            }
-            let entry = rules.quantize_price(entry, Rounding::Down);
-            let notional = rules.min_notional().max(Decimal::from(5));
-            let quantity = rules
-                .quantize_qty(notional * Decimal::from(20) / entry, true)
-                .max(rules.min_qty(true));
-            let policy = policy(variant);
-            let units = run(rules, &policy, entry, quantity, &walk, true, true);
-            let exact = run(rules, &policy, entry, quantity, &walk, false, false);
-            prop_assert_eq!(&units.actions, &exact.actions, "symbol {}", rules.symbol);
-            prop_assert_eq!(&units.states, &exact.states, "symbol {}", rules.symbol);
-            prop_assert_eq!(&units.snapshot, &exact.snapshot);
+            // Against the exact decimal path (no quiet marks, no mark units).
+            same_as_baseline(symbol, variant, price_factor, &walk, 0, (false, false))?;
         }
+    }
+
+    /// Steps of a mark walk as `run` reads them, with marks written with `decimals`.
+    fn mark_walk(
+        decimals: std::ops::RangeInclusive<u8>,
+        steps: std::ops::Range<usize>,
+    ) -> impl Strategy<Value = Vec<(i32, u32, u8, u8)>> {
+        proptest::collection::vec((-16i32..=16, 0u32..40_000, decimals, any::<u8>()), steps)
+    }
+
+    /// Runs `walk` on the symbol `symbol` picks with policy `variant` twice: with quiet
+    /// marks and mark units on, and with `baseline`'s (quiet, units) switches; requires the
+    /// same actions in the same order, the same states and the same snapshot.
+    fn same_as_baseline(
+        symbol: proptest::sample::Index,
+        variant: u8,
+        price_factor: u32,
+        walk: &[(i32, u32, u8, u8)],
+        extra_steps: u32,
+        baseline: (bool, bool),
+    ) -> Result<(), TestCaseError> {
+        let all = tradable();
+        let rules = &all[symbol.index(all.len())];
+        let (entry, quantity) = entry_and_quantity(rules, price_factor, extra_steps);
+        let policy = policy(variant);
+        let fast = run(rules, &policy, entry, quantity, walk, true, true);
+        let other = run(
+            rules, &policy, entry, quantity, walk, baseline.0, baseline.1,
+        );
+        prop_assert_eq!(&fast.actions, &other.actions, "symbol {}", rules.symbol);
+        prop_assert_eq!(&fast.states, &other.states, "symbol {}", rules.symbol);
+        prop_assert_eq!(&fast.snapshot, &other.snapshot);
+        Ok(())
+    }
+
+    /// An entry `price_factor` times the symbol's lowest price step (at most half its
+    /// `maxPrice`), and a size of 20 times its minimum notional plus `extra_steps` lots.
+    fn entry_and_quantity(
+        rules: &SymbolRules,
+        price_factor: u32,
+        extra_steps: u32,
+    ) -> (Decimal, Decimal) {
+        let floor = rules.tick_size().max(rules.price_filter.min_price);
+        let mut entry = floor * Decimal::from(price_factor);
+        let ceiling = rules.price_filter.max_price / Decimal::TWO;
+        if ceiling > Decimal::ZERO && entry > ceiling {
+            entry = ceiling;
+        }
+        let entry = rules.quantize_price(entry, Rounding::Down);
+        let notional = rules.min_notional().max(Decimal::from(5));
+        let quantity = rules
+            .quantize_qty(notional * Decimal::from(20) / entry, true)
+            .max(rules.min_qty(true))
+            + rules.qty_step(true) * Decimal::from(extra_steps);
+        (entry, quantity)
     }
 
     /// Engine on `messages` (updates as (symbol index, price factor, time step)), fed

@@ -186,25 +186,12 @@ pub struct PositionState {
     activation_checked: bool,
 }
 
-/// Price units of the quiet-mark watch: 10^-8, the precision of the mark-price stream.
-const WATCH_SCALE: u32 = 8;
-
-/// `price` as an integer count of 10^-8, when it has at most eight decimals (after
-/// dropping trailing zeros) and fits an `i64`; `None` sends the caller to the decimal path.
+/// `price` in the quiet-mark watch's integer units: those the mark reader gives a mark
+/// (10^-8, [`crate::feed::units_of`]), so a threshold and a mark compare as integers;
+/// `None` (more than eight decimals, not positive, beyond `i64`) sends the caller to the
+/// decimal path.
 pub(crate) fn price_units(price: Decimal) -> Option<i64> {
-    let price = if price.scale() > WATCH_SCALE {
-        price.normalize()
-    } else {
-        price
-    };
-    let scale = price.scale();
-    if scale > WATCH_SCALE {
-        return None;
-    }
-    let units = price
-        .mantissa()
-        .checked_mul(10i128.pow(WATCH_SCALE - scale))?;
-    i64::try_from(units).ok()
+    Some(crate::feed::units_of(price)).filter(|&units| units != 0)
 }
 
 /// The thresholds of one position after a full evaluation that emitted nothing, as integer
