@@ -12,7 +12,7 @@
 
 use crate::fixed::{Decimal, POW10_I128};
 
-use super::ticks::{div_rem, Unrepresentable};
+use super::ticks::{div_rem, mul, Unrepresentable};
 
 /// The largest mantissa a `Decimal` holds exactly (96 bits).
 const DECIMAL_LIMIT: u128 = 1 << 96;
@@ -71,8 +71,7 @@ impl Money {
 
     fn widen(self, value: i128, from: u32) -> Result<i128, Unrepresentable> {
         let factor = POW10_I128[(self.scale - from) as usize];
-        value
-            .checked_mul(factor)
+        mul(value, factor)
             .ok_or(Unrepresentable)
             .and_then(|v| exact(v, self.scale))
     }
@@ -138,9 +137,7 @@ impl Money {
         quantity: i128,
         side: i64,
     ) -> Result<i128, Unrepresentable> {
-        let product = (price - entry)
-            .checked_mul(quantity)
-            .ok_or(Unrepresentable)?;
+        let product = mul(price - entry, quantity).ok_or(Unrepresentable)?;
         let product = exact(product, self.price_scale + self.qty_scale)?;
         self.widen(
             product * i128::from(side),

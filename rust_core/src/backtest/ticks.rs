@@ -148,12 +148,11 @@ impl<'a> TickRules<'a> {
         let price = grid.base + i128::from(k) * grid.step;
         let step = qty.step;
         // notional / price in units, over the step: N * 10^(gs + qs) / (P * 10^ns * step).
-        let numerator = notional
-            .mantissa()
-            .checked_mul(*POW10_I128.get((grid.scale + qty.scale) as usize)?)?;
-        let denominator = price
-            .checked_mul(POW10_I128[notional.scale() as usize])?
-            .checked_mul(step)?;
+        let numerator = mul(
+            notional.mantissa(),
+            *POW10_I128.get((grid.scale + qty.scale) as usize)?,
+        )?;
+        let denominator = mul(mul(price, POW10_I128[notional.scale() as usize])?, step)?;
         if numerator <= 0 || denominator <= 0 {
             return None;
         }
@@ -161,8 +160,8 @@ impl<'a> TickRules<'a> {
         // The decimal quotient carries 28 digits: it floors alike unless the exact one
         // lies within 1e-20 (relative) below the next step.
         if remainder != 0
-            && (denominator - remainder).checked_mul(100_000_000_000_000_000_000)?
-                <= denominator.checked_mul(steps + 1)?
+            && mul(denominator - remainder, 100_000_000_000_000_000_000)?
+                <= mul(denominator, steps + 1)?
         {
             return None;
         }
@@ -180,7 +179,7 @@ impl<'a> TickRules<'a> {
     /// `remainder` units at the price of tick `k` are below `MIN_NOTIONAL`.
     fn below_min_notional(&self, remainder: i128, k: i64) -> Result<bool, Unrepresentable> {
         let price = self.grid.base + i128::from(k) * self.grid.step;
-        if let (Some(notional), Some(minimum)) = (remainder.checked_mul(price), self.min_notional) {
+        if let (Some(notional), Some(minimum)) = (mul(remainder, price), self.min_notional) {
             return Ok(notional < minimum);
         }
         // Beyond 128 bits: the decimal product, as the state machine computes it.
@@ -204,6 +203,18 @@ pub(super) fn div_rem(a: i128, b: i128) -> (i128, i128) {
     match (i64::try_from(a), i64::try_from(b)) {
         (Ok(a), Ok(b)) => (i128::from(a / b), i128::from(a % b)),
         _ => (a / b, a % b),
+    }
+}
+
+/// `a * b`, or `None` when it leaves `i128`: where both fit 64 bits (nearly always) one
+/// widening multiply, which cannot overflow, instead of the checked 128-bit multiply (a
+/// dozen instructions and a branch per call in the booking of every fill).
+#[allow(clippy::inline_always)] // a few instructions, on every fill's path
+#[inline(always)]
+pub(super) fn mul(a: i128, b: i128) -> Option<i128> {
+    match (i64::try_from(a), i64::try_from(b)) {
+        (Ok(a), Ok(b)) => Some(i128::from(a) * i128::from(b)),
+        _ => a.checked_mul(b),
     }
 }
 
@@ -1143,7 +1154,7 @@ impl TickPosition {
 
 #[cfg(test)]
 mod tests {
-    use super::{div_rem, Factor};
+    use super::{div_rem, mul, Factor};
 
     /// `Factor::quotient` the 128-bit way only (the code before its 64-bit fast path).
     fn wide_quotient(
@@ -1176,6 +1187,25 @@ mod tests {
             b in proptest::prop_oneof![1i128..100, 1i128..(1 << 33), 1i128..(1 << 65)],
         ) {
             proptest::prop_assert_eq!(div_rem(a, b), (a / b, a % b));
+        }
+
+        /// `mul` is the checked 128-bit multiply, at and beyond the 64-bit bounds.
+        #[test]
+        fn mul_is_the_checked_multiply(
+            a in proptest::prop_oneof![
+                -10_000i128..10_000,
+                i128::from(i64::MIN) - 2..i128::from(i64::MIN) + 2,
+                i128::from(i64::MAX) - 2..i128::from(i64::MAX) + 2,
+                proptest::num::i128::ANY,
+            ],
+            b in proptest::prop_oneof![
+                -10_000i128..10_000,
+                i128::from(i64::MIN) - 2..i128::from(i64::MIN) + 2,
+                i128::from(i64::MAX) - 2..i128::from(i64::MAX) + 2,
+                -(1i128 << 70)..(1i128 << 70),
+            ],
+        ) {
+            proptest::prop_assert_eq!(mul(a, b), a.checked_mul(b));
         }
 
         /// The 64-bit fast path of `Factor::quotient` answers as the 128-bit way does,
