@@ -63,14 +63,18 @@ pub(super) fn bar_path(
     out.clear();
     // A LONG's adverse extreme is the low.
     let low_first = (direction == Direction::Long) == (intrabar == Intrabar::StopFirst);
-    match (p.fine.get(i).copied().flatten(), &p.input.fine) {
-        (Some((a, b)), Some((fine_interval, fine_bars))) => {
+    match (
+        p.fine.get(i).copied().flatten(),
+        &p.input.fine,
+        &p.fine_bars,
+    ) {
+        (Some((a, b)), Some((fine_interval, fine_bars)), Some(fine_ticks)) => {
             for j in a..b {
                 push_bar_path(
                     out,
                     fine_bars.open_time[j],
                     *fine_interval,
-                    p.fine_bars[j],
+                    fine_ticks.get(j),
                     low_first,
                 );
             }
@@ -79,7 +83,7 @@ pub(super) fn bar_path(
             out,
             p.input.bars.open_time[i],
             p.input.interval_ms,
-            p.bars[i],
+            p.bars.get(i),
             low_first,
         ),
     }

@@ -18,7 +18,7 @@ use super::spare::Spare;
 use super::{BacktestOptions, Bars, SeriesInput};
 
 /// Bar ticks and ATR values of finished runs, for the next run (see `spare`).
-static SPARE_TICKS: Spare<[i64; 4]> = Spare::new();
+static SPARE_TICKS: Spare<[i32; 4]> = Spare::new();
 static SPARE_FLOATS: Spare<f64> = Spare::new();
 
 /// Each bar's four prices: open, high, low, close.
@@ -37,14 +37,14 @@ pub(super) struct Prepared<'a> {
     pub(super) rules: &'a SymbolRules,
     pub(super) grid: Grid,
     /// Open, high, low and close of every bar, as grid ticks.
-    pub(super) bars: Vec<[i64; 4]>,
+    pub(super) bars: BarTicks,
     /// Half-open bar index ranges without a gap longer than `max_gap_bars`.
     pub(super) segments: Vec<(usize, usize)>,
     /// For each bar, the range of fine bars that cover it completely, if any (empty
     /// without fine data).
     pub(super) fine: Vec<Option<(usize, usize)>>,
-    /// The fine bars as grid ticks (empty without fine data).
-    pub(super) fine_bars: Vec<[i64; 4]>,
+    /// The fine bars as grid ticks (`None` without fine data).
+    pub(super) fine_bars: Option<BarTicks>,
     /// The plausible price band as ticks (see [`Grid::plausible_ticks`]); `None`: every
     /// mark is fed.
     pub(super) band: Option<(i64, i64)>,
@@ -56,11 +56,82 @@ pub(super) struct Prepared<'a> {
 impl Drop for Prepared<'_> {
     /// The large buffers go back to the spares, pages and all, for the next run.
     fn drop(&mut self) {
-        SPARE_TICKS.give(std::mem::take(&mut self.bars));
-        SPARE_TICKS.give(std::mem::take(&mut self.fine_bars));
         for (_, values) in self.atr.drain() {
             SPARE_FLOATS.give(values);
         }
+    }
+}
+
+/// Each bar's open, high, low and close as grid ticks, in 32 bits: every tick the floats
+/// settle lies within 2^30 of the grid's base (see [`MAX_FLOAT_TICKS`]), and so does nearly
+/// every other; a bar with a tick beyond 32 bits is kept aside with its 64-bit ticks.
+///
+/// Why 32 bits: a dense run is bound by memory in the tick conversion and the quiet
+/// sweep, and half the bytes a bar is what they read and write.
+pub(super) struct BarTicks {
+    ticks: Vec<[i32; 4]>,
+    /// The bars with a tick beyond 32 bits, by index, with their ticks (their row in
+    /// `ticks` is not read).
+    wide: Vec<(usize, [i64; 4])>,
+}
+
+impl Drop for BarTicks {
+    /// The buffer goes back to the spares, pages and all, for the next run.
+    fn drop(&mut self) {
+        SPARE_TICKS.give(std::mem::take(&mut self.ticks));
+    }
+}
+
+impl BarTicks {
+    /// The ticks of `bars` on `grid`; an error names a price that is not within 2^40
+    /// ticks of the grid's base.
+    fn new(
+        grid: Grid,
+        rules: &SymbolRules,
+        prefix: &str,
+        bars: &Bars<'_>,
+    ) -> Result<Self, CoreError> {
+        let mut ticks = SPARE_TICKS.take(bars.len());
+        let mut wide = Vec::new();
+        if grid.ticks_by_floats(bars, &mut ticks) {
+            for (i, prices) in rows(bars).enumerate() {
+                if prices.iter().all(|&v| grid.nearest_float(v).1) {
+                    continue;
+                }
+                let bar = grid.bar_the_long_way(rules, prefix, prices)?;
+                match bar.map(i32::try_from) {
+                    [Ok(open), Ok(high), Ok(low), Ok(close)] => {
+                        ticks[i] = [open, high, low, close];
+                    }
+                    _ => wide.push((i, bar)),
+                }
+            }
+        }
+        Ok(Self { ticks, wide })
+    }
+
+    /// Bar `i`'s ticks.
+    #[inline]
+    pub(super) fn get(&self, i: usize) -> [i64; 4] {
+        if !self.wide.is_empty() {
+            if let Ok(k) = self.wide.binary_search_by_key(&i, |&(j, _)| j) {
+                return self.wide[k].1;
+            }
+        }
+        self.ticks[i].map(i64::from)
+    }
+
+    /// The 32-bit ticks of bars `start..` up to the first bar kept aside (see
+    /// [`BarTicks::get`]) or `end`, for [`super::scan::inside_run`].
+    #[inline]
+    pub(super) fn narrow(&self, start: usize, end: usize) -> &[[i32; 4]] {
+        let end = if self.wide.is_empty() {
+            end
+        } else {
+            let k = self.wide.partition_point(|&(j, _)| j < start);
+            self.wide.get(k).map_or(end, |&(j, _)| j.min(end))
+        };
+        &self.ticks[start..end]
     }
 }
 
@@ -81,6 +152,13 @@ pub(super) struct Grid {
     /// `MAX_FLOAT_TICKS` steps: prices farther from zero take the exact path.
     pub(super) float_limit: f64,
 }
+
+/// 1.5 * 2^52: for |x| < 2^51, `x + ROUND` lies in [2^52, 2^53), where the doubles are the
+/// integers, so the addition rounds `x` to an integer (nearest, ties to even) and holds it
+/// in the low mantissa bits; subtracting `ROUND` back is exact. Plain arithmetic instead
+/// of `floor`/`round` (library calls on the baseline x86-64 target) or a float-to-integer
+/// conversion per price, and nothing the compiler cannot vectorize.
+const ROUND: f64 = 6_755_399_441_055_744.0;
 
 /// Above this many ticks from zero a float tick index is no longer certain to within
 /// 1e-6 tick; such prices take the exact decimal path.
@@ -168,28 +246,9 @@ impl Grid {
         })
     }
 
-    /// Every bar as ticks (open, high, low, close).
-    pub(super) fn bars(
-        self,
-        rules: &SymbolRules,
-        prefix: &str,
-        bars: &Bars<'_>,
-    ) -> Result<Vec<[i64; 4]>, CoreError> {
-        let mut out = SPARE_TICKS.take(bars.len());
-        if self.ticks_by_floats(bars, &mut out) {
-            for (slot, prices) in out.iter_mut().zip(rows(bars)) {
-                if !prices.iter().all(|&v| self.nearest_float(v).1) {
-                    *slot = self.bar_the_long_way(rules, prefix, prices)?;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// One pass by floats alone (the usual case settles every price): an exact-size
-    /// extend of `out`, without a branch or a capacity check per bar; a bar floats leave
-    /// open is only noted (the answer is true then) and settled by the caller.
-    fn ticks_by_floats(self, bars: &Bars<'_>, out: &mut Vec<[i64; 4]>) -> bool {
+    /// Writes every bar's ticks into `out` by floats ([`Grid::nearest_float`]); true when
+    /// some price is not settled (its bar's row is then to be redone the long way).
+    fn ticks_by_floats(self, bars: &Bars<'_>, out: &mut Vec<[i32; 4]>) -> bool {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: `ticks_by_floats_avx2` only requires AVX2, detected just above.
@@ -201,17 +260,16 @@ impl Grid {
         self.ticks_by_floats_loop(bars, out)
     }
 
-    /// The same loop with four prices a vector instead of two (the baseline target's).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn ticks_by_floats_avx2(self, bars: &Bars<'_>, out: &mut Vec<[i64; 4]>) -> bool {
+    fn ticks_by_floats_avx2(self, bars: &Bars<'_>, out: &mut Vec<[i32; 4]>) -> bool {
         self.ticks_by_floats_loop(bars, out)
     }
 
     // Must be inlined into `ticks_by_floats_avx2` to be compiled with AVX2 there.
     #[allow(clippy::inline_always)]
     #[inline(always)]
-    fn ticks_by_floats_loop(self, bars: &Bars<'_>, out: &mut Vec<[i64; 4]>) -> bool {
+    fn ticks_by_floats_loop(self, bars: &Bars<'_>, out: &mut Vec<[i32; 4]>) -> bool {
         // Written into the spare capacity by index: `Vec::extend` over an iterator is a
         // generic function of its own, not inlined here, so not compiled with AVX2.
         let rows = bars.len();
@@ -224,7 +282,9 @@ impl Grid {
             let ticks = [open[j], high[j], low[j], close[j]].map(|v| self.nearest_float(v));
             // `&`, not `&&`: no branch, so the loop vectorizes.
             settled &= ticks[0].1 & ticks[1].1 & ticks[2].1 & ticks[3].1;
-            slot.write(ticks.map(|(k, _)| k));
+            // A settled tick lies within 2^30 of the base: 32 bits hold it. An unsettled
+            // one is garbage here and its row is redone.
+            slot.write(ticks.map(|(k, _)| k as i32));
         }
         // SAFETY: the loop above wrote each of the first `rows` slots (`reserve` made room).
         #[allow(unsafe_code)] // the one way to keep the rows written in place
@@ -260,26 +320,29 @@ impl Grid {
     /// [`Grid::nearest_fast`] as the tick and whether it is settled.
     #[inline]
     pub(super) fn nearest_float(self, v: f64) -> (i64, bool) {
-        // 1.5 * 2^52: for |x| < 2^51, `x + ROUND` lies in [2^52, 2^53), where the doubles
-        // are the integers, so the addition rounds `x` to an integer (nearest, ties to
-        // even) and holds it in the low mantissa bits; subtracting `ROUND` back is exact.
-        // Plain arithmetic instead of `floor`/`round` (library calls on the baseline x86-64
-        // target) or a float-to-integer conversion per price, and nothing the compiler
-        // cannot vectorize.
-        const ROUND: f64 = 6_755_399_441_055_744.0;
         // Also false for NaN, which the exact path then refuses.
         let near = v.abs() + self.base_f.abs() < self.float_limit;
-        let x = (v - self.base_f) * self.per_step_f;
+        let x = self.offset(v);
         let shifted = x + ROUND;
         // `x - nearest` is exact (two doubles within 1/2 of each other). A tie's rounding
         // direction does not matter: within 1e-6 of a half is never settled here. For the
         // far or NaN values `near` rules out, the tick is garbage, and never read.
         let nearest = shifted - ROUND;
         let distance_to_half = 0.5 - (x - nearest).abs();
-        (
-            (shifted.to_bits() as i64).wrapping_sub(ROUND.to_bits() as i64),
-            near && distance_to_half > 1e-6,
-        )
+        (Self::tick_of_offset(x), near && distance_to_half > 1e-6)
+    }
+
+    /// The price `v` in ticks from the base, as a float: the quantity
+    /// [`Grid::nearest_float`] rounds (the scan on floats compares the same value).
+    #[inline]
+    pub(super) fn offset(self, v: f64) -> f64 {
+        (v - self.base_f) * self.per_step_f
+    }
+
+    /// The integer nearest to the offset `x` (|x| < 2^51; ties to even).
+    #[inline]
+    pub(super) fn tick_of_offset(x: f64) -> i64 {
+        ((x + ROUND).to_bits() as i64).wrapping_sub(ROUND.to_bits() as i64)
     }
 
     /// The tick of `quantize_price(decimal_from_f64(v), Nearest)` from floats alone, when
@@ -352,7 +415,7 @@ pub(super) fn prepare<'a>(
     let grid = Grid::new(symbol_rules)?;
     let bars = &input.bars;
     let mut fine = Vec::new();
-    let mut fine_ticks = Vec::new();
+    let mut fine_ticks = None;
     if let Some((fine_interval, fine_bars)) = &input.fine {
         fine_bars.check(&input.symbol, "fine")?;
         if *fine_interval <= 0
@@ -384,7 +447,7 @@ pub(super) fn prepare<'a>(
                 *slot = Some((first, j));
             }
         }
-        fine_ticks = grid.bars(symbol_rules, "fine.", fine_bars)?;
+        fine_ticks = Some(BarTicks::new(grid, symbol_rules, "fine.", fine_bars)?);
     }
     let mut atr = HashMap::new();
     for &(period, atr_interval) in periods {
@@ -393,7 +456,7 @@ pub(super) fn prepare<'a>(
             atr_before_each_bar(input, &segments, period, atr_interval)?,
         );
     }
-    let bars = grid.bars(symbol_rules, "", bars)?;
+    let bars = BarTicks::new(grid, symbol_rules, "", bars)?;
     Ok(Prepared {
         input,
         rules: symbol_rules,
@@ -599,6 +662,31 @@ mod tests {
                 assert!(!grid.nearest_float(v).1);
             }
         }
+    }
+
+    #[test]
+    fn ticks_beyond_32_bits_are_kept_aside_and_end_a_scan() {
+        let rules = crate::exit::test_support::exchange_rules();
+        let symbol_rules = rules.symbol("BTCUSDT").unwrap();
+        let grid = Grid::new(symbol_rules).unwrap();
+        // 300 million USDT is 3e9 ticks of 0.1 from the base: beyond 32 bits.
+        let far = 300_000_000.0;
+        let mut input = walk(6, 60_000);
+        input.bars.high.to_mut()[3] = far;
+        let ticks = BarTicks::new(grid, symbol_rules, "", &input.bars).unwrap();
+        let exact = |v: f64| grid.nearest_exact(symbol_rules, "", "high", v).unwrap();
+        assert!(exact(far) > i64::from(i32::MAX));
+        assert_eq!(ticks.wide.len(), 1);
+        assert_eq!(ticks.get(3)[1], exact(far));
+        for i in [0, 1, 2, 4, 5] {
+            let bars = &input.bars;
+            let prices = [bars.open[i], bars.high[i], bars.low[i], bars.close[i]];
+            let expected = prices.map(exact);
+            assert_eq!(ticks.get(i), expected, "bar {i}");
+        }
+        assert_eq!(ticks.narrow(0, 6).len(), 3, "the scan stops before bar 3");
+        assert_eq!(ticks.narrow(4, 6).len(), 2);
+        assert_eq!(ticks.narrow(1, 2).len(), 1);
     }
 
     #[test]

@@ -262,7 +262,7 @@ impl Replay for Job<'_> {
 
     fn enter(&mut self, entry: &Entry, i: usize) -> Result<(), Infallible> {
         let p = self.p;
-        let price = p.grid.price(p.bars[i][0]);
+        let price = p.grid.price(p.bars.get(i)[0]);
         let quantity = match entry_quantity(self.rules, self.options, entry, price) {
             Ok(quantity) => quantity,
             Err(reason) => {
@@ -377,7 +377,7 @@ impl Replay for Job<'_> {
 
     fn close_all(&mut self, i: usize, reason: u8) -> Result<(), Infallible> {
         let time_ms = self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1;
-        let price = self.p.grid.price(self.p.bars[i][3]);
+        let price = self.p.grid.price(self.p.bars.get(i)[3]);
         for mut open in std::mem::take(&mut self.open) {
             let quantity = open.remaining;
             let sequence = open.sequence + 1;

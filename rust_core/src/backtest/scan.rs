@@ -1,6 +1,7 @@
 //! The scan over the bars' tick prices for the quiet sweep: how many bars from the first
 //! keep all four prices strictly inside an open interval, and the extreme price among
-//! them, in one pass.
+//! them, in one pass. The ticks are stored in 32 bits (see `prepare::BarTicks`) and
+//! compared in 64.
 //!
 //! Why by hand: the sweep is the one loop of a dense backtest that runs over nearly every
 //! bar, and written bar by bar (a branch per bar and per condition) it cost about 5 ns a
@@ -16,7 +17,7 @@ const CHUNK: usize = 8;
 /// How many bars from the first have all four prices in `(below, above)`, and the
 /// highest (`side` > 0) or lowest (`side` < 0) price of those bars (`None` for none).
 pub(super) fn inside_run(
-    bars: &[[i64; 4]],
+    bars: &[[i32; 4]],
     below: i64,
     above: i64,
     side: i64,
@@ -34,14 +35,14 @@ pub(super) fn inside_run(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn inside_run_avx2(bars: &[[i64; 4]], below: i64, above: i64, side: i64) -> (usize, Option<i64>) {
+fn inside_run_avx2(bars: &[[i32; 4]], below: i64, above: i64, side: i64) -> (usize, Option<i64>) {
     inside_run_either(bars, below, above, side)
 }
 
 // Must be inlined into `inside_run_avx2` to be compiled with AVX2 there.
 #[allow(clippy::inline_always)]
 #[inline(always)]
-fn inside_run_either(bars: &[[i64; 4]], below: i64, above: i64, side: i64) -> (usize, Option<i64>) {
+fn inside_run_either(bars: &[[i32; 4]], below: i64, above: i64, side: i64) -> (usize, Option<i64>) {
     let (settled, extreme) = if side > 0 {
         inside_run_loop::<true>(bars, below, above)
     } else {
@@ -54,7 +55,7 @@ fn inside_run_either(bars: &[[i64; 4]], below: i64, above: i64, side: i64) -> (u
 /// extreme of no bar is the fold's start value).
 #[allow(clippy::inline_always)]
 #[inline(always)]
-fn inside_run_loop<const HIGHEST: bool>(bars: &[[i64; 4]], below: i64, above: i64) -> (usize, i64) {
+fn inside_run_loop<const HIGHEST: bool>(bars: &[[i32; 4]], below: i64, above: i64) -> (usize, i64) {
     let start = if HIGHEST { i64::MIN } else { i64::MAX };
     let pick = |a: i64, b: i64| if HIGHEST { a.max(b) } else { a.min(b) };
     // `below < x < above` as one compare: `x - (below + 1)`, read unsigned, is below the
@@ -66,7 +67,7 @@ fn inside_run_loop<const HIGHEST: bool>(bars: &[[i64; 4]], below: i64, above: i6
         return (0, start);
     };
     #[allow(clippy::cast_sign_loss)] // the unsigned reading is the point (see above)
-    let outside = |x: i64| u64::from(x.wrapping_sub(base) as u64 >= width as u64);
+    let outside = |x: i32| u64::from(i64::from(x).wrapping_sub(base) as u64 >= width as u64);
     // The extreme per price position (open, high, low, close) over the settled chunks:
     // lane by lane, one vector operation a bar, reduced once at the end.
     let mut lanes = [start; 4];
@@ -78,7 +79,7 @@ fn inside_run_loop<const HIGHEST: bool>(bars: &[[i64; 4]], below: i64, above: i6
         }
         for bar in chunk {
             for (lane, &x) in lanes.iter_mut().zip(bar) {
-                *lane = pick(*lane, x);
+                *lane = pick(*lane, i64::from(x));
             }
         }
         done += CHUNK;
@@ -88,7 +89,7 @@ fn inside_run_loop<const HIGHEST: bool>(bars: &[[i64; 4]], below: i64, above: i6
             break;
         }
         for (lane, &x) in lanes.iter_mut().zip(bar) {
-            *lane = pick(*lane, x);
+            *lane = pick(*lane, i64::from(x));
         }
         done += 1;
     }
@@ -99,9 +100,12 @@ fn inside_run_loop<const HIGHEST: bool>(bars: &[[i64; 4]], below: i64, above: i6
 mod tests {
     use super::*;
 
-    fn naive_run(bars: &[[i64; 4]], below: i64, above: i64) -> usize {
+    fn naive_run(bars: &[[i32; 4]], below: i64, above: i64) -> usize {
         bars.iter()
-            .take_while(|bar| bar.iter().all(|&x| x > below && x < above))
+            .take_while(|bar| {
+                bar.iter()
+                    .all(|&x| i64::from(x) > below && i64::from(x) < above)
+            })
             .count()
     }
 
@@ -110,20 +114,20 @@ mod tests {
         /// length (chunk boundaries) and with prices on and next to the bounds.
         #[test]
         fn scans_match_the_plain_loops(
-            prices in proptest::collection::vec(-40i64..40, 0..160),
+            prices in proptest::collection::vec(-40i32..40, 0..160),
             below in -45i64..45,
             width in -3i64..60,
             side in proptest::bool::ANY,
         ) {
-            let bars: Vec<[i64; 4]> = prices.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
+            let bars: Vec<[i32; 4]> = prices.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
             let above = below + width;
             let expected = naive_run(&bars, below, above);
             let side = if side { 1 } else { -1 };
             let prices_settled = &prices[..expected * 4];
             let naive = if side > 0 {
-                prices_settled.iter().max().copied()
+                prices_settled.iter().max().map(|&x| i64::from(x))
             } else {
-                prices_settled.iter().min().copied()
+                prices_settled.iter().min().map(|&x| i64::from(x))
             };
             proptest::prop_assert_eq!(inside_run(&bars, below, above, side), (expected, naive));
             proptest::prop_assert_eq!(
@@ -136,7 +140,7 @@ mod tests {
     #[test]
     fn bounds_at_the_ends_of_the_integers_settle_nothing_wrongly() {
         let bars = [[5, 6, 4, 5]; 20];
-        let run = |bars: &[[i64; 4]], below, above| inside_run(bars, below, above, 1).0;
+        let run = |bars: &[[i32; 4]], below, above| inside_run(bars, below, above, 1).0;
         assert_eq!(run(&bars, i64::MIN, i64::MAX), 0, "no interval base");
         assert_eq!(run(&bars, 3, 7), 20);
         assert_eq!(run(&bars, 4, 7), 0, "a price on the lower bound is outside");

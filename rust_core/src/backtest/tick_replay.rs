@@ -311,7 +311,7 @@ impl<'a> TickJob<'a> {
         units: i128,
     ) -> Result<Option<Box<TickOpen>>, Unrepresentable> {
         let p = self.p;
-        let open_tick = p.bars[i][0];
+        let open_tick = p.bars.get(i)[0];
         let time_ms = p.input.bars.open_time[i];
         let leverage = entry.leverage.unwrap_or(self.options.leverage);
         let atr = atr_at(self.atr, i);
@@ -395,7 +395,7 @@ impl Replay for TickJob<'_> {
 
     fn enter(&mut self, entry: &Entry, i: usize) -> Result<(), Unrepresentable> {
         let p = self.p;
-        let open_tick = p.bars[i][0];
+        let open_tick = p.bars.get(i)[0];
         let price = p.grid.price(open_tick);
         let Some(units) = self.entry_units(entry, open_tick)? else {
             return Ok(());
@@ -474,7 +474,7 @@ impl Replay for TickJob<'_> {
         // Without finer bars the path is the bar's own four prices, all within its range.
         let whole_bar = match self.p.fine.get(i) {
             Some(Some(_)) => None,
-            _ => Some(self.p.bars[i]),
+            _ => Some(self.p.bars.get(i)),
         };
         let last_ms = self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1;
         let mut k = 0;
@@ -540,7 +540,8 @@ impl Replay for TickJob<'_> {
             }
         }
         let settled = self.open[0].position.quiet_sweep(
-            &p.bars[i..end],
+            &p.bars,
+            i,
             &times[i..end],
             p.input.interval_ms,
             &self.rules,
@@ -556,7 +557,7 @@ impl Replay for TickJob<'_> {
 
     fn close_all(&mut self, i: usize, reason: u8) -> Result<(), Unrepresentable> {
         let time_ms = self.p.input.bars.open_time[i] + self.p.input.interval_ms - 1;
-        let close = self.p.bars[i][3];
+        let close = self.p.bars.get(i)[3];
         for k in 0..self.open.len() {
             let (remaining, sequence) = (self.open[k].remaining, self.open[k].sequence + 1);
             self.book(k, reason, time_ms, close, remaining, None, sequence)?;

@@ -25,7 +25,7 @@ use crate::exit::position::PositionState;
 use crate::fixed::{decimal_to_f64_fast, mantissa_at, Decimal, Rounding, POW10_I128};
 use crate::rules::SymbolRules;
 
-use super::prepare::Grid;
+use super::prepare::{BarTicks, Grid};
 use super::scan;
 use super::thresholds::{trail_ticks, FAR_TICKS};
 
@@ -1051,7 +1051,8 @@ impl TickPosition {
     /// best moves to each bar's favourable extreme.
     pub(super) fn quiet_sweep(
         &mut self,
-        bars: &[[i64; 4]],
+        bars: &BarTicks,
+        start: usize,
         times: &[i64],
         interval_ms: i64,
         r: &TickRules<'_>,
@@ -1086,7 +1087,7 @@ impl TickPosition {
             Some(at) if !self.time_stop_off(best) => {
                 times.partition_point(|&t| t.saturating_add(interval_ms) <= at)
             }
-            _ => bars.len(),
+            _ => times.len(),
         };
         let (below, above) = if s > 0 {
             (
@@ -1099,13 +1100,15 @@ impl TickPosition {
                 stop.min(band_hi + 1),
             )
         };
-        let (mut settled, extreme) = scan::inside_run(&bars[..before_expiry], below, above, s);
+        let (mut settled, extreme) =
+            scan::inside_run(bars.narrow(start, start + before_expiry), below, above, s);
         if let Some(extreme) = extreme {
             if s * (extreme - best) > 0 {
                 best = extreme;
             }
         }
-        for (&[open, high, low, close], &t) in bars[settled..].iter().zip(&times[settled..]) {
+        for (j, &t) in times.iter().enumerate().skip(settled) {
+            let [open, high, low, close] = bars.get(start + j);
             let lo = open.min(high).min(low).min(close);
             let hi = open.max(high).max(low).max(close);
             let (adverse, favourable) = if s > 0 { (lo, hi) } else { (hi, lo) };
