@@ -141,16 +141,11 @@ impl Bars<'_> {
     /// Equal lengths, open times strictly increasing.
     fn check(&self, symbol: &str, what: &str) -> Result<(), CoreError> {
         self.check_lengths(symbol, what)?;
-        // A fold without an early exit (the compiler vectorizes it); the row is sought only
-        // when something is wrong.
-        let unordered = self
-            .open_time
-            .windows(2)
-            .fold(0u8, |bad, w| bad | u8::from(w[1] <= w[0]));
-        if unordered == 0 {
-            Ok(())
-        } else {
+        // The row is sought only when something is wrong.
+        if steps::steps(&self.open_time, i64::MAX, true).0 {
             Err(self.unordered(symbol, what))
+        } else {
+            Ok(())
         }
     }
 
@@ -163,19 +158,19 @@ impl Bars<'_> {
         max_step: i64,
     ) -> Result<Vec<(usize, usize)>, CoreError> {
         self.check_lengths(symbol, what)?;
-        let mut segments = Vec::new();
-        let mut start = 0;
-        let mut unordered = false;
-        for (i, w) in self.open_time.windows(2).enumerate() {
-            let step = w[1].saturating_sub(w[0]);
-            unordered |= step <= 0;
-            if step > max_step {
-                segments.push((start, i + 1));
-                start = i + 1;
-            }
-        }
+        let (unordered, gaps) = steps::steps(&self.open_time, max_step, true);
         if unordered {
             return Err(self.unordered(symbol, what));
+        }
+        let mut segments = Vec::new();
+        let mut start = 0;
+        if gaps {
+            for (i, w) in self.open_time.windows(2).enumerate() {
+                if i128::from(w[1]) - i128::from(w[0]) > i128::from(max_step) {
+                    segments.push((start, i + 1));
+                    start = i + 1;
+                }
+            }
         }
         if !self.open_time.is_empty() {
             segments.push((start, self.open_time.len()));
@@ -359,11 +354,7 @@ impl Entries<'_> {
                 "must be 1 (LONG) or -1 (SHORT)",
             ));
         }
-        let unsorted = self
-            .time_ms
-            .windows(2)
-            .fold(0u8, |bad, w| bad | u8::from(w[1] < w[0]));
-        if unsorted != 0 {
+        if steps::steps(&self.time_ms, i64::MAX, false).0 {
             if let Some(k) = self.time_ms.windows(2).position(|w| w[1] < w[0]) {
                 return Err(CoreError::invalid_for(
                     symbol,
@@ -581,6 +572,7 @@ mod prepare;
 mod replay;
 mod scan;
 mod spare;
+mod steps;
 #[cfg(test)]
 mod tests;
 mod thresholds;
