@@ -40,6 +40,8 @@ pub(super) struct Prepared<'a> {
     pub(super) bars: BarTicks,
     /// Half-open bar index ranges without a gap longer than `max_gap_bars`.
     pub(super) segments: Vec<(usize, usize)>,
+    /// No bar opens more than an interval after the previous one (no gap at all).
+    pub(super) gapless: bool,
     /// For each bar, the range of fine bars that cover it completely, if any (empty
     /// without fine data).
     pub(super) fine: Vec<Option<(usize, usize)>>,
@@ -411,6 +413,11 @@ pub(super) fn prepare<'a>(
     }
     let max_step = input.interval_ms * (i64::from(options.max_gap_bars) + 1);
     let segments = input.bars.check_segments(&input.symbol, "bars", max_step)?;
+    let gapless = if max_step == input.interval_ms {
+        segments.len() <= 1
+    } else {
+        !super::steps::steps(&input.bars.open_time, input.interval_ms, true).1
+    };
     input.entries.check(&input.symbol)?;
     let grid = Grid::new(symbol_rules)?;
     let bars = &input.bars;
@@ -463,6 +470,7 @@ pub(super) fn prepare<'a>(
         bars,
         grid,
         segments,
+        gapless,
         fine,
         fine_bars: fine_ticks,
         band: grid.plausible_ticks(symbol_rules),

@@ -82,6 +82,8 @@ pub(super) struct TickRules<'a> {
     pub(super) open: OpenRules,
     /// `MIN_NOTIONAL` as a mantissa with a price's and a quantity's decimals, when it fits.
     min_notional: Option<i128>,
+    /// The lowest tick whose price is above zero (see [`TickRules::positive`]).
+    first_positive: i64,
 }
 
 impl<'a> TickRules<'a> {
@@ -106,6 +108,7 @@ impl<'a> TickRules<'a> {
             max_hold_ms: config.max_hold_ms,
             open: OpenRules::new(rules, policy),
             min_notional: mantissa_at(rules.min_notional(), grid.scale + qty.scale),
+            first_positive: first_positive(grid),
         })
     }
 
@@ -121,7 +124,7 @@ impl<'a> TickRules<'a> {
     /// Whether the price of tick `k` is above zero.
     #[inline]
     pub(super) fn positive(&self, k: i64) -> bool {
-        self.grid.base + i128::from(k) * self.grid.step > 0
+        k >= self.first_positive
     }
 
     /// `quantize_price` toward the side's profit, as ticks (a stop is rounded so).
@@ -185,6 +188,13 @@ impl<'a> TickRules<'a> {
         // Beyond 128 bits: the decimal product, as the state machine computes it.
         Ok(self.qty.decimal(remainder)? * self.grid.price(k) < self.rules.min_notional())
     }
+}
+
+/// The lowest tick `k` with `base + k * step > 0` (the grid's step is positive): one past
+/// `floor(-base / step)`, clamped to the `i64` range.
+fn first_positive(grid: Grid) -> i64 {
+    let k = (-grid.base).div_euclid(grid.step) + 1;
+    i64::try_from(k).unwrap_or(if k > 0 { i64::MAX } else { i64::MIN })
 }
 
 /// `(a / b, a % b)` for positive `b`, by a 32- or 64-bit division when both fit (several
@@ -1190,6 +1200,28 @@ mod tests {
             b in proptest::prop_oneof![1i128..100, 1i128..(1 << 33), 1i128..(1 << 65)],
         ) {
             proptest::prop_assert_eq!(div_rem(a, b), (a / b, a % b));
+        }
+
+        /// `positive` reads a tick's sign as the price's mantissa gives it.
+        #[test]
+        fn first_positive_tick_is_where_prices_turn_positive(
+            base in -1_000_000i128..1_000_000,
+            step in 1i128..1_000,
+            k in -3_000_000i64..3_000_000,
+        ) {
+            let grid = crate::backtest::prepare::Grid {
+                base,
+                step,
+                scale: 2,
+                base_f: 0.0,
+                step_f: 0.0,
+                per_step_f: 0.0,
+                float_limit: 0.0,
+            };
+            proptest::prop_assert_eq!(
+                k >= super::first_positive(grid),
+                base + i128::from(k) * step > 0
+            );
         }
 
         /// `mul` is the checked 128-bit multiply, at and beyond the 64-bit bounds.

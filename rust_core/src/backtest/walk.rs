@@ -86,12 +86,14 @@ pub(super) fn entry_quantity(
 
 /// Records the entries due at the bars opening at `times` (from entry `e` on) as refused:
 /// `no_bar` for one that fell into a gap, else `position_open`; returns the next entry.
+/// `gapless`: the series has no gap (no need to look for one among `times`).
 fn refuse_entries(
     record: &mut Record,
     entries: &Entries<'_>,
     mut e: usize,
     times: &[i64],
     interval: i64,
+    gapless: bool,
 ) -> usize {
     let Some(&last) = times.last() else {
         return e;
@@ -107,7 +109,7 @@ fn refuse_entries(
     // common case, a signal on every bar), so they are counted without a bar search.
     if due > 0
         && times[0] - entries.time_ms(e) < interval
-        && times.windows(2).all(|w| w[1] - w[0] <= interval)
+        && (gapless || times.windows(2).all(|w| w[1] - w[0] <= interval))
     {
         record.skip_open(due);
         return e + due;
@@ -191,7 +193,8 @@ pub(super) fn walk<R: Replay>(
             if i < end && job.has_open() {
                 let settled = job.quiet_run(i, end, e);
                 if settled > 0 {
-                    e = refuse_entries(job.record(), entries, e, &times[i..i + settled], interval);
+                    let times = &times[i..i + settled];
+                    e = refuse_entries(job.record(), entries, e, times, interval, p.gapless);
                     i += settled;
                 }
             }
