@@ -56,18 +56,23 @@ fn inside_run_either(bars: &[[i32; 4]], below: i64, above: i64, side: i64) -> (u
 #[allow(clippy::inline_always)]
 #[inline(always)]
 fn inside_run_loop<const HIGHEST: bool>(bars: &[[i32; 4]], below: i64, above: i64) -> (usize, i64) {
-    let start = if HIGHEST { i64::MIN } else { i64::MAX };
-    let pick = |a: i64, b: i64| if HIGHEST { a.max(b) } else { a.min(b) };
-    // `below < x < above` as one compare: `x - (below + 1)`, read unsigned, is below the
-    // interval's width exactly for the prices inside it (those under it wrap to huge).
-    let (Some(base), Some(width)) = (below.checked_add(1), above.checked_sub(below)) else {
-        return (0, start);
-    };
-    let Some(width) = width.checked_sub(1).filter(|&w| w > 0) else {
-        return (0, start);
+    let start = if HIGHEST { i32::MIN } else { i32::MAX };
+    let pick = |a: i32, b: i32| if HIGHEST { a.max(b) } else { a.min(b) };
+    // Every price is an `i32`: bounds beyond its range are clamped to just outside it,
+    // which keeps every comparison and puts the interval inside the `i32` range.
+    let below = below.max(i64::from(i32::MIN) - 1);
+    let above = above.min(i64::from(i32::MAX) + 1);
+    // `below < x < above` as one compare in 32 bits: `x - (below + 1)`, read unsigned, is
+    // at most `above - below - 2` exactly for the prices inside (those under the interval
+    // wrap beyond it: the interval lies inside the `i32` range).
+    if above - below < 2 {
+        return (0, i64::from(start));
+    }
+    let (Ok(base), Ok(last)) = (i32::try_from(below + 1), u32::try_from(above - below - 2)) else {
+        return (0, i64::from(start));
     };
     #[allow(clippy::cast_sign_loss)] // the unsigned reading is the point (see above)
-    let outside = |x: i32| u64::from(i64::from(x).wrapping_sub(base) as u64 >= width as u64);
+    let outside = |x: i32| u32::from(x.wrapping_sub(base) as u32 > last);
     // The extreme per price position (open, high, low, close) over the settled chunks:
     // lane by lane, one vector operation a bar, reduced once at the end.
     let mut lanes = [start; 4];
@@ -79,7 +84,7 @@ fn inside_run_loop<const HIGHEST: bool>(bars: &[[i32; 4]], below: i64, above: i6
         }
         for bar in chunk {
             for (lane, &x) in lanes.iter_mut().zip(bar) {
-                *lane = pick(*lane, i64::from(x));
+                *lane = pick(*lane, x);
             }
         }
         done += CHUNK;
@@ -89,11 +94,11 @@ fn inside_run_loop<const HIGHEST: bool>(bars: &[[i32; 4]], below: i64, above: i6
             break;
         }
         for (lane, &x) in lanes.iter_mut().zip(bar) {
-            *lane = pick(*lane, i64::from(x));
+            *lane = pick(*lane, x);
         }
         done += 1;
     }
-    (done, lanes.into_iter().fold(start, pick))
+    (done, i64::from(lanes.into_iter().fold(start, pick)))
 }
 
 #[cfg(test)]
@@ -114,9 +119,12 @@ mod tests {
         /// length (chunk boundaries) and with prices on and next to the bounds.
         #[test]
         fn scans_match_the_plain_loops(
-            prices in proptest::collection::vec(-40i32..40, 0..160),
-            below in -45i64..45,
-            width in -3i64..60,
+            prices in proptest::collection::vec(proptest::prop_oneof![
+                -40i32..40,
+                proptest::num::i32::ANY,
+            ], 0..160),
+            below in proptest::prop_oneof![-45i64..45, -(1i64 << 33)..(1i64 << 33)],
+            width in proptest::prop_oneof![-3i64..60, 0i64..(1i64 << 34)],
             side in proptest::bool::ANY,
         ) {
             let bars: Vec<[i32; 4]> = prices.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
@@ -138,10 +146,35 @@ mod tests {
     }
 
     #[test]
+    fn prices_at_the_ends_of_32_bits_are_compared_exactly() {
+        let (low, high) = (i32::MIN, i32::MAX);
+        let bars = [[low, high, low, high]; 9];
+        let (l, h) = (i64::from(low), i64::from(high));
+        assert_eq!(inside_run(&bars, l - 1, h + 1, 1), (9, Some(h)));
+        assert_eq!(inside_run(&bars, i64::MIN, i64::MAX, -1), (9, Some(l)));
+        assert_eq!(
+            inside_run(&bars, l, h + 1, 1).0,
+            0,
+            "the lowest price on the bound"
+        );
+        assert_eq!(
+            inside_run(&bars, l - 1, h, 1).0,
+            0,
+            "the highest price on the bound"
+        );
+        assert_eq!(inside_run(&bars, h, i64::MAX, 1).0, 0);
+        assert_eq!(inside_run(&bars, i64::MIN, l, 1).0, 0);
+        let far = [[0, 1, -1, 0]; 3];
+        assert_eq!(inside_run(&far, -(1 << 40), 1 << 40, 1), (3, Some(1)));
+        assert_eq!(inside_run(&far, 1 << 40, 1 << 41, 1).0, 0);
+        assert_eq!(inside_run(&far, -(1 << 41), -(1 << 40), 1).0, 0);
+    }
+
+    #[test]
     fn bounds_at_the_ends_of_the_integers_settle_nothing_wrongly() {
         let bars = [[5, 6, 4, 5]; 20];
         let run = |bars: &[[i32; 4]], below, above| inside_run(bars, below, above, 1).0;
-        assert_eq!(run(&bars, i64::MIN, i64::MAX), 0, "no interval base");
+        assert_eq!(run(&bars, i64::MIN, i64::MAX), 20, "the widest interval holds all");
         assert_eq!(run(&bars, 3, 7), 20);
         assert_eq!(run(&bars, 4, 7), 0, "a price on the lower bound is outside");
         assert_eq!(run(&bars, 3, 6), 0, "a price on the upper bound is outside");
