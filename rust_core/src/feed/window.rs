@@ -13,6 +13,7 @@
 //! reader), and reads every accepted update to the same fields (property
 //! `window_path_agrees_with_the_general_reader` in feed.rs).
 
+use super::MarkUpdate;
 use std::arch::x86_64::{
     _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_movemask_epi8, _mm256_or_si256, _mm256_set1_epi8,
     _mm256_set_epi64x,
@@ -250,6 +251,46 @@ pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>
         scale: scale as u32,
         end,
     })
+}
+
+/// Reads the updates from `b[start] == '{'` on while [`read_update`] takes them, their
+/// prices are of the fast conversion (`price_from_parts`: a zero price is left to the
+/// canonical reader, which reports it) and a bare comma separates them, appending them
+/// to `out`; returns the index just past the last one read (`None`: none read). The
+/// caller's reader goes on from there, so the updates read are exactly those of
+/// `read_update` called update by update; in one loop the reader is inlined, with no
+/// return through memory and no separator scan between updates.
+///
+/// # Safety
+/// The processor must have AVX2 (`is_x86_feature_detected!("avx2")`).
+#[allow(unsafe_code)] // a `target_feature` function must be `unsafe` on Rust 1.85
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn read_run<'a>(
+    b: &'a [u8],
+    start: usize,
+    out: &mut Vec<MarkUpdate<'a>>,
+) -> Option<usize> {
+    let mut at = start;
+    let mut last_end = None;
+    while let Some(update) = read_update(b, at) {
+        let Some((mark_price, mark_units)) =
+            super::price_from_parts(update.price, update.mantissa, update.digits, update.scale)
+        else {
+            break;
+        };
+        out.push(MarkUpdate {
+            symbol: update.symbol,
+            mark_price,
+            mark_units,
+            event_time_ms: update.event_time_ms,
+        });
+        last_end = Some(update.end);
+        if b.get(update.end..update.end + 2) != Some(b",{") {
+            break;
+        }
+        at = update.end + 1;
+    }
+    last_end
 }
 
 /// Whether the `len` bytes at `b[at..]` are `text` (`len <= 8`, `text` zero-padded):
