@@ -25,7 +25,8 @@
 //! Three readers, one result: an update written exactly as Binance writes it
 //! (`{"e":"markPriceUpdate","E":…,"s":"…","p":"…",…}`, no whitespace, no escapes) is read
 //! by the AVX2 window reader (`feed/window.rs`: bit masks of 32-byte blocks, price digits
-//! straight into the integer mantissa, no text in between) when the processor has AVX2,
+//! straight into the integer mantissa, no text in between, Binance's `i P r T` keys by
+//! their known layout, consecutive updates in one loop) when the processor has AVX2,
 //! else by the canonical reader (`Scanner::canonical_fields`, a byte scan of the same
 //! layout); anything either does not recognise falls back, from the same byte, to the
 //! general reader, which alone reports errors. The properties

@@ -7,11 +7,20 @@
 //! mispredicted loop exit) and digits are folded eight at a time. The price comes
 //! out as the integer mantissa and scale, with no text in between.
 //!
+//! The keys after the price are read by their known layout when they are exactly
+//! Binance's four (`,"i":"…","P":"…","r":"…","T":…}`: [`binance_tail`], three value ends
+//! and four fixed texts, no loop), else key by key ([`read_tail`]); the layout reader
+//! took the parse of a 600-update message from about 30 to 22 µs. [`read_run`] reads
+//! consecutive updates in one loop with the reader inlined.
+//!
 //! It accepts a subset of what `canonical_fields` accepts (a field longer than its window,
 //! a window that would run past the message, a leading zero... returns `None` with nothing
 //! consumed, and the caller takes the same bytes through the canonical then the general
 //! reader), and reads every accepted update to the same fields (property
-//! `window_path_agrees_with_the_general_reader` in feed.rs).
+//! `window_path_agrees_with_the_general_reader` in feed.rs; the layout reader takes only
+//! tails the key-by-key reader takes, to the same end: test
+//! `the_binance_tail_is_read_by_its_layout_like_key_by_key` and property
+//! `the_layout_reader_takes_only_what_read_tail_takes`).
 
 use super::MarkUpdate;
 use std::arch::x86_64::{
