@@ -238,18 +238,16 @@ pub(super) unsafe fn read_update(b: &[u8], at: usize) -> Option<WindowUpdate<'_>
     let skip = (price_end + 1).checked_sub(32)?;
     let limit = 128 - skip.min(128);
     let ((low_stops, low_digits), (high_stops, high_digits)) = (wide(1), wide(3));
-    // Stops from `t` not passed yet: in this layout each is a quote, and each string key
-    // takes the next four (key open and close, value open and close), so the end of a
-    // value is found by clearing bits, without shifting by its start.
-    let stops = (u128::from(low_stops) | (u128::from(high_stops) << 64))
-        .checked_shr(skip as u32)
-        .unwrap_or(0);
-    let non_digits = (u128::from(low_digits) | (u128::from(high_digits) << 64))
-        .checked_shr(skip as u32)
-        .unwrap_or(0);
-    let end = match binance_tail(b, t, stops, non_digits, limit) {
-        Some(end) => end,
-        None => read_tail(b, t, stops, non_digits, limit)?,
+    let window_stops = u128::from(low_stops) | (u128::from(high_stops) << 64);
+    let window_digits = u128::from(low_digits) | (u128::from(high_digits) << 64);
+    let end = if let Some(end) = binance_tail(b, t, window_stops, window_digits, skip, limit) {
+        end
+    } else {
+        // Stops from `t` not passed yet: in this layout each is a quote, and each string
+        // key takes the next four (key open and close, value open and close), so the end
+        // of a value is found by clearing bits, without shifting by its start.
+        let from_t = |mask: u128| mask.checked_shr(skip as u32).unwrap_or(0);
+        read_tail(b, t, from_t(window_stops), from_t(window_digits), limit)?
     };
     Some(WindowUpdate {
         symbol,
@@ -327,11 +325,20 @@ const fn text_word(text: &[u8]) -> u64 {
 /// value is the next stop (a stop inside a value would have to be the quote before the
 /// next key's text, which is checked byte for byte), the settlement time 1 to 15 digits
 /// without a leading zero. Returns the index just past the brace, or `None` for any
-/// other tail (which [`read_tail`] then reads key by key). Every tail taken here is one
+/// other tail (which [`read_tail`] then reads key by key). `stops` and `non_digits` are
+/// the masks of the window whose bit `skip` is the byte `t` (valid below `skip + limit`):
+/// not shifted to `t`, the shift goes into each look-up. Every tail taken here is one
 /// `read_tail` takes, to the same end.
 #[allow(clippy::inline_always)] // once per update, on the path from one to the next
 #[inline(always)]
-fn binance_tail(b: &[u8], t: usize, stops: u128, non_digits: u128, limit: usize) -> Option<usize> {
+fn binance_tail(
+    b: &[u8],
+    t: usize,
+    stops: u128,
+    non_digits: u128,
+    skip: usize,
+    limit: usize,
+) -> Option<usize> {
     const INDEX: u64 = text_word(b",\"i\":\"");
     const FUNDING_BASE: u64 = text_word(b"\",\"P\":\"");
     const RATE: u64 = text_word(b"\",\"r\":\"");
@@ -339,7 +346,7 @@ fn binance_tail(b: &[u8], t: usize, stops: u128, non_digits: u128, limit: usize)
     // The next stop at or after `from`.
     let next = |from: usize| {
         from + stops
-            .checked_shr(from as u32)
+            .checked_shr((skip + from) as u32)
             .map_or(128, u128::trailing_zeros) as usize
     };
     if !bytes_are(b, t, INDEX, 6)? {
@@ -359,7 +366,7 @@ fn binance_tail(b: &[u8], t: usize, stops: u128, non_digits: u128, limit: usize)
     }
     let digits_at = rate_end + 6;
     let count = non_digits
-        .checked_shr(digits_at as u32)
+        .checked_shr((skip + digits_at) as u32)
         .map_or(128, u128::trailing_zeros) as usize;
     let brace = digits_at + count;
     if count == 0 || count > 15 || brace >= limit {
@@ -368,7 +375,15 @@ fn binance_tail(b: &[u8], t: usize, stops: u128, non_digits: u128, limit: usize)
     if (count > 1 && *b.get(t + digits_at)? == b'0') || *b.get(t + brace)? != b'}' {
         return None;
     }
+    #[cfg(test)]
+    LAYOUT_TAILS.with(|c| c.set(c.get() + 1));
     Some(t + brace + 1)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tails [`binance_tail`] has read (tests check that Binance's updates take it).
+    pub(super) static LAYOUT_TAILS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// The keys after the price, from `b[t]` to the update's closing brace: `stops` and
@@ -456,7 +471,7 @@ mod tests {
         let limit = limit.min(b.len()).min(128);
         let (stops, non_digits) = tail_masks(&b, limit);
         (
-            binance_tail(&b, 0, stops, non_digits, limit),
+            binance_tail(&b, 0, stops, non_digits, 0, limit),
             read_tail(&b, 0, stops, non_digits, limit),
         )
     }
