@@ -6,7 +6,8 @@
 //!   600 real USDT symbols (Binance's layout, 8-decimal prices moving by at most 2 bp a
 //!   second) with 1,000 open positions (400 symbols with both legs, 200 with a LONG): parse,
 //!   bars, ATR and every position, the Rust side of `tests/benchmarks/test_bench_engine.py`
-//!   (and `apply_batch_1000_positions`: the same without the parse);
+//!   (split in `parse_600_updates`, the parse of the same messages, and
+//!   `apply_batch_1000_positions`, the same calls without the parse);
 //! - `atr_1m_bars`: `atr_batch` on 1,000,000 bars of a seeded random walk (the TA-Lib
 //!   comparison is the pytest benchmark `tests/benchmarks/test_bench_atr.py`);
 //! - `quantize`: one price and one quantity to wire strings for BTCUSDT;
@@ -207,7 +208,18 @@ fn bench_engine_message(c: &mut Criterion) {
             })
         });
     });
-    // The same calls split: the apply alone, on messages parsed outside the timing.
+    // The same calls split: the parse alone (the same messages, so that parse and apply
+    // add up to the whole call), then the apply alone, on messages parsed outside the
+    // timing.
+    group.bench_function("parse_600_updates", |b| {
+        b.iter_custom(|iters| {
+            rounds(iters, &mut |_, message| {
+                let start = Instant::now();
+                black_box(parse_mark_message(black_box(message)).unwrap());
+                start.elapsed()
+            })
+        });
+    });
     group.bench_function("apply_batch_1000_positions", |b| {
         b.iter_custom(|iters| {
             rounds(iters, &mut |engine, message| {

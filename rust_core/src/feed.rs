@@ -25,7 +25,8 @@
 //! Three readers, one result: an update written exactly as Binance writes it
 //! (`{"e":"markPriceUpdate","E":…,"s":"…","p":"…",…}`, no whitespace, no escapes) is read
 //! by the AVX2 window reader (`feed/window.rs`: bit masks of 32-byte blocks, price digits
-//! straight into the integer mantissa, no text in between) when the processor has AVX2,
+//! straight into the integer mantissa, no text in between, Binance's `i P r T` keys by
+//! their known layout, consecutive updates in one loop) when the processor has AVX2,
 //! else by the canonical reader (`Scanner::canonical_fields`, a byte scan of the same
 //! layout); anything either does not recognise falls back, from the same byte, to the
 //! general reader, which alone reports errors. The properties
@@ -502,7 +503,7 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'{') {
                 return self.fail("invalid type: expected a markPriceUpdate object in the array");
             }
-            if !self.window_update(out) && !self.canonical_update(out) {
+            if !self.window_run(out) && !self.canonical_update(out) {
                 self.expect(b'{')?;
                 let mut fields = UpdateFields::default();
                 self.object_body(|scan, key| fields.accept(scan, key))?;
@@ -515,37 +516,28 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// The update at `{` read by 16-byte windows (see `feed/window.rs`) when it is written
-    /// as Binance writes it; `false` with nothing consumed otherwise.
+    /// The updates from `{` on read by the AVX2 window reader (see `feed/window.rs`) while
+    /// they are written as Binance writes them and separated by bare commas; `false` with
+    /// nothing consumed when it takes none, else the position is just past the last one.
     #[inline]
-    fn window_update(&mut self, out: &mut Sink<'a>) -> bool {
+    fn window_run(&mut self, out: &mut Sink<'a>) -> bool {
         #[cfg(test)]
         if tests::NO_WINDOW_PATH.with(std::cell::Cell::get) {
             return false;
         }
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: `read_update` only needs AVX2, detected just above.
+            let before = out.batch.updates.len();
+            // SAFETY: `read_run` only needs AVX2, detected just above.
             #[allow(unsafe_code)] // the one way to call a `target_feature` function
-            let read = unsafe { window::read_update(self.bytes, self.pos) };
-            if let Some(update) = read {
-                // A zero price (or one beyond the fast conversion) is left to the
-                // canonical reader, which reports it.
-                if let Some((mark_price, mark_units)) =
-                    price_from_parts(update.price, update.mantissa, update.digits, update.scale)
-                {
-                    out.batch.updates.push(MarkUpdate {
-                        symbol: update.symbol,
-                        mark_price,
-                        mark_units,
-                        event_time_ms: update.event_time_ms,
-                    });
-                    out.count += 1;
-                    self.pos = update.end;
-                    #[cfg(test)]
-                    tests::WINDOW_HITS.with(|c| c.set(c.get() + 1));
-                    return true;
-                }
+            let end = unsafe { window::read_run(self.bytes, self.pos, &mut out.batch.updates) };
+            if let Some(end) = end {
+                let read = out.batch.updates.len() - before;
+                out.count += read;
+                self.pos = end;
+                #[cfg(test)]
+                tests::WINDOW_HITS.with(|c| c.set(c.get() + read));
+                return true;
             }
         }
         let _ = out;
@@ -1790,10 +1782,14 @@ mod property_tests {
             })
             .collect();
         let array = binance_array(&updates, 7, false);
+        super::window::LAYOUT_TAILS.with(|c| c.set(0));
         let hits = window_hits(array.as_bytes());
         if std::arch::is_x86_feature_detected!("avx2") {
-            // Every update but the last few, whose windows would run past the message.
+            // Every update but the last few, whose windows would run past the message;
+            // their keys after the price all by the layout reader.
             assert!(hits >= 38, "{hits} of 40");
+            let layout = super::window::LAYOUT_TAILS.with(std::cell::Cell::get);
+            assert_eq!(layout, hits);
         }
         let wrapped = format!(r#"{{"stream":"!markPrice@arr@1s","data":{array}}}"#);
         assert_eq!(

@@ -193,6 +193,21 @@ fn mark_message(symbol: &str, price: &str, time: i64) -> Vec<u8> {
         .into_bytes()
 }
 
+/// An `!markPrice@arr` message of the three symbols in Binance's exact layout (every key
+/// of the real stream), the shape the AVX2 window reader and its layout reader of the
+/// keys after the price take.
+fn binance_array(price: &str, time: i64) -> Vec<u8> {
+    let items: Vec<String> = SYMBOLS
+        .iter()
+        .map(|(symbol, _)| {
+            format!(
+                r#"{{"e":"markPriceUpdate","E":{time},"s":"{symbol}","p":"{price}","i":"{price}","P":"{price}","r":"0.00010000","T":1764028800000}}"#
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(",")).into_bytes()
+}
+
 /// The invariants every action must hold against the position that emitted it.
 fn check_action(engine: &ExitEngine, action: &ExitAction) -> Result<(), TestCaseError> {
     let rules = engine.rules().symbol(&action.symbol).unwrap();
@@ -456,6 +471,7 @@ proptest! {
     fn arbitrary_messages_never_panic(
         bytes in prop::collection::vec(any::<u8>(), 0..400),
         flips in prop::collection::vec((0usize..120, any::<u8>()), 0..6),
+        array_flips in prop::collection::vec((0usize..600, any::<u8>()), 0..6),
     ) {
         let mut engine = ExitEngine::new(rules(), policy(false, false)).unwrap();
         engine.open_position(OpenParams {
@@ -468,7 +484,12 @@ proptest! {
             let len = real.len();
             real[at % len] = byte;
         }
-        for message in [bytes, real] {
+        let mut array = binance_array("29000.00000000", T0);
+        for (at, byte) in array_flips {
+            let len = array.len();
+            array[at % len] = byte;
+        }
+        for message in [bytes, real, array] {
             let before = engine.snapshot();
             match engine.on_mark_message(&message) {
                 Ok(actions) => for a in &actions { check_action(&engine, a)?; },

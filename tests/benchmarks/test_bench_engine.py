@@ -9,8 +9,9 @@ close and feed the ATR every 60 rounds); building the message is setup, not time
 Implementations, one benchmark group:
 - ``rust``: ``pyquant.ExitEngine.on_mark_message`` (parse + bars + ATR + every position);
   the messages are in Binance's layout, so the engine reads them on its AVX2 window path
-  where the processor has it (the Rust-only figures: ``cargo bench --bench core --
-  mark_message_600`` for the parse, ``engine_message_600`` for the whole call).
+  where the processor has it, the keys after the price by their known layout (the
+  Rust-only figures: ``cargo bench --bench core -- engine_message_600``: the whole call,
+  ``parse_600_updates`` and ``apply_batch_1000_positions`` its two parts).
 - ``python``: ``python_engine.PythonExitEngine`` (orjson + Decimal + loops, same semantics).
 - ``orjson_loads``: ``orjson.loads`` of the same bytes and nothing else.
 
