@@ -8,6 +8,7 @@ and its result type; it reads no files and draws nothing.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import os
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa  # type: ignore[import-untyped]
 
 from pyquant import _core
 from pyquant.backtest.loading import (
@@ -163,32 +165,107 @@ def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, A
 _CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
 
 
-_SIDE_CODE = (
-    pl.when(pl.col("side") == "BUY")
-    .then(pl.lit(1, pl.Int8))
-    .when(pl.col("side") == "SELL")
-    .then(pl.lit(-1, pl.Int8))
-    .alias("side")
-)
+def _string_views(
+    chunk: pl.Series,
+) -> tuple[np.ndarray[Any, Any], list[np.ndarray[Any, Any]], np.ndarray[Any, Any] | None, int]:
+    # One chunk of a String column as its Arrow ``string_view`` buffers (polars' own layout:
+    # no copy), as the core reads them: the 16-byte views, the data buffers, the validity
+    # bits (None without nulls) and the offset of the chunk's first row in them.
+    array = chunk.to_arrow(compat_level=pl.CompatLevel.newest())
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if array.type != pa.string_view():
+        array = array.cast(pa.string_view())
+    validity, views, *data = array.buffers()
+    return (
+        np.frombuffer(views, dtype=np.uint8),
+        [np.frombuffer(buffer, dtype=np.uint8) for buffer in data],
+        None if validity is None or not array.null_count else np.frombuffer(validity, np.uint8),
+        array.offset,
+    )
 
 
-def _entry_arrays(entries: pl.DataFrame) -> dict[str, Any]:
-    # The core's entry arrays of ``entries`` (one symbol's, in time order): numpy views of
-    # the columns where they have no nulls, the side as 1/-1 (null: neither BUY nor SELL).
-    side = entries.select(_SIDE_CODE).to_series()
-    if side.null_count():
-        row = int(side.is_null().arg_max() or 0)
-        raise ConfigError(
-            f"entries side was {entries['side'][row]!r} (intent at time_ms "
-            f"{entries['time_ms'][row]}): must be BUY or SELL"
+class _Pieces:
+    """A column as the numpy arrays of its chunks (no copy), cut into row ranges.
+
+    A frame joined from per-symbol frames (``pl.concat``) keeps one chunk per part: a
+    symbol's rows then lie in one chunk and are cut as a view, where a contiguous copy of
+    the whole column would copy every row.
+    """
+
+    def __init__(self, column: pl.Series, dtype: type[np.generic]) -> None:
+        self.parts = [np.ascontiguousarray(c.to_numpy(), dtype=dtype) for c in column.get_chunks()]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
+
+    def cut(self, start: int, stop: int) -> np.ndarray[Any, Any]:
+        first = bisect.bisect_right(self.starts, start) - 1
+        last = bisect.bisect_left(self.starts, stop) - 1
+        if first >= last or len(self.parts) == 1:
+            part = max(min(first, len(self.parts) - 1), 0)
+            base = self.starts[part]
+            return self.parts[part][start - base : stop - base]
+        return np.concatenate(
+            [
+                self.parts[k][max(start - self.starts[k], 0) : stop - self.starts[k]]
+                for k in range(first, last + 1)
+            ]
         )
+
+
+def _bad_side(entries: pl.DataFrame, row: int) -> None:
+    raise ConfigError(
+        f"entries side was {entries['side'][row]!r} (intent at time_ms "
+        f"{entries['time_ms'][row]}): must be BUY or SELL"
+    )
+
+
+_ZEROS = np.zeros(0, dtype=np.int64)
+
+
+def _zeros(rows: int) -> np.ndarray[Any, Any]:
+    # ``rows`` int64 zeros (no entry gives its leverage: the default applies), read-only and
+    # kept for the next run: a fresh array's pages are faulted in again at every run.
+    global _ZEROS
+    if len(_ZEROS) < rows:
+        _ZEROS = np.zeros(rows, dtype=np.int64)
+        _ZEROS.setflags(write=False)
+    return _ZEROS[:rows]
+
+
+def _entry_pieces(entries: pl.DataFrame, side: np.ndarray[Any, Any]) -> dict[str, Any]:
+    # The core's entry columns of ``entries`` (one symbol's, in time order, or several that
+    # the caller cuts into symbols), their sides already coded 1/-1: views of the columns'
+    # chunks where they have no nulls, a column of nulls as zeros (lazily zeroed pages).
+    confidence = entries["confidence"]
+    leverage = entries["leverage"]
     return {
-        "entry_time": _contiguous(entries["time_ms"], np.int64),
-        "entry_side": _contiguous(side, np.int8),
-        "entry_confidence": _contiguous(entries["confidence"].fill_null(float("nan")), np.float64),
+        "entry_time": _Pieces(entries["time_ms"], np.int64),
+        "entry_side": side,
+        "entry_confidence": _Pieces(
+            confidence.fill_null(float("nan")) if confidence.null_count() else confidence,
+            np.float64,
+        ),
         "entry_notional": _own_notionals(entries["size_usd"]),
-        "entry_leverage": _contiguous(entries["leverage"].fill_null(0), np.int64),
+        "entry_leverage": (
+            _zeros(leverage.len())
+            if leverage.null_count() == leverage.len()
+            else _Pieces(leverage.fill_null(0), np.int64)
+        ),
     }
+
+
+def _entry_arrays(entries: pl.DataFrame, side: np.ndarray[Any, Any]) -> dict[str, Any]:
+    # The core's entry arrays of ``entries`` (one symbol's, in time order), whole.
+    return _cut(_entry_pieces(entries, side), 0, entries.height)
+
+
+_NO_ENTRIES: dict[str, Any] = {
+    "entry_time": np.zeros(0, dtype=np.int64),
+    "entry_side": np.zeros(0, dtype=np.int8),
+    "entry_confidence": np.zeros(0, dtype=np.float64),
+    "entry_notional": None,
+    "entry_leverage": np.zeros(0, dtype=np.int64),
+}
 
 
 def _own_notionals(notional: pl.Series) -> tuple[np.ndarray[Any, Any], list[str]] | None:
@@ -212,6 +289,38 @@ def _cut_notionals(
     return None if first == last else (rows[first:last] - start, texts[first:last])
 
 
+def _cut(pieces: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    # Rows start..stop of the entry columns: views where they lie in one chunk, and the own
+    # notionals among them.
+    return {
+        key: (
+            _cut_notionals(values, start, stop)
+            if key == "entry_notional"
+            else values.cut(start, stop)
+            if isinstance(values, _Pieces)
+            else values[start:stop]
+        )
+        for key, values in pieces.items()
+    }
+
+
+def _key_chunks(entries: pl.DataFrame) -> list[tuple[Any, Any, np.ndarray[Any, Any]]]:
+    # The side, symbol and time columns chunk by chunk, as ``backtest_entry_keys`` reads
+    # them (rechunked first only when the three are cut differently).
+    keys = entries.select("side", "symbol", "time_ms")
+    if len(set(keys.n_chunks("all"))) > 1:
+        keys = keys.rechunk()
+    return [
+        (_string_views(side), _string_views(symbol), np.ascontiguousarray(time, dtype=np.int64))
+        for side, symbol, time in zip(
+            keys["side"].get_chunks(),
+            keys["symbol"].get_chunks(),
+            (c.to_numpy() for c in keys["time_ms"].get_chunks()),
+            strict=True,
+        )
+    ]
+
+
 def _entry_arrays_by_symbol(
     entries: pl.DataFrame, symbols: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
@@ -221,75 +330,35 @@ def _entry_arrays_by_symbol(
     if entries.is_empty():
         return {}
     needed = entries.select(_CORE_ENTRY_COLUMNS)
-    symbol = needed["symbol"]
-    first = symbol[0]
-    # One symbol (the usual intents of a one-symbol run): a compare, not a hash of each row.
-    if first is not None and not symbol.null_count() and (symbol == first).all():
-        if first not in symbols:
-            return {}
-        ordered = (
-            needed if needed["time_ms"].is_sorted() else needed.sort("time_ms", maintain_order=True)
-        )
-        return {str(first): _entry_arrays(ordered)}
-    blocks = _symbol_blocks(needed, symbols)
-    if blocks is not None:
-        # Each symbol's intents in one block in time order (written symbol by symbol): the
-        # columns converted as they are and cut at the block bounds, without a sort.
-        arrays = _entry_arrays(needed)
-        notional = arrays.pop("entry_notional")
-        return {
-            symbols[code]: {
-                **{key: values[start:stop] for key, values in arrays.items()},
-                "entry_notional": _cut_notionals(notional, start, stop),
-            }
-            for code, start, stop in blocks
-        }
-    series = symbol.replace_strict(
-        list(symbols), range(len(symbols)), default=None, return_dtype=pl.Int64
+    if needed["time_ms"].null_count():
+        row = int(needed["time_ms"].is_null().arg_max() or 0)
+        raise ConfigError(f"entries time_ms is missing in row {row}: every intent needs a time")
+    # The side and symbol strings read by the core in one pass over their Arrow views (a
+    # compare of 16 bytes per row, no hash): the side coded, the runs of one symbol found.
+    side, bad, runs, in_order = _core.backtest_entry_keys(_key_chunks(needed), list(symbols))
+    if bad is not None:
+        _bad_side(needed, bad)
+    known = [(code, start, stop) for code, start, stop in runs if code >= 0]
+    if in_order and len({code for code, _, _ in known}) == len(known):
+        # Each symbol's intents in one block in time order (one symbol, or written symbol by
+        # symbol): the columns converted as they are and cut at the block bounds, no sort.
+        pieces = _entry_pieces(needed, side)
+        return {symbols[code]: _cut(pieces, start, stop) for code, start, stop in known}
+    codes = np.repeat(
+        np.array([code for code, _, _ in runs], dtype=np.int64),
+        [stop - start for _, start, stop in runs],
     )
-    keyed = needed.with_columns(series.alias("series"))
-    if series.null_count():
-        keyed = keyed.drop_nulls("series")
-    codes, times = keyed["series"].to_numpy(), keyed["time_ms"].to_numpy()
-    # Intents written symbol by symbol in time order need no sort: a check costs a tenth.
-    in_order = bool(
-        np.all((codes[1:] > codes[:-1]) | ((codes[1:] == codes[:-1]) & (times[1:] >= times[:-1])))
-    )
-    ordered = keyed if in_order else keyed.sort(["series", "time_ms"], maintain_order=True)
-    arrays = _entry_arrays(ordered)
+    keyed = needed.with_columns(pl.Series("series", codes), pl.Series("side_code", side))
+    if len(known) < len(runs):
+        keyed = keyed.filter(pl.col("series") >= 0)
+    ordered = keyed.sort(["series", "time_ms"], maintain_order=True)
+    pieces = _entry_pieces(ordered, _contiguous(ordered["side_code"], np.int8))
     bounds = np.searchsorted(ordered["series"].to_numpy(), np.arange(len(symbols) + 1))
-    notional = arrays.pop("entry_notional")
     return {
-        name: {
-            **{key: values[bounds[i] : bounds[i + 1]] for key, values in arrays.items()},
-            "entry_notional": _cut_notionals(notional, bounds[i], bounds[i + 1]),
-        }
+        name: _cut(pieces, int(bounds[i]), int(bounds[i + 1]))
         for i, name in enumerate(symbols)
         if bounds[i] < bounds[i + 1]
     }
-
-
-def _symbol_blocks(
-    entries: pl.DataFrame, symbols: Sequence[str]
-) -> list[tuple[int, int, int]] | None:
-    # (symbol index, first row, end row) of each run of one symbol, when every row's symbol
-    # has bars, each symbol is one run and each run is in time order; else None (the caller
-    # sorts). One compare of each row with the previous, not a hash of each row.
-    runs = entries["symbol"].rle().struct.unnest()
-    if runs.height > len(symbols):
-        return None
-    index = {name: i for i, name in enumerate(symbols)}
-    codes = [-1 if name is None else index.get(name, -1) for name in runs["value"]]
-    if min(codes) < 0 or len(set(codes)) < len(codes):
-        return None
-    stops = np.cumsum(runs["len"].to_numpy(), dtype=np.int64)
-    starts = stops - runs["len"].to_numpy()
-    times = entries["time_ms"].to_numpy()
-    first_of_run = np.zeros(len(times), dtype=bool)
-    first_of_run[starts] = True
-    if not bool(np.all((times[1:] >= times[:-1]) | first_of_run[1:])):
-        return None
-    return list(zip(codes, starts.tolist(), stops.tolist(), strict=True))
 
 
 def _series_inputs(
@@ -299,9 +368,8 @@ def _series_inputs(
     fine: Mapping[str, pl.DataFrame] | None,
 ) -> list[_Series]:
     by_symbol = _entry_arrays_by_symbol(intents, symbols)
-    empty = _entry_arrays(intents.clear())
     return [
-        _series_arrays(k, by_symbol.get(s, empty), (fine or {}).get(s))
+        _series_arrays(k, by_symbol.get(s, _NO_ENTRIES), (fine or {}).get(s))
         for k, s in zip(frames, symbols, strict=True)
     ]
 
@@ -313,8 +381,13 @@ def _prepare_series(
 ) -> _Series:
     # One series on its own: its symbol's entries picked from ``entries``.
     symbol = str(klines["symbol"][0])
+    # A filter and a sort, and the side coded by polars: the plain reference the one-pass
+    # path of ``_entry_arrays_by_symbol`` is held to.
     mine = entries.filter(pl.col("symbol") == symbol).sort("time_ms", maintain_order=True)
-    return _series_arrays(klines, _entry_arrays(mine), fine)
+    side = mine["side"].replace_strict(["BUY", "SELL"], [1, -1], default=None, return_dtype=pl.Int8)
+    if side.null_count():
+        _bad_side(mine, int(side.is_null().arg_max() or 0))
+    return _series_arrays(klines, _entry_arrays(mine, _contiguous(side, np.int8)), fine)
 
 
 def _series_arrays(
