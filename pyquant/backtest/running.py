@@ -159,30 +159,40 @@ class _Series:
 
 
 def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, Any]:
-    return np.ascontiguousarray(series.to_numpy(), dtype=dtype)
+    array = series.to_numpy()
+    if array.dtype == dtype and array.flags.c_contiguous:
+        return array  # a view of the column (no nulls, one chunk): nothing to convert
+    return np.ascontiguousarray(array, dtype=dtype)
 
 
 _CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
 
 
-def _string_views(
-    chunk: pl.Series,
-) -> tuple[np.ndarray[Any, Any], list[np.ndarray[Any, Any]], np.ndarray[Any, Any] | None, int]:
-    # One chunk of a String column as its Arrow ``string_view`` buffers (polars' own layout:
-    # no copy), as the core reads them: the 16-byte views, the data buffers, the validity
-    # bits (None without nulls) and the offset of the chunk's first row in them.
-    array = chunk.to_arrow(compat_level=pl.CompatLevel.newest())
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    if array.type != pa.string_view():
-        array = array.cast(pa.string_view())
-    validity, views, *data = array.buffers()
-    return (
-        np.frombuffer(views, dtype=np.uint8),
-        [np.frombuffer(buffer, dtype=np.uint8) for buffer in data],
-        None if validity is None or not array.null_count else np.frombuffer(validity, np.uint8),
-        array.offset,
-    )
+_ViewBuffers = tuple[
+    np.ndarray[Any, Any], list[np.ndarray[Any, Any]], np.ndarray[Any, Any] | None, int
+]
+
+
+def _string_views(column: pl.Series) -> tuple[list[_ViewBuffers], list[int]]:
+    # A String column's chunks as their Arrow ``string_view`` buffers (polars' own layout,
+    # exported without a copy), as the core reads them: the 16-byte views, the data
+    # buffers, the validity bits (None without nulls) and the chunk's first row in them;
+    # and the chunks' lengths.
+    chunks = pa.chunked_array(column)
+    if chunks.type != pa.string_view():
+        chunks = chunks.cast(pa.string_view())
+    out = []
+    for array in chunks.chunks:
+        validity, views, *data = array.buffers()
+        out.append(
+            (
+                np.frombuffer(views, dtype=np.uint8),
+                [np.frombuffer(buffer, dtype=np.uint8) for buffer in data],
+                None if not array.null_count else np.frombuffer(validity, np.uint8),
+                array.offset,
+            )
+        )
+    return out, [len(array) for array in chunks.chunks]
 
 
 class _Pieces:
@@ -304,21 +314,29 @@ def _cut(pieces: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
     }
 
 
+def _columns(frame: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
+    # Some columns as they are: a ``select`` rechunks every column of a frame whose columns
+    # are cut into chunks differently (a copy of each).
+    return pl.DataFrame([frame.get_column(name) for name in names])
+
+
 def _key_chunks(entries: pl.DataFrame) -> list[tuple[Any, Any, np.ndarray[Any, Any]]]:
     # The side, symbol and time columns chunk by chunk, as ``backtest_entry_keys`` reads
     # them (rechunked first only when the three are cut differently).
-    keys = entries.select("side", "symbol", "time_ms")
+    keys = _columns(entries, ("side", "symbol", "time_ms"))
     if len(set(keys.n_chunks("all"))) > 1:
         keys = keys.rechunk()
-    return [
-        (_string_views(side), _string_views(symbol), np.ascontiguousarray(time, dtype=np.int64))
-        for side, symbol, time in zip(
-            keys["side"].get_chunks(),
-            keys["symbol"].get_chunks(),
-            (c.to_numpy() for c in keys["time_ms"].get_chunks()),
-            strict=True,
-        )
-    ]
+    (sides, side_rows), (symbols, symbol_rows) = (
+        _string_views(keys["side"]),
+        _string_views(keys["symbol"]),
+    )
+    times = [_contiguous(chunk, np.int64) for chunk in keys["time_ms"].get_chunks()]
+    if not side_rows == symbol_rows == [len(t) for t in times]:
+        # Exported in other chunks than polars keeps: one chunk each.
+        keys = keys.rechunk()
+        sides, symbols = _string_views(keys["side"])[0], _string_views(keys["symbol"])[0]
+        times = [_contiguous(keys["time_ms"], np.int64)]
+    return list(zip(sides, symbols, times, strict=True))
 
 
 def _entry_arrays_by_symbol(
@@ -329,7 +347,7 @@ def _entry_arrays_by_symbol(
     # views. Entries of symbols without bars, or without a symbol, are left out.
     if entries.is_empty():
         return {}
-    needed = entries.select(_CORE_ENTRY_COLUMNS)
+    needed = _columns(entries, _CORE_ENTRY_COLUMNS)
     if needed["time_ms"].null_count():
         row = int(needed["time_ms"].is_null().arg_max() or 0)
         raise ConfigError(f"entries time_ms is missing in row {row}: every intent needs a time")
@@ -393,16 +411,17 @@ def _prepare_series(
 def _series_arrays(
     klines: pl.DataFrame, entry_arrays: Mapping[str, Any], fine: pl.DataFrame | None
 ) -> _Series:
-    symbol = str(klines["symbol"][0])
-    step = interval_ms(str(klines["interval"][0]))
+    column = klines.get_column
+    symbol = str(column("symbol")[0])
+    step = interval_ms(str(column("interval")[0]))
     arrays: dict[str, Any] = {
         "symbol": symbol,
         "interval_ms": step,
-        "open_time": _contiguous(klines["open_time"], np.int64),
-        "open": _contiguous(klines["open"], np.float64),
-        "high": _contiguous(klines["high"], np.float64),
-        "low": _contiguous(klines["low"], np.float64),
-        "close": _contiguous(klines["close"], np.float64),
+        "open_time": _contiguous(column("open_time"), np.int64),
+        "open": _contiguous(column("open"), np.float64),
+        "high": _contiguous(column("high"), np.float64),
+        "low": _contiguous(column("low"), np.float64),
+        "close": _contiguous(column("close"), np.float64),
         **entry_arrays,
     }
     if fine is not None:
@@ -434,10 +453,21 @@ def _entries_for(
         ]
         if missing:
             raise ConfigError(f"entries are missing column {missing[0]!r}")
+        # Column by column, no query: a frame joined from many parts keeps its chunks (each
+        # symbol's block then stays a view), and a column of the right type is not touched.
+        columns = []
         for name, dtype in _INTENT_SCHEMA.items():
             if name not in entries.columns:
-                entries = entries.with_columns(pl.lit(None, dtype=dtype).alias(name))
-        return entries.select(pl.col(n).cast(t) for n, t in _INTENT_SCHEMA.items()), False
+                columns.append(pl.repeat(None, entries.height, dtype=dtype, eager=True).alias(name))
+                continue
+            given = entries.get_column(name)
+            try:
+                columns.append(given if given.dtype == dtype else given.cast(dtype))
+            except pl.exceptions.PolarsError as exc:
+                raise ConfigError(
+                    f"entries column {name!r} is {given.dtype}: must be {dtype} ({exc})"
+                ) from None
+        return pl.DataFrame(columns), False
     name = strategy or "momentum24h"
     if name != "momentum24h":
         raise ConfigError(f"strategy {name!r} is unknown; the built-in one is momentum24h")
