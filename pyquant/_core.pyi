@@ -642,8 +642,10 @@ def backtest_run(
     ``decimal_jobs``). ``exact`` adds ``exact``: for ``fills`` (price, quantity, fee, pnl)
     and ``trades`` (entry_price, quantity, initial_stop, risk_price, pnl, fees) each column's
     Decimal(38, 12) mantissas as 16-byte little-endian values (Arrow's decimal128 layout) in a
-    ``MantissaBuffer``, or None when a value has more than 12 decimals. Use
-    ``pyquant.backtest`` instead.
+    ``MantissaBuffer``, or None when a value has more than 12 decimals; and ``text``: the
+    fills' ``symbol``/``reason``/``kind`` and the trades' ``symbol``/``reason`` as Arrow
+    ``string_view`` views (16 bytes a row, in a ``MantissaBuffer``) whose names longer than
+    12 bytes point into the shared ``data`` bytes. Use ``pyquant.backtest`` instead.
     """
 
 def backtest_entry_keys(
@@ -678,7 +680,7 @@ def backtest_entry_keys(
 
 @_final
 class MantissaBuffer:
-    """Read-only bytes of ``backtest_run``'s exact columns.
+    """Read-only bytes of ``backtest_run``'s exact columns and text views.
 
     Read through the buffer protocol (``bytes(buffer)``, ``memoryview(buffer)``, pyarrow)
     without a copy; their memory is reused by a later run once nothing reads them any more.

@@ -37,6 +37,8 @@ from pyquant.backtest.reporting import (
     _arrange,
     _exact,
     _exact_from_core,
+    _exact_tables,
+    _frame,
     _tables,
     summarize,
 )
@@ -604,6 +606,17 @@ def run_backtest(
     series = _series_inputs(frames, symbols, intents, fine)
     options = _core_options(config, one_per_symbol, detail=detail)
     outputs = _call_core(series, [policy], rules, {**options, "exact": not detail}, progress)
+    exact = None if detail else _exact_tables(outputs)
+    if exact is not None:
+        reasons = list(outputs[0]["raw"]["reason_names"])
+        return BacktestResult(
+            fills=exact[0],
+            trades=exact[1],
+            **{t: _frame(outputs, t, symbols, reasons) for t in ("stops", "levels", "skipped")},
+            evaluations=sum(int(out["raw"]["evaluations"]) for out in outputs),
+            policies=[policy],
+            warnings=liquidation_warnings(policy, _leverages(intents, config)),
+        )
     tables, evaluations = _tables(outputs, symbols)
     fills = trades = None
     if not detail:

@@ -280,10 +280,55 @@ impl<const N: usize> ExactColumns<N> {
     }
 }
 
+/// The text columns of a result (symbol, reason, kind) as Arrow `string_view` arrays, which
+/// Python wraps as polars columns without a Python object or a lookup per row: each row is
+/// the 16-byte view of its name, made once per name; the names longer than 12 bytes point
+/// into one data buffer shared by every column of the result.
+struct TextViews {
+    data: Vec<u8>,
+    symbols: Vec<[u8; 16]>,
+    reasons: Vec<[u8; 16]>,
+    kinds: [[u8; 16]; 2],
+}
+
+impl TextViews {
+    fn new(symbols: &[&str]) -> Self {
+        let mut data = Vec::new();
+        let mut view = |name: &str| -> [u8; 16] {
+            let bytes = name.as_bytes();
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+            if bytes.len() <= INLINE {
+                out[4..4 + bytes.len()].copy_from_slice(bytes);
+            } else {
+                // prefix, buffer 0, offset
+                out[4..8].copy_from_slice(&bytes[..4]);
+                out[12..16].copy_from_slice(&(data.len() as u32).to_le_bytes());
+                data.extend_from_slice(bytes);
+            }
+            out
+        };
+        let symbols = symbols.iter().map(|s| view(s)).collect();
+        let reasons = REASONS.iter().map(|r| view(r)).collect();
+        let kinds = [view("entry"), view("exit")];
+        Self {
+            data,
+            symbols,
+            reasons,
+            kinds,
+        }
+    }
+
+    /// An empty column with room for `rows` views.
+    fn column(rows: usize) -> Vec<u8> {
+        backtest::take_bytes(rows * 16)
+    }
+}
+
 /// Read-only bytes that Python reads through the buffer protocol without a copy (pyarrow
-/// wraps them as a `decimal128` array, polars keeps that array's memory). When the last
-/// reader lets go the memory goes back to the backtest's pool, so the next run writes its
-/// mantissas into pages it already has instead of faulting in fresh ones.
+/// wraps them as a `decimal128` or `string_view` array, polars keeps that array's memory).
+/// When the last reader lets go the memory goes back to the backtest's pool, so the next
+/// run writes its columns into pages it already has instead of faulting in fresh ones.
 #[pyclass(frozen, module = "pyquant._core")]
 pub struct MantissaBuffer {
     bytes: Vec<u8>,
@@ -428,6 +473,15 @@ fn outputs<'py>(
         .collect::<Result<_, _>>()?;
     // The float copies of the exact columns, unless those come as mantissas.
     let floats = !exact_mantissas_wanted;
+    // With the mantissas (the API's default) the text columns come as Arrow views too.
+    let names: Vec<&str> = series.iter().map(|s| s.symbol.as_str()).collect();
+    let text = TextViews::new(&names);
+    let views = exact_mantissas_wanted;
+    // The reason code of an entry fill: its kind is `entry`, every other fill's `exit`.
+    let entry = REASONS
+        .iter()
+        .position(|&reason| reason == "entry")
+        .and_then(|code| u8::try_from(code).ok());
 
     // fills
     let rows: usize = jobs.iter().map(|j| j.fills.len()).sum();
@@ -449,9 +503,21 @@ fn outputs<'py>(
     );
     let mut texts: [Vec<Option<String>>; 6] = Default::default();
     let mut exact_fills = ExactColumns::new(if floats { 0 } else { rows });
+    let view_rows = if views { rows } else { 0 };
+    let mut fill_text = [
+        TextViews::column(view_rows),
+        TextViews::column(view_rows),
+        TextViews::column(view_rows),
+    ];
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
+        let symbol_view = &text.symbols[job.series as usize];
         for f in &job.fills {
+            if views {
+                fill_text[0].extend_from_slice(symbol_view);
+                fill_text[1].extend_from_slice(&text.reasons[usize::from(f.reason)]);
+                fill_text[2].extend_from_slice(&text.kinds[usize::from(Some(f.reason) != entry)]);
+            }
             ser.push(job.series);
             pol.push(job.policy);
             trade.push(f.trade);
@@ -540,9 +606,16 @@ fn outputs<'py>(
     );
     let mut texts: [Vec<Option<String>>; 6] = Default::default();
     let mut exact_trades = ExactColumns::new(if floats { 0 } else { rows });
+    let view_rows = if views { rows } else { 0 };
+    let mut trade_text = [TextViews::column(view_rows), TextViews::column(view_rows)];
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
+        let symbol_view = &text.symbols[job.series as usize];
         for t in &job.trades {
+            if views {
+                trade_text[0].extend_from_slice(symbol_view);
+                trade_text[1].extend_from_slice(&text.reasons[usize::from(t.exit_reason)]);
+            }
             ser.push(job.series);
             pol.push(job.policy);
             trade.push(t.trade);
@@ -641,6 +714,24 @@ fn outputs<'py>(
         ];
         exact.set_item("trades", exact_trades.finish(py, names)?)?;
         result.set_item("exact", exact)?;
+        // The text columns' views by table and name, and their shared data buffer.
+        let texts = PyDict::new(py);
+        let fills = PyDict::new(py);
+        for (name, bytes) in ["symbol", "reason", "kind"].into_iter().zip(fill_text) {
+            fills.set_item(name, Bound::new(py, MantissaBuffer { bytes })?)?;
+        }
+        texts.set_item("fills", fills)?;
+        let trades = PyDict::new(py);
+        for (name, bytes) in ["symbol", "reason"].into_iter().zip(trade_text) {
+            trades.set_item(name, Bound::new(py, MantissaBuffer { bytes })?)?;
+        }
+        texts.set_item("trades", trades)?;
+        texts.set_item("data", pyo3::types::PyBytes::new(py, &text.data))?;
+        result.set_item("text", texts)?;
+    } else {
+        for bytes in fill_text.into_iter().chain(trade_text) {
+            backtest::give_bytes(bytes);
+        }
     }
 
     // stops, levels, skipped: (series, policy) then the row's own three fields
