@@ -460,7 +460,10 @@ def _entries_for(
         columns = []
         for name, dtype in _INTENT_SCHEMA.items():
             if name not in entries.columns:
-                columns.append(pl.repeat(None, entries.height, dtype=dtype, eager=True).alias(name))
+                # A column of nulls cast from the Null type: its values are never written
+                # (nothing reads them), where ``pl.repeat`` fills them in.
+                nulls = pl.Series(name, [None], dtype=pl.Null).new_from_index(0, entries.height)
+                columns.append(nulls.cast(dtype))
                 continue
             given = entries.get_column(name)
             try:
