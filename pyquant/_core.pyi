@@ -667,12 +667,12 @@ def backtest_entry_keys(
         ]
     ],
     symbols: list[str],
-) -> tuple[_np.ndarray[_Any, _Any], int | None, list[tuple[int, int, int]], bool]:
+) -> tuple[MantissaBuffer, int | None, list[tuple[int, int, int]], bool]:
     """Read the entries' side and symbol columns in one pass (GIL released).
 
     ``chunks``: per chunk of the entries, the side's and the symbol's Arrow ``string_view``
     buffers (views, data buffers, validity or None, offset; uint8 numpy arrays) and the
-    times (int64). Returns the sides as int8 (1 BUY, -1 SELL, 0 neither or null), the first
+    times (int64). Returns the sides as int8 bytes (1 BUY, -1 SELL, 0 neither or null), the first
     row of a symbol in ``symbols`` whose side is 0 (or None), the runs of one symbol as
     (index in ``symbols`` or -1, first row, end row) and whether every run is in time order.
     Use ``pyquant.backtest`` instead.

@@ -355,7 +355,8 @@ def _entry_arrays_by_symbol(
         raise ConfigError(f"entries time_ms is missing in row {row}: every intent needs a time")
     # The side and symbol strings read by the core in one pass over their Arrow views (a
     # compare of 16 bytes per row, no hash): the side coded, the runs of one symbol found.
-    side, bad, runs, in_order = _core.backtest_entry_keys(_key_chunks(needed), list(symbols))
+    sides, bad, runs, in_order = _core.backtest_entry_keys(_key_chunks(needed), list(symbols))
+    side = np.frombuffer(memoryview(sides), dtype=np.int8)
     if bad is not None:
         _bad_side(needed, bad)
     known = [(code, start, stop) for code, start, stop in runs if code >= 0]

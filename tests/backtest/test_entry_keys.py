@@ -67,7 +67,7 @@ def _assert_like_a_filter_per_symbol(intents: pl.DataFrame) -> None:
 
 def _keys(intents: pl.DataFrame) -> tuple[list[int], int | None, list[tuple[int, int, int]], bool]:
     side, bad, runs, in_order = _core.backtest_entry_keys(bt_running._key_chunks(intents), SYMBOLS)
-    return side.tolist(), bad, runs, in_order
+    return np.frombuffer(side, dtype=np.int8).tolist(), bad, runs, in_order
 
 
 def test_sides_are_coded_and_runs_found_with_long_symbols_out_of_line():

@@ -915,7 +915,8 @@ struct EntryChunk<'a> {
 /// index, or -1 for a symbol without bars or a null one; first row; end row); and whether
 /// every run is in time order.
 struct EntryKeys {
-    side: Vec<i8>,
+    /// The codes' bytes (an `i8` each), from the backtest's buffer pool.
+    side: Vec<u8>,
     bad_side: Option<usize>,
     runs: Vec<(i64, usize, usize)>,
     runs_in_time_order: bool,
@@ -924,7 +925,7 @@ struct EntryKeys {
 /// The sides of one chunk, appended to `codes`: a branchless compare of each view with BUY's
 /// and SELL's, the bytes read only when some row matches neither (a bad value, or a view
 /// with other padding).
-fn side_codes(side: &StringViews<'_>, rows: usize, codes: &mut Vec<i8>) -> Result<(), CoreError> {
+fn side_codes(side: &StringViews<'_>, rows: usize, codes: &mut Vec<u8>) -> Result<(), CoreError> {
     // BUY and SELL are at most 4 bytes: a view's first 8 bytes (length, then the first 4
     // bytes of the string) hold all of them, so those alone decide.
     let low = |text: &[u8]| inline_view(text) as u64;
@@ -934,7 +935,7 @@ fn side_codes(side: &StringViews<'_>, rows: usize, codes: &mut Vec<i8>) -> Resul
         let word = u64::from_le_bytes([
             view[0], view[1], view[2], view[3], view[4], view[5], view[6], view[7],
         ]);
-        i8::from(word == buy) - i8::from(word == sell)
+        (i8::from(word == buy) - i8::from(word == sell)) as u8
     }));
     let chunk = &mut codes[first..];
     if chunk.contains(&0) {
@@ -942,7 +943,7 @@ fn side_codes(side: &StringViews<'_>, rows: usize, codes: &mut Vec<i8>) -> Resul
             if *code == 0 {
                 *code = match side.bytes(row)? {
                     b"BUY" => 1,
-                    b"SELL" => -1,
+                    b"SELL" => -1i8 as u8,
                     _ => 0,
                 };
             }
@@ -987,7 +988,9 @@ fn view_runs(symbol: &StringViews<'_>, rows: usize) -> Vec<(usize, usize)> {
 /// up once per run, and the time order checked inside each run.
 fn entry_keys(chunks: &[EntryChunk<'_>], symbols: &[String]) -> Result<EntryKeys, CoreError> {
     let rows: usize = chunks.iter().map(|c| c.time_ms.len()).sum();
-    let mut codes = Vec::with_capacity(rows);
+    // From the pool: a fresh megabyte per million entries cost more in page faults than
+    // the pass that fills it.
+    let mut codes = backtest::take_bytes(rows);
     let index: std::collections::HashMap<&[u8], i64> = symbols
         .iter()
         .zip(0..)
@@ -1101,7 +1104,7 @@ fn py_backtest_entry_keys<'py>(
     chunks: Vec<ChunkBuffers<'py>>,
     symbols: Vec<String>,
 ) -> PyResult<(
-    Bound<'py, PyArray1<i8>>,
+    Bound<'py, MantissaBuffer>,
     Option<usize>,
     Vec<(i64, usize, usize)>,
     bool,
@@ -1119,7 +1122,7 @@ fn py_backtest_entry_keys<'py>(
         .collect::<PyResult<Vec<_>>>()?;
     let keys = py.detach(|| entry_keys(&chunks, &symbols))?;
     Ok((
-        PyArray1::from_vec(py, keys.side),
+        Bound::new(py, MantissaBuffer { bytes: keys.side })?,
         keys.bad_side,
         keys.runs,
         keys.runs_in_time_order,
