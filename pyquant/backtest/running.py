@@ -389,8 +389,10 @@ def _series_inputs(
     fine: Mapping[str, pl.DataFrame] | None,
 ) -> list[_Series]:
     by_symbol = _entry_arrays_by_symbol(intents, symbols)
+    # One interval for all (``_order_symbols`` checked it): parsed once, not per series.
+    step = interval_ms(str(frames[0].get_column("interval")[0])) if frames else 0
     return [
-        _series_arrays(k, by_symbol.get(s, _NO_ENTRIES), (fine or {}).get(s))
+        _series_arrays(k, by_symbol.get(s, _NO_ENTRIES), (fine or {}).get(s), s, step)
         for k, s in zip(frames, symbols, strict=True)
     ]
 
@@ -412,11 +414,16 @@ def _prepare_series(
 
 
 def _series_arrays(
-    klines: pl.DataFrame, entry_arrays: Mapping[str, Any], fine: pl.DataFrame | None
+    klines: pl.DataFrame,
+    entry_arrays: Mapping[str, Any],
+    fine: pl.DataFrame | None,
+    symbol: str | None = None,
+    step: int | None = None,
 ) -> _Series:
+    # ``symbol`` and ``step``: the series' symbol and interval when the caller knows them.
     column = klines.get_column
-    symbol = str(column("symbol")[0])
-    step = interval_ms(str(column("interval")[0]))
+    symbol = str(column("symbol")[0]) if symbol is None else symbol
+    step = interval_ms(str(column("interval")[0])) if step is None else step
     arrays: dict[str, Any] = {
         "symbol": symbol,
         "interval_ms": step,
