@@ -206,16 +206,17 @@ class _Pieces:
     """
 
     def __init__(self, column: pl.Series, dtype: type[np.generic]) -> None:
-        self.parts = [np.ascontiguousarray(c.to_numpy(), dtype=dtype) for c in column.get_chunks()]
+        self.parts = [_contiguous(chunk, dtype) for chunk in column.get_chunks()]
+        self.parts = self.parts or [np.zeros(0, dtype=dtype)]
         self.starts = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
 
     def cut(self, start: int, stop: int) -> np.ndarray[Any, Any]:
-        first = bisect.bisect_right(self.starts, start) - 1
+        # The chunk holding row ``start`` (the last one for an empty range at the end).
+        first = min(bisect.bisect_right(self.starts, start) - 1, len(self.parts) - 1)
+        base = self.starts[first]
+        if stop <= self.starts[first + 1]:
+            return self.parts[first][start - base : stop - base]
         last = bisect.bisect_left(self.starts, stop) - 1
-        if first >= last or len(self.parts) == 1:
-            part = max(min(first, len(self.parts) - 1), 0)
-            base = self.starts[part]
-            return self.parts[part][start - base : stop - base]
         return np.concatenate(
             [
                 self.parts[k][max(start - self.starts[k], 0) : stop - self.starts[k]]
@@ -271,12 +272,18 @@ def _entry_arrays(entries: pl.DataFrame, side: np.ndarray[Any, Any]) -> dict[str
     return _cut(_entry_pieces(entries, side), 0, entries.height)
 
 
+def _read_only(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    array.setflags(write=False)
+    return array
+
+
+# The entry arrays of a series without entries (shared by every run: read-only).
 _NO_ENTRIES: dict[str, Any] = {
-    "entry_time": np.zeros(0, dtype=np.int64),
-    "entry_side": np.zeros(0, dtype=np.int8),
-    "entry_confidence": np.zeros(0, dtype=np.float64),
+    "entry_time": _read_only(np.zeros(0, dtype=np.int64)),
+    "entry_side": _read_only(np.zeros(0, dtype=np.int8)),
+    "entry_confidence": _read_only(np.zeros(0, dtype=np.float64)),
     "entry_notional": None,
-    "entry_leverage": np.zeros(0, dtype=np.int64),
+    "entry_leverage": _read_only(np.zeros(0, dtype=np.int64)),
 }
 
 

@@ -212,3 +212,22 @@ def test_any_layout_gets_the_entries_of_a_filter_per_symbol(parts, start, sizes)
         frames.append(_intents(part, **(extra if sizes else {})))
     joined = pl.concat(frames, rechunk=False)
     _assert_like_a_filter_per_symbol(joined.slice(min(start, joined.height - 1)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(0, 4), min_size=1, max_size=5))
+def test_pieces_cut_any_range_like_the_whole_column(lengths):
+    # A column kept as its chunks (some maybe empty) cuts every row range like a slice of
+    # the whole column: a view inside one chunk, the pieces joined across chunks.
+    parts = [
+        pl.Series("x", range(sum(lengths[:k]), sum(lengths[: k + 1])), dtype=pl.Int64)
+        for k in range(len(lengths))
+    ]
+    column = parts[0]
+    for part in parts[1:]:
+        column = column.append(part)
+    pieces = bt_running._Pieces(column, np.int64)
+    whole = np.arange(sum(lengths))
+    for start in range(whole.size + 1):
+        for stop in range(start, whole.size + 1):
+            np.testing.assert_array_equal(pieces.cut(start, stop), whole[start:stop])
