@@ -560,6 +560,45 @@ def _call_core(
     return outputs
 
 
+_SMALL_TABLES = ("stops", "levels", "skipped")
+
+# The tables a run without detail leaves empty, as ``_frame`` builds them (``clear`` makes
+# each result its own empty frame).
+_EMPTY_TABLES = {
+    "stops": pl.DataFrame(
+        schema={
+            "series": pl.UInt32,
+            "policy": pl.UInt32,
+            "trade": pl.UInt32,
+            "time_ms": pl.Int64,
+            "stop": pl.Float64,
+            "symbol": pl.String,
+        }
+    ),
+    "levels": pl.DataFrame(
+        schema={
+            "series": pl.UInt32,
+            "policy": pl.UInt32,
+            "trade": pl.UInt32,
+            "level": pl.UInt32,
+            "price": pl.Float64,
+            "symbol": pl.String,
+        }
+    ),
+}
+
+
+def _small_table(
+    outputs: list[dict[str, Any]], table: str, symbols: Sequence[str], reasons: Sequence[str]
+) -> pl.DataFrame:
+    # ``table`` of the core's columns: a copy of the empty template when no call gave a row
+    # (the stops and levels of every run without detail), else ``_frame``.
+    empty = _EMPTY_TABLES.get(table)
+    if empty is not None and not any(len(out["raw"][table]["series"]) for out in outputs):
+        return empty.clear()
+    return _frame(outputs, table, symbols, reasons)
+
+
 def _order_symbols(klines: Sequence[pl.DataFrame]) -> list[str]:
     symbols = [str(k["symbol"][0]) for k in klines]
     seen: set[str] = set()
@@ -630,7 +669,7 @@ def run_backtest(
         return BacktestResult(
             fills=exact[0],
             trades=exact[1],
-            **{t: _frame(outputs, t, symbols, reasons) for t in ("stops", "levels", "skipped")},
+            **{t: _small_table(outputs, t, symbols, reasons) for t in _SMALL_TABLES},
             evaluations=sum(int(out["raw"]["evaluations"]) for out in outputs),
             policies=[policy],
             warnings=liquidation_warnings(policy, _leverages(intents, config)),

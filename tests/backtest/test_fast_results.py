@@ -254,6 +254,10 @@ def test_long_symbol_names_and_chunked_calls_equal_the_decimal_text(
     slow = _without_detail(bt.run_backtest(renamed, policy, rules, detail=True))
     assert set(fast.trades["symbol"].unique()) == {"BTCUSDT", "1000FLOKIUSDT", "1000CHEEMSUSDT"}
     for result in (fast, chunked):
+        assert result.stops.is_empty()
+        assert result.stops.schema == slow.stops.schema
+        assert result.levels.is_empty()
+        assert result.levels.schema == slow.levels.schema
         assert result.fills.schema == slow.fills.schema
         assert result.fills.equals(slow.fills)
         assert result.trades.equals(slow.trades)
