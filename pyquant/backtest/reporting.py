@@ -1,9 +1,9 @@
 """Backtest results: the core's columns as exact tables, metrics, files and charts.
 
-Builds the fills and trades tables (exact Decimal columns from the core's mantissas, or from
-its decimal text), the per-symbol summary, the equity curve, the
-charts and the files a run writes. It takes no exit decision and calls no replay: it only
-reads what ``running`` produced.
+Builds the fills and trades tables (exact Decimal columns from the core's mantissas and text
+columns from its Arrow views, or both from its decimal text), the per-symbol summary, the
+equity curve, the charts and the files a run writes. It takes no exit decision and calls no
+replay: it only reads what ``running`` produced.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 //! Python hands over every series at once (bar and entry arrays are read in place,
 //! borrowed read-only for the call; only the entries that give their own notional are
 //! parsed), the run happens with the GIL released, and the results come back as
-//! columns (numpy arrays, and lists of exact decimal strings when `detail` is set) that
-//! `pyquant.backtest` turns into polars `DataFrame`s.
+//! columns (numpy arrays; lists of exact decimal strings when `detail` is set, else, when
+//! asked, the exact columns' decimal128 mantissas and the text columns' Arrow views) that
+//! `pyquant.backtest` turns into polars `DataFrame`s. Before the run, `backtest_entry_keys`
+//! reads the entries' side and symbol strings from their Arrow views in one pass.
 
 use std::borrow::Cow;
 
