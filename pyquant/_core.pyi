@@ -642,13 +642,45 @@ def backtest_run(
     ``decimal_jobs``). ``exact`` adds ``exact``: for ``fills`` (price, quantity, fee, pnl)
     and ``trades`` (entry_price, quantity, initial_stop, risk_price, pnl, fees) each column's
     Decimal(38, 12) mantissas as 16-byte little-endian values (Arrow's decimal128 layout) in a
-    ``MantissaBuffer``, or None when a value has more than 12 decimals. Use
-    ``pyquant.backtest`` instead.
+    ``MantissaBuffer``, or None when a value has more than 12 decimals; and ``text``: the
+    fills' ``symbol``/``reason``/``kind`` and the trades' ``symbol``/``reason`` as Arrow
+    ``string_view`` views (16 bytes a row, in a ``MantissaBuffer``) whose names longer than
+    12 bytes point into the shared ``data`` bytes. Use ``pyquant.backtest`` instead.
+    """
+
+def backtest_entry_keys(
+    chunks: list[
+        tuple[
+            tuple[
+                _np.ndarray[_Any, _Any],
+                list[_np.ndarray[_Any, _Any]],
+                _np.ndarray[_Any, _Any] | None,
+                int,
+            ],
+            tuple[
+                _np.ndarray[_Any, _Any],
+                list[_np.ndarray[_Any, _Any]],
+                _np.ndarray[_Any, _Any] | None,
+                int,
+            ],
+            _np.ndarray[_Any, _Any],
+        ]
+    ],
+    symbols: list[str],
+) -> tuple[MantissaBuffer, int | None, list[tuple[int, int, int]], bool]:
+    """Read the entries' side and symbol columns in one pass (GIL released).
+
+    ``chunks``: per chunk of the entries, the side's and the symbol's Arrow ``string_view``
+    buffers (views, data buffers, validity or None, offset; uint8 numpy arrays) and the
+    times (int64). Returns the sides as int8 bytes (1 BUY, -1 SELL, 0 neither or null), the first
+    row of a symbol in ``symbols`` whose side is 0 (or None), the runs of one symbol as
+    (index in ``symbols`` or -1, first row, end row) and whether every run is in time order.
+    Use ``pyquant.backtest`` instead.
     """
 
 @_final
 class MantissaBuffer:
-    """Read-only bytes of ``backtest_run``'s exact columns.
+    """Read-only bytes of ``backtest_run``'s exact columns and text views.
 
     Read through the buffer protocol (``bytes(buffer)``, ``memoryview(buffer)``, pyarrow)
     without a copy; their memory is reused by a later run once nothing reads them any more.

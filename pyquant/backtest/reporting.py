@@ -1,9 +1,9 @@
 """Backtest results: the core's columns as exact tables, metrics, files and charts.
 
-Builds the fills and trades tables (exact Decimal columns from the core's mantissas, or from
-its decimal text), the per-symbol summary, the equity curve, the
-charts and the files a run writes. It takes no exit decision and calls no replay: it only
-reads what ``running`` produced.
+Builds the fills and trades tables (exact Decimal columns from the core's mantissas and text
+columns from its Arrow views, or both from its decimal text), the per-symbol summary, the
+equity curve, the charts and the files a run writes. It takes no exit decision and calls no
+replay: it only reads what ``running`` produced.
 """
 
 from __future__ import annotations
@@ -187,6 +187,74 @@ def _exact_from_core(
         )
         replaced.append(pl.Series(name, array))
     return frame.with_columns(replaced)
+
+
+_TEXT = {"fills": ("symbol", "reason", "kind"), "trades": ("symbol", "reason")}
+_TIMES = {
+    "fills": {"time": "time_ms"},
+    "trades": {"entry_time": "entry_time_ms", "exit_time": "exit_time_ms"},
+}
+
+
+def _arrow_table(out: Mapping[str, Any], table: str, order: Sequence[str]) -> pl.DataFrame:
+    # One core call's rows of ``table`` in their final columns and order, every column
+    # wrapped as it came (numpy arrays, Arrow views of the text, decimal128 mantissas, the
+    # times as timestamps over the same int64 buffer): one constructor, no copy, no lookup.
+    raw = out["raw"]
+    columns, exact, text = raw[table], raw["exact"][table], raw["text"]
+    rows = len(columns["series"])
+    data = pa.py_buffer(text["data"])
+
+    def wrap(name: str, kind: object, buffers: list[object]) -> pl.Series:
+        return pl.Series(name, pa.Array.from_buffers(kind, rows, [None, *buffers]))
+
+    times = _TIMES[table]
+    built: dict[str, Any] = {}
+    for name in order:
+        if name in _TEXT[table]:
+            views = pa.py_buffer(text[table][name])
+            built[name] = wrap(name, pa.string_view(), [views, data])
+        elif name in exact:
+            built[name] = wrap(name, EXACT_ARROW, [pa.py_buffer(exact[name])])
+        elif name in times:
+            stamps = np.ascontiguousarray(columns[times[name]], dtype=np.int64)
+            built[name] = wrap(name, _UTC_MS, [pa.py_buffer(stamps)])
+        elif name == "series" and out["series0"]:
+            built[name] = columns[name].astype(np.uint32) + np.uint32(out["series0"])
+        elif name == "policy" and out["policy0"]:
+            built[name] = columns[name].astype(np.uint32) + np.uint32(out["policy0"])
+        elif name in columns:
+            built[name] = columns[name]
+    return pl.DataFrame(built)
+
+
+EXACT_ARROW = pa.decimal128(38, 12)
+_UTC_MS = pa.timestamp("ms", tz="UTC")
+
+
+def _exact_tables(
+    outputs: Sequence[Mapping[str, Any]],
+) -> tuple[pl.DataFrame, pl.DataFrame] | None:
+    """The fills and trades tables, exact and arranged, straight from the core's columns.
+
+    For a run without ``detail``: the core gave each exact column as Decimal(38, 12)
+    mantissas and each text column as Arrow views (``exact`` and ``text``), so the tables
+    are built in their final order in one go. None when a value did not fit 12 decimals
+    (the caller then asks for the decimal text) or a table has no row (the caller's general
+    path keeps the columns of an empty table as before).
+    """
+    tables = []
+    for table, order in (("fills", _FILL_ORDER), ("trades", _TRADE_ORDER)):
+        if not any(len(out["raw"][table]["series"]) for out in outputs):
+            return None
+        if any(
+            "text" not in out["raw"] or None in out["raw"]["exact"][table].values()
+            for out in outputs
+        ):
+            return None
+        parts = [_arrow_table(out, table, order) for out in outputs]
+        tables.append(parts[0] if len(parts) == 1 else pl.concat(parts))
+    return tables[0], tables[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ and its result type; it reads no files and draws nothing.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import os
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa  # type: ignore[import-untyped]
 
 from pyquant import _core
 from pyquant.backtest.loading import (
@@ -35,6 +37,8 @@ from pyquant.backtest.reporting import (
     _arrange,
     _exact,
     _exact_from_core,
+    _exact_tables,
+    _frame,
     _tables,
     summarize,
 )
@@ -157,38 +161,130 @@ class _Series:
 
 
 def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, Any]:
-    return np.ascontiguousarray(series.to_numpy(), dtype=dtype)
+    array = series.to_numpy()
+    if array.dtype == dtype and array.flags.c_contiguous:
+        return array  # a view of the column (no nulls, one chunk): nothing to convert
+    return np.ascontiguousarray(array, dtype=dtype)
 
 
 _CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
 
 
-_SIDE_CODE = (
-    pl.when(pl.col("side") == "BUY")
-    .then(pl.lit(1, pl.Int8))
-    .when(pl.col("side") == "SELL")
-    .then(pl.lit(-1, pl.Int8))
-    .alias("side")
-)
+_ViewBuffers = tuple[
+    np.ndarray[Any, Any], list[np.ndarray[Any, Any]], np.ndarray[Any, Any] | None, int
+]
 
 
-def _entry_arrays(entries: pl.DataFrame) -> dict[str, Any]:
-    # The core's entry arrays of ``entries`` (one symbol's, in time order): numpy views of
-    # the columns where they have no nulls, the side as 1/-1 (null: neither BUY nor SELL).
-    side = entries.select(_SIDE_CODE).to_series()
-    if side.null_count():
-        row = int(side.is_null().arg_max() or 0)
-        raise ConfigError(
-            f"entries side was {entries['side'][row]!r} (intent at time_ms "
-            f"{entries['time_ms'][row]}): must be BUY or SELL"
+def _string_views(column: pl.Series) -> tuple[list[_ViewBuffers], list[int]]:
+    # A String column's chunks as their Arrow ``string_view`` buffers (polars' own layout,
+    # exported without a copy), as the core reads them: the 16-byte views, the data
+    # buffers, the validity bits (None without nulls) and the chunk's first row in them;
+    # and the chunks' lengths.
+    chunks = pa.chunked_array(column)
+    if chunks.type != pa.string_view():
+        chunks = chunks.cast(pa.string_view())
+    out = []
+    for array in chunks.chunks:
+        validity, views, *data = array.buffers()
+        out.append(
+            (
+                np.frombuffer(views, dtype=np.uint8),
+                [np.frombuffer(buffer, dtype=np.uint8) for buffer in data],
+                None if not array.null_count else np.frombuffer(validity, np.uint8),
+                array.offset,
+            )
         )
+    return out, [len(array) for array in chunks.chunks]
+
+
+class _Pieces:
+    """A column as the numpy arrays of its chunks (no copy), cut into row ranges.
+
+    A frame joined from per-symbol frames (``pl.concat``) keeps one chunk per part: a
+    symbol's rows then lie in one chunk and are cut as a view, where a contiguous copy of
+    the whole column would copy every row.
+    """
+
+    def __init__(self, column: pl.Series, dtype: type[np.generic]) -> None:
+        self.parts = [_contiguous(chunk, dtype) for chunk in column.get_chunks()]
+        self.parts = self.parts or [np.zeros(0, dtype=dtype)]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
+
+    def cut(self, start: int, stop: int) -> np.ndarray[Any, Any]:
+        # The chunk holding row ``start`` (the last one for an empty range at the end).
+        first = min(bisect.bisect_right(self.starts, start) - 1, len(self.parts) - 1)
+        base = self.starts[first]
+        if stop <= self.starts[first + 1]:
+            return self.parts[first][start - base : stop - base]
+        last = bisect.bisect_left(self.starts, stop) - 1
+        return np.concatenate(
+            [
+                self.parts[k][max(start - self.starts[k], 0) : stop - self.starts[k]]
+                for k in range(first, last + 1)
+            ]
+        )
+
+
+def _bad_side(entries: pl.DataFrame, row: int) -> None:
+    raise ConfigError(
+        f"entries side was {entries['side'][row]!r} (intent at time_ms "
+        f"{entries['time_ms'][row]}): must be BUY or SELL"
+    )
+
+
+_ZEROS = np.zeros(0, dtype=np.int64)
+
+
+def _zeros(rows: int) -> np.ndarray[Any, Any]:
+    # ``rows`` int64 zeros (no entry gives its leverage: the default applies), read-only and
+    # kept for the next run: a fresh array's pages are faulted in again at every run.
+    global _ZEROS
+    if len(_ZEROS) < rows:
+        _ZEROS = np.zeros(rows, dtype=np.int64)
+        _ZEROS.setflags(write=False)
+    return _ZEROS[:rows]
+
+
+def _entry_pieces(entries: pl.DataFrame, side: np.ndarray[Any, Any]) -> dict[str, Any]:
+    # The core's entry columns of ``entries`` (one symbol's, in time order, or several that
+    # the caller cuts into symbols), their sides already coded 1/-1: views of the columns'
+    # chunks where they have no nulls, a column of nulls as zeros (lazily zeroed pages).
+    confidence = entries["confidence"]
+    leverage = entries["leverage"]
     return {
-        "entry_time": _contiguous(entries["time_ms"], np.int64),
-        "entry_side": _contiguous(side, np.int8),
-        "entry_confidence": _contiguous(entries["confidence"].fill_null(float("nan")), np.float64),
+        "entry_time": _Pieces(entries["time_ms"], np.int64),
+        "entry_side": side,
+        "entry_confidence": _Pieces(
+            confidence.fill_null(float("nan")) if confidence.null_count() else confidence,
+            np.float64,
+        ),
         "entry_notional": _own_notionals(entries["size_usd"]),
-        "entry_leverage": _contiguous(entries["leverage"].fill_null(0), np.int64),
+        "entry_leverage": (
+            _zeros(leverage.len())
+            if leverage.null_count() == leverage.len()
+            else _Pieces(leverage.fill_null(0), np.int64)
+        ),
     }
+
+
+def _entry_arrays(entries: pl.DataFrame, side: np.ndarray[Any, Any]) -> dict[str, Any]:
+    # The core's entry arrays of ``entries`` (one symbol's, in time order), whole.
+    return _cut(_entry_pieces(entries, side), 0, entries.height)
+
+
+def _read_only(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    array.setflags(write=False)
+    return array
+
+
+# The entry arrays of a series without entries (shared by every run: read-only).
+_NO_ENTRIES: dict[str, Any] = {
+    "entry_time": _read_only(np.zeros(0, dtype=np.int64)),
+    "entry_side": _read_only(np.zeros(0, dtype=np.int8)),
+    "entry_confidence": _read_only(np.zeros(0, dtype=np.float64)),
+    "entry_notional": None,
+    "entry_leverage": _read_only(np.zeros(0, dtype=np.int64)),
+}
 
 
 def _own_notionals(notional: pl.Series) -> tuple[np.ndarray[Any, Any], list[str]] | None:
@@ -212,6 +308,46 @@ def _cut_notionals(
     return None if first == last else (rows[first:last] - start, texts[first:last])
 
 
+def _cut(pieces: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    # Rows start..stop of the entry columns: views where they lie in one chunk, and the own
+    # notionals among them.
+    return {
+        key: (
+            _cut_notionals(values, start, stop)
+            if key == "entry_notional"
+            else values.cut(start, stop)
+            if isinstance(values, _Pieces)
+            else values[start:stop]
+        )
+        for key, values in pieces.items()
+    }
+
+
+def _columns(frame: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
+    # Some columns as they are: a ``select`` rechunks every column of a frame whose columns
+    # are cut into chunks differently (a copy of each).
+    return pl.DataFrame([frame.get_column(name) for name in names])
+
+
+def _key_chunks(entries: pl.DataFrame) -> list[tuple[Any, Any, np.ndarray[Any, Any]]]:
+    # The side, symbol and time columns chunk by chunk, as ``backtest_entry_keys`` reads
+    # them (rechunked first only when the three are cut differently).
+    keys = _columns(entries, ("side", "symbol", "time_ms"))
+    if len(set(keys.n_chunks("all"))) > 1:
+        keys = keys.rechunk()
+    (sides, side_rows), (symbols, symbol_rows) = (
+        _string_views(keys["side"]),
+        _string_views(keys["symbol"]),
+    )
+    times = [_contiguous(chunk, np.int64) for chunk in keys["time_ms"].get_chunks()]
+    if not side_rows == symbol_rows == [len(t) for t in times]:
+        # Exported in other chunks than polars keeps: one chunk each.
+        keys = keys.rechunk()
+        sides, symbols = _string_views(keys["side"])[0], _string_views(keys["symbol"])[0]
+        times = [_contiguous(keys["time_ms"], np.int64)]
+    return list(zip(sides, symbols, times, strict=True))
+
+
 def _entry_arrays_by_symbol(
     entries: pl.DataFrame, symbols: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
@@ -220,76 +356,37 @@ def _entry_arrays_by_symbol(
     # views. Entries of symbols without bars, or without a symbol, are left out.
     if entries.is_empty():
         return {}
-    needed = entries.select(_CORE_ENTRY_COLUMNS)
-    symbol = needed["symbol"]
-    first = symbol[0]
-    # One symbol (the usual intents of a one-symbol run): a compare, not a hash of each row.
-    if first is not None and not symbol.null_count() and (symbol == first).all():
-        if first not in symbols:
-            return {}
-        ordered = (
-            needed if needed["time_ms"].is_sorted() else needed.sort("time_ms", maintain_order=True)
-        )
-        return {str(first): _entry_arrays(ordered)}
-    blocks = _symbol_blocks(needed, symbols)
-    if blocks is not None:
-        # Each symbol's intents in one block in time order (written symbol by symbol): the
-        # columns converted as they are and cut at the block bounds, without a sort.
-        arrays = _entry_arrays(needed)
-        notional = arrays.pop("entry_notional")
-        return {
-            symbols[code]: {
-                **{key: values[start:stop] for key, values in arrays.items()},
-                "entry_notional": _cut_notionals(notional, start, stop),
-            }
-            for code, start, stop in blocks
-        }
-    series = symbol.replace_strict(
-        list(symbols), range(len(symbols)), default=None, return_dtype=pl.Int64
+    needed = _columns(entries, _CORE_ENTRY_COLUMNS)
+    if needed["time_ms"].null_count():
+        row = int(needed["time_ms"].is_null().arg_max() or 0)
+        raise ConfigError(f"entries time_ms is missing in row {row}: every intent needs a time")
+    # The side and symbol strings read by the core in one pass over their Arrow views (a
+    # compare of 16 bytes per row, no hash): the side coded, the runs of one symbol found.
+    sides, bad, runs, in_order = _core.backtest_entry_keys(_key_chunks(needed), list(symbols))
+    side = np.frombuffer(memoryview(sides), dtype=np.int8)
+    if bad is not None:
+        _bad_side(needed, bad)
+    known = [(code, start, stop) for code, start, stop in runs if code >= 0]
+    if in_order and len({code for code, _, _ in known}) == len(known):
+        # Each symbol's intents in one block in time order (one symbol, or written symbol by
+        # symbol): the columns converted as they are and cut at the block bounds, no sort.
+        pieces = _entry_pieces(needed, side)
+        return {symbols[code]: _cut(pieces, start, stop) for code, start, stop in known}
+    codes = np.repeat(
+        np.array([code for code, _, _ in runs], dtype=np.int64),
+        [stop - start for _, start, stop in runs],
     )
-    keyed = needed.with_columns(series.alias("series"))
-    if series.null_count():
-        keyed = keyed.drop_nulls("series")
-    codes, times = keyed["series"].to_numpy(), keyed["time_ms"].to_numpy()
-    # Intents written symbol by symbol in time order need no sort: a check costs a tenth.
-    in_order = bool(
-        np.all((codes[1:] > codes[:-1]) | ((codes[1:] == codes[:-1]) & (times[1:] >= times[:-1])))
-    )
-    ordered = keyed if in_order else keyed.sort(["series", "time_ms"], maintain_order=True)
-    arrays = _entry_arrays(ordered)
+    keyed = needed.with_columns(pl.Series("series", codes), pl.Series("side_code", side))
+    if len(known) < len(runs):
+        keyed = keyed.filter(pl.col("series") >= 0)
+    ordered = keyed.sort(["series", "time_ms"], maintain_order=True)
+    pieces = _entry_pieces(ordered, _contiguous(ordered["side_code"], np.int8))
     bounds = np.searchsorted(ordered["series"].to_numpy(), np.arange(len(symbols) + 1))
-    notional = arrays.pop("entry_notional")
     return {
-        name: {
-            **{key: values[bounds[i] : bounds[i + 1]] for key, values in arrays.items()},
-            "entry_notional": _cut_notionals(notional, bounds[i], bounds[i + 1]),
-        }
+        name: _cut(pieces, int(bounds[i]), int(bounds[i + 1]))
         for i, name in enumerate(symbols)
         if bounds[i] < bounds[i + 1]
     }
-
-
-def _symbol_blocks(
-    entries: pl.DataFrame, symbols: Sequence[str]
-) -> list[tuple[int, int, int]] | None:
-    # (symbol index, first row, end row) of each run of one symbol, when every row's symbol
-    # has bars, each symbol is one run and each run is in time order; else None (the caller
-    # sorts). One compare of each row with the previous, not a hash of each row.
-    runs = entries["symbol"].rle().struct.unnest()
-    if runs.height > len(symbols):
-        return None
-    index = {name: i for i, name in enumerate(symbols)}
-    codes = [-1 if name is None else index.get(name, -1) for name in runs["value"]]
-    if min(codes) < 0 or len(set(codes)) < len(codes):
-        return None
-    stops = np.cumsum(runs["len"].to_numpy(), dtype=np.int64)
-    starts = stops - runs["len"].to_numpy()
-    times = entries["time_ms"].to_numpy()
-    first_of_run = np.zeros(len(times), dtype=bool)
-    first_of_run[starts] = True
-    if not bool(np.all((times[1:] >= times[:-1]) | first_of_run[1:])):
-        return None
-    return list(zip(codes, starts.tolist(), stops.tolist(), strict=True))
 
 
 def _series_inputs(
@@ -299,9 +396,10 @@ def _series_inputs(
     fine: Mapping[str, pl.DataFrame] | None,
 ) -> list[_Series]:
     by_symbol = _entry_arrays_by_symbol(intents, symbols)
-    empty = _entry_arrays(intents.clear())
+    # One interval for all (``_order_symbols`` checked it): parsed once, not per series.
+    step = interval_ms(str(frames[0].get_column("interval")[0])) if frames else 0
     return [
-        _series_arrays(k, by_symbol.get(s, empty), (fine or {}).get(s))
+        _series_arrays(k, by_symbol.get(s, _NO_ENTRIES), (fine or {}).get(s), s, step)
         for k, s in zip(frames, symbols, strict=True)
     ]
 
@@ -313,23 +411,34 @@ def _prepare_series(
 ) -> _Series:
     # One series on its own: its symbol's entries picked from ``entries``.
     symbol = str(klines["symbol"][0])
+    # A filter and a sort, and the side coded by polars: the plain reference the one-pass
+    # path of ``_entry_arrays_by_symbol`` is held to.
     mine = entries.filter(pl.col("symbol") == symbol).sort("time_ms", maintain_order=True)
-    return _series_arrays(klines, _entry_arrays(mine), fine)
+    side = mine["side"].replace_strict(["BUY", "SELL"], [1, -1], default=None, return_dtype=pl.Int8)
+    if side.null_count():
+        _bad_side(mine, int(side.is_null().arg_max() or 0))
+    return _series_arrays(klines, _entry_arrays(mine, _contiguous(side, np.int8)), fine)
 
 
 def _series_arrays(
-    klines: pl.DataFrame, entry_arrays: Mapping[str, Any], fine: pl.DataFrame | None
+    klines: pl.DataFrame,
+    entry_arrays: Mapping[str, Any],
+    fine: pl.DataFrame | None,
+    symbol: str | None = None,
+    step: int | None = None,
 ) -> _Series:
-    symbol = str(klines["symbol"][0])
-    step = interval_ms(str(klines["interval"][0]))
+    # ``symbol`` and ``step``: the series' symbol and interval when the caller knows them.
+    column = klines.get_column
+    symbol = str(column("symbol")[0]) if symbol is None else symbol
+    step = interval_ms(str(column("interval")[0])) if step is None else step
     arrays: dict[str, Any] = {
         "symbol": symbol,
         "interval_ms": step,
-        "open_time": _contiguous(klines["open_time"], np.int64),
-        "open": _contiguous(klines["open"], np.float64),
-        "high": _contiguous(klines["high"], np.float64),
-        "low": _contiguous(klines["low"], np.float64),
-        "close": _contiguous(klines["close"], np.float64),
+        "open_time": _contiguous(column("open_time"), np.int64),
+        "open": _contiguous(column("open"), np.float64),
+        "high": _contiguous(column("high"), np.float64),
+        "low": _contiguous(column("low"), np.float64),
+        "close": _contiguous(column("close"), np.float64),
         **entry_arrays,
     }
     if fine is not None:
@@ -361,10 +470,24 @@ def _entries_for(
         ]
         if missing:
             raise ConfigError(f"entries are missing column {missing[0]!r}")
+        # Column by column, no query: a frame joined from many parts keeps its chunks (each
+        # symbol's block then stays a view), and a column of the right type is not touched.
+        columns = []
         for name, dtype in _INTENT_SCHEMA.items():
             if name not in entries.columns:
-                entries = entries.with_columns(pl.lit(None, dtype=dtype).alias(name))
-        return entries.select(pl.col(n).cast(t) for n, t in _INTENT_SCHEMA.items()), False
+                # A column of nulls cast from the Null type: its values are never written
+                # (nothing reads them), where ``pl.repeat`` fills them in.
+                nulls = pl.Series(name, [None], dtype=pl.Null).new_from_index(0, entries.height)
+                columns.append(nulls.cast(dtype))
+                continue
+            given = entries.get_column(name)
+            try:
+                columns.append(given if given.dtype == dtype else given.cast(dtype))
+            except pl.exceptions.PolarsError as exc:
+                raise ConfigError(
+                    f"entries column {name!r} is {given.dtype}: must be {dtype} ({exc})"
+                ) from None
+        return pl.DataFrame(columns), False
     name = strategy or "momentum24h"
     if name != "momentum24h":
         raise ConfigError(f"strategy {name!r} is unknown; the built-in one is momentum24h")
@@ -437,6 +560,45 @@ def _call_core(
     return outputs
 
 
+_SMALL_TABLES = ("stops", "levels", "skipped")
+
+# The tables a run without detail leaves empty, as ``_frame`` builds them (``clear`` makes
+# each result its own empty frame).
+_EMPTY_TABLES = {
+    "stops": pl.DataFrame(
+        schema={
+            "series": pl.UInt32,
+            "policy": pl.UInt32,
+            "trade": pl.UInt32,
+            "time_ms": pl.Int64,
+            "stop": pl.Float64,
+            "symbol": pl.String,
+        }
+    ),
+    "levels": pl.DataFrame(
+        schema={
+            "series": pl.UInt32,
+            "policy": pl.UInt32,
+            "trade": pl.UInt32,
+            "level": pl.UInt32,
+            "price": pl.Float64,
+            "symbol": pl.String,
+        }
+    ),
+}
+
+
+def _small_table(
+    outputs: list[dict[str, Any]], table: str, symbols: Sequence[str], reasons: Sequence[str]
+) -> pl.DataFrame:
+    # ``table`` of the core's columns: a copy of the empty template when no call gave a row
+    # (the stops and levels of every run without detail), else ``_frame``.
+    empty = _EMPTY_TABLES.get(table)
+    if empty is not None and not any(len(out["raw"][table]["series"]) for out in outputs):
+        return empty.clear()
+    return _frame(outputs, table, symbols, reasons)
+
+
 def _order_symbols(klines: Sequence[pl.DataFrame]) -> list[str]:
     symbols = [str(k["symbol"][0]) for k in klines]
     seen: set[str] = set()
@@ -501,6 +663,17 @@ def run_backtest(
     series = _series_inputs(frames, symbols, intents, fine)
     options = _core_options(config, one_per_symbol, detail=detail)
     outputs = _call_core(series, [policy], rules, {**options, "exact": not detail}, progress)
+    exact = None if detail else _exact_tables(outputs)
+    if exact is not None:
+        reasons = list(outputs[0]["raw"]["reason_names"])
+        return BacktestResult(
+            fills=exact[0],
+            trades=exact[1],
+            **{t: _small_table(outputs, t, symbols, reasons) for t in _SMALL_TABLES},
+            evaluations=sum(int(out["raw"]["evaluations"]) for out in outputs),
+            policies=[policy],
+            warnings=liquidation_warnings(policy, _leverages(intents, config)),
+        )
     tables, evaluations = _tables(outputs, symbols)
     fills = trades = None
     if not detail:

@@ -276,8 +276,17 @@ def test_blockwise_intents_are_cut_like_a_filter_per_symbol(order):
     eth = synthetic_klines([(3000.0, 3001.0, 2999.0, 3000.0)] * 10, symbol="ETHUSDT")
     frames, symbols = [FLAT, eth], ["BTCUSDT", "ETHUSDT"]
     intents, _ = bt_running._entries_for(frames, _blockwise_entries(order), None)
-    blocks = bt_running._symbol_blocks(intents, symbols)
-    assert (blocks is not None) == (order == ["ETHUSDT", "BTCUSDT"])
+    # The core's one pass finds each symbol's run: one block per symbol with bars (and in
+    # time order) is cut without a sort.
+    _, bad, runs, in_order = _core.backtest_entry_keys(bt_running._key_chunks(intents), symbols)
+    assert bad is None
+    assert in_order
+    assert [code for code, _, _ in runs] == [
+        symbols.index(s) if s in symbols else -1 for s in order
+    ]
+    assert [(start, stop) for _, start, stop in runs] == [
+        (2 * k, 2 * k + 2) for k in range(len(order))
+    ]
     together = bt_running._series_inputs(frames, symbols, intents, None)
     for frame, series in zip(frames, together, strict=True):
         alone = bt_running._prepare_series(frame, intents, None).arrays

@@ -226,3 +226,41 @@ def test_entries_cut_per_symbol_in_one_pass_equal_a_filter_per_symbol(real_kline
             else:
                 assert series.arrays[key] == value, key
         assert len(series.arrays["entry_time"]) == 4
+
+
+def test_long_symbol_names_and_chunked_calls_equal_the_decimal_text(
+    rules, real_klines, monkeypatch
+):
+    # Symbols longer than 12 bytes (their text views point into the shared data buffer, not
+    # inline), beside a short one, run in one call and in chunks (a progress bar): the same
+    # tables as the core's decimal text.
+    frames = {str(f["symbol"][0]): f for f in real_klines}
+    renamed = [
+        frames["BTCUSDT"],
+        frames["ADAUSDT"].with_columns(pl.lit("1000FLOKIUSDT").alias("symbol")),
+        frames["DOGEUSDT"].with_columns(pl.lit("1000CHEEMSUSDT").alias("symbol")),
+    ]
+    policy = _core.ExitPolicy(**EXAMPLE_POLICY)
+    fast = bt.run_backtest(renamed, policy, rules)
+    # One core call per series: each call's rows come with its own series offset.
+    monkeypatch.setattr(
+        bt_running,
+        "_chunks",
+        lambda series, policies: [(range(i, i + 1), range(policies)) for i in range(series)],
+    )
+    steps: list[int] = []
+    chunked = bt.run_backtest(renamed, policy, rules, progress=lambda done, _: steps.append(done))
+    assert steps == [1, 2, 3]
+    slow = _without_detail(bt.run_backtest(renamed, policy, rules, detail=True))
+    assert set(fast.trades["symbol"].unique()) == {"BTCUSDT", "1000FLOKIUSDT", "1000CHEEMSUSDT"}
+    for result in (fast, chunked):
+        assert result.stops.is_empty()
+        assert result.stops.schema == slow.stops.schema
+        assert result.levels.is_empty()
+        assert result.levels.schema == slow.levels.schema
+        assert result.fills.schema == slow.fills.schema
+        assert result.fills.equals(slow.fills)
+        assert result.trades.equals(slow.trades)
+        assert result.skipped.equals(slow.skipped)
+    kinds = fast.fills.group_by("kind").agg(pl.col("reason").unique())
+    assert dict(zip(kinds["kind"], kinds["reason"].to_list(), strict=True))["entry"] == ["entry"]

@@ -3,8 +3,10 @@
 //! Python hands over every series at once (bar and entry arrays are read in place,
 //! borrowed read-only for the call; only the entries that give their own notional are
 //! parsed), the run happens with the GIL released, and the results come back as
-//! columns (numpy arrays, and lists of exact decimal strings when `detail` is set) that
-//! `pyquant.backtest` turns into polars `DataFrame`s.
+//! columns (numpy arrays; lists of exact decimal strings when `detail` is set, else, when
+//! asked, the exact columns' decimal128 mantissas and the text columns' Arrow views) that
+//! `pyquant.backtest` turns into polars `DataFrame`s. Before the run, `backtest_entry_keys`
+//! reads the entries' side and symbol strings from their Arrow views in one pass.
 
 use std::borrow::Cow;
 
@@ -280,10 +282,55 @@ impl<const N: usize> ExactColumns<N> {
     }
 }
 
+/// The text columns of a result (symbol, reason, kind) as Arrow `string_view` arrays, which
+/// Python wraps as polars columns without a Python object or a lookup per row: each row is
+/// the 16-byte view of its name, made once per name; the names longer than 12 bytes point
+/// into one data buffer shared by every column of the result.
+struct TextViews {
+    data: Vec<u8>,
+    symbols: Vec<[u8; 16]>,
+    reasons: Vec<[u8; 16]>,
+    kinds: [[u8; 16]; 2],
+}
+
+impl TextViews {
+    fn new(symbols: &[&str]) -> Self {
+        let mut data = Vec::new();
+        let mut view = |name: &str| -> [u8; 16] {
+            let bytes = name.as_bytes();
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+            if bytes.len() <= INLINE {
+                out[4..4 + bytes.len()].copy_from_slice(bytes);
+            } else {
+                // prefix, buffer 0, offset
+                out[4..8].copy_from_slice(&bytes[..4]);
+                out[12..16].copy_from_slice(&(data.len() as u32).to_le_bytes());
+                data.extend_from_slice(bytes);
+            }
+            out
+        };
+        let symbols = symbols.iter().map(|s| view(s)).collect();
+        let reasons = REASONS.iter().map(|r| view(r)).collect();
+        let kinds = [view("entry"), view("exit")];
+        Self {
+            data,
+            symbols,
+            reasons,
+            kinds,
+        }
+    }
+
+    /// An empty column with room for `rows` views.
+    fn column(rows: usize) -> Vec<u8> {
+        backtest::take_bytes(rows * 16)
+    }
+}
+
 /// Read-only bytes that Python reads through the buffer protocol without a copy (pyarrow
-/// wraps them as a `decimal128` array, polars keeps that array's memory). When the last
-/// reader lets go the memory goes back to the backtest's pool, so the next run writes its
-/// mantissas into pages it already has instead of faulting in fresh ones.
+/// wraps them as a `decimal128` or `string_view` array, polars keeps that array's memory).
+/// When the last reader lets go the memory goes back to the backtest's pool, so the next
+/// run writes its columns into pages it already has instead of faulting in fresh ones.
 #[pyclass(frozen, module = "pyquant._core")]
 pub struct MantissaBuffer {
     bytes: Vec<u8>,
@@ -428,6 +475,15 @@ fn outputs<'py>(
         .collect::<Result<_, _>>()?;
     // The float copies of the exact columns, unless those come as mantissas.
     let floats = !exact_mantissas_wanted;
+    // With the mantissas (the API's default) the text columns come as Arrow views too.
+    let names: Vec<&str> = series.iter().map(|s| s.symbol.as_str()).collect();
+    let text = TextViews::new(&names);
+    let views = exact_mantissas_wanted;
+    // The reason code of an entry fill: its kind is `entry`, every other fill's `exit`.
+    let entry = REASONS
+        .iter()
+        .position(|&reason| reason == "entry")
+        .and_then(|code| u8::try_from(code).ok());
 
     // fills
     let rows: usize = jobs.iter().map(|j| j.fills.len()).sum();
@@ -449,9 +505,21 @@ fn outputs<'py>(
     );
     let mut texts: [Vec<Option<String>>; 6] = Default::default();
     let mut exact_fills = ExactColumns::new(if floats { 0 } else { rows });
+    let view_rows = if views { rows } else { 0 };
+    let mut fill_text = [
+        TextViews::column(view_rows),
+        TextViews::column(view_rows),
+        TextViews::column(view_rows),
+    ];
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
+        let symbol_view = &text.symbols[job.series as usize];
         for f in &job.fills {
+            if views {
+                fill_text[0].extend_from_slice(symbol_view);
+                fill_text[1].extend_from_slice(&text.reasons[usize::from(f.reason)]);
+                fill_text[2].extend_from_slice(&text.kinds[usize::from(Some(f.reason) != entry)]);
+            }
             ser.push(job.series);
             pol.push(job.policy);
             trade.push(f.trade);
@@ -540,9 +608,16 @@ fn outputs<'py>(
     );
     let mut texts: [Vec<Option<String>>; 6] = Default::default();
     let mut exact_trades = ExactColumns::new(if floats { 0 } else { rows });
+    let view_rows = if views { rows } else { 0 };
+    let mut trade_text = [TextViews::column(view_rows), TextViews::column(view_rows)];
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
+        let symbol_view = &text.symbols[job.series as usize];
         for t in &job.trades {
+            if views {
+                trade_text[0].extend_from_slice(symbol_view);
+                trade_text[1].extend_from_slice(&text.reasons[usize::from(t.exit_reason)]);
+            }
             ser.push(job.series);
             pol.push(job.policy);
             trade.push(t.trade);
@@ -641,6 +716,24 @@ fn outputs<'py>(
         ];
         exact.set_item("trades", exact_trades.finish(py, names)?)?;
         result.set_item("exact", exact)?;
+        // The text columns' views by table and name, and their shared data buffer.
+        let texts = PyDict::new(py);
+        let fills = PyDict::new(py);
+        for (name, bytes) in ["symbol", "reason", "kind"].into_iter().zip(fill_text) {
+            fills.set_item(name, Bound::new(py, MantissaBuffer { bytes })?)?;
+        }
+        texts.set_item("fills", fills)?;
+        let trades = PyDict::new(py);
+        for (name, bytes) in ["symbol", "reason"].into_iter().zip(trade_text) {
+            trades.set_item(name, Bound::new(py, MantissaBuffer { bytes })?)?;
+        }
+        texts.set_item("trades", trades)?;
+        texts.set_item("data", pyo3::types::PyBytes::new(py, &text.data))?;
+        result.set_item("text", texts)?;
+    } else {
+        for bytes in fill_text.into_iter().chain(trade_text) {
+            backtest::give_bytes(bytes);
+        }
     }
 
     // stops, levels, skipped: (series, policy) then the row's own three fields
@@ -727,6 +820,317 @@ fn py_backtest_run<'py>(
     result
 }
 
+/// One chunk of an Arrow `string_view` column as pyarrow hands its buffers over: the 16-byte
+/// views, the data buffers of the strings longer than 12 bytes, the validity bits (None: no
+/// null) and the chunk's offset into them. Read in place, GIL released.
+struct StringViews<'a> {
+    views: &'a [u8],
+    data: Vec<&'a [u8]>,
+    validity: Option<&'a [u8]>,
+    offset: usize,
+}
+
+/// The longest string a view holds inline (Arrow's `string_view` layout).
+const INLINE: usize = 12;
+
+/// The 16 bytes of a view as one number: equal views are equal strings (the same inline
+/// bytes, or the same bytes of the same buffer); unequal views may still be equal strings.
+#[inline]
+fn view_word(bytes: &[u8]) -> u128 {
+    let mut word = [0u8; 16];
+    word.copy_from_slice(bytes);
+    u128::from_le_bytes(word)
+}
+
+impl<'a> StringViews<'a> {
+    /// Checks that the buffers hold `rows` rows from `offset` on.
+    fn new(
+        field: &str,
+        views: &'a [u8],
+        data: Vec<&'a [u8]>,
+        validity: Option<&'a [u8]>,
+        offset: usize,
+        rows: usize,
+    ) -> Result<Self, CoreError> {
+        let end = offset + rows;
+        if views.len() < end * 16 || validity.is_some_and(|v| v.len() * 8 < end) {
+            return Err(CoreError::invalid(
+                field,
+                format!("{} view bytes", views.len()),
+                format!("must hold {rows} string views from offset {offset}"),
+            ));
+        }
+        Ok(Self {
+            views: &views[offset * 16..end * 16],
+            data,
+            validity,
+            offset,
+        })
+    }
+
+    #[inline]
+    fn is_null(&self, row: usize) -> bool {
+        let at = self.offset + row;
+        self.validity
+            .is_some_and(|v| v[at / 8] >> (at % 8) & 1 == 0)
+    }
+
+    /// The row's bytes (a null row reads as its view's, empty in pyarrow's layout).
+    fn bytes(&self, row: usize) -> Result<&'a [u8], CoreError> {
+        let view = &self.views[row * 16..row * 16 + 16];
+        let word = |k: usize| u32::from_le_bytes([view[k], view[k + 1], view[k + 2], view[k + 3]]);
+        let length = word(0) as usize;
+        if length <= INLINE {
+            return Ok(&view[4..4 + length]);
+        }
+        let (buffer, start) = (word(8) as usize, word(12) as usize);
+        self.data
+            .get(buffer)
+            .and_then(|data| data.get(start..start + length))
+            .ok_or_else(|| {
+                CoreError::invalid(
+                    "string view",
+                    format!("buffer {buffer} bytes {start}..{}", start + length),
+                    "points outside the data buffers",
+                )
+            })
+    }
+}
+
+/// The view of an inline string (`text` of at most 12 bytes), zero-padded.
+fn inline_view(text: &[u8]) -> u128 {
+    let mut bytes = [0u8; 16];
+    bytes[..4].copy_from_slice(&(text.len() as u32).to_le_bytes());
+    bytes[4..4 + text.len()].copy_from_slice(text);
+    u128::from_le_bytes(bytes)
+}
+
+/// One chunk of the entries: its side and symbol strings and its times.
+struct EntryChunk<'a> {
+    side: StringViews<'a>,
+    symbol: StringViews<'a>,
+    time_ms: &'a [i64],
+}
+
+/// What `entry_keys` found: each entry's side as 1 (BUY), -1 (SELL) or 0 (neither, or null);
+/// the first row of a symbol with bars whose side is 0; the runs of one symbol as (series
+/// index, or -1 for a symbol without bars or a null one; first row; end row); and whether
+/// every run is in time order.
+struct EntryKeys {
+    /// The codes' bytes (an `i8` each), from the backtest's buffer pool.
+    side: Vec<u8>,
+    bad_side: Option<usize>,
+    runs: Vec<(i64, usize, usize)>,
+    runs_in_time_order: bool,
+}
+
+/// The sides of one chunk, appended to `codes`: a branchless compare of each view with BUY's
+/// and SELL's, the bytes read only when some row matches neither (a bad value, or a view
+/// with other padding).
+fn side_codes(side: &StringViews<'_>, rows: usize, codes: &mut Vec<u8>) -> Result<(), CoreError> {
+    // BUY and SELL are at most 4 bytes: a view's first 8 bytes (length, then the first 4
+    // bytes of the string) hold all of them, so those alone decide.
+    let low = |text: &[u8]| inline_view(text) as u64;
+    let (buy, sell) = (low(b"BUY"), low(b"SELL"));
+    let first = codes.len();
+    codes.extend(side.views.chunks_exact(16).take(rows).map(|view| {
+        let word = u64::from_le_bytes([
+            view[0], view[1], view[2], view[3], view[4], view[5], view[6], view[7],
+        ]);
+        (i8::from(word == buy) - i8::from(word == sell)) as u8
+    }));
+    let chunk = &mut codes[first..];
+    if chunk.contains(&0) {
+        for (row, code) in chunk.iter_mut().enumerate() {
+            if *code == 0 {
+                *code = match side.bytes(row)? {
+                    b"BUY" => 1,
+                    b"SELL" => -1i8 as u8,
+                    _ => 0,
+                };
+            }
+        }
+    }
+    if side.validity.is_some() {
+        for (row, code) in chunk.iter_mut().enumerate() {
+            if side.is_null(row) {
+                *code = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The runs of equal views of one chunk's symbols as (first row, end row), split further
+/// where a row turns null or not (a null's view may look like an empty string's).
+fn view_runs(symbol: &StringViews<'_>, rows: usize) -> Vec<(usize, usize)> {
+    let views = &symbol.views[..rows * 16];
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < rows {
+        let view = view_word(&views[start * 16..start * 16 + 16]);
+        let null = symbol.is_null(start);
+        let mut end = start + 1;
+        while end < rows && view_word(&views[end * 16..end * 16 + 16]) == view {
+            end += 1;
+        }
+        if symbol.validity.is_some() {
+            end = (start + 1..end)
+                .find(|&row| symbol.is_null(row) != null)
+                .unwrap_or(end);
+        }
+        runs.push((start, end));
+        start = end;
+    }
+    runs
+}
+
+/// One pass over the entries' side and symbol columns, chunk by chunk: the runs of equal
+/// symbol views found first (the bytes compared only where two runs meet), a symbol looked
+/// up once per run, and the time order checked inside each run.
+fn entry_keys(chunks: &[EntryChunk<'_>], symbols: &[String]) -> Result<EntryKeys, CoreError> {
+    let rows: usize = chunks.iter().map(|c| c.time_ms.len()).sum();
+    // From the pool: a fresh megabyte per million entries cost more in page faults than
+    // the pass that fills it.
+    let mut codes = backtest::take_bytes(rows);
+    let index: std::collections::HashMap<&[u8], i64> = symbols
+        .iter()
+        .zip(0..)
+        .map(|(name, i)| (name.as_bytes(), i))
+        .collect();
+    // The runs of one symbol over all chunks: (series, first row, end row), and the symbol
+    // (None: null) and time of the last row seen.
+    let mut runs: Vec<(i64, usize, usize)> = Vec::new();
+    let mut last: Option<(Option<&[u8]>, i64)> = None;
+    let mut in_order = true;
+    let mut base = 0;
+    for chunk in chunks {
+        let count = chunk.time_ms.len();
+        side_codes(&chunk.side, count, &mut codes)?;
+        for (start, end) in view_runs(&chunk.symbol, count) {
+            let name = if chunk.symbol.is_null(start) {
+                None
+            } else {
+                Some(chunk.symbol.bytes(start)?)
+            };
+            let times = &chunk.time_ms[start..end];
+            in_order &= times.windows(2).all(|pair| pair[0] <= pair[1]);
+            match (last, runs.last_mut()) {
+                (Some((previous, time)), Some(run)) if previous == name => {
+                    in_order &= time <= times[0];
+                    run.2 = base + end;
+                }
+                _ => {
+                    let series = name.and_then(|n| index.get(n).copied()).unwrap_or(-1);
+                    runs.push((series, base + start, base + end));
+                }
+            }
+            last = Some((name, times[times.len() - 1]));
+        }
+        base += count;
+    }
+    // Entries of a symbol without bars are left out, whatever their side.
+    let bad_side =
+        runs.iter()
+            .filter(|&&(series, _, _)| series >= 0)
+            .find_map(|&(_, start, stop)| {
+                codes[start..stop]
+                    .iter()
+                    .position(|&code| code == 0)
+                    .map(|k| start + k)
+            });
+    Ok(EntryKeys {
+        side: codes,
+        bad_side,
+        runs,
+        runs_in_time_order: in_order,
+    })
+}
+
+/// One column chunk's buffers as Python passes them: (views, data buffers, validity or
+/// None, offset), each buffer a uint8 numpy array.
+type ViewBuffers<'py> = (
+    PyReadonlyArray1<'py, u8>,
+    Vec<PyReadonlyArray1<'py, u8>>,
+    Option<PyReadonlyArray1<'py, u8>>,
+    usize,
+);
+
+/// One chunk of the entries as Python passes it: side and symbol buffers, times.
+type ChunkBuffers<'py> = (
+    ViewBuffers<'py>,
+    ViewBuffers<'py>,
+    PyReadonlyArray1<'py, i64>,
+);
+
+fn contiguous<'a, T: numpy::Element>(
+    field: &str,
+    array: &'a PyReadonlyArray1<'_, T>,
+) -> PyResult<&'a [T]> {
+    array
+        .as_slice()
+        .map_err(|_| PyValueError::new_err(format!("entries {field}: must be a contiguous array")))
+}
+
+fn string_views<'a>(
+    field: &str,
+    buffers: &'a ViewBuffers<'_>,
+    rows: usize,
+) -> PyResult<StringViews<'a>> {
+    let (views, data, validity, offset) = buffers;
+    let data = data
+        .iter()
+        .map(|d| contiguous(field, d))
+        .collect::<PyResult<_>>()?;
+    let validity = validity
+        .as_ref()
+        .map(|v| contiguous(field, v))
+        .transpose()?;
+    Ok(StringViews::new(
+        field,
+        contiguous(field, views)?,
+        data,
+        validity,
+        *offset,
+        rows,
+    )?)
+}
+
+/// Reads the entries' side and symbol columns (Arrow `string_view` buffers, chunk by
+/// chunk) in one pass; see `pyquant.backtest.running`.
+#[pyfunction]
+#[pyo3(name = "backtest_entry_keys")]
+#[allow(clippy::needless_pass_by_value, clippy::type_complexity)]
+fn py_backtest_entry_keys<'py>(
+    py: Python<'py>,
+    chunks: Vec<ChunkBuffers<'py>>,
+    symbols: Vec<String>,
+) -> PyResult<(
+    Bound<'py, MantissaBuffer>,
+    Option<usize>,
+    Vec<(i64, usize, usize)>,
+    bool,
+)> {
+    let chunks = chunks
+        .iter()
+        .map(|(side, symbol, time_ms)| {
+            let time_ms = contiguous("time_ms", time_ms)?;
+            Ok(EntryChunk {
+                side: string_views("side", side, time_ms.len())?,
+                symbol: string_views("symbol", symbol, time_ms.len())?,
+                time_ms,
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let keys = py.detach(|| entry_keys(&chunks, &symbols))?;
+    Ok((
+        Bound::new(py, MantissaBuffer { bytes: keys.side })?,
+        keys.bad_side,
+        keys.runs,
+        keys.runs_in_time_order,
+    ))
+}
+
 /// Replays one position over a mark path with the backtest's driver; see
 /// `pyquant.backtest.exit_decisions_for_path`.
 #[pyfunction]
@@ -804,6 +1208,7 @@ fn py_backtest_replay_marks<'py>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MantissaBuffer>()?;
     m.add_function(wrap_pyfunction!(py_backtest_run, m)?)?;
+    m.add_function(wrap_pyfunction!(py_backtest_entry_keys, m)?)?;
     m.add_function(wrap_pyfunction!(py_backtest_replay_marks, m)?)?;
     Ok(())
 }
