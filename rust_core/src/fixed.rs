@@ -408,7 +408,10 @@ pub fn decimal_to_f64(value: Decimal) -> f64 {
 /// The nearest `f64` of a decimal without text: a mantissa below 2^53 with at most 22
 /// decimals converts with one correctly rounded division (both operands are exact
 /// doubles); longer values go through `rust_decimal`'s conversion, within an ulp.
-#[inline]
+// Always inlined (the long way is out of line): the result tables convert a few values
+// per fill, and as a call each conversion cost more than its division.
+#[allow(clippy::inline_always)]
+#[inline(always)]
 pub fn decimal_to_f64_fast(value: Decimal) -> f64 {
     const POW10: [f64; 23] = [
         1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
@@ -419,8 +422,14 @@ pub fn decimal_to_f64_fast(value: Decimal) -> f64 {
     if mantissa.unsigned_abs() < (1u128 << 53) && scale < POW10.len() {
         mantissa as i64 as f64 / POW10[scale]
     } else {
-        rust_decimal::prelude::ToPrimitive::to_f64(&value).unwrap_or_else(|| decimal_to_f64(value))
+        decimal_to_f64_long(value)
     }
+}
+
+#[cold]
+#[inline(never)]
+fn decimal_to_f64_long(value: Decimal) -> f64 {
+    rust_decimal::prelude::ToPrimitive::to_f64(&value).unwrap_or_else(|| decimal_to_f64(value))
 }
 
 /// Rounds `value` to a multiple of `step` in the given direction, exactly.

@@ -582,7 +582,8 @@ mod walk;
 
 /// The nearest `f64` of a decimal, for the float columns of the results (see
 /// [`crate::fixed::decimal_to_f64_fast`]).
-#[inline]
+#[allow(clippy::inline_always)] // see `decimal_to_f64_fast`
+#[inline(always)]
 pub fn to_f64(value: Decimal) -> f64 {
     crate::fixed::decimal_to_f64_fast(value)
 }
