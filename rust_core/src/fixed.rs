@@ -513,9 +513,12 @@ pub(crate) fn mantissa_at(value: Decimal, scale: u32) -> Option<i128> {
 
 /// The mantissa of `value` at `scale` decimals, when the value has at most
 /// that many decimals and the mantissa fewer than 38 digits: Arrow's `decimal128(38, scale)`.
+// Always inlined (the long way is out of line): called for every exact value of the result
+// tables, where the call cost as much as the conversion.
 #[cfg_attr(not(feature = "python"), allow(dead_code))] // the binding's exact columns
+#[allow(clippy::inline_always)]
+#[inline(always)]
 pub(crate) fn decimal128_mantissa(value: Decimal, scale: u32) -> Option<i128> {
-    const LIMIT: u128 = 10u128.pow(38);
     const POW10_I64: [i64; 13] = {
         let mut table = [1i64; 13];
         let mut k = 1;
@@ -534,6 +537,14 @@ pub(crate) fn decimal128_mantissa(value: Decimal, scale: u32) -> Option<i128> {
     ) {
         return Some(i128::from(small) * i128::from(factor));
     }
+    decimal128_mantissa_long(value, scale)
+}
+
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+#[cold]
+#[inline(never)]
+fn decimal128_mantissa_long(value: Decimal, scale: u32) -> Option<i128> {
+    const LIMIT: u128 = 10u128.pow(38);
     mantissa_at(value, scale)
         .or_else(|| mantissa_at(value.normalize(), scale))
         .filter(|m| m.unsigned_abs() < LIMIT)
