@@ -174,7 +174,11 @@ mod tests {
     fn bounds_at_the_ends_of_the_integers_settle_nothing_wrongly() {
         let bars = [[5, 6, 4, 5]; 20];
         let run = |bars: &[[i32; 4]], below, above| inside_run(bars, below, above, 1).0;
-        assert_eq!(run(&bars, i64::MIN, i64::MAX), 20, "the widest interval holds all");
+        assert_eq!(
+            run(&bars, i64::MIN, i64::MAX),
+            20,
+            "the widest interval holds all"
+        );
         assert_eq!(run(&bars, 3, 7), 20);
         assert_eq!(run(&bars, 4, 7), 0, "a price on the lower bound is outside");
         assert_eq!(run(&bars, 3, 6), 0, "a price on the upper bound is outside");
