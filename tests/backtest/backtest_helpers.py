@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import polars as pl
+
+from pyquant.backtest import running as bt_running
 
 DATA = Path(__file__).parents[1] / "data"
 INFO = DATA / "binance" / "exchangeInfo_fapi_full_2025-11-26.json"
@@ -65,3 +70,26 @@ def long_entry(time_ms: int, *, size_usd: str = "300", symbol: str = "BTCUSDT") 
             "leverage": [10],
         }
     )
+
+
+def assert_series_like_each_alone(
+    frames: Sequence[pl.DataFrame], symbols: Sequence[str], intents: pl.DataFrame
+) -> list[Any]:
+    """The core inputs of every series, built together, equal those built series by series
+    (the plain filter of the intents per symbol): same keys, same arrays and dtypes, same
+    own sizes (rows, decimal strings). Returns the series built together."""
+    together = bt_running._series_inputs(frames, symbols, intents, None)
+    for frame, series in zip(frames, together, strict=True):
+        alone = bt_running._prepare_series(frame, intents, None).arrays
+        assert series.arrays.keys() == alone.keys()
+        for key, value in alone.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(series.arrays[key], value, err_msg=key)
+                assert series.arrays[key].dtype == value.dtype, key
+            elif isinstance(value, tuple):  # the own sizes: (rows, decimal strings)
+                rows, texts = series.arrays[key]
+                np.testing.assert_array_equal(rows, value[0], err_msg=key)
+                assert texts == value[1], key
+            else:
+                assert series.arrays[key] == value, key
+    return together

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
-from backtest_helpers import MINUTE, T0, synthetic_klines
+from backtest_helpers import MINUTE, T0, assert_series_like_each_alone, synthetic_klines
 
 from pyquant import _core
 from pyquant import backtest as bt
@@ -287,17 +287,7 @@ def test_blockwise_intents_are_cut_like_a_filter_per_symbol(order):
     assert [(start, stop) for _, start, stop in runs] == [
         (2 * k, 2 * k + 2) for k in range(len(order))
     ]
-    together = bt_running._series_inputs(frames, symbols, intents, None)
+    together = assert_series_like_each_alone(frames, symbols, intents)
     for frame, series in zip(frames, together, strict=True):
-        alone = bt_running._prepare_series(frame, intents, None).arrays
-        assert series.arrays.keys() == alone.keys()
-        for key, value in alone.items():
-            if isinstance(value, np.ndarray):
-                np.testing.assert_array_equal(series.arrays[key], value, err_msg=key)
-            elif isinstance(value, tuple):
-                np.testing.assert_array_equal(series.arrays[key][0], value[0], err_msg=key)
-                assert series.arrays[key][1] == value[1], key
-            else:
-                assert series.arrays[key] == value, key
         assert series.arrays["entry_notional"] is not None
         assert len(series.arrays["entry_time"]) == 2 * order.count(frame["symbol"][0])

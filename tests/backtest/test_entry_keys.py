@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
-from backtest_helpers import EXAMPLE_POLICY, MINUTE, T0, synthetic_klines
+from backtest_helpers import (
+    EXAMPLE_POLICY,
+    MINUTE,
+    T0,
+    assert_series_like_each_alone,
+    synthetic_klines,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,19 +56,7 @@ def _intents(rows: list[tuple[int, str | None, str | None]], **extra: Any) -> pl
 
 
 def _assert_like_a_filter_per_symbol(intents: pl.DataFrame) -> None:
-    together = bt_running._series_inputs(FRAMES, SYMBOLS, intents, None)
-    for frame, series in zip(FRAMES, together, strict=True):
-        alone = bt_running._prepare_series(frame, intents, None).arrays
-        assert series.arrays.keys() == alone.keys()
-        for key, value in alone.items():
-            if isinstance(value, np.ndarray):
-                np.testing.assert_array_equal(series.arrays[key], value, err_msg=key)
-                assert series.arrays[key].dtype == value.dtype, key
-            elif isinstance(value, tuple):
-                np.testing.assert_array_equal(series.arrays[key][0], value[0], err_msg=key)
-                assert series.arrays[key][1] == value[1], key
-            else:
-                assert series.arrays[key] == value, key
+    assert_series_like_each_alone(FRAMES, SYMBOLS, intents)
 
 
 def _keys(intents: pl.DataFrame) -> tuple[list[int], int | None, list[tuple[int, int, int]], bool]:

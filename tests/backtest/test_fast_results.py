@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
-from backtest_helpers import EXAMPLE_POLICY
+from backtest_helpers import EXAMPLE_POLICY, assert_series_like_each_alone
 
 from pyquant import _core
 from pyquant import backtest as bt
@@ -212,19 +212,8 @@ def test_entries_cut_per_symbol_in_one_pass_equal_a_filter_per_symbol(real_kline
         schema_overrides={"size_usd": pl.String, "leverage": pl.Int64},
     ).sample(fraction=1.0, shuffle=True, seed=3)
     intents, _ = bt_running._entries_for(frames, entries, None)
-    together = bt_running._series_inputs(frames, symbols, intents, None)
-    for frame, series in zip(frames, together, strict=True):
-        alone = bt_running._prepare_series(frame, intents, None).arrays
-        assert series.arrays.keys() == alone.keys()
-        for key, value in alone.items():
-            if isinstance(value, np.ndarray):
-                np.testing.assert_array_equal(series.arrays[key], value, err_msg=key)
-            elif isinstance(value, tuple):  # the own sizes: (rows, decimal strings)
-                rows, texts = series.arrays[key]
-                np.testing.assert_array_equal(rows, value[0], err_msg=key)
-                assert texts == value[1], key
-            else:
-                assert series.arrays[key] == value, key
+    together = assert_series_like_each_alone(frames, symbols, intents)
+    for series in together:
         assert len(series.arrays["entry_time"]) == 4
 
 
