@@ -643,8 +643,8 @@ def run_backtest(
         progress: called with (jobs done, jobs total) as chunks finish.
         detail: also return each fill's ``trigger_price`` and ``mark_price``, the stop after
             every bar (``stops``) and the take-profit levels (``levels``), for charts and
-            audits. Without it (the default) the core builds no per-bar rows and no text:
-            the exact columns come from its integer mantissas (see ``_exact_from_core``),
+            audits. Without it (the default) the core builds no per-bar rows and no string per row:
+            the exact columns come from its integer mantissas (see ``_exact_tables``),
             and ``stops``/``levels`` are empty.
 
     Returns:
