@@ -324,27 +324,17 @@ impl Grid {
     pub(super) fn nearest_float(self, v: f64) -> (i64, bool) {
         // Also false for NaN, which the exact path then refuses.
         let near = v.abs() + self.base_f.abs() < self.float_limit;
-        let x = self.offset(v);
+        let x = (v - self.base_f) * self.per_step_f;
         let shifted = x + ROUND;
         // `x - nearest` is exact (two doubles within 1/2 of each other). A tie's rounding
         // direction does not matter: within 1e-6 of a half is never settled here. For the
         // far or NaN values `near` rules out, the tick is garbage, and never read.
         let nearest = shifted - ROUND;
         let distance_to_half = 0.5 - (x - nearest).abs();
-        (Self::tick_of_offset(x), near && distance_to_half > 1e-6)
-    }
-
-    /// The price `v` in ticks from the base, as a float: the quantity
-    /// [`Grid::nearest_float`] rounds (the scan on floats compares the same value).
-    #[inline]
-    pub(super) fn offset(self, v: f64) -> f64 {
-        (v - self.base_f) * self.per_step_f
-    }
-
-    /// The integer nearest to the offset `x` (|x| < 2^51; ties to even).
-    #[inline]
-    pub(super) fn tick_of_offset(x: f64) -> i64 {
-        ((x + ROUND).to_bits() as i64).wrapping_sub(ROUND.to_bits() as i64)
+        (
+            (shifted.to_bits() as i64).wrapping_sub(ROUND.to_bits() as i64),
+            near && distance_to_half > 1e-6,
+        )
     }
 
     /// The tick of `quantize_price(decimal_from_f64(v), Nearest)` from floats alone, when

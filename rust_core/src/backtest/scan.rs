@@ -1,7 +1,7 @@
 //! The scan over the bars' tick prices for the quiet sweep: how many bars from the first
 //! keep all four prices strictly inside an open interval, and the extreme price among
-//! them, in one pass. The ticks are stored in 32 bits (see `prepare::BarTicks`) and
-//! compared in 64.
+//! them, in one pass. The ticks are stored and compared in 32 bits (see
+//! `prepare::BarTicks`).
 //!
 //! Why by hand: the sweep is the one loop of a dense backtest that runs over nearly every
 //! bar, and written bar by bar (a branch per bar and per condition) it cost about 5 ns a

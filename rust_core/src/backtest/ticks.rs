@@ -1054,8 +1054,8 @@ impl TickPosition {
 
     /// [`TickPosition::quiet_bar`] over consecutive whole bars while trailing is not active
     /// (then no bar's ATR matters): settles them up to the first that is not quiet and
-    /// returns how many it settled. `times` are the bars' open times, each lasting
-    /// `interval_ms`. The same per-bar conditions, in one tight loop: the range stays in
+    /// returns how many it settled. The bars are those of `bars` from `start` on, one per
+    /// open time in `times`, each lasting `interval_ms`. The same per-bar conditions, in one tight loop: the range stays in
     /// the band, short of the stop, the next level and the trailing activation, before
     /// the time stop is due (unless the best passed its threshold before the bar); the
     /// best moves to each bar's favourable extreme.
