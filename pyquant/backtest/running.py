@@ -38,7 +38,6 @@ from pyquant.backtest.reporting import (
     _exact,
     _exact_from_core,
     _exact_tables,
-    _frame,
     _tables,
     summarize,
 )
@@ -560,8 +559,6 @@ def _call_core(
     return outputs
 
 
-_SMALL_TABLES = ("stops", "levels", "skipped")
-
 # The tables a run without detail leaves empty, as ``_frame`` builds them (``clear`` makes
 # each result its own empty frame).
 _EMPTY_TABLES = {
@@ -588,19 +585,8 @@ _EMPTY_TABLES = {
 }
 
 
-def _small_table(
-    outputs: list[dict[str, Any]], table: str, symbols: Sequence[str], reasons: Sequence[str]
-) -> pl.DataFrame:
-    # ``table`` of the core's columns: a copy of the empty template when no call gave a row
-    # (the stops and levels of every run without detail), else ``_frame``.
-    empty = _EMPTY_TABLES.get(table)
-    if empty is not None and not any(len(out["raw"][table]["series"]) for out in outputs):
-        return empty.clear()
-    return _frame(outputs, table, symbols, reasons)
-
-
 def _order_symbols(klines: Sequence[pl.DataFrame]) -> list[str]:
-    symbols = [str(k["symbol"][0]) for k in klines]
+    symbols = [str(k.item(0, "symbol")) for k in klines]
     seen: set[str] = set()
     for symbol in symbols:
         if symbol in seen:
@@ -609,7 +595,7 @@ def _order_symbols(klines: Sequence[pl.DataFrame]) -> list[str]:
                 "duplicated open_time) before the backtest"
             )
         seen.add(symbol)
-    intervals = {str(k["interval"][0]) for k in klines}
+    intervals = {str(k.item(0, "interval")) for k in klines}
     if len(intervals) > 1:
         raise KlinesError(
             f"all series of one run must share an interval, found {sorted(intervals)}"
@@ -665,11 +651,13 @@ def run_backtest(
     outputs = _call_core(series, [policy], rules, {**options, "exact": not detail}, progress)
     exact = None if detail else _exact_tables(outputs)
     if exact is not None:
-        reasons = list(outputs[0]["raw"]["reason_names"])
         return BacktestResult(
             fills=exact[0],
             trades=exact[1],
-            **{t: _small_table(outputs, t, symbols, reasons) for t in _SMALL_TABLES},
+            skipped=exact[2],
+            # Without detail the core gives no stops and no levels.
+            stops=_EMPTY_TABLES["stops"].clear(),
+            levels=_EMPTY_TABLES["levels"].clear(),
             evaluations=sum(int(out["raw"]["evaluations"]) for out in outputs),
             policies=[policy],
             warnings=liquidation_warnings(policy, _leverages(intents, config)),
@@ -718,6 +706,8 @@ _MIN_MAINTENANCE_RATE = 0.004
 
 def _leverages(intents: pl.DataFrame, config: BacktestConfig) -> list[int]:
     given = intents["leverage"]
+    if given.null_count() == given.len():
+        return [config.leverage]  # no entry gives its own (the usual case: nothing to scan)
     found = {int(v) for v in given.drop_nulls().unique().to_list()}
     if given.null_count() or intents.is_empty():
         found.add(config.leverage)

@@ -728,6 +728,21 @@ fn outputs<'py>(
             trades.set_item(name, Bound::new(py, MantissaBuffer { bytes })?)?;
         }
         texts.set_item("trades", trades)?;
+        // The skipped entries' symbol and reason (a few rows: one per entry not taken, and
+        // one per reason only counted), so that table too is wrapped without a lookup.
+        let rows: usize = jobs.iter().map(|j| j.skipped.len()).sum();
+        let mut skipped_text = [TextViews::column(rows), TextViews::column(rows)];
+        for job in jobs {
+            for &(_, code, _) in &job.skipped {
+                skipped_text[0].extend_from_slice(&text.symbols[job.series as usize]);
+                skipped_text[1].extend_from_slice(&text.reasons[usize::from(code)]);
+            }
+        }
+        let skipped = PyDict::new(py);
+        for (name, bytes) in ["symbol", "reason"].into_iter().zip(skipped_text) {
+            skipped.set_item(name, Bound::new(py, MantissaBuffer { bytes })?)?;
+        }
+        texts.set_item("skipped", skipped)?;
         texts.set_item("data", pyo3::types::PyBytes::new(py, &text.data))?;
         result.set_item("text", texts)?;
     } else {
