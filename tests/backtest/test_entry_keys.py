@@ -225,3 +225,43 @@ def test_pieces_cut_any_range_like_the_whole_column(lengths):
     for start in range(whole.size + 1):
         for stop in range(start, whole.size + 1):
             np.testing.assert_array_equal(pieces.cut(start, stop), whole[start:stop])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    runs=st.lists(
+        st.tuples(st.sampled_from([*SYMBOLS, "NOBARSUSDT"]), st.integers(1, 45)),
+        min_size=1,
+        max_size=6,
+    ),
+    odd_row=st.integers(0, 300),
+    odd=st.sampled_from(["time", "side"]),
+)
+def test_long_runs_end_exactly_where_the_symbol_changes(runs, odd_row, odd):
+    # Runs longer than the core's block of compared views: each must end at the very row
+    # where the symbol changes, and one late out-of-order time or bad side inside a run
+    # must still be seen (the blocks compare without a branch per row).
+    symbols = [symbol for symbol, length in runs for _ in range(length)]
+    odd_row %= len(symbols)
+    minutes = list(range(len(symbols)))
+    sides = ["SELL" if k % 7 == 3 else "BUY" for k in range(len(symbols))]
+    if odd == "time" and odd_row:
+        minutes[odd_row] = minutes[odd_row - 1] - 1
+    if odd == "side":
+        sides[odd_row] = "HOLD"
+    intents = _intents(list(zip(minutes, symbols, sides, strict=True)))
+    codes, bad, found, in_order = _keys(intents)
+
+    expected, start = [], 0
+    for k in range(1, len(symbols) + 1):
+        if k == len(symbols) or symbols[k] != symbols[start]:
+            code = SYMBOLS.index(symbols[start]) if symbols[start] in SYMBOLS else -1
+            expected.append((code, start, k))
+            start = k
+    assert found == expected
+    ordered = all(
+        minutes[k - 1] <= minutes[k] for _, a, b in expected for k in range(a + 1, b)
+    )
+    assert in_order == ordered
+    assert codes == [{"BUY": 1, "SELL": -1}.get(side, 0) for side in sides]
+    assert bad == (odd_row if odd == "side" and symbols[odd_row] in SYMBOLS else None)
