@@ -259,9 +259,7 @@ def test_long_runs_end_exactly_where_the_symbol_changes(runs, odd_row, odd):
             expected.append((code, start, k))
             start = k
     assert found == expected
-    ordered = all(
-        minutes[k - 1] <= minutes[k] for _, a, b in expected for k in range(a + 1, b)
-    )
+    ordered = all(minutes[k - 1] <= minutes[k] for _, a, b in expected for k in range(a + 1, b))
     assert in_order == ordered
     assert codes == [{"BUY": 1, "SELL": -1}.get(side, 0) for side in sides]
     assert bad == (odd_row if odd == "side" and symbols[odd_row] in SYMBOLS else None)
