@@ -327,6 +327,24 @@ impl TextViews {
     }
 }
 
+/// Appends `count` copies of one view to a text column.
+fn repeat_view(column: &mut Vec<u8>, view: [u8; 16], count: usize) {
+    let start = column.len();
+    column.resize(start + count * 16, 0);
+    for slot in column[start..].chunks_exact_mut(16) {
+        slot.copy_from_slice(&view);
+    }
+}
+
+/// Appends the view of each code to a text column.
+fn look_up_views(column: &mut Vec<u8>, codes: &[u8], view: impl Fn(u8) -> [u8; 16]) {
+    let start = column.len();
+    column.resize(start + codes.len() * 16, 0);
+    for (slot, &code) in column[start..].chunks_exact_mut(16).zip(codes) {
+        slot.copy_from_slice(&view(code));
+    }
+}
+
 /// Read-only bytes that Python reads through the buffer protocol without a copy (pyarrow
 /// wraps them as a `decimal128` or `string_view` array, polars keeps that array's memory).
 /// When the last reader lets go the memory goes back to the backtest's pool, so the next
@@ -513,13 +531,14 @@ fn outputs<'py>(
     ];
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
-        let symbol_view = &text.symbols[job.series as usize];
+        if views {
+            repeat_view(
+                &mut fill_text[0],
+                text.symbols[job.series as usize],
+                job.fills.len(),
+            );
+        }
         for f in &job.fills {
-            if views {
-                fill_text[0].extend_from_slice(symbol_view);
-                fill_text[1].extend_from_slice(&text.reasons[usize::from(f.reason)]);
-                fill_text[2].extend_from_slice(&text.kinds[usize::from(Some(f.reason) != entry)]);
-            }
             ser.push(job.series);
             pol.push(job.policy);
             trade.push(f.trade);
@@ -549,6 +568,16 @@ fn outputs<'py>(
                 texts[5].push(Some(sr.format_price(f.price)));
             }
         }
+    }
+    if views {
+        // The reason and kind views from the reason codes just written (hot in cache): two
+        // tight loops of stores, where three more stores per row slowed the row pass.
+        look_up_views(&mut fill_text[1], &reason, |code| {
+            text.reasons[usize::from(code)]
+        });
+        look_up_views(&mut fill_text[2], &reason, |code| {
+            text.kinds[usize::from(Some(code) != entry)]
+        });
     }
     let fills = Columns::new(py);
     fills.num("series", ser)?;
@@ -612,12 +641,14 @@ fn outputs<'py>(
     let mut trade_text = [TextViews::column(view_rows), TextViews::column(view_rows)];
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
-        let symbol_view = &text.symbols[job.series as usize];
+        if views {
+            repeat_view(
+                &mut trade_text[0],
+                text.symbols[job.series as usize],
+                job.trades.len(),
+            );
+        }
         for t in &job.trades {
-            if views {
-                trade_text[0].extend_from_slice(symbol_view);
-                trade_text[1].extend_from_slice(&text.reasons[usize::from(t.exit_reason)]);
-            }
             ser.push(job.series);
             pol.push(job.policy);
             trade.push(t.trade);
@@ -666,6 +697,11 @@ fn outputs<'py>(
                 texts[5].push(Some(exact(t.fees)));
             }
         }
+    }
+    if views {
+        look_up_views(&mut trade_text[1], &reason, |code| {
+            text.reasons[usize::from(code)]
+        });
     }
     let cols = Columns::new(py);
     cols.num("series", ser)?;
@@ -1016,6 +1052,8 @@ fn view_runs(symbol: &StringViews<'_>, rows: usize) -> Vec<(usize, usize)> {
 /// One pass over the entries' side and symbol columns, chunk by chunk: the runs of equal
 /// symbol views found first (the bytes compared only where two runs meet), a symbol looked
 /// up once per run, and the time order checked inside each run.
+// `|` on booleans on purpose: a lazy `||` is an early exit, which stops the vectorizing.
+#[allow(clippy::needless_bitwise_bool)]
 fn entry_keys(chunks: &[EntryChunk<'_>], symbols: &[String]) -> Result<EntryKeys, CoreError> {
     let rows: usize = chunks.iter().map(|c| c.time_ms.len()).sum();
     // From the pool: a fresh megabyte per million entries cost more in page faults than
