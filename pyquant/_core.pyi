@@ -639,13 +639,11 @@ def backtest_run(
     mantissas; ``exhaustive`` replays the decimal way instead, every mark of the bar path
     through the daemon's exit state machine (slower; the reference the tests hold the
     default to), and so does a job beyond what the integers hold (counted in
-    ``decimal_jobs``). ``exact`` adds ``exact``: for ``fills`` (price, quantity, fee, pnl)
-    and ``trades`` (entry_price, quantity, initial_stop, risk_price, pnl, fees) each column's
-    Decimal(38, 12) mantissas as 16-byte little-endian values (Arrow's decimal128 layout) in a
-    ``MantissaBuffer``, or None when a value has more than 12 decimals; and ``text``: the
-    fills' ``symbol``/``reason``/``kind`` and the trades' ``symbol``/``reason`` as Arrow
-    ``string_view`` views (16 bytes a row, in a ``MantissaBuffer``) whose names longer than
-    12 bytes point into the shared ``data`` bytes. Use ``pyquant.backtest`` instead.
+    ``decimal_jobs``). ``exact`` gives ``tables`` instead of the ``fills`` and ``trades``
+    columns: the ``fills``, ``trades`` and ``skipped`` tables as ``ArrowTable``s in their
+    final columns (prices, quantities and money as Decimal(38, 12), times as UTC
+    timestamps, text as Arrow views), or None when a value has more than 12 decimals (ask
+    for ``detail`` then). Use ``pyquant.backtest`` instead.
     """
 
 def backtest_entry_keys(
@@ -667,7 +665,7 @@ def backtest_entry_keys(
         ]
     ],
     symbols: list[str],
-) -> tuple[MantissaBuffer, int | None, list[tuple[int, int, int]], bool]:
+) -> tuple[PooledBytes, int | None, list[tuple[int, int, int]], bool]:
     """Read the entries' side and symbol columns in one pass (GIL released).
 
     ``chunks``: per chunk of the entries, the side's and the symbol's Arrow ``string_view``
@@ -679,8 +677,20 @@ def backtest_entry_keys(
     """
 
 @_final
-class MantissaBuffer:
-    """Read-only bytes of ``backtest_run``'s exact columns and text views.
+class ArrowTable:
+    """One result table of ``backtest_run`` as an Arrow record batch.
+
+    ``polars.DataFrame(table)`` or ``pyarrow.table(table)`` read it through the Arrow
+    PyCapsule interface without a copy; its memory is reused by a later run once nothing
+    reads it any more.
+    """
+
+    def __len__(self) -> int: ...
+    def __arrow_c_stream__(self, requested_schema: object | None = None) -> object: ...
+
+@_final
+class PooledBytes:
+    """Read-only bytes made by the core (the side codes of ``backtest_entry_keys``).
 
     Read through the buffer protocol (``bytes(buffer)``, ``memoryview(buffer)``, pyarrow)
     without a copy; their memory is reused by a later run once nothing reads them any more.

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa  # type: ignore[import-untyped]
 
 from pyquant.errors import ConfigError
 
@@ -154,111 +153,33 @@ def _exact(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-# The exact columns the core gives as Decimal(38, 12) mantissas when asked (``exact``).
-_FILL_EXACT = ("price", "quantity", "fee", "pnl")
-_TRADE_EXACT = ("entry_price", "quantity", "initial_stop", "risk_price", "pnl", "fees")
-
-
-def _exact_from_core(
-    outputs: Sequence[Mapping[str, Any]], table: str, frame: pl.DataFrame
-) -> pl.DataFrame | None:
-    """Replace ``table``'s float columns by the exact ones the core gave as mantissas.
-
-    Each column arrives as 16-byte little-endian mantissas with 12 decimals, Arrow's
-    ``decimal128(38, 12)`` layout, one buffer per core call in the order of the rows; pyarrow
-    wraps them without a Python object per row. None when a value did not fit 12 decimals
-    (the core sent no buffer): the caller then asks for the decimal text.
-    """
-    if frame.is_empty():
-        return frame
-    names = _FILL_EXACT if table == "fills" else _TRADE_EXACT
-    replaced = []
-    for name in names:
-        parts = [out["raw"]["exact"][table][name] for out in outputs]
-        if any(part is None for part in parts):
-            return None
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        array = pa.Array.from_buffers(
-            pa.decimal128(38, 12), len(data) // 16, [None, pa.py_buffer(data)]
-        )
-        replaced.append(pl.Series(name, array))
-    return frame.with_columns(replaced)
-
-
-_TEXT = {
-    "fills": ("symbol", "reason", "kind"),
-    "trades": ("symbol", "reason"),
-    "skipped": ("symbol", "reason"),
-}
-_TIMES = {
-    "fills": {"time": "time_ms"},
-    "trades": {"entry_time": "entry_time_ms", "exit_time": "exit_time_ms"},
-    "skipped": {},
-}
-# The skipped entries' columns, in the order ``_frame`` gives them.
-_SKIPPED_ORDER = ("series", "policy", "time_ms", "count", "symbol", "reason")
-EXACT_ARROW = pa.decimal128(38, 12)
-_UTC_MS = pa.timestamp("ms", tz="UTC")
-_OFFSETS = {"series": "series0", "policy": "policy0"}
-
-
-def _arrow_table(out: Mapping[str, Any], table: str, order: Sequence[str]) -> pl.DataFrame:
-    # One core call's rows of ``table`` in their final columns and order, every column
-    # wrapped as it came (numpy arrays, Arrow views of the text, decimal128 mantissas, the
-    # times as timestamps over the same int64 buffer) into one Arrow record batch that polars
-    # takes in one call: no copy, no lookup, and a quarter of the cost of a constructor per
-    # column.
-    raw = out["raw"]
-    columns, text = raw[table], raw["text"]
-    exact = raw["exact"].get(table, {})
-    rows = len(columns["series"])
-    data = pa.py_buffer(text["data"])
-    times = _TIMES[table]
-    arrays, names = [], []
-    for name in order:
-        if name in _TEXT[table]:
-            kind, buffers = pa.string_view(), [pa.py_buffer(text[table][name]), data]
-        elif name in exact:
-            kind, buffers = EXACT_ARROW, [pa.py_buffer(exact[name])]
-        elif name in times:
-            kind, buffers = _UTC_MS, [pa.py_buffer(columns[times[name]])]
-        elif name in columns:
-            values = columns[name]
-            if name in _OFFSETS and out[_OFFSETS[name]]:
-                values = values.astype(np.uint32) + np.uint32(out[_OFFSETS[name]])
-            kind, buffers = pa.from_numpy_dtype(values.dtype), [pa.py_buffer(values)]
-        else:
-            continue
-        arrays.append(pa.Array.from_buffers(kind, rows, [None, *buffers]))
-        names.append(name)
-    return pl.DataFrame(pa.RecordBatch.from_arrays(arrays, names=names))
+_RESULT_TABLES = ("fills", "trades", "skipped")
 
 
 def _exact_tables(
     outputs: Sequence[Mapping[str, Any]],
 ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame] | None:
-    """The fills, trades and skipped tables, exact and arranged, from the core's columns.
+    """The fills, trades and skipped tables, exact and arranged, from the core's tables.
 
-    For a run without ``detail``: the core gave each exact column as Decimal(38, 12)
-    mantissas and each text column as Arrow views (``exact`` and ``text``), so the tables
-    are built in their final order in one go. None when a value did not fit 12 decimals
-    (the caller then asks for the decimal text) or a table has no row (the caller's general
-    path keeps the columns of an empty table as before).
+    For a run without ``detail`` the core builds each table as an Arrow record batch in its
+    final columns (exact columns as Decimal(38, 12) mantissas, text as Arrow views), which
+    polars takes in one call without a copy. None when a value did not fit 12 decimals
+    (the caller then asks for the decimal text).
     """
+    if any(out["raw"].get("tables") is None for out in outputs):
+        return None
     tables = []
-    for table, order in (
-        ("fills", _FILL_ORDER),
-        ("trades", _TRADE_ORDER),
-        ("skipped", _SKIPPED_ORDER),
-    ):
-        if table != "skipped" and not any(len(out["raw"][table]["series"]) for out in outputs):
-            return None
-        if any(
-            "text" not in out["raw"] or None in out["raw"]["exact"].get(table, {}).values()
-            for out in outputs
-        ):
-            return None
-        parts = [_arrow_table(out, table, order) for out in outputs]
+    for table in _RESULT_TABLES:
+        parts = []
+        for out in outputs:
+            part = pl.DataFrame(out["raw"]["tables"][table])
+            # A core call of a later chunk numbers its series and policies from 0.
+            offsets = [
+                (pl.col(name) + pl.lit(out[first], dtype=pl.UInt32)).alias(name)
+                for name, first in (("series", "series0"), ("policy", "policy0"))
+                if out[first]
+            ]
+            parts.append(part.with_columns(offsets) if offsets else part)
         tables.append(parts[0] if len(parts) == 1 else pl.concat(parts))
     return tables[0], tables[1], tables[2]
 

@@ -36,7 +36,6 @@ from pyquant.backtest.reporting import (
     _TRADE_ORDER,
     _arrange,
     _exact,
-    _exact_from_core,
     _exact_tables,
     _tables,
     summarize,
@@ -662,24 +661,17 @@ def run_backtest(
             policies=[policy],
             warnings=liquidation_warnings(policy, _leverages(intents, config)),
         )
-    tables, evaluations = _tables(outputs, symbols)
-    fills = trades = None
     if not detail:
-        fills = _exact_from_core(outputs, "fills", tables["fills"])
-        trades = _exact_from_core(outputs, "trades", tables["trades"])
-    if fills is None or trades is None:
-        if not detail:
-            # A value beyond the 12 decimals of the mantissas: the core's decimal text decides.
-            outputs = _call_core(
-                series, [policy], rules, {**options, "detail": True}, progress=None
-            )
-            tables = _tables(outputs, symbols)[0]
-            tables["fills"] = tables["fills"].drop(
-                "trigger_price_exact", "mark_price_exact", strict=False
-            )
-            tables["stops"] = tables["stops"].clear()
-            tables["levels"] = tables["levels"].clear()
-        fills, trades = _exact(tables["fills"]), _exact(tables["trades"])
+        # A value beyond the 12 decimals of the mantissas: the core's decimal text decides.
+        outputs = _call_core(series, [policy], rules, {**options, "detail": True}, progress=None)
+    tables, evaluations = _tables(outputs, symbols)
+    if not detail:
+        tables["fills"] = tables["fills"].drop(
+            "trigger_price_exact", "mark_price_exact", strict=False
+        )
+        tables["stops"] = tables["stops"].clear()
+        tables["levels"] = tables["levels"].clear()
+    fills, trades = _exact(tables["fills"]), _exact(tables["trades"])
     fills = _arrange(fills, _FILL_ORDER, {"time": "time_ms"})
     trades = _arrange(
         trades,

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import polars as pl
+import pyarrow as pa  # type: ignore[import-untyped]
 from backtest_helpers import MINUTE, T0
 
 from pyquant import _core
@@ -67,19 +69,24 @@ def test_a_run_in_between_changes_nothing_of_the_next(rules, example_policy):
 
 
 def test_exact_columns_still_read_stay_theirs_while_other_runs_reuse_memory(rules, example_policy):
-    # The exact columns' bytes go back to the pool only when nothing reads them: a result
-    # kept alive must read the same after other runs wrote their own mantissas.
+    # The exact columns' bytes go back to the pool only when nothing reads them: a table
+    # kept alive (as polars and as pyarrow read it, without a copy) must read the same
+    # after other runs wrote their own mantissas.
     options = {**bt_running._core_options(bt.BacktestConfig(), False, detail=False), "exact": True}
 
     def run(series: dict[str, Any]) -> dict[str, Any]:
         return _core.backtest_run([series], [example_policy], rules, **options)
 
     kept = run(_walk_series(60_000, seed=1, every=7))
-    before = {name: bytes(buffer) for name, buffer in kept["exact"]["fills"].items()}
-    view = memoryview(kept["exact"]["fills"]["pnl"])
+    frame = pl.DataFrame(kept["tables"]["fills"])
+    arrow = pa.table(kept["tables"]["fills"])
+    del kept  # the frames alone keep the memory
+    # Copies made of fresh memory (a clone would share the buffers it checks).
+    before = frame.select(pl.all().cast(pl.String))
+    pnl = arrow.column("pnl").to_pylist()
     for seed in (2, 3):
         run(_walk_series(120_000, seed=seed, every=3))  # dropped at once: memory reused
-    assert {name: bytes(buffer) for name, buffer in kept["exact"]["fills"].items()} == before
-    assert view.readonly
-    assert bytes(view) == before["pnl"]
-    assert len(before["pnl"]) == 16 * len(kept["fills"]["trade"]) > 16 * 500
+    assert frame.select(pl.all().cast(pl.String)).equals(before)
+    assert arrow.column("pnl").to_pylist() == pnl
+    assert frame.height > 500
+    assert frame["pnl"].dtype == pl.Decimal(38, 12)

@@ -19,7 +19,6 @@ from backtest_helpers import EXAMPLE_POLICY, assert_series_like_each_alone
 
 from pyquant import _core
 from pyquant import backtest as bt
-from pyquant.backtest import reporting as bt_reporting
 from pyquant.backtest import running as bt_running
 
 MARKET = Path(__file__).parents[1] / "data" / "market"
@@ -129,8 +128,8 @@ def test_a_value_beyond_the_mantissas_takes_the_decimal_text(rules, real_klines,
 
     def without_pnl(*args: Any, **kwargs: Any) -> Any:
         raw = spied(*args, **kwargs)
-        if "exact" in raw:
-            raw["exact"]["fills"]["pnl"] = None
+        if "tables" in raw:
+            raw["tables"] = None  # what the core gives when a value has no mantissa
         return raw
 
     monkeypatch.setattr(bt_running._core, "backtest_run", without_pnl)
@@ -142,29 +141,31 @@ def test_a_value_beyond_the_mantissas_takes_the_decimal_text(rules, real_klines,
     assert result.levels.is_empty()
 
 
-def test_exact_mantissas_are_the_decimal_text(rules, real_klines):
-    # Every mantissa the core gives is, at 12 decimals, the value its decimal text writes.
+def test_exact_tables_hold_the_decimal_text(rules, real_klines):
+    # Every exact value of the core's Arrow tables is, at 12 decimals, the value its
+    # decimal text writes (the detail run's strings), row for row.
     [frame] = [f for f in real_klines if f["symbol"][0] == "SOLUSDT"]
     intents, one = bt_running._entries_for([frame], None, None)
     series = [bt_running._prepare_series(frame, intents, None).arrays]
-    options = bt_running._core_options(bt.BacktestConfig(), one, detail=True)
     policy = _core.ExitPolicy(**EXAMPLE_POLICY)
-    raw = _core.backtest_run(series, [policy], rules, **options, exact=True)
+    fast = bt_running._core_options(bt.BacktestConfig(), one, detail=False)
+    raw = _core.backtest_run(series, [policy], rules, **fast, exact=True)
+    slow = _core.backtest_run(
+        series, [policy], rules, **bt_running._core_options(bt.BacktestConfig(), one, detail=True)
+    )
     for table, names in (
-        ("fills", bt_reporting._FILL_EXACT),
-        ("trades", bt_reporting._TRADE_EXACT),
+        ("fills", ("price", "quantity", "fee", "pnl")),
+        ("trades", ("entry_price", "quantity", "initial_stop", "risk_price", "pnl", "fees")),
     ):
-        assert len(raw[table]["trade"]) > 50
+        exact = pl.DataFrame(raw["tables"][table])
+        assert len(raw["tables"][table]) == exact.height == len(slow[table]["trade"]) > 50
         for name in names:
-            data = bytes(raw["exact"][table][name])
-            mantissas = [
-                int.from_bytes(data[k : k + 16], "little", signed=True)
-                for k in range(0, len(data), 16)
-            ]
-            texts = raw[table][f"{name}_exact"]
-            assert [Decimal(m).scaleb(-12) for m in mantissas] == [Decimal(t) for t in texts]
-    # Not asked for: no buffers.
-    assert "exact" not in _core.backtest_run(series, [policy], rules, **options)
+            assert exact.schema[name] == pl.Decimal(38, 12)
+            texts = slow[table][f"{name}_exact"]
+            assert exact[name].to_list() == [Decimal(t) for t in texts]
+    # Not asked for: no tables, the float columns instead.
+    assert "tables" not in slow
+    assert "tables" not in _core.backtest_run(series, [policy], rules, **fast)
 
 
 def test_one_symbol_total_is_the_general_total(rules, real_klines):

@@ -3,13 +3,15 @@
 //! Python hands over every series at once (bar and entry arrays are read in place,
 //! borrowed read-only for the call; only the entries that give their own notional are
 //! parsed), the run happens with the GIL released, and the results come back as
-//! columns (numpy arrays; lists of exact decimal strings when `detail` is set, else, when
-//! asked, the exact columns' decimal128 mantissas and the text columns' Arrow views) that
-//! `pyquant.backtest` turns into polars `DataFrame`s. Before the run, `backtest_entry_keys`
-//! reads the entries' side and symbol strings from their Arrow views in one pass.
+//! columns (numpy arrays, with lists of exact decimal strings when `detail` is set) or,
+//! when asked (`exact`), as Arrow tables in their final columns that polars reads in one
+//! call. Before the run, `backtest_entry_keys` reads the entries' side and symbol strings
+//! from their Arrow views in one pass.
 
 use std::borrow::Cow;
 
+use arrow_array::types::{Float64Type, Int64Type, Int8Type, UInt32Type};
+use arrow_buffer::{Buffer, ScalarBuffer};
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -24,6 +26,7 @@ use crate::exit::policy::ExitPolicy;
 use crate::fixed::{decimal128_mantissa, parse_decimal, Decimal};
 use crate::rules::ExchangeRules;
 
+use super::arrow_table::{table_error, ArrowTable, TableBuilder};
 use super::engine::PyExitPolicy;
 use super::rules::PyExchangeRules;
 
@@ -238,8 +241,8 @@ const EXACT_SCALE: u32 = 12;
 
 /// The `N` exact columns of one table, filled row by row, each as the mantissas of its
 /// values at 12 decimals, 16 bytes little-endian each: Arrow's `decimal128(38, 12)`
-/// layout, which Python wraps as a polars column without a Python object per row. A
-/// column with a value beyond [`decimal128_mantissa`] is `None`.
+/// layout, which becomes an Arrow column without a copy. A column with a value beyond
+/// [`decimal128_mantissa`] is `None`.
 ///
 /// Filled in the same pass over the rows as the other columns: a fill or trade row is
 /// over a hundred bytes, and a pass of its own read the whole table from memory again.
@@ -268,17 +271,18 @@ impl<const N: usize> ExactColumns<N> {
         }
     }
 
-    /// The columns by name, as a dict.
-    fn finish<'py>(self, py: Python<'py>, names: [&str; N]) -> PyResult<Bound<'py, PyDict>> {
-        let dict = PyDict::new(py);
-        for (name, column) in names.into_iter().zip(self.columns) {
-            let buffer = match column {
-                Some(bytes) => Some(Bound::new(py, MantissaBuffer { bytes })?),
-                None => None,
-            };
-            dict.set_item(name, buffer)?;
+    /// The columns' mantissas, or None when a value of some column had none (its bytes
+    /// are given back).
+    fn into_columns(self) -> Option<[Vec<u8>; N]> {
+        if self.columns.iter().all(Option::is_some) {
+            Some(self.columns.map(Option::unwrap_or_default))
+        } else {
+            self.columns
+                .into_iter()
+                .flatten()
+                .for_each(backtest::give_bytes);
+            None
         }
-        Ok(dict)
     }
 }
 
@@ -287,7 +291,7 @@ impl<const N: usize> ExactColumns<N> {
 /// the 16-byte view of its name, made once per name; the names longer than 12 bytes point
 /// into one data buffer shared by every column of the result.
 struct TextViews {
-    data: Vec<u8>,
+    data: Buffer,
     symbols: Vec<[u8; 16]>,
     reasons: Vec<[u8; 16]>,
     kinds: [[u8; 16]; 2],
@@ -314,7 +318,7 @@ impl TextViews {
         let reasons = REASONS.iter().map(|r| view(r)).collect();
         let kinds = [view("entry"), view("exit")];
         Self {
-            data,
+            data: Buffer::from_vec(data),
             symbols,
             reasons,
             kinds,
@@ -325,6 +329,48 @@ impl TextViews {
     fn column(rows: usize) -> Vec<u8> {
         backtest::take_bytes(rows * 16)
     }
+
+    /// Adds a column of views made by this value (its names' views, copied row by row).
+    fn add_to(&self, table: &mut TableBuilder, name: &str, views: Vec<u8>) {
+        #[allow(unsafe_code)]
+        // SAFETY: every view was copied from `symbols`, `reasons` or `kinds`, which `new`
+        // made by Arrow's layout from UTF-8 names: the length, then the name zero-padded up
+        // to 12 bytes, or its first 4 bytes, buffer 0 and its offset in `data`.
+        unsafe {
+            table.text(name, views, &self.data);
+        }
+    }
+}
+
+/// The skipped entries as a table: series, policy, entry time, count, symbol and reason (a
+/// few rows: one per entry not taken, and one per reason only counted).
+fn skipped_table(jobs: &[JobOutput], text: &TextViews) -> PyResult<ArrowTable> {
+    let rows: usize = jobs.iter().map(|j| j.skipped.len()).sum();
+    let (mut ser, mut pol, mut time, mut count) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let (mut symbol, mut reason) = (TextViews::column(rows), TextViews::column(rows));
+    for job in jobs {
+        for &(time_ms, code, n) in &job.skipped {
+            ser.push(job.series);
+            pol.push(job.policy);
+            time.push(time_ms);
+            count.push(n);
+            symbol.extend_from_slice(&text.symbols[job.series as usize]);
+            reason.extend_from_slice(&text.reasons[usize::from(code)]);
+        }
+    }
+    let mut table = TableBuilder::new();
+    table.primitive::<UInt32Type>("series", ser);
+    table.primitive::<UInt32Type>("policy", pol);
+    table.primitive::<Int64Type>("time_ms", time);
+    table.primitive::<UInt32Type>("count", count);
+    text.add_to(&mut table, "symbol", symbol);
+    text.add_to(&mut table, "reason", reason);
+    table.finish().map_err(table_error)
 }
 
 /// Appends `count` copies of one view to a text column.
@@ -345,12 +391,12 @@ fn look_up_views(column: &mut Vec<u8>, codes: &[u8], view: impl Fn(u8) -> [u8; 1
     }
 }
 
-/// Read-only bytes that Python reads through the buffer protocol without a copy (pyarrow
-/// wraps them as a `decimal128` or `string_view` array, polars keeps that array's memory).
-/// When the last reader lets go the memory goes back to the backtest's pool, so the next
-/// run writes its columns into pages it already has instead of faulting in fresh ones.
+/// Read-only bytes that Python reads through the buffer protocol without a copy (numpy
+/// wraps the entries' side codes). When the last reader lets go the memory goes back to
+/// the backtest's pool, so the next run writes into pages it already has instead of
+/// faulting in fresh ones.
 #[pyclass(frozen, module = "pyquant._core")]
-pub struct MantissaBuffer {
+pub struct PooledBytes {
     bytes: Vec<u8>,
 }
 
@@ -358,7 +404,7 @@ pub struct MantissaBuffer {
 // bodies only fill that view through `PyBuffer_FillInfo`.
 #[allow(unsafe_code)]
 #[pymethods]
-impl MantissaBuffer {
+impl PooledBytes {
     fn __len__(&self) -> usize {
         self.bytes.len()
     }
@@ -395,7 +441,7 @@ impl MantissaBuffer {
     }
 }
 
-impl Drop for MantissaBuffer {
+impl Drop for PooledBytes {
     fn drop(&mut self) {
         backtest::give_bytes(std::mem::take(&mut self.bytes));
     }
@@ -491,7 +537,7 @@ fn outputs<'py>(
         .iter()
         .map(|s| rules.symbol(&s.symbol))
         .collect::<Result<_, _>>()?;
-    // The float copies of the exact columns, unless those come as mantissas.
+    // The float copies of the exact columns, unless the tables come with their mantissas.
     let floats = !exact_mantissas_wanted;
     // With the mantissas (the API's default) the text columns come as Arrow views too.
     let names: Vec<&str> = series.iter().map(|s| s.symbol.as_str()).collect();
@@ -579,35 +625,69 @@ fn outputs<'py>(
             text.kinds[usize::from(Some(code) != entry)]
         });
     }
-    let fills = Columns::new(py);
-    fills.num("series", ser)?;
-    fills.num("policy", pol)?;
-    fills.num("trade", trade)?;
-    fills.num("sequence", seq)?;
-    fills.num("reason_code", reason)?;
-    fills.num("time_ms", time)?;
-    fills.num("side", side)?;
-    if floats {
+    // With the mantissas the fills and trades come as Arrow tables in their final columns
+    // (None when a value had no mantissa: the caller asks for the decimal text).
+    let mut fills_table = None;
+    if exact_mantissas_wanted {
+        if let Some([price, quantity, fee, pnl]) = exact_fills.into_columns() {
+            let [symbol, reason_text, kind] = fill_text;
+            let time = ScalarBuffer::from(time);
+            let mut table = TableBuilder::new();
+            text.add_to(&mut table, "symbol", symbol);
+            table.primitive::<UInt32Type>("trade", trade);
+            table.primitive::<UInt32Type>("sequence", seq);
+            text.add_to(&mut table, "kind", kind);
+            text.add_to(&mut table, "reason", reason_text);
+            table.utc_ms("time", time.clone());
+            table.primitive::<Int8Type>("side", side);
+            for (name, mantissas) in [
+                ("price", price),
+                ("quantity", quantity),
+                ("fee", fee),
+                ("pnl", pnl),
+            ] {
+                table
+                    .decimal(name, mantissas, EXACT_SCALE)
+                    .map_err(table_error)?;
+            }
+            table.primitive::<Float64Type>("r", r_move);
+            table.primitive::<Int64Type>("time_ms", time);
+            table.primitive::<UInt32Type>("series", ser);
+            table.primitive::<UInt32Type>("policy", pol);
+            fills_table = Some(table.finish().map_err(table_error)?);
+        } else {
+            fill_text.into_iter().for_each(backtest::give_bytes);
+        }
+    } else {
+        let fills = Columns::new(py);
+        fills.num("series", ser)?;
+        fills.num("policy", pol)?;
+        fills.num("trade", trade)?;
+        fills.num("sequence", seq)?;
+        fills.num("reason_code", reason)?;
+        fills.num("time_ms", time)?;
+        fills.num("side", side)?;
         fills.num("price", price)?;
         fills.num("quantity", qty)?;
         fills.num("fee", fee)?;
         fills.num("pnl", pnl)?;
-    }
-    fills.num("r", r_move)?;
-    if detail {
-        let names = [
-            "price_exact",
-            "quantity_exact",
-            "fee_exact",
-            "pnl_exact",
-            "trigger_price_exact",
-            "mark_price_exact",
-        ];
-        for (name, values) in names.into_iter().zip(texts) {
-            fills.text(name, values)?;
+        fills.num("r", r_move)?;
+        if detail {
+            let names = [
+                "price_exact",
+                "quantity_exact",
+                "fee_exact",
+                "pnl_exact",
+                "trigger_price_exact",
+                "mark_price_exact",
+            ];
+            for (name, values) in names.into_iter().zip(texts) {
+                fills.text(name, values)?;
+            }
         }
+        result.set_item("fills", fills.dict)?;
+        fill_text.into_iter().for_each(backtest::give_bytes);
     }
-    result.set_item("fills", fills.dict)?;
     // trades: one pass, every column at once (the risk in USDT computed once per trade)
     let rows: usize = jobs.iter().map(|j| j.trades.len()).sum();
     let (mut ser, mut pol, mut trade, mut side) = (
@@ -703,88 +783,98 @@ fn outputs<'py>(
             text.reasons[usize::from(code)]
         });
     }
-    let cols = Columns::new(py);
-    cols.num("series", ser)?;
-    cols.num("policy", pol)?;
-    cols.num("trade", trade)?;
-    cols.num("side", side)?;
-    cols.num("entry_time_ms", entry_time)?;
-    cols.num("exit_time_ms", exit_time)?;
-    if floats {
+    let mut trades_table = None;
+    if exact_mantissas_wanted {
+        if let Some([entry_price, quantity, initial_stop, risk_price, pnl, fees]) =
+            exact_trades.into_columns()
+        {
+            let [symbol, reason_text] = trade_text;
+            let (entry_time, exit_time) = (
+                ScalarBuffer::from(entry_time),
+                ScalarBuffer::from(exit_time),
+            );
+            let mut table = TableBuilder::new();
+            text.add_to(&mut table, "symbol", symbol);
+            table.primitive::<UInt32Type>("trade", trade);
+            table.primitive::<Int8Type>("side", side);
+            table.utc_ms("entry_time", entry_time.clone());
+            table.utc_ms("exit_time", exit_time.clone());
+            for (name, mantissas) in [
+                ("entry_price", entry_price),
+                ("quantity", quantity),
+                ("initial_stop", initial_stop),
+                ("risk_price", risk_price),
+            ] {
+                table
+                    .decimal(name, mantissas, EXACT_SCALE)
+                    .map_err(table_error)?;
+            }
+            table.primitive::<Float64Type>("risk_usd", risk_usd);
+            table
+                .decimal("pnl", pnl, EXACT_SCALE)
+                .map_err(table_error)?;
+            table
+                .decimal("fees", fees, EXACT_SCALE)
+                .map_err(table_error)?;
+            table.primitive::<Float64Type>("r_multiple", r_multiple);
+            text.add_to(&mut table, "reason", reason_text);
+            table.primitive::<UInt32Type>("bars_held", bars_held);
+            table.primitive::<Float64Type>("confidence", confidence);
+            table.primitive::<Int64Type>("entry_time_ms", entry_time);
+            table.primitive::<Int64Type>("exit_time_ms", exit_time);
+            table.primitive::<UInt32Type>("series", ser);
+            table.primitive::<UInt32Type>("policy", pol);
+            trades_table = Some(table.finish().map_err(table_error)?);
+        } else {
+            trade_text.into_iter().for_each(backtest::give_bytes);
+        }
+    } else {
+        let cols = Columns::new(py);
+        cols.num("series", ser)?;
+        cols.num("policy", pol)?;
+        cols.num("trade", trade)?;
+        cols.num("side", side)?;
+        cols.num("entry_time_ms", entry_time)?;
+        cols.num("exit_time_ms", exit_time)?;
         cols.num("entry_price", entry_price)?;
         cols.num("quantity", qty)?;
         cols.num("initial_stop", initial_stop)?;
         cols.num("risk_price", risk_price)?;
         cols.num("pnl", pnl)?;
         cols.num("fees", fees)?;
-    }
-    cols.num("risk_usd", risk_usd)?;
-    cols.num("r_multiple", r_multiple)?;
-    cols.num("confidence", confidence)?;
-    cols.num("reason_code", reason)?;
-    cols.num("bars_held", bars_held)?;
-    if detail {
-        let names = [
-            "entry_price_exact",
-            "quantity_exact",
-            "initial_stop_exact",
-            "risk_price_exact",
-            "pnl_exact",
-            "fees_exact",
-        ];
-        for (name, values) in names.into_iter().zip(texts) {
-            cols.text(name, values)?;
-        }
-    }
-    result.set_item("trades", cols.dict)?;
-    if exact_mantissas_wanted {
-        // Each exact column's Decimal(38, 12) mantissas (or None).
-        let exact = PyDict::new(py);
-        let names = ["price", "quantity", "fee", "pnl"];
-        exact.set_item("fills", exact_fills.finish(py, names)?)?;
-        let names = [
-            "entry_price",
-            "quantity",
-            "initial_stop",
-            "risk_price",
-            "pnl",
-            "fees",
-        ];
-        exact.set_item("trades", exact_trades.finish(py, names)?)?;
-        result.set_item("exact", exact)?;
-        // The text columns' views by table and name, and their shared data buffer.
-        let texts = PyDict::new(py);
-        let fills = PyDict::new(py);
-        for (name, bytes) in ["symbol", "reason", "kind"].into_iter().zip(fill_text) {
-            fills.set_item(name, Bound::new(py, MantissaBuffer { bytes })?)?;
-        }
-        texts.set_item("fills", fills)?;
-        let trades = PyDict::new(py);
-        for (name, bytes) in ["symbol", "reason"].into_iter().zip(trade_text) {
-            trades.set_item(name, Bound::new(py, MantissaBuffer { bytes })?)?;
-        }
-        texts.set_item("trades", trades)?;
-        // The skipped entries' symbol and reason (a few rows: one per entry not taken, and
-        // one per reason only counted), so that table too is wrapped without a lookup.
-        let rows: usize = jobs.iter().map(|j| j.skipped.len()).sum();
-        let mut skipped_text = [TextViews::column(rows), TextViews::column(rows)];
-        for job in jobs {
-            for &(_, code, _) in &job.skipped {
-                skipped_text[0].extend_from_slice(&text.symbols[job.series as usize]);
-                skipped_text[1].extend_from_slice(&text.reasons[usize::from(code)]);
+        cols.num("risk_usd", risk_usd)?;
+        cols.num("r_multiple", r_multiple)?;
+        cols.num("confidence", confidence)?;
+        cols.num("reason_code", reason)?;
+        cols.num("bars_held", bars_held)?;
+        if detail {
+            let names = [
+                "entry_price_exact",
+                "quantity_exact",
+                "initial_stop_exact",
+                "risk_price_exact",
+                "pnl_exact",
+                "fees_exact",
+            ];
+            for (name, values) in names.into_iter().zip(texts) {
+                cols.text(name, values)?;
             }
         }
-        let skipped = PyDict::new(py);
-        for (name, bytes) in ["symbol", "reason"].into_iter().zip(skipped_text) {
-            skipped.set_item(name, Bound::new(py, MantissaBuffer { bytes })?)?;
-        }
-        texts.set_item("skipped", skipped)?;
-        texts.set_item("data", pyo3::types::PyBytes::new(py, &text.data))?;
-        result.set_item("text", texts)?;
-    } else {
-        for bytes in fill_text.into_iter().chain(trade_text) {
-            backtest::give_bytes(bytes);
-        }
+        result.set_item("trades", cols.dict)?;
+        trade_text.into_iter().for_each(backtest::give_bytes);
+    }
+    if exact_mantissas_wanted {
+        let tables = match (fills_table, trades_table) {
+            (Some(fills), Some(trades)) => {
+                let tables = PyDict::new(py);
+                tables.set_item("fills", Bound::new(py, fills)?)?;
+                tables.set_item("trades", Bound::new(py, trades)?)?;
+                tables.set_item("skipped", Bound::new(py, skipped_table(jobs, &text)?)?)?;
+                Some(tables)
+            }
+            _ => None,
+        };
+        result.set_item("tables", tables)?;
     }
 
     // stops, levels, skipped: (series, policy) then the row's own three fields
@@ -1178,7 +1268,7 @@ fn py_backtest_entry_keys<'py>(
     chunks: Vec<ChunkBuffers<'py>>,
     symbols: Vec<String>,
 ) -> PyResult<(
-    Bound<'py, MantissaBuffer>,
+    Bound<'py, PooledBytes>,
     Option<usize>,
     Vec<(i64, usize, usize)>,
     bool,
@@ -1196,7 +1286,7 @@ fn py_backtest_entry_keys<'py>(
         .collect::<PyResult<Vec<_>>>()?;
     let keys = py.detach(|| entry_keys(&chunks, &symbols))?;
     Ok((
-        Bound::new(py, MantissaBuffer { bytes: keys.side })?,
+        Bound::new(py, PooledBytes { bytes: keys.side })?,
         keys.bad_side,
         keys.runs,
         keys.runs_in_time_order,
@@ -1278,7 +1368,8 @@ fn py_backtest_replay_marks<'py>(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<MantissaBuffer>()?;
+    m.add_class::<PooledBytes>()?;
+    m.add_class::<ArrowTable>()?;
     m.add_function(wrap_pyfunction!(py_backtest_run, m)?)?;
     m.add_function(wrap_pyfunction!(py_backtest_entry_keys, m)?)?;
     m.add_function(wrap_pyfunction!(py_backtest_replay_marks, m)?)?;

@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod arrays;
+mod arrow_table;
 mod backtest;
 mod engine;
 mod errors;

@@ -1,0 +1,174 @@
+//! Result tables as Arrow record batches that polars takes in one call.
+//!
+//! The backtest's columns (numeric vectors, `decimal128` mantissas, `string_view` views)
+//! become Arrow arrays without a copy, and a table is handed over through the Arrow
+//! `PyCapsule` interface (`__arrow_c_stream__`): `polars.DataFrame(table)` imports every
+//! column in one call, where wrapping each column from Python cost more than a small
+//! table's rows.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use arrow_array::ffi_stream::FFI_ArrowArrayStream;
+use arrow_array::types::ArrowPrimitiveType;
+use arrow_array::{
+    ArrayRef, Decimal128Array, PrimitiveArray, RecordBatch, RecordBatchIterator, StringViewArray,
+    TimestampMillisecondArray,
+};
+use arrow_buffer::{Buffer, ScalarBuffer};
+use arrow_schema::{ArrowError, Field, Schema};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyCapsule;
+
+use crate::backtest;
+
+/// A byte buffer of the backtest's pool, given back to it when Arrow drops its last
+/// reference: the next run writes into pages it already has instead of faulting in new ones.
+struct Pooled(Vec<u8>);
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        backtest::give_bytes(std::mem::take(&mut self.0));
+    }
+}
+
+/// The bytes as an Arrow buffer of 16-byte values (`decimal128` mantissas or string views):
+/// the pooled memory itself when it is 16-byte aligned (what the allocator gives), else a
+/// copy into Arrow's own aligned memory.
+fn buffer16(bytes: Vec<u8>) -> Buffer {
+    if bytes.as_ptr().align_offset(16) != 0 {
+        let copy = Buffer::from(bytes.as_slice());
+        backtest::give_bytes(bytes);
+        return copy;
+    }
+    let len = bytes.len();
+    let owner = Arc::new(Pooled(bytes));
+    let Some(start) = NonNull::new(owner.0.as_ptr().cast_mut()) else {
+        return Buffer::from_vec(Vec::<u128>::new());
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: `start` points to `len` initialized bytes owned by `owner`, which the buffer
+    // keeps alive; nothing writes them again (the vector is only given back to the pool
+    // when the owner drops, after the last Arrow reference).
+    unsafe {
+        Buffer::from_custom_allocation(start, len, owner)
+    }
+}
+
+/// The columns of one table, in order, and then the table.
+pub(super) struct TableBuilder {
+    fields: Vec<Field>,
+    columns: Vec<ArrayRef>,
+}
+
+impl TableBuilder {
+    pub(super) fn new() -> Self {
+        Self {
+            fields: Vec::new(),
+            columns: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, name: &str, column: ArrayRef) {
+        self.fields
+            .push(Field::new(name, column.data_type().clone(), false));
+        self.columns.push(column);
+    }
+
+    /// A numeric column (the vector becomes the array's buffer, no copy).
+    pub(super) fn primitive<T: ArrowPrimitiveType>(
+        &mut self,
+        name: &str,
+        values: impl Into<ScalarBuffer<T::Native>>,
+    ) {
+        self.push(
+            name,
+            Arc::new(PrimitiveArray::<T>::new(values.into(), None)),
+        );
+    }
+
+    /// Milliseconds since the epoch as a UTC timestamp column.
+    pub(super) fn utc_ms(&mut self, name: &str, values: ScalarBuffer<i64>) {
+        self.push(
+            name,
+            Arc::new(TimestampMillisecondArray::new(values, None).with_timezone("UTC")),
+        );
+    }
+
+    /// A `Decimal(38, scale)` column from its 16-byte little-endian mantissas.
+    pub(super) fn decimal(
+        &mut self,
+        name: &str,
+        mantissas: Vec<u8>,
+        scale: u32,
+    ) -> Result<(), ArrowError> {
+        let rows = mantissas.len() / 16;
+        let scale = i8::try_from(scale)
+            .map_err(|_| ArrowError::InvalidArgumentError(format!("scale {scale}")))?;
+        let values = ScalarBuffer::<i128>::new(buffer16(mantissas), 0, rows);
+        let column = Decimal128Array::new(values, None).with_precision_and_scale(38, scale)?;
+        self.push(name, Arc::new(column));
+        Ok(())
+    }
+
+    /// A text column from its `string_view` views, whose strings longer than 12 bytes lie
+    /// in `data` (buffer 0).
+    ///
+    /// # Safety
+    /// Each view must be a valid Arrow view of a UTF-8 string: its length, then the string
+    /// zero-padded when at most 12 bytes, else its first 4 bytes, buffer 0 and its offset
+    /// into `data`.
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn text(&mut self, name: &str, views: Vec<u8>, data: &Buffer) {
+        let rows = views.len() / 16;
+        let views = ScalarBuffer::<u128>::new(buffer16(views), 0, rows);
+        // SAFETY: the caller's contract; checking each view again would read the column
+        // once more for nothing.
+        let column = unsafe { StringViewArray::new_unchecked(views, vec![data.clone()], None) };
+        self.push(name, Arc::new(column));
+    }
+
+    pub(super) fn finish(self) -> Result<ArrowTable, ArrowError> {
+        let schema = Arc::new(Schema::new(self.fields));
+        Ok(ArrowTable {
+            batch: RecordBatch::try_new(schema, self.columns)?,
+        })
+    }
+}
+
+/// One result table as an Arrow record batch: `polars.DataFrame(table)` (or
+/// `pyarrow.table(table)`) reads it through the Arrow `PyCapsule` interface without a copy.
+#[pyclass(frozen, module = "pyquant._core")]
+pub struct ArrowTable {
+    batch: RecordBatch,
+}
+
+#[pymethods]
+impl ArrowTable {
+    fn __len__(&self) -> usize {
+        self.batch.num_rows()
+    }
+
+    /// The table as an `ArrowArrayStream` capsule of one record batch. A requested schema
+    /// is not applied (the protocol lets a producer keep its own); the consumer casts.
+    #[pyo3(signature = (requested_schema=None))]
+    #[allow(clippy::needless_pass_by_value)] // the signature the protocol calls
+    fn __arrow_c_stream__<'py>(
+        &self,
+        py: Python<'py>,
+        requested_schema: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyCapsule>> {
+        let _ = requested_schema;
+        let reader = RecordBatchIterator::new([Ok(self.batch.clone())], self.batch.schema());
+        let stream = FFI_ArrowArrayStream::new(Box::new(reader));
+        PyCapsule::new_with_value(py, stream, c"arrow_array_stream")
+    }
+}
+
+/// An Arrow error as a Python `ValueError` (a result table the core could not assemble:
+/// a bug, never the user's input).
+#[allow(clippy::needless_pass_by_value)] // the shape `map_err` takes
+pub(super) fn table_error(error: ArrowError) -> PyErr {
+    PyValueError::new_err(format!("result table: {error}"))
+}
