@@ -647,30 +647,13 @@ def backtest_run(
     """
 
 def backtest_entry_keys(
-    chunks: list[
-        tuple[
-            tuple[
-                _np.ndarray[_Any, _Any],
-                list[_np.ndarray[_Any, _Any]],
-                _np.ndarray[_Any, _Any] | None,
-                int,
-            ],
-            tuple[
-                _np.ndarray[_Any, _Any],
-                list[_np.ndarray[_Any, _Any]],
-                _np.ndarray[_Any, _Any] | None,
-                int,
-            ],
-            _np.ndarray[_Any, _Any],
-        ]
-    ],
-    symbols: list[str],
+    side: object, symbol: object, time_ms: object, symbols: list[str]
 ) -> tuple[PooledBytes, int | None, list[tuple[int, int, int]], bool]:
-    """Read the entries' side and symbol columns in one pass (GIL released).
+    """Read the entries' side, symbol and time columns in one pass (GIL released).
 
-    ``chunks``: per chunk of the entries, the side's and the symbol's Arrow ``string_view``
-    buffers (views, data buffers, validity or None, offset; uint8 numpy arrays) and the
-    times (int64). Returns the sides as int8 bytes (1 BUY, -1 SELL, 0 neither or null), the first
+    ``side`` and ``symbol``: polars ``String`` series, ``time_ms``: an ``Int64`` one (any
+    objects with ``__arrow_c_stream__``), of as many rows, read in place chunk by chunk.
+    Returns the sides as int8 bytes (1 BUY, -1 SELL, 0 neither or null), the first
     row of a symbol in ``symbols`` whose side is 0 (or None), the runs of one symbol as
     (index in ``symbols`` or -1, first row, end row) and whether every run is in time order.
     Use ``pyquant.backtest`` instead.

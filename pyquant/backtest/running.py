@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
-import pyarrow as pa  # type: ignore[import-untyped]
 
 from pyquant import _core
 from pyquant.backtest.loading import (
@@ -168,33 +167,6 @@ def _contiguous(series: pl.Series, dtype: type[np.generic]) -> np.ndarray[Any, A
 _CORE_ENTRY_COLUMNS = ("time_ms", "symbol", "side", "confidence", "size_usd", "leverage")
 
 
-_ViewBuffers = tuple[
-    np.ndarray[Any, Any], list[np.ndarray[Any, Any]], np.ndarray[Any, Any] | None, int
-]
-
-
-def _string_views(column: pl.Series) -> tuple[list[_ViewBuffers], list[int]]:
-    # A String column's chunks as their Arrow ``string_view`` buffers (polars' own layout,
-    # exported without a copy), as the core reads them: the 16-byte views, the data
-    # buffers, the validity bits (None without nulls) and the chunk's first row in them;
-    # and the chunks' lengths.
-    chunks = pa.chunked_array(column)
-    if chunks.type != pa.string_view():
-        chunks = chunks.cast(pa.string_view())
-    out = []
-    for array in chunks.chunks:
-        validity, views, *data = array.buffers()
-        out.append(
-            (
-                np.frombuffer(views, dtype=np.uint8),
-                [np.frombuffer(buffer, dtype=np.uint8) for buffer in data],
-                None if not array.null_count else np.frombuffer(validity, np.uint8),
-                array.offset,
-            )
-        )
-    return out, [len(array) for array in chunks.chunks]
-
-
 class _Pieces:
     """A column as the numpy arrays of its chunks (no copy), cut into row ranges.
 
@@ -327,23 +299,11 @@ def _columns(frame: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
     return pl.DataFrame([frame.get_column(name) for name in names])
 
 
-def _key_chunks(entries: pl.DataFrame) -> list[tuple[Any, Any, np.ndarray[Any, Any]]]:
-    # The side, symbol and time columns chunk by chunk, as ``backtest_entry_keys`` reads
-    # them (rechunked first only when the three are cut differently).
-    keys = _columns(entries, ("side", "symbol", "time_ms"))
-    if len(set(keys.n_chunks("all"))) > 1:
-        keys = keys.rechunk()
-    (sides, side_rows), (symbols, symbol_rows) = (
-        _string_views(keys["side"]),
-        _string_views(keys["symbol"]),
-    )
-    times = [_contiguous(chunk, np.int64) for chunk in keys["time_ms"].get_chunks()]
-    if not side_rows == symbol_rows == [len(t) for t in times]:
-        # Exported in other chunks than polars keeps: one chunk each.
-        keys = keys.rechunk()
-        sides, symbols = _string_views(keys["side"])[0], _string_views(keys["symbol"])[0]
-        times = [_contiguous(keys["time_ms"], np.int64)]
-    return list(zip(sides, symbols, times, strict=True))
+def _key_columns(entries: pl.DataFrame) -> tuple[pl.Series, pl.Series, pl.Series]:
+    # The side, symbol and time columns as ``backtest_entry_keys`` reads them: each with its
+    # own chunks, through the Arrow C stream of the series (a frame's stream would join
+    # the chunks into one first, a copy of every row).
+    return entries.get_column("side"), entries.get_column("symbol"), entries.get_column("time_ms")
 
 
 def _entry_arrays_by_symbol(
@@ -360,7 +320,7 @@ def _entry_arrays_by_symbol(
         raise ConfigError(f"entries time_ms is missing in row {row}: every intent needs a time")
     # The side and symbol strings read by the core in one pass over their Arrow views (a
     # compare of 16 bytes per row, no hash): the side coded, the runs of one symbol found.
-    sides, bad, runs, in_order = _core.backtest_entry_keys(_key_chunks(needed), list(symbols))
+    sides, bad, runs, in_order = _core.backtest_entry_keys(*_key_columns(needed), list(symbols))
     side = np.frombuffer(memoryview(sides), dtype=np.int8)
     if bad is not None:
         _bad_side(needed, bad)

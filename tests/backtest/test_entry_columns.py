@@ -278,7 +278,7 @@ def test_blockwise_intents_are_cut_like_a_filter_per_symbol(order):
     intents, _ = bt_running._entries_for(frames, _blockwise_entries(order), None)
     # The core's one pass finds each symbol's run: one block per symbol with bars (and in
     # time order) is cut without a sort.
-    _, bad, runs, in_order = _core.backtest_entry_keys(bt_running._key_chunks(intents), symbols)
+    _, bad, runs, in_order = _core.backtest_entry_keys(*bt_running._key_columns(intents), symbols)
     assert bad is None
     assert in_order
     assert [code for code, _, _ in runs] == [

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from pyquant import _core
 from pyquant import backtest as bt
 from pyquant.backtest import running as bt_running
-from pyquant.errors import ConfigError
+from pyquant.errors import ConfigError, InputError
 
 # A symbol longer than 12 bytes: Arrow keeps it out of line (a buffer and an offset), not
 # inside its view.
@@ -60,7 +60,9 @@ def _assert_like_a_filter_per_symbol(intents: pl.DataFrame) -> None:
 
 
 def _keys(intents: pl.DataFrame) -> tuple[list[int], int | None, list[tuple[int, int, int]], bool]:
-    side, bad, runs, in_order = _core.backtest_entry_keys(bt_running._key_chunks(intents), SYMBOLS)
+    side, bad, runs, in_order = _core.backtest_entry_keys(
+        *bt_running._key_columns(intents), SYMBOLS
+    )
     return np.frombuffer(side, dtype=np.int8).tolist(), bad, runs, in_order
 
 
@@ -122,12 +124,28 @@ def test_chunked_and_sliced_frames_are_read_in_place():
     assert _keys(mixed)[2] == [(0, 0, 2), (1, 2, 4), (2, 4, 6)]
     _assert_like_a_filter_per_symbol(mixed)
     _assert_like_a_filter_per_symbol(joined.slice(2, 6))
-    # Columns cut into chunks differently: read after one rechunk.
+    # Columns cut into chunks differently: read in the pieces all their bounds make, each
+    # inside one chunk of every column (no rechunk).
+    side = joined["side"]
+    ragged_side = pl.concat([side[:2], side[2:7], side[7:]], rechunk=False)
     uneven = pl.DataFrame(
-        [joined[c].rechunk() if c == "side" else joined[c] for c in joined.columns]
+        [
+            joined[c].rechunk() if c == "time_ms" else ragged_side if c == "side" else joined[c]
+            for c in joined.columns
+        ]
     )
-    assert [uneven[c].n_chunks() for c in ("time_ms", "symbol", "side")] == [3, 3, 1]
+    assert [uneven[c].n_chunks() for c in ("time_ms", "symbol", "side")] == [1, 3, 5]
+    assert _keys(uneven) == _keys(joined)
     _assert_like_a_filter_per_symbol(uneven)
+
+
+def test_key_columns_of_other_lengths_are_refused():
+    intents = _intents([(20, "BTCUSDT", "BUY"), (21, "BTCUSDT", "SELL")])
+    side, symbol, time_ms = bt_running._key_columns(intents)
+    with pytest.raises(InputError, match=r"side, symbol and time_ms must have as many rows"):
+        _core.backtest_entry_keys(side, symbol, time_ms[:1], SYMBOLS)
+    with pytest.raises(InputError, match=r"side .*must be a string column"):
+        _core.backtest_entry_keys(time_ms, symbol, time_ms, SYMBOLS)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,9 @@
 
 use std::borrow::Cow;
 
+use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, Int8Type, UInt32Type};
+use arrow_array::{Array, ArrayRef};
 use arrow_buffer::{Buffer, ScalarBuffer};
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
@@ -26,7 +28,7 @@ use crate::exit::policy::ExitPolicy;
 use crate::fixed::{decimal128_mantissa, parse_decimal, Decimal};
 use crate::rules::ExchangeRules;
 
-use super::arrow_table::{table_error, ArrowTable, TableBuilder};
+use super::arrow_io::{read_chunks, table_error, ArrowTable, TableBuilder};
 use super::engine::PyExitPolicy;
 use super::rules::PyExchangeRules;
 
@@ -961,14 +963,14 @@ fn py_backtest_run<'py>(
     result
 }
 
-/// One chunk of an Arrow `string_view` column as pyarrow hands its buffers over: the 16-byte
-/// views, the data buffers of the strings longer than 12 bytes, the validity bits (None: no
-/// null) and the chunk's offset into them. Read in place, GIL released.
+/// One chunk of an Arrow `string_view` column, read in place, GIL released: the rows'
+/// 16-byte views, the data buffers of the strings longer than 12 bytes and the validity
+/// bits (None: no null).
 struct StringViews<'a> {
     views: &'a [u8],
     data: Vec<&'a [u8]>,
-    validity: Option<&'a [u8]>,
-    offset: usize,
+    /// The validity bytes and the bit of the first row in them.
+    validity: Option<(&'a [u8], usize)>,
 }
 
 /// The longest string a view holds inline (Arrow's `string_view` layout).
@@ -984,36 +986,30 @@ fn view_word(bytes: &[u8]) -> u128 {
 }
 
 impl<'a> StringViews<'a> {
-    /// Checks that the buffers hold `rows` rows from `offset` on.
-    fn new(
-        field: &str,
-        views: &'a [u8],
-        data: Vec<&'a [u8]>,
-        validity: Option<&'a [u8]>,
-        offset: usize,
-        rows: usize,
-    ) -> Result<Self, CoreError> {
-        let end = offset + rows;
-        if views.len() < end * 16 || validity.is_some_and(|v| v.len() * 8 < end) {
-            return Err(CoreError::invalid(
+    /// The views of `column`, which must be a `string_view` array.
+    fn of(field: &str, column: &'a ArrayRef) -> Result<Self, CoreError> {
+        let array = column.as_string_view_opt().ok_or_else(|| {
+            CoreError::invalid(
                 field,
-                format!("{} view bytes", views.len()),
-                format!("must hold {rows} string views from offset {offset}"),
-            ));
-        }
+                column.data_type().to_string(),
+                "must be a string column (Arrow string_view)",
+            )
+        })?;
         Ok(Self {
-            views: &views[offset * 16..end * 16],
-            data,
-            validity,
-            offset,
+            views: array.views().inner().as_slice(),
+            data: array.data_buffers().iter().map(Buffer::as_slice).collect(),
+            validity: array
+                .nulls()
+                .map(|nulls| (nulls.validity(), nulls.offset())),
         })
     }
 
     #[inline]
     fn is_null(&self, row: usize) -> bool {
-        let at = self.offset + row;
-        self.validity
-            .is_some_and(|v| v[at / 8] >> (at % 8) & 1 == 0)
+        self.validity.is_some_and(|(bits, first)| {
+            let at = first + row;
+            bits[at / 8] >> (at % 8) & 1 == 0
+        })
     }
 
     /// The row's bytes (a null row reads as its view's, empty in pyarrow's layout).
@@ -1209,63 +1205,91 @@ fn entry_keys(chunks: &[EntryChunk<'_>], symbols: &[String]) -> Result<EntryKeys
     })
 }
 
-/// One column chunk's buffers as Python passes them: (views, data buffers, validity or
-/// None, offset), each buffer a uint8 numpy array.
-type ViewBuffers<'py> = (
-    PyReadonlyArray1<'py, u8>,
-    Vec<PyReadonlyArray1<'py, u8>>,
-    Option<PyReadonlyArray1<'py, u8>>,
-    usize,
-);
-
-/// One chunk of the entries as Python passes it: side and symbol buffers, times.
-type ChunkBuffers<'py> = (
-    ViewBuffers<'py>,
-    ViewBuffers<'py>,
-    PyReadonlyArray1<'py, i64>,
-);
-
-fn contiguous<'a, T: numpy::Element>(
-    field: &str,
-    array: &'a PyReadonlyArray1<'_, T>,
-) -> PyResult<&'a [T]> {
-    array
-        .as_slice()
-        .map_err(|_| PyValueError::new_err(format!("entries {field}: must be a contiguous array")))
-}
-
-fn string_views<'a>(
-    field: &str,
-    buffers: &'a ViewBuffers<'_>,
-    rows: usize,
-) -> PyResult<StringViews<'a>> {
-    let (views, data, validity, offset) = buffers;
-    let data = data
+/// The rows where a chunk of `columns` starts, and the end: each column's chunk bounds, all
+/// together (the pieces every column can be cut into without a copy).
+fn common_bounds(columns: &[&[ArrayRef]]) -> Vec<usize> {
+    let mut bounds: Vec<usize> = columns
         .iter()
-        .map(|d| contiguous(field, d))
-        .collect::<PyResult<_>>()?;
-    let validity = validity
-        .as_ref()
-        .map(|v| contiguous(field, v))
-        .transpose()?;
-    Ok(StringViews::new(
-        field,
-        contiguous(field, views)?,
-        data,
-        validity,
-        *offset,
-        rows,
-    )?)
+        .flat_map(|chunks| {
+            chunks.iter().scan(0, |start, chunk| {
+                *start += chunk.len();
+                Some(*start)
+            })
+        })
+        .collect();
+    bounds.push(0);
+    bounds.sort_unstable();
+    bounds.dedup();
+    bounds
 }
 
-/// Reads the entries' side and symbol columns (Arrow `string_view` buffers, chunk by
+/// Rows `start..end` of a column cut into `chunks` (inside one chunk: a view, no copy).
+fn rows_of(chunks: &[ArrayRef], start: usize, end: usize) -> ArrayRef {
+    let mut first = 0;
+    for chunk in chunks {
+        if start < first + chunk.len() {
+            return chunk.slice(start - first, end - start);
+        }
+        first += chunk.len();
+    }
+    chunks[0].slice(0, 0)
+}
+
+/// The entries' key columns as pieces of the same rows, each piece of each column inside
+/// one of its chunks: (side, symbol, time) per piece.
+fn entry_pieces(
+    side: &[ArrayRef],
+    symbol: &[ArrayRef],
+    time_ms: &[ArrayRef],
+) -> Result<Vec<[ArrayRef; 3]>, CoreError> {
+    let rows = |chunks: &[ArrayRef]| chunks.iter().map(Array::len).sum::<usize>();
+    if rows(side) != rows(time_ms) || rows(symbol) != rows(time_ms) {
+        return Err(CoreError::invalid(
+            "entries",
+            format!(
+                "{}, {} and {} rows",
+                rows(side),
+                rows(symbol),
+                rows(time_ms)
+            ),
+            "side, symbol and time_ms must have as many rows",
+        ));
+    }
+    let columns = [side, symbol, time_ms];
+    let bounds = common_bounds(&columns);
+    Ok(bounds
+        .windows(2)
+        .map(|piece| columns.map(|chunks| rows_of(chunks, piece[0], piece[1])))
+        .collect())
+}
+
+/// The key columns of each piece, read in place.
+fn entry_chunks(pieces: &[[ArrayRef; 3]]) -> Result<Vec<EntryChunk<'_>>, CoreError> {
+    pieces
+        .iter()
+        .map(|[side, symbol, time]| {
+            let time_ms = time.as_primitive_opt::<Int64Type>().ok_or_else(|| {
+                CoreError::invalid("time_ms", time.data_type().to_string(), "must be int64")
+            })?;
+            Ok(EntryChunk {
+                side: StringViews::of("side", side)?,
+                symbol: StringViews::of("symbol", symbol)?,
+                time_ms: time_ms.values(),
+            })
+        })
+        .collect()
+}
+
+/// Reads the entries' side, symbol and time columns (polars series, read in place chunk by
 /// chunk) in one pass; see `pyquant.backtest.running`.
 #[pyfunction]
 #[pyo3(name = "backtest_entry_keys")]
 #[allow(clippy::needless_pass_by_value, clippy::type_complexity)]
 fn py_backtest_entry_keys<'py>(
     py: Python<'py>,
-    chunks: Vec<ChunkBuffers<'py>>,
+    side: &Bound<'py, PyAny>,
+    symbol: &Bound<'py, PyAny>,
+    time_ms: &Bound<'py, PyAny>,
     symbols: Vec<String>,
 ) -> PyResult<(
     Bound<'py, PooledBytes>,
@@ -1273,17 +1297,12 @@ fn py_backtest_entry_keys<'py>(
     Vec<(i64, usize, usize)>,
     bool,
 )> {
-    let chunks = chunks
-        .iter()
-        .map(|(side, symbol, time_ms)| {
-            let time_ms = contiguous("time_ms", time_ms)?;
-            Ok(EntryChunk {
-                side: string_views("side", side, time_ms.len())?,
-                symbol: string_views("symbol", symbol, time_ms.len())?,
-                time_ms,
-            })
-        })
-        .collect::<PyResult<Vec<_>>>()?;
+    let pieces = entry_pieces(
+        &read_chunks(side)?,
+        &read_chunks(symbol)?,
+        &read_chunks(time_ms)?,
+    )?;
+    let chunks = entry_chunks(&pieces)?;
     let keys = py.detach(|| entry_keys(&chunks, &symbols))?;
     Ok((
         Bound::new(py, PooledBytes { bytes: keys.side })?,

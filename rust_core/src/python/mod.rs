@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 
 mod arrays;
-mod arrow_table;
+mod arrow_io;
 mod backtest;
 mod engine;
 mod errors;

@@ -1,22 +1,25 @@
-//! Result tables as Arrow record batches that polars takes in one call.
+//! Arrow data between Python and the core, through the Arrow `PyCapsule` interface
+//! (`__arrow_c_stream__`), without a copy either way.
 //!
-//! The backtest's columns (numeric vectors, `decimal128` mantissas, `string_view` views)
-//! become Arrow arrays without a copy, and a table is handed over through the Arrow
-//! `PyCapsule` interface (`__arrow_c_stream__`): `polars.DataFrame(table)` imports every
-//! column in one call, where wrapping each column from Python cost more than a small
-//! table's rows.
+//! In: a polars column's chunks ([`read_chunks`]), read in place (the entries' key
+//! columns, where handing each chunk's buffers over from Python cost more than reading
+//! them). Out: the backtest's result tables ([`TableBuilder`], [`ArrowTable`]), whose
+//! columns (numeric vectors, `decimal128` mantissas, `string_view` views) become Arrow
+//! arrays as they are; `polars.DataFrame(table)` imports every column in one call, where
+//! wrapping each column from Python cost more than a small table's rows.
 
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use arrow_array::ffi::{from_ffi_and_data_type, FFI_ArrowArray, FFI_ArrowSchema};
 use arrow_array::ffi_stream::FFI_ArrowArrayStream;
 use arrow_array::types::ArrowPrimitiveType;
 use arrow_array::{
-    ArrayRef, Decimal128Array, PrimitiveArray, RecordBatch, RecordBatchIterator, StringViewArray,
-    TimestampMillisecondArray,
+    make_array, ArrayRef, Decimal128Array, PrimitiveArray, RecordBatch, RecordBatchIterator,
+    StringViewArray, TimestampMillisecondArray,
 };
 use arrow_buffer::{Buffer, ScalarBuffer};
-use arrow_schema::{ArrowError, Field, Schema};
+use arrow_schema::{ArrowError, DataType, Field, Schema};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyCapsule;
@@ -166,9 +169,67 @@ impl ArrowTable {
     }
 }
 
-/// An Arrow error as a Python `ValueError` (a result table the core could not assemble:
-/// a bug, never the user's input).
+/// An Arrow error as a Python `ValueError` (a table the core could not assemble or read).
 #[allow(clippy::needless_pass_by_value)] // the shape `map_err` takes
 pub(super) fn table_error(error: ArrowError) -> PyErr {
-    PyValueError::new_err(format!("result table: {error}"))
+    PyValueError::new_err(format!("arrow table: {error}"))
+}
+
+/// The chunks of a column: `source` is a polars `Series` (any object with
+/// `__arrow_c_stream__` giving one array per chunk), its buffers shared, not copied. (A
+/// polars `DataFrame`'s stream would join every chunk into one first: a copy.)
+pub(super) fn read_chunks(source: &Bound<'_, PyAny>) -> PyResult<Vec<ArrayRef>> {
+    let capsule = source
+        .call_method0("__arrow_c_stream__")?
+        .cast_into::<PyCapsule>()?;
+    let raw = capsule.pointer_checked(Some(c"arrow_array_stream"))?;
+    #[allow(unsafe_code)]
+    // SAFETY: a capsule of that name holds an `ArrowArrayStream` (the PyCapsule interface);
+    // `from_raw` moves it out and leaves a released one, so the capsule's destructor finds
+    // nothing to release, and the moved stream is released when dropped here.
+    let mut stream = unsafe { FFI_ArrowArrayStream::from_raw(raw.as_ptr().cast()) };
+    let failed = |stream: &mut FFI_ArrowArrayStream, what: &str| {
+        let reason = stream.get_last_error.map_or(String::new(), |last_error| {
+            #[allow(unsafe_code)]
+            // SAFETY: the stream is live; the message (when any) lives until its next call.
+            unsafe {
+                let text = last_error(stream);
+                if text.is_null() {
+                    String::new()
+                } else {
+                    std::ffi::CStr::from_ptr(text)
+                        .to_string_lossy()
+                        .into_owned()
+                }
+            }
+        });
+        PyValueError::new_err(format!("arrow stream: cannot read its {what}: {reason}"))
+    };
+    let (Some(get_schema), Some(get_next)) = (stream.get_schema, stream.get_next) else {
+        return Err(PyValueError::new_err("arrow stream: already released"));
+    };
+    let mut schema = FFI_ArrowSchema::empty();
+    #[allow(unsafe_code)]
+    // SAFETY: the stream is live and `schema` a released one it may fill.
+    if unsafe { get_schema(&raw mut stream, &raw mut schema) } != 0 {
+        return Err(failed(&mut stream, "schema"));
+    }
+    let data_type = DataType::try_from(&schema).map_err(table_error)?;
+    let mut chunks = Vec::new();
+    loop {
+        let mut array = FFI_ArrowArray::empty();
+        #[allow(unsafe_code)]
+        // SAFETY: as above; a released `array` after success means the end of the stream.
+        if unsafe { get_next(&raw mut stream, &raw mut array) } != 0 {
+            return Err(failed(&mut stream, "next chunk"));
+        }
+        if array.is_released() {
+            return Ok(chunks);
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: the array was made by this stream, whose schema gave `data_type`.
+        let data =
+            unsafe { from_ffi_and_data_type(array, data_type.clone()) }.map_err(table_error)?;
+        chunks.push(make_array(data));
+    }
 }
