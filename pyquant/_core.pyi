@@ -627,12 +627,10 @@ def backtest_run(
     """Run every series under every policy through the exit rules (GIL released).
 
     Each series is a dict of numpy arrays (``open_time`` int64 ms, ``open``/``high``/``low``/
-    ``close`` float64, or instead ``bars``: a polars klines frame whose Int64 ``open_time``
-    and Float64 prices without nulls are read in place through its Arrow C stream;
-    ``entry_time`` int64 (sorted), ``entry_side`` int8 (1 LONG, -1 SHORT),
+    ``close`` float64, ``entry_time`` int64 (sorted), ``entry_side`` int8 (1 LONG, -1 SHORT),
     ``entry_confidence`` float64 (NaN: none), ``entry_leverage`` int64 (0: the default),
     ``entry_notional`` None when no entry gives its own notional, else a pair (int64 array of
-    those entries' rows, ascending; list of their decimal strings), optional ``fine_*`` bars (or ``fine_bars``)
+    those entries' rows, ascending; list of their decimal strings), optional ``fine_*`` bars
     and ``fine_interval_ms``) plus ``symbol`` and ``interval_ms``; arrays are read in place.
     Returns columns: ``fills``, ``trades``, ``stops``, ``levels``, ``skipped`` (dicts of numpy
     arrays, exact strings under ``*_exact`` when ``detail``), ``reason_names``,

@@ -378,21 +378,6 @@ def _prepare_series(
     return _series_arrays(klines, _entry_arrays(mine, _contiguous(side, np.int8)), fine)
 
 
-# The bar columns the core reads, of their types, in the order ``validate_klines`` gives.
-_BAR_NAMES = ["open_time", "open", "high", "low", "close"]
-_BAR_TYPES = [pl.Int64, pl.Float64, pl.Float64, pl.Float64, pl.Float64]
-
-
-def _bar_frame(klines: pl.DataFrame) -> pl.DataFrame:
-    # The frame the core reads the bars from (through its Arrow C stream, in place): a
-    # validated one as it is, another with its bar columns cast.
-    if klines.columns[:5] == _BAR_NAMES and klines.dtypes[:5] == _BAR_TYPES:
-        return klines
-    return klines.select(
-        pl.col(name).cast(kind) for name, kind in zip(_BAR_NAMES, _BAR_TYPES, strict=True)
-    )
-
-
 def _series_arrays(
     klines: pl.DataFrame,
     entry_arrays: Mapping[str, Any],
@@ -407,7 +392,11 @@ def _series_arrays(
     arrays: dict[str, Any] = {
         "symbol": symbol,
         "interval_ms": step,
-        "bars": _bar_frame(klines),
+        "open_time": _contiguous(column("open_time"), np.int64),
+        "open": _contiguous(column("open"), np.float64),
+        "high": _contiguous(column("high"), np.float64),
+        "low": _contiguous(column("low"), np.float64),
+        "close": _contiguous(column("close"), np.float64),
         **entry_arrays,
     }
     if fine is not None:
@@ -417,7 +406,14 @@ def _series_arrays(
                 f"finer data for {symbol} is {fine['interval'][0]}, which does not divide the "
                 f"{klines['interval'][0]} bars it should resolve"
             )
-        arrays.update(fine_interval_ms=fine_step, fine_bars=_bar_frame(fine))
+        arrays.update(
+            fine_interval_ms=fine_step,
+            fine_open_time=_contiguous(fine["open_time"], np.int64),
+            fine_open=_contiguous(fine["open"], np.float64),
+            fine_high=_contiguous(fine["high"], np.float64),
+            fine_low=_contiguous(fine["low"], np.float64),
+            fine_close=_contiguous(fine["close"], np.float64),
+        )
     return _Series(symbol, step, arrays)
 
 

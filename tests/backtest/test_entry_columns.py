@@ -38,11 +38,7 @@ def _series(klines: pl.DataFrame = FLAT, **entries: Any) -> dict[str, Any]:
         "entry_notional": None,
     }
     columns.update(entries)
-    arrays = bt_running._series_arrays(klines, columns, None).arrays
-    # The bars as numpy arrays (the core reads those too), so a test can replace one.
-    bars = arrays.pop("bars")
-    arrays.update({name: bars[name].to_numpy() for name in bt_running._BAR_NAMES})
-    return arrays
+    return bt_running._series_arrays(klines, columns, None).arrays
 
 
 def _run(rules, policy, series: dict[str, Any]) -> dict[str, Any]:
@@ -295,71 +291,3 @@ def test_blockwise_intents_are_cut_like_a_filter_per_symbol(order):
     for frame, series in zip(frames, together, strict=True):
         assert series.arrays["entry_notional"] is not None
         assert len(series.arrays["entry_time"]) == 2 * order.count(frame["symbol"][0])
-
-
-def _walk_klines(bars: int = 400) -> pl.DataFrame:
-    rng = np.random.default_rng(5)
-    close = 30000.0 + np.cumsum(rng.normal(0.0, 15.0, bars)).round(1)
-    return synthetic_klines(
-        [
-            (c, c + abs(d) + 5.0, c - abs(d) - 5.0, c)
-            for c, d in zip(close, rng.normal(0, 9, bars), strict=True)
-        ]
-    )
-
-
-def test_bars_read_from_the_frame_equal_the_numpy_arrays(rules, example_policy):
-    # The API hands each series' klines frame to the core, which reads its bar columns in
-    # place through the Arrow C stream: the same run as numpy arrays, from a frame in
-    # chunks, or with its columns of other types and order (cast first).
-    klines = _walk_klines()
-    from_frame = _run(
-        rules, example_policy, bt_running._series_arrays(klines, _series(), None).arrays
-    )
-    assert len(from_frame["trades"]["trade"]) > 0
-    numpy = _series(klines)
-    assert "bars" not in numpy
-    assert "open" in numpy
-    chunked = pl.concat([klines.slice(0, 150), klines.slice(150)], rechunk=False)
-    assert chunked.n_chunks() == 2
-    shuffled = klines.select(
-        pl.col("close"),
-        pl.col("open_time").cast(pl.UInt64),
-        pl.exclude("close", "open_time"),
-    ).with_columns(pl.col("low").cast(pl.Decimal(20, 1)))
-    for series in (
-        numpy,
-        bt_running._series_arrays(chunked, _series(), None).arrays,
-        bt_running._series_arrays(shuffled, _series(), None).arrays,
-    ):
-        out = _run(rules, example_policy, series)
-        for table in ("fills", "trades"):
-            for column, values in from_frame[table].items():
-                np.testing.assert_array_equal(out[table][column], values, err_msg=column)
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda k: k.drop("low"), "klines column low for BTCUSDT must be present"),
-        (
-            lambda k: k.with_columns(pl.col("high").cast(pl.Float32)),
-            "high Float32 for BTCUSDT must be Float64 (see validate_klines)",
-        ),
-        (
-            lambda k: k.with_columns(
-                pl.when(pl.int_range(pl.len()) == 3)
-                .then(None)
-                .otherwise(pl.col("open"))
-                .alias("open")
-            ),
-            'open "1 nulls" for BTCUSDT must have a value in every bar',
-        ),
-    ],
-)
-def test_a_bars_frame_the_core_cannot_read_is_refused_by_column(
-    rules, example_policy, change, message
-):
-    series = {**bt_running._series_arrays(FLAT, _series(), None).arrays, "bars": change(FLAT)}
-    with pytest.raises(InputError, match=re.escape(message)):
-        _run(rules, example_policy, series)

@@ -68,7 +68,7 @@ def test_integer_replay_decides_as_the_decimal_one_on_real_klines(rules, symbol)
     frame = frame.head(ROWS)
     intents, one = bt_running._entries_for([frame], None, None)
     sparse = bt_running._prepare_series(frame, intents, None).arrays
-    times = frame["open_time"].to_numpy()
+    times = sparse["open_time"]
     n = len(times)
     dense = {
         **sparse,

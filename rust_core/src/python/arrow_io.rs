@@ -1,9 +1,9 @@
 //! Arrow data between Python and the core, through the Arrow `PyCapsule` interface
 //! (`__arrow_c_stream__`), without a copy either way.
 //!
-//! In: a polars column's chunks ([`read_chunks`]) or a frame's record batches
-//! ([`read_batches`]), read in place (the entries' key columns and each series' bars,
-//! where making an array of each chunk or column in Python cost more than reading them). Out: the backtest's result tables ([`TableBuilder`], [`ArrowTable`]), whose
+//! In: a polars column's chunks ([`read_chunks`]), read in place (the entries' key
+//! columns, where handing each chunk's buffers over from Python cost more than reading
+//! them). Out: the backtest's result tables ([`TableBuilder`], [`ArrowTable`]), whose
 //! columns (numeric vectors, `decimal128` mantissas, `string_view` views) become Arrow
 //! arrays as they are; `polars.DataFrame(table)` imports every column in one call, where
 //! wrapping each column from Python cost more than a small table's rows.
@@ -12,7 +12,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use arrow_array::ffi::{from_ffi_and_data_type, FFI_ArrowArray, FFI_ArrowSchema};
-use arrow_array::ffi_stream::{ArrowArrayStreamReader, FFI_ArrowArrayStream};
+use arrow_array::ffi_stream::FFI_ArrowArrayStream;
 use arrow_array::types::ArrowPrimitiveType;
 use arrow_array::{
     make_array, ArrayRef, Decimal128Array, PrimitiveArray, RecordBatch, RecordBatchIterator,
@@ -232,19 +232,4 @@ pub(super) fn read_chunks(source: &Bound<'_, PyAny>) -> PyResult<Vec<ArrayRef>> 
             unsafe { from_ffi_and_data_type(array, data_type.clone()) }.map_err(table_error)?;
         chunks.push(make_array(data));
     }
-}
-
-/// The record batches of a frame: `source` is a polars `DataFrame` (any object with
-/// `__arrow_c_stream__` giving record batches), its buffers shared, not copied. Polars
-/// joins a frame's chunks into one batch first.
-pub(super) fn read_batches(source: &Bound<'_, PyAny>) -> PyResult<Vec<RecordBatch>> {
-    let capsule = source
-        .call_method0("__arrow_c_stream__")?
-        .cast_into::<PyCapsule>()?;
-    let raw = capsule.pointer_checked(Some(c"arrow_array_stream"))?;
-    #[allow(unsafe_code)]
-    // SAFETY: as in `read_chunks`: the reader moves the stream out of the capsule.
-    let reader =
-        unsafe { ArrowArrayStreamReader::from_raw(raw.as_ptr().cast()) }.map_err(table_error)?;
-    reader.collect::<Result<_, _>>().map_err(table_error)
 }

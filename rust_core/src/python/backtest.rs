@@ -11,10 +11,9 @@
 use std::borrow::Cow;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{ArrowPrimitiveType, Float64Type, Int64Type, Int8Type, UInt32Type};
-use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_array::types::{Float64Type, Int64Type, Int8Type, UInt32Type};
+use arrow_array::{Array, ArrayRef};
 use arrow_buffer::{Buffer, ScalarBuffer};
-use arrow_schema::DataType;
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -29,7 +28,7 @@ use crate::exit::policy::ExitPolicy;
 use crate::fixed::{decimal128_mantissa, parse_decimal, Decimal};
 use crate::rules::ExchangeRules;
 
-use super::arrow_io::{read_batches, read_chunks, table_error, ArrowTable, TableBuilder};
+use super::arrow_io::{read_chunks, table_error, ArrowTable, TableBuilder};
 use super::engine::PyExitPolicy;
 use super::rules::PyExchangeRules;
 
@@ -58,35 +57,19 @@ fn column<'a, T: numpy::Element + Copy>(array: &'a PyReadonlyArray1<'_, T>) -> C
     }
 }
 
-/// One series' bar columns, read in place for as long as the run reads them: numpy arrays
-/// borrowed read-only (rust-numpy's borrow flag keeps Rust writers out), or the record
-/// batches of a polars frame (the API's way: no array per column to make in Python).
-enum BarArrays<'py> {
-    Numpy {
-        open_time: PyReadonlyArray1<'py, i64>,
-        open: PyReadonlyArray1<'py, f64>,
-        high: PyReadonlyArray1<'py, f64>,
-        low: PyReadonlyArray1<'py, f64>,
-        close: PyReadonlyArray1<'py, f64>,
-    },
-    Arrow(Vec<RecordBatch>),
+/// One series' bar columns, borrowed read-only (rust-numpy's borrow flag keeps Rust
+/// writers out) for as long as the run reads them.
+struct BarArrays<'py> {
+    open_time: PyReadonlyArray1<'py, i64>,
+    open: PyReadonlyArray1<'py, f64>,
+    high: PyReadonlyArray1<'py, f64>,
+    low: PyReadonlyArray1<'py, f64>,
+    close: PyReadonlyArray1<'py, f64>,
 }
 
-/// The names of the bar columns in a klines frame.
-const BAR_COLUMNS: [&str; 5] = ["open_time", "open", "high", "low", "close"];
-
 impl<'py> BarArrays<'py> {
-    /// The `{prefix}bars` frame when the dict has one, else the `{prefix}open_time`...
-    /// arrays.
     fn read(dict: &Bound<'py, PyDict>, symbol: &str, prefix: &str) -> PyResult<Self> {
-        if let Some(frame) = dict.get_item(format!("{prefix}bars"))? {
-            let batches = read_batches(&frame)?;
-            for batch in &batches {
-                check_bar_columns(batch).map_err(|e| e.with_symbol(symbol))?;
-            }
-            return Ok(Self::Arrow(batches));
-        }
-        Ok(Self::Numpy {
+        Ok(Self {
             open_time: readonly(dict, symbol, &format!("{prefix}open_time"))?,
             open: readonly(dict, symbol, &format!("{prefix}open"))?,
             high: readonly(dict, symbol, &format!("{prefix}high"))?,
@@ -96,83 +79,13 @@ impl<'py> BarArrays<'py> {
     }
 
     fn bars(&self) -> Bars<'_> {
-        match self {
-            Self::Numpy {
-                open_time,
-                open,
-                high,
-                low,
-                close,
-            } => Bars {
-                open_time: column(open_time),
-                open: column(open),
-                high: column(high),
-                low: column(low),
-                close: column(close),
-            },
-            Self::Arrow(batches) => {
-                let [open_time, open, high, low, close] = BAR_COLUMNS;
-                Bars {
-                    open_time: batch_column::<Int64Type>(batches, open_time),
-                    open: batch_column::<Float64Type>(batches, open),
-                    high: batch_column::<Float64Type>(batches, high),
-                    low: batch_column::<Float64Type>(batches, low),
-                    close: batch_column::<Float64Type>(batches, close),
-                }
-            }
+        Bars {
+            open_time: column(&self.open_time),
+            open: column(&self.open),
+            high: column(&self.high),
+            low: column(&self.low),
+            close: column(&self.close),
         }
-    }
-}
-
-/// Checks that a klines batch has the bar columns, of their types, without a null.
-fn check_bar_columns(batch: &RecordBatch) -> Result<(), CoreError> {
-    for name in BAR_COLUMNS {
-        let wanted = if name == "open_time" {
-            DataType::Int64
-        } else {
-            DataType::Float64
-        };
-        let column = batch.column_by_name(name).ok_or_else(|| {
-            CoreError::invalid(
-                "klines column",
-                name,
-                "must be present (open_time, open, high, low, close)",
-            )
-        })?;
-        if *column.data_type() != wanted {
-            return Err(CoreError::invalid(
-                name,
-                column.data_type().to_string(),
-                format!("must be {wanted} (see validate_klines)"),
-            ));
-        }
-        if column.null_count() > 0 {
-            return Err(CoreError::invalid(
-                name,
-                format!("{} nulls", column.null_count()),
-                "must have a value in every bar (see validate_klines)",
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// One checked column of the batches: its values in place when they lie in one batch (a
-/// polars frame gives one), else joined.
-fn batch_column<'a, T: ArrowPrimitiveType>(
-    batches: &'a [RecordBatch],
-    name: &str,
-) -> Cow<'a, [T::Native]> {
-    let values = |batch: &'a RecordBatch| -> &'a [T::Native] {
-        batch
-            .column_by_name(name)
-            .and_then(|column| column.as_primitive_opt::<T>())
-            .map_or(&[], |array| array.values())
-    };
-    match batches {
-        [] => Cow::Borrowed(&[]),
-        [batch] => Cow::Borrowed(values(batch)),
-        _ => Cow::Owned(batches.iter().flat_map(values).copied().collect()),
     }
 }
 
