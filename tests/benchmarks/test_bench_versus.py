@@ -339,7 +339,9 @@ def test_bench_versus(benchmark, workload, contender):
         pytest.skip("vectorbt rows run with make bench (import and numba compilation are slow)")
     work = _workload(workload, 1.0 if enabled else 0.02 if workload != "dense_100x10k" else 0.2)
     benchmark.group = f"backtest vs others: {workload} ({_threads()})"
-    rounds = 3 if enabled else 1
+    # Seven timed rounds after one untimed (every contender's first call pays for fresh
+    # pages or compilation): the minimum of a few rounds moved with the machine's noise.
+    rounds, warmup = (7, 1) if enabled else (1, 0)
 
     if contender == "core":
 
@@ -365,7 +367,7 @@ def test_bench_versus(benchmark, workload, contender):
             return result.trades.height
 
     elif contender == "python_loop":
-        rounds = 1  # about a second per million bars
+        rounds, warmup = 1, 0  # about a second per million bars
 
         def run() -> int:
             return sum(
@@ -385,7 +387,7 @@ def test_bench_versus(benchmark, workload, contender):
             vbt.Portfolio.from_signals(**inputs, engine=engine)
             return counted
 
-    trades = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
+    trades = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
     assert trades > 0
     benchmark.extra_info.update(
         contender=contender,
