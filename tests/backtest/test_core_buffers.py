@@ -90,3 +90,28 @@ def test_exact_columns_still_read_stay_theirs_while_other_runs_reuse_memory(rule
     assert arrow.column("pnl").to_pylist() == pnl
     assert frame.height > 500
     assert frame["pnl"].dtype == pl.Decimal(38, 12)
+
+
+def test_result_columns_still_read_stay_theirs_while_other_runs_reuse_memory(rules, example_policy):
+    # The numpy result columns are views of pooled vectors, which go back to the pool only
+    # when numpy lets go: a result kept alive reads the same after other runs (dropped at
+    # once) wrote theirs into the pool's memory.
+    options = bt_running._core_options(bt.BacktestConfig(), False, detail=False)
+
+    def run(series: dict[str, Any]) -> dict[str, Any]:
+        return _core.backtest_run([series], [example_policy], rules, **options)
+
+    def address(array: np.ndarray[Any, Any]) -> int:
+        return int(array.__array_interface__["data"][0])
+
+    kept = run(_walk_series(60_000, seed=1, every=7))
+    before = {name: values.copy() for name, values in _columns(kept).items()}
+    assert len(kept["fills"]["price"]) > 1000
+    for seed in (2, 3):
+        other = run(_walk_series(120_000, seed=seed, every=3))
+        assert not {address(v) for v in other["fills"].values()} & {
+            address(v) for v in kept["fills"].values()
+        }
+        del other
+    for name, values in _columns(kept).items():
+        np.testing.assert_array_equal(np.asarray(values), np.asarray(before[name]), err_msg=name)

@@ -555,6 +555,63 @@ pub fn give_bytes(buffer: Vec<u8>) {
     SPARE_BYTES.give(buffer);
 }
 
+#[cfg_attr(not(feature = "python"), allow(dead_code))] // the binding's result columns
+/// The element types of the result columns, each with its pool of spare vectors: the
+/// columns of a run are a dozen megabytes per million bars, which glibc hands back to the
+/// system between runs once they are freed, and faults in afresh at the next (a third more
+/// time on a hundred series).
+pub(crate) trait ColumnElement:
+    Copy + Send + Sync + std::panic::RefUnwindSafe + 'static
+{
+    #[doc(hidden)]
+    fn spare() -> &'static Spare<Self>;
+}
+
+macro_rules! column_elements {
+    ($($element:ty => $pool:ident),*) => {
+        $(
+            #[cfg_attr(not(feature = "python"), allow(dead_code))]
+            static $pool: Spare<$element> = Spare::new();
+            impl ColumnElement for $element {
+                fn spare() -> &'static Spare<Self> {
+                    &$pool
+                }
+            }
+        )*
+    };
+}
+
+column_elements!(i8 => SPARE_I8, u32 => SPARE_U32, i64 => SPARE_I64, f64 => SPARE_F64);
+
+impl ColumnElement for u8 {
+    fn spare() -> &'static Spare<Self> {
+        &SPARE_BYTES
+    }
+}
+
+/// An empty result column with room for `n` values, from its pool.
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub(crate) fn take_column<T: ColumnElement>(n: usize) -> Vec<T> {
+    T::spare().take(n)
+}
+
+/// Gives a result column no longer read back to its pool.
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub(crate) fn give_column<T: ColumnElement>(column: Vec<T>) {
+    T::spare().give(column);
+}
+
+/// A result column that keeps its vector and gives it back to the pool when dropped (when
+/// the last reader, numpy or Arrow, lets go).
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub(crate) struct PooledColumn<T: ColumnElement>(pub(crate) Vec<T>);
+
+impl<T: ColumnElement> Drop for PooledColumn<T> {
+    fn drop(&mut self) {
+        give_column(std::mem::take(&mut self.0));
+    }
+}
+
 /// Gives the row buffers of finished jobs (read, no longer needed) back for the next
 /// run's jobs.
 pub fn recycle(jobs: Vec<JobOutput>) {

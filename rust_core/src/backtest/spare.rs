@@ -22,12 +22,12 @@ const MIN_KEPT_BYTES: usize = 1 << 16;
 const MAX_KEPT_BYTES: usize = 64 << 20;
 
 /// A pool of empty vectors of `T` with their capacity (and pages) kept.
-pub(super) struct Spare<T> {
+pub(crate) struct Spare<T> {
     kept: Mutex<Vec<Vec<T>>>,
 }
 
 impl<T> Spare<T> {
-    pub(super) const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self {
             kept: Mutex::new(Vec::new()),
         }
@@ -35,7 +35,7 @@ impl<T> Spare<T> {
 
     /// An empty vector with room for `n` values: the smallest kept one that is large
     /// enough, else a new one.
-    pub(super) fn take(&self, n: usize) -> Vec<T> {
+    pub(crate) fn take(&self, n: usize) -> Vec<T> {
         if n * size_of::<T>() >= MIN_KEPT_BYTES {
             // A poisoned lock only means another run panicked while holding it; the
             // vectors inside are still just empty buffers.
@@ -55,7 +55,7 @@ impl<T> Spare<T> {
 
     /// The largest kept vector (empty), else a new one without capacity: for rows whose
     /// number is not known beforehand.
-    pub(super) fn take_largest(&self) -> Vec<T> {
+    pub(crate) fn take_largest(&self) -> Vec<T> {
         let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
         let largest = kept
             .iter()
@@ -67,7 +67,7 @@ impl<T> Spare<T> {
 
     /// Keeps `buffer` (emptied) for a later [`Spare::take`], dropping the oldest kept
     /// buffers beyond [`MAX_KEPT_BYTES`].
-    pub(super) fn give(&self, mut buffer: Vec<T>) {
+    pub(crate) fn give(&self, mut buffer: Vec<T>) {
         let bytes = |v: &Vec<T>| v.capacity() * size_of::<T>();
         if bytes(&buffer) < MIN_KEPT_BYTES || bytes(&buffer) > MAX_KEPT_BYTES {
             return;

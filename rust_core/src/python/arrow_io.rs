@@ -18,13 +18,13 @@ use arrow_array::{
     make_array, ArrayRef, Decimal128Array, PrimitiveArray, RecordBatch, RecordBatchIterator,
     StringViewArray, TimestampMillisecondArray,
 };
-use arrow_buffer::{Buffer, ScalarBuffer};
+use arrow_buffer::{ArrowNativeType, Buffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType, Field, Schema};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyCapsule;
 
-use crate::backtest;
+use crate::backtest::{self, ColumnElement, PooledColumn};
 
 /// A byte buffer of the backtest's pool, given back to it when Arrow drops its last
 /// reference: the next run writes into pages it already has instead of faulting in new ones.
@@ -59,6 +59,22 @@ fn buffer16(bytes: Vec<u8>) -> Buffer {
     }
 }
 
+/// A result column's values as an Arrow buffer without a copy; the vector goes back to its
+/// pool when Arrow drops its last reference.
+pub(super) fn pooled_values<T: ColumnElement + ArrowNativeType>(values: Vec<T>) -> ScalarBuffer<T> {
+    let len = values.len();
+    let owner = Arc::new(PooledColumn(values));
+    let start = NonNull::new(owner.0.as_ptr().cast_mut()).unwrap_or(NonNull::dangling());
+    #[allow(unsafe_code)]
+    // SAFETY: `start` points to `len` initialized values of `T` (aligned for `T`: a `Vec`'s
+    // memory, or a dangling aligned pointer for none) owned by `owner`, which the buffer
+    // keeps alive and which nothing writes again.
+    let buffer = unsafe {
+        Buffer::from_custom_allocation(start.cast(), len * std::mem::size_of::<T>(), owner)
+    };
+    ScalarBuffer::new(buffer, 0, len)
+}
+
 /// The columns of one table, in order, and then the table.
 pub(super) struct TableBuilder {
     fields: Vec<Field>,
@@ -79,16 +95,13 @@ impl TableBuilder {
         self.columns.push(column);
     }
 
-    /// A numeric column (the vector becomes the array's buffer, no copy).
+    /// A numeric column (see [`pooled_values`]).
     pub(super) fn primitive<T: ArrowPrimitiveType>(
         &mut self,
         name: &str,
-        values: impl Into<ScalarBuffer<T::Native>>,
+        values: ScalarBuffer<T::Native>,
     ) {
-        self.push(
-            name,
-            Arc::new(PrimitiveArray::<T>::new(values.into(), None)),
-        );
+        self.push(name, Arc::new(PrimitiveArray::<T>::new(values, None)));
     }
 
     /// Milliseconds since the epoch as a UTC timestamp column.

@@ -13,22 +13,22 @@ use std::borrow::Cow;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, Int8Type, UInt32Type};
 use arrow_array::{Array, ArrayRef};
-use arrow_buffer::{Buffer, ScalarBuffer};
+use arrow_buffer::Buffer;
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::backtest::{
-    self, to_f64, BacktestOptions, Bars, Direction, Entries, Intrabar, JobOutput, SeriesInput,
-    REASONS,
+    self, to_f64, BacktestOptions, Bars, ColumnElement, Direction, Entries, Intrabar, JobOutput,
+    PooledColumn, SeriesInput, REASONS,
 };
 use crate::error::CoreError;
 use crate::exit::policy::ExitPolicy;
 use crate::fixed::{decimal128_mantissa, parse_decimal, Decimal};
 use crate::rules::ExchangeRules;
 
-use super::arrow_io::{read_chunks, table_error, ArrowTable, TableBuilder};
+use super::arrow_io::{pooled_values, read_chunks, table_error, ArrowTable, TableBuilder};
 use super::engine::PyExitPolicy;
 use super::rules::PyExchangeRules;
 
@@ -349,10 +349,10 @@ impl TextViews {
 fn skipped_table(jobs: &[JobOutput], text: &TextViews) -> PyResult<ArrowTable> {
     let rows: usize = jobs.iter().map(|j| j.skipped.len()).sum();
     let (mut ser, mut pol, mut time, mut count) = (
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
     );
     let (mut symbol, mut reason) = (TextViews::column(rows), TextViews::column(rows));
     for job in jobs {
@@ -366,10 +366,10 @@ fn skipped_table(jobs: &[JobOutput], text: &TextViews) -> PyResult<ArrowTable> {
         }
     }
     let mut table = TableBuilder::new();
-    table.primitive::<UInt32Type>("series", ser);
-    table.primitive::<UInt32Type>("policy", pol);
-    table.primitive::<Int64Type>("time_ms", time);
-    table.primitive::<UInt32Type>("count", count);
+    table.primitive::<UInt32Type>("series", pooled_values(ser));
+    table.primitive::<UInt32Type>("policy", pooled_values(pol));
+    table.primitive::<Int64Type>("time_ms", pooled_values(time));
+    table.primitive::<UInt32Type>("count", pooled_values(count));
     text.add_to(&mut table, "symbol", symbol);
     text.add_to(&mut table, "reason", reason);
     table.finish().map_err(table_error)
@@ -453,6 +453,37 @@ fn exact(value: Decimal) -> String {
     value.normalize().to_string()
 }
 
+/// Owns a result column read by a numpy array (its base object) and gives its vector back
+/// to the pool when numpy lets go.
+#[pyclass(frozen, module = "pyquant._core")]
+struct ColumnOwner {
+    _column: Box<dyn std::any::Any + Send + Sync>,
+}
+
+/// A result column as a numpy array over its vector, without a copy (the vector goes back
+/// to its pool when the array dies).
+fn pooled_array<T: numpy::Element + ColumnElement>(
+    py: Python<'_>,
+    values: Vec<T>,
+) -> PyResult<Bound<'_, PyArray1<T>>> {
+    let (start, len) = (values.as_ptr(), values.len());
+    let owner = Bound::new(
+        py,
+        ColumnOwner {
+            _column: Box::new(PooledColumn(values)),
+        },
+    )?;
+    #[allow(unsafe_code)]
+    // SAFETY: `start` points to `len` initialized values (or is a dangling aligned pointer
+    // for none) of the vector `owner` keeps unchanged for as long as the array, whose base
+    // it becomes, is alive.
+    let array = unsafe {
+        let view = numpy::ndarray::ArrayView1::from_shape_ptr(len, start);
+        PyArray1::borrow_from_array(&view, owner.into_any())
+    };
+    Ok(array)
+}
+
 /// Column builder for one output table.
 struct Columns<'py> {
     py: Python<'py>,
@@ -467,9 +498,8 @@ impl<'py> Columns<'py> {
         }
     }
 
-    fn num<T: numpy::Element>(&self, name: &str, values: Vec<T>) -> PyResult<()> {
-        self.dict
-            .set_item(name, PyArray1::from_vec(self.py, values))
+    fn num<T: numpy::Element + ColumnElement>(&self, name: &str, values: Vec<T>) -> PyResult<()> {
+        self.dict.set_item(name, pooled_array(self.py, values)?)
     }
 
     fn text(&self, name: &str, values: Vec<Option<String>>) -> PyResult<()> {
@@ -486,16 +516,16 @@ fn three_columns<'py, A, B, C>(
     names: [&str; 3],
 ) -> PyResult<Bound<'py, PyDict>>
 where
-    A: numpy::Element + Copy,
-    B: numpy::Element + Copy,
-    C: numpy::Element + Copy,
+    A: numpy::Element + ColumnElement,
+    B: numpy::Element + ColumnElement,
+    C: numpy::Element + ColumnElement,
 {
     let rows: usize = jobs.iter().map(|j| rows_of(j).len()).sum();
-    let (mut ser, mut pol) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+    let (mut ser, mut pol) = (backtest::take_column(rows), backtest::take_column(rows));
     let (mut a, mut b, mut c) = (
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
     );
     for job in jobs {
         for &(x, y, z) in rows_of(job) {
@@ -553,21 +583,22 @@ fn outputs<'py>(
 
     // fills
     let rows: usize = jobs.iter().map(|j| j.fills.len()).sum();
+    let float_rows = if floats { rows } else { 0 };
     let (mut ser, mut pol, mut trade, mut seq, mut reason) = (
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
     );
     let (mut time, mut side, mut price, mut qty, mut fee, mut pnl, mut r_move) = (
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(float_rows),
+        backtest::take_column(float_rows),
+        backtest::take_column(float_rows),
+        backtest::take_column(float_rows),
+        backtest::take_column(rows),
     );
     let mut texts: [Vec<Option<String>>; 6] = Default::default();
     let mut exact_fills = ExactColumns::new(if floats { 0 } else { rows });
@@ -633,15 +664,15 @@ fn outputs<'py>(
     if exact_mantissas_wanted {
         if let Some([price, quantity, fee, pnl]) = exact_fills.into_columns() {
             let [symbol, reason_text, kind] = fill_text;
-            let time = ScalarBuffer::from(time);
+            let time = pooled_values(time);
             let mut table = TableBuilder::new();
             text.add_to(&mut table, "symbol", symbol);
-            table.primitive::<UInt32Type>("trade", trade);
-            table.primitive::<UInt32Type>("sequence", seq);
+            table.primitive::<UInt32Type>("trade", pooled_values(trade));
+            table.primitive::<UInt32Type>("sequence", pooled_values(seq));
             text.add_to(&mut table, "kind", kind);
             text.add_to(&mut table, "reason", reason_text);
             table.utc_ms("time", time.clone());
-            table.primitive::<Int8Type>("side", side);
+            table.primitive::<Int8Type>("side", pooled_values(side));
             for (name, mantissas) in [
                 ("price", price),
                 ("quantity", quantity),
@@ -652,11 +683,12 @@ fn outputs<'py>(
                     .decimal(name, mantissas, EXACT_SCALE)
                     .map_err(table_error)?;
             }
-            table.primitive::<Float64Type>("r", r_move);
+            table.primitive::<Float64Type>("r", pooled_values(r_move));
             table.primitive::<Int64Type>("time_ms", time);
-            table.primitive::<UInt32Type>("series", ser);
-            table.primitive::<UInt32Type>("policy", pol);
+            table.primitive::<UInt32Type>("series", pooled_values(ser));
+            table.primitive::<UInt32Type>("policy", pooled_values(pol));
             fills_table = Some(table.finish().map_err(table_error)?);
+            backtest::give_column(reason); // read for the views only
         } else {
             fill_text.into_iter().for_each(backtest::give_bytes);
         }
@@ -692,30 +724,31 @@ fn outputs<'py>(
     }
     // trades: one pass, every column at once (the risk in USDT computed once per trade)
     let rows: usize = jobs.iter().map(|j| j.trades.len()).sum();
+    let float_rows = if floats { rows } else { 0 };
     let (mut ser, mut pol, mut trade, mut side) = (
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
     );
     let (mut entry_time, mut exit_time, mut entry_price, mut qty, mut initial_stop) = (
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(float_rows),
+        backtest::take_column(float_rows),
+        backtest::take_column(float_rows),
     );
     let (mut risk_price, mut risk_usd, mut pnl, mut fees, mut r_multiple) = (
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
+        backtest::take_column(float_rows),
+        backtest::take_column(rows),
+        backtest::take_column(float_rows),
+        backtest::take_column(float_rows),
+        backtest::take_column(rows),
     );
     let (mut confidence, mut reason, mut bars_held) = (
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
-        Vec::with_capacity(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
+        backtest::take_column(rows),
     );
     let mut texts: [Vec<Option<String>>; 6] = Default::default();
     let mut exact_trades = ExactColumns::new(if floats { 0 } else { rows });
@@ -791,14 +824,11 @@ fn outputs<'py>(
             exact_trades.into_columns()
         {
             let [symbol, reason_text] = trade_text;
-            let (entry_time, exit_time) = (
-                ScalarBuffer::from(entry_time),
-                ScalarBuffer::from(exit_time),
-            );
+            let (entry_time, exit_time) = (pooled_values(entry_time), pooled_values(exit_time));
             let mut table = TableBuilder::new();
             text.add_to(&mut table, "symbol", symbol);
-            table.primitive::<UInt32Type>("trade", trade);
-            table.primitive::<Int8Type>("side", side);
+            table.primitive::<UInt32Type>("trade", pooled_values(trade));
+            table.primitive::<Int8Type>("side", pooled_values(side));
             table.utc_ms("entry_time", entry_time.clone());
             table.utc_ms("exit_time", exit_time.clone());
             for (name, mantissas) in [
@@ -811,22 +841,23 @@ fn outputs<'py>(
                     .decimal(name, mantissas, EXACT_SCALE)
                     .map_err(table_error)?;
             }
-            table.primitive::<Float64Type>("risk_usd", risk_usd);
+            table.primitive::<Float64Type>("risk_usd", pooled_values(risk_usd));
             table
                 .decimal("pnl", pnl, EXACT_SCALE)
                 .map_err(table_error)?;
             table
                 .decimal("fees", fees, EXACT_SCALE)
                 .map_err(table_error)?;
-            table.primitive::<Float64Type>("r_multiple", r_multiple);
+            table.primitive::<Float64Type>("r_multiple", pooled_values(r_multiple));
             text.add_to(&mut table, "reason", reason_text);
-            table.primitive::<UInt32Type>("bars_held", bars_held);
-            table.primitive::<Float64Type>("confidence", confidence);
+            table.primitive::<UInt32Type>("bars_held", pooled_values(bars_held));
+            table.primitive::<Float64Type>("confidence", pooled_values(confidence));
             table.primitive::<Int64Type>("entry_time_ms", entry_time);
             table.primitive::<Int64Type>("exit_time_ms", exit_time);
-            table.primitive::<UInt32Type>("series", ser);
-            table.primitive::<UInt32Type>("policy", pol);
+            table.primitive::<UInt32Type>("series", pooled_values(ser));
+            table.primitive::<UInt32Type>("policy", pooled_values(pol));
             trades_table = Some(table.finish().map_err(table_error)?);
+            backtest::give_column(reason); // read for the views only
         } else {
             trade_text.into_iter().for_each(backtest::give_bytes);
         }
