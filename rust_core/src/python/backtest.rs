@@ -344,6 +344,17 @@ impl TextViews {
     }
 }
 
+/// A result table with its last columns: each row's series and policy.
+fn finish_keyed(
+    mut table: TableBuilder,
+    series: Vec<u32>,
+    policy: Vec<u32>,
+) -> PyResult<ArrowTable> {
+    table.primitive::<UInt32Type>("series", pooled_values(series));
+    table.primitive::<UInt32Type>("policy", pooled_values(policy));
+    table.finish().map_err(table_error)
+}
+
 /// The skipped entries as a table: series, policy, entry time, count, symbol and reason (a
 /// few rows: one per entry not taken, and one per reason only counted).
 fn skipped_table(jobs: &[JobOutput], text: &TextViews) -> PyResult<ArrowTable> {
@@ -496,6 +507,14 @@ impl<'py> Columns<'py> {
             py,
             dict: PyDict::new(py),
         }
+    }
+
+    /// A table's builder with its first columns: each row's series and policy.
+    fn keyed(py: Python<'py>, series: Vec<u32>, policy: Vec<u32>) -> PyResult<Self> {
+        let columns = Self::new(py);
+        columns.num("series", series)?;
+        columns.num("policy", policy)?;
+        Ok(columns)
     }
 
     fn num<T: numpy::Element + ColumnElement>(&self, name: &str, values: Vec<T>) -> PyResult<()> {
@@ -685,17 +704,13 @@ fn outputs<'py>(
             }
             table.primitive::<Float64Type>("r", pooled_values(r_move));
             table.primitive::<Int64Type>("time_ms", time);
-            table.primitive::<UInt32Type>("series", pooled_values(ser));
-            table.primitive::<UInt32Type>("policy", pooled_values(pol));
-            fills_table = Some(table.finish().map_err(table_error)?);
+            fills_table = Some(finish_keyed(table, ser, pol)?);
             backtest::give_column(reason); // read for the views only
         } else {
             fill_text.into_iter().for_each(backtest::give_bytes);
         }
     } else {
-        let fills = Columns::new(py);
-        fills.num("series", ser)?;
-        fills.num("policy", pol)?;
+        let fills = Columns::keyed(py, ser, pol)?;
         fills.num("trade", trade)?;
         fills.num("sequence", seq)?;
         fills.num("reason_code", reason)?;
@@ -854,17 +869,13 @@ fn outputs<'py>(
             table.primitive::<Float64Type>("confidence", pooled_values(confidence));
             table.primitive::<Int64Type>("entry_time_ms", entry_time);
             table.primitive::<Int64Type>("exit_time_ms", exit_time);
-            table.primitive::<UInt32Type>("series", pooled_values(ser));
-            table.primitive::<UInt32Type>("policy", pooled_values(pol));
-            trades_table = Some(table.finish().map_err(table_error)?);
+            trades_table = Some(finish_keyed(table, ser, pol)?);
             backtest::give_column(reason); // read for the views only
         } else {
             trade_text.into_iter().for_each(backtest::give_bytes);
         }
     } else {
-        let cols = Columns::new(py);
-        cols.num("series", ser)?;
-        cols.num("policy", pol)?;
+        let cols = Columns::keyed(py, ser, pol)?;
         cols.num("trade", trade)?;
         cols.num("side", side)?;
         cols.num("entry_time_ms", entry_time)?;
