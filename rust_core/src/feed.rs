@@ -1889,10 +1889,14 @@ mod property_tests {
             edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..4)
         ) {
             let data = mutate(SAMPLE.as_bytes(), &edits);
-            if let Some(got) = ours(&data) {
+            if let Some(mut got) = ours(&data) {
                 let expected = reference(&data);
                 prop_assert!(expected.is_some(), "accepted what serde_json rejects: {:?}", String::from_utf8_lossy(&data));
-                let expected = expected.unwrap_or_default();
+                let mut expected = expected.unwrap_or_default();
+                // A batch keeps the message order per symbol, not across symbols (updates
+                // whose symbol had escapes come last): compare symbol by symbol.
+                got.sort_by(|a, b| a.0.cmp(&b.0));
+                expected.sort_by(|a, b| a.0.cmp(&b.0));
                 // Prices compare as decimals (ours keep the written scale).
                 prop_assert_eq!(got.len(), expected.len());
                 for (g, e) in got.iter().zip(&expected) {
