@@ -26,14 +26,26 @@ use pyo3::types::PyCapsule;
 
 use crate::backtest::{self, ColumnElement, PooledColumn};
 
-/// A byte buffer of the backtest's pool, given back to it when Arrow drops its last
-/// reference: the next run writes into pages it already has instead of faulting in new ones.
-struct Pooled(Vec<u8>);
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        backtest::give_bytes(std::mem::take(&mut self.0));
+/// A result column's vector as an Arrow buffer without a copy: the vector goes back to its
+/// pool when Arrow drops its last reference, so the next run writes into pages it already
+/// has instead of faulting in new ones.
+fn pooled_buffer<T: ColumnElement>(values: Vec<T>) -> Buffer {
+    let bytes = values.len() * std::mem::size_of::<T>();
+    let owner = Arc::new(PooledColumn(values));
+    let start = NonNull::new(owner.0.as_ptr().cast_mut()).unwrap_or(NonNull::dangling());
+    #[allow(unsafe_code)]
+    // SAFETY: `start` points to `bytes` initialized bytes (aligned for `T`: a `Vec`'s
+    // memory, or a dangling aligned pointer for none) owned by `owner`, which the buffer
+    // keeps alive and which nothing writes again.
+    unsafe {
+        Buffer::from_custom_allocation(start.cast(), bytes, owner)
     }
+}
+
+/// A result column's values as an Arrow buffer (see [`pooled_buffer`]).
+pub(super) fn pooled_values<T: ColumnElement + ArrowNativeType>(values: Vec<T>) -> ScalarBuffer<T> {
+    let len = values.len();
+    ScalarBuffer::new(pooled_buffer(values), 0, len)
 }
 
 /// The bytes as an Arrow buffer of 16-byte values (`decimal128` mantissas or string views):
@@ -45,34 +57,7 @@ fn buffer16(bytes: Vec<u8>) -> Buffer {
         backtest::give_bytes(bytes);
         return copy;
     }
-    let len = bytes.len();
-    let owner = Arc::new(Pooled(bytes));
-    let Some(start) = NonNull::new(owner.0.as_ptr().cast_mut()) else {
-        return Buffer::from_vec(Vec::<u128>::new());
-    };
-    #[allow(unsafe_code)]
-    // SAFETY: `start` points to `len` initialized bytes owned by `owner`, which the buffer
-    // keeps alive; nothing writes them again (the vector is only given back to the pool
-    // when the owner drops, after the last Arrow reference).
-    unsafe {
-        Buffer::from_custom_allocation(start, len, owner)
-    }
-}
-
-/// A result column's values as an Arrow buffer without a copy; the vector goes back to its
-/// pool when Arrow drops its last reference.
-pub(super) fn pooled_values<T: ColumnElement + ArrowNativeType>(values: Vec<T>) -> ScalarBuffer<T> {
-    let len = values.len();
-    let owner = Arc::new(PooledColumn(values));
-    let start = NonNull::new(owner.0.as_ptr().cast_mut()).unwrap_or(NonNull::dangling());
-    #[allow(unsafe_code)]
-    // SAFETY: `start` points to `len` initialized values of `T` (aligned for `T`: a `Vec`'s
-    // memory, or a dangling aligned pointer for none) owned by `owner`, which the buffer
-    // keeps alive and which nothing writes again.
-    let buffer = unsafe {
-        Buffer::from_custom_allocation(start.cast(), len * std::mem::size_of::<T>(), owner)
-    };
-    ScalarBuffer::new(buffer, 0, len)
+    pooled_buffer(bytes)
 }
 
 /// The columns of one table, in order, and then the table.

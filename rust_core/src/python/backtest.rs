@@ -410,7 +410,7 @@ fn look_up_views(column: &mut Vec<u8>, codes: &[u8], view: impl Fn(u8) -> [u8; 1
 /// faulting in fresh ones.
 #[pyclass(frozen, module = "pyquant._core")]
 pub struct PooledBytes {
-    bytes: Vec<u8>,
+    bytes: PooledColumn<u8>,
 }
 
 // The buffer protocol is `unsafe` by its signature (a raw view from the interpreter); the
@@ -419,7 +419,7 @@ pub struct PooledBytes {
 #[pymethods]
 impl PooledBytes {
     fn __len__(&self) -> usize {
-        self.bytes.len()
+        self.bytes.0.len()
     }
 
     /// # Safety
@@ -432,7 +432,7 @@ impl PooledBytes {
         view: *mut pyo3::ffi::Py_buffer,
         flags: std::os::raw::c_int,
     ) -> PyResult<()> {
-        let bytes = &slf.get().bytes;
+        let bytes = &slf.get().bytes.0;
         let length = isize::try_from(bytes.len())
             .map_err(|_| pyo3::exceptions::PyBufferError::new_err("buffer too large"))?;
         // SAFETY: `view` is valid (see above); `PyBuffer_FillInfo` takes a reference to
@@ -451,12 +451,6 @@ impl PooledBytes {
             return Err(PyErr::fetch(slf.py()));
         }
         Ok(())
-    }
-}
-
-impl Drop for PooledBytes {
-    fn drop(&mut self) {
-        backtest::give_bytes(std::mem::take(&mut self.bytes));
     }
 }
 
@@ -571,7 +565,7 @@ fn outputs<'py>(
     series: &[SeriesInput<'_>],
     rules: &ExchangeRules,
     detail: bool,
-    exact_mantissas_wanted: bool,
+    as_tables: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let result = PyDict::new(py);
     result.set_item("reason_names", PyList::new(py, REASONS)?)?;
@@ -589,11 +583,9 @@ fn outputs<'py>(
         .map(|s| rules.symbol(&s.symbol))
         .collect::<Result<_, _>>()?;
     // The float copies of the exact columns, unless the tables come with their mantissas.
-    let floats = !exact_mantissas_wanted;
-    // With the mantissas (the API's default) the text columns come as Arrow views too.
+    let floats = !as_tables;
     let names: Vec<&str> = series.iter().map(|s| s.symbol.as_str()).collect();
     let text = TextViews::new(&names);
-    let views = exact_mantissas_wanted;
     // The reason code of an entry fill: its kind is `entry`, every other fill's `exit`.
     let entry = REASONS
         .iter()
@@ -621,7 +613,7 @@ fn outputs<'py>(
     );
     let mut texts: [Vec<Option<String>>; 6] = Default::default();
     let mut exact_fills = ExactColumns::new(if floats { 0 } else { rows });
-    let view_rows = if views { rows } else { 0 };
+    let view_rows = if as_tables { rows } else { 0 };
     let mut fill_text = [
         TextViews::column(view_rows),
         TextViews::column(view_rows),
@@ -629,7 +621,7 @@ fn outputs<'py>(
     ];
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
-        if views {
+        if as_tables {
             repeat_view(
                 &mut fill_text[0],
                 text.symbols[job.series as usize],
@@ -667,7 +659,7 @@ fn outputs<'py>(
             }
         }
     }
-    if views {
+    if as_tables {
         // The reason and kind views from the reason codes just written (hot in cache): two
         // tight loops of stores, where three more stores per row slowed the row pass.
         look_up_views(&mut fill_text[1], &reason, |code| {
@@ -680,7 +672,7 @@ fn outputs<'py>(
     // With the mantissas the fills and trades come as Arrow tables in their final columns
     // (None when a value had no mantissa: the caller asks for the decimal text).
     let mut fills_table = None;
-    if exact_mantissas_wanted {
+    if as_tables {
         if let Some([price, quantity, fee, pnl]) = exact_fills.into_columns() {
             let [symbol, reason_text, kind] = fill_text;
             let time = pooled_values(time);
@@ -767,11 +759,11 @@ fn outputs<'py>(
     );
     let mut texts: [Vec<Option<String>>; 6] = Default::default();
     let mut exact_trades = ExactColumns::new(if floats { 0 } else { rows });
-    let view_rows = if views { rows } else { 0 };
+    let view_rows = if as_tables { rows } else { 0 };
     let mut trade_text = [TextViews::column(view_rows), TextViews::column(view_rows)];
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
-        if views {
+        if as_tables {
             repeat_view(
                 &mut trade_text[0],
                 text.symbols[job.series as usize],
@@ -828,13 +820,13 @@ fn outputs<'py>(
             }
         }
     }
-    if views {
+    if as_tables {
         look_up_views(&mut trade_text[1], &reason, |code| {
             text.reasons[usize::from(code)]
         });
     }
     let mut trades_table = None;
-    if exact_mantissas_wanted {
+    if as_tables {
         if let Some([entry_price, quantity, initial_stop, risk_price, pnl, fees]) =
             exact_trades.into_columns()
         {
@@ -907,7 +899,7 @@ fn outputs<'py>(
         result.set_item("trades", cols.dict)?;
         trade_text.into_iter().for_each(backtest::give_bytes);
     }
-    if exact_mantissas_wanted {
+    if as_tables {
         let tables = match (fills_table, trades_table) {
             (Some(fills), Some(trades)) => {
                 let tables = PyDict::new(py);
@@ -1347,7 +1339,12 @@ fn py_backtest_entry_keys<'py>(
     let chunks = entry_chunks(&pieces)?;
     let keys = py.detach(|| entry_keys(&chunks, &symbols))?;
     Ok((
-        Bound::new(py, PooledBytes { bytes: keys.side })?,
+        Bound::new(
+            py,
+            PooledBytes {
+                bytes: PooledColumn(keys.side),
+            },
+        )?,
         keys.bad_side,
         keys.runs,
         keys.runs_in_time_order,
