@@ -341,6 +341,7 @@ fn bench_backtest_dense(c: &mut Criterion) {
         one_position_per_symbol: true,
         detail: false,
         exhaustive: false,
+        columns: None,
     };
     let every_mark = BacktestOptions {
         exhaustive: true,

@@ -413,17 +413,23 @@ pub fn decimal_to_f64(value: Decimal) -> f64 {
 #[allow(clippy::inline_always)]
 #[inline(always)]
 pub fn decimal_to_f64_fast(value: Decimal) -> f64 {
+    small_mantissa_to_f64(value.mantissa(), value.scale())
+        .unwrap_or_else(|| decimal_to_f64_long(value))
+}
+
+/// `mantissa / 10^scale` correctly rounded, when one division gives it: a mantissa below
+/// 2^53 with at most 22 decimals (both operands exact doubles). The value alone decides
+/// the result, whichever of its representations is given (the fast path of
+/// [`decimal_to_f64_fast`]).
+#[allow(clippy::inline_always)] // see `decimal_to_f64_fast`
+#[inline(always)]
+pub fn small_mantissa_to_f64(mantissa: i128, scale: u32) -> Option<f64> {
     const POW10: [f64; 23] = [
         1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
         1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
     ];
-    let mantissa = value.mantissa();
-    let scale = value.scale() as usize;
-    if mantissa.unsigned_abs() < (1u128 << 53) && scale < POW10.len() {
-        mantissa as i64 as f64 / POW10[scale]
-    } else {
-        decimal_to_f64_long(value)
-    }
+    let power = POW10.get(scale as usize)?;
+    (mantissa.unsigned_abs() < (1u128 << 53)).then(|| mantissa as i64 as f64 / power)
 }
 
 #[cold]

@@ -254,3 +254,48 @@ def test_long_symbol_names_and_chunked_calls_equal_the_decimal_text(
         assert result.skipped.equals(slow.skipped)
     kinds = fast.fills.group_by("kind").agg(pl.col("reason").unique())
     assert dict(zip(kinds["kind"], kinds["reason"].to_list(), strict=True))["entry"] == ["entry"]
+
+
+def test_float_columns_written_while_booking_equal_those_of_the_rows(rules, real_klines):
+    # Without detail the integer replay writes the core's float columns as it books each
+    # fill and trade; with detail they come from its decimal rows. Bit for bit the same, on
+    # every real symbol, over several jobs (two policies) and over one (one symbol).
+    policies = [_core.ExitPolicy(**EXAMPLE_POLICY), _core.ExitPolicy.preset("standard")]
+    symbols = [frame["symbol"][0] for frame in real_klines]
+    entries = pl.concat(
+        pl.DataFrame(
+            {
+                "time_ms": frame["open_time"].gather_every(3),
+                "symbol": frame["symbol"][0],
+                "side": np.where(
+                    np.arange(len(frame["open_time"].gather_every(3))) % 2, "SELL", "BUY"
+                ),
+                "confidence": 0.6,
+            }
+        )
+        for frame in real_klines
+    )
+    intents, one = bt_running._entries_for(real_klines, entries, None)
+    series = [s.arrays for s in bt_running._series_inputs(real_klines, symbols, intents, None)]
+    for jobs_series, jobs_policies in ((series, policies), (series[:1], policies[:1])):
+        raw = {
+            detail: _core.backtest_run(
+                jobs_series,
+                jobs_policies,
+                rules,
+                **bt_running._core_options(bt.BacktestConfig(), one, detail=detail),
+            )
+            for detail in (False, True)
+        }
+        for table in ("fills", "trades"):
+            direct, from_rows = raw[False][table], raw[True][table]
+            assert direct["trade"].size > 1_000
+            for name, column in direct.items():
+                expected = from_rows[name]
+                assert column.dtype == expected.dtype, (table, name)
+                # Floats by their bits: NaN equals NaN, and -0.0 differs from 0.0.
+                as_bits = column.view(np.uint64) if column.dtype == np.float64 else column
+                expected_bits = (
+                    expected.view(np.uint64) if expected.dtype == np.float64 else expected
+                )
+                assert np.array_equal(as_bits, expected_bits), (table, name)

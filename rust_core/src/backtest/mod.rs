@@ -59,6 +59,7 @@
 //! - `ticks`: a position's exit rules over ticks and lot units;
 //! - `scan`: the vectorized scans of the quiet sweep over bar prices;
 //! - `money`: fees and `PnL` as integer mantissas;
+//! - `columns`: fills and trades as result columns (floats or exact mantissas);
 //! - `tick_replay`: one job the integer way (the default);
 //! - `replay`: one job the decimal way, every mark through the state machine (the
 //!   reference, `exhaustive`);
@@ -73,6 +74,9 @@ use crate::exit::policy::ExitPolicy;
 use crate::fixed::Decimal;
 use crate::rules::ExchangeRules;
 
+pub use self::columns::{
+    Amounts, ColumnForm, FillColumns, ResultColumns, TradeColumns, EXACT_SCALE,
+};
 use self::exit_api::{atr_key, new_position};
 use self::prepare::prepare;
 use self::replay::Job;
@@ -412,6 +416,9 @@ pub struct BacktestOptions {
     /// (see "Integers, and the decimal reference"); slower, the reference the tests hold
     /// the default integer replay to.
     pub exhaustive: bool,
+    /// The fills and trades as result columns of this form ([`JobOutput::columns`]) instead
+    /// of rows; without detail the integer replay writes them as it books.
+    pub columns: Option<ColumnForm>,
 }
 
 /// Every reason a fill or a skipped entry can carry, by code.
@@ -519,6 +526,9 @@ pub struct JobOutput {
     /// The job ran the decimal way: asked for (`exhaustive`), or the integers could not
     /// hold it.
     pub decimal: bool,
+    /// The fills and trades as columns, when `BacktestOptions::columns` asked for them
+    /// (`fills` and `trades` are then empty).
+    pub columns: Option<ResultColumns>,
 }
 
 static SPARE_FILLS: Spare<Fill> = Spare::new();
@@ -538,6 +548,7 @@ impl Default for JobOutput {
             evaluations: 0,
             quiet_bars: 0,
             decimal: false,
+            columns: None,
         }
     }
 }
@@ -589,6 +600,11 @@ impl ColumnElement for u8 {
     }
 }
 
+/// The largest spare result column, for values of unknown number.
+pub(crate) fn take_largest_column<T: ColumnElement>() -> Vec<T> {
+    T::spare().take_largest()
+}
+
 /// An empty result column with room for `n` values, from its pool.
 #[cfg_attr(not(feature = "python"), allow(dead_code))]
 pub(crate) fn take_column<T: ColumnElement>(n: usize) -> Vec<T> {
@@ -619,9 +635,13 @@ pub fn recycle(jobs: Vec<JobOutput>) {
         SPARE_FILLS.give(job.fills);
         SPARE_TRADES.give(job.trades);
         SPARE_STOPS.give(job.stops);
+        if let Some(columns) = job.columns {
+            columns.give_back();
+        }
     }
 }
 
+mod columns;
 mod exit_api;
 mod money;
 mod path;
@@ -680,11 +700,19 @@ pub fn run(
         let ticks = (!options.exhaustive)
             .then(|| TickJob::new(p, policy, options, atr, Record::new(i, j)))
             .and_then(|job| job.and_then(TickJob::run).ok());
-        ticks.unwrap_or_else(|| {
+        let mut out = ticks.unwrap_or_else(|| {
             let mut record = Record::new(i, j);
             record.out.decimal = true;
             Job::new(p, policy, options, atr, record).run()
-        })
+        });
+        if let (Some(form), None) = (options.columns, &out.columns) {
+            out.columns = Some(ResultColumns::from_rows(&out.fills, &out.trades, form));
+            if !options.detail {
+                out.fills.clear();
+                out.trades.clear();
+            }
+        }
+        out
     };
     Ok(if jobs.len() == 1 {
         jobs.iter().map(run_one).collect()

@@ -77,7 +77,8 @@ impl Money {
     }
 
     /// `rate * price * quantity` rounded half away from zero to 8 decimals, at `scale`.
-    #[inline]
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     pub(super) fn fee(
         self,
         rate: Rate,

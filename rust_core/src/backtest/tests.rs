@@ -40,6 +40,7 @@ fn options() -> BacktestOptions {
         one_position_per_symbol: false,
         detail: true,
         exhaustive: false,
+        columns: None,
     }
 }
 
@@ -1088,6 +1089,25 @@ proptest::proptest! {
                 proptest::prop_assert!(!a.decimal, "{}", symbol_rules.symbol);
                 let (x, y) = (job_view(a), job_view(b));
                 proptest::prop_assert!(x == y, "{}: {}", symbol_rules.symbol, first_difference(&x, &y));
+            }
+            // The columns the integer replay writes as it books are those of the decimal
+            // replay's rows, bit for bit (Debug prints each float's shortest exact form).
+            for form in [ColumnForm::Floats, ColumnForm::Exact] {
+                let direct_options = BacktestOptions {
+                    columns: Some(form),
+                    detail: false,
+                    ..fast_options.clone()
+                };
+                let direct = run(std::slice::from_ref(&input), &policies, &rules, &direct_options).unwrap();
+                for (a, b) in direct.iter().zip(&slow) {
+                    proptest::prop_assert!(!a.decimal && a.fills.is_empty() && a.trades.is_empty());
+                    let expected = ResultColumns::from_rows(&b.fills, &b.trades, form);
+                    proptest::prop_assert_eq!(
+                        format!("{:?}", a.columns),
+                        format!("{:?}", Some(expected)),
+                        "{} {:?}", symbol_rules.symbol, form
+                    );
+                }
             }
         }
     }

@@ -11,6 +11,7 @@
 
 use crate::exit::policy::ExitPolicy;
 
+use super::columns::{Amount, FillFacts, ResultColumns, TradeFacts};
 use super::exit_api::{new_position, reason_of};
 use super::money::{Money, Rate};
 use super::path::{bar_path, Point};
@@ -45,6 +46,21 @@ struct TickOpen {
     sequence: u32,
 }
 
+impl TickOpen {
+    /// The trade's facts when it closes at `exit_time_ms` for `exit_reason`.
+    fn trade_facts(&self, exit_time_ms: i64, exit_reason: u8) -> TradeFacts {
+        TradeFacts {
+            trade: self.trade,
+            direction: self.direction,
+            entry_time_ms: self.entry_time_ms,
+            exit_time_ms,
+            confidence: self.confidence,
+            exit_reason,
+            bars_held: self.bars_held,
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct AmountDecimals {
     entry_fee: u32,
@@ -66,6 +82,12 @@ impl AmountDecimals {
             trade_fees: entry_fee.max(exit_fee),
         }
     }
+}
+
+/// `to_f64` of the price with grid mantissa `mantissa`, without building its decimal.
+fn price_float(mantissa: i128, scale: u32) -> f64 {
+    crate::fixed::small_mantissa_to_f64(mantissa, scale)
+        .unwrap_or_else(|| to_f64(crate::fixed::Decimal::from_i128_with_scale(mantissa, scale)))
 }
 
 pub(super) struct TickJob<'a> {
@@ -101,6 +123,12 @@ impl<'a> TickJob<'a> {
         atr: &'a [f64],
         record: Record,
     ) -> Result<Self, Unrepresentable> {
+        let mut record = record;
+        // Without detail the columns asked for are written as fills book, not from rows.
+        record.out.columns = options
+            .columns
+            .filter(|_| !options.detail)
+            .map(ResultColumns::new);
         let rules = TickRules::new(p.grid, p.rules, policy, p.band)?;
         let money = Money::new(p.grid.scale, rules.qty.scale)?;
         let (entry, exit) = (Rate::new(entry_rate(options)), Rate::new(options.taker_fee));
@@ -161,25 +189,60 @@ impl<'a> TickJob<'a> {
             open.position.side,
         )?;
         let pnl = money.add(gross, -fee)?;
-        let price_decimal = grid.price(price);
         let (entry_f, sign_f, risk_f) = open.r_floats;
         let r = if open.initial_stop == open.position.entry {
             0.0
         } else {
             // A float column for analysis: the exact move is price - entry in the fills.
-            (to_f64(price_decimal) - entry_f) * sign_f / risk_f
+            (price_float(price_mantissa, grid.scale) - entry_f) * sign_f / risk_f
         };
         open.remaining -= quantity;
         open.pnl = money.add(open.pnl, pnl)?;
         open.fees = money.add(open.fees, fee)?;
         let out = &mut self.record.out;
+        if let Some(columns) = &mut out.columns {
+            let facts = FillFacts {
+                trade: open.trade,
+                sequence,
+                reason,
+                time_ms,
+                direction: open.direction,
+                r,
+            };
+            let (scale, qty_scale) = (money.scale, self.rules.qty.scale);
+            columns.fills.push(
+                &facts,
+                [
+                    Amount::new(price_mantissa, grid.scale),
+                    Amount::new(quantity, qty_scale),
+                    Amount::written(fee, scale, self.decimals.exit_fee),
+                    Amount::written(pnl, scale, self.decimals.exit_pnl),
+                ],
+            )?;
+            if open.remaining > 0 {
+                return Ok(false);
+            }
+            let (entry, stop) = (open.position.entry, open.initial_stop);
+            columns.trades.push(
+                &open.trade_facts(time_ms, reason),
+                [
+                    Amount::new(grid.base + i128::from(entry) * grid.step, grid.scale),
+                    Amount::new(open.quantity, qty_scale),
+                    Amount::new(grid.base + i128::from(stop) * grid.step, grid.scale),
+                    Amount::new(i128::from(entry.abs_diff(stop)) * grid.step, grid.scale),
+                    Amount::written(open.pnl, scale, self.decimals.trade_pnl),
+                    Amount::written(open.fees, scale, self.decimals.trade_fees),
+                ],
+            )?;
+            return Ok(true);
+        }
         out.fills.push(Fill {
             trade: open.trade,
             sequence,
             reason,
             time_ms,
             direction: open.direction,
-            price: price_decimal,
+            price: grid.price(price),
             quantity: self.rules.qty.decimal(quantity)?,
             fee: money.decimal_with(fee, self.decimals.exit_fee)?,
             pnl: money.decimal_with(pnl, self.decimals.exit_pnl)?,
@@ -396,7 +459,6 @@ impl Replay for TickJob<'_> {
     fn enter(&mut self, entry: &Entry, i: usize) -> Result<(), Unrepresentable> {
         let p = self.p;
         let open_tick = p.bars.get(i)[0];
-        let price = p.grid.price(open_tick);
         let Some(units) = self.entry_units(entry, open_tick)? else {
             return Ok(());
         };
@@ -408,11 +470,14 @@ impl Replay for TickJob<'_> {
             return Ok(());
         };
         self.next_trade += 1;
-        let quantity = self.rules.qty.decimal(units)?;
         let entry_price = self.mantissa(open_tick);
         let fee = self.money.fee(self.entry_rate, entry_price, units)?;
-        let risk = p.grid.distance(open_tick, slot.position.stop);
-        let r_floats = (to_f64(price), to_f64(entry.direction.sign()), to_f64(risk));
+        let risk = i128::from(open_tick.abs_diff(slot.position.stop)) * p.grid.step;
+        let r_floats = (
+            price_float(entry_price, p.grid.scale),
+            to_f64(entry.direction.sign()),
+            price_float(risk, p.grid.scale),
+        );
         let out = &mut self.record.out;
         if self.options.detail {
             for (k, &level) in slot.position.levels.iter().enumerate() {
@@ -421,19 +486,40 @@ impl Replay for TickJob<'_> {
             }
         }
         let pnl = self.money.add(0, -fee)?;
-        out.fills.push(Fill {
-            trade,
-            sequence: 0,
-            reason: ENTRY,
-            time_ms,
-            direction: entry.direction,
-            price,
-            quantity,
-            fee: self.money.decimal_with(fee, self.decimals.entry_fee)?,
-            pnl: self.money.decimal_with(pnl, self.decimals.entry_fee)?,
-            r: 0.0,
-            trigger: None,
-        });
+        if let Some(columns) = &mut out.columns {
+            let facts = FillFacts {
+                trade,
+                sequence: 0,
+                reason: ENTRY,
+                time_ms,
+                direction: entry.direction,
+                r: 0.0,
+            };
+            let (scale, decimals) = (self.money.scale, self.decimals.entry_fee);
+            columns.fills.push(
+                &facts,
+                [
+                    Amount::new(entry_price, p.grid.scale),
+                    Amount::new(units, self.rules.qty.scale),
+                    Amount::written(fee, scale, decimals),
+                    Amount::written(pnl, scale, decimals),
+                ],
+            )?;
+        } else {
+            out.fills.push(Fill {
+                trade,
+                sequence: 0,
+                reason: ENTRY,
+                time_ms,
+                direction: entry.direction,
+                price: p.grid.price(open_tick),
+                quantity: self.rules.qty.decimal(units)?,
+                fee: self.money.decimal_with(fee, self.decimals.entry_fee)?,
+                pnl: self.money.decimal_with(pnl, self.decimals.entry_fee)?,
+                r: 0.0,
+                trigger: None,
+            });
+        }
         // Every field named (no `..`): a field added later cannot be left from the
         // position this box held before.
         let TickOpen {

@@ -180,6 +180,8 @@ impl<'a> TickRules<'a> {
     }
 
     /// `remainder` units at the price of tick `k` are below `MIN_NOTIONAL`.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn below_min_notional(&self, remainder: i128, k: i64) -> Result<bool, Unrepresentable> {
         let price = self.grid.base + i128::from(k) * self.grid.step;
         if let (Some(notional), Some(minimum)) = (mul(remainder, price), self.min_notional) {
@@ -251,6 +253,8 @@ impl Factor {
     /// `(q, r, d)` with `self * numerator = q * d + r` and `d = denominator * 10^scale`, for
     /// positive operands, when every product the decimal path forms on the way (`self *
     /// numerator * unit`, with `unit_scale` decimals) stays exact (96 bits, 28 decimals).
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn quotient(
         self,
         numerator: i128,
@@ -291,6 +295,8 @@ impl Factor {
 
     /// `ceil(self * numerator / denominator)` (see [`Factor::quotient`]), when it fits the
     /// tick range.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn ceil_times(
         self,
         numerator: i128,
@@ -305,6 +311,8 @@ impl Factor {
     /// `floor(self * numerator / denominator)` (see [`Factor::quotient`]). With `rounded`,
     /// the decimal path divides too (to 28 digits), so a quotient within 1e-20 (relative)
     /// of an integer without being one is left to it.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn floor_times(
         self,
         numerator: i128,
@@ -724,6 +732,8 @@ impl TickPosition {
 
     /// The trailing activation, the time stop's threshold and the breakeven stop of an
     /// opening (see [`TickPosition::open`]); false when a product leaves the exact range.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn open_thresholds(
         &mut self,
         price: i128,

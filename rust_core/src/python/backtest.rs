@@ -15,18 +15,18 @@ use arrow_array::types::{Float64Type, Int64Type, Int8Type, UInt32Type};
 use arrow_array::{Array, ArrayRef};
 use arrow_buffer::Buffer;
 use numpy::{PyArray1, PyReadonlyArray1};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::backtest::{
-    self, to_f64, BacktestOptions, Bars, ColumnElement, Direction, Entries, Intrabar, JobOutput,
-    PooledColumn, SeriesInput, REASONS,
+    self, Amounts, BacktestOptions, Bars, ColumnElement, ColumnForm, Direction, Entries, Intrabar,
+    JobOutput, PooledColumn, ResultColumns, SeriesInput, EXACT_SCALE, REASONS,
 };
 use crate::error::CoreError;
 use crate::exit::policy::ExitPolicy;
-use crate::fixed::{decimal128_mantissa, parse_decimal, Decimal};
-use crate::rules::ExchangeRules;
+use crate::fixed::{parse_decimal, Decimal};
+use crate::rules::{ExchangeRules, SymbolRules};
 
 use super::arrow_io::{pooled_values, read_chunks, table_error, ArrowTable, TableBuilder};
 use super::engine::PyExitPolicy;
@@ -236,56 +236,6 @@ fn series_arrays<'py>(dict: &Bound<'py, PyDict>) -> PyResult<SeriesArrays<'py>> 
         entries,
         notional,
     })
-}
-
-/// Decimals of the exact result columns (`pyquant.backtest.EXACT`, `Decimal(38, 12)`).
-const EXACT_SCALE: u32 = 12;
-
-/// The `N` exact columns of one table, filled row by row, each as the mantissas of its
-/// values at 12 decimals, 16 bytes little-endian each: Arrow's `decimal128(38, 12)`
-/// layout, which becomes an Arrow column without a copy. A column with a value beyond
-/// [`decimal128_mantissa`] is `None`.
-///
-/// Filled in the same pass over the rows as the other columns: a fill or trade row is
-/// over a hundred bytes, and a pass of its own read the whole table from memory again.
-struct ExactColumns<const N: usize> {
-    columns: [Option<Vec<u8>>; N],
-}
-
-impl<const N: usize> ExactColumns<N> {
-    fn new(rows: usize) -> Self {
-        Self {
-            columns: std::array::from_fn(|_| Some(backtest::take_bytes(rows * 16))),
-        }
-    }
-
-    #[inline]
-    fn push(&mut self, values: [Decimal; N]) {
-        for (column, value) in self.columns.iter_mut().zip(values) {
-            if let Some(bytes) = column {
-                if let Some(mantissa) = decimal128_mantissa(value, EXACT_SCALE) {
-                    bytes.extend_from_slice(&mantissa.to_le_bytes());
-                } else {
-                    backtest::give_bytes(std::mem::take(bytes));
-                    *column = None;
-                }
-            }
-        }
-    }
-
-    /// The columns' mantissas, or None when a value of some column had none (its bytes
-    /// are given back).
-    fn into_columns(self) -> Option<[Vec<u8>; N]> {
-        if self.columns.iter().all(Option::is_some) {
-            Some(self.columns.map(Option::unwrap_or_default))
-        } else {
-            self.columns
-                .into_iter()
-                .flatten()
-                .for_each(backtest::give_bytes);
-            None
-        }
-    }
 }
 
 /// The text columns of a result (symbol, reason, kind) as Arrow `string_view` arrays, which
@@ -558,10 +508,101 @@ where
     Ok(cols.dict)
 }
 
+/// One result column of every job, in job order: the one job's own vector when only one
+/// has rows (handed over without a copy), else their values one after another.
+fn gather<'a, T: ColumnElement>(parts: impl Iterator<Item = &'a mut Vec<T>>) -> Vec<T> {
+    let mut parts: Vec<&mut Vec<T>> = parts.filter(|part| !part.is_empty()).collect();
+    match parts.as_mut_slice() {
+        [] => Vec::new(),
+        [only] => std::mem::take(*only),
+        many => {
+            let rows = many.iter().map(|part| part.len()).sum();
+            let mut column = backtest::take_column(rows);
+            for part in many {
+                column.extend_from_slice(part);
+            }
+            column
+        }
+    }
+}
+
+/// The amount columns of every job (see [`gather`]); exact ones are `None` when a job's are.
+enum GatheredAmounts<const N: usize> {
+    Floats([Vec<f64>; N]),
+    Exact(Option<[Vec<u8>; N]>),
+}
+
+fn gather_amounts<'a, const N: usize>(
+    parts: impl Iterator<Item = &'a mut Amounts<N>>,
+) -> PyResult<GatheredAmounts<N>> {
+    let mismatch = || PyRuntimeError::new_err("backtest: jobs returned columns of two forms");
+    let parts: Vec<&mut Amounts<N>> = parts.collect();
+    if parts.iter().all(|part| matches!(part, Amounts::Floats(_))) {
+        let mut floats: Vec<&mut [Vec<f64>; N]> = parts
+            .into_iter()
+            .filter_map(|part| match part {
+                Amounts::Floats(columns) => Some(columns),
+                Amounts::Exact(_) => None,
+            })
+            .collect();
+        return Ok(GatheredAmounts::Floats(std::array::from_fn(|k| {
+            gather(floats.iter_mut().map(|columns| &mut columns[k]))
+        })));
+    }
+    let mut exact: Vec<&mut [Vec<u8>; N]> = Vec::with_capacity(parts.len());
+    for part in parts {
+        match part {
+            Amounts::Exact(Some(columns)) => exact.push(columns),
+            Amounts::Exact(None) => return Ok(GatheredAmounts::Exact(None)),
+            Amounts::Floats(_) => return Err(mismatch()),
+        }
+    }
+    Ok(GatheredAmounts::Exact(Some(std::array::from_fn(|k| {
+        gather(exact.iter_mut().map(|columns| &mut columns[k]))
+    }))))
+}
+
+/// The exact text columns of the fills (detail): price, quantity, fee, `PnL`, trigger and
+/// mark price, from the rows every job keeps with detail.
+fn fill_texts(jobs: &[JobOutput], symbol_rules: &[&SymbolRules]) -> [Vec<Option<String>>; 6] {
+    let mut texts: [Vec<Option<String>>; 6] = Default::default();
+    for job in jobs {
+        let sr = symbol_rules[job.series as usize];
+        for f in &job.fills {
+            texts[0].push(Some(sr.format_price(f.price)));
+            texts[1].push(Some(sr.format_qty(f.quantity, true)));
+            texts[2].push(Some(exact(f.fee)));
+            texts[3].push(Some(exact(f.pnl)));
+            texts[4].push(f.trigger.map(|t| sr.format_price(t)));
+            // A fill is at the mark that triggered it (see the fill model).
+            texts[5].push(Some(sr.format_price(f.price)));
+        }
+    }
+    texts
+}
+
+/// The exact text columns of the trades (detail): entry price, quantity, initial stop,
+/// risk price, `PnL` and fees.
+fn trade_texts(jobs: &[JobOutput], symbol_rules: &[&SymbolRules]) -> [Vec<Option<String>>; 6] {
+    let mut texts: [Vec<Option<String>>; 6] = Default::default();
+    for job in jobs {
+        let sr = symbol_rules[job.series as usize];
+        for t in &job.trades {
+            texts[0].push(Some(sr.format_price(t.entry_price)));
+            texts[1].push(Some(sr.format_qty(t.quantity, true)));
+            texts[2].push(Some(sr.format_price(t.initial_stop)));
+            texts[3].push(Some(exact(t.risk_price)));
+            texts[4].push(Some(exact(t.pnl)));
+            texts[5].push(Some(exact(t.fees)));
+        }
+    }
+    texts
+}
+
 #[allow(clippy::too_many_lines)]
 fn outputs<'py>(
     py: Python<'py>,
-    jobs: &[JobOutput],
+    jobs: &mut [JobOutput],
     series: &[SeriesInput<'_>],
     rules: &ExchangeRules,
     detail: bool,
@@ -582,8 +623,6 @@ fn outputs<'py>(
         .iter()
         .map(|s| rules.symbol(&s.symbol))
         .collect::<Result<_, _>>()?;
-    // The float copies of the exact columns, unless the tables come with their mantissas.
-    let floats = !as_tables;
     let names: Vec<&str> = series.iter().map(|s| s.symbol.as_str()).collect();
     let text = TextViews::new(&names);
     // The reason code of an entry fill: its kind is `entry`, every other fill's `exit`.
@@ -592,92 +631,70 @@ fn outputs<'py>(
         .position(|&reason| reason == "entry")
         .and_then(|code| u8::try_from(code).ok());
 
+    // Every job holds its fills and trades as columns (the binding asks for them); with
+    // detail its rows too, for the exact text columns.
+    let mut columns: Vec<&mut ResultColumns> = Vec::with_capacity(jobs.len());
+    let mut keys: Vec<(u32, u32, usize, usize)> = Vec::with_capacity(jobs.len());
+    for job in jobs.iter_mut() {
+        let Some(job_columns) = job.columns.as_mut() else {
+            return Err(PyRuntimeError::new_err(
+                "backtest: a job returned without result columns",
+            ));
+        };
+        keys.push((
+            job.series,
+            job.policy,
+            job_columns.fills.len(),
+            job_columns.trades.len(),
+        ));
+        columns.push(job_columns);
+    }
+    let key_columns = |rows_of: fn(&(u32, u32, usize, usize)) -> usize| {
+        let rows: usize = keys.iter().map(rows_of).sum();
+        let (mut ser, mut pol) = (backtest::take_column(rows), backtest::take_column(rows));
+        for key in &keys {
+            ser.extend(std::iter::repeat_n(key.0, rows_of(key)));
+            pol.extend(std::iter::repeat_n(key.1, rows_of(key)));
+        }
+        (ser, pol)
+    };
+    let symbol_views = |rows_of: fn(&(u32, u32, usize, usize)) -> usize| {
+        let rows: usize = keys.iter().map(rows_of).sum();
+        let mut views = TextViews::column(rows);
+        for key in &keys {
+            repeat_view(&mut views, text.symbols[key.0 as usize], rows_of(key));
+        }
+        views
+    };
+
     // fills
-    let rows: usize = jobs.iter().map(|j| j.fills.len()).sum();
-    let float_rows = if floats { rows } else { 0 };
-    let (mut ser, mut pol, mut trade, mut seq, mut reason) = (
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-    );
-    let (mut time, mut side, mut price, mut qty, mut fee, mut pnl, mut r_move) = (
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-        backtest::take_column(float_rows),
-        backtest::take_column(float_rows),
-        backtest::take_column(float_rows),
-        backtest::take_column(float_rows),
-        backtest::take_column(rows),
-    );
-    let mut texts: [Vec<Option<String>>; 6] = Default::default();
-    let mut exact_fills = ExactColumns::new(if floats { 0 } else { rows });
-    let view_rows = if as_tables { rows } else { 0 };
-    let mut fill_text = [
-        TextViews::column(view_rows),
-        TextViews::column(view_rows),
-        TextViews::column(view_rows),
-    ];
-    for job in jobs {
-        let sr = symbol_rules[job.series as usize];
-        if as_tables {
-            repeat_view(
-                &mut fill_text[0],
-                text.symbols[job.series as usize],
-                job.fills.len(),
-            );
-        }
-        for f in &job.fills {
-            ser.push(job.series);
-            pol.push(job.policy);
-            trade.push(f.trade);
-            seq.push(f.sequence);
-            reason.push(f.reason);
-            time.push(f.time_ms);
-            side.push(match f.direction {
-                Direction::Long => 1i8,
-                Direction::Short => -1i8,
-            });
-            if floats {
-                price.push(to_f64(f.price));
-                qty.push(to_f64(f.quantity));
-                fee.push(to_f64(f.fee));
-                pnl.push(to_f64(f.pnl));
-            } else {
-                exact_fills.push([f.price, f.quantity, f.fee, f.pnl]);
-            }
-            r_move.push(f.r);
-            if detail {
-                texts[0].push(Some(sr.format_price(f.price)));
-                texts[1].push(Some(sr.format_qty(f.quantity, true)));
-                texts[2].push(Some(exact(f.fee)));
-                texts[3].push(Some(exact(f.pnl)));
-                texts[4].push(f.trigger.map(|t| sr.format_price(t)));
-                // A fill is at the mark that triggered it (see the fill model).
-                texts[5].push(Some(sr.format_price(f.price)));
-            }
-        }
-    }
-    if as_tables {
-        // The reason and kind views from the reason codes just written (hot in cache): two
-        // tight loops of stores, where three more stores per row slowed the row pass.
-        look_up_views(&mut fill_text[1], &reason, |code| {
-            text.reasons[usize::from(code)]
-        });
-        look_up_views(&mut fill_text[2], &reason, |code| {
-            text.kinds[usize::from(Some(code) != entry)]
-        });
-    }
+    let (ser, pol) = key_columns(|k| k.2);
+    let trade = gather(columns.iter_mut().map(|c| &mut c.fills.trade));
+    let seq = gather(columns.iter_mut().map(|c| &mut c.fills.sequence));
+    let reason = gather(columns.iter_mut().map(|c| &mut c.fills.reason));
+    let time = gather(columns.iter_mut().map(|c| &mut c.fills.time_ms));
+    let side = gather(columns.iter_mut().map(|c| &mut c.fills.side));
+    let r_move = gather(columns.iter_mut().map(|c| &mut c.fills.r));
+    let fill_amounts = gather_amounts(columns.iter_mut().map(|c| &mut c.fills.amounts))?;
     // With the mantissas the fills and trades come as Arrow tables in their final columns
     // (None when a value had no mantissa: the caller asks for the decimal text).
     let mut fills_table = None;
     if as_tables {
-        if let Some([price, quantity, fee, pnl]) = exact_fills.into_columns() {
-            let [symbol, reason_text, kind] = fill_text;
+        if let GatheredAmounts::Exact(Some([price, quantity, fee, pnl])) = fill_amounts {
+            // The reason and kind views from the reason codes: two tight loops of stores.
+            let (mut reason_text, mut kind) = (
+                TextViews::column(reason.len()),
+                TextViews::column(reason.len()),
+            );
+            look_up_views(&mut reason_text, &reason, |code| {
+                text.reasons[usize::from(code)]
+            });
+            look_up_views(&mut kind, &reason, |code| {
+                text.kinds[usize::from(Some(code) != entry)]
+            });
             let time = pooled_values(time);
             let mut table = TableBuilder::new();
-            text.add_to(&mut table, "symbol", symbol);
+            text.add_to(&mut table, "symbol", symbol_views(|k| k.2));
             table.primitive::<UInt32Type>("trade", pooled_values(trade));
             table.primitive::<UInt32Type>("sequence", pooled_values(seq));
             text.add_to(&mut table, "kind", kind);
@@ -698,10 +715,8 @@ fn outputs<'py>(
             table.primitive::<Int64Type>("time_ms", time);
             fills_table = Some(finish_keyed(table, ser, pol)?);
             backtest::give_column(reason); // read for the views only
-        } else {
-            fill_text.into_iter().for_each(backtest::give_bytes);
         }
-    } else {
+    } else if let GatheredAmounts::Floats([price, qty, fee, pnl]) = fill_amounts {
         let fills = Columns::keyed(py, ser, pol)?;
         fills.num("trade", trade)?;
         fills.num("sequence", seq)?;
@@ -722,118 +737,40 @@ fn outputs<'py>(
                 "trigger_price_exact",
                 "mark_price_exact",
             ];
-            for (name, values) in names.into_iter().zip(texts) {
+            for (name, values) in names.into_iter().zip(fill_texts(jobs, &symbol_rules)) {
                 fills.text(name, values)?;
             }
         }
         result.set_item("fills", fills.dict)?;
-        fill_text.into_iter().for_each(backtest::give_bytes);
     }
-    // trades: one pass, every column at once (the risk in USDT computed once per trade)
-    let rows: usize = jobs.iter().map(|j| j.trades.len()).sum();
-    let float_rows = if floats { rows } else { 0 };
-    let (mut ser, mut pol, mut trade, mut side) = (
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-    );
-    let (mut entry_time, mut exit_time, mut entry_price, mut qty, mut initial_stop) = (
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-        backtest::take_column(float_rows),
-        backtest::take_column(float_rows),
-        backtest::take_column(float_rows),
-    );
-    let (mut risk_price, mut risk_usd, mut pnl, mut fees, mut r_multiple) = (
-        backtest::take_column(float_rows),
-        backtest::take_column(rows),
-        backtest::take_column(float_rows),
-        backtest::take_column(float_rows),
-        backtest::take_column(rows),
-    );
-    let (mut confidence, mut reason, mut bars_held) = (
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-        backtest::take_column(rows),
-    );
-    let mut texts: [Vec<Option<String>>; 6] = Default::default();
-    let mut exact_trades = ExactColumns::new(if floats { 0 } else { rows });
-    let view_rows = if as_tables { rows } else { 0 };
-    let mut trade_text = [TextViews::column(view_rows), TextViews::column(view_rows)];
-    for job in jobs {
-        let sr = symbol_rules[job.series as usize];
-        if as_tables {
-            repeat_view(
-                &mut trade_text[0],
-                text.symbols[job.series as usize],
-                job.trades.len(),
-            );
-        }
-        for t in &job.trades {
-            ser.push(job.series);
-            pol.push(job.policy);
-            trade.push(t.trade);
-            side.push(match t.direction {
-                Direction::Long => 1i8,
-                Direction::Short => -1i8,
-            });
-            entry_time.push(t.entry_time_ms);
-            exit_time.push(t.exit_time_ms);
-            if floats {
-                entry_price.push(to_f64(t.entry_price));
-                qty.push(to_f64(t.quantity));
-                initial_stop.push(to_f64(t.initial_stop));
-                risk_price.push(to_f64(t.risk_price));
-                pnl.push(to_f64(t.pnl));
-                fees.push(to_f64(t.fees));
-            } else {
-                exact_trades.push([
-                    t.entry_price,
-                    t.quantity,
-                    t.initial_stop,
-                    t.risk_price,
-                    t.pnl,
-                    t.fees,
-                ]);
-            }
-            let risk = t.risk_price * t.quantity;
-            let risk_f = to_f64(risk);
-            risk_usd.push(risk_f);
-            // A ratio for analysis, in floats: a 28-digit decimal division per trade cost
-            // more than the rest of the row, for a value then rounded to a double anyway.
-            r_multiple.push(if risk.is_zero() {
-                f64::NAN
-            } else {
-                to_f64(t.pnl) / risk_f
-            });
-            confidence.push(t.confidence.unwrap_or(f64::NAN));
-            reason.push(t.exit_reason);
-            bars_held.push(t.bars_held);
-            if detail {
-                texts[0].push(Some(sr.format_price(t.entry_price)));
-                texts[1].push(Some(sr.format_qty(t.quantity, true)));
-                texts[2].push(Some(sr.format_price(t.initial_stop)));
-                texts[3].push(Some(exact(t.risk_price)));
-                texts[4].push(Some(exact(t.pnl)));
-                texts[5].push(Some(exact(t.fees)));
-            }
-        }
-    }
-    if as_tables {
-        look_up_views(&mut trade_text[1], &reason, |code| {
-            text.reasons[usize::from(code)]
-        });
-    }
+
+    // trades
+    let mut columns: Vec<&mut ResultColumns> =
+        jobs.iter_mut().filter_map(|j| j.columns.as_mut()).collect();
+    let (ser, pol) = key_columns(|k| k.3);
+    let trade = gather(columns.iter_mut().map(|c| &mut c.trades.trade));
+    let side = gather(columns.iter_mut().map(|c| &mut c.trades.side));
+    let entry_time = gather(columns.iter_mut().map(|c| &mut c.trades.entry_time_ms));
+    let exit_time = gather(columns.iter_mut().map(|c| &mut c.trades.exit_time_ms));
+    let risk_usd = gather(columns.iter_mut().map(|c| &mut c.trades.risk_usd));
+    let r_multiple = gather(columns.iter_mut().map(|c| &mut c.trades.r_multiple));
+    let confidence = gather(columns.iter_mut().map(|c| &mut c.trades.confidence));
+    let reason = gather(columns.iter_mut().map(|c| &mut c.trades.reason));
+    let bars_held = gather(columns.iter_mut().map(|c| &mut c.trades.bars_held));
+    let trade_amounts = gather_amounts(columns.iter_mut().map(|c| &mut c.trades.amounts))?;
     let mut trades_table = None;
     if as_tables {
-        if let Some([entry_price, quantity, initial_stop, risk_price, pnl, fees]) =
-            exact_trades.into_columns()
+        if let GatheredAmounts::Exact(Some(
+            [entry_price, quantity, initial_stop, risk_price, pnl, fees],
+        )) = trade_amounts
         {
-            let [symbol, reason_text] = trade_text;
+            let mut reason_text = TextViews::column(reason.len());
+            look_up_views(&mut reason_text, &reason, |code| {
+                text.reasons[usize::from(code)]
+            });
             let (entry_time, exit_time) = (pooled_values(entry_time), pooled_values(exit_time));
             let mut table = TableBuilder::new();
-            text.add_to(&mut table, "symbol", symbol);
+            text.add_to(&mut table, "symbol", symbol_views(|k| k.3));
             table.primitive::<UInt32Type>("trade", pooled_values(trade));
             table.primitive::<Int8Type>("side", pooled_values(side));
             table.utc_ms("entry_time", entry_time.clone());
@@ -863,10 +800,10 @@ fn outputs<'py>(
             table.primitive::<Int64Type>("exit_time_ms", exit_time);
             trades_table = Some(finish_keyed(table, ser, pol)?);
             backtest::give_column(reason); // read for the views only
-        } else {
-            trade_text.into_iter().for_each(backtest::give_bytes);
         }
-    } else {
+    } else if let GatheredAmounts::Floats([entry_price, qty, initial_stop, risk_price, pnl, fees]) =
+        trade_amounts
+    {
         let cols = Columns::keyed(py, ser, pol)?;
         cols.num("trade", trade)?;
         cols.num("side", side)?;
@@ -892,12 +829,11 @@ fn outputs<'py>(
                 "pnl_exact",
                 "fees_exact",
             ];
-            for (name, values) in names.into_iter().zip(texts) {
+            for (name, values) in names.into_iter().zip(trade_texts(jobs, &symbol_rules)) {
                 cols.text(name, values)?;
             }
         }
         result.set_item("trades", cols.dict)?;
-        trade_text.into_iter().for_each(backtest::give_bytes);
     }
     if as_tables {
         let tables = match (fills_table, trades_table) {
@@ -984,6 +920,11 @@ fn py_backtest_run<'py>(
         one_position_per_symbol,
         detail,
         exhaustive,
+        columns: Some(if exact {
+            ColumnForm::Exact
+        } else {
+            ColumnForm::Floats
+        }),
     };
     let mut arrays: Vec<SeriesArrays<'_>> =
         series.iter().map(series_arrays).collect::<PyResult<_>>()?;
@@ -991,8 +932,8 @@ fn py_backtest_run<'py>(
     let policies: Vec<ExitPolicy> = policies.iter().map(|p| p.inner.clone()).collect();
     let shared = rules.shared();
     drop(rules);
-    let jobs = py.detach(|| backtest::run(&inputs, &policies, &shared, &options))?;
-    let result = outputs(py, &jobs, &inputs, &shared, detail, exact);
+    let mut jobs = py.detach(|| backtest::run(&inputs, &policies, &shared, &options))?;
+    let result = outputs(py, &mut jobs, &inputs, &shared, detail, exact);
     backtest::recycle(jobs);
     result
 }
