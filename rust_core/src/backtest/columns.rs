@@ -65,7 +65,7 @@ impl Amount {
     }
 
     /// The decimal a row holds (`Money::decimal_with`).
-    fn decimal(self) -> Result<Decimal, Unrepresentable> {
+    fn decimal(&self) -> Result<Decimal, Unrepresentable> {
         debug_assert!(self.decimals <= self.scale);
         let mantissa = if self.decimals == self.scale {
             self.mantissa
@@ -81,7 +81,7 @@ impl Amount {
     /// `to_f64` of the row's decimal.
     #[allow(clippy::inline_always)] // a few instructions per amount of every fill
     #[inline(always)]
-    fn float(self) -> Result<f64, Unrepresentable> {
+    fn float(&self) -> Result<f64, Unrepresentable> {
         match small_mantissa_to_f64(self.mantissa, self.scale) {
             Some(value) => Ok(value),
             None => self.decimal().map(to_f64),
@@ -92,7 +92,7 @@ impl Amount {
     /// not hold it (the job then reruns the decimal way, as the row would have made it).
     #[allow(clippy::inline_always)]
     #[inline(always)]
-    fn exact(self) -> Result<Option<i128>, Unrepresentable> {
+    fn exact(&self) -> Result<Option<i128>, Unrepresentable> {
         const POW10_I64: [i64; 13] = {
             let mut table = [1i64; 13];
             let mut k = 1;
@@ -133,21 +133,31 @@ impl<const N: usize> Amounts<N> {
 
     #[allow(clippy::inline_always)]
     #[inline(always)]
-    fn push(&mut self, values: [Amount; N]) -> Result<(), Unrepresentable> {
+    fn push(&mut self, values: &[Amount; N]) -> Result<(), Unrepresentable> {
         match self {
             Self::Floats(columns) => {
                 for (column, value) in columns.iter_mut().zip(values) {
                     column.push(value.float()?);
                 }
             }
-            Self::Exact(_) => {
-                // Every value first: one the row could not hold ends the job, whatever
-                // became of the columns.
-                let mut mantissas = [None; N];
-                for (slot, value) in mantissas.iter_mut().zip(values) {
-                    *slot = value.exact()?;
+            Self::Exact(columns) => {
+                // Every value is read: one the row could not hold ends the job, whatever
+                // became of the columns. Each mantissa goes straight into its column (a
+                // 16-byte value stored and read back stalls the load on the store).
+                let mut complete = true;
+                for (k, value) in values.iter().enumerate() {
+                    let mantissa = value.exact()?;
+                    match (columns.as_mut(), mantissa) {
+                        (Some(columns), Some(m)) => columns[k].extend_from_slice(&m.to_le_bytes()),
+                        (Some(_), None) => complete = false,
+                        (None, _) => {}
+                    }
                 }
-                self.push_mantissas(mantissas);
+                if !complete {
+                    if let Some(columns) = columns.take() {
+                        give_back_bytes(columns);
+                    }
+                }
             }
         }
         Ok(())
@@ -414,7 +424,7 @@ impl FillColumns {
     pub(super) fn push(
         &mut self,
         facts: &FillFacts,
-        amounts: [Amount; 4],
+        amounts: &[Amount; 4],
     ) -> Result<(), Unrepresentable> {
         self.amounts.push(amounts)?;
         self.push_facts(facts);
@@ -447,12 +457,12 @@ impl TradeColumns {
 
     /// A trade the integer replay closed: its facts and its entry price, quantity,
     /// initial stop, risk price, `PnL` and fees (`[entry, quantity, stop, risk, pnl, fees]`).
-#[allow(clippy::inline_always)]
-#[inline(always)]
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     pub(super) fn push(
         &mut self,
         facts: &TradeFacts,
-        amounts: [Amount; 6],
+        amounts: &[Amount; 6],
     ) -> Result<(), Unrepresentable> {
         let [_, quantity, _, risk_price, pnl, _] = amounts;
         // The row's `risk_price * quantity`: exact while the product keeps within 96
@@ -481,7 +491,7 @@ mod tests {
 
     fn floats_of(amount: Amount) -> f64 {
         let mut amounts = Amounts::<1>::new(ColumnForm::Floats);
-        amounts.push([amount]).unwrap();
+        amounts.push(&[amount]).unwrap();
         match amounts {
             Amounts::Floats([column]) => column[0],
             Amounts::Exact(_) => unreachable!(),
@@ -490,7 +500,7 @@ mod tests {
 
     fn exact_of(amount: Amount) -> Option<i128> {
         let mut amounts = Amounts::<1>::new(ColumnForm::Exact);
-        amounts.push([amount]).unwrap();
+        amounts.push(&[amount]).unwrap();
         match amounts {
             Amounts::Exact(Some([column])) => {
                 Some(i128::from_le_bytes(column[..16].try_into().unwrap()))

@@ -212,7 +212,7 @@ impl<'a> TickJob<'a> {
             let (scale, qty_scale) = (money.scale, self.rules.qty.scale);
             columns.fills.push(
                 &facts,
-                [
+                &[
                     Amount::new(price_mantissa, grid.scale),
                     Amount::new(quantity, qty_scale),
                     Amount::written(fee, scale, self.decimals.exit_fee),
@@ -225,7 +225,7 @@ impl<'a> TickJob<'a> {
             let (entry, stop) = (open.position.entry, open.initial_stop);
             columns.trades.push(
                 &open.trade_facts(time_ms, reason),
-                [
+                &[
                     Amount::new(grid.base + i128::from(entry) * grid.step, grid.scale),
                     Amount::new(open.quantity, qty_scale),
                     Amount::new(grid.base + i128::from(stop) * grid.step, grid.scale),
@@ -498,7 +498,7 @@ impl Replay for TickJob<'_> {
             let (scale, decimals) = (self.money.scale, self.decimals.entry_fee);
             columns.fills.push(
                 &facts,
-                [
+                &[
                     Amount::new(entry_price, p.grid.scale),
                     Amount::new(units, self.rules.qty.scale),
                     Amount::written(fee, scale, decimals),
