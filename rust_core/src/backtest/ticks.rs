@@ -240,13 +240,32 @@ fn ticks_of(quotient: i128) -> Option<i64> {
 pub(super) struct Factor {
     mantissa: i128,
     scale: u32,
+    /// The mantissa and `10^scale` when both fit 64 bits: the fast path's operands, read
+    /// once per job instead of checked at every quotient.
+    small: Option<(i64, i64)>,
+    /// The factor's value when it is a whole number (levels at 1R, 2R, 3R): the fast path
+    /// then multiplies instead of dividing.
+    whole: Option<i64>,
 }
 
 impl Factor {
     fn of(value: Decimal) -> Self {
+        Self::new(value.mantissa(), value.scale())
+    }
+
+    fn new(mantissa: i128, scale: u32) -> Self {
+        let small = match (
+            i64::try_from(mantissa),
+            POW10_I128.get(scale as usize).map(|&p| i64::try_from(p)),
+        ) {
+            (Ok(mantissa), Some(Ok(power))) => Some((mantissa, power)),
+            _ => None,
+        };
         Self {
-            mantissa: value.mantissa(),
-            scale: value.scale(),
+            mantissa,
+            scale,
+            small,
+            whole: small.and_then(|(m, p)| (m % p == 0).then_some(m / p)),
         }
     }
 
@@ -269,19 +288,22 @@ impl Factor {
         // ticks): 64-bit products, each one instruction instead of a checked 128-bit
         // multiply. A product below 2^63 times a unit below 2^32 stays below 2^96, so
         // the range check passes as it does below; the same quotient and remainder.
-        if let (Ok(mantissa), Ok(numerator), Ok(denominator), Ok(power), true) = (
-            i64::try_from(self.mantissa),
+        if let (Some((mantissa, power)), Ok(numerator), Ok(denominator), true) = (
+            self.small,
             i64::try_from(numerator),
             i64::try_from(denominator),
-            i64::try_from(POW10_I128[self.scale as usize]),
             unit.unsigned_abs() < 1 << 32,
         ) {
-            if let (Some(product), Some(denominator)) = (
+            if let (Some(product), Some(scaled)) = (
                 mantissa.checked_mul(numerator),
                 denominator.checked_mul(power),
             ) {
-                let (quotient, remainder) = div_rem(product.into(), denominator.into());
-                return Some((quotient, remainder, denominator.into()));
+                // A whole factor over 1: `mantissa * numerator` is a multiple of `power`.
+                if let (1, Some(whole)) = (denominator, self.whole) {
+                    return Some((i128::from(whole) * i128::from(numerator), 0, scaled.into()));
+                }
+                let (quotient, remainder) = div_rem(product.into(), scaled.into());
+                return Some((quotient, remainder, scaled.into()));
             }
         }
         let product = self.mantissa.checked_mul(numerator)?;
@@ -1253,6 +1275,26 @@ mod tests {
             proptest::prop_assert_eq!(mul(a, b), a.checked_mul(b));
         }
 
+        /// A whole factor over a denominator of 1 (multiplied, not divided) answers as the
+        /// 128-bit way does.
+        #[test]
+        fn whole_factor_quotient_is_the_wide_one(
+            whole in proptest::prop_oneof![0i128..1_000, 0i128..(1 << 40)],
+            scale in 0u32..20,
+            numerator in proptest::prop_oneof![1i128..(1 << 31), 1i128..(1 << 63)],
+            unit in proptest::prop_oneof![1i128..100, 1i128..(1 << 33)],
+            unit_scale in 0u32..20,
+        ) {
+            let Some(mantissa) = whole.checked_mul(crate::fixed::POW10_I128[scale as usize]) else {
+                return Ok(());
+            };
+            let factor = Factor::new(mantissa, scale);
+            proptest::prop_assert_eq!(
+                factor.quotient(numerator, 1, unit, unit_scale),
+                wide_quotient(factor, numerator, 1, unit, unit_scale)
+            );
+        }
+
         /// The 64-bit fast path of `Factor::quotient` answers as the 128-bit way does,
         /// around the 32-, 63- and 64-bit bounds of every operand.
         #[test]
@@ -1264,7 +1306,7 @@ mod tests {
             unit in proptest::prop_oneof![1i128..100, 1i128..(1 << 33), 1i128..(1 << 60)],
             unit_scale in 0u32..20,
         ) {
-            let factor = Factor { mantissa, scale };
+            let factor = Factor::new(mantissa, scale);
             proptest::prop_assert_eq!(
                 factor.quotient(numerator, denominator, unit, unit_scale),
                 wide_quotient(factor, numerator, denominator, unit, unit_scale)
