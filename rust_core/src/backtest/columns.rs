@@ -13,8 +13,9 @@
 
 use crate::fixed::{decimal128_mantissa, small_mantissa_to_f64, Decimal, POW10_I128};
 
+use super::spare::Spare;
 use super::ticks::Unrepresentable;
-use super::{take_largest_column, to_f64, Direction, Fill, Trade};
+use super::{to_f64, Direction, Fill, Trade};
 
 /// The form of the amount columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,47 +116,97 @@ impl Amount {
     }
 }
 
-/// The nearest `f64` of each of `N` exact columns, or their mantissas at 12 decimals
-/// (`None` once a value has none: the caller then asks for the decimal text).
+/// The amounts of each row: the nearest `f64` of each of `N` exact values, or their
+/// mantissas at 12 decimals (`None` once a value has none: the caller then asks for the
+/// decimal text).
 #[derive(Debug, Clone)]
 pub enum Amounts<const N: usize> {
-    Floats([Vec<f64>; N]),
-    Exact(Option<[Vec<u8>; N]>),
+    Floats(Vec<[f64; N]>),
+    Exact(Option<Vec<[i128; N]>>),
 }
 
-impl<const N: usize> Amounts<N> {
+/// Spare row vectors, kept from one run for the next (see `spare`).
+trait SpareRows: Sized + 'static {
+    fn spare() -> &'static Spare<Self>;
+}
+
+macro_rules! spare_rows {
+    ($($row:ty => $pool:ident),*) => {
+        $(
+            static $pool: Spare<$row> = Spare::new();
+            impl SpareRows for $row {
+                fn spare() -> &'static Spare<Self> {
+                    &$pool
+                }
+            }
+        )*
+    };
+}
+
+spare_rows!(
+    FillRecord => SPARE_FILL_RECORDS,
+    TradeRecord => SPARE_TRADE_RECORDS,
+    [f64; 4] => SPARE_FILL_FLOATS,
+    [f64; 6] => SPARE_TRADE_FLOATS,
+    [i128; 4] => SPARE_FILL_EXACT,
+    [i128; 6] => SPARE_TRADE_EXACT
+);
+
+fn take_rows<T: SpareRows>() -> Vec<T> {
+    T::spare().take_largest()
+}
+
+fn give_rows<T: SpareRows>(rows: Vec<T>) {
+    T::spare().give(rows);
+}
+
+// Bounded by the pools of the two lengths used (fills 4, trades 6); nothing outside this
+// module builds amounts.
+#[allow(private_bounds)]
+impl<const N: usize> Amounts<N>
+where
+    [f64; N]: SpareRows,
+    [i128; N]: SpareRows,
+{
     fn new(form: ColumnForm) -> Self {
         match form {
-            ColumnForm::Floats => Self::Floats(std::array::from_fn(|_| take_largest_column())),
-            ColumnForm::Exact => Self::Exact(Some(std::array::from_fn(|_| take_largest_column()))),
+            ColumnForm::Floats => Self::Floats(take_rows()),
+            ColumnForm::Exact => Self::Exact(Some(take_rows())),
         }
     }
 
-    #[allow(clippy::inline_always)]
+    // Each value is written in place, into a row pushed as zeros: a row assembled on the
+    // stack and copied in was read back with wide loads right after narrow stores, and
+    // each such load stalled on the store forwarding.
+    #[allow(clippy::inline_always)] // once per fill and trade
     #[inline(always)]
     fn push(&mut self, values: &[Amount; N]) -> Result<(), Unrepresentable> {
         match self {
-            Self::Floats(columns) => {
-                for (column, value) in columns.iter_mut().zip(values) {
-                    column.push(value.float()?);
+            Self::Floats(rows) => {
+                rows.push([0.0; N]);
+                let row = rows.last_mut().ok_or(Unrepresentable)?;
+                for (slot, value) in row.iter_mut().zip(values) {
+                    *slot = value.float()?;
                 }
             }
-            Self::Exact(columns) => {
+            Self::Exact(rows) => {
                 // Every value is read: one the row could not hold ends the job, whatever
-                // became of the columns. Each mantissa goes straight into its column (a
-                // 16-byte value stored and read back stalls the load on the store).
+                // became of the rows.
                 let mut complete = true;
+                if let Some(rows) = rows.as_mut() {
+                    rows.push([0; N]);
+                }
+                let mut row = rows.as_mut().and_then(|rows| rows.last_mut());
                 for (k, value) in values.iter().enumerate() {
-                    let mantissa = value.exact()?;
-                    match (columns.as_mut(), mantissa) {
-                        (Some(columns), Some(m)) => columns[k].extend_from_slice(&m.to_le_bytes()),
-                        (Some(_), None) => complete = false,
-                        (None, _) => {}
+                    match (value.exact()?, row.as_mut()) {
+                        (Some(mantissa), Some(row)) => row[k] = mantissa,
+                        (None, _) => complete = false,
+                        (Some(_), None) => {}
                     }
                 }
                 if !complete {
-                    if let Some(columns) = columns.take() {
-                        give_back_bytes(columns);
+                    if let Some(rows) = rows.take() {
+                        give_rows(rows);
                     }
                 }
             }
@@ -163,80 +214,85 @@ impl<const N: usize> Amounts<N> {
         Ok(())
     }
 
-    fn push_mantissas(&mut self, mantissas: [Option<i128>; N]) {
-        let Self::Exact(Some(columns)) = self else {
-            return;
-        };
-        if mantissas.iter().all(Option::is_some) {
-            for (column, mantissa) in columns.iter_mut().zip(mantissas) {
-                column.extend_from_slice(&mantissa.unwrap_or_default().to_le_bytes());
-            }
-        } else {
-            give_back_bytes(columns.each_mut().map(std::mem::take));
-            *self = Self::Exact(None);
-        }
-    }
-
     /// The amounts of a row's decimals.
     fn push_decimals(&mut self, values: [Decimal; N]) {
         match self {
-            Self::Floats(columns) => {
-                for (column, value) in columns.iter_mut().zip(values) {
-                    column.push(to_f64(value));
+            Self::Floats(rows) => rows.push(values.map(to_f64)),
+            Self::Exact(rows) => {
+                let mantissas = values.map(|value| decimal128_mantissa(value, EXACT_SCALE));
+                match (rows.as_mut(), mantissas.iter().all(Option::is_some)) {
+                    (Some(rows), true) => rows.push(mantissas.map(Option::unwrap_or_default)),
+                    (Some(_), false) => {
+                        if let Some(rows) = rows.take() {
+                            give_rows(rows);
+                        }
+                    }
+                    (None, _) => {}
                 }
-            }
-            Self::Exact(_) => {
-                self.push_mantissas(values.map(|value| decimal128_mantissa(value, EXACT_SCALE)));
             }
         }
     }
 
     fn give_back(self) {
         match self {
-            Self::Floats(columns) => columns.into_iter().for_each(super::give_column),
-            Self::Exact(Some(columns)) => give_back_bytes(columns),
+            Self::Floats(rows) => give_rows(rows),
+            Self::Exact(Some(rows)) => give_rows(rows),
             Self::Exact(None) => {}
         }
     }
 }
 
-fn give_back_bytes<const N: usize>(columns: [Vec<u8>; N]) {
-    columns.into_iter().for_each(super::give_bytes);
+/// A fill's values besides its amounts, as its result columns hold them.
+#[derive(Debug, Clone, Copy)]
+pub struct FillRecord {
+    pub time_ms: i64,
+    /// Price move from the entry in units of the initial R.
+    pub r: f64,
+    pub trade: u32,
+    pub sequence: u32,
+    pub reason: u8,
+    /// 1 for LONG, -1 for SHORT.
+    pub side: i8,
 }
 
-/// The fill rows of a job as columns.
+/// A trade's values besides its amounts, as its result columns hold them.
+#[derive(Debug, Clone, Copy)]
+pub struct TradeRecord {
+    pub entry_time_ms: i64,
+    pub exit_time_ms: i64,
+    /// Risk price times quantity, in floats.
+    pub risk_usd: f64,
+    /// `PnL` over the risk in USDT, in floats (NaN for no risk).
+    pub r_multiple: f64,
+    /// The entry's confidence, NaN for none.
+    pub confidence: f64,
+    pub trade: u32,
+    pub bars_held: u32,
+    pub reason: u8,
+    /// 1 for LONG, -1 for SHORT.
+    pub side: i8,
+}
+
+/// The fills of a job, row by row, in the values of their result columns: one record
+/// and one row of amounts each (two writes per fill, where a vector per column took ten);
+/// the binding lays them out as columns.
 #[derive(Debug, Clone)]
 pub struct FillColumns {
-    pub trade: Vec<u32>,
-    pub sequence: Vec<u32>,
-    pub reason: Vec<u8>,
-    pub time_ms: Vec<i64>,
-    pub side: Vec<i8>,
+    pub records: Vec<FillRecord>,
     /// Price, quantity, fee and `PnL`.
     pub amounts: Amounts<4>,
-    pub r: Vec<f64>,
 }
 
-/// The trade rows of a job as columns.
+/// The trades of a job, row by row, in the values of their result columns (see
+/// [`FillColumns`]).
 #[derive(Debug, Clone)]
 pub struct TradeColumns {
-    pub trade: Vec<u32>,
-    pub side: Vec<i8>,
-    pub entry_time_ms: Vec<i64>,
-    pub exit_time_ms: Vec<i64>,
+    pub records: Vec<TradeRecord>,
     /// Entry price, quantity, initial stop, risk price, `PnL` and fees.
     pub amounts: Amounts<6>,
-    /// Risk price times quantity, in floats.
-    pub risk_usd: Vec<f64>,
-    /// `PnL` over the risk in USDT, in floats (NaN for no risk).
-    pub r_multiple: Vec<f64>,
-    /// The entry's confidence, NaN for none.
-    pub confidence: Vec<f64>,
-    pub reason: Vec<u8>,
-    pub bars_held: Vec<u32>,
 }
 
-/// A job's fills and trades as columns.
+/// A job's fills and trades in the values of their result columns.
 #[derive(Debug, Clone)]
 pub struct ResultColumns {
     pub fills: FillColumns,
@@ -286,30 +342,17 @@ impl ResultColumns {
     pub fn new(form: ColumnForm) -> Self {
         Self {
             fills: FillColumns {
-                trade: take_largest_column(),
-                sequence: take_largest_column(),
-                reason: take_largest_column(),
-                time_ms: take_largest_column(),
-                side: take_largest_column(),
+                records: take_rows(),
                 amounts: Amounts::new(form),
-                r: take_largest_column(),
             },
             trades: TradeColumns {
-                trade: take_largest_column(),
-                side: take_largest_column(),
-                entry_time_ms: take_largest_column(),
-                exit_time_ms: take_largest_column(),
+                records: take_rows(),
                 amounts: Amounts::new(form),
-                risk_usd: take_largest_column(),
-                r_multiple: take_largest_column(),
-                confidence: take_largest_column(),
-                reason: take_largest_column(),
-                bars_held: take_largest_column(),
             },
         }
     }
 
-    /// The columns of rows (a job replayed the decimal way, or with detail).
+    /// The values of rows (a job replayed the decimal way, or with detail).
     pub fn from_rows(fills: &[Fill], trades: &[Trade], form: ColumnForm) -> Self {
         let mut columns = Self::new(form);
         for f in fills {
@@ -354,68 +397,36 @@ impl ResultColumns {
         columns
     }
 
-    /// Gives every column back to its pool.
+    /// Gives every row vector back to its pool.
     pub fn give_back(self) {
         let Self { fills, trades } = self;
-        let FillColumns {
-            trade,
-            sequence,
-            reason,
-            time_ms,
-            side,
-            amounts,
-            r,
-        } = fills;
-        super::give_column(trade);
-        super::give_column(sequence);
-        super::give_column(reason);
-        super::give_column(time_ms);
-        super::give_column(side);
-        amounts.give_back();
-        super::give_column(r);
-        let TradeColumns {
-            trade,
-            side,
-            entry_time_ms,
-            exit_time_ms,
-            amounts,
-            risk_usd,
-            r_multiple,
-            confidence,
-            reason,
-            bars_held,
-        } = trades;
-        super::give_column(trade);
-        super::give_column(side);
-        super::give_column(entry_time_ms);
-        super::give_column(exit_time_ms);
-        amounts.give_back();
-        super::give_column(risk_usd);
-        super::give_column(r_multiple);
-        super::give_column(confidence);
-        super::give_column(reason);
-        super::give_column(bars_held);
+        give_rows(fills.records);
+        fills.amounts.give_back();
+        give_rows(trades.records);
+        trades.amounts.give_back();
     }
 }
 
 impl FillColumns {
     pub fn len(&self) -> usize {
-        self.trade.len()
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.trade.is_empty()
+        self.records.is_empty()
     }
 
-    #[allow(clippy::inline_always)]
+    #[allow(clippy::inline_always)] // once per fill
     #[inline(always)]
     fn push_facts(&mut self, facts: &FillFacts) {
-        self.trade.push(facts.trade);
-        self.sequence.push(facts.sequence);
-        self.reason.push(facts.reason);
-        self.time_ms.push(facts.time_ms);
-        self.side.push(side_of(facts.direction));
-        self.r.push(facts.r);
+        self.records.push(FillRecord {
+            time_ms: facts.time_ms,
+            r: facts.r,
+            trade: facts.trade,
+            sequence: facts.sequence,
+            reason: facts.reason,
+            side: side_of(facts.direction),
+        });
     }
 
     /// A fill the integer replay booked: its facts and its price, quantity, fee and `PnL`.
@@ -434,30 +445,32 @@ impl FillColumns {
 
 impl TradeColumns {
     pub fn len(&self) -> usize {
-        self.trade.len()
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.trade.is_empty()
+        self.records.is_empty()
     }
 
-    #[allow(clippy::inline_always)]
+    #[allow(clippy::inline_always)] // once per trade
     #[inline(always)]
     fn push_facts(&mut self, facts: &TradeFacts, risk_usd: f64, r_multiple: f64) {
-        self.trade.push(facts.trade);
-        self.side.push(side_of(facts.direction));
-        self.entry_time_ms.push(facts.entry_time_ms);
-        self.exit_time_ms.push(facts.exit_time_ms);
-        self.risk_usd.push(risk_usd);
-        self.r_multiple.push(r_multiple);
-        self.confidence.push(facts.confidence.unwrap_or(f64::NAN));
-        self.reason.push(facts.exit_reason);
-        self.bars_held.push(facts.bars_held);
+        self.records.push(TradeRecord {
+            entry_time_ms: facts.entry_time_ms,
+            exit_time_ms: facts.exit_time_ms,
+            risk_usd,
+            r_multiple,
+            confidence: facts.confidence.unwrap_or(f64::NAN),
+            trade: facts.trade,
+            bars_held: facts.bars_held,
+            reason: facts.exit_reason,
+            side: side_of(facts.direction),
+        });
     }
 
     /// A trade the integer replay closed: its facts and its entry price, quantity,
     /// initial stop, risk price, `PnL` and fees (`[entry, quantity, stop, risk, pnl, fees]`).
-    #[allow(clippy::inline_always)]
+    #[allow(clippy::inline_always)] // once per trade
     #[inline(always)]
     pub(super) fn push(
         &mut self,
@@ -490,21 +503,19 @@ mod tests {
     use crate::exit::test_support::d;
 
     fn floats_of(amount: Amount) -> f64 {
-        let mut amounts = Amounts::<1>::new(ColumnForm::Floats);
-        amounts.push(&[amount]).unwrap();
+        let mut amounts = Amounts::<4>::new(ColumnForm::Floats);
+        amounts.push(&[amount; 4]).unwrap();
         match amounts {
-            Amounts::Floats([column]) => column[0],
+            Amounts::Floats(rows) => rows[0][0],
             Amounts::Exact(_) => unreachable!(),
         }
     }
 
     fn exact_of(amount: Amount) -> Option<i128> {
-        let mut amounts = Amounts::<1>::new(ColumnForm::Exact);
-        amounts.push(&[amount]).unwrap();
+        let mut amounts = Amounts::<4>::new(ColumnForm::Exact);
+        amounts.push(&[amount; 4]).unwrap();
         match amounts {
-            Amounts::Exact(Some([column])) => {
-                Some(i128::from_le_bytes(column[..16].try_into().unwrap()))
-            }
+            Amounts::Exact(Some(rows)) => Some(rows[0][0]),
             Amounts::Exact(None) => None,
             Amounts::Floats(_) => unreachable!(),
         }

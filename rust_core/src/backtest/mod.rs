@@ -75,7 +75,8 @@ use crate::fixed::Decimal;
 use crate::rules::ExchangeRules;
 
 pub use self::columns::{
-    Amounts, ColumnForm, FillColumns, ResultColumns, TradeColumns, EXACT_SCALE,
+    Amounts, ColumnForm, FillColumns, FillRecord, ResultColumns, TradeColumns, TradeRecord,
+    EXACT_SCALE,
 };
 use self::exit_api::{atr_key, new_position};
 use self::prepare::prepare;
@@ -598,11 +599,6 @@ impl ColumnElement for u8 {
     fn spare() -> &'static Spare<Self> {
         &SPARE_BYTES
     }
-}
-
-/// The largest spare result column, for values of unknown number.
-pub(crate) fn take_largest_column<T: ColumnElement>() -> Vec<T> {
-    T::spare().take_largest()
 }
 
 /// An empty result column with room for `n` values, from its pool.

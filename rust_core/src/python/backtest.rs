@@ -20,8 +20,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::backtest::{
-    self, Amounts, BacktestOptions, Bars, ColumnElement, ColumnForm, Direction, Entries, Intrabar,
-    JobOutput, PooledColumn, ResultColumns, SeriesInput, EXACT_SCALE, REASONS,
+    self, Amounts, BacktestOptions, Bars, ColumnElement, ColumnForm, Direction, Entries,
+    FillRecord, Intrabar, JobOutput, PooledColumn, ResultColumns, SeriesInput, TradeRecord,
+    EXACT_SCALE, REASONS,
 };
 use crate::error::CoreError;
 use crate::exit::policy::ExitPolicy;
@@ -508,57 +509,64 @@ where
     Ok(cols.dict)
 }
 
-/// One result column of every job, in job order: the one job's own vector when only one
-/// has rows (handed over without a copy), else their values one after another.
-fn gather<'a, T: ColumnElement>(parts: impl Iterator<Item = &'a mut Vec<T>>) -> Vec<T> {
-    let mut parts: Vec<&mut Vec<T>> = parts.filter(|part| !part.is_empty()).collect();
-    match parts.as_mut_slice() {
-        [] => Vec::new(),
-        [only] => std::mem::take(*only),
-        many => {
-            let rows = many.iter().map(|part| part.len()).sum();
-            let mut column = backtest::take_column(rows);
-            for part in many {
-                column.extend_from_slice(part);
-            }
-            column
-        }
+/// One result column of every job's rows, job after job: `value` of each row.
+fn column_of<T: ColumnElement, R>(parts: &[&[R]], value: impl Fn(&R) -> T) -> Vec<T> {
+    let rows = parts.iter().map(|part| part.len()).sum();
+    let mut column = backtest::take_column(rows);
+    for part in parts {
+        column.extend(part.iter().map(&value));
     }
+    column
 }
 
-/// The amount columns of every job (see [`gather`]); exact ones are `None` when a job's are.
+/// Exact column `k` of every job's amounts: 16-byte little-endian mantissas.
+fn mantissas_of<const N: usize>(parts: &[&[[i128; N]]], k: usize) -> Vec<u8> {
+    let rows: usize = parts.iter().map(|part| part.len()).sum();
+    let mut bytes = backtest::take_bytes(rows * 16);
+    for part in parts {
+        for row in *part {
+            bytes.extend_from_slice(&row[k].to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// The amount columns of every job; exact ones are `None` when a job's are.
 enum GatheredAmounts<const N: usize> {
     Floats([Vec<f64>; N]),
     Exact(Option<[Vec<u8>; N]>),
 }
 
 fn gather_amounts<'a, const N: usize>(
-    parts: impl Iterator<Item = &'a mut Amounts<N>>,
+    parts: impl Iterator<Item = &'a Amounts<N>>,
 ) -> PyResult<GatheredAmounts<N>> {
-    let mismatch = || PyRuntimeError::new_err("backtest: jobs returned columns of two forms");
-    let parts: Vec<&mut Amounts<N>> = parts.collect();
-    if parts.iter().all(|part| matches!(part, Amounts::Floats(_))) {
-        let mut floats: Vec<&mut [Vec<f64>; N]> = parts
-            .into_iter()
-            .filter_map(|part| match part {
-                Amounts::Floats(columns) => Some(columns),
-                Amounts::Exact(_) => None,
-            })
-            .collect();
+    let parts: Vec<&Amounts<N>> = parts.collect();
+    let floats: Vec<&[[f64; N]]> = parts
+        .iter()
+        .filter_map(|part| match part {
+            Amounts::Floats(rows) => Some(rows.as_slice()),
+            Amounts::Exact(_) => None,
+        })
+        .collect();
+    if floats.len() == parts.len() {
         return Ok(GatheredAmounts::Floats(std::array::from_fn(|k| {
-            gather(floats.iter_mut().map(|columns| &mut columns[k]))
+            column_of(&floats, |row| row[k])
         })));
     }
-    let mut exact: Vec<&mut [Vec<u8>; N]> = Vec::with_capacity(parts.len());
+    if !floats.is_empty() {
+        return Err(PyRuntimeError::new_err(
+            "backtest: jobs returned amounts of two forms",
+        ));
+    }
+    let mut exact: Vec<&[[i128; N]]> = Vec::with_capacity(parts.len());
     for part in parts {
         match part {
-            Amounts::Exact(Some(columns)) => exact.push(columns),
-            Amounts::Exact(None) => return Ok(GatheredAmounts::Exact(None)),
-            Amounts::Floats(_) => return Err(mismatch()),
+            Amounts::Exact(Some(rows)) => exact.push(rows),
+            _ => return Ok(GatheredAmounts::Exact(None)),
         }
     }
     Ok(GatheredAmounts::Exact(Some(std::array::from_fn(|k| {
-        gather(exact.iter_mut().map(|columns| &mut columns[k]))
+        mantissas_of(&exact, k)
     }))))
 }
 
@@ -602,7 +610,7 @@ fn trade_texts(jobs: &[JobOutput], symbol_rules: &[&SymbolRules]) -> [Vec<Option
 #[allow(clippy::too_many_lines)]
 fn outputs<'py>(
     py: Python<'py>,
-    jobs: &mut [JobOutput],
+    jobs: &[JobOutput],
     series: &[SeriesInput<'_>],
     rules: &ExchangeRules,
     detail: bool,
@@ -631,12 +639,12 @@ fn outputs<'py>(
         .position(|&reason| reason == "entry")
         .and_then(|code| u8::try_from(code).ok());
 
-    // Every job holds its fills and trades as columns (the binding asks for them); with
-    // detail its rows too, for the exact text columns.
-    let mut columns: Vec<&mut ResultColumns> = Vec::with_capacity(jobs.len());
+    // Every job holds its fills and trades in the values of their columns (the binding
+    // asks for them); with detail its rows too, for the exact text columns.
+    let mut columns: Vec<&ResultColumns> = Vec::with_capacity(jobs.len());
     let mut keys: Vec<(u32, u32, usize, usize)> = Vec::with_capacity(jobs.len());
-    for job in jobs.iter_mut() {
-        let Some(job_columns) = job.columns.as_mut() else {
+    for job in jobs {
+        let Some(job_columns) = job.columns.as_ref() else {
             return Err(PyRuntimeError::new_err(
                 "backtest: a job returned without result columns",
             ));
@@ -669,13 +677,14 @@ fn outputs<'py>(
 
     // fills
     let (ser, pol) = key_columns(|k| k.2);
-    let trade = gather(columns.iter_mut().map(|c| &mut c.fills.trade));
-    let seq = gather(columns.iter_mut().map(|c| &mut c.fills.sequence));
-    let reason = gather(columns.iter_mut().map(|c| &mut c.fills.reason));
-    let time = gather(columns.iter_mut().map(|c| &mut c.fills.time_ms));
-    let side = gather(columns.iter_mut().map(|c| &mut c.fills.side));
-    let r_move = gather(columns.iter_mut().map(|c| &mut c.fills.r));
-    let fill_amounts = gather_amounts(columns.iter_mut().map(|c| &mut c.fills.amounts))?;
+    let records: Vec<&[FillRecord]> = columns.iter().map(|c| c.fills.records.as_slice()).collect();
+    let trade = column_of(&records, |r| r.trade);
+    let seq = column_of(&records, |r| r.sequence);
+    let reason = column_of(&records, |r| r.reason);
+    let time = column_of(&records, |r| r.time_ms);
+    let side = column_of(&records, |r| r.side);
+    let r_move = column_of(&records, |r| r.r);
+    let fill_amounts = gather_amounts(columns.iter().map(|c| &c.fills.amounts))?;
     // With the mantissas the fills and trades come as Arrow tables in their final columns
     // (None when a value had no mantissa: the caller asks for the decimal text).
     let mut fills_table = None;
@@ -745,19 +754,21 @@ fn outputs<'py>(
     }
 
     // trades
-    let mut columns: Vec<&mut ResultColumns> =
-        jobs.iter_mut().filter_map(|j| j.columns.as_mut()).collect();
     let (ser, pol) = key_columns(|k| k.3);
-    let trade = gather(columns.iter_mut().map(|c| &mut c.trades.trade));
-    let side = gather(columns.iter_mut().map(|c| &mut c.trades.side));
-    let entry_time = gather(columns.iter_mut().map(|c| &mut c.trades.entry_time_ms));
-    let exit_time = gather(columns.iter_mut().map(|c| &mut c.trades.exit_time_ms));
-    let risk_usd = gather(columns.iter_mut().map(|c| &mut c.trades.risk_usd));
-    let r_multiple = gather(columns.iter_mut().map(|c| &mut c.trades.r_multiple));
-    let confidence = gather(columns.iter_mut().map(|c| &mut c.trades.confidence));
-    let reason = gather(columns.iter_mut().map(|c| &mut c.trades.reason));
-    let bars_held = gather(columns.iter_mut().map(|c| &mut c.trades.bars_held));
-    let trade_amounts = gather_amounts(columns.iter_mut().map(|c| &mut c.trades.amounts))?;
+    let records: Vec<&[TradeRecord]> = columns
+        .iter()
+        .map(|c| c.trades.records.as_slice())
+        .collect();
+    let trade = column_of(&records, |r| r.trade);
+    let side = column_of(&records, |r| r.side);
+    let entry_time = column_of(&records, |r| r.entry_time_ms);
+    let exit_time = column_of(&records, |r| r.exit_time_ms);
+    let risk_usd = column_of(&records, |r| r.risk_usd);
+    let r_multiple = column_of(&records, |r| r.r_multiple);
+    let confidence = column_of(&records, |r| r.confidence);
+    let reason = column_of(&records, |r| r.reason);
+    let bars_held = column_of(&records, |r| r.bars_held);
+    let trade_amounts = gather_amounts(columns.iter().map(|c| &c.trades.amounts))?;
     let mut trades_table = None;
     if as_tables {
         if let GatheredAmounts::Exact(Some(
@@ -932,8 +943,8 @@ fn py_backtest_run<'py>(
     let policies: Vec<ExitPolicy> = policies.iter().map(|p| p.inner.clone()).collect();
     let shared = rules.shared();
     drop(rules);
-    let mut jobs = py.detach(|| backtest::run(&inputs, &policies, &shared, &options))?;
-    let result = outputs(py, &mut jobs, &inputs, &shared, detail, exact);
+    let jobs = py.detach(|| backtest::run(&inputs, &policies, &shared, &options))?;
+    let result = outputs(py, &jobs, &inputs, &shared, detail, exact);
     backtest::recycle(jobs);
     result
 }
