@@ -1,13 +1,14 @@
-//! The fills and trades of a job as result columns: floats, or the exact values as
-//! `decimal128(38, 12)` mantissas, the two forms the binding hands to Python.
+//! The fills and trades of a job in the values of their result columns: floats, or the
+//! exact values as `decimal128(38, 12)` mantissas, the two forms the binding hands to
+//! Python. Each fill and trade is one plain record and one row of amounts (two writes,
+//! where a vector per column took ten to fifteen); the binding lays them out as columns.
 //!
 //! The integer replay writes them as it books each fill and trade (when
 //! `BacktestOptions::columns` asks for them and no detail is kept), from the mantissas it
-//! already holds: no `Decimal` is built, no row is written and read back, and a run of one
-//! job hands its vectors over as they are. Every other job (the decimal replay, or the
-//! rows kept for detail) is converted from its rows by [`ResultColumns::from_rows`], with
-//! the conversions the rows' decimals give: both ways give the same bits (see
-//! [`Amount`]).
+//! already holds: no `Decimal` is built and no `Fill` row is written and read back. Every
+//! other job (the decimal replay, or the rows kept for detail) is converted from its rows
+//! by [`ResultColumns::from_rows`], with the conversions the rows' decimals give: both ways
+//! give the same bits (see [`Amount`]).
 //!
 //! May not touch: positions or the replay's state; it only writes values it is given.
 
