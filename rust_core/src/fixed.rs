@@ -517,14 +517,12 @@ pub(crate) fn mantissa_at(value: Decimal, scale: u32) -> Option<i128> {
         .filter(|m| m.unsigned_abs() < 1 << 120)
 }
 
-/// The mantissa of `value` at `scale` decimals, when the value has at most
-/// that many decimals and the mantissa fewer than 38 digits: Arrow's `decimal128(38, scale)`.
-// Always inlined (the long way is out of line): called for every exact value of the result
-// tables, where the call cost as much as the conversion.
-#[cfg_attr(not(feature = "python"), allow(dead_code))] // the binding's exact columns
-#[allow(clippy::inline_always)]
+/// `mantissa` (with `from` decimals) at `scale` decimals, in the usual case: a 64-bit
+/// mantissa and at most 12 decimals more, one 64x64-bit product (below 2^103, so below
+/// 10^38, and within what a `Decimal` holds); `None` leaves it to the checked path.
+#[allow(clippy::inline_always)] // see `decimal128_mantissa`
 #[inline(always)]
-pub(crate) fn decimal128_mantissa(value: Decimal, scale: u32) -> Option<i128> {
+pub(crate) fn small_mantissa_at(mantissa: i128, from: u32, scale: u32) -> Option<i128> {
     const POW10_I64: [i64; 13] = {
         let mut table = [1i64; 13];
         let mut k = 1;
@@ -534,14 +532,21 @@ pub(crate) fn decimal128_mantissa(value: Decimal, scale: u32) -> Option<i128> {
         }
         table
     };
-    let mantissa = value.mantissa();
-    // The usual amount: a 64-bit mantissa times at most 10^12, one 64x64-bit product
-    // (below 2^103, so below 10^38); anything else takes the checked path.
-    if let (Ok(small), Some(&factor)) = (
-        i64::try_from(mantissa),
-        POW10_I64.get(scale.wrapping_sub(value.scale()) as usize),
-    ) {
-        return Some(i128::from(small) * i128::from(factor));
+    let small = i64::try_from(mantissa).ok()?;
+    let factor = POW10_I64.get(scale.wrapping_sub(from) as usize)?;
+    Some(i128::from(small) * i128::from(*factor))
+}
+
+/// The mantissa of `value` at `scale` decimals, when the value has at most
+/// that many decimals and the mantissa fewer than 38 digits: Arrow's `decimal128(38, scale)`.
+// Always inlined (the long way is out of line): called for every exact value of the result
+// tables, where the call cost as much as the conversion.
+#[cfg_attr(not(feature = "python"), allow(dead_code))] // the binding's exact columns
+#[allow(clippy::inline_always)]
+#[inline(always)]
+pub(crate) fn decimal128_mantissa(value: Decimal, scale: u32) -> Option<i128> {
+    if let Some(mantissa) = small_mantissa_at(value.mantissa(), value.scale(), scale) {
+        return Some(mantissa);
     }
     decimal128_mantissa_long(value, scale)
 }

@@ -12,7 +12,9 @@
 //!
 //! May not touch: positions or the replay's state; it only writes values it is given.
 
-use crate::fixed::{decimal128_mantissa, small_mantissa_to_f64, Decimal, POW10_I128};
+use crate::fixed::{
+    decimal128_mantissa, small_mantissa_at, small_mantissa_to_f64, Decimal, POW10_I128,
+};
 
 use super::spare::Spare;
 use super::ticks::Unrepresentable;
@@ -95,22 +97,9 @@ impl Amount {
     #[allow(clippy::inline_always)]
     #[inline(always)]
     fn exact(&self) -> Result<Option<i128>, Unrepresentable> {
-        const POW10_I64: [i64; 13] = {
-            let mut table = [1i64; 13];
-            let mut k = 1;
-            while k < table.len() {
-                table[k] = table[k - 1] * 10;
-                k += 1;
-            }
-            table
-        };
-        // The usual amount: a 64-bit mantissa with at most 12 decimals (the row's decimal
-        // holds it, and the product is below 10^38).
-        if let (Ok(small), Some(&factor)) = (
-            i64::try_from(self.mantissa),
-            POW10_I64.get(EXACT_SCALE.wrapping_sub(self.scale) as usize),
-        ) {
-            return Ok(Some(i128::from(small) * i128::from(factor)));
+        // The usual amount (the row's decimal holds it, being no longer).
+        if let Some(mantissa) = small_mantissa_at(self.mantissa, self.scale, EXACT_SCALE) {
+            return Ok(Some(mantissa));
         }
         self.decimal()
             .map(|decimal| decimal128_mantissa(decimal, EXACT_SCALE))

@@ -570,41 +570,63 @@ fn gather_amounts<'a, const N: usize>(
     }))))
 }
 
-/// The exact text columns of the fills (detail): price, quantity, fee, `PnL`, trigger and
-/// mark price, from the rows every job keeps with detail.
-fn fill_texts(jobs: &[JobOutput], symbol_rules: &[&SymbolRules]) -> [Vec<Option<String>>; 6] {
-    let mut texts: [Vec<Option<String>>; 6] = Default::default();
+/// Six exact text columns of every job's rows (detail), `texts` giving a row's six.
+fn text_columns<R>(
+    jobs: &[JobOutput],
+    symbol_rules: &[&SymbolRules],
+    rows_of: impl Fn(&JobOutput) -> &[R],
+    texts: impl Fn(&SymbolRules, &R) -> [Option<String>; 6],
+) -> [Vec<Option<String>>; 6] {
+    let mut columns: [Vec<Option<String>>; 6] = Default::default();
     for job in jobs {
         let sr = symbol_rules[job.series as usize];
-        for f in &job.fills {
-            texts[0].push(Some(sr.format_price(f.price)));
-            texts[1].push(Some(sr.format_qty(f.quantity, true)));
-            texts[2].push(Some(exact(f.fee)));
-            texts[3].push(Some(exact(f.pnl)));
-            texts[4].push(f.trigger.map(|t| sr.format_price(t)));
-            // A fill is at the mark that triggered it (see the fill model).
-            texts[5].push(Some(sr.format_price(f.price)));
+        for row in rows_of(job) {
+            for (column, text) in columns.iter_mut().zip(texts(sr, row)) {
+                column.push(text);
+            }
         }
     }
-    texts
+    columns
+}
+
+/// The exact text columns of the fills (detail): price, quantity, fee, `PnL`, trigger and
+/// mark price (a fill is at the mark that triggered it: see the fill model).
+fn fill_texts(jobs: &[JobOutput], symbol_rules: &[&SymbolRules]) -> [Vec<Option<String>>; 6] {
+    text_columns(
+        jobs,
+        symbol_rules,
+        |job| &job.fills,
+        |sr, f| {
+            [
+                Some(sr.format_price(f.price)),
+                Some(sr.format_qty(f.quantity, true)),
+                Some(exact(f.fee)),
+                Some(exact(f.pnl)),
+                f.trigger.map(|t| sr.format_price(t)),
+                Some(sr.format_price(f.price)),
+            ]
+        },
+    )
 }
 
 /// The exact text columns of the trades (detail): entry price, quantity, initial stop,
 /// risk price, `PnL` and fees.
 fn trade_texts(jobs: &[JobOutput], symbol_rules: &[&SymbolRules]) -> [Vec<Option<String>>; 6] {
-    let mut texts: [Vec<Option<String>>; 6] = Default::default();
-    for job in jobs {
-        let sr = symbol_rules[job.series as usize];
-        for t in &job.trades {
-            texts[0].push(Some(sr.format_price(t.entry_price)));
-            texts[1].push(Some(sr.format_qty(t.quantity, true)));
-            texts[2].push(Some(sr.format_price(t.initial_stop)));
-            texts[3].push(Some(exact(t.risk_price)));
-            texts[4].push(Some(exact(t.pnl)));
-            texts[5].push(Some(exact(t.fees)));
-        }
-    }
-    texts
+    text_columns(
+        jobs,
+        symbol_rules,
+        |job| &job.trades,
+        |sr, t| {
+            [
+                Some(sr.format_price(t.entry_price)),
+                Some(sr.format_qty(t.quantity, true)),
+                Some(sr.format_price(t.initial_stop)),
+                Some(exact(t.risk_price)),
+                Some(exact(t.pnl)),
+                Some(exact(t.fees)),
+            ]
+        },
+    )
 }
 
 #[allow(clippy::too_many_lines)]
