@@ -18,10 +18,8 @@ use super::exit_api::{new_position, reason_of, triggers_of};
 use super::path::{bar_path, Point};
 use super::prepare::Prepared;
 use super::thresholds::atr_at;
-use super::walk::{entry_quantity, entry_rate, walk, Record, Replay};
-use super::{
-    to_f64, BacktestOptions, Direction, Entry, Fill, JobOutput, Trade, ENTRY, OVER_LEVERAGE,
-};
+use super::walk::{entry_fill, entry_quantity, entry_rate, walk, Record, Replay};
+use super::{to_f64, BacktestOptions, Direction, Entry, Fill, JobOutput, Trade, OVER_LEVERAGE};
 
 pub(super) fn fee(rate: Decimal, price: Decimal, quantity: Decimal) -> Decimal {
     (rate * price * quantity)
@@ -307,19 +305,15 @@ impl Replay for Job<'_> {
                 out.levels.push((trade, k as u32 + 1, to_f64(level)));
             }
         }
-        out.fills.push(Fill {
+        out.fills.push(entry_fill(
             trade,
-            sequence: 0,
-            reason: ENTRY,
             time_ms,
-            direction: entry.direction,
+            entry.direction,
             price,
             quantity,
-            fee: entry_fee,
-            pnl: -entry_fee,
-            r: 0.0,
-            trigger: None,
-        });
+            entry_fee,
+            -entry_fee,
+        ));
         self.open.push(Open {
             trade,
             position,

@@ -18,7 +18,7 @@ use super::path::{bar_path, Point};
 use super::prepare::Prepared;
 use super::thresholds::atr_at;
 use super::ticks::{BarAtr, Opening, TickPosition, TickRules, Unrepresentable};
-use super::walk::{entry_quantity, entry_rate, Record, Replay};
+use super::walk::{entry_fill, entry_quantity, entry_rate, Record, Replay};
 use super::{to_f64, BacktestOptions, Direction, Entry, Fill, Trade, ENTRY, OVER_LEVERAGE};
 
 /// An open position and its trade's facts. Boxed, and the boxes of closed positions are
@@ -506,19 +506,15 @@ impl Replay for TickJob<'_> {
                 ],
             )?;
         } else {
-            out.fills.push(Fill {
+            out.fills.push(entry_fill(
                 trade,
-                sequence: 0,
-                reason: ENTRY,
                 time_ms,
-                direction: entry.direction,
-                price: p.grid.price(open_tick),
-                quantity: self.rules.qty.decimal(units)?,
-                fee: self.money.decimal_with(fee, self.decimals.entry_fee)?,
-                pnl: self.money.decimal_with(pnl, self.decimals.entry_fee)?,
-                r: 0.0,
-                trigger: None,
-            });
+                entry.direction,
+                p.grid.price(open_tick),
+                self.rules.qty.decimal(units)?,
+                self.money.decimal_with(fee, self.decimals.entry_fee)?,
+                self.money.decimal_with(pnl, self.decimals.entry_fee)?,
+            ));
         }
         // Every field named (no `..`): a field added later cannot be left from the
         // position this box held before.

@@ -9,8 +9,8 @@ use crate::rules::SymbolRules;
 
 use super::prepare::Prepared;
 use super::{
-    BacktestOptions, Direction, Entries, Entry, JobOutput, BELOW_MIN_NOTIONAL, BELOW_MIN_QTY,
-    DATA_GAP, END_OF_DATA, NO_BAR, POSITION_OPEN,
+    BacktestOptions, Direction, Entries, Entry, Fill, JobOutput, BELOW_MIN_NOTIONAL, BELOW_MIN_QTY,
+    DATA_GAP, END_OF_DATA, ENTRY, NO_BAR, POSITION_OPEN,
 };
 
 /// A job's output and its counted skips.
@@ -53,6 +53,31 @@ impl Record {
                 .push((0, POSITION_OPEN, self.position_open_skips));
         }
         self.out
+    }
+}
+
+/// The entry fill of `trade` (sequence 0, no trigger, no move from the entry).
+pub(super) fn entry_fill(
+    trade: u32,
+    time_ms: i64,
+    direction: Direction,
+    price: Decimal,
+    quantity: Decimal,
+    fee: Decimal,
+    pnl: Decimal,
+) -> Fill {
+    Fill {
+        trade,
+        sequence: 0,
+        reason: ENTRY,
+        time_ms,
+        direction,
+        price,
+        quantity,
+        fee,
+        pnl,
+        r: 0.0,
+        trigger: None,
     }
 }
 
