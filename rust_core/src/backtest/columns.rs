@@ -82,10 +82,10 @@ impl Amount {
         Decimal::try_from_i128_with_scale(mantissa, self.decimals).map_err(|_| Unrepresentable)
     }
 
-    /// `to_f64` of the row's decimal.
+    /// `to_f64` of the row's decimal (of a price: without building it).
     #[allow(clippy::inline_always)] // a few instructions per amount of every fill
     #[inline(always)]
-    fn float(&self) -> Result<f64, Unrepresentable> {
+    pub(super) fn float(&self) -> Result<f64, Unrepresentable> {
         match small_mantissa_to_f64(self.mantissa, self.scale) {
             Some(value) => Ok(value),
             None => self.decimal().map(to_f64),

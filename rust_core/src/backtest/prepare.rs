@@ -198,14 +198,26 @@ impl Grid {
     #[inline]
     pub(super) fn price(self, k: i64) -> Decimal {
         // |k| < 2^40 for bar prices and any tick read from a decimal fits by construction.
-        Decimal::from_i128_with_scale(self.base + i128::from(k) * self.step, self.scale)
+        Decimal::from_i128_with_scale(self.mantissa(k), self.scale)
+    }
+
+    /// The mantissa of tick `k`'s price (with the grid's decimals).
+    #[inline]
+    pub(super) fn mantissa(self, k: i64) -> i128 {
+        self.base + i128::from(k) * self.step
+    }
+
+    /// The mantissa of the price distance between ticks `a` and `b` (see [`Grid::distance`]).
+    #[inline]
+    pub(super) fn distance_mantissa(self, a: i64, b: i64) -> i128 {
+        i128::from(a.abs_diff(b)) * self.step
     }
 
     /// The price distance between ticks `a` and `b`, written with the grid's decimals (the
     /// decimal `|price(a) - price(b)|` gives, without its subtraction).
     #[inline]
     pub(super) fn distance(self, a: i64, b: i64) -> Decimal {
-        Decimal::from_i128_with_scale(i128::from(a.abs_diff(b)) * self.step, self.scale)
+        Decimal::from_i128_with_scale(self.distance_mantissa(a, b), self.scale)
     }
 
     /// The tick of a decimal on the grid; `None` off the grid or out of range.

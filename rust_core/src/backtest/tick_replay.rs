@@ -84,12 +84,6 @@ impl AmountDecimals {
     }
 }
 
-/// `to_f64` of the price with grid mantissa `mantissa`, without building its decimal.
-fn price_float(mantissa: i128, scale: u32) -> f64 {
-    crate::fixed::small_mantissa_to_f64(mantissa, scale)
-        .unwrap_or_else(|| to_f64(crate::fixed::Decimal::from_i128_with_scale(mantissa, scale)))
-}
-
 pub(super) struct TickJob<'a> {
     p: &'a Prepared<'a>,
     policy: &'a ExitPolicy,
@@ -158,11 +152,6 @@ impl<'a> TickJob<'a> {
         Ok(self.record.finish())
     }
 
-    /// The grid mantissa of tick `k`.
-    fn mantissa(&self, k: i64) -> i128 {
-        self.p.grid.base + i128::from(k) * self.p.grid.step
-    }
-
     /// Books an exit fill of `quantity` units at tick `price` for position `k`; returns
     /// true when it closed the position.
     #[allow(clippy::too_many_arguments)] // one fill's facts
@@ -178,7 +167,7 @@ impl<'a> TickJob<'a> {
     ) -> Result<bool, Unrepresentable> {
         let grid = self.p.grid;
         let money = self.money;
-        let price_mantissa = self.mantissa(price);
+        let price_mantissa = grid.mantissa(price);
         let open = &mut self.open[k];
         let quantity = quantity.min(open.remaining);
         let fee = money.fee(self.exit_rate, price_mantissa, quantity)?;
@@ -194,7 +183,7 @@ impl<'a> TickJob<'a> {
             0.0
         } else {
             // A float column for analysis: the exact move is price - entry in the fills.
-            (price_float(price_mantissa, grid.scale) - entry_f) * sign_f / risk_f
+            (Amount::new(price_mantissa, grid.scale).float()? - entry_f) * sign_f / risk_f
         };
         open.remaining -= quantity;
         open.pnl = money.add(open.pnl, pnl)?;
@@ -226,10 +215,10 @@ impl<'a> TickJob<'a> {
             columns.trades.push(
                 &open.trade_facts(time_ms, reason),
                 &[
-                    Amount::new(grid.base + i128::from(entry) * grid.step, grid.scale),
+                    Amount::new(grid.mantissa(entry), grid.scale),
                     Amount::new(open.quantity, qty_scale),
-                    Amount::new(grid.base + i128::from(stop) * grid.step, grid.scale),
-                    Amount::new(i128::from(entry.abs_diff(stop)) * grid.step, grid.scale),
+                    Amount::new(grid.mantissa(stop), grid.scale),
+                    Amount::new(grid.distance_mantissa(entry, stop), grid.scale),
                     Amount::written(open.pnl, scale, self.decimals.trade_pnl),
                     Amount::written(open.fees, scale, self.decimals.trade_fees),
                 ],
@@ -470,13 +459,13 @@ impl Replay for TickJob<'_> {
             return Ok(());
         };
         self.next_trade += 1;
-        let entry_price = self.mantissa(open_tick);
+        let entry_price = p.grid.mantissa(open_tick);
         let fee = self.money.fee(self.entry_rate, entry_price, units)?;
-        let risk = i128::from(open_tick.abs_diff(slot.position.stop)) * p.grid.step;
+        let risk = p.grid.distance_mantissa(open_tick, slot.position.stop);
         let r_floats = (
-            price_float(entry_price, p.grid.scale),
+            Amount::new(entry_price, p.grid.scale).float()?,
             to_f64(entry.direction.sign()),
-            price_float(risk, p.grid.scale),
+            Amount::new(risk, p.grid.scale).float()?,
         );
         let out = &mut self.record.out;
         if self.options.detail {

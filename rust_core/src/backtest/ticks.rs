@@ -148,7 +148,7 @@ impl<'a> TickRules<'a> {
             return None;
         }
         let (grid, qty) = (self.grid, self.qty);
-        let price = grid.base + i128::from(k) * grid.step;
+        let price = grid.mantissa(k);
         let step = qty.step;
         // notional / price in units, over the step: N * 10^(gs + qs) / (P * 10^ns * step).
         let numerator = mul(
@@ -183,7 +183,7 @@ impl<'a> TickRules<'a> {
     #[allow(clippy::inline_always)]
     #[inline(always)]
     fn below_min_notional(&self, remainder: i128, k: i64) -> Result<bool, Unrepresentable> {
-        let price = self.grid.base + i128::from(k) * self.grid.step;
+        let price = self.grid.mantissa(k);
         if let (Some(notional), Some(minimum)) = (mul(remainder, price), self.min_notional) {
             return Ok(notional < minimum);
         }
@@ -604,7 +604,7 @@ impl TickPosition {
         {
             return Opening::Unsettled;
         }
-        let price = grid.base + i128::from(entry) * grid.step;
+        let price = grid.mantissa(entry);
         let price_f = decimal_to_f64_fast(grid.price(entry));
         // The initial stop: ATR (or fallback) distance clamped to [min, max] % and the
         // margin cap; a LONG's `ceil(entry - d)` is `entry - floor(d / tick)` ticks.
@@ -709,7 +709,7 @@ impl TickPosition {
         } else {
             price_f
         };
-        let price = grid.base + i128::from(entry) * grid.step;
+        let price = grid.mantissa(entry);
         self.levels.clear();
         for &(at, exact) in &o.ladder_at {
             // Without a stretch the decimal path multiplies the policy's own decimal `at`:
