@@ -554,10 +554,17 @@ impl Xorshift {
 /// level, by percent distance), breakeven, ratchet, time stops, ATR over 2m or 4m.
 fn random_policy(rng: &mut Xorshift) -> ExitPolicy {
     let levels = 1 + rng.below(3) as usize;
+    // A third of the ladders at whole multiples of R (the usual 1R, 2R, 3R), which the
+    // integers settle by a multiplication; the others anywhere between.
+    let whole = rng.below(3) == 0;
     let mut at = 0.0;
     let mut ladder = Vec::new();
     for i in 0..levels {
-        at += rng.float(0.4, 1.6);
+        at += if whole {
+            1.0 + rng.below(2) as f64
+        } else {
+            rng.float(0.4, 1.6)
+        };
         let fraction = if i + 1 == levels && rng.below(2) == 0 {
             1.0 - 0.3 * i as f64
         } else {
@@ -585,7 +592,11 @@ fn random_policy(rng: &mut Xorshift) -> ExitPolicy {
         1 => config.trail_atr = Some(rng.float(0.3, 3.0)),
         2 => {
             config.trail_atr = Some(rng.float(0.3, 3.0));
-            config.trail_activate_r = Some(rng.float(0.2, 3.0));
+            config.trail_activate_r = Some(if rng.below(2) == 0 {
+                1.0 + rng.below(3) as f64
+            } else {
+                rng.float(0.2, 3.0)
+            });
         }
         3 => {
             config.trail_atr = Some(rng.float(0.3, 3.0));
@@ -603,7 +614,11 @@ fn random_policy(rng: &mut Xorshift) -> ExitPolicy {
     }
     if rng.below(3) == 0 {
         config.max_hold_ms = Some((5 + rng.below(120) as i64) * MINUTE);
-        let r = rng.float(0.1, 1.5);
+        let r = if rng.below(2) == 0 {
+            1.0
+        } else {
+            rng.float(0.1, 1.5)
+        };
         config.time_stop_unless_r = rng.maybe(r);
     }
     ExitPolicy::new(config).unwrap()

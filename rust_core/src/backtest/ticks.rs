@@ -22,7 +22,9 @@ use crate::exit::action::{ExitReason, PositionSide};
 use crate::exit::bounds::{self, plausible_price, usable_atr};
 use crate::exit::policy::{decimal_of, ExitPolicy, LadderUnit};
 use crate::exit::position::PositionState;
-use crate::fixed::{decimal_to_f64_fast, mantissa_at, Decimal, Rounding, POW10_I128};
+use crate::fixed::{
+    decimal_to_f64_fast, mantissa_at, small_mantissa_to_f64, Decimal, Rounding, POW10_I128,
+};
 use crate::rules::SymbolRules;
 
 use super::prepare::{BarTicks, Grid};
@@ -106,7 +108,7 @@ impl<'a> TickRules<'a> {
             breakeven_after_level: config.breakeven_after_level,
             ratchet: config.ratchet_to_previous_level,
             max_hold_ms: config.max_hold_ms,
-            open: OpenRules::new(rules, policy),
+            open: OpenRules::new(rules, policy, grid, qty),
             min_notional: mantissa_at(rules.min_notional(), grid.scale + qty.scale),
             first_positive: first_positive(grid),
         })
@@ -161,11 +163,18 @@ impl<'a> TickRules<'a> {
         }
         let (steps, remainder) = div_rem(numerator, denominator);
         // The decimal quotient carries 28 digits: it floors alike unless the exact one
-        // lies within 1e-20 (relative) below the next step.
-        if remainder != 0
-            && mul(denominator - remainder, 100_000_000_000_000_000_000)?
-                <= mul(denominator, steps + 1)?
-        {
+        // lies within 1e-20 (relative) below the next step. As `denominator - remainder` is
+        // at least 1, that needs `denominator * (steps + 1)` of at least 1e20: below it (the
+        // usual size) no 128-bit multiply is needed to tell.
+        const MARGIN: i128 = 100_000_000_000_000_000_000;
+        let near_step = || -> Option<bool> {
+            let next = mul(denominator, steps + 1)?;
+            if denominator < 1_000_000_000_000_000_000 && next < MARGIN {
+                return Some(false);
+            }
+            Some(mul(denominator - remainder, MARGIN)? <= next)
+        };
+        if remainder != 0 && near_step()? {
             return None;
         }
         let units = steps * step;
@@ -267,6 +276,24 @@ impl Factor {
             small,
             whole: small.and_then(|(m, p)| (m % p == 0).then_some(m / p)),
         }
+    }
+
+    /// `self * ticks`, clamped to [`FAR_TICKS`], for a whole factor where the 64-bit path of
+    /// [`Factor::quotient`] takes it (a ticks' unit, the grid's step, below 2^32 and at most
+    /// 28 decimals in all):
+    /// then `floor_times(ticks, 1, ..)` and `ceil_times(ticks, 1, ..)` give this value.
+    /// `None` sends the caller to them.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn whole_ticks(self, ticks: i64, small_step: bool, grid_scale: u32) -> Option<i64> {
+        let (Some((mantissa, _)), Some(whole)) = (self.small, self.whole) else {
+            return None;
+        };
+        if !small_step || self.scale + grid_scale > 28 {
+            return None;
+        }
+        mantissa.checked_mul(ticks)?;
+        Some((whole * ticks).min(FAR_TICKS))
     }
 
     /// `(q, r, d)` with `self * numerator = q * d + r` and `d = denominator * 10^scale`, for
@@ -377,6 +404,12 @@ pub(super) struct OpenRules {
     breakeven_pct: Factor,
     /// Trailing is active from the start (configured, with no activation condition).
     immediate_trailing: bool,
+    /// For each of `cum_fractions`, its mantissa and `10^scale * step` when its target is one
+    /// 64-bit division of the usual size (see `TickPosition::open_ladder`).
+    fraction_divisors: Vec<Option<(i64, i64)>>,
+    /// The grid's step is below 2^32: with few enough decimals (see [`Factor::whole_ticks`])
+    /// a whole factor of R is then one multiplication.
+    small_step: bool,
     /// The lot grid from `minQty` is the plain step grid, so flooring is one division.
     aligned_lots: bool,
     /// The symbol has a tick (a symbol not trading yet may have none: its "one tick
@@ -385,23 +418,36 @@ pub(super) struct OpenRules {
 }
 
 impl OpenRules {
-    fn new(rules: &SymbolRules, policy: &ExitPolicy) -> Self {
+    fn new(rules: &SymbolRules, policy: &ExitPolicy, grid: Grid, qty: QtyUnits) -> Self {
         let (config, derived) = (policy.config(), policy.derived());
         let float = decimal_to_f64_fast;
         let both = |d: Decimal| (float(d), Factor::of(d));
+        let fraction_divisor = |f: Decimal| {
+            let (mantissa, scale) = (i64::try_from(f.mantissa()).ok()?, f.scale());
+            let power = i64::try_from(*POW10_I128.get(scale as usize)?).ok()?;
+            let step = i64::try_from(qty.step).ok()?;
+            (scale + qty.scale <= 28).then_some((mantissa, power.checked_mul(step)?))
+        };
+        let ladder_at: Vec<(f64, Factor)> = config
+            .ladder
+            .iter()
+            .zip(&derived.ladder_at)
+            .map(|(l, &at)| (l.at, Factor::of(at)))
+            .collect();
         Self {
+            small_step: grid.step.unsigned_abs() < 1 << 32,
+            fraction_divisors: derived
+                .cum_fractions
+                .iter()
+                .map(|&f| fraction_divisor(f))
+                .collect(),
             stop_atr: derived.stop_atr.map(float),
             fallback_stop_pct: both(derived.fallback_stop_pct),
             min_stop_pct: both(derived.min_stop_pct),
             max_stop_pct: both(derived.max_stop_pct),
             max_margin_loss: derived.max_margin_loss.map(both),
             min_allowed_stop_pct: float(derived.min_allowed_stop_pct),
-            ladder_at: config
-                .ladder
-                .iter()
-                .zip(&derived.ladder_at)
-                .map(|(l, &at)| (l.at, Factor::of(at)))
-                .collect(),
+            ladder_at,
             ladder_by_r: config.ladder_unit == LadderUnit::R,
             cum_fractions: derived
                 .cum_fractions
@@ -596,16 +642,18 @@ impl TickPosition {
         let o = &r.open;
         let grid = r.grid;
         if !o.has_tick
-            || bounds::check_leverage(leverage).is_err()
-            || bounds::check_confidence(confidence).is_err()
-            || bounds::check_event_time("opened_at_ms", opened_at_ms).is_err()
+            || !bounds::leverage_ok(leverage)
+            || !bounds::confidence_ok(confidence)
+            || !bounds::event_time_ok(opened_at_ms)
             || !r.band.is_some_and(|(lo, hi)| entry >= lo && entry <= hi)
             || units > MAX_UNITS_OF_1E12 * POW10_I128[r.qty.scale as usize]
         {
             return Opening::Unsettled;
         }
         let price = grid.mantissa(entry);
-        let price_f = decimal_to_f64_fast(grid.price(entry));
+        // `to_f64` of the entry's decimal, without building it where one division gives it.
+        let price_f = small_mantissa_to_f64(price, grid.scale)
+            .unwrap_or_else(|| decimal_to_f64_fast(grid.price(entry)));
         // The initial stop: ATR (or fallback) distance clamped to [min, max] % and the
         // margin cap; a LONG's `ceil(entry - d)` is `entry - floor(d / tick)` ticks.
         let stop_ticks = match Self::stop_ticks(price, price_f, leverage, atr, r) {
@@ -717,7 +765,11 @@ impl TickPosition {
             #[allow(clippy::float_cmp)] // exactly 1 is the decimal path's own test
             let ticks = if m == 1.0 {
                 if o.ladder_by_r {
-                    exact.floor_times(i128::from(r_ticks), 1, grid.step, grid.scale, false)
+                    exact
+                        .whole_ticks(r_ticks, o.small_step, grid.scale)
+                        .or_else(|| {
+                            exact.floor_times(i128::from(r_ticks), 1, grid.step, grid.scale, false)
+                        })
                 } else {
                     exact.floor_times(price, grid.step, 1, grid.scale, false)
                 }
@@ -735,11 +787,19 @@ impl TickPosition {
         }
         // Targets: cumulative fractions of the size floored to the lot step.
         let step = r.qty.step;
+        let units_64 = i64::try_from(units).ok();
         self.targets.clear();
-        for fraction in &o.cum_fractions {
+        for (fraction, &divisor) in o.cum_fractions.iter().zip(&o.fraction_divisors) {
             let target = match fraction {
                 None => units,
                 Some(f) => {
+                    // The usual size: one 64-bit product and division, the same floor.
+                    if let (Some((mantissa, divisor)), Some(units)) = (divisor, units_64) {
+                        if let Some(product) = mantissa.checked_mul(units) {
+                            self.targets.push(i128::from(product / divisor) * step);
+                            continue;
+                        }
+                    }
                     let product = f.mantissa * units;
                     if product.unsigned_abs() >= 1 << 96 || f.scale + r.qty.scale > 28 {
                         return false;
@@ -767,7 +827,10 @@ impl TickPosition {
         // Thresholds at `entry ± k * R` or `entry ± pct * entry`: the first tick reaching
         // them is `entry ± ceil(k * R_ticks)` or `entry ± ceil(pct * price / tick)`.
         let (step_m, scale) = (grid.step, grid.scale);
-        let by_r = |k: Factor| k.ceil_times(i128::from(r_ticks), 1, step_m, scale);
+        let by_r = |k: Factor| {
+            k.whole_ticks(r_ticks, o.small_step, scale)
+                .or_else(|| k.ceil_times(i128::from(r_ticks), 1, step_m, scale))
+        };
         let by_pct = |pct: Factor| pct.ceil_times(price, step_m, 1, scale);
         let beyond = |ticks: i64| entry.saturating_add(side * ticks);
         let mut activate: Option<i64> = None;

@@ -147,12 +147,19 @@ pub fn check_quantity(
     Ok(())
 }
 
+/// An event time in `[0, MAX_EVENT_MS]` (the test of [`check_event_time`], for a hot path
+/// that only needs the answer).
+#[inline]
+pub fn event_time_ok(time_ms: i64) -> bool {
+    (0..=MAX_EVENT_MS).contains(&time_ms)
+}
+
 /// Refuses an event time outside `[0, MAX_EVENT_MS]`, naming `field`.
 ///
 /// # Errors
 /// `CoreError::InvalidField` naming `field`.
 pub fn check_event_time(field: &str, time_ms: i64) -> Result<(), CoreError> {
-    if (0..=MAX_EVENT_MS).contains(&time_ms) {
+    if event_time_ok(time_ms) {
         Ok(())
     } else {
         Err(CoreError::invalid(
@@ -163,13 +170,19 @@ pub fn check_event_time(field: &str, time_ms: i64) -> Result<(), CoreError> {
     }
 }
 
+/// No confidence, or a number in [0, 1] (the test of [`check_confidence`]).
+#[inline]
+pub fn confidence_ok(confidence: Option<f64>) -> bool {
+    confidence.is_none_or(|c| (0.0..=1.0).contains(&c))
+}
+
 /// Refuses a confidence that is not a number in [0, 1], naming `confidence`.
 ///
 /// # Errors
 /// `CoreError::InvalidField`.
 pub fn check_confidence(confidence: Option<f64>) -> Result<(), CoreError> {
     match confidence {
-        Some(c) if !(0.0..=1.0).contains(&c) => Err(CoreError::invalid(
+        Some(c) if !confidence_ok(confidence) => Err(CoreError::invalid(
             "confidence",
             c.to_string(),
             "must be in [0, 1]",
@@ -178,12 +191,18 @@ pub fn check_confidence(confidence: Option<f64>) -> Result<(), CoreError> {
     }
 }
 
+/// A leverage in [1, 125] (the test of [`check_leverage`]).
+#[inline]
+pub fn leverage_ok(leverage: u32) -> bool {
+    (1..=125).contains(&leverage)
+}
+
 /// Refuses a leverage outside [1, 125].
 ///
 /// # Errors
 /// `CoreError::InvalidField` naming `leverage`.
 pub fn check_leverage(leverage: u32) -> Result<(), CoreError> {
-    if (1..=125).contains(&leverage) {
+    if leverage_ok(leverage) {
         Ok(())
     } else {
         Err(CoreError::invalid(
