@@ -146,6 +146,7 @@ impl<'a> TickRules<'a> {
     /// when the integers cannot settle it (the lot grid is not the step grid, the quotient
     /// lies within a hair of a step, or a product leaves `i128`).
     pub(super) fn entry_units(&self, notional: Decimal, k: i64) -> Option<Result<i128, u8>> {
+        const MARGIN: i128 = 100_000_000_000_000_000_000;
         if !self.open.aligned_lots {
             return None;
         }
@@ -166,7 +167,6 @@ impl<'a> TickRules<'a> {
         // lies within 1e-20 (relative) below the next step. As `denominator - remainder` is
         // at least 1, that needs `denominator * (steps + 1)` of at least 1e20: below it (the
         // usual size) no 128-bit multiply is needed to tell.
-        const MARGIN: i128 = 100_000_000_000_000_000_000;
         let near_step = || -> Option<bool> {
             let next = mul(denominator, steps + 1)?;
             if denominator < 1_000_000_000_000_000_000 && next < MARGIN {
