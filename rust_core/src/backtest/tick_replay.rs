@@ -464,7 +464,10 @@ impl Replay for TickJob<'_> {
         let risk = p.grid.distance_mantissa(open_tick, slot.position.stop);
         let r_floats = (
             Amount::new(entry_price, p.grid.scale).float()?,
-            to_f64(entry.direction.sign()),
+            match entry.direction {
+                Direction::Long => 1.0,
+                Direction::Short => -1.0,
+            },
             Amount::new(risk, p.grid.scale).float()?,
         );
         let out = &mut self.record.out;

@@ -404,6 +404,9 @@ pub(super) struct OpenRules {
     breakeven_pct: Factor,
     /// Trailing is active from the start (configured, with no activation condition).
     immediate_trailing: bool,
+    /// Every ladder level at a whole multiple of R where [`Factor::whole_ticks`] applies:
+    /// each factor's 64-bit mantissa and whole value (the fast path of `open_ladder`).
+    whole_levels: Option<Vec<(i64, i64)>>,
     /// For each of `cum_fractions`, its mantissa and `10^scale * step` when its target is one
     /// 64-bit division of the usual size (see `TickPosition::open_ladder`).
     fraction_divisors: Vec<Option<(i64, i64)>>,
@@ -434,8 +437,18 @@ impl OpenRules {
             .zip(&derived.ladder_at)
             .map(|(l, &at)| (l.at, Factor::of(at)))
             .collect();
+        let small_step = grid.step.unsigned_abs() < 1 << 32;
+        let whole_level = |f: &Factor| match (f.small, f.whole) {
+            (Some((mantissa, _)), Some(whole)) if small_step && f.scale + grid.scale <= 28 => {
+                Some((mantissa, whole))
+            }
+            _ => None,
+        };
         Self {
-            small_step: grid.step.unsigned_abs() < 1 << 32,
+            whole_levels: (config.ladder_unit == LadderUnit::R)
+                .then(|| ladder_at.iter().map(|(_, f)| whole_level(f)).collect())
+                .flatten(),
+            small_step,
             fraction_divisors: derived
                 .cum_fractions
                 .iter()
@@ -752,6 +765,13 @@ impl TickPosition {
         // The ladder: `entry ± at * m * (R or entry)`, rounded toward the entry, at least
         // one tick beyond it.
         let m = r.policy.ladder_multiplier(confidence);
+        #[allow(clippy::float_cmp)] // exactly 1 is the decimal path's own test
+        let whole = o.whole_levels.as_deref().filter(|_| m == 1.0);
+        match whole.and_then(|whole| self.whole_levels(whole, r_ticks, r)) {
+            Some(true) => return self.open_targets(units, r),
+            Some(false) => return false,
+            None => {}
+        }
         let unit_f = if o.ladder_by_r {
             r_ticks as f64 * grid.step_f
         } else {
@@ -785,7 +805,38 @@ impl TickPosition {
             }
             self.levels.push(level);
         }
-        // Targets: cumulative fractions of the size floored to the lot step.
+        self.open_targets(units, r)
+    }
+
+    /// The levels at whole multiples of R ([`OpenRules::whole_levels`]) `r_ticks` from the
+    /// entry, at least one tick beyond it: `Some(false)` when one is not a positive price,
+    /// `None` when a product leaves the 64-bit path (the general one then decides).
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn whole_levels(
+        &mut self,
+        whole: &[(i64, i64)],
+        r_ticks: i64,
+        r: &TickRules<'_>,
+    ) -> Option<bool> {
+        self.levels.clear();
+        for &(mantissa, times) in whole {
+            mantissa.checked_mul(r_ticks)?;
+            let level = self.entry + self.side * (times * r_ticks).clamp(1, FAR_TICKS);
+            if !r.positive(level) {
+                return Some(false);
+            }
+            self.levels.push(level);
+        }
+        Some(true)
+    }
+
+    /// The ladder's targets: cumulative fractions of `units` floored to the lot step; false
+    /// when a product leaves the exact range.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn open_targets(&mut self, units: i128, r: &TickRules<'_>) -> bool {
+        let o = &r.open;
         let step = r.qty.step;
         let units_64 = i64::try_from(units).ok();
         self.targets.clear();
@@ -833,12 +884,17 @@ impl TickPosition {
         };
         let by_pct = |pct: Factor| pct.ceil_times(price, step_m, 1, scale);
         let beyond = |ticks: i64| entry.saturating_add(side * ticks);
+        // Straight tests rather than an iterator over the optional thresholds: this runs
+        // at every entry.
         let mut activate: Option<i64> = None;
-        for ticks in [o.activate_r.map(by_r), o.activate_pct.map(by_pct)]
-            .into_iter()
-            .flatten()
-        {
-            let Some(ticks) = ticks else {
+        if let Some(k) = o.activate_r {
+            let Some(ticks) = by_r(k) else {
+                return false;
+            };
+            activate = Some(ticks);
+        }
+        if let Some(pct) = o.activate_pct {
+            let Some(ticks) = by_pct(pct) else {
                 return false;
             };
             // The nearer threshold wins: either condition activates.
@@ -847,10 +903,13 @@ impl TickPosition {
         self.activate_at = activate.map(beyond);
         self.trailing_active = o.immediate_trailing;
         self.trail_basis = None;
-        self.time_off_at = match o.time_stop_unless_r.map(by_r) {
-            Some(None) => return false,
-            other => other.flatten().map(beyond),
-        };
+        self.time_off_at = None;
+        if let Some(k) = o.time_stop_unless_r {
+            let Some(ticks) = by_r(k) else {
+                return false;
+            };
+            self.time_off_at = Some(beyond(ticks));
+        }
         self.expires_at = r.max_hold_ms.map(|h| opened_at_ms.saturating_add(h));
         self.breakeven = match r.breakeven_after_level {
             Some(_) => match by_pct(o.breakeven_pct) {
