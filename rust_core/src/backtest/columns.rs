@@ -94,8 +94,6 @@ impl Amount {
 
     /// `decimal128_mantissa(decimal, 12)` of the row's decimal; `Err` when the row could
     /// not hold it (the job then reruns the decimal way, as the row would have made it).
-    #[allow(clippy::inline_always)]
-    #[inline(always)]
     fn exact(&self) -> Result<Option<i128>, Unrepresentable> {
         // The usual amount (the row's decimal holds it, being no longer).
         if let Some(mantissa) = small_mantissa_at(self.mantissa, self.scale, EXACT_SCALE) {
@@ -104,15 +102,100 @@ impl Amount {
         self.decimal()
             .map(|decimal| decimal128_mantissa(decimal, EXACT_SCALE))
     }
+
+    /// The value's mantissa with `scale` decimals in 64 bits (an exact row's, see
+    /// [`ExactRows`]), `None` when it has none; `Err` as [`Amount::exact`].
+    #[allow(clippy::inline_always)] // once per value of every exact row
+    #[inline(always)]
+    fn exact_at(&self, scale: u32) -> Result<Option<i64>, Unrepresentable> {
+        // The integer replay's amounts come at their column's scale: a mantissa of 64
+        // bits is then the row's (whose decimal holds it: under 2^96, at most 28 decimals).
+        if self.scale == scale {
+            if let Ok(mantissa) = i64::try_from(self.mantissa) {
+                return Ok(Some(mantissa));
+            }
+        }
+        self.exact_at_the_long_way(scale)
+    }
+
+    // Out of line: inlined, the rare way made the booking of every fill slower.
+    #[cold]
+    #[inline(never)]
+    fn exact_at_the_long_way(&self, scale: u32) -> Result<Option<i64>, Unrepresentable> {
+        Ok(self
+            .exact()?
+            .and_then(|mantissa| mantissa_with(mantissa, scale)))
+    }
+}
+
+/// Reads every value as a row would ([`Amount::exact`]) once the exact rows are gone: one
+/// the row could not hold still ends the job.
+#[cold]
+#[inline(never)]
+fn check_exact(values: &[Amount]) -> Result<(), Unrepresentable> {
+    for value in values {
+        value.exact()?;
+    }
+    Ok(())
+}
+
+/// A 12-decimal mantissa with `scale` decimals in 64 bits, when it has that many.
+fn mantissa_with(mantissa: i128, scale: u32) -> Option<i64> {
+    let at = if scale >= EXACT_SCALE {
+        mantissa.checked_mul(*POW10_I128.get((scale - EXACT_SCALE) as usize)?)?
+    } else {
+        let factor = POW10_I128[(EXACT_SCALE - scale) as usize];
+        (mantissa % factor == 0).then_some(mantissa / factor)?
+    };
+    i64::try_from(at).ok()
+}
+
+/// A mantissa with `scale` decimals as one with 12 (`decimal128(38, 12)`'s), when it has
+/// no more than 12 (the binding lays the exact columns out with it).
+#[allow(clippy::inline_always)] // once per exact value laid out
+#[inline(always)]
+pub fn widened(mantissa: i64, scale: u32) -> Option<i128> {
+    if scale <= EXACT_SCALE {
+        return Some(i128::from(mantissa) * POW10_I128[(EXACT_SCALE - scale) as usize]);
+    }
+    let divisor = *POW10_I128.get((scale - EXACT_SCALE) as usize)?;
+    let mantissa = i128::from(mantissa);
+    (mantissa % divisor == 0).then_some(mantissa / divisor)
+}
+
+/// Exact amounts, row by row: each value's mantissa with its column's decimals, in 64 bits
+/// (half the bytes of a 12-decimal `i128`, written at every fill); the binding widens each
+/// to 12 decimals as it lays the columns out ([`widened`]).
+#[derive(Debug, Clone)]
+pub struct ExactRows<const N: usize> {
+    pub rows: Vec<[i64; N]>,
+    /// The decimals of each column's mantissas.
+    pub scales: [u32; N],
+}
+
+impl<const N: usize> ExactRows<N> {
+    /// Each row's values as 12-decimal mantissas; `None` when one has more decimals.
+    pub fn widened(&self) -> Option<Vec<[i128; N]>> {
+        self.rows
+            .iter()
+            .map(|row| {
+                let mut out = [0i128; N];
+                for (k, &value) in row.iter().enumerate() {
+                    out[k] = widened(value, self.scales[k])?;
+                }
+                Some(out)
+            })
+            .collect()
+    }
 }
 
 /// The amounts of each row: the nearest `f64` of each of `N` exact values, or their
-/// mantissas at 12 decimals (`None` once a value has none: the caller then asks for the
+/// mantissas ([`ExactRows`]; `None` once a value has none: the caller then asks for the
 /// decimal text).
 #[derive(Debug, Clone)]
 pub enum Amounts<const N: usize> {
     Floats(Vec<[f64; N]>),
-    Exact(Option<Vec<[i128; N]>>),
+    Exact(Option<ExactRows<N>>),
 }
 
 /// Spare row vectors, kept from one run for the next (see `spare`).
@@ -138,8 +221,8 @@ spare_rows!(
     TradeRecord => SPARE_TRADE_RECORDS,
     [f64; 4] => SPARE_FILL_FLOATS,
     [f64; 6] => SPARE_TRADE_FLOATS,
-    [i128; 4] => SPARE_FILL_EXACT,
-    [i128; 6] => SPARE_TRADE_EXACT
+    [i64; 4] => SPARE_FILL_EXACT,
+    [i64; 6] => SPARE_TRADE_EXACT
 );
 
 fn take_rows<T: SpareRows>() -> Vec<T> {
@@ -156,12 +239,16 @@ fn give_rows<T: SpareRows>(rows: Vec<T>) {
 impl<const N: usize> Amounts<N>
 where
     [f64; N]: SpareRows,
-    [i128; N]: SpareRows,
+    [i64; N]: SpareRows,
 {
-    fn new(form: ColumnForm) -> Self {
+    /// Rows of `form`; exact mantissas with `scales` decimals per column.
+    fn new(form: ColumnForm, scales: [u32; N]) -> Self {
         match form {
             ColumnForm::Floats => Self::Floats(take_rows()),
-            ColumnForm::Exact => Self::Exact(Some(take_rows())),
+            ColumnForm::Exact => Self::Exact(Some(ExactRows {
+                rows: take_rows(),
+                scales,
+            })),
         }
     }
 
@@ -183,20 +270,21 @@ where
                 // Every value is read: one the row could not hold ends the job, whatever
                 // became of the rows.
                 let mut complete = true;
-                if let Some(rows) = rows.as_mut() {
-                    rows.push([0; N]);
-                }
-                let mut row = rows.as_mut().and_then(|rows| rows.last_mut());
+                let Some(exact) = rows.as_mut() else {
+                    return check_exact(values);
+                };
+                exact.rows.push([0; N]);
+                let scales = exact.scales;
+                let row = exact.rows.last_mut().ok_or(Unrepresentable)?;
                 for (k, value) in values.iter().enumerate() {
-                    match (value.exact()?, row.as_mut()) {
-                        (Some(mantissa), Some(row)) => row[k] = mantissa,
-                        (None, _) => complete = false,
-                        (Some(_), None) => {}
+                    match value.exact_at(scales[k])? {
+                        Some(mantissa) => row[k] = mantissa,
+                        None => complete = false,
                     }
                 }
                 if !complete {
-                    if let Some(rows) = rows.take() {
-                        give_rows(rows);
+                    if let Some(exact) = rows.take() {
+                        give_rows(exact.rows);
                     }
                 }
             }
@@ -209,16 +297,23 @@ where
         match self {
             Self::Floats(rows) => rows.push(values.map(to_f64)),
             Self::Exact(rows) => {
-                let mantissas = values.map(|value| decimal128_mantissa(value, EXACT_SCALE));
-                match (rows.as_mut(), mantissas.iter().all(Option::is_some)) {
-                    (Some(rows), true) => rows.push(mantissas.map(Option::unwrap_or_default)),
-                    (Some(_), false) => {
-                        if let Some(rows) = rows.take() {
-                            give_rows(rows);
+                let Some(exact) = rows.as_mut() else {
+                    return;
+                };
+                let scales = exact.scales;
+                let mut row = [0; N];
+                for (k, value) in values.into_iter().enumerate() {
+                    let mantissa = decimal128_mantissa(value, EXACT_SCALE)
+                        .and_then(|mantissa| mantissa_with(mantissa, scales[k]));
+                    let Some(mantissa) = mantissa else {
+                        if let Some(exact) = rows.take() {
+                            give_rows(exact.rows);
                         }
-                    }
-                    (None, _) => {}
+                        return;
+                    };
+                    row[k] = mantissa;
                 }
+                exact.rows.push(row);
             }
         }
     }
@@ -226,7 +321,7 @@ where
     fn give_back(self) {
         match self {
             Self::Floats(rows) => give_rows(rows),
-            Self::Exact(Some(rows)) => give_rows(rows),
+            Self::Exact(Some(exact)) => give_rows(exact.rows),
             Self::Exact(None) => {}
         }
     }
@@ -329,22 +424,51 @@ fn r_multiple(pnl: f64, risk: f64, no_risk: bool) -> f64 {
 }
 
 impl ResultColumns {
-    pub fn new(form: ColumnForm) -> Self {
+    /// Empty columns of `form`; the exact amounts of a price, a quantity and money with
+    /// `price`, `quantity` and `money` decimals.
+    pub fn new(form: ColumnForm, price: u32, quantity: u32, money: u32) -> Self {
         Self {
             fills: FillColumns {
                 records: take_rows(),
-                amounts: Amounts::new(form),
+                amounts: Amounts::new(form, [price, quantity, money, money]),
             },
             trades: TradeColumns {
                 records: take_rows(),
-                amounts: Amounts::new(form),
+                amounts: Amounts::new(form, [price, quantity, price, price, money, money]),
             },
         }
     }
 
     /// The values of rows (a job replayed the decimal way, or with detail).
     pub fn from_rows(fills: &[Fill], trades: &[Trade], form: ColumnForm) -> Self {
-        let mut columns = Self::new(form);
+        // The exact amounts with as many decimals as the rows' values have (at most 12):
+        // each a price, a quantity or money.
+        let decimals = |values: &mut dyn Iterator<Item = Decimal>| {
+            values
+                .map(|v| v.scale().min(EXACT_SCALE))
+                .max()
+                .unwrap_or(0)
+        };
+        let price = decimals(
+            &mut fills.iter().map(|f| f.price).chain(
+                trades
+                    .iter()
+                    .flat_map(|t| [t.entry_price, t.initial_stop, t.risk_price]),
+            ),
+        );
+        let quantity = decimals(
+            &mut fills
+                .iter()
+                .map(|f| f.quantity)
+                .chain(trades.iter().map(|t| t.quantity)),
+        );
+        let money = decimals(
+            &mut fills
+                .iter()
+                .flat_map(|f| [f.fee, f.pnl])
+                .chain(trades.iter().flat_map(|t| [t.pnl, t.fees])),
+        );
+        let mut columns = Self::new(form, price, quantity, money);
         for f in fills {
             columns.fills.push_facts(&FillFacts {
                 trade: f.trade,
@@ -493,7 +617,7 @@ mod tests {
     use crate::exit::test_support::d;
 
     fn floats_of(amount: Amount) -> f64 {
-        let mut amounts = Amounts::<4>::new(ColumnForm::Floats);
+        let mut amounts = Amounts::<4>::new(ColumnForm::Floats, [amount.scale; 4]);
         amounts.push(&[amount; 4]).unwrap();
         match amounts {
             Amounts::Floats(rows) => rows[0][0],
@@ -501,11 +625,13 @@ mod tests {
         }
     }
 
-    fn exact_of(amount: Amount) -> Option<i128> {
-        let mut amounts = Amounts::<4>::new(ColumnForm::Exact);
+    /// The 12-decimal mantissa the exact columns lay out for `amount` written with
+    /// `scale` decimals per column (the integer replay writes each at its own scale).
+    fn exact_of(amount: Amount, scale: u32) -> Option<i128> {
+        let mut amounts = Amounts::<4>::new(ColumnForm::Exact, [scale; 4]);
         amounts.push(&[amount; 4]).unwrap();
         match amounts {
-            Amounts::Exact(Some(rows)) => Some(rows[0][0]),
+            Amounts::Exact(Some(exact)) => exact.widened().map(|rows| rows[0][0]),
             Amounts::Exact(None) => None,
             Amounts::Floats(_) => unreachable!(),
         }
@@ -533,7 +659,22 @@ mod tests {
             let amount = Amount::written(mantissa, scale, decimals);
             let row = Decimal::try_from_i128_with_scale(reduced, decimals).unwrap();
             proptest::prop_assert_eq!(floats_of(amount).to_bits(), to_f64(row).to_bits());
-            proptest::prop_assert_eq!(exact_of(amount), decimal128_mantissa(row, EXACT_SCALE));
+            // Laid out, the row's 12-decimal mantissa; none only where the row has none, or
+            // where the mantissa with the column's decimals leaves 64 bits (the decimal text
+            // then decides).
+            let expected = decimal128_mantissa(row, EXACT_SCALE);
+            for column_scale in [scale, decimals, EXACT_SCALE] {
+                let got = exact_of(amount, column_scale);
+                let wide = expected.is_some_and(|m| super::mantissa_with(m, column_scale).is_none());
+                proptest::prop_assert!(
+                    got == expected || (got.is_none() && wide),
+                    "{amount:?} at {column_scale}: {got:?}, not {expected:?}"
+                );
+            }
+            // At its own scale the usual amount (64 bits) always has its mantissa.
+            if expected.is_some() && i64::try_from(mantissa).is_ok() && scale <= EXACT_SCALE {
+                proptest::prop_assert_eq!(exact_of(amount, scale), expected);
+            }
         }
     }
 
@@ -541,11 +682,16 @@ mod tests {
     fn an_amount_beyond_the_exact_scale_has_no_mantissa_and_ends_the_exact_columns() {
         // 0.0000000000001: a 13th decimal.
         let amount = Amount::new(1, 13);
-        assert_eq!(exact_of(amount), None);
+        assert_eq!(exact_of(amount, 13), None);
         // 0.00000000000010 written with 14 decimals is 1e-13 too: none.
-        assert_eq!(exact_of(Amount::new(10, 14)), None);
+        assert_eq!(exact_of(Amount::new(10, 14), 14), None);
         // 0.000000000001 with 14 decimals is 1e-12: its mantissa is 1.
-        assert_eq!(exact_of(Amount::new(100, 14)), Some(1));
+        assert_eq!(exact_of(Amount::new(100, 14), 14), Some(1));
+        // A price of 30000.1 written with 1 decimal: 3000010^11 at 12.
+        assert_eq!(
+            exact_of(Amount::new(300_001, 1), 1),
+            Some(300_001 * 10i128.pow(11))
+        );
         assert_eq!(
             floats_of(Amount::new(300_001, 1)).to_bits(),
             30_000.1f64.to_bits()

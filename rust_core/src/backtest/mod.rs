@@ -75,8 +75,8 @@ use crate::fixed::Decimal;
 use crate::rules::ExchangeRules;
 
 pub use self::columns::{
-    Amounts, ColumnForm, FillColumns, FillRecord, ResultColumns, TradeColumns, TradeRecord,
-    EXACT_SCALE,
+    widened, Amounts, ColumnForm, ExactRows, FillColumns, FillRecord, ResultColumns, TradeColumns,
+    TradeRecord, EXACT_SCALE,
 };
 use self::exit_api::{atr_key, new_position};
 use self::prepare::prepare;

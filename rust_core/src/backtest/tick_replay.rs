@@ -118,13 +118,14 @@ impl<'a> TickJob<'a> {
         record: Record,
     ) -> Result<Self, Unrepresentable> {
         let mut record = record;
-        // Without detail the columns asked for are written as fills book, not from rows.
+        let rules = TickRules::new(p.grid, p.rules, policy, p.band)?;
+        let money = Money::new(p.grid.scale, rules.qty.scale)?;
+        // Without detail the columns asked for are written as fills book, not from rows,
+        // each amount with its own decimals.
         record.out.columns = options
             .columns
             .filter(|_| !options.detail)
-            .map(ResultColumns::new);
-        let rules = TickRules::new(p.grid, p.rules, policy, p.band)?;
-        let money = Money::new(p.grid.scale, rules.qty.scale)?;
+            .map(|form| ResultColumns::new(form, p.grid.scale, rules.qty.scale, money.scale));
         let (entry, exit) = (Rate::new(entry_rate(options)), Rate::new(options.taker_fee));
         Ok(Self {
             p,

@@ -20,9 +20,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::backtest::{
-    self, Amounts, BacktestOptions, Bars, ColumnElement, ColumnForm, Direction, Entries,
-    FillRecord, Intrabar, JobOutput, PooledColumn, ResultColumns, SeriesInput, TradeRecord,
-    EXACT_SCALE, REASONS,
+    self, widened, Amounts, BacktestOptions, Bars, ColumnElement, ColumnForm, Direction, Entries,
+    ExactRows, FillRecord, Intrabar, JobOutput, PooledColumn, ResultColumns, SeriesInput,
+    TradeRecord, EXACT_SCALE, REASONS,
 };
 use crate::error::CoreError;
 use crate::exit::policy::ExitPolicy;
@@ -339,20 +339,12 @@ fn skipped_table(jobs: &[JobOutput], text: &TextViews) -> PyResult<ArrowTable> {
 
 /// Appends `count` copies of one view to a text column.
 fn repeat_view(column: &mut Vec<u8>, view: [u8; 16], count: usize) {
-    let start = column.len();
-    column.resize(start + count * 16, 0);
-    for slot in column[start..].chunks_exact_mut(16) {
-        slot.copy_from_slice(&view);
-    }
+    extend_16(column, count, std::iter::repeat_n(view, count));
 }
 
 /// Appends the view of each code to a text column.
 fn look_up_views(column: &mut Vec<u8>, codes: &[u8], view: impl Fn(u8) -> [u8; 16]) {
-    let start = column.len();
-    column.resize(start + codes.len() * 16, 0);
-    for (slot, &code) in column[start..].chunks_exact_mut(16).zip(codes) {
-        slot.copy_from_slice(&view(code));
-    }
+    extend_16(column, codes.len(), codes.iter().map(|&code| view(code)));
 }
 
 /// Read-only bytes that Python reads through the buffer protocol without a copy (numpy
@@ -519,16 +511,51 @@ fn column_of<T: ColumnElement, R>(parts: &[&[R]], value: impl Fn(&R) -> T) -> Ve
     column
 }
 
-/// Exact column `k` of every job's amounts: 16-byte little-endian mantissas.
-fn mantissas_of<const N: usize>(parts: &[&[[i128; N]]], k: usize) -> Vec<u8> {
-    let rows: usize = parts.iter().map(|part| part.len()).sum();
-    let mut bytes = backtest::take_bytes(rows * 16);
-    for part in parts {
-        for row in *part {
-            bytes.extend_from_slice(&row[k].to_le_bytes());
+/// Appends the 16 bytes of each of `values` (at most `count`) to `column`, written in place:
+/// `resize` would zero them first, and `extend_from_slice` checks the room at each value.
+fn extend_16(column: &mut Vec<u8>, count: usize, values: impl Iterator<Item = [u8; 16]>) {
+    column.reserve(count * 16);
+    let start = column.spare_capacity_mut().as_mut_ptr().cast::<[u8; 16]>();
+    let mut written = 0;
+    for value in values.take(count) {
+        #[allow(unsafe_code)]
+        // SAFETY: `written < count`, and `reserve` made room for `count` more 16-byte
+        // values past the length: the write stays inside the allocation (unaligned, as a
+        // byte vector's memory may be).
+        unsafe {
+            start.add(written).write_unaligned(value);
         }
+        written += 1;
     }
-    bytes
+    #[allow(unsafe_code)]
+    // SAFETY: the loop above initialized the `written * 16` bytes past the length, within
+    // the capacity `reserve` made.
+    unsafe {
+        column.set_len(column.len() + written * 16);
+    }
+}
+
+/// Exact column `k` of every job's amounts: 16-byte little-endian mantissas with 12
+/// decimals; `None` when a value has more.
+fn mantissas_of<const N: usize>(parts: &[&ExactRows<N>], k: usize) -> Option<Vec<u8>> {
+    let rows: usize = parts.iter().map(|part| part.rows.len()).sum();
+    let mut bytes = backtest::take_bytes(rows * 16);
+    let mut complete = true;
+    for part in parts {
+        let scale = part.scales[k];
+        let values = part.rows.iter().map(|row| {
+            let mantissa = widened(row[k], scale);
+            complete &= mantissa.is_some();
+            mantissa.unwrap_or_default().to_le_bytes()
+        });
+        extend_16(&mut bytes, part.rows.len(), values);
+    }
+    if complete {
+        Some(bytes)
+    } else {
+        backtest::give_bytes(bytes);
+        None
+    }
 }
 
 /// The amount columns of every job; exact ones are `None` when a job's are.
@@ -558,16 +585,23 @@ fn gather_amounts<'a, const N: usize>(
             "backtest: jobs returned amounts of two forms",
         ));
     }
-    let mut exact: Vec<&[[i128; N]]> = Vec::with_capacity(parts.len());
+    let mut exact: Vec<&ExactRows<N>> = Vec::with_capacity(parts.len());
     for part in parts {
         match part {
             Amounts::Exact(Some(rows)) => exact.push(rows),
             _ => return Ok(GatheredAmounts::Exact(None)),
         }
     }
-    Ok(GatheredAmounts::Exact(Some(std::array::from_fn(|k| {
-        mantissas_of(&exact, k)
-    }))))
+    let columns: [Option<Vec<u8>>; N] = std::array::from_fn(|k| mantissas_of(&exact, k));
+    if columns.iter().any(Option::is_none) {
+        for bytes in columns.into_iter().flatten() {
+            backtest::give_bytes(bytes);
+        }
+        return Ok(GatheredAmounts::Exact(None));
+    }
+    Ok(GatheredAmounts::Exact(Some(
+        columns.map(Option::unwrap_or_default),
+    )))
 }
 
 /// Six exact text columns of every job's rows (detail), `texts` giving a row's six.
