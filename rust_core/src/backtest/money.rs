@@ -33,6 +33,18 @@ fn exact(value: i128, scale: u32) -> Result<i128, Unrepresentable> {
 pub(super) struct Rate {
     mantissa: i128,
     scale: u32,
+    /// The rate's fee in 64-bit steps under one job's scales ([`Money::rate`]).
+    fast: Option<FastFee>,
+}
+
+/// The constants of `rate * price * quantity` rounded to the fee's decimals and widened
+/// to the job's, for operands that fit 64 bits: the rate's mantissa, the divisor down to
+/// 8 decimals (1 for none) and the factor up to the job's scale.
+#[derive(Debug, Clone, Copy)]
+struct FastFee {
+    rate: i64,
+    divisor: i64,
+    widen: i64,
 }
 
 impl Rate {
@@ -40,8 +52,14 @@ impl Rate {
         Self {
             mantissa: rate.mantissa(),
             scale: rate.scale(),
+            fast: None,
         }
     }
+}
+
+/// `10^k` in 64 bits, when it fits.
+fn pow10_64(k: u32) -> Option<i64> {
+    i64::try_from(*POW10_I128.get(k as usize)?).ok()
 }
 
 /// The scales of one job's amounts.
@@ -51,6 +69,9 @@ pub(super) struct Money {
     qty_scale: u32,
     /// Decimals of every amount: those of a price times a quantity, at least the fee's 8.
     pub(super) scale: u32,
+    /// `10^(scale - price_scale - qty_scale)` in 64 bits, when it fits: a gross `PnL`'s
+    /// widening (see [`Money::gross`]).
+    gross_widen: Option<i64>,
 }
 
 /// Decimals of a fee: commission in USDT is kept to 8.
@@ -66,7 +87,35 @@ impl Money {
             price_scale,
             qty_scale,
             scale,
+            gross_widen: pow10_64(scale - price_scale - qty_scale),
         })
+    }
+
+    /// `rate` with its fee's constants under these scales (see [`Money::fee`]).
+    pub(super) fn rate(self, rate: Decimal) -> Rate {
+        let mut planned = Rate::new(rate);
+        let raw_scale = planned.scale + self.price_scale + self.qty_scale;
+        let (divisor, widen) = if raw_scale > FEE_DECIMALS {
+            (
+                pow10_64(raw_scale - FEE_DECIMALS),
+                pow10_64(self.scale - FEE_DECIMALS),
+            )
+        } else {
+            (Some(1), pow10_64(self.scale - raw_scale))
+        };
+        if let (Ok(rate), Some(divisor), Some(widen), true) = (
+            i64::try_from(planned.mantissa),
+            divisor,
+            widen,
+            raw_scale <= MAX_SCALE,
+        ) {
+            planned.fast = Some(FastFee {
+                rate,
+                divisor,
+                widen,
+            });
+        }
+        planned
     }
 
     fn widen(self, value: i128, from: u32) -> Result<i128, Unrepresentable> {
@@ -85,6 +134,28 @@ impl Money {
         price: i128,
         quantity: i128,
     ) -> Result<i128, Unrepresentable> {
+        // A planned rate ([`Money::rate`]) and 64-bit operands: the steps below with the
+        // job's constants, each one instruction.
+        if let (Some(fast), Ok(price), Ok(quantity)) =
+            (rate.fast, i64::try_from(price), i64::try_from(quantity))
+        {
+            if let Some(raw) = fast
+                .rate
+                .checked_mul(price)
+                .and_then(|p| p.checked_mul(quantity))
+            {
+                let rounded = if fast.divisor > 1 {
+                    let (quotient, remainder) = (raw / fast.divisor, raw % fast.divisor);
+                    let away = 2 * remainder.abs() >= fast.divisor;
+                    quotient + if away { raw.signum() } else { 0 }
+                } else {
+                    raw
+                };
+                if let Some(fee) = rounded.checked_mul(fast.widen) {
+                    return Ok(i128::from(fee));
+                }
+            }
+        }
         // The usual fill (a rate of a few digits, a price and a quantity of a dozen or so):
         // every product fits 63 bits, where each step is one instruction instead of a
         // checked 128-bit multiply. The same value as the general path below.
@@ -138,6 +209,21 @@ impl Money {
         quantity: i128,
         side: i64,
     ) -> Result<i128, Unrepresentable> {
+        // 64-bit operands: a product below 2^63 is exact (under 2^96) and so is its
+        // widening, when that fits too.
+        if let (Some(widen), Ok(change), Ok(units)) = (
+            self.gross_widen,
+            i64::try_from(price - entry),
+            i64::try_from(quantity),
+        ) {
+            if let Some(gross) = change
+                .checked_mul(units)
+                .and_then(|p| p.checked_mul(side))
+                .and_then(|p| p.checked_mul(widen))
+            {
+                return Ok(i128::from(gross));
+            }
+        }
         let product = mul(price - entry, quantity).ok_or(Unrepresentable)?;
         let product = exact(product, self.price_scale + self.qty_scale)?;
         self.widen(
@@ -223,6 +309,11 @@ mod tests {
             let fee = money
                 .fee(Rate::new(r), i128::from(price), i128::from(quantity))
                 .unwrap();
+            // The planned rate's 64-bit steps give the same fee.
+            proptest::prop_assert_eq!(
+                money.fee(money.rate(r), i128::from(price), i128::from(quantity)),
+                Ok(fee)
+            );
             let expected = decimal_fee(&r.to_string(), &p.to_string(), &q.to_string());
             proptest::prop_assert_eq!(money.decimal_with(fee, money.scale).unwrap(), expected);
             let side = if long { 1 } else { -1 };

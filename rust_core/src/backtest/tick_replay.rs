@@ -126,7 +126,10 @@ impl<'a> TickJob<'a> {
             .columns
             .filter(|_| !options.detail)
             .map(|form| ResultColumns::new(form, p.grid.scale, rules.qty.scale, money.scale));
-        let (entry, exit) = (Rate::new(entry_rate(options)), Rate::new(options.taker_fee));
+        let (entry, exit) = (
+            money.rate(entry_rate(options)),
+            money.rate(options.taker_fee),
+        );
         Ok(Self {
             p,
             policy,
