@@ -47,16 +47,15 @@ pub(super) struct Amount {
     pub(super) mantissa: i128,
     pub(super) scale: u32,
     pub(super) decimals: u32,
+    /// Its float, when the caller already worked it out ([`Amount::with_float`]); NaN when
+    /// not (no amount's float is NaN).
+    known: f64,
 }
 
 impl Amount {
     /// An amount written with its own decimals (a price, a quantity).
     pub(super) fn new(mantissa: i128, scale: u32) -> Self {
-        Self {
-            mantissa,
-            scale,
-            decimals: scale,
-        }
+        Self::written(mantissa, scale, scale)
     }
 
     /// An amount of money at the job's `scale`, written with `decimals`.
@@ -65,6 +64,20 @@ impl Amount {
             mantissa,
             scale,
             decimals,
+            known: f64::NAN,
+        }
+    }
+
+    /// The amount whose [`Amount::float`] the caller worked out already (the entry price
+    /// and risk of a trade, a fill's price for its `r`): a division less per value.
+    pub(super) fn with_float(self, float: f64) -> Self {
+        debug_assert_eq!(
+            self.float_of_value().ok().map(f64::to_bits),
+            Some(float.to_bits())
+        );
+        Self {
+            known: float,
+            ..self
         }
     }
 
@@ -86,6 +99,15 @@ impl Amount {
     #[allow(clippy::inline_always)] // a few instructions per amount of every fill
     #[inline(always)]
     pub(super) fn float(&self) -> Result<f64, Unrepresentable> {
+        if !self.known.is_nan() {
+            return Ok(self.known);
+        }
+        self.float_of_value()
+    }
+
+    #[allow(clippy::inline_always)] // see `float`
+    #[inline(always)]
+    fn float_of_value(&self) -> Result<f64, Unrepresentable> {
         match small_mantissa_to_f64(self.mantissa, self.scale) {
             Some(value) => Ok(value),
             None => self.decimal().map(to_f64),
@@ -606,7 +628,16 @@ impl TradeColumns {
             (to_f64(risk), risk.is_zero())
         };
         self.amounts.push(amounts)?;
-        self.push_facts(facts, risk_f, r_multiple(pnl.float()?, risk_f, no_risk));
+        // The `PnL`'s float is in the row just written, when the rows are floats.
+        let pnl_f = match &self.amounts {
+            Amounts::Floats(rows) => rows.last().map(|row| row[4]),
+            Amounts::Exact(_) => None,
+        };
+        let pnl_f = match pnl_f {
+            Some(value) => value,
+            None => pnl.float()?,
+        };
+        self.push_facts(facts, risk_f, r_multiple(pnl_f, risk_f, no_risk));
         Ok(())
     }
 }

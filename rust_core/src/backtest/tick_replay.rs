@@ -183,11 +183,13 @@ impl<'a> TickJob<'a> {
         )?;
         let pnl = money.add(gross, -fee)?;
         let (entry_f, sign_f, risk_f) = open.r_floats;
+        let price_amount = Amount::new(price_mantissa, grid.scale);
+        let price_f = price_amount.float()?;
+        // A float column for analysis: the exact move is price - entry in the fills.
         let r = if open.initial_stop == open.position.entry {
             0.0
         } else {
-            // A float column for analysis: the exact move is price - entry in the fills.
-            (Amount::new(price_mantissa, grid.scale).float()? - entry_f) * sign_f / risk_f
+            (price_f - entry_f) * sign_f / risk_f
         };
         open.remaining -= quantity;
         open.pnl = money.add(open.pnl, pnl)?;
@@ -206,7 +208,7 @@ impl<'a> TickJob<'a> {
             columns.fills.push(
                 &facts,
                 &[
-                    Amount::new(price_mantissa, grid.scale),
+                    price_amount.with_float(price_f),
                     Amount::new(quantity, qty_scale),
                     Amount::written(fee, scale, self.decimals.exit_fee),
                     Amount::written(pnl, scale, self.decimals.exit_pnl),
@@ -219,10 +221,10 @@ impl<'a> TickJob<'a> {
             columns.trades.push(
                 &open.trade_facts(time_ms, reason),
                 &[
-                    Amount::new(grid.mantissa(entry), grid.scale),
+                    Amount::new(open.entry_price, grid.scale).with_float(entry_f),
                     Amount::new(open.quantity, qty_scale),
                     Amount::new(grid.mantissa(stop), grid.scale),
-                    Amount::new(grid.distance_mantissa(entry, stop), grid.scale),
+                    Amount::new(grid.distance_mantissa(entry, stop), grid.scale).with_float(risk_f),
                     Amount::written(open.pnl, scale, self.decimals.trade_pnl),
                     Amount::written(open.fees, scale, self.decimals.trade_fees),
                 ],
@@ -495,7 +497,7 @@ impl Replay for TickJob<'_> {
             columns.fills.push(
                 &facts,
                 &[
-                    Amount::new(entry_price, p.grid.scale),
+                    Amount::new(entry_price, p.grid.scale).with_float(r_floats.0),
                     Amount::new(units, self.rules.qty.scale),
                     Amount::written(fee, scale, decimals),
                     Amount::written(pnl, scale, decimals),
