@@ -155,15 +155,17 @@ impl Bars<'_> {
     }
 
     /// [`Bars::check`], and in the same pass over the open times the segments: half-open
-    /// row ranges without a step longer than `max_step` between two bars.
+    /// row ranges without a step longer than `max_step` between two bars; and whether every
+    /// step is at least `min_step` long.
     fn check_segments(
         &self,
         symbol: &str,
         what: &str,
+        min_step: i64,
         max_step: i64,
-    ) -> Result<Vec<(usize, usize)>, CoreError> {
+    ) -> Result<(Vec<(usize, usize)>, bool), CoreError> {
         self.check_lengths(symbol, what)?;
-        let (unordered, gaps) = steps::steps(&self.open_time, max_step, true);
+        let (unordered, gaps, short) = steps::spacing(&self.open_time, min_step, max_step, true);
         if unordered {
             return Err(self.unordered(symbol, what));
         }
@@ -180,7 +182,7 @@ impl Bars<'_> {
         if !self.open_time.is_empty() {
             segments.push((start, self.open_time.len()));
         }
-        Ok(segments)
+        Ok((segments, !short))
     }
 
     fn check_lengths(&self, symbol: &str, what: &str) -> Result<(), CoreError> {

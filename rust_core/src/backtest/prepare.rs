@@ -414,7 +414,10 @@ pub(super) fn prepare<'a>(
         ));
     }
     let max_step = input.interval_ms * (i64::from(options.max_gap_bars) + 1);
-    let segments = input.bars.check_segments(&input.symbol, "bars", max_step)?;
+    let (segments, spaced) =
+        input
+            .bars
+            .check_segments(&input.symbol, "bars", input.interval_ms, max_step)?;
     let gapless = if max_step == input.interval_ms {
         segments.len() <= 1
     } else {
@@ -462,7 +465,7 @@ pub(super) fn prepare<'a>(
     for &(period, atr_interval) in periods {
         atr.insert(
             (period, atr_interval),
-            atr_before_each_bar(input, &segments, period, atr_interval)?,
+            atr_before_each_bar(input, &segments, spaced, period, atr_interval)?,
         );
     }
     let bars = BarTicks::new(grid, symbol_rules, "", bars)?;
@@ -488,6 +491,7 @@ pub(super) fn prepare<'a>(
 pub(super) fn atr_before_each_bar(
     input: &SeriesInput<'_>,
     segments: &[(usize, usize)],
+    spaced: bool,
     period: usize,
     atr_interval: i64,
 ) -> Result<Vec<f64>, CoreError> {
@@ -508,7 +512,11 @@ pub(super) fn atr_before_each_bar(
     let mut values = SPARE_FLOATS.take(bars.len());
     for &(start, end) in segments {
         let times = &bars.open_time[start..end];
-        if times.windows(2).all(|w| w[1] - w[0] >= atr_interval) {
+        // `spaced`: no step shorter than the data interval (read with the segments), which
+        // answers for an ATR at the data interval without another pass over the times.
+        if (spaced && atr_interval == input.interval_ms)
+            || times.windows(2).all(|w| w[1] - w[0] >= atr_interval)
+        {
             // Every bar is a bucket of its own (the usual case: ATR at the data interval),
             // so the ATR before bar `i` is the ATR after bars `start..i`: Wilder's over the
             // segment's bars but its last, shifted by one. `atr_extend` performs the same
@@ -705,16 +713,19 @@ mod tests {
         let segments = segments(&input, 3);
         assert!(segments.len() > 20);
         for period in [1, 2, 14, 50] {
-            let fast = atr_before_each_bar(&input, &segments, period, 60_000).unwrap();
             let want = reference(&input, &segments, period);
-            assert_eq!(fast.len(), want.len());
-            for (i, (a, b)) in fast.iter().zip(&want).enumerate() {
-                assert!(
-                    a.to_bits() == b.to_bits(),
-                    "period {period} bar {i}: {a} != {b}"
-                );
+            // With the spacing known from the segments' pass, and found segment by segment.
+            for spaced in [true, false] {
+                let fast = atr_before_each_bar(&input, &segments, spaced, period, 60_000).unwrap();
+                assert_eq!(fast.len(), want.len());
+                for (i, (a, b)) in fast.iter().zip(&want).enumerate() {
+                    assert!(
+                        a.to_bits() == b.to_bits(),
+                        "period {period} bar {i}: {a} != {b}"
+                    );
+                }
+                assert!(fast.iter().filter(|v| v.is_finite()).count() > 1_000);
             }
-            assert!(fast.iter().filter(|v| v.is_finite()).count() > 1_000);
         }
     }
 
@@ -724,7 +735,13 @@ mod tests {
         // values only change at bucket starts.
         let input = walk(400, 30_000);
         let segments = segments(&input, 3);
-        let values = atr_before_each_bar(&input, &segments, 14, 60_000).unwrap();
+        // Every step is at least the data interval (30 s): that says nothing of a 1m ATR.
+        let (_, spaced) = input
+            .bars
+            .check_segments("X", "bars", input.interval_ms, 30_000 * 4)
+            .unwrap();
+        assert!(spaced);
+        let values = atr_before_each_bar(&input, &segments, spaced, 14, 60_000).unwrap();
         assert_eq!(values.len(), 400);
         let changes = values
             .windows(2)
