@@ -918,7 +918,7 @@ proptest::proptest! {
                 leverage: None,
             };
             let decimal_size = super::walk::entry_quantity(symbol_rules, &options, &entry_request, price);
-            let units = match (tick_rules.entry_units(notional, entry), &decimal_size) {
+            let units = match (tick_rules.entry_units(tick_rules.sizing(notional), entry), &decimal_size) {
                 (None, _) => continue,
                 (Some(Err(a)), Err(b)) => {
                     proptest::prop_assert_eq!(a, *b, "{}", symbol_rules.symbol);

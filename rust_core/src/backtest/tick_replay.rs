@@ -17,7 +17,7 @@ use super::money::{Money, Rate};
 use super::path::{bar_path, Point};
 use super::prepare::Prepared;
 use super::thresholds::atr_at;
-use super::ticks::{BarAtr, Opening, TickPosition, TickRules, Unrepresentable};
+use super::ticks::{BarAtr, Opening, Sizing, TickPosition, TickRules, Unrepresentable};
 use super::walk::{entry_fill, entry_quantity, entry_rate, Record, Replay};
 use super::{to_f64, BacktestOptions, Direction, Entry, Fill, Trade, ENTRY, OVER_LEVERAGE};
 
@@ -105,6 +105,8 @@ pub(super) struct TickJob<'a> {
     #[allow(clippy::vec_box)]
     spare: Vec<Box<TickOpen>>,
     next_trade: u32,
+    /// The sizing of an entry without a notional of its own (the run's default).
+    default_sizing: Option<Sizing>,
     path: Vec<Point>,
     crossings: Vec<i64>,
 }
@@ -119,6 +121,7 @@ impl<'a> TickJob<'a> {
     ) -> Result<Self, Unrepresentable> {
         let mut record = record;
         let rules = TickRules::new(p.grid, p.rules, policy, p.band)?;
+        let default_sizing = rules.sizing(options.notional);
         let money = Money::new(p.grid.scale, rules.qty.scale)?;
         // Without detail the columns asked for are written as fills book, not from rows,
         // each amount with its own decimals.
@@ -144,6 +147,7 @@ impl<'a> TickJob<'a> {
             open: Vec::new(),
             spare: Vec::new(),
             next_trade: 0,
+            default_sizing,
             path: Vec::with_capacity(8),
             crossings: Vec::with_capacity(8),
         })
@@ -342,8 +346,11 @@ impl<'a> TickJob<'a> {
 
     /// The lot units `entry` buys at the open tick `k`, or `None` with the skip recorded.
     fn entry_units(&mut self, entry: &Entry, k: i64) -> Result<Option<i128>, Unrepresentable> {
-        let notional = entry.notional.unwrap_or(self.options.notional);
-        let size = match self.rules.entry_units(notional, k) {
+        let sizing = match entry.notional {
+            None => self.default_sizing,
+            Some(own) => self.rules.sizing(own),
+        };
+        let size = match self.rules.entry_units(sizing, k) {
             Some(size) => size,
             None => match entry_quantity(self.p.rules, self.options, entry, self.p.grid.price(k)) {
                 Ok(quantity) => Ok(self.rules.qty.units(quantity)?),

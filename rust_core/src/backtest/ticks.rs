@@ -141,24 +141,39 @@ impl<'a> TickRules<'a> {
             .ok_or(Unrepresentable)
     }
 
-    /// The lot units an entry of `notional` buys at the open tick `k`
-    /// (`quantize_qty(notional / price)` of the decimal path), or the skip reason; `None`
-    /// when the integers cannot settle it (the lot grid is not the step grid, the quotient
-    /// lies within a hair of a step, or a product leaves `i128`).
-    pub(super) fn entry_units(&self, notional: Decimal, k: i64) -> Option<Result<i128, u8>> {
+    /// The constants of [`TickRules::entry_units`] for entries of `notional` (read once for
+    /// the run's default size); `None` when a product leaves `i128`.
+    pub(super) fn sizing(&self, notional: Decimal) -> Option<Sizing> {
+        let (grid, qty) = (self.grid, self.qty);
+        Some(Sizing {
+            numerator: mul(
+                notional.mantissa(),
+                *POW10_I128.get((grid.scale + qty.scale) as usize)?,
+            )?,
+            price_factor: mul(POW10_I128[notional.scale() as usize], qty.step)?,
+        })
+    }
+
+    /// The lot units an entry of a notional (its [`TickRules::sizing`]) buys at the open
+    /// tick `k` (`quantize_qty(notional / price)` of the decimal path), or the skip reason;
+    /// `None` when the integers cannot settle it (the lot grid is not the step grid, the
+    /// quotient lies within a hair of a step, or a product leaves `i128`).
+    pub(super) fn entry_units(&self, sizing: Option<Sizing>, k: i64) -> Option<Result<i128, u8>> {
         const MARGIN: i128 = 100_000_000_000_000_000_000;
         if !self.open.aligned_lots {
             return None;
         }
-        let (grid, qty) = (self.grid, self.qty);
-        let price = grid.mantissa(k);
+        let Sizing {
+            numerator,
+            price_factor,
+        } = sizing?;
+        let qty = self.qty;
+        let price = self.grid.mantissa(k);
         let step = qty.step;
         // notional / price in units, over the step: N * 10^(gs + qs) / (P * 10^ns * step).
-        let numerator = mul(
-            notional.mantissa(),
-            *POW10_I128.get((grid.scale + qty.scale) as usize)?,
-        )?;
-        let denominator = mul(mul(price, POW10_I128[notional.scale() as usize])?, step)?;
+        // (A price of at least 1 and a positive product: `P * (10^ns * step)` fits exactly
+        // when `(P * 10^ns) * step` does.)
+        let denominator = mul(price, price_factor)?;
         if numerator <= 0 || denominator <= 0 {
             return None;
         }
@@ -206,6 +221,15 @@ impl<'a> TickRules<'a> {
 fn first_positive(grid: Grid) -> i64 {
     let k = (-grid.base).div_euclid(grid.step) + 1;
     i64::try_from(k).unwrap_or(if k > 0 { i64::MAX } else { i64::MIN })
+}
+
+/// An entry notional as [`TickRules::entry_units`] divides it: `N * 10^(gs + qs)` over the
+/// price times `10^ns * step` (`gs`, `qs`, `ns`: the decimals of the grid, the lot units and
+/// the notional).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Sizing {
+    numerator: i128,
+    price_factor: i128,
 }
 
 /// `(a / b, a % b)` for positive `b`, by a 32- or 64-bit division when both fit (several
