@@ -156,32 +156,6 @@ impl Money {
                 }
             }
         }
-        // The usual fill (a rate of a few digits, a price and a quantity of a dozen or so):
-        // every product fits 63 bits, where each step is one instruction instead of a
-        // checked 128-bit multiply. The same value as the general path below.
-        if let (Ok(rate_m), Ok(price), Ok(quantity)) = (
-            i64::try_from(rate.mantissa),
-            i64::try_from(price),
-            i64::try_from(quantity),
-        ) {
-            let raw_scale = rate.scale + self.price_scale + self.qty_scale;
-            if let (Some(raw), true) = (
-                rate_m
-                    .checked_mul(price)
-                    .and_then(|p| p.checked_mul(quantity)),
-                raw_scale <= MAX_SCALE,
-            ) {
-                let raw = i128::from(raw);
-                return if raw_scale > FEE_DECIMALS {
-                    let divisor = POW10_I128[(raw_scale - FEE_DECIMALS) as usize];
-                    let (quotient, remainder) = div_rem(raw, divisor);
-                    let away = 2 * remainder.abs() >= divisor;
-                    self.widen(quotient + if away { raw.signum() } else { 0 }, FEE_DECIMALS)
-                } else {
-                    self.widen(raw, raw_scale)
-                };
-            }
-        }
         let rate_price = rate.mantissa.checked_mul(price).ok_or(Unrepresentable)?;
         let rate_price = exact(rate_price, rate.scale + self.price_scale)?;
         let raw_scale = rate.scale + self.price_scale + self.qty_scale;

@@ -268,6 +268,15 @@ fn ticks_of(quotient: i128) -> Option<i64> {
     i64::try_from(quotient.min(i128::from(FAR_TICKS))).ok()
 }
 
+/// `whole * ticks` clamped to [`FAR_TICKS`] for a whole factor's [`Factor::whole_operands`],
+/// when `mantissa * ticks` stays within 64 bits (the quotient's fast path needs it).
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn whole_times(mantissa: i64, whole: i64, ticks: i64) -> Option<i64> {
+    mantissa.checked_mul(ticks)?;
+    Some((whole * ticks).min(FAR_TICKS))
+}
+
 /// A decimal factor as `mantissa / 10^scale`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Factor {
@@ -310,14 +319,20 @@ impl Factor {
     #[allow(clippy::inline_always)]
     #[inline(always)]
     fn whole_ticks(self, ticks: i64, small_step: bool, grid_scale: u32) -> Option<i64> {
-        let (Some((mantissa, _)), Some(whole)) = (self.small, self.whole) else {
-            return None;
-        };
-        if !small_step || self.scale + grid_scale > 28 {
-            return None;
+        let (mantissa, whole) = self.whole_operands(small_step, grid_scale)?;
+        whole_times(mantissa, whole, ticks)
+    }
+
+    /// The 64-bit mantissa and whole value of [`Factor::whole_ticks`], when it applies.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn whole_operands(self, small_step: bool, grid_scale: u32) -> Option<(i64, i64)> {
+        match (self.small, self.whole) {
+            (Some((mantissa, _)), Some(whole)) if small_step && self.scale + grid_scale <= 28 => {
+                Some((mantissa, whole))
+            }
+            _ => None,
         }
-        mantissa.checked_mul(ticks)?;
-        Some((whole * ticks).min(FAR_TICKS))
     }
 
     /// `(q, r, d)` with `self * numerator = q * d + r` and `d = denominator * 10^scale`, for
@@ -462,15 +477,14 @@ impl OpenRules {
             .map(|(l, &at)| (l.at, Factor::of(at)))
             .collect();
         let small_step = grid.step.unsigned_abs() < 1 << 32;
-        let whole_level = |f: &Factor| match (f.small, f.whole) {
-            (Some((mantissa, _)), Some(whole)) if small_step && f.scale + grid.scale <= 28 => {
-                Some((mantissa, whole))
-            }
-            _ => None,
-        };
         Self {
             whole_levels: (config.ladder_unit == LadderUnit::R)
-                .then(|| ladder_at.iter().map(|(_, f)| whole_level(f)).collect())
+                .then(|| {
+                    ladder_at
+                        .iter()
+                        .map(|(_, f)| f.whole_operands(small_step, grid.scale))
+                        .collect()
+                })
                 .flatten(),
             small_step,
             fraction_divisors: derived
@@ -845,8 +859,7 @@ impl TickPosition {
     ) -> Option<bool> {
         self.levels.clear();
         for &(mantissa, times) in whole {
-            mantissa.checked_mul(r_ticks)?;
-            let level = self.entry + self.side * (times * r_ticks).clamp(1, FAR_TICKS);
+            let level = self.entry + self.side * whole_times(mantissa, times, r_ticks)?.max(1);
             if !r.positive(level) {
                 return Some(false);
             }
